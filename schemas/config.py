@@ -1,0 +1,114 @@
+"""The environment every StreamLens service reads (contract §6), with its defaults.
+
+A bad value stops start-up with one line that names the variable and the form
+it expects; :func:`load_or_exit` is what entry points call.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from msgspec import Struct
+
+DEFAULT_KAFKA_BROKERS = "127.0.0.1:9092"
+DEFAULT_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/streamlens"
+
+
+class ConfigError(ValueError):
+    """One bad variable; the message is the whole line shown to the operator."""
+
+
+class Settings(Struct, frozen=True, kw_only=True):
+    kafka_brokers: str = DEFAULT_KAFKA_BROKERS
+    postgres_dsn: str = DEFAULT_POSTGRES_DSN
+    # None: each service's own port (ingestion 8080, query API 8081).
+    http_port: int | None = None
+    window_seconds: int = 60
+    grace_seconds: int = 10
+    lateness_seconds: int = 600
+    join_timeout_seconds: int = 300
+    dedupe_seconds: int = 3600
+    topic_partitions: int = 3
+    prices_file: Path | None = None
+    auth: bool = True
+
+
+def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], int], str]:
+    form = f"a whole number ≥ {minimum}" if maximum is None else (
+        f"a whole number from {minimum} to {maximum}"
+    )
+
+    def parse(text: str) -> int:
+        value = int(text.strip())
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError
+        return value
+
+    return parse, form
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError
+    return text.strip()
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError
+    return path
+
+
+_SWITCH = {"on": True, "true": True, "1": True, "yes": True,
+           "off": False, "false": False, "0": False, "no": False}
+
+
+def _switch(text: str) -> bool:
+    return _SWITCH[text.strip().lower()]
+
+
+# variable -> (field, parser, expected form)
+_VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "KAFKA_BROKERS": ("kafka_brokers", _nonempty, "host:port[,host:port…]"),
+    "POSTGRES_DSN": ("postgres_dsn", _nonempty, "a libpq connection string or URI"),
+    "HTTP_PORT": ("http_port", *_integer(1, 65535)),
+    "WINDOW_SECONDS": ("window_seconds", *_integer(1)),
+    "GRACE_SECONDS": ("grace_seconds", *_integer(0)),
+    "LATENESS_SECONDS": ("lateness_seconds", *_integer(0)),
+    "JOIN_TIMEOUT_SECONDS": ("join_timeout_seconds", *_integer(1)),
+    "DEDUPE_SECONDS": ("dedupe_seconds", *_integer(0)),
+    "TOPIC_PARTITIONS": ("topic_partitions", *_integer(1, 10000)),
+    "PRICES_FILE": ("prices_file", _existing_file, "the path of an existing JSON file"),
+    "AUTH": ("auth", _switch, "on or off"),
+}
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings; raise :class:`ConfigError` naming the first bad variable."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for variable, (field, parse, form) in _VARIABLES.items():
+        raw = environ.get(variable)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[field] = parse(raw)
+        except (ValueError, KeyError):
+            raise ConfigError(
+                f"invalid configuration: {variable}={raw!r}, expected {form}"
+            ) from None
+    return Settings(**values)
+
+
+def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:
+    """For entry points: a bad value ends the process with one line, not a traceback."""
+    try:
+        return load(environ)
+    except ConfigError as error:
+        print(f"streamlens: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,107 @@
+"""The events applications send: a request when an LLM call starts, a response when it ends.
+
+Every rule of the contract is enforced while decoding, so a value of these types
+is valid by construction. Decoding errors are :class:`msgspec.ValidationError`
+whose message names the field (``... - at `$.timestamp```).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+# Identifiers end up in Kafka keys, Postgres keys and log lines: control
+# characters would corrupt all three.
+Identifier = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Name = Annotated[str, Meta(min_length=1, max_length=255)]
+Timestamp = Annotated[datetime, Meta(tz=True)]
+TokenCount = Annotated[int, Meta(ge=0)]
+Milliseconds = Annotated[float, Meta(ge=0)]
+MetadataValue = str | int | float | bool | None
+Metadata = Annotated[dict[str, MetadataValue], Meta(max_length=64)]
+
+METADATA_MAX_BYTES = 8 * 1024
+BATCH_MAX_EVENTS = 1000
+
+
+def _field_error(field: str, message: str) -> ValueError:
+    # Same shape as msgspec's own messages, so every error names its field alike.
+    return ValueError(f"{message} - at `$.{field}`")
+
+
+class LLMRequest(Struct, tag="request", tag_field="type", kw_only=True):
+    """A call started."""
+
+    request_id: Identifier
+    tenant_id: Identifier
+    route: Name
+    model: Name
+    timestamp: Timestamp
+    prompt_tokens: TokenCount = 0
+    provider: str | None = None
+    user_id_hash: Annotated[str, Meta(max_length=128)] | None = None
+    metadata: Metadata | None = None
+
+    def __post_init__(self) -> None:
+        self.timestamp = self.timestamp.astimezone(UTC)
+        if (
+            self.metadata is not None
+            and len(msgspec.json.encode(self.metadata)) > METADATA_MAX_BYTES
+        ):
+            raise _field_error("metadata", f"Expected at most {METADATA_MAX_BYTES} bytes encoded")
+
+
+class LLMResponse(Struct, tag="response", tag_field="type", kw_only=True):
+    """A call ended, successfully or not."""
+
+    request_id: Identifier
+    timestamp: Timestamp
+    latency_ms: Milliseconds | None = None
+    completion_tokens: TokenCount = 0
+    cache_read_tokens: TokenCount = 0
+    reasoning_tokens: TokenCount = 0
+    time_to_first_token_ms: Milliseconds | None = None
+    finish_reason: Annotated[str, Meta(max_length=64)] | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        self.timestamp = self.timestamp.astimezone(UTC)
+        if self.reasoning_tokens > self.completion_tokens:
+            raise _field_error(
+                "reasoning_tokens", "Expected `int` <= completion_tokens (a subset of them)"
+            )
+
+    @property
+    def failed(self) -> bool:
+        """An empty error string does not mark a failure; only a non-empty one does."""
+        return bool(self.error)
+
+
+Event = LLMRequest | LLMResponse
+EventType = Literal["request", "response"]
+
+
+class EventBatch(Struct):
+    """``POST /v1/llm/events``: events are kept raw so each is judged on its own."""
+
+    events: Annotated[list[msgspec.Raw], Meta(max_length=BATCH_MAX_EVENTS)]
+
+
+request_decoder = msgspec.json.Decoder(LLMRequest)
+response_decoder = msgspec.json.Decoder(LLMResponse)
+event_decoder = msgspec.json.Decoder(Event)
+batch_decoder = msgspec.json.Decoder(EventBatch)
+encoder = msgspec.json.Encoder()
+
+
+def check_cache_read(request: LLMRequest, response: LLMResponse) -> str | None:
+    """The one rule that spans both events: cache-read tokens are part of the prompt."""
+    if response.cache_read_tokens > request.prompt_tokens:
+        return (
+            f"cache_read_tokens ({response.cache_read_tokens}) exceeds the request's "
+            f"prompt_tokens ({request.prompt_tokens}) - at `$.cache_read_tokens`"
+        )
+    return None

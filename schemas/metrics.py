@@ -1,0 +1,50 @@
+"""The per-window metrics row: the same fields in Postgres, in ``llm.metrics`` and in the query API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+from msgspec import Struct
+
+
+class MetricsRow(Struct, kw_only=True):
+    """One window of one ``(tenant_id, route, model)``.
+
+    In query-API roll-ups ``route`` or ``model`` is ``None`` when merged across.
+    """
+
+    tenant_id: str
+    route: str | None
+    model: str | None
+    window_start: datetime
+    window_end: datetime
+    requests: int
+    errors: int
+    timeouts: int
+    avg_latency_ms: float | None
+    p50_latency_ms: float | None
+    p95_latency_ms: float | None
+    p99_latency_ms: float | None
+    avg_time_to_first_token_ms: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    cache_read_tokens: int
+    reasoning_tokens: int
+    avg_prompt_tokens: float | None
+    avg_completion_tokens: float | None
+    estimated_cost_usd: float
+    unpriced_requests: int
+    revision: int
+
+    def kafka_key(self) -> bytes:
+        """``tenant|route|model|window_start``: one key per window, so compaction keeps the latest."""
+        return (
+            f"{self.tenant_id}|{self.route}|{self.model}|{self.window_start.isoformat()}"
+        ).encode()
+
+
+ROW_FIELDS: tuple[str, ...] = MetricsRow.__struct_fields__
+
+row_encoder = msgspec.json.Encoder()
+row_decoder = msgspec.json.Decoder(MetricsRow)

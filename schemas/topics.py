@@ -1,0 +1,32 @@
+"""The Kafka topics, created when missing."""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+REQUESTS = "llm.requests"
+RESPONSES = "llm.responses"
+METRICS = "llm.metrics"
+DEADLETTER = "llm.deadletter"
+ALL_TOPICS: tuple[str, ...] = (REQUESTS, RESPONSES, METRICS, DEADLETTER)
+
+
+def ensure_topics(brokers: str, partitions: int, *, timeout: float = 10.0) -> None:
+    """Create each missing topic with ``partitions`` partitions; existing ones are left as they are."""
+    admin = AdminClient({"bootstrap.servers": brokers})
+    existing = admin.list_topics(timeout=timeout).topics
+    missing = [
+        NewTopic(name, num_partitions=partitions, replication_factor=1)
+        for name in ALL_TOPICS
+        if name not in existing
+    ]
+    if not missing:
+        return
+    for name, future in admin.create_topics(missing, operation_timeout=timeout).items():
+        try:
+            future.result(timeout)
+        except KafkaException as error:
+            # Another service may have created it between the listing and now.
+            if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise RuntimeError(f"could not create topic {name}: {error}") from error

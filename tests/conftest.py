@@ -1,0 +1,54 @@
+"""Real parts for the tests: a Tansu broker and a PostgreSQL server, started here.
+
+Both come from the same :mod:`deploy.stack` code as ``just up``. The Postgres
+server is shared by the session and each test gets a fresh database; the broker
+starts in milliseconds, so each test that needs one gets its own, empty, with
+the topics created.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from deploy.stack import Broker, Postgres
+from schemas.database import ensure_schema
+from schemas.topics import ensure_topics
+
+TEST_PARTITIONS = 3
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    server = Postgres(tmp_path_factory.mktemp("postgres")).start()
+    yield server
+    server.stop()
+
+
+_database_numbers = itertools.count()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: Postgres) -> str:
+    """A new, empty database with the StreamLens schema, on the session's server."""
+    name = f"test_{next(_database_numbers)}"
+    admin = postgres_server.dsn.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = postgres_server.dsn.rsplit("/", 1)[0] + f"/{name}"
+    ensure_schema(dsn)
+    return dsn
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A broker of this test's own, with the four topics, stopped afterwards."""
+    server = Broker(tmp_path / "broker").start()
+    ensure_topics(server.address, TEST_PARTITIONS)
+    yield server
+    server.stop()
