@@ -31,10 +31,9 @@ class Call(Struct, kw_only=True):
     # The record that completed the call (the later of the two, or the request on
     # timeout): a call that turns out too late is dead-lettered with it.
     source: SourceRef
-    # USD, filled by pricing between the join and the windows; None while unpriced
-    # or when the model has no known price.
+    # USD, set by pricing between the join and the windows. None on an answered
+    # call means its model has no known price (counted in unpriced_requests).
     cost_usd: float | None = None
-    priced: bool = False
 
 
 class JoinShard:

@@ -17,5 +17,6 @@ class PriceBook:
         raise NotImplementedError
 
     def price(self, call: Call) -> Call:
-        """Set ``call.cost_usd`` (None when unpriced or timed out) and ``call.priced``."""
+        """Set ``call.cost_usd``: the per-call formula of the contract; None when the
+        model has no known price; 0.0 for a timed-out call."""
         raise NotImplementedError
