@@ -59,6 +59,9 @@ class LLMResponse(Struct, tag="response", tag_field="type", kw_only=True):
 
     request_id: Identifier
     timestamp: Timestamp
+    # Not sent by applications: the ingestion API stamps the tenant of the API key
+    # that sent the response, so the join never pairs it with another tenant's request.
+    tenant_id: Identifier | None = None
     latency_ms: Milliseconds | None = None
     completion_tokens: TokenCount = 0
     cache_read_tokens: TokenCount = 0
