@@ -1,4 +1,4 @@
-"""The Postgres schema, created when missing from the one SQL file that also seeds containers."""
+"""The Postgres schema, created when missing from the SQL files that also seed containers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from importlib.resources import files
 
 import psycopg
 
-SCHEMA_SQL: str = files("schemas").joinpath("llm_metrics.sql").read_text()
+# Each file stands alone (no cross-references), so a container init may run them in any order.
+SCHEMA_FILES: tuple[str, ...] = ("llm_metrics.sql", "api_keys.sql")
+SCHEMA_SQL: str = "\n".join(files("schemas").joinpath(name).read_text() for name in SCHEMA_FILES)
 
 
 def ensure_schema(dsn: str) -> None:
