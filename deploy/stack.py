@@ -12,6 +12,7 @@ The test suite starts its own broker and Postgres through the same classes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -77,10 +78,8 @@ def _terminate(pid: int, timeout: float = 10.0) -> None:
         if not _alive(pid):
             return
         time.sleep(0.05)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @dataclass

@@ -13,8 +13,7 @@ SCHEMA_SQL: str = "\n".join(files("schemas").joinpath(name).read_text() for name
 
 def ensure_schema(dsn: str) -> None:
     """Create tables and indexes that are missing. Safe to run from several services at once."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        # CREATE ... IF NOT EXISTS still races on the catalog; a lock serialises starters.
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext('streamlens.schema'))")
-            conn.execute(SCHEMA_SQL)
+    # CREATE ... IF NOT EXISTS still races on the catalog; a lock serialises starters.
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('streamlens.schema'))")
+        conn.execute(SCHEMA_SQL)

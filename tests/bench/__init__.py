@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m tests.bench [NAME …]`` (``just bench``) runs ``bench_<NAME>.main()``."""

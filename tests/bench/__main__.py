@@ -1,0 +1,40 @@
+"""Run the benchmarks: all of them, or those named (``just bench ingestion query``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import time
+
+import tests.bench as package
+
+
+def available() -> list[str]:
+    return sorted(
+        info.name.removeprefix("bench_")
+        for info in pkgutil.iter_modules(package.__path__)
+        if info.name.startswith("bench_")
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = available()
+    parser = argparse.ArgumentParser(prog="just bench", description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"one of: {', '.join(names)} (default: all)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(names))
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(names)}")
+    for name in args.names or names:
+        print(f"\n=== bench {name} ===", flush=True)
+        started = time.perf_counter()
+        importlib.import_module(f"tests.bench.bench_{name}").main()
+        print(f"=== {name}: {time.perf_counter() - started:.1f}s ===", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

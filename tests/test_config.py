@@ -1,0 +1,75 @@
+"""Configuration (§6): defaults, parsing, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from schemas import config
+
+
+def test_defaults():
+    settings = config.load({})
+    assert (settings.window_seconds, settings.grace_seconds, settings.lateness_seconds) == (
+        60, 10, 600)
+    assert (settings.join_timeout_seconds, settings.dedupe_seconds) == (300, 3600)
+    assert settings.topic_partitions == 3
+    assert settings.auth is True
+    assert settings.prices_file is None
+    assert settings.http_port is None
+
+
+def test_values_are_parsed(tmp_path: Path):
+    prices = tmp_path / "prices.json"
+    prices.write_text("{}")
+    settings = config.load({
+        "KAFKA_BROKERS": "a:1,b:2", "POSTGRES_DSN": "postgresql://x/y", "HTTP_PORT": "9000",
+        "WINDOW_SECONDS": " 30 ", "GRACE_SECONDS": "0", "LATENESS_SECONDS": "0",
+        "JOIN_TIMEOUT_SECONDS": "5", "DEDUPE_SECONDS": "7", "TOPIC_PARTITIONS": "12",
+        "PRICES_FILE": str(prices), "AUTH": "off",
+    })
+    assert settings.kafka_brokers == "a:1,b:2"
+    assert settings.http_port == 9000
+    assert settings.window_seconds == 30
+    assert settings.grace_seconds == 0
+    assert settings.topic_partitions == 12
+    assert settings.prices_file == prices
+    assert settings.auth is False
+
+
+def test_empty_value_means_default():
+    assert config.load({"WINDOW_SECONDS": ""}).window_seconds == 60
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("WINDOW_SECONDS", "abc"), ("WINDOW_SECONDS", "0"), ("WINDOW_SECONDS", "1.5"),
+        ("GRACE_SECONDS", "-1"), ("TOPIC_PARTITIONS", "0"), ("HTTP_PORT", "70000"),
+        ("JOIN_TIMEOUT_SECONDS", "0"), ("AUTH", "maybe"), ("PRICES_FILE", "/no/such/file.json"),
+        ("KAFKA_BROKERS", "   "),
+    ],
+)
+def test_bad_values_name_the_variable_and_the_form(variable, value):
+    with pytest.raises(config.ConfigError) as error:
+        config.load({variable: value})
+    message = str(error.value)
+    assert variable in message and repr(value) in message and "expected" in message
+    assert "\n" not in message
+
+
+def test_entry_point_prints_one_line_and_no_traceback():
+    env = {**os.environ, "WINDOW_SECONDS": "abc"}
+    result = subprocess.run(
+        [sys.executable, "-c", "from schemas.config import load_or_exit; load_or_exit()"],
+        env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["streamlens: invalid configuration: WINDOW_SECONDS='abc', "
+                     "expected a whole number ≥ 1"]
+    assert "Traceback" not in result.stderr
