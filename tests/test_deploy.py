@@ -1,0 +1,42 @@
+"""The container files cannot run here (no Docker engine); keep them consistent with the code."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+from schemas import config
+from schemas.database import SCHEMA_FILES
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+SERVICES = ("ingestion", "processor", "metrics-api")
+
+
+def test_compose_uses_only_known_variables():
+    known = set(config._VARIABLES)
+    for name in SERVICES:
+        environment = COMPOSE["services"][name]["environment"]
+        assert set(environment) <= known, set(environment) - known
+        assert {"KAFKA_BROKERS", "POSTGRES_DSN"} <= set(environment)
+        config.load({k: str(v) for k, v in environment.items()})  # every value parses
+
+
+def test_compose_seeds_postgres_from_the_schema_files():
+    mounted = [volume.split(":")[0] for volume in COMPOSE["services"]["postgres"]["volumes"]
+               if volume.endswith(".sql:ro")]
+    assert [Path(path).name for path in mounted] == list(SCHEMA_FILES)
+    for path in mounted:
+        assert (ROOT / "deploy" / path).resolve().is_file()
+
+
+def test_compose_commands_name_modules_that_exist():
+    for name in SERVICES:
+        command = COMPOSE["services"][name]["command"]
+        if command[0] == "uvicorn":
+            module = command[1].split(":")[0]
+        else:
+            module = command[command.index("-m") + 1]
+        assert importlib.util.find_spec(module) is not None, module
