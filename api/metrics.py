@@ -1,0 +1,236 @@
+"""The query API (``api.metrics:app``, port 8081): per-window metrics out of Postgres.
+
+``GET /v1/metrics`` reads stored windows or rolls them up (see :mod:`api.queries`);
+``GET /health`` answers while the process runs, ``GET /ready`` while Postgres
+answers, ``GET /openapi.json`` describes all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import psycopg
+import psycopg_pool
+from psycopg.rows import dict_row
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from api.errors import error_response
+from api.params import (
+    BUCKETS,
+    DEFAULT_LIMIT,
+    DIMENSIONS,
+    MAX_LIMIT,
+    InvalidParameter,
+    MetricsQuery,
+    multi_dict,
+    parse_query,
+)
+from api.queries import parameters, rollup_row, rollup_sql, window_row, windows_sql
+from schemas.config import Settings, load_or_exit
+from schemas.database import ensure_schema
+from schemas.metrics import MetricsRow
+
+logger = logging.getLogger("streamlens.metrics")
+
+STATEMENT_TIMEOUT_MS = 5000
+READY_TIMEOUT_SECONDS = 2.0
+# Waiting longer than this for a free connection means Postgres is overloaded or gone.
+POOL_TIMEOUT_SECONDS = 5.0
+RETRY_AFTER_SECONDS = "5"
+# Merging more digests than this moves off the event loop, so other requests keep flowing.
+INLINE_DIGESTS = 2000
+
+_encoder = msgspec.json.Encoder()
+
+
+class MetricsPage(msgspec.Struct):
+    metrics: list[MetricsRow]
+    count: int
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(_encoder.encode(body), status_code=status, media_type="application/json")
+
+
+def _unavailable(error: Exception) -> Response:
+    logger.warning("postgres unavailable: %s: %s", type(error).__name__, error)
+    return error_response(
+        503, "unavailable", "the metrics database did not answer; retry later",
+        headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )
+
+
+def check_access(request: Request, query: MetricsQuery) -> Response | None:
+    """Where a caller's right to read ``query.tenant_id`` is decided.
+
+    Every query passes through here before touching the database; answering a
+    Response refuses it. There are no checks yet: every caller may read every tenant.
+    """
+    return None
+
+
+async def _fetch(pool: psycopg_pool.AsyncConnectionPool, query: MetricsQuery) -> list[MetricsRow]:
+    async with pool.connection(timeout=POOL_TIMEOUT_SECONDS) as conn:
+        if not query.is_rollup:
+            cursor = await conn.execute(windows_sql(query), parameters(query))
+            return [window_row(record) for record in await cursor.fetchall()]
+        async with conn.cursor(row_factory=dict_row) as cursor:
+            await cursor.execute(rollup_sql(query), parameters(query))
+            records = await cursor.fetchall()
+    digests = sum(len(record["blobs"] or ()) for record in records)
+    if digests <= INLINE_DIGESTS:
+        return [rollup_row(record) for record in records]
+    return await run_in_threadpool(lambda: [rollup_row(record) for record in records])
+
+
+async def metrics(request: Request) -> Response:
+    try:
+        query = parse_query(multi_dict(request.query_params.multi_items()))
+    except InvalidParameter as error:
+        return error_response(400, "invalid_parameter", str(error))
+    refusal = check_access(request, query)
+    if refusal is not None:
+        return refusal
+    try:
+        rows = await _fetch(request.app.state.pool, query)
+    except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+        return _unavailable(error)
+    return _json(MetricsPage(metrics=rows, count=len(rows)))
+
+
+async def health(request: Request) -> Response:
+    return _json({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    pool: psycopg_pool.AsyncConnectionPool = request.app.state.pool
+    try:
+        async with pool.connection(timeout=READY_TIMEOUT_SECONDS) as conn:
+            await conn.execute("SELECT 1")
+    except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+        return _unavailable(error)
+    return _json({"status": "ready"})
+
+
+def openapi_document() -> dict[str, Any]:
+    """The API's OpenAPI 3.1 description; the row schema comes from :class:`MetricsRow`."""
+    _, components = msgspec.json.schema_components(
+        [MetricsRow], ref_template="#/components/schemas/{name}"
+    )
+    row_ref = {"$ref": "#/components/schemas/MetricsRow"}
+    timestamp = {"type": "string", "format": "date-time"}
+
+    def parameter(name: str, description: str, schema: dict[str, Any],
+                  required: bool = False) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": required,
+                "description": description, "schema": schema}
+
+    error = {"description": "{\"error\": code, \"detail\": what and where}",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "StreamLens query API", "version": "1"},
+        "paths": {
+            "/v1/metrics": {"get": {
+                "summary": "Per-window LLM call metrics of one tenant, or their roll-ups",
+                "parameters": [
+                    parameter("tenant_id", "The tenant whose metrics to read.",
+                              {"type": "string", "minLength": 1, "maxLength": 128}, True),
+                    parameter("route", "Only this route (exact match).",
+                              {"type": "string", "minLength": 1, "maxLength": 255}),
+                    parameter("model", "Only this model (exact match).",
+                              {"type": "string", "minLength": 1, "maxLength": 255}),
+                    parameter("from", "Windows starting at or after this time (RFC 3339 "
+                              "with an offset; inclusive).", timestamp),
+                    parameter("to", "Windows starting before this time (RFC 3339 with an "
+                              "offset; exclusive). Must be after `from`.", timestamp),
+                    parameter("limit", "Most rows (or buckets) to return; newest first.",
+                              {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
+                               "default": DEFAULT_LIMIT}),
+                    parameter("bucket", "Merge windows into epoch-aligned buckets of this "
+                              "size: sums summed, averages weighted, percentiles from the "
+                              "merged t-digests, revision the highest of the windows.",
+                              {"type": "string", "enum": list(BUCKETS)}),
+                    parameter("group_by", "Comma-separated subset of route,model to keep "
+                              "(default both); dimensions left out are merged across and "
+                              "reported as null. Empty: one row per bucket for the tenant.",
+                              {"type": "string", "default": ",".join(DIMENSIONS)}),
+                ],
+                "responses": {
+                    "200": {"description": "Rows newest first, then by route and model.",
+                            "content": {"application/json": {"schema": {
+                                "type": "object", "required": ["metrics", "count"],
+                                "properties": {"metrics": {"type": "array", "items": row_ref},
+                                               "count": {"type": "integer"}}}}}},
+                    "400": error | {"description": "A parameter is malformed, missing or "
+                                    "unknown; `detail` starts with its name."},
+                    "503": error | {"description": "Postgres did not answer in time."},
+                },
+            }},
+            "/health": {"get": {"summary": "The process is alive",
+                                "responses": {"200": {"description": "alive"}}}},
+            "/ready": {"get": {"summary": "Postgres answers",
+                               "responses": {"200": {"description": "ready"},
+                                             "503": error}}},
+            "/openapi.json": {"get": {"summary": "This document",
+                                      "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+        },
+        "components": {"schemas": components | {"Error": {
+            "type": "object", "required": ["error", "detail"],
+            "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}}}},
+    }
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The app; with no ``settings`` they are read from the environment at start-up."""
+    document = _encoder.encode(openapi_document())
+
+    async def openapi(request: Request) -> Response:
+        return Response(document, media_type="application/json")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        current = settings or load_or_exit()
+        try:
+            ensure_schema(current.postgres_dsn)
+        except psycopg.Error as error:
+            print(f"streamlens: cannot prepare Postgres at POSTGRES_DSN: {error}",
+                  file=sys.stderr)
+            raise
+        pool = psycopg_pool.AsyncConnectionPool(
+            current.postgres_dsn,
+            min_size=1,
+            max_size=10,
+            open=False,
+            # UTC sessions: times leave as ...Z; the timeout bounds any one query.
+            kwargs={"autocommit": True,
+                    "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c TimeZone=UTC"},
+        )
+        await pool.open(wait=False)
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    return Starlette(
+        routes=[
+            Route("/v1/metrics", metrics, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+app = create_app()
