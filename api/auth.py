@@ -1,0 +1,314 @@
+"""API keys on both APIs (contract §5): which tenant is calling, and for what.
+
+A key is ``sl_<key id>_<secret>``: the key id (8 lowercase letters and digits) is
+not secret and names the key in listings and revocation; the secret is 256
+random bits. Postgres keeps only the key's SHA-256 (``schemas/api_keys.sql``).
+
+How an app uses this module:
+
+- in its lifespan, ``async with open_key_store(settings) as keys:`` and
+  ``app.state.key_store = keys`` (``AUTH=off`` gives a store that lets every call
+  through, with no Postgres);
+- first thing in every endpoint but ``/health`` and ``/ready``,
+  ``principal = await authenticate(request, "ingest")`` (or ``"read"``) and return
+  it if it is a :class:`~starlette.responses.Response` (401, 403 or 503);
+- per event, :func:`check_event` (403 for a single event, that index rejected in
+  a batch); per query, :func:`forbidden_tenant` on the ``tenant_id`` parameter.
+
+Responses carry no tenant of their own: :func:`check_event` stamps the key's
+tenant on them, so the dataflow only ever pairs a response with a request of the
+same tenant. A response sent under tenant A's key for tenant B's request_id never
+joins B's request: it is dead-lettered as an orphan, and B's request times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import string
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Literal
+
+from msgspec import Struct
+from psycopg_pool import AsyncConnectionPool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api.errors import error_response
+from schemas.config import Settings
+from schemas.events import LLMRequest, LLMResponse
+
+logger = logging.getLogger("streamlens.auth")
+
+Scope = Literal["ingest", "read"]
+SCOPES: tuple[Scope, ...] = ("ingest", "read")
+
+KEY_ID_ALPHABET = string.ascii_lowercase + string.digits
+KEY_ID_LENGTH = 8
+# token_urlsafe(32): 32 random bytes, 43 URL-safe base64 characters.
+KEY_SECRET_BYTES = 32
+_KEY_FORMAT = re.compile(r"sl_[a-z0-9]{8}_[A-Za-z0-9_-]{43}")
+KEY_PREFIX_LENGTH = len("sl_") + KEY_ID_LENGTH
+
+# A revoked key must stop working within 5 s: a cached answer lives 4 s, which
+# leaves a second for the lookup that replaces it.
+CACHE_SECONDS = 4.0
+# Every unknown key presented is remembered for CACHE_SECONDS too; past this many
+# entries the cache is emptied rather than grown without bound.
+CACHE_MAX_ENTRIES = 100_000
+LOOKUP_TIMEOUT_SECONDS = 2.0
+
+TENANT_NOT_ALLOWED = "tenant_id: not allowed for this key"
+_REALM = 'Bearer realm="streamlens"'
+
+
+class Principal(Struct, frozen=True):
+    """Who a request speaks for. ``None`` fields mean unrestricted (``AUTH=off`` only)."""
+
+    tenant_id: str | None
+    scope: Scope | None
+
+
+UNRESTRICTED = Principal(tenant_id=None, scope=None)
+
+
+class NewKey(Struct, frozen=True):
+    """A freshly generated key: ``key`` is shown once, only ``key_hash`` is stored."""
+
+    key: str
+    prefix: str
+    key_hash: bytes
+
+
+class KeyStoreUnavailable(Exception):
+    """The key table could not be read, so the key can be neither accepted nor refused."""
+
+
+def hash_key(key: str) -> bytes:
+    """SHA-256 of the whole key.
+
+    A fast hash is enough: the secret is 256 random bits, so nothing short of
+    guessing them finds a key from its hash, and a slow KDF would only add its
+    cost to every uncached request.
+    """
+    return hashlib.sha256(key.encode()).digest()
+
+
+def generate_key() -> NewKey:
+    key_id = "".join(secrets.choice(KEY_ID_ALPHABET) for _ in range(KEY_ID_LENGTH))
+    key = f"sl_{key_id}_{secrets.token_urlsafe(KEY_SECRET_BYTES)}"
+    return NewKey(key=key, prefix=key[:KEY_PREFIX_LENGTH], key_hash=hash_key(key))
+
+
+def key_prefix(key: str) -> str | None:
+    """The non-secret ``sl_<key id>`` of a well-formed key; ``None`` for anything else."""
+    if _KEY_FORMAT.fullmatch(key) is None:
+        return None
+    return key[:KEY_PREFIX_LENGTH]
+
+
+class KeyStore:
+    """Looks keys up in ``api_keys``, remembering each answer for ``cache_seconds``.
+
+    The cache is keyed by the key's hash and holds refusals as well as
+    principals, so a request with a known key, valid or not, costs one SHA-256
+    and one dict lookup. Concurrent lookups of the same uncached key share one
+    query.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool | None,
+        *,
+        cache_seconds: float = CACHE_SECONDS,
+        max_entries: int = CACHE_MAX_ENTRIES,
+    ) -> None:
+        # No pool: AUTH=off, every call is let through.
+        self.pool = pool
+        self.cache_seconds = cache_seconds
+        self.max_entries = max_entries
+        self._cache: dict[bytes, tuple[float, Principal | None]] = {}
+        self._pending: dict[bytes, asyncio.Future[Principal | None]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.pool is not None
+
+    async def lookup(self, key: str) -> Principal | None:
+        """The principal of a valid, unrevoked key; ``None`` for any other string.
+
+        Raises :class:`KeyStoreUnavailable` when Postgres cannot answer in time.
+        """
+        digest = hash_key(key)
+        entry = self._cache.get(digest)
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        prefix = key_prefix(key)
+        if prefix is None:
+            return None
+        pending = self._pending.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch(prefix, digest))
+            self._pending[digest] = pending
+            pending.add_done_callback(partial(self._settled, digest))
+        try:
+            # Shielded: one caller giving up (client gone) must not cancel the
+            # query the others wait for.
+            return await asyncio.wait_for(asyncio.shield(pending), LOOKUP_TIMEOUT_SECONDS)
+        except TimeoutError:
+            raise KeyStoreUnavailable("the key database did not answer in time") from None
+
+    def _settled(self, digest: bytes, future: asyncio.Future[Principal | None]) -> None:
+        self._pending.pop(digest, None)
+        # Every waiter may have given up; reading the outcome keeps asyncio from
+        # reporting a failure nobody retrieved.
+        if not future.cancelled():
+            future.exception()
+
+    async def _fetch(self, prefix: str, digest: bytes) -> Principal | None:
+        assert self.pool is not None
+        # Expiry counts from before the query: the answer is no older than that.
+        expires = time.monotonic() + self.cache_seconds
+        try:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(
+                    "SELECT key_hash, tenant_id, scope FROM api_keys"
+                    " WHERE key_prefix = %s AND revoked_at IS NULL",
+                    (prefix,),
+                )
+                row = await cursor.fetchone()
+        except Exception as error:
+            # Any failure (Postgres down, pool exhausted, table missing) is the
+            # store's, not the caller's: answer 503, cache nothing.
+            logger.warning("API key lookup failed: %s", error)
+            raise KeyStoreUnavailable("the key database is unreachable") from error
+        principal: Principal | None = None
+        # Looked up by the non-secret prefix, compared in constant time: the
+        # secret part never steers an index search or an early-exit comparison.
+        if row is not None and hmac.compare_digest(bytes(row[0]), digest):
+            principal = Principal(tenant_id=row[1], scope=row[2])
+        if len(self._cache) >= self.max_entries:
+            self._evict()
+        self._cache[digest] = (expires, principal)
+        return principal
+
+    def _evict(self) -> None:
+        now = time.monotonic()
+        self._cache = {d: e for d, e in self._cache.items() if e[0] > now}
+        if len(self._cache) >= self.max_entries:
+            self._cache.clear()
+
+
+@asynccontextmanager
+async def open_key_store(
+    settings: Settings,
+    pool: AsyncConnectionPool | None = None,
+    *,
+    cache_seconds: float = CACHE_SECONDS,
+) -> AsyncIterator[KeyStore]:
+    """The key store an app keeps for its lifetime.
+
+    ``AUTH=off``: a store that lets everything through and touches no database.
+    Otherwise it uses ``pool`` when the app already has one, or opens a small pool
+    of its own on ``POSTGRES_DSN``, without waiting for Postgres to be up: until it
+    is, authenticated endpoints answer 503.
+    """
+    if not settings.auth:
+        yield KeyStore(None)
+        return
+    if pool is not None:
+        yield KeyStore(pool, cache_seconds=cache_seconds)
+        return
+    own = AsyncConnectionPool(
+        settings.postgres_dsn,
+        min_size=1,
+        max_size=4,
+        open=False,
+        kwargs={"autocommit": True},
+        check=AsyncConnectionPool.check_connection,
+        timeout=LOOKUP_TIMEOUT_SECONDS,
+        name="streamlens-keys",
+    )
+    await own.open(wait=False)
+    try:
+        yield KeyStore(own, cache_seconds=cache_seconds)
+    finally:
+        await own.close()
+
+
+def _unauthorized(detail: str, *, key_given: bool) -> Response:
+    challenge = f'{_REALM}, error="invalid_token"' if key_given else _REALM
+    return error_response(401, "unauthorized", detail, headers={"WWW-Authenticate": challenge})
+
+
+async def authenticate(request: Request, scope: Scope) -> Principal | Response:
+    """The caller's principal, or the response to send instead.
+
+    401 without a valid key, 403 for a key of another scope, 503 when the key
+    database cannot be read. The store is ``request.app.state.key_store``.
+    """
+    store: KeyStore = request.app.state.key_store
+    if not store.enabled:
+        return UNRESTRICTED
+    header = request.headers.get("authorization")
+    if header is None:
+        return _unauthorized(
+            "missing Authorization header: expected `Authorization: Bearer <key>`",
+            key_given=False,
+        )
+    auth_scheme, _, credentials = header.partition(" ")
+    if auth_scheme.lower() != "bearer":
+        return _unauthorized(
+            "Authorization header: expected the Bearer scheme, `Authorization: Bearer <key>`",
+            key_given=False,
+        )
+    # RFC 7235 allows one or more spaces after the scheme.
+    key = credentials.lstrip(" ")
+    if not key:
+        return _unauthorized("Authorization header: Bearer without a key", key_given=False)
+    try:
+        principal = await store.lookup(key)
+    except KeyStoreUnavailable as error:
+        return error_response(
+            503, "unavailable", f"cannot check the API key: {error}", headers={"Retry-After": "1"}
+        )
+    if principal is None:
+        return _unauthorized("API key is malformed, unknown or revoked", key_given=True)
+    if principal.scope != scope:
+        return error_response(
+            403,
+            "forbidden",
+            f"this key has scope {principal.scope!r}; this endpoint needs {scope!r}",
+            headers={"WWW-Authenticate": f'{_REALM}, error="insufficient_scope", scope="{scope}"'},
+        )
+    return principal
+
+
+def forbidden_tenant(principal: Principal, tenant_id: str) -> str | None:
+    """Why ``principal`` may not touch ``tenant_id``'s data, or ``None`` when it may."""
+    if principal.tenant_id is None or principal.tenant_id == tenant_id:
+        return None
+    return TENANT_NOT_ALLOWED
+
+
+def check_event(principal: Principal, event: LLMRequest | LLMResponse) -> str | None:
+    """Why ``principal`` may not send ``event``, or ``None``; stamps responses.
+
+    A response takes the key's tenant. One that names another tenant is refused
+    rather than silently re-attributed. With ``AUTH=off`` the event is left as is.
+    """
+    if isinstance(event, LLMRequest):
+        return forbidden_tenant(principal, event.tenant_id)
+    if principal.tenant_id is None:
+        return None
+    if event.tenant_id is not None and event.tenant_id != principal.tenant_id:
+        return TENANT_NOT_ALLOWED
+    event.tenant_id = principal.tenant_id
+    return None
