@@ -1,0 +1,355 @@
+"""Generated LLM traffic for the ingestion API: ``python -m deploy.traffic --help``.
+
+Calls start at the wall clock's now, at a steady rate, across several tenants,
+routes and models (two OpenAI models, an Anthropic model and one model no
+price table knows). Latencies are log-normal per model, a share of calls fail,
+some stream (with a time to first token), some read cached prompt tokens.
+A request event is sent when its call starts and the response when it ends, so
+responses trail their requests; a few responses are sent before their request,
+as happens when two services report one call. Events travel in batches through
+``POST /v1/llm/events``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import http.client
+import math
+import random
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+BATCH_PATH = "/v1/llm/events"
+MAX_BATCH_EVENTS = 1000  # the ingestion API's limit per batch
+TICK_SECONDS = 0.2
+# Responses sent ahead of their request (the request follows one tick later).
+EARLY_RESPONSE_SHARE = 0.03
+STREAMING_SHARE = 0.4
+CACHE_READ_SHARE = 0.3
+REASONING_SHARE = 0.2
+MAX_LATENCY_MS = 20_000.0
+SEND_ATTEMPTS = 5
+
+TENANT_NAMES = ("acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka")
+ROUTES = ("/chat", "/summarize", "/search", "/classify")
+ERRORS = ("rate_limit_exceeded", "upstream timeout", "context_length_exceeded",
+          "internal server error")
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    provider: str | None
+    weight: float
+    median_latency_ms: float
+
+
+MODELS: tuple[Model, ...] = (
+    Model("gpt-4.1-mini", "openai", 0.45, 600.0),
+    Model("gpt-4o", "openai", 0.25, 1200.0),
+    Model("claude-sonnet-4-5", "anthropic", 0.2, 1500.0),
+    # No price table knows it: its calls count as unpriced.
+    Model("acme-internal-llm", None, 0.1, 900.0),
+)
+
+
+def tenant_names(count: int) -> list[str]:
+    return [TENANT_NAMES[i] if i < len(TENANT_NAMES) else f"tenant-{i + 1}"
+            for i in range(count)]
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Call:
+    """One generated call: its two events and when its response is due (monotonic)."""
+
+    request: dict[str, Any]
+    response: dict[str, Any]
+    tenant_id: str
+    failed: bool
+    response_due: float
+
+
+class CallGenerator:
+    """Realistic calls from a seeded random source: the same seed, the same calls."""
+
+    def __init__(self, tenants: int, error_share: float, seed: int | None) -> None:
+        self.random = random.Random(seed)
+        self.error_share = error_share
+        self.tenants = tenant_names(tenants)
+        # Each tenant calls two of the routes, so the results stay readable.
+        self.routes = {tenant: self.random.sample(ROUTES, 2) for tenant in self.tenants}
+        self.weights = [model.weight for model in MODELS]
+
+    def call(self, started: datetime, now: float) -> Call:
+        rnd = self.random
+        tenant = rnd.choice(self.tenants)
+        model = rnd.choices(MODELS, self.weights)[0]
+        request_id = str(uuid.UUID(int=rnd.getrandbits(128), version=4))
+        latency = min(model.median_latency_ms * math.exp(rnd.gauss(0.0, 0.6)), MAX_LATENCY_MS)
+        prompt_tokens = int(800 * math.exp(rnd.gauss(0.0, 0.8)))
+        request: dict[str, Any] = {
+            "type": "request",
+            "request_id": request_id,
+            "tenant_id": tenant,
+            "route": rnd.choice(self.routes[tenant]),
+            "model": model.name,
+            "timestamp": rfc3339(started),
+            "prompt_tokens": prompt_tokens,
+            "user_id_hash": f"{rnd.getrandbits(64):016x}",
+            "metadata": {"app_version": "2.3.1", "region": rnd.choice(("eu", "us"))},
+        }
+        if model.provider is not None:
+            request["provider"] = model.provider
+        failed = rnd.random() < self.error_share
+        response: dict[str, Any] = {
+            "type": "response",
+            "request_id": request_id,
+            "timestamp": rfc3339(started + timedelta(milliseconds=latency)),
+            "latency_ms": round(latency, 3),
+        }
+        if failed:
+            response["error"] = rnd.choice(ERRORS)
+        else:
+            completion = int(200 * math.exp(rnd.gauss(0.0, 0.7)))
+            response["completion_tokens"] = completion
+            response["finish_reason"] = "stop" if rnd.random() < 0.9 else "length"
+            if rnd.random() < CACHE_READ_SHARE:
+                response["cache_read_tokens"] = int(prompt_tokens * rnd.uniform(0.2, 0.9))
+            if rnd.random() < REASONING_SHARE:
+                response["reasoning_tokens"] = int(completion * rnd.uniform(0.1, 0.6))
+            if rnd.random() < STREAMING_SHARE:
+                response["time_to_first_token_ms"] = round(latency * rnd.uniform(0.1, 0.4), 3)
+        return Call(request, response, tenant, failed, now + latency / 1000.0)
+
+
+class SendError(RuntimeError):
+    """The ingestion API could not be reached or kept refusing a batch."""
+
+
+@dataclass
+class Totals:
+    calls: int = 0
+    failed_calls: int = 0
+    events_sent: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    batches: int = 0
+    calls_by_tenant: Counter[str] = field(default_factory=Counter)
+    first_rejection: str | None = None
+
+
+class Sender:
+    """Posts batches over one keep-alive connection; retries 503s and lost connections."""
+
+    def __init__(self, url: str, api_key: str | None, timeout: float = 30.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SendError(f"--url: {url!r} is not an http(s) URL")
+        connection = (http.client.HTTPSConnection if parts.scheme == "https"
+                      else http.client.HTTPConnection)
+        self.connection = connection(parts.hostname, parts.port, timeout=timeout)
+        self.path = parts.path.rstrip("/") + BATCH_PATH
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.url = url
+
+    def post(self, events: list[dict[str, Any]], totals: Totals) -> None:
+        body = msgspec.json.encode({"events": events})
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            try:
+                self.connection.request("POST", self.path, body, self.headers)
+                response = self.connection.getresponse()
+                status, payload = response.status, response.read()
+                retry_after = response.getheader("Retry-After")
+            except OSError as error:
+                self.connection.close()
+                if attempt == SEND_ATTEMPTS:
+                    raise SendError(f"cannot reach {self.url}: {error}") from None
+                time.sleep(0.2 * attempt)
+                continue
+            if status == 503 and attempt < SEND_ATTEMPTS:
+                time.sleep(min(float(retry_after or 1), 5.0))
+                continue
+            break
+        totals.batches += 1
+        totals.events_sent += len(events)
+        if status == 202:
+            totals.accepted += len(events)
+        elif status == 207:
+            answer = msgspec.json.decode(payload)
+            totals.accepted += answer["accepted"]
+            totals.rejected += len(answer["rejected"])
+            if totals.first_rejection is None and answer["rejected"]:
+                totals.first_rejection = str(answer["rejected"][0])
+        else:
+            raise SendError(
+                f"POST {self.path} answered {status}: {payload[:300].decode(errors='replace')}"
+            )
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+# (seconds since the start, totals so far, calls still waiting for their response)
+Progress = Callable[[float, Totals, int], None]
+
+
+def bar_progress(duration: float) -> Progress:
+    """One line redrawn in place on a terminal; a line every 5 s otherwise."""
+    interactive = sys.stderr.isatty()
+    last = [-math.inf]
+
+    def show(elapsed: float, totals: Totals, open_calls: int) -> None:
+        finished = elapsed >= duration and not open_calls
+        if not interactive and elapsed - last[0] < 5.0 and not finished:
+            return
+        last[0] = elapsed
+        done = min(elapsed / duration, 1.0) if duration else 1.0
+        bar = "#" * int(done * 30)
+        line = (f"[{bar:<30}] {min(elapsed, duration):5.1f}/{duration:.0f}s  "
+                f"calls {totals.calls}  events {totals.events_sent}  "
+                f"accepted {totals.accepted}  rejected {totals.rejected}")
+        if elapsed >= duration and open_calls:
+            line += f"  (waiting for {open_calls} calls to end)"
+        print(f"\r{line}\x1b[K" if interactive else line, end="" if interactive else "\n",
+              file=sys.stderr, flush=True)
+
+    return show
+
+
+def run(
+    url: str,
+    rate: float,
+    duration: float,
+    tenants: int = 3,
+    error_share: float = 0.05,
+    seed: int | None = None,
+    api_key: str | None = None,
+    progress: Progress | None = None,
+) -> Totals:
+    """Send ``rate`` calls per second for ``duration`` seconds; wait for every response."""
+    generator = CallGenerator(tenants, error_share, seed)
+    sender = Sender(url, api_key)
+    totals = Totals()
+    pending: list[tuple[float, int, dict[str, Any]]] = []  # (due, order, response)
+    held: list[dict[str, Any]] = []  # requests whose response went first
+    started = time.monotonic()
+    wall_start = datetime.now(UTC)
+    try:
+        while True:
+            now = time.monotonic()
+            elapsed = now - started
+            # Calls are due by elapsed time, so a slow POST makes the next batch
+            # bigger instead of lowering the rate.
+            due_calls = min(int(elapsed * rate), int(duration * rate)) - totals.calls
+            batch: list[dict[str, Any]] = held
+            held = []
+            for _ in range(due_calls):
+                offset = (totals.calls / rate) if rate else 0.0
+                call = generator.call(wall_start + timedelta(seconds=offset), now)
+                totals.calls += 1
+                totals.failed_calls += call.failed
+                totals.calls_by_tenant[call.tenant_id] += 1
+                if generator.random.random() < EARLY_RESPONSE_SHARE:
+                    batch.append(call.response)
+                    held.append(call.request)
+                else:
+                    batch.append(call.request)
+                    heapq.heappush(pending, (call.response_due, totals.calls, call.response))
+            while pending and pending[0][0] <= now:
+                batch.append(heapq.heappop(pending)[2])
+            for chunk in range(0, len(batch), MAX_BATCH_EVENTS):
+                sender.post(batch[chunk:chunk + MAX_BATCH_EVENTS], totals)
+            if progress is not None:
+                progress(elapsed, totals, len(pending) + len(held))
+            if elapsed >= duration and not pending and not held:
+                break
+            time.sleep(max(0.0, TICK_SECONDS - (time.monotonic() - now)))
+    finally:
+        sender.close()
+    return totals
+
+
+def summary(totals: Totals, duration: float, seconds: float) -> str:
+    """``duration``: the seconds calls were started in; ``seconds``: until the last response."""
+    lines = [
+        f"sent {totals.calls} calls ({totals.events_sent} events in {totals.batches} batches): "
+        f"{totals.calls / duration:.0f} calls/s for {duration:.0f}s, "
+        f"the last response after {seconds:.1f}s",
+        f"accepted {totals.accepted} events, rejected {totals.rejected}; "
+        f"failed calls {totals.failed_calls} "
+        f"({100 * totals.failed_calls / max(totals.calls, 1):.1f} %)",
+        "calls per tenant: " + ", ".join(
+            f"{tenant} {count}" for tenant, count in sorted(totals.calls_by_tenant.items())
+        ),
+    ]
+    if totals.first_rejection:
+        lines.append(f"first rejection: {totals.first_rejection}")
+    return "\n".join(lines)
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not positive")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.traffic", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8080",
+                        help="the ingestion API (default %(default)s)")
+    parser.add_argument("--rate", type=_positive, default=50.0,
+                        help="calls per second (default %(default)s)")
+    parser.add_argument("--duration", type=_positive, default=30.0,
+                        help="seconds of traffic (default %(default)s)")
+    parser.add_argument("--tenants", type=int, default=3, choices=range(1, 101),
+                        metavar="N", help="how many tenants, 1-100 (default %(default)s)")
+    parser.add_argument("--error-share", type=_share, default=0.05,
+                        help="share of calls that fail, 0-1 (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed, for repeatable traffic (default: random)")
+    parser.add_argument("--api-key", default=None,
+                        help="sent as 'Authorization: Bearer KEY' (needs an ingest key)")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        totals = run(args.url, args.rate, args.duration, args.tenants, args.error_share,
+                     args.seed, args.api_key, bar_progress(args.duration))
+    except SendError as error:
+        print(f"\ntraffic: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ntraffic: interrupted", file=sys.stderr)
+        return 130
+    print(file=sys.stderr)
+    print(summary(totals, args.duration, time.monotonic() - started))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
