@@ -1,18 +1,51 @@
 """The join: a request and its response become one call, whichever arrives first.
 
-INTERFACE CONTRACT (bodies to be written): :class:`JoinShard` holds the join
-state of one shard of ``request_id`` values and is driven by the Bytewax wiring
-in :mod:`dataflows.metrics`. It must pickle (it is Bytewax state).
+:class:`JoinShard` holds the join state of one shard of ``request_id`` values and
+is driven by the Bytewax wiring in :mod:`dataflows.metrics`. It must pickle (it
+is Bytewax state).
+
+Rules (contract §3, decided in detail here):
+
+- A request and a response pair only when ``response_ts - request_ts <= timeout``
+  and the response's tenant (stamped at ingestion, when present) is the
+  request's. Both are event-time facts, so whether a ``request_id`` pairs does
+  not depend on which side arrives first.
+- A request left unpaired becomes a timed-out call once the watermark passes
+  ``request_ts + timeout``; a response left unpaired becomes an
+  ``orphan_response`` dead letter once it passes ``response_ts + timeout``. An
+  unpairable pair (too far apart, or another tenant's) reports both.
+- Before a call is counted the first request and the first response win; after
+  it, repeats on either side are ignored (counted in :attr:`JoinShard.duplicates`)
+  until the watermark passes ``request_ts + max(timeout, dedupe)``. The one
+  exception: the first response to reach a request that already timed out is
+  dead-lettered as ``orphan_response`` rather than ignored, because it is not a
+  repeat and the contract never drops a valid event silently.
+- ``cache_read_tokens > prompt_tokens`` still counts the call, with the
+  response's ``cache_read_tokens`` clamped to the request's ``prompt_tokens`` so
+  that the sums and the cost downstream agree (counted in
+  :attr:`JoinShard.cache_reads_clamped`).
+
+Expiry bookkeeping is a dict of one-second buckets (``int(deadline)`` → ids)
+plus a heap of the bucket numbers: one list slot per deadline instead of a heap
+tuple, and stale references are skipped when their bucket comes due.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from typing import NamedTuple
 
+import msgspec
 from msgspec import Struct
 
+from dataflows.clock import Watermark
 from schemas.deadletter import DeadLetter
-from schemas.events import LLMRequest, LLMResponse
+from schemas.events import LLMRequest, LLMResponse, check_cache_read, encoder
+
+# next_wakeup lands this far past a deadline, so float rounding in the
+# wall-clock/event-time conversion can never wake us just short of it.
+WAKEUP_MARGIN = 0.001
 
 
 class SourceRef(NamedTuple):
@@ -34,6 +67,31 @@ class Call(Struct, kw_only=True):
     # USD, set by pricing between the join and the windows. None on an answered
     # call means its model has no known price (counted in unpriced_requests).
     cost_usd: float | None = None
+    # Event time at which the call became known, in Unix seconds: the later of the
+    # two timestamps, or request time + timeout for a timeout. Set by the join;
+    # the windows advance their watermark with it. None: derive it from the events.
+    completed_at: float | None = None
+
+
+class _Pending(Struct, gc=False):
+    """One request_id not counted yet: whichever sides have arrived."""
+
+    request: LLMRequest | None = None
+    request_source: SourceRef | None = None
+    request_ts: float = 0.0
+    response: LLMResponse | None = None
+    response_source: SourceRef | None = None
+    response_ts: float = 0.0
+    # Set once both sides arrived and cannot pair: why, for the orphan's error.
+    # From then on the entry only waits for its deadlines.
+    unpaired: str | None = None
+    # The request side timed out already (it is in ``_counted``).
+    request_done: bool = False
+
+
+def call_to_json(call: Call) -> str:
+    """The call as JSON (request and response), for a dead letter's payload."""
+    return encoder.encode({"request": call.request, "response": call.response}).decode()
 
 
 class JoinShard:
@@ -44,19 +102,231 @@ class JoinShard:
     """
 
     def __init__(self, timeout_seconds: float, dedupe_seconds: float) -> None:
-        raise NotImplementedError
+        self.timeout = float(timeout_seconds)
+        # How long a counted request_id is remembered, from its request time.
+        self.remember = float(max(timeout_seconds, dedupe_seconds))
+        self.watermark = Watermark()
+        self._pending: dict[str, _Pending] = {}
+        # Counted request_id -> event time until which repeats are ignored.
+        self._counted: dict[str, float] = {}
+        # Counted as timed out and no response seen yet: its first response is
+        # dead-lettered rather than ignored.
+        self._timed_out: set[str] = set()
+        self._buckets: dict[int, list[str]] = {}
+        self._bucket_heap: list[int] = []
+        # Wall clock minus event time at the last call, valid while event time
+        # idles with the wall clock. Not snapshotted: unknown until the next call.
+        self._offset: float | None = None
+        # Observability counters (snapshotted with the state).
+        self.duplicates = 0
+        self.cache_reads_clamped = 0
+
+    # -- input ---------------------------------------------------------------
 
     def on_event(
         self, event: LLMRequest | LLMResponse, source: SourceRef, now: float
     ) -> list[Call | DeadLetter]:
-        """Add one decoded event; return the calls it completes (and nothing else)."""
-        raise NotImplementedError
+        """Add one decoded event; return the calls it completes (and nothing else).
+
+        The only other output: the first response to reach a request that has
+        already timed out comes back as an ``orphan_response`` dead letter.
+        """
+        ts = event.timestamp.timestamp()
+        watermark = self.watermark
+        watermark.observe(ts, now)
+        self._offset = now - watermark.settled
+        rid = event.request_id
+        is_request = type(event) is LLMRequest
+
+        if rid in self._counted:
+            if not is_request and rid in self._timed_out:
+                self._timed_out.discard(rid)
+                return [self._orphan(
+                    event, source,  # type: ignore[arg-type]
+                    f"it arrived after its request had timed out: no response within "
+                    f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s) of event time "
+                    f"(response timestamp {event.timestamp.isoformat()})",
+                )]
+            self.duplicates += 1
+            return []
+
+        entry = self._pending.get(rid)
+        if entry is None:
+            if is_request:
+                entry = _Pending(request=event, request_source=source, request_ts=ts)
+            else:
+                entry = _Pending(response=event, response_source=source, response_ts=ts)
+            self._pending[rid] = entry
+            self._schedule(ts + self.timeout, rid)
+            return []
+
+        if entry.unpaired is not None:
+            self.duplicates += 1
+            return []
+        if is_request:
+            if entry.request is not None:
+                self.duplicates += 1
+                return []
+            entry.request, entry.request_source, entry.request_ts = event, source, ts
+        else:
+            if entry.response is not None:
+                self.duplicates += 1
+                return []
+            entry.response, entry.response_source, entry.response_ts = event, source, ts
+
+        request, response = entry.request, entry.response
+        assert request is not None and response is not None
+        why = self._why_unpaired(request, entry.request_ts, response, entry.response_ts)
+        if why is not None:
+            # Both sides stay until their own deadlines, then both are reported.
+            entry.unpaired = why
+            self._schedule(ts + self.timeout, rid)
+            return []
+
+        del self._pending[rid]
+        if check_cache_read(request, response) is not None:
+            self.cache_reads_clamped += 1
+            response = msgspec.structs.replace(response, cache_read_tokens=request.prompt_tokens)
+        request_ts = entry.request_ts
+        self._counted[rid] = expiry = request_ts + self.remember
+        self._schedule(expiry, rid)
+        return [Call(
+            request=request,
+            response=response,
+            source=source,
+            completed_at=max(request_ts, entry.response_ts),
+        )]
+
+    def _why_unpaired(
+        self, request: LLMRequest, request_ts: float, response: LLMResponse, response_ts: float
+    ) -> str | None:
+        if response.tenant_id is not None and response.tenant_id != request.tenant_id:
+            return (
+                f"tenant mismatch: the response was sent for tenant {response.tenant_id!r} "
+                f"but its request belongs to tenant {request.tenant_id!r}"
+            )
+        gap = response_ts - request_ts
+        if gap > self.timeout:
+            return (
+                f"its request came {gap:g} s earlier, beyond "
+                f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s)"
+            )
+        return None
+
+    # -- time ----------------------------------------------------------------
 
     def on_time(self, now: float) -> list[Call | DeadLetter]:
         """Expire what the watermark has passed: timed-out calls, orphan responses
         (dead letters with reason ``orphan_response``), forgotten dedupe entries."""
-        raise NotImplementedError
+        watermark = self.watermark.current(now)
+        self._offset = now - watermark
+        out: list[Call | DeadLetter] = []
+        heap, buckets = self._bucket_heap, self._buckets
+        while heap and heap[0] < watermark:
+            second = heapq.heappop(heap)
+            ids = buckets.pop(second)
+            keep = [rid for rid in ids if self._expire(rid, watermark, second, out)]
+            if keep:
+                # The watermark is inside this second: the rest are not due yet.
+                buckets[second] = keep
+                heapq.heappush(heap, second)
+                break
+        return out
+
+    def _expire(self, rid: str, watermark: float, second: int, out: list[Call | DeadLetter]) -> bool:
+        """Handle every deadline of ``rid`` the watermark passed; True when one
+        of its deadlines is still due within ``second``."""
+        pending_again = False
+        entry = self._pending.get(rid)
+        if entry is not None:
+            if entry.request is not None and not entry.request_done:
+                deadline = entry.request_ts + self.timeout
+                if deadline < watermark:
+                    self._time_out(rid, entry, deadline, out)
+                elif int(deadline) == second:
+                    pending_again = True
+            if entry.response is not None:
+                deadline = entry.response_ts + self.timeout
+                if deadline < watermark:
+                    out.append(self._orphan(
+                        entry.response, entry.response_source,  # type: ignore[arg-type]
+                        entry.unpaired or (
+                            f"no request with this request_id arrived within "
+                            f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s) of event time"
+                        ),
+                    ))
+                    entry.response = None
+                elif int(deadline) == second:
+                    pending_again = True
+            if entry.response is None and (entry.request is None or entry.request_done):
+                del self._pending[rid]
+        expiry = self._counted.get(rid)
+        if expiry is not None:
+            if expiry < watermark:
+                del self._counted[rid]
+                self._timed_out.discard(rid)
+            elif int(expiry) == second:
+                pending_again = True
+        return pending_again
+
+    def _time_out(self, rid: str, entry: _Pending, deadline: float,
+                  out: list[Call | DeadLetter]) -> None:
+        request = entry.request
+        assert request is not None and entry.request_source is not None
+        out.append(Call(
+            request=request, response=None, source=entry.request_source,
+            completed_at=deadline,
+        ))
+        entry.request_done = True
+        self._counted[rid] = expiry = entry.request_ts + self.remember
+        self._schedule(expiry, rid)
+        if entry.unpaired is None:
+            # No response ever arrived: the first one to come is reported, not ignored.
+            self._timed_out.add(rid)
+
+    def _orphan(self, response: LLMResponse, source: SourceRef, why: str) -> DeadLetter:
+        return DeadLetter(
+            reason="orphan_response",
+            source_topic=source.topic,
+            partition=source.partition,
+            offset=source.offset,
+            error=f"response {response.request_id!r} has no request to join: {why}",
+            payload=encoder.encode(response).decode(),
+        )
+
+    def _schedule(self, deadline: float, rid: str) -> None:
+        second = math.floor(deadline)
+        ids = self._buckets.get(second)
+        if ids is None:
+            self._buckets[second] = [rid]
+            heapq.heappush(self._bucket_heap, second)
+        else:
+            ids.append(rid)
 
     def next_wakeup(self) -> float | None:
-        """Wall-clock Unix seconds at which ``on_time`` may have work; None when empty."""
-        raise NotImplementedError
+        """Wall-clock Unix seconds at which ``on_time`` may have work; None when empty.
+
+        Assumes event time advances with the wall clock from the last call. Right
+        after a restore that relation is unknown, so the answer is "now" (0.0): the
+        ``on_time`` call it prompts learns it.
+        """
+        if not self._bucket_heap:
+            return None
+        if self._offset is None:
+            return 0.0
+        # Every deadline in a bucket is below its next second.
+        return self._bucket_heap[0] + 1 + self._offset + WAKEUP_MARGIN
+
+    # -- inspection and snapshots ----------------------------------------------
+
+    def __len__(self) -> int:
+        """request_ids held: waiting for their other side, or remembered as counted."""
+        return len(self._pending.keys() | self._counted.keys())
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state["_offset"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)

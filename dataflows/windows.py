@@ -1,17 +1,38 @@
 """Tumbling event-time windows by request time, per ``(tenant_id, route, model)``.
 
-INTERFACE CONTRACT (bodies to be written): :class:`WindowShard` holds the open
-and recently emitted windows of many keys and is driven by the Bytewax wiring in
-:mod:`dataflows.metrics`. It must pickle (it is Bytewax state).
+:class:`WindowShard` holds the open and recently emitted windows of many keys
+and is driven by the Bytewax wiring in :mod:`dataflows.metrics`. It must pickle
+(it is Bytewax state).
+
+- A call belongs to the window holding its *request* timestamp: windows are
+  ``[k·W, (k+1)·W)`` in Unix seconds, so a timestamp exactly on a boundary opens
+  the next window.
+- Event time here is the time a call became known: the later of its two
+  timestamps, or request time + timeout for a timeout (``Call.completed_at``).
+  A call cannot be known before then, so it is the honest measure of how late
+  it is; the request time would make every slow call look late.
+- A window is first emitted (revision 1) once event time reaches
+  ``end + grace``. Each call folded in after that makes the next emission's
+  revision one higher, so revisions count calls, not emissions, and do not
+  depend on how input was batched.
+- A call whose window ended more than ``lateness`` before event time is a
+  ``too_late`` dead letter; such windows are forgotten after their last emission.
 """
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
+
 from msgspec import Struct
 
-from dataflows.join import Call
+from dataflows.aggregate import CallStats
+from dataflows.clock import Watermark
+from dataflows.join import WAKEUP_MARGIN, Call, call_to_json
 from schemas.deadletter import DeadLetter
 from schemas.metrics import MetricsRow
+
+Key = tuple[str, str, str]  # tenant_id, route, model
 
 
 class WindowRow(Struct, kw_only=True):
@@ -22,21 +43,147 @@ class WindowRow(Struct, kw_only=True):
     ttft_count: int  # answered calls that reported time_to_first_token_ms
 
 
+class _Window(Struct, gc=False):
+    stats: CallStats
+    revision: int = 0  # of the last emission; 0 before the first
+    unsent: int = 0  # calls folded in since the last emission
+
+
+def completed_at(call: Call) -> float:
+    """Event time at which the call became known (``Call.completed_at`` when set)."""
+    if call.completed_at is not None:
+        return call.completed_at
+    request_ts = call.request.timestamp.timestamp()
+    if call.response is None:
+        return request_ts
+    return max(request_ts, call.response.timestamp.timestamp())
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat()
+
+
 class WindowShard:
     def __init__(self, window_seconds: int, grace_seconds: int, lateness_seconds: int) -> None:
-        raise NotImplementedError
+        self.window = window_seconds
+        self.grace = grace_seconds
+        self.lateness = lateness_seconds
+        self.watermark = Watermark()
+        # window start (Unix seconds) -> key -> window
+        self._windows: dict[int, dict[Key, _Window]] = {}
+        # window start -> keys with calls not emitted yet
+        self._unsent: dict[int, set[Key]] = {}
+        # Wall clock minus event time at the last call; not snapshotted.
+        self._offset: float | None = None
 
     def on_call(self, call: Call, now: float) -> list[DeadLetter]:
         """Fold one priced call into its window; a call beyond lateness comes back as a
         dead letter with reason ``too_late``."""
-        raise NotImplementedError
+        watermark = self.watermark
+        watermark.observe(completed_at(call), now)
+        event_time = watermark.settled
+        self._offset = now - event_time
+        request = call.request
+        window = self.window
+        start = math.floor(request.timestamp.timestamp() / window) * window
+        if start + window + self.lateness < event_time:
+            return [self._too_late(call, start, event_time)]
+        key = (request.tenant_id, request.route, request.model)
+        group = self._windows.get(start)
+        if group is None:
+            group = self._windows[start] = {}
+        state = group.get(key)
+        if state is None:
+            state = group[key] = _Window(CallStats())
+        state.stats.add(call)
+        state.unsent += 1
+        unsent = self._unsent.get(start)
+        if unsent is None:
+            self._unsent[start] = {key}
+        else:
+            unsent.add(key)
+        return []
+
+    def _too_late(self, call: Call, start: int, event_time: float) -> DeadLetter:
+        end = start + self.window
+        source = call.source
+        return DeadLetter(
+            reason="too_late",
+            source_topic=source.topic,
+            partition=source.partition,
+            offset=source.offset,
+            error=(
+                f"call {call.request.request_id!r} belongs to the window "
+                f"[{_iso(start)}, {_iso(end)}), closed for good at {_iso(end + self.lateness)} "
+                f"(LATENESS_SECONDS {self.lateness}); event time was already {_iso(event_time)}"
+            ),
+            payload=call_to_json(call),
+        )
 
     def on_time(self, now: float) -> list[WindowRow]:
         """Rows due now: windows whose end + grace the watermark passed (revision 1), and
         emitted windows that received calls since (revision + 1 per call received).
         Forgets windows past end + lateness."""
-        raise NotImplementedError
+        event_time = self.watermark.current(now)
+        self._offset = now - event_time
+        window = self.window
+        rows: list[WindowRow] = []
+        for start in sorted(self._unsent):
+            if start + window + self.grace > event_time:
+                break
+            group = self._windows[start]
+            for key in sorted(self._unsent.pop(start)):
+                state = group[key]
+                state.revision = 1 if state.revision == 0 else state.revision + state.unsent
+                state.unsent = 0
+                rows.append(self._row(start, key, state))
+        for start in sorted(self._windows):
+            if start + window + self.lateness >= event_time:
+                break
+            if start not in self._unsent:
+                del self._windows[start]
+        return rows
+
+    def _row(self, start: int, key: Key, state: _Window) -> WindowRow:
+        stats = state.stats
+        digest = stats.latency_digest()
+        tenant_id, route, model = key
+        row = MetricsRow(
+            tenant_id=tenant_id,
+            route=route,
+            model=model,
+            window_start=datetime.fromtimestamp(start, UTC),
+            window_end=datetime.fromtimestamp(start + self.window, UTC),
+            revision=state.revision,
+            **stats.row_fields(digest),  # type: ignore[arg-type]
+        )
+        return WindowRow(row=row, digest=digest.to_bytes(), ttft_count=stats.ttft_count)
 
     def next_wakeup(self) -> float | None:
-        """Wall-clock Unix seconds at which ``on_time`` may have work; None when empty."""
-        raise NotImplementedError
+        """Wall-clock Unix seconds at which ``on_time`` may have work; None when empty.
+
+        Assumes event time advances with the wall clock from the last call; right
+        after a restore that is unknown and the answer is "now" (0.0).
+        """
+        due: list[float] = []
+        if self._unsent:
+            due.append(min(self._unsent) + self.window + self.grace)
+        if self._windows:
+            due.append(min(self._windows) + self.window + self.lateness)
+        if not due:
+            return None
+        if self._offset is None:
+            return 0.0
+        return min(due) + self._offset + WAKEUP_MARGIN
+
+    def __len__(self) -> int:
+        """Windows held (emitted or not)."""
+        return sum(len(group) for group in self._windows.values())
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state["_offset"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)

@@ -1,0 +1,151 @@
+"""What one window accumulates from its calls, and the row fields it yields.
+
+Sums are kept in integers (tokens; latencies in nanoseconds; cost in 1e-12 USD)
+so a window's row does not depend on the order its calls arrived in: several
+workers, or a replay after a crash, fold the same calls in another order and
+must give the same row.
+
+Latencies go to a list first and into the t-digest in sorted chunks: one
+``batch_update`` per chunk is far cheaper than one ``update`` per call, and a
+digest of up to :data:`EXACT_UP_TO` values holds each value as its own centroid,
+so percentiles of small windows lie between the nearest-rank values around them.
+"""
+
+from __future__ import annotations
+
+from fastdigest import TDigest
+from msgspec import Struct
+
+from dataflows.join import Call
+
+# fastdigest's default size: up to about 850 values it keeps every value exactly;
+# beyond, quantiles stay well within 1 % (see tests/bench/bench_tdigest.py).
+MAX_CENTROIDS = 1000
+EXACT_UP_TO = 850
+# Latencies buffered before they are folded into the digest.
+CHUNK = 256
+
+NANOS_PER_MS = 1_000_000
+PICO_USD = 1_000_000_000_000
+COST_DECIMALS = 9
+
+
+def new_digest() -> TDigest:
+    return TDigest(max_centroids=MAX_CENTROIDS)
+
+
+def call_latency_ms(call: Call) -> float:
+    """The response's ``latency_ms``, else the time between the two timestamps (≥ 0)."""
+    response = call.response
+    assert response is not None
+    if response.latency_ms is not None:
+        return response.latency_ms
+    gap = response.timestamp.timestamp() - call.request.timestamp.timestamp()
+    return gap * 1000.0 if gap > 0 else 0.0
+
+
+class CallStats(Struct, gc=False):
+    """Running totals of the calls folded into one window."""
+
+    requests: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    answered: int = 0
+    latency_ns: int = 0
+    ttft_ns: int = 0
+    ttft_count: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache_read_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_pico_usd: int = 0
+    unpriced: int = 0
+    # Latencies (ms) not yet in the digest.
+    latencies: list[float] = []
+    digest: TDigest | None = None
+
+    def add(self, call: Call) -> None:
+        """Fold one priced call in. Timeouts count as requests and errors only."""
+        self.requests += 1
+        response = call.response
+        if response is None:
+            self.timeouts += 1
+            self.errors += 1
+            return
+        self.answered += 1
+        if response.error:
+            self.errors += 1
+        request = call.request
+        latency = response.latency_ms
+        if latency is None:
+            latency = call_latency_ms(call)
+        self.latency_ns += round(latency * NANOS_PER_MS)
+        latencies = self.latencies
+        latencies.append(latency)
+        if len(latencies) >= CHUNK:
+            self._fold()
+        ttft = response.time_to_first_token_ms
+        if ttft is not None:
+            self.ttft_ns += round(ttft * NANOS_PER_MS)
+            self.ttft_count += 1
+        prompt = request.prompt_tokens
+        self.prompt_tokens += prompt
+        self.completion_tokens += response.completion_tokens
+        # The join clamps cache reads to the prompt; min() keeps the sums right
+        # for a call built elsewhere too.
+        cached = response.cache_read_tokens
+        self.cache_read_tokens += cached if cached <= prompt else prompt
+        self.reasoning_tokens += response.reasoning_tokens
+        cost = call.cost_usd
+        if cost is None:
+            self.unpriced += 1
+        else:
+            self.cost_pico_usd += round(cost * PICO_USD)
+
+    def _fold(self) -> None:
+        if self.digest is None:
+            self.digest = new_digest()
+        # Sorted, so the digest does not depend on the order within a chunk.
+        self.latencies.sort()
+        self.digest.batch_update(self.latencies)
+        self.latencies = []
+
+    def latency_digest(self) -> TDigest:
+        """Every latency so far, as a new t-digest. The state is left as it is, so
+        the stored digest only ever takes whole chunks, however often rows are emitted."""
+        digest = new_digest() if self.digest is None else self.digest.copy()
+        if self.latencies:
+            digest.batch_update(sorted(self.latencies))
+        return digest
+
+    def row_fields(self, digest: TDigest) -> dict[str, int | float | None]:
+        """The statistics columns of a metrics row (all but key, times and revision);
+        ``digest`` is :meth:`latency_digest`."""
+        answered = self.answered
+        if answered:
+            p50, p95, p99 = digest.quantile(0.5), digest.quantile(0.95), digest.quantile(0.99)
+            avg_latency: float | None = self.latency_ns / answered / NANOS_PER_MS
+            avg_prompt: float | None = self.prompt_tokens / answered
+            avg_completion: float | None = self.completion_tokens / answered
+        else:
+            p50 = p95 = p99 = avg_latency = avg_prompt = avg_completion = None
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "timeouts": self.timeouts,
+            "avg_latency_ms": avg_latency,
+            "p50_latency_ms": p50,
+            "p95_latency_ms": p95,
+            "p99_latency_ms": p99,
+            "avg_time_to_first_token_ms": (
+                self.ttft_ns / self.ttft_count / NANOS_PER_MS if self.ttft_count else None
+            ),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cache_read_tokens": self.cache_read_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "avg_prompt_tokens": avg_prompt,
+            "avg_completion_tokens": avg_completion,
+            "estimated_cost_usd": round(self.cost_pico_usd / PICO_USD, COST_DECIMALS),
+            "unpriced_requests": self.unpriced,
+        }
