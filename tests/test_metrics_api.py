@@ -1,0 +1,351 @@
+"""The query API against a real Postgres holding windows built here from raw calls."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from statistics import fmean
+from typing import Any
+
+import psycopg
+import pytest
+from fastdigest import TDigest
+from starlette.testclient import TestClient
+
+import api.metrics
+from api.metrics import create_app
+from api.params import PARAMETERS
+from deploy.stack import free_port
+from schemas.config import Settings
+from schemas.metrics import ROW_FIELDS
+
+T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+MINUTE = timedelta(minutes=1)
+
+
+@dataclass
+class RawCall:
+    """One call as the dataflow would see it; ``latency_ms`` None is a timeout."""
+
+    latency_ms: float | None
+    error: bool = False
+    ttft_ms: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache_read_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float | None = 0.0
+
+
+@dataclass
+class Window:
+    tenant_id: str
+    route: str
+    model: str
+    start: datetime
+    calls: list[RawCall]
+    revision: int = 1
+    seconds: int = 60
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def answered(self) -> list[RawCall]:
+        return [call for call in self.calls if call.latency_ms is not None]
+
+    def column_values(self) -> dict[str, Any]:
+        """The stored row, computed from the raw calls the way the contract defines it."""
+        answered = self.answered
+        latencies = [call.latency_ms for call in answered]
+        ttfts = [call.ttft_ms for call in answered if call.ttft_ms is not None]
+        digest = TDigest.from_values(latencies) if latencies else None
+        priced = [call.cost_usd for call in answered if call.cost_usd is not None]
+        values = {
+            "tenant_id": self.tenant_id, "route": self.route, "model": self.model,
+            "window_start": self.start,
+            "window_end": self.start + timedelta(seconds=self.seconds),
+            "requests": len(self.calls),
+            "errors": sum(call.error or call.latency_ms is None for call in self.calls),
+            "timeouts": len(self.calls) - len(answered),
+            "avg_latency_ms": fmean(latencies) if latencies else None,
+            "p50_latency_ms": digest.quantile(0.5) if digest else None,
+            "p95_latency_ms": digest.quantile(0.95) if digest else None,
+            "p99_latency_ms": digest.quantile(0.99) if digest else None,
+            "avg_time_to_first_token_ms": fmean(ttfts) if ttfts else None,
+            "ttft_count": len(ttfts),
+            "prompt_tokens": sum(call.prompt_tokens for call in answered),
+            "completion_tokens": sum(call.completion_tokens for call in answered),
+            "cache_read_tokens": sum(call.cache_read_tokens for call in answered),
+            "reasoning_tokens": sum(call.reasoning_tokens for call in answered),
+            "avg_prompt_tokens": (fmean(call.prompt_tokens for call in answered)
+                                  if answered else None),
+            "avg_completion_tokens": (fmean(call.completion_tokens for call in answered)
+                                      if answered else None),
+            "estimated_cost_usd": sum(priced),
+            "unpriced_requests": len(answered) - len(priced),
+            "latency_digest": digest.to_bytes() if digest else None,
+            "revision": self.revision,
+        }
+        values.update(self.extra)
+        return values
+
+
+def random_calls(rnd: random.Random, count: int, median_ms: float = 500.0,
+                 timeout_share: float = 0.05) -> list[RawCall]:
+    calls = []
+    for _ in range(count):
+        if rnd.random() < timeout_share:
+            calls.append(RawCall(latency_ms=None, error=True))
+            continue
+        prompt = rnd.randint(10, 2000)
+        completion = rnd.randint(0, 800)
+        calls.append(RawCall(
+            latency_ms=rnd.lognormvariate(0, 0.7) * median_ms,
+            error=rnd.random() < 0.05,
+            ttft_ms=rnd.uniform(20, 200) if rnd.random() < 0.4 else None,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cache_read_tokens=rnd.randint(0, prompt),
+            reasoning_tokens=rnd.randint(0, completion),
+            cost_usd=None if rnd.random() < 0.1 else rnd.uniform(0.0001, 0.01),
+        ))
+    return calls
+
+
+def insert_windows(dsn: str, windows: Sequence[Window]) -> None:
+    rows = [window.column_values() for window in windows]
+    columns = list(rows[0])
+    statement = (f"INSERT INTO llm_metrics ({', '.join(columns)}) "
+                 f"VALUES ({', '.join(['%s'] * len(columns))})")
+    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
+        cursor.executemany(statement, [[row[name] for name in columns] for row in rows])
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+@pytest.fixture
+def client_for() -> Iterator[Any]:
+    """Start the app against a database; stopped after the test."""
+    clients: list[TestClient] = []
+
+    def start(dsn: str) -> TestClient:
+        client = TestClient(create_app(Settings(postgres_dsn=dsn)))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+# Two tenants; tenant "acme" has 2 routes x 2 models x 5 minutes, "globex" 1 key x 2 minutes.
+ROUTES = ("/chat", "/search")
+MODELS = ("gpt-4o", "claude-sonnet-4-5")
+
+
+@pytest.fixture
+def windows() -> list[Window]:
+    rnd = random.Random(7)
+    made = [
+        Window("acme", route, model, T0 + minute * MINUTE, random_calls(rnd, rnd.randint(1, 30)))
+        for minute in range(5) for route in ROUTES for model in MODELS
+    ]
+    made += [Window("globex", "/chat", "gpt-4o", T0 + minute * MINUTE, random_calls(rnd, 5))
+             for minute in range(2)]
+    return made
+
+
+@pytest.fixture
+def client(postgres_dsn: str, windows: list[Window], client_for: Any) -> TestClient:
+    insert_windows(postgres_dsn, windows)
+    return client_for(postgres_dsn)
+
+
+def expected_keys(windows: Sequence[Window], tenant: str, **match: str) -> list[tuple]:
+    """Independent order: newest first, then route, then model (code-point order)."""
+    chosen = [w for w in windows if w.tenant_id == tenant
+              and all(getattr(w, name) == value for name, value in match.items())]
+    chosen.sort(key=lambda w: (-w.start.timestamp(), w.route, w.model))
+    return [(rfc3339(w.start), w.route, w.model) for w in chosen]
+
+
+def keys(body: dict[str, Any]) -> list[tuple]:
+    return [(row["window_start"], row["route"], row["model"]) for row in body["metrics"]]
+
+
+def get(client: TestClient, **params: Any) -> dict[str, Any]:
+    response = client.get("/v1/metrics", params=params)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["count"] == len(body["metrics"])
+    return body
+
+
+def test_rows_newest_first_then_route_and_model(client: TestClient, windows: list[Window]):
+    body = get(client, tenant_id="acme")
+    assert keys(body) == expected_keys(windows, "acme")
+    assert body["count"] == 20
+
+
+def test_row_fields_and_values_are_the_stored_window(client: TestClient,
+                                                     windows: list[Window]):
+    body = get(client, tenant_id="globex")
+    newest = max((w for w in windows if w.tenant_id == "globex"), key=lambda w: w.start)
+    row = body["metrics"][0]
+    assert list(row) == list(ROW_FIELDS)
+    stored = newest.column_values()
+    for name in ROW_FIELDS:
+        if name in ("window_start", "window_end"):
+            assert row[name] == rfc3339(stored[name])
+        else:
+            assert row[name] == pytest.approx(stored[name]), name
+    assert row["window_end"].endswith("Z")
+
+
+@pytest.mark.parametrize("match", [
+    {"route": "/search"}, {"model": "gpt-4o"}, {"route": "/chat", "model": "claude-sonnet-4-5"},
+])
+def test_filters_match_exactly(client: TestClient, windows: list[Window], match: dict):
+    assert keys(get(client, tenant_id="acme", **match)) == expected_keys(windows, "acme", **match)
+
+
+def test_filters_that_match_nothing_give_an_empty_list(client: TestClient):
+    assert get(client, tenant_id="nobody") == {"metrics": [], "count": 0}
+    assert get(client, tenant_id="acme", model="gpt-4") == {"metrics": [], "count": 0}
+    assert get(client, tenant_id="acme", route="/CHAT") == {"metrics": [], "count": 0}
+
+
+def test_from_is_inclusive_and_to_exclusive(client: TestClient):
+    body = get(client, tenant_id="acme", **{"from": rfc3339(T0 + MINUTE),
+                                             "to": rfc3339(T0 + 3 * MINUTE)})
+    starts = sorted({row["window_start"] for row in body["metrics"]})
+    assert starts == [rfc3339(T0 + MINUTE), rfc3339(T0 + 2 * MINUTE)]
+    # One microsecond past a window's start excludes it; 'to' at a start excludes it too.
+    body = get(client, tenant_id="acme", **{"from": "2026-03-01T10:01:00.000001Z"})
+    assert min(row["window_start"] for row in body["metrics"]) == rfc3339(T0 + 2 * MINUTE)
+    body = get(client, tenant_id="acme", to=rfc3339(T0 + MINUTE))
+    assert {row["window_start"] for row in body["metrics"]} == {rfc3339(T0)}
+
+
+def test_timestamps_with_any_offset_mean_the_same_instant(client: TestClient):
+    utc = get(client, tenant_id="acme", **{"from": "2026-03-01T10:03:00Z"})
+    offset = get(client, tenant_id="acme", **{"from": "2026-03-01T12:03:00+02:00"})
+    assert keys(utc) == keys(offset)
+    assert utc["count"] == 8
+
+
+def test_limit_bounds(client: TestClient, windows: list[Window]):
+    assert keys(get(client, tenant_id="acme", limit="1")) == expected_keys(windows, "acme")[:1]
+    assert get(client, tenant_id="acme", limit="1000")["count"] == 20
+    assert get(client, tenant_id="acme", limit="7")["count"] == 7
+
+
+def test_default_limit_is_60(postgres_dsn: str, client_for: Any):
+    rnd = random.Random(1)
+    insert_windows(postgres_dsn, [Window("acme", "/chat", "gpt-4o", T0 + i * MINUTE,
+                                         random_calls(rnd, 2)) for i in range(70)])
+    body = get(client_for(postgres_dsn), tenant_id="acme")
+    assert body["count"] == 60
+    assert body["metrics"][0]["window_start"] == rfc3339(T0 + 69 * MINUTE)
+
+
+@pytest.mark.parametrize(("query", "named"), [
+    ("", "tenant_id"),
+    ("tenant_id=", "tenant_id"),
+    ("tenant_id=" + "x" * 129, "tenant_id"),
+    ("tenant_id=a&tenant_id=b", "tenant_id"),
+    ("tenant_id=acme&route=", "route"),
+    ("tenant_id=acme&model=", "model"),
+    ("tenant_id=acme&limit=0", "limit"),
+    ("tenant_id=acme&limit=1001", "limit"),
+    ("tenant_id=acme&limit=abc", "limit"),
+    ("tenant_id=acme&limit=-1", "limit"),
+    ("tenant_id=acme&limit=1.5", "limit"),
+    ("tenant_id=acme&limit=", "limit"),
+    ("tenant_id=acme&from=yesterday", "from"),
+    ("tenant_id=acme&from=2026-03-01", "from"),
+    ("tenant_id=acme&from=2026-03-01T10:00:00", "from"),
+    ("tenant_id=acme&to=2026-03-01T10:00:00", "to"),
+    ("tenant_id=acme&to=2026-13-01T10:00:00Z", "to"),
+    ("tenant_id=acme&from=2026-03-01T10:00:00Z&to=2026-03-01T10:00:00Z", "from"),
+    ("tenant_id=acme&from=2026-03-01T11:00:00Z&to=2026-03-01T10:00:00Z", "from"),
+    ("tenant_id=acme&bucket=2m", "bucket"),
+    ("tenant_id=acme&bucket=", "bucket"),
+    ("tenant_id=acme&group_by=tenant", "group_by"),
+    ("tenant_id=acme&group_by=route,route", "group_by"),
+    ("tenant_id=acme&group_by=route,", "group_by"),
+    ("tenant_id=acme&modle=gpt-4o", "modle"),
+    ("tenant_id=acme&limit=5&from=2026-03-01T10:00:00Z&extra=1", "extra"),
+])
+def test_malformed_parameters_are_rejected_naming_them(client: TestClient, query: str,
+                                                       named: str):
+    response = client.get(f"/v1/metrics?{query}")
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["error"] == "invalid_parameter"
+    assert body["detail"].startswith(f"{named}: ")
+
+
+def test_an_unencoded_plus_in_an_offset_gets_a_hint(client: TestClient):
+    response = client.get("/v1/metrics?tenant_id=acme&from=2026-03-01T10:00:00+01:00")
+    assert response.status_code == 400
+    assert "%2B" in response.json()["detail"]
+    encoded = client.get("/v1/metrics?tenant_id=acme&from=2026-03-01T10:00:00%2B01:00")
+    assert encoded.status_code == 200
+
+
+def test_health_and_ready(client: TestClient):
+    assert client.get("/health").json() == {"status": "ok"}
+    response = client.get("/ready")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready"}
+
+
+def test_openapi_lists_every_parameter_and_row_field(client: TestClient):
+    document = client.get("/openapi.json").json()
+    operation = document["paths"]["/v1/metrics"]["get"]
+    assert [p["name"] for p in operation["parameters"]] == list(PARAMETERS)
+    assert set(PARAMETERS) == {"tenant_id", "route", "model", "from", "to", "limit",
+                               "bucket", "group_by"}
+    row = document["components"]["schemas"]["MetricsRow"]
+    assert set(row["properties"]) == set(ROW_FIELDS)
+    assert {"/health", "/ready", "/openapi.json"} <= set(document["paths"])
+
+
+def test_database_errors_answer_503_json(client: TestClient, postgres_dsn: str):
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE llm_metrics RENAME TO llm_metrics_gone")
+    for query in ("tenant_id=acme", "tenant_id=acme&bucket=1h"):
+        response = client.get(f"/v1/metrics?{query}")
+        assert response.status_code == 503
+        assert response.json()["error"] == "unavailable"
+        assert response.headers["retry-after"]
+
+
+def test_ready_is_503_when_postgres_does_not_answer(client_for: Any,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   postgres_dsn: str):
+    monkeypatch.setattr(api.metrics, "READY_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(api.metrics, "POOL_TIMEOUT_SECONDS", 0.5)
+    client = client_for(postgres_dsn)
+    # Point the running app at a port nobody listens on.
+    dead = api.metrics.psycopg_pool.AsyncConnectionPool(
+        f"postgresql://postgres@127.0.0.1:{free_port()}/streamlens", open=False,
+        min_size=0, max_size=1, kwargs={"connect_timeout": 1})
+    client.portal.call(dead.open)
+    live = client.app.state.pool
+    client.app.state.pool = dead
+    try:
+        assert client.get("/health").status_code == 200
+        response = client.get("/ready")
+        assert response.status_code == 503
+        assert response.json()["error"] == "unavailable"
+        assert client.get("/v1/metrics?tenant_id=acme").status_code == 503
+    finally:
+        client.app.state.pool = live
+        client.portal.call(dead.close)
