@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from sys import intern
 from typing import NamedTuple
 
 import msgspec
@@ -87,6 +88,16 @@ class _Pending(Struct, gc=False):
     unpaired: str | None = None
     # The request side timed out already (it is in ``_counted``).
     request_done: bool = False
+
+
+def _share_strings(request: LLMRequest) -> None:
+    """A waiting request holds one copy of each tenant, route, model and provider
+    name instead of its own: a third of what an in-flight request costs."""
+    request.tenant_id = intern(request.tenant_id)
+    request.route = intern(request.route)
+    request.model = intern(request.model)
+    if request.provider is not None:
+        request.provider = intern(request.provider)
 
 
 def call_to_json(call: Call) -> str:
@@ -153,6 +164,7 @@ class JoinShard:
         entry = self._pending.get(rid)
         if entry is None:
             if is_request:
+                _share_strings(event)  # type: ignore[arg-type]
                 entry = _Pending(request=event, request_source=source, request_ts=ts)
             else:
                 entry = _Pending(response=event, response_source=source, response_ts=ts)
