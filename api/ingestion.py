@@ -1,0 +1,289 @@
+"""The ingestion API (contract §2): ``uvicorn api.ingestion:app``.
+
+Each event is decoded with the shared schemas, so a value that reaches Kafka is
+valid and normalised (timestamps in UTC, unknown fields dropped). The API answers
+202 only after the broker acknowledged the record; anything else is a 503 with
+``Retry-After``, and the client sends again (the dataflow ignores duplicates by
+``request_id``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import msgspec
+from confluent_kafka import KafkaException
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from api.body import BodyError, MiB, check_content_type, read_body
+from api.errors import error_response
+from api.producer import BrokerUnavailable, EventProducer
+from schemas.config import Settings, load_or_exit
+from schemas.events import (
+    Event,
+    LLMRequest,
+    batch_decoder,
+    encoder,
+    event_decoder,
+    request_decoder,
+    response_decoder,
+)
+from schemas.topics import REQUESTS, RESPONSES, ensure_topics
+
+logger = logging.getLogger("streamlens.ingestion")
+
+EVENT_BODY_LIMIT = 1 * MiB
+BATCH_BODY_LIMIT = 8 * MiB
+RETRY_AFTER_SECONDS = 5
+# /ready asks the broker at most this often; probes every second cost one request.
+READY_CACHE_SECONDS = 1.5
+# How often a lost broker (or lost topics) is looked for again.
+RECOVERY_INTERVAL_SECONDS = 2.0
+# What the API writes to and so needs to exist.
+EVENT_TOPICS = frozenset({REQUESTS, RESPONSES})
+
+_ACCEPTED = b'{"status":"accepted"}'
+Record = tuple[str, bytes, bytes]
+
+
+def admit(request: Request, event: Event) -> str | None:
+    """Whether the caller may send ``event``; the reason when not.
+
+    Every decoded event, single or in a batch, passes here before it is sent:
+    the one place for a per-tenant check. Everyone may send everything for now.
+    """
+    return None
+
+
+def to_record(event: Event) -> Record:
+    """``(topic, key, value)``: keyed by ``request_id`` so both halves of a call share a partition."""
+    topic = REQUESTS if isinstance(event, LLMRequest) else RESPONSES
+    return topic, event.request_id.encode(), encoder.encode(event)
+
+
+def _json(status: int, content: object) -> Response:
+    return Response(encoder.encode(content), status_code=status, media_type="application/json")
+
+
+def _unavailable(detail: str) -> Response:
+    return error_response(
+        503, "broker_unavailable", detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+    )
+
+
+class Ingestion:
+    """The API's state (settings, producer, broker checks) and its endpoints."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        # None: read the environment at start-up, so importing needs nothing.
+        self._given_settings = settings
+        self.settings: Settings | None = None
+        self.producer: EventProducer | None = None
+        self._ready_checked_at = -READY_CACHE_SECONDS
+        self._ready_answer: Response | None = None
+        self._ready_check: asyncio.Task[Response] | None = None
+        self._recovery: asyncio.Task[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        settings = self._given_settings or load_or_exit()
+        self.settings = settings
+        self.producer = EventProducer(settings.kafka_brokers)
+        self.producer.start()
+        try:
+            await asyncio.to_thread(
+                ensure_topics, settings.kafka_brokers, settings.topic_partitions, timeout=3.0
+            )
+        except (KafkaException, RuntimeError) as error:
+            logger.warning(
+                "the broker at %s is not usable (%s); starting anyway, "
+                "answering 503 until it is back", settings.kafka_brokers, error,
+            )
+            self.recover_soon()
+        try:
+            yield
+        finally:
+            # The server has answered every request it took by now (uvicorn waits
+            # for them before the lifespan ends); what is left is to deliver.
+            for task in (self._recovery, self._ready_check):
+                if task is not None:
+                    task.cancel()
+            left = await self.producer.close(timeout=10.0)
+            if left:
+                logger.error("%d records were not delivered at shut-down", left)
+
+    # -- the broker's health ---------------------------------------------------
+
+    def recover_soon(self) -> None:
+        """Look for the broker until it answers and has the event topics, creating them if lost.
+
+        A broker restarted empty (memory storage) has no topics; they are created
+        again, as at start-up, so that sends succeed once it is back.
+        """
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.create_task(self._recover())
+
+    async def _recover(self) -> None:
+        assert self.producer is not None and self.settings is not None
+        while True:
+            topics = await self.producer.reachable()
+            if topics is not None:
+                if topics >= EVENT_TOPICS:
+                    return
+                try:
+                    await asyncio.to_thread(
+                        ensure_topics, self.settings.kafka_brokers,
+                        self.settings.topic_partitions, timeout=3.0,
+                    )
+                    logger.warning("created the missing topics again on %s",
+                                   self.settings.kafka_brokers)
+                    return
+                except (KafkaException, RuntimeError) as error:
+                    logger.warning("could not create the topics: %s", error)
+            await asyncio.sleep(RECOVERY_INTERVAL_SECONDS)
+
+    async def _send(self, records: list[Record]) -> Response | None:
+        """None once the broker acknowledged every record; the 503 otherwise."""
+        assert self.producer is not None
+        try:
+            await self.producer.send(records)
+        except BrokerUnavailable as error:
+            self.recover_soon()
+            return _unavailable(f"{error.detail}; the events may not be stored, send them again")
+        return None
+
+    # -- endpoints ---------------------------------------------------------------
+
+    async def post_request(self, request: Request) -> Response:
+        return await self._post_one(request, request_decoder)
+
+    async def post_response(self, request: Request) -> Response:
+        return await self._post_one(request, response_decoder)
+
+    async def _post_one(self, request: Request, decoder: msgspec.json.Decoder) -> Response:
+        try:
+            check_content_type(request)
+            body = await read_body(request, EVENT_BODY_LIMIT)
+        except BodyError as error:
+            return error_response(error.status, error.code, error.detail)
+        try:
+            event = decoder.decode(body)
+        except msgspec.ValidationError as error:
+            return error_response(400, "invalid_event", str(error))
+        except msgspec.DecodeError as error:
+            return error_response(400, "invalid_json", str(error))
+        refusal = admit(request, event)
+        if refusal is not None:
+            return error_response(403, "forbidden", refusal)
+        failure = await self._send([to_record(event)])
+        if failure is not None:
+            return failure
+        return Response(_ACCEPTED, status_code=202, media_type="application/json")
+
+    async def post_events(self, request: Request) -> Response:
+        try:
+            check_content_type(request)
+            body = await read_body(request, BATCH_BODY_LIMIT)
+        except BodyError as error:
+            return error_response(error.status, error.code, error.detail)
+        try:
+            batch = batch_decoder.decode(body)
+        except msgspec.ValidationError as error:
+            return error_response(400, "invalid_batch", str(error))
+        except msgspec.DecodeError as error:
+            return error_response(400, "invalid_json", str(error))
+        records: list[Record] = []
+        rejected: list[dict[str, object]] = []
+        for index, raw in enumerate(batch.events):
+            # Each event on its own: one bad event must not cost the others.
+            try:
+                event = event_decoder.decode(raw)
+            except msgspec.ValidationError as error:
+                rejected.append({"index": index, "error": str(error)})
+                continue
+            refusal = admit(request, event)
+            if refusal is not None:
+                rejected.append({"index": index, "error": refusal})
+                continue
+            records.append(to_record(event))
+        # All-or-503: which records of a failed send were stored cannot be known,
+        # so the client resends the batch and duplicates are ignored downstream.
+        failure = await self._send(records)
+        if failure is not None:
+            return failure
+        if rejected:
+            return _json(207, {"accepted": len(records), "rejected": rejected})
+        return _json(202, {"accepted": len(records)})
+
+    async def health(self, request: Request) -> Response:
+        return _json(200, {"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        """200 when the broker answers a metadata request and has the event topics."""
+        if time.monotonic() - self._ready_checked_at < READY_CACHE_SECONDS:
+            assert self._ready_answer is not None
+            return self._ready_answer
+        # Concurrent probes share one check.
+        if self._ready_check is None or self._ready_check.done():
+            self._ready_check = asyncio.create_task(self._check_ready())
+        return await asyncio.shield(self._ready_check)
+
+    async def _check_ready(self) -> Response:
+        assert self.producer is not None
+        topics = await self.producer.reachable()
+        if topics is None:
+            answer = _unavailable(f"the broker at {self.producer.brokers} does not answer")
+        elif not topics >= EVENT_TOPICS:
+            self.recover_soon()
+            missing = ", ".join(sorted(EVENT_TOPICS - topics))
+            answer = _unavailable(f"the broker has no topic {missing} (being created)")
+        else:
+            answer = _json(200, {"status": "ready"})
+        self._ready_answer = answer
+        self._ready_checked_at = time.monotonic()
+        return answer
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    detail = {
+        404: f"no such path: {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(exc.status_code, exc.detail)
+    return error_response(exc.status_code, code, detail, headers=exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, "internal_error", "an unexpected error; it has been logged")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The ingestion app; ``settings`` None reads the environment when the app starts."""
+    ingestion = Ingestion(settings)
+    endpoint = Callable[[Request], Awaitable[Response]]
+    routes: list[tuple[str, endpoint, list[str]]] = [
+        ("/v1/llm/request", ingestion.post_request, ["POST"]),
+        ("/v1/llm/response", ingestion.post_response, ["POST"]),
+        ("/v1/llm/events", ingestion.post_events, ["POST"]),
+        ("/health", ingestion.health, ["GET"]),
+        ("/ready", ingestion.ready, ["GET"]),
+    ]
+    app = Starlette(
+        routes=[Route(path, handler, methods=methods) for path, handler, methods in routes],
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        lifespan=ingestion.lifespan,
+    )
+    app.state.ingestion = ingestion
+    return app
+
+
+app = create_app()

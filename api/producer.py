@@ -1,0 +1,222 @@
+"""The Kafka producer behind the ingestion API.
+
+An HTTP request is answered 202 only once the broker has acknowledged its
+records (``acks=all``, idempotent producer). Waiting for that must not block the
+event loop, so one background thread polls the producer for delivery reports and
+hands them to the loop in bulk with ``call_soon_threadsafe``. All requests in
+flight share the one producer, and so its batching: a thousand concurrent
+requests cost the broker a handful of produce requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Iterable
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+logger = logging.getLogger("streamlens.ingestion")
+
+# The contract's deadline: no acknowledgement within this many seconds is a 503.
+ACK_TIMEOUT_SECONDS = 5.0
+
+
+def producer_config(brokers: str) -> dict[str, object]:
+    return {
+        "bootstrap.servers": brokers,
+        "acks": "all",
+        "enable.idempotence": True,
+        # Tansu and Kafka both accept lz4; it is the cheapest codec for CPU.
+        "compression.type": "lz4",
+        # Short enough to be invisible in latency, long enough for concurrent
+        # requests to share produce requests.
+        "linger.ms": 5,
+        # librdkafka fails a record it could not deliver in this time, so every
+        # record gets a delivery report close to the API's own deadline.
+        "message.timeout.ms": int(ACK_TIMEOUT_SECONDS * 1000),
+        # A restarted broker is found again within a second, not after the
+        # default back-off of up to 10 s.
+        "reconnect.backoff.ms": 100,
+        "reconnect.backoff.max.ms": 1000,
+        # Same key, same partition as the Java client would choose.
+        "partitioner": "murmur2_random",
+    }
+
+
+class BrokerUnavailable(Exception):
+    """Records were not acknowledged: the broker is down, slow, or refused them."""
+
+    def __init__(self, detail: str, *, unknown_topic: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.unknown_topic = unknown_topic
+
+
+_TIMED_OUT = object()
+
+
+class _Pending:
+    """The acknowledgements one HTTP request waits for; settled when the last one arrives."""
+
+    __slots__ = ("error", "future", "owner", "remaining")
+
+    def __init__(self, owner: EventProducer, future: asyncio.Future[object], count: int) -> None:
+        self.owner = owner
+        self.future = future
+        self.remaining = count
+        self.error: KafkaError | None = None
+
+    def acknowledge(self, error: KafkaError | None, message: Message) -> None:
+        # Runs in the polling thread, the only one that touches ``remaining``.
+        if error is not None and self.error is None:
+            self.error = error
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.owner._settled.append(self)
+
+
+def _settle(pendings: list[_Pending]) -> None:
+    for pending in pendings:
+        if not pending.future.done():
+            pending.future.set_result(pending.error)
+
+
+def _expire(future: asyncio.Future[object]) -> None:
+    if not future.done():
+        future.set_result(_TIMED_OUT)
+
+
+class EventProducer:
+    """One confluent-kafka producer, its polling thread, and awaitable sends."""
+
+    def __init__(self, brokers: str, *, timeout: float = ACK_TIMEOUT_SECONDS) -> None:
+        self.brokers = brokers
+        self.timeout = timeout
+        self._producer = self._new_producer()
+        self._renew = False
+        self._settled: list[_Pending] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind to the running event loop and start polling for delivery reports."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._poll, name="kafka-delivery", daemon=True)
+        self._thread.start()
+
+    def _new_producer(self) -> Producer:
+        return Producer(producer_config(self.brokers), error_cb=self._on_error, logger=logger)
+
+    def _poll(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._producer.poll(0.1)
+            except KafkaException as error:
+                # confluent-kafka raises a fatal error from poll() rather than
+                # passing it to error_cb.
+                self._on_error(error.args[0])
+            self._hand_over()
+            if self._renew:
+                self._replace_producer()
+
+    def _replace_producer(self) -> None:
+        """After a fatal error, carry on with a new producer instead of refusing forever.
+
+        The idempotent producer's state lives on the broker; a broker that lost it
+        (a restart with memory storage, say) makes the producer fail for good.
+        Records still queued in the old one fail now, so their requests get a 503
+        at once rather than at the deadline.
+        """
+        self._renew = False
+        old, self._producer = self._producer, self._new_producer()
+        logger.warning("kafka: replaced the producer after a fatal error")
+        old.purge()
+        with contextlib.suppress(KafkaException):
+            old.flush(0)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._settled:
+            settled, self._settled = self._settled, []
+            assert self._loop is not None
+            # A closed loop (RuntimeError) has nobody waiting any more.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_settle, settled)
+
+    def _on_error(self, error: KafkaError) -> None:
+        # Connection losses are reported here and retried by librdkafka itself;
+        # the records concerned fail on their own timeout. Only a fatal error
+        # needs action, and it is taken in the polling thread, outside poll().
+        if error.fatal():
+            self._renew = True
+        logger.warning("kafka: %s", error.str())
+
+    async def send(self, records: Iterable[tuple[str, bytes, bytes]]) -> None:
+        """Produce ``(topic, key, value)`` records and wait until the broker acknowledged all.
+
+        Raises :class:`BrokerUnavailable` when any is refused or not acknowledged
+        within the timeout; some of them may have been persisted all the same.
+        """
+        assert self._loop is not None, "EventProducer.start() was not called"
+        records = records if isinstance(records, list) else list(records)
+        if not records:
+            return
+        future = self._loop.create_future()
+        pending = _Pending(self, future, len(records))
+        produce = self._producer.produce
+        acknowledge = pending.acknowledge
+        try:
+            for topic, key, value in records:
+                produce(topic, value, key, on_delivery=acknowledge)
+        except BufferError:
+            raise BrokerUnavailable(
+                "the send queue is full: the broker is not keeping up"
+            ) from None
+        except KafkaException as error:
+            if error.args[0].code() == KafkaError._FATAL:
+                self._renew = True
+            raise BrokerUnavailable(f"the event could not be sent: {error.args[0].str()}") from None
+        timer = self._loop.call_later(self.timeout, _expire, future)
+        try:
+            outcome = await future
+        finally:
+            timer.cancel()
+        if outcome is None:
+            return
+        if outcome is _TIMED_OUT:
+            raise BrokerUnavailable(f"the broker did not acknowledge within {self.timeout:g} s")
+        assert isinstance(outcome, KafkaError)
+        raise BrokerUnavailable(
+            f"the broker did not acknowledge: {outcome.str()}",
+            unknown_topic=outcome.code() in _UNKNOWN_TOPIC,
+        )
+
+    async def reachable(self, timeout: float = 1.0) -> set[str] | None:
+        """The broker's topics, or None when it does not answer a metadata request in time."""
+
+        def topics() -> set[str] | None:
+            try:
+                metadata = self._producer.list_topics(timeout=timeout)
+            except KafkaException:
+                return None
+            if not metadata.brokers:
+                return None
+            return {name for name, topic in metadata.topics.items() if topic.error is None}
+
+        return await asyncio.to_thread(topics)
+
+    async def close(self, timeout: float = 10.0) -> int:
+        """Stop polling and deliver what is queued; returns how many records were left undelivered."""
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        left = await asyncio.to_thread(self._producer.flush, timeout)
+        self._hand_over()
+        return left
+
+
+_UNKNOWN_TOPIC = {KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC}
