@@ -32,6 +32,15 @@ def _field_error(field: str, message: str) -> ValueError:
     return ValueError(f"{message} - at `$.{field}`")
 
 
+def _utc(timestamp: datetime) -> datetime:
+    # Near year 1 or 9999 the UTC time does not exist; that must be a
+    # ValidationError like any broken rule, not an OverflowError escaping the decoder.
+    try:
+        return timestamp.astimezone(UTC)
+    except OverflowError:
+        raise _field_error("timestamp", "Expected a time within years 1-9999 in UTC") from None
+
+
 class LLMRequest(Struct, tag="request", tag_field="type", kw_only=True):
     """A call started."""
 
@@ -46,7 +55,7 @@ class LLMRequest(Struct, tag="request", tag_field="type", kw_only=True):
     metadata: Metadata | None = None
 
     def __post_init__(self) -> None:
-        self.timestamp = self.timestamp.astimezone(UTC)
+        self.timestamp = _utc(self.timestamp)
         if (
             self.metadata is not None
             and len(msgspec.json.encode(self.metadata)) > METADATA_MAX_BYTES
@@ -71,7 +80,7 @@ class LLMResponse(Struct, tag="response", tag_field="type", kw_only=True):
     error: str | None = None
 
     def __post_init__(self) -> None:
-        self.timestamp = self.timestamp.astimezone(UTC)
+        self.timestamp = _utc(self.timestamp)
         if self.reasoning_tokens > self.completion_tokens:
             raise _field_error(
                 "reasoning_tokens", "Expected `int` <= completion_tokens (a subset of them)"
