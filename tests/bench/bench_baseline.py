@@ -1,0 +1,98 @@
+"""The one-core ceiling: decode → join → price → windows in a plain Python loop.
+
+No Bytewax, no Kafka: the same classes the dataflow runs, called directly, in
+batches of :data:`BATCH` records as a source would hand them over. The dataflow
+benchmark runs :func:`plain_loop` on the same data in the same run to show how
+much of that ceiling the dataflow reaches.
+"""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+
+from dataflows.join import Call, JoinShard, SourceRef
+from dataflows.pricing import PriceBook
+from dataflows.windows import WindowRow, WindowShard
+from schemas.config import Settings
+from schemas.events import request_decoder, response_decoder
+from tests.bench.dataset import generate
+
+BATCH = 1_000
+# Far enough past the data for every timeout and window to close.
+FLUSH_AFTER = 100_000.0
+
+
+def plain_loop(
+    requests_payloads: list[bytes], responses_payloads: list[bytes]
+) -> tuple[int, float]:
+    """Count every call in the payloads; return (calls counted, seconds taken).
+
+    The two topics are read side by side in batches, as a consumer assigned to
+    both would; the timing includes a final flush that closes every window.
+    """
+    settings = Settings()
+    join = JoinShard(settings.join_timeout_seconds, settings.dedupe_seconds)
+    prices = PriceBook()
+    windows = WindowShard(
+        settings.window_seconds, settings.grace_seconds, settings.lateness_seconds
+    )
+    calls = 0
+    rows: list[WindowRow] = []
+    started = time.perf_counter()
+
+    def fold(outputs: list) -> None:
+        nonlocal calls
+        for output in outputs:
+            if type(output) is Call:
+                calls += 1
+                windows.on_call(prices.price(output), now)
+
+    longest = max(len(requests_payloads), len(responses_payloads))
+    for first in range(0, longest, BATCH):
+        now = time.time()
+        for topic, decode, payloads in (
+            ("llm.requests", request_decoder.decode, requests_payloads),
+            ("llm.responses", response_decoder.decode, responses_payloads),
+        ):
+            for offset in range(first, min(first + BATCH, len(payloads))):
+                fold(join.on_event(decode(payloads[offset]), SourceRef(topic, 0, offset), now))
+        fold(join.on_time(now))
+        rows.extend(windows.on_time(now))
+    now = time.time() + FLUSH_AFTER
+    fold(join.on_time(now))
+    rows.extend(windows.on_time(now))
+    seconds = time.perf_counter() - started
+    assert rows, "the loop emitted no rows"
+    return calls, seconds
+
+
+def bytes_per_inflight_request(sample: int = 20_000) -> float:
+    """Memory the join holds per request waiting for its response (tracemalloc)."""
+    requests_payloads, _ = generate(sample, 1_000, seed=7)
+    join = JoinShard(300, 3600)
+    now = time.time()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for offset, payload in enumerate(requests_payloads):
+            join.on_event(request_decoder.decode(payload), SourceRef("llm.requests", 0, offset), now)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    return held / sample
+
+
+def main() -> None:
+    calls_wanted, keys = 200_000, 1_000
+    generated = time.perf_counter()
+    requests_payloads, responses_payloads = generate(calls_wanted, keys, seed=1)
+    print(f"data set: {calls_wanted:,} calls over {keys:,} keys "
+          f"({len(responses_payloads):,} responses), "
+          f"generated in {time.perf_counter() - generated:.1f}s")
+    calls, seconds = plain_loop(requests_payloads, responses_payloads)
+    print(f"plain loop (decode → join → price → windows), one process: "
+          f"{calls:,} calls in {seconds:.2f}s = {calls / seconds:,.0f} calls/s")
+    per_request = bytes_per_inflight_request()
+    print(f"join state: {per_request:,.0f} bytes per in-flight request "
+          f"→ {per_request * 1_000_000 / 2**30:.2f} GiB for 1,000,000")
