@@ -15,7 +15,7 @@ from msgspec import Meta, Struct
 
 # Identifiers end up in Kafka keys, Postgres keys and log lines: control
 # characters would corrupt all three.
-Identifier = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Identifier = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+\Z")]
 Name = Annotated[str, Meta(min_length=1, max_length=255)]
 Timestamp = Annotated[datetime, Meta(tz=True)]
 TokenCount = Annotated[int, Meta(ge=0)]
