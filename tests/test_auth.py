@@ -1,0 +1,503 @@
+"""Authentication and tenant isolation, through a small Starlette app against real Postgres.
+
+The app below uses :mod:`api.auth` the way the ingestion and query APIs do:
+the key store on ``app.state``, :func:`authenticate` first in each endpoint,
+:func:`check_event` per event and :func:`forbidden_tenant` per query. It records
+what it accepted so the tests can see what would have reached Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from api.auth import (
+    CACHE_SECONDS,
+    TENANT_NOT_ALLOWED,
+    KeyStore,
+    authenticate,
+    check_event,
+    forbidden_tenant,
+    generate_key,
+    open_key_store,
+)
+from api.errors import error_response
+from api.keys import create_key, revoke_key
+from deploy.stack import free_port
+from schemas.config import Settings
+from schemas.events import batch_decoder, event_decoder, request_decoder, response_decoder
+
+REQUEST = {"route": "/chat", "model": "gpt-4o", "timestamp": "2026-01-01T00:00:00Z"}
+RESPONSE = {"timestamp": "2026-01-01T00:00:01Z", "completion_tokens": 3}
+REALM = 'Bearer realm="streamlens"'
+
+
+def make_app(settings: Settings, cache_seconds: float = CACHE_SECONDS) -> Starlette:
+    accepted: list[tuple[str, str | None]] = []
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with open_key_store(settings, cache_seconds=cache_seconds) as keys:
+            app.state.key_store = keys
+            yield
+
+    async def one_event(request: Request) -> Response:
+        principal = await authenticate(request, "ingest")
+        if isinstance(principal, Response):
+            return principal
+        decoder = request_decoder if request.url.path.endswith("request") else response_decoder
+        try:
+            event = decoder.decode(await request.body())
+        except msgspec.ValidationError as error:
+            return error_response(400, "invalid_event", str(error))
+        problem = check_event(principal, event)
+        if problem is not None:
+            return error_response(403, "forbidden", problem)
+        accepted.append((event.request_id, event.tenant_id))
+        return JSONResponse({"status": "accepted"}, status_code=202)
+
+    async def batch(request: Request) -> Response:
+        principal = await authenticate(request, "ingest")
+        if isinstance(principal, Response):
+            return principal
+        rejected = []
+        count = 0
+        for index, raw in enumerate(batch_decoder.decode(await request.body()).events):
+            event = event_decoder.decode(raw)
+            problem = check_event(principal, event)
+            if problem is not None:
+                rejected.append({"index": index, "error": problem})
+                continue
+            accepted.append((event.request_id, event.tenant_id))
+            count += 1
+        if rejected:
+            return JSONResponse({"accepted": count, "rejected": rejected}, status_code=207)
+        return JSONResponse({"accepted": count}, status_code=202)
+
+    async def metrics(request: Request) -> Response:
+        principal = await authenticate(request, "read")
+        if isinstance(principal, Response):
+            return principal
+        tenant_id = request.query_params.get("tenant_id")
+        if not tenant_id:
+            return error_response(400, "invalid_parameter", "tenant_id: required")
+        problem = forbidden_tenant(principal, tenant_id)
+        if problem is not None:
+            return error_response(403, "forbidden", problem)
+        return JSONResponse({"metrics": [], "count": 0, "tenant_id": tenant_id})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    app = Starlette(
+        routes=[
+            Route("/v1/llm/request", one_event, methods=["POST"]),
+            Route("/v1/llm/response", one_event, methods=["POST"]),
+            Route("/v1/llm/events", batch, methods=["POST"]),
+            Route("/v1/metrics", metrics),
+            Route("/health", health),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.accepted = accepted
+    return app
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def request_event(tenant: str, request_id: str = "r1") -> dict[str, Any]:
+    return {"request_id": request_id, "tenant_id": tenant, **REQUEST}
+
+
+def response_event(request_id: str = "r1", tenant: str | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"request_id": request_id, **RESPONSE}
+    if tenant is not None:
+        event["tenant_id"] = tenant
+    return event
+
+
+class Keys:
+    """One ingest and one read key for tenants acme and globex."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.acme_ingest = create_key(conn, "acme", "ingest").key
+        self.acme_read = create_key(conn, "acme", "read").key
+        self.globex_ingest = create_key(conn, "globex", "ingest").key
+        self.globex_read = create_key(conn, "globex", "read").key
+
+
+@pytest.fixture
+def conn(postgres_dsn: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def keys(conn: psycopg.Connection) -> Keys:
+    return Keys(conn)
+
+
+@pytest.fixture
+def client(postgres_dsn: str) -> Iterator[TestClient]:
+    with TestClient(make_app(Settings(postgres_dsn=postgres_dsn))) as test_client:
+        yield test_client
+
+
+def accepted(client: TestClient) -> list[tuple[str, str | None]]:
+    return client.app.state.accepted  # type: ignore[attr-defined]
+
+
+def assert_unauthorized(response: Any, *, key_given: bool) -> None:
+    assert response.status_code == 401, response.text
+    assert response.json()["error"] == "unauthorized"
+    challenge = f'{REALM}, error="invalid_token"' if key_given else REALM
+    assert response.headers["www-authenticate"] == challenge
+
+
+def test_the_right_key_is_accepted(client: TestClient, keys: Keys) -> None:
+    sent = client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(keys.acme_ingest))
+    assert sent.status_code == 202, sent.text
+    read = client.get("/v1/metrics", params={"tenant_id": "acme"}, headers=bearer(keys.acme_read))
+    assert read.status_code == 200, read.text
+    assert read.json()["tenant_id"] == "acme"
+    assert accepted(client) == [("r1", "acme")]
+
+
+def test_no_key_is_401_and_health_stays_open(client: TestClient, keys: Keys) -> None:
+    response = client.post("/v1/llm/request", json=request_event("acme"))
+    assert_unauthorized(response, key_given=False)
+    assert "Authorization: Bearer <key>" in response.json()["detail"]
+    assert_unauthorized(client.get("/v1/metrics", params={"tenant_id": "acme"}), key_given=False)
+    assert client.get("/health").status_code == 200
+    assert accepted(client) == []
+
+
+def test_malformed_authorization_headers_are_401(client: TestClient, keys: Keys) -> None:
+    key = keys.acme_ingest
+    no_bearer_key = ["Basic x", f"Basic {key}", "Bearer", "Bearer   ", "Token " + key, key]
+    for header in no_bearer_key:
+        response = client.post(
+            "/v1/llm/request", json=request_event("acme"), headers={"Authorization": header}
+        )
+        assert_unauthorized(response, key_given=False)
+    bad_key = [
+        f"Bearer {key} extra",
+        f"Bearer {key}x",
+        f"Bearer {key[:-1]}",
+        f"Bearer {key.upper()}",
+        "Bearer sl_",
+        "Bearer " + "x" * 10_000,
+    ]
+    for header in bad_key:
+        response = client.post(
+            "/v1/llm/request", json=request_event("acme"), headers={"Authorization": header}
+        )
+        assert_unauthorized(response, key_given=True)
+    assert accepted(client) == []
+
+
+def test_scheme_is_case_insensitive_and_spaces_before_the_key_are_allowed(
+    client: TestClient, keys: Keys
+) -> None:
+    # RFC 7235: the scheme is case-insensitive and 1*SP separates it from the credentials.
+    for header in (f"bearer {keys.acme_ingest}", f"BEARER   {keys.acme_ingest}"):
+        response = client.post(
+            "/v1/llm/request", json=request_event("acme"), headers={"Authorization": header}
+        )
+        assert response.status_code == 202, (header, response.text)
+
+
+def test_unknown_key_is_401(client: TestClient, keys: Keys) -> None:
+    unknown = generate_key().key
+    assert_unauthorized(
+        client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(unknown)),
+        key_given=True,
+    )
+    # The right prefix with another secret is unknown too: the whole hash must match.
+    forged = keys.acme_ingest[:12] + generate_key().key[12:]
+    assert_unauthorized(
+        client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(forged)),
+        key_given=True,
+    )
+    assert accepted(client) == []
+
+
+def test_wrong_scope_is_403(client: TestClient, keys: Keys) -> None:
+    ingest = client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(keys.acme_read))
+    assert ingest.status_code == 403, ingest.text
+    assert ingest.json() == {
+        "error": "forbidden",
+        "detail": "this key has scope 'read'; this endpoint needs 'ingest'",
+    }
+    assert 'error="insufficient_scope", scope="ingest"' in ingest.headers["www-authenticate"]
+    query = client.get("/v1/metrics", params={"tenant_id": "acme"}, headers=bearer(keys.acme_ingest))
+    assert query.status_code == 403, query.text
+    assert 'scope="read"' in query.headers["www-authenticate"]
+    assert accepted(client) == []
+
+
+def test_another_tenants_events_and_queries_are_403(client: TestClient, keys: Keys) -> None:
+    request = client.post("/v1/llm/request", json=request_event("globex"), headers=bearer(keys.acme_ingest))
+    assert request.status_code == 403
+    assert request.json() == {"error": "forbidden", "detail": TENANT_NOT_ALLOWED}
+    response = client.post(
+        "/v1/llm/response", json=response_event(tenant="globex"), headers=bearer(keys.acme_ingest)
+    )
+    assert response.status_code == 403
+    assert response.json()["detail"] == TENANT_NOT_ALLOWED
+    query = client.get("/v1/metrics", params={"tenant_id": "globex"}, headers=bearer(keys.acme_read))
+    assert query.status_code == 403
+    assert query.json()["detail"] == TENANT_NOT_ALLOWED
+    assert accepted(client) == []
+
+
+def test_responses_take_the_tenant_of_the_key(client: TestClient, keys: Keys) -> None:
+    for key, tenant_sent in [
+        (keys.acme_ingest, None),
+        (keys.globex_ingest, None),
+        (keys.acme_ingest, "acme"),
+    ]:
+        sent = client.post("/v1/llm/response", json=response_event(tenant=tenant_sent), headers=bearer(key))
+        assert sent.status_code == 202, sent.text
+    assert accepted(client) == [("r1", "acme"), ("r1", "globex"), ("r1", "acme")]
+
+
+def test_a_batch_rejects_only_the_events_of_other_tenants(client: TestClient, keys: Keys) -> None:
+    events = [
+        {"type": "request", **request_event("acme", "a1")},
+        {"type": "request", **request_event("globex", "g1")},
+        {"type": "response", **response_event("a1")},
+        {"type": "response", **response_event("g1", tenant="globex")},
+        {"type": "response", **response_event("a2", tenant="acme")},
+    ]
+    sent = client.post("/v1/llm/events", json={"events": events}, headers=bearer(keys.acme_ingest))
+    assert sent.status_code == 207, sent.text
+    assert sent.json() == {
+        "accepted": 3,
+        "rejected": [
+            {"index": 1, "error": TENANT_NOT_ALLOWED},
+            {"index": 3, "error": TENANT_NOT_ALLOWED},
+        ],
+    }
+    assert accepted(client) == [("a1", "acme"), ("a1", "acme"), ("a2", "acme")]
+
+
+def test_a_revoked_key_stops_working_once_its_cache_entry_expires(
+    postgres_dsn: str, conn: psycopg.Connection
+) -> None:
+    key = create_key(conn, "acme", "ingest").key
+    ttl = 0.3
+    with TestClient(make_app(Settings(postgres_dsn=postgres_dsn), cache_seconds=ttl)) as client:
+        before = client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(key))
+        assert before.status_code == 202
+        revoked_at = time.monotonic()
+        revoke_key(conn, key[:11])
+        time.sleep(ttl)
+        after = client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(key))
+        assert_unauthorized(after, key_given=True)
+        assert time.monotonic() - revoked_at < 5
+
+
+def test_with_the_default_cache_a_revoked_key_stops_within_5_seconds(
+    client: TestClient, conn: psycopg.Connection
+) -> None:
+    key = create_key(conn, "acme", "ingest").key
+    assert client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(key)).status_code == 202
+    revoke_key(conn, key[:11])
+    revoked_at = time.monotonic()
+    while True:
+        response = client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(key))
+        elapsed = time.monotonic() - revoked_at
+        if response.status_code == 401:
+            break
+        assert response.status_code == 202
+        assert elapsed < 5, "a revoked key still worked 5 s after revocation"
+        time.sleep(0.05)
+    assert elapsed <= 5
+
+
+def test_answers_are_cached_both_ways_without_a_database_round_trip(
+    postgres_dsn: str, conn: psycopg.Connection
+) -> None:
+    key = create_key(conn, "acme", "ingest").key
+    unknown = generate_key()
+    with TestClient(make_app(Settings(postgres_dsn=postgres_dsn), cache_seconds=60)) as client:
+        store: KeyStore = client.app.state.key_store  # type: ignore[attr-defined]
+        assert store.pool is not None
+        assert (
+            client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(key)).status_code == 202
+        )
+        assert_unauthorized(
+            client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(unknown.key)),
+            key_given=True,
+        )
+        checkouts = store.pool.get_stats().get("requests_num", 0)
+        assert checkouts == 2
+        # Delete the known key and add the unknown one: the cache still answers as before.
+        conn.execute("DELETE FROM api_keys")
+        conn.execute(
+            "INSERT INTO api_keys (key_hash, key_prefix, tenant_id, scope) VALUES (%s, %s, 'acme', 'ingest')",
+            (unknown.key_hash, unknown.prefix),
+        )
+        for _ in range(20):
+            ok = client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(key))
+            assert ok.status_code == 202
+            refused = client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(unknown.key))
+            assert refused.status_code == 401
+        assert store.pool.get_stats().get("requests_num", 0) == checkouts
+
+
+def test_concurrent_lookups_of_one_key_share_one_query(postgres_dsn: str, conn: psycopg.Connection) -> None:
+    key = create_key(conn, "acme", "ingest").key
+
+    async def run() -> tuple[list[Any], int]:
+        async with open_key_store(Settings(postgres_dsn=postgres_dsn)) as store:
+            assert store.pool is not None
+            await store.pool.wait()
+            principals = await asyncio.gather(*(store.lookup(key) for _ in range(50)))
+            return principals, store.pool.get_stats().get("requests_num", 0)
+
+    principals, checkouts = asyncio.run(run())
+    assert {(p.tenant_id, p.scope) for p in principals} == {("acme", "ingest")}
+    assert checkouts == 1
+
+
+def test_auth_off_lets_everything_through_without_a_database() -> None:
+    # Nothing listens on this port: any database access would fail the requests.
+    settings = Settings(postgres_dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/none", auth=False)
+    with TestClient(make_app(settings)) as client:
+        store: KeyStore = client.app.state.key_store  # type: ignore[attr-defined]
+        assert not store.enabled
+        sent = client.post("/v1/llm/request", json=request_event("acme"))
+        assert sent.status_code == 202
+        garbage = client.post("/v1/llm/request", json=request_event("globex"), headers={"Authorization": "x"})
+        assert garbage.status_code == 202
+        # A client-sent tenant on a response is left as it is; none is stamped.
+        assert client.post("/v1/llm/response", json=response_event(tenant="globex")).status_code == 202
+        assert client.post("/v1/llm/response", json=response_event()).status_code == 202
+        assert client.get("/v1/metrics", params={"tenant_id": "anyone"}).status_code == 200
+        assert accepted(client) == [("r1", "acme"), ("r1", "globex"), ("r1", "globex"), ("r1", None)]
+
+
+def test_an_unreachable_key_database_is_503_not_401() -> None:
+    settings = Settings(postgres_dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/none")
+    with TestClient(make_app(settings)) as client:
+        response = client.post(
+            "/v1/llm/request", json=request_event("acme"), headers=bearer(generate_key().key)
+        )
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "unavailable"
+        assert response.headers["retry-after"] == "1"
+        # Malformed keys need no database and are refused at once.
+        assert_unauthorized(
+            client.post("/v1/llm/request", json=request_event("acme"), headers=bearer("sl_nope")),
+            key_given=True,
+        )
+        assert accepted(client) == []
+
+
+# Tenants are any identifiers, including ones that differ only by case, spaces or accents.
+tenant_ids = st.text(
+    alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=6
+) | st.sampled_from(["acme", "Acme", "acme ", "acmé", "a"])
+operations = st.lists(
+    st.tuples(
+        st.integers(0, 3),  # which tenant's key
+        st.sampled_from(["ingest", "read"]),  # which of its keys
+        st.sampled_from(["request", "response", "batch", "query"]),
+        st.lists(st.integers(-1, 3), min_size=1, max_size=4),  # targets; -1: no tenant_id
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+def test_no_key_of_one_tenant_reads_or_writes_another(postgres_dsn: str, conn: psycopg.Connection) -> None:
+    with TestClient(make_app(Settings(postgres_dsn=postgres_dsn))) as client:
+
+        @settings(max_examples=100, deadline=None)
+        @example(  # Near-identical tenants, each key trying the others in every way.
+            tenants=["acme", "Acme", "acme ", "acmé"],
+            ops=[
+                (a, s, k, [(a + d) % 4, a, -1])
+                for a in range(4)
+                for d in (1, 2, 3)
+                for s in ("ingest", "read")
+                for k in ("request", "response", "batch", "query")
+            ],
+        )
+        @given(tenants=st.lists(tenant_ids, min_size=2, max_size=4, unique=True), ops=operations)
+        def property(tenants: list[str], ops: list[tuple[int, str, str, list[int]]]) -> None:
+            key_of = {
+                (tenant, scope): create_key(conn, tenant, scope).key
+                for tenant in tenants
+                for scope in ("ingest", "read")
+            }
+            log = accepted(client)
+            log.clear()
+            expected_log: list[tuple[str, str | None]] = []
+            for actor_index, scope, kind, target_indexes in ops:
+                actor = tenants[actor_index % len(tenants)]
+                headers = bearer(key_of[actor, scope])
+                targets = [None if i < 0 else tenants[i % len(tenants)] for i in target_indexes]
+                needed = "read" if kind == "query" else "ingest"
+                if kind == "query":
+                    target = targets[0] if targets[0] is not None else actor
+                    answer = client.get("/v1/metrics", params={"tenant_id": target}, headers=headers)
+                    allowed = scope == needed and target == actor
+                    assert answer.status_code == (200 if allowed else 403), (actor, scope, target)
+                    if allowed:
+                        assert answer.json()["tenant_id"] == actor
+                    continue
+                if scope != needed:
+                    answer = client.post("/v1/llm/request", json=request_event(actor), headers=headers)
+                    assert answer.status_code == 403
+                    continue
+                if kind == "request":
+                    target = targets[0] if targets[0] is not None else actor
+                    answer = client.post("/v1/llm/request", json=request_event(target, "q"), headers=headers)
+                    assert answer.status_code == (202 if target == actor else 403), (actor, target)
+                    if target == actor:
+                        expected_log.append(("q", actor))
+                elif kind == "response":
+                    answer = client.post(
+                        "/v1/llm/response", json=response_event("q", targets[0]), headers=headers
+                    )
+                    allowed = targets[0] in (None, actor)
+                    assert answer.status_code == (202 if allowed else 403), (actor, targets[0])
+                    if allowed:
+                        expected_log.append(("q", actor))
+                else:
+                    events = [
+                        {"type": "request", **request_event(t, f"b{i}")}
+                        if t is not None and i % 2 == 0
+                        else {"type": "response", **response_event(f"b{i}", t)}
+                        for i, t in enumerate(targets)
+                    ]
+                    answer = client.post("/v1/llm/events", json={"events": events}, headers=headers)
+                    rejected = [i for i, t in enumerate(targets) if t not in (None, actor)]
+                    body = answer.json()
+                    assert answer.status_code == (207 if rejected else 202)
+                    assert [r["index"] for r in body.get("rejected", [])] == rejected
+                    expected_log += [(f"b{i}", actor) for i in range(len(targets)) if i not in rejected]
+            # What would have reached Kafka: only the actors' own tenants, every response stamped.
+            assert log == expected_log
+
+        property()
