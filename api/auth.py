@@ -36,6 +36,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Literal
 
+import psycopg
 from msgspec import Struct
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
@@ -43,6 +44,7 @@ from starlette.responses import Response
 
 from api.errors import error_response
 from schemas.config import Settings
+from schemas.database import ensure_schema
 from schemas.events import LLMRequest, LLMResponse
 
 logger = logging.getLogger("streamlens.auth")
@@ -64,6 +66,7 @@ CACHE_SECONDS = 4.0
 # entries the cache is emptied rather than grown without bound.
 CACHE_MAX_ENTRIES = 100_000
 LOOKUP_TIMEOUT_SECONDS = 2.0
+SCHEMA_TIMEOUT_SECONDS = 5.0
 
 TENANT_NOT_ALLOWED = "tenant_id: not allowed for this key"
 _REALM = 'Bearer realm="streamlens"'
@@ -216,9 +219,10 @@ async def open_key_store(
     """The key store an app keeps for its lifetime.
 
     ``AUTH=off``: a store that lets everything through and touches no database.
-    Otherwise it uses ``pool`` when the app already has one, or opens a small pool
-    of its own on ``POSTGRES_DSN``, without waiting for Postgres to be up: until it
-    is, authenticated endpoints answer 503.
+    Otherwise it uses ``pool`` when the app already has one (and has created the
+    schema), or opens a small pool of its own on ``POSTGRES_DSN`` after creating the
+    schema if it can. It does not wait for Postgres to be up: until it is,
+    authenticated endpoints answer 503.
     """
     if not settings.auth:
         yield KeyStore(None)
@@ -226,6 +230,12 @@ async def open_key_store(
     if pool is not None:
         yield KeyStore(pool, cache_seconds=cache_seconds)
         return
+    try:
+        await asyncio.wait_for(
+            asyncio.to_thread(ensure_schema, settings.postgres_dsn), SCHEMA_TIMEOUT_SECONDS
+        )
+    except (psycopg.Error, TimeoutError) as error:
+        logger.warning("could not prepare the api_keys table (%s); starting anyway", error)
     own = AsyncConnectionPool(
         settings.postgres_dsn,
         min_size=1,

@@ -501,3 +501,13 @@ def test_no_key_of_one_tenant_reads_or_writes_another(postgres_dsn: str, conn: p
             assert log == expected_log
 
         property()
+
+
+def test_the_key_store_creates_a_missing_key_table(postgres_dsn: str, conn: psycopg.Connection) -> None:
+    conn.execute("DROP TABLE api_keys")
+    with TestClient(make_app(Settings(postgres_dsn=postgres_dsn))) as client:
+        assert_unauthorized(
+            client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(generate_key().key)),
+            key_given=True,
+        )
+    assert conn.execute("SELECT to_regclass('api_keys') IS NOT NULL").fetchone() == (True,)
