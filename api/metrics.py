@@ -84,7 +84,9 @@ async def _fetch(pool: psycopg_pool.AsyncConnectionPool, query: MetricsQuery) ->
             cursor = await conn.execute(windows_sql(query), parameters(query))
             return [window_row(record) for record in await cursor.fetchall()]
         async with conn.cursor(row_factory=dict_row) as cursor:
-            await cursor.execute(rollup_sql(query), parameters(query))
+            # Binary results: a bytea array in text form is hex that costs more to
+            # parse than the digests cost to merge.
+            await cursor.execute(rollup_sql(query), parameters(query), binary=True)
             records = await cursor.fetchall()
     digests = sum(len(record["blobs"] or ()) for record in records)
     if digests <= INLINE_DIGESTS:
