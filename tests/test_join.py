@@ -1,0 +1,397 @@
+"""The join's rules, driven directly (no Kafka): pairing, timeouts, orphans, duplicates."""
+
+from __future__ import annotations
+
+import pickle
+import tracemalloc
+from datetime import UTC, datetime
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataflows.join import Call, JoinShard, SourceRef
+from schemas.deadletter import DeadLetter
+from schemas.events import LLMRequest, LLMResponse, request_decoder, response_decoder
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+NOW = 1_900_000_000.0  # wall clock, independent of event time
+TIMEOUT = 300
+DEDUPE = 3600
+REQUESTS = "llm.requests"
+RESPONSES = "llm.responses"
+
+
+def at(seconds: float) -> datetime:
+    return datetime.fromtimestamp(T0 + seconds, UTC)
+
+
+def request(rid: str, seconds: float, **fields: object) -> LLMRequest:
+    values: dict[str, object] = {
+        "tenant_id": "acme", "route": "/chat", "model": "gpt-4o", "prompt_tokens": 100,
+    }
+    values.update(fields)
+    return LLMRequest(request_id=rid, timestamp=at(seconds), **values)  # type: ignore[arg-type]
+
+
+def response(rid: str, seconds: float, **fields: object) -> LLMResponse:
+    values: dict[str, object] = {"completion_tokens": 20}
+    values.update(fields)
+    return LLMResponse(request_id=rid, timestamp=at(seconds), **values)  # type: ignore[arg-type]
+
+
+def feed(join: JoinShard, events: list[LLMRequest | LLMResponse],
+         now: float = NOW) -> list[Call | DeadLetter]:
+    out: list[Call | DeadLetter] = []
+    for offset, event in enumerate(events):
+        topic = REQUESTS if isinstance(event, LLMRequest) else RESPONSES
+        out += join.on_event(event, SourceRef(topic, 0, offset), now)
+    return out
+
+
+def outcome(item: Call | DeadLetter) -> tuple[str, str]:
+    """(kind, request_id): 'answered', 'timeout', or the dead letter's reason."""
+    if isinstance(item, Call):
+        return ("answered" if item.response is not None else "timeout", item.request.request_id)
+    assert item.payload is not None
+    return (item.reason, msgspec.json.decode(item.payload)["request_id"])
+
+
+def drain(join: JoinShard, after: float = 10 * DEDUPE) -> list[Call | DeadLetter]:
+    """Let event time run ``after`` seconds of wall clock past NOW."""
+    return join.on_time(NOW + after)
+
+
+def test_request_then_response_pairs_into_one_call() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    assert join.on_event(request("a", 0), SourceRef(REQUESTS, 1, 7), NOW) == []
+    out = join.on_event(response("a", 2.5), SourceRef(RESPONSES, 2, 9), NOW)
+    assert len(out) == 1
+    call = out[0]
+    assert isinstance(call, Call)
+    assert call.request.request_id == call.response.request_id == "a"  # type: ignore[union-attr]
+    assert call.source == SourceRef(RESPONSES, 2, 9)  # the record that completed it
+    assert call.completed_at == T0 + 2.5
+    assert drain(join) == []  # nothing else ever comes of it
+
+
+def test_response_before_request_pairs_the_same() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    assert join.on_event(response("a", 2.5), SourceRef(RESPONSES, 0, 1), NOW) == []
+    out = join.on_event(request("a", 0), SourceRef(REQUESTS, 0, 4), NOW)
+    assert [outcome(item) for item in out] == [("answered", "a")]
+    assert out[0].source == SourceRef(REQUESTS, 0, 4)  # type: ignore[union-attr]
+    assert out[0].completed_at == T0 + 2.5  # type: ignore[union-attr]
+
+
+def test_request_without_response_times_out_once_event_time_passes_the_timeout() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    feed(join, [request("a", 0)])
+    # Event time exactly at request + timeout: not passed yet.
+    feed(join, [request("clock", TIMEOUT)])
+    assert join.on_time(NOW) == []
+    feed(join, [request("clock2", TIMEOUT + 0.5)])
+    out = join.on_time(NOW)
+    assert [outcome(item) for item in out] == [("timeout", "a")]
+    call = out[0]
+    assert isinstance(call, Call)
+    assert call.response is None
+    assert call.source == SourceRef(REQUESTS, 0, 0)
+    assert call.completed_at == T0 + TIMEOUT
+
+
+def test_a_response_exactly_at_the_timeout_still_pairs() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    out = feed(join, [request("a", 0), response("a", TIMEOUT)])
+    assert [outcome(item) for item in out] == [("answered", "a")]
+
+
+def test_quiet_time_advances_event_time_with_the_wall_clock() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    feed(join, [request("a", 0)], now=NOW)
+    wakeup = join.next_wakeup()
+    assert wakeup is not None
+    # The deadline is T0 + 300; event time reaches it 300 s of wall clock after NOW.
+    assert NOW + TIMEOUT < wakeup <= NOW + TIMEOUT + 1.01
+    assert join.on_time(NOW + TIMEOUT - 1) == []
+    assert [outcome(item) for item in join.on_time(wakeup)] == [("timeout", "a")]
+
+
+def test_response_without_request_becomes_an_orphan_dead_letter() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    lone = response("lost", 10, error="boom")
+    join.on_event(lone, SourceRef(RESPONSES, 2, 41), NOW)
+    assert join.on_time(NOW + TIMEOUT - 1) == []
+    out = join.on_time(NOW + TIMEOUT + 1)
+    assert len(out) == 1
+    letter = out[0]
+    assert isinstance(letter, DeadLetter)
+    assert letter.reason == "orphan_response"
+    assert (letter.source_topic, letter.partition, letter.offset) == (RESPONSES, 2, 41)
+    assert "no request" in letter.error and "300 s" in letter.error
+    assert letter.payload is not None
+    assert response_decoder.decode(letter.payload) == lone
+
+
+def test_a_response_too_far_from_its_request_reports_both() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    out = feed(join, [request("a", 0), response("a", TIMEOUT + 1)])
+    assert out == []
+    out = drain(join)
+    assert sorted(outcome(item) for item in out) == [("orphan_response", "a"), ("timeout", "a")]
+    letter = next(item for item in out if isinstance(item, DeadLetter))
+    assert "301 s earlier" in letter.error
+
+
+def test_a_response_from_another_tenant_never_pairs() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    out = feed(join, [request("a", 0, tenant_id="acme"), response("a", 1, tenant_id="evil")])
+    assert out == []
+    out = drain(join)
+    assert sorted(outcome(item) for item in out) == [("orphan_response", "a"), ("timeout", "a")]
+    letter = next(item for item in out if isinstance(item, DeadLetter))
+    assert "tenant mismatch" in letter.error and "'evil'" in letter.error
+
+
+def test_a_response_stamped_with_the_same_tenant_pairs() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    out = feed(join, [response("a", 1, tenant_id="acme"), request("a", 0, tenant_id="acme")])
+    assert [outcome(item) for item in out] == [("answered", "a")]
+
+
+def test_before_counting_the_first_request_and_first_response_win() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    out = feed(join, [
+        request("a", 0, prompt_tokens=1),
+        request("a", 0, prompt_tokens=2),  # ignored
+    ])
+    assert out == []
+    out = feed(join, [response("a", 1, completion_tokens=5)])
+    assert len(out) == 1
+    assert out[0].request.prompt_tokens == 1  # type: ignore[union-attr]
+
+    join = JoinShard(TIMEOUT, DEDUPE)
+    out = feed(join, [
+        response("b", 1, completion_tokens=5),
+        response("b", 1, completion_tokens=6),  # ignored
+        request("b", 0),
+    ])
+    assert [outcome(item) for item in out] == [("answered", "b")]
+    assert out[0].response.completion_tokens == 5  # type: ignore[union-attr]
+    assert join.duplicates == 1
+    assert drain(join) == []
+
+
+def test_after_counting_repeats_are_ignored_until_dedupe_expires() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    assert len(feed(join, [request("a", 0), response("a", 1)])) == 1
+    assert feed(join, [request("a", 0), response("a", 1), response("a", 2)]) == []
+    assert join.duplicates == 3
+    # Still remembered just before request time + DEDUPE ...
+    feed(join, [request("clock", DEDUPE - 1)])
+    assert join.on_time(NOW) == []
+    assert feed(join, [request("a", 0)]) == []
+    assert join.duplicates == 4
+    # ... forgotten once event time passes it: the same id is a new call again.
+    feed(join, [request("clock2", DEDUPE + 1)])
+    join.on_time(NOW)
+    out = feed(join, [request("a", DEDUPE + 2), response("a", DEDUPE + 3)])
+    assert [outcome(item) for item in out] == [("answered", "a")]
+
+
+def test_timed_out_call_first_late_response_is_dead_lettered_then_repeats_ignored() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    feed(join, [request("a", 0), request("clock", TIMEOUT + 5)])
+    assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "a")]
+    out = feed(join, [response("a", 20)])
+    assert [outcome(item) for item in out] == [("orphan_response", "a")]
+    assert "timed out" in out[0].error  # type: ignore[union-attr]
+    assert feed(join, [response("a", 20), request("a", 0)]) == []
+    assert join.duplicates == 2
+
+
+def test_cache_reads_beyond_the_prompt_are_clamped_and_counted() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    out = feed(join, [request("a", 0, prompt_tokens=50), response("a", 1, cache_read_tokens=80)])
+    call = out[0]
+    assert isinstance(call, Call) and call.response is not None
+    assert call.response.cache_read_tokens == 50
+    assert join.cache_reads_clamped == 1
+    out = feed(join, [request("b", 0, prompt_tokens=50), response("b", 1, cache_read_tokens=50)])
+    assert out[0].response.cache_read_tokens == 50  # type: ignore[union-attr]
+    assert join.cache_reads_clamped == 1
+
+
+def test_state_is_empty_once_every_deadline_passed() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    feed(join, [
+        request("paired", 0), response("paired", 1),
+        request("timeout", 5),
+        response("orphan", 7),
+        request("far", 0), response("far", TIMEOUT + 50),
+        request("late", 3),
+    ])
+    assert len(join) == 5
+    drain(join, after=DEDUPE / 2)  # the counted ids are still remembered
+    feed(join, [response("late", 4)], now=NOW + DEDUPE / 2)
+    assert len(join) == 4  # paired, timeout, far, late: counted, within dedupe
+    drain(join)
+    assert len(join) == 0
+    assert join.next_wakeup() is None
+    assert vars(join)["_buckets"] == {} and vars(join)["_bucket_heap"] == []
+
+
+def test_next_wakeup_is_none_when_empty_and_due_after_a_restore() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    assert join.next_wakeup() is None
+    feed(join, [request("a", 0)])
+    restored = pickle.loads(pickle.dumps(join))
+    assert restored.next_wakeup() == 0.0  # unknown offset: run on_time now
+    assert restored.on_time(NOW) == []
+    wakeup = restored.next_wakeup()
+    assert wakeup is not None and NOW + TIMEOUT < wakeup <= NOW + TIMEOUT + 1.01
+
+
+# -- any arrival order ---------------------------------------------------------
+
+def scenario(wide: bool) -> tuple[list[LLMRequest | LLMResponse], set[tuple[str, str]]]:
+    """A small event set and its expected outcomes, worked out from the rules.
+
+    ``wide`` adds pairs a whole timeout apart: their timestamps move event time
+    past other requests' deadlines, so they can only be shuffled freely when
+    nothing expires until the end.
+    """
+    events: list[LLMRequest | LLMResponse] = [
+        request("ok", 0), response("ok", 3),
+        request("ok-dup", 1), request("ok-dup", 1), response("ok-dup", 4), response("ok-dup", 4),
+        request("skew", 10), response("skew", 9),  # response stamped before: still pairs
+        request("silent", 5),
+        response("orphan", 6),
+        request("tenant", 8, tenant_id="acme"), response("tenant", 9, tenant_id="other"),
+    ]
+    expected = {
+        ("answered", "ok"), ("answered", "ok-dup"), ("answered", "skew"),
+        ("timeout", "silent"), ("orphan_response", "orphan"),
+        ("timeout", "tenant"), ("orphan_response", "tenant"),
+    }
+    if wide:
+        events += [
+            request("slow", 2), response("slow", 2 + TIMEOUT),  # exactly at the timeout
+            request("far", 0), response("far", TIMEOUT + 0.5),
+        ]
+        expected |= {("answered", "slow"), ("timeout", "far"), ("orphan_response", "far")}
+    return events, expected
+
+
+def check_order(events: list[LLMRequest | LLMResponse], expected: set[tuple[str, str]],
+                order: list[int], tick: bool) -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    out: list[Call | DeadLetter] = []
+    for position, index in enumerate(order):
+        event = events[index]
+        topic = REQUESTS if isinstance(event, LLMRequest) else RESPONSES
+        out += join.on_event(event, SourceRef(topic, 0, position), NOW)
+        if tick:
+            out += join.on_time(NOW)
+    out += drain(join)
+    outcomes = [outcome(item) for item in out]
+    assert len(outcomes) == len(set(outcomes)), "something was reported twice"
+    assert set(outcomes) == expected
+    assert len(join) == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.permutations(range(len(scenario(wide=True)[0]))))
+def test_the_outcome_does_not_depend_on_arrival_order(order: list[int]) -> None:
+    check_order(*scenario(wide=True), order, tick=False)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.permutations(range(len(scenario(wide=False)[0]))))
+def test_the_outcome_does_not_depend_on_arrival_order_with_expiry_checks_between(
+    order: list[int],
+) -> None:
+    check_order(*scenario(wide=False), order, tick=True)
+
+
+# -- snapshots -----------------------------------------------------------------
+
+def timeline() -> list[tuple[LLMRequest | LLMResponse | None, float]]:
+    """Events and on_time calls (None) with their wall clock, across every kind of expiry."""
+    steps: list[tuple[LLMRequest | LLMResponse | None, float]] = []
+    for index in range(40):
+        seconds = index * 20.0
+        rid = f"r{index}"
+        steps.append((request(rid, seconds), NOW + seconds))
+        if index % 5 == 1:
+            steps.append((response(f"orphan{index}", seconds), NOW + seconds))
+        if index % 4 != 0:
+            steps.append((response(rid, seconds + 1 + index), NOW + seconds))
+        if index % 3 == 0:
+            steps.append((request(rid, seconds), NOW + seconds))  # duplicate
+        steps.append((None, NOW + seconds + 1))
+    steps.append((None, NOW + 5000))
+    return steps
+
+
+def run(steps: list[tuple[LLMRequest | LLMResponse | None, float]],
+        snapshot_every: int | None) -> list[tuple[str, str, float | None]]:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    out: list[tuple[str, str, float | None]] = []
+
+    def record(items: list[Call | DeadLetter]) -> None:
+        for item in items:
+            out.append((*outcome(item), item.completed_at if isinstance(item, Call) else None))
+
+    for position, (event, now) in enumerate(steps):
+        if event is None:
+            record(join.on_time(now))
+            continue
+        topic = REQUESTS if isinstance(event, LLMRequest) else RESPONSES
+        record(join.on_event(event, SourceRef(topic, 0, position), now))
+        if snapshot_every and position % snapshot_every == 0:
+            # Only event time is snapshotted: resume at the instant of the
+            # snapshot, as a restart resumes from the end of an epoch.
+            join = pickle.loads(pickle.dumps(join))
+            record(join.on_time(now))
+    return out
+
+
+def test_pickling_mid_stream_gives_the_same_outputs() -> None:
+    steps = timeline()
+    uninterrupted = run(steps, snapshot_every=None)
+    assert {kind for kind, _, _ in uninterrupted} == {"answered", "timeout", "orphan_response"}
+    # The extra on_time at each restore may report an expiry a few events earlier:
+    # the same outputs, possibly interleaved differently.
+    for every in (7, 3):
+        resumed = run(steps, snapshot_every=every)
+        assert sorted(resumed) == sorted(uninterrupted)
+
+
+# -- memory ------------------------------------------------------------------
+
+def test_in_flight_requests_cost_well_under_a_kibibyte_each() -> None:
+    """1,000,000 in-flight requests must fit in 1 GiB: under 1,073 bytes each."""
+    sample = 5_000
+    payloads = [
+        msgspec.json.encode({
+            "type": "request", "request_id": f"req-{index:08d}-{index * 7919:012x}",
+            "tenant_id": f"tenant-{index % 10}", "route": f"/v1/chat/route-{index % 30}",
+            "model": "gpt-4o-mini", "provider": "openai", "prompt_tokens": index % 4000,
+            "timestamp": at(index / 100).isoformat(), "user_id_hash": f"u{index:016x}",
+        })
+        for index in range(sample)
+    ]
+    join = JoinShard(TIMEOUT, DEDUPE)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for offset, payload in enumerate(payloads):
+            join.on_event(request_decoder.decode(payload), SourceRef(REQUESTS, 0, offset), NOW)
+        per_request = (tracemalloc.get_traced_memory()[0] - before) / sample
+    finally:
+        tracemalloc.stop()
+    print(f"join: {per_request:.0f} bytes per in-flight request")
+    assert len(join) == sample
+    assert per_request < 800
+    assert len(pickle.dumps(join)) / sample < 300

@@ -1,0 +1,397 @@
+"""Windows and rows, driven directly (no Kafka): boundaries, emission, revisions, lateness."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+from datetime import UTC, datetime
+
+import msgspec
+from fastdigest import TDigest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataflows.aggregate import CHUNK, EXACT_UP_TO, CallStats
+from dataflows.join import Call, SourceRef
+from dataflows.windows import WindowRow, WindowShard
+from schemas.deadletter import DeadLetter
+from schemas.events import LLMRequest, LLMResponse
+from schemas.metrics import MetricsRow
+
+T0 = 1_767_225_600  # 2026-01-01T00:00:00Z, a window boundary
+NOW = 1_900_000_000.0
+WINDOW, GRACE, LATENESS, TIMEOUT = 60, 10, 600, 300
+SOURCE = SourceRef("llm.responses", 1, 5)
+KEY = ("acme", "/chat", "gpt-4o")
+
+
+def at(seconds: float) -> datetime:
+    return datetime.fromtimestamp(T0 + seconds, UTC)
+
+
+_serial = iter(range(10**9))
+
+
+def answered(start: float, latency_ms: float | None = 100.0, *, key: tuple[str, str, str] = KEY,
+             duration: float | None = None, cost: float | None = 0.001, **fields: object) -> Call:
+    """An answered call whose request is at T0 + ``start``."""
+    tenant_id, route, model = key
+    rid = f"r{next(_serial)}"
+    req = LLMRequest(request_id=rid, tenant_id=tenant_id, route=route, model=model,
+                     timestamp=at(start),
+                     prompt_tokens=fields.pop("prompt_tokens", 100))  # type: ignore[arg-type]
+    if duration is None:
+        duration = (latency_ms or 0.0) / 1000
+    resp = LLMResponse(request_id=rid, timestamp=at(start + duration), latency_ms=latency_ms,
+                       **fields)  # type: ignore[arg-type]
+    return Call(request=req, response=resp, source=SOURCE, cost_usd=cost,
+                completed_at=max(T0 + start, T0 + start + duration))
+
+
+def timed_out(start: float, *, key: tuple[str, str, str] = KEY) -> Call:
+    tenant_id, route, model = key
+    req = LLMRequest(request_id=f"t{next(_serial)}", tenant_id=tenant_id, route=route,
+                     model=model, timestamp=at(start), prompt_tokens=70)
+    return Call(request=req, response=None, source=SOURCE, cost_usd=0.0,
+                completed_at=T0 + start + TIMEOUT)
+
+
+def shard() -> WindowShard:
+    return WindowShard(WINDOW, GRACE, LATENESS)
+
+
+def advance(windows: WindowShard, event_seconds: float, now: float = NOW) -> list[WindowRow]:
+    """Move event time to T0 + ``event_seconds`` with a call on an unrelated key, then
+    collect the rows that are due (the clock call's own window never is)."""
+    clock = answered(event_seconds + 10 * LATENESS, key=("clock", "/", "none"))
+    clock.completed_at = T0 + event_seconds
+    assert windows.on_call(clock, now) == []
+    return [row for row in windows.on_time(now) if row.row.tenant_id != "clock"]
+
+
+def nearest_rank(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def expected_row(calls: list[Call], start: int, revision: int) -> MetricsRow:
+    """The row, worked out from the calls with plain Python (percentiles aside)."""
+    tenant_id, route, model = (calls[0].request.tenant_id, calls[0].request.route,
+                               calls[0].request.model)
+    done = [call for call in calls if call.response is not None]
+
+    def latency(call: Call) -> float:
+        assert call.response is not None
+        if call.response.latency_ms is not None:
+            return call.response.latency_ms
+        gap = (call.response.timestamp - call.request.timestamp).total_seconds() * 1000
+        return max(0.0, gap)
+
+    ttfts = [c.response.time_to_first_token_ms for c in done
+             if c.response.time_to_first_token_ms is not None]  # type: ignore[union-attr]
+    latencies = [latency(call) for call in done]
+    return MetricsRow(
+        tenant_id=tenant_id, route=route, model=model,
+        window_start=datetime.fromtimestamp(start, UTC),
+        window_end=datetime.fromtimestamp(start + WINDOW, UTC),
+        requests=len(calls),
+        errors=sum(1 for c in calls if c.response is None or c.response.error),
+        timeouts=sum(1 for c in calls if c.response is None),
+        avg_latency_ms=sum(latencies) / len(latencies) if latencies else None,
+        p50_latency_ms=nearest_rank(latencies, 0.5) if latencies else None,
+        p95_latency_ms=nearest_rank(latencies, 0.95) if latencies else None,
+        p99_latency_ms=nearest_rank(latencies, 0.99) if latencies else None,
+        avg_time_to_first_token_ms=sum(ttfts) / len(ttfts) if ttfts else None,  # type: ignore[arg-type]
+        prompt_tokens=sum(c.request.prompt_tokens for c in done),
+        completion_tokens=sum(c.response.completion_tokens for c in done),  # type: ignore[union-attr]
+        cache_read_tokens=sum(c.response.cache_read_tokens for c in done),  # type: ignore[union-attr]
+        reasoning_tokens=sum(c.response.reasoning_tokens for c in done),  # type: ignore[union-attr]
+        avg_prompt_tokens=sum(c.request.prompt_tokens for c in done) / len(done) if done else None,
+        avg_completion_tokens=(
+            sum(c.response.completion_tokens for c in done) / len(done)  # type: ignore[union-attr]
+            if done else None
+        ),
+        estimated_cost_usd=sum(c.cost_usd or 0.0 for c in done),
+        unpriced_requests=sum(1 for c in done if c.cost_usd is None),
+        revision=revision,
+    )
+
+
+def assert_row(actual: MetricsRow, expected: MetricsRow) -> None:
+    """Equal field by field; averages and cost to float precision, percentiles to
+    the nearest-rank neighbours (checked exactly in the percentile tests)."""
+    for field in MetricsRow.__struct_fields__:
+        got, want = getattr(actual, field), getattr(expected, field)
+        if field.startswith("p") and field.endswith("_latency_ms"):
+            assert (got is None) == (want is None), field
+            continue
+        if isinstance(want, float):
+            assert got == want or math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9), field
+        else:
+            assert got == want, field
+
+
+# -- windows and emission ------------------------------------------------------
+
+def test_a_window_is_emitted_once_event_time_reaches_end_plus_grace_with_the_right_row() -> None:
+    windows = shard()
+    calls = [
+        answered(1, 120.0, completion_tokens=30, time_to_first_token_ms=40.0, cache_read_tokens=20),
+        answered(2, 80.0, completion_tokens=10, reasoning_tokens=4, error="boom"),
+        answered(3, 200.0, prompt_tokens=50, error="", cost=None),
+        answered(4, None, duration=0.25, time_to_first_token_ms=60.0),
+        answered(59.999, 10.0),
+    ]
+    for call in calls:
+        assert windows.on_call(call, NOW) == []
+    assert advance(windows, WINDOW + GRACE - 0.001) == []
+    rows = advance(windows, WINDOW + GRACE)
+    assert len(rows) == 1
+    assert_row(rows[0].row, expected_row(calls, T0, revision=1))
+    assert rows[0].row.errors == 1  # an empty error string is not a failure
+    assert rows[0].row.avg_latency_ms == (120 + 80 + 200 + 250 + 10) / 5
+    assert rows[0].ttft_count == 2
+    assert TDigest.from_bytes(rows[0].digest).n_values == 5
+    assert advance(windows, WINDOW + GRACE + 1) == []  # nothing new: no second row
+
+
+def test_timestamps_on_a_boundary_open_the_next_window() -> None:
+    windows = shard()
+    windows.on_call(answered(WINDOW, 10.0), NOW)  # exactly T0 + 60
+    windows.on_call(answered(WINDOW - 0.000001, 20.0), NOW)
+    rows = advance(windows, 2 * WINDOW + GRACE)
+    starts = [(row.row.window_start, row.row.requests, row.row.avg_latency_ms) for row in rows]
+    assert starts == [(at(0), 1, 20.0), (at(WINDOW), 1, 10.0)]
+    assert rows[1].row.window_end == at(2 * WINDOW)
+
+
+def test_rows_come_by_window_start_then_key() -> None:
+    windows = shard()
+    keys = [("b", "/x", "m"), ("a", "/y", "m"), ("a", "/x", "n"), ("a", "/x", "m")]
+    for key in keys:
+        windows.on_call(answered(WINDOW + 1, key=key), NOW)
+        windows.on_call(answered(1, key=key), NOW)
+    rows = advance(windows, 2 * WINDOW + GRACE)
+    order = [(row.row.window_start, row.row.tenant_id, row.row.route, row.row.model)
+             for row in rows]
+    assert order == sorted(order)
+    assert len(order) == 8
+
+
+def test_quiet_windows_close_as_the_wall_clock_advances() -> None:
+    windows = shard()
+    windows.on_call(answered(30, 10.0), NOW)  # event time T0 + 30.01
+    wakeup = windows.next_wakeup()
+    assert wakeup is not None
+    # Due when event time reaches T0 + 70: about 40 s of wall clock later.
+    assert math.isclose(wakeup, NOW + 70 - 30.01, abs_tol=0.01)
+    assert windows.on_time(NOW + 39) == []
+    rows = windows.on_time(NOW + 40)
+    assert [row.row.revision for row in rows] == [1]
+    # Then forgotten 600 s after its end, still without events.
+    assert len(windows) == 1
+    windows.on_time(NOW + 40 + LATENESS)
+    assert len(windows) == 0
+    assert windows.next_wakeup() is None
+
+
+def test_late_calls_within_lateness_re_emit_the_whole_row_with_revision_per_call() -> None:
+    windows = shard()
+    calls = [answered(1, 100.0), answered(2, 300.0)]
+    for call in calls:
+        windows.on_call(call, NOW)
+    assert [row.row.revision for row in advance(windows, 100)] == [1]
+    late = answered(3, 50.0, cost=0.5)
+    late.completed_at = T0 + 200  # became known late, well within lateness
+    assert windows.on_call(late, NOW) == []
+    rows = windows.on_time(NOW)
+    assert len(rows) == 1
+    assert_row(rows[0].row, expected_row([*calls, late], T0, revision=2))
+    # Two more late calls before the next emission: revision 2 + 2.
+    more = [timed_out(4), answered(5, 70.0)]
+    for call in more:
+        call.completed_at = T0 + 305
+        windows.on_call(call, NOW)
+    rows = windows.on_time(NOW)
+    assert_row(rows[0].row, expected_row([*calls, late, *more], T0, revision=4))
+    assert rows[0].row.timeouts == 1 and rows[0].row.requests == 5
+
+
+def test_a_call_beyond_lateness_is_a_too_late_dead_letter() -> None:
+    windows = shard()
+    windows.on_call(answered(1, 100.0), NOW)
+    advance(windows, 100)
+    # Event time now T0 + 661: the window [T0, T0 + 60) closed for good at T0 + 660.
+    advance(windows, WINDOW + LATENESS + 1)
+    straggler = answered(2, 100.0)
+    straggler.completed_at = T0 + 3
+    out = windows.on_call(straggler, NOW)
+    assert len(out) == 1
+    letter = out[0]
+    assert isinstance(letter, DeadLetter)
+    assert letter.reason == "too_late"
+    assert (letter.source_topic, letter.partition, letter.offset) == tuple(SOURCE)
+    assert "LATENESS_SECONDS 600" in letter.error
+    assert letter.payload is not None
+    payload = msgspec.json.decode(letter.payload)
+    assert payload["request"]["request_id"] == straggler.request.request_id
+    assert payload["response"]["latency_ms"] == 100.0
+    assert windows.on_time(NOW) == []  # no row changed
+
+
+def test_right_at_the_lateness_edge_the_call_still_counts() -> None:
+    windows = shard()
+    windows.on_call(answered(1, 100.0), NOW)
+    advance(windows, WINDOW + LATENESS)  # end + lateness == event time: not past
+    edge = answered(2, 100.0)
+    edge.completed_at = T0 + 2
+    assert windows.on_call(edge, NOW) == []
+    rows = windows.on_time(NOW)
+    assert [(row.row.requests, row.row.revision) for row in rows] == [(2, 2)]
+
+
+def test_a_window_of_only_timeouts_has_no_latency_or_averages() -> None:
+    windows = shard()
+    windows.on_call(timed_out(1), NOW)
+    windows.on_call(timed_out(2), NOW)
+    rows = windows.on_time(NOW)  # event time is T0 + 302: due at once
+    assert len(rows) == 1
+    row = rows[0].row
+    assert (row.requests, row.errors, row.timeouts) == (2, 2, 2)
+    assert row.avg_latency_ms is row.p50_latency_ms is row.p99_latency_ms is None
+    assert row.avg_prompt_tokens is None and row.avg_completion_tokens is None
+    assert row.avg_time_to_first_token_ms is None
+    assert row.prompt_tokens == 0 and row.estimated_cost_usd == 0.0
+    assert TDigest.from_bytes(rows[0].digest).is_empty()
+
+
+def test_cost_is_summed_exactly_and_unpriced_calls_counted() -> None:
+    windows = shard()
+    costs = [0.1, 0.2, 0.3, None, 1e-10]
+    for cost in costs:
+        windows.on_call(answered(1, cost=cost), NOW)
+    (row,) = advance(windows, 100)
+    assert row.row.estimated_cost_usd == 0.6  # 0.1 + 0.2 + 0.3 (1e-10 rounds away)
+    assert row.row.unpriced_requests == 1
+
+
+def test_the_row_does_not_depend_on_call_order() -> None:
+    rng = random.Random(5)
+    calls = [answered(rng.uniform(0, 59), rng.lognormvariate(5, 1), cost=rng.random() / 1000,
+                      time_to_first_token_ms=rng.random() * 100) for _ in range(1500)]
+    results = []
+    for _ in range(2):
+        windows = shard()
+        for call in calls:
+            windows.on_call(call, NOW)
+        results.append([row.row for row in advance(windows, 100)])
+        rng.shuffle(calls)
+    first, second = results
+    for field in ("avg_latency_ms", "avg_time_to_first_token_ms", "estimated_cost_usd"):
+        assert getattr(first[0], field) == getattr(second[0], field)
+
+
+# -- snapshots -----------------------------------------------------------------
+
+def test_pickling_mid_stream_gives_the_same_outputs() -> None:
+    rng = random.Random(11)
+    steps: list[tuple[Call | None, float]] = []
+    for index in range(300):
+        start = index * 2.0
+        call = answered(start, rng.lognormvariate(5, 1), key=("t", f"/r{index % 3}", "m"))
+        if index % 17 == 0:
+            call = timed_out(start, key=("t", "/r0", "m"))
+        if index % 29 == 28:
+            # A request from long ago: once the timeouts moved event time ahead, too late.
+            call = answered(start - 400, 90.0)
+            call.completed_at = T0 + start
+        steps.append((call, NOW + start))
+        steps.append((None, NOW + start + 0.5))
+    steps.append((None, NOW + 5000))
+
+    def run(snapshot_every: int | None) -> list[object]:
+        windows = shard()
+        out: list[object] = []
+        for position, (call, now) in enumerate(steps):
+            if call is None:
+                out += [msgspec.structs.asdict(row) for row in windows.on_time(now)]
+                continue
+            out += windows.on_call(call, now)
+            if snapshot_every and position % snapshot_every == 0:
+                # Only event time is snapshotted: resume at the instant of the
+                # snapshot, as a restart resumes from the end of an epoch.
+                windows = pickle.loads(pickle.dumps(windows))
+                out += [msgspec.structs.asdict(row) for row in windows.on_time(now)]
+        return out
+
+    uninterrupted = run(None)
+    assert any(isinstance(item, DeadLetter) for item in uninterrupted)
+    assert any(isinstance(item, dict) and item["row"].revision > 1 for item in uninterrupted)
+    assert run(snapshot_every=5) == uninterrupted
+    assert run(snapshot_every=2) == uninterrupted
+
+
+def test_state_pickles_compactly() -> None:
+    windows = shard()
+    for index in range(1000):
+        windows.on_call(answered(index % 60, 100.0 + index, key=("t", f"/r{index % 100}", "m")),
+                        NOW)
+    size = len(pickle.dumps(windows))
+    assert size < 1000 * 40, size  # latencies as 8-byte floats, a few hundred bytes per window
+
+
+# -- percentiles -----------------------------------------------------------------
+
+def stats_of(latencies: list[float]) -> CallStats:
+    stats = CallStats()
+    for latency in latencies:
+        stats.add(answered(0, latency))
+    return stats
+
+
+def assert_between_neighbours(reported: float, values: list[float], q: float) -> None:
+    ordered = sorted(values)
+    n = len(ordered)
+    # The interpolated position among the ordered values, and the values around it.
+    position = q * (n - 1)
+    low, high = ordered[math.floor(position)], ordered[math.ceil(position)]
+    # Interpolating inside a centroid of equal values may land one ulp outside them.
+    ulps = 4 * math.ulp(high)
+    assert low - ulps <= reported <= high + ulps, (q, reported, low, high)
+    # Hence also within one rank of the nearest-rank value.
+    rank = max(0, math.ceil(q * n) - 1)
+    assert ordered[max(0, rank - 1)] - ulps <= reported <= ordered[min(n - 1, rank + 1)] + ulps
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1,
+                max_size=EXACT_UP_TO))
+def test_few_latencies_percentiles_lie_between_nearest_rank_neighbours(values: list[float]) -> None:
+    stats = stats_of(values)
+    digest = stats.latency_digest()
+    assert digest.n_centroids == len(set(values)) or digest.n_centroids == len(values)
+    fields = stats.row_fields(digest)
+    for q, field in ((0.5, "p50_latency_ms"), (0.95, "p95_latency_ms"), (0.99, "p99_latency_ms")):
+        assert_between_neighbours(fields[field], values, q)  # type: ignore[arg-type]
+
+
+def test_a_digest_past_one_chunk_still_holds_every_value() -> None:
+    rng = random.Random(3)
+    values = [rng.lognormvariate(5, 1) for _ in range(3 * CHUNK + 17)]
+    stats = stats_of(values)
+    digest = stats.latency_digest()
+    assert digest.n_values == len(values)
+    assert digest.n_centroids == len(values)
+    for q in (0.5, 0.95, 0.99):
+        assert_between_neighbours(digest.quantile(q), values, q)
+
+
+def test_many_latencies_percentiles_within_one_percent() -> None:
+    rng = random.Random(42)
+    values = [rng.lognormvariate(6, 1) for _ in range(100_000)]
+    stats = stats_of(values)
+    fields = stats.row_fields(stats.latency_digest())
+    for q, field in ((0.5, "p50_latency_ms"), (0.95, "p95_latency_ms"), (0.99, "p99_latency_ms")):
+        exact = nearest_rank(values, q)
+        assert abs(fields[field] - exact) / exact < 0.01, (field, fields[field], exact)  # type: ignore[operator]
