@@ -1,0 +1,128 @@
+"""Run the metrics dataflow with recovery: ``python -m dataflows.run --recovery-dir DIR``.
+
+On first use the recovery directory is created and initialised (what
+``python -m bytewax.recovery DIR N`` does); afterwards every start resumes from
+the last snapshot, so a killed dataflow picks up where it stopped and counts
+nothing twice. ``--processes N`` starts N cooperating Bytewax processes on this
+machine (``-i``/``-a`` on free ports), each with ``--workers`` worker threads;
+workers share the GIL, so scale with processes.
+
+Caveat: the recovery directory holds Kafka offsets. A broker that lost its data
+(the local memory broker after a restart) makes them meaningless: start with
+``--reset`` to wipe the recovery directory along with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bytewax.recovery import init_db_dir
+
+from deploy.stack import free_port
+from schemas.config import load_or_exit
+from schemas.database import ensure_schema
+from schemas.topics import ensure_topics
+
+FLOW = "dataflows.metrics:flow"
+STOP_TIMEOUT = 10.0
+
+
+def prepare_recovery(directory: Path, partitions: int, *, reset: bool = False) -> None:
+    """Create and initialise the recovery partitions unless they exist (wipe them first on reset)."""
+    if reset and directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Initialising twice fails inside Bytewax: an existing set is resumed from as it is.
+    if not any(directory.glob("part-*.sqlite3")):
+        init_db_dir(directory, partitions)
+
+
+def commands(recovery_dir: Path, processes: int, workers: int, snapshot_interval: int,
+             backup_interval: int) -> list[list[str]]:
+    """The ``bytewax.run`` command line of each process."""
+    base = [sys.executable, "-m", "bytewax.run", FLOW,
+            "-r", str(recovery_dir), "-s", str(snapshot_interval), "-b", str(backup_interval),
+            "-w", str(workers)]
+    if processes == 1:
+        return [base]
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
+    return [[*base, "-i", str(index), "-a", addresses] for index in range(processes)]
+
+
+def _die_with_parent() -> None:
+    # A runner killed with SIGKILL cannot stop its children; the kernel does it instead.
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def supervise(argvs: list[list[str]]) -> int:
+    """Run the processes until one ends or a stop signal arrives; stop the rest; its exit code."""
+    children = [subprocess.Popen(argv, preexec_fn=_die_with_parent) for argv in argvs]
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    while not stopping:
+        ended = [child for child in children if child.poll() is not None]
+        if ended:
+            code = ended[0].returncode
+            break
+        time.sleep(0.2)
+    for child in children:
+        if child.poll() is None:
+            # Bytewax stops cleanly on SIGINT (KeyboardInterrupt); a snapshot then
+            # resumes it later, so no work is lost either way.
+            child.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for child in children:
+        try:
+            child.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return code if not stopping else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dataflows.run",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recovery-dir", type=Path, required=True,
+                        help="where snapshots and Kafka offsets are kept (created when missing)")
+    parser.add_argument("--processes", type=int,
+                        default=int(os.environ.get("PROCESSES", "1")),
+                        help="Bytewax processes on this machine (default: $PROCESSES or 1)")
+    parser.add_argument("--workers", type=int, default=1, help="worker threads per process")
+    parser.add_argument("--snapshot-interval", type=int, default=10,
+                        help="seconds between snapshots; a restart replays at most this much")
+    parser.add_argument("--backup-interval", type=int, default=0,
+                        help="seconds to keep older snapshots (for backups of the directory)")
+    parser.add_argument("--reset", action="store_true",
+                        help="wipe the recovery directory first (needed after the broker lost "
+                             "its data, e.g. a restarted local memory broker)")
+    args = parser.parse_args(argv)
+    if args.processes < 1 or args.workers < 1 or args.snapshot_interval < 1:
+        parser.error("--processes, --workers and --snapshot-interval must be at least 1")
+
+    settings = load_or_exit()
+    ensure_topics(settings.kafka_brokers, settings.topic_partitions)
+    ensure_schema(settings.postgres_dsn)
+    recovery_dir = args.recovery_dir.resolve()
+    prepare_recovery(recovery_dir, args.processes * args.workers, reset=args.reset)
+    return supervise(commands(recovery_dir, args.processes, args.workers,
+                              args.snapshot_interval, args.backup_interval))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,629 @@
+"""What the end-to-end dataflow tests share: a data set, its expected outcome, and the plumbing.
+
+The data set is fed in phases, because outcomes that hinge on event time must
+not depend on the order in which Kafka partitions happen to be read (a backlog
+is read in any interleaving, and the watermark is per shard):
+
+1. the bulk, with every timestamp inside a span shorter than the grace period
+   and the join timeout, so nothing closes or expires while it is read, in any
+   order: answered calls, duplicates on both sides, responses before their
+   requests, errors, requests that never get a response, orphan responses, and
+   invalid records. Its windows close as the wall clock advances event time.
+2. once every first row is out: calls for windows already emitted (late, within
+   lateness, so the windows come again with a higher revision), repeats of
+   counted calls (ignored), and a far-future "tick" call for a key alone in its
+   window shard.
+3. once the tick is read: a call for that key's old window, now too late.
+
+Requests without response time out later still (as event time idles forward
+with the wall clock) and update their windows again.
+
+Everything expected is computed here, plainly, from the generated events: no
+code from ``dataflows`` takes part except the two shard functions, used only to
+choose identifiers that keep the phases independent of one another.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, Producer, TopicPartition
+from psycopg.rows import dict_row
+
+from dataflows.operators import join_shard_key, window_shard_key
+from tests.conftest import TEST_PARTITIONS
+
+REQUESTS, RESPONSES, METRICS, DEADLETTER = (
+    "llm.requests", "llm.responses", "llm.metrics", "llm.deadletter")
+
+WINDOW_SECONDS = 5
+GRACE_SECONDS = 15
+JOIN_TIMEOUT_SECONDS = 40
+LATENESS_SECONDS = 60
+
+# Event time: all relative to BASE, an epoch-aligned instant long past.
+BASE = datetime(2025, 6, 1, tzinfo=UTC).timestamp()
+
+PRICES = {
+    "test-model-a": {"input_per_mtok": 0.4, "output_per_mtok": 1.6, "cache_read_per_mtok": 0.1},
+    "test-model-b": {"input_per_mtok": 3.0, "output_per_mtok": 15.0, "cache_read_per_mtok": 0.3},
+}
+UNPRICED_MODEL = "streamlens-no-such-model-0"
+
+NORMAL_KEYS: tuple[tuple[str, str, str], ...] = (
+    ("acme", "/chat", "test-model-a"),
+    ("acme", "/chat", "test-model-b"),
+    ("acme", "/summarise", "test-model-a"),
+    ("globex", "/chat", "test-model-b"),
+    ("globex", "/search", UNPRICED_MODEL),
+)
+
+
+def timestamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _window_key(key: tuple[str, str, str]) -> str:
+    from dataflows.join import Call, SourceRef
+    from schemas.events import LLMRequest
+
+    request = LLMRequest(request_id="x", tenant_id=key[0], route=key[1], model=key[2],
+                         timestamp=datetime.fromtimestamp(BASE, UTC))
+    return window_shard_key(Call(request=request, response=None, source=SourceRef("", 0, 0)))
+
+
+def _lonely_key() -> tuple[str, str, str]:
+    """A key whose window shard holds no other key of the data set: the tick moves only its clock."""
+    taken = {_window_key(key) for key in NORMAL_KEYS}
+    for number in range(1000):
+        key = (f"late-{number}", "/chat", "test-model-a")
+        if _window_key(key) not in taken:
+            return key
+    raise AssertionError("no free window shard")
+
+
+@dataclass
+class Event:
+    topic: str
+    record: dict[str, Any] | None  # None: ``raw`` is the record (invalid on purpose)
+    raw: bytes | None = None
+
+    def value(self) -> bytes:
+        return self.raw if self.record is None else json.dumps(self.record).encode()
+
+    def key(self) -> bytes | None:
+        return None if self.record is None else self.record["request_id"].encode()
+
+
+@dataclass
+class Counted:
+    """A call the dataflow must count, as the test sees it."""
+
+    key: tuple[str, str, str]
+    request_ts: float
+    response: dict[str, Any] | None  # None: timed out
+    request: dict[str, Any]
+    late: bool  # folded in after the window's first emission
+
+
+@dataclass
+class DataSet:
+    phase1: list[Event] = field(default_factory=list)
+    phase2: list[Event] = field(default_factory=list)
+    phase3: list[Event] = field(default_factory=list)
+    counted: list[Counted] = field(default_factory=list)
+    orphan_ids: set[str] = field(default_factory=set)
+    too_late_ids: set[str] = field(default_factory=set)
+    invalid_count: int = 0
+    lonely_key: tuple[str, str, str] = ("", "", "")
+    tick_window: float = 0.0
+
+
+def generate(calls: int = 2000, seed: int = 7) -> DataSet:
+    rng = random.Random(seed)
+    data = DataSet()
+    lonely = data.lonely_key = _lonely_key()
+    ids = (f"{seed}-{n:06d}-{rng.getrandbits(24):06x}" for n in range(10**6))
+
+    def request(rid: str, key: tuple[str, str, str], ts: float) -> dict[str, Any]:
+        return {"type": "request", "request_id": rid, "tenant_id": key[0], "route": key[1],
+                "model": key[2], "timestamp": timestamp(ts),
+                "prompt_tokens": rng.randrange(0, 3000), "metadata": {"seed": seed}}
+
+    def response(rid: str, req: dict[str, Any], ts: float) -> dict[str, Any]:
+        completion = rng.randrange(0, 800)
+        body: dict[str, Any] = {
+            "type": "response", "request_id": rid, "timestamp": timestamp(ts),
+            "completion_tokens": completion,
+            "cache_read_tokens": rng.randrange(0, req["prompt_tokens"] + 1)
+            if rng.random() < 0.4 else 0,
+            "reasoning_tokens": rng.randrange(0, completion + 1) if rng.random() < 0.3 else 0,
+        }
+        if rng.random() < 0.8:
+            body["latency_ms"] = round(rng.uniform(50, 4000), 3)
+        if rng.random() < 0.5:
+            body["time_to_first_token_ms"] = round(rng.uniform(5, 500), 3)
+        if rng.random() < 0.08:
+            body["error"] = rng.choice(["rate_limited", "upstream 500"])
+        elif rng.random() < 0.05:
+            body["error"] = ""  # an empty error is not a failure
+        return body
+
+    def answered(key: tuple[str, str, str], ts: float, late: bool, rid: str | None = None
+                 ) -> tuple[Event, Event, Counted]:
+        rid = rid or next(ids)
+        req = request(rid, key, ts)
+        resp = response(rid, req, ts + rng.uniform(0.01, 1.0))
+        return (Event(REQUESTS, req), Event(RESPONSES, resp),
+                Counted(key, ts, resp, req, late))
+
+    # Phase 1: request times in [BASE+0.5, BASE+9.5]: windows [0, 5) and [5, 10).
+    answered_pairs: list[tuple[Event, Event]] = []
+    for _ in range(calls):
+        req, resp, counted = answered(rng.choice(NORMAL_KEYS), BASE + rng.uniform(0.5, 9.5),
+                                      late=False)
+        data.phase1 += [req, resp]
+        data.counted.append(counted)
+        answered_pairs.append((req, resp))
+    for _ in range(6):
+        req, resp, counted = answered(lonely, BASE + rng.uniform(0.5, 9.5), late=False)
+        data.phase1 += [req, resp]
+        data.counted.append(counted)
+    for _ in range(max(1, calls // 40)):  # never answered: they time out
+        key = rng.choice(NORMAL_KEYS)
+        ts = BASE + rng.uniform(5.5, 9.5)
+        req = request(next(ids), key, ts)
+        data.phase1.append(Event(REQUESTS, req))
+        data.counted.append(Counted(key, ts, None, req, late=True))
+    for _ in range(max(1, calls // 100)):  # responses whose request never comes
+        rid = next(ids)
+        data.phase1.append(Event(RESPONSES, {
+            "type": "response", "request_id": rid, "timestamp": timestamp(
+                BASE + rng.uniform(1, 9)), "latency_ms": 12.5}))
+        data.orphan_ids.add(rid)
+    for req, resp in rng.sample(answered_pairs, max(1, calls // 20)):  # duplicates, both sides
+        data.phase1.append(Event(req.topic, dict(req.record or {})))
+        data.phase1.append(Event(resp.topic, dict(resp.record or {})))
+    invalid = [
+        Event(REQUESTS, None, b"{not json"),
+        Event(REQUESTS, None, json.dumps({"request_id": "no-tenant", "route": "/r", "model": "m",
+                                          "timestamp": timestamp(BASE + 1)}).encode()),
+        Event(RESPONSES, None, json.dumps({"request_id": "naive-ts",
+                                           "timestamp": "2025-06-01T00:00:03"}).encode()),
+        Event(RESPONSES, None, b"\xff\xfe\x00 not utf-8"),
+    ]
+    data.phase1 += invalid
+    data.invalid_count = len(invalid)
+    rng.shuffle(data.phase1)
+
+    # Phase 2, after the first rows. The tick moves the lonely key's shard to far-future
+    # event time, and with it the watermark of the tick's own join shard: the late calls
+    # keep out of that join shard so that nothing of theirs can expire early.
+    tick_ts = BASE + 140.5
+    data.tick_window = BASE + 140
+    tick_rid = next(ids)
+    tick_req, tick_resp, tick = answered(lonely, tick_ts, late=False, rid=tick_rid)
+    data.phase2 += [tick_req, tick_resp]
+    data.counted.append(tick)
+    blocked = {join_shard_key(tick_rid)}
+
+    def free_id() -> str:
+        while True:
+            rid = next(ids)
+            if join_shard_key(rid) not in blocked:
+                return rid
+
+    for _ in range(max(2, calls // 60)):
+        req, resp, counted = answered(rng.choice(NORMAL_KEYS), BASE + rng.uniform(3.0, 9.5),
+                                      late=True, rid=free_id())
+        data.phase2 += [req, resp]
+        data.counted.append(counted)
+    for req, resp in rng.sample(answered_pairs, max(1, calls // 50)):  # repeats after counting
+        data.phase2 += [Event(req.topic, dict(req.record or {})),
+                        Event(resp.topic, dict(resp.record or {}))]
+    rng.shuffle(data.phase2)
+
+    # Phase 3: a call for the lonely key's window [5, 10), after its shard saw the tick.
+    rid = free_id()
+    req = request(rid, lonely, BASE + 8.0)
+    data.phase3 += [Event(REQUESTS, req), Event(RESPONSES, response(rid, req, BASE + 8.4))]
+    data.too_late_ids.add(rid)
+    return data
+
+
+# -- the expected outcome -------------------------------------------------------------------
+
+@dataclass
+class ExpectedRow:
+    key: tuple[str, str, str]
+    window_start: float
+    requests: int
+    errors: int
+    timeouts: int
+    latencies: list[float]
+    ttfts: list[float]
+    prompt_tokens: int
+    completion_tokens: int
+    cache_read_tokens: int
+    reasoning_tokens: int
+    answered: int
+    cost: float
+    unpriced: int
+    revision: int
+
+
+def expected_rows(data: DataSet) -> dict[tuple[str, str, str, float], ExpectedRow]:
+    """Every final row, computed from the calls the test generated."""
+    groups: dict[tuple[str, str, str, float], list[Counted]] = defaultdict(list)
+    for call in data.counted:
+        start = math.floor(call.request_ts / WINDOW_SECONDS) * WINDOW_SECONDS
+        groups[(*call.key, float(start))].append(call)
+    rows = {}
+    for (tenant, route, model, start), calls in groups.items():
+        answered = [c for c in calls if c.response is not None]
+        latencies = []
+        cost = 0.0
+        unpriced = 0
+        for c in answered:
+            resp = c.response or {}
+            if "latency_ms" in resp:
+                latencies.append(resp["latency_ms"])
+            else:
+                latencies.append(max(0.0, (datetime.fromisoformat(resp["timestamp"]).timestamp()
+                                           - c.request_ts) * 1000))
+            price = PRICES.get(model)
+            if price is None:
+                unpriced += 1
+            else:
+                prompt, cached = c.request["prompt_tokens"], resp["cache_read_tokens"]
+                cost += ((prompt - cached) * price["input_per_mtok"]
+                         + cached * price["cache_read_per_mtok"]
+                         + resp["completion_tokens"] * price["output_per_mtok"]) / 1e6
+        rows[(tenant, route, model, start)] = ExpectedRow(
+            key=(tenant, route, model), window_start=start,
+            requests=len(calls),
+            errors=sum(1 for c in calls if c.response is None or c.response.get("error")),
+            timeouts=sum(1 for c in calls if c.response is None),
+            latencies=sorted(latencies),
+            ttfts=[c.response["time_to_first_token_ms"] for c in answered
+                   if c.response and "time_to_first_token_ms" in c.response],
+            prompt_tokens=sum(c.request["prompt_tokens"] for c in answered),
+            completion_tokens=sum((c.response or {})["completion_tokens"] for c in answered),
+            cache_read_tokens=sum((c.response or {})["cache_read_tokens"] for c in answered),
+            reasoning_tokens=sum((c.response or {})["reasoning_tokens"] for c in answered),
+            answered=len(answered), cost=cost, unpriced=unpriced,
+            revision=1 + sum(1 for c in calls if c.late),
+        )
+    return rows
+
+
+def first_rows(data: DataSet) -> set[tuple[str, str, str, float]]:
+    """The windows that phase 1 fills: their first rows open phase 2."""
+    keys = set()
+    for call in data.counted:
+        if call.late or call.request_ts > BASE + 10:
+            continue
+        start = math.floor(call.request_ts / WINDOW_SECONDS) * WINDOW_SECONDS
+        keys.add((*call.key, float(start)))
+    return keys
+
+
+def _close(actual: float | None, expected: float | None, what: str, rel: float = 1e-9) -> None:
+    if expected is None:
+        assert actual is None, f"{what}: expected null, got {actual}"
+        return
+    assert actual is not None and math.isclose(actual, expected, rel_tol=rel, abs_tol=1e-9), (
+        f"{what}: expected {expected}, got {actual}")
+
+
+def _percentile_bounds(values: list[float], q: float) -> tuple[float, float]:
+    """The nearest-rank values around the q-quantile (one rank of slack either side)."""
+    n = len(values)
+    rank = q * (n - 1)
+    return values[max(0, math.floor(rank) - 1)], values[min(n - 1, math.ceil(rank) + 1)]
+
+
+def check_row(actual: dict[str, Any], expected: ExpectedRow) -> None:
+    """One row (Postgres columns or llm.metrics JSON fields) against its expectation."""
+    where = f"{expected.key} @ {timestamp(expected.window_start)}"
+    for name in ("requests", "errors", "timeouts", "prompt_tokens", "completion_tokens",
+                 "cache_read_tokens", "reasoning_tokens", "revision"):
+        assert actual[name] == getattr(expected, name), (
+            f"{where}: {name} expected {getattr(expected, name)}, got {actual[name]}")
+    assert actual["unpriced_requests"] == expected.unpriced, where
+    start = actual["window_start"]
+    if isinstance(start, str):
+        start = datetime.fromisoformat(start)
+    assert start.timestamp() == expected.window_start, where
+    end = actual["window_end"]
+    if isinstance(end, str):
+        end = datetime.fromisoformat(end)
+    assert end.timestamp() == expected.window_start + WINDOW_SECONDS, where
+    _close(actual["estimated_cost_usd"], expected.cost, f"{where} cost", rel=1e-6)
+    lat = expected.latencies
+    if not lat:
+        for name in ("avg_latency_ms", "p50_latency_ms", "p95_latency_ms", "p99_latency_ms",
+                     "avg_prompt_tokens", "avg_completion_tokens"):
+            assert actual[name] is None, f"{where}: {name} should be null"
+    else:
+        _close(actual["avg_latency_ms"], sum(lat) / len(lat), f"{where} avg latency", rel=1e-6)
+        for q, name in ((0.5, "p50_latency_ms"), (0.95, "p95_latency_ms"),
+                        (0.99, "p99_latency_ms")):
+            low, high = _percentile_bounds(lat, q)
+            assert low - 1e-6 <= actual[name] <= high + 1e-6, (
+                f"{where}: {name} {actual[name]} outside [{low}, {high}]")
+        _close(actual["avg_prompt_tokens"], expected.prompt_tokens / expected.answered,
+               f"{where} avg prompt", rel=1e-9)
+        _close(actual["avg_completion_tokens"], expected.completion_tokens / expected.answered,
+               f"{where} avg completion", rel=1e-9)
+    ttft = expected.ttfts
+    _close(actual["avg_time_to_first_token_ms"], sum(ttft) / len(ttft) if ttft else None,
+           f"{where} avg ttft", rel=1e-6)
+    if "ttft_count" in actual:
+        assert actual["ttft_count"] == len(ttft), where
+        assert actual["latency_digest"], f"{where}: digest missing"
+
+
+def check_rows(actual: dict[tuple[str, str, str, float], dict[str, Any]],
+               expected: dict[tuple[str, str, str, float], ExpectedRow]) -> None:
+    assert set(actual) == set(expected), (
+        f"missing {sorted(set(expected) - set(actual))[:5]}, "
+        f"unexpected {sorted(set(actual) - set(expected))[:5]}")
+    for key, row in expected.items():
+        check_row(actual[key], row)
+
+
+# -- Kafka and Postgres plumbing ---------------------------------------------------------
+
+def produce(brokers: str, events: Iterable[Event]) -> None:
+    producer = Producer({"bootstrap.servers": brokers, "enable.idempotence": True,
+                         "acks": "all", "linger.ms": 5})
+    for event in events:
+        producer.produce(event.topic, event.value(), key=event.key())
+        producer.poll(0)
+    assert producer.flush(30) == 0, "records left unsent"
+
+
+def produce_markers(brokers: str) -> str:
+    """An invalid record on every partition of both input topics: once all are dead
+    letters, every record produced before them has been read."""
+    tag = f"marker-{uuid.uuid4().hex}"
+    producer = Producer({"bootstrap.servers": brokers, "enable.idempotence": True, "acks": "all"})
+    for topic in (REQUESTS, RESPONSES):
+        for partition in range(TEST_PARTITIONS):
+            producer.produce(topic, tag.encode(), partition=partition)
+    assert producer.flush(30) == 0
+    return tag
+
+
+def read_topic(brokers: str, topic: str) -> list[tuple[bytes | None, bytes, int, int]]:
+    """Every record of ``topic`` now: (key, value, partition, offset)."""
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": "streamlens-tests",
+                         "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+        parts = []
+        for partition in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                       timeout=10)
+            if high > low:
+                parts.append((partition, low, high))
+        consumer.assign([TopicPartition(topic, p, low) for p, low, _ in parts])
+        remaining = {p: high for p, _, high in parts}
+        out = []
+        deadline = time.monotonic() + 20
+        while remaining and time.monotonic() < deadline:
+            for message in consumer.consume(1000, 0.2):
+                if message.error():
+                    continue
+                out.append((message.key(), message.value(), message.partition(),
+                            message.offset()))
+                if message.offset() + 1 >= remaining.get(message.partition(), 0):
+                    remaining.pop(message.partition(), None)
+        assert not remaining, f"could not read {topic} to its end"
+        return out
+    finally:
+        consumer.close()
+
+
+def dead_letters(brokers: str) -> list[dict[str, Any]]:
+    return [json.loads(value) for _, value, _, _ in read_topic(brokers, DEADLETTER)]
+
+
+def latest_metrics(brokers: str) -> dict[tuple[str, str, str, float], dict[str, Any]]:
+    """The highest revision of each window in ``llm.metrics``, keyed by window."""
+    latest: dict[tuple[str, str, str, float], dict[str, Any]] = {}
+    for key, value, _, _ in read_topic(brokers, METRICS):
+        row = json.loads(value)
+        window = (row["tenant_id"], row["route"], row["model"],
+                  datetime.fromisoformat(row["window_start"]).timestamp())
+        assert key == (f"{row['tenant_id']}|{row['route']}|{row['model']}|"
+                       f"{datetime.fromisoformat(row['window_start']).isoformat()}").encode()
+        if window not in latest or latest[window]["revision"] <= row["revision"]:
+            latest[window] = row
+    return latest
+
+
+def postgres_rows(dsn: str) -> dict[tuple[str, str, str, float], dict[str, Any]]:
+    with psycopg.connect(dsn, row_factory=dict_row) as conn:
+        rows = conn.execute("SELECT * FROM llm_metrics").fetchall()
+    return {(r["tenant_id"], r["route"], r["model"], r["window_start"].timestamp()): r
+            for r in rows}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str,
+             alive: Callable[[], None] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None:
+            alive()
+        if condition():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# -- running the dataflow ----------------------------------------------------------------
+
+@dataclass
+class Processor:
+    """``python -m dataflows.run`` as a subprocess, in its own process group."""
+
+    brokers: str
+    dsn: str
+    recovery_dir: Path
+    prices_file: Path
+    log: Path
+    processes: int = 1
+    process: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KAFKA_BROKERS": self.brokers, "POSTGRES_DSN": self.dsn,
+                "WINDOW_SECONDS": str(WINDOW_SECONDS), "GRACE_SECONDS": str(GRACE_SECONDS),
+                "LATENESS_SECONDS": str(LATENESS_SECONDS),
+                "JOIN_TIMEOUT_SECONDS": str(JOIN_TIMEOUT_SECONDS),
+                "TOPIC_PARTITIONS": str(TEST_PARTITIONS), "PRICES_FILE": str(self.prices_file)}
+
+    def start(self) -> Processor:
+        out = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dataflows.run", "--recovery-dir", str(self.recovery_dir),
+             "--processes", str(self.processes), "--snapshot-interval", "1"],
+            env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent)
+        return self
+
+    def check_alive(self) -> None:
+        assert self.process is not None and self.process.poll() is None, (
+            f"the dataflow exited:\n{self.log.read_text(errors='replace')[-3000:]}")
+
+    def kill(self) -> None:
+        """kill -9 the runner and every process it started."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+def write_prices(path: Path) -> Path:
+    path.write_text(json.dumps(PRICES))
+    return path
+
+
+@dataclass
+class Scenario:
+    """Drives one run of the data set through a dataflow, phase by phase."""
+
+    data: DataSet
+    processor: Processor
+    brokers: str
+    dsn: str
+    markers: list[str] = field(default_factory=list)
+    # Called with the name of each step reached; the crash test kills the dataflow there.
+    on_step: Callable[[str], None] = lambda step: None
+
+    def barrier(self) -> None:
+        """Wait until every partition has been read up to now."""
+        tag = produce_markers(self.brokers)
+        self.markers.append(tag)
+        wanted = 2 * TEST_PARTITIONS
+
+        def seen() -> bool:
+            letters = dead_letters(self.brokers)
+            return len({(d["source_topic"], d["partition"]) for d in letters
+                        if d["payload"] == tag}) == wanted
+
+        wait_for(seen, 60, "the marker records", self.processor.check_alive)
+        time.sleep(0.5)  # what the markers' batch carried is through the stateful steps too
+
+    def run(self) -> None:
+        data = self.data
+        produce(self.brokers, data.phase1)
+        self.barrier()
+        self.on_step("phase1-read")
+        first = first_rows(data)
+        wait_for(lambda: len(first & postgres_rows(self.dsn).keys()) > 0, 60,
+                 "the first rows", self.processor.check_alive)
+        self.on_step("some-rows")
+        wait_for(lambda: first <= postgres_rows(self.dsn).keys(), 90,
+                 "every first row", self.processor.check_alive)
+        # The snapshot that records these emissions must be durable before a late call.
+        time.sleep(2.5)
+        produce(self.brokers, data.phase2)
+        self.barrier()
+        self.on_step("phase2-read")
+        produce(self.brokers, data.phase3)
+        expected = expected_rows(data)
+        wait_for(lambda: self._done(expected), 120, "the final rows",
+                 self.processor.check_alive)
+
+    def _done(self, expected: dict[tuple[str, str, str, float], ExpectedRow]) -> bool:
+        rows = postgres_rows(self.dsn)
+        if any(key not in rows or rows[key]["revision"] < row.revision
+               for key, row in expected.items()):
+            return False
+        letters = Counter(d["reason"] for d in dead_letters(self.brokers))
+        done = (letters["orphan_response"] >= len(self.data.orphan_ids)
+                and letters["too_late"] >= len(self.data.too_late_ids))
+        if done:
+            self.on_step("final")
+        return done
+
+    def restart_point(self) -> None:
+        """After a restart: let the replay be read before the next phase goes in."""
+        self.barrier()
+
+
+def check_dead_letters(data: DataSet, letters: list[dict[str, Any]], markers: list[str],
+                       exact: bool) -> None:
+    """Dead letters by reason: ``exact`` counts, or (after replays) distinct records."""
+    by_reason: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for letter in letters:
+        by_reason[letter["reason"]].append(letter)
+    invalid = [d for d in by_reason["invalid"] if d["payload"] not in markers]
+    assert {d["reason"] for d in letters} <= {"invalid", "orphan_response", "too_late"}
+
+    def distinct(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return list({(d["source_topic"], d["partition"], d["offset"]): d
+                     for d in items}.values())
+
+    if not exact:
+        invalid = distinct(invalid)
+        by_reason["orphan_response"] = distinct(by_reason["orphan_response"])
+        by_reason["too_late"] = distinct(by_reason["too_late"])
+    assert len(invalid) == data.invalid_count, invalid
+    for letter in invalid:
+        assert letter["error"] and letter["source_topic"] in (REQUESTS, RESPONSES)
+        assert letter["offset"] is not None and letter["partition"] is not None
+    assert any("not UTF-8" in d["error"] for d in invalid)
+    assert any("tenant_id" in d["error"] for d in invalid)
+    assert any("$.timestamp" in d["error"] for d in invalid)
+    orphans = {json.loads(d["payload"])["request_id"] for d in by_reason["orphan_response"]}
+    assert orphans == data.orphan_ids
+    assert len(by_reason["orphan_response"]) == len(data.orphan_ids)
+    late = {json.loads(d["payload"])["request"]["request_id"] for d in by_reason["too_late"]}
+    assert late == data.too_late_ids
+    assert len(by_reason["too_late"]) == len(data.too_late_ids)

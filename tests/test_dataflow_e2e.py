@@ -1,0 +1,72 @@
+"""The whole dataflow against a real broker and Postgres: outcome, crashes, several processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deploy.stack import Broker
+from tests import dataflow_harness as h
+
+pytestmark = pytest.mark.slow
+
+
+def _processor(tmp_path: Path, broker: Broker, dsn: str, processes: int = 1) -> h.Processor:
+    return h.Processor(broker.address, dsn, tmp_path / "recovery",
+                       h.write_prices(tmp_path / "prices.json"), tmp_path / "dataflow.log",
+                       processes=processes)
+
+
+def _run(tmp_path: Path, broker: Broker, dsn: str, processes: int = 1,
+         on_step=None) -> tuple[h.DataSet, h.Scenario]:
+    data = h.generate()
+    processor = _processor(tmp_path, broker, dsn, processes).start()
+    scenario = h.Scenario(data, processor, broker.address, dsn)
+    if on_step is not None:
+        scenario.on_step = lambda step: on_step(scenario, step)
+    try:
+        scenario.run()
+    finally:
+        scenario.processor.stop()
+    return data, scenario
+
+
+def _check_outputs(data: h.DataSet, scenario: h.Scenario, broker: Broker, dsn: str,
+                   exact_dead_letters: bool) -> None:
+    expected = h.expected_rows(data)
+    h.check_rows(h.postgres_rows(dsn), expected)
+    h.check_rows(h.latest_metrics(broker.address), expected)
+    h.check_dead_letters(data, h.dead_letters(broker.address), scenario.markers,
+                         exact=exact_dead_letters)
+
+
+def test_end_to_end_rows_and_dead_letters(tmp_path: Path, broker: Broker,
+                                          postgres_dsn: str) -> None:
+    data, scenario = _run(tmp_path, broker, postgres_dsn)
+    _check_outputs(data, scenario, broker, postgres_dsn, exact_dead_letters=True)
+    # Each emission is one llm.metrics record: first rows, then one per later update.
+    records = h.read_topic(broker.address, h.METRICS)
+    assert len(records) >= len(h.expected_rows(data))
+
+
+def test_kill_9_three_times_gives_the_same_rows(tmp_path: Path, broker: Broker,
+                                                 postgres_dsn: str) -> None:
+    kills: list[str] = []
+
+    def crash(scenario: h.Scenario, step: str) -> None:
+        if step in ("some-rows", "phase2-read", "phase1-read") and step not in kills:
+            kills.append(step)
+            scenario.processor.kill()
+            scenario.processor.start()
+            scenario.restart_point()
+
+    data, scenario = _run(tmp_path, broker, postgres_dsn, on_step=crash)
+    assert kills == ["phase1-read", "some-rows", "phase2-read"]
+    _check_outputs(data, scenario, broker, postgres_dsn, exact_dead_letters=False)
+
+
+def test_two_processes_give_the_same_rows(tmp_path: Path, broker: Broker,
+                                          postgres_dsn: str) -> None:
+    data, scenario = _run(tmp_path, broker, postgres_dsn, processes=2)
+    _check_outputs(data, scenario, broker, postgres_dsn, exact_dead_letters=True)
