@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ntraffic: interrupted", file=sys.stderr)
         return 130
-    print(file=sys.stderr)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # ends the progress line
     print(summary(totals, args.duration, time.monotonic() - started))
     return 0
 

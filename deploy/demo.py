@@ -1,0 +1,325 @@
+"""The whole pipeline on this machine: ``python -m deploy.demo`` (``just demo``).
+
+Starts the local broker and Postgres (as ``just up``), then the ingestion API,
+the dataflow and the query API as child processes with short windows, sends
+generated traffic, waits until every call is counted in a closed window and
+prints the metrics per tenant, route and model, read through the query API.
+The services keep running until Ctrl-C, which stops everything the demo
+started. Logs go to ``<local>/logs/``.
+
+Environment (all optional): ``DEMO_LOCAL`` (default ``.local``), ``DEMO_DURATION``
+seconds of traffic (20), ``DEMO_RATE`` calls per second (50), ``DEMO_TENANTS`` (3),
+``DEMO_WINDOW_SECONDS`` (10), ``DEMO_GRACE_SECONDS`` (2), ``DEMO_EXIT=1`` to stop
+right after the table. Authentication is off for the demo's services.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.error import URLError
+from urllib.parse import urlencode
+from urllib.request import urlopen
+
+import msgspec
+
+from deploy import stack, traffic
+
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+# After the windows should have closed, how long to keep waiting for the last calls.
+COUNT_SLACK_SECONDS = 60.0
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message says which and where to look."""
+
+
+def _env_number(name: str, default: float, minimum: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise DemoError(f"{name}={raw!r}: expected a number ≥ {minimum:g}")
+    return value
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    local: Path
+    duration: float
+    rate: float
+    tenants: int
+    window_seconds: int
+    grace_seconds: int
+    exit_after_table: bool
+
+    @classmethod
+    def from_env(cls) -> DemoConfig:
+        return cls(
+            local=Path(os.environ.get("DEMO_LOCAL") or ".local").resolve(),
+            duration=_env_number("DEMO_DURATION", 20, 1),
+            rate=_env_number("DEMO_RATE", 50, 1),
+            tenants=int(_env_number("DEMO_TENANTS", 3, 1)),
+            window_seconds=int(_env_number("DEMO_WINDOW_SECONDS", 10, 1)),
+            grace_seconds=int(_env_number("DEMO_GRACE_SECONDS", 2, 0)),
+            exit_after_table=os.environ.get("DEMO_EXIT", "") == "1",
+        )
+
+
+def port_or_free(preferred: int) -> int:
+    """``preferred`` when nothing listens there, else a free port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            return stack.free_port()
+    return preferred
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    log: Path
+    process: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        with open(self.log, "ab") as out:
+            # A session of its own: Ctrl-C reaches the demo only, which stops
+            # the services in order.
+            self.process = subprocess.Popen(
+                self.argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-1500:]
+            raise DemoError(f"{self.name} exited with code {self.process.returncode}; "
+                            f"the end of {self.log}:\n{tail}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _get_json(url: str, timeout: float = 5.0) -> Any:
+    with urlopen(url, timeout=timeout) as response:
+        return msgspec.json.decode(response.read())
+
+
+def wait_ready(url: str, services: list[Service]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        for service in services:
+            service.check_alive()
+        try:
+            _get_json(f"{url}/ready", timeout=1.0)
+            return
+        except (URLError, OSError, ValueError):
+            time.sleep(0.2)
+    raise DemoError(f"{url}/ready did not answer within {READY_TIMEOUT:.0f}s")
+
+
+def fetch_totals(metrics_url: str, tenant: str, since: datetime) -> list[dict[str, Any]]:
+    """One row per route and model since ``since``: the day's roll-up of the tenant."""
+    query = urlencode({"tenant_id": tenant, "from": since.isoformat(), "bucket": "1d",
+                       "limit": 1000})
+    return _get_json(f"{metrics_url}/v1/metrics?{query}")["metrics"]
+
+
+def counted(rows: list[dict[str, Any]]) -> int:
+    return sum(row["requests"] for row in rows)
+
+
+def wait_counted(metrics_url: str, sent: dict[str, int], since: datetime,
+                 deadline: float, services: list[Service]) -> dict[str, list[dict[str, Any]]]:
+    """Poll until every sent call is counted in a window, or the deadline passes."""
+    total = sum(sent.values())
+    interactive = sys.stderr.isatty()
+    while True:
+        for service in services:
+            service.check_alive()
+        rows = {tenant: fetch_totals(metrics_url, tenant, since) for tenant in sorted(sent)}
+        done = sum(counted(tenant_rows) for tenant_rows in rows.values())
+        line = f"windows closing: {done}/{total} calls counted"
+        print(f"\r{line}\x1b[K" if interactive else line, end="" if interactive else "\n",
+              file=sys.stderr, flush=True)
+        if done >= total or time.monotonic() > deadline:
+            if interactive:
+                print(file=sys.stderr)
+            if done < total:
+                print(f"warning: {total - done} calls not counted yet; see "
+                      "the dataflow's log", file=sys.stderr)
+            return rows
+        time.sleep(1.0)
+
+
+def table(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """Per tenant, route and model: calls, errors, p95, tokens and cost, summed over buckets."""
+    merged: dict[tuple[str, str, str], dict[str, Any]] = defaultdict(
+        lambda: {"calls": 0, "errors": 0, "p95": None, "tokens": 0, "cost": 0.0})
+    for tenant, tenant_rows in rows.items():
+        for row in tenant_rows:
+            line = merged[(tenant, row["route"], row["model"])]
+            line["calls"] += row["requests"]
+            line["errors"] += row["errors"]
+            # A demo across midnight has two daily buckets; the larger p95 is the honest one.
+            if row["p95_latency_ms"] is not None:
+                line["p95"] = max(line["p95"] or 0.0, row["p95_latency_ms"])
+            line["tokens"] += row["prompt_tokens"] + row["completion_tokens"]
+            line["cost"] += row["estimated_cost_usd"]
+    header = ("tenant", "route", "model", "calls", "errors", "p95 ms", "tokens", "cost USD")
+    body = [
+        (tenant, route, model, str(line["calls"]), str(line["errors"]),
+         "-" if line["p95"] is None else f"{line['p95']:.0f}", str(line["tokens"]),
+         f"{line['cost']:.4f}")
+        for (tenant, route, model), line in sorted(merged.items())
+    ]
+    widths = [max(len(cells[i]) for cells in [header, *body]) for i in range(len(header))]
+    numeric = range(3, len(header))
+
+    def render(cells: tuple[str, ...]) -> str:
+        return "  ".join(cell.rjust(width) if i in numeric else cell.ljust(width)
+                         for i, (cell, width) in enumerate(zip(cells, widths, strict=True)))
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([render(header), rule, *(render(cells) for cells in body)])
+
+
+@contextmanager
+def local_stack(local: Path) -> Iterator[dict[str, str]]:
+    """``just up`` for the demo; on the way out, ``just down`` for what it started itself."""
+    started_here = not (
+        (os.environ.get("KAFKA_BROKERS") and os.environ.get("POSTGRES_DSN"))
+        or stack.Broker.running(local / "broker")
+        or stack.Postgres.running(local / "postgres")
+    )
+    env = stack.up(local)
+    try:
+        yield env
+    finally:
+        if started_here:
+            stack.down(local)
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run(config: DemoConfig) -> None:
+    logs = config.local / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"starting the broker and Postgres under {config.local} ...", flush=True)
+    with local_stack(config.local) as stack_env:
+        ingestion_port = port_or_free(8080)
+        metrics_port = port_or_free(8081)
+        env = {**os.environ, **stack_env,
+               "AUTH": "off",
+               "WINDOW_SECONDS": str(config.window_seconds),
+               "GRACE_SECONDS": str(config.grace_seconds)}
+        env.pop("HTTP_PORT", None)
+        python = sys.executable
+        services = [
+            Service("ingestion API", [python, "-m", "uvicorn", "api.ingestion:app", "--host",
+                                      "127.0.0.1", "--port", str(ingestion_port),
+                                      "--no-access-log"], logs / "ingestion.log"),
+            Service("dataflow", [python, "-m", "dataflows.run", "--recovery-dir",
+                                 str(config.local / "recovery"), "--reset"],
+                    logs / "processor.log"),
+            Service("query API", [python, "-m", "uvicorn", "api.metrics:app", "--host",
+                                  "127.0.0.1", "--port", str(metrics_port),
+                                  "--no-access-log"], logs / "metrics-api.log"),
+        ]
+        ingestion_url = f"http://127.0.0.1:{ingestion_port}"
+        metrics_url = f"http://127.0.0.1:{metrics_port}"
+        try:
+            for service in services:
+                service.start(env)
+            print(f"started the ingestion API ({ingestion_url}), the dataflow "
+                  f"({config.window_seconds}s windows) and the query API ({metrics_url}); "
+                  f"logs in {logs}", flush=True)
+            wait_ready(ingestion_url, services)
+            wait_ready(metrics_url, services)
+            # Windows are selected by start; the one holding the first call starts here.
+            since = datetime.fromtimestamp(
+                int(time.time()) // config.window_seconds * config.window_seconds, UTC)
+            print(f"sending {config.rate:g} calls/s for {config.duration:g}s "
+                  f"across {config.tenants} tenants ...", flush=True)
+            started = time.monotonic()
+            totals = traffic.run(ingestion_url, config.rate, config.duration, config.tenants,
+                                 progress=traffic.bar_progress(config.duration))
+            if sys.stderr.isatty():
+                print(file=sys.stderr)  # ends the progress line
+            print(traffic.summary(totals, config.duration, time.monotonic() - started),
+                  flush=True)
+            deadline = (time.monotonic() + config.window_seconds + config.grace_seconds
+                        + COUNT_SLACK_SECONDS)
+            rows = wait_counted(metrics_url, dict(totals.calls_by_tenant), since, deadline,
+                                services)
+            print()
+            print(table(rows))
+            print()
+            example = sorted(totals.calls_by_tenant)[0]
+            print("Query it yourself, per window or rolled up:")
+            print(f"  curl -s '{metrics_url}/v1/metrics?tenant_id={example}&limit=5'")
+            print(f"  curl -s '{metrics_url}/v1/metrics?tenant_id={example}&bucket=1h"
+                  "&group_by=model'")
+            print(f"  the API's description: {metrics_url}/openapi.json", flush=True)
+            if config.exit_after_table:
+                return
+            print(f"\nthe services keep running (more traffic: python -m deploy.traffic "
+                  f"--url {ingestion_url}); Ctrl-C stops everything", flush=True)
+            try:
+                while True:
+                    for service in services:
+                        service.check_alive()
+                    time.sleep(1.0)
+            except KeyboardInterrupt:
+                print(file=sys.stderr)  # Ctrl-C is how this phase ends: not a failure
+        finally:
+            print("stopping the services ...", flush=True)
+            for service in services:
+                service.stop()
+
+
+def main() -> int:
+    _stop_on_sigterm()
+    try:
+        config = DemoConfig.from_env()
+        run(config)
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+        return 130
+    except (DemoError, traffic.SendError) as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 1
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
