@@ -33,7 +33,6 @@ tuple, and stale references are skipped when their bucket comes due.
 from __future__ import annotations
 
 import heapq
-import math
 from sys import intern
 from typing import NamedTuple
 
@@ -188,10 +187,14 @@ class JoinShard:
 
         request, response = entry.request, entry.response
         assert request is not None and response is not None
-        why = self._why_unpaired(request, entry.request_ts, response, entry.response_ts)
-        if why is not None:
+        request_ts, response_ts = entry.request_ts, entry.response_ts
+        tenant_id = response.tenant_id
+        if (
+            response_ts - request_ts > self.timeout
+            or (tenant_id is not None and tenant_id != request.tenant_id)
+        ):
             # Both sides stay until their own deadlines, then both are reported.
-            entry.unpaired = why
+            entry.unpaired = self._why_unpaired(request, request_ts, response, response_ts)
             self._schedule(ts + self.timeout, rid)
             return []
 
@@ -199,31 +202,27 @@ class JoinShard:
         if check_cache_read(request, response) is not None:
             self.cache_reads_clamped += 1
             response = msgspec.structs.replace(response, cache_read_tokens=request.prompt_tokens)
-        request_ts = entry.request_ts
         self._counted[rid] = expiry = request_ts + self.remember
         self._schedule(expiry, rid)
         return [Call(
             request=request,
             response=response,
             source=source,
-            completed_at=max(request_ts, entry.response_ts),
+            completed_at=request_ts if request_ts > response_ts else response_ts,
         )]
 
     def _why_unpaired(
         self, request: LLMRequest, request_ts: float, response: LLMResponse, response_ts: float
-    ) -> str | None:
+    ) -> str:
         if response.tenant_id is not None and response.tenant_id != request.tenant_id:
             return (
                 f"tenant mismatch: the response was sent for tenant {response.tenant_id!r} "
                 f"but its request belongs to tenant {request.tenant_id!r}"
             )
-        gap = response_ts - request_ts
-        if gap > self.timeout:
-            return (
-                f"its request came {gap:g} s earlier, beyond "
-                f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s)"
-            )
-        return None
+        return (
+            f"its request came {response_ts - request_ts:g} s earlier, beyond "
+            f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s)"
+        )
 
     # -- time ----------------------------------------------------------------
 
@@ -307,7 +306,7 @@ class JoinShard:
         )
 
     def _schedule(self, deadline: float, rid: str) -> None:
-        second = math.floor(deadline)
+        second = int(deadline)  # deadlines are after 1970: int() is floor()
         ids = self._buckets.get(second)
         if ids is None:
             self._buckets[second] = [rid]
