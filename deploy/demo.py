@@ -9,8 +9,9 @@ started. Logs go to ``<local>/logs/``.
 
 Environment (all optional): ``DEMO_LOCAL`` (default ``.local``), ``DEMO_DURATION``
 seconds of traffic (20), ``DEMO_RATE`` calls per second (50), ``DEMO_TENANTS`` (3),
-``DEMO_WINDOW_SECONDS`` (10), ``DEMO_GRACE_SECONDS`` (2), ``DEMO_EXIT=1`` to stop
-right after the table. Authentication is off for the demo's services.
+``DEMO_WINDOW_SECONDS`` (10), ``DEMO_GRACE_SECONDS`` (2), ``DEMO_INGESTION_PORT`` (8080)
+and ``DEMO_METRICS_PORT`` (8081; a taken port, or 0, means any free one), ``DEMO_EXIT=1``
+to stop right after the table. Authentication is off for the demo's services.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class DemoConfig:
     tenants: int
     window_seconds: int
     grace_seconds: int
+    ingestion_port: int
+    metrics_port: int
     exit_after_table: bool
 
     @classmethod
@@ -76,12 +79,16 @@ class DemoConfig:
             tenants=int(_env_number("DEMO_TENANTS", 3, 1)),
             window_seconds=int(_env_number("DEMO_WINDOW_SECONDS", 10, 1)),
             grace_seconds=int(_env_number("DEMO_GRACE_SECONDS", 2, 0)),
+            ingestion_port=int(_env_number("DEMO_INGESTION_PORT", 8080, 0)),
+            metrics_port=int(_env_number("DEMO_METRICS_PORT", 8081, 0)),
             exit_after_table=os.environ.get("DEMO_EXIT", "") == "1",
         )
 
 
 def port_or_free(preferred: int) -> int:
-    """``preferred`` when nothing listens there, else a free port."""
+    """``preferred`` when nothing listens there, else a free port (0: any free port)."""
+    if not preferred:
+        return stack.free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind(("127.0.0.1", preferred))
@@ -235,8 +242,8 @@ def run(config: DemoConfig) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     print(f"starting the broker and Postgres under {config.local} ...", flush=True)
     with local_stack(config.local) as stack_env:
-        ingestion_port = port_or_free(8080)
-        metrics_port = port_or_free(8081)
+        ingestion_port = port_or_free(config.ingestion_port)
+        metrics_port = port_or_free(config.metrics_port)
         env = {**os.environ, **stack_env,
                "AUTH": "off",
                "WINDOW_SECONDS": str(config.window_seconds),
