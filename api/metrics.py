@@ -7,8 +7,8 @@ answers, ``GET /openapi.json`` describes all of it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,11 +19,12 @@ import psycopg_pool
 from psycopg.rows import dict_row
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.errors import error_response
+from api.errors import error_response, http_error, server_error
 from api.params import (
     BUCKETS,
     DEFAULT_LIMIT,
@@ -46,6 +47,7 @@ READY_TIMEOUT_SECONDS = 2.0
 # Waiting longer than this for a free connection means Postgres is overloaded or gone.
 POOL_TIMEOUT_SECONDS = 5.0
 RETRY_AFTER_SECONDS = "5"
+SCHEMA_RETRY_SECONDS = 2.0
 # Merging more digests than this moves off the event loop, so other requests keep flowing.
 INLINE_DIGESTS = 2000
 
@@ -113,8 +115,26 @@ async def health(request: Request) -> Response:
     return _json({"status": "ok"})
 
 
+async def _ensure_schema_until_done(dsn: str, done: asyncio.Event) -> None:
+    while True:
+        try:
+            await run_in_threadpool(ensure_schema, dsn)
+        except psycopg.Error as error:
+            logger.warning("cannot prepare Postgres yet (retrying in %.0fs): %s",
+                           SCHEMA_RETRY_SECONDS, str(error).splitlines()[0])
+            await asyncio.sleep(SCHEMA_RETRY_SECONDS)
+        else:
+            done.set()
+            return
+
+
 async def ready(request: Request) -> Response:
     pool: psycopg_pool.AsyncConnectionPool = request.app.state.pool
+    if not request.app.state.schema_ready.is_set():
+        return error_response(
+            503, "unavailable", "the metrics table is not prepared yet; retry later",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
     try:
         async with pool.connection(timeout=READY_TIMEOUT_SECONDS) as conn:
             await conn.execute("SELECT 1")
@@ -202,12 +222,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         current = settings or load_or_exit()
-        try:
-            ensure_schema(current.postgres_dsn)
-        except psycopg.Error as error:
-            print(f"streamlens: cannot prepare Postgres at POSTGRES_DSN: {error}",
-                  file=sys.stderr)
-            raise
+        app.state.schema_ready = asyncio.Event()
+        # Postgres may start after this service: keep trying instead of failing start-up.
+        schema_task = asyncio.create_task(_ensure_schema_until_done(
+            current.postgres_dsn, app.state.schema_ready))
+        # Usually Postgres is there: start serving with the schema in place.
+        await asyncio.wait([schema_task], timeout=SCHEMA_RETRY_SECONDS)
         pool = psycopg_pool.AsyncConnectionPool(
             current.postgres_dsn,
             min_size=1,
@@ -222,6 +242,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            schema_task.cancel()
             await pool.close()
 
     return Starlette(
@@ -231,6 +252,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/ready", ready, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
         ],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
 

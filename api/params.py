@@ -26,6 +26,9 @@ PARAMETERS: tuple[str, ...] = (
 
 _Timestamp = Annotated[datetime, Meta(tz=True)]
 _DIGITS = re.compile(r"[0-9]+")
+# Tenant ids never hold control characters (as in events); no stored text holds NUL.
+_TENANT_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
+_NAME_FORBIDDEN = re.compile(r"\x00")
 # A '+' in a query string decodes to a space; the offset then reads " hh:mm".
 _SPACE_OFFSET = re.compile(r".*[0-9] [0-9]{2}:[0-9]{2}$")
 
@@ -61,7 +64,8 @@ def _single(params: Mapping[str, Sequence[str]], name: str) -> str | None:
     return values[0]
 
 
-def _name(params: Mapping[str, Sequence[str]], name: str, max_length: int) -> str | None:
+def _name(params: Mapping[str, Sequence[str]], name: str, max_length: int,
+          forbidden: re.Pattern[str]) -> str | None:
     value = _single(params, name)
     if value is None:
         return None
@@ -69,6 +73,8 @@ def _name(params: Mapping[str, Sequence[str]], name: str, max_length: int) -> st
         raise InvalidParameter(f"{name}: must not be empty")
     if len(value) > max_length:
         raise InvalidParameter(f"{name}: longer than {max_length} characters")
+    if forbidden.search(value):
+        raise InvalidParameter(f"{name}: contains a control character")
     return value
 
 
@@ -135,7 +141,7 @@ def parse_query(params: Mapping[str, Sequence[str]]) -> MetricsQuery:
             + (f" (also {', '.join(unknown[1:])})" if unknown[1:] else "")
             + f"; expected {', '.join(PARAMETERS)}"
         )
-    tenant_id = _name(params, "tenant_id", 128)
+    tenant_id = _name(params, "tenant_id", 128, _TENANT_FORBIDDEN)
     if tenant_id is None:
         raise InvalidParameter("tenant_id: required")
     start_text = _single(params, "from")
@@ -146,8 +152,8 @@ def parse_query(params: Mapping[str, Sequence[str]]) -> MetricsQuery:
         raise InvalidParameter(f"from: {start_text!r} is not before to ({end_text!r})")
     return MetricsQuery(
         tenant_id=tenant_id,
-        route=_name(params, "route", 255),
-        model=_name(params, "model", 255),
+        route=_name(params, "route", 255, _NAME_FORBIDDEN),
+        model=_name(params, "model", 255, _NAME_FORBIDDEN),
         start=start,
         end=end,
         limit=_limit(_single(params, "limit")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -258,7 +259,10 @@ def test_default_limit_is_60(postgres_dsn: str, client_for: Any):
     ("tenant_id=", "tenant_id"),
     ("tenant_id=" + "x" * 129, "tenant_id"),
     ("tenant_id=a&tenant_id=b", "tenant_id"),
+    ("tenant_id=ac%0Ame", "tenant_id"),
     ("tenant_id=acme&route=", "route"),
+    ("tenant_id=acme&route=%2Fchat%00", "route"),
+    ("tenant_id=acme&model=%00", "model"),
     ("tenant_id=acme&model=", "model"),
     ("tenant_id=acme&limit=0", "limit"),
     ("tenant_id=acme&limit=1001", "limit"),
@@ -349,3 +353,43 @@ def test_ready_is_503_when_postgres_does_not_answer(client_for: Any,
     finally:
         client.app.state.pool = live
         client.portal.call(dead.close)
+
+
+def test_unknown_paths_and_methods_answer_json(client: TestClient):
+    missing = client.get("/v1/metric")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "not_found", "detail": "no such path: /v1/metric"}
+    wrong = client.post("/v1/metrics?tenant_id=acme")
+    assert wrong.status_code == 405
+    assert wrong.json()["error"] == "method_not_allowed"
+
+
+def test_sessions_have_a_statement_timeout_and_utc(client: TestClient):
+    async def settings() -> tuple[str, str]:
+        async with client.app.state.pool.connection() as conn:
+            timeout = await (await conn.execute("SHOW statement_timeout")).fetchone()
+            zone = await (await conn.execute("SHOW TimeZone")).fetchone()
+        return timeout[0], zone[0]
+
+    assert client.portal.call(settings) == ("5s", "UTC")
+
+
+def test_starts_before_its_database_exists_and_becomes_ready(
+        postgres_server: Any, client_for: Any, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(api.metrics, "SCHEMA_RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(api.metrics, "READY_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(api.metrics, "POOL_TIMEOUT_SECONDS", 0.5)
+    name = f"late_{free_port()}"
+    dsn = postgres_server.dsn.rsplit("/", 1)[0] + f"/{name}"
+    client = client_for(dsn)
+    assert client.get("/health").status_code == 200
+    assert client.get("/ready").status_code == 503
+    assert client.get("/v1/metrics?tenant_id=acme").status_code == 503
+    admin = postgres_server.dsn.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    deadline = time.monotonic() + 10
+    while client.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline, "never became ready"
+        time.sleep(0.1)
+    assert get(client, tenant_id="acme") == {"metrics": [], "count": 0}
