@@ -528,6 +528,17 @@ class Processor:
             self.kill()
 
 
+def snapshotted_steps(recovery_dir: Path) -> set[str]:
+    """The steps whose state the recovery partitions hold: proof that recovery is in use."""
+    import sqlite3
+
+    steps: set[str] = set()
+    for part in recovery_dir.glob("part-*.sqlite3"):
+        with sqlite3.connect(part) as conn:
+            steps |= {row[0] for row in conn.execute("SELECT DISTINCT step_id FROM snaps")}
+    return steps
+
+
 def write_prices(path: Path) -> Path:
     path.write_text(json.dumps(PRICES))
     return path
@@ -576,6 +587,9 @@ class Scenario:
         self.barrier()
         self.on_step("phase2-read")
         produce(self.brokers, data.phase3)
+        wait_for(lambda: any(d["reason"] == "too_late" for d in dead_letters(self.brokers)),
+                 60, "the too-late call", self.processor.check_alive)
+        self.on_step("too-late-seen")
         expected = expected_rows(data)
         wait_for(lambda: self._done(expected), 120, "the final rows",
                  self.processor.check_alive)

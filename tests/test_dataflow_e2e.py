@@ -55,14 +55,18 @@ def test_kill_9_three_times_gives_the_same_rows(tmp_path: Path, broker: Broker,
     kills: list[str] = []
 
     def crash(scenario: h.Scenario, step: str) -> None:
-        if step in ("some-rows", "phase2-read", "phase1-read") and step not in kills:
+        # Early (some rows out, more to come), mid-way (late calls just read) and near
+        # the end (only timeouts and the last window left).
+        if step in ("some-rows", "phase2-read", "too-late-seen") and step not in kills:
             kills.append(step)
             scenario.processor.kill()
             scenario.processor.start()
             scenario.restart_point()
 
     data, scenario = _run(tmp_path, broker, postgres_dsn, on_step=crash)
-    assert kills == ["phase1-read", "some-rows", "phase2-read"]
+    assert kills == ["some-rows", "phase2-read", "too-late-seen"]
+    assert {"streamlens_metrics.join", "streamlens_metrics.windows",
+            "streamlens_metrics.read.kafka_input"} <= h.snapshotted_steps(tmp_path / "recovery")
     _check_outputs(data, scenario, broker, postgres_dsn, exact_dead_letters=False)
 
 
