@@ -1,4 +1,4 @@
-"""Generated LLM traffic for the ingestion API: ``python -m deploy.traffic --help``.
+"""Generated LLM traffic for the ingestion API (``python -m deploy.traffic --help``).
 
 Calls start at the wall clock's now, at a steady rate, across several tenants,
 routes and models (two OpenAI models, an Anthropic model and one model no
@@ -86,10 +86,11 @@ class Call:
 class CallGenerator:
     """Realistic calls from a seeded random source: the same seed, the same calls."""
 
-    def __init__(self, tenants: int, error_share: float, seed: int | None) -> None:
+    def __init__(self, tenants: int | list[str], error_share: float,
+                 seed: int | None) -> None:
         self.random = random.Random(seed)
         self.error_share = error_share
-        self.tenants = tenant_names(tenants)
+        self.tenants = tenant_names(tenants) if isinstance(tenants, int) else list(tenants)
         # Each tenant calls two of the routes, so the results stay readable.
         self.routes = {tenant: self.random.sample(ROUTES, 2) for tenant in self.tenants}
         self.weights = [model.weight for model in MODELS]
@@ -236,7 +237,7 @@ def run(
     url: str,
     rate: float,
     duration: float,
-    tenants: int = 3,
+    tenants: int | list[str] = 3,
     error_share: float = 0.05,
     seed: int | None = None,
     api_key: str | None = None,
@@ -310,6 +311,17 @@ def _share(text: str) -> float:
     return value
 
 
+def _tenants(text: str) -> int | list[str]:
+    if text.isdigit():
+        if not 1 <= int(text) <= 100:
+            raise argparse.ArgumentTypeError(f"{text!r} is not from 1 to 100")
+        return int(text)
+    names = text.split(",")
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of distinct names")
+    return names
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -319,7 +331,8 @@ def _positive(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.traffic", description=__doc__.split("\n\n")[0]
+        prog="python -m deploy.traffic",
+        description="Generated LLM traffic for the ingestion API, posted in batches."
     )
     parser.add_argument("--url", default="http://127.0.0.1:8080",
                         help="the ingestion API (default %(default)s)")
@@ -327,14 +340,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="calls per second (default %(default)s)")
     parser.add_argument("--duration", type=_positive, default=30.0,
                         help="seconds of traffic (default %(default)s)")
-    parser.add_argument("--tenants", type=int, default=3, choices=range(1, 101),
-                        metavar="N", help="how many tenants, 1-100 (default %(default)s)")
+    parser.add_argument("--tenants", type=_tenants, default=3, metavar="N|NAME,...",
+                        help="how many tenants (1-100; named acme, globex, ...) or their "
+                             "names, comma-separated (default %(default)s)")
     parser.add_argument("--error-share", type=_share, default=0.05,
                         help="share of calls that fail, 0-1 (default %(default)s)")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed, for repeatable traffic (default: random)")
     parser.add_argument("--api-key", default=None,
-                        help="sent as 'Authorization: Bearer KEY' (needs an ingest key)")
+                        help="sent as 'Authorization: Bearer KEY'; an ingest key serves one "
+                             "tenant, so pair it with --tenants THAT_TENANT")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:

@@ -6,9 +6,14 @@ import os
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
+
 from deploy.stack import Broker, Postgres
+from deploy.traffic import MODELS, CallGenerator
+from schemas.events import check_cache_read, request_decoder, response_decoder
 
 TENANTS = ("acme", "globex", "initech")
 
@@ -53,3 +58,39 @@ def test_demo_counts_every_tenants_calls_and_stops_everything(tmp_path: Path):
     assert Broker.running(local / "broker") is None
     assert Postgres.running(local / "postgres") is None
     assert not (local / "env").exists()
+
+
+def test_generated_events_are_valid_and_realistic():
+    generator = CallGenerator(["acme", "globex"], error_share=0.05, seed=5)
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    calls = [generator.call(start + timedelta(milliseconds=i), 0.0) for i in range(4000)]
+    requests = [request_decoder.decode(msgspec.json.encode(c.request)) for c in calls]
+    responses = [response_decoder.decode(msgspec.json.encode(c.response)) for c in calls]
+    for request, response in zip(requests, responses, strict=True):
+        assert request.request_id == response.request_id
+        assert check_cache_read(request, response) is None
+        assert response.timestamp >= request.timestamp
+    assert len({r.request_id for r in requests}) == len(requests)
+    assert {r.tenant_id for r in requests} == {"acme", "globex"}
+    models = {r.model: r.provider for r in requests}
+    assert models["claude-sonnet-4-5"] == "anthropic"
+    assert models["gpt-4.1-mini"] == models["gpt-4o"] == "openai"
+    assert any(provider is None for provider in models.values())
+    failed = sum(response.failed for response in responses) / len(responses)
+    assert 0.03 < failed < 0.07
+    assert sum(r.time_to_first_token_ms is not None for r in responses) > 1000
+    assert sum(r.cache_read_tokens > 0 for r in responses) > 500
+    # The same seed, the same traffic.
+    again = CallGenerator(["acme", "globex"], error_share=0.05, seed=5)
+    assert again.call(start, 0.0).request == calls[0].request
+
+
+def test_the_price_table_knows_the_priced_models():
+    from genai_prices import Usage, calc_price
+
+    for model in MODELS:
+        if model.provider is None:
+            continue
+        price = calc_price(Usage(input_tokens=1000, output_tokens=100), model_ref=model.name,
+                           provider_id=model.provider)
+        assert price.total_price > 0, model.name
