@@ -1,0 +1,278 @@
+"""The dataflow's wiring pieces on their own: decoding, shard keys, the stateful logics,
+the Postgres upsert (on a real Postgres), the Kafka records and the runner's set-up."""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
+from confluent_kafka import KafkaError as ConfluentKafkaError
+from psycopg.rows import dict_row
+
+from dataflows import operators, run, sinks, sources
+from dataflows.join import Call, SourceRef
+from dataflows.windows import WindowRow
+from schemas.deadletter import DeadLetter, deadletter_decoder
+from schemas.events import LLMRequest, LLMResponse
+from schemas.metrics import MetricsRow, row_decoder
+
+T0 = datetime(2025, 6, 1, tzinfo=UTC)
+
+
+def message(topic: str, value: bytes | None, partition: int = 2, offset: int = 41
+            ) -> KafkaSourceMessage:
+    return KafkaSourceMessage(key=None, value=value, topic=topic, partition=partition,
+                              offset=offset)
+
+
+REQUEST = {"request_id": "r-1", "tenant_id": "acme", "route": "/chat", "model": "m",
+           "timestamp": "2025-06-01T02:00:00+02:00", "prompt_tokens": 5}
+
+
+# -- decoding -----------------------------------------------------------------------------
+
+def test_decode_keeps_the_coordinates_and_accepts_the_type_field() -> None:
+    decoded = sources.decode(message("llm.requests",
+                                     json.dumps({"type": "request", **REQUEST}).encode()))
+    assert isinstance(decoded, tuple)
+    event, source = decoded
+    assert isinstance(event, LLMRequest) and event.timestamp == T0
+    assert source == SourceRef("llm.requests", 2, 41)
+
+
+def test_a_response_on_the_requests_topic_is_invalid() -> None:
+    letter = sources.decode(message("llm.requests",
+                                    json.dumps({**REQUEST, "type": "response"}).encode()))
+    assert isinstance(letter, DeadLetter)
+    assert letter.reason == "invalid" and "$.type" in letter.error
+
+
+@pytest.mark.parametrize(("value", "field"), [
+    (b"{oops", "JSON"),
+    (json.dumps({**REQUEST, "timestamp": "2025-06-01T00:00:00"}).encode(), "$.timestamp"),
+    (json.dumps({k: v for k, v in REQUEST.items() if k != "tenant_id"}).encode(), "tenant_id"),
+    (json.dumps({**REQUEST, "prompt_tokens": -1}).encode(), "$.prompt_tokens"),
+])
+def test_invalid_records_become_dead_letters_naming_the_problem(value: bytes, field: str
+                                                                ) -> None:
+    letter = sources.decode(message("llm.requests", value, partition=1, offset=7))
+    assert isinstance(letter, DeadLetter)
+    assert (letter.reason, letter.source_topic, letter.partition, letter.offset) == (
+        "invalid", "llm.requests", 1, 7)
+    assert field in letter.error
+    assert letter.payload == value.decode()
+
+
+def test_a_record_that_is_not_utf8_is_kept_base64_encoded() -> None:
+    raw = b"\xff\xfe{}"
+    letter = sources.decode(message("llm.responses", raw))
+    assert isinstance(letter, DeadLetter)
+    assert letter.payload is not None and base64.b64decode(letter.payload) == raw
+    assert "base64" in letter.error
+
+
+def test_an_empty_record_is_invalid() -> None:
+    letter = sources.decode(message("llm.responses", None))
+    assert isinstance(letter, DeadLetter) and letter.payload is None
+    assert "empty record" in letter.error
+
+
+def test_broker_errors_are_dead_lettered() -> None:
+    error = KafkaError(ConfluentKafkaError(ConfluentKafkaError._TRANSPORT, "broker down"),
+                       message("llm.requests", b"{}"))
+    letter = sources.broker_error(error)
+    assert letter.reason == "invalid" and "kafka consumer error" in letter.error
+    assert (letter.source_topic, letter.partition, letter.offset) == ("llm.requests", 2, 41)
+
+
+# -- shard keys and the stateful logics -----------------------------------------------------
+
+def test_shard_keys_are_stable_strings() -> None:
+    # crc32 is the same in every process (str hash() is not).
+    assert operators.join_shard_key("r-1") == str(zlib.crc32(b"r-1") % operators.JOIN_SHARDS)
+    call = Call(request=LLMRequest(request_id="a", tenant_id="t", route="r", model="m",
+                                   timestamp=T0),
+                response=None, source=SourceRef("llm.requests", 0, 0))
+    assert operators.window_shard_key(call) == str(
+        zlib.crc32(b"t\x00r\x00m") % operators.WINDOW_SHARDS)
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _events(request_id: str, at: datetime, latency: float = 1.0
+            ) -> list[tuple[LLMRequest | LLMResponse, SourceRef]]:
+    return [
+        (LLMRequest(request_id=request_id, tenant_id="t", route="/r", model="m", timestamp=at),
+         SourceRef("llm.requests", 0, 1)),
+        (LLMResponse(request_id=request_id, timestamp=at + timedelta(seconds=latency)),
+         SourceRef("llm.responses", 0, 1)),
+    ]
+
+
+def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
+    clock = Clock(1000.0)
+    build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60)
+    logic = build(None)
+    logic.clock = clock
+    out, retain = logic.on_batch([*_events("a", T0), _events("b", T0)[0]])
+    assert retain is False  # RETAIN
+    assert [c.request.request_id for c in out if isinstance(c, Call)] == ["a"]
+    wake = logic.notify_at()
+    assert wake is not None and wake.tzinfo is not None
+    # "b" times out 30 s of event time after its request; event time idles with the clock.
+    assert 1029 <= wake.timestamp() <= 1031.1
+    clock.now = wake.timestamp() + 0.01
+    out, _ = logic.on_notify()
+    assert [(c.request.request_id, c.response) for c in out] == [("b", None)]
+
+
+def test_join_logic_snapshot_is_a_frozen_copy_that_resumes() -> None:
+    clock = Clock(1000.0)
+    build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60)
+    logic = build(None)
+    logic.clock = clock
+    logic.on_batch(_events("a", T0)[:1])
+    snapshot = logic.snapshot()
+    logic.on_batch(_events("a", T0)[1:])  # later changes do not reach the snapshot
+    resumed = build(snapshot)
+    resumed.clock = clock
+    out, _ = resumed.on_batch(_events("a", T0)[1:])
+    assert len(out) == 1 and isinstance(out[0], Call)
+
+
+def test_window_logic_emits_when_event_time_passes_the_grace() -> None:
+    clock = Clock(5000.0)
+    logic = operators.window_builder(10, 2, 60)(None)
+    logic.clock = clock
+    request = LLMRequest(request_id="a", tenant_id="t", route="/r", model="m", timestamp=T0)
+    response = LLMResponse(request_id="a", timestamp=T0 + timedelta(seconds=1), latency_ms=5.0)
+    call = Call(request=request, response=response, source=SourceRef("llm.responses", 0, 3),
+                cost_usd=0.5)
+    out, _ = logic.on_batch([call])
+    assert out == []
+    wake = logic.notify_at()
+    assert wake is not None
+    clock.now = wake.timestamp() + 0.01
+    rows, _ = logic.on_notify()
+    assert len(rows) == 1 and isinstance(rows[0], WindowRow)
+    assert rows[0].row.requests == 1 and rows[0].row.revision == 1
+
+
+# -- Postgres ------------------------------------------------------------------------------
+
+def _row(revision: int, requests: int, tenant: str = "acme", minute: int = 0) -> WindowRow:
+    start = T0 + timedelta(minutes=minute)
+    return WindowRow(row=MetricsRow(
+        tenant_id=tenant, route="/chat", model="m", window_start=start,
+        window_end=start + timedelta(minutes=1), requests=requests, errors=0, timeouts=0,
+        avg_latency_ms=1.5, p50_latency_ms=1.0, p95_latency_ms=2.0, p99_latency_ms=2.0,
+        avg_time_to_first_token_ms=None, prompt_tokens=10, completion_tokens=20,
+        cache_read_tokens=0, reasoning_tokens=0, avg_prompt_tokens=10.0,
+        avg_completion_tokens=20.0, estimated_cost_usd=0.25, unpriced_requests=0,
+        revision=revision), digest=b"\x01\x02", ttft_count=0)
+
+
+def _stored(dsn: str) -> list[dict]:
+    with psycopg.connect(dsn, row_factory=dict_row) as conn:
+        return conn.execute(
+            "SELECT * FROM llm_metrics ORDER BY tenant_id, window_start").fetchall()
+
+
+def test_latest_per_window_keeps_the_highest_revision() -> None:
+    kept = sinks.latest_per_window([_row(2, 5), _row(3, 6), _row(1, 4), _row(1, 9, "b")])
+    assert sorted((k.row.tenant_id, k.row.revision) for k in kept) == [("acme", 3), ("b", 1)]
+
+
+def test_postgres_upsert_is_idempotent_and_never_goes_back(postgres_dsn: str) -> None:
+    partition = sinks.PostgresSink(postgres_dsn).build("pg", 0, 1)
+    try:
+        # Two emissions of one window in one batch, and another window.
+        partition.write_batch([_row(1, 4), _row(2, 5), _row(1, 7, minute=1)])
+        rows = _stored(postgres_dsn)
+        assert [(r["revision"], r["requests"]) for r in rows] == [(2, 5), (1, 7)]
+        assert bytes(rows[0]["latency_digest"]) == b"\x01\x02"
+        assert rows[0]["ttft_count"] == 0 and rows[0]["avg_time_to_first_token_ms"] is None
+        assert rows[0]["window_start"] == T0
+        # A replayed older emission changes nothing; the same one again is harmless.
+        partition.write_batch([_row(1, 4)])
+        partition.write_batch([_row(2, 5)])
+        assert [(r["revision"], r["requests"]) for r in _stored(postgres_dsn)] == [
+            (2, 5), (1, 7)]
+        partition.write_batch([_row(3, 6)])
+        assert _stored(postgres_dsn)[0]["requests"] == 6
+    finally:
+        partition.close()
+
+
+def test_postgres_sink_reconnects_after_a_dropped_connection(postgres_dsn: str) -> None:
+    partition = sinks.PostgresSink(postgres_dsn).build("pg", 0, 1)
+    try:
+        partition.write_batch([_row(1, 4)])
+        pid = partition._conn.info.backend_pid  # type: ignore[union-attr]
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        partition.write_batch([_row(2, 5)])
+        assert _stored(postgres_dsn)[0]["revision"] == 2
+    finally:
+        partition.close()
+
+
+# -- Kafka records -----------------------------------------------------------------------
+
+def test_metrics_record_is_keyed_by_window() -> None:
+    record = sinks.metrics_message(_row(2, 5))
+    assert record.key == b"acme|/chat|m|2025-06-01T00:00:00+00:00"
+    assert row_decoder.decode(record.value) == _row(2, 5).row
+
+
+@pytest.mark.parametrize(("payload", "key"), [
+    ('{"request_id": "r-9", "timestamp": "x"}', b"r-9"),
+    ('{"request": {"request_id": "r-8"}, "response": null}', b"r-8"),
+    ("{not json", None),
+    ("[1, 2]", None),
+    (None, None),
+])
+def test_dead_letter_record_is_keyed_by_request_id_when_known(payload: str | None,
+                                                              key: bytes | None) -> None:
+    letter = DeadLetter(reason="orphan_response", source_topic="llm.responses", partition=0,
+                        offset=3, error="no request", payload=payload)
+    record = sinks.deadletter_message(letter)
+    assert record.key == key
+    assert deadletter_decoder.decode(record.value) == letter
+
+
+# -- the runner ------------------------------------------------------------------------------
+
+def test_recovery_directory_is_initialised_once_and_reset_on_demand(tmp_path: Path) -> None:
+    directory = tmp_path / "recovery"
+    run.prepare_recovery(directory, 2)
+    parts = sorted(p.name for p in directory.glob("part-*.sqlite3"))
+    assert parts == ["part-0.sqlite3", "part-1.sqlite3"]
+    (directory / "keep").write_text("x")
+    run.prepare_recovery(directory, 2)  # resumes: nothing re-created
+    assert (directory / "keep").exists()
+    run.prepare_recovery(directory, 1, reset=True)
+    assert not (directory / "keep").exists()
+    assert sorted(p.name for p in directory.glob("part-*.sqlite3")) == ["part-0.sqlite3"]
+
+
+def test_commands_for_several_processes_share_the_addresses(tmp_path: Path) -> None:
+    [single] = run.commands(tmp_path, 1, 2, 5, 0)
+    assert "-i" not in single and single[single.index("-w") + 1] == "2"
+    assert single[single.index("-r") + 1] == str(tmp_path)
+    argvs = run.commands(tmp_path, 3, 1, 5, 0)
+    assert [argv[argv.index("-i") + 1] for argv in argvs] == ["0", "1", "2"]
+    addresses = {argv[argv.index("-a") + 1] for argv in argvs}
+    assert len(addresses) == 1 and len(addresses.pop().split(";")) == 3
