@@ -66,7 +66,9 @@ def _json(body: Any, status: int = 200) -> Response:
 def _unavailable(error: Exception) -> Response:
     logger.warning("postgres unavailable: %s: %s", type(error).__name__, error)
     return error_response(
-        503, "unavailable", "the metrics database did not answer; retry later",
+        503,
+        "unavailable",
+        "the metrics database did not answer; retry later",
         headers={"Retry-After": RETRY_AFTER_SECONDS},
     )
 
@@ -120,8 +122,11 @@ async def _ensure_schema_until_done(dsn: str, done: asyncio.Event) -> None:
         try:
             await run_in_threadpool(ensure_schema, dsn)
         except psycopg.Error as error:
-            logger.warning("cannot prepare Postgres yet (retrying in %.0fs): %s",
-                           SCHEMA_RETRY_SECONDS, str(error).splitlines()[0])
+            logger.warning(
+                "cannot prepare Postgres yet (retrying in %.0fs): %s",
+                SCHEMA_RETRY_SECONDS,
+                str(error).splitlines()[0],
+            )
             await asyncio.sleep(SCHEMA_RETRY_SECONDS)
         else:
             done.set()
@@ -132,7 +137,9 @@ async def ready(request: Request) -> Response:
     pool: psycopg_pool.AsyncConnectionPool = request.app.state.pool
     if not request.app.state.schema_ready.is_set():
         return error_response(
-            503, "unavailable", "the metrics table is not prepared yet; retry later",
+            503,
+            "unavailable",
+            "the metrics table is not prepared yet; retry later",
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
     try:
@@ -145,70 +152,128 @@ async def ready(request: Request) -> Response:
 
 def openapi_document() -> dict[str, Any]:
     """The API's OpenAPI 3.1 description; the row schema comes from :class:`MetricsRow`."""
-    _, components = msgspec.json.schema_components(
-        [MetricsRow], ref_template="#/components/schemas/{name}"
-    )
+    _, components = msgspec.json.schema_components([MetricsRow], ref_template="#/components/schemas/{name}")
     row_ref = {"$ref": "#/components/schemas/MetricsRow"}
     timestamp = {"type": "string", "format": "date-time"}
 
-    def parameter(name: str, description: str, schema: dict[str, Any],
-                  required: bool = False) -> dict[str, Any]:
-        return {"name": name, "in": "query", "required": required,
-                "description": description, "schema": schema}
+    def parameter(
+        name: str, description: str, schema: dict[str, Any], required: bool = False
+    ) -> dict[str, Any]:
+        return {
+            "name": name,
+            "in": "query",
+            "required": required,
+            "description": description,
+            "schema": schema,
+        }
 
-    error = {"description": "{\"error\": code, \"detail\": what and where}",
-             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    error = {
+        "description": '{"error": code, "detail": what and where}',
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "StreamLens query API", "version": "1"},
         "paths": {
-            "/v1/metrics": {"get": {
-                "summary": "Per-window LLM call metrics of one tenant, or their roll-ups",
-                "parameters": [
-                    parameter("tenant_id", "The tenant whose metrics to read.",
-                              {"type": "string", "minLength": 1, "maxLength": 128}, True),
-                    parameter("route", "Only this route (exact match).",
-                              {"type": "string", "minLength": 1, "maxLength": 255}),
-                    parameter("model", "Only this model (exact match).",
-                              {"type": "string", "minLength": 1, "maxLength": 255}),
-                    parameter("from", "Windows starting at or after this time (RFC 3339 "
-                              "with an offset; inclusive).", timestamp),
-                    parameter("to", "Windows starting before this time (RFC 3339 with an "
-                              "offset; exclusive). Must be after `from`.", timestamp),
-                    parameter("limit", "Most rows (or buckets) to return; newest first.",
-                              {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
-                               "default": DEFAULT_LIMIT}),
-                    parameter("bucket", "Merge windows into epoch-aligned buckets of this "
-                              "size: sums summed, averages weighted, percentiles from the "
-                              "merged t-digests, revision the highest of the windows.",
-                              {"type": "string", "enum": list(BUCKETS)}),
-                    parameter("group_by", "Comma-separated subset of route,model to keep "
-                              "(default both); dimensions left out are merged across and "
-                              "reported as null. Empty: one row per bucket for the tenant.",
-                              {"type": "string", "default": ",".join(DIMENSIONS)}),
-                ],
-                "responses": {
-                    "200": {"description": "Rows newest first, then by route and model.",
-                            "content": {"application/json": {"schema": {
-                                "type": "object", "required": ["metrics", "count"],
-                                "properties": {"metrics": {"type": "array", "items": row_ref},
-                                               "count": {"type": "integer"}}}}}},
-                    "400": error | {"description": "A parameter is malformed, missing or "
-                                    "unknown; `detail` starts with its name."},
-                    "503": error | {"description": "Postgres did not answer in time."},
-                },
-            }},
-            "/health": {"get": {"summary": "The process is alive",
-                                "responses": {"200": {"description": "alive"}}}},
-            "/ready": {"get": {"summary": "Postgres answers",
-                               "responses": {"200": {"description": "ready"},
-                                             "503": error}}},
-            "/openapi.json": {"get": {"summary": "This document",
-                                      "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+            "/v1/metrics": {
+                "get": {
+                    "summary": "Per-window LLM call metrics of one tenant, or their roll-ups",
+                    "parameters": [
+                        parameter(
+                            "tenant_id",
+                            "The tenant whose metrics to read.",
+                            {"type": "string", "minLength": 1, "maxLength": 128},
+                            True,
+                        ),
+                        parameter(
+                            "route",
+                            "Only this route (exact match).",
+                            {"type": "string", "minLength": 1, "maxLength": 255},
+                        ),
+                        parameter(
+                            "model",
+                            "Only this model (exact match).",
+                            {"type": "string", "minLength": 1, "maxLength": 255},
+                        ),
+                        parameter(
+                            "from",
+                            "Windows starting at or after this time (RFC 3339 with an offset; inclusive).",
+                            timestamp,
+                        ),
+                        parameter(
+                            "to",
+                            "Windows starting before this time (RFC 3339 with an "
+                            "offset; exclusive). Must be after `from`.",
+                            timestamp,
+                        ),
+                        parameter(
+                            "limit",
+                            "Most rows (or buckets) to return; newest first.",
+                            {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+                        ),
+                        parameter(
+                            "bucket",
+                            "Merge windows into epoch-aligned buckets of this "
+                            "size: sums summed, averages weighted, percentiles from the "
+                            "merged t-digests, revision the highest of the windows.",
+                            {"type": "string", "enum": list(BUCKETS)},
+                        ),
+                        parameter(
+                            "group_by",
+                            "Comma-separated subset of route,model to keep "
+                            "(default both); dimensions left out are merged across and "
+                            "reported as null. Empty: one row per bucket for the tenant.",
+                            {"type": "string", "default": ",".join(DIMENSIONS)},
+                        ),
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Rows newest first, then by route and model.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["metrics", "count"],
+                                        "properties": {
+                                            "metrics": {"type": "array", "items": row_ref},
+                                            "count": {"type": "integer"},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        "400": error
+                        | {
+                            "description": "A parameter is malformed, missing or "
+                            "unknown; `detail` starts with its name."
+                        },
+                        "503": error | {"description": "Postgres did not answer in time."},
+                    },
+                }
+            },
+            "/health": {
+                "get": {"summary": "The process is alive", "responses": {"200": {"description": "alive"}}}
+            },
+            "/ready": {
+                "get": {
+                    "summary": "Postgres answers",
+                    "responses": {"200": {"description": "ready"}, "503": error},
+                }
+            },
+            "/openapi.json": {
+                "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}
+            },
         },
-        "components": {"schemas": components | {"Error": {
-            "type": "object", "required": ["error", "detail"],
-            "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}}}},
+        "components": {
+            "schemas": components
+            | {
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "detail"],
+                    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+                }
+            }
+        },
     }
 
 
@@ -224,8 +289,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         current = settings or load_or_exit()
         app.state.schema_ready = asyncio.Event()
         # Postgres may start after this service: keep trying instead of failing start-up.
-        schema_task = asyncio.create_task(_ensure_schema_until_done(
-            current.postgres_dsn, app.state.schema_ready))
+        schema_task = asyncio.create_task(
+            _ensure_schema_until_done(current.postgres_dsn, app.state.schema_ready)
+        )
         # Usually Postgres is there: start serving with the schema in place.
         await asyncio.wait([schema_task], timeout=SCHEMA_RETRY_SECONDS)
         pool = psycopg_pool.AsyncConnectionPool(
@@ -234,8 +300,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             max_size=10,
             open=False,
             # UTC sessions: times leave as ...Z; the timeout bounds any one query.
-            kwargs={"autocommit": True,
-                    "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c TimeZone=UTC"},
+            kwargs={
+                "autocommit": True,
+                "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c TimeZone=UTC",
+            },
         )
         await pool.open(wait=False)
         app.state.pool = pool

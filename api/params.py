@@ -21,7 +21,14 @@ BUCKETS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "1d": 86
 DIMENSIONS: tuple[str, ...] = ("route", "model")
 
 PARAMETERS: tuple[str, ...] = (
-    "tenant_id", "route", "model", "from", "to", "limit", "bucket", "group_by",
+    "tenant_id",
+    "route",
+    "model",
+    "from",
+    "to",
+    "limit",
+    "bucket",
+    "group_by",
 )
 
 _Timestamp = Annotated[datetime, Meta(tz=True)]
@@ -64,8 +71,9 @@ def _single(params: Mapping[str, Sequence[str]], name: str) -> str | None:
     return values[0]
 
 
-def _name(params: Mapping[str, Sequence[str]], name: str, max_length: int,
-          forbidden: re.Pattern[str]) -> str | None:
+def _name(
+    params: Mapping[str, Sequence[str]], name: str, max_length: int, forbidden: re.Pattern[str]
+) -> str | None:
     value = _single(params, name)
     if value is None:
         return None
@@ -107,9 +115,7 @@ def _bucket(text: str | None) -> int | None:
     try:
         return BUCKETS[text]
     except KeyError:
-        raise InvalidParameter(
-            f"bucket: {text!r} is not one of {', '.join(BUCKETS)}"
-        ) from None
+        raise InvalidParameter(f"bucket: {text!r} is not one of {', '.join(BUCKETS)}") from None
 
 
 def _group_by(text: str | None) -> tuple[str, ...]:
@@ -119,9 +125,7 @@ def _group_by(text: str | None) -> tuple[str, ...]:
     names = text.split(",") if text else []
     unknown = [name for name in names if name not in DIMENSIONS]
     if unknown:
-        raise InvalidParameter(
-            f"group_by: {', '.join(map(repr, unknown))} not among {', '.join(DIMENSIONS)}"
-        )
+        raise InvalidParameter(f"group_by: {', '.join(map(repr, unknown))} not among {', '.join(DIMENSIONS)}")
     if len(set(names)) != len(names):
         raise InvalidParameter(f"group_by: {text!r} names a dimension twice")
     return tuple(name for name in DIMENSIONS if name in names)

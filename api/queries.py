@@ -72,26 +72,18 @@ def parameters(query: MetricsQuery) -> dict[str, Any]:
         "start": query.start,
         "end": query.end,
         "limit": query.limit,
-        "bucket": None if query.bucket_seconds is None else timedelta(
-            seconds=query.bucket_seconds
-        ),
+        "bucket": None if query.bucket_seconds is None else timedelta(seconds=query.bucket_seconds),
     }
 
 
 def windows_sql(query: MetricsQuery) -> str:
     """Stored windows as they are: the plain query."""
-    return (
-        f"SELECT {', '.join(ROW_FIELDS)} FROM llm_metrics"
-        f" WHERE {_filters(query)} {_ORDER} LIMIT %(limit)s"
-    )
+    return f"SELECT {', '.join(ROW_FIELDS)} FROM llm_metrics WHERE {_filters(query)} {_ORDER} LIMIT %(limit)s"
 
 
 def _weighted(column: str, weight: str) -> str:
     # Windows without a value for the average carry no weight either.
-    return (
-        f"sum({column} * {weight}) / NULLIF(sum({weight}) FILTER"
-        f" (WHERE {column} IS NOT NULL), 0)"
-    )
+    return f"sum({column} * {weight}) / NULLIF(sum({weight}) FILTER (WHERE {column} IS NOT NULL), 0)"
 
 
 def rollup_sql(query: MetricsQuery) -> str:
@@ -108,9 +100,7 @@ def rollup_sql(query: MetricsQuery) -> str:
     else:
         bucket_start = "date_bin(%(bucket)s, window_start, timestamptz 'epoch')"
         window_end = "greatest(max(window_end), bucket_start + %(bucket)s)"
-        same_bucket = (
-            "w.window_start >= b.window_start AND w.window_start < b.window_start + %(bucket)s"
-        )
+        same_bucket = "w.window_start >= b.window_start AND w.window_start < b.window_start + %(bucket)s"
     dimensions = [name if name in kept else f"NULL::text AS {name}" for name in DIMENSIONS]
     answered = "(requests - timeouts)"
     aggregate = f"""

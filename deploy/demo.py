@@ -109,15 +109,20 @@ class Service:
             # A session of its own: Ctrl-C reaches the demo only, which stops
             # the services in order.
             self.process = subprocess.Popen(
-                self.argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                self.argv,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
 
     def check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
             tail = self.log.read_text(errors="replace")[-1500:]
-            raise DemoError(f"{self.name} exited with code {self.process.returncode}; "
-                            f"the end of {self.log}:\n{tail}")
+            raise DemoError(
+                f"{self.name} exited with code {self.process.returncode}; the end of {self.log}:\n{tail}"
+            )
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -150,8 +155,7 @@ def wait_ready(url: str, services: list[Service]) -> None:
 
 def fetch_totals(metrics_url: str, tenant: str, since: datetime) -> list[dict[str, Any]]:
     """One row per route and model since ``since``: the day's roll-up of the tenant."""
-    query = urlencode({"tenant_id": tenant, "from": since.isoformat(), "bucket": "1d",
-                       "limit": 1000})
+    query = urlencode({"tenant_id": tenant, "from": since.isoformat(), "bucket": "1d", "limit": 1000})
     return _get_json(f"{metrics_url}/v1/metrics?{query}")["metrics"]
 
 
@@ -159,8 +163,9 @@ def counted(rows: list[dict[str, Any]]) -> int:
     return sum(row["requests"] for row in rows)
 
 
-def wait_counted(metrics_url: str, sent: dict[str, int], since: datetime,
-                 deadline: float, services: list[Service]) -> dict[str, list[dict[str, Any]]]:
+def wait_counted(
+    metrics_url: str, sent: dict[str, int], since: datetime, deadline: float, services: list[Service]
+) -> dict[str, list[dict[str, Any]]]:
     """Poll until every sent call is counted in a window, or the deadline passes."""
     total = sum(sent.values())
     interactive = sys.stderr.isatty()
@@ -170,14 +175,19 @@ def wait_counted(metrics_url: str, sent: dict[str, int], since: datetime,
         rows = {tenant: fetch_totals(metrics_url, tenant, since) for tenant in sorted(sent)}
         done = sum(counted(tenant_rows) for tenant_rows in rows.values())
         line = f"windows closing: {done}/{total} calls counted"
-        print(f"\r{line}\x1b[K" if interactive else line, end="" if interactive else "\n",
-              file=sys.stderr, flush=True)
+        print(
+            f"\r{line}\x1b[K" if interactive else line,
+            end="" if interactive else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
         if done >= total or time.monotonic() > deadline:
             if interactive:
                 print(file=sys.stderr)
             if done < total:
-                print(f"warning: {total - done} calls not counted yet; see "
-                      "the dataflow's log", file=sys.stderr)
+                print(
+                    f"warning: {total - done} calls not counted yet; see the dataflow's log", file=sys.stderr
+                )
             return rows
         time.sleep(1.0)
 
@@ -185,7 +195,8 @@ def wait_counted(metrics_url: str, sent: dict[str, int], since: datetime,
 def table(rows: dict[str, list[dict[str, Any]]]) -> str:
     """Per tenant, route and model: calls, errors, p95, tokens and cost, summed over buckets."""
     merged: dict[tuple[str, str, str], dict[str, Any]] = defaultdict(
-        lambda: {"calls": 0, "errors": 0, "p95": None, "tokens": 0, "cost": 0.0})
+        lambda: {"calls": 0, "errors": 0, "p95": None, "tokens": 0, "cost": 0.0}
+    )
     for tenant, tenant_rows in rows.items():
         for row in tenant_rows:
             line = merged[(tenant, row["route"], row["model"])]
@@ -198,17 +209,26 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> str:
             line["cost"] += row["estimated_cost_usd"]
     header = ("tenant", "route", "model", "calls", "errors", "p95 ms", "tokens", "cost USD")
     body = [
-        (tenant, route, model, str(line["calls"]), str(line["errors"]),
-         "-" if line["p95"] is None else f"{line['p95']:.0f}", str(line["tokens"]),
-         f"{line['cost']:.4f}")
+        (
+            tenant,
+            route,
+            model,
+            str(line["calls"]),
+            str(line["errors"]),
+            "-" if line["p95"] is None else f"{line['p95']:.0f}",
+            str(line["tokens"]),
+            f"{line['cost']:.4f}",
+        )
         for (tenant, route, model), line in sorted(merged.items())
     ]
     widths = [max(len(cells[i]) for cells in [header, *body]) for i in range(len(header))]
     numeric = range(3, len(header))
 
     def render(cells: tuple[str, ...]) -> str:
-        return "  ".join(cell.rjust(width) if i in numeric else cell.ljust(width)
-                         for i, (cell, width) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(
+            cell.rjust(width) if i in numeric else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        )
 
     rule = "  ".join("-" * width for width in widths)
     return "\n".join([render(header), rule, *(render(cells) for cells in body)])
@@ -244,62 +264,102 @@ def run(config: DemoConfig) -> None:
     with local_stack(config.local) as stack_env:
         ingestion_port = port_or_free(config.ingestion_port)
         metrics_port = port_or_free(config.metrics_port)
-        env = {**os.environ, **stack_env,
-               "AUTH": "off",
-               "WINDOW_SECONDS": str(config.window_seconds),
-               "GRACE_SECONDS": str(config.grace_seconds)}
+        env = {
+            **os.environ,
+            **stack_env,
+            "AUTH": "off",
+            "WINDOW_SECONDS": str(config.window_seconds),
+            "GRACE_SECONDS": str(config.grace_seconds),
+        }
         env.pop("HTTP_PORT", None)
         python = sys.executable
         services = [
-            Service("ingestion API", [python, "-m", "uvicorn", "api.ingestion:app", "--host",
-                                      "127.0.0.1", "--port", str(ingestion_port),
-                                      "--no-access-log"], logs / "ingestion.log"),
-            Service("dataflow", [python, "-m", "dataflows.run", "--recovery-dir",
-                                 str(config.local / "recovery"), "--reset"],
-                    logs / "processor.log"),
-            Service("query API", [python, "-m", "uvicorn", "api.metrics:app", "--host",
-                                  "127.0.0.1", "--port", str(metrics_port),
-                                  "--no-access-log"], logs / "metrics-api.log"),
+            Service(
+                "ingestion API",
+                [
+                    python,
+                    "-m",
+                    "uvicorn",
+                    "api.ingestion:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(ingestion_port),
+                    "--no-access-log",
+                ],
+                logs / "ingestion.log",
+            ),
+            Service(
+                "dataflow",
+                [python, "-m", "dataflows.run", "--recovery-dir", str(config.local / "recovery"), "--reset"],
+                logs / "processor.log",
+            ),
+            Service(
+                "query API",
+                [
+                    python,
+                    "-m",
+                    "uvicorn",
+                    "api.metrics:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(metrics_port),
+                    "--no-access-log",
+                ],
+                logs / "metrics-api.log",
+            ),
         ]
         ingestion_url = f"http://127.0.0.1:{ingestion_port}"
         metrics_url = f"http://127.0.0.1:{metrics_port}"
         try:
             for service in services:
                 service.start(env)
-            print(f"started the ingestion API ({ingestion_url}), the dataflow "
-                  f"({config.window_seconds}s windows) and the query API ({metrics_url}); "
-                  f"logs in {logs}", flush=True)
+            print(
+                f"started the ingestion API ({ingestion_url}), the dataflow "
+                f"({config.window_seconds}s windows) and the query API ({metrics_url}); "
+                f"logs in {logs}",
+                flush=True,
+            )
             wait_ready(ingestion_url, services)
             wait_ready(metrics_url, services)
             # Windows are selected by start; the one holding the first call starts here.
             since = datetime.fromtimestamp(
-                int(time.time()) // config.window_seconds * config.window_seconds, UTC)
-            print(f"sending {config.rate:g} calls/s for {config.duration:g}s "
-                  f"across {config.tenants} tenants ...", flush=True)
+                int(time.time()) // config.window_seconds * config.window_seconds, UTC
+            )
+            print(
+                f"sending {config.rate:g} calls/s for {config.duration:g}s "
+                f"across {config.tenants} tenants ...",
+                flush=True,
+            )
             started = time.monotonic()
-            totals = traffic.run(ingestion_url, config.rate, config.duration, config.tenants,
-                                 progress=traffic.bar_progress(config.duration))
+            totals = traffic.run(
+                ingestion_url,
+                config.rate,
+                config.duration,
+                config.tenants,
+                progress=traffic.bar_progress(config.duration),
+            )
             if sys.stderr.isatty():
                 print(file=sys.stderr)  # ends the progress line
-            print(traffic.summary(totals, config.duration, time.monotonic() - started),
-                  flush=True)
-            deadline = (time.monotonic() + config.window_seconds + config.grace_seconds
-                        + COUNT_SLACK_SECONDS)
-            rows = wait_counted(metrics_url, dict(totals.calls_by_tenant), since, deadline,
-                                services)
+            print(traffic.summary(totals, config.duration, time.monotonic() - started), flush=True)
+            deadline = time.monotonic() + config.window_seconds + config.grace_seconds + COUNT_SLACK_SECONDS
+            rows = wait_counted(metrics_url, dict(totals.calls_by_tenant), since, deadline, services)
             print()
             print(table(rows))
             print()
             example = sorted(totals.calls_by_tenant)[0]
             print("Query it yourself, per window or rolled up:")
             print(f"  curl -s '{metrics_url}/v1/metrics?tenant_id={example}&limit=5'")
-            print(f"  curl -s '{metrics_url}/v1/metrics?tenant_id={example}&bucket=1h"
-                  "&group_by=model'")
+            print(f"  curl -s '{metrics_url}/v1/metrics?tenant_id={example}&bucket=1h&group_by=model'")
             print(f"  the API's description: {metrics_url}/openapi.json", flush=True)
             if config.exit_after_table:
                 return
-            print(f"\nthe services keep running (more traffic: python -m deploy.traffic "
-                  f"--url {ingestion_url}); Ctrl-C stops everything", flush=True)
+            print(
+                f"\nthe services keep running (more traffic: python -m deploy.traffic "
+                f"--url {ingestion_url}); Ctrl-C stops everything",
+                flush=True,
+            )
             try:
                 while True:
                     for service in services:

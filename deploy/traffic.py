@@ -42,8 +42,7 @@ SEND_ATTEMPTS = 5
 
 TENANT_NAMES = ("acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka")
 ROUTES = ("/chat", "/summarize", "/search", "/classify")
-ERRORS = ("rate_limit_exceeded", "upstream timeout", "context_length_exceeded",
-          "internal server error")
+ERRORS = ("rate_limit_exceeded", "upstream timeout", "context_length_exceeded", "internal server error")
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,7 @@ MODELS: tuple[Model, ...] = (
 
 
 def tenant_names(count: int) -> list[str]:
-    return [TENANT_NAMES[i] if i < len(TENANT_NAMES) else f"tenant-{i + 1}"
-            for i in range(count)]
+    return [TENANT_NAMES[i] if i < len(TENANT_NAMES) else f"tenant-{i + 1}" for i in range(count)]
 
 
 def rfc3339(moment: datetime) -> str:
@@ -86,8 +84,7 @@ class Call:
 class CallGenerator:
     """Realistic calls from a seeded random source: the same seed, the same calls."""
 
-    def __init__(self, tenants: int | list[str], error_share: float,
-                 seed: int | None) -> None:
+    def __init__(self, tenants: int | list[str], error_share: float, seed: int | None) -> None:
         self.random = random.Random(seed)
         self.error_share = error_share
         self.tenants = tenant_names(tenants) if isinstance(tenants, int) else list(tenants)
@@ -160,8 +157,7 @@ class Sender:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SendError(f"--url: {url!r} is not an http(s) URL")
-        connection = (http.client.HTTPSConnection if parts.scheme == "https"
-                      else http.client.HTTPConnection)
+        connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         self.connection = connection(parts.hostname, parts.port, timeout=timeout)
         self.path = parts.path.rstrip("/") + BATCH_PATH
         self.headers = {"Content-Type": "application/json"}
@@ -198,9 +194,7 @@ class Sender:
             if totals.first_rejection is None and answer["rejected"]:
                 totals.first_rejection = str(answer["rejected"][0])
         else:
-            raise SendError(
-                f"POST {self.path} answered {status}: {payload[:300].decode(errors='replace')}"
-            )
+            raise SendError(f"POST {self.path} answered {status}: {payload[:300].decode(errors='replace')}")
 
     def close(self) -> None:
         self.connection.close()
@@ -222,13 +216,19 @@ def bar_progress(duration: float) -> Progress:
         last[0] = elapsed
         done = min(elapsed / duration, 1.0) if duration else 1.0
         bar = "#" * int(done * 30)
-        line = (f"[{bar:<30}] {min(elapsed, duration):5.1f}/{duration:.0f}s  "
-                f"calls {totals.calls}  events {totals.events_sent}  "
-                f"accepted {totals.accepted}  rejected {totals.rejected}")
+        line = (
+            f"[{bar:<30}] {min(elapsed, duration):5.1f}/{duration:.0f}s  "
+            f"calls {totals.calls}  events {totals.events_sent}  "
+            f"accepted {totals.accepted}  rejected {totals.rejected}"
+        )
         if elapsed >= duration and open_calls:
             line += f"  (waiting for {open_calls} calls to end)"
-        print(f"\r{line}\x1b[K" if interactive else line, end="" if interactive else "\n",
-              file=sys.stderr, flush=True)
+        print(
+            f"\r{line}\x1b[K" if interactive else line,
+            end="" if interactive else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
 
     return show
 
@@ -275,7 +275,7 @@ def run(
             while pending and pending[0][0] <= now:
                 batch.append(heapq.heappop(pending)[2])
             for chunk in range(0, len(batch), MAX_BATCH_EVENTS):
-                sender.post(batch[chunk:chunk + MAX_BATCH_EVENTS], totals)
+                sender.post(batch[chunk : chunk + MAX_BATCH_EVENTS], totals)
             if progress is not None:
                 progress(elapsed, totals, len(pending) + len(held))
             if elapsed >= duration and not pending and not held:
@@ -295,9 +295,8 @@ def summary(totals: Totals, duration: float, seconds: float) -> str:
         f"accepted {totals.accepted} events, rejected {totals.rejected}; "
         f"failed calls {totals.failed_calls} "
         f"({100 * totals.failed_calls / max(totals.calls, 1):.1f} %)",
-        "calls per tenant: " + ", ".join(
-            f"{tenant} {count}" for tenant, count in sorted(totals.calls_by_tenant.items())
-        ),
+        "calls per tenant: "
+        + ", ".join(f"{tenant} {count}" for tenant, count in sorted(totals.calls_by_tenant.items())),
     ]
     if totals.first_rejection:
         lines.append(f"first rejection: {totals.first_rejection}")
@@ -332,29 +331,48 @@ def _positive(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deploy.traffic",
-        description="Generated LLM traffic for the ingestion API, posted in batches."
+        description="Generated LLM traffic for the ingestion API, posted in batches.",
     )
-    parser.add_argument("--url", default="http://127.0.0.1:8080",
-                        help="the ingestion API (default %(default)s)")
-    parser.add_argument("--rate", type=_positive, default=50.0,
-                        help="calls per second (default %(default)s)")
-    parser.add_argument("--duration", type=_positive, default=30.0,
-                        help="seconds of traffic (default %(default)s)")
-    parser.add_argument("--tenants", type=_tenants, default=3, metavar="N|NAME,...",
-                        help="how many tenants (1-100; named acme, globex, ...) or their "
-                             "names, comma-separated (default %(default)s)")
-    parser.add_argument("--error-share", type=_share, default=0.05,
-                        help="share of calls that fail, 0-1 (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="random seed, for repeatable traffic (default: random)")
-    parser.add_argument("--api-key", default=None,
-                        help="sent as 'Authorization: Bearer KEY'; an ingest key serves one "
-                             "tenant, so pair it with --tenants THAT_TENANT")
+    parser.add_argument(
+        "--url", default="http://127.0.0.1:8080", help="the ingestion API (default %(default)s)"
+    )
+    parser.add_argument("--rate", type=_positive, default=50.0, help="calls per second (default %(default)s)")
+    parser.add_argument(
+        "--duration", type=_positive, default=30.0, help="seconds of traffic (default %(default)s)"
+    )
+    parser.add_argument(
+        "--tenants",
+        type=_tenants,
+        default=3,
+        metavar="N|NAME,...",
+        help="how many tenants (1-100; named acme, globex, ...) or their "
+        "names, comma-separated (default %(default)s)",
+    )
+    parser.add_argument(
+        "--error-share", type=_share, default=0.05, help="share of calls that fail, 0-1 (default %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="random seed, for repeatable traffic (default: random)"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="sent as 'Authorization: Bearer KEY'; an ingest key serves one "
+        "tenant, so pair it with --tenants THAT_TENANT",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
-        totals = run(args.url, args.rate, args.duration, args.tenants, args.error_share,
-                     args.seed, args.api_key, bar_progress(args.duration))
+        totals = run(
+            args.url,
+            args.rate,
+            args.duration,
+            args.tenants,
+            args.error_share,
+            args.seed,
+            args.api_key,
+            bar_progress(args.duration),
+        )
     except SendError as error:
         print(f"\ntraffic: {error}", file=sys.stderr)
         return 1

@@ -21,10 +21,9 @@ TENANTS = ("acme", "globex", "initech")
 def table_calls(output: str) -> dict[str, int]:
     """Calls per tenant, summed from the printed table's ``calls`` column."""
     lines = output.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["tenant", "route",
-                                                                              "model"])
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["tenant", "route", "model"])
     calls: dict[str, int] = {}
-    for line in lines[header + 2:]:
+    for line in lines[header + 2 :]:
         if not line.strip():
             break
         cells = line.split()
@@ -34,17 +33,31 @@ def table_calls(output: str) -> dict[str, int]:
 
 def test_demo_counts_every_tenants_calls_and_stops_everything(tmp_path: Path):
     local = tmp_path / "local"
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("KAFKA_BROKERS", "POSTGRES_DSN", "HTTP_PORT")}
-    env |= {"DEMO_LOCAL": str(local), "DEMO_EXIT": "1", "DEMO_DURATION": "4",
-            "DEMO_RATE": "25", "DEMO_TENANTS": str(len(TENANTS)),
-            "DEMO_INGESTION_PORT": "0", "DEMO_METRICS_PORT": "0"}
-    done = subprocess.run([sys.executable, "-m", "deploy.demo"], env=env, capture_output=True,
-                          text=True, timeout=150, cwd=Path(__file__).parent.parent)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("KAFKA_BROKERS", "POSTGRES_DSN", "HTTP_PORT")
+    }
+    env |= {
+        "DEMO_LOCAL": str(local),
+        "DEMO_EXIT": "1",
+        "DEMO_DURATION": "4",
+        "DEMO_RATE": "25",
+        "DEMO_TENANTS": str(len(TENANTS)),
+        "DEMO_INGESTION_PORT": "0",
+        "DEMO_METRICS_PORT": "0",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy.demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=Path(__file__).parent.parent,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    sent = dict(re.findall(r"(\w+) (\d+)", done.stdout.split("calls per tenant:")[1]
-                           .splitlines()[0]))
+    sent = dict(re.findall(r"(\w+) (\d+)", done.stdout.split("calls per tenant:")[1].splitlines()[0]))
     assert set(sent) == set(TENANTS)
     counted = table_calls(done.stdout)
     for tenant in TENANTS:
@@ -54,7 +67,10 @@ def test_demo_counts_every_tenants_calls_and_stops_everything(tmp_path: Path):
     assert "curl -s 'http://127.0.0.1:" in done.stdout
 
     assert {path.name for path in (local / "logs").iterdir()} == {
-        "ingestion.log", "processor.log", "metrics-api.log"}
+        "ingestion.log",
+        "processor.log",
+        "metrics-api.log",
+    }
     assert Broker.running(local / "broker") is None
     assert Postgres.running(local / "postgres") is None
     assert not (local / "env").exists()
@@ -91,6 +107,7 @@ def test_the_price_table_knows_the_priced_models():
     for model in MODELS:
         if model.provider is None:
             continue
-        price = calc_price(Usage(input_tokens=1000, output_tokens=100), model_ref=model.name,
-                           provider_id=model.provider)
+        price = calc_price(
+            Usage(input_tokens=1000, output_tokens=100), model_ref=model.name, provider_id=model.provider
+        )
         assert price.total_price > 0, model.name

@@ -63,7 +63,9 @@ class Window:
         digest = TDigest.from_values(latencies) if latencies else None
         priced = [call.cost_usd for call in answered if call.cost_usd is not None]
         values = {
-            "tenant_id": self.tenant_id, "route": self.route, "model": self.model,
+            "tenant_id": self.tenant_id,
+            "route": self.route,
+            "model": self.model,
             "window_start": self.start,
             "window_end": self.start + timedelta(seconds=self.seconds),
             "requests": len(self.calls),
@@ -79,10 +81,10 @@ class Window:
             "completion_tokens": sum(call.completion_tokens for call in answered),
             "cache_read_tokens": sum(call.cache_read_tokens for call in answered),
             "reasoning_tokens": sum(call.reasoning_tokens for call in answered),
-            "avg_prompt_tokens": (fmean(call.prompt_tokens for call in answered)
-                                  if answered else None),
-            "avg_completion_tokens": (fmean(call.completion_tokens for call in answered)
-                                      if answered else None),
+            "avg_prompt_tokens": (fmean(call.prompt_tokens for call in answered) if answered else None),
+            "avg_completion_tokens": (
+                fmean(call.completion_tokens for call in answered) if answered else None
+            ),
             "estimated_cost_usd": sum(priced),
             "unpriced_requests": len(answered) - len(priced),
             "latency_digest": digest.to_bytes() if digest else None,
@@ -92,8 +94,9 @@ class Window:
         return values
 
 
-def random_calls(rnd: random.Random, count: int, median_ms: float = 500.0,
-                 timeout_share: float = 0.05) -> list[RawCall]:
+def random_calls(
+    rnd: random.Random, count: int, median_ms: float = 500.0, timeout_share: float = 0.05
+) -> list[RawCall]:
     calls = []
     for _ in range(count):
         if rnd.random() < timeout_share:
@@ -101,24 +104,25 @@ def random_calls(rnd: random.Random, count: int, median_ms: float = 500.0,
             continue
         prompt = rnd.randint(10, 2000)
         completion = rnd.randint(0, 800)
-        calls.append(RawCall(
-            latency_ms=rnd.lognormvariate(0, 0.7) * median_ms,
-            error=rnd.random() < 0.05,
-            ttft_ms=rnd.uniform(20, 200) if rnd.random() < 0.4 else None,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cache_read_tokens=rnd.randint(0, prompt),
-            reasoning_tokens=rnd.randint(0, completion),
-            cost_usd=None if rnd.random() < 0.1 else rnd.uniform(0.0001, 0.01),
-        ))
+        calls.append(
+            RawCall(
+                latency_ms=rnd.lognormvariate(0, 0.7) * median_ms,
+                error=rnd.random() < 0.05,
+                ttft_ms=rnd.uniform(20, 200) if rnd.random() < 0.4 else None,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cache_read_tokens=rnd.randint(0, prompt),
+                reasoning_tokens=rnd.randint(0, completion),
+                cost_usd=None if rnd.random() < 0.1 else rnd.uniform(0.0001, 0.01),
+            )
+        )
     return calls
 
 
 def insert_windows(dsn: str, windows: Sequence[Window]) -> None:
     rows = [window.column_values() for window in windows]
     columns = list(rows[0])
-    statement = (f"INSERT INTO llm_metrics ({', '.join(columns)}) "
-                 f"VALUES ({', '.join(['%s'] * len(columns))})")
+    statement = f"INSERT INTO llm_metrics ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})"
     with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
         cursor.executemany(statement, [[row[name] for name in columns] for row in rows])
 
@@ -153,10 +157,13 @@ def windows() -> list[Window]:
     rnd = random.Random(7)
     made = [
         Window("acme", route, model, T0 + minute * MINUTE, random_calls(rnd, rnd.randint(1, 30)))
-        for minute in range(5) for route in ROUTES for model in MODELS
+        for minute in range(5)
+        for route in ROUTES
+        for model in MODELS
     ]
-    made += [Window("globex", "/chat", "gpt-4o", T0 + minute * MINUTE, random_calls(rnd, 5))
-             for minute in range(2)]
+    made += [
+        Window("globex", "/chat", "gpt-4o", T0 + minute * MINUTE, random_calls(rnd, 5)) for minute in range(2)
+    ]
     return made
 
 
@@ -168,8 +175,11 @@ def client(postgres_dsn: str, windows: list[Window], client_for: Any) -> TestCli
 
 def expected_keys(windows: Sequence[Window], tenant: str, **match: str) -> list[tuple]:
     """Independent order: newest first, then route, then model (code-point order)."""
-    chosen = [w for w in windows if w.tenant_id == tenant
-              and all(getattr(w, name) == value for name, value in match.items())]
+    chosen = [
+        w
+        for w in windows
+        if w.tenant_id == tenant and all(getattr(w, name) == value for name, value in match.items())
+    ]
     chosen.sort(key=lambda w: (-w.start.timestamp(), w.route, w.model))
     return [(rfc3339(w.start), w.route, w.model) for w in chosen]
 
@@ -192,8 +202,7 @@ def test_rows_newest_first_then_route_and_model(client: TestClient, windows: lis
     assert body["count"] == 20
 
 
-def test_row_fields_and_values_are_the_stored_window(client: TestClient,
-                                                     windows: list[Window]):
+def test_row_fields_and_values_are_the_stored_window(client: TestClient, windows: list[Window]):
     body = get(client, tenant_id="globex")
     newest = max((w for w in windows if w.tenant_id == "globex"), key=lambda w: w.start)
     row = body["metrics"][0]
@@ -207,9 +216,14 @@ def test_row_fields_and_values_are_the_stored_window(client: TestClient,
     assert row["window_end"].endswith("Z")
 
 
-@pytest.mark.parametrize("match", [
-    {"route": "/search"}, {"model": "gpt-4o"}, {"route": "/chat", "model": "claude-sonnet-4-5"},
-])
+@pytest.mark.parametrize(
+    "match",
+    [
+        {"route": "/search"},
+        {"model": "gpt-4o"},
+        {"route": "/chat", "model": "claude-sonnet-4-5"},
+    ],
+)
 def test_filters_match_exactly(client: TestClient, windows: list[Window], match: dict):
     assert keys(get(client, tenant_id="acme", **match)) == expected_keys(windows, "acme", **match)
 
@@ -221,8 +235,7 @@ def test_filters_that_match_nothing_give_an_empty_list(client: TestClient):
 
 
 def test_from_is_inclusive_and_to_exclusive(client: TestClient):
-    body = get(client, tenant_id="acme", **{"from": rfc3339(T0 + MINUTE),
-                                             "to": rfc3339(T0 + 3 * MINUTE)})
+    body = get(client, tenant_id="acme", **{"from": rfc3339(T0 + MINUTE), "to": rfc3339(T0 + 3 * MINUTE)})
     starts = sorted({row["window_start"] for row in body["metrics"]})
     assert starts == [rfc3339(T0 + MINUTE), rfc3339(T0 + 2 * MINUTE)]
     # One microsecond past a window's start excludes it; 'to' at a start excludes it too.
@@ -247,46 +260,50 @@ def test_limit_bounds(client: TestClient, windows: list[Window]):
 
 def test_default_limit_is_60(postgres_dsn: str, client_for: Any):
     rnd = random.Random(1)
-    insert_windows(postgres_dsn, [Window("acme", "/chat", "gpt-4o", T0 + i * MINUTE,
-                                         random_calls(rnd, 2)) for i in range(70)])
+    insert_windows(
+        postgres_dsn,
+        [Window("acme", "/chat", "gpt-4o", T0 + i * MINUTE, random_calls(rnd, 2)) for i in range(70)],
+    )
     body = get(client_for(postgres_dsn), tenant_id="acme")
     assert body["count"] == 60
     assert body["metrics"][0]["window_start"] == rfc3339(T0 + 69 * MINUTE)
 
 
-@pytest.mark.parametrize(("query", "named"), [
-    ("", "tenant_id"),
-    ("tenant_id=", "tenant_id"),
-    ("tenant_id=" + "x" * 129, "tenant_id"),
-    ("tenant_id=a&tenant_id=b", "tenant_id"),
-    ("tenant_id=ac%0Ame", "tenant_id"),
-    ("tenant_id=acme&route=", "route"),
-    ("tenant_id=acme&route=%2Fchat%00", "route"),
-    ("tenant_id=acme&model=%00", "model"),
-    ("tenant_id=acme&model=", "model"),
-    ("tenant_id=acme&limit=0", "limit"),
-    ("tenant_id=acme&limit=1001", "limit"),
-    ("tenant_id=acme&limit=abc", "limit"),
-    ("tenant_id=acme&limit=-1", "limit"),
-    ("tenant_id=acme&limit=1.5", "limit"),
-    ("tenant_id=acme&limit=", "limit"),
-    ("tenant_id=acme&from=yesterday", "from"),
-    ("tenant_id=acme&from=2026-03-01", "from"),
-    ("tenant_id=acme&from=2026-03-01T10:00:00", "from"),
-    ("tenant_id=acme&to=2026-03-01T10:00:00", "to"),
-    ("tenant_id=acme&to=2026-13-01T10:00:00Z", "to"),
-    ("tenant_id=acme&from=2026-03-01T10:00:00Z&to=2026-03-01T10:00:00Z", "from"),
-    ("tenant_id=acme&from=2026-03-01T11:00:00Z&to=2026-03-01T10:00:00Z", "from"),
-    ("tenant_id=acme&bucket=2m", "bucket"),
-    ("tenant_id=acme&bucket=", "bucket"),
-    ("tenant_id=acme&group_by=tenant", "group_by"),
-    ("tenant_id=acme&group_by=route,route", "group_by"),
-    ("tenant_id=acme&group_by=route,", "group_by"),
-    ("tenant_id=acme&modle=gpt-4o", "modle"),
-    ("tenant_id=acme&limit=5&from=2026-03-01T10:00:00Z&extra=1", "extra"),
-])
-def test_malformed_parameters_are_rejected_naming_them(client: TestClient, query: str,
-                                                       named: str):
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("", "tenant_id"),
+        ("tenant_id=", "tenant_id"),
+        ("tenant_id=" + "x" * 129, "tenant_id"),
+        ("tenant_id=a&tenant_id=b", "tenant_id"),
+        ("tenant_id=ac%0Ame", "tenant_id"),
+        ("tenant_id=acme&route=", "route"),
+        ("tenant_id=acme&route=%2Fchat%00", "route"),
+        ("tenant_id=acme&model=%00", "model"),
+        ("tenant_id=acme&model=", "model"),
+        ("tenant_id=acme&limit=0", "limit"),
+        ("tenant_id=acme&limit=1001", "limit"),
+        ("tenant_id=acme&limit=abc", "limit"),
+        ("tenant_id=acme&limit=-1", "limit"),
+        ("tenant_id=acme&limit=1.5", "limit"),
+        ("tenant_id=acme&limit=", "limit"),
+        ("tenant_id=acme&from=yesterday", "from"),
+        ("tenant_id=acme&from=2026-03-01", "from"),
+        ("tenant_id=acme&from=2026-03-01T10:00:00", "from"),
+        ("tenant_id=acme&to=2026-03-01T10:00:00", "to"),
+        ("tenant_id=acme&to=2026-13-01T10:00:00Z", "to"),
+        ("tenant_id=acme&from=2026-03-01T10:00:00Z&to=2026-03-01T10:00:00Z", "from"),
+        ("tenant_id=acme&from=2026-03-01T11:00:00Z&to=2026-03-01T10:00:00Z", "from"),
+        ("tenant_id=acme&bucket=2m", "bucket"),
+        ("tenant_id=acme&bucket=", "bucket"),
+        ("tenant_id=acme&group_by=tenant", "group_by"),
+        ("tenant_id=acme&group_by=route,route", "group_by"),
+        ("tenant_id=acme&group_by=route,", "group_by"),
+        ("tenant_id=acme&modle=gpt-4o", "modle"),
+        ("tenant_id=acme&limit=5&from=2026-03-01T10:00:00Z&extra=1", "extra"),
+    ],
+)
+def test_malformed_parameters_are_rejected_naming_them(client: TestClient, query: str, named: str):
     response = client.get(f"/v1/metrics?{query}")
     assert response.status_code == 400, response.text
     assert response.headers["content-type"] == "application/json"
@@ -314,8 +331,7 @@ def test_openapi_lists_every_parameter_and_row_field(client: TestClient):
     document = client.get("/openapi.json").json()
     operation = document["paths"]["/v1/metrics"]["get"]
     assert [p["name"] for p in operation["parameters"]] == list(PARAMETERS)
-    assert set(PARAMETERS) == {"tenant_id", "route", "model", "from", "to", "limit",
-                               "bucket", "group_by"}
+    assert set(PARAMETERS) == {"tenant_id", "route", "model", "from", "to", "limit", "bucket", "group_by"}
     row = document["components"]["schemas"]["MetricsRow"]
     assert set(row["properties"]) == set(ROW_FIELDS)
     assert {"/health", "/ready", "/openapi.json"} <= set(document["paths"])
@@ -331,16 +347,20 @@ def test_database_errors_answer_503_json(client: TestClient, postgres_dsn: str):
         assert response.headers["retry-after"]
 
 
-def test_ready_is_503_when_postgres_does_not_answer(client_for: Any,
-                                                   monkeypatch: pytest.MonkeyPatch,
-                                                   postgres_dsn: str):
+def test_ready_is_503_when_postgres_does_not_answer(
+    client_for: Any, monkeypatch: pytest.MonkeyPatch, postgres_dsn: str
+):
     monkeypatch.setattr(api.metrics, "READY_TIMEOUT_SECONDS", 0.5)
     monkeypatch.setattr(api.metrics, "POOL_TIMEOUT_SECONDS", 0.5)
     client = client_for(postgres_dsn)
     # Point the running app at a port nobody listens on.
     dead = api.metrics.psycopg_pool.AsyncConnectionPool(
-        f"postgresql://postgres@127.0.0.1:{free_port()}/streamlens", open=False,
-        min_size=0, max_size=1, kwargs={"connect_timeout": 1})
+        f"postgresql://postgres@127.0.0.1:{free_port()}/streamlens",
+        open=False,
+        min_size=0,
+        max_size=1,
+        kwargs={"connect_timeout": 1},
+    )
     client.portal.call(dead.open)
     live = client.app.state.pool
     client.app.state.pool = dead
@@ -375,7 +395,8 @@ def test_sessions_have_a_statement_timeout_and_utc(client: TestClient):
 
 
 def test_starts_before_its_database_exists_and_becomes_ready(
-        postgres_server: Any, client_for: Any, monkeypatch: pytest.MonkeyPatch):
+    postgres_server: Any, client_for: Any, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setattr(api.metrics, "SCHEMA_RETRY_SECONDS", 0.2)
     monkeypatch.setattr(api.metrics, "READY_TIMEOUT_SECONDS", 0.5)
     monkeypatch.setattr(api.metrics, "POOL_TIMEOUT_SECONDS", 0.5)

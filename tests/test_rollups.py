@@ -51,13 +51,16 @@ def bucket_start(moment: datetime, seconds: int) -> datetime:
     return datetime.fromtimestamp(epoch - epoch % seconds, moment.tzinfo)
 
 
-def expected_buckets(windows: Sequence[Window], seconds: int,
-                     group_by: Sequence[str]) -> dict[tuple, list[Window]]:
+def expected_buckets(
+    windows: Sequence[Window], seconds: int, group_by: Sequence[str]
+) -> dict[tuple, list[Window]]:
     groups: dict[tuple, list[Window]] = defaultdict(list)
     for window in windows:
-        key = (rfc3339(bucket_start(window.start, seconds)),
-               window.route if "route" in group_by else None,
-               window.model if "model" in group_by else None)
+        key = (
+            rfc3339(bucket_start(window.start, seconds)),
+            window.route if "route" in group_by else None,
+            window.model if "model" in group_by else None,
+        )
         groups[key].append(window)
     return groups
 
@@ -78,15 +81,21 @@ def check_bucket(row: dict[str, Any], windows: Sequence[Window]) -> None:
     assert row["unpriced_requests"] == len(answered) - len(priced)
     assert row["revision"] == max(window.revision for window in windows)
     if not answered:
-        for name in ("avg_latency_ms", "p50_latency_ms", "p95_latency_ms", "p99_latency_ms",
-                     "avg_prompt_tokens", "avg_completion_tokens"):
+        for name in (
+            "avg_latency_ms",
+            "p50_latency_ms",
+            "p95_latency_ms",
+            "p99_latency_ms",
+            "avg_prompt_tokens",
+            "avg_completion_tokens",
+        ):
             assert row[name] is None, name
         return
     assert row["avg_latency_ms"] == pytest.approx(fmean(latencies), rel=1e-9)
-    assert row["avg_prompt_tokens"] == pytest.approx(
-        fmean(call.prompt_tokens for call in answered), rel=1e-9)
+    assert row["avg_prompt_tokens"] == pytest.approx(fmean(call.prompt_tokens for call in answered), rel=1e-9)
     assert row["avg_completion_tokens"] == pytest.approx(
-        fmean(call.completion_tokens for call in answered), rel=1e-9)
+        fmean(call.completion_tokens for call in answered), rel=1e-9
+    )
     if ttfts:
         assert row["avg_time_to_first_token_ms"] == pytest.approx(fmean(ttfts), rel=1e-9)
     else:
@@ -102,14 +111,22 @@ def windows() -> list[Window]:
     rnd = random.Random(11)
     start = T0 - 6 * MINUTE
     made = [
-        Window("acme", route, model, start + minute * MINUTE,
-               random_calls(rnd, rnd.randint(0, 40), median_ms=rnd.choice((200, 900))),
-               revision=rnd.randint(1, 3))
-        for minute in range(12) for route in ROUTES for model in MODELS
+        Window(
+            "acme",
+            route,
+            model,
+            start + minute * MINUTE,
+            random_calls(rnd, rnd.randint(0, 40), median_ms=rnd.choice((200, 900))),
+            revision=rnd.randint(1, 3),
+        )
+        for minute in range(12)
+        for route in ROUTES
+        for model in MODELS
     ]
     # A window of timeouts only: it counts, but has no latency, digest or averages.
-    made.append(Window("acme", "/chat", "gpt-4o", start + 12 * MINUTE,
-                       [RawCall(latency_ms=None, error=True)] * 3))
+    made.append(
+        Window("acme", "/chat", "gpt-4o", start + 12 * MINUTE, [RawCall(latency_ms=None, error=True)] * 3)
+    )
     made.append(Window("other", "/chat", "gpt-4o", start, random_calls(rnd, 10)))
     return made
 
@@ -126,8 +143,7 @@ def acme(windows: list[Window]) -> list[Window]:
 
 
 def ordered(groups: dict[tuple, Any]) -> list[tuple]:
-    return sorted(groups, key=lambda k: (-datetime.fromisoformat(k[0]).timestamp(),
-                                         k[1] or "", k[2] or ""))
+    return sorted(groups, key=lambda k: (-datetime.fromisoformat(k[0]).timestamp(), k[1] or "", k[2] or ""))
 
 
 @pytest.mark.parametrize("bucket", ["1m", "5m", "15m", "1h", "1d"])
@@ -135,8 +151,7 @@ def test_buckets_sum_and_weight_exactly(client: TestClient, acme: list[Window], 
     seconds = BUCKETS[bucket]
     groups = expected_buckets(acme, seconds, ("route", "model"))
     body = get(client, tenant_id="acme", bucket=bucket, limit=1000)
-    assert [(r["window_start"], r["route"], r["model"]) for r in body["metrics"]] == (
-        ordered(groups))
+    assert [(r["window_start"], r["route"], r["model"]) for r in body["metrics"]] == (ordered(groups))
     for row in body["metrics"]:
         members = groups[(row["window_start"], row["route"], row["model"])]
         check_bucket(row, members)
@@ -145,13 +160,11 @@ def test_buckets_sum_and_weight_exactly(client: TestClient, acme: list[Window], 
 
 
 @pytest.mark.parametrize("group_by", ["route", "model", "", "route,model", "model,route"])
-def test_group_by_merges_across_the_dimension_left_out(client: TestClient,
-                                                       acme: list[Window], group_by: str):
+def test_group_by_merges_across_the_dimension_left_out(client: TestClient, acme: list[Window], group_by: str):
     kept = [name for name in group_by.split(",") if name]
     groups = expected_buckets(acme, 300, kept)
     body = get(client, tenant_id="acme", bucket="5m", group_by=group_by, limit=1000)
-    assert [(r["window_start"], r["route"], r["model"]) for r in body["metrics"]] == (
-        ordered(groups))
+    assert [(r["window_start"], r["route"], r["model"]) for r in body["metrics"]] == (ordered(groups))
     for row in body["metrics"]:
         assert (row["route"] is None) == ("route" not in kept)
         assert (row["model"] is None) == ("model" not in kept)
@@ -167,8 +180,7 @@ def test_group_by_without_bucket_merges_per_window(client: TestClient, acme: lis
         check_bucket(row, groups[(row["window_start"], None, row["model"])])
 
 
-def test_a_bucket_of_timeouts_only_has_null_latencies(client: TestClient,
-                                                      acme: list[Window]):
+def test_a_bucket_of_timeouts_only_has_null_latencies(client: TestClient, acme: list[Window]):
     body = get(client, tenant_id="acme", bucket="1m", route="/chat", model="gpt-4o", limit=1)
     row = body["metrics"][0]
     assert row["window_start"] == rfc3339(T0 + 6 * MINUTE)
@@ -180,10 +192,15 @@ def test_a_bucket_of_timeouts_only_has_null_latencies(client: TestClient,
 def test_filters_and_limit_apply_to_rollups(client: TestClient, acme: list[Window]):
     chosen = [w for w in acme if w.model == "gpt-4o" and T0 - 5 * MINUTE <= w.start < T0 + MINUTE]
     groups = expected_buckets(chosen, 3600, ["route"])
-    body = get(client, tenant_id="acme", model="gpt-4o", bucket="1h", group_by="route",
-               **{"from": rfc3339(T0 - 5 * MINUTE), "to": rfc3339(T0 + MINUTE)})
-    assert [(r["window_start"], r["route"], r["model"]) for r in body["metrics"]] == (
-        ordered(groups))
+    body = get(
+        client,
+        tenant_id="acme",
+        model="gpt-4o",
+        bucket="1h",
+        group_by="route",
+        **{"from": rfc3339(T0 - 5 * MINUTE), "to": rfc3339(T0 + MINUTE)},
+    )
+    assert [(r["window_start"], r["route"], r["model"]) for r in body["metrics"]] == (ordered(groups))
     for row in body["metrics"]:
         check_bucket(row, groups[(row["window_start"], row["route"], None)])
     # limit counts buckets, newest first.
@@ -193,13 +210,14 @@ def test_filters_and_limit_apply_to_rollups(client: TestClient, acme: list[Windo
     assert get(client, tenant_id="nobody", bucket="1h") == {"metrics": [], "count": 0}
 
 
-def test_percentiles_come_from_merged_digests_not_averaged(postgres_dsn: str,
-                                                          client_for: Any):
+def test_percentiles_come_from_merged_digests_not_averaged(postgres_dsn: str, client_for: Any):
     # One fast window and one slow one: averaging their p95s would land in the gap.
     fast = [RawCall(latency_ms=10.0 + i * 0.01) for i in range(90)]
     slow = [RawCall(latency_ms=1000.0 + i) for i in range(10)]
-    insert_windows(postgres_dsn, [Window("acme", "/chat", "gpt-4o", T0, fast),
-                                  Window("acme", "/chat", "gpt-4o", T0 + MINUTE, slow)])
+    insert_windows(
+        postgres_dsn,
+        [Window("acme", "/chat", "gpt-4o", T0, fast), Window("acme", "/chat", "gpt-4o", T0 + MINUTE, slow)],
+    )
     row = get(client_for(postgres_dsn), tenant_id="acme", bucket="5m")["metrics"][0]
     latencies = [c.latency_ms for c in fast + slow]
     for name, q in (("p50_latency_ms", 0.5), ("p95_latency_ms", 0.95)):
@@ -212,9 +230,16 @@ def test_percentiles_come_from_merged_digests_not_averaged(postgres_dsn: str,
 def test_many_calls_merge_within_one_percent(postgres_dsn: str, client_for: Any):
     # 60 windows of 200 calls: more values than a digest keeps, so the merge compresses.
     rnd = random.Random(3)
-    windows = [Window("acme", "/chat", "gpt-4o", T0 + i * MINUTE,
-                      random_calls(rnd, 200, median_ms=rnd.choice((300, 700)), timeout_share=0))
-               for i in range(60)]
+    windows = [
+        Window(
+            "acme",
+            "/chat",
+            "gpt-4o",
+            T0 + i * MINUTE,
+            random_calls(rnd, 200, median_ms=rnd.choice((300, 700)), timeout_share=0),
+        )
+        for i in range(60)
+    ]
     insert_windows(postgres_dsn, windows)
     row = get(client_for(postgres_dsn), tenant_id="acme", bucket="1h")["metrics"][0]
     latencies = [c.latency_ms for w in windows for c in w.calls]

@@ -73,22 +73,41 @@ def _digests(rnd: random.Random) -> list[tuple[int, int, float, float, float, fl
     for number in range(DISTINCT_DIGESTS):
         latencies = [rnd.lognormvariate(6.3, 0.6) for _ in range(rnd.randint(5, 60))]
         digest = TDigest.from_values(latencies)
-        made.append((number, len(latencies), statistics.fmean(latencies), digest.quantile(0.5),
-                     digest.quantile(0.95), digest.quantile(0.99), digest.to_bytes()))
+        made.append(
+            (
+                number,
+                len(latencies),
+                statistics.fmean(latencies),
+                digest.quantile(0.5),
+                digest.quantile(0.95),
+                digest.quantile(0.99),
+                digest.to_bytes(),
+            )
+        )
     return made
 
 
 def fill(dsn: str) -> None:
     ensure_schema(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE bench_digests (id int PRIMARY KEY, calls int, avg float8,"
-                     " p50 float8, p95 float8, p99 float8, blob bytea)")
+        conn.execute(
+            "CREATE TABLE bench_digests (id int PRIMARY KEY, calls int, avg float8,"
+            " p50 float8, p95 float8, p99 float8, blob bytea)"
+        )
         with conn.cursor().copy("COPY bench_digests FROM STDIN") as copy:
             for row in _digests(random.Random(1)):
                 copy.write_row(row)
-        conn.execute(FILL_SQL, {"day": DAY, "tenants": TENANTS, "routes": ROUTES,
-                                "models": MODELS, "minutes": MINUTES,
-                                "distinct": DISTINCT_DIGESTS})
+        conn.execute(
+            FILL_SQL,
+            {
+                "day": DAY,
+                "tenants": TENANTS,
+                "routes": ROUTES,
+                "models": MODELS,
+                "minutes": MINUTES,
+                "distinct": DISTINCT_DIGESTS,
+            },
+        )
         conn.execute("DROP TABLE bench_digests")
         conn.execute("VACUUM ANALYZE llm_metrics")
         count = conn.execute("SELECT count(*) FROM llm_metrics").fetchone()[0]
@@ -99,9 +118,21 @@ def _serve(dsn: str, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "POSTGRES_DSN": dsn, "AUTH": "off"}
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.metrics:app", "--port", str(port),
-             "--no-access-log", "--log-level", "warning"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.metrics:app",
+                "--port",
+                str(port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -115,8 +146,9 @@ def _serve(dsn: str, port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError(f"the query API did not become ready:\n{log.read_text()[-2000:]}")
 
 
-def _measure(client: httpx.Client, samples: int,
-             params: Callable[[random.Random], dict[str, str]], expect_rows: int) -> str:
+def _measure(
+    client: httpx.Client, samples: int, params: Callable[[random.Random], dict[str, str]], expect_rows: int
+) -> str:
     rnd = random.Random(2)
     client.get("/v1/metrics", params=params(rnd))  # warm the connection and the cache
     seconds = []
@@ -154,20 +186,31 @@ def main() -> None:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
                 figures = {
                     "limit=60, one key (target p99 <= 100 ms)": _measure(
-                        client, KEY_SAMPLES, lambda rnd: {
+                        client,
+                        KEY_SAMPLES,
+                        lambda rnd: {
                             "tenant_id": _tenant(rnd),
                             "route": f"/route-{rnd.randint(1, ROUTES)}",
-                            "model": f"model-{rnd.randint(1, MODELS)}", "limit": "60"}, 60),
+                            "model": f"model-{rnd.randint(1, MODELS)}",
+                            "limit": "60",
+                        },
+                        60,
+                    ),
                     "limit=60, one tenant, all keys": _measure(
-                        client, KEY_SAMPLES, lambda rnd: {"tenant_id": _tenant(rnd)}, 60),
+                        client, KEY_SAMPLES, lambda rnd: {"tenant_id": _tenant(rnd)}, 60
+                    ),
                     "1 day bucket=1h per route+model, limit=1000 (target p99 <= 1 s)": _measure(
-                        client, ROLLUP_SAMPLES, lambda rnd: {
-                            "tenant_id": _tenant(rnd), "bucket": "1h", "limit": "1000", **day},
-                        24 * ROUTES * MODELS),
+                        client,
+                        ROLLUP_SAMPLES,
+                        lambda rnd: {"tenant_id": _tenant(rnd), "bucket": "1h", "limit": "1000", **day},
+                        24 * ROUTES * MODELS,
+                    ),
                     "1 day bucket=1h tenant-wide, group_by= (target p99 <= 1 s)": _measure(
-                        client, ROLLUP_SAMPLES, lambda rnd: {
-                            "tenant_id": _tenant(rnd), "bucket": "1h", "group_by": "", **day},
-                        24),
+                        client,
+                        ROLLUP_SAMPLES,
+                        lambda rnd: {"tenant_id": _tenant(rnd), "bucket": "1h", "group_by": "", **day},
+                        24,
+                    ),
                 }
             for name, figure in figures.items():
                 print(f"{name:<66} {figure}", flush=True)
