@@ -73,7 +73,7 @@ def _unavailable(error: Exception) -> Response:
     )
 
 
-def check_access(request: Request, query: MetricsQuery) -> Response | None:
+async def check_access(request: Request, query: MetricsQuery) -> Response | None:
     """Where a caller's right to read ``query.tenant_id`` is decided.
 
     Every query passes through here before touching the database; answering a
@@ -103,7 +103,7 @@ async def metrics(request: Request) -> Response:
         query = parse_query(multi_dict(request.query_params.multi_items()))
     except InvalidParameter as error:
         return error_response(400, "invalid_parameter", str(error))
-    refusal = check_access(request, query)
+    refusal = await check_access(request, query)
     if refusal is not None:
         return refusal
     try:
