@@ -239,8 +239,13 @@ class JoinShard:
             keep = [rid for rid in ids if self._expire(rid, watermark, second, out)]
             if keep:
                 # The watermark is inside this second: the rest are not due yet.
-                buckets[second] = keep
-                heapq.heappush(heap, second)
+                # (Expiring may have scheduled more into this very second.)
+                scheduled = buckets.get(second)
+                if scheduled is None:
+                    buckets[second] = keep
+                    heapq.heappush(heap, second)
+                else:
+                    scheduled.extend(keep)
                 break
         return out
 

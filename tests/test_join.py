@@ -395,3 +395,47 @@ def test_in_flight_requests_cost_well_under_a_kibibyte_each() -> None:
     assert len(join) == sample
     assert per_request < 800
     assert len(pickle.dumps(join)) / sample < 300
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=2 * TIMEOUT),
+    st.lists(st.tuples(st.sampled_from("abcdef"), st.booleans(),
+                       st.floats(min_value=0, max_value=3 * TIMEOUT)),
+             max_size=30),
+    st.lists(st.floats(min_value=0, max_value=0.999), min_size=1, max_size=8),
+)
+def test_any_dedupe_setting_keeps_every_request_accounted_for(
+    dedupe: int, events: list[tuple[str, bool, float]], fractions: list[float]
+) -> None:
+    """With DEDUPE_SECONDS at, below or above the timeout, and expiry checked at
+    arbitrary points inside a second, each first request is counted exactly once and
+    the state empties."""
+    join = JoinShard(TIMEOUT, dedupe)
+    out: list[Call | DeadLetter] = []
+    for position, (rid, is_request, seconds) in enumerate(sorted(events, key=lambda e: e[2])):
+        event = request(rid, seconds) if is_request else response(rid, seconds)
+        out += join.on_event(event, SourceRef(REQUESTS if is_request else RESPONSES, 0, position),
+                             NOW)
+        out += join.on_time(NOW + fractions[position % len(fractions)])
+    out += drain(join, after=10 * (TIMEOUT + dedupe + 10))
+    assert len(join) == 0 and join.next_wakeup() is None
+    calls = [item for item in out if isinstance(item, Call)]
+    requests_seen = {rid for rid, is_request, _ in events if is_request}
+    # Every request id is counted at least once, and never twice at the same time.
+    assert {call.request.request_id for call in calls} == requests_seen
+    assert len({(c.request.request_id, c.request.timestamp) for c in calls}) == len(calls)
+
+
+def test_expiry_inside_a_second_with_dedupe_no_longer_than_the_timeout() -> None:
+    # Both deadlines fall in the same second; event time stops between them, and
+    # the first request's dedupe record expires at once, into that same second.
+    join = JoinShard(TIMEOUT, 0)
+    feed(join, [request("a", 0.2), request("b", 0.8), request("clock", TIMEOUT + 0.5)])
+    assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "a")]
+    assert [outcome(item) for item in join.on_time(NOW + 0.5)] == [("timeout", "b")]
+    drain(join)
+    assert len(join) == 0 and join.next_wakeup() is None
+    # Forgotten: the same ids are new calls again.
+    out = feed(join, [request("a", 5000), response("a", 5001)])
+    assert [outcome(item) for item in out] == [("answered", "a")]
