@@ -21,7 +21,6 @@ and is driven by the Bytewax wiring in :mod:`dataflows.metrics`. It must pickle
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime
 
 from msgspec import Struct
@@ -43,8 +42,9 @@ class WindowRow(Struct, kw_only=True):
     ttft_count: int  # answered calls that reported time_to_first_token_ms
 
 
-class _Window(Struct, gc=False):
-    stats: CallStats
+class _Window(CallStats, gc=False):
+    """One window of one key: its totals, and where its emissions stand."""
+
     revision: int = 0  # of the last emission; 0 before the first
     unsent: int = 0  # calls folded in since the last emission
 
@@ -80,12 +80,13 @@ class WindowShard:
         """Fold one priced call into its window; a call beyond lateness comes back as a
         dead letter with reason ``too_late``."""
         watermark = self.watermark
-        watermark.observe(completed_at(call), now)
+        known = call.completed_at
+        watermark.observe(completed_at(call) if known is None else known, now)
         event_time = watermark.settled
         self._offset = now - event_time
         request = call.request
         window = self.window
-        start = math.floor(request.timestamp.timestamp() / window) * window
+        start = int(request.timestamp.timestamp() // window) * window
         if start + window + self.lateness < event_time:
             return [self._too_late(call, start, event_time)]
         key = (request.tenant_id, request.route, request.model)
@@ -94,14 +95,15 @@ class WindowShard:
             group = self._windows[start] = {}
         state = group.get(key)
         if state is None:
-            state = group[key] = _Window(CallStats())
-        state.stats.add(call)
+            state = group[key] = _Window()
+        if not state.unsent:
+            unsent = self._unsent.get(start)
+            if unsent is None:
+                self._unsent[start] = {key}
+            else:
+                unsent.add(key)
         state.unsent += 1
-        unsent = self._unsent.get(start)
-        if unsent is None:
-            self._unsent[start] = {key}
-        else:
-            unsent.add(key)
+        state.add(call)
         return []
 
     def _too_late(self, call: Call, start: int, event_time: float) -> DeadLetter:
@@ -145,8 +147,7 @@ class WindowShard:
         return rows
 
     def _row(self, start: int, key: Key, state: _Window) -> WindowRow:
-        stats = state.stats
-        digest = stats.latency_digest()
+        digest = state.latency_digest()
         tenant_id, route, model = key
         row = MetricsRow(
             tenant_id=tenant_id,
@@ -155,9 +156,9 @@ class WindowShard:
             window_start=datetime.fromtimestamp(start, UTC),
             window_end=datetime.fromtimestamp(start + self.window, UTC),
             revision=state.revision,
-            **stats.row_fields(digest),  # type: ignore[arg-type]
+            **state.row_fields(digest),  # type: ignore[arg-type]
         )
-        return WindowRow(row=row, digest=digest.to_bytes(), ttft_count=stats.ttft_count)
+        return WindowRow(row=row, digest=digest.to_bytes(), ttft_count=state.ttft_count)
 
     def next_wakeup(self) -> float | None:
         """Wall-clock Unix seconds at which ``on_time`` may have work; None when empty.
