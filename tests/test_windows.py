@@ -118,13 +118,21 @@ def expected_row(calls: list[Call], start: int, revision: int) -> MetricsRow:
     )
 
 
-def assert_row(actual: MetricsRow, expected: MetricsRow) -> None:
-    """Equal field by field; averages and cost to float precision, percentiles to
-    the nearest-rank neighbours (checked exactly in the percentile tests)."""
+def assert_row(actual: MetricsRow, expected: MetricsRow, calls: list[Call]) -> None:
+    """Equal field by field; averages and cost to float precision, percentiles
+    between the nearest-rank neighbours of the calls' latencies."""
+    latencies = [
+        c.response.latency_ms if c.response.latency_ms is not None
+        else max(0.0, (c.response.timestamp - c.request.timestamp).total_seconds() * 1000)
+        for c in calls if c.response is not None
+    ]
     for field in MetricsRow.__struct_fields__:
         got, want = getattr(actual, field), getattr(expected, field)
         if field.startswith("p") and field.endswith("_latency_ms"):
             assert (got is None) == (want is None), field
+            if got is not None:
+                q = {"p50": 0.5, "p95": 0.95, "p99": 0.99}[field[:3]]
+                assert_between_neighbours(got, latencies, q)
             continue
         if isinstance(want, float):
             assert got == want or math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9), field
@@ -148,7 +156,7 @@ def test_a_window_is_emitted_once_event_time_reaches_end_plus_grace_with_the_rig
     assert advance(windows, WINDOW + GRACE - 0.001) == []
     rows = advance(windows, WINDOW + GRACE)
     assert len(rows) == 1
-    assert_row(rows[0].row, expected_row(calls, T0, revision=1))
+    assert_row(rows[0].row, expected_row(calls, T0, revision=1), calls)
     assert rows[0].row.errors == 1  # an empty error string is not a failure
     assert rows[0].row.avg_latency_ms == (120 + 80 + 200 + 250 + 10) / 5
     assert rows[0].ttft_count == 2
@@ -207,14 +215,15 @@ def test_late_calls_within_lateness_re_emit_the_whole_row_with_revision_per_call
     assert windows.on_call(late, NOW) == []
     rows = windows.on_time(NOW)
     assert len(rows) == 1
-    assert_row(rows[0].row, expected_row([*calls, late], T0, revision=2))
+    assert_row(rows[0].row, expected_row([*calls, late], T0, revision=2), [*calls, late])
     # Two more late calls before the next emission: revision 2 + 2.
     more = [timed_out(4), answered(5, 70.0)]
     for call in more:
         call.completed_at = T0 + 305
         windows.on_call(call, NOW)
     rows = windows.on_time(NOW)
-    assert_row(rows[0].row, expected_row([*calls, late, *more], T0, revision=4))
+    assert_row(rows[0].row, expected_row([*calls, late, *more], T0, revision=4),
+               [*calls, late, *more])
     assert rows[0].row.timeouts == 1 and rows[0].row.requests == 5
 
 
