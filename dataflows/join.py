@@ -151,12 +151,15 @@ class JoinShard:
         if rid in self._counted:
             if not is_request and rid in self._timed_out:
                 self._timed_out.discard(rid)
-                return [self._orphan(
-                    event, source,  # type: ignore[arg-type]
-                    f"it arrived after its request had timed out: no response within "
-                    f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s) of event time "
-                    f"(response timestamp {event.timestamp.isoformat()})",
-                )]
+                return [
+                    self._orphan(
+                        event,
+                        source,  # type: ignore[arg-type]
+                        f"it arrived after its request had timed out: no response within "
+                        f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s) of event time "
+                        f"(response timestamp {event.timestamp.isoformat()})",
+                    )
+                ]
             self.duplicates += 1
             return []
 
@@ -189,9 +192,8 @@ class JoinShard:
         assert request is not None and response is not None
         request_ts, response_ts = entry.request_ts, entry.response_ts
         tenant_id = response.tenant_id
-        if (
-            response_ts - request_ts > self.timeout
-            or (tenant_id is not None and tenant_id != request.tenant_id)
+        if response_ts - request_ts > self.timeout or (
+            tenant_id is not None and tenant_id != request.tenant_id
         ):
             # Both sides stay until their own deadlines, then both are reported.
             entry.unpaired = self._why_unpaired(request, request_ts, response, response_ts)
@@ -204,12 +206,14 @@ class JoinShard:
             response = msgspec.structs.replace(response, cache_read_tokens=request.prompt_tokens)
         self._counted[rid] = expiry = request_ts + self.remember
         self._schedule(expiry, rid)
-        return [Call(
-            request=request,
-            response=response,
-            source=source,
-            completed_at=request_ts if request_ts > response_ts else response_ts,
-        )]
+        return [
+            Call(
+                request=request,
+                response=response,
+                source=source,
+                completed_at=request_ts if request_ts > response_ts else response_ts,
+            )
+        ]
 
     def _why_unpaired(
         self, request: LLMRequest, request_ts: float, response: LLMResponse, response_ts: float
@@ -264,13 +268,17 @@ class JoinShard:
             if entry.response is not None:
                 deadline = entry.response_ts + self.timeout
                 if deadline < watermark:
-                    out.append(self._orphan(
-                        entry.response, entry.response_source,  # type: ignore[arg-type]
-                        entry.unpaired or (
-                            f"no request with this request_id arrived within "
-                            f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s) of event time"
-                        ),
-                    ))
+                    out.append(
+                        self._orphan(
+                            entry.response,
+                            entry.response_source,  # type: ignore[arg-type]
+                            entry.unpaired
+                            or (
+                                f"no request with this request_id arrived within "
+                                f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s) of event time"
+                            ),
+                        )
+                    )
                     entry.response = None
                 elif int(deadline) == second:
                     pending_again = True
@@ -285,14 +293,17 @@ class JoinShard:
                 pending_again = True
         return pending_again
 
-    def _time_out(self, rid: str, entry: _Pending, deadline: float,
-                  out: list[Call | DeadLetter]) -> None:
+    def _time_out(self, rid: str, entry: _Pending, deadline: float, out: list[Call | DeadLetter]) -> None:
         request = entry.request
         assert request is not None and entry.request_source is not None
-        out.append(Call(
-            request=request, response=None, source=entry.request_source,
-            completed_at=deadline,
-        ))
+        out.append(
+            Call(
+                request=request,
+                response=None,
+                source=entry.request_source,
+                completed_at=deadline,
+            )
+        )
         entry.request_done = True
         self._counted[rid] = expiry = entry.request_ts + self.remember
         self._schedule(expiry, rid)

@@ -120,9 +120,7 @@ class PriceBook:
     """Resolves each (provider, model) price once and reuses it."""
 
     def __init__(self, prices_file: Path | None = None) -> None:
-        self._overrides: dict[str, Rates] = (
-            {} if prices_file is None else load_prices_file(prices_file)
-        )
+        self._overrides: dict[str, Rates] = {} if prices_file is None else load_prices_file(prices_file)
         # (provider, model) -> constant Rates, a _TimedModel, or None (no known price).
         self._models: dict[tuple[str | None, str], Rates | _TimedModel | None] = {}
 
@@ -135,8 +133,10 @@ class PriceBook:
             return call
         request = call.request
         rates = self.rates(request.provider, request.model, request.timestamp)
-        call.cost_usd = None if rates is None else cost(
-            rates, request.prompt_tokens, response.cache_read_tokens, response.completion_tokens
+        call.cost_usd = (
+            None
+            if rates is None
+            else cost(rates, request.prompt_tokens, response.cache_read_tokens, response.completion_tokens)
         )
         return call
 
@@ -209,8 +209,7 @@ def load_prices_file(path: Path) -> dict[str, Rates]:
             raise PricesFileError(f"{where}: the model name is empty")
         if not isinstance(entry, dict):
             raise PricesFileError(
-                f"{where}: expected an object with {', '.join(_FILE_FIELDS)}, "
-                f"got {type(entry).__name__}"
+                f"{where}: expected an object with {', '.join(_FILE_FIELDS)}, got {type(entry).__name__}"
             )
         unknown = sorted(set(entry) - set(_FILE_FIELDS))
         if unknown:
@@ -231,8 +230,7 @@ def load_prices_file(path: Path) -> dict[str, Rates]:
                 or value < 0
             ):
                 raise PricesFileError(
-                    f"{where}: field {field!r} must be a number ≥ 0 (USD per million tokens), "
-                    f"got {value!r}"
+                    f"{where}: field {field!r} must be a number ≥ 0 (USD per million tokens), got {value!r}"
                 )
             values[field] = float(value) / PER_MILLION
         input_rate = values["input_per_mtok"]

@@ -28,7 +28,10 @@ def at(seconds: float) -> datetime:
 
 def request(rid: str, seconds: float, **fields: object) -> LLMRequest:
     values: dict[str, object] = {
-        "tenant_id": "acme", "route": "/chat", "model": "gpt-4o", "prompt_tokens": 100,
+        "tenant_id": "acme",
+        "route": "/chat",
+        "model": "gpt-4o",
+        "prompt_tokens": 100,
     }
     values.update(fields)
     return LLMRequest(request_id=rid, timestamp=at(seconds), **values)  # type: ignore[arg-type]
@@ -40,8 +43,9 @@ def response(rid: str, seconds: float, **fields: object) -> LLMResponse:
     return LLMResponse(request_id=rid, timestamp=at(seconds), **values)  # type: ignore[arg-type]
 
 
-def feed(join: JoinShard, events: list[LLMRequest | LLMResponse],
-         now: float = NOW) -> list[Call | DeadLetter]:
+def feed(
+    join: JoinShard, events: list[LLMRequest | LLMResponse], now: float = NOW
+) -> list[Call | DeadLetter]:
     out: list[Call | DeadLetter] = []
     for offset, event in enumerate(events):
         topic = REQUESTS if isinstance(event, LLMRequest) else RESPONSES
@@ -161,21 +165,27 @@ def test_a_response_stamped_with_the_same_tenant_pairs() -> None:
 
 def test_before_counting_the_first_request_and_first_response_win() -> None:
     join = JoinShard(TIMEOUT, DEDUPE)
-    out = feed(join, [
-        request("a", 0, prompt_tokens=1),
-        request("a", 0, prompt_tokens=2),  # ignored
-    ])
+    out = feed(
+        join,
+        [
+            request("a", 0, prompt_tokens=1),
+            request("a", 0, prompt_tokens=2),  # ignored
+        ],
+    )
     assert out == []
     out = feed(join, [response("a", 1, completion_tokens=5)])
     assert len(out) == 1
     assert out[0].request.prompt_tokens == 1  # type: ignore[union-attr]
 
     join = JoinShard(TIMEOUT, DEDUPE)
-    out = feed(join, [
-        response("b", 1, completion_tokens=5),
-        response("b", 1, completion_tokens=6),  # ignored
-        request("b", 0),
-    ])
+    out = feed(
+        join,
+        [
+            response("b", 1, completion_tokens=5),
+            response("b", 1, completion_tokens=6),  # ignored
+            request("b", 0),
+        ],
+    )
     assert [outcome(item) for item in out] == [("answered", "b")]
     assert out[0].response.completion_tokens == 5  # type: ignore[union-attr]
     assert join.duplicates == 1
@@ -224,13 +234,18 @@ def test_cache_reads_beyond_the_prompt_are_clamped_and_counted() -> None:
 
 def test_state_is_empty_once_every_deadline_passed() -> None:
     join = JoinShard(TIMEOUT, DEDUPE)
-    feed(join, [
-        request("paired", 0), response("paired", 1),
-        request("timeout", 5),
-        response("orphan", 7),
-        request("far", 0), response("far", TIMEOUT + 50),
-        request("late", 3),
-    ])
+    feed(
+        join,
+        [
+            request("paired", 0),
+            response("paired", 1),
+            request("timeout", 5),
+            response("orphan", 7),
+            request("far", 0),
+            response("far", TIMEOUT + 50),
+            request("late", 3),
+        ],
+    )
     assert len(join) == 5
     drain(join, after=DEDUPE / 2)  # the counted ids are still remembered
     feed(join, [response("late", 4)], now=NOW + DEDUPE / 2)
@@ -254,6 +269,7 @@ def test_next_wakeup_is_none_when_empty_and_due_after_a_restore() -> None:
 
 # -- any arrival order ---------------------------------------------------------
 
+
 def scenario(wide: bool) -> tuple[list[LLMRequest | LLMResponse], set[tuple[str, str]]]:
     """A small event set and its expected outcomes, worked out from the rules.
 
@@ -262,29 +278,42 @@ def scenario(wide: bool) -> tuple[list[LLMRequest | LLMResponse], set[tuple[str,
     nothing expires until the end.
     """
     events: list[LLMRequest | LLMResponse] = [
-        request("ok", 0), response("ok", 3),
-        request("ok-dup", 1), request("ok-dup", 1), response("ok-dup", 4), response("ok-dup", 4),
-        request("skew", 10), response("skew", 9),  # response stamped before: still pairs
+        request("ok", 0),
+        response("ok", 3),
+        request("ok-dup", 1),
+        request("ok-dup", 1),
+        response("ok-dup", 4),
+        response("ok-dup", 4),
+        request("skew", 10),
+        response("skew", 9),  # response stamped before: still pairs
         request("silent", 5),
         response("orphan", 6),
-        request("tenant", 8, tenant_id="acme"), response("tenant", 9, tenant_id="other"),
+        request("tenant", 8, tenant_id="acme"),
+        response("tenant", 9, tenant_id="other"),
     ]
     expected = {
-        ("answered", "ok"), ("answered", "ok-dup"), ("answered", "skew"),
-        ("timeout", "silent"), ("orphan_response", "orphan"),
-        ("timeout", "tenant"), ("orphan_response", "tenant"),
+        ("answered", "ok"),
+        ("answered", "ok-dup"),
+        ("answered", "skew"),
+        ("timeout", "silent"),
+        ("orphan_response", "orphan"),
+        ("timeout", "tenant"),
+        ("orphan_response", "tenant"),
     }
     if wide:
         events += [
-            request("slow", 2), response("slow", 2 + TIMEOUT),  # exactly at the timeout
-            request("far", 0), response("far", TIMEOUT + 0.5),
+            request("slow", 2),
+            response("slow", 2 + TIMEOUT),  # exactly at the timeout
+            request("far", 0),
+            response("far", TIMEOUT + 0.5),
         ]
         expected |= {("answered", "slow"), ("timeout", "far"), ("orphan_response", "far")}
     return events, expected
 
 
-def check_order(events: list[LLMRequest | LLMResponse], expected: set[tuple[str, str]],
-                order: list[int], tick: bool) -> None:
+def check_order(
+    events: list[LLMRequest | LLMResponse], expected: set[tuple[str, str]], order: list[int], tick: bool
+) -> None:
     join = JoinShard(TIMEOUT, DEDUPE)
     out: list[Call | DeadLetter] = []
     for position, index in enumerate(order):
@@ -316,6 +345,7 @@ def test_the_outcome_does_not_depend_on_arrival_order_with_expiry_checks_between
 
 # -- snapshots -----------------------------------------------------------------
 
+
 def timeline() -> list[tuple[LLMRequest | LLMResponse | None, float]]:
     """Events and on_time calls (None) with their wall clock, across every kind of expiry."""
     steps: list[tuple[LLMRequest | LLMResponse | None, float]] = []
@@ -334,8 +364,9 @@ def timeline() -> list[tuple[LLMRequest | LLMResponse | None, float]]:
     return steps
 
 
-def run(steps: list[tuple[LLMRequest | LLMResponse | None, float]],
-        snapshot_every: int | None) -> list[tuple[str, str, float | None]]:
+def run(
+    steps: list[tuple[LLMRequest | LLMResponse | None, float]], snapshot_every: int | None
+) -> list[tuple[str, str, float | None]]:
     join = JoinShard(TIMEOUT, DEDUPE)
     out: list[tuple[str, str, float | None]] = []
 
@@ -370,16 +401,24 @@ def test_pickling_mid_stream_gives_the_same_outputs() -> None:
 
 # -- memory ------------------------------------------------------------------
 
+
 def test_in_flight_requests_cost_well_under_a_kibibyte_each() -> None:
     """1,000,000 in-flight requests must fit in 1 GiB: under 1,073 bytes each."""
     sample = 5_000
     payloads = [
-        msgspec.json.encode({
-            "type": "request", "request_id": f"req-{index:08d}-{index * 7919:012x}",
-            "tenant_id": f"tenant-{index % 10}", "route": f"/v1/chat/route-{index % 30}",
-            "model": "gpt-4o-mini", "provider": "openai", "prompt_tokens": index % 4000,
-            "timestamp": at(index / 100).isoformat(), "user_id_hash": f"u{index:016x}",
-        })
+        msgspec.json.encode(
+            {
+                "type": "request",
+                "request_id": f"req-{index:08d}-{index * 7919:012x}",
+                "tenant_id": f"tenant-{index % 10}",
+                "route": f"/v1/chat/route-{index % 30}",
+                "model": "gpt-4o-mini",
+                "provider": "openai",
+                "prompt_tokens": index % 4000,
+                "timestamp": at(index / 100).isoformat(),
+                "user_id_hash": f"u{index:016x}",
+            }
+        )
         for index in range(sample)
     ]
     join = JoinShard(TIMEOUT, DEDUPE)
@@ -400,9 +439,10 @@ def test_in_flight_requests_cost_well_under_a_kibibyte_each() -> None:
 @settings(max_examples=60, deadline=None)
 @given(
     st.integers(min_value=0, max_value=2 * TIMEOUT),
-    st.lists(st.tuples(st.sampled_from("abcdef"), st.booleans(),
-                       st.floats(min_value=0, max_value=3 * TIMEOUT)),
-             max_size=30),
+    st.lists(
+        st.tuples(st.sampled_from("abcdef"), st.booleans(), st.floats(min_value=0, max_value=3 * TIMEOUT)),
+        max_size=30,
+    ),
     st.lists(st.floats(min_value=0, max_value=0.999), min_size=1, max_size=8),
 )
 def test_any_dedupe_setting_keeps_every_request_accounted_for(
@@ -415,8 +455,7 @@ def test_any_dedupe_setting_keeps_every_request_accounted_for(
     out: list[Call | DeadLetter] = []
     for position, (rid, is_request, seconds) in enumerate(sorted(events, key=lambda e: e[2])):
         event = request(rid, seconds) if is_request else response(rid, seconds)
-        out += join.on_event(event, SourceRef(REQUESTS if is_request else RESPONSES, 0, position),
-                             NOW)
+        out += join.on_event(event, SourceRef(REQUESTS if is_request else RESPONSES, 0, position), NOW)
         out += join.on_time(NOW + fractions[position % len(fractions)])
     out += drain(join, after=10 * (TIMEOUT + dedupe + 10))
     assert len(join) == 0 and join.next_wakeup() is None

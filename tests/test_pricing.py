@@ -19,12 +19,30 @@ WHEN = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 SOURCE = SourceRef("llm.responses", 0, 0)
 
 
-def call(model: str, prompt: int, cached: int, completion: int, *, provider: str | None = None,
-         when: datetime = WHEN, answered: bool = True) -> Call:
-    request = LLMRequest(request_id="r", tenant_id="t", route="/", model=model, timestamp=when,
-                         prompt_tokens=prompt, provider=provider)
-    response = LLMResponse(request_id="r", timestamp=when, completion_tokens=completion,
-                           cache_read_tokens=cached) if answered else None
+def call(
+    model: str,
+    prompt: int,
+    cached: int,
+    completion: int,
+    *,
+    provider: str | None = None,
+    when: datetime = WHEN,
+    answered: bool = True,
+) -> Call:
+    request = LLMRequest(
+        request_id="r",
+        tenant_id="t",
+        route="/",
+        model=model,
+        timestamp=when,
+        prompt_tokens=prompt,
+        provider=provider,
+    )
+    response = (
+        LLMResponse(request_id="r", timestamp=when, completion_tokens=completion, cache_read_tokens=cached)
+        if answered
+        else None
+    )
     return Call(request=request, response=response, source=SOURCE)
 
 
@@ -34,36 +52,64 @@ def prices_file(tmp_path: Path, content: object) -> Path:
     return path
 
 
-def genai_cost(model: str, prompt: int, cached: int, completion: int, *,
-               provider: str | None = None, when: datetime = WHEN) -> float:
+def genai_cost(
+    model: str,
+    prompt: int,
+    cached: int,
+    completion: int,
+    *,
+    provider: str | None = None,
+    when: datetime = WHEN,
+) -> float:
     """genai-prices' own answer; its input tokens include the cached ones."""
     result = calc_price(
         Usage(input_tokens=prompt, cache_read_tokens=cached, output_tokens=completion),
-        model, provider_id=provider, genai_request_timestamp=when,
+        model,
+        provider_id=provider,
+        genai_request_timestamp=when,
     )
     return float(result.total_price)
 
 
 def test_prices_file_cost_matches_the_hand_computed_formula(tmp_path: Path) -> None:
-    book = PriceBook(prices_file(tmp_path, {
-        "house-7b": {"input_per_mtok": 0.4, "output_per_mtok": 1.6, "cache_read_per_mtok": 0.1},
-        "house-70b": {"input_per_mtok": 3, "output_per_mtok": 9},
-    }))
+    book = PriceBook(
+        prices_file(
+            tmp_path,
+            {
+                "house-7b": {"input_per_mtok": 0.4, "output_per_mtok": 1.6, "cache_read_per_mtok": 0.1},
+                "house-70b": {"input_per_mtok": 3, "output_per_mtok": 9},
+            },
+        )
+    )
     # (1000 - 200) × 0.4 + 200 × 0.1 + 300 × 1.6 = 320 + 20 + 480 = 820 per million
-    assert math.isclose(book.price(call("house-7b", 1000, 200, 300)).cost_usd,  # type: ignore[arg-type]
-                        820 / 1e6, rel_tol=1e-12)
+    assert math.isclose(
+        book.price(call("house-7b", 1000, 200, 300)).cost_usd,  # type: ignore[arg-type]
+        820 / 1e6,
+        rel_tol=1e-12,
+    )
     # No cache-read price: cached tokens at the input price. 1000 × 3 + 10 × 9 = 3090
-    assert math.isclose(book.price(call("house-70b", 1000, 400, 10)).cost_usd,  # type: ignore[arg-type]
-                        3090 / 1e6, rel_tol=1e-12)
+    assert math.isclose(
+        book.price(call("house-70b", 1000, 400, 10)).cost_usd,  # type: ignore[arg-type]
+        3090 / 1e6,
+        rel_tol=1e-12,
+    )
 
 
 def test_prices_file_overrides_genai_prices(tmp_path: Path) -> None:
-    book = PriceBook(prices_file(tmp_path, {
-        "gpt-4o": {"input_per_mtok": 1, "output_per_mtok": 2, "cache_read_per_mtok": 0.5},
-    }))
+    book = PriceBook(
+        prices_file(
+            tmp_path,
+            {
+                "gpt-4o": {"input_per_mtok": 1, "output_per_mtok": 2, "cache_read_per_mtok": 0.5},
+            },
+        )
+    )
     # 900 × 1 + 100 × 0.5 + 50 × 2 = 1050
-    assert math.isclose(book.price(call("gpt-4o", 1000, 100, 50, provider="openai")).cost_usd,  # type: ignore[arg-type]
-                        1050 / 1e6, rel_tol=1e-12)
+    assert math.isclose(
+        book.price(call("gpt-4o", 1000, 100, 50, provider="openai")).cost_usd,  # type: ignore[arg-type]
+        1050 / 1e6,
+        rel_tol=1e-12,
+    )
 
 
 def test_gpt_4o_cost_matches_genai_prices_calc_price() -> None:
@@ -88,10 +134,8 @@ def test_time_of_day_prices_match_genai_prices_through_the_day() -> None:
     costs = set()
     for hour, minute in ((0, 0), (0, 29), (0, 30), (12, 0), (16, 29), (16, 30), (23, 59)):
         when = datetime(2026, 1, 15, hour, minute, 30, tzinfo=UTC)
-        priced = book.price(call("deepseek-chat", 10_000, 2_000, 1_000, provider="deepseek",
-                                 when=when))
-        expected = genai_cost("deepseek-chat", 10_000, 2_000, 1_000, provider="deepseek",
-                              when=when)
+        priced = book.price(call("deepseek-chat", 10_000, 2_000, 1_000, provider="deepseek", when=when))
+        expected = genai_cost("deepseek-chat", 10_000, 2_000, 1_000, provider="deepseek", when=when)
         assert math.isclose(priced.cost_usd, expected, rel_tol=1e-9), when  # type: ignore[arg-type]
         costs.add(round(expected, 12))
     assert len(costs) == 2  # the price really does change with the time of day
@@ -139,28 +183,36 @@ def test_genai_prices_decimal_rates_are_what_the_book_uses() -> None:
     book = PriceBook()
     rates = book.rates("openai", "gpt-4o", WHEN)
     assert rates is not None
-    model_price = calc_price(Usage(input_tokens=1), "gpt-4o", provider_id="openai",
-                             genai_request_timestamp=WHEN).model_price
+    model_price = calc_price(
+        Usage(input_tokens=1), "gpt-4o", provider_id="openai", genai_request_timestamp=WHEN
+    ).model_price
     assert rates.input == float(model_price.input_mtok) / 1e6
     assert rates.cache_read == float(model_price.cache_read_mtok) / 1e6
     assert rates.output == float(model_price.output_mtok) / 1e6
     assert isinstance(model_price.input_mtok, Decimal)
 
 
-@pytest.mark.parametrize(("content", "names"), [
-    ("{not json", ["not valid JSON"]),
-    ([{"input_per_mtok": 1}], ["expected a JSON object of models", "list"]),
-    ({"m1": [1, 2]}, ["model 'm1'", "expected an object"]),
-    ({"m1": {"input_per_mtok": -0.4, "output_per_mtok": 1}}, ["model 'm1'", "'input_per_mtok'", "-0.4"]),
-    ({"m1": {"input_per_mtok": 1, "output_per_mtok": "2"}}, ["model 'm1'", "'output_per_mtok'"]),
-    ({"m1": {"input_per_mtok": 1, "output_per_mtok": True}}, ["model 'm1'", "'output_per_mtok'"]),
-    ({"m1": {"input_per_mtok": 1}}, ["model 'm1'", "'output_per_mtok' is missing"]),
-    ({"m1": {"input_per_mtok": 1, "output_per_mtok": 1, "cache_read_per_mtok": -1}},
-     ["model 'm1'", "'cache_read_per_mtok'"]),
-    ({"m1": {"input_per_mtok": 1, "output_per_mtok": 1, "input_per_mtoken": 1}},
-     ["model 'm1'", "unknown field 'input_per_mtoken'"]),
-    ('{"m1": {"input_per_mtok": NaN, "output_per_mtok": 1}}', ["model 'm1'", "'input_per_mtok'"]),
-])
+@pytest.mark.parametrize(
+    ("content", "names"),
+    [
+        ("{not json", ["not valid JSON"]),
+        ([{"input_per_mtok": 1}], ["expected a JSON object of models", "list"]),
+        ({"m1": [1, 2]}, ["model 'm1'", "expected an object"]),
+        ({"m1": {"input_per_mtok": -0.4, "output_per_mtok": 1}}, ["model 'm1'", "'input_per_mtok'", "-0.4"]),
+        ({"m1": {"input_per_mtok": 1, "output_per_mtok": "2"}}, ["model 'm1'", "'output_per_mtok'"]),
+        ({"m1": {"input_per_mtok": 1, "output_per_mtok": True}}, ["model 'm1'", "'output_per_mtok'"]),
+        ({"m1": {"input_per_mtok": 1}}, ["model 'm1'", "'output_per_mtok' is missing"]),
+        (
+            {"m1": {"input_per_mtok": 1, "output_per_mtok": 1, "cache_read_per_mtok": -1}},
+            ["model 'm1'", "'cache_read_per_mtok'"],
+        ),
+        (
+            {"m1": {"input_per_mtok": 1, "output_per_mtok": 1, "input_per_mtoken": 1}},
+            ["model 'm1'", "unknown field 'input_per_mtoken'"],
+        ),
+        ('{"m1": {"input_per_mtok": NaN, "output_per_mtok": 1}}', ["model 'm1'", "'input_per_mtok'"]),
+    ],
+)
 def test_a_bad_prices_file_names_the_file_model_and_field(
     tmp_path: Path, content: object, names: list[str]
 ) -> None:

@@ -33,28 +33,49 @@ def at(seconds: float) -> datetime:
 _serial = iter(range(10**9))
 
 
-def answered(start: float, latency_ms: float | None = 100.0, *, key: tuple[str, str, str] = KEY,
-             duration: float | None = None, cost: float | None = 0.001, **fields: object) -> Call:
+def answered(
+    start: float,
+    latency_ms: float | None = 100.0,
+    *,
+    key: tuple[str, str, str] = KEY,
+    duration: float | None = None,
+    cost: float | None = 0.001,
+    **fields: object,
+) -> Call:
     """An answered call whose request is at T0 + ``start``."""
     tenant_id, route, model = key
     rid = f"r{next(_serial)}"
-    req = LLMRequest(request_id=rid, tenant_id=tenant_id, route=route, model=model,
-                     timestamp=at(start),
-                     prompt_tokens=fields.pop("prompt_tokens", 100))  # type: ignore[arg-type]
+    req = LLMRequest(
+        request_id=rid,
+        tenant_id=tenant_id,
+        route=route,
+        model=model,
+        timestamp=at(start),
+        prompt_tokens=fields.pop("prompt_tokens", 100),
+    )  # type: ignore[arg-type]
     if duration is None:
         duration = (latency_ms or 0.0) / 1000
-    resp = LLMResponse(request_id=rid, timestamp=at(start + duration), latency_ms=latency_ms,
-                       **fields)  # type: ignore[arg-type]
-    return Call(request=req, response=resp, source=SOURCE, cost_usd=cost,
-                completed_at=max(T0 + start, T0 + start + duration))
+    resp = LLMResponse(request_id=rid, timestamp=at(start + duration), latency_ms=latency_ms, **fields)  # type: ignore[arg-type]
+    return Call(
+        request=req,
+        response=resp,
+        source=SOURCE,
+        cost_usd=cost,
+        completed_at=max(T0 + start, T0 + start + duration),
+    )
 
 
 def timed_out(start: float, *, key: tuple[str, str, str] = KEY) -> Call:
     tenant_id, route, model = key
-    req = LLMRequest(request_id=f"t{next(_serial)}", tenant_id=tenant_id, route=route,
-                     model=model, timestamp=at(start), prompt_tokens=70)
-    return Call(request=req, response=None, source=SOURCE, cost_usd=0.0,
-                completed_at=T0 + start + TIMEOUT)
+    req = LLMRequest(
+        request_id=f"t{next(_serial)}",
+        tenant_id=tenant_id,
+        route=route,
+        model=model,
+        timestamp=at(start),
+        prompt_tokens=70,
+    )
+    return Call(request=req, response=None, source=SOURCE, cost_usd=0.0, completed_at=T0 + start + TIMEOUT)
 
 
 def shard() -> WindowShard:
@@ -77,8 +98,7 @@ def nearest_rank(values: list[float], q: float) -> float:
 
 def expected_row(calls: list[Call], start: int, revision: int) -> MetricsRow:
     """The row, worked out from the calls with plain Python (percentiles aside)."""
-    tenant_id, route, model = (calls[0].request.tenant_id, calls[0].request.route,
-                               calls[0].request.model)
+    tenant_id, route, model = (calls[0].request.tenant_id, calls[0].request.route, calls[0].request.model)
     done = [call for call in calls if call.response is not None]
 
     def latency(call: Call) -> float:
@@ -88,11 +108,12 @@ def expected_row(calls: list[Call], start: int, revision: int) -> MetricsRow:
         gap = (call.response.timestamp - call.request.timestamp).total_seconds() * 1000
         return max(0.0, gap)
 
-    ttfts = [c.response.time_to_first_token_ms for c in done
-             if c.response.time_to_first_token_ms is not None]  # type: ignore[union-attr]
+    ttfts = [c.response.time_to_first_token_ms for c in done if c.response.time_to_first_token_ms is not None]  # type: ignore[union-attr]
     latencies = [latency(call) for call in done]
     return MetricsRow(
-        tenant_id=tenant_id, route=route, model=model,
+        tenant_id=tenant_id,
+        route=route,
+        model=model,
         window_start=datetime.fromtimestamp(start, UTC),
         window_end=datetime.fromtimestamp(start + WINDOW, UTC),
         requests=len(calls),
@@ -110,7 +131,8 @@ def expected_row(calls: list[Call], start: int, revision: int) -> MetricsRow:
         avg_prompt_tokens=sum(c.request.prompt_tokens for c in done) / len(done) if done else None,
         avg_completion_tokens=(
             sum(c.response.completion_tokens for c in done) / len(done)  # type: ignore[union-attr]
-            if done else None
+            if done
+            else None
         ),
         estimated_cost_usd=sum(c.cost_usd or 0.0 for c in done),
         unpriced_requests=sum(1 for c in done if c.cost_usd is None),
@@ -122,9 +144,11 @@ def assert_row(actual: MetricsRow, expected: MetricsRow, calls: list[Call]) -> N
     """Equal field by field; averages and cost to float precision, percentiles
     between the nearest-rank neighbours of the calls' latencies."""
     latencies = [
-        c.response.latency_ms if c.response.latency_ms is not None
+        c.response.latency_ms
+        if c.response.latency_ms is not None
         else max(0.0, (c.response.timestamp - c.request.timestamp).total_seconds() * 1000)
-        for c in calls if c.response is not None
+        for c in calls
+        if c.response is not None
     ]
     for field in MetricsRow.__struct_fields__:
         got, want = getattr(actual, field), getattr(expected, field)
@@ -141,6 +165,7 @@ def assert_row(actual: MetricsRow, expected: MetricsRow, calls: list[Call]) -> N
 
 
 # -- windows and emission ------------------------------------------------------
+
 
 def test_a_window_is_emitted_once_event_time_reaches_end_plus_grace_with_the_right_row() -> None:
     windows = shard()
@@ -181,8 +206,7 @@ def test_rows_come_by_window_start_then_key() -> None:
         windows.on_call(answered(WINDOW + 1, key=key), NOW)
         windows.on_call(answered(1, key=key), NOW)
     rows = advance(windows, 2 * WINDOW + GRACE)
-    order = [(row.row.window_start, row.row.tenant_id, row.row.route, row.row.model)
-             for row in rows]
+    order = [(row.row.window_start, row.row.tenant_id, row.row.route, row.row.model) for row in rows]
     assert order == sorted(order)
     assert len(order) == 8
 
@@ -222,8 +246,7 @@ def test_late_calls_within_lateness_re_emit_the_whole_row_with_revision_per_call
         call.completed_at = T0 + 305
         windows.on_call(call, NOW)
     rows = windows.on_time(NOW)
-    assert_row(rows[0].row, expected_row([*calls, late, *more], T0, revision=4),
-               [*calls, late, *more])
+    assert_row(rows[0].row, expected_row([*calls, late, *more], T0, revision=4), [*calls, late, *more])
     assert rows[0].row.timeouts == 1 and rows[0].row.requests == 5
 
 
@@ -287,8 +310,15 @@ def test_cost_is_summed_exactly_and_unpriced_calls_counted() -> None:
 
 def test_the_row_does_not_depend_on_call_order() -> None:
     rng = random.Random(5)
-    calls = [answered(rng.uniform(0, 59), rng.lognormvariate(5, 1), cost=rng.random() / 1000,
-                      time_to_first_token_ms=rng.random() * 100) for _ in range(1500)]
+    calls = [
+        answered(
+            rng.uniform(0, 59),
+            rng.lognormvariate(5, 1),
+            cost=rng.random() / 1000,
+            time_to_first_token_ms=rng.random() * 100,
+        )
+        for _ in range(1500)
+    ]
     results = []
     for _ in range(2):
         windows = shard()
@@ -302,6 +332,7 @@ def test_the_row_does_not_depend_on_call_order() -> None:
 
 
 # -- snapshots -----------------------------------------------------------------
+
 
 def test_pickling_mid_stream_gives_the_same_outputs() -> None:
     rng = random.Random(11)
@@ -344,13 +375,13 @@ def test_pickling_mid_stream_gives_the_same_outputs() -> None:
 def test_state_pickles_compactly() -> None:
     windows = shard()
     for index in range(1000):
-        windows.on_call(answered(index % 60, 100.0 + index, key=("t", f"/r{index % 100}", "m")),
-                        NOW)
+        windows.on_call(answered(index % 60, 100.0 + index, key=("t", f"/r{index % 100}", "m")), NOW)
     size = len(pickle.dumps(windows))
     assert size < 1000 * 40, size  # latencies as 8-byte floats, a few hundred bytes per window
 
 
 # -- percentiles -----------------------------------------------------------------
+
 
 def stats_of(latencies: list[float]) -> CallStats:
     stats = CallStats()
@@ -374,8 +405,7 @@ def assert_between_neighbours(reported: float, values: list[float], q: float) ->
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1,
-                max_size=EXACT_UP_TO))
+@given(st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=EXACT_UP_TO))
 def test_few_latencies_percentiles_lie_between_nearest_rank_neighbours(values: list[float]) -> None:
     stats = stats_of(values)
     digest = stats.latency_digest()

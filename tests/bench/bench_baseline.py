@@ -23,9 +23,7 @@ BATCH = 1_000
 FLUSH_AFTER = 100_000.0
 
 
-def plain_loop(
-    requests_payloads: list[bytes], responses_payloads: list[bytes]
-) -> tuple[int, float]:
+def plain_loop(requests_payloads: list[bytes], responses_payloads: list[bytes]) -> tuple[int, float]:
     """Count every call in the payloads; return (calls counted, seconds taken).
 
     The two topics are read side by side in batches, as a consumer assigned to
@@ -34,9 +32,7 @@ def plain_loop(
     settings = Settings()
     join = JoinShard(settings.join_timeout_seconds, settings.dedupe_seconds)
     prices = PriceBook()
-    windows = WindowShard(
-        settings.window_seconds, settings.grace_seconds, settings.lateness_seconds
-    )
+    windows = WindowShard(settings.window_seconds, settings.grace_seconds, settings.lateness_seconds)
     calls = 0
     rows: list[WindowRow] = []
     started = time.perf_counter()
@@ -87,12 +83,18 @@ def main() -> None:
     calls_wanted, keys = 200_000, 1_000
     generated = time.perf_counter()
     requests_payloads, responses_payloads = generate(calls_wanted, keys, seed=1)
-    print(f"data set: {calls_wanted:,} calls over {keys:,} keys "
-          f"({len(responses_payloads):,} responses), "
-          f"generated in {time.perf_counter() - generated:.1f}s")
+    print(
+        f"data set: {calls_wanted:,} calls over {keys:,} keys "
+        f"({len(responses_payloads):,} responses), "
+        f"generated in {time.perf_counter() - generated:.1f}s"
+    )
     calls, seconds = plain_loop(requests_payloads, responses_payloads)
-    print(f"plain loop (decode → join → price → windows), one process: "
-          f"{calls:,} calls in {seconds:.2f}s = {calls / seconds:,.0f} calls/s")
+    print(
+        f"plain loop (decode → join → price → windows), one process: "
+        f"{calls:,} calls in {seconds:.2f}s = {calls / seconds:,.0f} calls/s"
+    )
     per_request = bytes_per_inflight_request()
-    print(f"join state: {per_request:,.0f} bytes per in-flight request "
-          f"→ {per_request * 1_000_000 / 2**30:.2f} GiB for 1,000,000")
+    print(
+        f"join state: {per_request:,.0f} bytes per in-flight request "
+        f"→ {per_request * 1_000_000 / 2**30:.2f} GiB for 1,000,000"
+    )

@@ -41,7 +41,7 @@ def _exact(ordered: list[float], q: float) -> float:
 def _fast_chunked(values: list[float]) -> fastdigest.TDigest:
     digest = fastdigest.TDigest(max_centroids=MAX_CENTROIDS)
     for first in range(0, len(values), CHUNK):
-        digest.batch_update(sorted(values[first:first + CHUNK]))
+        digest.batch_update(sorted(values[first : first + CHUNK]))
     return digest
 
 
@@ -62,7 +62,7 @@ def _slow_one_by_one(values: list[float]) -> tdigest.TDigest:
 def _slow_chunked(values: list[float]) -> tdigest.TDigest:
     digest = tdigest.TDigest()
     for first in range(0, len(values), CHUNK):
-        digest.batch_update(values[first:first + CHUNK])
+        digest.batch_update(values[first : first + CHUNK])
     return digest
 
 
@@ -86,33 +86,47 @@ def main() -> None:
         return digest
 
     rows = [
-        ("update, one value (µs/value)",
-         _seconds(lambda: _fast_one_by_one(values)) / VALUES * 1e6,
-         _seconds(lambda: _slow_one_by_one(slow_sample)) / len(slow_sample) * 1e6),
-        (f"update, sorted chunks of {CHUNK} (µs/value)",
-         _seconds(lambda: _fast_chunked(values)) / VALUES * 1e6,
-         _seconds(lambda: _slow_chunked(slow_sample)) / len(slow_sample) * 1e6),
-        ("merge two 50k digests (µs)",
-         _seconds(lambda: fast_a.merge(fast_b), 200) * 1e6,
-         _seconds(lambda: slow_a + slow_b, 3) * 1e6),
-        ("serialize (µs)",
-         _seconds(fast.to_bytes, 1000) * 1e6,
-         _seconds(lambda: json.dumps(slow.to_dict()), 20) * 1e6),
-        ("deserialize (µs)",
-         _seconds(lambda: fastdigest.TDigest.from_bytes(fast_bytes), 1000) * 1e6,
-         _seconds(slow_load, 20) * 1e6),
+        (
+            "update, one value (µs/value)",
+            _seconds(lambda: _fast_one_by_one(values)) / VALUES * 1e6,
+            _seconds(lambda: _slow_one_by_one(slow_sample)) / len(slow_sample) * 1e6,
+        ),
+        (
+            f"update, sorted chunks of {CHUNK} (µs/value)",
+            _seconds(lambda: _fast_chunked(values)) / VALUES * 1e6,
+            _seconds(lambda: _slow_chunked(slow_sample)) / len(slow_sample) * 1e6,
+        ),
+        (
+            "merge two 50k digests (µs)",
+            _seconds(lambda: fast_a.merge(fast_b), 200) * 1e6,
+            _seconds(lambda: slow_a + slow_b, 3) * 1e6,
+        ),
+        (
+            "serialize (µs)",
+            _seconds(fast.to_bytes, 1000) * 1e6,
+            _seconds(lambda: json.dumps(slow.to_dict()), 20) * 1e6,
+        ),
+        (
+            "deserialize (µs)",
+            _seconds(lambda: fastdigest.TDigest.from_bytes(fast_bytes), 1000) * 1e6,
+            _seconds(slow_load, 20) * 1e6,
+        ),
         ("serialized size (bytes)", float(len(fast_bytes)), float(len(slow_text))),
     ]
     for q in QUANTILES:
         exact = _exact(ordered, q)
-        rows.append((
-            f"p{round(q * 100)} error vs exact (%)",
-            abs(fast.quantile(q) - exact) / exact * 100,
-            abs(slow.percentile(q * 100) - exact) / exact * 100,
-        ))
+        rows.append(
+            (
+                f"p{round(q * 100)} error vs exact (%)",
+                abs(fast.quantile(q) - exact) / exact * 100,
+                abs(slow.percentile(q * 100) - exact) / exact * 100,
+            )
+        )
 
-    print(f"{VALUES:,} log-normal latencies (µ=6, σ=1); fastdigest max_centroids={MAX_CENTROIDS}, "
-          f"tdigest defaults (δ=0.01, K=25); tdigest updates timed on {len(slow_sample):,}")
+    print(
+        f"{VALUES:,} log-normal latencies (µ=6, σ=1); fastdigest max_centroids={MAX_CENTROIDS}, "
+        f"tdigest defaults (δ=0.01, K=25); tdigest updates timed on {len(slow_sample):,}"
+    )
     print(f"{'':44} {'fastdigest':>12} {'tdigest':>12} {'ratio':>8}")
     for name, fast_value, slow_value in rows:
         ratio = slow_value / fast_value if fast_value else math.inf

@@ -36,9 +36,9 @@ def _skewed(records: list[tuple[float, bytes]], rng: random.Random) -> list[byte
     records.sort(key=lambda record: record[0])
     payloads = [payload for _, payload in records]
     for block in range(0, len(payloads), SKEW):
-        chunk = payloads[block:block + SKEW]
+        chunk = payloads[block : block + SKEW]
         rng.shuffle(chunk)
-        payloads[block:block + SKEW] = chunk
+        payloads[block : block + SKEW] = chunk
     return payloads
 
 
@@ -54,32 +54,46 @@ def generate(calls: int, keys: int, seed: int) -> tuple[list[bytes], list[bytes]
         started = START + number / CALLS_PER_SECOND
         request_id = f"{seed:x}-{number:09d}-{rng.getrandbits(32):08x}"
         prompt = int(rng.lognormvariate(6.0, 1.0))
-        requests.append((started, encoder.encode(LLMRequest(
-            request_id=request_id,
-            tenant_id=tenant_id,
-            route=route,
-            model=model,
-            timestamp=datetime.fromtimestamp(started, UTC),
-            prompt_tokens=prompt,
-            provider=provider,
-            user_id_hash=f"u{rng.getrandbits(40):010x}",
-        ))))
+        requests.append(
+            (
+                started,
+                encoder.encode(
+                    LLMRequest(
+                        request_id=request_id,
+                        tenant_id=tenant_id,
+                        route=route,
+                        model=model,
+                        timestamp=datetime.fromtimestamp(started, UTC),
+                        prompt_tokens=prompt,
+                        provider=provider,
+                        user_id_hash=f"u{rng.getrandbits(40):010x}",
+                    )
+                ),
+            )
+        )
         if rng.random() < TIMEOUT_SHARE:
             continue
         latency_ms = rng.lognormvariate(6.2, 0.8)
         completion = int(rng.lognormvariate(5.0, 1.0))
         streamed = rng.random() < 0.5
         ended = started + latency_ms / 1000.0
-        responses.append((ended, encoder.encode(LLMResponse(
-            request_id=request_id,
-            timestamp=datetime.fromtimestamp(ended, UTC),
-            tenant_id=tenant_id,
-            latency_ms=round(latency_ms, 3),
-            completion_tokens=completion,
-            cache_read_tokens=rng.randrange(prompt + 1) if rng.random() < 0.3 else 0,
-            reasoning_tokens=completion // 4 if rng.random() < 0.2 else 0,
-            time_to_first_token_ms=round(latency_ms * 0.2, 3) if streamed else None,
-            finish_reason="stop",
-            error="rate_limited" if rng.random() < ERROR_SHARE else None,
-        ))))
+        responses.append(
+            (
+                ended,
+                encoder.encode(
+                    LLMResponse(
+                        request_id=request_id,
+                        timestamp=datetime.fromtimestamp(ended, UTC),
+                        tenant_id=tenant_id,
+                        latency_ms=round(latency_ms, 3),
+                        completion_tokens=completion,
+                        cache_read_tokens=rng.randrange(prompt + 1) if rng.random() < 0.3 else 0,
+                        reasoning_tokens=completion // 4 if rng.random() < 0.2 else 0,
+                        time_to_first_token_ms=round(latency_ms * 0.2, 3) if streamed else None,
+                        finish_reason="stop",
+                        error="rate_limited" if rng.random() < ERROR_SHARE else None,
+                    )
+                ),
+            )
+        )
     return _skewed(requests, rng), _skewed(responses, rng)
