@@ -73,6 +73,14 @@ def _json(status: int, content: object) -> Response:
     return Response(encoder.encode(content), status_code=status, media_type="application/json")
 
 
+def _malformed(error: ValueError) -> str:
+    # msgspec checks UTF-8 only in the strings it keeps, and then raises
+    # UnicodeDecodeError rather than one of its own errors.
+    if isinstance(error, UnicodeDecodeError):
+        return f"a string is not valid UTF-8 (byte {error.start} of it)"
+    return str(error)
+
+
 def _unavailable(detail: str) -> Response:
     return error_response(
         503, "broker_unavailable", detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
@@ -178,8 +186,8 @@ class Ingestion:
             event = decoder.decode(body)
         except msgspec.ValidationError as error:
             return error_response(400, "invalid_event", str(error))
-        except msgspec.DecodeError as error:
-            return error_response(400, "invalid_json", str(error))
+        except (msgspec.DecodeError, UnicodeDecodeError) as error:
+            return error_response(400, "invalid_json", _malformed(error))
         refusal = admit(request, event)
         if refusal is not None:
             return error_response(403, "forbidden", refusal)
@@ -198,16 +206,16 @@ class Ingestion:
             batch = batch_decoder.decode(body)
         except msgspec.ValidationError as error:
             return error_response(400, "invalid_batch", str(error))
-        except msgspec.DecodeError as error:
-            return error_response(400, "invalid_json", str(error))
+        except (msgspec.DecodeError, UnicodeDecodeError) as error:
+            return error_response(400, "invalid_json", _malformed(error))
         records: list[Record] = []
         rejected: list[dict[str, object]] = []
         for index, raw in enumerate(batch.events):
             # Each event on its own: one bad event must not cost the others.
             try:
                 event = event_decoder.decode(raw)
-            except msgspec.ValidationError as error:
-                rejected.append({"index": index, "error": str(error)})
+            except (msgspec.ValidationError, UnicodeDecodeError) as error:
+                rejected.append({"index": index, "error": _malformed(error)})
                 continue
             refusal = admit(request, event)
             if refusal is not None:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterable
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -43,16 +44,21 @@ def producer_config(brokers: str) -> dict[str, object]:
         "reconnect.backoff.max.ms": 1000,
         # Same key, same partition as the Java client would choose.
         "partitioner": "murmur2_random",
+        # Topics are created with the configured partitions (schemas.topics), never
+        # as a side effect of producing to a broker that lost them.
+        "allow.auto.create.topics": False,
+        # Errors reach error_cb (and are logged there); librdkafka's own log
+        # would repeat each connection failure.
+        "log_level": 2,
     }
 
 
 class BrokerUnavailable(Exception):
     """Records were not acknowledged: the broker is down, slow, or refused them."""
 
-    def __init__(self, detail: str, *, unknown_topic: bool = False) -> None:
+    def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.unknown_topic = unknown_topic
 
 
 _TIMED_OUT = object()
@@ -96,7 +102,11 @@ class EventProducer:
         self.brokers = brokers
         self.timeout = timeout
         self._producer = self._new_producer()
+        # Set from librdkafka's callbacks, acted on by the polling thread.
         self._renew = False
+        self._lost = False
+        self._last_probe = 0.0
+        self._logged: dict[str, float] = {}
         self._settled: list[_Pending] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
@@ -111,6 +121,12 @@ class EventProducer:
     def _new_producer(self) -> Producer:
         return Producer(producer_config(self.brokers), error_cb=self._on_error, logger=logger)
 
+    def _answers(self) -> bool:
+        try:
+            return bool(self._producer.list_topics(timeout=0.5).brokers)
+        except KafkaException:
+            return False
+
     def _poll(self) -> None:
         while not self._stopping.is_set():
             try:
@@ -121,19 +137,26 @@ class EventProducer:
                 self._on_error(error.args[0])
             self._hand_over()
             if self._renew:
-                self._replace_producer()
+                self._replace_producer("after a fatal error")
+            elif self._lost and time.monotonic() - self._last_probe >= 1.0:
+                self._last_probe = time.monotonic()
+                if self._answers():
+                    self._replace_producer("the broker is back")
 
-    def _replace_producer(self) -> None:
-        """After a fatal error, carry on with a new producer instead of refusing forever.
+    def _replace_producer(self, why: str) -> None:
+        """Carry on with a new producer, with a new producer id.
 
-        The idempotent producer's state lives on the broker; a broker that lost it
-        (a restart with memory storage, say) makes the producer fail for good.
-        Records still queued in the old one fail now, so their requests get a 503
-        at once rather than at the deadline.
+        The idempotent producer's state lives on the broker. A broker that lost it
+        (restarted with memory storage, say) answers "unknown producer id" for
+        ever: librdkafka either fails for good or bumps the epoch and retries
+        without end. So after a fatal error, and whenever the broker comes back
+        from being unreachable, a new producer takes over. Records still queued in
+        the old one fail now, and their requests get a 503 at once.
         """
         self._renew = False
+        self._lost = False
         old, self._producer = self._producer, self._new_producer()
-        logger.warning("kafka: replaced the producer after a fatal error")
+        logger.warning("kafka: new producer, %s", why)
         old.purge()
         with contextlib.suppress(KafkaException):
             old.flush(0)
@@ -149,11 +172,19 @@ class EventProducer:
 
     def _on_error(self, error: KafkaError) -> None:
         # Connection losses are reported here and retried by librdkafka itself;
-        # the records concerned fail on their own timeout. Only a fatal error
-        # needs action, and it is taken in the polling thread, outside poll().
+        # the records concerned fail on their own timeout. What needs action is
+        # taken in the polling thread, outside poll().
         if error.fatal():
             self._renew = True
-        logger.warning("kafka: %s", error.str())
+        elif error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._lost = True
+        # librdkafka repeats connection errors every second; each once in 10 s is enough.
+        text, now = error.str(), time.monotonic()
+        if now - self._logged.get(text, -10.0) >= 10:
+            if len(self._logged) > 100:
+                self._logged.clear()
+            self._logged[text] = now
+            logger.warning("kafka: %s", text)
 
     async def send(self, records: Iterable[tuple[str, bytes, bytes]]) -> None:
         """Produce ``(topic, key, value)`` records and wait until the broker acknowledged all.
@@ -190,10 +221,7 @@ class EventProducer:
         if outcome is _TIMED_OUT:
             raise BrokerUnavailable(f"the broker did not acknowledge within {self.timeout:g} s")
         assert isinstance(outcome, KafkaError)
-        raise BrokerUnavailable(
-            f"the broker did not acknowledge: {outcome.str()}",
-            unknown_topic=outcome.code() in _UNKNOWN_TOPIC,
-        )
+        raise BrokerUnavailable(f"the broker did not acknowledge: {outcome.str()}")
 
     async def reachable(self, timeout: float = 1.0) -> set[str] | None:
         """The broker's topics, or None when it does not answer a metadata request in time."""
@@ -216,7 +244,6 @@ class EventProducer:
             await asyncio.to_thread(self._thread.join)
         left = await asyncio.to_thread(self._producer.flush, timeout)
         self._hand_over()
+        # Close the connections now rather than when the object is collected.
+        await asyncio.to_thread(self._producer.close)
         return left
-
-
-_UNKNOWN_TOPIC = {KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC}

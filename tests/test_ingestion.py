@@ -1,0 +1,772 @@
+"""The ingestion API over real HTTP (uvicorn) against a real broker.
+
+What is accepted is read back from the topics with ``assign()`` and compared
+with values computed here, independently of the schemas under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from api.ingestion import create_app
+from deploy.stack import Broker, free_port
+from schemas.config import Settings
+from schemas.topics import REQUESTS, RESPONSES, ensure_topics
+from tests.conftest import TEST_PARTITIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+JSON = {"Content-Type": "application/json"}
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+class ServerThread:
+    """The app under uvicorn in a thread of this process, on a free port."""
+
+    def __init__(self, brokers: str) -> None:
+        app = create_app(Settings(kafka_brokers=brokers, topic_partitions=TEST_PARTITIONS))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive(), "the server failed to start"
+            assert time.monotonic() < deadline, "the server did not start in 30 s"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def read_topic(brokers: str, topic: str, expected: int, *, quiet: float = 0.5,
+               timeout: float = 15.0) -> list[tuple[str, dict[str, Any]]]:
+    """Every record on ``topic`` as (key, JSON value): until ``expected`` are in and then
+    ``quiet`` seconds pass without another, so that extra records are seen too."""
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": "test-readback",
+                         "enable.auto.commit": False})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    records: list[tuple[str, dict[str, Any]]] = []
+    deadline = time.monotonic() + timeout
+    last = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            batch = consumer.consume(1000, 0.1)
+            for message in batch:
+                assert message.error() is None, message.error()
+                records.append((message.key().decode(), json.loads(message.value())))
+            if batch:
+                last = time.monotonic()
+            elif len(records) >= expected and time.monotonic() - last >= quiet:
+                break
+    finally:
+        consumer.close()
+    return records
+
+
+def instant(timestamp: str) -> datetime:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def in_utc(records: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Records by key, each timestamp checked to be written in UTC and read as an instant."""
+    by_key = {}
+    for key, value in records:
+        assert value["timestamp"].endswith("Z"), value["timestamp"]
+        by_key[key] = {**value, "timestamp": instant(value["timestamp"])}
+    return by_key
+
+
+def a_request(request_id: str, **fields: Any) -> dict[str, Any]:
+    return {"request_id": request_id, "tenant_id": "acme", "route": "/chat",
+            "model": "gpt-4o", "timestamp": "2026-03-01T12:00:00Z", **fields}
+
+
+def a_response(request_id: str, **fields: Any) -> dict[str, Any]:
+    return {"request_id": request_id, "timestamp": "2026-03-01T12:00:01Z", **fields}
+
+
+REQUEST_DEFAULTS = {"type": "request", "prompt_tokens": 0, "provider": None,
+                    "user_id_hash": None, "metadata": None}
+RESPONSE_DEFAULTS = {"type": "response", "tenant_id": None, "latency_ms": None,
+                     "completion_tokens": 0, "cache_read_tokens": 0, "reasoning_tokens": 0,
+                     "time_to_first_token_ms": None, "finish_reason": None, "error": None}
+
+
+def normalised(event: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """What should be on the topic: known fields only, defaults filled, time in UTC."""
+    known = {key: value for key, value in event.items() if key in defaults or key in (
+        "request_id", "tenant_id", "route", "model", "timestamp")}
+    return {**defaults, **known, "timestamp": instant(event["timestamp"])}
+
+
+@pytest.fixture
+def server(broker: Broker) -> Iterator[ServerThread]:
+    with ServerThread(broker.address) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=20) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def shared_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """One broker and server for the tests that only look at answers, not at topics."""
+    broker = Broker(tmp_path_factory.mktemp("shared-broker")).start()
+    try:
+        ensure_topics(broker.address, TEST_PARTITIONS)
+        with ServerThread(broker.address) as running, \
+                httpx.Client(base_url=running.url, timeout=20) as http:
+            yield http
+    finally:
+        broker.stop()
+
+
+# -- accepted events reach the topics, normalised --------------------------------
+
+
+def test_single_events_are_on_the_topics_keyed_and_normalised(
+    client: httpx.Client, broker: Broker
+) -> None:
+    requests = [
+        a_request("r-0", timestamp="2026-03-01T17:30:00+05:30", prompt_tokens=12,
+                  provider="openai", unknown_field={"ignored": True}),
+        a_request("r-1", timestamp="2026-02-28T23:59:59.250-08:00",
+                  metadata={"team": "search", "n": 3, "ok": True, "none": None}),
+        a_request("r-2", user_id_hash="abc"),
+    ]
+    responses = [
+        a_response("r-0", timestamp="2026-03-01T13:00:02+01:00", latency_ms=2000.5,
+                   completion_tokens=40, reasoning_tokens=10, cache_read_tokens=4),
+        a_response("r-1", error="rate limited", finish_reason="error", type="response"),
+    ]
+    for event in requests:
+        answer = client.post("/v1/llm/request", json=event)
+        assert (answer.status_code, answer.json()) == (202, {"status": "accepted"})
+    for event in responses:
+        answer = client.post("/v1/llm/response", json=event)
+        assert (answer.status_code, answer.json()) == (202, {"status": "accepted"})
+
+    on_requests = read_topic(broker.address, REQUESTS, len(requests))
+    on_responses = read_topic(broker.address, RESPONSES, len(responses))
+    expected_requests = {e["request_id"]: normalised(e, REQUEST_DEFAULTS) for e in requests}
+    expected_responses = {e["request_id"]: normalised(e, RESPONSE_DEFAULTS) for e in responses}
+    assert len(on_requests) == len(requests)
+    assert len(on_responses) == len(responses)
+    assert in_utc(on_requests) == expected_requests
+    assert in_utc(on_responses) == expected_responses
+    texts = {key: value["timestamp"] for key, value in on_requests}
+    assert texts["r-0"] == "2026-03-01T12:00:00Z"
+    assert texts["r-1"].startswith("2026-03-01T07:59:59.25")
+
+
+def test_a_batch_keeps_its_valid_events_and_names_the_invalid_by_index(
+    client: httpx.Client, broker: Broker
+) -> None:
+    valid_requests = [{"type": "request", **a_request(f"b-{i}", prompt_tokens=i)}
+                      for i in range(5)]
+    valid_responses = [{"type": "response", **a_response(f"b-{i}", completion_tokens=i)}
+                       for i in range(3)]
+    invalid = {
+        1: {"type": "request", **a_request("bad-ts", timestamp="2026-03-01T12:00:00")},
+        4: a_request("no-type"),
+        6: {"type": "response", **a_response("bad-tokens", completion_tokens=-1)},
+        8: {"type": "mystery", **a_request("bad-type")},
+        9: 42,
+    }
+    events: list[Any] = []
+    valid = iter(valid_requests + valid_responses)
+    for index in range(len(valid_requests) + len(valid_responses) + len(invalid)):
+        events.append(invalid[index] if index in invalid else next(valid))
+
+    answer = client.post("/v1/llm/events", json={"events": events})
+    assert answer.status_code == 207
+    body = answer.json()
+    assert body["accepted"] == len(valid_requests) + len(valid_responses)
+    assert [entry["index"] for entry in body["rejected"]] == sorted(invalid)
+    errors = {entry["index"]: entry["error"] for entry in body["rejected"]}
+    assert "$.timestamp" in errors[1]
+    assert "type" in errors[4]
+    assert "$.completion_tokens" in errors[6]
+    assert "$.type" in errors[8]
+    assert "object" in errors[9]
+
+    all_valid = [{"type": "request", **a_request("c-0")}, {"type": "response", **a_response("c-0")}]
+    answer = client.post("/v1/llm/events", json={"events": all_valid})
+    assert (answer.status_code, answer.json()) == (202, {"accepted": 2})
+
+    expected_requests = [*valid_requests, all_valid[0]]
+    expected_responses = [*valid_responses, all_valid[1]]
+    on_requests = read_topic(broker.address, REQUESTS, len(expected_requests))
+    on_responses = read_topic(broker.address, RESPONSES, len(expected_responses))
+    assert len(on_requests) == len(expected_requests)
+    assert len(on_responses) == len(expected_responses)
+    assert in_utc(on_requests) == {
+        e["request_id"]: normalised(e, REQUEST_DEFAULTS) for e in expected_requests}
+    assert in_utc(on_responses) == {
+        e["request_id"]: normalised(e, RESPONSE_DEFAULTS) for e in expected_responses}
+
+
+def test_many_concurrent_events_are_each_on_the_topic_once(server: ServerThread,
+                                                           broker: Broker) -> None:
+    singles = 200
+    batch = [{"type": "response", **a_response(f"m-{i}")} for i in range(500)]
+
+    async def send() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
+            posts = [http.post("/v1/llm/request", json=a_request(f"m-{i}"))
+                     for i in range(singles)]
+            posts.append(http.post("/v1/llm/events", json={"events": batch}))
+            return [answer.status_code for answer in await asyncio.gather(*posts)]
+
+    assert asyncio.run(send()) == [202] * (singles + 1)
+    on_requests = read_topic(broker.address, REQUESTS, singles)
+    on_responses = read_topic(broker.address, RESPONSES, len(batch))
+    assert sorted(key for key, _ in on_requests) == sorted(f"m-{i}" for i in range(singles))
+    assert sorted(key for key, _ in on_responses) == sorted(f"m-{i}" for i in range(len(batch)))
+
+
+# -- the error matrix ----------------------------------------------------------
+
+VALID = json.dumps(a_request("e-1")).encode()
+
+ERRORS = [
+    # (name, method, path, headers, body, status, code, detail must contain)
+    ("malformed JSON", "POST", "/v1/llm/request", JSON, b'{"request_id": ', 400,
+     "invalid_json", "truncated"),
+    ("not JSON at all", "POST", "/v1/llm/response", JSON, b"hello", 400, "invalid_json",
+     "malformed"),
+    ("invalid UTF-8 in a field", "POST", "/v1/llm/request", JSON,
+     VALID.replace(b'"e-1"', b'"e-\xff"'), 400, "invalid_json", "UTF-8"),
+    ("empty body", "POST", "/v1/llm/request", JSON, b"", 400, "empty_body", "empty"),
+    ("a JSON array", "POST", "/v1/llm/request", JSON, b"[]", 400, "invalid_event", "object"),
+    ("missing field", "POST", "/v1/llm/request", JSON,
+     json.dumps({k: v for k, v in a_request("e").items() if k != "model"}).encode(),
+     400, "invalid_event", "`model`"),
+    ("wrong type", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("e", prompt_tokens="12")).encode(), 400, "invalid_event",
+     "$.prompt_tokens"),
+    ("negative tokens", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("e", prompt_tokens=-1)).encode(), 400, "invalid_event",
+     "$.prompt_tokens"),
+    ("timestamp without offset", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("e", timestamp="2026-03-01T12:00:00")).encode(), 400,
+     "invalid_event", "$.timestamp"),
+    ("timestamp out of range in UTC", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("e", timestamp="0001-01-01T00:30:00+01:00")).encode(), 400,
+     "invalid_event", "$.timestamp"),
+    ("empty request_id", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("")).encode(), 400, "invalid_event", "$.request_id"),
+    ("request_id too long", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("x" * 129)).encode(), 400, "invalid_event", "$.request_id"),
+    ("control character in tenant_id", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("e", tenant_id="ac\nme")).encode(), 400, "invalid_event",
+     "$.tenant_id"),
+    ("route too long", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("e", route="r" * 256)).encode(), 400, "invalid_event", "$.route"),
+    ("user_id_hash too long", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("e", user_id_hash="h" * 129)).encode(), 400, "invalid_event",
+     "$.user_id_hash"),
+    ("metadata with 65 keys", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("e", metadata={f"k{i}": i for i in range(65)})).encode(), 400,
+     "invalid_event", "$.metadata"),
+    ("metadata over 8 KiB", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("e", metadata={"big": "x" * 9000})).encode(), 400,
+     "invalid_event", "$.metadata"),
+    ("nested metadata value", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("e", metadata={"nested": {"a": 1}})).encode(), 400,
+     "invalid_event", "$.metadata"),
+    ("type of the other kind", "POST", "/v1/llm/request", JSON,
+     json.dumps({"type": "response", **a_request("e")}).encode(), 400, "invalid_event",
+     "$.type"),
+    ("negative latency", "POST", "/v1/llm/response", JSON,
+     json.dumps(a_response("e", latency_ms=-0.5)).encode(), 400, "invalid_event",
+     "$.latency_ms"),
+    ("reasoning over completion", "POST", "/v1/llm/response", JSON,
+     json.dumps(a_response("e", completion_tokens=1, reasoning_tokens=2)).encode(), 400,
+     "invalid_event", "$.reasoning_tokens"),
+    ("finish_reason too long", "POST", "/v1/llm/response", JSON,
+     json.dumps(a_response("e", finish_reason="f" * 65)).encode(), 400, "invalid_event",
+     "$.finish_reason"),
+    ("error of the wrong type", "POST", "/v1/llm/response", JSON,
+     json.dumps(a_response("e", error=5)).encode(), 400, "invalid_event", "$.error"),
+    ("batch without events", "POST", "/v1/llm/events", JSON, b'{"evens": []}', 400,
+     "invalid_batch", "`events`"),
+    ("batch of 1,001 events", "POST", "/v1/llm/events", JSON,
+     json.dumps({"events": [{"type": "request", **a_request(f"x{i}")}
+                            for i in range(1001)]}).encode(),
+     400, "invalid_batch", "$.events"),
+    ("batch malformed", "POST", "/v1/llm/events", JSON, b'{"events": [', 400, "invalid_json",
+     "truncated"),
+    ("event over 1 MiB", "POST", "/v1/llm/request", JSON,
+     json.dumps(a_request("e", pad="x" * (1024 * 1024))).encode(), 413, "body_too_large",
+     "1 MiB"),
+    ("batch over 8 MiB", "POST", "/v1/llm/events", JSON,
+     json.dumps({"events": [], "pad": "x" * (8 * 1024 * 1024)}).encode(), 413,
+     "body_too_large", "8 MiB"),
+    ("no content type", "POST", "/v1/llm/request", {}, VALID, 415, "unsupported_media_type",
+     "missing"),
+    ("form content type", "POST", "/v1/llm/request",
+     {"Content-Type": "application/x-www-form-urlencoded"}, VALID, 415,
+     "unsupported_media_type", "x-www-form-urlencoded"),
+    ("text/plain", "POST", "/v1/llm/events", {"Content-Type": "text/plain"}, VALID, 415,
+     "unsupported_media_type", "text/plain"),
+    ("JSON in another charset", "POST", "/v1/llm/request",
+     {"Content-Type": "application/json; charset=latin-1"}, VALID, 415,
+     "unsupported_media_type", "latin-1"),
+    ("unknown path", "POST", "/v1/llm/nothing", JSON, VALID, 404, "not_found",
+     "/v1/llm/nothing"),
+    ("unknown path, GET", "GET", "/", {}, b"", 404, "not_found", "/"),
+    ("GET on an event endpoint", "GET", "/v1/llm/request", {}, b"", 405,
+     "method_not_allowed", "GET"),
+    ("PUT on the batch endpoint", "PUT", "/v1/llm/events", JSON, VALID, 405,
+     "method_not_allowed", "PUT"),
+    ("POST on /health", "POST", "/health", JSON, b"{}", 405, "method_not_allowed", "POST"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "headers", "body", "status", "code", "detail"),
+                         [case[1:] for case in ERRORS], ids=[case[0] for case in ERRORS])
+def test_bad_input_gets_a_json_error_naming_what_is_wrong(
+    shared_client: httpx.Client, method: str, path: str, headers: dict[str, str], body: bytes,
+    status: int, code: str, detail: str,
+) -> None:
+    answer = shared_client.request(method, path, headers=headers, content=body)
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json()["error"] == code
+    assert detail in answer.json()["detail"]
+
+
+def test_bad_input_never_reaches_the_topics(client: httpx.Client, broker: Broker) -> None:
+    for _, method, path, headers, body, _, _, _ in ERRORS:
+        assert client.request(method, path, headers=headers, content=body).status_code >= 400
+    client.post("/v1/llm/request", json=a_request("marker"))
+    on_requests = read_topic(broker.address, REQUESTS, 1)
+    assert len(on_requests) == 1
+    assert in_utc(on_requests) == {"marker": normalised(a_request("marker"), REQUEST_DEFAULTS)}
+    assert read_topic(broker.address, RESPONSES, 0, quiet=0.2) == []
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8",
+    "application/vnd.streamlens+json",
+])
+def test_json_content_types_are_accepted(shared_client: httpx.Client, content_type: str) -> None:
+    answer = shared_client.post("/v1/llm/request", content=VALID,
+                                headers={"Content-Type": content_type})
+    assert answer.status_code == 202
+
+
+def _raw_exchange(port: int, head: bytes, chunks: list[bytes]) -> bytes:
+    """Send a request by hand, stopping early if the server answers; return the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        return sock.recv(65536)
+
+
+def test_a_declared_content_length_over_the_limit_is_refused_before_the_body(
+    server: ServerThread,
+) -> None:
+    head = (b"POST /v1/llm/request HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 104857600\r\n\r\n")
+    started = time.monotonic()
+    answer = _raw_exchange(server.port, head, [])  # not one byte of the 100 MiB is sent
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"body_too_large"' in answer
+    assert time.monotonic() - started < 5
+
+
+def test_a_streamed_body_is_cut_off_once_over_the_limit(server: ServerThread) -> None:
+    head = (b"POST /v1/llm/request HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"x" * 65536
+    framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    # 2 MiB, then the stream stays open: an answer can only come from the limit.
+    answer = _raw_exchange(server.port, head, [framed] * 32)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_health_and_ready(shared_client: httpx.Client) -> None:
+    assert (shared_client.get("/health").status_code, shared_client.get("/health").json()) == (
+        200, {"status": "ok"})
+    assert shared_client.get("/ready").status_code == 200
+
+
+# -- arbitrary input -------------------------------------------------------------
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _text(value: object, low: int, high: int, *, controls: bool = True) -> bool:
+    return (isinstance(value, str) and low <= len(value) <= high
+            and (controls or not CONTROL.search(value)))
+
+
+def _count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _millis(value: object) -> bool:
+    return type(value) in (int, float) and value >= 0  # type: ignore[operator]
+
+
+def _timestamp(value: object) -> bool:
+    if not isinstance(value, str) or not RFC3339.match(value):
+        return False
+    try:
+        parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+        parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        return False
+    return True
+
+
+def _metadata(value: object) -> bool:
+    if not isinstance(value, dict) or len(value) > 64:
+        return False
+    if not all(v is None or type(v) in (str, int, float, bool) for v in value.values()):
+        return False
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()) <= 8192
+
+
+REQUEST_RULES = {
+    "request_id": (True, lambda v: _text(v, 1, 128, controls=False)),
+    "tenant_id": (True, lambda v: _text(v, 1, 128, controls=False)),
+    "route": (True, lambda v: _text(v, 1, 255)),
+    "model": (True, lambda v: _text(v, 1, 255)),
+    "timestamp": (True, _timestamp),
+    "prompt_tokens": (False, _count),
+    "provider": (False, lambda v: v is None or isinstance(v, str)),
+    "user_id_hash": (False, lambda v: v is None or _text(v, 0, 128)),
+    "metadata": (False, lambda v: v is None or _metadata(v)),
+}
+RESPONSE_RULES = {
+    "request_id": (True, lambda v: _text(v, 1, 128, controls=False)),
+    "timestamp": (True, _timestamp),
+    "tenant_id": (False, lambda v: v is None or _text(v, 1, 128, controls=False)),
+    "latency_ms": (False, lambda v: v is None or _millis(v)),
+    "completion_tokens": (False, _count),
+    "cache_read_tokens": (False, _count),
+    "reasoning_tokens": (False, _count),
+    "time_to_first_token_ms": (False, lambda v: v is None or _millis(v)),
+    "finish_reason": (False, lambda v: v is None or _text(v, 0, 64)),
+    "error": (False, lambda v: v is None or isinstance(v, str)),
+}
+
+
+def spec_valid(kind: str, event: object) -> bool:
+    """The contract's §1 rules, written out again here to judge the API by."""
+    if not isinstance(event, dict):
+        return False
+    rules = REQUEST_RULES if kind == "request" else RESPONSE_RULES
+    if "type" in event and event["type"] != kind:
+        return False
+    for field, (required, rule) in rules.items():
+        if field not in event:
+            if required:
+                return False
+        elif not rule(event[field]):
+            return False
+    return not (kind == "response"
+                and event.get("reasoning_tokens", 0) > event.get("completion_tokens", 0))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.floats(allow_nan=False,
+                                                                          allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3),
+    max_leaves=8,
+)
+timestamps = st.one_of(
+    st.builds(lambda moment, minutes: moment.replace(
+        tzinfo=timezone(timedelta(minutes=minutes))).isoformat(),
+        st.datetimes(), st.integers(-12 * 60, 14 * 60)),
+    st.datetimes().map(lambda moment: moment.isoformat()),  # no offset
+    st.sampled_from(["2026-13-01T00:00:00Z", "2026-03-01", "yesterday", "2026-03-01T12:00:00+1"]),
+    json_values,
+)
+identifiers = st.one_of(st.text(min_size=1, max_size=8), st.text(max_size=140), json_values)
+counts = st.one_of(st.integers(-3, 10**6), json_values)
+field_values = {
+    "request_id": identifiers, "tenant_id": identifiers,
+    "route": st.one_of(st.text(min_size=1, max_size=8), st.text(max_size=300)),
+    "model": st.one_of(st.text(min_size=1, max_size=8), json_values),
+    "timestamp": timestamps,
+    "prompt_tokens": counts, "completion_tokens": counts, "cache_read_tokens": counts,
+    "reasoning_tokens": counts,
+    "provider": st.one_of(st.none(), st.text(max_size=10), json_values),
+    "user_id_hash": st.one_of(st.none(), st.text(max_size=140)),
+    "metadata": st.one_of(st.none(), st.dictionaries(st.text(max_size=5), json_values,
+                                                     max_size=4)),
+    "latency_ms": st.one_of(st.none(), st.floats(-10, 1e6), json_values),
+    "time_to_first_token_ms": st.one_of(st.none(), st.floats(-10, 1e6)),
+    "finish_reason": st.one_of(st.none(), st.text(max_size=70)),
+    "error": st.one_of(st.none(), st.text(max_size=10), json_values),
+    "type": st.sampled_from(["request", "response", "other"]),
+    "extra": json_values,
+}
+
+
+@st.composite
+def candidate_events(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    """An event of either kind: its fields drawn near the rules and now and then across them."""
+    kind = draw(st.sampled_from(["request", "response"]))
+    rules = REQUEST_RULES if kind == "request" else RESPONSE_RULES
+    base = a_request("h") if kind == "request" else a_response("h")
+    event: dict[str, Any] = {}
+    for field in [*rules, "type", "extra"]:
+        choice = draw(st.sampled_from(["base", "drawn", "absent"]))
+        if choice == "base" and field in base:
+            event[field] = base[field]
+        elif choice == "drawn":
+            event[field] = draw(field_values[field])
+    return kind, event
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(candidate=candidate_events())
+def test_an_event_is_accepted_exactly_when_the_contract_allows_it(
+    shared_client: httpx.Client, candidate: tuple[str, dict[str, Any]]
+) -> None:
+    kind, event = candidate
+    answer = shared_client.post(f"/v1/llm/{kind}", content=json.dumps(event).encode(),
+                                headers=JSON)
+    if spec_valid(kind, event):
+        assert answer.status_code == 202, answer.text
+    else:
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == "invalid_event"
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(events=st.lists(candidate_events(), max_size=6))
+def test_a_batch_accepts_exactly_the_events_the_contract_allows(
+    shared_client: httpx.Client, events: list[tuple[str, dict[str, Any]]]
+) -> None:
+    # In a batch the type field is required and chooses the kind.
+    payload = [{**event, "type": kind} for kind, event in events]
+    answer = shared_client.post("/v1/llm/events", json={"events": payload})
+    invalid = [i for i, event in enumerate(payload) if not spec_valid(event["type"], event)]
+    assert answer.status_code == (207 if invalid else 202), answer.text
+    assert answer.json()["accepted"] == len(events) - len(invalid)
+    assert [entry["index"] for entry in answer.json().get("rejected", [])] == invalid
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    path=st.sampled_from(["/v1/llm/request", "/v1/llm/response", "/v1/llm/events"]),
+    body=st.one_of(st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode()),
+                   st.dictionaries(st.sampled_from(["events", "type", "request_id"]),
+                                   json_values).map(lambda v: json.dumps(v).encode())),
+)
+def test_arbitrary_bodies_get_a_client_error_never_a_server_error(
+    shared_client: httpx.Client, path: str, body: bytes
+) -> None:
+    answer = shared_client.post(path, content=body, headers=JSON)
+    # None of these bodies holds a valid event (none can have all required fields),
+    # so the answer is a 400, or for a batch a 207 rejecting every event or a 202
+    # for an empty one: never an event accepted, never a server error.
+    if path.endswith("events"):
+        assert answer.status_code in (400, 207, 202), answer.text
+        if answer.status_code != 400:
+            assert answer.json()["accepted"] == 0
+    else:
+        assert answer.status_code == 400, answer.text
+    assert answer.headers["content-type"] == "application/json"
+
+
+# -- the broker goes away and comes back ---------------------------------------
+
+
+def test_broker_outage_is_a_503_and_service_resumes_when_it_returns(
+    client: httpx.Client, server: ServerThread, broker: Broker
+) -> None:
+    assert client.post("/v1/llm/request", json=a_request("before")).status_code == 202
+    assert [key for key, _ in read_topic(broker.address, REQUESTS, 1)] == ["before"]
+
+    broker.stop()
+
+    async def during() -> list[tuple[httpx.Response, float]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
+            async def timed(post: Any) -> tuple[httpx.Response, float]:
+                started = time.monotonic()
+                answer = await post
+                return answer, time.monotonic() - started
+            return await asyncio.gather(
+                *(timed(http.post("/v1/llm/request", json=a_request(f"down-{i}")))
+                  for i in range(3)),
+                timed(http.post("/v1/llm/events", json={"events": [
+                    {"type": "response", **a_response("down-0")}]})),
+            )
+
+    for answer, elapsed in asyncio.run(during()):
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "5"
+        assert answer.json()["error"] == "broker_unavailable"
+        assert elapsed < 7
+    assert client.get("/ready").status_code == 503
+
+    broker.start(broker.port)  # memory storage: back empty
+    ensure_topics(broker.address, TEST_PARTITIONS)
+    accepted: list[str] = []
+    deadline = time.monotonic() + 30
+    attempt = 0
+    while len(accepted) < 5:
+        assert time.monotonic() < deadline, "requests did not succeed again within 30 s"
+        answer = client.post("/v1/llm/request", json=a_request(f"after-{attempt}"))
+        assert answer.status_code in (202, 503), answer.text
+        if answer.status_code == 202:
+            accepted.append(f"after-{attempt}")
+        attempt += 1
+
+    on_topic = {key for key, _ in read_topic(broker.address, REQUESTS, len(accepted))}
+    # Every 202 is on the topic; a 503 may or may not be (it was not promised).
+    assert set(accepted) <= on_topic
+    assert on_topic <= {f"after-{i}" for i in range(attempt)}
+    ready_deadline = time.monotonic() + 5
+    while client.get("/ready").status_code != 200:
+        assert time.monotonic() < ready_deadline, "/ready did not recover"
+        time.sleep(0.3)
+
+
+def test_starting_without_a_broker_answers_503_until_it_comes(tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "late", port=free_port())
+    try:
+        with ServerThread(broker.address) as server, \
+                httpx.Client(base_url=server.url, timeout=20) as http:
+            assert http.get("/health").status_code == 200
+            assert http.get("/ready").status_code == 503
+            answer = http.post("/v1/llm/request", json=a_request("early"))
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+
+            broker.start()  # no topics: the API creates them itself
+            deadline = time.monotonic() + 30
+            while (answer := http.post("/v1/llm/request", json=a_request("late"))).status_code \
+                    != 202:
+                assert answer.status_code == 503, answer.text
+                assert time.monotonic() < deadline, "no 202 within 30 s of the broker starting"
+            keys = [key for key, _ in read_topic(broker.address, REQUESTS, 1)]
+            assert "late" in keys and set(keys) <= {"early", "late"}
+            topics = AdminClient({"bootstrap.servers": broker.address}).list_topics(timeout=10)
+            for name in (REQUESTS, RESPONSES):
+                assert len(topics.topics[name].partitions) == TEST_PARTITIONS
+    finally:
+        broker.stop()
+
+
+# -- graceful shutdown -----------------------------------------------------------
+
+
+def test_sigterm_answers_every_request_in_flight(broker: Broker, tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "KAFKA_BROKERS": broker.address,
+           "TOPIC_PARTITIONS": str(TEST_PARTITIONS), "AUTH": "off"}
+    log = open(tmp_path / "uvicorn.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.ingestion:app", "--host", "127.0.0.1",
+         "--port", str(port), "--no-access-log", "--timeout-graceful-shutdown", "15"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "uvicorn.log").read_text()
+            time.sleep(0.1)
+        assert httpx.post(f"{url}/v1/llm/request", json=a_request("warm"), timeout=10) \
+            .status_code == 202
+
+        async def in_flight() -> list[httpx.Response | BaseException]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                posts = [asyncio.ensure_future(http.post("/v1/llm/request",
+                                                         json=a_request(f"sigterm-{i}")))
+                         for i in range(20)]
+                posts.append(asyncio.ensure_future(http.post("/v1/llm/events", json={
+                    "events": [{"type": "response", **a_response(f"sigterm-{i}")}
+                               for i in range(20)]})))
+                await asyncio.sleep(1.0)  # all sent, none acknowledged: the broker is paused
+                assert not any(post.done() for post in posts)
+                process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(1.0)
+                os.kill(broker.pid, signal.SIGCONT)
+                return await asyncio.gather(*posts, return_exceptions=True)
+
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            answers = asyncio.run(in_flight())
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        assert process.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+    output = (tmp_path / "uvicorn.log").read_text()
+    assert "Application shutdown complete" in output, output
+    assert "were not delivered" not in output, output
+
+    for answer in answers:
+        assert isinstance(answer, httpx.Response), repr(answer)
+        assert answer.status_code in (202, 503), answer.text
+    single = [f"sigterm-{i}" for i, answer in enumerate(answers[:-1])
+              if answer.status_code == 202]
+    assert single, "the broker came back within the deadline: requests should have succeeded"
+    on_topic = {key for key, _ in read_topic(broker.address, REQUESTS, 1 + len(single))}
+    assert {"warm", *single} <= on_topic
+    if answers[-1].status_code == 202:
+        responses = {key for key, _ in read_topic(broker.address, RESPONSES, 20)}
+        assert responses == {f"sigterm-{i}" for i in range(20)}
