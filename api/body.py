@@ -21,23 +21,22 @@ def check_content_type(request: Request) -> None:
     """Accept ``application/json`` and ``application/*+json``, UTF-8 if a charset is named."""
     header = request.headers.get("content-type")
     if header is None:
-        raise BodyError(415, "unsupported_media_type",
-                        "Content-Type is missing; send application/json")
+        raise BodyError(415, "unsupported_media_type", "Content-Type is missing; send application/json")
     media_type, _, parameters = header.partition(";")
     media_type = media_type.strip().lower()
     if not (
         media_type == "application/json"
         or (media_type.startswith("application/") and media_type.endswith("+json"))
     ):
-        raise BodyError(415, "unsupported_media_type",
-                        f"Content-Type {media_type!r} is not JSON; send application/json")
+        raise BodyError(
+            415, "unsupported_media_type", f"Content-Type {media_type!r} is not JSON; send application/json"
+        )
     for parameter in parameters.split(";"):
         name, _, value = parameter.partition("=")
-        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
-            "utf-8", "utf8"
-        ):
-            raise BodyError(415, "unsupported_media_type",
-                            f"charset {value.strip()!r} is not supported; JSON is UTF-8")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise BodyError(
+                415, "unsupported_media_type", f"charset {value.strip()!r} is not supported; JSON is UTF-8"
+            )
 
 
 async def read_body(request: Request, limit: int) -> bytes:

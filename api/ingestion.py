@@ -112,8 +112,9 @@ class Ingestion:
             )
         except (KafkaException, RuntimeError) as error:
             logger.warning(
-                "the broker at %s is not usable (%s); starting anyway, "
-                "answering 503 until it is back", settings.kafka_brokers, error,
+                "the broker at %s is not usable (%s); starting anyway, answering 503 until it is back",
+                settings.kafka_brokers,
+                error,
             )
             self.recover_soon()
         try:
@@ -148,11 +149,12 @@ class Ingestion:
                     return
                 try:
                     await asyncio.to_thread(
-                        ensure_topics, self.settings.kafka_brokers,
-                        self.settings.topic_partitions, timeout=3.0,
+                        ensure_topics,
+                        self.settings.kafka_brokers,
+                        self.settings.topic_partitions,
+                        timeout=3.0,
                     )
-                    logger.warning("created the missing topics again on %s",
-                                   self.settings.kafka_brokers)
+                    logger.warning("created the missing topics again on %s", self.settings.kafka_brokers)
                     return
                 except (KafkaException, RuntimeError) as error:
                     logger.warning("could not create the topics: %s", error)

@@ -204,9 +204,7 @@ class EventProducer:
             for topic, key, value in records:
                 produce(topic, value, key, on_delivery=acknowledge)
         except BufferError:
-            raise BrokerUnavailable(
-                "the send queue is full: the broker is not keeping up"
-            ) from None
+            raise BrokerUnavailable("the send queue is full: the broker is not keeping up") from None
         except KafkaException as error:
             if error.args[0].code() == KafkaError._FATAL:
                 self._renew = True

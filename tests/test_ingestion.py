@@ -49,8 +49,7 @@ class ServerThread:
         app = create_app(Settings(kafka_brokers=brokers, topic_partitions=TEST_PARTITIONS))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="on")
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -68,12 +67,14 @@ class ServerThread:
         self.thread.join(30)
 
 
-def read_topic(brokers: str, topic: str, expected: int, *, quiet: float = 0.5,
-               timeout: float = 15.0) -> list[tuple[str, dict[str, Any]]]:
+def read_topic(
+    brokers: str, topic: str, expected: int, *, quiet: float = 0.5, timeout: float = 15.0
+) -> list[tuple[str, dict[str, Any]]]:
     """Every record on ``topic`` as (key, JSON value): until ``expected`` are in and then
     ``quiet`` seconds pass without another, so that extra records are seen too."""
-    consumer = Consumer({"bootstrap.servers": brokers, "group.id": "test-readback",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {"bootstrap.servers": brokers, "group.id": "test-readback", "enable.auto.commit": False}
+    )
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     records: list[tuple[str, dict[str, Any]]] = []
@@ -108,25 +109,47 @@ def in_utc(records: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any
 
 
 def a_request(request_id: str, **fields: Any) -> dict[str, Any]:
-    return {"request_id": request_id, "tenant_id": "acme", "route": "/chat",
-            "model": "gpt-4o", "timestamp": "2026-03-01T12:00:00Z", **fields}
+    return {
+        "request_id": request_id,
+        "tenant_id": "acme",
+        "route": "/chat",
+        "model": "gpt-4o",
+        "timestamp": "2026-03-01T12:00:00Z",
+        **fields,
+    }
 
 
 def a_response(request_id: str, **fields: Any) -> dict[str, Any]:
     return {"request_id": request_id, "timestamp": "2026-03-01T12:00:01Z", **fields}
 
 
-REQUEST_DEFAULTS = {"type": "request", "prompt_tokens": 0, "provider": None,
-                    "user_id_hash": None, "metadata": None}
-RESPONSE_DEFAULTS = {"type": "response", "tenant_id": None, "latency_ms": None,
-                     "completion_tokens": 0, "cache_read_tokens": 0, "reasoning_tokens": 0,
-                     "time_to_first_token_ms": None, "finish_reason": None, "error": None}
+REQUEST_DEFAULTS = {
+    "type": "request",
+    "prompt_tokens": 0,
+    "provider": None,
+    "user_id_hash": None,
+    "metadata": None,
+}
+RESPONSE_DEFAULTS = {
+    "type": "response",
+    "tenant_id": None,
+    "latency_ms": None,
+    "completion_tokens": 0,
+    "cache_read_tokens": 0,
+    "reasoning_tokens": 0,
+    "time_to_first_token_ms": None,
+    "finish_reason": None,
+    "error": None,
+}
 
 
 def normalised(event: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """What should be on the topic: known fields only, defaults filled, time in UTC."""
-    known = {key: value for key, value in event.items() if key in defaults or key in (
-        "request_id", "tenant_id", "route", "model", "timestamp")}
+    known = {
+        key: value
+        for key, value in event.items()
+        if key in defaults or key in ("request_id", "tenant_id", "route", "model", "timestamp")
+    }
     return {**defaults, **known, "timestamp": instant(event["timestamp"])}
 
 
@@ -148,8 +171,7 @@ def shared_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Cl
     broker = Broker(tmp_path_factory.mktemp("shared-broker")).start()
     try:
         ensure_topics(broker.address, TEST_PARTITIONS)
-        with ServerThread(broker.address) as running, \
-                httpx.Client(base_url=running.url, timeout=20) as http:
+        with ServerThread(broker.address) as running, httpx.Client(base_url=running.url, timeout=20) as http:
             yield http
     finally:
         broker.stop()
@@ -158,19 +180,31 @@ def shared_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Cl
 # -- accepted events reach the topics, normalised --------------------------------
 
 
-def test_single_events_are_on_the_topics_keyed_and_normalised(
-    client: httpx.Client, broker: Broker
-) -> None:
+def test_single_events_are_on_the_topics_keyed_and_normalised(client: httpx.Client, broker: Broker) -> None:
     requests = [
-        a_request("r-0", timestamp="2026-03-01T17:30:00+05:30", prompt_tokens=12,
-                  provider="openai", unknown_field={"ignored": True}),
-        a_request("r-1", timestamp="2026-02-28T23:59:59.250-08:00",
-                  metadata={"team": "search", "n": 3, "ok": True, "none": None}),
+        a_request(
+            "r-0",
+            timestamp="2026-03-01T17:30:00+05:30",
+            prompt_tokens=12,
+            provider="openai",
+            unknown_field={"ignored": True},
+        ),
+        a_request(
+            "r-1",
+            timestamp="2026-02-28T23:59:59.250-08:00",
+            metadata={"team": "search", "n": 3, "ok": True, "none": None},
+        ),
         a_request("r-2", user_id_hash="abc"),
     ]
     responses = [
-        a_response("r-0", timestamp="2026-03-01T13:00:02+01:00", latency_ms=2000.5,
-                   completion_tokens=40, reasoning_tokens=10, cache_read_tokens=4),
+        a_response(
+            "r-0",
+            timestamp="2026-03-01T13:00:02+01:00",
+            latency_ms=2000.5,
+            completion_tokens=40,
+            reasoning_tokens=10,
+            cache_read_tokens=4,
+        ),
         a_response("r-1", error="rate limited", finish_reason="error", type="response"),
     ]
     for event in requests:
@@ -196,10 +230,8 @@ def test_single_events_are_on_the_topics_keyed_and_normalised(
 def test_a_batch_keeps_its_valid_events_and_names_the_invalid_by_index(
     client: httpx.Client, broker: Broker
 ) -> None:
-    valid_requests = [{"type": "request", **a_request(f"b-{i}", prompt_tokens=i)}
-                      for i in range(5)]
-    valid_responses = [{"type": "response", **a_response(f"b-{i}", completion_tokens=i)}
-                       for i in range(3)]
+    valid_requests = [{"type": "request", **a_request(f"b-{i}", prompt_tokens=i)} for i in range(5)]
+    valid_responses = [{"type": "response", **a_response(f"b-{i}", completion_tokens=i)} for i in range(3)]
     invalid = {
         1: {"type": "request", **a_request("bad-ts", timestamp="2026-03-01T12:00:00")},
         4: a_request("no-type"),
@@ -235,20 +267,20 @@ def test_a_batch_keeps_its_valid_events_and_names_the_invalid_by_index(
     assert len(on_requests) == len(expected_requests)
     assert len(on_responses) == len(expected_responses)
     assert in_utc(on_requests) == {
-        e["request_id"]: normalised(e, REQUEST_DEFAULTS) for e in expected_requests}
+        e["request_id"]: normalised(e, REQUEST_DEFAULTS) for e in expected_requests
+    }
     assert in_utc(on_responses) == {
-        e["request_id"]: normalised(e, RESPONSE_DEFAULTS) for e in expected_responses}
+        e["request_id"]: normalised(e, RESPONSE_DEFAULTS) for e in expected_responses
+    }
 
 
-def test_many_concurrent_events_are_each_on_the_topic_once(server: ServerThread,
-                                                           broker: Broker) -> None:
+def test_many_concurrent_events_are_each_on_the_topic_once(server: ServerThread, broker: Broker) -> None:
     singles = 200
     batch = [{"type": "response", **a_response(f"m-{i}")} for i in range(500)]
 
     async def send() -> list[int]:
         async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
-            posts = [http.post("/v1/llm/request", json=a_request(f"m-{i}"))
-                     for i in range(singles)]
+            posts = [http.post("/v1/llm/request", json=a_request(f"m-{i}")) for i in range(singles)]
             posts.append(http.post("/v1/llm/events", json={"events": batch}))
             return [answer.status_code for answer in await asyncio.gather(*posts)]
 
@@ -265,104 +297,294 @@ VALID = json.dumps(a_request("e-1")).encode()
 
 ERRORS = [
     # (name, method, path, headers, body, status, code, detail must contain)
-    ("malformed JSON", "POST", "/v1/llm/request", JSON, b'{"request_id": ', 400,
-     "invalid_json", "truncated"),
-    ("not JSON at all", "POST", "/v1/llm/response", JSON, b"hello", 400, "invalid_json",
-     "malformed"),
-    ("invalid UTF-8 in a field", "POST", "/v1/llm/request", JSON,
-     VALID.replace(b'"e-1"', b'"e-\xff"'), 400, "invalid_json", "UTF-8"),
+    ("malformed JSON", "POST", "/v1/llm/request", JSON, b'{"request_id": ', 400, "invalid_json", "truncated"),
+    ("not JSON at all", "POST", "/v1/llm/response", JSON, b"hello", 400, "invalid_json", "malformed"),
+    (
+        "invalid UTF-8 in a field",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        VALID.replace(b'"e-1"', b'"e-\xff"'),
+        400,
+        "invalid_json",
+        "UTF-8",
+    ),
     ("empty body", "POST", "/v1/llm/request", JSON, b"", 400, "empty_body", "empty"),
     ("a JSON array", "POST", "/v1/llm/request", JSON, b"[]", 400, "invalid_event", "object"),
-    ("missing field", "POST", "/v1/llm/request", JSON,
-     json.dumps({k: v for k, v in a_request("e").items() if k != "model"}).encode(),
-     400, "invalid_event", "`model`"),
-    ("wrong type", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("e", prompt_tokens="12")).encode(), 400, "invalid_event",
-     "$.prompt_tokens"),
-    ("negative tokens", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("e", prompt_tokens=-1)).encode(), 400, "invalid_event",
-     "$.prompt_tokens"),
-    ("timestamp without offset", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("e", timestamp="2026-03-01T12:00:00")).encode(), 400,
-     "invalid_event", "$.timestamp"),
-    ("timestamp out of range in UTC", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("e", timestamp="0001-01-01T00:30:00+01:00")).encode(), 400,
-     "invalid_event", "$.timestamp"),
-    ("empty request_id", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("")).encode(), 400, "invalid_event", "$.request_id"),
-    ("request_id too long", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("x" * 129)).encode(), 400, "invalid_event", "$.request_id"),
-    ("control character in tenant_id", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("e", tenant_id="ac\nme")).encode(), 400, "invalid_event",
-     "$.tenant_id"),
-    ("route too long", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("e", route="r" * 256)).encode(), 400, "invalid_event", "$.route"),
-    ("user_id_hash too long", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("e", user_id_hash="h" * 129)).encode(), 400, "invalid_event",
-     "$.user_id_hash"),
-    ("metadata with 65 keys", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("e", metadata={f"k{i}": i for i in range(65)})).encode(), 400,
-     "invalid_event", "$.metadata"),
-    ("metadata over 8 KiB", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("e", metadata={"big": "x" * 9000})).encode(), 400,
-     "invalid_event", "$.metadata"),
-    ("nested metadata value", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("e", metadata={"nested": {"a": 1}})).encode(), 400,
-     "invalid_event", "$.metadata"),
-    ("type of the other kind", "POST", "/v1/llm/request", JSON,
-     json.dumps({"type": "response", **a_request("e")}).encode(), 400, "invalid_event",
-     "$.type"),
-    ("negative latency", "POST", "/v1/llm/response", JSON,
-     json.dumps(a_response("e", latency_ms=-0.5)).encode(), 400, "invalid_event",
-     "$.latency_ms"),
-    ("reasoning over completion", "POST", "/v1/llm/response", JSON,
-     json.dumps(a_response("e", completion_tokens=1, reasoning_tokens=2)).encode(), 400,
-     "invalid_event", "$.reasoning_tokens"),
-    ("finish_reason too long", "POST", "/v1/llm/response", JSON,
-     json.dumps(a_response("e", finish_reason="f" * 65)).encode(), 400, "invalid_event",
-     "$.finish_reason"),
-    ("error of the wrong type", "POST", "/v1/llm/response", JSON,
-     json.dumps(a_response("e", error=5)).encode(), 400, "invalid_event", "$.error"),
-    ("batch without events", "POST", "/v1/llm/events", JSON, b'{"evens": []}', 400,
-     "invalid_batch", "`events`"),
-    ("batch of 1,001 events", "POST", "/v1/llm/events", JSON,
-     json.dumps({"events": [{"type": "request", **a_request(f"x{i}")}
-                            for i in range(1001)]}).encode(),
-     400, "invalid_batch", "$.events"),
-    ("batch malformed", "POST", "/v1/llm/events", JSON, b'{"events": [', 400, "invalid_json",
-     "truncated"),
-    ("event over 1 MiB", "POST", "/v1/llm/request", JSON,
-     json.dumps(a_request("e", pad="x" * (1024 * 1024))).encode(), 413, "body_too_large",
-     "1 MiB"),
-    ("batch over 8 MiB", "POST", "/v1/llm/events", JSON,
-     json.dumps({"events": [], "pad": "x" * (8 * 1024 * 1024)}).encode(), 413,
-     "body_too_large", "8 MiB"),
-    ("no content type", "POST", "/v1/llm/request", {}, VALID, 415, "unsupported_media_type",
-     "missing"),
-    ("form content type", "POST", "/v1/llm/request",
-     {"Content-Type": "application/x-www-form-urlencoded"}, VALID, 415,
-     "unsupported_media_type", "x-www-form-urlencoded"),
-    ("text/plain", "POST", "/v1/llm/events", {"Content-Type": "text/plain"}, VALID, 415,
-     "unsupported_media_type", "text/plain"),
-    ("JSON in another charset", "POST", "/v1/llm/request",
-     {"Content-Type": "application/json; charset=latin-1"}, VALID, 415,
-     "unsupported_media_type", "latin-1"),
-    ("unknown path", "POST", "/v1/llm/nothing", JSON, VALID, 404, "not_found",
-     "/v1/llm/nothing"),
+    (
+        "missing field",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps({k: v for k, v in a_request("e").items() if k != "model"}).encode(),
+        400,
+        "invalid_event",
+        "`model`",
+    ),
+    (
+        "wrong type",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("e", prompt_tokens="12")).encode(),
+        400,
+        "invalid_event",
+        "$.prompt_tokens",
+    ),
+    (
+        "negative tokens",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("e", prompt_tokens=-1)).encode(),
+        400,
+        "invalid_event",
+        "$.prompt_tokens",
+    ),
+    (
+        "timestamp without offset",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("e", timestamp="2026-03-01T12:00:00")).encode(),
+        400,
+        "invalid_event",
+        "$.timestamp",
+    ),
+    (
+        "timestamp out of range in UTC",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("e", timestamp="0001-01-01T00:30:00+01:00")).encode(),
+        400,
+        "invalid_event",
+        "$.timestamp",
+    ),
+    (
+        "empty request_id",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("")).encode(),
+        400,
+        "invalid_event",
+        "$.request_id",
+    ),
+    (
+        "request_id too long",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("x" * 129)).encode(),
+        400,
+        "invalid_event",
+        "$.request_id",
+    ),
+    (
+        "control character in tenant_id",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("e", tenant_id="ac\nme")).encode(),
+        400,
+        "invalid_event",
+        "$.tenant_id",
+    ),
+    (
+        "route too long",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("e", route="r" * 256)).encode(),
+        400,
+        "invalid_event",
+        "$.route",
+    ),
+    (
+        "user_id_hash too long",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("e", user_id_hash="h" * 129)).encode(),
+        400,
+        "invalid_event",
+        "$.user_id_hash",
+    ),
+    (
+        "metadata with 65 keys",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("e", metadata={f"k{i}": i for i in range(65)})).encode(),
+        400,
+        "invalid_event",
+        "$.metadata",
+    ),
+    (
+        "metadata over 8 KiB",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("e", metadata={"big": "x" * 9000})).encode(),
+        400,
+        "invalid_event",
+        "$.metadata",
+    ),
+    (
+        "nested metadata value",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("e", metadata={"nested": {"a": 1}})).encode(),
+        400,
+        "invalid_event",
+        "$.metadata",
+    ),
+    (
+        "type of the other kind",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps({"type": "response", **a_request("e")}).encode(),
+        400,
+        "invalid_event",
+        "$.type",
+    ),
+    (
+        "negative latency",
+        "POST",
+        "/v1/llm/response",
+        JSON,
+        json.dumps(a_response("e", latency_ms=-0.5)).encode(),
+        400,
+        "invalid_event",
+        "$.latency_ms",
+    ),
+    (
+        "reasoning over completion",
+        "POST",
+        "/v1/llm/response",
+        JSON,
+        json.dumps(a_response("e", completion_tokens=1, reasoning_tokens=2)).encode(),
+        400,
+        "invalid_event",
+        "$.reasoning_tokens",
+    ),
+    (
+        "finish_reason too long",
+        "POST",
+        "/v1/llm/response",
+        JSON,
+        json.dumps(a_response("e", finish_reason="f" * 65)).encode(),
+        400,
+        "invalid_event",
+        "$.finish_reason",
+    ),
+    (
+        "error of the wrong type",
+        "POST",
+        "/v1/llm/response",
+        JSON,
+        json.dumps(a_response("e", error=5)).encode(),
+        400,
+        "invalid_event",
+        "$.error",
+    ),
+    (
+        "batch without events",
+        "POST",
+        "/v1/llm/events",
+        JSON,
+        b'{"evens": []}',
+        400,
+        "invalid_batch",
+        "`events`",
+    ),
+    (
+        "batch of 1,001 events",
+        "POST",
+        "/v1/llm/events",
+        JSON,
+        json.dumps({"events": [{"type": "request", **a_request(f"x{i}")} for i in range(1001)]}).encode(),
+        400,
+        "invalid_batch",
+        "$.events",
+    ),
+    ("batch malformed", "POST", "/v1/llm/events", JSON, b'{"events": [', 400, "invalid_json", "truncated"),
+    (
+        "event over 1 MiB",
+        "POST",
+        "/v1/llm/request",
+        JSON,
+        json.dumps(a_request("e", pad="x" * (1024 * 1024))).encode(),
+        413,
+        "body_too_large",
+        "1 MiB",
+    ),
+    (
+        "batch over 8 MiB",
+        "POST",
+        "/v1/llm/events",
+        JSON,
+        json.dumps({"events": [], "pad": "x" * (8 * 1024 * 1024)}).encode(),
+        413,
+        "body_too_large",
+        "8 MiB",
+    ),
+    ("no content type", "POST", "/v1/llm/request", {}, VALID, 415, "unsupported_media_type", "missing"),
+    (
+        "form content type",
+        "POST",
+        "/v1/llm/request",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        VALID,
+        415,
+        "unsupported_media_type",
+        "x-www-form-urlencoded",
+    ),
+    (
+        "text/plain",
+        "POST",
+        "/v1/llm/events",
+        {"Content-Type": "text/plain"},
+        VALID,
+        415,
+        "unsupported_media_type",
+        "text/plain",
+    ),
+    (
+        "JSON in another charset",
+        "POST",
+        "/v1/llm/request",
+        {"Content-Type": "application/json; charset=latin-1"},
+        VALID,
+        415,
+        "unsupported_media_type",
+        "latin-1",
+    ),
+    ("unknown path", "POST", "/v1/llm/nothing", JSON, VALID, 404, "not_found", "/v1/llm/nothing"),
     ("unknown path, GET", "GET", "/", {}, b"", 404, "not_found", "/"),
-    ("GET on an event endpoint", "GET", "/v1/llm/request", {}, b"", 405,
-     "method_not_allowed", "GET"),
-    ("PUT on the batch endpoint", "PUT", "/v1/llm/events", JSON, VALID, 405,
-     "method_not_allowed", "PUT"),
+    ("GET on an event endpoint", "GET", "/v1/llm/request", {}, b"", 405, "method_not_allowed", "GET"),
+    ("PUT on the batch endpoint", "PUT", "/v1/llm/events", JSON, VALID, 405, "method_not_allowed", "PUT"),
     ("POST on /health", "POST", "/health", JSON, b"{}", 405, "method_not_allowed", "POST"),
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "headers", "body", "status", "code", "detail"),
-                         [case[1:] for case in ERRORS], ids=[case[0] for case in ERRORS])
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body", "status", "code", "detail"),
+    [case[1:] for case in ERRORS],
+    ids=[case[0] for case in ERRORS],
+)
 def test_bad_input_gets_a_json_error_naming_what_is_wrong(
-    shared_client: httpx.Client, method: str, path: str, headers: dict[str, str], body: bytes,
-    status: int, code: str, detail: str,
+    shared_client: httpx.Client,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    status: int,
+    code: str,
+    detail: str,
 ) -> None:
     answer = shared_client.request(method, path, headers=headers, content=body)
     assert answer.status_code == status, answer.text
@@ -381,13 +603,17 @@ def test_bad_input_never_reaches_the_topics(client: httpx.Client, broker: Broker
     assert read_topic(broker.address, RESPONSES, 0, quiet=0.2) == []
 
 
-@pytest.mark.parametrize("content_type", [
-    "application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8",
-    "application/vnd.streamlens+json",
-])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=UTF-8",
+        "application/vnd.streamlens+json",
+    ],
+)
 def test_json_content_types_are_accepted(shared_client: httpx.Client, content_type: str) -> None:
-    answer = shared_client.post("/v1/llm/request", content=VALID,
-                                headers={"Content-Type": content_type})
+    answer = shared_client.post("/v1/llm/request", content=VALID, headers={"Content-Type": content_type})
     assert answer.status_code == 202
 
 
@@ -406,8 +632,10 @@ def _raw_exchange(port: int, head: bytes, chunks: list[bytes]) -> bytes:
 def test_a_declared_content_length_over_the_limit_is_refused_before_the_body(
     server: ServerThread,
 ) -> None:
-    head = (b"POST /v1/llm/request HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 104857600\r\n\r\n")
+    head = (
+        b"POST /v1/llm/request HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 104857600\r\n\r\n"
+    )
     started = time.monotonic()
     answer = _raw_exchange(server.port, head, [])  # not one byte of the 100 MiB is sent
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
@@ -416,8 +644,10 @@ def test_a_declared_content_length_over_the_limit_is_refused_before_the_body(
 
 
 def test_a_streamed_body_is_cut_off_once_over_the_limit(server: ServerThread) -> None:
-    head = (b"POST /v1/llm/request HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
+    head = (
+        b"POST /v1/llm/request HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
     chunk = b"x" * 65536
     framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
     # 2 MiB, then the stream stays open: an answer can only come from the limit.
@@ -427,20 +657,20 @@ def test_a_streamed_body_is_cut_off_once_over_the_limit(server: ServerThread) ->
 
 def test_health_and_ready(shared_client: httpx.Client) -> None:
     assert (shared_client.get("/health").status_code, shared_client.get("/health").json()) == (
-        200, {"status": "ok"})
+        200,
+        {"status": "ok"},
+    )
     assert shared_client.get("/ready").status_code == 200
 
 
 # -- arbitrary input -------------------------------------------------------------
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-RFC3339 = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 
 
 def _text(value: object, low: int, high: int, *, controls: bool = True) -> bool:
-    return (isinstance(value, str) and low <= len(value) <= high
-            and (controls or not CONTROL.search(value)))
+    return isinstance(value, str) and low <= len(value) <= high and (controls or not CONTROL.search(value))
 
 
 def _count(value: object) -> bool:
@@ -508,22 +738,24 @@ def spec_valid(kind: str, event: object) -> bool:
                 return False
         elif not rule(event[field]):
             return False
-    return not (kind == "response"
-                and event.get("reasoning_tokens", 0) > event.get("completion_tokens", 0))
+    return not (kind == "response" and event.get("reasoning_tokens", 0) > event.get("completion_tokens", 0))
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.floats(allow_nan=False,
-                                                                          allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=8,
 )
 timestamps = st.one_of(
-    st.builds(lambda moment, minutes: moment.replace(
-        tzinfo=timezone(timedelta(minutes=minutes))).isoformat(),
-        st.datetimes(), st.integers(-12 * 60, 14 * 60)),
+    st.builds(
+        lambda moment, minutes: moment.replace(tzinfo=timezone(timedelta(minutes=minutes))).isoformat(),
+        st.datetimes(),
+        st.integers(-12 * 60, 14 * 60),
+    ),
     st.datetimes().map(lambda moment: moment.isoformat()),  # no offset
     st.sampled_from(["2026-13-01T00:00:00Z", "2026-03-01", "yesterday", "2026-03-01T12:00:00+1"]),
     json_values,
@@ -531,16 +763,18 @@ timestamps = st.one_of(
 identifiers = st.one_of(st.text(min_size=1, max_size=8), st.text(max_size=140), json_values)
 counts = st.one_of(st.integers(-3, 10**6), json_values)
 field_values = {
-    "request_id": identifiers, "tenant_id": identifiers,
+    "request_id": identifiers,
+    "tenant_id": identifiers,
     "route": st.one_of(st.text(min_size=1, max_size=8), st.text(max_size=300)),
     "model": st.one_of(st.text(min_size=1, max_size=8), json_values),
     "timestamp": timestamps,
-    "prompt_tokens": counts, "completion_tokens": counts, "cache_read_tokens": counts,
+    "prompt_tokens": counts,
+    "completion_tokens": counts,
+    "cache_read_tokens": counts,
     "reasoning_tokens": counts,
     "provider": st.one_of(st.none(), st.text(max_size=10), json_values),
     "user_id_hash": st.one_of(st.none(), st.text(max_size=140)),
-    "metadata": st.one_of(st.none(), st.dictionaries(st.text(max_size=5), json_values,
-                                                     max_size=4)),
+    "metadata": st.one_of(st.none(), st.dictionaries(st.text(max_size=5), json_values, max_size=4)),
     "latency_ms": st.one_of(st.none(), st.floats(-10, 1e6), json_values),
     "time_to_first_token_ms": st.one_of(st.none(), st.floats(-10, 1e6)),
     "finish_reason": st.one_of(st.none(), st.text(max_size=70)),
@@ -566,15 +800,17 @@ def candidate_events(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     return kind, event
 
 
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(candidate=candidate_events())
 def test_an_event_is_accepted_exactly_when_the_contract_allows_it(
     shared_client: httpx.Client, candidate: tuple[str, dict[str, Any]]
 ) -> None:
     kind, event = candidate
-    answer = shared_client.post(f"/v1/llm/{kind}", content=json.dumps(event).encode(),
-                                headers=JSON)
+    answer = shared_client.post(f"/v1/llm/{kind}", content=json.dumps(event).encode(), headers=JSON)
     if spec_valid(kind, event):
         assert answer.status_code == 202, answer.text
     else:
@@ -582,8 +818,11 @@ def test_an_event_is_accepted_exactly_when_the_contract_allows_it(
         assert answer.json()["error"] == "invalid_event"
 
 
-@settings(max_examples=100, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(events=st.lists(candidate_events(), max_size=6))
 def test_a_batch_accepts_exactly_the_events_the_contract_allows(
     shared_client: httpx.Client, events: list[tuple[str, dict[str, Any]]]
@@ -597,13 +836,20 @@ def test_a_batch_accepts_exactly_the_events_the_contract_allows(
     assert [entry["index"] for entry in answer.json().get("rejected", [])] == invalid
 
 
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     path=st.sampled_from(["/v1/llm/request", "/v1/llm/response", "/v1/llm/events"]),
-    body=st.one_of(st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode()),
-                   st.dictionaries(st.sampled_from(["events", "type", "request_id"]),
-                                   json_values).map(lambda v: json.dumps(v).encode())),
+    body=st.one_of(
+        st.binary(max_size=300),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(st.sampled_from(["events", "type", "request_id"]), json_values).map(
+            lambda v: json.dumps(v).encode()
+        ),
+    ),
 )
 def test_arbitrary_bodies_get_a_client_error_never_a_server_error(
     shared_client: httpx.Client, path: str, body: bytes
@@ -634,15 +880,19 @@ def test_broker_outage_is_a_503_and_service_resumes_when_it_returns(
 
     async def during() -> list[tuple[httpx.Response, float]]:
         async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
+
             async def timed(post: Any) -> tuple[httpx.Response, float]:
                 started = time.monotonic()
                 answer = await post
                 return answer, time.monotonic() - started
+
             return await asyncio.gather(
-                *(timed(http.post("/v1/llm/request", json=a_request(f"down-{i}")))
-                  for i in range(3)),
-                timed(http.post("/v1/llm/events", json={"events": [
-                    {"type": "response", **a_response("down-0")}]})),
+                *(timed(http.post("/v1/llm/request", json=a_request(f"down-{i}"))) for i in range(3)),
+                timed(
+                    http.post(
+                        "/v1/llm/events", json={"events": [{"type": "response", **a_response("down-0")}]}
+                    )
+                ),
             )
 
     for answer, elapsed in asyncio.run(during()):
@@ -678,8 +928,7 @@ def test_broker_outage_is_a_503_and_service_resumes_when_it_returns(
 def test_starting_without_a_broker_answers_503_until_it_comes(tmp_path: Path) -> None:
     broker = Broker(tmp_path / "late", port=free_port())
     try:
-        with ServerThread(broker.address) as server, \
-                httpx.Client(base_url=server.url, timeout=20) as http:
+        with ServerThread(broker.address) as server, httpx.Client(base_url=server.url, timeout=20) as http:
             assert http.get("/health").status_code == 200
             assert http.get("/ready").status_code == 503
             answer = http.post("/v1/llm/request", json=a_request("early"))
@@ -687,8 +936,7 @@ def test_starting_without_a_broker_answers_503_until_it_comes(tmp_path: Path) ->
 
             broker.start()  # no topics: the API creates them itself
             deadline = time.monotonic() + 30
-            while (answer := http.post("/v1/llm/request", json=a_request("late"))).status_code \
-                    != 202:
+            while (answer := http.post("/v1/llm/request", json=a_request("late"))).status_code != 202:
                 assert answer.status_code == 503, answer.text
                 assert time.monotonic() < deadline, "no 202 within 30 s of the broker starting"
             keys = [key for key, _ in read_topic(broker.address, REQUESTS, 1)]
@@ -705,13 +953,31 @@ def test_starting_without_a_broker_answers_503_until_it_comes(tmp_path: Path) ->
 
 def test_sigterm_answers_every_request_in_flight(broker: Broker, tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "KAFKA_BROKERS": broker.address,
-           "TOPIC_PARTITIONS": str(TEST_PARTITIONS), "AUTH": "off"}
+    env = {
+        **os.environ,
+        "KAFKA_BROKERS": broker.address,
+        "TOPIC_PARTITIONS": str(TEST_PARTITIONS),
+        "AUTH": "off",
+    }
     log = open(tmp_path / "uvicorn.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.ingestion:app", "--host", "127.0.0.1",
-         "--port", str(port), "--no-access-log", "--timeout-graceful-shutdown", "15"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.ingestion:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--timeout-graceful-shutdown",
+            "15",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -722,20 +988,30 @@ def test_sigterm_answers_every_request_in_flight(broker: Broker, tmp_path: Path)
                     break
             except httpx.TransportError:
                 pass
-            assert process.poll() is None and time.monotonic() < deadline, \
-                (tmp_path / "uvicorn.log").read_text()
+            assert process.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "uvicorn.log"
+            ).read_text()
             time.sleep(0.1)
-        assert httpx.post(f"{url}/v1/llm/request", json=a_request("warm"), timeout=10) \
-            .status_code == 202
+        assert httpx.post(f"{url}/v1/llm/request", json=a_request("warm"), timeout=10).status_code == 202
 
         async def in_flight() -> list[httpx.Response | BaseException]:
             async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-                posts = [asyncio.ensure_future(http.post("/v1/llm/request",
-                                                         json=a_request(f"sigterm-{i}")))
-                         for i in range(20)]
-                posts.append(asyncio.ensure_future(http.post("/v1/llm/events", json={
-                    "events": [{"type": "response", **a_response(f"sigterm-{i}")}
-                               for i in range(20)]})))
+                posts = [
+                    asyncio.ensure_future(http.post("/v1/llm/request", json=a_request(f"sigterm-{i}")))
+                    for i in range(20)
+                ]
+                posts.append(
+                    asyncio.ensure_future(
+                        http.post(
+                            "/v1/llm/events",
+                            json={
+                                "events": [
+                                    {"type": "response", **a_response(f"sigterm-{i}")} for i in range(20)
+                                ]
+                            },
+                        )
+                    )
+                )
                 await asyncio.sleep(1.0)  # all sent, none acknowledged: the broker is paused
                 assert not any(post.done() for post in posts)
                 process.send_signal(signal.SIGTERM)
@@ -762,8 +1038,7 @@ def test_sigterm_answers_every_request_in_flight(broker: Broker, tmp_path: Path)
     for answer in answers:
         assert isinstance(answer, httpx.Response), repr(answer)
         assert answer.status_code in (202, 503), answer.text
-    single = [f"sigterm-{i}" for i, answer in enumerate(answers[:-1])
-              if answer.status_code == 202]
+    single = [f"sigterm-{i}" for i, answer in enumerate(answers[:-1]) if answer.status_code == 202]
     assert single, "the broker came back within the deadline: requests should have succeeded"
     on_topic = {key for key, _ in read_topic(broker.address, REQUESTS, 1 + len(single))}
     assert {"warm", *single} <= on_topic
