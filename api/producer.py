@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -63,6 +63,18 @@ class BrokerUnavailable(Exception):
 
 _TIMED_OUT = object()
 
+# Delivery errors after which this producer's idempotence session is of no more use.
+_SESSION_LOST = frozenset(
+    {
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+        KafkaError.PRODUCER_FENCED,
+    }
+)
+
 
 class _Pending:
     """The acknowledgements one HTTP request waits for; settled when the last one arrives."""
@@ -79,6 +91,8 @@ class _Pending:
         # Runs in the polling thread, the only one that touches ``remaining``.
         if error is not None and self.error is None:
             self.error = error
+            if error.code() in _SESSION_LOST:
+                self.owner._renew = f"after {error.str()}"
         self.remaining -= 1
         if self.remaining == 0:
             self.owner._settled.append(self)
@@ -98,12 +112,21 @@ def _expire(future: asyncio.Future[object]) -> None:
 class EventProducer:
     """One confluent-kafka producer, its polling thread, and awaitable sends."""
 
-    def __init__(self, brokers: str, *, timeout: float = ACK_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        brokers: str,
+        *,
+        timeout: float = ACK_TIMEOUT_SECONDS,
+        overrides: Mapping[str, object] | None = None,
+    ) -> None:
+        """``overrides``: librdkafka settings on top of :func:`producer_config`."""
         self.brokers = brokers
         self.timeout = timeout
+        self._config = {**producer_config(brokers), **(overrides or {})}
         self._producer = self._new_producer()
         # Set from librdkafka's callbacks, acted on by the polling thread.
-        self._renew = False
+        self._renew: str | None = None
+        self._renewed_at = 0.0
         self._lost = False
         self._last_probe = 0.0
         self._logged: dict[str, float] = {}
@@ -119,7 +142,7 @@ class EventProducer:
         self._thread.start()
 
     def _new_producer(self) -> Producer:
-        return Producer(producer_config(self.brokers), error_cb=self._on_error, logger=logger)
+        return Producer(self._config, error_cb=self._on_error, logger=logger)
 
     def _answers(self) -> bool:
         try:
@@ -136,10 +159,11 @@ class EventProducer:
                 # passing it to error_cb.
                 self._on_error(error.args[0])
             self._hand_over()
-            if self._renew:
-                self._replace_producer("after a fatal error")
-            elif self._lost and time.monotonic() - self._last_probe >= 1.0:
-                self._last_probe = time.monotonic()
+            now = time.monotonic()
+            if self._renew is not None and now - self._renewed_at >= 1.0:
+                self._replace_producer(self._renew)
+            elif self._lost and now - self._last_probe >= 1.0:
+                self._last_probe = now
                 if self._answers():
                     self._replace_producer("the broker is back")
 
@@ -149,11 +173,15 @@ class EventProducer:
         The idempotent producer's state lives on the broker. A broker that lost it
         (restarted with memory storage, say) answers "unknown producer id" for
         ever: librdkafka either fails for good or bumps the epoch and retries
-        without end. So after a fatal error, and whenever the broker comes back
-        from being unreachable, a new producer takes over. Records still queued in
-        the old one fail now, and their requests get a 503 at once.
+        without end. After a timed-out record librdkafka bumps the epoch itself,
+        which a broker without KIP-360 (Tansu) refuses for good. So after a fatal
+        error, a lost producer session or a timeout, and whenever the broker
+        comes back from being unreachable, a new producer takes over (at most once
+        a second). Records still queued in the old one fail now, and their
+        requests get a 503 at once.
         """
-        self._renew = False
+        self._renew = None
+        self._renewed_at = time.monotonic()
         self._lost = False
         old, self._producer = self._producer, self._new_producer()
         logger.warning("kafka: new producer, %s", why)
@@ -175,7 +203,7 @@ class EventProducer:
         # the records concerned fail on their own timeout. What needs action is
         # taken in the polling thread, outside poll().
         if error.fatal():
-            self._renew = True
+            self._renew = "after a fatal error"
         elif error.code() == KafkaError._ALL_BROKERS_DOWN:
             self._lost = True
         # librdkafka repeats connection errors every second; each once in 10 s is enough.
@@ -207,7 +235,7 @@ class EventProducer:
             raise BrokerUnavailable("the send queue is full: the broker is not keeping up") from None
         except KafkaException as error:
             if error.args[0].code() == KafkaError._FATAL:
-                self._renew = True
+                self._renew = "after a fatal error"
             raise BrokerUnavailable(f"the event could not be sent: {error.args[0].str()}") from None
         timer = self._loop.call_later(self.timeout, _expire, future)
         try:
