@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 MiB = 1024 * 1024
 
@@ -15,6 +15,12 @@ class BodyError(Exception):
         self.status = status
         self.code = code
         self.detail = detail
+
+    @property
+    def headers(self) -> dict[str, str]:
+        # Unread body bytes of a refused request would still be received and
+        # thrown away; closing the connection ends that.
+        return {"Connection": "close"} if self.status == 413 else {}
 
 
 def check_content_type(request: Request) -> None:
@@ -50,11 +56,15 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody will read the answer; this keeps a traceback out of the log.
+        raise BodyError(400, "incomplete_body", "the client left before sending the body") from None
     if size == 0:
         raise BodyError(400, "empty_body", "the body is empty; send a JSON object")
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -183,7 +183,7 @@ class Ingestion:
             check_content_type(request)
             body = await read_body(request, EVENT_BODY_LIMIT)
         except BodyError as error:
-            return error_response(error.status, error.code, error.detail)
+            return error_response(error.status, error.code, error.detail, error.headers)
         try:
             event = decoder.decode(body)
         except msgspec.ValidationError as error:
@@ -203,7 +203,7 @@ class Ingestion:
             check_content_type(request)
             body = await read_body(request, BATCH_BODY_LIMIT)
         except BodyError as error:
-            return error_response(error.status, error.code, error.detail)
+            return error_response(error.status, error.code, error.detail, error.headers)
         try:
             batch = batch_decoder.decode(body)
         except msgspec.ValidationError as error:
