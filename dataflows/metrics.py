@@ -2,16 +2,18 @@
 
 ::
 
-    llm.requests ─┐                      ┌─▶ invalid ───────────────────────────────┐
-    llm.responses ┴▶ decode ─────────────┤                                          │
-                                         └─▶ key by crc32(request_id) % 64          │
-                                              └▶ join (JoinShard) ─┬▶ orphan ───────┤
-                                                                   └▶ call          │
-                                              price (PriceBook) ◀──┘                │
-                                              key by crc32(tenant,route,model) % 64 │
-                                              └▶ windows (WindowShard) ─┬▶ too_late ┤
-                                                                        └▶ rows     ▼
-                                              Postgres llm_metrics, llm.metrics   llm.deadletter
+    llm.requests ─┐   one item per poll    ┌─▶ invalid, broker errors ───────────────┐
+    llm.responses ┴▶ read ─▶ decode_batch ─┤                                         │
+                                           └─▶ (crc32(request_id) % 64, [events])    │
+                                               └▶ join (JoinShard) ─▶ [calls, orphans]
+                                                  price (PriceBook), regroup ─▶ orphan ┤
+                              ((crc32(tenant,route,model) % 64, [calls])               │
+                               └▶ windows (WindowShard) ─┬▶ too_late ──────────────────┤
+                                                         └▶ rows                       ▼
+                                   Postgres llm_metrics, llm.metrics           llm.deadletter
+
+Items travel in groups (a list per shard and poll) rather than one per event:
+Bytewax's cost is per item, the logic's per event.
 
 The flow is built on first access of ``flow`` from the environment
 (:func:`schemas.config.load_or_exit`), which also creates missing topics and the
@@ -29,7 +31,6 @@ from bytewax.dataflow import Dataflow
 
 from dataflows import operators as ops
 from dataflows import sinks, sources
-from dataflows.join import Call
 from dataflows.pricing import PriceBook
 from dataflows.windows import WindowRow
 from schemas.config import Settings, load_or_exit
@@ -49,43 +50,39 @@ def build(settings: Settings) -> Dataflow:
     prices_file = settings.prices_file
     flow = Dataflow("streamlens_metrics")
 
-    consumed = kop.input("read", flow, brokers=brokers, topics=[REQUESTS, RESPONSES],
-                         starting_offset=sources.STARTING_OFFSET,
-                         batch_size=sources.BATCH_SIZE)
-    broken = op.map("broker_errors", consumed.errs, sources.broker_error)
+    batches = op.input("read", flow, sources.BatchingKafkaSource(
+        brokers, [REQUESTS, RESPONSES], starting_offset=sources.STARTING_OFFSET,
+        batch_size=sources.BATCH_SIZE))
+    decoded = op.flat_map("decode", batches, sources.decode_batch)
+    # (join shard, events) pairs go on; everything else is a dead letter.
+    events = op.branch("valid", decoded, _is_group)
 
-    decoded = op.map("decode", consumed.oks, sources.decode)
-    split = op.branch("valid", decoded, lambda item: isinstance(item, tuple))
-    invalid = split.falses
-
-    keyed = op.key_on("by_request", split.trues, lambda item: ops.join_shard_key(
-        item[0].request_id))
-    joined = op.stateful_batch("join", keyed, ops.join_builder(
+    joined = op.stateful_batch("join", events.trues, ops.join_builder(  # type: ignore[arg-type]
         settings.join_timeout_seconds, settings.dedupe_seconds))
-    joined_values = op.key_rm("join_values", joined)
-    calls_or_orphans = op.branch("answered", joined_values,
-                                 lambda item: isinstance(item, Call))
-    orphans = calls_or_orphans.falses
+    routed = op.flat_map("price", joined, ops.route_to_windows(
+        lambda call: price_book(prices_file).price(call)))
+    calls = op.branch("answered", routed, _is_group)
 
-    priced = op.map("price", calls_or_orphans.trues,
-                    lambda call: price_book(prices_file).price(call))
-    by_window = op.key_on("by_window", priced, ops.window_shard_key)
-    windowed = op.stateful_batch("windows", by_window, ops.window_builder(
+    windowed = op.stateful_batch("windows", calls.trues, ops.window_builder(  # type: ignore[arg-type]
         settings.window_seconds, settings.grace_seconds, settings.lateness_seconds))
     window_values = op.key_rm("window_values", windowed)
     rows_or_late = op.branch("on_time", window_values,
                              lambda item: isinstance(item, WindowRow))
     rows = rows_or_late.trues
-    too_late = rows_or_late.falses
 
     op.output("postgres", rows, sinks.PostgresSink(settings.postgres_dsn))
     kop.output("metrics", op.map("metrics_records", rows, sinks.metrics_message),
                brokers=brokers, topic=METRICS, add_config=sinks.PRODUCER_CONFIG)
 
-    letters = op.merge("dead_letters", broken, invalid, orphans, too_late)
+    letters = op.merge("dead_letters", events.falses, calls.falses, rows_or_late.falses)
     kop.output("deadletter", op.map("deadletter_records", letters, sinks.deadletter_message),
                brokers=brokers, topic=DEADLETTER, add_config=sinks.PRODUCER_CONFIG)
     return flow
+
+
+def _is_group(item: object) -> bool:
+    # Groups are plain (shard, list) tuples; dead letters are DeadLetter structs.
+    return type(item) is tuple
 
 
 def from_environment() -> Dataflow:

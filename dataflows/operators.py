@@ -27,18 +27,22 @@ from schemas.events import LLMRequest, LLMResponse
 
 JOIN_SHARDS = 64
 WINDOW_SHARDS = 64
+JOIN_SHARD_NAMES: tuple[str, ...] = tuple(str(n) for n in range(JOIN_SHARDS))
+WINDOW_SHARD_NAMES: tuple[str, ...] = tuple(str(n) for n in range(WINDOW_SHARDS))
+
+Decoded = tuple[LLMRequest | LLMResponse, SourceRef]
 
 
 def join_shard_key(request_id: str) -> str:
     """The join shard of a request id (a str: Bytewax keys are strings)."""
-    return str(zlib.crc32(request_id.encode()) % JOIN_SHARDS)
+    return JOIN_SHARD_NAMES[zlib.crc32(request_id.encode()) % JOIN_SHARDS]
 
 
 def window_shard_key(call: Call) -> str:
     """The window shard of a call's ``(tenant_id, route, model)``."""
     request = call.request
     key = f"{request.tenant_id}\x00{request.route}\x00{request.model}"
-    return str(zlib.crc32(key.encode()) % WINDOW_SHARDS)
+    return WINDOW_SHARD_NAMES[zlib.crc32(key.encode()) % WINDOW_SHARDS]
 
 
 def _wakeup(seconds: float | None) -> datetime | None:
@@ -51,28 +55,33 @@ def _freeze(state: object) -> bytes:
     return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-class JoinLogic(StatefulBatchLogic[
-    tuple[LLMRequest | LLMResponse, SourceRef], Call | DeadLetter, bytes
-]):
-    """Drives one :class:`JoinShard`: events in, calls and orphan responses out."""
+class JoinLogic(StatefulBatchLogic[list[Decoded], list[Call | DeadLetter], bytes]):
+    """Drives one :class:`JoinShard`: groups of events in, one list of outputs out.
+
+    Items are lists both ways (see :func:`dataflows.sources.decode_batch`): Bytewax
+    then moves one item per shard and poll, not one per event.
+    """
 
     def __init__(self, shard: JoinShard, clock: Callable[[], float] = time.time) -> None:
         self.shard = shard
         self.clock = clock
 
-    def on_batch(
-        self, values: list[tuple[LLMRequest | LLMResponse, SourceRef]]
-    ) -> tuple[Iterable[Call | DeadLetter], bool]:
+    def on_batch(self, values: list[list[Decoded]]
+                 ) -> tuple[Iterable[list[Call | DeadLetter]], bool]:
         now = self.clock()
         out: list[Call | DeadLetter] = []
         on_event = self.shard.on_event
-        for event, source in values:
-            out.extend(on_event(event, source, now))
+        for group in values:
+            for event, source in group:
+                found = on_event(event, source, now)
+                if found:
+                    out.extend(found)
         out.extend(self.shard.on_time(now))
-        return out, StatefulBatchLogic.RETAIN
+        return ([out] if out else []), StatefulBatchLogic.RETAIN
 
-    def on_notify(self) -> tuple[Iterable[Call | DeadLetter], bool]:
-        return self.shard.on_time(self.clock()), StatefulBatchLogic.RETAIN
+    def on_notify(self) -> tuple[Iterable[list[Call | DeadLetter]], bool]:
+        out = self.shard.on_time(self.clock())
+        return ([out] if out else []), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
         return _wakeup(self.shard.next_wakeup())
@@ -81,19 +90,48 @@ class JoinLogic(StatefulBatchLogic[
         return _freeze(self.shard)
 
 
-class WindowLogic(StatefulBatchLogic[Call, WindowRow | DeadLetter, bytes]):
-    """Drives one :class:`WindowShard`: priced calls in, rows and too-late calls out."""
+def route_to_windows(price: Callable[[Call], Call]
+                     ) -> Callable[[tuple[str, list[Call | DeadLetter]]],
+                                   list[DeadLetter | tuple[str, list[Call]]]]:
+    """After the join: price each call and group the calls by window shard; dead letters pass."""
+
+    def route(item: tuple[str, list[Call | DeadLetter]]
+              ) -> list[DeadLetter | tuple[str, list[Call]]]:
+        out: list[DeadLetter | tuple[str, list[Call]]] = []
+        groups: dict[str, list[Call]] = {}
+        for found in item[1]:
+            if type(found) is not Call:
+                out.append(found)  # type: ignore[arg-type]
+                continue
+            call = price(found)
+            shard = window_shard_key(call)
+            group = groups.get(shard)
+            if group is None:
+                groups[shard] = group = []
+            group.append(call)
+        out.extend(groups.items())
+        return out
+
+    return route
+
+
+class WindowLogic(StatefulBatchLogic[list[Call], WindowRow | DeadLetter, bytes]):
+    """Drives one :class:`WindowShard`: groups of priced calls in, rows and too-late calls out."""
 
     def __init__(self, shard: WindowShard, clock: Callable[[], float] = time.time) -> None:
         self.shard = shard
         self.clock = clock
 
-    def on_batch(self, values: list[Call]) -> tuple[Iterable[WindowRow | DeadLetter], bool]:
+    def on_batch(self, values: list[list[Call]]
+                 ) -> tuple[Iterable[WindowRow | DeadLetter], bool]:
         now = self.clock()
         out: list[WindowRow | DeadLetter] = []
         on_call = self.shard.on_call
-        for call in values:
-            out.extend(on_call(call, now))
+        for group in values:
+            for call in group:
+                late = on_call(call, now)
+                if late:
+                    out.extend(late)
         out.extend(self.shard.on_time(now))
         return out, StatefulBatchLogic.RETAIN
 

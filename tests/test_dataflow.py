@@ -11,7 +11,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
 from confluent_kafka import KafkaError as ConfluentKafkaError
 from psycopg.rows import dict_row
 
@@ -25,10 +24,15 @@ from schemas.metrics import MetricsRow, row_decoder
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 
 
-def message(topic: str, value: bytes | None, partition: int = 2, offset: int = 41
-            ) -> KafkaSourceMessage:
-    return KafkaSourceMessage(key=None, value=value, topic=topic, partition=partition,
-                              offset=offset)
+def decode_one(topic: str, value: bytes | None, partition: int = 2, offset: int = 41
+               ) -> tuple[LLMRequest | LLMResponse, SourceRef] | DeadLetter:
+    """The one output of decoding a batch of one record."""
+    [out] = sources.decode_batch(sources.RecordBatch(topic, partition, [(offset, value)], []))
+    if isinstance(out, DeadLetter):
+        return out
+    shard, [decoded] = out
+    assert shard == operators.join_shard_key(decoded[0].request_id)
+    return decoded
 
 
 REQUEST = {"request_id": "r-1", "tenant_id": "acme", "route": "/chat", "model": "m",
@@ -38,8 +42,7 @@ REQUEST = {"request_id": "r-1", "tenant_id": "acme", "route": "/chat", "model": 
 # -- decoding -----------------------------------------------------------------------------
 
 def test_decode_keeps_the_coordinates_and_accepts_the_type_field() -> None:
-    decoded = sources.decode(message("llm.requests",
-                                     json.dumps({"type": "request", **REQUEST}).encode()))
+    decoded = decode_one("llm.requests", json.dumps({"type": "request", **REQUEST}).encode())
     assert isinstance(decoded, tuple)
     event, source = decoded
     assert isinstance(event, LLMRequest) and event.timestamp == T0
@@ -47,8 +50,7 @@ def test_decode_keeps_the_coordinates_and_accepts_the_type_field() -> None:
 
 
 def test_a_response_on_the_requests_topic_is_invalid() -> None:
-    letter = sources.decode(message("llm.requests",
-                                    json.dumps({**REQUEST, "type": "response"}).encode()))
+    letter = decode_one("llm.requests", json.dumps({**REQUEST, "type": "response"}).encode())
     assert isinstance(letter, DeadLetter)
     assert letter.reason == "invalid" and "$.type" in letter.error
 
@@ -61,7 +63,7 @@ def test_a_response_on_the_requests_topic_is_invalid() -> None:
 ])
 def test_invalid_records_become_dead_letters_naming_the_problem(value: bytes, field: str
                                                                 ) -> None:
-    letter = sources.decode(message("llm.requests", value, partition=1, offset=7))
+    letter = decode_one("llm.requests", value, partition=1, offset=7)
     assert isinstance(letter, DeadLetter)
     assert (letter.reason, letter.source_topic, letter.partition, letter.offset) == (
         "invalid", "llm.requests", 1, 7)
@@ -71,24 +73,44 @@ def test_invalid_records_become_dead_letters_naming_the_problem(value: bytes, fi
 
 def test_a_record_that_is_not_utf8_is_kept_base64_encoded() -> None:
     raw = b"\xff\xfe{}"
-    letter = sources.decode(message("llm.responses", raw))
+    letter = decode_one("llm.responses", raw)
     assert isinstance(letter, DeadLetter)
     assert letter.payload is not None and base64.b64decode(letter.payload) == raw
     assert "base64" in letter.error
 
 
 def test_an_empty_record_is_invalid() -> None:
-    letter = sources.decode(message("llm.responses", None))
+    letter = decode_one("llm.responses", None)
     assert isinstance(letter, DeadLetter) and letter.payload is None
     assert "empty record" in letter.error
 
 
 def test_broker_errors_are_dead_lettered() -> None:
-    error = KafkaError(ConfluentKafkaError(ConfluentKafkaError._TRANSPORT, "broker down"),
-                       message("llm.requests", b"{}"))
-    letter = sources.broker_error(error)
+    letter = sources.broker_error("llm.requests", 2, 41, b"{}",
+                                  ConfluentKafkaError(ConfluentKafkaError._TRANSPORT))
     assert letter.reason == "invalid" and "kafka consumer error" in letter.error
     assert (letter.source_topic, letter.partition, letter.offset) == ("llm.requests", 2, 41)
+
+
+def test_a_batch_is_grouped_by_join_shard_keeping_order() -> None:
+    ids = [f"r-{n}" for n in range(200)]
+    records = [(offset, json.dumps({**REQUEST, "request_id": rid}).encode())
+               for offset, rid in enumerate(ids)]
+    records.insert(5, (999, b"junk"))
+    out = sources.decode_batch(sources.RecordBatch("llm.requests", 0, records, []))
+    letters = [item for item in out if isinstance(item, DeadLetter)]
+    groups = dict(item for item in out if not isinstance(item, DeadLetter))
+    assert [letter.offset for letter in letters] == [999]
+    assert sum(len(group) for group in groups.values()) == 200
+    for shard, group in groups.items():
+        assert all(operators.join_shard_key(e.request_id) == shard for e, _ in group)
+        offsets = [source.offset for _, source in group]
+        assert offsets == sorted(offsets)
+
+
+def test_an_unknown_topic_makes_every_record_a_dead_letter() -> None:
+    out = sources.decode_batch(sources.RecordBatch("other", 0, [(1, b"{}"), (2, b"{}")], []))
+    assert [item.offset for item in out if isinstance(item, DeadLetter)] == [1, 2]
 
 
 # -- shard keys and the stateful logics -----------------------------------------------------
@@ -126,16 +148,17 @@ def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
     build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60)
     logic = build(None)
     logic.clock = clock
-    out, retain = logic.on_batch([*_events("a", T0), _events("b", T0)[0]])
+    out, retain = logic.on_batch([_events("a", T0), _events("b", T0)[:1]])
     assert retain is False  # RETAIN
-    assert [c.request.request_id for c in out if isinstance(c, Call)] == ["a"]
+    [found] = out
+    assert [c.request.request_id for c in found if isinstance(c, Call)] == ["a"]
     wake = logic.notify_at()
     assert wake is not None and wake.tzinfo is not None
     # "b" times out 30 s of event time after its request; event time idles with the clock.
     assert 1029 <= wake.timestamp() <= 1031.1
     clock.now = wake.timestamp() + 0.01
-    out, _ = logic.on_notify()
-    assert [(c.request.request_id, c.response) for c in out] == [("b", None)]
+    [found], _ = logic.on_notify()
+    assert [(c.request.request_id, c.response) for c in found] == [("b", None)]
 
 
 def test_join_logic_snapshot_is_a_frozen_copy_that_resumes() -> None:
@@ -143,13 +166,13 @@ def test_join_logic_snapshot_is_a_frozen_copy_that_resumes() -> None:
     build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60)
     logic = build(None)
     logic.clock = clock
-    logic.on_batch(_events("a", T0)[:1])
+    logic.on_batch([_events("a", T0)[:1]])
     snapshot = logic.snapshot()
-    logic.on_batch(_events("a", T0)[1:])  # later changes do not reach the snapshot
+    logic.on_batch([_events("a", T0)[1:]])  # later changes do not reach the snapshot
     resumed = build(snapshot)
     resumed.clock = clock
-    out, _ = resumed.on_batch(_events("a", T0)[1:])
-    assert len(out) == 1 and isinstance(out[0], Call)
+    [found], _ = resumed.on_batch([_events("a", T0)[1:]])
+    assert len(found) == 1 and isinstance(found[0], Call)
 
 
 def test_window_logic_emits_when_event_time_passes_the_grace() -> None:
@@ -160,7 +183,7 @@ def test_window_logic_emits_when_event_time_passes_the_grace() -> None:
     response = LLMResponse(request_id="a", timestamp=T0 + timedelta(seconds=1), latency_ms=5.0)
     call = Call(request=request, response=response, source=SourceRef("llm.responses", 0, 3),
                 cost_usd=0.5)
-    out, _ = logic.on_batch([call])
+    out, _ = logic.on_batch([[call]])
     assert out == []
     wake = logic.notify_at()
     assert wake is not None
@@ -276,3 +299,28 @@ def test_commands_for_several_processes_share_the_addresses(tmp_path: Path) -> N
     assert [argv[argv.index("-i") + 1] for argv in argvs] == ["0", "1", "2"]
     addresses = {argv[argv.index("-a") + 1] for argv in argvs}
     assert len(addresses) == 1 and len(addresses.pop().split(";")) == 3
+
+
+def test_calls_are_priced_and_grouped_by_window_shard() -> None:
+    def call(tenant: str, n: int) -> Call:
+        return Call(request=LLMRequest(request_id=f"{tenant}-{n}", tenant_id=tenant,
+                                       route="/r", model="m", timestamp=T0),
+                    response=None, source=SourceRef("llm.requests", 0, n))
+
+    letter = DeadLetter(reason="orphan_response", source_topic="llm.responses", partition=0,
+                        offset=1, error="none", payload=None)
+    priced: list[str] = []
+
+    def price(c: Call) -> Call:
+        priced.append(c.request.request_id)
+        c.cost_usd = 0.0
+        return c
+
+    calls = [call(tenant, n) for n in range(3) for tenant in ("a", "b", "c", "d")]
+    out = operators.route_to_windows(price)(("7", [*calls, letter]))
+    assert letter in out
+    groups = dict(item for item in out if not isinstance(item, DeadLetter))
+    assert sorted(priced) == sorted(c.request.request_id for c in calls)
+    for shard, group in groups.items():
+        assert all(operators.window_shard_key(c) == shard for c in group)
+    assert sum(len(group) for group in groups.values()) == len(calls)

@@ -66,7 +66,7 @@ def test_kill_9_three_times_gives_the_same_rows(tmp_path: Path, broker: Broker,
     data, scenario = _run(tmp_path, broker, postgres_dsn, on_step=crash)
     assert kills == ["some-rows", "phase2-read", "too-late-seen"]
     assert {"streamlens_metrics.join", "streamlens_metrics.windows",
-            "streamlens_metrics.read.kafka_input"} <= h.snapshotted_steps(tmp_path / "recovery")
+            "streamlens_metrics.read"} <= h.snapshotted_steps(tmp_path / "recovery")
     _check_outputs(data, scenario, broker, postgres_dsn, exact_dead_letters=False)
 
 

@@ -1,0 +1,238 @@
+"""The whole dataflow on a pre-filled backlog: calls per second and peak memory.
+
+A broker and a Postgres of its own are started; ``llm.requests`` and
+``llm.responses`` are filled with ``tests.bench.dataset.generate`` (500,000 calls
+over 1,000 keys, about 995,000 records), then ``python -m dataflows.run`` is started
+and timed until every window of the data set has its first row in Postgres. After
+the data set, one "closer" call per key, 80 s of event time after the last call,
+moves every key's event time past its last window's grace, so the last windows
+close on data rather than after a minute of idle wall clock.
+
+In the same run: the plain single-process loop over the same payloads
+(``bench_baseline.plain_loop``), the one-core ceiling, and the two ways of
+writing a batch to Postgres (one ``INSERT … SELECT FROM unnest(…)`` statement
+versus ``executemany`` in a pipeline).
+
+``python -m tests.bench.bench_dataflow [--calls N] [--processes P]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+import psutil
+import psycopg
+from confluent_kafka import Producer
+
+from dataflows import sinks
+from dataflows.windows import WindowRow
+from deploy.stack import Broker, Postgres
+from schemas.database import ensure_schema
+from schemas.metrics import MetricsRow
+from schemas.topics import REQUESTS, RESPONSES, ensure_topics
+from tests.bench.bench_baseline import plain_loop
+from tests.bench.dataset import generate
+
+CALLS = 500_000
+KEYS = 1_000
+SEED = 1
+WINDOW_SECONDS = 60
+PARTITIONS = 3
+
+
+class _Request(msgspec.Struct):
+    request_id: str
+    tenant_id: str
+    route: str
+    model: str
+    timestamp: datetime
+    provider: str | None = None
+
+
+def _windows_and_closers(requests: list[bytes]
+                         ) -> tuple[set[tuple], datetime, list[bytes], list[bytes]]:
+    """The data set's windows (tenant, route, model, start), when the closers' windows
+    start, and one closer call per key."""
+    decoder = msgspec.json.Decoder(_Request)
+    windows: set[tuple] = set()
+    keys: dict[tuple, _Request] = {}
+    last = 0.0
+    for payload in requests:
+        request = decoder.decode(payload)
+        seconds = request.timestamp.timestamp()
+        last = max(last, seconds)
+        key = (request.tenant_id, request.route, request.model)
+        windows.add((*key, math.floor(seconds / WINDOW_SECONDS) * WINDOW_SECONDS))
+        keys.setdefault(key, request)
+    at = datetime.fromtimestamp(last + 80, UTC)
+    closing_requests, closing_responses = [], []
+    for number, (key, example) in enumerate(sorted(keys.items())):
+        rid = f"closer-{number}"
+        closing_requests.append(json.dumps({
+            "request_id": rid, "tenant_id": key[0], "route": key[1], "model": key[2],
+            "provider": example.provider, "timestamp": at.isoformat()}).encode())
+        closing_responses.append(json.dumps({
+            "request_id": rid, "tenant_id": key[0], "latency_ms": 100.0,
+            "timestamp": (at + timedelta(seconds=0.1)).isoformat()}).encode())
+    closers_window = datetime.fromtimestamp(
+        math.floor(at.timestamp() / WINDOW_SECONDS) * WINDOW_SECONDS, UTC)
+    return windows, closers_window, closing_requests, closing_responses
+
+
+def _fill(brokers: str, topic: str, payloads: list[bytes]) -> None:
+    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 50,
+                         "batch.num.messages": 10000, "batch.size": 1_000_000,
+                         "compression.type": "lz4", "queue.buffering.max.messages": 2_000_000,
+                         "enable.idempotence": True, "acks": "all"})
+    for index, payload in enumerate(payloads):
+        # Spread like the ingestion API's request_id keys would, without parsing here.
+        producer.produce(topic, payload, partition=index % PARTITIONS)
+        if index % 50_000 == 0:
+            producer.poll(0)
+    if producer.flush(120):
+        raise RuntimeError(f"records left unsent to {topic}")
+
+
+def _first_rows(dsn: str, before: datetime) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM llm_metrics WHERE window_start < %s",
+                           (before,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _usage(process: psutil.Process, cpu: dict[int, float]) -> int:
+    """Resident memory of the process tree now; ``cpu`` keeps each member's CPU seconds."""
+    total = 0
+    for member in (process, *process.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += member.memory_info().rss
+            times = member.cpu_times()
+            cpu[member.pid] = times.user + times.system
+    return total
+
+
+def run_dataflow(brokers: str, dsn: str, windows: int, before: datetime, processes: int,
+                 work: Path, timeout: float = 600.0) -> tuple[float, int, float]:
+    """Seconds until ``windows`` rows exist (the closers' windows are not counted), peak
+    RSS, and CPU seconds the dataflow's processes used by then."""
+    env = {**os.environ, "KAFKA_BROKERS": brokers, "POSTGRES_DSN": dsn,
+           "TOPIC_PARTITIONS": str(PARTITIONS)}
+    log = open(work / "dataflow.log", "wb")  # noqa: SIM115 - the child keeps it
+    started = time.perf_counter()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "dataflows.run", "--recovery-dir", str(work / "recovery"),
+         "--processes", str(processes), "--snapshot-interval", "10"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    watched = psutil.Process(child.pid)
+    peak = 0
+    cpu: dict[int, float] = {}
+    try:
+        while True:
+            peak = max(peak, _usage(watched, cpu))
+            if child.poll() is not None:
+                raise RuntimeError((work / "dataflow.log").read_text()[-3000:])
+            if _first_rows(dsn, before) >= windows:
+                return time.perf_counter() - started, peak, sum(cpu.values())
+            if time.perf_counter() - started > timeout:
+                raise RuntimeError(f"not all {windows} windows after {timeout:.0f}s")
+            time.sleep(0.2)
+    finally:
+        child.terminate()
+        child.wait(30)
+
+
+def _sink_rows(count: int) -> list[WindowRow]:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    return [WindowRow(row=MetricsRow(
+        tenant_id=f"tenant-{n % 17}", route=f"/route-{n}", model="gpt-4o",
+        window_start=start, window_end=start + timedelta(minutes=1), requests=500, errors=3,
+        timeouts=1, avg_latency_ms=512.0, p50_latency_ms=480.0, p95_latency_ms=1500.0,
+        p99_latency_ms=2500.0, avg_time_to_first_token_ms=90.0, prompt_tokens=400_000,
+        completion_tokens=150_000, cache_read_tokens=12_000, reasoning_tokens=2_000,
+        avg_prompt_tokens=800.0, avg_completion_tokens=300.0, estimated_cost_usd=1.25,
+        unpriced_requests=0, revision=1), digest=b"\x00" * 800, ttft_count=250)
+        for n in range(count)]
+
+
+def compare_sink_statements(dsn: str, rows: int = 20_000, batch: int = 500) -> None:
+    """unnest (what the sink does) against executemany in a pipeline, same rows, same batches."""
+    items = _sink_rows(rows)
+    placeholders = ", ".join(["%s"] * len(sinks.COLUMNS))
+    many_sql = (sinks.UPSERT_SQL.split(" SELECT ")[0]
+                + f" VALUES ({placeholders}, now()) ON CONFLICT"
+                + sinks.UPSERT_SQL.split(" ON CONFLICT", 1)[1])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name in ("unnest", "executemany+pipeline", "unnest"):
+            conn.execute("TRUNCATE llm_metrics")
+            started = time.perf_counter()
+            for first in range(0, rows, batch):
+                chunk = items[first:first + batch]
+                if name == "unnest":
+                    conn.execute(sinks.UPSERT_SQL, sinks.columns_of(chunk), prepare=True)
+                else:
+                    columns = sinks.columns_of(chunk)
+                    with conn.transaction(), conn.cursor() as cursor:
+                        cursor.executemany(many_sql, list(zip(*columns, strict=True)))
+            seconds = time.perf_counter() - started
+            print(f"  postgres {name:22s} {rows / seconds:10,.0f} rows/s "
+                  f"({batch} rows per batch)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench_dataflow")
+    parser.add_argument("--calls", type=int, default=CALLS)
+    parser.add_argument("--processes", type=int, default=1)
+    args = parser.parse_args(argv if argv is not None else [])
+
+    requests, responses = generate(args.calls, KEYS, SEED)
+    windows, closers_window, closing_requests, closing_responses = (
+        _windows_and_closers(requests))
+    print(f"  data set: {len(requests):,} requests, {len(responses):,} responses, "
+          f"{len(windows):,} windows")
+
+    calls, seconds = plain_loop(requests, responses)
+    baseline = calls / seconds
+    print(f"  plain loop (one process, no Bytewax): {calls:,} calls in {seconds:.2f}s "
+          f"= {baseline:,.0f} calls/s")
+
+    with tempfile.TemporaryDirectory(prefix="streamlens-bench-") as directory:
+        work = Path(directory)
+        broker = Broker(work / "broker").start()
+        postgres = Postgres(work / "postgres").start()
+        try:
+            ensure_topics(broker.address, PARTITIONS)
+            ensure_schema(postgres.dsn)
+            compare_sink_statements(postgres.dsn)
+            with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+                conn.execute("TRUNCATE llm_metrics")
+            started = time.perf_counter()
+            _fill(broker.address, REQUESTS, requests + closing_requests)
+            _fill(broker.address, RESPONSES, responses + closing_responses)
+            print(f"  produced {len(requests) + len(responses):,} records in "
+                  f"{time.perf_counter() - started:.1f}s")
+            elapsed, peak, cpu = run_dataflow(broker.address, postgres.dsn, len(windows),
+                                         closers_window, args.processes, work)
+        finally:
+            broker.stop()
+            postgres.stop()
+    rate = args.calls / elapsed
+    print(f"  dataflow ({args.processes} process(es), 1 worker each): every window's first "
+          f"row after {elapsed:.1f}s (start-up included) = {rate:,.0f} calls/s, "
+          f"{rate / args.processes:,.0f} per process; peak RSS {peak / 2**20:,.0f} MiB; "
+          f"{cpu:.1f} CPU-s = {args.calls / cpu:,.0f} calls per CPU-second")
+    print(f"  dataflow / plain loop: {rate / baseline:.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
