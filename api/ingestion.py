@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import msgspec
 from confluent_kafka import KafkaException
@@ -279,16 +279,15 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ingestion app; ``settings`` None reads the environment when the app starts."""
     ingestion = Ingestion(settings)
-    endpoint = Callable[[Request], Awaitable[Response]]
-    routes: list[tuple[str, endpoint, list[str]]] = [
-        ("/v1/llm/request", ingestion.post_request, ["POST"]),
-        ("/v1/llm/response", ingestion.post_response, ["POST"]),
-        ("/v1/llm/events", ingestion.post_events, ["POST"]),
-        ("/health", ingestion.health, ["GET"]),
-        ("/ready", ingestion.ready, ["GET"]),
+    routes = [
+        Route("/v1/llm/request", ingestion.post_request, methods=["POST"]),
+        Route("/v1/llm/response", ingestion.post_response, methods=["POST"]),
+        Route("/v1/llm/events", ingestion.post_events, methods=["POST"]),
+        Route("/health", ingestion.health, methods=["GET"]),
+        Route("/ready", ingestion.ready, methods=["GET"]),
     ]
     app = Starlette(
-        routes=[Route(path, handler, methods=methods) for path, handler, methods in routes],
+        routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=ingestion.lifespan,
     )
