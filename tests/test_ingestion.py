@@ -393,6 +393,16 @@ ERRORS = [
         "$.tenant_id",
     ),
     (
+        "trailing newline in request_id",
+        "POST",
+        "/v1/llm/response",
+        JSON,
+        json.dumps(a_response("e\n")).encode(),
+        400,
+        "invalid_event",
+        "$.request_id",
+    ),
+    (
         "route too long",
         "POST",
         "/v1/llm/request",
