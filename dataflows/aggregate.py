@@ -27,6 +27,9 @@ CHUNK = 256
 
 NANOS_PER_MS = 1_000_000
 PICO_USD = 1_000_000_000_000
+# From here on a float is a whole number: scaling it as an int is exact, and
+# scaling it as a float could overflow (a valid latency may be up to 1.8e308 ms).
+WHOLE_FLOATS = 2.0**53
 COST_DECIMALS = 9
 
 
@@ -79,14 +82,16 @@ class CallStats(Struct, gc=False):
         latency = response.latency_ms
         if latency is None:
             latency = call_latency_ms(call)
-        self.latency_ns += round(latency * NANOS_PER_MS)
+        self.latency_ns += (
+            round(latency * NANOS_PER_MS) if latency < WHOLE_FLOATS else int(latency) * NANOS_PER_MS
+        )
         latencies = self.latencies
         latencies.append(latency)
         if len(latencies) >= CHUNK:
             self._fold()
         ttft = response.time_to_first_token_ms
         if ttft is not None:
-            self.ttft_ns += round(ttft * NANOS_PER_MS)
+            self.ttft_ns += round(ttft * NANOS_PER_MS) if ttft < WHOLE_FLOATS else int(ttft) * NANOS_PER_MS
             self.ttft_count += 1
         prompt = request.prompt_tokens
         self.prompt_tokens += prompt
@@ -100,7 +105,7 @@ class CallStats(Struct, gc=False):
         if cost is None:
             self.unpriced += 1
         else:
-            self.cost_pico_usd += round(cost * PICO_USD)
+            self.cost_pico_usd += round(cost * PICO_USD) if cost < WHOLE_FLOATS else int(cost) * PICO_USD
 
     def _fold(self) -> None:
         if self.digest is None:
@@ -124,7 +129,7 @@ class CallStats(Struct, gc=False):
         answered = self.answered
         if answered:
             p50, p95, p99 = digest.quantile(0.5), digest.quantile(0.95), digest.quantile(0.99)
-            avg_latency: float | None = self.latency_ns / answered / NANOS_PER_MS
+            avg_latency: float | None = self.latency_ns / (answered * NANOS_PER_MS)
             avg_prompt: float | None = self.prompt_tokens / answered
             avg_completion: float | None = self.completion_tokens / answered
         else:
@@ -138,7 +143,7 @@ class CallStats(Struct, gc=False):
             "p95_latency_ms": p95,
             "p99_latency_ms": p99,
             "avg_time_to_first_token_ms": (
-                self.ttft_ns / self.ttft_count / NANOS_PER_MS if self.ttft_count else None
+                self.ttft_ns / (self.ttft_count * NANOS_PER_MS) if self.ttft_count else None
             ),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,

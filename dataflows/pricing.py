@@ -40,6 +40,8 @@ from genai_prices.types import ModelInfo, ModelPrice, TieredPrices, TimeOfDateCo
 from dataflows.join import Call
 
 PER_MILLION = 1_000_000
+# A dollar a token: anything above is a typo, and could overflow a window's cost.
+MAX_PRICE_PER_MTOK = 1_000_000
 
 
 class TieredRate(NamedTuple):
@@ -226,11 +228,11 @@ def load_prices_file(path: Path) -> dict[str, Rates]:
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value < 0
+                or not 0 <= value <= MAX_PRICE_PER_MTOK  # also rejects NaN and infinity
             ):
                 raise PricesFileError(
-                    f"{where}: field {field!r} must be a number ≥ 0 (USD per million tokens), got {value!r}"
+                    f"{where}: field {field!r} must be a number from 0 to {MAX_PRICE_PER_MTOK:,} "
+                    f"(USD per million tokens), got {value!r}"
                 )
             values[field] = float(value) / PER_MILLION
         input_rate = values["input_per_mtok"]

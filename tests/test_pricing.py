@@ -211,6 +211,8 @@ def test_genai_prices_decimal_rates_are_what_the_book_uses() -> None:
             ["model 'm1'", "unknown field 'input_per_mtoken'"],
         ),
         ('{"m1": {"input_per_mtok": NaN, "output_per_mtok": 1}}', ["model 'm1'", "'input_per_mtok'"]),
+        ('{"m1": {"input_per_mtok": 1, "output_per_mtok": Infinity}}', ["model 'm1'", "'output_per_mtok'"]),
+        ({"m1": {"input_per_mtok": 2e6, "output_per_mtok": 1}}, ["model 'm1'", "from 0 to 1,000,000"]),
     ],
 )
 def test_a_bad_prices_file_names_the_file_model_and_field(

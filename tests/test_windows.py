@@ -434,3 +434,54 @@ def test_many_latencies_percentiles_within_one_percent() -> None:
     for q, field in ((0.5, "p50_latency_ms"), (0.95, "p95_latency_ms"), (0.99, "p99_latency_ms")):
         exact = nearest_rank(values, q)
         assert abs(fields[field] - exact) / exact < 0.01, (field, fields[field], exact)  # type: ignore[operator]
+
+
+def final_rows(calls: list[Call], order: list[int]) -> dict[tuple[object, ...], dict[str, object]]:
+    """The last row of every window, by (window_start, key), revision left out."""
+    windows = shard()
+    last: dict[tuple[object, ...], dict[str, object]] = {}
+    emitted: list[WindowRow] = []
+    for step, index in enumerate(order):
+        assert windows.on_call(calls[index], NOW + step) == []
+        emitted += windows.on_time(NOW + step)
+    emitted += windows.on_time(NOW + 10 * LATENESS)
+    for item in emitted:
+        fields = msgspec.structs.asdict(item.row)
+        fields.pop("revision")
+        last[(item.row.window_start, item.row.tenant_id, item.row.route, item.row.model)] = fields
+    return last
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.randoms(use_true_random=False), st.permutations(range(24)))
+def test_final_rows_do_not_depend_on_call_order(rng: random.Random, order: list[int]) -> None:
+    keys = [("acme", "/a", "m1"), ("acme", "/b", "m1"), ("beta", "/a", "m2")]
+    calls = [
+        answered(
+            rng.uniform(0, 170),
+            rng.choice([None, rng.uniform(0, 5000)]),
+            key=keys[index % 3],
+            duration=rng.uniform(0, 30),
+            cost=rng.choice([None, rng.random() / 100]),
+            time_to_first_token_ms=rng.choice([None, rng.random() * 50]),
+            completion_tokens=rng.randrange(500),
+            error=rng.choice([None, "", "boom"]),
+        )
+        if index % 7
+        else timed_out(rng.uniform(0, 170), key=keys[index % 3])
+        for index in range(24)
+    ]
+    in_order = final_rows(calls, list(range(24)))
+    assert final_rows(calls, order) == in_order
+    assert sum(row["requests"] for row in in_order.values()) == 24  # type: ignore[misc]
+
+
+def test_the_largest_valid_latencies_do_not_overflow_the_sums() -> None:
+    windows = shard()
+    huge = 1.7e308  # the largest float JSON gives; msgspec rejects anything beyond
+    windows.on_call(answered(1, huge, duration=1.0, time_to_first_token_ms=huge), NOW)
+    windows.on_call(answered(2, 1.5), NOW)
+    (row,) = advance(windows, 100)
+    assert row.row.avg_latency_ms == huge / 2
+    assert row.row.avg_time_to_first_token_ms == huge
+    assert row.row.p99_latency_ms is not None and row.row.p99_latency_ms <= huge
