@@ -18,7 +18,10 @@ from msgspec import Meta, Struct
 Identifier = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+\Z")]
 Name = Annotated[str, Meta(min_length=1, max_length=255)]
 Timestamp = Annotated[datetime, Meta(tz=True)]
-TokenCount = Annotated[int, Meta(ge=0)]
+# A billion tokens is far beyond any context window, and keeps window sums far
+# from overflowing Postgres bigint.
+MAX_TOKENS = 1_000_000_000
+TokenCount = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
 Milliseconds = Annotated[float, Meta(ge=0)]
 MetadataValue = str | int | float | bool | None
 Metadata = Annotated[dict[str, MetadataValue], Meta(max_length=64)]

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from schemas.events import (
     BATCH_MAX_EVENTS,
+    MAX_TOKENS,
     LLMRequest,
     LLMResponse,
     batch_decoder,
@@ -115,7 +116,9 @@ def test_timestamps_without_offset_or_malformed_are_rejected(text):
 
 def test_prompt_tokens_non_negative_integer():
     assert decode_request(prompt_tokens=0).prompt_tokens == 0
-    assert decode_request(prompt_tokens=2**40).prompt_tokens == 2**40
+    assert decode_request(prompt_tokens=MAX_TOKENS).prompt_tokens == MAX_TOKENS
+    rejected(decode_request, "$.prompt_tokens", prompt_tokens=MAX_TOKENS + 1)
+    rejected(decode_request, "$.prompt_tokens", prompt_tokens=2**64)
     rejected(decode_request, "$.prompt_tokens", prompt_tokens=-1)
     rejected(decode_request, "$.prompt_tokens", prompt_tokens=1.5)
     rejected(decode_request, "$.prompt_tokens", prompt_tokens="10")
@@ -260,7 +263,7 @@ timestamps = st.builds(
     st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1)),
     offsets,
 )
-tokens = st.integers(min_value=0, max_value=2**53)
+tokens = st.integers(min_value=0, max_value=MAX_TOKENS)
 millis = st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False)
 metadata_values = st.one_of(
     st.text(max_size=20), st.integers(-(2**53), 2**53), st.booleans(), st.none(),
