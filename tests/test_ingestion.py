@@ -693,7 +693,7 @@ def _text(value: object, low: int, high: int, *, controls: bool = True) -> bool:
 
 
 def _count(value: object) -> bool:
-    return type(value) is int and value >= 0
+    return type(value) is int and 0 <= value <= 1_000_000_000  # type: ignore[operator]
 
 
 def _millis(value: object) -> bool:
