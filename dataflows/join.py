@@ -33,7 +33,7 @@ tuple, and stale references are skipped when their bucket comes due.
 from __future__ import annotations
 
 import heapq
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from sys import intern
 from typing import NamedTuple
 
@@ -363,29 +363,32 @@ class JoinShard:
 
 
 # Snapshots hold waiting events as plain tuples of their field values, the
-# timestamp as the float the entry already keeps: pickling each Struct (a dict of
-# fields, a datetime) costs six times as long and a third more bytes, and Bytewax
-# snapshots every shard at every epoch.
+# timestamp as whole microseconds since the epoch (exact for every valid time):
+# pickling each Struct (a dict of fields, a datetime) costs several times as long
+# and more bytes, and Bytewax snapshots every shard at every epoch.
 _PendingState = tuple[
     str, tuple | None, tuple | None, float, tuple | None, tuple | None, float, str | None, bool
 ]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _values(event: LLMRequest | LLMResponse | None) -> tuple | None:
     if event is None:
         return None
     values = list(msgspec.structs.astuple(event))
-    values[_TIMESTAMP[type(event)]] = None
+    index = _TIMESTAMP[type(event)]
+    values[index] = (values[index] - _EPOCH) // _MICROSECOND
     return tuple(values)
 
 
 def _event(
-    kind: type[LLMRequest] | type[LLMResponse], values: tuple | None, timestamp: float
+    kind: type[LLMRequest] | type[LLMResponse], values: tuple | None
 ) -> LLMRequest | LLMResponse | None:
     if values is None:
         return None
     fields = dict(zip(kind.__struct_fields__, values, strict=True))
-    fields["timestamp"] = datetime.fromtimestamp(timestamp, UTC)
+    fields["timestamp"] = _EPOCH + timedelta(microseconds=fields["timestamp"])
     return kind(**fields)
 
 
@@ -406,10 +409,10 @@ def _pending_state(rid: str, entry: _Pending) -> _PendingState:
 def _pending_from_state(state: _PendingState) -> tuple[str, _Pending]:
     rid, request, request_source, request_ts, response, response_source, response_ts = state[:7]
     entry = _Pending(
-        request=_event(LLMRequest, request, request_ts),  # type: ignore[arg-type]
+        request=_event(LLMRequest, request),  # type: ignore[arg-type]
         request_source=None if request_source is None else SourceRef(*request_source),
         request_ts=request_ts,
-        response=_event(LLMResponse, response, response_ts),  # type: ignore[arg-type]
+        response=_event(LLMResponse, response),  # type: ignore[arg-type]
         response_source=None if response_source is None else SourceRef(*response_source),
         response_ts=response_ts,
         unpaired=state[7],

@@ -17,6 +17,8 @@ and is driven by the Bytewax wiring in :mod:`dataflows.metrics`. It must pickle
   depend on how input was batched.
 - A call whose window ended more than ``lateness`` before event time is a
   ``too_late`` dead letter; such windows are forgotten after their last emission.
+- A call whose window would start or end outside the years 1-9999 (its row's
+  times could not be represented) is an ``invalid`` dead letter.
 """
 
 from __future__ import annotations
@@ -59,7 +61,15 @@ def completed_at(call: Call) -> float:
     return max(request_ts, call.response.timestamp.timestamp())
 
 
+# The first and last whole seconds a datetime can hold: a window must start and
+# end within them. (datetime.max itself rounds up, out of range, as a float.)
+FIRST_INSTANT = datetime.min.replace(tzinfo=UTC).timestamp()
+LAST_INSTANT = datetime.max.replace(microsecond=0, tzinfo=UTC).timestamp()
+
+
 def _iso(seconds: float) -> str:
+    if seconds > LAST_INSTANT:
+        return "after 9999-12-31T23:59:59Z"
     return datetime.fromtimestamp(seconds, UTC).isoformat()
 
 
@@ -79,14 +89,16 @@ class WindowShard:
     def on_call(self, call: Call, now: float) -> list[DeadLetter]:
         """Fold one priced call into its window; a call beyond lateness comes back as a
         dead letter with reason ``too_late``."""
+        request = call.request
+        window = self.window
+        start = int(request.timestamp.timestamp() // window) * window
+        if not FIRST_INSTANT <= start <= LAST_INSTANT - window:
+            return [self._unstorable(call, start)]
         watermark = self.watermark
         known = call.completed_at
         watermark.observe(completed_at(call) if known is None else known, now)
         event_time = watermark.settled
         self._offset = now - event_time
-        request = call.request
-        window = self.window
-        start = int(request.timestamp.timestamp() // window) * window
         if start + window + self.lateness < event_time:
             return [self._too_late(call, start, event_time)]
         key = (request.tenant_id, request.route, request.model)
@@ -118,6 +130,21 @@ class WindowShard:
                 f"call {call.request.request_id!r} belongs to the window "
                 f"[{_iso(start)}, {_iso(end)}), closed for good at {_iso(end + self.lateness)} "
                 f"(LATENESS_SECONDS {self.lateness}); event time was already {_iso(event_time)}"
+            ),
+            payload=call_to_json(call),
+        )
+
+    def _unstorable(self, call: Call, start: int) -> DeadLetter:
+        source = call.source
+        return DeadLetter(
+            reason="invalid",
+            source_topic=source.topic,
+            partition=source.partition,
+            offset=source.offset,
+            error=(
+                f"call {call.request.request_id!r}: its request timestamp "
+                f"{call.request.timestamp.isoformat()} falls in a window that starts or ends "
+                f"outside the years 1-9999, which a row cannot hold - at `$.timestamp`"
             ),
             payload=call_to_json(call),
         )

@@ -531,3 +531,16 @@ def test_a_snapshot_restores_every_kind_of_waiting_entry() -> None:
     }
     letter = next(item for item in original if outcome(item) == ("orphan_response", "lone"))
     assert response_decoder.decode(letter.payload) == lone  # type: ignore[union-attr,arg-type]
+
+
+def test_a_snapshot_keeps_timestamps_exact_to_the_microsecond_at_the_ends_of_time() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    for rid, when in (
+        ("first", datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=UTC)),
+        ("last", datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+    ):
+        event = LLMRequest(request_id=rid, tenant_id="t", route="/", model="m", timestamp=when)
+        join.on_event(event, SourceRef(REQUESTS, 0, 0), NOW)
+    restored = pickle.loads(pickle.dumps(join))
+    assert vars(restored)["_pending"] == vars(join)["_pending"]
+    assert vars(restored)["_pending"]["last"].request.timestamp.microsecond == 999999

@@ -485,3 +485,26 @@ def test_the_largest_valid_latencies_do_not_overflow_the_sums() -> None:
     assert row.row.avg_latency_ms == huge / 2
     assert row.row.avg_time_to_first_token_ms == huge
     assert row.row.p99_latency_ms is not None and row.row.p99_latency_ms <= huge
+
+
+def test_a_window_beyond_the_year_9999_is_an_invalid_dead_letter_not_a_crash() -> None:
+    windows = shard()
+    last = LLMRequest(
+        request_id="y10k",
+        tenant_id="acme",
+        route="/chat",
+        model="gpt-4o",
+        timestamp=datetime(9999, 12, 31, 23, 59, 30, tzinfo=UTC),
+    )
+    call = Call(request=last, response=None, source=SOURCE, completed_at=253402300770.0 + TIMEOUT)
+    out = windows.on_call(call, NOW)
+    assert [letter.reason for letter in out] == ["invalid"]
+    assert "9999-12-31T23:59:30" in out[0].error
+    # It moved nothing: an ordinary call still lands and is emitted normally.
+    windows.on_call(answered(1, 10.0), NOW)
+    assert [row.row.requests for row in advance(windows, 100)] == [1]
+    # The first minute of year 1 is fine (a fresh shard: here it would be too late).
+    early = shard()
+    assert early.on_call(answered(-62135596800 - T0 + 5, 10.0), NOW) == []
+    rows = early.on_time(NOW + 100)
+    assert [row.row.window_start for row in rows] == [datetime(1, 1, 1, tzinfo=UTC)]
