@@ -5,6 +5,10 @@ valid and normalised (timestamps in UTC, unknown fields dropped). The API answer
 202 only after the broker acknowledged the record; anything else is a 503 with
 ``Retry-After``, and the client sends again (the dataflow ignores duplicates by
 ``request_id``).
+
+Every endpoint but ``/health`` and ``/ready`` takes an ``ingest`` API key
+(:mod:`api.auth`); an event of another tenant than the key's is refused (403,
+or that index in a batch), and responses are stamped with the key's tenant.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from api.auth import authenticate, check_event, open_key_store
 from api.body import BodyError, MiB, check_content_type, read_body
 from api.errors import error_response
 from api.producer import BrokerUnavailable, EventProducer
@@ -52,15 +57,6 @@ EVENT_TOPICS = frozenset({REQUESTS, RESPONSES})
 
 _ACCEPTED = b'{"status":"accepted"}'
 Record = tuple[str, bytes, bytes]
-
-
-def admit(request: Request, event: Event) -> str | None:
-    """Whether the caller may send ``event``; the reason when not.
-
-    Every decoded event, single or in a batch, passes here before it is sent:
-    the one place for a per-tenant check. Everyone may send everything for now.
-    """
-    return None
 
 
 def to_record(event: Event) -> Record:
@@ -118,7 +114,9 @@ class Ingestion:
             )
             self.recover_soon()
         try:
-            yield
+            async with open_key_store(settings) as keys:
+                app.state.key_store = keys
+                yield
         finally:
             # The server has answered every request it took by now (uvicorn waits
             # for them before the lifespan ends); what is left is to deliver.
@@ -179,6 +177,9 @@ class Ingestion:
         return await self._post_one(request, response_decoder)
 
     async def _post_one(self, request: Request, decoder: msgspec.json.Decoder) -> Response:
+        principal = await authenticate(request, "ingest")
+        if isinstance(principal, Response):
+            return principal
         try:
             check_content_type(request)
             body = await read_body(request, EVENT_BODY_LIMIT)
@@ -190,7 +191,7 @@ class Ingestion:
             return error_response(400, "invalid_event", str(error))
         except (msgspec.DecodeError, UnicodeDecodeError) as error:
             return error_response(400, "invalid_json", _malformed(error))
-        refusal = admit(request, event)
+        refusal = check_event(principal, event)
         if refusal is not None:
             return error_response(403, "forbidden", refusal)
         failure = await self._send([to_record(event)])
@@ -199,6 +200,9 @@ class Ingestion:
         return Response(_ACCEPTED, status_code=202, media_type="application/json")
 
     async def post_events(self, request: Request) -> Response:
+        principal = await authenticate(request, "ingest")
+        if isinstance(principal, Response):
+            return principal
         try:
             check_content_type(request)
             body = await read_body(request, BATCH_BODY_LIMIT)
@@ -219,7 +223,7 @@ class Ingestion:
             except (msgspec.ValidationError, UnicodeDecodeError) as error:
                 rejected.append({"index": index, "error": _malformed(error)})
                 continue
-            refusal = admit(request, event)
+            refusal = check_event(principal, event)
             if refusal is not None:
                 rejected.append({"index": index, "error": refusal})
                 continue

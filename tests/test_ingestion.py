@@ -47,7 +47,9 @@ class ServerThread:
     """The app under uvicorn in a thread of this process, on a free port."""
 
     def __init__(self, brokers: str) -> None:
-        app = create_app(Settings(kafka_brokers=brokers, topic_partitions=TEST_PARTITIONS))
+        # Keys and tenants are tested through this app in test_auth.py.
+        settings = Settings(kafka_brokers=brokers, topic_partitions=TEST_PARTITIONS, auth=False)
+        app = create_app(settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
