@@ -2,7 +2,8 @@
 
 ``GET /v1/metrics`` reads stored windows or rolls them up (see :mod:`api.queries`);
 ``GET /health`` answers while the process runs, ``GET /ready`` while Postgres
-answers, ``GET /openapi.json`` describes all of it.
+answers, ``GET /openapi.json`` describes all of it. ``/v1/metrics`` takes a
+``read`` API key of the tenant asked for (:mod:`api.auth`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from api.auth import authenticate, forbidden_tenant, open_key_store
 from api.errors import error_response, http_error, server_error
 from api.params import (
     BUCKETS,
@@ -73,15 +75,6 @@ def _unavailable(error: Exception) -> Response:
     )
 
 
-async def check_access(request: Request, query: MetricsQuery) -> Response | None:
-    """Where a caller's right to read ``query.tenant_id`` is decided.
-
-    Every query passes through here before touching the database; answering a
-    Response refuses it. There are no checks yet: every caller may read every tenant.
-    """
-    return None
-
-
 async def _fetch(pool: psycopg_pool.AsyncConnectionPool, query: MetricsQuery) -> list[MetricsRow]:
     async with pool.connection(timeout=POOL_TIMEOUT_SECONDS) as conn:
         if not query.is_rollup:
@@ -99,13 +92,16 @@ async def _fetch(pool: psycopg_pool.AsyncConnectionPool, query: MetricsQuery) ->
 
 
 async def metrics(request: Request) -> Response:
+    principal = await authenticate(request, "read")
+    if isinstance(principal, Response):
+        return principal
     try:
         query = parse_query(multi_dict(request.query_params.multi_items()))
     except InvalidParameter as error:
         return error_response(400, "invalid_parameter", str(error))
-    refusal = await check_access(request, query)
+    refusal = forbidden_tenant(principal, query.tenant_id)
     if refusal is not None:
-        return refusal
+        return error_response(403, "forbidden", refusal)
     try:
         rows = await _fetch(request.app.state.pool, query)
     except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
@@ -178,6 +174,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/metrics": {
                 "get": {
                     "summary": "Per-window LLM call metrics of one tenant, or their roll-ups",
+                    "security": [{"apiKey": []}],
                     "parameters": [
                         parameter(
                             "tenant_id",
@@ -247,6 +244,8 @@ def openapi_document() -> dict[str, Any]:
                             "description": "A parameter is malformed, missing or "
                             "unknown; `detail` starts with its name."
                         },
+                        "401": error | {"description": "No valid API key (`Authorization: Bearer`)."},
+                        "403": error | {"description": "The key is not a `read` key, or not of this tenant."},
                         "503": error | {"description": "Postgres did not answer in time."},
                     },
                 }
@@ -265,6 +264,13 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "components": {
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A `read` key of the tenant: `just create-key TENANT --scope read`.",
+                }
+            },
             "schemas": components
             | {
                 "Error": {
@@ -272,7 +278,7 @@ def openapi_document() -> dict[str, Any]:
                     "required": ["error", "detail"],
                     "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
                 }
-            }
+            },
         },
     }
 
@@ -308,7 +314,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await pool.open(wait=False)
         app.state.pool = pool
         try:
-            yield
+            async with open_key_store(current, pool) as keys:
+                app.state.key_store = keys
+                yield
         finally:
             schema_task.cancel()
             await pool.close()

@@ -137,7 +137,8 @@ def client_for() -> Iterator[Any]:
     clients: list[TestClient] = []
 
     def start(dsn: str) -> TestClient:
-        client = TestClient(create_app(Settings(postgres_dsn=dsn)))
+        # Keys and tenants are tested through this app in test_auth.py.
+        client = TestClient(create_app(Settings(postgres_dsn=dsn, auth=False)))
         client.__enter__()
         clients.append(client)
         return client
