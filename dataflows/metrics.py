@@ -23,6 +23,7 @@ Postgres schema; importing the module alone touches nothing.
 from __future__ import annotations
 
 import functools
+import gc
 from pathlib import Path
 
 import bytewax.operators as op
@@ -85,9 +86,21 @@ def _is_group(item: object) -> bool:
     return type(item) is tuple
 
 
+def tune_gc() -> None:
+    """Collect garbage less often: most of what the dataflow allocates dies young or lives
+    long in state, and the default (a collection every 700 allocations, re-walking the
+    state's objects) cost 10-15 % of the CPU time in ``bench_dataflow``.
+
+    What import and set-up created is frozen out of collections altogether.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def from_environment() -> Dataflow:
     """The flow ``bytewax.run`` runs: settings from the environment, topics and schema ensured."""
     settings = load_or_exit()
+    tune_gc()
     ensure_topics(settings.kafka_brokers, settings.topic_partitions)
     ensure_schema(settings.postgres_dsn)
     return build(settings)

@@ -32,33 +32,21 @@ PRODUCER_CONFIG: dict[str, str] = {
     "linger.ms": "20",
 }
 
-# The row's columns, then what Postgres keeps beside them, with their array types
-# for unnest(): one statement inserts the whole batch.
-_EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("ttft_count", "bigint"), ("latency_digest", "bytea"),
-)
-_ROW_TYPES: dict[str, str] = {
-    "tenant_id": "text", "route": "text", "model": "text",
-    "window_start": "timestamptz", "window_end": "timestamptz",
-    "requests": "bigint", "errors": "bigint", "timeouts": "bigint",
-    "avg_latency_ms": "float8", "p50_latency_ms": "float8", "p95_latency_ms": "float8",
-    "p99_latency_ms": "float8", "avg_time_to_first_token_ms": "float8",
-    "prompt_tokens": "bigint", "completion_tokens": "bigint", "cache_read_tokens": "bigint",
-    "reasoning_tokens": "bigint", "avg_prompt_tokens": "float8",
-    "avg_completion_tokens": "float8", "estimated_cost_usd": "float8",
-    "unpriced_requests": "bigint", "revision": "integer",
-}
-COLUMNS: tuple[str, ...] = (*ROW_FIELDS, *(name for name, _ in _EXTRA_COLUMNS))
-_TYPES = {**_ROW_TYPES, **dict(_EXTRA_COLUMNS)}
-_KEY = ("tenant_id", "route", "model", "window_start")
-
-UPSERT_SQL = (
-    f"INSERT INTO llm_metrics ({', '.join(COLUMNS)}, updated_at) "
-    f"SELECT *, now() FROM unnest({', '.join(f'%s::{_TYPES[c]}[]' for c in COLUMNS)}) "
-    f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*COLUMNS, "updated_at") if c not in _KEY)
+# The row's columns, then what Postgres keeps beside it.
+COLUMNS: tuple[str, ...] = (*ROW_FIELDS, "ttft_count", "latency_digest")
+KEY_COLUMNS = ("tenant_id", "route", "model", "window_start")
+CONFLICT_SQL = (
+    f" ON CONFLICT ({', '.join(KEY_COLUMNS)}) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*COLUMNS, "updated_at") if c not in KEY_COLUMNS)
     # A replayed or reordered older emission never overwrites a newer one.
     + " WHERE llm_metrics.revision <= EXCLUDED.revision"
+)
+# One row per execution; executemany sends the batch in one pipeline. Measured
+# against one INSERT ... SELECT FROM unnest(...) of the whole batch in
+# bench_dataflow: the pipeline was faster (about 20k against 13k rows/s).
+UPSERT_SQL = (
+    f"INSERT INTO llm_metrics ({', '.join(COLUMNS)}, updated_at) "
+    f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, now())" + CONFLICT_SQL
 )
 
 # A dropped connection is retried with these pauses, then the error stops the
@@ -78,16 +66,10 @@ def latest_per_window(rows: list[WindowRow]) -> list[WindowRow]:
     return list(latest.values())
 
 
-def columns_of(rows: list[WindowRow]) -> list[list[Any]]:
-    """The batch as one list per column, in :data:`COLUMNS` order (unnest's parameters)."""
-    columns: list[list[Any]] = [[] for _ in COLUMNS]
-    for item in rows:
-        values = [getattr(item.row, name) for name in ROW_FIELDS]
-        values.append(item.ttft_count)
-        values.append(item.digest)
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    return columns
+def values_of(item: WindowRow) -> tuple[Any, ...]:
+    """One row's parameters, in :data:`COLUMNS` order."""
+    row = item.row
+    return (*(getattr(row, name) for name in ROW_FIELDS), item.ttft_count, item.digest)
 
 
 class _PostgresPartition(StatelessSinkPartition[WindowRow]):
@@ -103,12 +85,13 @@ class _PostgresPartition(StatelessSinkPartition[WindowRow]):
     def write_batch(self, items: list[WindowRow]) -> None:
         if not items:
             return
-        params = columns_of(latest_per_window(items))
+        params = [values_of(item) for item in latest_per_window(items)]
         for attempt, pause in enumerate((*RETRY_PAUSES, None)):
             try:
                 conn = self._connection()
-                # autocommit: the one statement is its own transaction.
-                conn.execute(UPSERT_SQL, params, prepare=True)
+                # The whole batch or nothing: one transaction.
+                with conn.transaction(), conn.cursor() as cursor:
+                    cursor.executemany(UPSERT_SQL, params)
                 return
             except psycopg.OperationalError as error:
                 self.close()
@@ -127,7 +110,7 @@ class _PostgresPartition(StatelessSinkPartition[WindowRow]):
 
 
 class PostgresSink(DynamicSink[WindowRow]):
-    """Upserts rows into ``llm_metrics``, one statement (one transaction) per batch.
+    """Upserts rows into ``llm_metrics``, one transaction per batch.
 
     Each worker writes its own batches: a window's emissions all come from the one
     worker holding its shard, and the revision guard makes any order safe anyway.

@@ -166,24 +166,30 @@ def _sink_rows(count: int) -> list[WindowRow]:
 
 
 def compare_sink_statements(dsn: str, rows: int = 20_000, batch: int = 500) -> None:
-    """unnest (what the sink does) against executemany in a pipeline, same rows, same batches."""
+    """executemany in a pipeline (what the sink does) against one INSERT … SELECT FROM
+    unnest(…) per batch: same rows, same batches, same conflict clause."""
     items = _sink_rows(rows)
-    placeholders = ", ".join(["%s"] * len(sinks.COLUMNS))
-    many_sql = (sinks.UPSERT_SQL.split(" SELECT ")[0]
-                + f" VALUES ({placeholders}, now()) ON CONFLICT"
-                + sinks.UPSERT_SQL.split(" ON CONFLICT", 1)[1])
+    types = {name: "text" for name in ("tenant_id", "route", "model")}
+    types |= {"window_start": "timestamptz", "window_end": "timestamptz",
+              "latency_digest": "bytea", "revision": "integer"}
+    types |= {name: "float8" for name in sinks.COLUMNS
+              if name.startswith(("avg_", "p50", "p95", "p99", "estimated"))}
+    unnest_sql = (
+        f"INSERT INTO llm_metrics ({', '.join(sinks.COLUMNS)}, updated_at) "
+        f"SELECT *, now() FROM unnest("
+        + ", ".join(f"%s::{types.get(name, 'bigint')}[]" for name in sinks.COLUMNS)
+        + ")" + sinks.CONFLICT_SQL)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for name in ("unnest", "executemany+pipeline", "unnest"):
+        for name in ("executemany+pipeline", "unnest", "executemany+pipeline", "unnest"):
             conn.execute("TRUNCATE llm_metrics")
             started = time.perf_counter()
             for first in range(0, rows, batch):
-                chunk = items[first:first + batch]
-                if name == "unnest":
-                    conn.execute(sinks.UPSERT_SQL, sinks.columns_of(chunk), prepare=True)
-                else:
-                    columns = sinks.columns_of(chunk)
-                    with conn.transaction(), conn.cursor() as cursor:
-                        cursor.executemany(many_sql, list(zip(*columns, strict=True)))
+                params = [sinks.values_of(item) for item in items[first:first + batch]]
+                with conn.transaction(), conn.cursor() as cursor:
+                    if name == "unnest":
+                        cursor.execute(unnest_sql, [list(c) for c in zip(*params, strict=True)])
+                    else:
+                        cursor.executemany(sinks.UPSERT_SQL, params)
             seconds = time.perf_counter() - started
             print(f"  postgres {name:22s} {rows / seconds:10,.0f} rows/s "
                   f"({batch} rows per batch)")
