@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from api import ingestion, metrics
 from api.auth import (
     CACHE_SECONDS,
     TENANT_NOT_ALLOWED,
@@ -37,9 +38,12 @@ from api.auth import (
 )
 from api.errors import error_response
 from api.keys import create_key, revoke_key
-from deploy.stack import free_port
+from deploy.stack import Broker, free_port
 from schemas.config import Settings
 from schemas.events import batch_decoder, event_decoder, request_decoder, response_decoder
+from schemas.topics import REQUESTS, RESPONSES
+from tests.test_ingestion import read_topic
+from tests.test_metrics_api import T0, RawCall, Window, insert_windows
 
 REQUEST = {"route": "/chat", "model": "gpt-4o", "timestamp": "2026-01-01T00:00:00Z"}
 RESPONSE = {"timestamp": "2026-01-01T00:00:01Z", "completion_tokens": 3}
@@ -511,3 +515,101 @@ def test_the_key_store_creates_a_missing_key_table(postgres_dsn: str, conn: psyc
             key_given=True,
         )
     assert conn.execute("SELECT to_regclass('api_keys') IS NOT NULL").fetchone() == (True,)
+
+
+# -- through the real apps ------------------------------------------------------
+
+
+def test_ingestion_api_takes_only_its_tenants_events_and_stamps_responses(
+    broker: Broker, postgres_dsn: str, keys: Keys
+) -> None:
+    settings = Settings(kafka_brokers=broker.address, postgres_dsn=postgres_dsn, topic_partitions=3)
+    with TestClient(ingestion.create_app(settings)) as client:
+        assert client.get("/health").status_code == 200
+        assert client.get("/ready").status_code == 200
+        assert_unauthorized(client.post("/v1/llm/request", json=request_event("acme")), key_given=False)
+        assert_unauthorized(
+            client.post("/v1/llm/events", json={"events": []}, headers=bearer(generate_key().key)),
+            key_given=True,
+        )
+        wrong_scope = client.post(
+            "/v1/llm/request", json=request_event("acme"), headers=bearer(keys.acme_read)
+        )
+        assert wrong_scope.status_code == 403
+        other = client.post("/v1/llm/request", json=request_event("globex"), headers=bearer(keys.acme_ingest))
+        assert (other.status_code, other.json()["detail"]) == (403, TENANT_NOT_ALLOWED)
+        claimed = client.post(
+            "/v1/llm/response", json=response_event("g9", tenant="globex"), headers=bearer(keys.acme_ingest)
+        )
+        assert (claimed.status_code, claimed.json()["detail"]) == (403, TENANT_NOT_ALLOWED)
+
+        ok = client.post(
+            "/v1/llm/request", json=request_event("acme", "a1"), headers=bearer(keys.acme_ingest)
+        )
+        assert ok.status_code == 202, ok.text
+        ok = client.post("/v1/llm/response", json=response_event("a1"), headers=bearer(keys.acme_ingest))
+        assert ok.status_code == 202, ok.text
+        ok = client.post("/v1/llm/response", json=response_event("g1"), headers=bearer(keys.globex_ingest))
+        assert ok.status_code == 202, ok.text
+        events = [
+            {"type": "request", **request_event("acme", "a2")},
+            {"type": "request", **request_event("globex", "g2")},
+            {"type": "response", **response_event("a2")},
+            {"type": "response", **response_event("g2", tenant="globex")},
+        ]
+        batch = client.post("/v1/llm/events", json={"events": events}, headers=bearer(keys.acme_ingest))
+        assert batch.status_code == 207, batch.text
+        assert batch.json() == {
+            "accepted": 2,
+            "rejected": [
+                {"index": 1, "error": TENANT_NOT_ALLOWED},
+                {"index": 3, "error": TENANT_NOT_ALLOWED},
+            ],
+        }
+    requests = read_topic(broker.address, REQUESTS, 2)
+    responses = read_topic(broker.address, RESPONSES, 3)
+    assert sorted((key, value["tenant_id"]) for key, value in requests) == [("a1", "acme"), ("a2", "acme")]
+    assert sorted((key, value["tenant_id"]) for key, value in responses) == [
+        ("a1", "acme"),
+        ("a2", "acme"),
+        ("g1", "globex"),
+    ]
+
+
+def test_query_api_reads_only_the_keys_tenant(postgres_dsn: str, keys: Keys) -> None:
+    insert_windows(
+        postgres_dsn,
+        [
+            Window("acme", "/chat", "gpt-4o", T0, [RawCall(latency_ms=100.0)] * 3),
+            Window("globex", "/chat", "gpt-4o", T0, [RawCall(latency_ms=200.0)] * 5),
+        ],
+    )
+    with TestClient(metrics.create_app(Settings(postgres_dsn=postgres_dsn))) as client:
+        assert client.get("/health").status_code == 200
+        assert client.get("/ready").status_code == 200
+        document = client.get("/openapi.json").json()
+        assert document["paths"]["/v1/metrics"]["get"]["security"] == [{"apiKey": []}]
+
+        assert_unauthorized(client.get("/v1/metrics", params={"tenant_id": "acme"}), key_given=False)
+        # 401 comes before any parameter is looked at.
+        assert_unauthorized(client.get("/v1/metrics", params={"limit": "x"}), key_given=False)
+        assert_unauthorized(
+            client.get("/v1/metrics", params={"tenant_id": "acme"}, headers=bearer(generate_key().key)),
+            key_given=True,
+        )
+        wrong_scope = client.get(
+            "/v1/metrics", params={"tenant_id": "acme"}, headers=bearer(keys.acme_ingest)
+        )
+        assert wrong_scope.status_code == 403
+        other = client.get("/v1/metrics", params={"tenant_id": "globex"}, headers=bearer(keys.acme_read))
+        assert (other.status_code, other.json()["detail"]) == (403, TENANT_NOT_ALLOWED)
+        rollup = client.get(
+            "/v1/metrics", params={"tenant_id": "globex", "bucket": "1h"}, headers=bearer(keys.acme_read)
+        )
+        assert rollup.status_code == 403
+
+        own = client.get("/v1/metrics", params={"tenant_id": "acme"}, headers=bearer(keys.acme_read))
+        assert own.status_code == 200, own.text
+        assert [(row["tenant_id"], row["requests"]) for row in own.json()["metrics"]] == [("acme", 3)]
+        theirs = client.get("/v1/metrics", params={"tenant_id": "globex"}, headers=bearer(keys.globex_read))
+        assert [(row["tenant_id"], row["requests"]) for row in theirs.json()["metrics"]] == [("globex", 5)]
