@@ -40,6 +40,7 @@ from genai_prices.types import ModelInfo, ModelPrice, TieredPrices, TimeOfDateCo
 from dataflows.join import Call
 
 PER_MILLION = 1_000_000
+MAX_CACHED_MODELS = 10_000
 # A dollar a token: anything above is a typo, and could overflow a window's cost.
 MAX_PRICE_PER_MTOK = 1_000_000
 
@@ -148,6 +149,9 @@ class PriceBook:
         try:
             resolved = self._models[(provider, model)]
         except KeyError:
+            if len(self._models) >= MAX_CACHED_MODELS:
+                # Model names come from clients: never let them grow this without bound.
+                self._models.clear()
             resolved = self._models[(provider, model)] = self._resolve(provider, model)
         if type(resolved) is _TimedModel:
             return resolved.at(timestamp)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from genai_prices import Usage, calc_price, data_snapshot
 
+from dataflows import pricing
 from dataflows.join import Call, SourceRef
 from dataflows.pricing import PriceBook, PricesFileError, load_prices_file
 from schemas.events import LLMRequest, LLMResponse
@@ -230,3 +231,14 @@ def test_a_bad_prices_file_names_the_file_model_and_field(
 def test_a_missing_prices_file_is_an_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(PricesFileError, match=r"missing\.json"):
         load_prices_file(tmp_path / "missing.json")
+
+
+def test_the_price_cache_stays_bounded_with_made_up_model_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pricing, "MAX_CACHED_MODELS", 50)
+    book = PriceBook()
+    for index in range(120):
+        assert book.price(call(f"made-up-{index}", 10, 0, 10)).cost_usd is None
+        assert len(vars(book)["_models"]) <= 50
+    assert book.price(call("gpt-4o", 1000, 0, 100)).cost_usd == pytest.approx(
+        genai_cost("gpt-4o", 1000, 0, 100)
+    )
