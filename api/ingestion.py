@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from api.auth import authenticate, check_event, open_key_store
 from api.body import BodyError, MiB, check_content_type, read_body
-from api.errors import error_response
+from api.errors import error_response, http_error, server_error
 from api.producer import BrokerUnavailable, EventProducer
 from schemas.config import Settings, load_or_exit
 from schemas.events import (
@@ -266,20 +266,6 @@ class Ingestion:
         return answer
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    detail = {
-        404: f"no such path: {request.url.path}",
-        405: f"{request.method} is not allowed on {request.url.path}",
-    }.get(exc.status_code, exc.detail)
-    return error_response(exc.status_code, code, detail, headers=exc.headers)
-
-
-async def _server_error(request: Request, exc: Exception) -> Response:
-    return error_response(500, "internal_error", "an unexpected error; it has been logged")
-
-
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ingestion app; ``settings`` None reads the environment when the app starts."""
     ingestion = Ingestion(settings)
@@ -292,7 +278,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=ingestion.lifespan,
     )
     app.state.ingestion = ingestion
