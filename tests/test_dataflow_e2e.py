@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
 from deploy.stack import Broker
@@ -74,3 +77,20 @@ def test_two_processes_give_the_same_rows(tmp_path: Path, broker: Broker,
                                           postgres_dsn: str) -> None:
     data, scenario = _run(tmp_path, broker, postgres_dsn, processes=2)
     _check_outputs(data, scenario, broker, postgres_dsn, exact_dead_letters=True)
+
+
+def test_sigterm_stops_the_runner_and_its_processes(tmp_path: Path, broker: Broker,
+                                                    postgres_dsn: str) -> None:
+    processor = _processor(tmp_path, broker, postgres_dsn, processes=2).start()
+    try:
+        # Running for real: invalid records come back as dead letters.
+        h.Scenario(h.generate(calls=10), processor, broker.address, postgres_dsn).barrier()
+        assert processor.process is not None
+        children = psutil.Process(processor.process.pid).children(recursive=True)
+        assert len(children) >= 2
+        os.kill(processor.process.pid, signal.SIGTERM)  # the runner only, not its group
+        assert processor.process.wait(20) == 0
+        _gone, alive = psutil.wait_procs(children, timeout=5)
+        assert alive == []
+    finally:
+        processor.stop()
