@@ -12,9 +12,7 @@ from starlette.responses import Response
 _encoder = msgspec.json.Encoder()
 
 
-def error_response(
-    status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
-) -> Response:
+def error_response(status: int, code: str, detail: str, headers: Mapping[str, str] | None = None) -> Response:
     return Response(
         _encoder.encode({"error": code, "detail": detail}),
         status_code=status,

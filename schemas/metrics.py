@@ -39,9 +39,7 @@ class MetricsRow(Struct, kw_only=True):
 
     def kafka_key(self) -> bytes:
         """``tenant|route|model|window_start``: one key per window, so compaction keeps the latest."""
-        return (
-            f"{self.tenant_id}|{self.route}|{self.model}|{self.window_start.isoformat()}"
-        ).encode()
+        return (f"{self.tenant_id}|{self.route}|{self.model}|{self.window_start.isoformat()}").encode()
 
 
 ROW_FIELDS: tuple[str, ...] = MetricsRow.__struct_fields__

@@ -14,8 +14,7 @@ from schemas import config
 
 def test_defaults():
     settings = config.load({})
-    assert (settings.window_seconds, settings.grace_seconds, settings.lateness_seconds) == (
-        60, 10, 600)
+    assert (settings.window_seconds, settings.grace_seconds, settings.lateness_seconds) == (60, 10, 600)
     assert (settings.join_timeout_seconds, settings.dedupe_seconds) == (300, 3600)
     assert settings.topic_partitions == 3
     assert settings.auth is True
@@ -26,12 +25,21 @@ def test_defaults():
 def test_values_are_parsed(tmp_path: Path):
     prices = tmp_path / "prices.json"
     prices.write_text("{}")
-    settings = config.load({
-        "KAFKA_BROKERS": "a:1,b:2", "POSTGRES_DSN": "postgresql://x/y", "HTTP_PORT": "9000",
-        "WINDOW_SECONDS": " 30 ", "GRACE_SECONDS": "0", "LATENESS_SECONDS": "0",
-        "JOIN_TIMEOUT_SECONDS": "5", "DEDUPE_SECONDS": "7", "TOPIC_PARTITIONS": "12",
-        "PRICES_FILE": str(prices), "AUTH": "off",
-    })
+    settings = config.load(
+        {
+            "KAFKA_BROKERS": "a:1,b:2",
+            "POSTGRES_DSN": "postgresql://x/y",
+            "HTTP_PORT": "9000",
+            "WINDOW_SECONDS": " 30 ",
+            "GRACE_SECONDS": "0",
+            "LATENESS_SECONDS": "0",
+            "JOIN_TIMEOUT_SECONDS": "5",
+            "DEDUPE_SECONDS": "7",
+            "TOPIC_PARTITIONS": "12",
+            "PRICES_FILE": str(prices),
+            "AUTH": "off",
+        }
+    )
     assert settings.kafka_brokers == "a:1,b:2"
     assert settings.http_port == 9000
     assert settings.window_seconds == 30
@@ -48,9 +56,15 @@ def test_empty_value_means_default():
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
-        ("WINDOW_SECONDS", "abc"), ("WINDOW_SECONDS", "0"), ("WINDOW_SECONDS", "1.5"),
-        ("GRACE_SECONDS", "-1"), ("TOPIC_PARTITIONS", "0"), ("HTTP_PORT", "70000"),
-        ("JOIN_TIMEOUT_SECONDS", "0"), ("AUTH", "maybe"), ("PRICES_FILE", "/no/such/file.json"),
+        ("WINDOW_SECONDS", "abc"),
+        ("WINDOW_SECONDS", "0"),
+        ("WINDOW_SECONDS", "1.5"),
+        ("GRACE_SECONDS", "-1"),
+        ("TOPIC_PARTITIONS", "0"),
+        ("HTTP_PORT", "70000"),
+        ("JOIN_TIMEOUT_SECONDS", "0"),
+        ("AUTH", "maybe"),
+        ("PRICES_FILE", "/no/such/file.json"),
         ("KAFKA_BROKERS", "   "),
     ],
 )
@@ -66,10 +80,12 @@ def test_entry_point_prints_one_line_and_no_traceback():
     env = {**os.environ, "WINDOW_SECONDS": "abc"}
     result = subprocess.run(
         [sys.executable, "-c", "from schemas.config import load_or_exit; load_or_exit()"],
-        env=env, capture_output=True, text=True, timeout=30,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines == ["streamlens: invalid configuration: WINDOW_SECONDS='abc', "
-                     "expected a whole number ≥ 1"]
+    assert lines == ["streamlens: invalid configuration: WINDOW_SECONDS='abc', expected a whole number ≥ 1"]
     assert "Traceback" not in result.stderr

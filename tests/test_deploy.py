@@ -25,8 +25,11 @@ def test_compose_uses_only_known_variables():
 
 
 def test_compose_seeds_postgres_from_the_schema_files():
-    mounted = [volume.split(":")[0] for volume in COMPOSE["services"]["postgres"]["volumes"]
-               if volume.endswith(".sql:ro")]
+    mounted = [
+        volume.split(":")[0]
+        for volume in COMPOSE["services"]["postgres"]["volumes"]
+        if volume.endswith(".sql:ro")
+    ]
     assert [Path(path).name for path in mounted] == list(SCHEMA_FILES)
     for path in mounted:
         assert (ROOT / "deploy" / path).resolve().is_file()
@@ -35,8 +38,5 @@ def test_compose_seeds_postgres_from_the_schema_files():
 def test_compose_commands_name_modules_that_exist():
     for name in SERVICES:
         command = COMPOSE["services"][name]["command"]
-        if command[0] == "uvicorn":
-            module = command[1].split(":")[0]
-        else:
-            module = command[command.index("-m") + 1]
+        module = command[1].split(":")[0] if command[0] == "uvicorn" else command[command.index("-m") + 1]
         assert importlib.util.find_spec(module) is not None, module

@@ -35,14 +35,12 @@ RESPONSE = {"request_id": "req-1", "timestamp": "2026-01-02T03:04:06Z"}
 
 def decode_request(**changes):
     body = {**REQUEST, **changes}
-    return request_decoder.decode(msgspec.json.encode({k: v for k, v in body.items()
-                                                        if v is not ...}))
+    return request_decoder.decode(msgspec.json.encode({k: v for k, v in body.items() if v is not ...}))
 
 
 def decode_response(**changes):
     body = {**RESPONSE, **changes}
-    return response_decoder.decode(msgspec.json.encode({k: v for k, v in body.items()
-                                                         if v is not ...}))
+    return response_decoder.decode(msgspec.json.encode({k: v for k, v in body.items() if v is not ...}))
 
 
 def rejected(decode, field: str, **changes) -> str:
@@ -164,8 +162,7 @@ def test_wrong_types_name_the_field():
 
 def test_minimal_response_gets_defaults():
     response = decode_response()
-    assert (response.completion_tokens, response.cache_read_tokens, response.reasoning_tokens) == (
-        0, 0, 0)
+    assert (response.completion_tokens, response.cache_read_tokens, response.reasoning_tokens) == (0, 0, 0)
     assert response.latency_ms is None and response.error is None
     assert not response.failed
 
@@ -214,10 +211,10 @@ def test_cache_read_tokens_checked_against_the_request():
 
 
 def test_event_decoder_uses_the_type_tag():
-    assert isinstance(event_decoder.decode(msgspec.json.encode({**REQUEST, "type": "request"})),
-                      LLMRequest)
-    assert isinstance(event_decoder.decode(msgspec.json.encode({**RESPONSE, "type": "response"})),
-                      LLMResponse)
+    assert isinstance(event_decoder.decode(msgspec.json.encode({**REQUEST, "type": "request"})), LLMRequest)
+    assert isinstance(
+        event_decoder.decode(msgspec.json.encode({**RESPONSE, "type": "response"})), LLMResponse
+    )
     with pytest.raises(msgspec.ValidationError, match=r"\$\.type"):
         event_decoder.decode(msgspec.json.encode({**RESPONSE, "type": "other"}))
     with pytest.raises(msgspec.ValidationError, match="type"):
@@ -251,9 +248,7 @@ def test_malformed_json_is_a_decode_error():
 
 # --- round trips ----------------------------------------------------------------------
 
-identifiers = st.text(
-    alphabet=st.characters(blacklist_categories=["Cc", "Cs"]), min_size=1, max_size=128
-)
+identifiers = st.text(alphabet=st.characters(blacklist_categories=["Cc", "Cs"]), min_size=1, max_size=128)
 names = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=255)
 offsets = st.integers(min_value=-14 * 60, max_value=14 * 60).map(
     lambda minutes: timezone(timedelta(minutes=minutes))
@@ -266,20 +261,33 @@ timestamps = st.builds(
 tokens = st.integers(min_value=0, max_value=MAX_TOKENS)
 millis = st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False)
 metadata_values = st.one_of(
-    st.text(max_size=20), st.integers(-(2**53), 2**53), st.booleans(), st.none(),
+    st.text(max_size=20),
+    st.integers(-(2**53), 2**53),
+    st.booleans(),
+    st.none(),
     st.floats(allow_nan=False, allow_infinity=False),
 )
 
 
 @given(
-    request_id=identifiers, tenant_id=identifiers, route=names, model=names,
-    timestamp=timestamps, prompt_tokens=tokens,
+    request_id=identifiers,
+    tenant_id=identifiers,
+    route=names,
+    model=names,
+    timestamp=timestamps,
+    prompt_tokens=tokens,
     metadata=st.none() | st.dictionaries(st.text(max_size=10), metadata_values, max_size=8),
 )
-def test_request_round_trip(request_id, tenant_id, route, model, timestamp, prompt_tokens,
-                            metadata):
-    request = LLMRequest(request_id=request_id, tenant_id=tenant_id, route=route, model=model,
-                         timestamp=timestamp, prompt_tokens=prompt_tokens, metadata=metadata)
+def test_request_round_trip(request_id, tenant_id, route, model, timestamp, prompt_tokens, metadata):
+    request = LLMRequest(
+        request_id=request_id,
+        tenant_id=tenant_id,
+        route=route,
+        model=model,
+        timestamp=timestamp,
+        prompt_tokens=prompt_tokens,
+        metadata=metadata,
+    )
     decoded = request_decoder.decode(encoder.encode(request))
     assert decoded == request
     assert decoded.timestamp == timestamp  # the same instant, now in UTC
@@ -287,14 +295,23 @@ def test_request_round_trip(request_id, tenant_id, route, model, timestamp, prom
 
 
 @given(
-    request_id=identifiers, timestamp=timestamps, latency=st.none() | millis,
-    completion=tokens, data=st.data(),
+    request_id=identifiers,
+    timestamp=timestamps,
+    latency=st.none() | millis,
+    completion=tokens,
+    data=st.data(),
     error=st.none() | st.text(max_size=40),
 )
 def test_response_round_trip(request_id, timestamp, latency, completion, data, error):
     reasoning = data.draw(st.integers(min_value=0, max_value=completion))
-    response = LLMResponse(request_id=request_id, timestamp=timestamp, latency_ms=latency,
-                           completion_tokens=completion, reasoning_tokens=reasoning, error=error)
+    response = LLMResponse(
+        request_id=request_id,
+        timestamp=timestamp,
+        latency_ms=latency,
+        completion_tokens=completion,
+        reasoning_tokens=reasoning,
+        error=error,
+    )
     decoded = event_decoder.decode(encoder.encode(response))
     assert decoded == response
     assert decoded.failed is bool(error)
@@ -303,12 +320,28 @@ def test_response_round_trip(request_id, timestamp, latency, completion, data, e
 def test_metrics_row_round_trip_and_key():
     start = datetime(2026, 1, 2, 3, 4, tzinfo=UTC)
     row = MetricsRow(
-        tenant_id="acme", route="/chat", model="gpt-4o", window_start=start,
-        window_end=start + timedelta(minutes=1), requests=3, errors=1, timeouts=1,
-        avg_latency_ms=10.0, p50_latency_ms=9.0, p95_latency_ms=11.0, p99_latency_ms=11.0,
-        avg_time_to_first_token_ms=None, prompt_tokens=30, completion_tokens=20,
-        cache_read_tokens=5, reasoning_tokens=0, avg_prompt_tokens=15.0,
-        avg_completion_tokens=10.0, estimated_cost_usd=0.0012, unpriced_requests=0, revision=2,
+        tenant_id="acme",
+        route="/chat",
+        model="gpt-4o",
+        window_start=start,
+        window_end=start + timedelta(minutes=1),
+        requests=3,
+        errors=1,
+        timeouts=1,
+        avg_latency_ms=10.0,
+        p50_latency_ms=9.0,
+        p95_latency_ms=11.0,
+        p99_latency_ms=11.0,
+        avg_time_to_first_token_ms=None,
+        prompt_tokens=30,
+        completion_tokens=20,
+        cache_read_tokens=5,
+        reasoning_tokens=0,
+        avg_prompt_tokens=15.0,
+        avg_completion_tokens=10.0,
+        estimated_cost_usd=0.0012,
+        unpriced_requests=0,
+        revision=2,
     )
     assert row_decoder.decode(row_encoder.encode(row)) == row
     assert row.kafka_key() == b"acme|/chat|gpt-4o|2026-01-02T03:04:00+00:00"

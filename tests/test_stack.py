@@ -22,7 +22,11 @@ def _stack(action: str, local: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BROKERS", "POSTGRES_DSN")}
     return subprocess.run(
         [sys.executable, "-m", "deploy.stack", action, "--local", str(local)],
-        cwd=ROOT, env={**environ, **env}, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -37,7 +41,8 @@ def _processes_under(local: Path) -> list[psutil.Process]:
 
 def _broker_processes(port: str) -> list[psutil.Process]:
     return [
-        p for p in psutil.process_iter(["cmdline", "status"])
+        p
+        for p in psutil.process_iter(["cmdline", "status"])
         if f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])
         and p.info["status"] != psutil.STATUS_ZOMBIE
     ]
@@ -57,6 +62,7 @@ def test_up_twice_then_down_leaves_no_process(tmp_path: Path):
     assert len(_broker_processes(broker_port)) == 1  # reused, not started twice
 
     from confluent_kafka.admin import AdminClient
+
     listed = AdminClient({"bootstrap.servers": env["KAFKA_BROKERS"]}).list_topics(timeout=10)
     for name in topics.ALL_TOPICS:
         assert len(listed.topics[name].partitions) == 3
@@ -66,23 +72,20 @@ def test_up_twice_then_down_leaves_no_process(tmp_path: Path):
     down = _stack("down", local)
     assert down.returncode == 0, down.stderr
     deadline = time.monotonic() + 10
-    while (_processes_under(local) or _broker_processes(broker_port)) and (
-            time.monotonic() < deadline):
+    while (_processes_under(local) or _broker_processes(broker_port)) and (time.monotonic() < deadline):
         time.sleep(0.1)
     assert _processes_under(local) == []
     assert _broker_processes(broker_port) == []
     assert not (local / "env").exists()
 
 
-def test_up_with_given_addresses_starts_nothing(tmp_path: Path, broker: Broker,
-                                                postgres_dsn: str):
+def test_up_with_given_addresses_starts_nothing(tmp_path: Path, broker: Broker, postgres_dsn: str):
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE llm_metrics")
     local = tmp_path / "local"
     result = _stack("up", local, KAFKA_BROKERS=broker.address, POSTGRES_DSN=postgres_dsn)
     assert result.returncode == 0, result.stderr
-    assert (local / "env").read_text() == (
-        f"KAFKA_BROKERS={broker.address}\nPOSTGRES_DSN={postgres_dsn}\n")
+    assert (local / "env").read_text() == (f"KAFKA_BROKERS={broker.address}\nPOSTGRES_DSN={postgres_dsn}\n")
     assert not (local / "broker").exists() and not (local / "postgres").exists()
     with psycopg.connect(postgres_dsn) as conn:  # the schema was ensured
         assert conn.execute("SELECT to_regclass('llm_metrics')").fetchone()[0] == "llm_metrics"
@@ -92,20 +95,20 @@ def test_bad_configuration_stops_up_with_one_line(tmp_path: Path):
     result = _stack("up", tmp_path / "local", TOPIC_PARTITIONS="0")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "streamlens: invalid configuration: TOPIC_PARTITIONS='0', "
-        "expected a whole number from 1 to 10000"]
+        "streamlens: invalid configuration: TOPIC_PARTITIONS='0', expected a whole number from 1 to 10000"
+    ]
 
 
 def test_broker_round_trip(broker: Broker):
-    producer = Producer({"bootstrap.servers": broker.address, "enable.idempotence": True,
-                         "acks": "all"})
+    producer = Producer({"bootstrap.servers": broker.address, "enable.idempotence": True, "acks": "all"})
     sent = {f"key-{i}".encode(): f"value-{i}".encode() for i in range(500)}
     for key, value in sent.items():
         producer.produce(topics.REQUESTS, key=key, value=value)
     assert producer.flush(15) == 0
 
-    consumer = Consumer({"bootstrap.servers": broker.address, "group.id": "test",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {"bootstrap.servers": broker.address, "group.id": "test", "enable.auto.commit": False}
+    )
     partitions = [TopicPartition(topics.REQUESTS, p, 0) for p in range(3)]
     consumer.assign(partitions)
     received = {}
@@ -126,7 +129,8 @@ def test_postgres_round_trip(postgres_dsn: str):
                    cache_read_tokens, reasoning_tokens, estimated_cost_usd, unpriced_requests,
                    revision, latency_digest)
                VALUES ('t', '/r', 'm', '2026-01-01T00:00:00+02:00', '2026-01-01T00:01:00+02:00',
-                   3, 1, 0, 10, 20, 0, 0, 0.5, 0, 1, '\\x0102')""")
+                   3, 1, 0, 10, 20, 0, 0, 0.5, 0, 1, '\\x0102')"""
+        )
         row = conn.execute(
             "SELECT window_start AT TIME ZONE 'UTC', requests, latency_digest FROM llm_metrics"
         ).fetchone()
