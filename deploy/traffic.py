@@ -8,6 +8,11 @@ A request event is sent when its call starts and the response when it ends, so
 responses trail their requests; a few responses are sent before their request,
 as happens when two services report one call. Events travel in batches through
 ``POST /v1/llm/events``.
+
+With API keys on, an ``ingest`` key serves one tenant: ``--api-key KEY`` sends
+everything with one key (one tenant only), ``--api-key TENANT=KEY`` (repeated)
+gives each tenant its own. Each tick's events are then posted per tenant, a
+response with the key of its call's tenant, over one keep-alive connection per key.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import random
 import sys
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,6 +33,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
+
+from api.auth import key_prefix
 
 BATCH_PATH = "/v1/llm/events"
 MAX_BATCH_EVENTS = 1000  # the ingestion API's limit per batch
@@ -138,6 +145,68 @@ class SendError(RuntimeError):
     """The ingestion API could not be reached or kept refusing a batch."""
 
 
+class ApiKeysError(ValueError):
+    """The API keys given do not name exactly one key for each tenant sending."""
+
+
+# One key for every tenant (a single tenant only), one per tenant, or none (AUTH=off).
+ApiKeys = dict[str, str] | str | None
+
+
+def parse_api_keys(values: list[str]) -> ApiKeys:
+    """``--api-key`` values: one ``KEY``, or ``TENANT=KEY`` pairs with distinct tenants."""
+    if not values:
+        return None
+    pairs: dict[str, str] = {}
+    bare: list[str] = []
+    for value in values:
+        # A key never holds "=" (its secret is unpadded URL-safe base64); a tenant may.
+        tenant, sep, key = value.rpartition("=")
+        if not sep:
+            bare.append(value)
+            continue
+        if not tenant:
+            raise ApiKeysError("expected TENANT=KEY, but a value starts with '=': the tenant is empty")
+        if tenant in pairs:
+            raise ApiKeysError(f"tenant {tenant!r} is given two keys")
+        pairs[tenant] = _checked_key(key, f"the key of tenant {tenant!r}")
+    if bare and pairs:
+        raise ApiKeysError("give either one KEY (for a single tenant) or TENANT=KEY pairs, not both")
+    if len(bare) > 1:
+        raise ApiKeysError(
+            f"{len(bare)} bare keys given: one KEY serves a single tenant; give one TENANT=KEY per tenant"
+        )
+    if bare:
+        return _checked_key(bare[0], "the key")
+    return pairs
+
+
+def keys_by_tenant(api_keys: ApiKeys, tenants: list[str]) -> dict[str, str | None]:
+    """The key each tenant's events are sent with; refuses a tenant left without one."""
+    if api_keys is None:
+        return dict.fromkeys(tenants)
+    if isinstance(api_keys, str):
+        if len(tenants) != 1:
+            raise ApiKeysError(
+                f"one key serves one tenant, but the traffic has {len(tenants)} "
+                f"({', '.join(tenants)}): give --tenants ONE_TENANT, or one TENANT=KEY per tenant"
+            )
+        return {tenants[0]: _checked_key(api_keys, "the key")}
+    missing = [tenant for tenant in tenants if tenant not in api_keys]
+    if missing:
+        raise ApiKeysError(
+            f"no key for tenant{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
+            "give one TENANT=KEY per tenant sending"
+        )
+    return {tenant: _checked_key(api_keys[tenant], f"the key of tenant {tenant!r}") for tenant in tenants}
+
+
+def _checked_key(key: str, what: str) -> str:
+    if key_prefix(key) is None:
+        raise ApiKeysError(f"{what} is not an API key: expected sl_<8-character id>_<43-character secret>")
+    return key
+
+
 @dataclass
 class Totals:
     calls: int = 0
@@ -153,7 +222,7 @@ class Totals:
 class Sender:
     """Posts batches over one keep-alive connection; retries 503s and lost connections."""
 
-    def __init__(self, url: str, api_key: str | None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SendError(f"--url: {url!r} is not an http(s) URL")
@@ -161,8 +230,11 @@ class Sender:
         self.connection = connection(parts.hostname, parts.port, timeout=timeout)
         self.path = parts.path.rstrip("/") + BATCH_PATH
         self.headers = {"Content-Type": "application/json"}
+        # How errors name the key: its prefix, never the secret.
+        self.key_name = "no API key"
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
+            self.key_name = f"the key {key_prefix(api_key) or 'given'}"
         self.url = url
 
     def post(self, events: list[dict[str, Any]], totals: Totals) -> None:
@@ -194,7 +266,10 @@ class Sender:
             if totals.first_rejection is None and answer["rejected"]:
                 totals.first_rejection = str(answer["rejected"][0])
         else:
-            raise SendError(f"POST {self.path} answered {status}: {payload[:300].decode(errors='replace')}")
+            raise SendError(
+                f"POST {self.path} with {self.key_name} answered {status}: "
+                f"{payload[:300].decode(errors='replace')}"
+            )
 
     def close(self) -> None:
         self.connection.close()
@@ -240,14 +315,21 @@ def run(
     tenants: int | list[str] = 3,
     error_share: float = 0.05,
     seed: int | None = None,
-    api_key: str | None = None,
+    api_keys: ApiKeys = None,
     progress: Progress | None = None,
 ) -> Totals:
-    """Send ``rate`` calls per second for ``duration`` seconds; wait for every response."""
+    """Send ``rate`` calls per second for ``duration`` seconds; wait for every response.
+
+    ``api_keys``: one key for a single tenant's traffic, a key per tenant, or
+    ``None`` when the API runs with ``AUTH=off``. Raises :class:`ApiKeysError`
+    before sending anything when a tenant has no key.
+    """
     generator = CallGenerator(tenants, error_share, seed)
-    sender = Sender(url, api_key)
+    keys = keys_by_tenant(api_keys, generator.tenants)
+    senders_by_key = {key: Sender(url, key) for key in dict.fromkeys(keys.values())}
+    sender_of = {tenant: senders_by_key[key] for tenant, key in keys.items()}
     totals = Totals()
-    pending: list[tuple[float, int, dict[str, Any]]] = []  # (due, order, response)
+    pending: list[tuple[float, int, str, dict[str, Any]]] = []  # (due, order, tenant, response)
     held: list[dict[str, Any]] = []  # requests whose response went first
     started = time.monotonic()
     wall_start = datetime.now(UTC)
@@ -258,7 +340,11 @@ def run(
             # Calls are due by elapsed time, so a slow POST makes the next batch
             # bigger instead of lowering the rate.
             due_calls = min(int(elapsed * rate), int(duration * rate)) - totals.calls
-            batch: list[dict[str, Any]] = held
+            # Per sender, so that each event goes with its tenant's key; a
+            # sender's events keep their order (an early response before its request).
+            batches: dict[Sender, list[dict[str, Any]]] = defaultdict(list)
+            for request in held:
+                batches[sender_of[request["tenant_id"]]].append(request)
             held = []
             for _ in range(due_calls):
                 offset = (totals.calls / rate) if rate else 0.0
@@ -267,22 +353,25 @@ def run(
                 totals.failed_calls += call.failed
                 totals.calls_by_tenant[call.tenant_id] += 1
                 if generator.random.random() < EARLY_RESPONSE_SHARE:
-                    batch.append(call.response)
+                    batches[sender_of[call.tenant_id]].append(call.response)
                     held.append(call.request)
                 else:
-                    batch.append(call.request)
-                    heapq.heappush(pending, (call.response_due, totals.calls, call.response))
+                    batches[sender_of[call.tenant_id]].append(call.request)
+                    heapq.heappush(pending, (call.response_due, totals.calls, call.tenant_id, call.response))
             while pending and pending[0][0] <= now:
-                batch.append(heapq.heappop(pending)[2])
-            for chunk in range(0, len(batch), MAX_BATCH_EVENTS):
-                sender.post(batch[chunk : chunk + MAX_BATCH_EVENTS], totals)
+                _, _, tenant, response = heapq.heappop(pending)
+                batches[sender_of[tenant]].append(response)
+            for sender, batch in batches.items():
+                for chunk in range(0, len(batch), MAX_BATCH_EVENTS):
+                    sender.post(batch[chunk : chunk + MAX_BATCH_EVENTS], totals)
             if progress is not None:
                 progress(elapsed, totals, len(pending) + len(held))
             if elapsed >= duration and not pending and not held:
                 break
             time.sleep(max(0.0, TICK_SECONDS - (time.monotonic() - now)))
     finally:
-        sender.close()
+        for sender in senders_by_key.values():
+            sender.close()
     return totals
 
 
@@ -343,10 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tenants",
         type=_tenants,
-        default=3,
+        default=None,
         metavar="N|NAME,...",
         help="how many tenants (1-100; named acme, globex, ...) or their "
-        "names, comma-separated (default %(default)s)",
+        "names, comma-separated (default: the tenants of the TENANT=KEY pairs, else 3)",
     )
     parser.add_argument(
         "--error-share", type=_share, default=0.05, help="share of calls that fail, 0-1 (default %(default)s)"
@@ -356,21 +445,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--api-key",
-        default=None,
-        help="sent as 'Authorization: Bearer KEY'; an ingest key serves one "
-        "tenant, so pair it with --tenants THAT_TENANT",
+        action="append",
+        default=[],
+        metavar="KEY|TENANT=KEY",
+        help="ingest keys, sent as 'Authorization: Bearer KEY': one KEY for a single "
+        "tenant's traffic (--tenants THAT_TENANT), or TENANT=KEY once per tenant "
+        "(default: none, for AUTH=off)",
     )
     args = parser.parse_args(argv)
+    try:
+        api_keys = parse_api_keys(args.api_key)
+        tenants = args.tenants
+        if tenants is None:
+            tenants = list(api_keys) if isinstance(api_keys, dict) else 3
+        keys_by_tenant(api_keys, tenant_names(tenants) if isinstance(tenants, int) else tenants)
+    except ApiKeysError as error:
+        parser.error(f"--api-key: {error}")
     started = time.monotonic()
     try:
         totals = run(
             args.url,
             args.rate,
             args.duration,
-            args.tenants,
+            tenants,
             args.error_share,
             args.seed,
-            args.api_key,
+            api_keys,
             bar_progress(args.duration),
         )
     except SendError as error:
