@@ -7,11 +7,17 @@ prints the metrics per tenant, route and model, read through the query API.
 The services keep running until Ctrl-C, which stops everything the demo
 started. Logs go to ``<local>/logs/``.
 
+The services run with API keys on, as in production. The demo stores an
+``ingest`` and a ``read`` key per tenant in the stack's Postgres (what
+``just create-key`` does), sends each tenant's traffic with its ingest key,
+reads the metrics with the read keys and prints a ``curl`` line carrying one.
+It revokes these keys when it stops.
+
 Environment (all optional): ``DEMO_LOCAL`` (default ``.local``), ``DEMO_DURATION``
 seconds of traffic (20), ``DEMO_RATE`` calls per second (50), ``DEMO_TENANTS`` (3),
 ``DEMO_WINDOW_SECONDS`` (10), ``DEMO_GRACE_SECONDS`` (2), ``DEMO_INGESTION_PORT`` (8080)
 and ``DEMO_METRICS_PORT`` (8081; a taken port, or 0, means any free one), ``DEMO_EXIT=1``
-to stop right after the table. Authentication is off for the demo's services.
+to stop right after the table.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.error import URLError
+from urllib.error import HTTPError, URLError
 from urllib.parse import urlencode
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
 import msgspec
+import psycopg
 
+from api.auth import NewKey
+from api.keys import create_key, revoke_key
 from deploy import stack, traffic
 
 READY_TIMEOUT = 60.0
@@ -135,9 +144,47 @@ class Service:
             self.process.wait()
 
 
-def _get_json(url: str, timeout: float = 5.0) -> Any:
-    with urlopen(url, timeout=timeout) as response:
-        return msgspec.json.decode(response.read())
+@dataclass(frozen=True)
+class TenantKeys:
+    ingest: NewKey
+    read: NewKey
+
+
+def create_demo_keys(dsn: str, tenants: list[str]) -> dict[str, TenantKeys]:
+    """An ingest and a read key per tenant, stored in Postgres as ``just create-key`` does."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return {
+            tenant: TenantKeys(
+                ingest=create_key(conn, tenant, "ingest"), read=create_key(conn, tenant, "read")
+            )
+            for tenant in tenants
+        }
+
+
+def revoke_demo_keys(dsn: str, keys: dict[str, TenantKeys]) -> None:
+    """The demo's keys stop working with it, also in a stack that outlives it (``just up``)."""
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for tenant_keys in keys.values():
+                revoke_key(conn, tenant_keys.ingest.prefix)
+                revoke_key(conn, tenant_keys.read.prefix)
+    except psycopg.Error as error:
+        prefixes = ", ".join(
+            k.prefix for tenant_keys in keys.values() for k in (tenant_keys.ingest, tenant_keys.read)
+        )
+        print(f"warning: could not revoke the demo's keys ({prefixes}): {error}", file=sys.stderr)
+
+
+def _get_json(url: str, timeout: float = 5.0, api_key: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with urlopen(Request(url, headers=headers), timeout=timeout) as response:
+            return msgspec.json.decode(response.read())
+    except HTTPError as error:
+        # A refusal is an answer, not an outage: say what the service said.
+        raise DemoError(
+            f"GET {url} answered {error.code}: {error.read()[:300].decode(errors='replace')}"
+        ) from None
 
 
 def wait_ready(url: str, services: list[Service]) -> None:
@@ -148,15 +195,15 @@ def wait_ready(url: str, services: list[Service]) -> None:
         try:
             _get_json(f"{url}/ready", timeout=1.0)
             return
-        except (URLError, OSError, ValueError):
+        except (DemoError, URLError, OSError, ValueError):
             time.sleep(0.2)
     raise DemoError(f"{url}/ready did not answer within {READY_TIMEOUT:.0f}s")
 
 
-def fetch_totals(metrics_url: str, tenant: str, since: datetime) -> list[dict[str, Any]]:
+def fetch_totals(metrics_url: str, tenant: str, since: datetime, read_key: str) -> list[dict[str, Any]]:
     """One row per route and model since ``since``: the day's roll-up of the tenant."""
     query = urlencode({"tenant_id": tenant, "from": since.isoformat(), "bucket": "1d", "limit": 1000})
-    return _get_json(f"{metrics_url}/v1/metrics?{query}")["metrics"]
+    return _get_json(f"{metrics_url}/v1/metrics?{query}", api_key=read_key)["metrics"]
 
 
 def counted(rows: list[dict[str, Any]]) -> int:
@@ -164,7 +211,12 @@ def counted(rows: list[dict[str, Any]]) -> int:
 
 
 def wait_counted(
-    metrics_url: str, sent: dict[str, int], since: datetime, deadline: float, services: list[Service]
+    metrics_url: str,
+    sent: dict[str, int],
+    read_keys: dict[str, str],
+    since: datetime,
+    deadline: float,
+    services: list[Service],
 ) -> dict[str, list[dict[str, Any]]]:
     """Poll until every sent call is counted in a window, or the deadline passes."""
     total = sum(sent.values())
@@ -172,7 +224,9 @@ def wait_counted(
     while True:
         for service in services:
             service.check_alive()
-        rows = {tenant: fetch_totals(metrics_url, tenant, since) for tenant in sorted(sent)}
+        rows = {
+            tenant: fetch_totals(metrics_url, tenant, since, read_keys[tenant]) for tenant in sorted(sent)
+        }
         done = sum(counted(tenant_rows) for tenant_rows in rows.values())
         line = f"windows closing: {done}/{total} calls counted"
         print(
@@ -262,115 +316,138 @@ def run(config: DemoConfig) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     print(f"starting the broker and Postgres under {config.local} ...", flush=True)
     with local_stack(config.local) as stack_env:
-        ingestion_port = port_or_free(config.ingestion_port)
-        metrics_port = port_or_free(config.metrics_port)
-        env = {
-            **os.environ,
-            **stack_env,
-            "AUTH": "off",
-            "WINDOW_SECONDS": str(config.window_seconds),
-            "GRACE_SECONDS": str(config.grace_seconds),
-        }
-        env.pop("HTTP_PORT", None)
-        python = sys.executable
-        services = [
-            Service(
-                "ingestion API",
-                [
-                    python,
-                    "-m",
-                    "uvicorn",
-                    "api.ingestion:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(ingestion_port),
-                    "--no-access-log",
-                ],
-                logs / "ingestion.log",
-            ),
-            Service(
-                "dataflow",
-                [python, "-m", "dataflows.run", "--recovery-dir", str(config.local / "recovery"), "--reset"],
-                logs / "processor.log",
-            ),
-            Service(
-                "query API",
-                [
-                    python,
-                    "-m",
-                    "uvicorn",
-                    "api.metrics:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(metrics_port),
-                    "--no-access-log",
-                ],
-                logs / "metrics-api.log",
-            ),
-        ]
-        ingestion_url = f"http://127.0.0.1:{ingestion_port}"
-        metrics_url = f"http://127.0.0.1:{metrics_port}"
+        dsn = stack_env["POSTGRES_DSN"]
+        tenants = traffic.tenant_names(config.tenants)
+        keys = create_demo_keys(dsn, tenants)
         try:
-            for service in services:
-                service.start(env)
-            print(
-                f"started the ingestion API ({ingestion_url}), the dataflow "
-                f"({config.window_seconds}s windows) and the query API ({metrics_url}); "
-                f"logs in {logs}",
-                flush=True,
-            )
-            wait_ready(ingestion_url, services)
-            wait_ready(metrics_url, services)
-            # Windows are selected by start; the one holding the first call starts here.
-            since = datetime.fromtimestamp(
-                int(time.time()) // config.window_seconds * config.window_seconds, UTC
-            )
-            print(
-                f"sending {config.rate:g} calls/s for {config.duration:g}s "
-                f"across {config.tenants} tenants ...",
-                flush=True,
-            )
-            started = time.monotonic()
-            totals = traffic.run(
-                ingestion_url,
-                config.rate,
-                config.duration,
-                config.tenants,
-                progress=traffic.bar_progress(config.duration),
-            )
-            if sys.stderr.isatty():
-                print(file=sys.stderr)  # ends the progress line
-            print(traffic.summary(totals, config.duration, time.monotonic() - started), flush=True)
-            deadline = time.monotonic() + config.window_seconds + config.grace_seconds + COUNT_SLACK_SECONDS
-            rows = wait_counted(metrics_url, dict(totals.calls_by_tenant), since, deadline, services)
-            print()
-            print(table(rows))
-            print()
-            example = sorted(totals.calls_by_tenant)[0]
-            print("Query it yourself, per window or rolled up:")
-            print(f"  curl -s '{metrics_url}/v1/metrics?tenant_id={example}&limit=5'")
-            print(f"  curl -s '{metrics_url}/v1/metrics?tenant_id={example}&bucket=1h&group_by=model'")
-            print(f"  the API's description: {metrics_url}/openapi.json", flush=True)
-            if config.exit_after_table:
-                return
-            print(
-                f"\nthe services keep running (more traffic: python -m deploy.traffic "
-                f"--url {ingestion_url}); Ctrl-C stops everything",
-                flush=True,
-            )
-            try:
-                while True:
-                    for service in services:
-                        service.check_alive()
-                    time.sleep(1.0)
-            except KeyboardInterrupt:
-                print(file=sys.stderr)  # Ctrl-C is how this phase ends: not a failure
+            _run_services(config, stack_env, logs, keys)
         finally:
-            print("stopping the services ...", flush=True)
-            for service in services:
-                service.stop()
+            revoke_demo_keys(dsn, keys)
+
+
+def _print_keys(keys: dict[str, TenantKeys]) -> None:
+    width = max(len(tenant) for tenant in keys)
+    print("auth: on; API keys created for the demo (revoked when it stops):", flush=True)
+    for tenant, tenant_keys in keys.items():
+        print(f"  {tenant:<{width}}  ingest {tenant_keys.ingest.prefix}…  read {tenant_keys.read.prefix}…")
+
+
+def _run_services(
+    config: DemoConfig, stack_env: dict[str, str], logs: Path, keys: dict[str, TenantKeys]
+) -> None:
+    ingestion_port = port_or_free(config.ingestion_port)
+    metrics_port = port_or_free(config.metrics_port)
+    env = {
+        **os.environ,
+        **stack_env,
+        # On whatever the caller's environment says: the demo shows the real thing.
+        "AUTH": "on",
+        "WINDOW_SECONDS": str(config.window_seconds),
+        "GRACE_SECONDS": str(config.grace_seconds),
+    }
+    env.pop("HTTP_PORT", None)
+    python = sys.executable
+    services = [
+        Service(
+            "ingestion API",
+            [
+                python,
+                "-m",
+                "uvicorn",
+                "api.ingestion:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ingestion_port),
+                "--no-access-log",
+            ],
+            logs / "ingestion.log",
+        ),
+        Service(
+            "dataflow",
+            [python, "-m", "dataflows.run", "--recovery-dir", str(config.local / "recovery"), "--reset"],
+            logs / "processor.log",
+        ),
+        Service(
+            "query API",
+            [
+                python,
+                "-m",
+                "uvicorn",
+                "api.metrics:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(metrics_port),
+                "--no-access-log",
+            ],
+            logs / "metrics-api.log",
+        ),
+    ]
+    ingestion_url = f"http://127.0.0.1:{ingestion_port}"
+    metrics_url = f"http://127.0.0.1:{metrics_port}"
+    try:
+        for service in services:
+            service.start(env)
+        print(
+            f"started the ingestion API ({ingestion_url}), the dataflow "
+            f"({config.window_seconds}s windows) and the query API ({metrics_url}); "
+            f"logs in {logs}",
+            flush=True,
+        )
+        wait_ready(ingestion_url, services)
+        wait_ready(metrics_url, services)
+        _print_keys(keys)
+        # Windows are selected by start; the one holding the first call starts here.
+        since = datetime.fromtimestamp(int(time.time()) // config.window_seconds * config.window_seconds, UTC)
+        print(
+            f"sending {config.rate:g} calls/s for {config.duration:g}s across {config.tenants} tenants ...",
+            flush=True,
+        )
+        started = time.monotonic()
+        totals = traffic.run(
+            ingestion_url,
+            config.rate,
+            config.duration,
+            list(keys),
+            api_keys={tenant: tenant_keys.ingest.key for tenant, tenant_keys in keys.items()},
+            progress=traffic.bar_progress(config.duration),
+        )
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # ends the progress line
+        print(traffic.summary(totals, config.duration, time.monotonic() - started), flush=True)
+        deadline = time.monotonic() + config.window_seconds + config.grace_seconds + COUNT_SLACK_SECONDS
+        read_keys = {tenant: tenant_keys.read.key for tenant, tenant_keys in keys.items()}
+        rows = wait_counted(metrics_url, dict(totals.calls_by_tenant), read_keys, since, deadline, services)
+        print()
+        print(table(rows))
+        print()
+        example = sorted(totals.calls_by_tenant)[0]
+        header = f"-H 'Authorization: Bearer {keys[example].read.key}'"
+        print(f"Query it yourself with {example}'s read key, per window or rolled up:")
+        print(f"  curl -s {header} '{metrics_url}/v1/metrics?tenant_id={example}&limit=5'")
+        print(f"  curl -s {header} '{metrics_url}/v1/metrics?tenant_id={example}&bucket=1h&group_by=model'")
+        print(f"  the API's description: {metrics_url}/openapi.json", flush=True)
+        if config.exit_after_table:
+            return
+        print(
+            f"\nthe services keep running; more traffic with {example}'s ingest key:\n"
+            f"  python -m deploy.traffic --url {ingestion_url} "
+            f"--api-key {example}={keys[example].ingest.key}\n"
+            "Ctrl-C stops everything",
+            flush=True,
+        )
+        try:
+            while True:
+                for service in services:
+                    service.check_alive()
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)  # Ctrl-C is how this phase ends: not a failure
+    finally:
+        print("stopping the services ...", flush=True)
+        for service in services:
+            service.stop()
 
 
 def main() -> int:
