@@ -10,16 +10,22 @@ Rules (contract §3, decided in detail here):
   and the response's tenant (stamped at ingestion, when present) is the
   request's. Both are event-time facts, so whether a ``request_id`` pairs does
   not depend on which side arrives first.
+- A response of another tenant than its request's is an ``orphan_response``
+  dead letter as soon as both are known, and never takes the place of the
+  request's own response: otherwise anyone who learns a ``request_id`` could
+  turn the real call into a timeout. Until the request arrives the first
+  response of each tenant waits, since any of them may be the right one.
 - A request left unpaired becomes a timed-out call once the watermark passes
   ``request_ts + timeout``; a response left unpaired becomes an
   ``orphan_response`` dead letter once it passes ``response_ts + timeout``. An
-  unpairable pair (too far apart, or another tenant's) reports both.
+  unpairable pair (too far apart) reports both.
 - Before a call is counted the first request and the first response win; after
   it, repeats on either side are ignored (counted in :attr:`JoinShard.duplicates`)
   until the watermark passes ``request_ts + max(timeout, dedupe)``. The one
   exception: the first response to reach a request that already timed out is
   dead-lettered as ``orphan_response`` rather than ignored, because it is not a
-  repeat and the contract never drops a valid event silently.
+  repeat and the contract never drops a valid event silently. Nor is a response
+  of another tenant a repeat: it is dead-lettered at any time.
 - ``cache_read_tokens > prompt_tokens`` still counts the call, with the
   response's ``cache_read_tokens`` clamped to the request's ``prompt_tokens`` so
   that the sums and the cost downstream agree (counted in
@@ -83,6 +89,9 @@ class _Pending(Struct, gc=False):
     response: LLMResponse | None = None
     response_source: SourceRef | None = None
     response_ts: float = 0.0
+    # While the request is missing: the first responses of other tenants than
+    # ``response``'s, as (response, source, timestamp), each with its own deadline.
+    strays: list[tuple[LLMResponse, SourceRef, float]] | None = None
     # Set once both sides arrived and cannot pair: why, for the orphan's error.
     # From then on the entry only waits for its deadlines.
     unpaired: str | None = None
@@ -98,6 +107,19 @@ def _share_strings(request: LLMRequest) -> None:
     request.model = intern(request.model)
     if request.provider is not None:
         request.provider = intern(request.provider)
+
+
+def _mismatch(response: LLMResponse, tenant_id: str) -> str:
+    return (
+        f"tenant mismatch: the response was sent for tenant {response.tenant_id!r} "
+        f"but its request belongs to tenant {tenant_id!r}"
+    )
+
+
+def _no_request(timeout: float) -> str:
+    return (
+        f"no request with this request_id arrived within JOIN_TIMEOUT_SECONDS ({timeout:g} s) of event time"
+    )
 
 
 def call_to_json(call: Call) -> str:
@@ -118,8 +140,9 @@ class JoinShard:
         self.remember = float(max(timeout_seconds, dedupe_seconds))
         self.watermark = Watermark()
         self._pending: dict[str, _Pending] = {}
-        # Counted request_id -> event time until which repeats are ignored.
-        self._counted: dict[str, float] = {}
+        # Counted request_id -> (event time until which repeats are ignored, the
+        # request's tenant: a response of another tenant is no repeat).
+        self._counted: dict[str, tuple[float, str]] = {}
         # Counted as timed out and no response seen yet: its first response is
         # dead-lettered rather than ignored.
         self._timed_out: set[str] = set()
@@ -149,7 +172,10 @@ class JoinShard:
         rid = event.request_id
         is_request = type(event) is LLMRequest
 
-        if rid in self._counted:
+        counted = self._counted.get(rid)
+        if counted is not None:
+            if not is_request and event.tenant_id not in (None, counted[1]):  # type: ignore[union-attr]
+                return [self._orphan(event, source, _mismatch(event, counted[1]))]  # type: ignore[arg-type]
             if not is_request and rid in self._timed_out:
                 self._timed_out.discard(rid)
                 return [
@@ -175,59 +201,88 @@ class JoinShard:
             self._schedule(ts + self.timeout, rid)
             return []
 
-        if entry.unpaired is not None:
-            self.duplicates += 1
-            return []
+        out: list[Call | DeadLetter] = []
         if is_request:
             if entry.request is not None:
                 self.duplicates += 1
                 return []
             entry.request, entry.request_source, entry.request_ts = event, source, ts
-        else:
-            if entry.response is not None:
+            if not self._settle_responses(entry, out):
+                # Every waiting response was another tenant's: wait for the right one.
+                _share_strings(event)  # type: ignore[arg-type]
+                self._schedule(ts + self.timeout, rid)
+                return out
+        elif entry.request is not None:
+            if event.tenant_id not in (None, entry.request.tenant_id):  # type: ignore[union-attr]
+                return [self._orphan(event, source, _mismatch(event, entry.request.tenant_id))]  # type: ignore[arg-type]
+            if entry.response is not None or entry.unpaired is not None:
                 self.duplicates += 1
                 return []
             entry.response, entry.response_source, entry.response_ts = event, source, ts
+        else:
+            # No request yet: keep the first response of each tenant.
+            tenant_id = event.tenant_id  # type: ignore[union-attr]
+            strays = entry.strays or []
+            if (entry.response is not None and entry.response.tenant_id == tenant_id) or any(
+                stray[0].tenant_id == tenant_id for stray in strays
+            ):
+                self.duplicates += 1
+                return []
+            if entry.response is None:
+                entry.response, entry.response_source, entry.response_ts = event, source, ts  # type: ignore[assignment]
+            else:
+                entry.strays = [*strays, (event, source, ts)]  # type: ignore[list-item]
+            self._schedule(ts + self.timeout, rid)
+            return []
 
         request, response = entry.request, entry.response
         assert request is not None and response is not None
         request_ts, response_ts = entry.request_ts, entry.response_ts
-        tenant_id = response.tenant_id
-        if response_ts - request_ts > self.timeout or (
-            tenant_id is not None and tenant_id != request.tenant_id
-        ):
+        if response_ts - request_ts > self.timeout:
             # Both sides stay until their own deadlines, then both are reported.
-            entry.unpaired = self._why_unpaired(request, request_ts, response, response_ts)
+            entry.unpaired = (
+                f"its request came {response_ts - request_ts:g} s earlier, beyond "
+                f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s)"
+            )
             self._schedule(ts + self.timeout, rid)
-            return []
+            return out
 
         del self._pending[rid]
         if check_cache_read(request, response) is not None:
             self.cache_reads_clamped += 1
             response = msgspec.structs.replace(response, cache_read_tokens=request.prompt_tokens)
-        self._counted[rid] = expiry = request_ts + self.remember
+        expiry = request_ts + self.remember
+        self._counted[rid] = (expiry, request.tenant_id)
         self._schedule(expiry, rid)
-        return [
+        out.append(
             Call(
                 request=request,
                 response=response,
                 source=source,
                 completed_at=request_ts if request_ts > response_ts else response_ts,
             )
-        ]
-
-    def _why_unpaired(
-        self, request: LLMRequest, request_ts: float, response: LLMResponse, response_ts: float
-    ) -> str:
-        if response.tenant_id is not None and response.tenant_id != request.tenant_id:
-            return (
-                f"tenant mismatch: the response was sent for tenant {response.tenant_id!r} "
-                f"but its request belongs to tenant {request.tenant_id!r}"
-            )
-        return (
-            f"its request came {response_ts - request_ts:g} s earlier, beyond "
-            f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s)"
         )
+        return out
+
+    def _settle_responses(self, entry: _Pending, out: list[Call | DeadLetter]) -> bool:
+        """The request just arrived: dead-letter the waiting responses of other
+        tenants into ``out`` and keep the first of its own in ``entry.response``
+        (later ones of its own are repeats). False when none is left."""
+        request = entry.request
+        assert request is not None
+        waiting = (
+            [] if entry.response is None else [(entry.response, entry.response_source, entry.response_ts)]
+        )
+        waiting += entry.strays or []
+        entry.response, entry.response_source, entry.strays = None, None, None
+        for response, source, ts in waiting:
+            if response.tenant_id not in (None, request.tenant_id):
+                out.append(self._orphan(response, source, _mismatch(response, request.tenant_id)))  # type: ignore[arg-type]
+            elif entry.response is None:
+                entry.response, entry.response_source, entry.response_ts = response, source, ts
+            else:
+                self.duplicates += 1
+        return entry.response is not None
 
     # -- time ----------------------------------------------------------------
 
@@ -273,20 +328,31 @@ class JoinShard:
                         self._orphan(
                             entry.response,
                             entry.response_source,  # type: ignore[arg-type]
-                            entry.unpaired
-                            or (
-                                f"no request with this request_id arrived within "
-                                f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s) of event time"
-                            ),
+                            entry.unpaired or _no_request(self.timeout),
                         )
                     )
                     entry.response = None
                 elif int(deadline) == second:
                     pending_again = True
-            if entry.response is None and (entry.request is None or entry.request_done):
+            if entry.strays is not None:
+                strays = []
+                for stray in entry.strays:
+                    deadline = stray[2] + self.timeout
+                    if deadline < watermark:
+                        out.append(self._orphan(stray[0], stray[1], _no_request(self.timeout)))
+                    else:
+                        strays.append(stray)
+                        pending_again = pending_again or int(deadline) == second
+                entry.strays = strays or None
+            if (
+                entry.response is None
+                and entry.strays is None
+                and (entry.request is None or entry.request_done)
+            ):
                 del self._pending[rid]
-        expiry = self._counted.get(rid)
-        if expiry is not None:
+        counted = self._counted.get(rid)
+        if counted is not None:
+            expiry = counted[0]
             if expiry < watermark:
                 del self._counted[rid]
                 self._timed_out.discard(rid)
@@ -306,7 +372,8 @@ class JoinShard:
             )
         )
         entry.request_done = True
-        self._counted[rid] = expiry = entry.request_ts + self.remember
+        expiry = entry.request_ts + self.remember
+        self._counted[rid] = (expiry, request.tenant_id)
         self._schedule(expiry, rid)
         if entry.unpaired is None:
             # No response ever arrived: the first one to come is reported, not ignored.
@@ -367,7 +434,16 @@ class JoinShard:
 # pickling each Struct (a dict of fields, a datetime) costs several times as long
 # and more bytes, and Bytewax snapshots every shard at every epoch.
 _PendingState = tuple[
-    str, tuple | None, tuple | None, float, tuple | None, tuple | None, float, str | None, bool
+    str,
+    tuple | None,
+    tuple | None,
+    float,
+    tuple | None,
+    tuple | None,
+    float,
+    str | None,
+    bool,
+    list[tuple[tuple, tuple, float]] | None,
 ]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -403,6 +479,9 @@ def _pending_state(rid: str, entry: _Pending) -> _PendingState:
         entry.response_ts,
         entry.unpaired,
         entry.request_done,
+        None
+        if entry.strays is None
+        else [(_values(response), tuple(source), ts) for response, source, ts in entry.strays],
     )
 
 
@@ -417,6 +496,12 @@ def _pending_from_state(state: _PendingState) -> tuple[str, _Pending]:
         response_ts=response_ts,
         unpaired=state[7],
         request_done=state[8],
+        strays=None
+        if state[9] is None
+        else [
+            (_event(LLMResponse, response), SourceRef(*source), ts)  # type: ignore[misc]
+            for response, source, ts in state[9]
+        ],
     )
     if entry.request is not None:
         _share_strings(entry.request)

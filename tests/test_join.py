@@ -150,11 +150,84 @@ def test_a_response_too_far_from_its_request_reports_both() -> None:
 def test_a_response_from_another_tenant_never_pairs() -> None:
     join = JoinShard(TIMEOUT, DEDUPE)
     out = feed(join, [request("a", 0, tenant_id="acme"), response("a", 1, tenant_id="evil")])
-    assert out == []
-    out = drain(join)
-    assert sorted(outcome(item) for item in out) == [("orphan_response", "a"), ("timeout", "a")]
-    letter = next(item for item in out if isinstance(item, DeadLetter))
-    assert "tenant mismatch" in letter.error and "'evil'" in letter.error
+    assert [outcome(item) for item in out] == [("orphan_response", "a")]  # at once
+    letter = out[0]
+    assert isinstance(letter, DeadLetter)
+    assert "tenant mismatch" in letter.error and "'evil'" in letter.error and "'acme'" in letter.error
+    assert (letter.source_topic, letter.offset) == (RESPONSES, 1)
+    assert [outcome(item) for item in drain(join)] == [("timeout", "a")]
+
+
+def test_another_tenants_response_before_the_request_does_not_take_the_real_ones_place() -> None:
+    for order in (
+        ["evil", "request", "real"],
+        ["evil", "real", "request"],
+        ["real", "evil", "request"],
+    ):
+        events = {
+            "evil": response("a", 1, tenant_id="evil", completion_tokens=666),
+            "request": request("a", 0, tenant_id="acme"),
+            "real": response("a", 2, tenant_id="acme", completion_tokens=7),
+        }
+        join = JoinShard(TIMEOUT, DEDUPE)
+        out = feed(join, [events[name] for name in order]) + drain(join)
+        assert sorted(outcome(item) for item in out) == [("answered", "a"), ("orphan_response", "a")], order
+        call = next(item for item in out if isinstance(item, Call))
+        assert call.response is not None and call.response.completion_tokens == 7
+        letter = next(item for item in out if isinstance(item, DeadLetter))
+        assert "tenant mismatch" in letter.error and "'evil'" in letter.error
+        assert response_decoder.decode(letter.payload) == events["evil"]  # type: ignore[arg-type]
+        assert len(join) == 0
+
+
+def test_another_tenants_response_after_the_request_is_dead_lettered_and_the_real_one_still_pairs() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    out = feed(join, [request("a", 0, tenant_id="acme"), response("a", 1, tenant_id="evil")])
+    assert [outcome(item) for item in out] == [("orphan_response", "a")]
+    out = feed(join, [response("a", 2, tenant_id="acme", completion_tokens=7)])
+    assert [outcome(item) for item in out] == [("answered", "a")]
+    assert out[0].response.completion_tokens == 7  # type: ignore[union-attr]
+    assert drain(join) == []
+    assert join.duplicates == 0
+
+
+def test_another_tenants_response_after_the_call_is_counted_is_dead_lettered_not_ignored() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    assert len(feed(join, [request("a", 0), response("a", 1, tenant_id="acme")])) == 1
+    out = feed(join, [response("a", 1, tenant_id="evil"), response("a", 1, tenant_id="acme")])
+    assert [outcome(item) for item in out] == [("orphan_response", "a")]
+    assert "tenant mismatch" in out[0].error  # type: ignore[union-attr]
+    assert join.duplicates == 1  # the tenant's own repeat
+
+    # Timed out: another tenant's response does not use up the real late
+    # response's dead letter, which would otherwise be ignored as a repeat.
+    join = JoinShard(TIMEOUT, DEDUPE)
+    feed(join, [request("b", 0), request("clock", TIMEOUT + 5)])
+    assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "b")]
+    out = feed(join, [response("b", 20, tenant_id="evil"), response("b", 20, tenant_id="acme")])
+    assert [outcome(item) for item in out] == [("orphan_response", "b"), ("orphan_response", "b")]
+    assert "tenant mismatch" in out[0].error and "timed out" in out[1].error  # type: ignore[union-attr]
+
+
+def test_responses_of_several_tenants_waiting_for_the_request_expire_on_their_own_deadlines() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    feed(
+        join,
+        [
+            response("a", 1, tenant_id="x"),
+            response("a", 5, tenant_id="y"),
+            response("a", 6, tenant_id="y"),  # a repeat of y's
+        ],
+    )
+    assert join.duplicates == 1
+    feed(join, [request("clock", TIMEOUT + 2)])
+    out = join.on_time(NOW)
+    assert [outcome(item) for item in out] == [("orphan_response", "a")]
+    assert response_decoder.decode(out[0].payload).tenant_id == "x"  # type: ignore[arg-type, union-attr]
+    out = [item for item in drain(join) if outcome(item)[1] == "a"]
+    assert [outcome(item) for item in out] == [("orphan_response", "a")]
+    assert response_decoder.decode(out[0].payload).tenant_id == "y"  # type: ignore[arg-type, union-attr]
+    assert len(join) == 0
 
 
 def test_a_response_stamped_with_the_same_tenant_pairs() -> None:
@@ -290,6 +363,12 @@ def scenario(wide: bool) -> tuple[list[LLMRequest | LLMResponse], set[tuple[str,
         response("orphan", 6),
         request("tenant", 8, tenant_id="acme"),
         response("tenant", 9, tenant_id="other"),
+        # Another tenant's response, then the right one: whichever comes first,
+        # the right one pairs and the other is dead-lettered.
+        request("stolen", 8, tenant_id="acme"),
+        response("stolen", 9, tenant_id="other"),
+        response("stolen", 9.5, tenant_id="acme"),
+        response("stolen", 9.5, tenant_id="acme"),
     ]
     expected = {
         ("answered", "ok"),
@@ -299,6 +378,8 @@ def scenario(wide: bool) -> tuple[list[LLMRequest | LLMResponse], set[tuple[str,
         ("orphan_response", "orphan"),
         ("timeout", "tenant"),
         ("orphan_response", "tenant"),
+        ("answered", "stolen"),
+        ("orphan_response", "stolen"),
     }
     if wide:
         events += [
@@ -506,14 +587,16 @@ def test_a_snapshot_restores_every_kind_of_waiting_entry() -> None:
         [
             full,
             lone,
-            request("mismatch", 2),
-            response("mismatch", 2.5, tenant_id="other"),  # unpaired: both wait
+            response("tenants", 2.5, tenant_id="other"),  # both wait for the request
+            response("tenants", 2.6, tenant_id="acme"),
+            response("far", 2),  # unpaired: waits after its request times out
+            request("far", 2 - TIMEOUT - 1),
             request("done", 0),
             request("clock", TIMEOUT + 0.5),
         ],
     )
-    # Event time T0 + 300.5: "done" times out; the rest keeps waiting.
-    assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "done")]
+    # Event time T0 + 300.5: "done" and "far" time out; the rest keeps waiting.
+    assert sorted(outcome(item) for item in join.on_time(NOW)) == [("timeout", "done"), ("timeout", "far")]
     restored = pickle.loads(pickle.dumps(join))
     assert vars(restored)["_pending"] == vars(join)["_pending"]
     assert vars(restored)["_counted"] == vars(join)["_counted"]
@@ -526,9 +609,14 @@ def test_a_snapshot_restores_every_kind_of_waiting_entry() -> None:
         ("timeout", "full"),
         ("timeout", "clock"),
         ("orphan_response", "lone"),
-        ("timeout", "mismatch"),
-        ("orphan_response", "mismatch"),
+        ("orphan_response", "tenants"),
+        ("orphan_response", "far"),
     }
+    assert sorted(
+        response_decoder.decode(item.payload).tenant_id  # type: ignore[arg-type, union-attr]
+        for item in original
+        if outcome(item) == ("orphan_response", "tenants")
+    ) == ["acme", "other"]
     letter = next(item for item in original if outcome(item) == ("orphan_response", "lone"))
     assert response_decoder.decode(letter.payload) == lone  # type: ignore[union-attr,arg-type]
 
