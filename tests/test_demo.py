@@ -1,4 +1,6 @@
-"""The demo, shortened, end to end: its own stack, the three services, traffic, the table."""
+"""The demo, shortened, end to end: its own stack, the three services with API keys on,
+traffic, the table. And the traffic generator: its calls, and its keys per tenant against
+the real ingestion API."""
 
 from __future__ import annotations
 
@@ -6,16 +8,35 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
 
 import msgspec
+import psycopg
+import pytest
+import uvicorn
 
-from deploy.stack import Broker, Postgres
-from deploy.traffic import MODELS, CallGenerator
+from api.auth import hash_key
+from api.ingestion import create_app
+from api.keys import create_key
+from deploy import traffic
+from deploy.stack import Broker, Postgres, free_port
+from deploy.traffic import MODELS, ApiKeysError, CallGenerator, keys_by_tenant, parse_api_keys
+from schemas.config import Settings
 from schemas.events import check_cache_read, request_decoder, response_decoder
+from schemas.topics import REQUESTS, RESPONSES
+from tests.conftest import TEST_PARTITIONS
+from tests.test_ingestion import read_topic
 
 TENANTS = ("acme", "globex", "initech")
+DEMO_TIMEOUT = 150.0
+KEY = re.compile(r"sl_[a-z0-9]{8}_[A-Za-z0-9_-]{43}")
 
 
 def table_calls(output: str) -> dict[str, int]:
@@ -31,7 +52,17 @@ def table_calls(output: str) -> dict[str, int]:
     return calls
 
 
-def test_demo_counts_every_tenants_calls_and_stops_everything(tmp_path: Path):
+def status_without_key(method: str, url: str) -> int:
+    body = b'{"events": []}' if method == "POST" else None
+    request = Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urlopen(request, timeout=5) as response:
+            return response.status
+    except HTTPError as error:
+        return error.code
+
+
+def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path: Path):
     local = tmp_path / "local"
     env = {
         key: value
@@ -46,25 +77,63 @@ def test_demo_counts_every_tenants_calls_and_stops_everything(tmp_path: Path):
         "DEMO_TENANTS": str(len(TENANTS)),
         "DEMO_INGESTION_PORT": "0",
         "DEMO_METRICS_PORT": "0",
+        # Whatever the caller's environment says, the demo's services check keys.
+        "AUTH": "off",
+        "PYTHONUNBUFFERED": "1",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "deploy.demo"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=150,
-        cwd=Path(__file__).parent.parent,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(tmp_path / "stderr", "w") as stderr:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "deploy.demo"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+    watchdog = threading.Timer(DEMO_TIMEOUT, demo.kill)
+    watchdog.start()
+    lines: list[str] = []
+    refused: dict[str, int] = {}
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.append(line)
+            if line.startswith("auth: on"):
+                # The services are ready and the traffic not yet sent: without a key, 401.
+                urls = re.search(
+                    r"ingestion API \((http://[^)]+)\).*query API \((http://[^)]+)\)", "".join(lines)
+                )
+                assert urls is not None, lines
+                ingestion_url, metrics_url = urls.groups()
+                refused["query"] = status_without_key("GET", f"{metrics_url}/v1/metrics?tenant_id=acme")
+                refused["events"] = status_without_key("POST", f"{ingestion_url}/v1/llm/events")
+        demo.wait()
+    finally:
+        watchdog.cancel()
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    stdout = "".join(lines)
+    assert demo.returncode == 0, stdout[-3000:] + (tmp_path / "stderr").read_text()[-3000:]
+    assert refused == {"query": 401, "events": 401}, stdout
 
-    sent = dict(re.findall(r"(\w+) (\d+)", done.stdout.split("calls per tenant:")[1].splitlines()[0]))
+    sent = dict(re.findall(r"(\w+) (\d+)", stdout.split("calls per tenant:")[1].splitlines()[0]))
     assert set(sent) == set(TENANTS)
-    counted = table_calls(done.stdout)
+    counted = table_calls(stdout)
     for tenant in TENANTS:
-        assert counted.get(tenant, 0) > 0, done.stdout
+        assert counted.get(tenant, 0) > 0, stdout
         # Each call generated is counted once by the pipeline: nothing lost, nothing twice.
-        assert counted[tenant] == int(sent[tenant]), (tenant, done.stdout)
-    assert "curl -s 'http://127.0.0.1:" in done.stdout
+        assert counted[tenant] == int(sent[tenant]), (tenant, stdout)
+
+    # The curl lines carry a real read key of the tenant they query.
+    curls = [line for line in lines if line.strip().startswith("curl -s")]
+    assert len(curls) == 2, stdout
+    read_key = re.search(rf"-H 'Authorization: Bearer ({KEY.pattern})' 'http://127\.0\.0\.1:\d+/", curls[0])
+    assert read_key is not None, curls
+    assert "tenant_id=acme" in curls[0]
+    assert all(f"Bearer {read_key[1]}'" in curl for curl in curls)
+    # Only prefixes of the ingest keys are shown.
+    assert len(KEY.findall(stdout)) == 2, stdout
 
     assert {path.name for path in (local / "logs").iterdir()} == {
         "ingestion.log",
@@ -74,6 +143,22 @@ def test_demo_counts_every_tenants_calls_and_stops_everything(tmp_path: Path):
     assert Broker.running(local / "broker") is None
     assert Postgres.running(local / "postgres") is None
     assert not (local / "env").exists()
+
+    # The demo's Postgres, started again: one ingest and one read key per tenant, all
+    # revoked once the demo stopped, the read key of the curl lines among them.
+    postgres = Postgres(local / "postgres").start()
+    try:
+        with psycopg.connect(postgres.dsn) as conn:
+            stored = conn.execute(
+                "SELECT tenant_id, scope, key_hash, revoked_at IS NOT NULL FROM api_keys"
+            ).fetchall()
+    finally:
+        postgres.stop()
+    assert sorted((tenant, scope) for tenant, scope, _, _ in stored) == sorted(
+        (tenant, scope) for tenant in TENANTS for scope in ("ingest", "read")
+    )
+    assert all(revoked for _, _, _, revoked in stored), stored
+    assert ("acme", "read", hash_key(read_key[1])) in {(t, s, bytes(h)) for t, s, h, _ in stored}
 
 
 def test_generated_events_are_valid_and_realistic():
@@ -111,3 +196,117 @@ def test_the_price_table_knows_the_priced_models():
             Usage(input_tokens=1000, output_tokens=100), model_ref=model.name, provider_id=model.provider
         )
         assert price.total_price > 0, model.name
+
+
+ACME_KEY = "sl_acme0001_" + "a" * 43
+GLOBEX_KEY = "sl_globex01_" + "b" * 43
+
+
+def test_api_key_arguments_are_one_key_or_a_key_per_tenant():
+    assert parse_api_keys([]) is None
+    assert parse_api_keys([ACME_KEY]) == ACME_KEY
+    assert parse_api_keys([f"acme={ACME_KEY}", f"globex={GLOBEX_KEY}"]) == {
+        "acme": ACME_KEY,
+        "globex": GLOBEX_KEY,
+    }
+    # A tenant may hold "=", a key never does.
+    assert parse_api_keys([f"a=b={ACME_KEY}"]) == {"a=b": ACME_KEY}
+    refused = {
+        "is not an API key": [f"acme={ACME_KEY[:-1]}"],
+        "the key is not an API key": ["acme"],
+        "the tenant is empty": [f"={ACME_KEY}"],
+        "tenant 'acme' is given two keys": [f"acme={ACME_KEY}", f"acme={GLOBEX_KEY}"],
+        "not both": [ACME_KEY, f"globex={GLOBEX_KEY}"],
+        "2 bare keys given": [ACME_KEY, GLOBEX_KEY],
+    }
+    for message, values in refused.items():
+        with pytest.raises(ApiKeysError, match=re.escape(message)):
+            parse_api_keys(values)
+
+
+def test_every_tenant_sending_needs_its_key():
+    assert keys_by_tenant(None, ["acme", "globex"]) == {"acme": None, "globex": None}
+    assert keys_by_tenant(ACME_KEY, ["acme"]) == {"acme": ACME_KEY}
+    both = {"acme": ACME_KEY, "globex": GLOBEX_KEY}
+    # A key for a tenant not sending is unused, not an error.
+    assert keys_by_tenant(both, ["globex"]) == {"globex": GLOBEX_KEY}
+    with pytest.raises(
+        ApiKeysError, match=r"one key serves one tenant, but the traffic has 2 \(acme, globex\)"
+    ):
+        keys_by_tenant(ACME_KEY, ["acme", "globex"])
+    with pytest.raises(ApiKeysError, match="no key for tenants globex, initech"):
+        keys_by_tenant({"acme": ACME_KEY}, ["acme", "globex", "initech"])
+
+
+def test_the_command_line_refuses_keys_that_do_not_fit_the_tenants(capsys: pytest.CaptureFixture[str]):
+    cases = {
+        "one key serves one tenant": ["--tenants", "2", "--api-key", ACME_KEY],
+        "no key for tenant globex": ["--tenants", "acme,globex", "--api-key", f"acme={ACME_KEY}"],
+        "the key of tenant 'acme' is not an API key": ["--api-key", "acme=oops"],
+    }
+    for message, argv in cases.items():
+        # Refused before a connection is tried: nothing listens on this URL.
+        with pytest.raises(SystemExit) as exit_:
+            traffic.main(["--url", "http://127.0.0.1:9", "--duration", "1", *argv])
+        assert exit_.value.code == 2
+        assert f"--api-key: {message}" in capsys.readouterr().err
+
+
+@contextmanager
+def ingestion_api(broker: Broker, postgres_dsn: str) -> Iterator[str]:
+    """The ingestion API with keys on, under uvicorn in a thread, on a free port."""
+    settings = Settings(
+        kafka_brokers=broker.address, postgres_dsn=postgres_dsn, topic_partitions=TEST_PARTITIONS
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive(), "the ingestion API failed to start"
+        assert time.monotonic() < deadline, "the ingestion API did not start in 30 s"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_traffic_sends_each_tenants_events_with_its_own_key(broker: Broker, postgres_dsn: str):
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        ingest = {tenant: create_key(conn, tenant, "ingest").key for tenant in ("acme", "globex", "initech")}
+        acme_read = create_key(conn, "acme", "read")
+    with ingestion_api(broker, postgres_dsn) as url:
+        # Two tenants, a key each: the API takes a request only from its tenant's key and
+        # stamps a response with the key's tenant, so every event must go with its own.
+        several = traffic.run(
+            url, rate=40, duration=1.0, tenants=["acme", "globex"], seed=23, api_keys=ingest
+        )
+        # One key for a single tenant's traffic.
+        single = traffic.run(
+            url, rate=20, duration=0.5, tenants=["initech"], seed=19, api_keys=ingest["initech"]
+        )
+        with pytest.raises(traffic.SendError, match=rf"with the key {acme_read.prefix} answered 403"):
+            traffic.run(url, rate=20, duration=0.2, tenants=["acme"], seed=13, api_keys=acme_read.key)
+    for totals in (several, single):
+        assert totals.rejected == 0, totals.first_rejection
+        assert totals.accepted == totals.events_sent == 2 * totals.calls
+    assert set(several.calls_by_tenant) == {"acme", "globex"}
+    assert all(count > 0 for count in several.calls_by_tenant.values())
+    assert set(single.calls_by_tenant) == {"initech"}
+    calls = several.calls + single.calls
+
+    requests = dict(read_topic(broker.address, REQUESTS, calls))
+    responses = dict(read_topic(broker.address, RESPONSES, calls))
+    assert len(requests) == len(responses) == calls
+    tenants = {request_id: request["tenant_id"] for request_id, request in requests.items()}
+    # Each response reached Kafka with the tenant of its own call's request.
+    assert {request_id: response["tenant_id"] for request_id, response in responses.items()} == tenants
+    sent_per_tenant: dict[str, int] = {}
+    for tenant in tenants.values():
+        sent_per_tenant[tenant] = sent_per_tenant.get(tenant, 0) + 1
+    assert sent_per_tenant == dict(several.calls_by_tenant) | dict(single.calls_by_tenant)
