@@ -11,7 +11,7 @@ as happens when two services report one call. Events travel in batches through
 
 With API keys on, an ``ingest`` key serves one tenant: ``--api-key KEY`` sends
 everything with one key (one tenant only), ``--api-key TENANT=KEY`` (repeated)
-gives each tenant its own. Each tick's events are then posted per tenant, a
+gives each tenant its own. Each tick's events are then posted per key, a
 response with the key of its call's tenant, over one keep-alive connection per key.
 """
 
