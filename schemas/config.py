@@ -108,7 +108,17 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             values[field] = parse(raw)
         except (ValueError, KeyError):
             raise ConfigError(f"invalid configuration: {variable}={raw!r}, expected {form}") from None
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.lateness_seconds < settings.join_timeout_seconds:
+        # A timed-out call becomes known only at request time + the timeout: a
+        # shorter lateness would dead-letter every timeout as too_late.
+        raise ConfigError(
+            f"invalid configuration: LATENESS_SECONDS={str(settings.lateness_seconds)!r} is below "
+            f"JOIN_TIMEOUT_SECONDS={str(settings.join_timeout_seconds)!r}, expected "
+            f"LATENESS_SECONDS ≥ JOIN_TIMEOUT_SECONDS (a timed-out call is only known once its "
+            f"timeout has passed)"
+        )
+    return settings
 
 
 def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:

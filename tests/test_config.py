@@ -32,7 +32,7 @@ def test_values_are_parsed(tmp_path: Path):
             "HTTP_PORT": "9000",
             "WINDOW_SECONDS": " 30 ",
             "GRACE_SECONDS": "0",
-            "LATENESS_SECONDS": "0",
+            "LATENESS_SECONDS": "5",
             "JOIN_TIMEOUT_SECONDS": "5",
             "DEDUPE_SECONDS": "7",
             "TOPIC_PARTITIONS": "12",
@@ -44,6 +44,7 @@ def test_values_are_parsed(tmp_path: Path):
     assert settings.http_port == 9000
     assert settings.window_seconds == 30
     assert settings.grace_seconds == 0
+    assert (settings.lateness_seconds, settings.join_timeout_seconds, settings.dedupe_seconds) == (5, 5, 7)
     assert settings.topic_partitions == 12
     assert settings.prices_file == prices
     assert settings.auth is False
@@ -74,6 +75,46 @@ def test_bad_values_name_the_variable_and_the_form(variable, value):
     message = str(error.value)
     assert variable in message and repr(value) in message and "expected" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("environ", "shown"),
+    [
+        ({"LATENESS_SECONDS": "299"}, ("'299'", "'300'")),
+        ({"JOIN_TIMEOUT_SECONDS": "601"}, ("'600'", "'601'")),
+        ({"LATENESS_SECONDS": "0", "JOIN_TIMEOUT_SECONDS": "1"}, ("'0'", "'1'")),
+    ],
+)
+def test_lateness_shorter_than_the_join_timeout_is_refused(environ, shown):
+    # A timeout is known at request time + the timeout: with less lateness
+    # every timed-out call would be dead-lettered as too_late.
+    with pytest.raises(config.ConfigError) as error:
+        config.load(environ)
+    message = str(error.value)
+    lateness, timeout = shown
+    assert f"LATENESS_SECONDS={lateness}" in message and f"JOIN_TIMEOUT_SECONDS={timeout}" in message
+    assert "expected LATENESS_SECONDS ≥ JOIN_TIMEOUT_SECONDS" in message
+    assert "\n" not in message
+
+
+def test_lateness_equal_to_the_join_timeout_is_accepted():
+    settings = config.load({"LATENESS_SECONDS": "300", "JOIN_TIMEOUT_SECONDS": "300"})
+    assert settings.lateness_seconds == settings.join_timeout_seconds == 300
+
+
+def test_entry_point_refuses_lateness_below_the_timeout_in_one_line():
+    env = {**os.environ, "LATENESS_SECONDS": "10", "JOIN_TIMEOUT_SECONDS": "20"}
+    result = subprocess.run(
+        [sys.executable, "-c", "from schemas.config import load_or_exit; load_or_exit()"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamlens: invalid configuration: LATENESS_SECONDS='10'")
+    assert "Traceback" not in result.stderr
 
 
 def test_entry_point_prints_one_line_and_no_traceback():
