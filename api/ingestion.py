@@ -1,7 +1,9 @@
 """The ingestion API (contract §2): ``uvicorn api.ingestion:app``.
 
 Each event is decoded with the shared schemas, so a value that reaches Kafka is
-valid and normalised (timestamps in UTC, unknown fields dropped). The API answers
+valid and normalised (timestamps in UTC, unknown fields dropped). A timestamp
+more than two minutes ahead of the server's clock is refused
+(:func:`schemas.events.check_not_future`). The API answers
 202 only after the broker acknowledged the record; anything else is a 503 with
 ``Retry-After``, and the client sends again (the dataflow ignores duplicates by
 ``request_id``).
@@ -36,6 +38,7 @@ from schemas.events import (
     Event,
     LLMRequest,
     batch_decoder,
+    check_not_future,
     encoder,
     event_decoder,
     request_decoder,
@@ -191,6 +194,9 @@ class Ingestion:
             return error_response(400, "invalid_event", str(error))
         except (msgspec.DecodeError, UnicodeDecodeError) as error:
             return error_response(400, "invalid_json", _malformed(error))
+        future = check_not_future(event, time.time())
+        if future is not None:
+            return error_response(400, "invalid_event", future)
         refusal = check_event(principal, event)
         if refusal is not None:
             return error_response(403, "forbidden", refusal)
@@ -216,12 +222,17 @@ class Ingestion:
             return error_response(400, "invalid_json", _malformed(error))
         records: list[Record] = []
         rejected: list[dict[str, object]] = []
+        now = time.time()
         for index, raw in enumerate(batch.events):
             # Each event on its own: one bad event must not cost the others.
             try:
                 event = event_decoder.decode(raw)
             except (msgspec.ValidationError, UnicodeDecodeError) as error:
                 rejected.append({"index": index, "error": _malformed(error)})
+                continue
+            future = check_not_future(event, now)
+            if future is not None:
+                rejected.append({"index": index, "error": future})
                 continue
             refusal = check_event(principal, event)
             if refusal is not None:

@@ -120,3 +120,21 @@ def check_cache_read(request: LLMRequest, response: LLMResponse) -> str | None:
             f"prompt_tokens ({request.prompt_tokens}) - at `$.cache_read_tokens`"
         )
     return None
+
+
+# Event time in the dataflow is the newest timestamp seen and never goes back: one
+# timestamp far ahead would close windows and time out requests in flight early,
+# for good. Two minutes leaves room for clients' clock skew.
+MAX_FUTURE_SECONDS = 120
+
+
+def check_not_future(event: Event, now: float) -> str | None:
+    """The error when ``event`` is more than :data:`MAX_FUTURE_SECONDS` ahead of
+    ``now`` (the server's clock, Unix seconds); None otherwise."""
+    ahead = event.timestamp.timestamp() - now
+    if ahead <= MAX_FUTURE_SECONDS:
+        return None
+    return (
+        f"Expected a time at most {MAX_FUTURE_SECONDS} s ahead of the server clock, "
+        f"it is ahead of it by {ahead:.3f} s - at `$.timestamp`"
+    )

@@ -33,11 +33,14 @@ from hypothesis import strategies as st
 from api.ingestion import create_app
 from deploy.stack import Broker, free_port
 from schemas.config import Settings
+from schemas.events import MAX_FUTURE_SECONDS, check_not_future, request_decoder, response_decoder
 from schemas.topics import REQUESTS, RESPONSES, ensure_topics
 from tests.conftest import TEST_PARTITIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON = {"Content-Type": "application/json"}
+# How far ahead of the server's clock a timestamp may be, in seconds.
+FUTURE_LIMIT = 120
 
 
 # -- helpers -------------------------------------------------------------------
@@ -292,6 +295,85 @@ def test_many_concurrent_events_are_each_on_the_topic_once(server: ServerThread,
     on_responses = read_topic(broker.address, RESPONSES, len(batch))
     assert sorted(key for key, _ in on_requests) == sorted(f"m-{i}" for i in range(singles))
     assert sorted(key for key, _ in on_responses) == sorted(f"m-{i}" for i in range(len(batch)))
+
+
+# -- timestamps ahead of the server's clock ----------------------------------------
+
+
+def rfc3339_at(unix_seconds: float) -> str:
+    return datetime.fromtimestamp(unix_seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def seconds_ahead(detail: str) -> float:
+    match = re.search(r"ahead of it by ([0-9.]+) s - at `\$\.timestamp`", detail)
+    assert match is not None, detail
+    return float(match.group(1))
+
+
+def test_the_future_check_allows_exactly_the_limit() -> None:
+    assert MAX_FUTURE_SECONDS == FUTURE_LIMIT
+    now = 1_800_000_000.0
+    for decode, event in (
+        (request_decoder.decode, a_request("f")),
+        (response_decoder.decode, a_response("f")),
+    ):
+        at_limit = decode(json.dumps({**event, "timestamp": rfc3339_at(now + FUTURE_LIMIT)}))
+        assert check_not_future(at_limit, now) is None
+        past = decode(json.dumps({**event, "timestamp": rfc3339_at(now + FUTURE_LIMIT + 0.001)}))
+        error = check_not_future(past, now)
+        assert error is not None and "server clock" in error
+        assert abs(seconds_ahead(error) - (FUTURE_LIMIT + 0.001)) < 1e-6
+        # The offset is only notation: the same instant written in another zone.
+        shifted = decode(json.dumps({**event, "timestamp": "2027-01-15T10:00:00+05:00"}))
+        same_instant = datetime(2027, 1, 15, 5, 0, tzinfo=UTC).timestamp()
+        assert check_not_future(shifted, same_instant - FUTURE_LIMIT) is None
+        assert check_not_future(shifted, same_instant - FUTURE_LIMIT - 1) is not None
+
+
+def test_an_event_too_far_ahead_of_the_server_clock_is_refused(client: httpx.Client, broker: Broker) -> None:
+    now = time.time()
+    # Sent at the limit as the test's clock reads it: the server reads its clock
+    # later, so the event is at most at the limit there.
+    at_limit = a_request("at-limit", timestamp=rfc3339_at(now + FUTURE_LIMIT))
+    answer = client.post("/v1/llm/request", json=at_limit)
+    assert (answer.status_code, answer.json()) == (202, {"status": "accepted"})
+    for path, event in (
+        ("/v1/llm/request", a_request("ahead", timestamp=rfc3339_at(now + 3600))),
+        ("/v1/llm/response", a_response("ahead", timestamp=rfc3339_at(now + FUTURE_LIMIT + 30))),
+    ):
+        answer = client.post(path, json=event)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == "invalid_event"
+        detail = answer.json()["detail"]
+        assert "server clock" in detail
+        sent_ahead = instant(event["timestamp"]).timestamp() - now
+        # The server's clock read later than ours, by less than the test took.
+        assert sent_ahead - (time.time() - now) <= seconds_ahead(detail) <= sent_ahead
+    on_requests = read_topic(broker.address, REQUESTS, 1)
+    assert in_utc(on_requests) == {"at-limit": normalised(at_limit, REQUEST_DEFAULTS)}
+    assert read_topic(broker.address, RESPONSES, 0, quiet=0.2) == []
+
+
+def test_a_batch_rejects_only_its_events_too_far_ahead(client: httpx.Client, broker: Broker) -> None:
+    now = time.time()
+    events = [
+        {"type": "request", **a_request("fb-0", timestamp=rfc3339_at(now + FUTURE_LIMIT))},
+        {"type": "request", **a_request("fb-1", timestamp=rfc3339_at(now + FUTURE_LIMIT + 20))},
+        {"type": "response", **a_response("fb-0", timestamp=rfc3339_at(now + 86400 * 365))},
+        {"type": "response", **a_response("fb-2", timestamp=rfc3339_at(now - 60))},
+    ]
+    answer = client.post("/v1/llm/events", json={"events": events})
+    assert answer.status_code == 207, answer.text
+    body = answer.json()
+    assert body["accepted"] == 2
+    assert [entry["index"] for entry in body["rejected"]] == [1, 2]
+    for entry in body["rejected"]:
+        assert "server clock" in entry["error"]
+        assert seconds_ahead(entry["error"]) > FUTURE_LIMIT
+    on_requests = read_topic(broker.address, REQUESTS, 1)
+    on_responses = read_topic(broker.address, RESPONSES, 1)
+    assert in_utc(on_requests) == {"fb-0": normalised(events[0], REQUEST_DEFAULTS)}
+    assert in_utc(on_responses) == {"fb-2": normalised(events[3], RESPONSE_DEFAULTS)}
 
 
 # -- the error matrix ----------------------------------------------------------
@@ -707,10 +789,10 @@ def _timestamp(value: object) -> bool:
         return False
     try:
         parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
-        parsed.astimezone(UTC)
+        moment = parsed.astimezone(UTC)
     except (ValueError, OverflowError):
         return False
-    return True
+    return moment.timestamp() <= time.time() + FUTURE_LIMIT
 
 
 def _metadata(value: object) -> bool:
