@@ -160,10 +160,11 @@ class JoinShard:
     def on_event(
         self, event: LLMRequest | LLMResponse, source: SourceRef, now: float
     ) -> list[Call | DeadLetter]:
-        """Add one decoded event; return the calls it completes (and nothing else).
+        """Add one decoded event; return the calls it completes.
 
-        The only other output: the first response to reach a request that has
-        already timed out comes back as an ``orphan_response`` dead letter.
+        The only other outputs are ``orphan_response`` dead letters: the first
+        response to reach a request that has already timed out, and responses of
+        another tenant than their request's, as soon as the request is known.
         """
         ts = event.timestamp.timestamp()
         watermark = self.watermark
