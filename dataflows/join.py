@@ -109,13 +109,6 @@ def _share_strings(request: LLMRequest) -> None:
         request.provider = intern(request.provider)
 
 
-def _mismatch(response: LLMResponse, tenant_id: str) -> str:
-    return (
-        f"tenant mismatch: the response was sent for tenant {response.tenant_id!r} "
-        f"but its request belongs to tenant {tenant_id!r}"
-    )
-
-
 def _no_request(timeout: float) -> str:
     return (
         f"no request with this request_id arrived within JOIN_TIMEOUT_SECONDS ({timeout:g} s) of event time"
@@ -146,6 +139,10 @@ class JoinShard:
         # Counted as timed out and no response seen yet: its first response is
         # dead-lettered rather than ignored.
         self._timed_out: set[str] = set()
+        # request_id -> tenants whose response to it was dead-lettered for not
+        # being the request's: their repeats are ignored like any repeat. Kept
+        # while the request_id is pending or remembered as counted.
+        self._mismatched: dict[str, set[str]] = {}
         self._buckets: dict[int, list[str]] = {}
         self._bucket_heap: list[int] = []
         # Wall clock minus event time at the last call, valid while event time
@@ -176,7 +173,7 @@ class JoinShard:
         counted = self._counted.get(rid)
         if counted is not None:
             if not is_request and event.tenant_id not in (None, counted[1]):  # type: ignore[union-attr]
-                return [self._orphan(event, source, _mismatch(event, counted[1]))]  # type: ignore[arg-type]
+                return self._mismatch(event, source, counted[1])  # type: ignore[arg-type]
             if not is_request and rid in self._timed_out:
                 self._timed_out.discard(rid)
                 return [
@@ -215,7 +212,7 @@ class JoinShard:
                 return out
         elif entry.request is not None:
             if event.tenant_id not in (None, entry.request.tenant_id):  # type: ignore[union-attr]
-                return [self._orphan(event, source, _mismatch(event, entry.request.tenant_id))]  # type: ignore[arg-type]
+                return self._mismatch(event, source, entry.request.tenant_id)  # type: ignore[arg-type]
             if entry.response is not None or entry.unpaired is not None:
                 self.duplicates += 1
                 return []
@@ -278,12 +275,27 @@ class JoinShard:
         entry.response, entry.response_source, entry.strays = None, None, None
         for response, source, ts in waiting:
             if response.tenant_id not in (None, request.tenant_id):
-                out.append(self._orphan(response, source, _mismatch(response, request.tenant_id)))  # type: ignore[arg-type]
+                out += self._mismatch(response, source, request.tenant_id)  # type: ignore[arg-type]
             elif entry.response is None:
                 entry.response, entry.response_source, entry.response_ts = response, source, ts
             else:
                 self.duplicates += 1
         return entry.response is not None
+
+    def _mismatch(self, response: LLMResponse, source: SourceRef, tenant_id: str) -> list[Call | DeadLetter]:
+        """A response of another tenant than the request's (``tenant_id``): its
+        dead letter, or nothing for a repeat of one already dead-lettered."""
+        assert response.tenant_id is not None
+        tenants = self._mismatched.setdefault(response.request_id, set())
+        if response.tenant_id in tenants:
+            self.duplicates += 1
+            return []
+        tenants.add(response.tenant_id)
+        why = (
+            f"tenant mismatch: the response was sent for tenant {response.tenant_id!r} "
+            f"but its request belongs to tenant {tenant_id!r}"
+        )
+        return [self._orphan(response, source, why)]
 
     # -- time ----------------------------------------------------------------
 
@@ -351,12 +363,17 @@ class JoinShard:
                 and (entry.request is None or entry.request_done)
             ):
                 del self._pending[rid]
+                if rid not in self._counted:
+                    # Forgotten already (DEDUPE_SECONDS < 2 x timeout, the far
+                    # response outlived it): nothing else would drop this.
+                    self._mismatched.pop(rid, None)
         counted = self._counted.get(rid)
         if counted is not None:
             expiry = counted[0]
             if expiry < watermark:
                 del self._counted[rid]
                 self._timed_out.discard(rid)
+                self._mismatched.pop(rid, None)
             elif int(expiry) == second:
                 pending_again = True
         return pending_again

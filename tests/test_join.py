@@ -194,10 +194,17 @@ def test_another_tenants_response_after_the_request_is_dead_lettered_and_the_rea
 def test_another_tenants_response_after_the_call_is_counted_is_dead_lettered_not_ignored() -> None:
     join = JoinShard(TIMEOUT, DEDUPE)
     assert len(feed(join, [request("a", 0), response("a", 1, tenant_id="acme")])) == 1
-    out = feed(join, [response("a", 1, tenant_id="evil"), response("a", 1, tenant_id="acme")])
+    out = feed(
+        join,
+        [
+            response("a", 1, tenant_id="evil"),
+            response("a", 1, tenant_id="acme"),  # the tenant's own repeat
+            response("a", 1, tenant_id="evil"),  # a repeat of the one dead-lettered
+        ],
+    )
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
     assert "tenant mismatch" in out[0].error  # type: ignore[union-attr]
-    assert join.duplicates == 1  # the tenant's own repeat
+    assert join.duplicates == 2
 
     # Timed out: another tenant's response does not use up the real late
     # response's dead letter, which would otherwise be ignored as a repeat.
@@ -207,6 +214,22 @@ def test_another_tenants_response_after_the_call_is_counted_is_dead_lettered_not
     out = feed(join, [response("b", 20, tenant_id="evil"), response("b", 20, tenant_id="acme")])
     assert [outcome(item) for item in out] == [("orphan_response", "b"), ("orphan_response", "b")]
     assert "tenant mismatch" in out[0].error and "timed out" in out[1].error  # type: ignore[union-attr]
+
+
+def test_another_tenants_response_to_a_forgotten_request_still_waiting_on_a_far_response() -> None:
+    # DEDUPE_SECONDS 0: the timed-out request is forgotten at once, while its
+    # far response still waits for its own deadline.
+    join = JoinShard(TIMEOUT, 0)
+    out = feed(join, [request("a", 0), response("a", TIMEOUT + 1), request("clock", TIMEOUT + 2)])
+    out += join.on_time(NOW)
+    assert [outcome(item) for item in out] == [("timeout", "a")]
+    out = feed(join, [response("a", TIMEOUT + 3, tenant_id="evil")])
+    assert [outcome(item) for item in out] == [("orphan_response", "a")]
+    assert "tenant mismatch" in out[0].error  # type: ignore[union-attr]
+    out = [item for item in drain(join) if outcome(item)[1] == "a"]
+    assert [outcome(item) for item in out] == [("orphan_response", "a")]
+    assert "301 s earlier" in out[0].error  # type: ignore[union-attr]
+    assert len(join) == 0 and vars(join)["_mismatched"] == {}
 
 
 def test_responses_of_several_tenants_waiting_for_the_request_expire_on_their_own_deadlines() -> None:
@@ -367,6 +390,7 @@ def scenario(wide: bool) -> tuple[list[LLMRequest | LLMResponse], set[tuple[str,
         # the right one pairs and the other is dead-lettered.
         request("stolen", 8, tenant_id="acme"),
         response("stolen", 9, tenant_id="other"),
+        response("stolen", 9, tenant_id="other"),
         response("stolen", 9.5, tenant_id="acme"),
         response("stolen", 9.5, tenant_id="acme"),
     ]
@@ -407,7 +431,7 @@ def check_order(
     outcomes = [outcome(item) for item in out]
     assert len(outcomes) == len(set(outcomes)), "something was reported twice"
     assert set(outcomes) == expected
-    assert len(join) == 0
+    assert len(join) == 0 and vars(join)["_mismatched"] == {}
 
 
 @settings(max_examples=100, deadline=None)
@@ -521,27 +545,33 @@ def test_in_flight_requests_cost_well_under_a_kibibyte_each() -> None:
 @given(
     st.integers(min_value=0, max_value=2 * TIMEOUT),
     st.lists(
-        st.tuples(st.sampled_from("abcdef"), st.booleans(), st.floats(min_value=0, max_value=3 * TIMEOUT)),
+        st.tuples(
+            st.sampled_from("abcdef"),
+            st.booleans(),
+            st.floats(min_value=0, max_value=3 * TIMEOUT),
+            st.sampled_from([None, "acme", "evil"]),  # a response's tenant
+        ),
         max_size=30,
     ),
     st.lists(st.floats(min_value=0, max_value=0.999), min_size=1, max_size=8),
 )
 def test_any_dedupe_setting_keeps_every_request_accounted_for(
-    dedupe: int, events: list[tuple[str, bool, float]], fractions: list[float]
+    dedupe: int, events: list[tuple[str, bool, float, str | None]], fractions: list[float]
 ) -> None:
     """With DEDUPE_SECONDS at, below or above the timeout, and expiry checked at
     arbitrary points inside a second, each first request is counted exactly once and
     the state empties."""
     join = JoinShard(TIMEOUT, dedupe)
     out: list[Call | DeadLetter] = []
-    for position, (rid, is_request, seconds) in enumerate(sorted(events, key=lambda e: e[2])):
-        event = request(rid, seconds) if is_request else response(rid, seconds)
+    for position, (rid, is_request, seconds, tenant) in enumerate(sorted(events, key=lambda e: e[2])):
+        event = request(rid, seconds) if is_request else response(rid, seconds, tenant_id=tenant)
         out += join.on_event(event, SourceRef(REQUESTS if is_request else RESPONSES, 0, position), NOW)
         out += join.on_time(NOW + fractions[position % len(fractions)])
     out += drain(join, after=10 * (TIMEOUT + dedupe + 10))
-    assert len(join) == 0 and join.next_wakeup() is None
+    assert len(join) == 0 and join.next_wakeup() is None and vars(join)["_mismatched"] == {}
     calls = [item for item in out if isinstance(item, Call)]
-    requests_seen = {rid for rid, is_request, _ in events if is_request}
+    assert all(call.response is None or call.response.tenant_id != "evil" for call in calls)
+    requests_seen = {rid for rid, is_request, _, _ in events if is_request}
     # Every request id is counted at least once, and never twice at the same time.
     assert {call.request.request_id for call in calls} == requests_seen
     assert len({(c.request.request_id, c.request.timestamp) for c in calls}) == len(calls)
