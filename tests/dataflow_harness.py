@@ -45,7 +45,8 @@ import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 from psycopg.rows import dict_row
 
-from dataflows.operators import join_shard_key, window_shard_key
+from dataflows.operators import window_shard_key
+from dataflows.sources import join_shard_key
 from tests.conftest import TEST_PARTITIONS
 
 REQUESTS, RESPONSES, METRICS, DEADLETTER = (

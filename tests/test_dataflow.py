@@ -4,7 +4,9 @@ the Postgres upsert (on a real Postgres), the Kafka records and the runner's set
 from __future__ import annotations
 
 import base64
+import copyreg
 import json
+import pickle
 import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +20,7 @@ from dataflows import operators, run, sinks, sources
 from dataflows.join import Call, SourceRef
 from dataflows.windows import WindowRow
 from schemas.deadletter import DeadLetter, deadletter_decoder
-from schemas.events import LLMRequest, LLMResponse
+from schemas.events import LLMRequest, LLMResponse, encoder
 from schemas.metrics import MetricsRow, row_decoder
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
@@ -26,13 +28,19 @@ T0 = datetime(2025, 6, 1, tzinfo=UTC)
 
 def decode_one(topic: str, value: bytes | None, partition: int = 2, offset: int = 41
                ) -> tuple[LLMRequest | LLMResponse, SourceRef] | DeadLetter:
-    """The one output of decoding a batch of one record."""
+    """The one outcome of a record: routed by ``decode_batch``, then decoded as the
+    join step decodes it."""
     [out] = sources.decode_batch(sources.RecordBatch(topic, partition, [(offset, value)], []))
     if isinstance(out, DeadLetter):
         return out
-    shard, [decoded] = out
-    assert shard == operators.join_shard_key(decoded[0].request_id)
-    return decoded
+    shard, (group_topic, group_partition, [(group_offset, raw)]) = out
+    assert (group_topic, group_partition, group_offset, raw) == (topic, partition, offset, value)
+    assert value is not None
+    decoded = sources.decode_record(topic, partition, offset, value)
+    if isinstance(decoded, DeadLetter):
+        return decoded
+    assert shard == sources.join_shard_key(decoded.request_id)
+    return decoded, SourceRef(topic, partition, offset)
 
 
 REQUEST = {"request_id": "r-1", "tenant_id": "acme", "route": "/chat", "model": "m",
@@ -101,11 +109,35 @@ def test_a_batch_is_grouped_by_join_shard_keeping_order() -> None:
     letters = [item for item in out if isinstance(item, DeadLetter)]
     groups = dict(item for item in out if not isinstance(item, DeadLetter))
     assert [letter.offset for letter in letters] == [999]
-    assert sum(len(group) for group in groups.values()) == 200
-    for shard, group in groups.items():
-        assert all(operators.join_shard_key(e.request_id) == shard for e, _ in group)
-        offsets = [source.offset for _, source in group]
+    assert sum(len(group[2]) for group in groups.values()) == 200
+    for shard, (topic, partition, group) in groups.items():
+        assert (topic, partition) == ("llm.requests", 0)
+        assert all(sources.join_shard_key(json.loads(value)["request_id"]) == shard
+                   for _, value in group)
+        offsets = [offset for offset, _ in group]
         assert offsets == sorted(offsets)
+
+
+def test_a_record_goes_to_the_shard_of_the_request_id_it_decodes_to() -> None:
+    # An escaped id, and a repeated key: routing reads the id as the full decoding does.
+    escaped = json.dumps({**REQUEST, "request_id": "r-\u00e9"}).encode()
+    assert b"r-\\u00e9" in escaped
+    repeated = b'{"request_id": "first", ' + json.dumps(REQUEST).encode()[1:]
+    for value, request_id in ((escaped, "r-\u00e9"), (repeated, "r-1")):
+        decoded = decode_one("llm.requests", value)  # asserts the shard is the decoded id's
+        assert isinstance(decoded, tuple) and decoded[0].request_id == request_id
+
+
+def test_the_join_step_dead_letters_a_routed_record_that_is_invalid() -> None:
+    value = json.dumps({**REQUEST, "timestamp": "2025-06-01T00:00:00"}).encode()
+    [(shard, group)] = sources.decode_batch(sources.RecordBatch("llm.requests", 3, [(8, value)], []))
+    assert shard == sources.join_shard_key("r-1")
+    [found], _ = operators.join_builder(30, 60)(None).on_batch([group])
+    [letter] = found
+    assert isinstance(letter, DeadLetter)
+    assert (letter.reason, letter.source_topic, letter.partition, letter.offset) == (
+        "invalid", "llm.requests", 3, 8)
+    assert "$.timestamp" in letter.error and letter.payload == value.decode()
 
 
 def test_an_unknown_topic_makes_every_record_a_dead_letter() -> None:
@@ -117,7 +149,7 @@ def test_an_unknown_topic_makes_every_record_a_dead_letter() -> None:
 
 def test_shard_keys_are_stable_strings() -> None:
     # crc32 is the same in every process (str hash() is not).
-    assert operators.join_shard_key("r-1") == str(zlib.crc32(b"r-1") % operators.JOIN_SHARDS)
+    assert sources.join_shard_key("r-1") == str(zlib.crc32(b"r-1") % sources.JOIN_SHARDS)
     call = Call(request=LLMRequest(request_id="a", tenant_id="t", route="r", model="m",
                                    timestamp=T0),
                 response=None, source=SourceRef("llm.requests", 0, 0))
@@ -134,13 +166,13 @@ class Clock:
 
 
 def _events(request_id: str, at: datetime, latency: float = 1.0
-            ) -> list[tuple[LLMRequest | LLMResponse, SourceRef]]:
-    return [
-        (LLMRequest(request_id=request_id, tenant_id="t", route="/r", model="m", timestamp=at),
-         SourceRef("llm.requests", 0, 1)),
-        (LLMResponse(request_id=request_id, timestamp=at + timedelta(seconds=latency)),
-         SourceRef("llm.responses", 0, 1)),
-    ]
+            ) -> list[sources.RawGroup]:
+    """The request and the response of one call, as the join step receives them."""
+    request = LLMRequest(request_id=request_id, tenant_id="t", route="/r", model="m",
+                         timestamp=at)
+    response = LLMResponse(request_id=request_id, timestamp=at + timedelta(seconds=latency))
+    return [("llm.requests", 0, [(1, encoder.encode(request))]),
+            ("llm.responses", 0, [(1, encoder.encode(response))])]
 
 
 def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
@@ -148,7 +180,7 @@ def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
     build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60)
     logic = build(None)
     logic.clock = clock
-    out, retain = logic.on_batch([_events("a", T0), _events("b", T0)[:1]])
+    out, retain = logic.on_batch([*_events("a", T0), *_events("b", T0)[:1]])
     assert retain is False  # RETAIN
     [found] = out
     assert [c.request.request_id for c in found if isinstance(c, Call)] == ["a"]
@@ -166,12 +198,12 @@ def test_join_logic_snapshot_is_a_frozen_copy_that_resumes() -> None:
     build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60)
     logic = build(None)
     logic.clock = clock
-    logic.on_batch([_events("a", T0)[:1]])
+    logic.on_batch(_events("a", T0)[:1])
     snapshot = logic.snapshot()
-    logic.on_batch([_events("a", T0)[1:]])  # later changes do not reach the snapshot
+    logic.on_batch(_events("a", T0)[1:])  # later changes do not reach the snapshot
     resumed = build(snapshot)
     resumed.clock = clock
-    [found], _ = resumed.on_batch([_events("a", T0)[1:]])
+    [found], _ = resumed.on_batch(_events("a", T0)[1:])
     assert len(found) == 1 and isinstance(found[0], Call)
 
 
@@ -324,3 +356,25 @@ def test_calls_are_priced_and_grouped_by_window_shard() -> None:
     for shard, group in groups.items():
         assert all(operators.window_shard_key(c) == shard for c in group)
     assert sum(len(group) for group in groups.values()) == len(calls)
+
+
+def test_calls_pickle_to_equal_calls() -> None:
+    # Calls cross between processes (join shard to window shard) as msgpack
+    # (dataflows.operators registers how).
+    assert copyreg.dispatch_table[Call] is operators._reduce_call
+    request = LLMRequest(request_id="r-1", tenant_id="acme", route="/chat", model="m",
+                         timestamp=T0 + timedelta(microseconds=7), prompt_tokens=5,
+                         provider="openai", metadata={"a": 1, "b": None, "c": "x"})
+    response = LLMResponse(request_id="r-1", timestamp=T0 + timedelta(seconds=1.5),
+                           tenant_id="acme", latency_ms=1500.25, completion_tokens=3,
+                           time_to_first_token_ms=0.5, error="boom")
+    calls = [
+        Call(request=request, response=response, source=SourceRef("llm.responses", 2, 9),
+             cost_usd=0.125, completed_at=T0.timestamp() + 1.5),
+        Call(request=request, response=None, source=SourceRef("llm.requests", 0, 3),
+             cost_usd=None),
+    ]
+    restored = pickle.loads(pickle.dumps(calls, protocol=pickle.HIGHEST_PROTOCOL))
+    assert restored == calls
+    assert type(restored[0].source) is SourceRef
+    assert restored[0].request.timestamp.tzinfo is UTC
