@@ -3,7 +3,7 @@
 ::
 
     llm.requests ─┐   one item per poll    ┌─▶ invalid, broker errors ───────────────┐
-    llm.responses ┴▶ read ─▶ decode_batch ─┤                                         │
+    llm.responses ┴▶ read ─▶ decode_batches┤                                         │
                                            └─▶ (crc32(request_id) % 64, [events])    │
                                                └▶ join (JoinShard) ─▶ [calls, orphans]
                                                   price (PriceBook), regroup ─▶ orphan ┤
@@ -12,8 +12,9 @@
                                                          └▶ rows                       ▼
                                    Postgres llm_metrics, llm.metrics           llm.deadletter
 
-Items travel in groups (a list per shard and poll) rather than one per event:
-Bytewax's cost is per item, the logic's per event.
+Items travel in groups (a list per shard and activation) rather than one per
+event: Bytewax's cost is per item, the logic's per event. Records cross to the
+join undecoded, calls cross to the windows as msgpack (:mod:`dataflows.operators`).
 
 The flow is built on first access of ``flow`` from the environment
 (:func:`schemas.config.load_or_exit`), which also creates missing topics and the
@@ -54,13 +55,13 @@ def build(settings: Settings) -> Dataflow:
     batches = op.input("read", flow, sources.BatchingKafkaSource(
         brokers, [REQUESTS, RESPONSES], starting_offset=sources.STARTING_OFFSET,
         batch_size=sources.BATCH_SIZE))
-    decoded = op.flat_map("decode", batches, sources.decode_batch)
+    decoded = op.flat_map_batch("decode", batches, sources.decode_batches)
     # (join shard, events) pairs go on; everything else is a dead letter.
     events = op.branch("valid", decoded, _is_group)
 
     joined = op.stateful_batch("join", events.trues, ops.join_builder(  # type: ignore[arg-type]
         settings.join_timeout_seconds, settings.dedupe_seconds))
-    routed = op.flat_map("price", joined, ops.route_to_windows(
+    routed = op.flat_map_batch("price", joined, ops.route_to_windows(
         lambda call: price_book(prices_file).price(call)))
     calls = op.branch("answered", routed, _is_group)
 

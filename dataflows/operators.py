@@ -70,10 +70,10 @@ def _freeze(state: object) -> bytes:
     return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-class JoinLogic(StatefulBatchLogic[RawGroup, list[Call | DeadLetter], bytes]):
+class JoinLogic(StatefulBatchLogic[list[RawGroup], list[Call | DeadLetter], bytes]):
     """Drives one :class:`JoinShard`: groups of raw records in, one list of outputs out.
 
-    Items are groups both ways (see :func:`dataflows.sources.decode_batch`): Bytewax
+    Items are groups both ways (see :func:`dataflows.sources.decode_batches`): Bytewax
     then moves one item per shard and poll, not one per event. Records are decoded
     here, after they crossed to this shard's process; one that turns out invalid
     leaves as an ``invalid`` dead letter among the outputs.
@@ -83,21 +83,23 @@ class JoinLogic(StatefulBatchLogic[RawGroup, list[Call | DeadLetter], bytes]):
         self.shard = shard
         self.clock = clock
 
-    def on_batch(self, values: list[RawGroup]
+    def on_batch(self, values: list[list[RawGroup]]
                  ) -> tuple[Iterable[list[Call | DeadLetter]], bool]:
         now = self.clock()
         out: list[Call | DeadLetter] = []
         on_event = self.shard.on_event
-        for topic, partition, records in values:
-            for offset, value in records:
-                event = decode_record(topic, partition, offset, value)
-                if type(event) is DeadLetter:
-                    out.append(event)
-                    continue
-                # tuple.__new__ skips NamedTuple's Python-level __new__: a third of a µs.
-                found = on_event(event, _new_tuple(SourceRef, (topic, partition, offset)), now)
-                if found:
-                    out.extend(found)
+        for groups in values:
+            for topic, partition, records in groups:
+                for offset, value in records:
+                    event = decode_record(topic, partition, offset, value)
+                    if type(event) is DeadLetter:
+                        out.append(event)
+                        continue
+                    # tuple.__new__ skips NamedTuple's Python-level __new__ (a third of a µs).
+                    source = _new_tuple(SourceRef, (topic, partition, offset))
+                    found = on_event(event, source, now)
+                    if found:
+                        out.extend(found)
         out.extend(self.shard.on_time(now))
         return ([out] if out else []), StatefulBatchLogic.RETAIN
 
@@ -113,24 +115,30 @@ class JoinLogic(StatefulBatchLogic[RawGroup, list[Call | DeadLetter], bytes]):
 
 
 def route_to_windows(price: Callable[[Call], Call]
-                     ) -> Callable[[tuple[str, list[Call | DeadLetter]]],
+                     ) -> Callable[[list[tuple[str, list[Call | DeadLetter]]]],
                                    list[DeadLetter | tuple[str, list[Call]]]]:
-    """After the join: price each call and group the calls by window shard; dead letters pass."""
+    """After the join: price each call and group the calls by window shard; dead letters pass.
 
-    def route(item: tuple[str, list[Call | DeadLetter]]
+    For :func:`bytewax.operators.flat_map_batch`: the outputs of every join shard at
+    hand are regrouped together, so the windows get one item per window shard,
+    not one per (join shard, window shard) pair (mostly a single call each).
+    """
+
+    def route(items: list[tuple[str, list[Call | DeadLetter]]]
               ) -> list[DeadLetter | tuple[str, list[Call]]]:
         out: list[DeadLetter | tuple[str, list[Call]]] = []
         groups: dict[str, list[Call]] = {}
-        for found in item[1]:
-            if type(found) is not Call:
-                out.append(found)  # type: ignore[arg-type]
-                continue
-            call = price(found)
-            shard = window_shard_key(call)
-            group = groups.get(shard)
-            if group is None:
-                groups[shard] = group = []
-            group.append(call)
+        for _, outputs in items:
+            for found in outputs:
+                if type(found) is not Call:
+                    out.append(found)  # type: ignore[arg-type]
+                    continue
+                call = price(found)
+                shard = window_shard_key(call)
+                group = groups.get(shard)
+                if group is None:
+                    groups[shard] = group = []
+                group.append(call)
         out.extend(groups.items())
         return out
 

@@ -30,10 +30,11 @@ def decode_one(topic: str, value: bytes | None, partition: int = 2, offset: int 
                ) -> tuple[LLMRequest | LLMResponse, SourceRef] | DeadLetter:
     """The one outcome of a record: routed by ``decode_batch``, then decoded as the
     join step decodes it."""
-    [out] = sources.decode_batch(sources.RecordBatch(topic, partition, [(offset, value)], []))
+    [out] = sources.decode_batches(
+        [sources.RecordBatch(topic, partition, [(offset, value)], [])])
     if isinstance(out, DeadLetter):
         return out
-    shard, (group_topic, group_partition, [(group_offset, raw)]) = out
+    shard, [(group_topic, group_partition, [(group_offset, raw)])] = out
     assert (group_topic, group_partition, group_offset, raw) == (topic, partition, offset, value)
     assert value is not None
     decoded = sources.decode_record(topic, partition, offset, value)
@@ -105,17 +106,26 @@ def test_a_batch_is_grouped_by_join_shard_keeping_order() -> None:
     records = [(offset, json.dumps({**REQUEST, "request_id": rid}).encode())
                for offset, rid in enumerate(ids)]
     records.insert(5, (999, b"junk"))
-    out = sources.decode_batch(sources.RecordBatch("llm.requests", 0, records, []))
+    responses = [(offset, json.dumps({"request_id": rid, "timestamp": "2025-06-01T00:00:01Z"}
+                                     ).encode())
+                 for offset, rid in enumerate(ids[:50])]
+    out = sources.decode_batches([
+        sources.RecordBatch("llm.requests", 0, records, []),
+        sources.RecordBatch("llm.responses", 1, responses, []),
+    ])
     letters = [item for item in out if isinstance(item, DeadLetter)]
-    groups = dict(item for item in out if not isinstance(item, DeadLetter))
+    shards = [item for item in out if not isinstance(item, DeadLetter)]
     assert [letter.offset for letter in letters] == [999]
-    assert sum(len(group[2]) for group in groups.values()) == 200
-    for shard, (topic, partition, group) in groups.items():
-        assert (topic, partition) == ("llm.requests", 0)
-        assert all(sources.join_shard_key(json.loads(value)["request_id"]) == shard
-                   for _, value in group)
-        offsets = [offset for offset, _ in group]
-        assert offsets == sorted(offsets)
+    assert len({shard for shard, _ in shards}) == len(shards)  # one item per shard
+    seen: dict[tuple[str, int], int] = {("llm.requests", 0): 0, ("llm.responses", 1): 0}
+    for shard, groups in shards:
+        for topic, partition, group in groups:
+            seen[(topic, partition)] += len(group)
+            assert all(sources.join_shard_key(json.loads(value)["request_id"]) == shard
+                       for _, value in group)
+            offsets = [offset for offset, _ in group]
+            assert offsets == sorted(offsets)
+    assert seen == {("llm.requests", 0): 200, ("llm.responses", 1): 50}
 
 
 def test_a_record_goes_to_the_shard_of_the_request_id_it_decodes_to() -> None:
@@ -130,9 +140,10 @@ def test_a_record_goes_to_the_shard_of_the_request_id_it_decodes_to() -> None:
 
 def test_the_join_step_dead_letters_a_routed_record_that_is_invalid() -> None:
     value = json.dumps({**REQUEST, "timestamp": "2025-06-01T00:00:00"}).encode()
-    [(shard, group)] = sources.decode_batch(sources.RecordBatch("llm.requests", 3, [(8, value)], []))
+    [(shard, groups)] = sources.decode_batches(
+        [sources.RecordBatch("llm.requests", 3, [(8, value)], [])])
     assert shard == sources.join_shard_key("r-1")
-    [found], _ = operators.join_builder(30, 60)(None).on_batch([group])
+    [found], _ = operators.join_builder(30, 60)(None).on_batch([groups])
     [letter] = found
     assert isinstance(letter, DeadLetter)
     assert (letter.reason, letter.source_topic, letter.partition, letter.offset) == (
@@ -141,7 +152,7 @@ def test_the_join_step_dead_letters_a_routed_record_that_is_invalid() -> None:
 
 
 def test_an_unknown_topic_makes_every_record_a_dead_letter() -> None:
-    out = sources.decode_batch(sources.RecordBatch("other", 0, [(1, b"{}"), (2, b"{}")], []))
+    out = sources.decode_batches([sources.RecordBatch("other", 0, [(1, b"{}"), (2, b"{}")], [])])
     assert [item.offset for item in out if isinstance(item, DeadLetter)] == [1, 2]
 
 
@@ -180,7 +191,7 @@ def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
     build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60)
     logic = build(None)
     logic.clock = clock
-    out, retain = logic.on_batch([*_events("a", T0), *_events("b", T0)[:1]])
+    out, retain = logic.on_batch([_events("a", T0), _events("b", T0)[:1]])
     assert retain is False  # RETAIN
     [found] = out
     assert [c.request.request_id for c in found if isinstance(c, Call)] == ["a"]
@@ -198,12 +209,12 @@ def test_join_logic_snapshot_is_a_frozen_copy_that_resumes() -> None:
     build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60)
     logic = build(None)
     logic.clock = clock
-    logic.on_batch(_events("a", T0)[:1])
+    logic.on_batch([_events("a", T0)[:1]])
     snapshot = logic.snapshot()
-    logic.on_batch(_events("a", T0)[1:])  # later changes do not reach the snapshot
+    logic.on_batch([_events("a", T0)[1:]])  # later changes do not reach the snapshot
     resumed = build(snapshot)
     resumed.clock = clock
-    [found], _ = resumed.on_batch(_events("a", T0)[1:])
+    [found], _ = resumed.on_batch([_events("a", T0)[1:]])
     assert len(found) == 1 and isinstance(found[0], Call)
 
 
@@ -349,10 +360,12 @@ def test_calls_are_priced_and_grouped_by_window_shard() -> None:
         return c
 
     calls = [call(tenant, n) for n in range(3) for tenant in ("a", "b", "c", "d")]
-    out = operators.route_to_windows(price)(("7", [*calls, letter]))
+    # The outputs of two join shards, regrouped together.
+    out = operators.route_to_windows(price)([("7", [*calls[:5], letter]), ("9", calls[5:])])
     assert letter in out
     groups = dict(item for item in out if not isinstance(item, DeadLetter))
     assert sorted(priced) == sorted(c.request.request_id for c in calls)
+    assert len(groups) == len([item for item in out if not isinstance(item, DeadLetter)])
     for shard, group in groups.items():
         assert all(operators.window_shard_key(c) == shard for c in group)
     assert sum(len(group) for group in groups.values()) == len(calls)
