@@ -16,14 +16,12 @@ pickles as one msgpack string (:func:`_reduce_call`).
 
 from __future__ import annotations
 
-import copyreg
 import pickle
 import time
 import zlib
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
-import msgspec
 from bytewax.operators import StatefulBatchLogic
 
 from dataflows.join import Call, JoinShard, SourceRef
@@ -36,21 +34,6 @@ WINDOW_SHARD_NAMES: tuple[str, ...] = tuple(str(n) for n in range(WINDOW_SHARDS)
 
 _new_tuple = tuple.__new__
 
-_call_encoder = msgspec.msgpack.Encoder()
-_call_decoder = msgspec.msgpack.Decoder(Call)
-
-
-def _call_from_msgpack(data: bytes) -> Call:
-    return _call_decoder.decode(data)
-
-
-def _reduce_call(call: Call) -> tuple[Callable[[bytes], Call], tuple[bytes]]:
-    # Pickled field by field a call takes ~30 µs there and back (an aware datetime
-    # alone takes several); as one msgpack string, a few.
-    return _call_from_msgpack, (_call_encoder.encode(call),)
-
-
-copyreg.pickle(Call, _reduce_call)  # type: ignore[arg-type]
 
 
 def window_shard_key(call: Call) -> str:

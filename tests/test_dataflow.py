@@ -4,7 +4,6 @@ the Postgres upsert (on a real Postgres), the Kafka records and the runner's set
 from __future__ import annotations
 
 import base64
-import copyreg
 import json
 import pickle
 import zlib
@@ -372,9 +371,9 @@ def test_calls_are_priced_and_grouped_by_window_shard() -> None:
 
 
 def test_calls_pickle_to_equal_calls() -> None:
-    # Calls cross between processes (join shard to window shard) as msgpack
-    # (dataflows.operators registers how).
-    assert copyreg.dispatch_table[Call] is operators._reduce_call
+    # Calls cross between processes (join shard to window shard) as msgpack.
+    assert Call(request=LLMRequest(request_id="r", tenant_id="t", route="/", model="m", timestamp=T0),
+                response=None, source=SourceRef("t", 0, 0)).__reduce__()[0].__name__ == "_call_from_msgpack"
     request = LLMRequest(request_id="r-1", tenant_id="acme", route="/chat", model="m",
                          timestamp=T0 + timedelta(microseconds=7), prompt_tokens=5,
                          provider="openai", metadata={"a": 1, "b": None, "c": "x"})
