@@ -2,14 +2,15 @@
 
 Figures: single events at concurrency 64 (events/s, p50/p99 latency) and batches
 of 1,000 events (events/s), with ``GET /health`` as the same-run baseline of what
-the HTTP stack alone does on this machine. Targets (2 cores, one server process):
-≥ 5,000 single events/s with p99 ≤ 50 ms; ≥ 100,000 events/s in batches.
+the HTTP stack alone does on this machine; all of it with API keys off, then on
+(a real key in a real Postgres), and the ratio of the two. Targets (2 cores, one
+server process): ≥ 5,000 single events/s with p99 ≤ 50 ms; ≥ 100,000 events/s in
+batches; auth on within 10 % of auth off.
 
 The load comes from ``wrk`` with a Lua script when it is installed, else from a
 small asyncio client speaking raw HTTP/1.1 over keep-alive connections.
 
-Environment: ``BENCH_SECONDS`` (default 10) per phase; ``AUTH`` is passed to the
-server (default off) and ``BENCH_API_KEY``, when set, is sent as a Bearer key.
+Environment: ``BENCH_SECONDS`` (default 10) per phase.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psycopg
 
-from deploy.stack import Broker, free_port
+from api.keys import create_key
+from deploy.stack import Broker, Postgres, free_port
+from schemas.database import ensure_schema
 from schemas.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,9 +80,8 @@ def _batch_body() -> bytes:
     return json.dumps({"events": events}).encode()
 
 
-def _headers() -> dict[str, str]:
+def _headers(key: str | None) -> dict[str, str]:
     headers = {"Content-Type": "application/json"}
-    key = os.environ.get("BENCH_API_KEY")
     if key:
         headers["Authorization"] = f"Bearer {key}"
     return headers
@@ -106,8 +109,8 @@ def _lua_string(text: str) -> str:
     return "[==[" + text + "]==]"
 
 
-def _lua_headers() -> str:
-    pairs = ", ".join(f'["{k}"] = "{v}"' for k, v in _headers().items())
+def _lua_headers(key: str | None) -> str:
+    pairs = ", ".join(f'["{k}"] = "{v}"' for k, v in _headers(key).items())
     return f"headers = {{{pairs}}}\n"
 
 
@@ -148,19 +151,25 @@ def _run_wrk(url: str, script: str, seconds: int, connections: int, workdir: Pat
     return Figures(float(rate.group(1)), latency("50"), latency("99"), failures)
 
 
-def _wrk_single(url: str, seconds: int, workdir: Path) -> Figures:
+def _wrk_single(url: str, seconds: int, workdir: Path, key: str | None) -> Figures:
     template = json.dumps(_request_event("REQUEST_ID")).replace("REQUEST_ID", "w%d-%d")
-    script = _lua_headers() + _WRK_SINGLE % _lua_string(template)
+    script = _lua_headers(key) + _WRK_SINGLE % _lua_string(template)
     return _run_wrk(url, script, seconds, CONCURRENCY, workdir)
 
 
 def _wrk_body(
-    url: str, path: str, body: bytes | None, seconds: int, connections: int, workdir: Path
+    url: str,
+    path: str,
+    body: bytes | None,
+    seconds: int,
+    connections: int,
+    workdir: Path,
+    key: str | None,
 ) -> Figures:
     if body is None:
         script = f'function request() return wrk.format("GET", "{path}") end\n'
     else:
-        script = _lua_headers() + f"body = {_lua_string(body.decode())}\n"
+        script = _lua_headers(key) + f"body = {_lua_string(body.decode())}\n"
         script += _WRK_BODY % json.dumps(path)
     return _run_wrk(url, script, seconds, connections, workdir)
 
@@ -204,33 +213,35 @@ async def _raw_load(port: int, make_request: object, seconds: float, connections
     )
 
 
-def _raw_request(path: str, body: bytes | None) -> bytes:
+def _raw_request(path: str, body: bytes | None, key: str | None) -> bytes:
     if body is None:
         return f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
     head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
-    head += "".join(f"{k}: {v}\r\n" for k, v in _headers().items())
+    head += "".join(f"{k}: {v}\r\n" for k, v in _headers(key).items())
     return head.encode() + b"\r\n" + body
 
 
-def _asyncio_single(port: int, seconds: int) -> Figures:
+def _asyncio_single(port: int, seconds: int, key: str | None) -> Figures:
     def make(counter: int) -> bytes:
         body = json.dumps(_request_event(f"a-{counter}")).encode()
-        return _raw_request("/v1/llm/request", body)
+        return _raw_request("/v1/llm/request", body, key)
 
     return asyncio.run(_raw_load(port, make, seconds, CONCURRENCY))
 
 
-def _asyncio_body(port: int, path: str, body: bytes | None, seconds: int, connections: int) -> Figures:
-    request = _raw_request(path, body)
+def _asyncio_body(
+    port: int, path: str, body: bytes | None, seconds: int, connections: int, key: str | None
+) -> Figures:
+    request = _raw_request(path, body, key)
     return asyncio.run(_raw_load(port, lambda _: request, seconds, connections))
 
 
 # -- the run ----------------------------------------------------------------------
 
 
-def _start_server(brokers: str, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "KAFKA_BROKERS": brokers, "AUTH": os.environ.get("AUTH", "off")}
-    with open(log, "wb") as out:
+def _start_server(brokers: str, dsn: str, auth: bool, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "KAFKA_BROKERS": brokers, "POSTGRES_DSN": dsn, "AUTH": "on" if auth else "off"}
+    with open(log, "ab") as out:
         process = subprocess.Popen(
             [
                 sys.executable, "-m", "uvicorn", "api.ingestion:app",
@@ -255,58 +266,78 @@ def _start_server(brokers: str, port: int, log: Path) -> subprocess.Popen[bytes]
 
 def _report(name: str, figures: Figures, events_per_request: int = 1) -> None:
     print(
-        f"{name:<34} {figures.requests_per_second * events_per_request:>10,.0f} events/s"
+        f"{name:<40} {figures.requests_per_second * events_per_request:>10,.0f} events/s"
         f"   p50 {figures.p50_ms:6.1f} ms   p99 {figures.p99_ms:6.1f} ms"
         f"   failures {figures.failures}",
         flush=True,
     )
 
 
+def _phases(
+    url: str, port: int, key: str | None, seconds: int, workdir: Path, use_wrk: bool, label: str
+) -> tuple[Figures, Figures]:
+    """Warm-up, the /health baseline, single events, batches; returns (single, batches)."""
+    batch = _batch_body()
+
+    def single(duration: int) -> Figures:
+        if use_wrk:
+            return _wrk_single(url, duration, workdir, key)
+        return _asyncio_single(port, duration, key)
+
+    def fixed(path: str, body: bytes | None, duration: int, connections: int) -> Figures:
+        if use_wrk:
+            return _wrk_body(url, path, body, duration, connections, workdir, key)
+        return _asyncio_body(port, path, body, duration, connections, key)
+
+    single(2)  # warm-up: connections, producer id, caches, the key's cache entry
+    _report(f"{label}: baseline GET /health (c=64)", fixed("/health", None, seconds, CONCURRENCY))
+    singles = single(seconds)
+    _report(f"{label}: single events (c=64)", singles)
+    batches = fixed("/v1/llm/events", batch, seconds, BATCH_CONCURRENCY)
+    _report(f"{label}: batches of {BATCH_EVENTS} (c={BATCH_CONCURRENCY})", batches, BATCH_EVENTS)
+    return singles, batches
+
+
 def main() -> None:
     seconds = int(os.environ.get("BENCH_SECONDS", "10"))
     use_wrk = shutil.which("wrk") is not None
-    print(
-        f"load generator: {'wrk' if use_wrk else 'asyncio raw HTTP/1.1'}; "
-        f"{seconds} s per phase; auth {os.environ.get('AUTH', 'off')}"
-    )
+    print(f"load generator: {'wrk' if use_wrk else 'asyncio raw HTTP/1.1'}; {seconds} s per phase")
     with tempfile.TemporaryDirectory(prefix="bench-ingestion-") as directory:
         workdir = Path(directory)
         broker = Broker(workdir / "broker").start()
-        server = None
+        postgres = Postgres(workdir / "postgres").start()
         try:
             ensure_topics(broker.address, 3)
-            port = free_port()
-            server = _start_server(broker.address, port, workdir / "server.log")
-            url = f"http://127.0.0.1:{port}"
-            batch = _batch_body()
-
-            def single(duration: int) -> Figures:
-                if use_wrk:
-                    return _wrk_single(url, duration, workdir)
-                return _asyncio_single(port, duration)
-
-            def fixed(path: str, body: bytes | None, duration: int, connections: int) -> Figures:
-                if use_wrk:
-                    return _wrk_body(url, path, body, duration, connections, workdir)
-                return _asyncio_body(port, path, body, duration, connections)
-
-            single(2)  # warm-up: connections, producer id, caches
-            _report("baseline GET /health (c=64)", fixed("/health", None, seconds, CONCURRENCY))
-            _report("single events (c=64)", single(seconds))
-            _report(
-                f"batches of {BATCH_EVENTS} (c={BATCH_CONCURRENCY})",
-                fixed("/v1/llm/events", batch, seconds, BATCH_CONCURRENCY),
-                BATCH_EVENTS,
-            )
+            ensure_schema(postgres.dsn)
+            with psycopg.connect(postgres.dsn) as conn:
+                key = create_key(conn, "bench", "ingest").key
+            results: dict[bool, tuple[Figures, Figures]] = {}
+            for auth in (False, True):
+                port = free_port()
+                server = _start_server(broker.address, postgres.dsn, auth, port, workdir / "server.log")
+                try:
+                    results[auth] = _phases(
+                        f"http://127.0.0.1:{port}",
+                        port,
+                        key if auth else None,
+                        seconds,
+                        workdir,
+                        use_wrk,
+                        f"auth {'on' if auth else 'off'}",
+                    )
+                finally:
+                    server.terminate()
+                    server.wait(30)
+            (single_off, batch_off), (single_on, batch_on) = results[False], results[True]
+            single_ratio = single_on.requests_per_second / single_off.requests_per_second
+            batch_ratio = batch_on.requests_per_second / batch_off.requests_per_second
+            print(f"auth on / off: single events {single_ratio:.1%}, batches {batch_ratio:.1%}")
             print(
-                f"batch body: {len(batch) / 1024:.0f} KiB; "
-                "targets: ≥ 5,000 single events/s with p99 ≤ 50 ms, ≥ 100,000 events/s "
-                "in batches"
+                "targets: ≥ 5,000 single events/s with p99 ≤ 50 ms, ≥ 100,000 events/s in batches, "
+                "auth on ≥ 90 % of auth off"
             )
         finally:
-            if server is not None:
-                server.terminate()
-                server.wait(30)
+            postgres.stop()
             broker.stop()
 
 
