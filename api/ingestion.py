@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import msgspec
 from confluent_kafka import KafkaException
@@ -60,6 +61,7 @@ EVENT_TOPICS = frozenset({REQUESTS, RESPONSES})
 
 _ACCEPTED = b'{"status":"accepted"}'
 Record = tuple[str, bytes, bytes]
+T = TypeVar("T")
 
 
 def to_record(event: Event) -> Record:
@@ -78,6 +80,23 @@ def _malformed(error: ValueError) -> str:
     if isinstance(error, UnicodeDecodeError):
         return f"a string is not valid UTF-8 (byte {error.start} of it)"
     return str(error)
+
+
+async def _decode_body(
+    request: Request, limit: int, decoder: msgspec.json.Decoder[T], invalid_code: str
+) -> T | Response:
+    """The body decoded, or the 415/413/400 answer saying what is wrong with it."""
+    try:
+        check_content_type(request)
+        body = await read_body(request, limit)
+    except BodyError as error:
+        return error_response(error.status, error.code, error.detail, error.headers)
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as error:
+        return error_response(400, invalid_code, str(error))
+    except (msgspec.DecodeError, UnicodeDecodeError) as error:
+        return error_response(400, "invalid_json", _malformed(error))
 
 
 def _unavailable(detail: str) -> Response:
@@ -183,17 +202,9 @@ class Ingestion:
         principal = await authenticate(request, "ingest")
         if isinstance(principal, Response):
             return principal
-        try:
-            check_content_type(request)
-            body = await read_body(request, EVENT_BODY_LIMIT)
-        except BodyError as error:
-            return error_response(error.status, error.code, error.detail, error.headers)
-        try:
-            event = decoder.decode(body)
-        except msgspec.ValidationError as error:
-            return error_response(400, "invalid_event", str(error))
-        except (msgspec.DecodeError, UnicodeDecodeError) as error:
-            return error_response(400, "invalid_json", _malformed(error))
+        event = await _decode_body(request, EVENT_BODY_LIMIT, decoder, "invalid_event")
+        if isinstance(event, Response):
+            return event
         future = check_not_future(event, time.time())
         if future is not None:
             return error_response(400, "invalid_event", future)
@@ -209,17 +220,9 @@ class Ingestion:
         principal = await authenticate(request, "ingest")
         if isinstance(principal, Response):
             return principal
-        try:
-            check_content_type(request)
-            body = await read_body(request, BATCH_BODY_LIMIT)
-        except BodyError as error:
-            return error_response(error.status, error.code, error.detail, error.headers)
-        try:
-            batch = batch_decoder.decode(body)
-        except msgspec.ValidationError as error:
-            return error_response(400, "invalid_batch", str(error))
-        except (msgspec.DecodeError, UnicodeDecodeError) as error:
-            return error_response(400, "invalid_json", _malformed(error))
+        batch = await _decode_body(request, BATCH_BODY_LIMIT, batch_decoder, "invalid_batch")
+        if isinstance(batch, Response):
+            return batch
         records: list[Record] = []
         rejected: list[dict[str, object]] = []
         now = time.time()
