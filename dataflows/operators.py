@@ -11,7 +11,7 @@ still expires timeouts and closes windows as the wall clock advances event time.
 
 With several processes, Bytewax pickles what crosses between them: raw records
 into the join (see :mod:`dataflows.sources`) and calls into the windows. A call
-pickles as one msgpack string (:func:`_reduce_call`).
+pickles as one msgpack string (``Call.__reduce__``).
 """
 
 from __future__ import annotations
