@@ -234,7 +234,7 @@ def decode_batches(batches: list[RecordBatch]
                     out.append(decoded)
                     continue
                 request_id = decoded.request_id  # type: ignore[union-attr]
-            shard = JOIN_SHARD_NAMES[zlib.crc32(request_id.encode()) % JOIN_SHARDS]
+            shard = join_shard_key(request_id)
             group = groups.get(shard)
             if group is None:
                 groups[shard] = group = []
