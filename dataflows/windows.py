@@ -30,7 +30,7 @@ from msgspec import Struct
 from dataflows.aggregate import CallStats
 from dataflows.clock import Watermark
 from dataflows.join import WAKEUP_MARGIN, Call, call_to_json
-from schemas.deadletter import DeadLetter
+from schemas.deadletter import DeadLetter, Reason
 from schemas.metrics import MetricsRow
 
 Key = tuple[str, str, str]  # tenant_id, route, model
@@ -71,6 +71,19 @@ def _iso(seconds: float) -> str:
     if seconds > LAST_INSTANT:
         return "after 9999-12-31T23:59:59Z"
     return datetime.fromtimestamp(seconds, UTC).isoformat()
+
+
+def _dead_letter(call: Call, reason: Reason, error: str) -> DeadLetter:
+    """A call the windows cannot count, with the record that completed it."""
+    source = call.source
+    return DeadLetter(
+        reason=reason,
+        source_topic=source.topic,
+        partition=source.partition,
+        offset=source.offset,
+        error=error,
+        payload=call_to_json(call),
+    )
 
 
 class WindowShard:
@@ -120,33 +133,21 @@ class WindowShard:
 
     def _too_late(self, call: Call, start: int, event_time: float) -> DeadLetter:
         end = start + self.window
-        source = call.source
-        return DeadLetter(
-            reason="too_late",
-            source_topic=source.topic,
-            partition=source.partition,
-            offset=source.offset,
-            error=(
-                f"call {call.request.request_id!r} belongs to the window "
-                f"[{_iso(start)}, {_iso(end)}), closed for good at {_iso(end + self.lateness)} "
-                f"(LATENESS_SECONDS {self.lateness}); event time was already {_iso(event_time)}"
-            ),
-            payload=call_to_json(call),
+        return _dead_letter(
+            call,
+            "too_late",
+            f"call {call.request.request_id!r} belongs to the window "
+            f"[{_iso(start)}, {_iso(end)}), closed for good at {_iso(end + self.lateness)} "
+            f"(LATENESS_SECONDS {self.lateness}); event time was already {_iso(event_time)}",
         )
 
     def _unstorable(self, call: Call, start: int) -> DeadLetter:
-        source = call.source
-        return DeadLetter(
-            reason="invalid",
-            source_topic=source.topic,
-            partition=source.partition,
-            offset=source.offset,
-            error=(
-                f"call {call.request.request_id!r}: its request timestamp "
-                f"{call.request.timestamp.isoformat()} falls in a window that starts or ends "
-                f"outside the years 1-9999, which a row cannot hold - at `$.timestamp`"
-            ),
-            payload=call_to_json(call),
+        return _dead_letter(
+            call,
+            "invalid",
+            f"call {call.request.request_id!r}: its request timestamp "
+            f"{call.request.timestamp.isoformat()} falls in a window that starts or ends "
+            f"outside the years 1-9999, which a row cannot hold - at `$.timestamp`",
         )
 
     def on_time(self, now: float) -> list[WindowRow]:
