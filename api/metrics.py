@@ -3,7 +3,8 @@
 ``GET /v1/metrics`` reads stored windows or rolls them up (see :mod:`api.queries`);
 ``GET /health`` answers while the process runs, ``GET /ready`` while Postgres
 answers, ``GET /openapi.json`` describes all of it. ``/v1/metrics`` takes a
-``read`` API key of the tenant asked for (:mod:`api.auth`).
+``read`` API key of the tenant asked for, ``/openapi.json`` a ``read`` key of any
+tenant (:mod:`api.auth`).
 """
 
 from __future__ import annotations
@@ -260,7 +261,15 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             "/openapi.json": {
-                "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}
+                "get": {
+                    "summary": "This document",
+                    "security": [{"apiKey": []}],
+                    "responses": {
+                        "200": {"description": "OpenAPI 3.1"},
+                        "401": error | {"description": "No valid API key (`Authorization: Bearer`)."},
+                        "403": error | {"description": "The key is not a `read` key."},
+                    },
+                }
             },
         },
         "components": {
@@ -288,6 +297,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     document = _encoder.encode(openapi_document())
 
     async def openapi(request: Request) -> Response:
+        principal = await authenticate(request, "read")
+        if isinstance(principal, Response):
+            return principal
         return Response(document, media_type="application/json")
 
     @asynccontextmanager

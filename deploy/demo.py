@@ -427,7 +427,7 @@ def _run_services(
         print(f"Query it yourself with {example}'s read key, per window or rolled up:")
         print(f"  curl -s {header} '{metrics_url}/v1/metrics?tenant_id={example}&limit=5'")
         print(f"  curl -s {header} '{metrics_url}/v1/metrics?tenant_id={example}&bucket=1h&group_by=model'")
-        print(f"  the API's description: {metrics_url}/openapi.json", flush=True)
+        print(f"  the API's description, with the same key: {metrics_url}/openapi.json", flush=True)
         if config.exit_after_table:
             return
         print(

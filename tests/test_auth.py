@@ -587,8 +587,11 @@ def test_query_api_reads_only_the_keys_tenant(postgres_dsn: str, keys: Keys) -> 
     with TestClient(metrics.create_app(Settings(postgres_dsn=postgres_dsn))) as client:
         assert client.get("/health").status_code == 200
         assert client.get("/ready").status_code == 200
-        document = client.get("/openapi.json").json()
+        # Only /health and /ready go without a key; the API's description too needs one.
+        assert_unauthorized(client.get("/openapi.json"), key_given=False)
+        document = client.get("/openapi.json", headers=bearer(keys.acme_read)).json()
         assert document["paths"]["/v1/metrics"]["get"]["security"] == [{"apiKey": []}]
+        assert document["paths"]["/openapi.json"]["get"]["security"] == [{"apiKey": []}]
 
         assert_unauthorized(client.get("/v1/metrics", params={"tenant_id": "acme"}), key_given=False)
         # 401 comes before any parameter is looked at.
