@@ -26,13 +26,13 @@ import msgspec
 import psycopg
 from msgspec import Struct
 
-from api.auth import KEY_ID_LENGTH, SCOPES, NewKey, Scope, generate_key, key_prefix
+from api.auth import KEY_ID_ALPHABET, KEY_ID_LENGTH, SCOPES, NewKey, Scope, generate_key, key_prefix
 from schemas.config import load_or_exit
 from schemas.database import ensure_schema
 from schemas.events import Identifier
 
 MIN_PREFIX_ID_CHARS = 4
-_KEY_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_KEY_ID_CHARS = frozenset(KEY_ID_ALPHABET)
 
 
 class KeyCommandError(Exception):
