@@ -35,9 +35,9 @@ from urllib.parse import urlsplit
 import msgspec
 
 from api.auth import key_prefix
+from schemas.events import BATCH_MAX_EVENTS
 
 BATCH_PATH = "/v1/llm/events"
-MAX_BATCH_EVENTS = 1000  # the ingestion API's limit per batch
 TICK_SECONDS = 0.2
 # Responses sent ahead of their request (the request follows one tick later).
 EARLY_RESPONSE_SHARE = 0.03
@@ -362,8 +362,8 @@ def run(
                 _, _, tenant, response = heapq.heappop(pending)
                 batches[sender_of[tenant]].append(response)
             for sender, batch in batches.items():
-                for chunk in range(0, len(batch), MAX_BATCH_EVENTS):
-                    sender.post(batch[chunk : chunk + MAX_BATCH_EVENTS], totals)
+                for chunk in range(0, len(batch), BATCH_MAX_EVENTS):
+                    sender.post(batch[chunk : chunk + BATCH_MAX_EVENTS], totals)
             if progress is not None:
                 progress(elapsed, totals, len(pending) + len(held))
             if elapsed >= duration and not pending and not held:
