@@ -5,13 +5,20 @@ so a window's row does not depend on the order its calls arrived in: several
 workers, or a replay after a crash, fold the same calls in another order and
 must give the same row.
 
-Latencies go to a list first and into the t-digest in sorted chunks: one
-``batch_update`` per chunk is far cheaper than one ``update`` per call, and a
-digest of up to :data:`EXACT_UP_TO` values holds each value as its own centroid,
-so percentiles of small windows lie between the nearest-rank values around them.
+The latency t-digest is built when a row is emitted, from a summary of the
+latencies that does not depend on their order either: the values themselves up
+to :data:`EXACT_UP_TO` of them (a digest of that many holds each value as its
+own centroid, so percentiles of small windows lie between the nearest-rank
+values around them), and beyond, a count per latency bucket 0.2 % wide. A digest
+fed in arrival order would give other percentiles after a replay, or with
+another number of workers.
 """
 
 from __future__ import annotations
+
+import math
+import sys
+from itertools import repeat
 
 from fastdigest import TDigest
 from msgspec import Struct
@@ -19,11 +26,17 @@ from msgspec import Struct
 from dataflows.join import Call
 
 # fastdigest's default size: up to about 850 values it keeps every value exactly;
-# beyond, quantiles stay well within 1 % (see tests/bench/bench_tdigest.py).
+# beyond, quantiles stay well within 1 % (see tests/bench/bench_tdigest.py), and
+# the latency buckets below add at most 0.1 %.
 MAX_CENTROIDS = 1000
 EXACT_UP_TO = 850
-# Latencies buffered before they are folded into the digest.
-CHUNK = 256
+# Past EXACT_UP_TO a latency counts in bucket floor(log(latency) / log(growth)),
+# and stands for the bucket's geometric middle: at most 0.1 % from its value.
+BUCKET_GROWTH = 1.002
+_LOG_GROWTH = math.log(BUCKET_GROWTH)
+_LOG_MAX = math.log(sys.float_info.max)
+# Zero has no logarithm; no positive float's bucket is this low (about -372,000).
+ZERO_BUCKET = -(10**9)
 
 NANOS_PER_MS = 1_000_000
 PICO_USD = 1_000_000_000_000
@@ -35,6 +48,18 @@ COST_DECIMALS = 9
 
 def new_digest() -> TDigest:
     return TDigest(max_centroids=MAX_CENTROIDS)
+
+
+def latency_bucket(latency: float) -> int:
+    """The bucket a latency (ms, ≥ 0) counts in once a window holds more than EXACT_UP_TO."""
+    return math.floor(math.log(latency) / _LOG_GROWTH) if latency > 0 else ZERO_BUCKET
+
+
+def bucket_latency(bucket: int) -> float:
+    """The latency a bucket stands for: its geometric middle (never past the largest float)."""
+    if bucket == ZERO_BUCKET:
+        return 0.0
+    return math.exp(min((bucket + 0.5) * _LOG_GROWTH, _LOG_MAX))
 
 
 def call_latency_ms(call: Call) -> float:
@@ -63,9 +88,10 @@ class CallStats(Struct, gc=False):
     reasoning_tokens: int = 0
     cost_pico_usd: int = 0
     unpriced: int = 0
-    # Latencies (ms) not yet in the digest.
+    # Latencies (ms), while there are at most EXACT_UP_TO of them ...
     latencies: list[float] = []
-    digest: TDigest | None = None
+    # ... then, instead, how many fell in each latency_bucket.
+    buckets: dict[int, int] | None = None
 
     def add(self, call: Call) -> None:
         """Fold one priced call in. Timeouts count as requests and errors only."""
@@ -85,10 +111,15 @@ class CallStats(Struct, gc=False):
         self.latency_ns += (
             round(latency * NANOS_PER_MS) if latency < WHOLE_FLOATS else int(latency) * NANOS_PER_MS
         )
-        latencies = self.latencies
-        latencies.append(latency)
-        if len(latencies) >= CHUNK:
-            self._fold()
+        buckets = self.buckets
+        if buckets is None:
+            latencies = self.latencies
+            latencies.append(latency)
+            if len(latencies) > EXACT_UP_TO:
+                self._to_buckets()
+        else:
+            bucket = latency_bucket(latency)
+            buckets[bucket] = buckets.get(bucket, 0) + 1
         ttft = response.time_to_first_token_ms
         if ttft is not None:
             self.ttft_ns += round(ttft * NANOS_PER_MS) if ttft < WHOLE_FLOATS else int(ttft) * NANOS_PER_MS
@@ -107,20 +138,27 @@ class CallStats(Struct, gc=False):
         else:
             self.cost_pico_usd += round(cost * PICO_USD) if cost < WHOLE_FLOATS else int(cost) * PICO_USD
 
-    def _fold(self) -> None:
-        if self.digest is None:
-            self.digest = new_digest()
-        # Sorted, so the digest does not depend on the order within a chunk.
-        self.latencies.sort()
-        self.digest.batch_update(self.latencies)
+    def _to_buckets(self) -> None:
+        buckets: dict[int, int] = {}
+        for latency in self.latencies:
+            bucket = latency_bucket(latency)
+            buckets[bucket] = buckets.get(bucket, 0) + 1
+        self.buckets = buckets
         self.latencies = []
 
     def latency_digest(self) -> TDigest:
-        """Every latency so far, as a new t-digest. The state is left as it is, so
-        the stored digest only ever takes whole chunks, however often rows are emitted."""
-        digest = new_digest() if self.digest is None else self.digest.copy()
-        if self.latencies:
-            digest.batch_update(sorted(self.latencies))
+        """Every latency so far, as a new t-digest built in ascending order: the same
+        calls give the same digest, whatever order they were added in."""
+        digest = new_digest()
+        if self.buckets is None:
+            if self.latencies:
+                digest.batch_update(sorted(self.latencies))
+            return digest
+        buckets = self.buckets
+        ascending: list[float] = []
+        for bucket in sorted(buckets):
+            ascending.extend(repeat(bucket_latency(bucket), buckets[bucket]))
+        digest.batch_update(ascending)
         return digest
 
     def row_fields(self, digest: TDigest) -> dict[str, int | float | None]:
