@@ -21,7 +21,9 @@ Rules (contract §3, decided in detail here):
   unpairable pair (too far apart) reports both.
 - Before a call is counted the first request and the first response win; after
   it, repeats on either side are ignored (counted in :attr:`JoinShard.duplicates`)
-  until the watermark passes ``request_ts + max(timeout, dedupe)``. The one
+  until the watermark passes ``counted_at + max(timeout, dedupe)``, where
+  ``counted_at`` is the later of the two timestamps (the request's + timeout for
+  a timed-out call). The one
   exception: the first response to reach a request that already timed out is
   dead-lettered as ``orphan_response`` rather than ignored, because it is not a
   repeat and the contract never drops a valid event silently. Nor is a response
@@ -143,7 +145,8 @@ class JoinShard:
 
     def __init__(self, timeout_seconds: float, dedupe_seconds: float) -> None:
         self.timeout = float(timeout_seconds)
-        # How long a counted request_id is remembered, from its request time.
+        # How long a counted request_id is remembered, from the event time at which
+        # it was counted: repeats are ignored for at least DEDUPE_SECONDS after.
         self.remember = float(max(timeout_seconds, dedupe_seconds))
         self.watermark = Watermark()
         self._pending: dict[str, _Pending] = {}
@@ -263,7 +266,8 @@ class JoinShard:
         if check_cache_read(request, response) is not None:
             self.cache_reads_clamped += 1
             response = msgspec.structs.replace(response, cache_read_tokens=request.prompt_tokens)
-        expiry = request_ts + self.remember
+        completed_at = request_ts if request_ts > response_ts else response_ts
+        expiry = completed_at + self.remember
         self._counted[rid] = (expiry, request.tenant_id)
         self._schedule(expiry, rid)
         out.append(
@@ -271,7 +275,7 @@ class JoinShard:
                 request=request,
                 response=response,
                 source=source,
-                completed_at=request_ts if request_ts > response_ts else response_ts,
+                completed_at=completed_at,
             )
         )
         return out
@@ -404,7 +408,7 @@ class JoinShard:
             )
         )
         entry.request_done = True
-        expiry = entry.request_ts + self.remember
+        expiry = deadline + self.remember
         self._counted[rid] = (expiry, request.tenant_id)
         self._schedule(expiry, rid)
         if entry.unpaired is None:

@@ -293,16 +293,27 @@ def test_after_counting_repeats_are_ignored_until_dedupe_expires() -> None:
     assert len(feed(join, [request("a", 0), response("a", 1)])) == 1
     assert feed(join, [request("a", 0), response("a", 1), response("a", 2)]) == []
     assert join.duplicates == 3
-    # Still remembered just before request time + DEDUPE ...
-    feed(join, [request("clock", DEDUPE - 1)])
+    # Counted at event time 1 (its response): still remembered just before 1 + DEDUPE ...
+    feed(join, [request("clock", DEDUPE + 0.5)])
     assert join.on_time(NOW) == []
     assert feed(join, [request("a", 0)]) == []
     assert join.duplicates == 4
     # ... forgotten once event time passes it: the same id is a new call again.
-    feed(join, [request("clock2", DEDUPE + 1)])
+    feed(join, [request("clock2", DEDUPE + 2)])
     join.on_time(NOW)
-    out = feed(join, [request("a", DEDUPE + 2), response("a", DEDUPE + 3)])
+    out = feed(join, [request("a", DEDUPE + 3), response("a", DEDUPE + 4)])
     assert [outcome(item) for item in out] == [("answered", "a")]
+
+
+def test_a_timed_out_call_is_remembered_for_dedupe_after_it_timed_out() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE)
+    feed(join, [request("a", 0), request("clock", TIMEOUT + 1)])
+    assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "a")]
+    # Counted at event time TIMEOUT: a repeat just before TIMEOUT + DEDUPE is still ignored.
+    feed(join, [request("clock2", TIMEOUT + DEDUPE - 1)])
+    join.on_time(NOW)
+    assert feed(join, [request("a", 0)]) == []
+    assert join.duplicates == 1
 
 
 def test_timed_out_call_first_late_response_is_dead_lettered_then_repeats_ignored() -> None:
