@@ -3,8 +3,9 @@
 ``python -m deploy.stack up`` starts both in the background with their data
 under ``.local/``, waits until they answer, creates the topics and the schema,
 and writes ``.local/env``. ``down`` stops exactly the processes ``up`` started,
-by the pids it recorded. When ``KAFKA_BROKERS`` and ``POSTGRES_DSN`` are both
-set, ``up`` starts nothing and only ensures topics and schema on those.
+by the pids it recorded. A service named by ``KAFKA_BROKERS`` or ``POSTGRES_DSN``
+is not started but used as it is: with both set, ``up`` starts nothing and only
+ensures topics and schema there.
 
 The test suite starts its own broker and Postgres through the same classes.
 """
@@ -291,12 +292,16 @@ def up(local: Path) -> dict[str, str]:
     """Start what is not running yet, ensure topics and schema, write ``local/env``."""
     local.mkdir(parents=True, exist_ok=True)
     settings = config.load_or_exit()
-    if os.environ.get("KAFKA_BROKERS") and os.environ.get("POSTGRES_DSN"):
-        env = {"KAFKA_BROKERS": settings.kafka_brokers, "POSTGRES_DSN": settings.postgres_dsn}
+    # A service given by the environment is used as it is; only the other one starts here.
+    if os.environ.get("KAFKA_BROKERS"):
+        brokers = settings.kafka_brokers
     else:
-        broker = Broker.running(local / "broker") or Broker(local / "broker").start()
-        postgres = Postgres.running(local / "postgres") or Postgres(local / "postgres").start()
-        env = {"KAFKA_BROKERS": broker.address, "POSTGRES_DSN": postgres.dsn}
+        brokers = (Broker.running(local / "broker") or Broker(local / "broker").start()).address
+    if os.environ.get("POSTGRES_DSN"):
+        dsn = settings.postgres_dsn
+    else:
+        dsn = (Postgres.running(local / "postgres") or Postgres(local / "postgres").start()).dsn
+    env = {"KAFKA_BROKERS": brokers, "POSTGRES_DSN": dsn}
     ensure_topics_and_schema(env["KAFKA_BROKERS"], env["POSTGRES_DSN"], settings.topic_partitions)
     (local / "env").write_text("".join(f"{key}={value}\n" for key, value in env.items()))
     return env

@@ -91,6 +91,24 @@ def test_up_with_given_addresses_starts_nothing(tmp_path: Path, broker: Broker, 
         assert conn.execute("SELECT to_regclass('llm_metrics')").fetchone()[0] == "llm_metrics"
 
 
+def test_up_with_only_postgres_given_starts_only_a_broker(tmp_path: Path, postgres_dsn: str):
+    local = tmp_path / "local"
+    result = _stack("up", local, POSTGRES_DSN=postgres_dsn)
+    assert result.returncode == 0, result.stderr
+    env = dict(line.split("=", 1) for line in (local / "env").read_text().splitlines())
+    assert env["POSTGRES_DSN"] == postgres_dsn
+    broker_port = env["KAFKA_BROKERS"].rsplit(":", 1)[1]
+    assert len(_broker_processes(broker_port)) == 1
+    assert not (local / "postgres").exists()
+    assert _stack("down", local).returncode == 0
+    deadline = time.monotonic() + 10
+    while _broker_processes(broker_port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _broker_processes(broker_port) == []
+    with psycopg.connect(postgres_dsn) as conn:  # the given Postgres is left running
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_bad_configuration_stops_up_with_one_line(tmp_path: Path):
     result = _stack("up", tmp_path / "local", TOPIC_PARTITIONS="0")
     assert result.returncode == 2
