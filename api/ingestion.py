@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.auth import authenticate, check_event, open_key_store
+from api.auth import Principal, authenticate, check_event, open_key_store
 from api.body import BodyError, MiB, check_content_type, read_body
 from api.errors import error_response, http_error, server_error
 from api.producer import BrokerUnavailable, EventProducer
@@ -97,6 +97,21 @@ async def _decode_body(
         return error_response(400, invalid_code, str(error))
     except (msgspec.DecodeError, UnicodeDecodeError) as error:
         return error_response(400, "invalid_json", _malformed(error))
+
+
+def _refuse(principal: Principal, event: Event, now: float) -> tuple[int, str] | None:
+    """Why a decoded event may not be stored, as (status, detail); None when it may.
+
+    The one place both endpoints judge an event beyond its schema: a timestamp too
+    far ahead of this clock (400), another tenant than the key's (403).
+    """
+    future = check_not_future(event, now)
+    if future is not None:
+        return 400, future
+    refusal = check_event(principal, event)
+    if refusal is not None:
+        return 403, refusal
+    return None
 
 
 def _unavailable(detail: str) -> Response:
@@ -205,12 +220,10 @@ class Ingestion:
         event = await _decode_body(request, EVENT_BODY_LIMIT, decoder, "invalid_event")
         if isinstance(event, Response):
             return event
-        future = check_not_future(event, time.time())
-        if future is not None:
-            return error_response(400, "invalid_event", future)
-        refusal = check_event(principal, event)
+        refusal = _refuse(principal, event, time.time())
         if refusal is not None:
-            return error_response(403, "forbidden", refusal)
+            status, detail = refusal
+            return error_response(status, "invalid_event" if status == 400 else "forbidden", detail)
         failure = await self._send([to_record(event)])
         if failure is not None:
             return failure
@@ -233,13 +246,9 @@ class Ingestion:
             except (msgspec.ValidationError, UnicodeDecodeError) as error:
                 rejected.append({"index": index, "error": _malformed(error)})
                 continue
-            future = check_not_future(event, now)
-            if future is not None:
-                rejected.append({"index": index, "error": future})
-                continue
-            refusal = check_event(principal, event)
+            refusal = _refuse(principal, event, now)
             if refusal is not None:
-                rejected.append({"index": index, "error": refusal})
+                rejected.append({"index": index, "error": refusal[1]})
                 continue
             records.append(to_record(event))
         # All-or-503: which records of a failed send were stored cannot be known,
