@@ -94,7 +94,12 @@ class CallStats(Struct, gc=False):
     buckets: dict[int, int] | None = None
 
     def add(self, call: Call) -> None:
-        """Fold one priced call in. Timeouts count as requests and errors only."""
+        """Fold one priced call in. Timeouts count as requests and errors only; an
+        answered call with ``replaces_timeout`` takes the place of its timeout."""
+        if call.replaces_timeout:
+            self.requests -= 1
+            self.timeouts -= 1
+            self.errors -= 1
         self.requests += 1
         response = call.response
         if response is None:

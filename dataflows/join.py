@@ -16,18 +16,28 @@ Rules (contract §3, decided in detail here):
   turn the real call into a timeout. Until the request arrives the first
   response of each tenant waits, since any of them may be the right one.
 - A request left unpaired becomes a timed-out call once the watermark passes
-  ``request_ts + timeout``; a response left unpaired becomes an
-  ``orphan_response`` dead letter once it passes ``response_ts + timeout``. An
-  unpairable pair (too far apart) reports both.
+  ``request_ts + timeout``. That timeout is provisional: its request is kept
+  until the call's window stops taking late calls (window end + lateness), and
+  a matching response arriving meanwhile becomes a call with
+  ``replaces_timeout`` set, which the windows fold in in place of the timeout.
+  Whether a request_id pairs therefore depends on its events only, not on how
+  late or in which order they arrive.
+- A response left unpaired becomes an ``orphan_response`` dead letter once no
+  request could still be counted for it: when the watermark passes the end of
+  the window holding the response's timestamp + lateness (a request stamped no
+  later than its response belongs to that window or an earlier one). An
+  unpairable pair (too far apart) dead-letters the response at once and times
+  the request out at its deadline.
+- A response to a timed-out request whose window no longer takes late calls is
+  a ``too_late`` dead letter.
 - Before a call is counted the first request and the first response win; after
   it, repeats on either side are ignored (counted in :attr:`JoinShard.duplicates`)
   until the watermark passes ``counted_at + max(timeout, dedupe)``, where
   ``counted_at`` is the later of the two timestamps (the request's + timeout for
-  a timed-out call). The one
+  a timed-out call). The
   exception: the first response to reach a request that already timed out is
-  dead-lettered as ``orphan_response`` rather than ignored, because it is not a
-  repeat and the contract never drops a valid event silently. Nor is a response
-  of another tenant a repeat: it is dead-lettered at any time.
+  no repeat: it converts the timeout (above), or is dead-lettered. Nor is a
+  response of another tenant a repeat: it is dead-lettered at any time.
 - ``cache_read_tokens > prompt_tokens`` still counts the call, with the
   response's ``cache_read_tokens`` clamped to the request's ``prompt_tokens`` so
   that the sums and the cost downstream agree (counted in
@@ -80,6 +90,9 @@ class Call(Struct, kw_only=True):
     # two timestamps, or request time + timeout for a timeout. Set by the join;
     # the windows advance their watermark with it. None: derive it from the events.
     completed_at: float | None = None
+    # An answered call whose request was already counted as timed out: the windows
+    # fold it in place of that timeout (contract §3: timeouts are provisional).
+    replaces_timeout: bool = False
 
     def __reduce__(self) -> tuple[object, tuple[bytes]]:
         # Calls cross between Bytewax processes pickled. Field by field a call takes
@@ -111,7 +124,8 @@ class _Pending(Struct, gc=False):
     # Set once both sides arrived and cannot pair: why, for the orphan's error.
     # From then on the entry only waits for its deadlines.
     unpaired: str | None = None
-    # The request side timed out already (it is in ``_counted``).
+    # The request side timed out already (it is in ``_counted``). Its request is
+    # kept until :meth:`JoinShard.convertible_until` for a response to convert it.
     request_done: bool = False
 
 
@@ -123,12 +137,6 @@ def _share_strings(request: LLMRequest) -> None:
     request.model = intern(request.model)
     if request.provider is not None:
         request.provider = intern(request.provider)
-
-
-def _no_request(timeout: float) -> str:
-    return (
-        f"no request with this request_id arrived within JOIN_TIMEOUT_SECONDS ({timeout:g} s) of event time"
-    )
 
 
 def call_to_json(call: Call) -> str:
@@ -143,8 +151,11 @@ class JoinShard:
     :class:`dataflows.clock.Watermark` kept in this state.
     """
 
-    def __init__(self, timeout_seconds: float, dedupe_seconds: float) -> None:
+    def __init__(self, timeout_seconds: float, dedupe_seconds: float, window_seconds: int,
+                 lateness_seconds: float) -> None:
         self.timeout = float(timeout_seconds)
+        self.window = int(window_seconds)
+        self.lateness = float(lateness_seconds)
         # How long a counted request_id is remembered, from the event time at which
         # it was counted: repeats are ignored for at least DEDUPE_SECONDS after.
         self.remember = float(max(timeout_seconds, dedupe_seconds))
@@ -153,9 +164,9 @@ class JoinShard:
         # Counted request_id -> (event time until which repeats are ignored, the
         # request's tenant: a response of another tenant is no repeat).
         self._counted: dict[str, tuple[float, str]] = {}
-        # Counted as timed out and no response seen yet: its first response is
-        # dead-lettered rather than ignored.
-        self._timed_out: set[str] = set()
+        # Counted as timed out and no response seen yet -> the request's timestamp:
+        # its first response converts the timeout or is dead-lettered, never ignored.
+        self._timed_out: dict[str, float] = {}
         # request_id -> tenants whose response to it was dead-lettered for not
         # being the request's: their repeats are ignored like any repeat. Kept
         # while the request_id is pending or remembered as counted.
@@ -192,16 +203,7 @@ class JoinShard:
             if not is_request and event.tenant_id not in (None, counted[1]):  # type: ignore[union-attr]
                 return self._mismatch(event, source, counted[1])  # type: ignore[arg-type]
             if not is_request and rid in self._timed_out:
-                self._timed_out.discard(rid)
-                return [
-                    self._orphan(
-                        event,
-                        source,  # type: ignore[arg-type]
-                        f"it arrived after its request had timed out: no response within "
-                        f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s) of event time "
-                        f"(response timestamp {event.timestamp.isoformat()})",
-                    )
-                ]
+                return self._after_timeout(event, source, ts)  # type: ignore[arg-type]
             self.duplicates += 1
             return []
 
@@ -213,7 +215,7 @@ class JoinShard:
             else:
                 entry = _Pending(response=event, response_source=source, response_ts=ts)
             self._pending[rid] = entry
-            self._schedule(ts + self.timeout, rid)
+            self._schedule(ts + self.timeout if is_request else self.orphan_after(ts), rid)
             return []
 
         out: list[Call | DeadLetter] = []
@@ -247,38 +249,88 @@ class JoinShard:
                 entry.response, entry.response_source, entry.response_ts = event, source, ts  # type: ignore[assignment]
             else:
                 entry.strays = [*strays, (event, source, ts)]  # type: ignore[list-item]
-            self._schedule(ts + self.timeout, rid)
+            self._schedule(self.orphan_after(ts), rid)
             return []
 
         request, response = entry.request, entry.response
         assert request is not None and response is not None
         request_ts, response_ts = entry.request_ts, entry.response_ts
         if response_ts - request_ts > self.timeout:
-            # Both sides stay until their own deadlines, then both are reported.
-            entry.unpaired = (
-                f"its request came {response_ts - request_ts:g} s earlier, beyond "
-                f"JOIN_TIMEOUT_SECONDS ({self.timeout:g} s)"
-            )
-            self._schedule(ts + self.timeout, rid)
+            # Final: the response is reported now, the request times out at its
+            # deadline, and later responses are repeats (the first one won).
+            entry.unpaired = self._too_far(response_ts - request_ts)
+            response_source = entry.response_source
+            assert response_source is not None
+            out.append(self._orphan(response, response_source, entry.unpaired))
+            entry.response = entry.response_source = None
+            self._schedule(request_ts + self.timeout, rid)
             return out
 
         del self._pending[rid]
+        call = self._call(request, response, source, request_ts, response_ts)
+        expiry = max(request_ts, response_ts) + self.remember
+        self._counted[rid] = (expiry, request.tenant_id)
+        self._schedule(expiry, rid)
+        out.append(call)
+        return out
+
+    def _no_request(self) -> str:
+        return (
+            "no request with this request_id arrived while one could still be counted (until the "
+            f"end of the response's window + LATENESS_SECONDS ({self.lateness:g} s) of event time)"
+        )
+
+    def _too_far(self, gap: float) -> str:
+        return f"its request came {gap:g} s earlier, beyond JOIN_TIMEOUT_SECONDS ({self.timeout:g} s)"
+
+    def _after_timeout(self, response: LLMResponse, source: SourceRef, ts: float) -> list[Call | DeadLetter]:
+        """The first response to a request counted as timed out: the answered call
+        replacing the timeout, or a dead letter when it cannot be."""
+        rid = response.request_id
+        request_ts = self._timed_out.pop(rid)
+        if ts - request_ts > self.timeout:
+            return [self._orphan(response, source, self._too_far(ts - request_ts))]
+        entry = self._pending.get(rid)
+        if entry is None or entry.request is None:
+            end = _window_end(request_ts, self.window)
+            return [
+                DeadLetter(
+                    reason="too_late",
+                    source_topic=source.topic,
+                    partition=source.partition,
+                    offset=source.offset,
+                    error=f"response {rid!r} answers a request counted as timed out, whose window "
+                    f"[{_iso(end - self.window)}, {_iso(end)}) took late calls only until "
+                    f"{_iso(end + self.lateness)} (LATENESS_SECONDS {self.lateness:g})",
+                    payload=encoder.encode(response).decode(),
+                )
+            ]
+        request = entry.request
+        del self._pending[rid]
+        return [self._call(request, response, source, request_ts, ts, replaces_timeout=True)]
+
+    def _call(self, request: LLMRequest, response: LLMResponse, source: SourceRef, request_ts: float,
+              response_ts: float, *, replaces_timeout: bool = False) -> Call:
+        """The answered call of a request and its response (cache reads clamped)."""
         if check_cache_read(request, response) is not None:
             self.cache_reads_clamped += 1
             response = msgspec.structs.replace(response, cache_read_tokens=request.prompt_tokens)
-        completed_at = request_ts if request_ts > response_ts else response_ts
-        expiry = completed_at + self.remember
-        self._counted[rid] = (expiry, request.tenant_id)
-        self._schedule(expiry, rid)
-        out.append(
-            Call(
-                request=request,
-                response=response,
-                source=source,
-                completed_at=completed_at,
-            )
+        return Call(
+            request=request,
+            response=response,
+            source=source,
+            completed_at=request_ts if request_ts > response_ts else response_ts,
+            replaces_timeout=replaces_timeout,
         )
-        return out
+
+    def orphan_after(self, response_ts: float) -> float:
+        """Event time after which no request could still be counted for a response
+        stamped ``response_ts``: its window's end + lateness."""
+        return _window_end(response_ts, self.window) + self.lateness
+
+    def convertible_until(self, request_ts: float) -> float:
+        """Event time until which a timed-out request can still become an answered call."""
+        return _window_end(request_ts, self.window) + self.lateness
 
     def _settle_responses(self, entry: _Pending, out: list[Call | DeadLetter]) -> bool:
         """The request just arrived: dead-letter the waiting responses of other
@@ -352,14 +404,20 @@ class JoinShard:
                     self._time_out(rid, entry, deadline, out)
                 elif int(deadline) == second:
                     pending_again = True
+            if entry.request is not None and entry.request_done:
+                deadline = self.convertible_until(entry.request_ts)
+                if deadline < watermark:
+                    entry.request = entry.request_source = None
+                elif int(deadline) == second:
+                    pending_again = True
             if entry.response is not None:
-                deadline = entry.response_ts + self.timeout
+                deadline = self.orphan_after(entry.response_ts)
                 if deadline < watermark:
                     out.append(
                         self._orphan(
                             entry.response,
                             entry.response_source,  # type: ignore[arg-type]
-                            entry.unpaired or _no_request(self.timeout),
+                            self._no_request(),
                         )
                     )
                     entry.response = None
@@ -368,18 +426,14 @@ class JoinShard:
             if entry.strays is not None:
                 strays = []
                 for stray in entry.strays:
-                    deadline = stray[2] + self.timeout
+                    deadline = self.orphan_after(stray[2])
                     if deadline < watermark:
-                        out.append(self._orphan(stray[0], stray[1], _no_request(self.timeout)))
+                        out.append(self._orphan(stray[0], stray[1], self._no_request()))
                     else:
                         strays.append(stray)
                         pending_again = pending_again or int(deadline) == second
                 entry.strays = strays or None
-            if (
-                entry.response is None
-                and entry.strays is None
-                and (entry.request is None or entry.request_done)
-            ):
+            if entry.response is None and entry.strays is None and entry.request is None:
                 del self._pending[rid]
                 if rid not in self._counted:
                     # Forgotten already (DEDUPE_SECONDS < 2 x timeout, the far
@@ -390,7 +444,7 @@ class JoinShard:
             expiry = counted[0]
             if expiry < watermark:
                 del self._counted[rid]
-                self._timed_out.discard(rid)
+                self._timed_out.pop(rid, None)
                 self._mismatched.pop(rid, None)
             elif int(expiry) == second:
                 pending_again = True
@@ -408,12 +462,18 @@ class JoinShard:
             )
         )
         entry.request_done = True
-        expiry = deadline + self.remember
+        # Remembered at least while a response can still convert it, or a late
+        # response would pair with the kept request as a new call.
+        expiry = max(deadline + self.remember, self.convertible_until(entry.request_ts))
         self._counted[rid] = (expiry, request.tenant_id)
         self._schedule(expiry, rid)
         if entry.unpaired is None:
-            # No response ever arrived: the first one to come is reported, not ignored.
-            self._timed_out.add(rid)
+            # No response yet: the first one to come converts the timeout.
+            self._timed_out[rid] = entry.request_ts
+            self._schedule(self.convertible_until(entry.request_ts), rid)
+        else:
+            # Its response came and could not pair: nothing can convert it.
+            entry.request = entry.request_source = None
 
     def _orphan(self, response: LLMResponse, source: SourceRef, why: str) -> DeadLetter:
         return DeadLetter(
@@ -482,6 +542,18 @@ _PendingState = tuple[
     list[tuple[tuple, tuple, float]] | None,
 ]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _window_end(ts: float, window: int) -> float:
+    """The end of the epoch-aligned window of ``window`` seconds holding ``ts``."""
+    return (ts // window + 1) * window
+
+
+def _iso(seconds: float) -> str:
+    try:
+        return datetime.fromtimestamp(seconds, UTC).isoformat()
+    except (OverflowError, ValueError, OSError):
+        return f"{seconds:.0f} s after the epoch"
 _MICROSECOND = timedelta(microseconds=1)
 
 

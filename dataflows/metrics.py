@@ -10,7 +10,7 @@
                               ((crc32(tenant,route,model) % 64, [calls])               │
                                └▶ windows (WindowShard) ─┬▶ too_late ──────────────────┤
                                                          └▶ rows                       ▼
-                                   Postgres llm_metrics, llm.metrics           llm.deadletter
+                        Postgres llm_metrics, then llm.metrics           llm.deadletter
 
 Items travel in groups (a list per shard and activation) rather than one per
 event: Bytewax's cost is per item, the logic's per event. Records cross to the
@@ -28,7 +28,6 @@ import gc
 from pathlib import Path
 
 import bytewax.operators as op
-from bytewax.connectors.kafka import operators as kop
 from bytewax.dataflow import Dataflow
 
 from dataflows import operators as ops
@@ -37,7 +36,7 @@ from dataflows.pricing import PriceBook
 from dataflows.windows import WindowRow
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
-from schemas.topics import DEADLETTER, METRICS, REQUESTS, RESPONSES, ensure_topics
+from schemas.topics import DEADLETTER, REQUESTS, RESPONSES, ensure_topics
 
 
 @functools.cache
@@ -60,7 +59,8 @@ def build(settings: Settings) -> Dataflow:
     events = op.branch("valid", decoded, _is_group)
 
     joined = op.stateful_batch("join", events.trues, ops.join_builder(  # type: ignore[arg-type]
-        settings.join_timeout_seconds, settings.dedupe_seconds))
+        settings.join_timeout_seconds, settings.dedupe_seconds, settings.window_seconds,
+        settings.lateness_seconds))
     routed = op.flat_map_batch("price", joined, ops.route_to_windows(
         lambda call: price_book(prices_file).price(call)))
     calls = op.branch("answered", routed, _is_group)
@@ -72,13 +72,12 @@ def build(settings: Settings) -> Dataflow:
                              lambda item: isinstance(item, WindowRow))
     rows = rows_or_late.trues
 
-    op.output("postgres", rows, sinks.PostgresSink(settings.postgres_dsn))
-    kop.output("metrics", op.map("metrics_records", rows, sinks.metrics_message),
-               brokers=brokers, topic=METRICS, add_config=sinks.PRODUCER_CONFIG)
+    # Postgres first, then llm.metrics with exactly the emissions Postgres took.
+    op.output("rows", rows, sinks.RowsSink(settings.postgres_dsn, settings.kafka_brokers))
 
     letters = op.merge("dead_letters", events.falses, calls.falses, rows_or_late.falses)
-    kop.output("deadletter", op.map("deadletter_records", letters, sinks.deadletter_message),
-               brokers=brokers, topic=DEADLETTER, add_config=sinks.PRODUCER_CONFIG)
+    op.output("deadletter", op.map("deadletter_records", letters, sinks.deadletter_message),
+              sinks.KafkaTopicSink(settings.kafka_brokers, DEADLETTER))
     return flow
 
 

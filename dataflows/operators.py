@@ -158,13 +158,14 @@ class WindowLogic(StatefulBatchLogic[list[Call], WindowRow | DeadLetter, bytes])
         return _freeze(self.shard)
 
 
-def join_builder(timeout_seconds: float, dedupe_seconds: float
-                 ) -> Callable[[bytes | None], JoinLogic]:
+def join_builder(timeout_seconds: float, dedupe_seconds: float, window_seconds: int,
+                 lateness_seconds: float) -> Callable[[bytes | None], JoinLogic]:
     """A builder for :func:`bytewax.operators.stateful_batch`: a new shard, or the resumed one."""
 
     def build(resume: bytes | None) -> JoinLogic:
         if resume is None:
-            return JoinLogic(JoinShard(timeout_seconds, dedupe_seconds))
+            return JoinLogic(JoinShard(timeout_seconds, dedupe_seconds, window_seconds,
+                                       lateness_seconds))
         return JoinLogic(pickle.loads(resume))
 
     return build

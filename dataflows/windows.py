@@ -11,10 +11,17 @@ and is driven by the Bytewax wiring in :mod:`dataflows.metrics`. It must pickle
   timestamps, or request time + timeout for a timeout (``Call.completed_at``).
   A call cannot be known before then, so it is the honest measure of how late
   it is; the request time would make every slow call look late.
-- A window is first emitted (revision 1) once event time reaches
-  ``end + grace``. Each call folded in after that makes the next emission's
-  revision one higher, so revisions count calls, not emissions, and do not
-  depend on how input was batched.
+- A window is first emitted once event time reaches ``end + grace``, and again
+  whenever calls were folded in since its last emission.
+- A row's ``revision`` is its content's version: ``requests + answered calls``,
+  i.e. one per timed-out call and two per answered call. Every change a window
+  can undergo raises it (a call: +1 or +2; a timeout replaced by its answered
+  call: +1), and it is a function of the calls in the window alone: not of when
+  rows were emitted, of batching, of workers or of a replay after a crash. Since
+  whether a request pairs depends on its events only, each call of a window can
+  only move towards its final state (absent, timed out, answered), so two
+  emissions of a window with the same revision hold the same calls: the sinks
+  keep the highest revision and that is the final row.
 - A call whose window ended more than ``lateness`` before event time is a
   ``too_late`` dead letter; such windows are forgotten after their last emission.
 - A call whose window would start or end outside the years 1-9999 (its row's
@@ -151,9 +158,8 @@ class WindowShard:
         )
 
     def on_time(self, now: float) -> list[WindowRow]:
-        """Rows due now: windows whose end + grace the watermark passed (revision 1), and
-        emitted windows that received calls since (revision + 1 per call received).
-        Forgets windows past end + lateness."""
+        """Rows due now: windows whose end + grace the watermark passed with calls not
+        emitted yet. Forgets windows past end + lateness."""
         event_time = self.watermark.current(now)
         self._offset = now - event_time
         window = self.window
@@ -162,11 +168,19 @@ class WindowShard:
             if start + window + self.grace > event_time:
                 break
             group = self._windows[start]
+            held: set[Key] = set()
             for key in sorted(self._unsent.pop(start)):
                 state = group[key]
-                state.revision = 1 if state.revision == 0 else state.revision + state.unsent
+                if state.timeouts < 0:
+                    # A timeout's replacement overtook the timeout itself: the row
+                    # would be wrong until the timeout arrives, so it waits for it.
+                    held.add(key)
+                    continue
+                state.revision = state.requests + state.answered
                 state.unsent = 0
                 rows.append(self._row(start, key, state))
+            if held:
+                self._unsent[start] = held
         for start in sorted(self._windows):
             if start + window + self.lateness >= event_time:
                 break

@@ -30,7 +30,8 @@ def plain_loop(requests_payloads: list[bytes], responses_payloads: list[bytes]) 
     both would; the timing includes a final flush that closes every window.
     """
     settings = Settings()
-    join = JoinShard(settings.join_timeout_seconds, settings.dedupe_seconds)
+    join = JoinShard(settings.join_timeout_seconds, settings.dedupe_seconds, settings.window_seconds,
+                     settings.lateness_seconds)
     prices = PriceBook()
     windows = WindowShard(settings.window_seconds, settings.grace_seconds, settings.lateness_seconds)
     calls = 0
@@ -66,7 +67,7 @@ def plain_loop(requests_payloads: list[bytes], responses_payloads: list[bytes]) 
 def bytes_per_inflight_request(sample: int = 20_000) -> float:
     """Memory the join holds per request waiting for its response (tracemalloc)."""
     requests_payloads, _ = generate(sample, 1_000, seed=7)
-    join = JoinShard(300, 3600)
+    join = JoinShard(300, 3600, 60, 600)
     now = time.time()
     tracemalloc.start()
     try:
