@@ -1,25 +1,39 @@
 """Where the dataflow writes: Postgres ``llm_metrics``, Kafka ``llm.metrics`` and ``llm.deadletter``.
 
-Bytewax replays the outputs of the interrupted epoch after a restart
-(at-least-once), so every write here is idempotent: the Postgres upsert never
-moves a row back to an older revision, and a repeated Kafka record carries the
-same key, value and revision as the first one.
+Bytewax replays the outputs since the last snapshot after a restart
+(at-least-once), and a replay may emit a window at other moments than the first
+run did. Every write is therefore judged by the row's ``revision``, which is a
+function of the window's content (see :mod:`dataflows.windows`):
+
+- Postgres takes an emission only when its revision is at least the stored one;
+- ``llm.metrics`` carries exactly the emissions Postgres took, published after
+  the transaction commits and before the batch counts as written. So a key's
+  revisions never decrease on the topic either (a replay may repeat the latest
+  one), and the record with the highest revision equals the Postgres row.
+
+Outages of Postgres or the broker are waited out, however long: a batch is
+retried with capped backoff until it is written, logged once when the outage
+starts and once when it ends. Nothing is dropped meanwhile; the dataflow just
+does not advance.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import psycopg
 from bytewax.connectors.kafka import KafkaSinkMessage
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from dataflows.windows import WindowRow
 from schemas.deadletter import DeadLetter, deadletter_encoder
 from schemas.metrics import ROW_FIELDS, row_encoder
+from schemas.topics import DEADLETTER, METRICS
 
 logger = logging.getLogger("streamlens.dataflow")
 
@@ -38,7 +52,9 @@ KEY_COLUMNS = ("tenant_id", "route", "model", "window_start")
 CONFLICT_SQL = (
     f" ON CONFLICT ({', '.join(KEY_COLUMNS)}) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*COLUMNS, "updated_at") if c not in KEY_COLUMNS)
-    # A replayed or reordered older emission never overwrites a newer one.
+    # A replayed or reordered older emission never overwrites a newer one. An equal
+    # revision holds the same calls: taking it again is harmless, and lets a replay
+    # publish to llm.metrics what a crash kept from being published.
     + " WHERE llm_metrics.revision <= EXCLUDED.revision"
 )
 # One row per execution; executemany sends the batch in one pipeline. Measured
@@ -46,12 +62,37 @@ CONFLICT_SQL = (
 # bench_dataflow: the pipeline was faster (about 20k against 13k rows/s).
 UPSERT_SQL = (
     f"INSERT INTO llm_metrics ({', '.join(COLUMNS)}, updated_at) "
-    f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, now())" + CONFLICT_SQL
+    f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, now())" + CONFLICT_SQL + " RETURNING 1"
 )
 
-# A dropped connection is retried with these pauses, then the error stops the
-# dataflow (recovery replays the batch after a restart).
-RETRY_PAUSES: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0, 5.0)
+# Pauses between attempts while something is down: quick at first, then capped.
+FIRST_PAUSE = 0.2
+MAX_PAUSE = 5.0
+
+
+class Outage:
+    """Retries one kind of write until it succeeds, logging once per outage, not per attempt."""
+
+    def __init__(self, what: str, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.what = what
+        self.sleep = sleep
+        self.since: float | None = None
+        self.attempts = 0
+
+    def failed(self, error: object) -> None:
+        """An attempt failed: log it if it starts an outage, then wait before the next."""
+        if self.since is None:
+            self.since = time.monotonic()
+            logger.warning("%s unavailable, retrying until it is back: %s", self.what, error)
+        self.attempts += 1
+        self.sleep(min(MAX_PAUSE, FIRST_PAUSE * 2 ** min(self.attempts - 1, 8)))
+
+    def succeeded(self) -> None:
+        if self.since is not None:
+            logger.warning("%s back after %.1f s (%d retries)", self.what,
+                           time.monotonic() - self.since, self.attempts)
+        self.since = None
+        self.attempts = 0
 
 
 def latest_per_window(rows: list[WindowRow]) -> list[WindowRow]:
@@ -72,55 +113,156 @@ def values_of(item: WindowRow) -> tuple[Any, ...]:
     return (*(getattr(row, name) for name in ROW_FIELDS), item.ttft_count, item.digest)
 
 
-class _PostgresPartition(StatelessSinkPartition[WindowRow]):
-    def __init__(self, dsn: str) -> None:
+# Errors no retry can cure: the record is larger than the broker or producer allow.
+_NEVER_FITS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE})
+
+
+class KafkaWriter:
+    """Produces records and returns only once the broker acknowledged every one of them.
+
+    Bytewax's own Kafka sink neither checks deliveries nor survives a record the
+    broker refuses; here a failed delivery is produced again (after a pause, as an
+    outage) until it succeeds, so nothing is lost and a batch is written before the
+    epoch that holds it can be snapshotted.
+    """
+
+    def __init__(self, brokers: str, topic: str) -> None:
+        self._config = {"bootstrap.servers": brokers, **PRODUCER_CONFIG}
+        self._producer = Producer(self._config)
+        self._topic = topic
+        self._outage = Outage(f"kafka topic {topic}")
+
+    def write(self, messages: list[KafkaSinkMessage[bytes | None, bytes]]) -> None:
+        pending = messages
+        while pending:
+            failed: list[KafkaSinkMessage[bytes | None, bytes]] = []
+            errors: list[KafkaError] = []
+            for message in pending:
+                self._produce(message, failed, errors)
+            self._producer.flush()
+            if not failed:
+                self._outage.succeeded()
+                return
+            for error in errors:
+                if error.code() in _NEVER_FITS:
+                    raise ValueError(f"a record for {self._topic} can never be written: {error.str()}")
+            if any(error.fatal() for error in errors):
+                # The idempotent producer's session is gone for good (e.g. a broker that
+                # lost its state): only a new producer can write again.
+                self._producer = Producer(self._config)
+            self._outage.failed(errors[0].str())
+            pending = failed
+
+    def _produce(self, message: KafkaSinkMessage[bytes | None, bytes],
+                 failed: list[KafkaSinkMessage[bytes | None, bytes]], errors: list[KafkaError]) -> None:
+        def delivered(error: KafkaError | None, _record: Message) -> None:
+            if error is not None:
+                failed.append(message)
+                errors.append(error)
+
+        while True:
+            try:
+                self._producer.produce(self._topic, message.value, message.key, on_delivery=delivered)
+                return
+            except BufferError:
+                # The local queue is full (the broker is slow or away): make room.
+                self._producer.poll(0.1)
+            except KafkaException as error:
+                failed.append(message)
+                errors.append(error.args[0])
+                return
+
+    def close(self) -> None:
+        self._producer.flush()
+
+
+class _RowsPartition(StatelessSinkPartition[WindowRow]):
+    def __init__(self, dsn: str, brokers: str) -> None:
         self._dsn = dsn
         self._conn: psycopg.Connection | None = None
+        self._outage = Outage("postgres")
+        self._metrics = KafkaWriter(brokers, METRICS)
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self._dsn, autocommit=True)
+            self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
         return self._conn
 
     def write_batch(self, items: list[WindowRow]) -> None:
         if not items:
             return
-        params = [values_of(item) for item in latest_per_window(items)]
-        for attempt, pause in enumerate((*RETRY_PAUSES, None)):
+        latest = latest_per_window(items)
+        taken = self._upsert(latest)
+        self._metrics.write([metrics_message(item) for item, took in zip(latest, taken, strict=True)
+                             if took])
+
+    def _upsert(self, items: list[WindowRow]) -> list[bool]:
+        """Write the rows in one transaction, retrying through outages; which ones Postgres took."""
+        params = [values_of(item) for item in items]
+        while True:
             try:
                 conn = self._connection()
-                # The whole batch or nothing: one transaction.
                 with conn.transaction(), conn.cursor() as cursor:
-                    cursor.executemany(UPSERT_SQL, params)
-                return
-            except psycopg.OperationalError as error:
-                self.close()
-                if pause is None:
-                    raise
-                logger.warning("postgres write failed (attempt %d), retrying in %.1fs: %s",
-                               attempt + 1, pause, error)
-                time.sleep(pause)
+                    cursor.executemany(UPSERT_SQL, params, returning=True)
+                    taken = []
+                    while True:
+                        taken.append(cursor.rowcount == 1)
+                        if not cursor.nextset():
+                            break
+                self._outage.succeeded()
+                return taken
+            except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+                self._disconnect()
+                self._outage.failed(error)
 
-    def close(self) -> None:
+    def _disconnect(self) -> None:
         if self._conn is not None:
             try:
                 self._conn.close()
             finally:
                 self._conn = None
 
+    def close(self) -> None:
+        self._disconnect()
+        self._metrics.close()
 
-class PostgresSink(DynamicSink[WindowRow]):
-    """Upserts rows into ``llm_metrics``, one transaction per batch.
+
+class RowsSink(DynamicSink[WindowRow]):
+    """Upserts rows into ``llm_metrics`` (one transaction per batch), then publishes the
+    ones Postgres took to ``llm.metrics``.
 
     Each worker writes its own batches: a window's emissions all come from the one
     worker holding its shard, and the revision guard makes any order safe anyway.
     """
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, brokers: str) -> None:
         self._dsn = dsn
+        self._brokers = brokers
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _PostgresPartition:
-        return _PostgresPartition(self._dsn)
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _RowsPartition:
+        return _RowsPartition(self._dsn, self._brokers)
+
+
+class _KafkaPartition(StatelessSinkPartition[KafkaSinkMessage[bytes | None, bytes]]):
+    def __init__(self, brokers: str, topic: str) -> None:
+        self._writer = KafkaWriter(brokers, topic)
+
+    def write_batch(self, items: list[KafkaSinkMessage[bytes | None, bytes]]) -> None:
+        self._writer.write(items)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class KafkaTopicSink(DynamicSink[KafkaSinkMessage[bytes | None, bytes]]):
+    """Produces to one topic, each batch acknowledged before it counts as written."""
+
+    def __init__(self, brokers: str, topic: str = DEADLETTER) -> None:
+        self._brokers = brokers
+        self._topic = topic
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _KafkaPartition:
+        return _KafkaPartition(self._brokers, self._topic)
 
 
 def metrics_message(item: WindowRow) -> KafkaSinkMessage[bytes, bytes]:

@@ -16,6 +16,8 @@ from confluent_kafka import KafkaError as ConfluentKafkaError
 from psycopg.rows import dict_row
 
 from dataflows import operators, run, sinks, sources
+from deploy.stack import Broker
+from tests import dataflow_harness as h
 from dataflows.join import Call, SourceRef
 from dataflows.windows import WindowRow
 from schemas.deadletter import DeadLetter, deadletter_decoder
@@ -142,7 +144,7 @@ def test_the_join_step_dead_letters_a_routed_record_that_is_invalid() -> None:
     [(shard, groups)] = sources.decode_batches(
         [sources.RecordBatch("llm.requests", 3, [(8, value)], [])])
     assert shard == sources.join_shard_key("r-1")
-    [found], _ = operators.join_builder(30, 60)(None).on_batch([groups])
+    [found], _ = operators.join_builder(30, 60, 10, 60)(None).on_batch([groups])
     [letter] = found
     assert isinstance(letter, DeadLetter)
     assert (letter.reason, letter.source_topic, letter.partition, letter.offset) == (
@@ -187,7 +189,7 @@ def _events(request_id: str, at: datetime, latency: float = 1.0
 
 def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
     clock = Clock(1000.0)
-    build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60)
+    build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60, window_seconds=10, lateness_seconds=60)
     logic = build(None)
     logic.clock = clock
     out, retain = logic.on_batch([_events("a", T0), _events("b", T0)[:1]])
@@ -205,7 +207,7 @@ def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
 
 def test_join_logic_snapshot_is_a_frozen_copy_that_resumes() -> None:
     clock = Clock(1000.0)
-    build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60)
+    build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60, window_seconds=10, lateness_seconds=60)
     logic = build(None)
     logic.clock = clock
     logic.on_batch([_events("a", T0)[:1]])
@@ -232,7 +234,8 @@ def test_window_logic_emits_when_event_time_passes_the_grace() -> None:
     clock.now = wake.timestamp() + 0.01
     rows, _ = logic.on_notify()
     assert len(rows) == 1 and isinstance(rows[0], WindowRow)
-    assert rows[0].row.requests == 1 and rows[0].row.revision == 1
+    # One answered call: requests + answered calls.
+    assert rows[0].row.requests == 1 and rows[0].row.revision == 2
 
 
 # -- Postgres ------------------------------------------------------------------------------
@@ -260,8 +263,15 @@ def test_latest_per_window_keeps_the_highest_revision() -> None:
     assert sorted((k.row.tenant_id, k.row.revision) for k in kept) == [("acme", 3), ("b", 1)]
 
 
-def test_postgres_upsert_is_idempotent_and_never_goes_back(postgres_dsn: str) -> None:
-    partition = sinks.PostgresSink(postgres_dsn).build("pg", 0, 1)
+def _published(broker: Broker) -> list[tuple[int, int]]:
+    """(revision, requests) of every llm.metrics record, in the order they were written."""
+    records = sorted(h.read_topic(broker.address, h.METRICS), key=lambda r: (r[2], r[3]))
+    return [(row.revision, row.requests) for row in (row_decoder.decode(r[1]) for r in records)]
+
+
+def test_rows_sink_upserts_never_go_back_and_publish_what_postgres_took(
+        postgres_dsn: str, broker: Broker) -> None:
+    partition = sinks.RowsSink(postgres_dsn, broker.address).build("rows", 0, 1)
     try:
         # Two emissions of one window in one batch, and another window.
         partition.write_batch([_row(1, 4), _row(2, 5), _row(1, 7, minute=1)])
@@ -270,7 +280,8 @@ def test_postgres_upsert_is_idempotent_and_never_goes_back(postgres_dsn: str) ->
         assert bytes(rows[0]["latency_digest"]) == b"\x01\x02"
         assert rows[0]["ttft_count"] == 0 and rows[0]["avg_time_to_first_token_ms"] is None
         assert rows[0]["window_start"] == T0
-        # A replayed older emission changes nothing; the same one again is harmless.
+        # A replayed older emission changes nothing and is not published; the same one
+        # again is taken (equal revisions hold equal content) and published again.
         partition.write_batch([_row(1, 4)])
         partition.write_batch([_row(2, 5)])
         assert [(r["revision"], r["requests"]) for r in _stored(postgres_dsn)] == [
@@ -279,10 +290,15 @@ def test_postgres_upsert_is_idempotent_and_never_goes_back(postgres_dsn: str) ->
         assert _stored(postgres_dsn)[0]["requests"] == 6
     finally:
         partition.close()
+    published = _published(broker)
+    assert sorted(published) == sorted([(2, 5), (1, 7), (2, 5), (3, 6)])
+    first_window = [p for p in published if p != (1, 7)]
+    assert first_window == sorted(first_window), "a key's revision went down on llm.metrics"
 
 
-def test_postgres_sink_reconnects_after_a_dropped_connection(postgres_dsn: str) -> None:
-    partition = sinks.PostgresSink(postgres_dsn).build("pg", 0, 1)
+def test_rows_sink_reconnects_after_a_dropped_connection(postgres_dsn: str,
+                                                         broker: Broker) -> None:
+    partition = sinks.RowsSink(postgres_dsn, broker.address).build("rows", 0, 1)
     try:
         partition.write_batch([_row(1, 4)])
         pid = partition._conn.info.backend_pid  # type: ignore[union-attr]
