@@ -23,9 +23,9 @@ down:
 ingestion:
     {{load_env}}; exec uvicorn api.ingestion:app --host 0.0.0.0 --port "${HTTP_PORT:-8080}" --no-access-log --timeout-graceful-shutdown 10
 
-# The metrics dataflow, with recovery under .local/recovery (processes: PROCESSES=N)
-processor:
-    {{load_env}}; exec python -m dataflows.run --recovery-dir .local/recovery
+# The metrics dataflow, with recovery under .local/recovery (processes: PROCESSES=N; --reset starts afresh)
+processor *ARGS:
+    {{load_env}}; exec python -m dataflows.run --recovery-dir .local/recovery {{ARGS}}
 
 # Query API on :8081 (HTTP_PORT overrides)
 metrics-api:

@@ -7,9 +7,11 @@ nothing twice. ``--processes N`` starts N cooperating Bytewax processes on this
 machine (``-i``/``-a`` on free ports), each with ``--workers`` worker threads;
 workers share the GIL, so scale with processes.
 
-Caveat: the recovery directory holds Kafka offsets. A broker that lost its data
-(the local memory broker after a restart) makes them meaningless: start with
-``--reset`` to wipe the recovery directory along with it.
+The recovery directory holds Kafka offsets, which mean something only on the
+broker they were read from: it records that broker's cluster id and topic ids
+(:mod:`dataflows.recovery`), and a start against another broker, or topics
+created anew, is refused with one line saying so. ``--reset`` wipes the
+directory and starts afresh from the beginning of the topics.
 """
 
 from __future__ import annotations
@@ -26,23 +28,28 @@ from pathlib import Path
 
 from bytewax.recovery import init_db_dir
 
+from dataflows import recovery
 from deploy.stack import free_port
 from schemas.config import load_or_exit
 from schemas.database import ensure_schema
-from schemas.topics import ensure_topics
+from schemas.topics import REQUESTS, RESPONSES, ensure_topics
 
 FLOW = "dataflows.metrics:flow"
+INPUTS = (REQUESTS, RESPONSES)
 STOP_TIMEOUT = 10.0
 
 
-def prepare_recovery(directory: Path, partitions: int, *, reset: bool = False) -> None:
-    """Create and initialise the recovery partitions unless they exist (wipe them first on reset)."""
+def prepare_recovery(directory: Path, partitions: int, *, reset: bool = False) -> bool:
+    """Create and initialise the recovery partitions unless they exist (wipe them first on
+    reset); True when they were made just now."""
     if reset and directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Initialising twice fails inside Bytewax: an existing set is resumed from as it is.
-    if not any(directory.glob("part-*.sqlite3")):
-        init_db_dir(directory, partitions)
+    if any(directory.glob("part-*.sqlite3")):
+        return False
+    init_db_dir(directory, partitions)
+    return True
 
 
 def commands(recovery_dir: Path, processes: int, workers: int, snapshot_interval: int,
@@ -109,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backup-interval", type=int, default=0,
                         help="seconds to keep older snapshots (for backups of the directory)")
     parser.add_argument("--reset", action="store_true",
-                        help="wipe the recovery directory first (needed after the broker lost "
-                             "its data, e.g. a restarted local memory broker)")
+                        help="wipe the recovery directory first and read the topics from the "
+                             "beginning (a start refuses recovery state of another broker)")
     args = parser.parse_args(argv)
     if args.processes < 1 or args.workers < 1 or args.snapshot_interval < 1:
         parser.error("--processes, --workers and --snapshot-interval must be at least 1")
@@ -119,7 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     ensure_topics(settings.kafka_brokers, settings.topic_partitions)
     ensure_schema(settings.postgres_dsn)
     recovery_dir = args.recovery_dir.resolve()
-    prepare_recovery(recovery_dir, args.processes * args.workers, reset=args.reset)
+    if prepare_recovery(recovery_dir, args.processes * args.workers, reset=args.reset):
+        recovery.record_identity(recovery_dir, recovery.broker_identity(settings.kafka_brokers, INPUTS))
+        print(f"recovery: new state in {recovery_dir}, reading the topics from the beginning",
+              file=sys.stderr)
+    else:
+        why = recovery.mismatch(recovery_dir, settings.kafka_brokers, INPUTS)
+        if why is not None:
+            print(f"recovery: refusing to resume from {recovery_dir}: {why}. Start with --reset "
+                  "to drop it and read the topics from the beginning.", file=sys.stderr)
+            return 2
+        print(f"recovery: resuming from {recovery_dir}", file=sys.stderr)
     return supervise(commands(recovery_dir, args.processes, args.workers,
                               args.snapshot_interval, args.backup_interval))
 

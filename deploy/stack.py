@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from schemas.database import ensure_schema
 from schemas.topics import ensure_topics
 
 DATABASE = "streamlens"
+# Where ``just processor`` keeps its recovery state, under the local directory.
+RECOVERY = "recovery"
 # PostgreSQL refuses to run as root; the server runs as this system user instead.
 PG_SYSTEM_USER = "streamlens_pg"
 
@@ -117,6 +120,10 @@ class Broker:
                     url,
                     "--storage-engine",
                     "memory://tansu/",
+                    # Each start is a new, empty broker: a cluster id of its own lets
+                    # the processor tell it from the one its recovery state came from.
+                    "--cluster-id",
+                    f"streamlens-{uuid.uuid4().hex[:12]}",
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -296,7 +303,14 @@ def up(local: Path) -> dict[str, str]:
     if os.environ.get("KAFKA_BROKERS"):
         brokers = settings.kafka_brokers
     else:
-        brokers = (Broker.running(local / "broker") or Broker(local / "broker").start()).address
+        broker = Broker.running(local / "broker")
+        if broker is None:
+            broker = Broker(local / "broker").start()
+            # A new broker is empty: recovery state read from the last one means nothing here.
+            if (local / RECOVERY).exists():
+                shutil.rmtree(local / RECOVERY)
+                print(f"new broker: dropped the processor's recovery state in {local / RECOVERY}")
+        brokers = broker.address
     if os.environ.get("POSTGRES_DSN"):
         dsn = settings.postgres_dsn
     else:
