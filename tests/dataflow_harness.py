@@ -55,7 +55,9 @@ REQUESTS, RESPONSES, METRICS, DEADLETTER = (
 WINDOW_SECONDS = 5
 GRACE_SECONDS = 15
 JOIN_TIMEOUT_SECONDS = 40
-LATENESS_SECONDS = 60
+# Orphans are final, and timed-out requests no longer convertible, once event time
+# passes their window's end + this: kept just above the join timeout.
+LATENESS_SECONDS = 45
 
 # Event time: all relative to BASE, an epoch-aligned instant long past.
 BASE = datetime(2025, 6, 1, tzinfo=UTC).timestamp()
@@ -266,13 +268,21 @@ class ExpectedRow:
     cost: float
     unpriced: int
     revision: int
+    window_seconds: int = WINDOW_SECONDS
 
 
-def expected_rows(data: DataSet) -> dict[tuple[str, str, str, float], ExpectedRow]:
+def expected_rows(data: DataSet, window_seconds: int = WINDOW_SECONDS
+                  ) -> dict[tuple[str, str, str, float], ExpectedRow]:
     """Every final row, computed from the calls the test generated."""
+    return expected_rows_of(data.counted, window_seconds)
+
+
+def expected_rows_of(counted: Iterable[Counted], window_seconds: int = WINDOW_SECONDS
+                     ) -> dict[tuple[str, str, str, float], ExpectedRow]:
+    """Every final row of these calls."""
     groups: dict[tuple[str, str, str, float], list[Counted]] = defaultdict(list)
-    for call in data.counted:
-        start = math.floor(call.request_ts / WINDOW_SECONDS) * WINDOW_SECONDS
+    for call in counted:
+        start = math.floor(call.request_ts / window_seconds) * window_seconds
         groups[(*call.key, float(start))].append(call)
     rows = {}
     for (tenant, route, model, start), calls in groups.items():
@@ -308,7 +318,8 @@ def expected_rows(data: DataSet) -> dict[tuple[str, str, str, float], ExpectedRo
             cache_read_tokens=sum((c.response or {})["cache_read_tokens"] for c in answered),
             reasoning_tokens=sum((c.response or {})["reasoning_tokens"] for c in answered),
             answered=len(answered), cost=cost, unpriced=unpriced,
-            revision=1 + sum(1 for c in calls if c.late),
+            # The row's content version: one per timed-out call, two per answered call.
+            revision=len(calls) + len(answered), window_seconds=window_seconds,
         )
     return rows
 
@@ -354,7 +365,7 @@ def check_row(actual: dict[str, Any], expected: ExpectedRow) -> None:
     end = actual["window_end"]
     if isinstance(end, str):
         end = datetime.fromisoformat(end)
-    assert end.timestamp() == expected.window_start + WINDOW_SECONDS, where
+    assert end.timestamp() == expected.window_start + expected.window_seconds, where
     _close(actual["estimated_cost_usd"], expected.cost, f"{where} cost", rel=1e-6)
     lat = expected.latencies
     if not lat:
@@ -492,19 +503,23 @@ class Processor:
     log: Path
     processes: int = 1
     process: subprocess.Popen | None = None
+    # The time settings of this module's data set; {} runs with the defaults a user gets.
+    settings: dict[str, str] = field(default_factory=lambda: {
+        "WINDOW_SECONDS": str(WINDOW_SECONDS), "GRACE_SECONDS": str(GRACE_SECONDS),
+        "LATENESS_SECONDS": str(LATENESS_SECONDS),
+        "JOIN_TIMEOUT_SECONDS": str(JOIN_TIMEOUT_SECONDS)})
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "KAFKA_BROKERS": self.brokers, "POSTGRES_DSN": self.dsn,
-                "WINDOW_SECONDS": str(WINDOW_SECONDS), "GRACE_SECONDS": str(GRACE_SECONDS),
-                "LATENESS_SECONDS": str(LATENESS_SECONDS),
-                "JOIN_TIMEOUT_SECONDS": str(JOIN_TIMEOUT_SECONDS),
+                **self.settings,
                 "TOPIC_PARTITIONS": str(TEST_PARTITIONS), "PRICES_FILE": str(self.prices_file)}
 
     def start(self) -> Processor:
         out = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
+        # The runner's defaults (snapshot interval and all), as `just processor` runs it.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dataflows.run", "--recovery-dir", str(self.recovery_dir),
-             "--processes", str(self.processes), "--snapshot-interval", "1"],
+             "--processes", str(self.processes)],
             env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             cwd=Path(__file__).resolve().parent.parent)
         return self

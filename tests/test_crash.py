@@ -1,0 +1,150 @@
+"""kill -9 at moments the test does not choose: the final rows are still exact.
+
+Calls are posted through the ingestion API in shuffled batches while the processor
+(`python -m dataflows.run` with its defaults, as `just processor` runs it) is killed
+with SIGKILL at moments drawn at random (seeded; the seed and the moments are
+printed) and started again at once. No barrier, no sleep waiting for a snapshot:
+the kills land wherever they land. The final Postgres rows must equal a
+computation of the test's own, field by field; on ``llm.metrics`` a key's revision
+never decreases and its highest revision equals the Postgres row.
+
+``STREAMLENS_CRASH_CALLS`` and ``STREAMLENS_CRASH_KILLS`` make the run larger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deploy.stack import Broker
+from tests import dataflow_harness as h
+from tests.test_ingestion import ServerThread
+
+pytestmark = pytest.mark.slow
+
+CALLS = int(os.environ.get("STREAMLENS_CRASH_CALLS", "10000"))
+KILLS = int(os.environ.get("STREAMLENS_CRASH_KILLS", "3"))
+BATCH = 500  # events per POST /v1/llm/events
+POSTING_SECONDS = 30.0  # the batches are spread over this long
+WINDOW_SECONDS = 60  # the default
+KEYS = (*h.NORMAL_KEYS, ("initech", "/agent", "test-model-a"))
+
+
+def _calls(rng: random.Random, now: float) -> tuple[list[dict[str, Any]], list[h.Counted]]:
+    """Events of CALLS calls over five minutes ending a minute ago, shuffled, with repeats.
+
+    Requests left without a response are stamped in the first half-minute, so their
+    timeouts (JOIN_TIMEOUT_SECONDS 300 by default) come due while the test runs.
+    """
+    events: list[dict[str, Any]] = []
+    counted: list[h.Counted] = []
+    for n in range(CALLS):
+        rid = f"crash-{n:06d}-{rng.getrandbits(32):08x}"
+        key = rng.choice(KEYS)
+        unanswered = n % 50 == 0
+        ts = now - 360 + (rng.uniform(0, 30) if unanswered else rng.uniform(0, 300))
+        request = {"type": "request", "request_id": rid, "tenant_id": key[0], "route": key[1],
+                   "model": key[2], "timestamp": h.timestamp(ts),
+                   "prompt_tokens": rng.randrange(0, 4000)}
+        events.append(request)
+        if unanswered:
+            counted.append(h.Counted(key, ts, None, request, late=False))
+            continue
+        completion = rng.randrange(0, 900)
+        response: dict[str, Any] = {
+            "type": "response", "request_id": rid,
+            "timestamp": h.timestamp(ts + rng.uniform(0.05, 4.0)),
+            "completion_tokens": completion,
+            "cache_read_tokens": rng.randrange(0, request["prompt_tokens"] + 1),
+            "reasoning_tokens": rng.randrange(0, completion + 1)}
+        if rng.random() < 0.7:
+            response["latency_ms"] = round(rng.uniform(20, 5000), 3)
+        if rng.random() < 0.5:
+            response["time_to_first_token_ms"] = round(rng.uniform(5, 900), 3)
+        if rng.random() < 0.06:
+            response["error"] = "upstream 500"
+        events.append(response)
+        counted.append(h.Counted(key, ts, response, request, late=False))
+        if rng.random() < 0.03:  # a client retrying: the same events again
+            events += [dict(request), dict(response)]
+    rng.shuffle(events)
+    return events, counted
+
+
+def _post(client: httpx.Client, batch: list[dict[str, Any]]) -> None:
+    while True:
+        answer = client.post("/v1/llm/events", json={"events": batch})
+        if answer.status_code == 202:
+            return
+        assert answer.status_code == 503, answer.text  # the broker was slow: send again
+        time.sleep(float(answer.headers.get("Retry-After", "1")))
+
+
+def _published_in_order(brokers: str) -> dict[tuple[str, str, str, float], list[int]]:
+    """Every llm.metrics revision of each window, in the order they were written."""
+    by_key: dict[tuple[str, str, str, float], list[tuple[int, int, int]]] = {}
+    for _key, value, partition, offset in h.read_topic(brokers, h.METRICS):
+        row = json.loads(value)
+        window = (row["tenant_id"], row["route"], row["model"],
+                  datetime.fromisoformat(row["window_start"]).timestamp())
+        by_key.setdefault(window, []).append((partition, offset, row["revision"]))
+    return {key: [revision for _, _, revision in sorted(items)] for key, items in by_key.items()}
+
+
+def test_kill_9_at_random_moments_gives_exact_rows(tmp_path: Path, broker: Broker,
+                                                   postgres_dsn: str) -> None:
+    seed = int(os.environ.get("STREAMLENS_CRASH_SEED", str(random.randrange(2**32))))
+    rng = random.Random(seed)
+    events, counted = _calls(rng, time.time())
+    expected = h.expected_rows_of(counted, WINDOW_SECONDS)
+    kill_at = sorted(rng.uniform(1.0, POSTING_SECONDS) for _ in range(KILLS))
+    print(f"crash test: seed {seed}, {len(counted)} calls, {len(events)} events, "
+          f"kill -9 at {[round(t, 2) for t in kill_at]} s into the posting")
+
+    processor = h.Processor(broker.address, postgres_dsn, tmp_path / "recovery",
+                            h.write_prices(tmp_path / "prices.json"), tmp_path / "dataflow.log",
+                            settings={})
+    batches = [events[i:i + BATCH] for i in range(0, len(events), BATCH)]
+    with ServerThread(broker.address) as server, httpx.Client(base_url=server.url,
+                                                              timeout=30) as client:
+        processor.start()
+        try:
+            started = time.monotonic()
+            for number, batch in enumerate(batches):
+                # Spread the batches evenly, killing whenever a drawn moment has passed.
+                due = started + POSTING_SECONDS * number / len(batches)
+                while time.monotonic() < due or (kill_at and time.monotonic() - started >= kill_at[0]):
+                    if kill_at and time.monotonic() - started >= kill_at[0]:
+                        print(f"kill -9 at {time.monotonic() - started:.2f} s "
+                              f"(batch {number} of {len(batches)})")
+                        kill_at.pop(0)
+                        processor.kill()
+                        processor.start()
+                    else:
+                        time.sleep(min(0.05, max(0.0, due - time.monotonic())))
+                _post(client, batch)
+            assert not kill_at, "every kill happened while events were arriving"
+
+            def final() -> bool:
+                rows = h.postgres_rows(postgres_dsn)
+                return all(key in rows and rows[key]["revision"] >= row.revision
+                           for key, row in expected.items())
+
+            h.wait_for(final, 240, "the final rows", processor.check_alive)
+        finally:
+            processor.stop()
+
+    log = processor.log.read_text(errors="replace")
+    assert log.count("recovery: resuming from") == KILLS, log[-3000:]
+    h.check_rows(h.postgres_rows(postgres_dsn), expected)
+    h.check_rows(h.latest_metrics(broker.address), expected)
+    for key, revisions in _published_in_order(broker.address).items():
+        assert revisions == sorted(revisions), f"{key}: revisions went down: {revisions}"
