@@ -16,13 +16,13 @@ from confluent_kafka import KafkaError as ConfluentKafkaError
 from psycopg.rows import dict_row
 
 from dataflows import operators, run, sinks, sources
-from deploy.stack import Broker
-from tests import dataflow_harness as h
 from dataflows.join import Call, SourceRef
 from dataflows.windows import WindowRow
+from deploy.stack import Broker
 from schemas.deadletter import DeadLetter, deadletter_decoder
 from schemas.events import LLMRequest, LLMResponse, encoder
 from schemas.metrics import MetricsRow, row_decoder
+from tests import dataflow_harness as h
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 
@@ -189,7 +189,8 @@ def _events(request_id: str, at: datetime, latency: float = 1.0
 
 def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
     clock = Clock(1000.0)
-    build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60, window_seconds=10, lateness_seconds=60)
+    build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60, window_seconds=10,
+                                   lateness_seconds=60)
     logic = build(None)
     logic.clock = clock
     out, retain = logic.on_batch([_events("a", T0), _events("b", T0)[:1]])
@@ -207,7 +208,8 @@ def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
 
 def test_join_logic_snapshot_is_a_frozen_copy_that_resumes() -> None:
     clock = Clock(1000.0)
-    build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60, window_seconds=10, lateness_seconds=60)
+    build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60, window_seconds=10,
+                                   lateness_seconds=60)
     logic = build(None)
     logic.clock = clock
     logic.on_batch([_events("a", T0)[:1]])
