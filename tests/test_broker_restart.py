@@ -1,0 +1,133 @@
+"""A restarted local broker is a new, empty broker: the processor never resumes into it silently.
+
+`just up` → processor → events → `just down` → `just up` → processor → new events,
+with the commands the justfile runs (``python -m deploy.stack``, ``python -m
+dataflows.run``). The new rows must be exact, the old ones intact, and what the
+processor says about its recovery state must be plain. Recovery state of the old
+broker put back in place is refused with one line, and so is state whose topics
+were deleted and created again.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from schemas.topics import REQUESTS, RESPONSES, ensure_topics
+from tests import dataflow_harness as h
+from tests.conftest import TEST_PARTITIONS
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+# The harness's windows, closed 1 s of event time after their end.
+SETTINGS = {"WINDOW_SECONDS": str(h.WINDOW_SECONDS), "GRACE_SECONDS": "1",
+            "JOIN_TIMEOUT_SECONDS": str(h.JOIN_TIMEOUT_SECONDS),
+            "LATENESS_SECONDS": str(h.LATENESS_SECONDS)}
+
+
+def _stack(action: str, local: Path, dsn: str) -> str:
+    env = {**os.environ, "POSTGRES_DSN": dsn, "TOPIC_PARTITIONS": str(TEST_PARTITIONS)}
+    env.pop("KAFKA_BROKERS", None)
+    done = subprocess.run([sys.executable, "-m", "deploy.stack", action, "--local", str(local)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout
+
+
+def _brokers(local: Path) -> str:
+    values = dict(line.split("=", 1) for line in (local / "env").read_text().splitlines())
+    return values["KAFKA_BROKERS"]
+
+
+def _calls(rng: random.Random, tenant: str, start: float, count: int
+           ) -> tuple[list[h.Event], list[h.Counted]]:
+    events, counted = [], []
+    for n in range(count):
+        rid = f"{tenant}-{n}-{rng.getrandbits(32):08x}"
+        ts = start + rng.uniform(0.5, 4.5)
+        request = {"request_id": rid, "tenant_id": tenant, "route": "/chat",
+                   "model": "test-model-a", "timestamp": h.timestamp(ts),
+                   "prompt_tokens": rng.randrange(1, 1000)}
+        response = {"request_id": rid, "timestamp": h.timestamp(ts + 0.5),
+                    "completion_tokens": rng.randrange(1, 300), "cache_read_tokens": 0,
+                    "reasoning_tokens": 0, "latency_ms": round(rng.uniform(10, 900), 3)}
+        events += [h.Event(h.REQUESTS, request), h.Event(h.RESPONSES, response)]
+        counted.append(h.Counted((tenant, "/chat", "test-model-a"), ts, response, request,
+                                 late=False))
+    return events, counted
+
+
+def _run_until(processor: h.Processor, dsn: str, expected: dict) -> None:
+    def final() -> bool:
+        rows = h.postgres_rows(dsn)
+        return all(key in rows and rows[key]["revision"] >= row.revision
+                   for key, row in expected.items())
+
+    h.wait_for(final, 90, "the rows", processor.check_alive)
+
+
+def test_a_restarted_local_broker_gets_fresh_recovery_and_old_state_is_refused(
+        tmp_path: Path, postgres_dsn: str) -> None:
+    rng = random.Random(11)
+    local = tmp_path / "local"
+    prices = h.write_prices(tmp_path / "prices.json")
+    _stack("up", local, postgres_dsn)
+    try:
+        first = h.Processor(_brokers(local), postgres_dsn, local / "recovery", prices,
+                            tmp_path / "first.log", settings=SETTINGS).start()
+        old_events, old_calls = _calls(rng, "before", h.BASE, 200)
+        h.produce(first.brokers, old_events)
+        old_expected = h.expected_rows_of(old_calls)
+        try:
+            _run_until(first, postgres_dsn, old_expected)
+        finally:
+            first.stop()
+        assert "recovery: new state" in first.log.read_text()
+        kept = tmp_path / "old-recovery"
+        shutil.copytree(local / "recovery", kept)
+
+        _stack("down", local, postgres_dsn)
+        said = _stack("up", local, postgres_dsn)
+        assert "dropped the processor's recovery state" in said
+        second = h.Processor(_brokers(local), postgres_dsn, local / "recovery", prices,
+                             tmp_path / "second.log", settings=SETTINGS).start()
+        new_events, new_calls = _calls(rng, "after", h.BASE + 60, 150)
+        h.produce(second.brokers, new_events)
+        new_expected = h.expected_rows_of(new_calls)
+        try:
+            _run_until(second, postgres_dsn, new_expected)
+        finally:
+            second.stop()
+        assert "recovery: new state" in second.log.read_text()
+        made_here = tmp_path / "second-recovery"
+        shutil.copytree(local / "recovery", made_here)
+        h.check_rows(h.postgres_rows(postgres_dsn), {**old_expected, **new_expected})
+
+        # The old broker's state, put back: refused, in one line, with what to do.
+        shutil.rmtree(local / "recovery")
+        shutil.copytree(kept, local / "recovery")
+        refused = h.Processor(_brokers(local), postgres_dsn, local / "recovery", prices,
+                              tmp_path / "refused.log").start()
+        assert refused.process is not None and refused.process.wait(60) == 2
+        [line] = [ln for ln in refused.log.read_text().splitlines() if ln.startswith("recovery:")]
+        assert "refusing to resume" in line and "cluster" in line and "--reset" in line
+
+        # The same broker, its input topics deleted and created again: refused too.
+        admin = AdminClient({"bootstrap.servers": _brokers(local)})
+        for future in admin.delete_topics([REQUESTS, RESPONSES]).values():
+            future.result(10)
+        ensure_topics(_brokers(local), TEST_PARTITIONS)
+        recreated = h.Processor(_brokers(local), postgres_dsn, made_here, prices,
+                                tmp_path / "recreated.log").start()
+        assert recreated.process is not None and recreated.process.wait(60) == 2
+        [line] = [ln for ln in recreated.log.read_text().splitlines() if ln.startswith("recovery:")]
+        assert "refusing to resume" in line and "created again" in line
+    finally:
+        _stack("down", local, postgres_dsn)
