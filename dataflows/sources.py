@@ -17,6 +17,11 @@ crosses to the process that owns its shard, and bytes pickle in a fraction of a
 microsecond where a decoded event (a Struct holding a datetime) takes tens of
 microseconds. Routing reads only the ``request_id`` (:func:`request_id_of`); the
 join step decodes the whole record (:func:`decode_record`).
+
+Neither raises, whatever the bytes: a record of any size or content is counted or
+becomes an ``invalid`` dead letter, so no record can stop the dataflow on every
+restart. A timestamp too far ahead of the clock is invalid here too, before the
+join's event time can see it.
 """
 
 from __future__ import annotations
