@@ -31,7 +31,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from dataflows.windows import WindowRow
-from schemas.deadletter import DeadLetter, deadletter_encoder
+from schemas.deadletter import KEY_MAX_BYTES, DeadLetter, encode_bounded
 from schemas.metrics import ROW_FIELDS, row_encoder
 from schemas.topics import DEADLETTER, METRICS
 
@@ -287,5 +287,16 @@ def deadletter_key(letter: DeadLetter) -> bytes | None:
 
 
 def deadletter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, bytes]:
-    """An ``llm.deadletter`` record, keyed by request id when known."""
-    return KafkaSinkMessage(key=deadletter_key(letter), value=deadletter_encoder.encode(letter))
+    """An ``llm.deadletter`` record, keyed by request id when known, that always fits the
+    producer's message limit (:func:`schemas.deadletter.encode_bounded`).
+
+    A key longer than any request id can be is left out (the payload still shows it),
+    and so is one that cannot be read: the payload of an invalid record is anything.
+    """
+    try:
+        key = deadletter_key(letter)
+    except RecursionError:  # JSON nested deeper than msgspec follows
+        key = None
+    if key is not None and len(key) > KEY_MAX_BYTES:
+        key = None
+    return KafkaSinkMessage(key=key, value=encode_bounded(letter))

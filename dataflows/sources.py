@@ -17,12 +17,18 @@ crosses to the process that owns its shard, and bytes pickle in a fraction of a
 microsecond where a decoded event (a Struct holding a datetime) takes tens of
 microseconds. Routing reads only the ``request_id`` (:func:`request_id_of`); the
 join step decodes the whole record (:func:`decode_record`).
+
+Neither raises, whatever the bytes: a record of any size or content is counted or
+becomes an ``invalid`` dead letter, so no record can stop the dataflow on every
+restart. A timestamp too far ahead of the clock is invalid here too, before the
+join's event time can see it.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import time
 import zlib
 from typing import NamedTuple
 
@@ -32,7 +38,13 @@ from bytewax.inputs import StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from schemas.deadletter import DeadLetter
-from schemas.events import LLMRequest, LLMResponse, request_decoder, response_decoder
+from schemas.events import (
+    LLMRequest,
+    LLMResponse,
+    check_not_future,
+    request_decoder,
+    response_decoder,
+)
 from schemas.topics import REQUESTS, RESPONSES
 
 logger = logging.getLogger("streamlens.dataflow")
@@ -58,6 +70,7 @@ JOIN_SHARD_NAMES: tuple[str, ...] = tuple(str(n) for n in range(JOIN_SHARDS))
 
 # A poll's records of one join shard: (topic, partition, [(offset, value), ...]).
 RawGroup = tuple[str, int, list[tuple[int, bytes]]]
+
 
 def join_shard_key(request_id: str) -> str:
     """The join shard of a request id (a str: Bytewax keys are strings).
@@ -91,18 +104,21 @@ def payload_text(value: bytes | None) -> tuple[str | None, bool]:
         return base64.b64encode(value).decode("ascii"), True
 
 
-def invalid(topic: str | None, partition: int | None, offset: int | None,
-            value: bytes | None, error: str) -> DeadLetter:
+def invalid(
+    topic: str | None, partition: int | None, offset: int | None, value: bytes | None, error: str
+) -> DeadLetter:
     """The dead letter of a record that could not be read or decoded."""
     payload, encoded = payload_text(value)
     if encoded:
         error = f"{error} (payload is not UTF-8; it is shown base64-encoded)"
-    return DeadLetter(reason="invalid", source_topic=topic, partition=partition,
-                      offset=offset, error=error, payload=payload)
+    return DeadLetter(
+        reason="invalid", source_topic=topic, partition=partition, offset=offset, error=error, payload=payload
+    )
 
 
-def broker_error(topic: str, partition: int, offset: int | None, value: bytes | None,
-                 error: object) -> DeadLetter:
+def broker_error(
+    topic: str, partition: int, offset: int | None, value: bytes | None, error: object
+) -> DeadLetter:
     """A consumer error the broker reported instead of a record.
 
     Dead-lettered (and logged loudly) rather than raised: a record the consumer
@@ -124,8 +140,15 @@ class RecordBatch(NamedTuple):
 
 
 class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
-    def __init__(self, config: dict, topic: str, partition: int, starting_offset: int,
-                 resume_state: int | None, batch_size: int) -> None:
+    def __init__(
+        self,
+        config: dict,
+        topic: str,
+        partition: int,
+        starting_offset: int,
+        resume_state: int | None,
+        batch_size: int,
+    ) -> None:
         self._offset = starting_offset if resume_state is None else resume_state
         self._consumer = Consumer(config)
         # assign(), not subscribe(): recovery, not a consumer group, owns the offsets.
@@ -146,8 +169,7 @@ class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
             if error is None:
                 records.append((offset, message.value()))
             else:
-                errors.append(broker_error(self._topic, self._partition, offset,
-                                           message.value(), error))
+                errors.append(broker_error(self._topic, self._partition, offset, message.value(), error))
             if offset is not None and offset >= 0:
                 # Resume after the last record handed over, never before it.
                 self._offset = offset + 1
@@ -163,8 +185,7 @@ class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
 class BatchingKafkaSource(KafkaSource):
     """:class:`KafkaSource` handing over each poll of a partition as one :class:`RecordBatch`."""
 
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None
-                   ) -> _BatchPartition:  # type: ignore[override]
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _BatchPartition:  # type: ignore[override]
         index, topic = for_part.split("-", 1)
         if topic not in self._topics:
             raise ValueError(f"recovery state names topic {topic!r}, not one of {self._topics}")
@@ -175,22 +196,46 @@ class BatchingKafkaSource(KafkaSource):
             "enable.partition.eof": "false",
         }
         config.update(self._add_config)
-        return _BatchPartition(config, topic, int(index), self._starting_offset, resume_state,
-                               self._batch_size)
+        return _BatchPartition(
+            config, topic, int(index), self._starting_offset, resume_state, self._batch_size
+        )
 
 
-def decode_record(topic: str, partition: int, offset: int, value: bytes
-                  ) -> LLMRequest | LLMResponse | DeadLetter:
+# What msgspec raises on a record it cannot decode: its own errors (ValidationError
+# among them), UnicodeDecodeError (a ValueError) for invalid UTF-8 inside a string it
+# keeps, and RecursionError for JSON nested deeper than it follows.
+_UNDECODABLE = (msgspec.DecodeError, ValueError, RecursionError)
+
+
+def decode_record(
+    topic: str, partition: int, offset: int, value: bytes, now: float | None = None
+) -> LLMRequest | LLMResponse | DeadLetter:
     """One record of ``llm.requests`` or ``llm.responses`` → its event, or an ``invalid``
-    dead letter naming what is wrong."""
+    dead letter naming what is wrong; never an exception, whatever the bytes.
+
+    ``now`` is the wall clock in Unix seconds (read here when None). An event more
+    than :data:`~schemas.events.MAX_FUTURE_SECONDS` ahead of it is invalid, as at the
+    ingestion API: a record produced straight into the topic must not move event
+    time (which never goes back) into the future.
+    """
     try:
-        return _DECODERS[topic].decode(value)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as error:
+        event = _DECODERS[topic].decode(value)
+    except _UNDECODABLE as error:
         return invalid(topic, partition, offset, value, str(error))
+    except Exception as error:
+        # Not expected from decoding, but a record that raises it must not stop the
+        # dataflow on every restart: it is dead-lettered, and logged as the surprise it is.
+        logger.exception("decoding %s[%s]@%s raised", topic, partition, offset)
+        return invalid(topic, partition, offset, value, f"decoding raised {type(error).__name__}: {error}")
+    future = check_not_future(event, time.time() if now is None else now)
+    if future is not None:
+        return invalid(topic, partition, offset, value, future)
+    return event
 
 
 def request_id_of(value: bytes) -> str | None:
-    """The record's ``request_id``, read without decoding the rest; None when it has none.
+    """The record's ``request_id``, read without decoding the rest; None when it has none
+    or the record cannot be decoded at all (:func:`decode_record` then says why).
 
     The same JSON decoding as the event's own, so the full decoding in the join
     finds the same id (duplicate keys, escapes and all): a record always lands on
@@ -198,12 +243,12 @@ def request_id_of(value: bytes) -> str | None:
     """
     try:
         return _request_id_decoder.decode(value).request_id
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except Exception:
+        # Whatever the bytes do to the decoder, routing is not the place to say so.
         return None
 
 
-def decode_batches(batches: list[RecordBatch]
-                   ) -> list[DeadLetter | tuple[str, list[RawGroup]]]:
+def decode_batches(batches: list[RecordBatch]) -> list[DeadLetter | tuple[str, list[RawGroup]]]:
     """The batches of one activation → their dead letters, and their records grouped by
     join shard as ``(shard, [(topic, partition, [(offset, value), ...]), ...])``, each
     partition's offsets in order.
@@ -217,9 +262,10 @@ def decode_batches(batches: list[RecordBatch]
         out.extend(batch.errors)
         topic, partition = batch.topic, batch.partition
         if topic not in _DECODERS:
-            out.extend(invalid(topic, partition, offset, value,
-                               f"record from unexpected topic {topic!r}")
-                       for offset, value in batch.records)
+            out.extend(
+                invalid(topic, partition, offset, value, f"record from unexpected topic {topic!r}")
+                for offset, value in batch.records
+            )
             continue
         groups: dict[str, list[tuple[int, bytes]]] = {}
         for offset, value in batch.records:
