@@ -53,7 +53,7 @@ def build(settings: Settings) -> Dataflow:
 
     batches = op.input("read", flow, sources.BatchingKafkaSource(
         brokers, [REQUESTS, RESPONSES], starting_offset=sources.STARTING_OFFSET,
-        batch_size=sources.BATCH_SIZE))
+        batch_size=sources.BATCH_SIZE, read_ahead=read_ahead(settings)))
     decoded = op.flat_map_batch("decode", batches, sources.decode_batches)
     # (join shard, events) pairs go on; everything else is a dead letter.
     events = op.branch("valid", decoded, _is_group)
@@ -79,6 +79,12 @@ def build(settings: Settings) -> Dataflow:
     op.output("deadletter", op.map("deadletter_records", letters, sinks.deadletter_message),
               sinks.KafkaTopicSink(settings.kafka_brokers, DEADLETTER))
     return flow
+
+
+def read_ahead(settings: Settings) -> float:
+    """How far in event time a partition may read past the slowest one: well within the
+    grace period, so that no window closes while a partition is still behind it."""
+    return max(1.0, min(settings.grace_seconds, settings.join_timeout_seconds) / 2)
 
 
 def _is_group(item: object) -> bool:

@@ -74,7 +74,7 @@ class JoinLogic(StatefulBatchLogic[list[RawGroup], list[Call | DeadLetter], byte
         for groups in values:
             for topic, partition, records in groups:
                 for offset, value in records:
-                    event = decode_record(topic, partition, offset, value)
+                    event = decode_record(topic, partition, offset, value, now)
                     if type(event) is DeadLetter:
                         out.append(event)
                         continue

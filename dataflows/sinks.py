@@ -31,7 +31,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from dataflows.windows import WindowRow
-from schemas.deadletter import KEY_MAX_BYTES, DeadLetter, encode_bounded
+from schemas.deadletter import KEY_MAX_BYTES, MESSAGE_MAX_BYTES, DeadLetter, encode_bounded
 from schemas.metrics import ROW_FIELDS, row_encoder
 from schemas.topics import DEADLETTER, METRICS
 
@@ -44,6 +44,8 @@ PRODUCER_CONFIG: dict[str, str] = {
     "acks": "all",
     "compression.type": "lz4",
     "linger.ms": "20",
+    # The limit dead letters are bounded by, stated once.
+    "message.max.bytes": str(MESSAGE_MAX_BYTES),
 }
 
 # The row's columns, then what Postgres keeps beside it.

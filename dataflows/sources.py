@@ -28,17 +28,22 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import time
 import zlib
-from typing import NamedTuple
+from collections import deque
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import msgspec
 from bytewax.connectors.kafka import KafkaSource
 from bytewax.inputs import StatefulSourcePartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
+from dataflows.progress import ReadProgress
 from schemas.deadletter import DeadLetter
 from schemas.events import (
+    MAX_FUTURE_SECONDS,
     LLMRequest,
     LLMResponse,
     check_not_future,
@@ -148,6 +153,7 @@ class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
         starting_offset: int,
         resume_state: int | None,
         batch_size: int,
+        progress: ReadProgress,
     ) -> None:
         self._offset = starting_offset if resume_state is None else resume_state
         self._consumer = Consumer(config)
@@ -156,16 +162,31 @@ class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
         self._topic = topic
         self._partition = partition
         self._batch_size = batch_size
+        self._progress = progress
+        self._part = (topic, partition)
+        progress.register(self._part, time.time())
+        # Polled records not handed over yet (too far ahead), with their timestamps.
+        self._held: deque[tuple[Message, int, float]] = deque()
+        self._newest = -math.inf
 
     def next_batch(self) -> list[RecordBatch]:
-        messages = self._consumer.consume(self._batch_size, 0.001)
-        if not messages:
-            return []
+        now = time.time()
+        progress, part = self._progress, self._part
+        held = self._held
+        if not held:
+            messages = self._consumer.consume(self._batch_size, 0.001)
+            progress.polled(part, bool(messages), now)
+            if not messages:
+                return []
+            held.extend(stamped(messages, now))
+        # Hand over, in offset order, what is not too far ahead of the other partitions.
+        limit = progress.limit(part, now)
         records: list[tuple[int, bytes | None]] = []
         errors: list[DeadLetter] = []
-        for message in messages:
+        newest = self._newest
+        while held and held[0][2] <= limit:
+            message, offset, ts = held.popleft()
             error = message.error()
-            offset = message.offset()
             if error is None:
                 records.append((offset, message.value()))
             else:
@@ -173,6 +194,12 @@ class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
             if offset is not None and offset >= 0:
                 # Resume after the last record handed over, never before it.
                 self._offset = offset + 1
+            if ts > newest:
+                newest = ts
+        self._newest = newest
+        progress.stands_at(part, held[0][2] if held else newest)
+        if not records and not errors:
+            return []
         return [RecordBatch(self._topic, self._partition, records, errors)]
 
     def snapshot(self) -> int:
@@ -182,8 +209,45 @@ class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
         self._consumer.close()
 
 
+class _Stamp(msgspec.Struct):
+    """The one field read progress is measured by."""
+
+    timestamp: datetime
+
+
+_stamp_decoder = msgspec.json.Decoder(_Stamp)
+
+
+def stamped(messages: list[Message], now: float) -> list[tuple[Message, int, float]]:
+    """Each message with its offset and the event time it stands for: its ``timestamp`` in
+    Unix seconds, or -inf when it has none that counts (an error, an invalid record, a
+    time further ahead of the clock than allowed: their dead letters hold nobody back)."""
+    decode = _stamp_decoder.decode
+    latest = now + MAX_FUTURE_SECONDS
+    out = []
+    for message in messages:
+        ts = -math.inf
+        value = message.value()
+        if message.error() is None and value is not None:
+            try:
+                ts = decode(value).timestamp.timestamp()
+            except _UNDECODABLE:
+                ts = -math.inf  # an invalid record: its dead letter says why
+            if ts > latest:
+                ts = -math.inf
+        out.append((message, message.offset(), ts))
+    return out
+
+
 class BatchingKafkaSource(KafkaSource):
-    """:class:`KafkaSource` handing over each poll of a partition as one :class:`RecordBatch`."""
+    """:class:`KafkaSource` handing over each poll of a partition as one :class:`RecordBatch`,
+    its partitions reading in step (:mod:`dataflows.progress`): none more than
+    ``read_ahead`` seconds of event time past the slowest one still busy."""
+
+    def __init__(self, *args: Any, read_ahead: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # One per process: the flow, and so this source, is built once per process.
+        self._progress = ReadProgress(read_ahead)
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _BatchPartition:  # type: ignore[override]
         index, topic = for_part.split("-", 1)
@@ -197,7 +261,8 @@ class BatchingKafkaSource(KafkaSource):
         }
         config.update(self._add_config)
         return _BatchPartition(
-            config, topic, int(index), self._starting_offset, resume_state, self._batch_size
+            config, topic, int(index), self._starting_offset, resume_state, self._batch_size,
+            self._progress,
         )
 
 

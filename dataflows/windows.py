@@ -19,9 +19,11 @@ and is driven by the Bytewax wiring in :mod:`dataflows.metrics`. It must pickle
   call: +1), and it is a function of the calls in the window alone: not of when
   rows were emitted, of batching, of workers or of a replay after a crash. Since
   whether a request pairs depends on its events only, each call of a window can
-  only move towards its final state (absent, timed out, answered), so two
-  emissions of a window with the same revision hold the same calls: the sinks
-  keep the highest revision and that is the final row.
+  only move towards its final state (absent, timed out, answered), so the
+  row holding all of a window's calls has a revision no row holding part of them
+  reaches: the sinks keep the highest revision, and that is the final row. (Two
+  partial rows may share a revision with other content: one answered call, or
+  two timeouts. Readers of partial rows see the latest by offset.)
 - A call whose window ended more than ``lateness`` before event time is a
   ``too_late`` dead letter; such windows are forgotten after their last emission.
 - A call whose window would start or end outside the years 1-9999 (its row's
@@ -209,8 +211,11 @@ class WindowShard:
         after a restore that is unknown and the answer is "now" (0.0).
         """
         due: list[float] = []
-        if self._unsent:
-            due.append(min(self._unsent) + self.window + self.grace)
+        # Windows whose every unsent key waits for a timeout (see on_time) are not due.
+        ready = [start for start, keys in self._unsent.items()
+                 if any(self._windows[start][key].timeouts >= 0 for key in keys)]
+        if ready:
+            due.append(min(ready) + self.window + self.grace)
         if self._windows:
             due.append(min(self._windows) + self.window + self.lateness)
         if not due:

@@ -18,6 +18,8 @@ T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 NOW = 1_900_000_000.0  # wall clock, independent of event time
 TIMEOUT = 300
 DEDUPE = 3600
+WINDOW = 60
+LATENESS = 600
 REQUESTS = "llm.requests"
 RESPONSES = "llm.responses"
 
@@ -67,7 +69,7 @@ def drain(join: JoinShard, after: float = 10 * DEDUPE) -> list[Call | DeadLetter
 
 
 def test_request_then_response_pairs_into_one_call() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     assert join.on_event(request("a", 0), SourceRef(REQUESTS, 1, 7), NOW) == []
     out = join.on_event(response("a", 2.5), SourceRef(RESPONSES, 2, 9), NOW)
     assert len(out) == 1
@@ -80,7 +82,7 @@ def test_request_then_response_pairs_into_one_call() -> None:
 
 
 def test_response_before_request_pairs_the_same() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     assert join.on_event(response("a", 2.5), SourceRef(RESPONSES, 0, 1), NOW) == []
     out = join.on_event(request("a", 0), SourceRef(REQUESTS, 0, 4), NOW)
     assert [outcome(item) for item in out] == [("answered", "a")]
@@ -89,7 +91,7 @@ def test_response_before_request_pairs_the_same() -> None:
 
 
 def test_request_without_response_times_out_once_event_time_passes_the_timeout() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     feed(join, [request("a", 0)])
     # Event time exactly at request + timeout: not passed yet.
     feed(join, [request("clock", TIMEOUT)])
@@ -105,13 +107,13 @@ def test_request_without_response_times_out_once_event_time_passes_the_timeout()
 
 
 def test_a_response_exactly_at_the_timeout_still_pairs() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     out = feed(join, [request("a", 0), response("a", TIMEOUT)])
     assert [outcome(item) for item in out] == [("answered", "a")]
 
 
 def test_quiet_time_advances_event_time_with_the_wall_clock() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     feed(join, [request("a", 0)], now=NOW)
     wakeup = join.next_wakeup()
     assert wakeup is not None
@@ -122,33 +124,35 @@ def test_quiet_time_advances_event_time_with_the_wall_clock() -> None:
 
 
 def test_response_without_request_becomes_an_orphan_dead_letter() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     lone = response("lost", 10, error="boom")
     join.on_event(lone, SourceRef(RESPONSES, 2, 41), NOW)
-    assert join.on_time(NOW + TIMEOUT - 1) == []
-    out = join.on_time(NOW + TIMEOUT + 1)
+    # Its window [0, 60) takes late calls until event time 660, a request with it:
+    # event time is at 10 + the wall-clock time since.
+    assert join.on_time(NOW + TIMEOUT + 1) == []  # the old deadline, response + timeout
+    assert join.on_time(NOW + 650) == []  # exactly 660: not passed
+    out = join.on_time(NOW + 650.5)
     assert len(out) == 1
     letter = out[0]
     assert isinstance(letter, DeadLetter)
     assert letter.reason == "orphan_response"
     assert (letter.source_topic, letter.partition, letter.offset) == (RESPONSES, 2, 41)
-    assert "no request" in letter.error and "300 s" in letter.error
+    assert "no request" in letter.error and "LATENESS_SECONDS (600 s)" in letter.error
     assert letter.payload is not None
     assert response_decoder.decode(letter.payload) == lone
 
 
 def test_a_response_too_far_from_its_request_reports_both() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     out = feed(join, [request("a", 0), response("a", TIMEOUT + 1)])
-    assert out == []
-    out = drain(join)
-    assert sorted(outcome(item) for item in out) == [("orphan_response", "a"), ("timeout", "a")]
-    letter = next(item for item in out if isinstance(item, DeadLetter))
-    assert "301 s earlier" in letter.error
+    # Both sides known and too far apart: the response at once, the request at its deadline.
+    assert [outcome(item) for item in out] == [("orphan_response", "a")]
+    assert "301 s earlier" in out[0].error  # type: ignore[union-attr]
+    assert [outcome(item) for item in drain(join)] == [("timeout", "a")]
 
 
 def test_a_response_from_another_tenant_never_pairs() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     out = feed(join, [request("a", 0, tenant_id="acme"), response("a", 1, tenant_id="evil")])
     assert [outcome(item) for item in out] == [("orphan_response", "a")]  # at once
     letter = out[0]
@@ -169,7 +173,7 @@ def test_another_tenants_response_before_the_request_does_not_take_the_real_ones
             "request": request("a", 0, tenant_id="acme"),
             "real": response("a", 2, tenant_id="acme", completion_tokens=7),
         }
-        join = JoinShard(TIMEOUT, DEDUPE)
+        join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
         out = feed(join, [events[name] for name in order]) + drain(join)
         assert sorted(outcome(item) for item in out) == [("answered", "a"), ("orphan_response", "a")], order
         call = next(item for item in out if isinstance(item, Call))
@@ -181,7 +185,7 @@ def test_another_tenants_response_before_the_request_does_not_take_the_real_ones
 
 
 def test_another_tenants_response_after_the_request_is_dead_lettered_and_the_real_one_still_pairs() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     out = feed(join, [request("a", 0, tenant_id="acme"), response("a", 1, tenant_id="evil")])
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
     out = feed(join, [response("a", 2, tenant_id="acme", completion_tokens=7)])
@@ -192,7 +196,7 @@ def test_another_tenants_response_after_the_request_is_dead_lettered_and_the_rea
 
 
 def test_another_tenants_response_after_the_call_is_counted_is_dead_lettered_not_ignored() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     assert len(feed(join, [request("a", 0), response("a", 1, tenant_id="acme")])) == 1
     out = feed(
         join,
@@ -206,44 +210,64 @@ def test_another_tenants_response_after_the_call_is_counted_is_dead_lettered_not
     assert "tenant mismatch" in out[0].error  # type: ignore[union-attr]
     assert join.duplicates == 2
 
-    # Timed out: another tenant's response does not use up the real late
-    # response's dead letter, which would otherwise be ignored as a repeat.
-    join = JoinShard(TIMEOUT, DEDUPE)
+    # Timed out: another tenant's response does not use up the conversion of the
+    # timeout by the real late response.
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     feed(join, [request("b", 0), request("clock", TIMEOUT + 5)])
     assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "b")]
     out = feed(join, [response("b", 20, tenant_id="evil"), response("b", 20, tenant_id="acme")])
-    assert [outcome(item) for item in out] == [("orphan_response", "b"), ("orphan_response", "b")]
-    assert "tenant mismatch" in out[0].error and "timed out" in out[1].error  # type: ignore[union-attr]
-
-
-def test_another_tenants_response_to_a_forgotten_request_still_waiting_on_a_far_response() -> None:
-    # DEDUPE_SECONDS 0: the timed-out request is forgotten at once, while its
-    # far response still waits for its own deadline.
-    join = JoinShard(TIMEOUT, 0)
-    out = feed(join, [request("a", 0), response("a", TIMEOUT + 1), request("clock", TIMEOUT + 2)])
-    out += join.on_time(NOW)
-    assert [outcome(item) for item in out] == [("timeout", "a")]
-    out = feed(join, [response("a", TIMEOUT + 3, tenant_id="evil")])
-    assert [outcome(item) for item in out] == [("orphan_response", "a")]
+    assert [outcome(item) for item in out] == [("orphan_response", "b"), ("answered", "b")]
     assert "tenant mismatch" in out[0].error  # type: ignore[union-attr]
-    out = [item for item in drain(join) if outcome(item)[1] == "a"]
+    assert out[1].replaces_timeout and out[1].response.tenant_id == "acme"  # type: ignore[union-attr]
+
+
+def test_other_tenants_responses_around_a_too_far_pair_are_dead_lettered_and_state_empties() -> None:
+    # DEDUPE_SECONDS 0: the timed-out id is still remembered until its window
+    # stops taking late calls (660), past timeout + max(timeout, dedupe) (600).
+    join = JoinShard(TIMEOUT, 0, WINDOW, LATENESS)
+    out = feed(join, [request("a", 0), response("a", TIMEOUT + 1)])
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
     assert "301 s earlier" in out[0].error  # type: ignore[union-attr]
+    # The request waits for its deadline: another tenant's response is no repeat.
+    out = feed(join, [response("a", TIMEOUT + 1, tenant_id="evil")])
+    assert [outcome(item) for item in out] == [("orphan_response", "a")]
+    assert "tenant mismatch" in out[0].error  # type: ignore[union-attr]
+    feed(join, [request("clock", TIMEOUT + 2)])
+    assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "a")]
+    # Counted now: a third tenant is dead-lettered, the repeats are ignored.
+    out = feed(
+        join,
+        [
+            response("a", TIMEOUT + 3, tenant_id="other"),
+            response("a", TIMEOUT + 3, tenant_id="evil"),
+            response("a", 20),  # no conversion: the first response of its own was too far
+            request("a", 0),
+        ],
+    )
+    assert [outcome(item) for item in out] == [("orphan_response", "a")]
+    assert "'other'" in out[0].error  # type: ignore[union-attr]
+    assert join.duplicates == 3
+    feed(join, [request("clock2", 655)])
+    join.on_time(NOW)
+    assert feed(join, [request("a", 0)]) == []  # event time 655: still remembered
+    assert join.duplicates == 4
+    out = [item for item in drain(join) if outcome(item)[1] == "a"]
+    assert out == []
     assert len(join) == 0 and vars(join)["_mismatched"] == {}
 
 
 def test_responses_of_several_tenants_waiting_for_the_request_expire_on_their_own_deadlines() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     feed(
         join,
         [
-            response("a", 1, tenant_id="x"),
-            response("a", 5, tenant_id="y"),
-            response("a", 6, tenant_id="y"),  # a repeat of y's
+            response("a", 1, tenant_id="x"),  # window [0, 60): orphan after 660
+            response("a", 65, tenant_id="y"),  # window [60, 120): orphan after 720
+            response("a", 66, tenant_id="y"),  # a repeat of y's
         ],
     )
     assert join.duplicates == 1
-    feed(join, [request("clock", TIMEOUT + 2)])
+    feed(join, [request("clock", 700)])
     out = join.on_time(NOW)
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
     assert response_decoder.decode(out[0].payload).tenant_id == "x"  # type: ignore[arg-type, union-attr]
@@ -254,13 +278,13 @@ def test_responses_of_several_tenants_waiting_for_the_request_expire_on_their_ow
 
 
 def test_a_response_stamped_with_the_same_tenant_pairs() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     out = feed(join, [response("a", 1, tenant_id="acme"), request("a", 0, tenant_id="acme")])
     assert [outcome(item) for item in out] == [("answered", "a")]
 
 
 def test_before_counting_the_first_request_and_first_response_win() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     out = feed(
         join,
         [
@@ -273,7 +297,7 @@ def test_before_counting_the_first_request_and_first_response_win() -> None:
     assert len(out) == 1
     assert out[0].request.prompt_tokens == 1  # type: ignore[union-attr]
 
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     out = feed(
         join,
         [
@@ -289,7 +313,7 @@ def test_before_counting_the_first_request_and_first_response_win() -> None:
 
 
 def test_after_counting_repeats_are_ignored_until_dedupe_expires() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     assert len(feed(join, [request("a", 0), response("a", 1)])) == 1
     assert feed(join, [request("a", 0), response("a", 1), response("a", 2)]) == []
     assert join.duplicates == 3
@@ -306,7 +330,7 @@ def test_after_counting_repeats_are_ignored_until_dedupe_expires() -> None:
 
 
 def test_a_timed_out_call_is_remembered_for_dedupe_after_it_timed_out() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     feed(join, [request("a", 0), request("clock", TIMEOUT + 1)])
     assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "a")]
     # Counted at event time TIMEOUT: a repeat just before TIMEOUT + DEDUPE is still ignored.
@@ -316,19 +340,148 @@ def test_a_timed_out_call_is_remembered_for_dedupe_after_it_timed_out() -> None:
     assert join.duplicates == 1
 
 
-def test_timed_out_call_first_late_response_is_dead_lettered_then_repeats_ignored() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+def test_timed_out_call_first_late_response_converts_it_then_repeats_are_ignored() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     feed(join, [request("a", 0), request("clock", TIMEOUT + 5)])
     assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "a")]
-    out = feed(join, [response("a", 20)])
+    out = feed(join, [response("a", 20, completion_tokens=9)])
+    assert [outcome(item) for item in out] == [("answered", "a")]
+    assert out[0].replaces_timeout  # type: ignore[union-attr]
+    out = feed(join, [response("a", 20), response("a", 21, completion_tokens=1), request("a", 0)])
+    assert out == []
+    assert join.duplicates == 3
+    assert [outcome(item) for item in drain(join)] == [("timeout", "clock")]
+    assert len(join) == 0
+
+
+# -- provisional timeouts ------------------------------------------------------
+
+
+def timed_out_join(rid: str = "a", seconds: float = 0, clock: float = TIMEOUT + 5) -> JoinShard:
+    """A join whose request ``rid`` at ``seconds`` was reported as timed out, with
+    event time at ``clock``."""
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
+    feed(join, [request(rid, seconds), request("clock", clock)])
+    assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", rid)]
+    return join
+
+
+def test_a_late_response_turns_the_timeout_into_the_answered_call() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
+    original = request("a", 0, prompt_tokens=40)
+    join.on_event(original, SourceRef(REQUESTS, 1, 3), NOW)
+    feed(join, [request("clock", TIMEOUT + 5)])
+    (timeout,) = join.on_time(NOW)
+    assert isinstance(timeout, Call) and timeout.response is None and not timeout.replaces_timeout
+    assert timeout.completed_at == T0 + TIMEOUT
+    late = response("a", 20, completion_tokens=9, latency_ms=20_000.0)
+    out = join.on_event(late, SourceRef(RESPONSES, 2, 8), NOW)
+    assert len(out) == 1
+    call = out[0]
+    assert isinstance(call, Call)
+    assert call.replaces_timeout
+    assert call.request == original and call.response == late
+    assert call.source == SourceRef(RESPONSES, 2, 8)
+    assert call.completed_at == T0 + 20  # the later of its two timestamps
+    assert join.duplicates == 0
+    # Nothing else comes of "a": no orphan, no second timeout.
+    assert [outcome(item) for item in drain(join)] == [("timeout", "clock")]
+    assert len(join) == 0
+
+
+def test_a_response_exactly_at_the_timeout_converts_and_one_beyond_it_is_an_orphan() -> None:
+    join = timed_out_join()
+    out = feed(join, [response("a", TIMEOUT)])
+    assert [outcome(item) for item in out] == [("answered", "a")]
+    assert out[0].replaces_timeout  # type: ignore[union-attr]
+
+    join = timed_out_join()
+    far = response("a", TIMEOUT + 0.5)
+    out = feed(join, [far])
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
-    assert "timed out" in out[0].error  # type: ignore[union-attr]
-    assert feed(join, [response("a", 20), request("a", 0)]) == []
+    assert "300.5 s earlier" in out[0].error and "JOIN_TIMEOUT_SECONDS" in out[0].error  # type: ignore[union-attr]
+    assert response_decoder.decode(out[0].payload) == far  # type: ignore[arg-type, union-attr]
+    # The first response won: one in range after it is a repeat, the timeout stands.
+    assert feed(join, [response("a", 20)]) == []
+    assert join.duplicates == 1
+    assert [outcome(item) for item in drain(join)] == [("timeout", "clock")]
+
+
+def test_a_timeout_converts_until_its_window_stops_taking_late_calls_then_responses_are_too_late() -> None:
+    # Request at 59.5: window [0, 60), late calls until 60 + 600 = 660.
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
+    assert join.convertible_until(T0 + 59.5) == T0 + 660
+    assert join.convertible_until(T0 + 60) == T0 + 720
+
+    join = timed_out_join(seconds=59.5, clock=660)  # exactly 660: not passed
+    out = feed(join, [response("a", 70)])
+    assert [outcome(item) for item in out] == [("answered", "a")]
+    assert out[0].replaces_timeout  # type: ignore[union-attr]
+
+    join = timed_out_join(seconds=59.5, clock=660.5)
+    late = response("a", 70)
+    out = join.on_event(late, SourceRef(RESPONSES, 1, 77), NOW)
+    assert len(out) == 1
+    letter = out[0]
+    assert isinstance(letter, DeadLetter)
+    assert letter.reason == "too_late"
+    assert (letter.source_topic, letter.partition, letter.offset) == (RESPONSES, 1, 77)
+    assert "2026-01-01T00:00:00+00:00" in letter.error and "2026-01-01T00:11:00+00:00" in letter.error
+    assert "LATENESS_SECONDS 600" in letter.error
+    assert response_decoder.decode(letter.payload) == late  # type: ignore[arg-type]
+    # Its repeats are ignored, like any repeat of a counted call.
+    assert feed(join, [response("a", 70), request("a", 59.5)]) == []
     assert join.duplicates == 2
+    drain(join)
+    assert len(join) == 0
+
+
+def test_a_waiting_response_is_an_orphan_only_once_its_window_stops_taking_late_calls() -> None:
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
+    assert join.orphan_after(T0 + 59.5) == T0 + 660
+    assert join.orphan_after(T0 + 60) == T0 + 720
+
+    # Event time exactly 660: a request for it still pairs (and did not time out: it
+    # is new, its own deadline is ahead).
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
+    feed(join, [response("a", 59.5), request("clock", 660)])
+    assert join.on_time(NOW) == []
+    out = feed(join, [request("a", 50)])
+    assert [outcome(item) for item in out] == [("answered", "a")]
+    assert not out[0].replaces_timeout  # type: ignore[union-attr]
+
+    # Just past it: the response is an orphan, and the request that comes after
+    # waits on its own and times out.
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
+    feed(join, [response("a", 59.5), request("clock", 660.5)])
+    assert [outcome(item) for item in join.on_time(NOW)] == [("orphan_response", "a")]
+    assert feed(join, [request("a", 50)]) == []
+    assert sorted(outcome(item) for item in drain(join)) == [("timeout", "a"), ("timeout", "clock")]
+
+
+def test_a_snapshot_keeps_a_timed_out_request_convertible_until_its_deadline() -> None:
+    join = timed_out_join(seconds=10, clock=TIMEOUT + 15)
+    snapshot = pickle.dumps(join)
+
+    restored = pickle.loads(snapshot)
+    assert vars(restored)["_timed_out"] == {"a": T0 + 10}
+    assert restored.on_time(NOW) == []
+    out = feed(restored, [response("a", 12, completion_tokens=3)])
+    assert [outcome(item) for item in out] == [("answered", "a")]
+    assert out[0].replaces_timeout and out[0].response.completion_tokens == 3  # type: ignore[union-attr]
+    assert out == feed(join, [response("a", 12, completion_tokens=3)])
+
+    # The deadline came back with it: past 660, the request is gone and the
+    # response too late.
+    restored = pickle.loads(snapshot)
+    feed(restored, [request("clock2", 661)])
+    restored.on_time(NOW)
+    assert "a" not in vars(restored)["_pending"]
+    assert [outcome(item) for item in feed(restored, [response("a", 12)])] == [("too_late", "a")]
 
 
 def test_cache_reads_beyond_the_prompt_are_clamped_and_counted() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     out = feed(join, [request("a", 0, prompt_tokens=50), response("a", 1, cache_read_tokens=80)])
     call = out[0]
     assert isinstance(call, Call) and call.response is not None
@@ -340,7 +493,7 @@ def test_cache_reads_beyond_the_prompt_are_clamped_and_counted() -> None:
 
 
 def test_state_is_empty_once_every_deadline_passed() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     feed(
         join,
         [
@@ -364,7 +517,7 @@ def test_state_is_empty_once_every_deadline_passed() -> None:
 
 
 def test_next_wakeup_is_none_when_empty_and_due_after_a_restore() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     assert join.next_wakeup() is None
     feed(join, [request("a", 0)])
     restored = pickle.loads(pickle.dumps(join))
@@ -430,7 +583,7 @@ def scenario(wide: bool) -> tuple[list[LLMRequest | LLMResponse], set[tuple[str,
 def check_order(
     events: list[LLMRequest | LLMResponse], expected: set[tuple[str, str]], order: list[int], tick: bool
 ) -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     out: list[Call | DeadLetter] = []
     for position, index in enumerate(order):
         event = events[index]
@@ -483,7 +636,7 @@ def timeline() -> list[tuple[LLMRequest | LLMResponse | None, float]]:
 def run(
     steps: list[tuple[LLMRequest | LLMResponse | None, float]], snapshot_every: int | None
 ) -> list[tuple[str, str, float | None]]:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     out: list[tuple[str, str, float | None]] = []
 
     def record(items: list[Call | DeadLetter]) -> None:
@@ -537,7 +690,7 @@ def test_in_flight_requests_cost_well_under_a_kibibyte_each() -> None:
         )
         for index in range(sample)
     ]
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -572,7 +725,7 @@ def test_any_dedupe_setting_keeps_every_request_accounted_for(
     """With DEDUPE_SECONDS at, below or above the timeout, and expiry checked at
     arbitrary points inside a second, each first request is counted exactly once and
     the state empties."""
-    join = JoinShard(TIMEOUT, dedupe)
+    join = JoinShard(TIMEOUT, dedupe, WINDOW, LATENESS)
     out: list[Call | DeadLetter] = []
     for position, (rid, is_request, seconds, tenant) in enumerate(sorted(events, key=lambda e: e[2])):
         event = request(rid, seconds) if is_request else response(rid, seconds, tenant_id=tenant)
@@ -591,7 +744,7 @@ def test_any_dedupe_setting_keeps_every_request_accounted_for(
 def test_expiry_inside_a_second_with_dedupe_no_longer_than_the_timeout() -> None:
     # Both deadlines fall in the same second; event time stops between them, and
     # the first request's dedupe record expires at once, into that same second.
-    join = JoinShard(TIMEOUT, 0)
+    join = JoinShard(TIMEOUT, 0, WINDOW, LATENESS)
     feed(join, [request("a", 0.2), request("b", 0.8), request("clock", TIMEOUT + 0.5)])
     assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "a")]
     assert [outcome(item) for item in join.on_time(NOW + 0.5)] == [("timeout", "b")]
@@ -603,7 +756,7 @@ def test_expiry_inside_a_second_with_dedupe_no_longer_than_the_timeout() -> None
 
 
 def test_a_snapshot_restores_every_kind_of_waiting_entry() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     full = request(
         "full",
         1.123456,
@@ -623,25 +776,36 @@ def test_a_snapshot_restores_every_kind_of_waiting_entry() -> None:
         finish_reason="stop",
         error="boom",
     )
-    feed(
+    out = feed(
         join,
         [
             full,
             lone,
             response("tenants", 2.5, tenant_id="other"),  # both wait for the request
             response("tenants", 2.6, tenant_id="acme"),
-            response("far", 2),  # unpaired: waits after its request times out
+            response("far", 2),  # unpairable: dead-lettered, its request waits
             request("far", 2 - TIMEOUT - 1),
             request("done", 0),
             request("clock", TIMEOUT + 0.5),
         ],
     )
-    # Event time T0 + 300.5: "done" and "far" time out; the rest keeps waiting.
+    assert [outcome(item) for item in out] == [("orphan_response", "far")]
+    # Before on_time: "far" is an unpaired request still waiting for its deadline.
+    assert vars(join)["_pending"]["far"].unpaired is not None
+    before = pickle.loads(pickle.dumps(join))
+    assert vars(before)["_pending"] == vars(join)["_pending"]
+    # Event time T0 + 300.5: "done" and "far" time out; "done" stays convertible.
     assert sorted(outcome(item) for item in join.on_time(NOW)) == [("timeout", "done"), ("timeout", "far")]
+    assert vars(join)["_pending"]["done"].request_done
+    assert "far" not in vars(join)["_pending"]
     restored = pickle.loads(pickle.dumps(join))
-    assert vars(restored)["_pending"] == vars(join)["_pending"]
-    assert vars(restored)["_counted"] == vars(join)["_counted"]
+    for name in ("_pending", "_counted", "_timed_out", "_mismatched"):
+        assert vars(restored)[name] == vars(join)[name], name
     assert restored.on_time(NOW) == []  # resumed at the instant of the snapshot
+    converted = [feed(shard, [response("done", 3, completion_tokens=4)]) for shard in (join, restored)]
+    assert converted[0] == converted[1]
+    assert [outcome(item) for item in converted[1]] == [("answered", "done")]
+    assert converted[1][0].replaces_timeout  # type: ignore[union-attr]
     original = drain(join)
     again = restored.on_time(NOW + 10 * DEDUPE)
     assert again == original
@@ -651,7 +815,6 @@ def test_a_snapshot_restores_every_kind_of_waiting_entry() -> None:
         ("timeout", "clock"),
         ("orphan_response", "lone"),
         ("orphan_response", "tenants"),
-        ("orphan_response", "far"),
     }
     assert sorted(
         response_decoder.decode(item.payload).tenant_id  # type: ignore[arg-type, union-attr]
@@ -663,7 +826,7 @@ def test_a_snapshot_restores_every_kind_of_waiting_entry() -> None:
 
 
 def test_a_snapshot_keeps_timestamps_exact_to_the_microsecond_at_the_ends_of_time() -> None:
-    join = JoinShard(TIMEOUT, DEDUPE)
+    join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     for rid, when in (
         ("first", datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=UTC)),
         ("last", datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),

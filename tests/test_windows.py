@@ -78,6 +78,21 @@ def timed_out(start: float, *, key: tuple[str, str, str] = KEY) -> Call:
     return Call(request=req, response=None, source=SOURCE, cost_usd=0.0, completed_at=T0 + start + TIMEOUT)
 
 
+def converted(timeout: Call, latency_ms: float, **fields: object) -> Call:
+    """The answered call that replaces ``timeout``: its response came late, in range."""
+    request = timeout.request
+    when = request.timestamp.timestamp() + latency_ms / 1000
+    resp = LLMResponse(
+        request_id=request.request_id,
+        timestamp=datetime.fromtimestamp(when, UTC),
+        latency_ms=latency_ms,
+        **fields,  # type: ignore[arg-type]
+    )
+    return Call(
+        request=request, response=resp, source=SOURCE, cost_usd=None, completed_at=when, replaces_timeout=True
+    )
+
+
 def shard() -> WindowShard:
     return WindowShard(WINDOW, GRACE, LATENESS)
 
@@ -96,8 +111,12 @@ def nearest_rank(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def expected_row(calls: list[Call], start: int, revision: int) -> MetricsRow:
-    """The row, worked out from the calls with plain Python (percentiles aside)."""
+def expected_row(calls: list[Call], start: int) -> MetricsRow:
+    """The row, worked out from the calls with plain Python (percentiles aside).
+
+    ``calls`` are the window's calls in their final state (a timeout replaced by
+    its answered call is only the answered call); the revision is one per
+    timed-out call and two per answered call."""
     tenant_id, route, model = (calls[0].request.tenant_id, calls[0].request.route, calls[0].request.model)
     done = [call for call in calls if call.response is not None]
 
@@ -136,7 +155,7 @@ def expected_row(calls: list[Call], start: int, revision: int) -> MetricsRow:
         ),
         estimated_cost_usd=sum(c.cost_usd or 0.0 for c in done),
         unpriced_requests=sum(1 for c in done if c.cost_usd is None),
-        revision=revision,
+        revision=len(calls) + len(done),
     )
 
 
@@ -181,7 +200,8 @@ def test_a_window_is_emitted_once_event_time_reaches_end_plus_grace_with_the_rig
     assert advance(windows, WINDOW + GRACE - 0.001) == []
     rows = advance(windows, WINDOW + GRACE)
     assert len(rows) == 1
-    assert_row(rows[0].row, expected_row(calls, T0, revision=1), calls)
+    assert_row(rows[0].row, expected_row(calls, T0), calls)
+    assert rows[0].row.revision == 10  # five answered calls, two each
     assert rows[0].row.errors == 1  # an empty error string is not a failure
     assert rows[0].row.avg_latency_ms == (120 + 80 + 200 + 250 + 10) / 5
     assert rows[0].ttft_count == 2
@@ -220,7 +240,7 @@ def test_quiet_windows_close_as_the_wall_clock_advances() -> None:
     assert math.isclose(wakeup, NOW + 70 - 30.01, abs_tol=0.01)
     assert windows.on_time(NOW + 39) == []
     rows = windows.on_time(NOW + 40)
-    assert [row.row.revision for row in rows] == [1]
+    assert [(row.row.requests, row.row.revision) for row in rows] == [(1, 2)]
     # Then forgotten 600 s after its end, still without events.
     assert len(windows) == 1
     windows.on_time(NOW + 40 + LATENESS)
@@ -228,26 +248,28 @@ def test_quiet_windows_close_as_the_wall_clock_advances() -> None:
     assert windows.next_wakeup() is None
 
 
-def test_late_calls_within_lateness_re_emit_the_whole_row_with_revision_per_call() -> None:
+def test_late_calls_within_lateness_re_emit_the_whole_row_with_a_higher_revision() -> None:
     windows = shard()
     calls = [answered(1, 100.0), answered(2, 300.0)]
     for call in calls:
         windows.on_call(call, NOW)
-    assert [row.row.revision for row in advance(windows, 100)] == [1]
+    assert [row.row.revision for row in advance(windows, 100)] == [4]
     late = answered(3, 50.0, cost=0.5)
     late.completed_at = T0 + 200  # became known late, well within lateness
     assert windows.on_call(late, NOW) == []
     rows = windows.on_time(NOW)
     assert len(rows) == 1
-    assert_row(rows[0].row, expected_row([*calls, late], T0, revision=2), [*calls, late])
-    # Two more late calls before the next emission: revision 2 + 2.
+    assert_row(rows[0].row, expected_row([*calls, late], T0), [*calls, late])
+    assert rows[0].row.revision == 6
+    # Two more late calls before the next emission: a timeout (+1), an answered call (+2).
     more = [timed_out(4), answered(5, 70.0)]
     for call in more:
         call.completed_at = T0 + 305
         windows.on_call(call, NOW)
     rows = windows.on_time(NOW)
-    assert_row(rows[0].row, expected_row([*calls, late, *more], T0, revision=4), [*calls, late, *more])
+    assert_row(rows[0].row, expected_row([*calls, late, *more], T0), [*calls, late, *more])
     assert rows[0].row.timeouts == 1 and rows[0].row.requests == 5
+    assert rows[0].row.revision == 9
 
 
 def test_a_call_beyond_lateness_is_a_too_late_dead_letter() -> None:
@@ -280,7 +302,7 @@ def test_right_at_the_lateness_edge_the_call_still_counts() -> None:
     edge.completed_at = T0 + 2
     assert windows.on_call(edge, NOW) == []
     rows = windows.on_time(NOW)
-    assert [(row.row.requests, row.row.revision) for row in rows] == [(2, 2)]
+    assert [(row.row.requests, row.row.revision) for row in rows] == [(2, 4)]
 
 
 def test_a_window_of_only_timeouts_has_no_latency_or_averages() -> None:
@@ -332,6 +354,110 @@ def test_the_row_does_not_depend_on_call_order() -> None:
     # More calls than the digest holds exactly: the percentiles must not depend on order either.
     for field in ("p50_latency_ms", "p95_latency_ms", "p99_latency_ms"):
         assert getattr(first[0], field) == getattr(second[0], field), field
+
+
+# -- timeouts replaced by their answered call --------------------------------------
+
+
+def test_an_answered_call_replacing_its_timeout_re_emits_the_row_as_if_it_had_never_timed_out() -> None:
+    windows = shard()
+    ok = answered(1, 100.0, completion_tokens=5)
+    lost = timed_out(2)
+    for call in (ok, lost):
+        assert windows.on_call(call, NOW) == []
+    (before,) = windows.on_time(NOW)  # event time T0 + 302: due
+    assert_row(before.row, expected_row([ok, lost], T0), [ok, lost])
+    assert (before.row.requests, before.row.timeouts, before.row.errors, before.row.revision) == (2, 1, 1, 3)
+    found = converted(lost, 250.0, completion_tokens=8, error="boom")
+    assert windows.on_call(found, NOW) == []
+    (after,) = windows.on_time(NOW)
+    assert_row(after.row, expected_row([ok, found], T0), [ok, found])
+    # Requests unchanged, the timeout gone, its error replaced by the response's.
+    assert (after.row.requests, after.row.timeouts, after.row.errors, after.row.revision) == (2, 0, 1, 4)
+    assert after.row.avg_latency_ms == (100 + 250) / 2
+    assert after.row.completion_tokens == 13 and after.row.unpriced_requests == 1
+    assert TDigest.from_bytes(after.digest).n_values == 2
+    assert windows.on_time(NOW + 1) == []
+
+
+def test_the_revision_is_the_content_not_the_number_of_emissions() -> None:
+    first, second = timed_out(1), timed_out(3)
+    calls = [first, answered(2, 40.0), second, converted(second, 90.0), answered(4, 10.0)]
+    # Hand-counted: timeout +1, answered +2, timeout +1, its conversion +1, answered +2.
+    expected_revisions = [1, 3, 4, 5, 7]
+
+    every = shard()
+    revisions = []
+    for call in calls:
+        assert every.on_call(call, NOW) == []
+        (row,) = every.on_time(NOW)  # event time is past the window's end + grace
+        revisions.append(row.row.revision)
+    assert revisions == expected_revisions
+
+    once = shard()
+    for call in calls:
+        assert once.on_call(call, NOW) == []
+    (last,) = once.on_time(NOW)
+    assert last.row == row.row and last.digest == row.digest
+    assert_row(last.row, expected_row([first, calls[1], calls[3], calls[4]], T0), calls)
+
+    # Emitted after the second and fourth calls only: the same revisions then, the same end.
+    some = shard()
+    seen = []
+    for index, call in enumerate(calls):
+        assert some.on_call(call, NOW) == []
+        if index in (1, 3):
+            seen += [item.row.revision for item in some.on_time(NOW)]
+    seen += [item.row.revision for item in some.on_time(NOW)]
+    assert seen == [3, 5, 7]
+
+
+def test_a_replacement_overtaking_its_timeout_holds_the_row_until_the_timeout_comes() -> None:
+    windows = shard()
+    lost = timed_out(2)
+    found = converted(lost, 30.0)
+    ok = answered(1, 100.0)
+    ok.completed_at = T0 + 400  # event time well past the window's end + grace
+    assert windows.on_call(ok, NOW) == []
+    assert windows.on_call(found, NOW) == []
+    assert windows.on_time(NOW) == []  # timeouts would read -1
+    assert windows.on_time(NOW + 1) == []
+    assert windows.on_call(lost, NOW + 1) == []
+    (row,) = windows.on_time(NOW + 1)
+    assert_row(row.row, expected_row([ok, found], T0), [ok, found])
+    assert (row.row.requests, row.row.timeouts, row.row.errors, row.row.revision) == (2, 0, 0, 4)
+
+
+def test_a_held_row_does_not_ask_to_be_woken_at_once_over_and_over() -> None:
+    windows = shard()
+    lost = timed_out(2)
+    ok = answered(1, 100.0)
+    ok.completed_at = T0 + 400
+    windows.on_call(ok, NOW)
+    windows.on_call(converted(lost, 30.0), NOW)
+    assert windows.on_time(NOW) == []  # held: nothing is due until the timeout arrives
+    wakeup = windows.next_wakeup()
+    assert wakeup is None or wakeup > NOW
+
+
+def test_only_the_whole_window_reaches_the_highest_revision() -> None:
+    # Equal revisions of rows holding part of a window's calls may differ (one
+    # answered call, or two timeouts, both read 2: a replay can emit either), but
+    # the row holding every call has a revision no partial row reaches, so the
+    # highest revision is the final content.
+    calls = [answered(1, 100.0), timed_out(2), timed_out(3)]
+    revisions: dict[tuple[int, ...], int] = {}
+    for mask in range(1, 2 ** len(calls)):
+        chosen = tuple(i for i in range(len(calls)) if mask >> i & 1)
+        windows = shard()
+        for i in chosen:
+            windows.on_call(calls[i], NOW)
+        (row,) = windows.on_time(NOW + 1000)
+        revisions[chosen] = row.row.revision
+    whole = revisions.pop((0, 1, 2))
+    assert whole == 4
+    assert revisions[(0,)] == revisions[(1, 2)] == 2
+    assert max(revisions.values()) < whole
 
 
 # -- snapshots -----------------------------------------------------------------
@@ -440,7 +566,7 @@ def test_many_latencies_percentiles_within_one_percent() -> None:
 
 
 def final_rows(calls: list[Call], order: list[int]) -> dict[tuple[object, ...], dict[str, object]]:
-    """The last row of every window, by (window_start, key), revision left out."""
+    """The last row of every window, by (window_start, key)."""
     windows = shard()
     last: dict[tuple[object, ...], dict[str, object]] = {}
     emitted: list[WindowRow] = []
@@ -450,7 +576,6 @@ def final_rows(calls: list[Call], order: list[int]) -> dict[tuple[object, ...], 
     emitted += windows.on_time(NOW + 10 * LATENESS)
     for item in emitted:
         fields = msgspec.structs.asdict(item.row)
-        fields.pop("revision")
         last[(item.row.window_start, item.row.tenant_id, item.row.route, item.row.model)] = fields
     return last
 
@@ -477,6 +602,8 @@ def test_final_rows_do_not_depend_on_call_order(rng: random.Random, order: list[
     in_order = final_rows(calls, list(range(24)))
     assert final_rows(calls, order) == in_order
     assert sum(row["requests"] for row in in_order.values()) == 24  # type: ignore[misc]
+    # Revisions too: one per timeout (indexes 0, 7, 14, 21), two per answered call.
+    assert sum(row["revision"] for row in in_order.values()) == 4 + 2 * 20  # type: ignore[misc]
 
 
 def test_the_largest_valid_latencies_do_not_overflow_the_sums() -> None:
