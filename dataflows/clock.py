@@ -13,6 +13,7 @@ watermark exactly as it did the first time).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 
 class Watermark:
@@ -49,3 +50,39 @@ class Watermark:
     def __setstate__(self, state: float) -> None:
         self.settled = state
         self._quiet_since = None
+
+
+# Longer than this between two looks at the clock, the worker was not idle but
+# stalled (a sink waiting out an outage, a long pause): the rest is not event time.
+MAX_GAP = 5.0
+
+
+class WorkingClock:
+    """The wall clock less the time the worker was stalled, for :class:`Watermark`.
+
+    Event time idles forward with the wall clock so that quiet windows close. A
+    worker blocked for minutes (a sink waiting for Postgres to come back) would
+    otherwise return to event time advanced by the whole outage and find the calls
+    of every open window too late. The logics look at the clock at least every
+    ``MAX_GAP / 2`` (they ask to be woken that often), so a longer gap is a stall,
+    and only ``MAX_GAP`` of it counts.
+    """
+
+    __slots__ = ("_last", "_wall", "stalled")
+
+    def __init__(self, wall: Callable[[], float]) -> None:
+        self._wall = wall
+        self._last: float | None = None
+        self.stalled = 0.0
+
+    def __call__(self) -> float:
+        now = self._wall()
+        last = self._last
+        if last is not None and now - last > MAX_GAP:
+            self.stalled += now - last - MAX_GAP
+        self._last = now
+        return now - self.stalled
+
+    def wall_time(self, working: float) -> float:
+        """The wall-clock instant at which this clock will read ``working``."""
+        return working + self.stalled

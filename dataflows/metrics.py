@@ -31,7 +31,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
 from dataflows import operators as ops
-from dataflows import sinks, sources
+from dataflows import sinks, sources, stopping
 from dataflows.pricing import PriceBook
 from dataflows.windows import WindowRow
 from schemas.config import Settings, load_or_exit
@@ -106,6 +106,7 @@ def tune_gc() -> None:
 def from_environment() -> Dataflow:
     """The flow ``bytewax.run`` runs: settings from the environment, topics and schema ensured."""
     settings = load_or_exit()
+    stopping.install()
     tune_gc()
     ensure_topics(settings.kafka_brokers, settings.topic_partitions)
     ensure_schema(settings.postgres_dsn)

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 
 from bytewax.operators import StatefulBatchLogic
 
+from dataflows.clock import MAX_GAP, WorkingClock
 from dataflows.join import Call, JoinShard, SourceRef
 from dataflows.sources import RawGroup, decode_record
 from dataflows.windows import WindowRow, WindowShard
@@ -43,9 +44,14 @@ def window_shard_key(call: Call) -> str:
     return WINDOW_SHARD_NAMES[zlib.crc32(key.encode()) % WINDOW_SHARDS]
 
 
-def _wakeup(seconds: float | None) -> datetime | None:
+def _wakeup(seconds: float | None, clock: WorkingClock, wall: Callable[[], float]) -> datetime | None:
+    """When Bytewax should call ``on_notify``: when the shard has work, and at least every
+    ``MAX_GAP / 2`` seconds while it holds anything, so that a longer gap means a stall."""
+    if seconds is None:
+        return None
+    due = min(clock.wall_time(seconds), wall() + MAX_GAP / 2)
     # Bytewax compares notification times against the system clock in UTC.
-    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+    return datetime.fromtimestamp(due, UTC)
 
 
 def _freeze(state: object) -> bytes:
@@ -64,17 +70,19 @@ class JoinLogic(StatefulBatchLogic[list[RawGroup], list[Call | DeadLetter], byte
 
     def __init__(self, shard: JoinShard, clock: Callable[[], float] = time.time) -> None:
         self.shard = shard
-        self.clock = clock
+        self.clock = clock  # the wall clock
+        self.working = WorkingClock(lambda: self.clock())
 
     def on_batch(self, values: list[list[RawGroup]]
                  ) -> tuple[Iterable[list[Call | DeadLetter]], bool]:
-        now = self.clock()
+        now = self.working()
+        wall = self.clock()
         out: list[Call | DeadLetter] = []
         on_event = self.shard.on_event
         for groups in values:
             for topic, partition, records in groups:
                 for offset, value in records:
-                    event = decode_record(topic, partition, offset, value, now)
+                    event = decode_record(topic, partition, offset, value, wall)
                     if type(event) is DeadLetter:
                         out.append(event)
                         continue
@@ -87,11 +95,11 @@ class JoinLogic(StatefulBatchLogic[list[RawGroup], list[Call | DeadLetter], byte
         return ([out] if out else []), StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[Iterable[list[Call | DeadLetter]], bool]:
-        out = self.shard.on_time(self.clock())
+        out = self.shard.on_time(self.working())
         return ([out] if out else []), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        return _wakeup(self.shard.next_wakeup())
+        return _wakeup(self.shard.next_wakeup(), self.working, self.clock)
 
     def snapshot(self) -> bytes:
         return _freeze(self.shard)
@@ -133,11 +141,12 @@ class WindowLogic(StatefulBatchLogic[list[Call], WindowRow | DeadLetter, bytes])
 
     def __init__(self, shard: WindowShard, clock: Callable[[], float] = time.time) -> None:
         self.shard = shard
-        self.clock = clock
+        self.clock = clock  # the wall clock
+        self.working = WorkingClock(lambda: self.clock())
 
     def on_batch(self, values: list[list[Call]]
                  ) -> tuple[Iterable[WindowRow | DeadLetter], bool]:
-        now = self.clock()
+        now = self.working()
         out: list[WindowRow | DeadLetter] = []
         on_call = self.shard.on_call
         for group in values:
@@ -149,10 +158,10 @@ class WindowLogic(StatefulBatchLogic[list[Call], WindowRow | DeadLetter, bytes])
         return out, StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[Iterable[WindowRow | DeadLetter], bool]:
-        return self.shard.on_time(self.clock()), StatefulBatchLogic.RETAIN
+        return self.shard.on_time(self.working()), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        return _wakeup(self.shard.next_wakeup())
+        return _wakeup(self.shard.next_wakeup(), self.working, self.clock)
 
     def snapshot(self) -> bytes:
         return _freeze(self.shard)

@@ -20,6 +20,7 @@ does not advance.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ from bytewax.connectors.kafka import KafkaSinkMessage
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from dataflows.stopping import STOPPING
 from dataflows.windows import WindowRow
 from schemas.deadletter import KEY_MAX_BYTES, MESSAGE_MAX_BYTES, DeadLetter, encode_bounded
 from schemas.metrics import ROW_FIELDS, row_encoder
@@ -82,7 +84,16 @@ class Outage:
         self.attempts = 0
 
     def failed(self, error: object) -> None:
-        """An attempt failed: log it if it starts an outage, then wait before the next."""
+        """An attempt failed: log it if it starts an outage, then wait before the next.
+
+        Asked to stop meanwhile, the process ends at once: the batch is not written,
+        and the next start replays it from the last snapshot.
+        """
+        if STOPPING.is_set():
+            logger.warning("stopping while %s is unavailable: the unwritten outputs are "
+                           "written after the next start", self.what)
+            logging.shutdown()
+            os._exit(0)
         if self.since is None:
             self.since = time.monotonic()
             logger.warning("%s unavailable, retrying until it is back: %s", self.what, error)

@@ -41,6 +41,7 @@ from bytewax.inputs import StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from dataflows.progress import ReadProgress
+from dataflows.stopping import STOPPING
 from schemas.deadletter import DeadLetter
 from schemas.events import (
     MAX_FUTURE_SECONDS,
@@ -170,6 +171,8 @@ class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
         self._newest = -math.inf
 
     def next_batch(self) -> list[RecordBatch]:
+        if STOPPING.is_set():
+            raise StopIteration  # asked to stop: the input ends here (dataflows.stopping)
         now = time.time()
         progress, part = self._progress, self._part
         held = self._held

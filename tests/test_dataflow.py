@@ -15,6 +15,7 @@ import pytest
 from confluent_kafka import KafkaError as ConfluentKafkaError
 from psycopg.rows import dict_row
 
+from dataflows import clock as clock_module
 from dataflows import operators, run, sinks, sources
 from dataflows.join import Call, SourceRef
 from dataflows.windows import WindowRow
@@ -177,6 +178,25 @@ class Clock:
         return self.now
 
 
+# The wall clock of the logic tests: an hour after the events, as a live run would see.
+WALL = T0.timestamp() + 3600.0
+
+
+def _notify_until_output(logic: operators.JoinLogic | operators.WindowLogic, clock: Clock
+                         ) -> tuple[list, list[float]]:
+    """Wake the logic whenever it asks until it emits something; its outputs and the waits."""
+    waits = []
+    for _ in range(100):
+        wake = logic.notify_at()
+        assert wake is not None and wake.tzinfo is not None
+        waits.append(wake.timestamp() - clock.now)
+        clock.now = wake.timestamp() + 0.01
+        out, _ = logic.on_notify()
+        if out:
+            return list(out), waits
+    raise AssertionError("no output after 100 wake-ups")
+
+
 def _events(request_id: str, at: datetime, latency: float = 1.0
             ) -> list[sources.RawGroup]:
     """The request and the response of one call, as the join step receives them."""
@@ -188,7 +208,7 @@ def _events(request_id: str, at: datetime, latency: float = 1.0
 
 
 def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
-    clock = Clock(1000.0)
+    clock = Clock(WALL)
     build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60, window_seconds=10,
                                    lateness_seconds=60)
     logic = build(None)
@@ -197,17 +217,16 @@ def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
     assert retain is False  # RETAIN
     [found] = out
     assert [c.request.request_id for c in found if isinstance(c, Call)] == ["a"]
-    wake = logic.notify_at()
-    assert wake is not None and wake.tzinfo is not None
-    # "b" times out 30 s of event time after its request; event time idles with the clock.
-    assert 1029 <= wake.timestamp() <= 1031.1
-    clock.now = wake.timestamp() + 0.01
-    [found], _ = logic.on_notify()
+    # "b" times out 30 s of event time after its request; event time idles with the clock,
+    # and the logic asks to be woken at least every MAX_GAP / 2 meanwhile.
+    [found], waits = _notify_until_output(logic, clock)
     assert [(c.request.request_id, c.response) for c in found] == [("b", None)]
+    assert all(wait <= clock_module.MAX_GAP / 2 for wait in waits)
+    assert WALL + 29 <= clock.now <= WALL + 31.1
 
 
 def test_join_logic_snapshot_is_a_frozen_copy_that_resumes() -> None:
-    clock = Clock(1000.0)
+    clock = Clock(WALL)
     build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60, window_seconds=10,
                                    lateness_seconds=60)
     logic = build(None)
@@ -222,7 +241,7 @@ def test_join_logic_snapshot_is_a_frozen_copy_that_resumes() -> None:
 
 
 def test_window_logic_emits_when_event_time_passes_the_grace() -> None:
-    clock = Clock(5000.0)
+    clock = Clock(WALL)
     logic = operators.window_builder(10, 2, 60)(None)
     logic.clock = clock
     request = LLMRequest(request_id="a", tenant_id="t", route="/r", model="m", timestamp=T0)
@@ -231,10 +250,7 @@ def test_window_logic_emits_when_event_time_passes_the_grace() -> None:
                 cost_usd=0.5)
     out, _ = logic.on_batch([[call]])
     assert out == []
-    wake = logic.notify_at()
-    assert wake is not None
-    clock.now = wake.timestamp() + 0.01
-    rows, _ = logic.on_notify()
+    rows, _ = _notify_until_output(logic, clock)
     assert len(rows) == 1 and isinstance(rows[0], WindowRow)
     # One answered call: requests + answered calls.
     assert rows[0].row.requests == 1 and rows[0].row.revision == 2
@@ -408,3 +424,27 @@ def test_calls_pickle_to_equal_calls() -> None:
     assert restored == calls
     assert type(restored[0].source) is SourceRef
     assert restored[0].request.timestamp.tzinfo is UTC
+
+
+def test_a_stalled_worker_does_not_make_open_windows_too_late() -> None:
+    # A window holds an answered call; then the worker is blocked for 700 s (a sink
+    # waiting out an outage, longer than end + lateness), and only then does the
+    # window's timed-out call arrive, due long before. Idle time while nothing is
+    # blocked counts as event time; the stall does not.
+    clock = Clock(WALL)
+    logic = operators.window_builder(10, 2, 60)(None)
+    logic.clock = clock
+    request = LLMRequest(request_id="a", tenant_id="t", route="/r", model="m", timestamp=T0)
+    answered = Call(request=request, source=SourceRef("llm.responses", 0, 3), cost_usd=0.5,
+                    response=LLMResponse(request_id="a", timestamp=T0 + timedelta(seconds=1),
+                                         latency_ms=5.0))
+    lost = Call(request=LLMRequest(request_id="b", tenant_id="t", route="/r", model="m",
+                                   timestamp=T0 + timedelta(seconds=2)),
+                response=None, source=SourceRef("llm.requests", 0, 4),
+                completed_at=T0.timestamp() + 2 + 30)
+    assert logic.on_batch([[answered]])[0] == []
+    clock.now += 700
+    out, _ = logic.on_batch([[lost]])
+    assert not [item for item in out if isinstance(item, DeadLetter)]
+    [row] = [item for item in out if isinstance(item, WindowRow)]
+    assert (row.row.requests, row.row.timeouts) == (2, 1)
