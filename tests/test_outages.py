@@ -1,0 +1,87 @@
+"""Outages of Postgres and of the broker, longer than any retry budget, are waited out.
+
+The processor runs against a Postgres server and a broker of this test's own.
+Postgres is stopped for 20 s while calls keep arriving, then started again; later
+the broker is frozen (SIGSTOP: a memory broker that restarted would come back
+empty) for 20 s. The processor must stay up, say once per outage that it is
+waiting and once that it is back, and end with exact rows. Then SIGTERM stops it
+cleanly: exit 0, no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.stack import Broker, Postgres
+from schemas.database import ensure_schema
+from tests import dataflow_harness as h
+from tests.test_broker_restart import SETTINGS, _calls, _run_until
+
+pytestmark = pytest.mark.slow
+
+OUTAGE_SECONDS = 20.0  # the old sink gave up after five retries over 8.7 s
+
+
+def test_postgres_and_broker_outages_are_waited_out(tmp_path: Path, broker: Broker) -> None:
+    rng = random.Random(3)
+    postgres = Postgres(tmp_path / "postgres").start()
+    dsn = postgres.dsn
+    ensure_schema(dsn)
+    processor = h.Processor(broker.address, dsn, tmp_path / "recovery",
+                            h.write_prices(tmp_path / "prices.json"), tmp_path / "dataflow.log",
+                            settings=SETTINGS).start()
+    counted: list[h.Counted] = []
+    try:
+        events, calls = _calls(rng, "before", h.BASE, 100)
+        counted += calls
+        h.produce(broker.address, events)
+        _run_until(processor, dsn, h.expected_rows_of(counted))
+
+        # Postgres away: calls keep arriving, for windows already written and new ones.
+        postgres.stop()
+        events, calls = _calls(rng, "during-pg", h.BASE, 100)
+        more, more_calls = _calls(rng, "during-pg", h.BASE + 5, 100)
+        counted += calls + more_calls
+        h.produce(broker.address, events + more)
+        deadline = time.monotonic() + OUTAGE_SECONDS
+        while time.monotonic() < deadline:
+            processor.check_alive()
+            time.sleep(0.5)
+        postgres.start(postgres.port)
+        _run_until(processor, dsn, h.expected_rows_of(counted))
+
+        # The broker frozen: nothing is read, written or acknowledged meanwhile.
+        events, calls = _calls(rng, "during-kafka", h.BASE + 10, 100)
+        counted += calls
+        h.produce(broker.address, events)
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + OUTAGE_SECONDS
+            while time.monotonic() < deadline:
+                processor.check_alive()
+                time.sleep(0.5)
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        expected = h.expected_rows_of(counted)
+        _run_until(processor, dsn, expected)
+        h.check_rows(h.postgres_rows(dsn), expected)
+        h.check_rows(h.latest_metrics(broker.address), expected)
+        assert h.dead_letters(broker.address) == []
+
+        assert processor.process is not None
+        os.kill(processor.process.pid, signal.SIGTERM)
+        assert processor.process.wait(30) == 0
+    finally:
+        processor.stop()
+        postgres.stop()
+    log = processor.log.read_text(errors="replace")
+    assert log.count("postgres unavailable") == 1, log[-3000:]
+    assert log.count("postgres back after") == 1, log[-3000:]
+    assert "Traceback" not in log and "panicked" not in log, log[-3000:]
+    assert "stopping after the current batch" in log
