@@ -8,7 +8,7 @@ the kills land wherever they land. The final Postgres rows must equal a
 computation of the test's own, field by field; on ``llm.metrics`` a key's revision
 never decreases and its highest revision equals the Postgres row.
 
-``STREAMLENS_CRASH_CALLS`` and ``STREAMLENS_CRASH_KILLS`` make the run larger.
+``STREAMLENS_CRASH_SEED`` repeats a run; ``just bench crash`` makes a larger one.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import os
 import random
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,23 +31,24 @@ from tests.test_ingestion import ServerThread
 
 pytestmark = pytest.mark.slow
 
-CALLS = int(os.environ.get("STREAMLENS_CRASH_CALLS", "10000"))
-KILLS = int(os.environ.get("STREAMLENS_CRASH_KILLS", "3"))
+CALLS = 10_000
+KILLS = 3
 BATCH = 500  # events per POST /v1/llm/events
 POSTING_SECONDS = 30.0  # the batches are spread over this long
 WINDOW_SECONDS = 60  # the default
 KEYS = (*h.NORMAL_KEYS, ("initech", "/agent", "test-model-a"))
 
 
-def _calls(rng: random.Random, now: float) -> tuple[list[dict[str, Any]], list[h.Counted]]:
-    """Events of CALLS calls over five minutes ending a minute ago, shuffled, with repeats.
+def _calls(rng: random.Random, now: float, calls: int
+           ) -> tuple[list[dict[str, Any]], list[h.Counted]]:
+    """Events of ``calls`` calls over five minutes ending a minute ago, shuffled, with repeats.
 
     Requests left without a response are stamped in the first half-minute, so their
     timeouts (JOIN_TIMEOUT_SECONDS 300 by default) come due while the test runs.
     """
     events: list[dict[str, Any]] = []
     counted: list[h.Counted] = []
-    for n in range(CALLS):
+    for n in range(calls):
         rid = f"crash-{n:06d}-{rng.getrandbits(32):08x}"
         key = rng.choice(KEYS)
         unanswered = n % 50 == 0
@@ -99,52 +101,77 @@ def _published_in_order(brokers: str) -> dict[tuple[str, str, str, float], list[
     return {key: [revision for _, _, revision in sorted(items)] for key, items in by_key.items()}
 
 
-def test_kill_9_at_random_moments_gives_exact_rows(tmp_path: Path, broker: Broker,
-                                                   postgres_dsn: str) -> None:
-    seed = int(os.environ.get("STREAMLENS_CRASH_SEED", str(random.randrange(2**32))))
-    rng = random.Random(seed)
-    events, counted = _calls(rng, time.time())
-    expected = h.expected_rows_of(counted, WINDOW_SECONDS)
-    kill_at = sorted(rng.uniform(1.0, POSTING_SECONDS) for _ in range(KILLS))
-    print(f"crash test: seed {seed}, {len(counted)} calls, {len(events)} events, "
-          f"kill -9 at {[round(t, 2) for t in kill_at]} s into the posting")
+@dataclass
+class CrashRun:
+    seed: int
+    calls: int
+    events: int
+    kills: list[float]  # seconds into the posting
+    posting_seconds: float  # from the first batch to the last acknowledged
+    settle_seconds: float  # from the last batch to exact rows in Postgres
+    emissions: int  # llm.metrics records
+    windows: int
 
-    processor = h.Processor(broker.address, postgres_dsn, tmp_path / "recovery",
-                            h.write_prices(tmp_path / "prices.json"), tmp_path / "dataflow.log",
-                            settings={})
+
+def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seconds: float,
+        seed: int) -> CrashRun:
+    """Post ``calls`` shuffled calls over ``posting_seconds`` while ``kills`` kill -9s land at
+    moments drawn from ``seed``; wait for the rows and check every one of them."""
+    rng = random.Random(seed)
+    events, counted = _calls(rng, time.time(), calls)
+    expected = h.expected_rows_of(counted, WINDOW_SECONDS)
+    kill_at = sorted(rng.uniform(1.0, posting_seconds) for _ in range(kills))
+    done = CrashRun(seed, len(counted), len(events), [round(t, 2) for t in kill_at], 0.0, 0.0, 0,
+                    len(expected))
+    print(f"crash run: seed {seed}, {len(counted)} calls, {len(events)} events, "
+          f"kill -9 at {done.kills} s into the posting", flush=True)
+
+    processor = h.Processor(brokers, dsn, work / "recovery", h.write_prices(work / "prices.json"),
+                            work / "dataflow.log", settings={})
     batches = [events[i:i + BATCH] for i in range(0, len(events), BATCH)]
-    with ServerThread(broker.address) as server, httpx.Client(base_url=server.url,
-                                                              timeout=30) as client:
+    with ServerThread(brokers) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         processor.start()
         try:
             started = time.monotonic()
             for number, batch in enumerate(batches):
                 # Spread the batches evenly, killing whenever a drawn moment has passed.
-                due = started + POSTING_SECONDS * number / len(batches)
+                due = started + posting_seconds * number / len(batches)
                 while time.monotonic() < due or (kill_at and time.monotonic() - started >= kill_at[0]):
                     if kill_at and time.monotonic() - started >= kill_at[0]:
                         print(f"kill -9 at {time.monotonic() - started:.2f} s "
-                              f"(batch {number} of {len(batches)})")
+                              f"(batch {number} of {len(batches)})", flush=True)
                         kill_at.pop(0)
                         processor.kill()
                         processor.start()
                     else:
                         time.sleep(min(0.05, max(0.0, due - time.monotonic())))
                 _post(client, batch)
+            posted = time.monotonic()
             assert not kill_at, "every kill happened while events were arriving"
 
             def final() -> bool:
-                rows = h.postgres_rows(postgres_dsn)
+                rows = h.postgres_rows(dsn)
                 return all(key in rows and rows[key]["revision"] >= row.revision
                            for key, row in expected.items())
 
-            h.wait_for(final, 240, "the final rows", processor.check_alive)
+            h.wait_for(final, 600, "the final rows", processor.check_alive)
+            done.posting_seconds = posted - started
+            done.settle_seconds = time.monotonic() - posted
         finally:
             processor.stop()
 
     log = processor.log.read_text(errors="replace")
-    assert log.count("recovery: resuming from") == KILLS, log[-3000:]
-    h.check_rows(h.postgres_rows(postgres_dsn), expected)
-    h.check_rows(h.latest_metrics(broker.address), expected)
-    for key, revisions in _published_in_order(broker.address).items():
+    assert log.count("recovery: resuming from") == kills, log[-3000:]
+    h.check_rows(h.postgres_rows(dsn), expected)
+    h.check_rows(h.latest_metrics(brokers), expected)
+    published = _published_in_order(brokers)
+    for key, revisions in published.items():
         assert revisions == sorted(revisions), f"{key}: revisions went down: {revisions}"
+    done.emissions = sum(len(revisions) for revisions in published.values())
+    return done
+
+
+def test_kill_9_at_random_moments_gives_exact_rows(tmp_path: Path, broker: Broker,
+                                                   postgres_dsn: str) -> None:
+    seed = int(os.environ.get("STREAMLENS_CRASH_SEED", str(random.randrange(2**32))))
+    run(tmp_path, broker.address, postgres_dsn, CALLS, KILLS, POSTING_SECONDS, seed)
