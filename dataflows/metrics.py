@@ -82,8 +82,10 @@ def build(settings: Settings) -> Dataflow:
 
 
 def read_ahead(settings: Settings) -> float:
-    """How far in event time a partition may read past the slowest one: well within the
-    grace period, so that no window closes while a partition is still behind it."""
+    """How far in event time a partition may read past the slowest one: by default well
+    within the grace period, so that no window closes while a partition is still behind it."""
+    if settings.read_ahead_seconds is not None:
+        return settings.read_ahead_seconds
     return max(1.0, min(settings.grace_seconds, settings.join_timeout_seconds) / 2)
 
 

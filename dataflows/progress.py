@@ -8,9 +8,12 @@ record only while its timestamp is at most ``read_ahead`` seconds past where the
 busy partition furthest behind stands; the rest of its poll waits in the
 partition (its offset not yet counted as read) until the others catch up.
 
-A partition counts as busy while it has delivered records within the last
-``idle_after`` seconds of wall clock, or has never been polled long enough to
-know; an idle partition (caught up, nothing arriving) holds nobody back. A
+A partition that delivers nothing for a while is idle (caught up, nothing
+arriving) and holds nobody back. How long "a while" is depends on what it last
+delivered: records appended to Kafka just now mean it was reading live traffic,
+so an empty poll means it caught up (``IDLE_AFTER``); records appended long ago
+(a backlog), or none yet since the start, mean an empty poll is more likely a
+fetch still on its way, so it must stay empty for ``BACKLOG_IDLE_AFTER``. A
 timestamp further ahead of the wall clock than the ingestion API allows is not
 progress (such a record is an invalid dead letter).
 
@@ -25,37 +28,46 @@ import threading
 
 Part = tuple[str, int]  # topic, partition
 
-# Without records this long, a partition is caught up and holds nobody back.
+# Without records this long, a partition reading live traffic is caught up ...
 IDLE_AFTER = 0.5
+# ... and one reading a backlog (or not read yet) this long.
+BACKLOG_IDLE_AFTER = 2.0
+# Records appended to the topic longer ago than this make a backlog.
+BACKLOG_AGE = 2.0
 
 
 class _Partition:
-    __slots__ = ("frontier", "last_records")
+    __slots__ = ("frontier", "idle_from")
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, backlog_idle_after: float) -> None:
         # The timestamp of the next record it would hand over when it holds one,
         # else the newest it handed over: what it holds others back with.
         self.frontier = -math.inf
-        self.last_records = now
+        # From when on it counts as idle unless it delivers records again.
+        self.idle_from = now + backlog_idle_after
 
 
 class ReadProgress:
     """Where each partition of this process stands in event time, and how far it may read."""
 
-    def __init__(self, read_ahead: float, idle_after: float = IDLE_AFTER) -> None:
+    def __init__(self, read_ahead: float, idle_after: float = IDLE_AFTER,
+                 backlog_idle_after: float = BACKLOG_IDLE_AFTER) -> None:
         self.read_ahead = read_ahead
         self.idle_after = idle_after
+        self.backlog_idle_after = backlog_idle_after
         self._parts: dict[Part, _Partition] = {}
         self._lock = threading.Lock()
 
     def register(self, part: Part, now: float) -> None:
         with self._lock:
-            self._parts.setdefault(part, _Partition(now))
+            self._parts.setdefault(part, _Partition(now, self.backlog_idle_after))
 
-    def polled(self, part: Part, got_records: bool, now: float) -> None:
-        """A poll of ``part`` returned records, or nothing (caught up, for now)."""
-        if got_records:
-            self._parts[part].last_records = now
+    def polled(self, part: Part, appended: float | None, now: float) -> None:
+        """A poll of ``part`` returned records, the last appended to Kafka at wall-clock
+        ``appended``, or nothing (None)."""
+        if appended is not None:
+            backlog = now - appended > BACKLOG_AGE
+            self._parts[part].idle_from = now + (self.backlog_idle_after if backlog else self.idle_after)
 
     def stands_at(self, part: Part, frontier: float) -> None:
         """``part`` holds a record stamped ``frontier`` next, or handed over up to it."""
@@ -68,9 +80,8 @@ class ReadProgress:
         Partitions that hold records stand at their next record, not at what they
         handed over, so the one holding the earliest record can always go on.
         """
-        idle_since = now - self.idle_after
         with self._lock:
             others = [state for key, state in self._parts.items() if key != part]
-        behind = min((state.frontier for state in others if state.last_records > idle_since),
+        behind = min((state.frontier for state in others if state.idle_from > now),
                      default=math.inf)
         return behind + self.read_ahead

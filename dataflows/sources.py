@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import msgspec
 from bytewax.connectors.kafka import KafkaSource
 from bytewax.inputs import StatefulSourcePartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, Message, TopicPartition
 
 from dataflows.progress import ReadProgress
 from dataflows.stopping import STOPPING
@@ -178,7 +178,7 @@ class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
         held = self._held
         if not held:
             messages = self._consumer.consume(self._batch_size, 0.001)
-            progress.polled(part, bool(messages), now)
+            progress.polled(part, appended_at(messages[-1]) if messages else None, now)
             if not messages:
                 return []
             held.extend(stamped(messages, now))
@@ -219,6 +219,12 @@ class _Stamp(msgspec.Struct):
 
 
 _stamp_decoder = msgspec.json.Decoder(_Stamp)
+
+
+def appended_at(message: Message) -> float:
+    """When the record was written to Kafka (its producer's or the broker's time), in Unix seconds."""
+    kind, millis = message.timestamp()
+    return millis / 1000 if kind != TIMESTAMP_NOT_AVAILABLE else -math.inf
 
 
 def stamped(messages: list[Message], now: float) -> list[tuple[Message, int, float]]:

@@ -35,6 +35,9 @@ class Settings(Struct, frozen=True, kw_only=True):
     topic_partitions: int = 3
     prices_file: Path | None = None
     auth: bool = True
+    # How far in event time an input partition may be read past the slowest one;
+    # None: half the grace period or the join timeout, whichever is smaller, at least 1 s.
+    read_ahead_seconds: float | None = None
 
 
 def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], int], str]:
@@ -49,6 +52,13 @@ def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], 
         return value
 
     return parse, form
+
+
+def _positive_number(text: str) -> float:
+    value = float(text.strip())
+    if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
 
 
 def _nonempty(text: str) -> str:
@@ -93,6 +103,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "TOPIC_PARTITIONS": ("topic_partitions", *_integer(1, 10000)),
     "PRICES_FILE": ("prices_file", _existing_file, "the path of an existing JSON file"),
     "AUTH": ("auth", _switch, "on or off"),
+    "READ_AHEAD_SECONDS": ("read_ahead_seconds", _positive_number, "a number of seconds > 0"),
 }
 
 

@@ -38,6 +38,7 @@ def test_values_are_parsed(tmp_path: Path):
             "TOPIC_PARTITIONS": "12",
             "PRICES_FILE": str(prices),
             "AUTH": "off",
+            "READ_AHEAD_SECONDS": "2.5",
         }
     )
     assert settings.kafka_brokers == "a:1,b:2"
@@ -48,6 +49,7 @@ def test_values_are_parsed(tmp_path: Path):
     assert settings.topic_partitions == 12
     assert settings.prices_file == prices
     assert settings.auth is False
+    assert settings.read_ahead_seconds == 2.5
 
 
 def test_empty_value_means_default():
@@ -67,6 +69,9 @@ def test_empty_value_means_default():
         ("AUTH", "maybe"),
         ("PRICES_FILE", "/no/such/file.json"),
         ("KAFKA_BROKERS", "   "),
+        ("READ_AHEAD_SECONDS", "0"),
+        ("READ_AHEAD_SECONDS", "inf"),
+        ("READ_AHEAD_SECONDS", "nan"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_form(variable, value):
