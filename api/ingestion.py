@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import msgspec
 from confluent_kafka import KafkaException
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -101,6 +102,20 @@ async def _decode_body(
         return error_response(400, invalid_code, str(error))
     except (msgspec.DecodeError, UnicodeDecodeError) as error:
         return error_response(400, "invalid_json", _malformed(error))
+
+
+async def _read_export(request: Request, encoding: otlp.Encoding) -> ExportTraceServiceRequest:
+    """The OTLP export in the body, or :class:`BodyError` saying what is wrong with it."""
+    if encoding == "json":
+        check_content_type(request)
+    try:
+        body = await read_body(request, otlp.TRACES_BODY_LIMIT)
+    except BodyError as error:
+        # An export without spans is an empty protobuf message: no bytes at all.
+        if error.code != "empty_body" or encoding != "protobuf":
+            raise
+        body = b""
+    return otlp.decode_export(otlp.decompress(body, request.headers.get("content-encoding")), encoding)
 
 
 def _refuse(principal: Principal, event: Event, now: float) -> tuple[int, str] | None:
@@ -273,15 +288,10 @@ class Ingestion:
             return otlp.as_status(principal, encoding)
         try:
             encoding = otlp.request_encoding(request.headers.get("content-type"))
-            if encoding == "json":
-                check_content_type(request)
-            body = await read_body(request, otlp.TRACES_BODY_LIMIT)
-            body = otlp.decompress(body, request.headers.get("content-encoding"))
-            export = otlp.decode_export(body, encoding)
+            export = await _read_export(request, encoding)
         except BodyError as error:
-            return otlp.as_status(
-                error_response(error.status, error.code, error.detail, error.headers), encoding
-            )
+            failure = error_response(error.status, error.code, error.detail, error.headers)
+            return otlp.as_status(failure, encoding)
         mapped = otlp.calls_from_export(export, principal.tenant_id)
         rejected = mapped.rejected
         records: list[Record] = []

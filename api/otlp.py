@@ -151,8 +151,6 @@ def decompress(body: bytes, content_encoding: str | None, limit: int = TRACES_BO
             rest = inflater.unused_data
     except zlib.error as error:
         raise BodyError(400, "invalid_gzip", f"the body is not valid gzip: {error}") from None
-    if size == 0:
-        raise BodyError(400, "empty_body", "the decompressed body is empty")
     return b"".join(parts)
 
 
