@@ -88,6 +88,7 @@ _FIELD_SOURCES = {
 }
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 _ZERO_TRACE_ID = bytes(16)
 _ZERO_SPAN_ID = bytes(8)
 
@@ -250,7 +251,7 @@ def calls_from_export(export: ExportTraceServiceRequest, tenant_id: str | None) 
     return mapped
 
 
-def call_from_span(span: Span, resource: dict[str, AnyValue], tenant_id: str | None) -> Call | None:
+def call_from_span(span: Span, resource: dict[str, Value], tenant_id: str | None) -> Call | None:
     """The call a span records, None for a span that is not a model call, or :class:`SpanRejected`.
 
     ``resource`` holds the resource's ``service.name`` and ``streamlens.tenant_id``
@@ -271,13 +272,16 @@ def call_from_span(span: Span, resource: dict[str, AnyValue], tenant_id: str | N
                 f"{OPERATION} is {operation!r} but neither {RESPONSE_MODEL} nor {REQUEST_MODEL} is set"
             )
         return None
-    if len(span.trace_id) != 16 or span.trace_id == _ZERO_TRACE_ID:
+    # Each read of a protobuf field builds a new Python object: read each once.
+    trace_id, span_id = span.trace_id, span.span_id
+    start, end = span.start_time_unix_nano, span.end_time_unix_nano
+    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
         raise SpanRejected("trace_id: expected 16 bytes, not all zero")
-    if len(span.span_id) != 8 or span.span_id == _ZERO_SPAN_ID:
+    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
         raise SpanRejected("span_id: expected 8 bytes, not all zero")
-    if span.start_time_unix_nano == 0 or span.end_time_unix_nano == 0:
+    if start == 0 or end == 0:
         raise SpanRejected("start_time_unix_nano and end_time_unix_nano are required")
-    if span.end_time_unix_nano < span.start_time_unix_nano:
+    if end < start:
         raise SpanRejected("end_time_unix_nano is before start_time_unix_nano")
     route = _string(attributes, ROUTE) or _string(resource, SERVICE_NAME)
     if route is None:
@@ -287,7 +291,7 @@ def call_from_span(span: Span, resource: dict[str, AnyValue], tenant_id: str | N
     tenant = _string(attributes, TENANT) or _string(resource, TENANT) or tenant_id
     if tenant is None:
         raise SpanRejected(f"no tenant: without API keys a span names its tenant in {TENANT}")
-    request_id = span.trace_id.hex() + span.span_id.hex()
+    request_id = trace_id.hex() + span_id.hex()
     prompt = _tokens(attributes, INPUT_TOKENS, PROMPT_TOKENS)
     completion = _tokens(attributes, OUTPUT_TOKENS, COMPLETION_TOKENS)
     fields_request = {
@@ -295,15 +299,15 @@ def call_from_span(span: Span, resource: dict[str, AnyValue], tenant_id: str | N
         "tenant_id": tenant,
         "route": route,
         "model": model,
-        "timestamp": _instant(span.start_time_unix_nano),
+        "timestamp": _instant(start),
         "prompt_tokens": prompt,
         "provider": _string(attributes, PROVIDER) or system,
     }
     fields_response = {
         "request_id": request_id,
         "tenant_id": tenant,
-        "timestamp": _instant(span.end_time_unix_nano),
-        "latency_ms": (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6,
+        "timestamp": _instant(end),
+        "latency_ms": (end - start) / 1e6,
         "completion_tokens": completion,
         "cache_read_tokens": _tokens(attributes, CACHE_READ_TOKENS),
         "reasoning_tokens": _tokens(attributes, REASONING_TOKENS),
@@ -335,17 +339,17 @@ def _with_source(message: str) -> str:
 
 def _instant(unix_nano: int) -> datetime:
     # Integer arithmetic: a float of nanoseconds since 1970 is off by up to a microsecond.
-    return _EPOCH + timedelta(microseconds=unix_nano // 1000)
+    return _EPOCH + _MICROSECOND * (unix_nano // 1000)
 
 
-def _error(span: Span, attributes: dict[str, AnyValue]) -> str | None:
+def _error(span: Span, attributes: dict[str, Value]) -> str | None:
     error_type = _string(attributes, ERROR_TYPE)
     if span.status.code == Status.STATUS_CODE_ERROR:
         return error_type or span.status.message or "error"
     return error_type
 
 
-def _first_chunk_ms(attributes: dict[str, AnyValue]) -> float | None:
+def _first_chunk_ms(attributes: dict[str, Value]) -> float | None:
     seconds = _number(attributes, TIME_TO_FIRST_CHUNK)
     if seconds is None:
         seconds = _number(attributes, TIME_TO_FIRST_TOKEN)
@@ -354,65 +358,81 @@ def _first_chunk_ms(attributes: dict[str, AnyValue]) -> float | None:
 
 # -- attribute values ---------------------------------------------------------------
 
-
-def _attributes(pairs: list[KeyValue], wanted: frozenset[str]) -> dict[str, AnyValue]:
-    # The last of repeated keys wins, as in the SDKs.
-    return {pair.key: pair.value for pair in pairs if pair.key in wanted}
-
-
-def _kind(value: AnyValue) -> str:
-    return (value.WhichOneof("value") or "empty").removesuffix("_value")
+# An attribute's value as Python: str, bool, int, float, bytes, a list of AnyValue
+# (an array), a KeyValueList, or None when no value is set.
+Value = object
+_KINDS: dict[type, str] = {str: "string", bool: "bool", int: "int", float: "double", bytes: "bytes"}
 
 
-def _string(attributes: dict[str, AnyValue], key: str) -> str | None:
+def _attributes(pairs: list[KeyValue], wanted: frozenset[str]) -> dict[str, Value]:
+    """The ``wanted`` attributes as Python values, each read once from the protobuf.
+
+    Reading a field of a protobuf message costs far more than a dict lookup, and
+    a span is read a dozen times. The last of repeated keys wins, as in the SDKs.
+    """
+    found: dict[str, Value] = {}
+    for pair in pairs:
+        key = pair.key
+        if key in wanted:
+            value = pair.value
+            kind = value.WhichOneof("value")
+            if kind is None:
+                found[key] = None
+            elif kind == "array_value":
+                found[key] = list(value.array_value.values)
+            else:
+                found[key] = getattr(value, kind)
+    return found
+
+
+def _kind(value: Value) -> str:
+    if isinstance(value, list):
+        return "array"
+    return _KINDS.get(type(value), "kvlist")
+
+
+def _string(attributes: dict[str, Value], key: str) -> str | None:
     value = attributes.get(key)
     if value is None:
         return None
-    if value.WhichOneof("value") != "string_value":
-        raise SpanRejected(f"{key}: expected a string, got {_kind(value)}")
-    return value.string_value or None
+    if isinstance(value, str):
+        return value or None
+    raise SpanRejected(f"{key}: expected a string, got {_kind(value)}")
 
 
-def _number(attributes: dict[str, AnyValue], key: str) -> float | None:
+def _number(attributes: dict[str, Value], key: str) -> float | None:
     value = attributes.get(key)
-    if value is None:
-        return None
-    kind = value.WhichOneof("value")
-    if kind == "double_value":
-        return value.double_value
-    if kind == "int_value":
-        return float(value.int_value)
+    if value is None or isinstance(value, float):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     raise SpanRejected(f"{key}: expected a number, got {_kind(value)}")
 
 
-def _tokens(attributes: dict[str, AnyValue], key: str, deprecated: str | None = None) -> int:
+def _tokens(attributes: dict[str, Value], key: str, deprecated: str | None = None) -> int:
     """A token count: ``key``, else its ``deprecated`` name, else 0."""
     if key not in attributes and deprecated is not None:
         key = deprecated
     value = attributes.get(key)
     if value is None:
         return 0
-    kind = value.WhichOneof("value")
-    if kind == "int_value":
-        return value.int_value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
     # Some SDKs (JavaScript's among them) may send whole numbers as doubles.
-    if kind == "double_value" and value.double_value.is_integer():
-        return int(value.double_value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     raise SpanRejected(f"{key}: expected an integer, got {_kind(value)}")
 
 
-def _first_string(attributes: dict[str, AnyValue], key: str) -> str | None:
+def _first_string(attributes: dict[str, Value], key: str) -> str | None:
     """The first of a string array (a plain string is taken as it is)."""
     value = attributes.get(key)
-    if value is None:
-        return None
-    kind = value.WhichOneof("value")
-    if kind == "string_value":
-        return value.string_value or None
-    if kind == "array_value":
-        if not value.array_value.values:
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, list):
+        if not value:
             return None
-        first = value.array_value.values[0]
+        first: AnyValue = value[0]
         if first.WhichOneof("value") == "string_value":
             return first.string_value or None
     raise SpanRejected(f"{key}: expected an array of strings, got {_kind(value)}")
