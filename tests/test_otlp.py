@@ -670,13 +670,16 @@ def instrumented_openai(
     ingestion_url: str, key: str, service: str
 ) -> Iterator[tuple[Any, InMemorySpanExporter]]:
     """An ``openai`` client instrumented by opentelemetry-instrumentation-openai-v2, its spans
-    exported to StreamLens with the SDK's OTLP exporter and kept in memory too."""
+    exported to StreamLens with the SDK's OTLP exporter and kept in memory too; baggage
+    entries become span attributes, as the README shows for ``streamlens.route``."""
     import openai
     from opentelemetry.instrumentation.openai_v2 import OpenAIInstrumentor
+    from opentelemetry.processor.baggage import ALLOW_ALL_BAGGAGE_KEYS, BaggageSpanProcessor
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     memory = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(BaggageSpanProcessor(ALLOW_ALL_BAGGAGE_KEYS))
     provider.add_span_processor(SimpleSpanProcessor(memory))
     exporter = OTLPSpanExporter(endpoint=f"{ingestion_url}/v1/traces", headers=bearer(key))
     provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -692,21 +695,29 @@ def instrumented_openai(
 
 
 def test_the_openai_instrumentation_gives_a_call_with_its_model_tokens_and_latency(stack: Stack) -> None:
+    from opentelemetry import baggage, context
+
     with instrumented_openai(stack.url, stack.keys["acme"], "assistant") as (client, memory):
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
-    [span] = memory.get_finished_spans()
-    request_id = f"{span.context.trace_id:032x}{span.context.span_id:016x}"
-    [request], [response] = events_on_topics(stack.broker.address, {request_id}, 1)
-    assert (request.tenant_id, request.route, request.model, request.provider) == (
-        "acme",
-        "assistant",
-        FAKE_MODEL,
-        "openai",
-    )
-    assert (request.prompt_tokens, response.completion_tokens) == (42, 7)
-    assert response.finish_reason == "stop" and response.error is None
-    assert response.latency_ms == pytest.approx((span.end_time - span.start_time) / 1e6)
-    assert 0 < response.latency_ms < 10_000
+        token = context.attach(baggage.set_baggage("streamlens.route", "/faq"))
+        try:  # the route of this one call
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "?"}])
+        finally:
+            context.detach(token)
+    spans = sorted(memory.get_finished_spans(), key=lambda span: span.start_time or 0)
+    ids = [f"{span.context.trace_id:032x}{span.context.span_id:016x}" for span in spans]
+    requests, responses = events_on_topics(stack.broker.address, set(ids), 2)
+    by_id = {
+        request.request_id: (request, response) for request, response in zip(requests, responses, strict=True)
+    }
+    for span, request_id, route in zip(spans, ids, ("assistant", "/faq"), strict=True):
+        request, response = by_id[request_id]
+        assert (request.tenant_id, request.route, request.model, request.provider) == (
+            "acme", route, FAKE_MODEL, "openai")  # fmt: skip
+        assert (request.prompt_tokens, response.completion_tokens) == (42, 7)
+        assert response.finish_reason == "stop" and response.error is None
+        assert response.latency_ms == pytest.approx((span.end_time - span.start_time) / 1e6)
+        assert 0 < response.latency_ms < 10_000
 
 
 # -- through the dataflow to rows ---------------------------------------------------------
