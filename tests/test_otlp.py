@@ -537,8 +537,8 @@ def test_the_sdk_exporter_sends_genai_spans_that_become_events(stack: Stack) -> 
 def test_otlp_json_and_gzip_give_the_same_events(stack: Stack) -> None:
     specs = with_ids(genai_specs(recent()), 20)
     body = gzip.compress(json.dumps(json_export(specs, "json-service")).encode())
-    answer = http.post(
-        "/v1/traces",
+    answer = httpx.post(
+        f"{stack.url}/v1/traces",
         content=body,
         headers=bearer(stack.keys["acme"], **JSON, **{"Content-Encoding": "gzip"}),
     )
