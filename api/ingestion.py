@@ -8,6 +8,9 @@ more than two minutes ahead of the server's clock is refused
 ``Retry-After``, and the client sends again (the dataflow ignores duplicates by
 ``request_id``).
 
+``POST /v1/traces`` takes OTLP/HTTP trace exports: each GenAI span becomes a
+request and a response event (:mod:`api.otlp`), judged and sent like the others.
+
 Every endpoint but ``/health`` and ``/ready`` takes an ``ingest`` API key
 (:mod:`api.auth`); an event of another tenant than the key's is refused (403,
 or that index in a batch), and responses are stamped with the key's tenant.
@@ -24,12 +27,14 @@ from typing import TypeVar
 
 import msgspec
 from confluent_kafka import KafkaException
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from api import otlp
 from api.auth import Principal, authenticate, check_event, open_key_store
 from api.body import BodyError, MiB, check_content_type, read_body
 from api.errors import error_response, http_error, server_error
@@ -97,6 +102,20 @@ async def _decode_body(
         return error_response(400, invalid_code, str(error))
     except (msgspec.DecodeError, UnicodeDecodeError) as error:
         return error_response(400, "invalid_json", _malformed(error))
+
+
+async def _read_export(request: Request, encoding: otlp.Encoding) -> ExportTraceServiceRequest:
+    """The OTLP export in the body, or :class:`BodyError` saying what is wrong with it."""
+    if encoding == "json":
+        check_content_type(request)
+    try:
+        body = await read_body(request, otlp.TRACES_BODY_LIMIT)
+    except BodyError as error:
+        # An export without spans is an empty protobuf message: no bytes at all.
+        if error.code != "empty_body" or encoding != "protobuf":
+            raise
+        body = b""
+    return otlp.decode_export(otlp.decompress(body, request.headers.get("content-encoding")), encoding)
 
 
 def _refuse(principal: Principal, event: Event, now: float) -> tuple[int, str] | None:
@@ -260,6 +279,35 @@ class Ingestion:
             return _json(207, {"accepted": len(records), "rejected": rejected})
         return _json(202, {"accepted": len(records)})
 
+    async def post_traces(self, request: Request) -> Response:
+        """OTLP/HTTP: 200 with an ``ExportTraceServiceResponse`` (``partial_success`` naming
+        the first rejected span), errors as a ``google.rpc.Status``, in the request's encoding."""
+        encoding = otlp.answer_encoding(request.headers.get("content-type"))
+        principal = await authenticate(request, "ingest")
+        if isinstance(principal, Response):
+            return otlp.as_status(principal, encoding)
+        try:
+            encoding = otlp.request_encoding(request.headers.get("content-type"))
+            export = await _read_export(request, encoding)
+        except BodyError as error:
+            failure = error_response(error.status, error.code, error.detail, error.headers)
+            return otlp.as_status(failure, encoding)
+        mapped = otlp.calls_from_export(export, principal.tenant_id)
+        rejected = mapped.rejected
+        records: list[Record] = []
+        now = time.time()
+        for call in mapped.calls:
+            refusal = _refuse(principal, call[0], now) or _refuse(principal, call[1], now)
+            if refusal is not None:
+                rejected.append(f"span {call[0].request_id}: {refusal[1]}")
+                continue
+            records.extend(to_record(event) for event in call)
+        # All-or-503, as for a batch: OTLP exporters send the whole export again.
+        failure = await self._send(records)
+        if failure is not None:
+            return otlp.as_status(failure, encoding)
+        return otlp.export_response(rejected, encoding)
+
     async def health(self, request: Request) -> Response:
         return _json(200, {"status": "ok"})
 
@@ -296,6 +344,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/v1/llm/request", ingestion.post_request, methods=["POST"]),
         Route("/v1/llm/response", ingestion.post_response, methods=["POST"]),
         Route("/v1/llm/events", ingestion.post_events, methods=["POST"]),
+        Route("/v1/traces", ingestion.post_traces, methods=["POST"]),
         Route("/health", ingestion.health, methods=["GET"]),
         Route("/ready", ingestion.ready, methods=["GET"]),
     ]

@@ -1,0 +1,492 @@
+"""OpenTelemetry in (contract §2): OTLP/HTTP trace exports, GenAI spans become calls.
+
+Pure functions for ``POST /v1/traces`` of :mod:`api.ingestion`: which encoding a
+body is in, decompressing and decoding it with ``opentelemetry-proto``, mapping
+each span of the OpenTelemetry GenAI semantic conventions to a request and a
+response event (the same schemas as every other endpoint), and the answers OTLP
+expects (an ``ExportTraceServiceResponse``, or a ``google.rpc.Status`` for an
+error, in the request's encoding).
+"""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import msgspec
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTracePartialSuccess,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from starlette.responses import Response
+
+from api.body import BodyError, MiB
+from schemas.events import LLMRequest, LLMResponse, check_cache_read
+
+Encoding = Literal["protobuf", "json"]
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+
+# Exporters send up to 512 spans per export by default, and spans that capture
+# message content can be tens of KiB each: the limit is on the decompressed body.
+TRACES_BODY_LIMIT = 16 * MiB
+
+# Span attributes read here. ``streamlens.*`` are StreamLens's own.
+OPERATION = "gen_ai.operation.name"
+SYSTEM = "gen_ai.system"
+PROVIDER = "gen_ai.provider.name"
+REQUEST_MODEL = "gen_ai.request.model"
+RESPONSE_MODEL = "gen_ai.response.model"
+INPUT_TOKENS = "gen_ai.usage.input_tokens"
+OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+PROMPT_TOKENS = "gen_ai.usage.prompt_tokens"  # deprecated name of input_tokens
+COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"  # deprecated name of output_tokens
+CACHE_READ_TOKENS = "gen_ai.usage.cache_read.input_tokens"
+REASONING_TOKENS = "gen_ai.usage.reasoning.output_tokens"
+FINISH_REASONS = "gen_ai.response.finish_reasons"
+TIME_TO_FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"  # seconds, the conventions' name
+TIME_TO_FIRST_TOKEN = "gen_ai.server.time_to_first_token"  # seconds, as OpenLIT reports it
+ERROR_TYPE = "error.type"
+ROUTE = "streamlens.route"
+TENANT = "streamlens.tenant_id"
+SERVICE_NAME = "service.name"
+
+_SPAN_ATTRIBUTES = frozenset(
+    {
+        OPERATION, SYSTEM, PROVIDER, REQUEST_MODEL, RESPONSE_MODEL, INPUT_TOKENS, OUTPUT_TOKENS,
+        PROMPT_TOKENS, COMPLETION_TOKENS, CACHE_READ_TOKENS, REASONING_TOKENS, FINISH_REASONS,
+        TIME_TO_FIRST_CHUNK, TIME_TO_FIRST_TOKEN, ERROR_TYPE, ROUTE, TENANT,
+    }
+)  # fmt: skip
+# Operations that call a model: without a model such a span cannot be counted, and says so.
+MODEL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
+# Agent and tool steps are not model calls: the model calls they make are spans
+# of their own, so counting these too would count those calls twice.
+STEP_OPERATIONS = frozenset({"create_agent", "invoke_agent", "invoke_workflow", "execute_tool"})
+
+# Where each event field comes from, so that a broken rule names the span attribute.
+_FIELD_SOURCES = {
+    "route": f"{ROUTE} or the resource's {SERVICE_NAME}",
+    "model": f"{RESPONSE_MODEL} or {REQUEST_MODEL}",
+    "tenant_id": TENANT,
+    "timestamp": "start_time_unix_nano / end_time_unix_nano",
+    "prompt_tokens": INPUT_TOKENS,
+    "completion_tokens": OUTPUT_TOKENS,
+    "cache_read_tokens": CACHE_READ_TOKENS,
+    "reasoning_tokens": REASONING_TOKENS,
+    "finish_reason": FINISH_REASONS,
+    "time_to_first_token_ms": TIME_TO_FIRST_CHUNK,
+}
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_ZERO_TRACE_ID = bytes(16)
+_ZERO_SPAN_ID = bytes(8)
+
+
+class SpanRejected(Exception):
+    """A GenAI span that cannot become a call; the message names what is wrong."""
+
+
+Call = tuple[LLMRequest, LLMResponse]
+
+
+# -- the body ---------------------------------------------------------------------
+
+
+def request_encoding(content_type: str | None) -> Encoding:
+    """The body's encoding from its Content-Type, or :class:`BodyError` 415.
+
+    A JSON body's charset is then checked as on every JSON endpoint (:func:`api.body.check_content_type`).
+    """
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    if media_type == PROTOBUF:
+        return "protobuf"
+    if media_type == JSON:
+        return "json"
+    shown = f"Content-Type {media_type!r} is" if media_type else "Content-Type is missing:"
+    raise BodyError(415, "unsupported_media_type", f"{shown} not OTLP; send {PROTOBUF} or {JSON}")
+
+
+def answer_encoding(content_type: str | None) -> Encoding:
+    """The encoding of the answer: the request's, JSON when it has none that OTLP knows."""
+    try:
+        return request_encoding(content_type)
+    except BodyError:
+        return "json"
+
+
+def decompress(body: bytes, content_encoding: str | None, limit: int = TRACES_BODY_LIMIT) -> bytes:
+    """The body without its ``Content-Encoding`` (gzip or none), at most ``limit`` bytes."""
+    coding = (content_encoding or "identity").strip().lower()
+    if coding == "identity":
+        return body
+    if coding != "gzip":
+        raise BodyError(
+            415, "unsupported_media_type", f"Content-Encoding {coding!r} is not supported; send gzip or none"
+        )
+    parts: list[bytes] = []
+    size = 0
+    rest = body
+    try:
+        # Concatenated gzip members are one gzip stream.
+        while rest:
+            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            # Never more than the limit in memory, however far the body inflates.
+            part = inflater.decompress(rest, limit - size + 1)
+            size += len(part)
+            if size > limit or inflater.unconsumed_tail:
+                raise BodyError(413, "body_too_large", f"the decompressed body exceeds {limit // MiB} MiB")
+            if not inflater.eof:
+                raise BodyError(400, "invalid_gzip", "the gzip body is truncated")
+            parts.append(part)
+            rest = inflater.unused_data
+    except zlib.error as error:
+        raise BodyError(400, "invalid_gzip", f"the body is not valid gzip: {error}") from None
+    return b"".join(parts)
+
+
+def decode_export(body: bytes, encoding: Encoding) -> ExportTraceServiceRequest:
+    """An ``ExportTraceServiceRequest`` from OTLP protobuf or OTLP JSON, or :class:`BodyError` 400."""
+    export = ExportTraceServiceRequest()
+    if encoding == "protobuf":
+        try:
+            export.ParseFromString(body)
+        except DecodeError as error:
+            raise BodyError(
+                400, "invalid_otlp", f"the body is not an OTLP protobuf export: {error}"
+            ) from None
+        return export
+    try:
+        document = msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as error:
+        raise BodyError(400, "invalid_json", f"the body is not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise BodyError(400, "invalid_otlp", "the body is not a JSON object")
+    _hex_ids_to_base64(document)
+    try:
+        json_format.ParseDict(document, export, ignore_unknown_fields=True)
+    except (json_format.ParseError, ValueError, TypeError, RecursionError) as error:
+        raise BodyError(400, "invalid_otlp", f"the body is not an OTLP JSON export: {error}") from None
+    return export
+
+
+def _hex_ids_to_base64(document: dict[str, object]) -> None:
+    """OTLP JSON writes trace and span ids in hex; the protobuf JSON mapping reads bytes as base64.
+
+    Anything not shaped like an export is left for ``ParseDict`` to name.
+    """
+    for path, holder, field in _id_fields(document):
+        value = holder[field]
+        if not isinstance(value, str):
+            continue
+        try:
+            holder[field] = base64.b64encode(bytes.fromhex(value)).decode()
+        except ValueError:
+            raise BodyError(400, "invalid_otlp", f"{path}.{field}: {value[:40]!r} is not hex") from None
+
+
+def _id_fields(document: dict[str, object]) -> Iterator[tuple[str, dict[str, object], str]]:
+    for r, resource_spans in _dicts(_either(document, "resourceSpans", "resource_spans")):
+        for s, scope_spans in _dicts(_either(resource_spans, "scopeSpans", "scope_spans")):
+            for n, span in _dicts(scope_spans.get("spans")):
+                path = f"resourceSpans[{r}].scopeSpans[{s}].spans[{n}]"
+                for field in ("traceId", "trace_id", "spanId", "span_id", "parentSpanId", "parent_span_id"):
+                    if field in span:
+                        yield path, span, field
+                for k, link in _dicts(span.get("links")):
+                    for field in ("traceId", "trace_id", "spanId", "span_id"):
+                        if field in link:
+                            yield f"{path}.links[{k}]", link, field
+
+
+def _either(holder: dict[str, object], camel: str, snake: str) -> object:
+    return holder.get(camel, holder.get(snake))
+
+
+def _dicts(items: object) -> Iterator[tuple[int, dict[str, object]]]:
+    if isinstance(items, list):
+        for index, item in enumerate(items):
+            if isinstance(item, dict):
+                yield index, item
+
+
+# -- spans to calls ---------------------------------------------------------------
+
+
+class Mapped(msgspec.Struct):
+    """What an export holds: its calls, and why each rejected GenAI span was rejected."""
+
+    calls: list[Call]
+    rejected: list[str]
+
+
+def calls_from_export(export: ExportTraceServiceRequest, tenant_id: str | None) -> Mapped:
+    """Every GenAI span of ``export`` as a call; other spans are left out.
+
+    ``tenant_id`` is the API key's tenant (None with ``AUTH=off``: the spans must
+    then name theirs in ``streamlens.tenant_id``).
+    """
+    mapped = Mapped(calls=[], rejected=[])
+    for resource_spans in export.resource_spans:
+        resource = _attributes(resource_spans.resource.attributes, frozenset({SERVICE_NAME, TENANT}))
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                try:
+                    call = call_from_span(span, resource, tenant_id)
+                except SpanRejected as error:
+                    mapped.rejected.append(f"span {_span_name(span)}: {error}")
+                    continue
+                if call is not None:
+                    mapped.calls.append(call)
+    return mapped
+
+
+def call_from_span(span: Span, resource: dict[str, Value], tenant_id: str | None) -> Call | None:
+    """The call a span records, None for a span that is not a model call, or :class:`SpanRejected`.
+
+    ``resource`` holds the resource's ``service.name`` and ``streamlens.tenant_id``
+    attributes (see :func:`calls_from_export`).
+    """
+    attributes = _attributes(span.attributes, _SPAN_ATTRIBUTES)
+    operation = _string(attributes, OPERATION)
+    system = _string(attributes, SYSTEM)
+    request_model = _string(attributes, REQUEST_MODEL)
+    if operation is None and (system is None or request_model is None):
+        return None
+    if operation in STEP_OPERATIONS:
+        return None
+    model = _string(attributes, RESPONSE_MODEL) or request_model
+    if not model:
+        if operation in MODEL_OPERATIONS:
+            raise SpanRejected(
+                f"{OPERATION} is {operation!r} but neither {RESPONSE_MODEL} nor {REQUEST_MODEL} is set"
+            )
+        return None
+    # Each read of a protobuf field builds a new Python object: read each once.
+    trace_id, span_id = span.trace_id, span.span_id
+    start, end = span.start_time_unix_nano, span.end_time_unix_nano
+    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
+        raise SpanRejected("trace_id: expected 16 bytes, not all zero")
+    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
+        raise SpanRejected("span_id: expected 8 bytes, not all zero")
+    if start == 0 or end == 0:
+        raise SpanRejected("start_time_unix_nano and end_time_unix_nano are required")
+    if end < start:
+        raise SpanRejected("end_time_unix_nano is before start_time_unix_nano")
+    route = _string(attributes, ROUTE) or _string(resource, SERVICE_NAME)
+    if route is None:
+        raise SpanRejected(
+            f"no route: set the span attribute {ROUTE} or the resource attribute {SERVICE_NAME}"
+        )
+    tenant = _string(attributes, TENANT) or _string(resource, TENANT) or tenant_id
+    if tenant is None:
+        raise SpanRejected(f"no tenant: without API keys a span names its tenant in {TENANT}")
+    request_id = trace_id.hex() + span_id.hex()
+    prompt = _tokens(attributes, INPUT_TOKENS, PROMPT_TOKENS)
+    completion = _tokens(attributes, OUTPUT_TOKENS, COMPLETION_TOKENS)
+    fields_request = {
+        "request_id": request_id,
+        "tenant_id": tenant,
+        "route": route,
+        "model": model,
+        "timestamp": _instant(start),
+        "prompt_tokens": prompt,
+        "provider": _string(attributes, PROVIDER) or system,
+    }
+    fields_response = {
+        "request_id": request_id,
+        "tenant_id": tenant,
+        "timestamp": _instant(end),
+        "latency_ms": (end - start) / 1e6,
+        "completion_tokens": completion,
+        "cache_read_tokens": _tokens(attributes, CACHE_READ_TOKENS),
+        "reasoning_tokens": _tokens(attributes, REASONING_TOKENS),
+        "time_to_first_token_ms": _first_chunk_ms(attributes),
+        "finish_reason": _first_string(attributes, FINISH_REASONS),
+        "error": _error(span, attributes),
+    }
+    try:
+        request = msgspec.convert(fields_request, LLMRequest)
+        response = msgspec.convert(fields_response, LLMResponse)
+    except msgspec.ValidationError as error:
+        raise SpanRejected(_with_source(str(error))) from None
+    mismatch = check_cache_read(request, response)
+    if mismatch is not None:
+        raise SpanRejected(f"{CACHE_READ_TOKENS} exceeds {INPUT_TOKENS}: {mismatch}")
+    return request, response
+
+
+def _span_name(span: Span) -> str:
+    return f"{span.trace_id.hex()}/{span.span_id.hex()} ({span.name[:80]!r})"
+
+
+def _with_source(message: str) -> str:
+    for field, source in _FIELD_SOURCES.items():
+        if message.endswith(f"`$.{field}`"):
+            return f"{message} (from {source})"
+    return message
+
+
+def _instant(unix_nano: int) -> datetime:
+    # Integer arithmetic: a float of nanoseconds since 1970 is off by up to a microsecond.
+    return _EPOCH + _MICROSECOND * (unix_nano // 1000)
+
+
+def _error(span: Span, attributes: dict[str, Value]) -> str | None:
+    error_type = _string(attributes, ERROR_TYPE)
+    if span.status.code == Status.STATUS_CODE_ERROR:
+        return error_type or span.status.message or "error"
+    return error_type
+
+
+def _first_chunk_ms(attributes: dict[str, Value]) -> float | None:
+    seconds = _number(attributes, TIME_TO_FIRST_CHUNK)
+    if seconds is None:
+        seconds = _number(attributes, TIME_TO_FIRST_TOKEN)
+    return None if seconds is None else seconds * 1000
+
+
+# -- attribute values ---------------------------------------------------------------
+
+# An attribute's value as Python: str, bool, int, float, bytes, a list of AnyValue
+# (an array), a KeyValueList, or None when no value is set.
+Value = object
+_KINDS: dict[type, str] = {str: "string", bool: "bool", int: "int", float: "double", bytes: "bytes"}
+
+
+def _attributes(pairs: list[KeyValue], wanted: frozenset[str]) -> dict[str, Value]:
+    """The ``wanted`` attributes as Python values, each read once from the protobuf.
+
+    Reading a field of a protobuf message costs far more than a dict lookup, and
+    a span is read a dozen times. The last of repeated keys wins, as in the SDKs.
+    """
+    found: dict[str, Value] = {}
+    for pair in pairs:
+        key = pair.key
+        if key in wanted:
+            value = pair.value
+            kind = value.WhichOneof("value")
+            if kind is None:
+                found[key] = None
+            elif kind == "array_value":
+                found[key] = list(value.array_value.values)
+            else:
+                found[key] = getattr(value, kind)
+    return found
+
+
+def _kind(value: Value) -> str:
+    if isinstance(value, list):
+        return "array"
+    return _KINDS.get(type(value), "kvlist")
+
+
+def _string(attributes: dict[str, Value], key: str) -> str | None:
+    value = attributes.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value or None
+    raise SpanRejected(f"{key}: expected a string, got {_kind(value)}")
+
+
+def _number(attributes: dict[str, Value], key: str) -> float | None:
+    value = attributes.get(key)
+    if value is None or isinstance(value, float):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise SpanRejected(f"{key}: expected a number, got {_kind(value)}")
+
+
+def _tokens(attributes: dict[str, Value], key: str, deprecated: str | None = None) -> int:
+    """A token count: ``key``, else its ``deprecated`` name, else 0."""
+    if key not in attributes and deprecated is not None:
+        key = deprecated
+    value = attributes.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    # Some SDKs (JavaScript's among them) may send whole numbers as doubles.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise SpanRejected(f"{key}: expected an integer, got {_kind(value)}")
+
+
+def _first_string(attributes: dict[str, Value], key: str) -> str | None:
+    """The first of a string array (a plain string is taken as it is)."""
+    value = attributes.get(key)
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, list):
+        if not value:
+            return None
+        first: AnyValue = value[0]
+        if first.WhichOneof("value") == "string_value":
+            return first.string_value or None
+    raise SpanRejected(f"{key}: expected an array of strings, got {_kind(value)}")
+
+
+# -- answers ------------------------------------------------------------------------
+
+
+def _media_type(encoding: Encoding) -> str:
+    return PROTOBUF if encoding == "protobuf" else JSON
+
+
+def export_response(rejected: list[str], encoding: Encoding) -> Response:
+    """200 with an ``ExportTraceServiceResponse``: ``partial_success`` names the first rejection."""
+    answer = ExportTraceServiceResponse()
+    if rejected:
+        more = f" (and {len(rejected) - 1} more)" if len(rejected) > 1 else ""
+        answer.partial_success.CopyFrom(
+            ExportTracePartialSuccess(rejected_spans=len(rejected), error_message=rejected[0] + more)
+        )
+    if encoding == "protobuf":
+        body = answer.SerializeToString()
+    else:
+        body = json_format.MessageToJson(answer, indent=None).encode()
+    return Response(body, status_code=200, media_type=_media_type(encoding))
+
+
+# The gRPC code a ``google.rpc.Status`` carries for each HTTP status answered here.
+_STATUS_CODES = {
+    400: code_pb2.INVALID_ARGUMENT,
+    401: code_pb2.UNAUTHENTICATED,
+    403: code_pb2.PERMISSION_DENIED,
+    413: code_pb2.RESOURCE_EXHAUSTED,
+    415: code_pb2.INVALID_ARGUMENT,
+    503: code_pb2.UNAVAILABLE,
+}
+_error_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+def as_status(error: Response, encoding: Encoding) -> Response:
+    """An error answer of :mod:`api.errors` as OTLP wants it: a ``google.rpc.Status``
+    in the request's encoding, same HTTP status and headers."""
+    shape = _error_decoder.decode(bytes(error.body))
+    status = status_pb2.Status(
+        code=_STATUS_CODES.get(error.status_code, code_pb2.UNKNOWN),
+        message=f"{shape.get('error', 'error')}: {shape.get('detail', '')}",
+    )
+    if encoding == "protobuf":
+        body = status.SerializeToString()
+    else:
+        body = json_format.MessageToJson(status, indent=None).encode()
+    headers = {
+        name: value
+        for name, value in error.headers.items()
+        if name.lower() not in ("content-length", "content-type")
+    }
+    return Response(body, status_code=error.status_code, headers=headers, media_type=_media_type(encoding))

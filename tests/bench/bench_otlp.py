@@ -1,0 +1,196 @@
+"""OTLP trace exports: one uvicorn process against a local broker, loaded over loopback.
+
+Figures: exports of 1,000 GenAI spans (protobuf, the attributes the openai
+instrumentation sets) at concurrency 8, as spans/s (each span is a request and
+a response event) and p99 per export; beside them, in the same run and against
+the same server, the batch endpoint's events/s with batches of 1,000 events
+(``bench_ingestion``'s body). API keys on, as in production. Also the CPU time of
+decoding and mapping one export in this process. Target (2 cores, one server
+process): ≥ 50,000 spans/s (≥ 100,000 events/s).
+
+Environment: ``BENCH_SECONDS`` (default 10) per phase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+from api import otlp
+from api.keys import create_key
+from deploy.stack import Broker, Postgres, free_port
+from schemas.database import ensure_schema
+from schemas.topics import ensure_topics
+from tests.bench.bench_ingestion import (
+    BATCH_CONCURRENCY,
+    BATCH_EVENTS,
+    Figures,
+    _asyncio_body,
+    _batch_body,
+    _raw_load,
+    _report,
+    _run_wrk,
+    _start_server,
+    _wrk_body,
+)
+
+EXPORT_SPANS = 1000
+CONCURRENCY = 8
+
+
+def _value(value: object) -> AnyValue:
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, list):
+        return AnyValue(array_value=ArrayValue(values=[_value(v) for v in value]))
+    return AnyValue(string_value=str(value))
+
+
+def export_body(spans: int = EXPORT_SPANS) -> bytes:
+    """One export of ``spans`` chat spans, as the openai instrumentation records them."""
+    now = time.time_ns() - 60 * 10**9
+    resource = [
+        KeyValue(key=k, value=_value(v))
+        for k, v in {
+            "service.name": "assistant",
+            "telemetry.sdk.language": "python",
+            "telemetry.sdk.name": "opentelemetry",
+            "telemetry.sdk.version": "1.45.2",
+        }.items()
+    ]
+    built = []
+    for n in range(spans):
+        attributes = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.system": "openai",
+            "gen_ai.request.model": "gpt-4o-mini",
+            "gen_ai.response.model": "gpt-4o-mini-2024-07-18",
+            "gen_ai.response.id": f"chatcmpl-{n:08d}",
+            "gen_ai.response.finish_reasons": ["stop"],
+            "gen_ai.usage.input_tokens": 812 + n % 100,
+            "gen_ai.usage.output_tokens": 96 + n % 50,
+            "server.address": "api.openai.com",
+            "server.port": 443,
+        }
+        start = now + n * 1_000_000
+        built.append(
+            Span(
+                trace_id=(0x5EED << 64 | n).to_bytes(16, "big"),
+                span_id=(n + 1).to_bytes(8, "big"),
+                name="chat gpt-4o-mini",
+                kind=Span.SPAN_KIND_CLIENT,
+                start_time_unix_nano=start,
+                end_time_unix_nano=start + 850_000_000,
+                attributes=[KeyValue(key=k, value=_value(v)) for k, v in attributes.items()],
+            )
+        )
+    export = ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(
+                resource={"attributes": resource},
+                scope_spans=[
+                    ScopeSpans(scope={"name": "opentelemetry.instrumentation.openai_v2"}, spans=built)
+                ],
+            )
+        ]
+    )
+    return export.SerializeToString()
+
+
+def _mapping_cost(body: bytes, rounds: int = 20) -> float:
+    """Milliseconds of CPU to decode one export and map its spans to events."""
+    started = time.process_time()
+    for _ in range(rounds):
+        mapped = otlp.calls_from_export(otlp.decode_export(body, "protobuf"), "bench")
+        assert len(mapped.calls) == EXPORT_SPANS and not mapped.rejected, mapped.rejected[:1]
+    return (time.process_time() - started) / rounds * 1000
+
+
+def _otlp_wrk(url: str, body: bytes, key: str, seconds: int, workdir: Path) -> Figures:
+    path = workdir / "export.pb"
+    path.write_bytes(body)
+    script = (
+        f'headers = {{["Content-Type"] = "{otlp.PROTOBUF}", ["Authorization"] = "Bearer {key}"}}\n'
+        f'local file = io.open("{path}", "rb"); body = file:read("*a"); file:close()\n'
+        'function request() return wrk.format("POST", "/v1/traces", headers, body) end\n'
+    )
+    return _run_wrk(url, script, seconds, CONCURRENCY, workdir)
+
+
+def _otlp_asyncio(port: int, body: bytes, key: str, seconds: int) -> Figures:
+    head = (
+        f"POST /v1/traces HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: {otlp.PROTOBUF}\r\nAuthorization: Bearer {key}\r\n\r\n"
+    )
+    request = head.encode() + body
+    return asyncio.run(_raw_load(port, lambda _: request, seconds, CONCURRENCY))
+
+
+def main() -> None:
+    seconds = int(os.environ.get("BENCH_SECONDS", "10"))
+    use_wrk = shutil.which("wrk") is not None
+    print(f"load generator: {'wrk' if use_wrk else 'asyncio raw HTTP/1.1'}; {seconds} s per phase")
+    body = export_body()
+    print(f"one export: {EXPORT_SPANS} spans, {len(body):,} bytes of protobuf")
+    print(f"decode + map one export in this process: {_mapping_cost(body):.1f} ms of CPU")
+    with tempfile.TemporaryDirectory(prefix="bench-otlp-") as directory:
+        workdir = Path(directory)
+        broker = Broker(workdir / "broker").start()
+        postgres = Postgres(workdir / "postgres").start()
+        try:
+            ensure_topics(broker.address, 3)
+            ensure_schema(postgres.dsn)
+            with psycopg.connect(postgres.dsn) as conn:
+                key = create_key(conn, "bench", "ingest").key
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            server = _start_server(broker.address, postgres.dsn, True, port, workdir / "server.log")
+            try:
+
+                def exports(duration: int) -> Figures:
+                    if use_wrk:
+                        return _otlp_wrk(url, body, key, duration, workdir)
+                    return _otlp_asyncio(port, body, key, duration)
+
+                def batches(duration: int) -> Figures:
+                    if use_wrk:
+                        return _wrk_body(
+                            url, "/v1/llm/events", _batch_body(), duration, BATCH_CONCURRENCY, workdir, key
+                        )
+                    return _asyncio_body(
+                        port, "/v1/llm/events", _batch_body(), duration, BATCH_CONCURRENCY, key
+                    )
+
+                exports(2)  # warm-up: connections, producer id, the key's cache entry
+                baseline = batches(seconds)
+                _report(
+                    f"baseline: batches of {BATCH_EVENTS} (c={BATCH_CONCURRENCY})", baseline, BATCH_EVENTS
+                )
+                figures = exports(seconds)
+                _report(f"OTLP exports of {EXPORT_SPANS} spans (c={CONCURRENCY})", figures, 2 * EXPORT_SPANS)
+                spans_per_second = figures.requests_per_second * EXPORT_SPANS
+                print(
+                    f"OTLP: {spans_per_second:,.0f} spans/s, p99 {figures.p99_ms:.1f} ms per export; "
+                    f"events/s against the batch endpoint: "
+                    f"{2 * spans_per_second / (baseline.requests_per_second * BATCH_EVENTS):.2f}"
+                )
+                print("target: ≥ 50,000 spans/s (≥ 100,000 events/s)")
+            finally:
+                server.terminate()
+                server.wait(30)
+        finally:
+            postgres.stop()
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()
