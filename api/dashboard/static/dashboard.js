@@ -180,20 +180,40 @@
     return response.json();
   }
 
-  // Every row of a query, newest first, a page of PAGE rows at a time. A full page
-  // may end inside a bucket: its oldest bucket is left for the next page, which
-  // reads the windows before it.
+  // Every row of a query, newest first. The range is cut at bucket boundaries into
+  // spans read side by side, each a smaller query than the whole; a span's one row
+  // per bucket fits a page, with room to tell that nothing is left.
   async function allRows(params) {
+    const bucket = BUCKETS[params.bucket];
+    const span = (PAGE - 1) * bucket;
+    const end = params.to ? seconds(params.to) : Date.now() / 1000;
+    const reads = [];
+    let start = seconds(params.from);
+    for (let next = Math.floor(start / bucket) * bucket + span; ; next += span) {
+      // The last span ends where the range does; an open range's stays open, for
+      // windows newer than this page's clock.
+      const last = next >= end;
+      reads.push(pagedRows({ ...params, from: iso(start), to: last ? params.to : iso(next) }));
+      if (last) break;
+      start = next;
+    }
+    return (await Promise.all(reads)).reverse().flat();
+  }
+
+  // A full page may end inside a bucket: its oldest bucket is left out and read
+  // again whole by the next page, which ends where that bucket ends.
+  async function pagedRows(params) {
     const rows = [];
     let to = params.to;
     for (;;) {
-      const page = (await getJson("v1/metrics", { ...params, ...(to ? { to } : {}), limit: PAGE })).metrics;
+      const { to: _, ...rest } = params;
+      const page = (await getJson("v1/metrics", { ...rest, ...(to ? { to } : {}), limit: PAGE })).metrics;
       if (page.length < PAGE) return rows.concat(page);
       const oldest = page[page.length - 1].window_start;
       const whole = page.filter((row) => row.window_start !== oldest);
       if (whole.length === 0) throw new ApiError(0, `more than ${PAGE} groups in the bucket at ${oldest}`);
       rows.push(...whole);
-      to = oldest;
+      to = iso(seconds(oldest) + BUCKETS[params.bucket]);
     }
   }
 
@@ -229,15 +249,14 @@
     }
     if (!quietly) setStatus("loading", "Loading…");
     try {
-      const table = allRows(tableParams(win));
-      table.catch(() => {}); // awaited below; charts come first
       const params = chartParams(view, win);
       exposed.query = params;
       const rows = await allRows(params);
       if (generation !== state.generation) return;
       state.xRange = [win.from, win.to];
       drawCharts(view, rows);
-      const tableRows = await table;
+      // After the charts: its roll-up of the whole range would slow theirs down.
+      const tableRows = await allRows(tableParams(win));
       if (generation !== state.generation) return;
       state.tableRows = tableRows;
       showFilterChoices(tableRows);
