@@ -361,13 +361,14 @@
     const signature = JSON.stringify(labels);
     if (existing && existing.signature === signature) {
       existing.setData(data);
+      showRange(existing);
       return;
     }
     if (existing) existing.destroy();
     const options = {
       width: chartWidth(box),
       height: CHART_HEIGHT,
-      scales: { x: { time: true, range: () => state.xRange } },
+      scales: { x: { time: true } },
       series: [{}, ...labels.map((label, i) => ({ label, stroke: COLORS[i % COLORS.length], width: 1.5 }))],
       axes: [{}, { size: 64 }],
       hooks: { draw: [drawn] },
@@ -375,6 +376,12 @@
     const created = new uPlot(options, data, box.querySelector("div"));
     created.signature = signature;
     exposed.charts[id] = created;
+    showRange(created);
+  }
+
+  // The whole range, also where it holds no windows; a drag still zooms in.
+  function showRange(chart) {
+    chart.setScale("x", { min: state.xRange[0], max: state.xRange[1] });
   }
 
   function drawn() {
