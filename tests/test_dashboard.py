@@ -516,7 +516,7 @@ def test_time_to_first_chart_and_page_weight_on_a_day_of_windows(browser: WebDri
             in_range = [(when, count) for _, _, when, count, _ in rows if when.timestamp() >= start]
             assert shown[0] == sorted({int(when.timestamp()) // bucket * bucket for when, _ in in_range})
             assert sum(shown[1]) == sum(count for _, count in in_range)
-            figures[view] = browser.execute_script("return window.streamlens.timings.firstChartMs")
+            figures[view] = browser.execute_script("return window.streamlens.timings")
         weight = browser.execute_script(
             """
             const entries = [...performance.getEntriesByType('navigation'),
@@ -536,12 +536,17 @@ def test_time_to_first_chart_and_page_weight_on_a_day_of_windows(browser: WebDri
         "uPlot.min.css",
     }
     total = sum(assets.values())
-    print(
-        f"\ndashboard: time to first chart after the key, 1 day x 20 route/model pairs of 1-minute windows"
-        f" ({len(rows):,} rows): {figures['range=24h&bucket=1m']:.0f} ms at bucket=1m (1,440 points),"
-        f" {figures['range=24h']:.0f} ms at the 24 h default bucket (15m); page weight {total / 1024:.1f} KiB"
-        f" uncompressed (limit {PAGE_WEIGHT_LIMIT // 1024} KiB)"
-    )
+    print(f"\ndashboard, 1 day x 20 route/model pairs of 1-minute windows ({len(rows):,} rows):")
+    for view, label in (
+        ("range=24h&bucket=1m", "bucket=1m (1,440 points)"),
+        ("range=24h", "the 24 h range's 15m"),
+    ):
+        timings = figures[view]
+        print(
+            f"  {label}: first chart {timings['firstChartMs']:.0f} ms after the key"
+            f" (rows read in {timings['readMs']:.0f} ms, charts drawn in {timings['drawMs']:.1f} ms)"
+        )
+    print(f"  page weight {total / 1024:.1f} KiB uncompressed (limit {PAGE_WEIGHT_LIMIT // 1024} KiB)")
     assert total <= PAGE_WEIGHT_LIMIT
 
 

@@ -251,10 +251,15 @@
     try {
       const params = chartParams(view, win);
       exposed.query = params;
+      const fetchStart = performance.now();
       const rows = await allRows(params);
       if (generation !== state.generation) return;
+      const drawStart = performance.now();
       state.xRange = [win.from, win.to];
       drawCharts(view, rows);
+      // Where the time goes: reading the rows, and building and drawing the charts.
+      exposed.timings.readMs = drawStart - fetchStart;
+      exposed.timings.drawMs = performance.now() - drawStart;
       // After the charts: its roll-up of the whole range would slow theirs down.
       const tableRows = await allRows(tableParams(win));
       if (generation !== state.generation) return;
