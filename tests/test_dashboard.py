@@ -88,12 +88,12 @@ def browser() -> Iterator[WebDriver]:
 
 
 @contextmanager
-def query_api(dsn: str) -> Iterator[str]:
-    """The query API with keys on, under uvicorn in a thread, on a free port."""
+def query_api(dsn: str, auth: bool = True) -> Iterator[str]:
+    """The query API (keys on unless told), under uvicorn in a thread, on a free port."""
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(Settings(postgres_dsn=dsn)),
+            create_app(Settings(postgres_dsn=dsn, auth=auth)),
             host="127.0.0.1",
             port=port,
             log_level="warning",
@@ -334,7 +334,7 @@ def test_charts_and_table_show_the_apis_numbers_for_range_bucket_filters_and_spl
         wait_loaded(browser)
         seen = assert_charts_match(browser, url, key, split="route")
         assert seen["shown"]["calls"]["labels"] == sorted(ROUTES)
-        assert seen["shown"]["latency"]["title"] == "p95 latency, ms by route"
+        assert seen["shown"]["latency"]["title"] == "p95 latency by route, ms"
         for route, column in zip(sorted(ROUTES), seen["shown"]["calls"]["data"][1:], strict=True):
             assert sum(c for c in column if c) == totals([w for w in recent if w.route == route])["requests"]
 
@@ -364,12 +364,18 @@ def test_charts_and_table_show_the_apis_numbers_for_range_bucket_filters_and_spl
         wait_loaded(browser)
         table = browser.execute_script("return window.streamlens.table")
         assert len(table) == len(ROUTES) * len(MODELS)
+        query = browser.execute_script("return window.streamlens.query")
+        daily = api_rows(url, key, {"tenant_id": "acme", "from": query["from"], "bucket": "1d"})
         for line in table:
-            chosen = totals([w for w in recent if (w.route, w.model) == (line["route"], line["model"])])
+            pair = (line["route"], line["model"])
+            chosen = totals([w for w in recent if (w.route, w.model) == pair])
             assert line["calls"] == chosen["requests"]
             assert line["error_rate"] == pytest.approx(chosen["errors"] / chosen["requests"])
             assert line["tokens"] == chosen["prompt_tokens"] + chosen["completion_tokens"]
             assert line["cost"] == pytest.approx(chosen["estimated_cost_usd"])
+            # The range's p95: the highest of its days' merged p95s (one day, unless it spans midnight).
+            p95s = [row["p95_latency_ms"] for row in daily if (row["route"], row["model"]) == pair]
+            assert line["p95"] == max(p for p in p95s if p is not None)
         # Sorted by calls, most first; a click on the header turns it round.
         calls = [line["calls"] for line in table]
         assert calls == sorted(calls, reverse=True)
@@ -593,6 +599,49 @@ def copy_windows(dsn: str, rows: list[tuple[str, str, datetime, int, list[float]
                     1,
                 )
             )
+
+
+def test_with_keys_off_it_asks_for_the_tenant_and_shows_a_custom_range(browser: WebDriver, postgres_dsn: str):
+    start = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+    windows = make_windows(start, range(-30, 0))  # 10:01 to 10:30
+    insert_windows(postgres_dsn, windows)
+    with query_api(postgres_dsn, auth=False) as url:
+        open_dashboard(browser, url, "anything")
+        message = wait(browser, lambda d: d.find_element(By.ID, "login-error").text or None, "the prompt")
+        assert message == "API keys are off on this server: type the tenant to show."
+        browser.find_element(By.ID, "tenant").send_keys("acme")
+        browser.find_element(By.ID, "open").click()
+        wait_loaded(browser, ("ok", "empty"))
+        assert browser.find_element(By.ID, "tenant-name").text == "acme"
+        # A custom range, 10:10 to 10:20, typed in the browser's own time zone.
+        select(browser, "range", "custom")
+        browser.execute_script(
+            """
+            const local = (ms) =>
+              new Date(ms - new Date(ms).getTimezoneOffset() * 60000).toISOString().slice(0, 16);
+            for (const [id, value] of [["from", arguments[0]], ["to", arguments[1]]]) {
+              const input = document.getElementById(id);
+              input.value = local(value);
+              input.dispatchEvent(new Event("change", {bubbles: true}));
+            }
+            """,
+            (start + timedelta(minutes=10)).timestamp() * 1000,
+            (start + timedelta(minutes=20)).timestamp() * 1000,
+        )
+        select(browser, "bucket", "5m")
+        wait_loaded(browser)
+        seen = assert_charts_match(browser, url, "anything", split="")
+        assert (seen["query"]["from"], seen["query"]["to"]) == (
+            "2026-03-01T10:10:00.000Z",
+            "2026-03-01T10:20:00.000Z",
+        )
+        in_range = [
+            w for w in windows if start + timedelta(minutes=10) <= w.start < start + timedelta(minutes=20)
+        ]
+        assert seen["shown"]["calls"]["data"][0] == [
+            (start + timedelta(minutes=m)).timestamp() for m in (10, 15)
+        ]
+        assert sum(seen["shown"]["calls"]["data"][1]) == totals(in_range)["requests"]
 
 
 def test_the_vendored_chart_library_is_the_pinned_npm_release():

@@ -24,7 +24,7 @@
   // group of its `split` value instead.
   const CHARTS = [
     {
-      id: "calls", title: "Calls and errors",
+      id: "calls", title: "Calls and errors", unit: "",
       series: [
         { label: "calls", value: (row) => row.requests },
         { label: "errors (not timeouts)", value: (row) => row.errors - row.timeouts },
@@ -33,32 +33,32 @@
       split: { title: "Calls", value: (row) => row.requests },
     },
     {
-      id: "latency", title: "Latency, ms",
+      id: "latency", title: "Latency", unit: "ms",
       series: [
         { label: "p50", value: (row) => row.p50_latency_ms },
         { label: "p95", value: p95 },
         { label: "p99", value: (row) => row.p99_latency_ms },
       ],
-      split: { title: "p95 latency, ms", value: p95 },
+      split: { title: "p95 latency", value: p95 },
     },
     {
-      id: "ttft", title: "Average time to first token, ms",
+      id: "ttft", title: "Average time to first token", unit: "ms",
       series: [{ label: "time to first token", value: ttft }],
-      split: { title: "Average time to first token, ms", value: ttft },
+      split: { title: "Average time to first token", value: ttft },
     },
     {
-      id: "tokens", title: "Tokens",
+      id: "tokens", title: "Tokens", unit: "",
       series: [
         { label: "prompt", value: (row) => row.prompt_tokens },
         { label: "completion", value: (row) => row.completion_tokens },
         { label: "cache read", value: (row) => row.cache_read_tokens },
       ],
-      split: { title: "Tokens (prompt + completion)", value: (row) => row.prompt_tokens + row.completion_tokens },
+      split: { title: "Prompt + completion tokens", value: (row) => row.prompt_tokens + row.completion_tokens },
     },
     {
-      id: "cost", title: "Cost, USD",
+      id: "cost", title: "Cost", unit: "USD",
       series: [{ label: "cost", value: cost }],
-      split: { title: "Cost, USD", value: cost },
+      split: { title: "Cost", value: cost },
     },
   ];
 
@@ -317,9 +317,10 @@
   // ---- charts ------------------------------------------------------------------------
 
   function chartSeries(chart, view, groups) {
-    if (!view.split) return { title: chart.title, series: chart.series };
+    const unit = chart.unit ? `, ${chart.unit}` : "";
+    if (!view.split) return { title: chart.title + unit, series: chart.series };
     return {
-      title: `${chart.split.title} by ${view.split}`,
+      title: `${chart.split.title} by ${view.split}${unit}`,
       series: groups.map((group) => ({ label: group, value: chart.split.value })),
     };
   }
