@@ -119,7 +119,7 @@ def this_minute() -> datetime:
     return now.replace(second=0, microsecond=0)
 
 
-def read_key(dsn: str, tenant: str = "acme", scope: Scope = "read") -> str:
+def new_key(dsn: str, tenant: str = "acme", scope: Scope = "read") -> str:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return create_key(conn, tenant, scope).key
 
@@ -308,7 +308,7 @@ def test_charts_and_table_show_the_apis_numbers_for_range_bucket_filters_and_spl
     old = make_windows(now, range(120, 123), seed=9)
     other_tenant = make_windows(now, range(1, 5), tenant="globex", seed=11)
     insert_windows(postgres_dsn, recent + old + other_tenant)
-    key = read_key(postgres_dsn)
+    key = new_key(postgres_dsn)
     with query_api(postgres_dsn) as url:
         open_dashboard(browser, url, key, "range=1h&bucket=5m")
         wait_loaded(browser)
@@ -411,7 +411,7 @@ def test_auto_refresh_shows_new_windows_and_revisions_without_reloading(
     now = this_minute()
     first = make_windows(now, range(2, 6))
     insert_windows(postgres_dsn, first)
-    key = read_key(postgres_dsn)
+    key = new_key(postgres_dsn)
     with query_api(postgres_dsn) as url:
         open_dashboard(browser, url, key, "range=15m&bucket=1m&refresh=5")
         wait_loaded(browser)
@@ -446,9 +446,9 @@ def test_auto_refresh_shows_new_windows_and_revisions_without_reloading(
 
 def test_refused_keys_empty_tenant_and_database_away(browser: WebDriver, postgres_dsn: str):
     insert_windows(postgres_dsn, make_windows(this_minute(), range(1, 3)))
-    ingest = read_key(postgres_dsn, scope="ingest")
-    empty_tenant = read_key(postgres_dsn, tenant="hooli")
-    key = read_key(postgres_dsn)
+    ingest = new_key(postgres_dsn, scope="ingest")
+    empty_tenant = new_key(postgres_dsn, tenant="hooli")
+    key = new_key(postgres_dsn)
     with query_api(postgres_dsn) as url:
 
         def login_error() -> str:
@@ -510,7 +510,7 @@ def test_time_to_first_chart_and_page_weight_on_a_day_of_windows(browser: WebDri
             latencies = sorted(rnd.uniform(100, 900) for _ in range(count))
             rows.append((route, model, start, count, latencies))
     copy_windows(postgres_dsn, rows)
-    key = read_key(postgres_dsn)
+    key = new_key(postgres_dsn)
     with query_api(postgres_dsn) as url:
         figures = {}
         # At bucket=1m, and at the bucket a 24 h range starts with (15m).
