@@ -2,7 +2,8 @@
 
 ``GET /v1/metrics`` reads stored windows or rolls them up (see :mod:`api.queries`);
 ``GET /health`` answers while the process runs, ``GET /ready`` while Postgres
-answers, ``GET /openapi.json`` describes all of it. ``/v1/metrics`` takes a
+answers, ``GET /openapi.json`` describes all of it, ``GET /dashboard`` draws it
+(:mod:`api.dashboard`). ``/v1/metrics`` takes a
 ``read`` API key of the tenant asked for, ``/openapi.json`` a ``read`` key of any
 tenant (:mod:`api.auth`).
 """
@@ -27,6 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from api.auth import authenticate, forbidden_tenant, open_key_store
+from api.dashboard import routes as dashboard_routes
 from api.errors import error_response, http_error, server_error
 from api.params import (
     BUCKETS,
@@ -339,6 +341,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
+            *dashboard_routes(),
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,

@@ -3,9 +3,10 @@
 Starts the local broker and Postgres (as ``just up``), then the ingestion API,
 the dataflow and the query API as child processes with short windows, sends
 generated traffic, waits until every call is counted in a closed window and
-prints the metrics per tenant, route and model, read through the query API.
+prints the metrics per tenant, route and model, read through the query API,
+and the address of the query API's dashboard with a read key to paste into it.
 The services keep running until Ctrl-C, which stops everything the demo
-started. Logs go to ``<local>/logs/``.
+started (``DEMO_EXIT=1``: right after the table). Logs go to ``<local>/logs/``.
 
 The services run with API keys on, as in production. The demo stores an
 ``ingest`` and a ``read`` key per tenant in the stack's Postgres (what
@@ -427,7 +428,9 @@ def _run_services(
         print(f"Query it yourself with {example}'s read key, per window or rolled up:")
         print(f"  curl -s {header} '{metrics_url}/v1/metrics?tenant_id={example}&limit=5'")
         print(f"  curl -s {header} '{metrics_url}/v1/metrics?tenant_id={example}&bucket=1h&group_by=model'")
-        print(f"  the API's description, with the same key: {metrics_url}/openapi.json", flush=True)
+        print(f"  the API's description, with the same key: {metrics_url}/openapi.json")
+        print(f"\nThe dashboard: {metrics_url}/dashboard")
+        print(f"  paste {example}'s read key there: {keys[example].read.key}", flush=True)
         if config.exit_after_table:
             return
         print(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
@@ -71,7 +73,6 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
     }
     env |= {
         "DEMO_LOCAL": str(local),
-        "DEMO_EXIT": "1",
         "DEMO_DURATION": "4",
         "DEMO_RATE": "25",
         "DEMO_TENANTS": str(len(TENANTS)),
@@ -94,10 +95,26 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
     watchdog.start()
     lines: list[str] = []
     refused: dict[str, int] = {}
+    served: dict[str, Any] = {}
     try:
         assert demo.stdout is not None
         for line in demo.stdout:
             lines.append(line)
+            if line.startswith("Ctrl-C stops everything"):
+                # Still serving after the table: the dashboard, with the key printed for it.
+                stdout = "".join(lines)
+                dashboard = re.search(r"^The dashboard: (http://\S+/dashboard)$", stdout, re.M)
+                pasted = re.search(rf"^  paste acme's read key there: ({KEY.pattern})$", stdout, re.M)
+                assert dashboard is not None and pasted is not None, stdout
+                served["page"] = status_without_key("GET", dashboard[1])
+                with urlopen(
+                    Request(f"{dashboard[1]}/tenant", headers={"Authorization": f"Bearer {pasted[1]}"}),
+                    timeout=5,
+                ) as response:
+                    served["tenant"] = msgspec.json.decode(response.read())
+                served["key"] = pasted[1]
+                # What Ctrl-C does; SIGINT itself may be ignored by a test run in the background.
+                demo.send_signal(signal.SIGTERM)
             if line.startswith("auth: on"):
                 # The services are ready and the traffic not yet sent: without a key, 401.
                 urls = re.search(
@@ -116,6 +133,7 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
     stdout = "".join(lines)
     assert demo.returncode == 0, stdout[-3000:] + (tmp_path / "stderr").read_text()[-3000:]
     assert refused == {"query": 401, "events": 401}, stdout
+    assert served["page"] == 200 and served["tenant"] == {"tenant_id": "acme"}, stdout
 
     sent = dict(re.findall(r"(\w+) (\d+)", stdout.split("calls per tenant:")[1].splitlines()[0]))
     assert set(sent) == set(TENANTS)
@@ -132,8 +150,10 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
     assert read_key is not None, curls
     assert "tenant_id=acme" in curls[0]
     assert all(f"Bearer {read_key[1]}'" in curl for curl in curls)
-    # Only prefixes of the ingest keys are shown.
-    assert len(KEY.findall(stdout)) == 2, stdout
+    assert served["key"] == read_key[1]
+    # Two whole keys are shown, acme's: the read key (the curl lines and the dashboard's)
+    # and the ingest key (the line for more traffic); of the others, only prefixes.
+    assert len(KEY.findall(stdout)) == 4 and len(set(KEY.findall(stdout))) == 2, stdout
 
     assert {path.name for path in (local / "logs").iterdir()} == {
         "ingestion.log",

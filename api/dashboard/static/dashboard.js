@@ -1,0 +1,585 @@
+// The StreamLens dashboard: one tenant's windows, read from /v1/metrics with a read
+// key, drawn with uPlot. The key lives in sessionStorage only: never in the URL,
+// whose fragment holds the view (range, bucket, filters, split, refresh).
+"use strict";
+
+(() => {
+  const RANGES = { "15m": 900, "1h": 3600, "6h": 6 * 3600, "24h": 86400, "7d": 7 * 86400 };
+  const BUCKETS = { "1m": 60, "5m": 300, "15m": 900, "1h": 3600, "1d": 86400 };
+  // The bucket a range starts with: from a few dozen to a few hundred points.
+  const BUCKET_FOR_RANGE = { "15m": "1m", "1h": "1m", "6h": "5m", "24h": "15m", "7d": "1h", custom: "1h" };
+  const REFRESH_SECONDS = ["5", "15", "60"];
+  const PAGE = 1000; // the query API's largest limit
+  const RETRY_SECONDS = 5; // after a 503, as the API's Retry-After says
+  const KEY_STORAGE = "streamlens.readKey";
+  const TENANT_STORAGE = "streamlens.tenant";
+  const CHART_HEIGHT = 220;
+  const COLORS = ["#2563eb", "#dc2626", "#d97706", "#059669", "#7c3aed", "#db2777", "#0891b2", "#65a30d",
+    "#9333ea", "#ea580c", "#0d9488", "#4f46e5"];
+
+  const p95 = (row) => row.p95_latency_ms;
+  const ttft = (row) => row.avg_time_to_first_token_ms;
+  const cost = (row) => row.estimated_cost_usd;
+  // What each chart plots; split by route or model, a chart draws one line per
+  // group of its `split` value instead.
+  const CHARTS = [
+    {
+      id: "calls", title: "Calls and errors", unit: "",
+      series: [
+        { label: "calls", value: (row) => row.requests },
+        { label: "errors (not timeouts)", value: (row) => row.errors - row.timeouts },
+        { label: "timeouts", value: (row) => row.timeouts },
+      ],
+      split: { title: "Calls", value: (row) => row.requests },
+    },
+    {
+      id: "latency", title: "Latency", unit: "ms",
+      series: [
+        { label: "p50", value: (row) => row.p50_latency_ms },
+        { label: "p95", value: p95 },
+        { label: "p99", value: (row) => row.p99_latency_ms },
+      ],
+      split: { title: "p95 latency", value: p95 },
+    },
+    {
+      id: "ttft", title: "Average time to first token", unit: "ms",
+      series: [{ label: "time to first token", value: ttft }],
+      split: { title: "Average time to first token", value: ttft },
+    },
+    {
+      id: "tokens", title: "Tokens", unit: "",
+      series: [
+        { label: "prompt", value: (row) => row.prompt_tokens },
+        { label: "completion", value: (row) => row.completion_tokens },
+        { label: "cache read", value: (row) => row.cache_read_tokens },
+      ],
+      split: { title: "Prompt + completion tokens", value: (row) => row.prompt_tokens + row.completion_tokens },
+    },
+    {
+      id: "cost", title: "Cost", unit: "USD",
+      series: [{ label: "cost", value: cost }],
+      split: { title: "Cost", value: cost },
+    },
+  ];
+
+  const $ = (id) => document.getElementById(id);
+
+  // What the page shows, for people and for tests: the uPlot instances (their
+  // `data` is what is plotted), the charts' query, the table as rendered, timings.
+  const exposed = { charts: {}, query: null, table: [], state: "idle", loads: 0, timings: {} };
+  window.streamlens = exposed;
+
+  const state = {
+    key: null,
+    tenant: null,
+    view: null,
+    xRange: [0, 1],
+    sort: { key: "calls", descending: true },
+    tableRows: [],
+    timer: null,
+    generation: 0,
+    loginAt: null,
+  };
+
+  class ApiError extends Error {
+    constructor(status, detail) {
+      super(detail);
+      this.status = status;
+    }
+  }
+
+  // ---- the view, kept in the URL fragment --------------------------------------------
+
+  function readView() {
+    const params = new URLSearchParams(location.hash.slice(1));
+    const wanted = params.get("range");
+    const range = wanted in RANGES || wanted === "custom" ? wanted : "1h";
+    const bucket = params.get("bucket") in BUCKETS ? params.get("bucket") : BUCKET_FOR_RANGE[range];
+    const split = ["route", "model"].includes(params.get("split")) ? params.get("split") : "";
+    const refresh = REFRESH_SECONDS.includes(params.get("refresh")) ? params.get("refresh") : "";
+    return {
+      range, bucket, split, refresh,
+      route: params.get("route") || "",
+      model: params.get("model") || "",
+      from: params.get("from") || "",
+      to: params.get("to") || "",
+    };
+  }
+
+  function writeView(view) {
+    const params = new URLSearchParams();
+    for (const [name, value] of Object.entries(view)) {
+      const custom = name === "from" || name === "to";
+      if (value && (!custom || view.range === "custom")) params.set(name, value);
+    }
+    history.replaceState(null, "", "#" + params);
+  }
+
+  function showView(view) {
+    $("range").value = view.range;
+    $("bucket").value = view.bucket;
+    $("split").value = view.split;
+    $("from").value = view.from;
+    $("to").value = view.to;
+    $("custom-range").hidden = view.range !== "custom";
+    $("auto-refresh").checked = Boolean(view.refresh);
+    if (view.refresh) $("refresh-every").value = view.refresh;
+    for (const name of ["route", "model"]) keepOption($(name), view[name]);
+  }
+
+  function viewFromControls() {
+    return {
+      range: $("range").value,
+      bucket: $("bucket").value,
+      split: $("split").value,
+      refresh: $("auto-refresh").checked ? $("refresh-every").value : "",
+      route: $("route").value,
+      model: $("model").value,
+      from: $("from").value,
+      to: $("to").value,
+    };
+  }
+
+  // Seconds since the epoch; a relative range starts on a bucket boundary, so its
+  // first bucket is whole.
+  function timeWindow(view) {
+    if (view.range === "custom") {
+      const from = Date.parse(view.from);
+      const to = Date.parse(view.to);
+      if (Number.isNaN(from) || Number.isNaN(to)) throw new Error("Custom range: enter both From and To.");
+      if (from >= to) throw new Error("Custom range: From must be before To.");
+      return { from: from / 1000, to: to / 1000, open: false };
+    }
+    const bucket = BUCKETS[view.bucket];
+    const now = Date.now() / 1000;
+    return { from: Math.floor((now - RANGES[view.range]) / bucket) * bucket, to: now, open: true };
+  }
+
+  const iso = (seconds) => new Date(seconds * 1000).toISOString();
+  const seconds = (timestamp) => Date.parse(timestamp) / 1000;
+
+  // ---- the API -----------------------------------------------------------------------
+
+  async function getJson(path, params) {
+    const url = params ? `${path}?${new URLSearchParams(params)}` : path;
+    let response;
+    try {
+      response = await fetch(url, { headers: { Authorization: `Bearer ${state.key}` }, cache: "no-store" });
+    } catch (error) {
+      throw new ApiError(0, `the query API did not answer (${error.message})`);
+    }
+    if (!response.ok) {
+      let detail = response.statusText;
+      try {
+        detail = (await response.json()).detail || detail;
+      } catch {
+        // not the API's JSON error: keep the status text
+      }
+      throw new ApiError(response.status, detail);
+    }
+    return response.json();
+  }
+
+  // Every row of a query, newest first. The range is cut at bucket boundaries into
+  // spans read side by side, each a smaller query than the whole; a span's one row
+  // per bucket fits a page, with room to tell that nothing is left.
+  async function allRows(params) {
+    const bucket = BUCKETS[params.bucket];
+    const span = (PAGE - 1) * bucket;
+    const end = params.to ? seconds(params.to) : Date.now() / 1000;
+    const reads = [];
+    let start = seconds(params.from);
+    for (let next = Math.floor(start / bucket) * bucket + span; ; next += span) {
+      // The last span ends where the range does; an open range's stays open, for
+      // windows newer than this page's clock.
+      const last = next >= end;
+      reads.push(pagedRows({ ...params, from: iso(start), to: last ? params.to : iso(next) }));
+      if (last) break;
+      start = next;
+    }
+    return (await Promise.all(reads)).reverse().flat();
+  }
+
+  // A full page may end inside a bucket: its oldest bucket is left out and read
+  // again whole by the next page, which ends where that bucket ends.
+  async function pagedRows(params) {
+    const rows = [];
+    let to = params.to;
+    for (;;) {
+      const { to: _, ...rest } = params;
+      const page = (await getJson("v1/metrics", { ...rest, ...(to ? { to } : {}), limit: PAGE })).metrics;
+      if (page.length < PAGE) return rows.concat(page);
+      const oldest = page[page.length - 1].window_start;
+      const whole = page.filter((row) => row.window_start !== oldest);
+      if (whole.length === 0) throw new ApiError(0, `more than ${PAGE} groups in the bucket at ${oldest}`);
+      rows.push(...whole);
+      to = iso(seconds(oldest) + BUCKETS[params.bucket]);
+    }
+  }
+
+  function baseParams(win) {
+    const params = { tenant_id: state.tenant, from: iso(win.from) };
+    if (!win.open) params.to = iso(win.to);
+    return params;
+  }
+
+  function chartParams(view, win) {
+    const params = { ...baseParams(win), bucket: view.bucket, group_by: view.split };
+    if (view.route) params.route = view.route;
+    if (view.model) params.model = view.model;
+    return params;
+  }
+
+  // The table and the filters' choices: every route and model of the range.
+  const tableParams = (win) => ({ ...baseParams(win), bucket: "1d", group_by: "route,model" });
+
+  // ---- loading -----------------------------------------------------------------------
+
+  // `quietly`: an auto-refresh, which keeps what is shown until the new data is in.
+  async function load(quietly = false) {
+    const generation = ++state.generation;
+    clearTimeout(state.timer);
+    const view = state.view;
+    let win;
+    try {
+      win = timeWindow(view);
+    } catch (error) {
+      setStatus("error", error.message);
+      return;
+    }
+    if (!quietly) setStatus("loading", "Loading…");
+    try {
+      const params = chartParams(view, win);
+      exposed.query = params;
+      const fetchStart = performance.now();
+      const rows = await allRows(params);
+      if (generation !== state.generation) return;
+      const drawStart = performance.now();
+      state.xRange = [win.from, win.to];
+      drawCharts(view, rows);
+      // Where the time goes: reading the rows, and building and drawing the charts.
+      exposed.timings.readMs = drawStart - fetchStart;
+      exposed.timings.drawMs = performance.now() - drawStart;
+      // After the charts: its roll-up of the whole range would slow theirs down.
+      const tableRows = await allRows(tableParams(win));
+      if (generation !== state.generation) return;
+      state.tableRows = tableRows;
+      showFilterChoices(tableRows);
+      drawTable();
+      const buckets = new Set(rows.map((row) => row.window_start)).size;
+      if (rows.length === 0) {
+        setStatus("empty", `No windows for ${state.tenant} in this range.`);
+      } else {
+        setStatus("ok", `${buckets} buckets of ${view.bucket} · updated ${new Date().toLocaleTimeString()}`);
+      }
+      exposed.loads += 1;
+      schedule(view.refresh ? Number(view.refresh) : null);
+    } catch (error) {
+      if (generation !== state.generation) return;
+      failed(error);
+    }
+  }
+
+  function failed(error) {
+    const status = error instanceof ApiError ? error.status : 0;
+    if (status === 401 || status === 403) {
+      forget();
+      showLogin(refusal(status, error.message));
+      setStatus("refused", refusal(status, error.message));
+    } else if (status === 503) {
+      setStatus("unavailable", `The metrics database did not answer (503); retrying in ${RETRY_SECONDS} s.`);
+      schedule(RETRY_SECONDS);
+    } else {
+      setStatus("error", status ? `The query API answered ${status}: ${error.message}` : error.message);
+      schedule(state.view.refresh ? Number(state.view.refresh) : null);
+    }
+  }
+
+  function refusal(status, detail) {
+    return status === 401
+      ? `The key was refused (401): ${detail}.`
+      : `This key may not read these metrics (403): ${detail}.`;
+  }
+
+  function schedule(secondsFromNow) {
+    clearTimeout(state.timer);
+    if (secondsFromNow) state.timer = setTimeout(() => load(true), secondsFromNow * 1000);
+  }
+
+  function setStatus(name, text) {
+    exposed.state = name;
+    const status = $("status");
+    status.dataset.state = name;
+    status.textContent = text;
+    $("charts").classList.toggle("empty", name === "empty");
+  }
+
+  // ---- charts ------------------------------------------------------------------------
+
+  function chartSeries(chart, view, groups) {
+    const unit = chart.unit ? `, ${chart.unit}` : "";
+    if (!view.split) return { title: chart.title + unit, series: chart.series };
+    return {
+      title: `${chart.split.title} by ${view.split}${unit}`,
+      series: groups.map((group) => ({ label: group, value: chart.split.value })),
+    };
+  }
+
+  function drawCharts(view, rows) {
+    const xs = [...new Set(rows.map((row) => seconds(row.window_start)))].sort((a, b) => a - b);
+    const at = new Map(xs.map((x, i) => [x, i]));
+    const groups = view.split ? [...new Set(rows.map((row) => row[view.split]))].sort() : [];
+    const groupIndex = new Map(groups.map((group, i) => [group, i]));
+    for (const chart of CHARTS) {
+      const { title, series } = chartSeries(chart, view, groups);
+      const columns = series.map(() => new Array(xs.length).fill(null));
+      for (const row of rows) {
+        const i = at.get(seconds(row.window_start));
+        if (view.split) {
+          const s = groupIndex.get(row[view.split]);
+          columns[s][i] = series[s].value(row);
+        } else {
+          series.forEach((one, s) => { columns[s][i] = one.value(row); });
+        }
+      }
+      plot(chart.id, title, series.map((one) => one.label), [xs, ...columns]);
+    }
+  }
+
+  function chartBox(id) {
+    let box = document.querySelector(`.chart[data-chart="${id}"]`);
+    if (!box) {
+      box = document.createElement("div");
+      box.className = "chart";
+      box.dataset.chart = id;
+      box.append(document.createElement("h3"), document.createElement("div"));
+      $("charts").append(box);
+    }
+    return box;
+  }
+
+  const chartWidth = (box) => Math.max(box.clientWidth - 16, 200);
+
+  function plot(id, title, labels, data) {
+    const box = chartBox(id);
+    box.querySelector("h3").textContent = title;
+    const existing = exposed.charts[id];
+    const signature = JSON.stringify(labels);
+    if (existing && existing.signature === signature) {
+      existing.setData(data);
+      showRange(existing);
+      return;
+    }
+    if (existing) existing.destroy();
+    const options = {
+      width: chartWidth(box),
+      height: CHART_HEIGHT,
+      scales: { x: { time: true } },
+      series: [{}, ...labels.map((label, i) => ({ label, stroke: COLORS[i % COLORS.length], width: 1.5 }))],
+      axes: [{}, { size: 64 }],
+      hooks: { draw: [drawn] },
+    };
+    const created = new uPlot(options, data, box.querySelector("div"));
+    created.signature = signature;
+    exposed.charts[id] = created;
+    showRange(created);
+  }
+
+  // The whole range, also where it holds no windows; a drag still zooms in.
+  function showRange(chart) {
+    chart.setScale("x", { min: state.xRange[0], max: state.xRange[1] });
+  }
+
+  function drawn() {
+    if (state.loginAt !== null && exposed.timings.firstChartMs === undefined) {
+      exposed.timings.firstChartMs = performance.now() - state.loginAt;
+    }
+  }
+
+  // ---- the table and the filters' choices --------------------------------------------
+
+  function drawTable() {
+    const view = state.view;
+    const merged = new Map();
+    for (const row of state.tableRows) {
+      if ((view.route && row.route !== view.route) || (view.model && row.model !== view.model)) continue;
+      const key = JSON.stringify([row.route, row.model]);
+      const line = merged.get(key) || { route: row.route, model: row.model, calls: 0, errors: 0, p95: null,
+        tokens: 0, cost: 0 };
+      line.calls += row.requests;
+      line.errors += row.errors;
+      if (row.p95_latency_ms !== null) line.p95 = Math.max(line.p95 ?? -Infinity, row.p95_latency_ms);
+      line.tokens += row.prompt_tokens + row.completion_tokens;
+      line.cost += row.estimated_cost_usd;
+      merged.set(key, line);
+    }
+    const lines = [...merged.values()];
+    for (const line of lines) line.error_rate = line.calls ? line.errors / line.calls : 0;
+    const { key, descending } = state.sort;
+    lines.sort((a, b) => {
+      const [x, y] = descending ? [b[key], a[key]] : [a[key], b[key]];
+      if (x === y) return a.route < b.route ? -1 : a.route > b.route ? 1 : a.model < b.model ? -1 : 1;
+      if (x === null) return 1;
+      if (y === null) return -1;
+      return x < y ? -1 : 1;
+    });
+    const body = $("table").tBodies[0];
+    body.replaceChildren(...lines.map((line) => {
+      const tr = document.createElement("tr");
+      const cells = [
+        [line.route, ""], [line.model, ""],
+        [line.calls.toLocaleString(), "num"],
+        [`${(100 * line.error_rate).toFixed(1)} %`, "num"],
+        [line.p95 === null ? "–" : line.p95.toFixed(0), "num"],
+        [line.tokens.toLocaleString(), "num"],
+        [line.cost.toFixed(4), "num"],
+      ];
+      for (const [text, className] of cells) {
+        const td = document.createElement("td");
+        td.textContent = text;
+        td.className = className;
+        tr.append(td);
+      }
+      return tr;
+    }));
+    for (const th of $("table").tHead.rows[0].cells) {
+      th.setAttribute("aria-sort", th.dataset.key === key ? (descending ? "descending" : "ascending") : "none");
+    }
+    exposed.table = lines;
+  }
+
+  // A chosen value stays a choice even when the range holds none of it.
+  function keepOption(select, value) {
+    if (value && ![...select.options].some((option) => option.value === value)) {
+      select.append(new Option(value, value));
+    }
+    select.value = value;
+  }
+
+  function showFilterChoices(tableRows) {
+    for (const name of ["route", "model"]) {
+      const select = $(name);
+      const values = [...new Set(tableRows.map((row) => row[name]))].sort();
+      select.replaceChildren(new Option("all", ""), ...values.map((value) => new Option(value, value)));
+      keepOption(select, state.view[name]);
+    }
+  }
+
+  // ---- the key -----------------------------------------------------------------------
+
+  function showLogin(message) {
+    $("board").hidden = true;
+    $("tenant-name").hidden = true;
+    $("forget-key").hidden = true;
+    $("login").hidden = false;
+    const error = $("login-error");
+    error.textContent = message || "";
+    error.hidden = !message;
+    $("key").focus();
+  }
+
+  function forget() {
+    clearTimeout(state.timer);
+    state.generation += 1;
+    state.key = null;
+    state.tenant = null;
+    sessionStorage.removeItem(KEY_STORAGE);
+    sessionStorage.removeItem(TENANT_STORAGE);
+  }
+
+  async function open(key, typedTenant) {
+    state.key = key;
+    state.loginAt = performance.now();
+    let who;
+    try {
+      who = await getJson("dashboard/tenant");
+    } catch (error) {
+      forget();
+      const status = error instanceof ApiError ? error.status : 0;
+      exposed.state = status === 401 || status === 403 ? "refused" : "unavailable";
+      showLogin(
+        status === 401 || status === 403
+          ? refusal(status, error.message)
+          : `The key could not be checked: ${error.message} (${status || "no answer"}). Try again shortly.`,
+      );
+      return;
+    }
+    let tenant = who.tenant_id;
+    if (tenant === null) {
+      // AUTH=off: any tenant may be read, so the page has to be told which.
+      $("tenant-field").hidden = false;
+      if (!typedTenant) {
+        showLogin("API keys are off on this server: type the tenant to show.");
+        return;
+      }
+      tenant = typedTenant;
+      sessionStorage.setItem(TENANT_STORAGE, tenant);
+    }
+    state.tenant = tenant;
+    sessionStorage.setItem(KEY_STORAGE, key);
+    $("login").hidden = true;
+    $("board").hidden = false;
+    $("tenant-name").textContent = tenant;
+    $("tenant-name").hidden = false;
+    $("forget-key").hidden = false;
+    await load();
+  }
+
+  // ---- wiring ------------------------------------------------------------------------
+
+  function changed(event) {
+    if (event.target.id === "range") {
+      const range = $("range").value;
+      $("bucket").value = BUCKET_FOR_RANGE[range];
+      if (range === "custom" && !$("from").value) {
+        const local = (ms) => new Date(ms - new Date(ms).getTimezoneOffset() * 60000).toISOString().slice(0, 16);
+        $("to").value = local(Date.now());
+        $("from").value = local(Date.now() - 86400000);
+      }
+      $("custom-range").hidden = range !== "custom";
+    }
+    state.view = viewFromControls();
+    writeView(state.view);
+    if (event.target.id === "auto-refresh" || event.target.id === "refresh-every") {
+      schedule(state.view.refresh ? Number(state.view.refresh) : null);
+    } else {
+      load();
+    }
+  }
+
+  function start() {
+    state.view = readView();
+    showView(state.view);
+    $("controls").addEventListener("change", changed);
+    $("controls").addEventListener("submit", (event) => event.preventDefault());
+    $("refresh").addEventListener("click", () => load());
+    $("login").addEventListener("submit", (event) => {
+      event.preventDefault();
+      open($("key").value.trim(), $("tenant").value.trim());
+    });
+    $("forget-key").addEventListener("click", () => {
+      forget();
+      showLogin("");
+    });
+    for (const th of $("table").tHead.rows[0].cells) {
+      th.addEventListener("click", () => {
+        const key = th.dataset.key;
+        state.sort = { key, descending: state.sort.key === key ? !state.sort.descending : key !== "route" && key !== "model" };
+        drawTable();
+      });
+    }
+    window.addEventListener("resize", () => {
+      for (const [id, chart] of Object.entries(exposed.charts)) {
+        chart.setSize({ width: chartWidth(chartBox(id)), height: CHART_HEIGHT });
+      }
+    });
+    const saved = sessionStorage.getItem(KEY_STORAGE);
+    if (saved) {
+      open(saved, sessionStorage.getItem(TENANT_STORAGE) || "");
+    } else {
+      showLogin("");
+    }
+  }
+
+  start();
+})();

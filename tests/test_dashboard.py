@@ -1,0 +1,663 @@
+"""The built-in dashboard in a real headless Chromium against a running query API.
+
+The page is driven as a person would (key typed in, controls changed); what the
+charts plot is read from the uPlot instances the page exposes, and compared
+with the query API's own answer for the same query, which in turn is checked
+against sums computed here from the windows written to Postgres.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+from fastdigest import TDigest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.select import Select
+from selenium.webdriver.support.wait import WebDriverWait
+
+from api.auth import Scope
+from api.dashboard import STATIC
+from api.keys import create_key
+from api.metrics import create_app
+from api.params import BUCKETS
+from dataflows.sinks import UPSERT_SQL, values_of
+from dataflows.windows import WindowRow
+from deploy.stack import free_port
+from schemas.config import Settings
+from schemas.metrics import MetricsRow
+from tests.test_metrics_api import Window, insert_windows, random_calls, rfc3339
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+INSTALL_HINT = (
+    "the dashboard tests need Chromium and its WebDriver: on Debian/Ubuntu "
+    "`apt-get install chromium chromium-driver` (.ci/run installs them)"
+)
+PAGE_WEIGHT_LIMIT = 300 * 1024
+WAIT_SECONDS = 20.0
+ROUTES = ("/chat", "/search")
+MODELS = ("gpt-4o", "claude-sonnet-4-5")
+
+
+def _browser_paths() -> tuple[str, str]:
+    browser = next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        missing = ", ".join(
+            name for name, path in (("chromium", browser), ("chromedriver", driver)) if not path
+        )
+        pytest.fail(f"{missing} not found: {INSTALL_HINT}", pytrace=False)
+    return browser, driver
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    binary, driver_path = _browser_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1400,1000")
+    # The driver given: nothing is downloaded.
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    # Every page load fetches every asset, so its weight is seen whole.
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": True})
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@contextmanager
+def query_api(dsn: str, auth: bool = True) -> Iterator[str]:
+    """The query API (keys on unless told), under uvicorn in a thread, on a free port."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(Settings(postgres_dsn=dsn, auth=auth)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive(), "the query API failed to start"
+        assert time.monotonic() < deadline, "the query API did not start in 30 s"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def this_minute() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(second=0, microsecond=0)
+
+
+def new_key(dsn: str, tenant: str = "acme", scope: Scope = "read") -> str:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return create_key(conn, tenant, scope).key
+
+
+def wait(browser: WebDriver, condition: Any, what: str, timeout: float = WAIT_SECONDS) -> Any:
+    try:
+        return WebDriverWait(browser, timeout, poll_frequency=0.05).until(lambda driver: condition(driver))
+    except TimeoutException:
+        state = browser.execute_script(
+            "return [window.streamlens && window.streamlens.state, document.body.innerText]"
+        )
+        raise AssertionError(
+            f"timed out waiting for {what}; page state {state[0]!r}:\n{state[1][:2000]}"
+        ) from None
+
+
+def page_state(browser: WebDriver) -> str:
+    return browser.execute_script("return window.streamlens.state")
+
+
+def open_dashboard(browser: WebDriver, url: str, key: str, view: str = "") -> None:
+    """A fresh page of the dashboard at ``view`` (its fragment), the key typed in."""
+    # Another page of the same origin, to forget a key the session may hold.
+    browser.get(f"{url}/health")
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(f"{url}/dashboard#{view}")
+    key_input = wait(
+        browser,
+        lambda d: d.find_element(By.ID, "key") if d.find_element(By.ID, "key").is_displayed() else None,
+        "the key field",
+    )
+    key_input.send_keys(key)
+    browser.find_element(By.ID, "open").click()
+
+
+def wait_loaded(browser: WebDriver, states: tuple[str, ...] = ("ok",)) -> None:
+    wait(browser, lambda d: page_state(d) in states, f"state {' or '.join(states)}")
+
+
+def plotted(browser: WebDriver) -> dict[str, dict[str, Any]]:
+    """Each chart's title, series labels and plotted data, read from its uPlot instance."""
+    return browser.execute_script(
+        """
+        const out = {};
+        for (const [id, u] of Object.entries(window.streamlens.charts)) {
+          out[id] = {
+            title: u.root.closest('.chart').querySelector('h3').textContent,
+            labels: u.series.slice(1).map((s) => s.label),
+            data: u.data.map((column) => Array.from(column)),
+          };
+        }
+        return out;
+        """
+    )
+
+
+def api_rows(url: str, key: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every row of a query, straight from the API, in pages of 1,000 as any client would."""
+    rows: list[dict[str, Any]] = []
+    to = params.get("to")
+    while True:
+        query = {**params, "limit": 1000} | ({"to": to} if to else {})
+        response = httpx.get(f"{url}/v1/metrics", params=query, headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 200, response.text
+        page = response.json()["metrics"]
+        if len(page) < 1000:
+            return rows + page
+        # The oldest bucket may be cut short by the limit: read it again whole.
+        oldest = page[-1]["window_start"]
+        rows += [row for row in page if row["window_start"] != oldest]
+        to = rfc3339(datetime.fromisoformat(oldest) + timedelta(seconds=BUCKETS[params["bucket"]]))
+
+
+def epoch(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+# The charts as the dashboard is meant to draw them, written out here on their own.
+CHART_SERIES: dict[str, list[tuple[str, Any]]] = {
+    "calls": [
+        ("calls", lambda r: r["requests"]),
+        ("errors (not timeouts)", lambda r: r["errors"] - r["timeouts"]),
+        ("timeouts", lambda r: r["timeouts"]),
+    ],
+    "latency": [
+        ("p50", lambda r: r["p50_latency_ms"]),
+        ("p95", lambda r: r["p95_latency_ms"]),
+        ("p99", lambda r: r["p99_latency_ms"]),
+    ],
+    "ttft": [("time to first token", lambda r: r["avg_time_to_first_token_ms"])],
+    "tokens": [
+        ("prompt", lambda r: r["prompt_tokens"]),
+        ("completion", lambda r: r["completion_tokens"]),
+        ("cache read", lambda r: r["cache_read_tokens"]),
+    ],
+    "cost": [("cost", lambda r: r["estimated_cost_usd"])],
+}
+SPLIT_VALUE: dict[str, Any] = {
+    "calls": lambda r: r["requests"],
+    "latency": lambda r: r["p95_latency_ms"],
+    "ttft": lambda r: r["avg_time_to_first_token_ms"],
+    "tokens": lambda r: r["prompt_tokens"] + r["completion_tokens"],
+    "cost": lambda r: r["estimated_cost_usd"],
+}
+
+
+def expected_charts(rows: list[dict[str, Any]], split: str) -> dict[str, dict[str, Any]]:
+    xs = sorted({epoch(row["window_start"]) for row in rows})
+    position = {x: i for i, x in enumerate(xs)}
+    charts = {}
+    for chart, series in CHART_SERIES.items():
+        if split:
+            labels = sorted({row[split] for row in rows})
+            columns = {label: [None] * len(xs) for label in labels}
+            for row in rows:
+                columns[row[split]][position[epoch(row["window_start"])]] = SPLIT_VALUE[chart](row)
+        else:
+            labels = [label for label, _ in series]
+            columns = {label: [None] * len(xs) for label in labels}
+            for row in rows:
+                for label, value in series:
+                    columns[label][position[epoch(row["window_start"])]] = value(row)
+        charts[chart] = {"labels": labels, "data": [xs, *(columns[label] for label in labels)]}
+    return charts
+
+
+def assert_charts_match(browser: WebDriver, url: str, key: str, split: str) -> dict[str, Any]:
+    """The plotted data equals the API's answer to the page's own query; that query returned."""
+    query = browser.execute_script("return window.streamlens.query")
+    assert query["group_by"] == split
+    rows = api_rows(url, key, query)
+    expected = expected_charts(rows, split)
+    shown = plotted(browser)
+    assert set(shown) == set(expected)
+    for chart, want in expected.items():
+        assert shown[chart]["labels"] == want["labels"], chart
+        got = shown[chart]["data"]
+        assert got[0] == want["data"][0], chart
+        for label, got_column, want_column in zip(want["labels"], got[1:], want["data"][1:], strict=True):
+            assert len(got_column) == len(want_column), (chart, label)
+            for got_value, want_value in zip(got_column, want_column, strict=True):
+                # None is a bucket without a value (no window, or no latency in it).
+                assert got_value == want_value or (
+                    None not in (got_value, want_value) and math.isclose(got_value, want_value, rel_tol=1e-12)
+                ), (chart, label, got_column, want_column)
+    return {"query": query, "rows": rows, "shown": shown}
+
+
+def select(browser: WebDriver, element_id: str, value: str) -> None:
+    Select(browser.find_element(By.ID, element_id)).select_by_value(value)
+
+
+def make_windows(start: datetime, minutes: range, tenant: str = "acme", seed: int = 5) -> list[Window]:
+    rnd = random.Random(seed)
+    return [
+        Window(
+            tenant, route, model, start - minute * timedelta(minutes=1), random_calls(rnd, rnd.randint(1, 12))
+        )
+        for minute in minutes
+        for route in ROUTES
+        for model in MODELS
+    ]
+
+
+def totals(windows: list[Window]) -> dict[str, float]:
+    values = [w.column_values() for w in windows]
+    return {
+        name: sum(v[name] for v in values)
+        for name in (
+            "requests",
+            "errors",
+            "timeouts",
+            "prompt_tokens",
+            "completion_tokens",
+            "estimated_cost_usd",
+        )
+    }
+
+
+def test_charts_and_table_show_the_apis_numbers_for_range_bucket_filters_and_split(
+    browser: WebDriver, postgres_dsn: str
+):
+    now = this_minute()
+    recent = make_windows(now, range(1, 41))
+    # Two hours back: outside the last hour the page is asked for.
+    old = make_windows(now, range(120, 123), seed=9)
+    other_tenant = make_windows(now, range(1, 5), tenant="globex", seed=11)
+    insert_windows(postgres_dsn, recent + old + other_tenant)
+    key = new_key(postgres_dsn)
+    with query_api(postgres_dsn) as url:
+        open_dashboard(browser, url, key, "range=1h&bucket=5m")
+        wait_loaded(browser)
+        assert browser.find_element(By.ID, "tenant-name").text == "acme"
+        # The key is in the session's storage, never in the address.
+        assert key not in browser.current_url
+        assert browser.execute_script("return sessionStorage.getItem('streamlens.readKey')") == key
+
+        seen = assert_charts_match(browser, url, key, split="")
+        query = seen["query"]
+        assert query["bucket"] == "5m" and query["tenant_id"] == "acme"
+        start = epoch(query["from"])
+        # The last hour, from a bucket boundary.
+        assert start % 300 == 0 and 3600 <= time.time() - start < 3600 + 300 + 60
+        # What the API said is what the windows hold: the recent ones, not the old ones.
+        assert sum(seen["shown"]["calls"]["data"][1]) == totals(recent)["requests"]
+        assert sum(seen["shown"]["calls"]["data"][3]) == totals(recent)["timeouts"]
+        assert sum(seen["shown"]["tokens"]["data"][1]) == totals(recent)["prompt_tokens"]
+        assert all(x >= start for x in seen["shown"]["calls"]["data"][0])
+
+        # Split by route: one line per route.
+        select(browser, "split", "route")
+        wait_loaded(browser)
+        seen = assert_charts_match(browser, url, key, split="route")
+        assert seen["shown"]["calls"]["labels"] == sorted(ROUTES)
+        assert seen["shown"]["latency"]["title"] == "p95 latency by route, ms"
+        for route, column in zip(sorted(ROUTES), seen["shown"]["calls"]["data"][1:], strict=True):
+            assert sum(c for c in column if c) == totals([w for w in recent if w.route == route])["requests"]
+
+        # One route, split by model; then a bucket of 1 minute.
+        select(browser, "route", "/search")
+        wait_loaded(browser)
+        select(browser, "split", "model")
+        wait_loaded(browser)
+        seen = assert_charts_match(browser, url, key, split="model")
+        assert seen["query"]["route"] == "/search"
+        assert seen["shown"]["cost"]["labels"] == sorted(MODELS)
+        for model, column in zip(sorted(MODELS), seen["shown"]["cost"]["data"][1:], strict=True):
+            chosen = [w for w in recent if w.route == "/search" and w.model == model]
+            assert sum(c for c in column if c) == pytest.approx(totals(chosen)["estimated_cost_usd"])
+        select(browser, "bucket", "1m")
+        wait_loaded(browser)
+        seen = assert_charts_match(browser, url, key, split="model")
+        assert len(seen["shown"]["calls"]["data"][0]) == 40
+        # The view is in the address (the key is not): a reload shows the same.
+        assert "route=%2Fsearch" in browser.current_url and "split=model" in browser.current_url
+
+        # The table: routes x models over the range, filtered by the chosen route.
+        table = browser.execute_script("return window.streamlens.table")
+        assert {(line["route"], line["model"]) for line in table} == {("/search", m) for m in MODELS}
+        select(browser, "route", "")
+        select(browser, "split", "")
+        wait_loaded(browser)
+        table = browser.execute_script("return window.streamlens.table")
+        assert len(table) == len(ROUTES) * len(MODELS)
+        query = browser.execute_script("return window.streamlens.query")
+        daily = api_rows(url, key, {"tenant_id": "acme", "from": query["from"], "bucket": "1d"})
+        for line in table:
+            pair = (line["route"], line["model"])
+            chosen = totals([w for w in recent if (w.route, w.model) == pair])
+            assert line["calls"] == chosen["requests"]
+            assert line["error_rate"] == pytest.approx(chosen["errors"] / chosen["requests"])
+            assert line["tokens"] == chosen["prompt_tokens"] + chosen["completion_tokens"]
+            assert line["cost"] == pytest.approx(chosen["estimated_cost_usd"])
+            # The range's p95: the highest of its days' merged p95s (one day, unless it spans midnight).
+            p95s = [row["p95_latency_ms"] for row in daily if (row["route"], row["model"]) == pair]
+            assert line["p95"] == max(p for p in p95s if p is not None)
+        # Sorted by calls, most first; a click on the header turns it round.
+        calls = [line["calls"] for line in table]
+        assert calls == sorted(calls, reverse=True)
+        browser.find_element(By.CSS_SELECTOR, "th[data-key=calls]").click()
+        ascending = [line["calls"] for line in browser.execute_script("return window.streamlens.table")]
+        assert ascending == sorted(calls)
+        rendered = [
+            row.find_elements(By.TAG_NAME, "td")[2].text.replace(",", "")
+            for row in browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")
+        ]
+        assert rendered == [str(count) for count in ascending]
+
+
+def upsert(dsn: str, window: Window) -> None:
+    """A window as the dataflow writes it: the sink's own upsert, with its revision rule."""
+    values = window.column_values()
+    digest = values.pop("latency_digest")
+    ttft_count = values.pop("ttft_count")
+    row = WindowRow(row=MetricsRow(**values), digest=digest, ttft_count=ttft_count)
+    with psycopg.connect(dsn) as conn:
+        conn.execute(UPSERT_SQL, values_of(row))
+
+
+def calls_at(browser: WebDriver, moment: datetime) -> float | None:
+    data = plotted(browser)["calls"]["data"]
+    x = moment.timestamp()
+    return data[1][data[0].index(x)] if x in data[0] else None
+
+
+def test_auto_refresh_shows_new_windows_and_revisions_without_reloading(
+    browser: WebDriver, postgres_dsn: str
+):
+    now = this_minute()
+    first = make_windows(now, range(2, 6))
+    insert_windows(postgres_dsn, first)
+    key = new_key(postgres_dsn)
+    with query_api(postgres_dsn) as url:
+        open_dashboard(browser, url, key, "range=15m&bucket=1m&refresh=5")
+        wait_loaded(browser)
+        assert browser.find_element(By.ID, "auto-refresh").is_selected()
+        browser.execute_script("window.notReloaded = true")
+        target = now - timedelta(minutes=3)
+        before = sum(w.column_values()["requests"] for w in first if w.start == target)
+        assert calls_at(browser, target) == before
+        assert calls_at(browser, now - timedelta(minutes=1)) is None
+
+        # A late call revises one window (revision 2, one call more), and a new window closes.
+        revised = next(w for w in first if w.start == target)
+        revised.calls = [*revised.calls, *random_calls(random.Random(3), 1, timeout_share=0.0)]
+        revised.revision = 2
+        upsert(postgres_dsn, revised)
+        newest = make_windows(now, range(1, 2), seed=21)
+        for window in newest:
+            upsert(postgres_dsn, window)
+        wait(browser, lambda d: calls_at(d, target) == before + 1, "the revised window")
+        wait(
+            browser,
+            lambda d: calls_at(d, now - timedelta(minutes=1)) == totals(newest)["requests"],
+            "the new window",
+        )
+        assert browser.execute_script("return window.notReloaded") is True
+        assert_charts_match(browser, url, key, split="")
+
+        # Turned off, it is off in the address too.
+        browser.find_element(By.ID, "auto-refresh").click()
+        assert "refresh=" not in browser.current_url
+
+
+def test_refused_keys_empty_tenant_and_database_away(browser: WebDriver, postgres_dsn: str):
+    insert_windows(postgres_dsn, make_windows(this_minute(), range(1, 3)))
+    ingest = new_key(postgres_dsn, scope="ingest")
+    empty_tenant = new_key(postgres_dsn, tenant="hooli")
+    key = new_key(postgres_dsn)
+    with query_api(postgres_dsn) as url:
+
+        def login_error() -> str:
+            return wait(
+                browser,
+                lambda d: d.find_element(By.ID, "login-error").text or None,
+                "the login error",
+            )
+
+        open_dashboard(browser, url, "sl_nosuchk_" + "x" * 43)
+        assert login_error().startswith("The key was refused (401)")
+        assert page_state(browser) == "refused"
+        assert not browser.find_element(By.ID, "board").is_displayed()
+        assert browser.execute_script("return sessionStorage.getItem('streamlens.readKey')") is None
+
+        open_dashboard(browser, url, ingest)
+        assert login_error().startswith("This key may not read these metrics (403)")
+        assert "scope 'ingest'" in login_error()
+
+        open_dashboard(browser, url, empty_tenant)
+        wait_loaded(browser, ("empty",))
+        assert browser.find_element(By.ID, "status").text == "No windows for hooli in this range."
+        assert browser.find_element(By.ID, "tenant-name").text == "hooli"
+        assert not browser.find_element(By.ID, "charts").is_displayed()
+
+        # The database goes away while the page is open, then comes back.
+        browser.execute_script("sessionStorage.clear()")
+        open_dashboard(browser, url, key)
+        wait_loaded(browser)
+        database = postgres_dsn.rsplit("/", 1)[1]
+        admin = postgres_dsn.rsplit("/", 1)[0] + "/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false')
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,)
+            )
+            try:
+                browser.find_element(By.ID, "refresh").click()
+                wait_loaded(browser, ("unavailable",))
+                assert "(503)" in browser.find_element(By.ID, "status").text
+                # What was drawn stays on screen.
+                assert plotted(browser)["calls"]["data"][0]
+            finally:
+                conn.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
+        # It retries on its own and recovers.
+        wait_loaded(browser)
+
+
+def test_time_to_first_chart_and_page_weight_on_a_day_of_windows(browser: WebDriver, postgres_dsn: str):
+    """1 day of 1-minute windows for 20 route/model pairs; the figures are printed."""
+    now = this_minute()
+    pairs = [(f"/route-{r}", f"model-{m}") for r in range(5) for m in range(4)]
+    rows = []
+    rnd = random.Random(1)
+    for minute in range(1, 1441):
+        start = now - timedelta(minutes=minute)
+        for route, model in pairs:
+            count = rnd.randint(1, 4)
+            latencies = sorted(rnd.uniform(100, 900) for _ in range(count))
+            rows.append((route, model, start, count, latencies))
+    copy_windows(postgres_dsn, rows)
+    key = new_key(postgres_dsn)
+    with query_api(postgres_dsn) as url:
+        figures = {}
+        # At bucket=1m, and at the bucket a 24 h range starts with (15m).
+        for view, bucket in (("range=24h&bucket=1m", 60), ("range=24h", 900)):
+            open_dashboard(browser, url, key, view)
+            wait_loaded(browser)
+            shown = plotted(browser)["calls"]["data"]
+            start = epoch(browser.execute_script("return window.streamlens.query.from"))
+            in_range = [(when, count) for _, _, when, count, _ in rows if when.timestamp() >= start]
+            assert shown[0] == sorted({int(when.timestamp()) // bucket * bucket for when, _ in in_range})
+            assert sum(shown[1]) == sum(count for _, count in in_range)
+            figures[view] = browser.execute_script("return window.streamlens.timings")
+        weight = browser.execute_script(
+            """
+            const entries = [...performance.getEntriesByType('navigation'),
+                             ...performance.getEntriesByType('resource')];
+            return entries.filter((e) => e.initiatorType !== 'fetch')
+                          .map((e) => [e.name, e.decodedBodySize]);
+            """
+        )
+    assets = {re.split(r"[?#]", name)[0]: size for name, size in weight}
+    # Everything comes from the query API itself: the page works offline.
+    assert all(name.startswith(url) for name in assets), assets
+    assert {Path(name).name for name in assets} >= {
+        "dashboard",
+        "dashboard.js",
+        "dashboard.css",
+        "uPlot.iife.min.js",
+        "uPlot.min.css",
+    }
+    total = sum(assets.values())
+    print(f"\ndashboard, 1 day x 20 route/model pairs of 1-minute windows ({len(rows):,} rows):")
+    for view, label in (
+        ("range=24h&bucket=1m", "bucket=1m (1,440 points)"),
+        ("range=24h", "the 24 h range's 15m"),
+    ):
+        timings = figures[view]
+        print(
+            f"  {label}: first chart {timings['firstChartMs']:.0f} ms after the key"
+            f" (rows read in {timings['readMs']:.0f} ms, charts drawn in {timings['drawMs']:.1f} ms)"
+        )
+    print(f"  page weight {total / 1024:.1f} KiB uncompressed (limit {PAGE_WEIGHT_LIMIT // 1024} KiB)")
+    assert total <= PAGE_WEIGHT_LIMIT
+
+
+def copy_windows(dsn: str, rows: list[tuple[str, str, datetime, int, list[float]]]) -> None:
+    """Many small windows at once, by COPY: every call answered, 100 prompt and 10 completion tokens."""
+    columns = (
+        "tenant_id, route, model, window_start, window_end, requests, errors, timeouts, avg_latency_ms, "
+        "p50_latency_ms, p95_latency_ms, p99_latency_ms, avg_time_to_first_token_ms, ttft_count, "
+        "prompt_tokens, completion_tokens, cache_read_tokens, reasoning_tokens, avg_prompt_tokens, "
+        "avg_completion_tokens, estimated_cost_usd, unpriced_requests, latency_digest, revision"
+    )
+    with (
+        psycopg.connect(dsn) as conn,
+        conn.cursor() as cursor,
+        cursor.copy(f"COPY llm_metrics ({columns}) FROM STDIN") as copy,
+    ):
+        for route, model, start, count, latencies in rows:
+            digest = TDigest.from_values(latencies)
+            copy.write_row(
+                (
+                    "acme",
+                    route,
+                    model,
+                    start,
+                    start + timedelta(minutes=1),
+                    count,
+                    0,
+                    0,
+                    sum(latencies) / count,
+                    digest.quantile(0.5),
+                    digest.quantile(0.95),
+                    digest.quantile(0.99),
+                    None,
+                    0,
+                    100 * count,
+                    10 * count,
+                    0,
+                    0,
+                    100.0,
+                    10.0,
+                    0.001 * count,
+                    0,
+                    digest.to_bytes(),
+                    1,
+                )
+            )
+
+
+def test_with_keys_off_it_asks_for_the_tenant_and_shows_a_custom_range(browser: WebDriver, postgres_dsn: str):
+    start = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+    windows = make_windows(start, range(-30, 0))  # 10:01 to 10:30
+    insert_windows(postgres_dsn, windows)
+    with query_api(postgres_dsn, auth=False) as url:
+        open_dashboard(browser, url, "anything")
+        message = wait(browser, lambda d: d.find_element(By.ID, "login-error").text or None, "the prompt")
+        assert message == "API keys are off on this server: type the tenant to show."
+        browser.find_element(By.ID, "tenant").send_keys("acme")
+        browser.find_element(By.ID, "open").click()
+        wait_loaded(browser, ("ok", "empty"))
+        assert browser.find_element(By.ID, "tenant-name").text == "acme"
+        # A custom range, 10:10 to 10:20, typed in the browser's own time zone.
+        select(browser, "range", "custom")
+        browser.execute_script(
+            """
+            const local = (ms) =>
+              new Date(ms - new Date(ms).getTimezoneOffset() * 60000).toISOString().slice(0, 16);
+            for (const [id, value] of [["from", arguments[0]], ["to", arguments[1]]]) {
+              const input = document.getElementById(id);
+              input.value = local(value);
+              input.dispatchEvent(new Event("change", {bubbles: true}));
+            }
+            """,
+            (start + timedelta(minutes=10)).timestamp() * 1000,
+            (start + timedelta(minutes=20)).timestamp() * 1000,
+        )
+        select(browser, "bucket", "5m")
+        wait_loaded(browser)
+        seen = assert_charts_match(browser, url, "anything", split="")
+        assert (seen["query"]["from"], seen["query"]["to"]) == (
+            "2026-03-01T10:10:00.000Z",
+            "2026-03-01T10:20:00.000Z",
+        )
+        in_range = [
+            w for w in windows if start + timedelta(minutes=10) <= w.start < start + timedelta(minutes=20)
+        ]
+        assert seen["shown"]["calls"]["data"][0] == [
+            (start + timedelta(minutes=m)).timestamp() for m in (10, 15)
+        ]
+        assert sum(seen["shown"]["calls"]["data"][1]) == totals(in_range)["requests"]
+
+
+def test_the_vendored_chart_library_is_the_pinned_npm_release():
+    lock = json.loads((STATIC.parent / "package-lock.json").read_text())
+    version = lock["packages"]["node_modules/uplot"]["version"]
+    assert json.loads((STATIC.parent / "package.json").read_text())["dependencies"]["uplot"] == version
+    header = (STATIC / "vendor" / "uPlot.iife.min.js").read_text()[:200]
+    assert re.search(rf"uPlot \(v{re.escape(version)}\)", header), header
+    assert "MIT" in (STATIC / "vendor" / "uPlot.LICENSE").read_text()
+
+
+def test_the_page_is_open_its_data_is_not(postgres_dsn: str):
+    with query_api(postgres_dsn) as url:
+        page = httpx.get(f"{url}/dashboard")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        for asset in re.findall(r'(?:src|href)="([^"]+)"', page.text):
+            assert httpx.get(f"{url}/{asset}").status_code == 200, asset
+        assert httpx.get(f"{url}/dashboard/tenant").status_code == 401

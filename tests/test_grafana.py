@@ -1,0 +1,336 @@
+"""The Grafana dashboard's SQL, every panel and variable, run against the real Postgres.
+
+Grafana itself does not run here, so this test does what its Postgres data source
+does before a query reaches the database: it substitutes the template variables
+(``${tenant:sqlstring}``, ``$__interval``) and expands the time macros
+(``$__timeFilter``, ``$__timeGroupAlias``, ...) as Grafana documents them. A
+macro or variable it does not know fails the test, as would a panel whose SQL
+Postgres refuses. Results are checked against values computed here from the
+raw calls behind the windows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from tests.test_metrics_api import Window, insert_windows, random_calls
+
+GRAFANA = Path(__file__).parent.parent / "deploy" / "grafana"
+DASHBOARD = json.loads((GRAFANA / "dashboards" / "streamlens.json").read_text())
+T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+RANGE = (T0, T0 + timedelta(minutes=10))
+ROUTES = ("/chat", "/search")
+MODELS = ("gpt-4o", "claude-sonnet-4-5")
+INTERVALS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class UnknownTemplate(AssertionError):
+    pass
+
+
+def seconds_of(interval: str) -> int:
+    match = re.fullmatch(r"([0-9]+)([smhd])", interval)
+    if match is None:
+        raise UnknownTemplate(f"interval {interval!r} is not Grafana's <number><s|m|h|d>")
+    return int(match[1]) * INTERVALS[match[2]]
+
+
+def grafana_time(moment: datetime) -> str:
+    # Grafana's Postgres macros write times as RFC 3339 in UTC.
+    return "'" + moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") + "'"
+
+
+def sqlstring(values: Sequence[str]) -> str:
+    return ",".join("'" + value.replace("'", "''") + "'" for value in values)
+
+
+# ``${name}``, ``${name:format}`` or ``$name``; ``$__...`` are Grafana's own.
+_VARIABLE = re.compile(r"\$\{(?P<braced>\w+)(?::(?P<format>\w+))?\}|\$(?!__)(?P<plain>\w+)")
+_MACRO = re.compile(r"\$__(?P<macro>[A-Za-z]+)\((?P<args>[^()]*)\)")
+
+
+def expand(
+    sql: str, variables: dict[str, Sequence[str]], interval: str, time_range: tuple[datetime, datetime]
+) -> str:
+    """``sql`` as Grafana's Postgres data source sends it to the database."""
+
+    def variable(match: re.Match[str]) -> str:
+        name = match["braced"] or match["plain"]
+        if name not in variables:
+            raise UnknownTemplate(f"variable ${name} is not defined by the dashboard")
+        if match["format"] not in (None, "sqlstring"):
+            raise UnknownTemplate(f"format :{match['format']} of ${name} is not expanded here")
+        values = variables[name]
+        return sqlstring(values) if match["format"] == "sqlstring" else ",".join(values)
+
+    start, end = time_range
+
+    def macro(match: re.Match[str]) -> str:
+        name = match["macro"]
+        args = [arg.strip() for arg in match["args"].split(",")] if match["args"].strip() else []
+        if name == "timeFilter" and len(args) == 1:
+            return f"{args[0]} BETWEEN {grafana_time(start)} AND {grafana_time(end)}"
+        if name == "timeFrom" and not args:
+            return grafana_time(start)
+        if name == "timeTo" and not args:
+            return grafana_time(end)
+        if name in ("timeGroup", "timeGroupAlias") and len(args) == 2:
+            step = seconds_of(args[1].strip("'"))
+            grouped = f"floor(extract(epoch from {args[0]})/{step})*{step}"
+            return grouped + (' AS "time"' if name == "timeGroupAlias" else "")
+        if name == "time" and len(args) == 1:
+            return f'{args[0]} AS "time"'
+        raise UnknownTemplate(f"macro $__{name}({match['args']}) is not expanded here")
+
+    sql = _VARIABLE.sub(variable, sql.replace("$__interval", interval))
+    sql = _MACRO.sub(macro, sql)
+    if "$" in sql:
+        raise UnknownTemplate(f"left unexpanded: {sql[sql.index('$') :][:60]!r}")
+    return sql
+
+
+@pytest.fixture
+def reader_dsn(postgres_dsn: str) -> str:
+    """The database with Grafana's read-only role, as the Compose file's Postgres sets it up."""
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute((GRAFANA / "reader.sql").read_text())
+    return postgres_dsn.replace("postgresql://postgres@", "postgresql://grafana_reader@", 1)
+
+
+def run(dsn: str, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    with psycopg.connect(dsn) as conn:
+        cursor = conn.execute(sql)
+        assert cursor.description is not None
+        return [column.name for column in cursor.description], cursor.fetchall()
+
+
+def make_windows() -> list[Window]:
+    rnd = random.Random(17)
+    windows = [
+        Window(
+            "acme", route, model, T0 + minute * timedelta(minutes=1), random_calls(rnd, rnd.randint(1, 25))
+        )
+        for minute in range(-3, 14)
+        for route in ROUTES
+        for model in MODELS
+    ]
+    windows += [
+        Window("globex", "/chat", "gpt-4o", T0 + m * timedelta(minutes=1), random_calls(rnd, 5))
+        for m in range(5)
+    ]
+    # Windows whose calls all timed out: no latency, no time to first token.
+    windows += [
+        Window("acme", "/batch", "gpt-4o", T0 + timedelta(minutes=m), random_calls(rnd, 3, timeout_share=1.0))
+        for m in (2, 3)
+    ]
+    return windows
+
+
+def selected(windows: Sequence[Window], routes: Sequence[str], models: Sequence[str]) -> list[Window]:
+    start, end = RANGE
+    # BETWEEN: both ends of Grafana's time range are inclusive.
+    return [
+        w
+        for w in windows
+        if w.tenant_id == "acme" and w.route in routes and w.model in models and start <= w.start <= end
+    ]
+
+
+def by_time(windows: Sequence[Window], step: int) -> dict[float, list[Window]]:
+    groups: dict[float, list[Window]] = defaultdict(list)
+    for window in windows:
+        groups[float(int(window.start.timestamp()) // step * step)].append(window)
+    return dict(sorted(groups.items()))
+
+
+def answered(windows: Sequence[Window]) -> list[float]:
+    return [call.latency_ms for w in windows for call in w.calls if call.latency_ms is not None]
+
+
+def mean_or_none(values: Sequence[float]) -> float | None:
+    return fmean(values) if values else None
+
+
+def highest(windows: Sequence[Window], column: str) -> float | None:
+    values = [w.column_values()[column] for w in windows if w.column_values()[column] is not None]
+    return max(values) if values else None
+
+
+def total(windows: Sequence[Window], column: str) -> float:
+    return sum(w.column_values()[column] for w in windows)
+
+
+def per_time(
+    compute: Callable[[list[Window]], tuple[Any, ...]],
+) -> Callable[[list[Window], int], list[tuple[Any, ...]]]:
+    return lambda windows, step: [(t, *compute(group)) for t, group in by_time(windows, step).items()]
+
+
+def per_time_and(
+    dimension: str, compute: Callable[[list[Window]], Any]
+) -> Callable[[list[Window], int], list[tuple[Any, ...]]]:
+    def rows(windows: list[Window], step: int) -> list[tuple[Any, ...]]:
+        out = []
+        for t, group in by_time(windows, step).items():
+            for value in sorted({getattr(w, dimension) for w in group}):
+                out.append((t, value, compute([w for w in group if getattr(w, dimension) == value])))
+        return out
+
+    return rows
+
+
+def table(windows: list[Window], step: int) -> list[tuple[Any, ...]]:
+    pairs = sorted({(w.route, w.model) for w in windows})
+    rows = []
+    for route, model in pairs:
+        chosen = [w for w in windows if (w.route, w.model) == (route, model)]
+        calls = total(chosen, "requests")
+        rows.append(
+            (
+                route,
+                model,
+                calls,
+                total(chosen, "errors") / calls,
+                highest(chosen, "p95_latency_ms"),
+                total(chosen, "prompt_tokens") + total(chosen, "completion_tokens"),
+                total(chosen, "estimated_cost_usd"),
+            )
+        )
+    return sorted(rows, key=lambda row: (-row[2], row[0], row[1]))
+
+
+# What each panel shows, computed from the raw calls: a panel added without an
+# expectation here fails the test.
+EXPECTED: dict[str, Callable[[list[Window], int], list[tuple[Any, ...]]]] = {
+    "Calls and errors": per_time(
+        lambda g: (total(g, "requests"), total(g, "errors") - total(g, "timeouts"), total(g, "timeouts"))
+    ),
+    "Latency, ms": per_time(
+        lambda g: (
+            mean_or_none(answered(g)),
+            highest(g, "p50_latency_ms"),
+            highest(g, "p95_latency_ms"),
+            highest(g, "p99_latency_ms"),
+        )
+    ),
+    "Average time to first token, ms": per_time(
+        lambda g: (
+            mean_or_none(
+                [c.ttft_ms for w in g for c in w.calls if c.latency_ms is not None and c.ttft_ms is not None]
+            ),
+        )
+    ),
+    "Tokens": per_time(
+        lambda g: (total(g, "prompt_tokens"), total(g, "completion_tokens"), total(g, "cache_read_tokens"))
+    ),
+    "Cost, USD": per_time(lambda g: (total(g, "estimated_cost_usd"),)),
+    "Calls by route": per_time_and("route", lambda g: total(g, "requests")),
+    "Cost by model, USD": per_time_and("model", lambda g: total(g, "estimated_cost_usd")),
+    "p95 latency by model (highest window), ms": per_time_and(
+        "model", lambda g: highest(g, "p95_latency_ms")
+    ),
+    "Routes × models over the range": table,
+}
+
+
+def same(got: Sequence[tuple[Any, ...]], want: Sequence[tuple[Any, ...]]) -> bool:
+    if len(got) != len(want):
+        return False
+    for got_row, want_row in zip(got, want, strict=True):
+        if len(got_row) != len(want_row):
+            return False
+        for a, b in zip(got_row, want_row, strict=True):
+            if a is None or b is None or isinstance(a, str):
+                if a != b:
+                    return False
+            elif not math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9):
+                return False
+    return True
+
+
+def test_every_panel_and_variable_runs_and_shows_the_windows_numbers(reader_dsn: str, postgres_dsn: str):
+    windows = make_windows()
+    insert_windows(postgres_dsn, windows)
+    variables_sql = {v["name"]: v["query"] for v in DASHBOARD["templating"]["list"]}
+    assert set(variables_sql) == {"tenant", "route", "model"}
+
+    # The variables, in order, each from the ones before it: "All" is every value listed.
+    _, tenants = run(reader_dsn, expand(variables_sql["tenant"], {}, "1m", RANGE))
+    assert [t for (t,) in tenants] == ["acme", "globex"]
+    chosen: dict[str, Sequence[str]] = {"tenant": ["acme"]}
+    for name in ("route", "model"):
+        _, values = run(reader_dsn, expand(variables_sql[name], chosen, "1m", RANGE))
+        chosen[name] = [value for (value,) in values]
+    assert chosen["route"] == sorted({*ROUTES, "/batch"})
+    assert chosen["model"] == sorted(MODELS)
+
+    panels = DASHBOARD["panels"]
+    assert {panel["title"] for panel in panels} == set(EXPECTED)
+    for interval in ("1m", "5m"):
+        for routes in (chosen["route"], ["/search"]):
+            variables = {**chosen, "route": routes}
+            expected_windows = selected(windows, routes, chosen["model"])
+            for panel in panels:
+                (target,) = panel["targets"]
+                assert target["datasource"]["uid"] == "streamlens-postgres"
+                columns, rows = run(reader_dsn, expand(target["rawSql"], variables, interval, RANGE))
+                if panel["type"] == "timeseries":
+                    assert target["format"] == "time_series"
+                    assert columns[0] == "time", panel["title"]
+                    times = [row[0] for row in rows]
+                    assert times == sorted(times), panel["title"]
+                want = EXPECTED[panel["title"]](expected_windows, seconds_of(interval))
+                assert want, panel["title"]
+                assert same(rows, want), (panel["title"], interval, routes, rows[:3], want[:3])
+
+
+def test_the_reader_role_reads_metrics_and_nothing_else(reader_dsn: str):
+    run(reader_dsn, "SELECT count(*) FROM llm_metrics")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        run(reader_dsn, "SELECT count(*) FROM api_keys")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        run(reader_dsn, "DELETE FROM llm_metrics")
+
+
+def test_unknown_macros_and_variables_are_refused_by_the_expansion():
+    with pytest.raises(UnknownTemplate, match=r"\$__timeFilterMs"):
+        expand("SELECT 1 WHERE $__timeFilterMs(x)", {}, "1m", RANGE)
+    with pytest.raises(UnknownTemplate, match=r"\$region"):
+        expand("SELECT 1 WHERE r = ${region:sqlstring}", {}, "1m", RANGE)
+    assert expand("x = ${t:sqlstring}", {"t": ["o'brien"]}, "1m", RANGE) == "x = 'o''brien'"
+
+
+def test_provisioning_points_the_dashboard_at_the_datasource():
+    (datasource,) = yaml.safe_load(
+        (GRAFANA / "provisioning" / "datasources" / "streamlens.yaml").read_text()
+    )["datasources"]
+    (provider,) = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "streamlens.yaml").read_text())[
+        "providers"
+    ]
+    assert datasource["type"] == "grafana-postgresql-datasource"
+    assert datasource["user"] == "grafana_reader"
+    uses = {t["datasource"]["uid"] for p in DASHBOARD["panels"] for t in p["targets"]}
+    uses |= {v["datasource"]["uid"] for v in DASHBOARD["templating"]["list"]}
+    assert uses == {datasource["uid"]}
+    compose = yaml.safe_load((GRAFANA.parent / "docker-compose.yml").read_text())
+    grafana = compose["services"]["grafana"]
+    mounted = {volume.split(":")[1] for volume in grafana["volumes"]}
+    assert {"/etc/grafana/provisioning", provider["options"]["path"]} <= mounted
+    # The read-only role is applied before Grafana starts, from the file tested above.
+    reader = compose["services"]["grafana-reader"]
+    (mount,) = reader["volumes"]
+    assert mount.split(":")[0] == "./grafana/reader.sql" and mount.split(":")[1] in reader["command"]
+    assert grafana["depends_on"] == {"grafana-reader": {"condition": "service_completed_successfully"}}
