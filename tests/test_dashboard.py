@@ -13,7 +13,6 @@ import math
 import random
 import re
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +23,6 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import uvicorn
 from fastdigest import TDigest
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
@@ -41,9 +39,9 @@ from api.metrics import create_app
 from api.params import BUCKETS
 from dataflows.sinks import UPSERT_SQL, values_of
 from dataflows.windows import WindowRow
-from deploy.stack import free_port
 from schemas.config import Settings
 from schemas.metrics import MetricsRow
+from tests.serving import serving
 from tests.test_metrics_api import Window, insert_windows, random_calls, rfc3339
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
@@ -90,28 +88,8 @@ def browser() -> Iterator[WebDriver]:
 @contextmanager
 def query_api(dsn: str, auth: bool = True) -> Iterator[str]:
     """The query API (keys on unless told), under uvicorn in a thread, on a free port."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(Settings(postgres_dsn=dsn, auth=auth)),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            lifespan="on",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive(), "the query API failed to start"
-        assert time.monotonic() < deadline, "the query API did not start in 30 s"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serving(create_app(Settings(postgres_dsn=dsn, auth=auth)), "the query API") as url:
+        yield url
 
 
 def this_minute() -> datetime:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -22,18 +21,18 @@ from urllib.request import Request, urlopen
 import msgspec
 import psycopg
 import pytest
-import uvicorn
 
 from api.auth import hash_key
 from api.ingestion import create_app
 from api.keys import create_key
 from deploy import traffic
-from deploy.stack import Broker, Postgres, free_port
+from deploy.stack import Broker, Postgres
 from deploy.traffic import MODELS, ApiKeysError, CallGenerator, keys_by_tenant, parse_api_keys
 from schemas.config import Settings
 from schemas.events import check_cache_read, request_decoder, response_decoder
 from schemas.topics import REQUESTS, RESPONSES
 from tests.conftest import TEST_PARTITIONS
+from tests.serving import serving
 from tests.test_ingestion import read_topic
 
 TENANTS = ("acme", "globex", "initech")
@@ -278,22 +277,8 @@ def ingestion_api(broker: Broker, postgres_dsn: str) -> Iterator[str]:
     settings = Settings(
         kafka_brokers=broker.address, postgres_dsn=postgres_dsn, topic_partitions=TEST_PARTITIONS
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive(), "the ingestion API failed to start"
-        assert time.monotonic() < deadline, "the ingestion API did not start in 30 s"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serving(create_app(settings), "the ingestion API") as url:
+        yield url
 
 
 def test_traffic_sends_each_tenants_events_with_its_own_key(broker: Broker, postgres_dsn: str):

@@ -14,7 +14,6 @@ import contextlib
 import gzip
 import json
 import math
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import uvicorn
 from google.rpc import code_pb2, status_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -51,13 +49,14 @@ from api import otlp
 from api.body import BodyError
 from api.ingestion import create_app
 from api.keys import create_key
-from deploy.stack import Broker, Postgres, free_port
+from deploy.stack import Broker, Postgres
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.events import LLMRequest, LLMResponse, request_decoder, response_decoder
 from schemas.topics import REQUESTS, RESPONSES, ensure_topics
 from tests import dataflow_harness as h
 from tests.conftest import TEST_PARTITIONS
+from tests.serving import serving
 from tests.test_ingestion import read_topic
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
@@ -411,22 +410,6 @@ def test_bodies_that_are_not_otlp_are_refused_with_their_status() -> None:
 # -- the endpoint, over real HTTP, against a real broker ------------------------------
 
 
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """``app`` under uvicorn in a thread of this process; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @dataclass

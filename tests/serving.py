@@ -1,0 +1,34 @@
+"""An ASGI app under uvicorn in a thread of the test process, on a free port."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+
+from deploy.stack import free_port
+
+
+@contextmanager
+def serving(app: Any, what: str = "the server") -> Iterator[str]:
+    """Serve ``app`` (its lifespan run) until the block ends; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive(), f"{what} failed to start"
+        assert time.monotonic() < deadline, f"{what} did not start in 30 s"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
