@@ -120,7 +120,10 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
     rng = random.Random(seed)
     events, counted = _calls(rng, time.time(), calls)
     expected = h.expected_rows_of(counted, WINDOW_SECONDS)
-    kill_at = sorted(rng.uniform(1.0, posting_seconds) for _ in range(kills))
+    batches = [events[i:i + BATCH] for i in range(0, len(events), BATCH)]
+    # Moments while batches are still to come: the last one is due at this.
+    last_due = posting_seconds * (len(batches) - 1) / len(batches)
+    kill_at = sorted(rng.uniform(1.0, last_due) for _ in range(kills))
     done = CrashRun(seed, len(counted), len(events), [round(t, 2) for t in kill_at], 0.0, 0.0, 0,
                     len(expected))
     print(f"crash run: seed {seed}, {len(counted)} calls, {len(events)} events, "
@@ -128,7 +131,6 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
 
     processor = h.Processor(brokers, dsn, work / "recovery", h.write_prices(work / "prices.json"),
                             work / "dataflow.log", settings={})
-    batches = [events[i:i + BATCH] for i in range(0, len(events), BATCH)]
     with ServerThread(brokers) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         processor.start()
         try:
