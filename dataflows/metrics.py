@@ -36,6 +36,7 @@ from dataflows.pricing import PriceBook
 from dataflows.windows import WindowRow
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
+from schemas.logs import configure_logging
 from schemas.topics import DEADLETTER, REQUESTS, RESPONSES, ensure_topics
 
 
@@ -108,6 +109,7 @@ def tune_gc() -> None:
 def from_environment() -> Dataflow:
     """The flow ``bytewax.run`` runs: settings from the environment, topics and schema ensured."""
     settings = load_or_exit()
+    configure_logging(settings.log_format)
     stopping.install()
     tune_gc()
     ensure_topics(settings.kafka_brokers, settings.topic_partitions)

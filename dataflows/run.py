@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -32,7 +33,10 @@ from dataflows import recovery
 from deploy.stack import free_port
 from schemas.config import load_or_exit
 from schemas.database import ensure_schema
+from schemas.logs import configure_logging
 from schemas.topics import REQUESTS, RESPONSES, ensure_topics
+
+logger = logging.getLogger("streamlens.dataflow")
 
 FLOW = "dataflows.metrics:flow"
 INPUTS = (REQUESTS, RESPONSES)
@@ -123,20 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--processes, --workers and --snapshot-interval must be at least 1")
 
     settings = load_or_exit()
+    configure_logging(settings.log_format)
     ensure_topics(settings.kafka_brokers, settings.topic_partitions)
     ensure_schema(settings.postgres_dsn)
     recovery_dir = args.recovery_dir.resolve()
     if prepare_recovery(recovery_dir, args.processes * args.workers, reset=args.reset):
         recovery.record_identity(recovery_dir, recovery.broker_identity(settings.kafka_brokers, INPUTS))
-        print(f"recovery: new state in {recovery_dir}, reading the topics from the beginning",
-              file=sys.stderr)
+        logger.info("recovery: new state in %s, reading the topics from the beginning", recovery_dir)
     else:
         why = recovery.mismatch(recovery_dir, settings.kafka_brokers, INPUTS)
         if why is not None:
-            print(f"recovery: refusing to resume from {recovery_dir}: {why}. Start with --reset "
-                  "to drop it and read the topics from the beginning.", file=sys.stderr)
+            logger.error("recovery: refusing to resume from %s: %s. Start with --reset to drop it "
+                         "and read the topics from the beginning.", recovery_dir, why)
             return 2
-        print(f"recovery: resuming from {recovery_dir}", file=sys.stderr)
+        logger.info("recovery: resuming from %s", recovery_dir)
     return supervise(commands(recovery_dir, args.processes, args.workers,
                               args.snapshot_interval, args.backup_interval))
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from msgspec import Struct
 
+from schemas.logs import LOG_FORMATS
+
 DEFAULT_KAFKA_BROKERS = "127.0.0.1:9092"
 DEFAULT_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/streamlens"
 
@@ -38,6 +40,7 @@ class Settings(Struct, frozen=True, kw_only=True):
     # How far in event time an input partition may be read past the slowest one;
     # None: half the grace period or the join timeout, whichever is smaller, at least 1 s.
     read_ahead_seconds: float | None = None
+    log_format: str = "text"  # or "json" (schemas.logs)
 
 
 def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], int], str]:
@@ -57,6 +60,13 @@ def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], 
 def _positive_number(text: str) -> float:
     value = float(text.strip())
     if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in LOG_FORMATS:
         raise ValueError
     return value
 
@@ -104,6 +114,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "PRICES_FILE": ("prices_file", _existing_file, "the path of an existing JSON file"),
     "AUTH": ("auth", _switch, "on or off"),
     "READ_AHEAD_SECONDS": ("read_ahead_seconds", _positive_number, "a number of seconds > 0"),
+    "LOG_FORMAT": ("log_format", _log_format, "text or json"),
 }
 
 
