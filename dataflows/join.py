@@ -514,6 +514,14 @@ class JoinShard:
         """request_ids held: waiting for their other side, or remembered as counted."""
         return len(self._pending.keys() | self._counted.keys())
 
+    def in_flight(self) -> int:
+        """request_ids waiting for their other side (or, timed out, for a late response)."""
+        return len(self._pending)
+
+    def remembered(self) -> int:
+        """Counted request_ids remembered so that repeats are ignored."""
+        return len(self._counted)
+
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
         state["_offset"] = None

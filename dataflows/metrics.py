@@ -30,8 +30,8 @@ from pathlib import Path
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
+from dataflows import observability, sinks, sources, stopping
 from dataflows import operators as ops
-from dataflows import sinks, sources, stopping
 from dataflows.pricing import PriceBook
 from dataflows.windows import WindowRow
 from schemas.config import Settings, load_or_exit
@@ -111,6 +111,7 @@ def from_environment() -> Dataflow:
     settings = load_or_exit()
     configure_logging(settings.log_format)
     stopping.install()
+    observability.serve(settings.metrics_port, settings.kafka_brokers)
     tune_gc()
     ensure_topics(settings.kafka_brokers, settings.topic_partitions)
     ensure_schema(settings.postgres_dsn)

@@ -26,6 +26,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from dataflows.clock import MAX_GAP, WorkingClock
 from dataflows.join import Call, JoinShard, SourceRef
+from dataflows.observability import BOARD, CALLS, SNAPSHOT_SECONDS
 from dataflows.sources import RawGroup, decode_record
 from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
@@ -54,9 +55,12 @@ def _wakeup(seconds: float | None, clock: WorkingClock, wall: Callable[[], float
     return datetime.fromtimestamp(due, UTC)
 
 
-def _freeze(state: object) -> bytes:
+def _freeze(state: object, step: str) -> bytes:
     # Bytewax wants an immutable snapshot; the shard keeps changing after this call.
-    return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    started = time.perf_counter()
+    frozen = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    SNAPSHOT_SECONDS.labels(step).observe(time.perf_counter() - started)
+    return frozen
 
 
 class JoinLogic(StatefulBatchLogic[list[RawGroup], list[Call | DeadLetter], bytes]):
@@ -92,17 +96,24 @@ class JoinLogic(StatefulBatchLogic[list[RawGroup], list[Call | DeadLetter], byte
                     if found:
                         out.extend(found)
         out.extend(self.shard.on_time(now))
+        self._report()
         return ([out] if out else []), StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[Iterable[list[Call | DeadLetter]], bool]:
         out = self.shard.on_time(self.working())
+        self._report()
         return ([out] if out else []), StatefulBatchLogic.RETAIN
+
+    def _report(self) -> None:
+        shard = self.shard
+        BOARD.report_join(str(id(self)), shard.in_flight(), shard.remembered(),
+                          shard.watermark.settled)
 
     def notify_at(self) -> datetime | None:
         return _wakeup(self.shard.next_wakeup(), self.working, self.clock)
 
     def snapshot(self) -> bytes:
-        return _freeze(self.shard)
+        return _freeze(self.shard, "join")
 
 
 def route_to_windows(price: Callable[[Call], Call]
@@ -119,11 +130,13 @@ def route_to_windows(price: Callable[[Call], Call]
               ) -> list[DeadLetter | tuple[str, list[Call]]]:
         out: list[DeadLetter | tuple[str, list[Call]]] = []
         groups: dict[str, list[Call]] = {}
+        outcomes = {"answered": 0, "timed_out": 0, "replaced_timeout": 0}
         for _, outputs in items:
             for found in outputs:
                 if type(found) is not Call:
                     out.append(found)  # type: ignore[arg-type]
                     continue
+                outcomes[_outcome(found)] += 1
                 call = price(found)
                 shard = window_shard_key(call)
                 group = groups.get(shard)
@@ -131,9 +144,18 @@ def route_to_windows(price: Callable[[Call], Call]
                     groups[shard] = group = []
                 group.append(call)
         out.extend(groups.items())
+        for outcome, count in outcomes.items():
+            if count:
+                CALLS.labels(outcome).inc(count)
         return out
 
     return route
+
+
+def _outcome(call: Call) -> str:
+    if call.response is None:
+        return "timed_out"
+    return "replaced_timeout" if call.replaces_timeout else "answered"
 
 
 class WindowLogic(StatefulBatchLogic[list[Call], WindowRow | DeadLetter, bytes]):
@@ -155,16 +177,22 @@ class WindowLogic(StatefulBatchLogic[list[Call], WindowRow | DeadLetter, bytes])
                 if late:
                     out.extend(late)
         out.extend(self.shard.on_time(now))
+        self._report()
         return out, StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[Iterable[WindowRow | DeadLetter], bool]:
-        return self.shard.on_time(self.working()), StatefulBatchLogic.RETAIN
+        rows = self.shard.on_time(self.working())
+        self._report()
+        return rows, StatefulBatchLogic.RETAIN
+
+    def _report(self) -> None:
+        BOARD.report_windows(str(id(self)), len(self.shard), self.shard.watermark.settled)
 
     def notify_at(self) -> datetime | None:
         return _wakeup(self.shard.next_wakeup(), self.working, self.clock)
 
     def snapshot(self) -> bytes:
-        return _freeze(self.shard)
+        return _freeze(self.shard, "windows")
 
 
 def join_builder(timeout_seconds: float, dedupe_seconds: float, window_seconds: int,

@@ -74,9 +74,14 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def supervise(argvs: list[list[str]]) -> int:
-    """Run the processes until one ends or a stop signal arrives; stop the rest; its exit code."""
-    children = [subprocess.Popen(argv, preexec_fn=_die_with_parent) for argv in argvs]
+def supervise(argvs: list[list[str]], metrics_port: int) -> int:
+    """Run the processes until one ends or a stop signal arrives; stop the rest; its exit code.
+
+    Process ``i`` serves its Prometheus metrics on ``metrics_port + i``.
+    """
+    children = [subprocess.Popen(argv, preexec_fn=_die_with_parent,
+                                 env={**os.environ, "METRICS_PORT": str(metrics_port + index)})
+                for index, argv in enumerate(argvs)]
     stopping: list[int] = []
 
     def stop(signum: int, _frame: object) -> None:
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         logger.info("recovery: resuming from %s", recovery_dir)
     return supervise(commands(recovery_dir, args.processes, args.workers,
-                              args.snapshot_interval, args.backup_interval))
+                              args.snapshot_interval, args.backup_interval), settings.metrics_port)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from bytewax.connectors.kafka import KafkaSinkMessage
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from dataflows.observability import DEAD_LETTERS, ROWS_STALE, ROWS_WRITTEN
 from dataflows.stopping import STOPPING
 from dataflows.windows import WindowRow
 from schemas.deadletter import KEY_MAX_BYTES, MESSAGE_MAX_BYTES, DeadLetter, encode_bounded
@@ -206,6 +207,9 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
             return
         latest = latest_per_window(items)
         taken = self._upsert(latest)
+        written = sum(taken)
+        ROWS_WRITTEN.inc(written)
+        ROWS_STALE.inc(len(items) - written)
         self._metrics.write([metrics_message(item) for item, took in zip(latest, taken, strict=True)
                              if took])
 
@@ -312,4 +316,5 @@ def deadletter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, byt
         key = None
     if key is not None and len(key) > KEY_MAX_BYTES:
         key = None
+    DEAD_LETTERS.labels(letter.reason).inc()
     return KafkaSinkMessage(key=key, value=encode_bounded(letter))

@@ -40,6 +40,7 @@ from bytewax.connectors.kafka import KafkaSource
 from bytewax.inputs import StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, Message, TopicPartition
 
+from dataflows.observability import BOARD, RECORDS_READ
 from dataflows.progress import ReadProgress
 from dataflows.stopping import STOPPING
 from schemas.deadletter import DeadLetter
@@ -169,6 +170,7 @@ class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
         # Polled records not handed over yet (too far ahead), with their timestamps.
         self._held: deque[tuple[Message, int, float]] = deque()
         self._newest = -math.inf
+        BOARD.report_position(topic, partition, self._offset)
 
     def next_batch(self) -> list[RecordBatch]:
         if STOPPING.is_set():
@@ -203,6 +205,8 @@ class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
         progress.stands_at(part, held[0][2] if held else newest)
         if not records and not errors:
             return []
+        RECORDS_READ.labels(self._topic).inc(len(records) + len(errors))
+        BOARD.report_position(self._topic, self._partition, self._offset)
         return [RecordBatch(self._topic, self._partition, records, errors)]
 
     def snapshot(self) -> int:

@@ -41,6 +41,8 @@ class Settings(Struct, frozen=True, kw_only=True):
     # None: half the grace period or the join timeout, whichever is smaller, at least 1 s.
     read_ahead_seconds: float | None = None
     log_format: str = "text"  # or "json" (schemas.logs)
+    # The dataflow's Prometheus port; with several processes, process i serves port + i.
+    metrics_port: int = 9464
 
 
 def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], int], str]:
@@ -115,6 +117,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "AUTH": ("auth", _switch, "on or off"),
     "READ_AHEAD_SECONDS": ("read_ahead_seconds", _positive_number, "a number of seconds > 0"),
     "LOG_FORMAT": ("log_format", _log_format, "text or json"),
+    "METRICS_PORT": ("metrics_port", *_integer(1, 65535)),
 }
 
 

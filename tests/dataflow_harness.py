@@ -47,6 +47,7 @@ from psycopg.rows import dict_row
 
 from dataflows.operators import window_shard_key
 from dataflows.sources import join_shard_key
+from deploy.stack import free_port
 from tests.conftest import TEST_PARTITIONS
 
 REQUESTS, RESPONSES, METRICS, DEADLETTER = (
@@ -509,9 +510,11 @@ class Processor:
         "LATENESS_SECONDS": str(LATENESS_SECONDS),
         "JOIN_TIMEOUT_SECONDS": str(JOIN_TIMEOUT_SECONDS)})
 
+    metrics_port: int = field(default_factory=free_port)
+
     def env(self) -> dict[str, str]:
         return {**os.environ, "KAFKA_BROKERS": self.brokers, "POSTGRES_DSN": self.dsn,
-                **self.settings,
+                "METRICS_PORT": str(self.metrics_port), **self.settings,
                 "TOPIC_PARTITIONS": str(TEST_PARTITIONS), "PRICES_FILE": str(self.prices_file)}
 
     def start(self) -> Processor:

@@ -1,0 +1,89 @@
+"""The dataflow's /metrics during a real run: counters against what the test sent and read back.
+
+Consumer lag is checked where it can be known exactly: Postgres is stopped, a row
+is due, so the worker waits in its sink and reads nothing more; the records the
+test then produces are the lag, to the record. Postgres back, the lag falls to 0.
+"""
+
+from __future__ import annotations
+
+import random
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy.stack import Broker, Postgres
+from schemas.database import ensure_schema
+from tests import dataflow_harness as h
+from tests.test_broker_restart import SETTINGS, _calls, _run_until
+
+pytestmark = pytest.mark.slow
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the endpoint, by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def lag(samples: dict) -> float:
+    return sum(v for (name, _), v in samples.items() if name == "streamlens_dataflow_consumer_lag_records")
+
+
+def test_dataflow_metrics_follow_the_run(tmp_path: Path, broker: Broker) -> None:
+    rng = random.Random(14)
+    postgres = Postgres(tmp_path / "postgres").start()
+    ensure_schema(postgres.dsn)
+    processor = h.Processor(broker.address, postgres.dsn, tmp_path / "recovery",
+                            h.write_prices(tmp_path / "prices.json"), tmp_path / "dataflow.log",
+                            settings=SETTINGS).start()
+    port = processor.metrics_port
+    try:
+        events, counted = _calls(rng, "acme", h.BASE, 300)
+        invalid = [h.Event(h.REQUESTS, None, b"{not json"), h.Event(h.RESPONSES, None, b"\xff")]
+        h.produce(broker.address, events + invalid)
+        _run_until(processor, postgres.dsn, h.expected_rows_of(counted))
+
+        def counted_up() -> bool:
+            samples = scrape(port)
+            return (value(samples, "streamlens_dataflow_calls_total", outcome="answered") == 300
+                    and value(samples, "streamlens_dataflow_dead_letters_total", reason="invalid") == 2
+                    and lag(samples) == 0)
+
+        h.wait_for(counted_up, 30, "the counters", processor.check_alive)
+        samples = scrape(port)
+        assert value(samples, "streamlens_dataflow_records_read_total", topic=h.REQUESTS) == 301
+        assert value(samples, "streamlens_dataflow_records_read_total", topic=h.RESPONSES) == 301
+        assert value(samples, "streamlens_dataflow_rows_written_total") >= 1
+        assert value(samples, "streamlens_dataflow_join_remembered") == 300
+        assert value(samples, "streamlens_dataflow_open_windows") == 1
+        assert value(samples, "streamlens_dataflow_event_time_lag_seconds") > 0
+        letters = h.dead_letters(broker.address)
+        assert len([d for d in letters if d["reason"] == "invalid"]) == 2
+        assert not any("acme" in str(key) for key in samples), "a tenant name in the metrics"
+
+        # Postgres away and a row due: the worker waits in its sink, reading nothing.
+        postgres.stop()
+        more, more_counted = _calls(rng, "acme", h.BASE + 5, 50)
+        h.produce(broker.address, more)
+        h.wait_for(lambda: "postgres unavailable" in processor.log.read_text(), 60,
+                   "the sink waiting for Postgres", processor.check_alive)
+        unread = _calls(rng, "acme", h.BASE + 10, 400)
+        h.produce(broker.address, unread[0])
+        h.wait_for(lambda: lag(scrape(port)) == len(unread[0]), 30, "the lag of what is unread",
+                   processor.check_alive)
+        postgres.start(postgres.port)
+        _run_until(processor, postgres.dsn, h.expected_rows_of(counted + more_counted + unread[1]))
+        h.wait_for(lambda: lag(scrape(port)) == 0, 30, "the lag back to 0", processor.check_alive)
+        assert value(scrape(port), "streamlens_dataflow_calls_total", outcome="answered") == 750
+    finally:
+        processor.stop()
+        postgres.stop()
