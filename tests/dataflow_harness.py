@@ -344,6 +344,11 @@ def _close(actual: float | None, expected: float | None, what: str, rel: float =
         f"{what}: expected {expected}, got {actual}")
 
 
+# Up to this many latencies a window's percentiles are nearest-rank exact (a digest
+# holds each as its own centroid); beyond, contract §3 allows 1 % of error.
+FEW_CALLS = 500
+
+
 def _percentile_bounds(values: list[float], q: float) -> tuple[float, float]:
     """The nearest-rank values around the q-quantile (one rank of slack either side)."""
     n = len(values)
@@ -378,6 +383,9 @@ def check_row(actual: dict[str, Any], expected: ExpectedRow) -> None:
         for q, name in ((0.5, "p50_latency_ms"), (0.95, "p95_latency_ms"),
                         (0.99, "p99_latency_ms")):
             low, high = _percentile_bounds(lat, q)
+            if len(lat) > FEW_CALLS:
+                # Contract §3: with many calls, within 1 % of the exact value.
+                low, high = low * 0.99, high * 1.01
             assert low - 1e-6 <= actual[name] <= high + 1e-6, (
                 f"{where}: {name} {actual[name]} outside [{low}, {high}]")
         _close(actual["avg_prompt_tokens"], expected.prompt_tokens / expected.answered,
