@@ -20,7 +20,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from deploy.stack import Broker, Postgres
 from schemas.database import ensure_schema
@@ -30,7 +30,7 @@ from tests.conftest import TEST_PARTITIONS
 
 RATE = 2_000  # calls per second
 SECONDS = 90
-KEYS = [(f"tenant-{n % 5}", f"/route-{n % 10}", "test-model-a") for n in range(50)]
+KEYS = [(f"tenant-{n % 5}", f"/route-{n}", "test-model-a") for n in range(50)]
 WINDOW, GRACE = 10, 2
 SETTINGS = {"WINDOW_SECONDS": str(WINDOW), "GRACE_SECONDS": str(GRACE)}
 
@@ -102,8 +102,6 @@ def main() -> None:
 
 def _records_with_time(brokers: str) -> list[tuple[bytes | None, bytes, int, int, float]]:
     """Every llm.metrics record with its Kafka timestamp in Unix seconds."""
-    from confluent_kafka import Consumer, TopicPartition
-
     consumer = Consumer({"bootstrap.servers": brokers, "group.id": "bench-freshness",
                          "enable.auto.commit": False})
     try:
