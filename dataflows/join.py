@@ -53,7 +53,7 @@ from __future__ import annotations
 import heapq
 from datetime import UTC, datetime, timedelta
 from sys import intern
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import msgspec
 from msgspec import Struct
@@ -195,63 +195,76 @@ class JoinShard:
         watermark = self.watermark
         watermark.observe(ts, now)
         self._offset = now - watermark.settled
-        rid = event.request_id
-        is_request = type(event) is LLMRequest
+        if type(event) is LLMRequest:
+            return self._on_request(event, source, ts)
+        assert isinstance(event, LLMResponse)
+        return self._on_response(event, source, ts)
 
-        counted = self._counted.get(rid)
-        if counted is not None:
-            if not is_request and event.tenant_id not in (None, counted[1]):  # type: ignore[union-attr]
-                return self._mismatch(event, source, counted[1])  # type: ignore[arg-type]
-            if not is_request and rid in self._timed_out:
-                return self._after_timeout(event, source, ts)  # type: ignore[arg-type]
+    def _on_request(self, request: LLMRequest, source: SourceRef, ts: float) -> list[Call | DeadLetter]:
+        rid = request.request_id
+        if rid in self._counted:
             self.duplicates += 1
             return []
-
         entry = self._pending.get(rid)
         if entry is None:
-            if is_request:
-                _share_strings(event)  # type: ignore[arg-type]
-                entry = _Pending(request=event, request_source=source, request_ts=ts)
-            else:
-                entry = _Pending(response=event, response_source=source, response_ts=ts)
-            self._pending[rid] = entry
-            self._schedule(ts + self.timeout if is_request else self.orphan_after(ts), rid)
+            _share_strings(request)
+            self._pending[rid] = _Pending(request=request, request_source=source, request_ts=ts)
+            self._schedule(ts + self.timeout, rid)
             return []
-
+        if entry.request is not None:
+            self.duplicates += 1
+            return []
+        entry.request, entry.request_source, entry.request_ts = request, source, ts
         out: list[Call | DeadLetter] = []
-        if is_request:
-            if entry.request is not None:
-                self.duplicates += 1
-                return []
-            entry.request, entry.request_source, entry.request_ts = event, source, ts
-            if not self._settle_responses(entry, out):
-                # Every waiting response was another tenant's: wait for the right one.
-                _share_strings(event)  # type: ignore[arg-type]
-                self._schedule(ts + self.timeout, rid)
-                return out
-        elif entry.request is not None:
-            if event.tenant_id not in (None, entry.request.tenant_id):  # type: ignore[union-attr]
-                return self._mismatch(event, source, entry.request.tenant_id)  # type: ignore[arg-type]
+        if not self._settle_responses(entry, out):
+            # Every waiting response was another tenant's: wait for the right one.
+            _share_strings(request)
+            self._schedule(ts + self.timeout, rid)
+            return out
+        return self._pair(rid, entry, source, out)
+
+    def _on_response(self, response: LLMResponse, source: SourceRef, ts: float) -> list[Call | DeadLetter]:
+        rid = response.request_id
+        tenant_id = response.tenant_id
+        counted = self._counted.get(rid)
+        if counted is not None:
+            if tenant_id not in (None, counted[1]):
+                return self._mismatch(response, source, counted[1])
+            if rid in self._timed_out:
+                return self._after_timeout(response, source, ts)
+            self.duplicates += 1
+            return []
+        entry = self._pending.get(rid)
+        if entry is None:
+            self._pending[rid] = _Pending(response=response, response_source=source, response_ts=ts)
+            self._schedule(self.orphan_after(ts), rid)
+            return []
+        if entry.request is not None:
+            if tenant_id not in (None, entry.request.tenant_id):
+                return self._mismatch(response, source, entry.request.tenant_id)
             if entry.response is not None or entry.unpaired is not None:
                 self.duplicates += 1
                 return []
-            entry.response, entry.response_source, entry.response_ts = event, source, ts
-        else:
-            # No request yet: keep the first response of each tenant.
-            tenant_id = event.tenant_id  # type: ignore[union-attr]
-            strays = entry.strays or []
-            if (entry.response is not None and entry.response.tenant_id == tenant_id) or any(
-                stray[0].tenant_id == tenant_id for stray in strays
-            ):
-                self.duplicates += 1
-                return []
-            if entry.response is None:
-                entry.response, entry.response_source, entry.response_ts = event, source, ts  # type: ignore[assignment]
-            else:
-                entry.strays = [*strays, (event, source, ts)]  # type: ignore[list-item]
-            self._schedule(self.orphan_after(ts), rid)
+            entry.response, entry.response_source, entry.response_ts = response, source, ts
+            return self._pair(rid, entry, source, [])
+        # No request yet: keep the first response of each tenant.
+        strays = entry.strays or []
+        if (entry.response is not None and entry.response.tenant_id == tenant_id) or any(
+            stray[0].tenant_id == tenant_id for stray in strays
+        ):
+            self.duplicates += 1
             return []
+        if entry.response is None:
+            entry.response, entry.response_source, entry.response_ts = response, source, ts
+        else:
+            entry.strays = [*strays, (response, source, ts)]
+        self._schedule(self.orphan_after(ts), rid)
+        return []
 
+    def _pair(self, rid: str, entry: _Pending, source: SourceRef,
+              out: list[Call | DeadLetter]) -> list[Call | DeadLetter]:
+        """Both sides of ``rid`` are known (``source`` completed it): the call, or the
+        response dead-lettered for being too far from its request."""
         request, response = entry.request, entry.response
         assert request is not None and response is not None
         request_ts, response_ts = entry.request_ts, entry.response_ts
@@ -338,14 +351,15 @@ class JoinShard:
         (later ones of its own are repeats). False when none is left."""
         request = entry.request
         assert request is not None
-        waiting = (
-            [] if entry.response is None else [(entry.response, entry.response_source, entry.response_ts)]
-        )
+        waiting: list[tuple[LLMResponse, SourceRef, float]] = []
+        if entry.response is not None:
+            assert entry.response_source is not None
+            waiting.append((entry.response, entry.response_source, entry.response_ts))
         waiting += entry.strays or []
         entry.response, entry.response_source, entry.strays = None, None, None
         for response, source, ts in waiting:
             if response.tenant_id not in (None, request.tenant_id):
-                out += self._mismatch(response, source, request.tenant_id)  # type: ignore[arg-type]
+                out += self._mismatch(response, source, request.tenant_id)
             elif entry.response is None:
                 entry.response, entry.response_source, entry.response_ts = response, source, ts
             else:
@@ -413,13 +427,8 @@ class JoinShard:
             if entry.response is not None:
                 deadline = self.orphan_after(entry.response_ts)
                 if deadline < watermark:
-                    out.append(
-                        self._orphan(
-                            entry.response,
-                            entry.response_source,  # type: ignore[arg-type]
-                            self._no_request(),
-                        )
-                    )
+                    assert entry.response_source is not None
+                    out.append(self._orphan(entry.response, entry.response_source, self._no_request()))
                     entry.response = None
                 elif int(deadline) == second:
                     pending_again = True
@@ -529,7 +538,9 @@ class JoinShard:
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        state["_pending"] = dict(map(_pending_from_state, state["_pending"]))  # type: ignore[call-overload]
+        pending = state["_pending"]
+        assert isinstance(pending, list)
+        state["_pending"] = dict(_pending_from_state(item) for item in pending)
         self.__dict__.update(state)
 
 
@@ -574,11 +585,10 @@ def _values(event: LLMRequest | LLMResponse | None) -> tuple | None:
     return tuple(values)
 
 
-def _event(
-    kind: type[LLMRequest] | type[LLMResponse], values: tuple | None
-) -> LLMRequest | LLMResponse | None:
-    if values is None:
-        return None
+_Event = TypeVar("_Event", LLMRequest, LLMResponse)
+
+
+def _event(kind: type[_Event], values: tuple) -> _Event:
     fields = dict(zip(kind.__struct_fields__, values, strict=True))
     fields["timestamp"] = _EPOCH + timedelta(microseconds=fields["timestamp"])
     return kind(**fields)
@@ -604,10 +614,10 @@ def _pending_state(rid: str, entry: _Pending) -> _PendingState:
 def _pending_from_state(state: _PendingState) -> tuple[str, _Pending]:
     rid, request, request_source, request_ts, response, response_source, response_ts = state[:7]
     entry = _Pending(
-        request=_event(LLMRequest, request),  # type: ignore[arg-type]
+        request=None if request is None else _event(LLMRequest, request),
         request_source=None if request_source is None else SourceRef(*request_source),
         request_ts=request_ts,
-        response=_event(LLMResponse, response),  # type: ignore[arg-type]
+        response=None if response is None else _event(LLMResponse, response),
         response_source=None if response_source is None else SourceRef(*response_source),
         response_ts=response_ts,
         unpaired=state[7],
@@ -615,7 +625,7 @@ def _pending_from_state(state: _PendingState) -> tuple[str, _Pending]:
         strays=None
         if state[9] is None
         else [
-            (_event(LLMResponse, response), SourceRef(*source), ts)  # type: ignore[misc]
+            (_event(LLMResponse, response), SourceRef(*source), ts)
             for response, source, ts in state[9]
         ],
     )
