@@ -43,3 +43,29 @@ CREATE INDEX IF NOT EXISTS llm_metrics_tenant_window
 
 CREATE INDEX IF NOT EXISTS llm_metrics_tenant_model_window
     ON llm_metrics (tenant_id, model, window_start DESC);
+
+-- The merged latency digest of one key's roll-up bucket (1h, 1d), kept by the
+-- query API so a long range does not merge every window's digest on each read.
+-- A cached digest is only ever used when the bucket's windows are exactly what
+-- they were when it was merged: the query API compares `windows`, `revisions`
+-- and `updates` with the same aggregates over the windows it reads. Rows of
+-- llm_metrics are never deleted, and every write to one sets `updated_at` to
+-- its transaction's time and never lowers `revision`, so any change to a
+-- bucket's windows changes at least one of them.
+CREATE TABLE IF NOT EXISTS llm_metrics_rollup_digests (
+    tenant_id      text        NOT NULL,
+    route          text        NOT NULL,
+    model          text        NOT NULL,
+    bucket_seconds integer     NOT NULL,
+    bucket_start   timestamptz NOT NULL,
+    -- count(*), sum(revision) and sum(extract(epoch FROM updated_at)) of the windows merged.
+    windows        bigint      NOT NULL,
+    revisions      bigint      NOT NULL,
+    updates        numeric     NOT NULL,
+    -- fastdigest to_bytes of the merged digests; null when no window had one.
+    digest         bytea,
+    merged_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, route, model, bucket_seconds, bucket_start),
+    CHECK (bucket_seconds > 0),
+    CHECK (windows > 0)
+);

@@ -352,7 +352,7 @@ def test_ready_is_503_when_postgres_does_not_answer(
     client_for: Any, monkeypatch: pytest.MonkeyPatch, postgres_dsn: str
 ):
     monkeypatch.setattr(api.metrics, "READY_TIMEOUT_SECONDS", 0.5)
-    monkeypatch.setattr(api.metrics, "POOL_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(api.metrics, "QUERY_SECONDS", 0.5)
     client = client_for(postgres_dsn)
     # Point the running app at a port nobody listens on.
     dead = api.metrics.psycopg_pool.AsyncConnectionPool(
@@ -392,7 +392,7 @@ def test_sessions_have_a_statement_timeout_and_utc(client: TestClient):
             zone = await (await conn.execute("SHOW TimeZone")).fetchone()
         return timeout[0], zone[0]
 
-    assert client.portal.call(settings) == ("5s", "UTC")
+    assert client.portal.call(settings) == ("2s", "UTC")
 
 
 def test_starts_before_its_database_exists_and_becomes_ready(
@@ -400,7 +400,7 @@ def test_starts_before_its_database_exists_and_becomes_ready(
 ):
     monkeypatch.setattr(api.metrics, "SCHEMA_RETRY_SECONDS", 0.2)
     monkeypatch.setattr(api.metrics, "READY_TIMEOUT_SECONDS", 0.5)
-    monkeypatch.setattr(api.metrics, "POOL_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(api.metrics, "QUERY_SECONDS", 0.5)
     name = f"late_{free_port()}"
     dsn = postgres_server.dsn.rsplit("/", 1)[0] + f"/{name}"
     client = client_for(dsn)
