@@ -41,7 +41,7 @@ so a range not aligned to the bucket size yields partial buckets at its edges.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -129,12 +129,13 @@ def windows_sql(query: MetricsQuery) -> str:
 class Deadline:
     """The time a request's database work and merging must finish by."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
-        self._at = time.monotonic() + seconds
+        self._clock = clock
+        self._at = clock() + seconds
 
     def remaining(self) -> float:
-        return self._at - time.monotonic()
+        return self._at - self._clock()
 
     def statement_timeout(self) -> str:
         """``SET LOCAL statement_timeout`` for what is left (at least 1 ms: 0 would mean none)."""
