@@ -9,7 +9,7 @@ they come from the windows' merged t-digests, never from averaging percentiles.
 
 Merging is bounded. Postgres aggregates each key's share of a bucket (a *part*)
 and, for ``1h`` and ``1d`` buckets the range covers whole, looks up the part's
-merged digest in ``llm_metrics_rollup_digests``; a cached digest is used only
+merged digest in ``llm_metrics_rollups``; a cached digest is used only
 when the part's windows still have the count, revision sum and ``updated_at``
 sum it was merged from (see ``schemas/llm_metrics.sql``), so it is never stale.
 The other parts' window digests are fetched for the buckets that survive
@@ -172,96 +172,80 @@ def _in_bucket(query: MetricsQuery, window: str, bucket_start: str) -> str:
     return f"{window}.window_start >= {bucket_start} AND {window}.window_start < {bucket_start} + %(bucket)s"
 
 
-def rollup_sql(query: MetricsQuery) -> str:
-    """Buckets of merged windows, each with the parallel arrays of its parts.
+# A part's merged values, as the part query computes them and the cache keeps them.
+PART_FIELDS: tuple[str, ...] = (
+    "window_end",
+    *_SUMMED,
+    *(f"{column}_{kind}" for column, _ in _WEIGHTED for kind in ("total", "weight")),
+    "estimated_cost_usd",
+    "revision",
+)
+_FINGERPRINT: tuple[str, ...] = ("windows", "revisions", "updates")
 
-    ``parts`` aggregates every selected window once per key and bucket, with the
-    part's fingerprint (``windows``, ``revisions``, ``updates``); ``buckets``
-    merges parts across the dimensions left out and keeps ``limit``; the parts
-    of the buckets kept come back as arrays, with the cached digest of each when
-    one matches. Weighted averages go through the parts as (total, weight).
+
+def parts_sql(query: MetricsQuery) -> str:
+    """The parts of the buckets that survive ``limit``, with their kept merge if it still holds.
+
+    Reads only the fingerprint index of ``llm_metrics`` (count, revision and
+    ``updated_at`` per key and bucket) and ``llm_metrics_rollups``; one row per
+    part, with the kept values when ``cached``.
     """
     kept = [name for name in DIMENSIONS if name in query.group_by]
-    part_columns = [f"sum({name}) AS {name}" for name in _SUMMED]
-    part_columns += [
-        # Windows without a value for the average carry no weight either.
-        f"sum({column} * {weight}) AS {column}_total, "
-        f"sum({weight}) FILTER (WHERE {column} IS NOT NULL) AS {column}_weight"
-        for column, weight in _WEIGHTED
-    ]
-    parts = f"""
-        SELECT tenant_id, route, model, {_bucket_start(query)} AS bucket_start,
-            max(window_end) AS window_end,
-            {", ".join(part_columns)},
-            sum(estimated_cost_usd) AS estimated_cost_usd,
-            max(revision) AS revision,
+    fingerprints = f"""
+        SELECT route, model, {_bucket_start(query)} AS bucket_start,
             count(*) AS windows, sum(revision) AS revisions,
             sum(extract(epoch FROM updated_at)) AS updates
         FROM llm_metrics WHERE {_filters(query)}
-        GROUP BY 1, 2, 3, 4"""
-    if query.bucket_seconds is None:
-        window_end = "max(window_end)"
-    else:
-        window_end = "greatest(max(window_end), bucket_start + %(bucket)s)"
-    dimensions = [name if name in kept else f"NULL::text AS {name}" for name in DIMENSIONS]
-    bucket_columns = [f"sum({name})::bigint AS {name}" for name in _SUMMED]
-    bucket_columns += [
-        f"sum({column}_total) / NULLIF(sum({column}_weight), 0) AS {column}" for column, _ in _WEIGHTED
-    ]
+        GROUP BY 1, 2, 3"""
     buckets = f"""
-        SELECT tenant_id, {", ".join(dimensions)},
-            bucket_start AS window_start, {window_end} AS window_end,
-            {", ".join(bucket_columns)},
-            sum(estimated_cost_usd) AS estimated_cost_usd,
-            max(revision) AS revision
-        FROM parts
-        GROUP BY tenant_id, bucket_start{"".join(f", {name}" for name in kept)}
+        SELECT bucket_start{"".join(f", {name}" for name in kept)} FROM prints
+        GROUP BY bucket_start{"".join(f", {name}" for name in kept)}
         ORDER BY bucket_start DESC{"".join(f', {name} COLLATE "C"' for name in kept)}
         LIMIT %(limit)s"""
-    same_group = "".join(f" AND p.{name} = b.{name}" for name in kept)
+    same_bucket = "".join(f" AND b.{name} = p.{name}" for name in kept)
     if cacheable(query):
-        # Only a bucket the range covers whole matches what was cached for it.
+        # Only a bucket the range covers whole matches what was kept for it.
         complete = (
-            "(%(start)s::timestamptz IS NULL OR b.window_start >= %(start)s)"
-            " AND (%(end)s::timestamptz IS NULL OR b.window_start + %(bucket)s <= %(end)s)"
+            "(%(start)s::timestamptz IS NULL OR p.bucket_start >= %(start)s)"
+            " AND (%(end)s::timestamptz IS NULL OR p.bucket_start + %(bucket)s <= %(end)s)"
         )
         cache_join = f"""
-            LEFT JOIN llm_metrics_rollup_digests AS c
-              ON c.tenant_id = p.tenant_id AND c.route = p.route AND c.model = p.model
+            LEFT JOIN llm_metrics_rollups AS c
+              ON c.tenant_id = %(tenant_id)s AND c.route = p.route AND c.model = p.model
              AND c.bucket_seconds = %(bucket_seconds)s AND c.bucket_start = p.bucket_start
              AND c.windows = p.windows AND c.revisions = p.revisions AND c.updates = p.updates
              AND {complete}"""
-        cached, digest = "c.bucket_start IS NOT NULL", "c.digest"
+        cached = "c.bucket_start IS NOT NULL"
+        values = [f"c.{name}" for name in (*PART_FIELDS, "digest")]
     else:
-        complete, cache_join, cached, digest = "false", "", "false", "NULL::bytea"
-    order = 'ORDER BY p.route COLLATE "C", p.model COLLATE "C"'
-    arrays = {
-        "part_routes": "p.route",
-        "part_models": "p.model",
-        "part_windows": "p.windows",
-        "part_revisions": "p.revisions",
-        "part_updates": "p.updates",
-        "part_cached": cached,
-        "part_digests": digest,
-    }
+        complete, cache_join, cached = "false", "", "false"
+        values = [f"NULL AS {name}" for name in (*PART_FIELDS, "digest")]
     return f"""
-        WITH parts AS MATERIALIZED ({parts}), buckets AS ({buckets})
-        SELECT * FROM (
-            SELECT {", ".join(f"b.{name}" for name in _BUCKET_FIELDS)},
-                bool_and({complete}) AS complete,
-                {", ".join(f"array_agg({value} {order}) AS {name}" for name, value in arrays.items())}
-            FROM buckets AS b
-            JOIN parts AS p ON p.bucket_start = b.window_start{same_group}
-            {cache_join}
-            GROUP BY {", ".join(f"b.{name}" for name in _BUCKET_FIELDS)}
-        ) AS rolled
-        {_ORDER}"""
+        WITH prints AS MATERIALIZED ({fingerprints}), buckets AS ({buckets})
+        SELECT p.route, p.model, p.bucket_start, p.windows, p.revisions, p.updates,
+            {complete} AS complete, {cached} AS cached, {", ".join(values)}
+        FROM prints AS p
+        JOIN buckets AS b ON b.bucket_start = p.bucket_start{same_bucket}
+        {cache_join}"""
 
 
-def part_digests_sql(query: MetricsQuery) -> str:
-    """The window digests of chosen parts, given as parallel arrays; one row per part."""
+def merge_sql(query: MetricsQuery) -> str:
+    """Chosen parts (parallel arrays) merged from their windows; one row per part, by number."""
+    # Unqualified: these columns are the windows' alone (m has route, model, bucket_start).
+    columns = [
+        "max(window_end) AS window_end",
+        *(f"sum({name})::bigint AS {name}" for name in _SUMMED),
+        *(
+            # Windows without a value for the average carry no weight either.
+            f"sum({column} * {weight}) AS {column}_total, "
+            f"(sum({weight}) FILTER (WHERE {column} IS NOT NULL))::bigint AS {column}_weight"
+            for column, weight in _WEIGHTED
+        ),
+        "sum(estimated_cost_usd) AS estimated_cost_usd",
+        "max(revision) AS revision",
+    ]
     return f"""
-        SELECT m.number,
+        SELECT m.number, {", ".join(columns)},
             array_agg(w.latency_digest ORDER BY w.window_start)
                 FILTER (WHERE w.latency_digest IS NOT NULL) AS blobs
         FROM unnest(%(routes)s::text[], %(models)s::text[], %(starts)s::timestamptz[])
@@ -272,19 +256,27 @@ def part_digests_sql(query: MetricsQuery) -> str:
         GROUP BY m.number"""
 
 
-KEEP_DIGEST_SQL = """
-    INSERT INTO llm_metrics_rollup_digests
-        (tenant_id, route, model, bucket_seconds, bucket_start, windows, revisions, updates, digest)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+_KEPT_COLUMNS = (
+    "tenant_id",
+    "route",
+    "model",
+    "bucket_seconds",
+    "bucket_start",
+    *_FINGERPRINT,
+    *PART_FIELDS,
+    "digest",
+)
+KEEP_SQL = f"""
+    INSERT INTO llm_metrics_rollups ({", ".join(_KEPT_COLUMNS)})
+    VALUES ({", ".join(["%s"] * len(_KEPT_COLUMNS))})
     ON CONFLICT (tenant_id, route, model, bucket_seconds, bucket_start) DO UPDATE SET
-        windows = EXCLUDED.windows, revisions = EXCLUDED.revisions, updates = EXCLUDED.updates,
-        digest = EXCLUDED.digest, merged_at = now()
+        {", ".join(f"{name} = EXCLUDED.{name}" for name in _KEPT_COLUMNS[5:])}, merged_at = now()
 """
 
 
 @dataclass
 class Part:
-    """One key's windows in one bucket, and their merged digest once known."""
+    """One key's windows in one bucket: fingerprint, then merged values once known."""
 
     route: str
     model: str
@@ -292,12 +284,13 @@ class Part:
     windows: int
     revisions: int
     updates: Decimal
-    # Whether the merged digest is known: cached, or merged by this request.
+    # Whether ``values`` and ``blob`` are known: kept, or merged by this request.
     merged: bool
+    # Whether the merge may be kept (a long bucket the range covers whole).
+    keep: bool
+    values: dict[str, Any]
     # The merged digest, serialized (None: no window of the part had one).
     blob: bytes | None
-    # Whether the merged digest may be cached (the range covers the whole bucket).
-    keep: bool
 
 
 def merge_digests(blobs: Sequence[bytes] | None) -> TDigest | None:
@@ -307,52 +300,29 @@ def merge_digests(blobs: Sequence[bytes] | None) -> TDigest | None:
     return merge_all([TDigest.from_bytes(blob) for blob in blobs])
 
 
-def _merge_parts(parts: Sequence[Part], blobs: dict[int, list[bytes]]) -> None:
-    """Each part's window digests (``blobs`` by 1-based position) merged into its ``blob``."""
+def _part(record: dict[str, Any], keep: bool) -> Part:
+    return Part(
+        route=record["route"],
+        model=record["model"],
+        bucket_start=record["bucket_start"],
+        windows=record["windows"],
+        revisions=record["revisions"],
+        updates=record["updates"],
+        merged=record["cached"],
+        keep=keep and record["complete"],
+        values={name: record[name] for name in PART_FIELDS},
+        blob=record["digest"],
+    )
+
+
+def _merge_parts(parts: Sequence[Part], records: dict[int, dict[str, Any]]) -> None:
+    """Each part's values and merged digest, from its :func:`merge_sql` record (by 1-based number)."""
     for number, part in enumerate(parts, 1):
-        digest = merge_digests(blobs.get(number))
+        record = records[number]
+        digest = merge_digests(record["blobs"])
+        part.values = {name: record[name] for name in PART_FIELDS}
         part.blob = None if digest is None else digest.to_bytes()
         part.merged = True
-
-
-def window_row(record: Sequence[Any]) -> MetricsRow:
-    """A stored window, from a :func:`windows_sql` record."""
-    return MetricsRow(**dict(zip(ROW_FIELDS, record, strict=True)))
-
-
-def _row(record: dict[str, Any], parts: Sequence[Part]) -> MetricsRow:
-    """A bucket: its sums from ``record``, its percentiles from its parts' merged digests."""
-    values = {name: record[name] for name in _BUCKET_FIELDS}
-    digest = merge_digests([part.blob for part in parts if part.blob is not None])
-    for name, quantile in PERCENTILES:
-        values[name] = None if digest is None or digest.is_empty() else digest.quantile(quantile)
-    return MetricsRow(**values)
-
-
-def _parts(record: dict[str, Any], keep: bool) -> list[Part]:
-    return [
-        Part(
-            route=route,
-            model=model,
-            bucket_start=record["window_start"],
-            windows=windows,
-            revisions=revisions,
-            updates=updates,
-            merged=cached,
-            blob=blob,
-            keep=keep and record["complete"],
-        )
-        for route, model, windows, revisions, updates, cached, blob in zip(
-            record["part_routes"],
-            record["part_models"],
-            record["part_windows"],
-            record["part_revisions"],
-            record["part_updates"],
-            record["part_cached"],
-            record["part_digests"],
-            strict=True,
-        )
-    ]
 
 
 def _chunks(parts: Sequence[Part]) -> Iterator[list[Part]]:
@@ -368,51 +338,99 @@ def _chunks(parts: Sequence[Part]) -> Iterator[list[Part]]:
         yield chunk
 
 
+def window_row(record: Sequence[Any]) -> MetricsRow:
+    """A stored window, from a :func:`windows_sql` record."""
+    return MetricsRow(**dict(zip(ROW_FIELDS, record, strict=True)))
+
+
+def _total(parts: Sequence[Part], name: str) -> Any:
+    present = [part.values[name] for part in parts if part.values[name] is not None]
+    return sum(present) if present else None
+
+
+def bucket_row(query: MetricsQuery, parts: Sequence[Part]) -> MetricsRow:
+    """One bucket from its parts: sums summed, averages weighted, percentiles from the merged digests."""
+    first = parts[0]
+    values: dict[str, Any] = {
+        "tenant_id": query.tenant_id,
+        "route": first.route if "route" in query.group_by else None,
+        "model": first.model if "model" in query.group_by else None,
+        "window_start": first.bucket_start,
+        "window_end": max(part.values["window_end"] for part in parts),
+        "estimated_cost_usd": sum(part.values["estimated_cost_usd"] for part in parts),
+        "revision": max(part.values["revision"] for part in parts),
+    }
+    if query.bucket_seconds is not None:
+        values["window_end"] = max(
+            values["window_end"], first.bucket_start + timedelta(seconds=query.bucket_seconds)
+        )
+    for name in _SUMMED:
+        values[name] = sum(part.values[name] for part in parts)
+    for column, _ in _WEIGHTED:
+        total, weight = _total(parts, f"{column}_total"), _total(parts, f"{column}_weight")
+        values[column] = total / weight if weight else None
+    digest = merge_digests([part.blob for part in parts if part.blob is not None])
+    for name, quantile in PERCENTILES:
+        values[name] = None if digest is None or digest.is_empty() else digest.quantile(quantile)
+    return MetricsRow(**values)
+
+
+def _group(query: MetricsQuery, parts: Sequence[Part]) -> list[list[Part]]:
+    """Parts by bucket, in the documented order: newest first, then route and model."""
+    kept = [name for name in DIMENSIONS if name in query.group_by]
+    groups: dict[tuple[Any, ...], list[Part]] = {}
+    for part in parts:
+        key = (part.bucket_start, *(getattr(part, name) for name in kept))
+        groups.setdefault(key, []).append(part)
+    # Python compares str by code point, as the API's order does.
+    ordered = sorted(groups, key=lambda key: key[1:])
+    ordered.sort(key=lambda key: key[0], reverse=True)
+    return [groups[key] for key in ordered]
+
+
 async def fetch_rollup(
     conn: psycopg.AsyncConnection[Any], query: MetricsQuery, deadline: Deadline
 ) -> list[MetricsRow]:
-    """The roll-up's rows, merging what the cache lacks until ``deadline``.
+    """The roll-up's rows, merging what is not kept until ``deadline``.
 
     Raises :class:`DeadlineExceeded` (a statement ran out of time) or
     :class:`RollupIncomplete` (merging did), ``psycopg.Error`` when Postgres fails.
     """
     params = parameters(query) | {"bucket_seconds": query.bucket_seconds}
     keep = cacheable(query)
-    records: list[dict[str, Any]] | None = None
+    parts: list[Part] | None = None
     missing: list[Part] = []
-    buckets: list[tuple[dict[str, Any], list[Part]]] = []
     try:
-        # One snapshot: sums, fingerprints and window digests agree, so a part
-        # merged here may be cached under the fingerprint read here.
+        # One snapshot: fingerprints and windows agree, so a part merged here may
+        # be kept under the fingerprint read here.
         async with conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             await conn.execute(deadline.statement_timeout())
             async with conn.cursor(row_factory=dict_row) as cursor:
                 # Binary results: a bytea array in text form is hex that costs
                 # more to parse than the digests cost to merge.
-                await cursor.execute(rollup_sql(query), params, binary=True)
-                records = await cursor.fetchall()
-            buckets = [(record, _parts(record, keep)) for record in records]
-            missing = [part for _, parts in buckets for part in parts if not part.merged]
-            for chunk in _chunks(missing):
-                if deadline.remaining() <= 0:
-                    break
-                await conn.execute(deadline.statement_timeout())
-                cursor = await conn.execute(
-                    part_digests_sql(query),
-                    params
-                    | {
-                        "routes": [part.route for part in chunk],
-                        "models": [part.model for part in chunk],
-                        "starts": [part.bucket_start for part in chunk],
-                    },
-                    binary=True,
-                )
-                blobs = {number: found for number, found in await cursor.fetchall()}
-                await run_in_threadpool(_merge_parts, chunk, blobs)
+                await cursor.execute(parts_sql(query), params, binary=True)
+                parts = [_part(record, keep) for record in await cursor.fetchall()]
+                missing = [part for part in parts if not part.merged]
+                for chunk in _chunks(missing):
+                    if deadline.remaining() <= 0:
+                        break
+                    await cursor.execute(deadline.statement_timeout())
+                    await cursor.execute(
+                        merge_sql(query),
+                        params
+                        | {
+                            "routes": [part.route for part in chunk],
+                            "models": [part.model for part in chunk],
+                            "starts": [part.bucket_start for part in chunk],
+                        },
+                        binary=True,
+                    )
+                    records = {record["number"]: record for record in await cursor.fetchall()}
+                    await run_in_threadpool(_merge_parts, chunk, records)
     except psycopg.errors.QueryCanceled:
         # A chunk that ran out of time ends merging; what was merged before it is kept below.
-        if records is None:
+        if parts is None:
             raise DeadlineExceeded(
                 f"the roll-up needs more than {deadline.seconds:g} s of database work;"
                 " ask for a shorter range, one route or model, or a larger bucket"
@@ -421,7 +439,7 @@ async def fetch_rollup(
     if fresh:
         async with conn.cursor() as cursor:
             await cursor.executemany(
-                KEEP_DIGEST_SQL,
+                KEEP_SQL,
                 [
                     (
                         query.tenant_id,
@@ -432,6 +450,7 @@ async def fetch_rollup(
                         part.windows,
                         part.revisions,
                         part.updates,
+                        *(part.values[name] for name in PART_FIELDS),
                         part.blob,
                     )
                     for part in fresh
@@ -440,4 +459,6 @@ async def fetch_rollup(
     done = sum(part.merged for part in missing)
     if done < len(missing):
         raise RollupIncomplete(deadline.seconds, done, len(missing))
-    return await run_in_threadpool(lambda: [_row(record, parts) for record, parts in buckets])
+    assert parts is not None
+    groups = _group(query, parts)
+    return await run_in_threadpool(lambda: [bucket_row(query, group) for group in groups])

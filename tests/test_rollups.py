@@ -257,10 +257,10 @@ def test_many_calls_merge_within_one_percent(postgres_dsn: str, client_for: Any)
 
 
 def cached_parts(dsn: str) -> dict[tuple, int]:
-    """What llm_metrics_rollup_digests holds: (route, model, bucket_seconds, start) -> windows."""
+    """What llm_metrics_rollups holds: (route, model, bucket_seconds, start) -> windows."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            "SELECT route, model, bucket_seconds, bucket_start, windows FROM llm_metrics_rollup_digests"
+            "SELECT route, model, bucket_seconds, bucket_start, windows FROM llm_metrics_rollups"
         ).fetchall()
     return {
         (route, model, seconds, rfc3339(start)): windows for route, model, seconds, start, windows in rows
@@ -270,7 +270,7 @@ def cached_parts(dsn: str) -> dict[tuple, int]:
 def poison_cache(dsn: str) -> None:
     """Every cached digest replaced by one that no real bucket could merge to."""
     with psycopg.connect(dsn) as conn:
-        conn.execute("UPDATE llm_metrics_rollup_digests SET digest = %s", (POISON.to_bytes(),))
+        conn.execute("UPDATE llm_metrics_rollups SET digest = %s", (POISON.to_bytes(),))
 
 
 POISON = TDigest.from_values([987_654.0])
