@@ -230,8 +230,11 @@ def parts_sql(query: MetricsQuery) -> str:
 
 
 def merge_sql(query: MetricsQuery) -> str:
-    """Chosen parts (parallel arrays) merged from their windows; one row per part, by number."""
-    # Unqualified: these columns are the windows' alone (m has route, model, bucket_start).
+    """Chosen parts (parallel arrays) merged from their windows; one row per part, by number.
+
+    Lateral, so each part is one range of the primary key rather than a join
+    the planner might answer by scanning every window of the tenant.
+    """
     columns = [
         "max(window_end) AS window_end",
         *(f"sum({name})::bigint AS {name}" for name in _SUMMED),
@@ -243,17 +246,18 @@ def merge_sql(query: MetricsQuery) -> str:
         ),
         "sum(estimated_cost_usd) AS estimated_cost_usd",
         "max(revision) AS revision",
+        "array_agg(latency_digest ORDER BY window_start) FILTER (WHERE latency_digest IS NOT NULL) AS blobs",
     ]
     return f"""
-        SELECT m.number, {", ".join(columns)},
-            array_agg(w.latency_digest ORDER BY w.window_start)
-                FILTER (WHERE w.latency_digest IS NOT NULL) AS blobs
+        SELECT m.number, merged.*
         FROM unnest(%(routes)s::text[], %(models)s::text[], %(starts)s::timestamptz[])
             WITH ORDINALITY AS m(route, model, bucket_start, number)
-        JOIN llm_metrics AS w
-          ON w.route = m.route AND w.model = m.model AND {_in_bucket(query, "w", "m.bucket_start")}
-        WHERE {_filters(query, "w")}
-        GROUP BY m.number"""
+        CROSS JOIN LATERAL (
+            SELECT {", ".join(columns)}
+            FROM llm_metrics AS w
+            WHERE {_filters(query, "w")} AND w.route = m.route AND w.model = m.model
+              AND {_in_bucket(query, "w", "m.bucket_start")}
+        ) AS merged"""
 
 
 _KEPT_COLUMNS = (
