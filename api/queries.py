@@ -142,6 +142,12 @@ class Deadline:
         return f"SET LOCAL statement_timeout = {max(1, int(self.remaining() * 1000))}"
 
 
+_NARROW = (
+    "the roll-up needs more than {seconds:g} s of work; ask for a shorter range,"
+    " one route or model, or a larger bucket"
+)
+
+
 class DeadlineExceeded(Exception):
     """The request's work did not fit its deadline; the message says what to do."""
 
@@ -435,10 +441,7 @@ async def fetch_rollup(
     except psycopg.errors.QueryCanceled:
         # A chunk that ran out of time ends merging; what was merged before it is kept below.
         if parts is None:
-            raise DeadlineExceeded(
-                f"the roll-up needs more than {deadline.seconds:g} s of database work;"
-                " ask for a shorter range, one route or model, or a larger bucket"
-            ) from None
+            raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds)) from None
     fresh = [part for part in missing if part.merged and part.keep]
     if fresh:
         async with conn.cursor() as cursor:
@@ -462,6 +465,8 @@ async def fetch_rollup(
             )
     done = sum(part.merged for part in missing)
     if done < len(missing):
+        if not fresh:  # nothing kept: a retry would start over
+            raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds))
         raise RollupIncomplete(deadline.seconds, done, len(missing))
     assert parts is not None
     groups = _group(query, parts)

@@ -440,3 +440,15 @@ def test_a_rollup_whose_statement_cannot_finish_answers_within_its_deadline(
     assert response.json()["error"] == "deadline_exceeded"
     assert "shorter range" in response.json()["detail"]
     assert elapsed < 2.0
+
+
+def test_a_short_bucket_roll_up_out_of_time_asks_for_less_rather_than_a_retry(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+):
+    # Nothing of a 5m roll-up is kept, so a retry could not go further: say what to change.
+    monkeypatch.setattr(api.queries, "CHUNK_WINDOWS", 1)
+    monkeypatch.setattr(api.metrics, "Deadline", lambda seconds: Deadline(4.5, clock=stepping_clock(1.0)))
+    response = client.get("/v1/metrics", params={"tenant_id": "acme", "bucket": "5m", "limit": 1000})
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "deadline_exceeded"
+    assert "shorter range" in response.json()["detail"]
