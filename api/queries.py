@@ -44,7 +44,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -200,7 +199,7 @@ def parts_sql(query: MetricsQuery) -> str:
     fingerprints = f"""
         SELECT route, model, {_bucket_start(query)} AS bucket_start,
             count(*) AS windows, sum(revision) AS revisions,
-            sum(extract(epoch FROM updated_at)) AS updates
+            sum(updated_at - timestamptz 'epoch') AS updates
         FROM llm_metrics WHERE {_filters(query)}
         GROUP BY 1, 2, 3"""
     buckets = f"""
@@ -293,7 +292,7 @@ class Part:
     bucket_start: datetime
     windows: int
     revisions: int
-    updates: Decimal
+    updates: timedelta
     # Whether ``values`` and ``blob`` are known: kept, or merged by this request.
     merged: bool
     # Whether the merge may be kept (a long bucket the range covers whole).
