@@ -265,21 +265,29 @@ def merge_sql(query: MetricsQuery) -> str:
         ) AS merged"""
 
 
-_KEPT_COLUMNS = (
-    "tenant_id",
-    "route",
-    "model",
-    "bucket_seconds",
-    "bucket_start",
-    *_FINGERPRINT,
-    *PART_FIELDS,
-    "digest",
-)
+# Each kept column and its type, for one INSERT of every part as parallel arrays.
+_KEPT_COLUMNS: dict[str, str] = {
+    "tenant_id": "text",
+    "route": "text",
+    "model": "text",
+    "bucket_seconds": "integer",
+    "bucket_start": "timestamptz",
+    "windows": "bigint",
+    "revisions": "bigint",
+    "updates": "interval",
+    "window_end": "timestamptz",
+    **dict.fromkeys(_SUMMED, "bigint"),
+    **{f"{column}_total": "double precision" for column, _ in _WEIGHTED},
+    **{f"{column}_weight": "bigint" for column, _ in _WEIGHTED},
+    "estimated_cost_usd": "double precision",
+    "revision": "integer",
+    "digest": "bytea",
+}
 KEEP_SQL = f"""
     INSERT INTO llm_metrics_rollups ({", ".join(_KEPT_COLUMNS)})
-    VALUES ({", ".join(["%s"] * len(_KEPT_COLUMNS))})
+    SELECT * FROM unnest({", ".join(f"%({name})s::{kind}[]" for name, kind in _KEPT_COLUMNS.items())})
     ON CONFLICT (tenant_id, route, model, bucket_seconds, bucket_start) DO UPDATE SET
-        {", ".join(f"{name} = EXCLUDED.{name}" for name in _KEPT_COLUMNS[5:])}, merged_at = now()
+        {", ".join(f"{name} = EXCLUDED.{name}" for name in list(_KEPT_COLUMNS)[5:])}, merged_at = now()
 """
 
 
@@ -332,6 +340,19 @@ def _merge_parts(parts: Sequence[Part], records: dict[int, dict[str, Any]]) -> N
         part.values = {name: record[name] for name in PART_FIELDS}
         part.blob = None if digest is None else digest.to_bytes()
         part.merged = True
+
+
+def _kept_columns(query: MetricsQuery, parts: Sequence[Part]) -> dict[str, list[Any]]:
+    """:data:`KEEP_SQL`'s parameters: each column's values over ``parts``."""
+    columns: dict[str, list[Any]] = {
+        "tenant_id": [query.tenant_id] * len(parts),
+        "bucket_seconds": [query.bucket_seconds] * len(parts),
+        **{name: [getattr(part, name) for part in parts] for name in ("route", "model", "bucket_start")},
+        **{name: [getattr(part, name) for part in parts] for name in _FINGERPRINT},
+        **{name: [part.values[name] for part in parts] for name in PART_FIELDS},
+        "digest": [part.blob for part in parts],
+    }
+    return {name: columns[name] for name in _KEPT_COLUMNS}
 
 
 def _chunks(parts: Sequence[Part]) -> Iterator[list[Part]]:
@@ -443,25 +464,7 @@ async def fetch_rollup(
             raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds)) from None
     fresh = [part for part in missing if part.merged and part.keep]
     if fresh:
-        async with conn.cursor() as cursor:
-            await cursor.executemany(
-                KEEP_SQL,
-                [
-                    (
-                        query.tenant_id,
-                        part.route,
-                        part.model,
-                        query.bucket_seconds,
-                        part.bucket_start,
-                        part.windows,
-                        part.revisions,
-                        part.updates,
-                        *(part.values[name] for name in PART_FIELDS),
-                        part.blob,
-                    )
-                    for part in fresh
-                ],
-            )
+        await conn.execute(KEEP_SQL, _kept_columns(query, fresh), binary=True)
     done = sum(part.merged for part in missing)
     if done < len(missing):
         if not fresh:  # nothing kept: a retry would start over
