@@ -3,20 +3,23 @@
 Values only ever travel as query parameters; the statement text is assembled
 from the fixed column names of :data:`schemas.metrics.ROW_FIELDS`.
 
-A roll-up lets Postgres do what it does well — sums, and averages weighted by
-what each window averaged over — and keeps only the percentiles for Python:
-they come from the windows' merged t-digests, never from averaging percentiles.
+A roll-up is made of *parts*: one key's windows in one bucket. Postgres sums
+each part's windows (averages as total and weight, so they can be weighted
+again across parts) and Python merges its windows' t-digests in Rust
+(``fastdigest.merge_all``); a bucket is then its parts added up, with
+percentiles from the merged digests, never from averaging percentiles.
 
-Merging is bounded. Postgres aggregates each key's share of a bucket (a *part*)
-and, for ``1h`` and ``1d`` buckets the range covers whole, looks up the part's
-merged digest in ``llm_metrics_rollups``; a cached digest is used only
-when the part's windows still have the count, revision sum and ``updated_at``
-sum it was merged from (see ``schemas/llm_metrics.sql``), so it is never stale.
-The other parts' window digests are fetched for the buckets that survive
-``limit`` only, in chunks, merged in Rust (``fastdigest.merge_all``) and cached,
-until a :class:`Deadline` passes: then the request stops with
-:class:`RollupIncomplete` and what it merged so far stays cached, so a retry
-goes on from there. Everything is read in one snapshot.
+The work is bounded. The parts of the buckets that survive ``limit`` are found
+from the windows' fingerprints alone (count, revision sum and ``updated_at``
+sum per part, read from a covering index, not the wide rows). For ``1h`` and
+``1d`` buckets the range covers whole, a part kept in ``llm_metrics_rollups``
+is used only while its fingerprint still matches (see
+``schemas/llm_metrics.sql``), so a kept part is never stale. The other parts
+are merged from their windows in chunks, and kept, until a :class:`Deadline`
+passes: the request then stops with :class:`RollupIncomplete` and what it
+merged stays kept, so a retry goes on from there. Everything a request reads
+comes from one snapshot, so a part is kept under the fingerprint it was
+merged from.
 
 What a merged row reports:
 
@@ -63,9 +66,12 @@ PERCENTILES: tuple[tuple[str, float], ...] = (
 # Buckets at least this long keep their parts' merged digests; shorter ones merge
 # at most 15 windows per part and are cheap enough to merge on every read.
 CACHED_BUCKET_SECONDS = 3600
-# Window digests fetched and merged per round trip (about 12 MB of digests):
+# Window digests fetched and merged per round trip (about 6 MB of digests):
 # small enough that the deadline is checked often, large enough to stream.
-CHUNK_WINDOWS = 20_000
+CHUNK_WINDOWS = 10_000
+# Merging stops this long before the deadline: writing the parts merged (about
+# 15 kB each) and answering take the rest.
+KEEP_RESERVE_SECONDS = 0.6
 
 # The aggregates a roll-up sums, and the averages it weights (column, weight).
 _SUMMED: tuple[str, ...] = (
@@ -443,7 +449,7 @@ async def fetch_rollup(
                 parts = [_part(record, keep) for record in await cursor.fetchall()]
                 missing = [part for part in parts if not part.merged]
                 for chunk in _chunks(missing):
-                    if deadline.remaining() <= 0:
+                    if deadline.remaining() <= KEEP_RESERVE_SECONDS:
                         break
                     await cursor.execute(deadline.statement_timeout())
                     await cursor.execute(
