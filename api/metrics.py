@@ -59,6 +59,9 @@ RETRY_AFTER_SECONDS = "5"
 # A roll-up cut short by its deadline keeps what it merged: a retry soon goes on.
 RETRY_ROLLUP_SECONDS = "1"
 SCHEMA_RETRY_SECONDS = 2.0
+# Roll-ups are CPU work in Postgres and here: more at once than there are cores
+# only makes them all late. The others wait their turn within their deadline.
+ROLLUPS_AT_ONCE = 2
 
 _T = TypeVar("_T")
 
@@ -121,13 +124,25 @@ async def bounded(call: Awaitable[_T], seconds: float) -> _T:
     return task.result()
 
 
-async def _fetch(pool: psycopg_pool.AsyncConnectionPool, query: MetricsQuery) -> list[MetricsRow]:
+async def _fetch(
+    pool: psycopg_pool.AsyncConnectionPool, rollup_slots: asyncio.Semaphore, query: MetricsQuery
+) -> list[MetricsRow]:
     deadline = Deadline(QUERY_SECONDS)
-    async with pool.connection(timeout=max(0.0, deadline.remaining())) as conn:
-        if query.is_rollup:
+    if not query.is_rollup:
+        async with pool.connection(timeout=max(0.0, deadline.remaining())) as conn:
+            cursor = await conn.execute(windows_sql(query), parameters(query))
+            return [window_row(record) for record in await cursor.fetchall()]
+    try:
+        await asyncio.wait_for(rollup_slots.acquire(), max(0.0, deadline.remaining()))
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"other roll-ups kept the database busy for {QUERY_SECONDS:g} s; retry"
+        ) from None
+    try:
+        async with pool.connection(timeout=max(0.0, deadline.remaining())) as conn:
             return await fetch_rollup(conn, query, deadline)
-        cursor = await conn.execute(windows_sql(query), parameters(query))
-        return [window_row(record) for record in await cursor.fetchall()]
+    finally:
+        rollup_slots.release()
 
 
 async def metrics(request: Request) -> Response:
@@ -142,7 +157,9 @@ async def metrics(request: Request) -> Response:
     if refusal is not None:
         return error_response(403, "forbidden", refusal)
     try:
-        rows = await bounded(_fetch(request.app.state.pool, query), DATABASE_TIMEOUT_SECONDS)
+        rows = await bounded(
+            _fetch(request.app.state.pool, request.app.state.rollup_slots, query), DATABASE_TIMEOUT_SECONDS
+        )
     except DeadlineExceeded as error:
         return error_response(
             503, "deadline_exceeded", str(error), headers={"Retry-After": RETRY_ROLLUP_SECONDS}
@@ -377,6 +394,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
         await pool.open(wait=False)
         app.state.pool = pool
+        app.state.rollup_slots = asyncio.Semaphore(ROLLUPS_AT_ONCE)
         try:
             async with open_key_store(current, pool) as keys:
                 app.state.key_store = keys

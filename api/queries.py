@@ -158,7 +158,7 @@ class DeadlineExceeded(Exception):
 
 
 class RollupIncomplete(DeadlineExceeded):
-    """Merging stopped at the deadline; the parts merged so far are cached."""
+    """Merging stopped at the deadline; the parts merged so far are kept."""
 
     def __init__(self, seconds: float, merged: int, total: int) -> None:
         super().__init__(

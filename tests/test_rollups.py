@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 import time
@@ -396,18 +395,25 @@ def test_short_buckets_are_not_kept(client: TestClient, postgres_dsn: str):
     assert cached_parts(postgres_dsn) == {}
 
 
-def stepping_clock(step: float) -> Callable[[], float]:
-    """A clock that moves ``step`` seconds each time it is read: work runs out of time by count."""
-    ticks = itertools.count()
-    return lambda: next(ticks) * step
+def slow_merging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every chunk of merging takes one second of a clock only merging moves, and a
+    request's deadline is 1.5 s of that clock: each request merges one chunk."""
+    now = [0.0]
+    merge = api.queries._merge_parts
+
+    def merge_taking_a_second(*args: Any) -> None:
+        merge(*args)
+        now[0] += 1.0
+
+    monkeypatch.setattr(api.queries, "_merge_parts", merge_taking_a_second)
+    monkeypatch.setattr(api.metrics, "Deadline", lambda seconds: Deadline(1.5, clock=lambda: now[0]))
+    monkeypatch.setattr(api.queries, "CHUNK_WINDOWS", 1)  # one part per chunk
 
 
 def test_a_rollup_out_of_time_keeps_what_it_merged_and_a_retry_goes_on(
     client: TestClient, acme: list[Window], postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
 ):
-    # One part per chunk, and a deadline that lasts a few clock readings.
-    monkeypatch.setattr(api.queries, "CHUNK_WINDOWS", 1)
-    monkeypatch.setattr(api.metrics, "Deadline", lambda seconds: Deadline(4.5, clock=stepping_clock(1.0)))
+    slow_merging(monkeypatch)
     kept: list[int] = []
     for _ in range(20):
         response = client.get("/v1/metrics", params={"tenant_id": "acme", "bucket": "1h", "limit": 1000})
@@ -446,9 +452,31 @@ def test_a_short_bucket_roll_up_out_of_time_asks_for_less_rather_than_a_retry(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ):
     # Nothing of a 5m roll-up is kept, so a retry could not go further: say what to change.
-    monkeypatch.setattr(api.queries, "CHUNK_WINDOWS", 1)
-    monkeypatch.setattr(api.metrics, "Deadline", lambda seconds: Deadline(4.5, clock=stepping_clock(1.0)))
+    slow_merging(monkeypatch)
     response = client.get("/v1/metrics", params={"tenant_id": "acme", "bucket": "5m", "limit": 1000})
     assert response.status_code == 503, response.text
     assert response.json()["error"] == "deadline_exceeded"
     assert "shorter range" in response.json()["detail"]
+
+
+def test_roll_ups_beyond_the_slots_wait_their_turn_within_the_deadline(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(api.metrics, "QUERY_SECONDS", 0.3)
+    slots = client.app.state.rollup_slots
+    for _ in range(api.metrics.ROLLUPS_AT_ONCE):  # as if that many roll-ups were running
+        client.portal.call(slots.acquire)
+    try:
+        started = time.monotonic()
+        response = client.get("/v1/metrics", params={"tenant_id": "acme", "bucket": "1h"})
+        assert time.monotonic() - started < 1.0
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "deadline_exceeded"
+        assert "other roll-ups" in response.json()["detail"]
+        # Reading windows as they are does not wait for a slot.
+        assert get(client, tenant_id="acme", limit=5)["count"] == 5
+    finally:
+        for _ in range(api.metrics.ROLLUPS_AT_ONCE):
+            slots.release()
+    monkeypatch.undo()  # the usual deadline again
+    assert get(client, tenant_id="acme", bucket="1h")["count"] > 0

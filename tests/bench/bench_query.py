@@ -270,11 +270,13 @@ def _concurrent(base_url: str, params: dict[str, str]) -> str:
         thread.join()
     running.clear()
     watcher.join()
-    statuses = sorted({status for _, status in heavy})
+    statuses = ", ".join(
+        f"{sum(status == each for _, status in heavy)} x {each}" for each in sorted({s for _, s in heavy})
+    )
     slowest = max(seconds for seconds, _ in heavy)
     cheap_ok = sum(status == 200 for status in cheap_statuses)
     return (
-        f"slowest of {CONCURRENT} {slowest * 1000:7.1f} ms, statuses {statuses}; "
+        f"slowest of {CONCURRENT} {slowest * 1000:7.1f} ms ({statuses}); "
         f"cheap alongside: {cheap_ok}/{len(cheap_statuses)} answered 200, {_percentiles(cheap_seconds)}"
     )
 
