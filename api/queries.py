@@ -448,8 +448,10 @@ async def fetch_rollup(
                 await cursor.execute(parts_sql(query), params, binary=True)
                 parts = [_part(record, keep) for record in await cursor.fetchall()]
                 missing = [part for part in parts if not part.merged]
-                for chunk in _chunks(missing):
-                    if deadline.remaining() <= KEEP_RESERVE_SECONDS:
+                for number, chunk in enumerate(_chunks(missing)):
+                    # The first chunk is merged whenever time is left at all, so a
+                    # retry always gets further than the request before it.
+                    if deadline.remaining() <= (KEEP_RESERVE_SECONDS if number else 0):
                         break
                     await cursor.execute(deadline.statement_timeout())
                     await cursor.execute(
@@ -473,7 +475,7 @@ async def fetch_rollup(
         await conn.execute(KEEP_SQL, _kept_columns(query, fresh), binary=True)
     done = sum(part.merged for part in missing)
     if done < len(missing):
-        if not fresh:  # nothing kept: a retry would start over
+        if not any(part.keep for part in missing):  # nothing can be kept: a retry would start over
             raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds))
         raise RollupIncomplete(deadline.seconds, done, len(missing))
     assert parts is not None
