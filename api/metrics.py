@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import psycopg
 import psycopg_pool
-from psycopg.rows import dict_row
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -40,21 +39,33 @@ from api.params import (
     multi_dict,
     parse_query,
 )
-from api.queries import parameters, rollup_row, rollup_sql, window_row, windows_sql
+from api.queries import Deadline, DeadlineExceeded, fetch_rollup, parameters, window_row, windows_sql
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
 from schemas.metrics import MetricsRow
 
 logger = logging.getLogger("streamlens.metrics")
 
-STATEMENT_TIMEOUT_MS = 5000
+# The work of one /v1/metrics request: waiting for a connection, its statements
+# and merging digests. What does not fit gets 503 deadline_exceeded.
+QUERY_SECONDS = 2.0
+# The server-side cap on any one statement of a session.
+STATEMENT_TIMEOUT_MS = 2000
+# Client-side: a database call that has not returned by then is given up on and
+# answered 503, even when Postgres is frozen and no server-side timeout can fire.
+DATABASE_TIMEOUT_SECONDS = 4.0
 READY_TIMEOUT_SECONDS = 2.0
-# Waiting longer than this for a free connection means Postgres is overloaded or gone.
-POOL_TIMEOUT_SECONDS = 5.0
+# libpq's connect timeout (whole seconds): a frozen server accepts TCP but never answers.
+CONNECT_TIMEOUT_SECONDS = 3
 RETRY_AFTER_SECONDS = "5"
+# A roll-up cut short by its deadline keeps what it merged: a retry soon goes on.
+RETRY_ROLLUP_SECONDS = "1"
 SCHEMA_RETRY_SECONDS = 2.0
-# Merging more digests than this moves off the event loop, so other requests keep flowing.
-INLINE_DIGESTS = 2000
+# Roll-ups are CPU work in Postgres and here: more at once than there are cores
+# only makes them all late. The others wait their turn within their deadline.
+ROLLUPS_AT_ONCE = 2
+
+_T = TypeVar("_T")
 
 _encoder = msgspec.json.Encoder()
 
@@ -78,20 +89,62 @@ def _unavailable(error: Exception) -> Response:
     )
 
 
-async def _fetch(pool: psycopg_pool.AsyncConnectionPool, query: MetricsQuery) -> list[MetricsRow]:
-    async with pool.connection(timeout=POOL_TIMEOUT_SECONDS) as conn:
-        if not query.is_rollup:
+class DatabaseTimeout(Exception):
+    """A database call did not return within its client-side timeout."""
+
+
+# Abandoned calls still winding down (a cancelled query waits for Postgres to
+# acknowledge, up to psycopg's own limits); referenced so they are not collected.
+_abandoned: set[asyncio.Task[Any]] = set()
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _abandoned.discard(task)
+    # Nobody awaits an abandoned call: read its outcome so asyncio does not report it.
+    if not task.cancelled():
+        task.exception()
+
+
+async def bounded(call: Awaitable[_T], seconds: float) -> _T:
+    """``call``'s result, or :class:`DatabaseTimeout` after ``seconds``.
+
+    The call runs as its own task and is cancelled in the background when it
+    takes too long: a query on a frozen server does not end when cancelled
+    (psycopg waits for the server), and the caller must not wait for it.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        _abandoned.add(task)
+        task.add_done_callback(_forget)
+        raise DatabaseTimeout(f"no answer within {seconds:g} s")
+    return task.result()
+
+
+async def _fetch(
+    pool: psycopg_pool.AsyncConnectionPool, rollup_slots: asyncio.Semaphore, query: MetricsQuery
+) -> list[MetricsRow]:
+    deadline = Deadline(QUERY_SECONDS)
+    if not query.is_rollup:
+        async with pool.connection(timeout=max(0.0, deadline.remaining())) as conn:
             cursor = await conn.execute(windows_sql(query), parameters(query))
             return [window_row(record) for record in await cursor.fetchall()]
-        async with conn.cursor(row_factory=dict_row) as cursor:
-            # Binary results: a bytea array in text form is hex that costs more to
-            # parse than the digests cost to merge.
-            await cursor.execute(rollup_sql(query), parameters(query), binary=True)
-            records = await cursor.fetchall()
-    digests = sum(len(record["blobs"] or ()) for record in records)
-    if digests <= INLINE_DIGESTS:
-        return [rollup_row(record) for record in records]
-    return await run_in_threadpool(lambda: [rollup_row(record) for record in records])
+    try:
+        await asyncio.wait_for(rollup_slots.acquire(), max(0.0, deadline.remaining()))
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"other roll-ups kept the database busy for {QUERY_SECONDS:g} s; retry"
+        ) from None
+    try:
+        async with pool.connection(timeout=max(0.0, deadline.remaining())) as conn:
+            return await fetch_rollup(conn, query, deadline)
+    finally:
+        rollup_slots.release()
 
 
 async def metrics(request: Request) -> Response:
@@ -106,8 +159,14 @@ async def metrics(request: Request) -> Response:
     if refusal is not None:
         return error_response(403, "forbidden", refusal)
     try:
-        rows = await _fetch(request.app.state.pool, query)
-    except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+        rows = await bounded(
+            _fetch(request.app.state.pool, request.app.state.rollup_slots, query), DATABASE_TIMEOUT_SECONDS
+        )
+    except DeadlineExceeded as error:
+        return error_response(
+            503, "deadline_exceeded", str(error), headers={"Retry-After": RETRY_ROLLUP_SECONDS}
+        )
+    except (psycopg.Error, psycopg_pool.PoolTimeout, DatabaseTimeout) as error:
         return _unavailable(error)
     return _json(MetricsPage(metrics=rows, count=len(rows)))
 
@@ -132,6 +191,11 @@ async def _ensure_schema_until_done(dsn: str, done: asyncio.Event) -> None:
             return
 
 
+async def _ping(pool: psycopg_pool.AsyncConnectionPool) -> None:
+    async with pool.connection(timeout=READY_TIMEOUT_SECONDS) as conn:
+        await conn.execute("SELECT 1")
+
+
 async def ready(request: Request) -> Response:
     pool: psycopg_pool.AsyncConnectionPool = request.app.state.pool
     if not request.app.state.schema_ready.is_set():
@@ -142,9 +206,8 @@ async def ready(request: Request) -> Response:
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
     try:
-        async with pool.connection(timeout=READY_TIMEOUT_SECONDS) as conn:
-            await conn.execute("SELECT 1")
-    except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+        await bounded(_ping(pool), READY_TIMEOUT_SECONDS)
+    except (psycopg.Error, psycopg_pool.PoolTimeout, DatabaseTimeout) as error:
         return _unavailable(error)
     return _json({"status": "ready"})
 
@@ -249,7 +312,12 @@ def openapi_document() -> dict[str, Any]:
                         },
                         "401": error | {"description": "No valid API key (`Authorization: Bearer`)."},
                         "403": error | {"description": "The key is not a `read` key, or not of this tenant."},
-                        "503": error | {"description": "Postgres did not answer in time."},
+                        "503": error
+                        | {
+                            "description": "`unavailable`: Postgres did not answer in time. "
+                            "`deadline_exceeded`: the roll-up needs more work than one request "
+                            "may do; what it merged is kept, so a retry goes on from there."
+                        },
                     },
                 }
             },
@@ -322,11 +390,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             # UTC sessions: times leave as ...Z; the timeout bounds any one query.
             kwargs={
                 "autocommit": True,
+                "connect_timeout": CONNECT_TIMEOUT_SECONDS,
                 "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c TimeZone=UTC",
             },
         )
         await pool.open(wait=False)
         app.state.pool = pool
+        app.state.rollup_slots = asyncio.Semaphore(ROLLUPS_AT_ONCE)
         try:
             async with open_key_store(current, pool) as keys:
                 app.state.key_store = keys

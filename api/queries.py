@@ -3,10 +3,23 @@
 Values only ever travel as query parameters; the statement text is assembled
 from the fixed column names of :data:`schemas.metrics.ROW_FIELDS`.
 
-A roll-up lets Postgres do what it does well — sums, and averages weighted by
-what each window averaged over — and keeps only the percentiles for Python:
-they come from the windows' merged t-digests, never from averaging percentiles.
-The digests are fetched for the buckets that survive ``limit`` only.
+A roll-up is made of *parts*: one key's windows in one bucket. Postgres sums
+each part's windows (averages as total and weight, so they can be weighted
+again across parts) and Python merges its windows' t-digests in Rust
+(``fastdigest.merge_all``); a bucket is then its parts added up, with
+percentiles from the merged digests, never from averaging percentiles.
+
+The work is bounded. The parts of the buckets that survive ``limit`` are found
+from the windows' fingerprints alone (count, revision sum and ``updated_at``
+sum per part, read from a covering index, not the wide rows). For ``1h`` and
+``1d`` buckets the range covers whole, a part kept in ``llm_metrics_rollups``
+is used only while its fingerprint still matches (see
+``schemas/llm_metrics.sql``), so a kept part is never stale. The other parts
+are merged from their windows in chunks, and kept, until a :class:`Deadline`
+passes: the request then stops with :class:`RollupIncomplete` and what it
+merged stays kept, so a retry goes on from there. Everything a request reads
+comes from one snapshot, so a part is kept under the fingerprint it was
+merged from.
 
 What a merged row reports:
 
@@ -30,11 +43,16 @@ so a range not aligned to the bucket size yields partial buckets at its edges.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import timedelta
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from fastdigest import TDigest
+import psycopg
+from fastdigest import TDigest, merge_all
+from psycopg.rows import dict_row
+from starlette.concurrency import run_in_threadpool
 
 from api.params import DIMENSIONS, MetricsQuery
 from schemas.metrics import ROW_FIELDS, MetricsRow
@@ -44,6 +62,38 @@ PERCENTILES: tuple[tuple[str, float], ...] = (
     ("p95_latency_ms", 0.95),
     ("p99_latency_ms", 0.99),
 )
+
+# Buckets at least this long keep their parts' merged digests; shorter ones merge
+# at most 15 windows per part and are cheap enough to merge on every read.
+CACHED_BUCKET_SECONDS = 3600
+# Window digests fetched and merged per round trip (about 6 MB of digests):
+# small enough that the deadline is checked often, large enough to stream.
+CHUNK_WINDOWS = 10_000
+# Merging stops this long before the deadline: writing the parts merged (about
+# 15 kB each) and answering take the rest.
+KEEP_RESERVE_SECONDS = 0.6
+
+# The aggregates a roll-up sums, and the averages it weights (column, weight).
+_SUMMED: tuple[str, ...] = (
+    "requests",
+    "errors",
+    "timeouts",
+    "prompt_tokens",
+    "completion_tokens",
+    "cache_read_tokens",
+    "reasoning_tokens",
+    "unpriced_requests",
+)
+_ANSWERED = "(requests - timeouts)"
+_WEIGHTED: tuple[tuple[str, str], ...] = (
+    ("avg_latency_ms", _ANSWERED),
+    ("avg_time_to_first_token_ms", "ttft_count"),
+    ("avg_prompt_tokens", _ANSWERED),
+    ("avg_completion_tokens", _ANSWERED),
+)
+_PERCENTILE_FIELDS = frozenset(name for name, _ in PERCENTILES)
+# The bucket's own columns: the row without the percentiles, which come from digests.
+_BUCKET_FIELDS: tuple[str, ...] = tuple(name for name in ROW_FIELDS if name not in _PERCENTILE_FIELDS)
 
 # Code-point order, whatever the database's collation: the documented order of rows.
 _ORDER = 'ORDER BY window_start DESC, route COLLATE "C", model COLLATE "C"'
@@ -81,72 +131,247 @@ def windows_sql(query: MetricsQuery) -> str:
     return f"SELECT {', '.join(ROW_FIELDS)} FROM llm_metrics WHERE {_filters(query)} {_ORDER} LIMIT %(limit)s"
 
 
-def _weighted(column: str, weight: str) -> str:
-    # Windows without a value for the average carry no weight either.
-    return f"sum({column} * {weight}) / NULLIF(sum({weight}) FILTER (WHERE {column} IS NOT NULL), 0)"
+class Deadline:
+    """The time a request's database work and merging must finish by."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._at = clock() + seconds
+
+    def remaining(self) -> float:
+        return self._at - self._clock()
+
+    def statement_timeout(self) -> str:
+        """``SET LOCAL statement_timeout`` for what is left (at least 1 ms: 0 would mean none)."""
+        return f"SET LOCAL statement_timeout = {max(1, int(self.remaining() * 1000))}"
 
 
-def rollup_sql(query: MetricsQuery) -> str:
-    """Buckets of merged windows, each with the array of its windows' digests.
+_NARROW = (
+    "the roll-up needs more than {seconds:g} s of work; ask for a shorter range,"
+    " one route or model, or a larger bucket"
+)
 
-    The aggregate runs over every selected window; the digests are fetched by a
-    lateral subquery for the buckets left after ``LIMIT`` only.
+
+class DeadlineExceeded(Exception):
+    """The request's work did not fit its deadline; the message says what to do."""
+
+
+class RollupIncomplete(DeadlineExceeded):
+    """Merging stopped at the deadline; the parts merged so far are kept."""
+
+    def __init__(self, seconds: float, merged: int, total: int) -> None:
+        super().__init__(
+            f"the roll-up needs more than {seconds:g} s: {merged} of {total} bucket parts"
+            " were merged and kept, retry to go on from there"
+        )
+
+
+def cacheable(query: MetricsQuery) -> bool:
+    return query.bucket_seconds is not None and query.bucket_seconds >= CACHED_BUCKET_SECONDS
+
+
+def _bucket_start(query: MetricsQuery) -> str:
+    if query.bucket_seconds is None:
+        return "window_start"
+    return "date_bin(%(bucket)s, window_start, timestamptz 'epoch')"
+
+
+def _in_bucket(query: MetricsQuery, window: str, bucket_start: str) -> str:
+    if query.bucket_seconds is None:
+        return f"{window}.window_start = {bucket_start}"
+    return f"{window}.window_start >= {bucket_start} AND {window}.window_start < {bucket_start} + %(bucket)s"
+
+
+# A part's merged values, as the part query computes them and the cache keeps them.
+PART_FIELDS: tuple[str, ...] = (
+    "window_end",
+    *_SUMMED,
+    *(f"{column}_{kind}" for column, _ in _WEIGHTED for kind in ("total", "weight")),
+    "estimated_cost_usd",
+    "revision",
+)
+_FINGERPRINT: tuple[str, ...] = ("windows", "revisions", "updates")
+
+
+def parts_sql(query: MetricsQuery) -> str:
+    """The parts of the buckets that survive ``limit``, with their kept merge if it still holds.
+
+    Reads only the fingerprint index of ``llm_metrics`` (count, revision and
+    ``updated_at`` per key and bucket) and ``llm_metrics_rollups``; one row per
+    part, with the kept values when ``cached``.
     """
     kept = [name for name in DIMENSIONS if name in query.group_by]
-    if query.bucket_seconds is None:
-        bucket_start = "window_start"
-        window_end = "max(window_end)"
-        same_bucket = "w.window_start = b.window_start"
-    else:
-        bucket_start = "date_bin(%(bucket)s, window_start, timestamptz 'epoch')"
-        window_end = "greatest(max(window_end), bucket_start + %(bucket)s)"
-        same_bucket = "w.window_start >= b.window_start AND w.window_start < b.window_start + %(bucket)s"
-    dimensions = [name if name in kept else f"NULL::text AS {name}" for name in DIMENSIONS]
-    answered = "(requests - timeouts)"
-    aggregate = f"""
-        SELECT tenant_id, {", ".join(dimensions)},
-            bucket_start AS window_start,
-            {window_end} AS window_end,
-            sum(requests)::bigint AS requests,
-            sum(errors)::bigint AS errors,
-            sum(timeouts)::bigint AS timeouts,
-            {_weighted("avg_latency_ms", answered)} AS avg_latency_ms,
-            {_weighted("avg_time_to_first_token_ms", "ttft_count")} AS avg_time_to_first_token_ms,
-            sum(prompt_tokens)::bigint AS prompt_tokens,
-            sum(completion_tokens)::bigint AS completion_tokens,
-            sum(cache_read_tokens)::bigint AS cache_read_tokens,
-            sum(reasoning_tokens)::bigint AS reasoning_tokens,
-            {_weighted("avg_prompt_tokens", answered)} AS avg_prompt_tokens,
-            {_weighted("avg_completion_tokens", answered)} AS avg_completion_tokens,
-            sum(estimated_cost_usd) AS estimated_cost_usd,
-            sum(unpriced_requests)::bigint AS unpriced_requests,
-            max(revision) AS revision
-        FROM (SELECT *, {bucket_start} AS bucket_start FROM llm_metrics
-              WHERE {_filters(query)}) AS selected
-        GROUP BY tenant_id, bucket_start{"".join(f", {name}" for name in kept)}
+    fingerprints = f"""
+        SELECT route, model, {_bucket_start(query)} AS bucket_start,
+            count(*) AS windows, sum(revision) AS revisions,
+            sum(updated_at - timestamptz 'epoch') AS updates
+        FROM llm_metrics WHERE {_filters(query)}
+        GROUP BY 1, 2, 3"""
+    buckets = f"""
+        SELECT bucket_start{"".join(f", {name}" for name in kept)} FROM prints
+        GROUP BY bucket_start{"".join(f", {name}" for name in kept)}
         ORDER BY bucket_start DESC{"".join(f', {name} COLLATE "C"' for name in kept)}
         LIMIT %(limit)s"""
-    same_group = "".join(f" AND w.{name} = b.{name}" for name in kept)
+    same_bucket = "".join(f" AND b.{name} = p.{name}" for name in kept)
+    if cacheable(query):
+        # Only a bucket the range covers whole matches what was kept for it.
+        complete = (
+            "(%(start)s::timestamptz IS NULL OR p.bucket_start >= %(start)s)"
+            " AND (%(end)s::timestamptz IS NULL OR p.bucket_start + %(bucket)s <= %(end)s)"
+        )
+        cache_join = f"""
+            LEFT JOIN llm_metrics_rollups AS c
+              ON c.tenant_id = %(tenant_id)s AND c.route = p.route AND c.model = p.model
+             AND c.bucket_seconds = %(bucket_seconds)s AND c.bucket_start = p.bucket_start
+             AND c.windows = p.windows AND c.revisions = p.revisions AND c.updates = p.updates
+             AND {complete}"""
+        cached = "c.bucket_start IS NOT NULL"
+        values = [f"c.{name}" for name in (*PART_FIELDS, "digest")]
+    else:
+        complete, cache_join, cached = "false", "", "false"
+        values = [f"NULL AS {name}" for name in (*PART_FIELDS, "digest")]
     return f"""
-        SELECT b.*, digests.blobs
-        FROM ({aggregate}) AS b
+        WITH prints AS MATERIALIZED ({fingerprints}), buckets AS ({buckets})
+        SELECT p.route, p.model, p.bucket_start, p.windows, p.revisions, p.updates,
+            {complete} AS complete, {cached} AS cached, {", ".join(values)}
+        FROM prints AS p
+        JOIN buckets AS b ON b.bucket_start = p.bucket_start{same_bucket}
+        {cache_join}"""
+
+
+def merge_sql(query: MetricsQuery) -> str:
+    """Chosen parts (parallel arrays) merged from their windows; one row per part, by number.
+
+    Lateral, so each part is one range of the primary key rather than a join
+    the planner might answer by scanning every window of the tenant.
+    """
+    columns = [
+        "max(window_end) AS window_end",
+        *(f"sum({name})::bigint AS {name}" for name in _SUMMED),
+        *(
+            # Windows without a value for the average carry no weight either.
+            f"sum({column} * {weight}) AS {column}_total, "
+            f"(sum({weight}) FILTER (WHERE {column} IS NOT NULL))::bigint AS {column}_weight"
+            for column, weight in _WEIGHTED
+        ),
+        "sum(estimated_cost_usd) AS estimated_cost_usd",
+        "max(revision) AS revision",
+        "array_agg(latency_digest ORDER BY window_start) FILTER (WHERE latency_digest IS NOT NULL) AS blobs",
+    ]
+    return f"""
+        SELECT m.number, merged.*
+        FROM unnest(%(routes)s::text[], %(models)s::text[], %(starts)s::timestamptz[])
+            WITH ORDINALITY AS m(route, model, bucket_start, number)
         CROSS JOIN LATERAL (
-            SELECT array_agg(w.latency_digest) FILTER (WHERE w.latency_digest IS NOT NULL)
-                AS blobs
+            SELECT {", ".join(columns)}
             FROM llm_metrics AS w
-            WHERE {_filters(query, "w")} AND {same_bucket}{same_group}
-        ) AS digests
-        {_ORDER}"""
+            WHERE {_filters(query, "w")} AND w.route = m.route AND w.model = m.model
+              AND {_in_bucket(query, "w", "m.bucket_start")}
+        ) AS merged"""
+
+
+# Each kept column and its type, for one INSERT of every part as parallel arrays.
+_KEPT_COLUMNS: dict[str, str] = {
+    "tenant_id": "text",
+    "route": "text",
+    "model": "text",
+    "bucket_seconds": "integer",
+    "bucket_start": "timestamptz",
+    "windows": "bigint",
+    "revisions": "bigint",
+    "updates": "interval",
+    "window_end": "timestamptz",
+    **dict.fromkeys(_SUMMED, "bigint"),
+    **{f"{column}_total": "double precision" for column, _ in _WEIGHTED},
+    **{f"{column}_weight": "bigint" for column, _ in _WEIGHTED},
+    "estimated_cost_usd": "double precision",
+    "revision": "integer",
+    "digest": "bytea",
+}
+KEEP_SQL = f"""
+    INSERT INTO llm_metrics_rollups ({", ".join(_KEPT_COLUMNS)})
+    SELECT * FROM unnest({", ".join(f"%({name})s::{kind}[]" for name, kind in _KEPT_COLUMNS.items())})
+    ON CONFLICT (tenant_id, route, model, bucket_seconds, bucket_start) DO UPDATE SET
+        {", ".join(f"{name} = EXCLUDED.{name}" for name in list(_KEPT_COLUMNS)[5:])}, merged_at = now()
+"""
+
+
+@dataclass
+class Part:
+    """One key's windows in one bucket: fingerprint, then merged values once known."""
+
+    route: str
+    model: str
+    bucket_start: datetime
+    windows: int
+    revisions: int
+    updates: timedelta
+    # Whether ``values`` and ``blob`` are known: kept, or merged by this request.
+    merged: bool
+    # Whether the merge may be kept (a long bucket the range covers whole).
+    keep: bool
+    values: dict[str, Any]
+    # The merged digest, serialized (None: no window of the part had one).
+    blob: bytes | None
 
 
 def merge_digests(blobs: Sequence[bytes] | None) -> TDigest | None:
     """One digest from the serialized digests of several windows; None when there are none."""
     if not blobs:
         return None
-    merged = TDigest.from_bytes(blobs[0])
-    for blob in blobs[1:]:
-        merged.merge_inplace(TDigest.from_bytes(blob))
-    return merged
+    return merge_all([TDigest.from_bytes(blob) for blob in blobs])
+
+
+def _part(record: dict[str, Any], keep: bool) -> Part:
+    return Part(
+        route=record["route"],
+        model=record["model"],
+        bucket_start=record["bucket_start"],
+        windows=record["windows"],
+        revisions=record["revisions"],
+        updates=record["updates"],
+        merged=record["cached"],
+        keep=keep and record["complete"],
+        values={name: record[name] for name in PART_FIELDS},
+        blob=record["digest"],
+    )
+
+
+def _merge_parts(parts: Sequence[Part], records: dict[int, dict[str, Any]]) -> None:
+    """Each part's values and merged digest, from its :func:`merge_sql` record (by 1-based number)."""
+    for number, part in enumerate(parts, 1):
+        record = records[number]
+        digest = merge_digests(record["blobs"])
+        part.values = {name: record[name] for name in PART_FIELDS}
+        part.blob = None if digest is None else digest.to_bytes()
+        part.merged = True
+
+
+def _kept_columns(query: MetricsQuery, parts: Sequence[Part]) -> dict[str, list[Any]]:
+    """:data:`KEEP_SQL`'s parameters: each column's values over ``parts``."""
+    columns: dict[str, list[Any]] = {
+        "tenant_id": [query.tenant_id] * len(parts),
+        "bucket_seconds": [query.bucket_seconds] * len(parts),
+        **{name: [getattr(part, name) for part in parts] for name in ("route", "model", "bucket_start")},
+        **{name: [getattr(part, name) for part in parts] for name in _FINGERPRINT},
+        **{name: [part.values[name] for part in parts] for name in PART_FIELDS},
+        "digest": [part.blob for part in parts],
+    }
+    return {name: columns[name] for name in _KEPT_COLUMNS}
+
+
+def _chunks(parts: Sequence[Part]) -> Iterator[list[Part]]:
+    chunk: list[Part] = []
+    windows = 0
+    for part in parts:
+        if chunk and windows + part.windows > CHUNK_WINDOWS:
+            yield chunk
+            chunk, windows = [], 0
+        chunk.append(part)
+        windows += part.windows
+    if chunk:
+        yield chunk
 
 
 def window_row(record: Sequence[Any]) -> MetricsRow:
@@ -154,10 +379,105 @@ def window_row(record: Sequence[Any]) -> MetricsRow:
     return MetricsRow(**dict(zip(ROW_FIELDS, record, strict=True)))
 
 
-def rollup_row(record: dict[str, Any]) -> MetricsRow:
-    """A bucket, from a :func:`rollup_sql` record (a dict): the sums plus merged percentiles."""
-    values = dict(record)
-    digest = merge_digests(values.pop("blobs"))
+def _total(parts: Sequence[Part], name: str) -> Any:
+    present = [part.values[name] for part in parts if part.values[name] is not None]
+    return sum(present) if present else None
+
+
+def bucket_row(query: MetricsQuery, parts: Sequence[Part]) -> MetricsRow:
+    """One bucket from its parts: sums summed, averages weighted, percentiles from the merged digests."""
+    first = parts[0]
+    values: dict[str, Any] = {
+        "tenant_id": query.tenant_id,
+        "route": first.route if "route" in query.group_by else None,
+        "model": first.model if "model" in query.group_by else None,
+        "window_start": first.bucket_start,
+        "window_end": max(part.values["window_end"] for part in parts),
+        "estimated_cost_usd": sum(part.values["estimated_cost_usd"] for part in parts),
+        "revision": max(part.values["revision"] for part in parts),
+    }
+    if query.bucket_seconds is not None:
+        values["window_end"] = max(
+            values["window_end"], first.bucket_start + timedelta(seconds=query.bucket_seconds)
+        )
+    for name in _SUMMED:
+        values[name] = sum(part.values[name] for part in parts)
+    for column, _ in _WEIGHTED:
+        total, weight = _total(parts, f"{column}_total"), _total(parts, f"{column}_weight")
+        values[column] = total / weight if weight else None
+    digest = merge_digests([part.blob for part in parts if part.blob is not None])
     for name, quantile in PERCENTILES:
         values[name] = None if digest is None or digest.is_empty() else digest.quantile(quantile)
     return MetricsRow(**values)
+
+
+def _group(query: MetricsQuery, parts: Sequence[Part]) -> list[list[Part]]:
+    """Parts by bucket, in the documented order: newest first, then route and model."""
+    kept = [name for name in DIMENSIONS if name in query.group_by]
+    groups: dict[tuple[Any, ...], list[Part]] = {}
+    for part in parts:
+        key = (part.bucket_start, *(getattr(part, name) for name in kept))
+        groups.setdefault(key, []).append(part)
+    # Python compares str by code point, as the API's order does.
+    ordered = sorted(groups, key=lambda key: key[1:])
+    ordered.sort(key=lambda key: key[0], reverse=True)
+    return [groups[key] for key in ordered]
+
+
+async def fetch_rollup(
+    conn: psycopg.AsyncConnection[Any], query: MetricsQuery, deadline: Deadline
+) -> list[MetricsRow]:
+    """The roll-up's rows, merging what is not kept until ``deadline``.
+
+    Raises :class:`DeadlineExceeded` (a statement ran out of time) or
+    :class:`RollupIncomplete` (merging did), ``psycopg.Error`` when Postgres fails.
+    """
+    params = parameters(query) | {"bucket_seconds": query.bucket_seconds}
+    keep = cacheable(query)
+    parts: list[Part] | None = None
+    missing: list[Part] = []
+    try:
+        # One snapshot: fingerprints and windows agree, so a part merged here may
+        # be kept under the fingerprint read here.
+        async with conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            await conn.execute(deadline.statement_timeout())
+            async with conn.cursor(row_factory=dict_row) as cursor:
+                # Binary results: a bytea array in text form is hex that costs
+                # more to parse than the digests cost to merge.
+                await cursor.execute(parts_sql(query), params, binary=True)
+                parts = [_part(record, keep) for record in await cursor.fetchall()]
+                missing = [part for part in parts if not part.merged]
+                for number, chunk in enumerate(_chunks(missing)):
+                    # The first chunk is merged whenever time is left at all, so a
+                    # retry always gets further than the request before it.
+                    if deadline.remaining() <= (KEEP_RESERVE_SECONDS if number else 0):
+                        break
+                    await cursor.execute(deadline.statement_timeout())
+                    await cursor.execute(
+                        merge_sql(query),
+                        params
+                        | {
+                            "routes": [part.route for part in chunk],
+                            "models": [part.model for part in chunk],
+                            "starts": [part.bucket_start for part in chunk],
+                        },
+                        binary=True,
+                    )
+                    records = {record["number"]: record for record in await cursor.fetchall()}
+                    await run_in_threadpool(_merge_parts, chunk, records)
+    except psycopg.errors.QueryCanceled:
+        # A chunk that ran out of time ends merging; what was merged before it is kept below.
+        if parts is None:
+            raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds)) from None
+    fresh = [part for part in missing if part.merged and part.keep]
+    if fresh:
+        await conn.execute(KEEP_SQL, _kept_columns(query, fresh), binary=True)
+    done = sum(part.merged for part in missing)
+    if done < len(missing):
+        if not any(part.keep for part in missing):  # nothing can be kept: a retry would start over
+            raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds))
+        raise RollupIncomplete(deadline.seconds, done, len(missing))
+    assert parts is not None
+    groups = _group(query, parts)
+    return await run_in_threadpool(lambda: [bucket_row(query, group) for group in groups])

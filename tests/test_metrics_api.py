@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 from fastdigest import TDigest
@@ -18,8 +23,9 @@ from starlette.testclient import TestClient
 import api.metrics
 from api.metrics import create_app
 from api.params import PARAMETERS
-from deploy.stack import free_port
+from deploy.stack import Postgres, free_port
 from schemas.config import Settings
+from schemas.database import ensure_schema
 from schemas.metrics import ROW_FIELDS
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
@@ -352,7 +358,7 @@ def test_ready_is_503_when_postgres_does_not_answer(
     client_for: Any, monkeypatch: pytest.MonkeyPatch, postgres_dsn: str
 ):
     monkeypatch.setattr(api.metrics, "READY_TIMEOUT_SECONDS", 0.5)
-    monkeypatch.setattr(api.metrics, "POOL_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(api.metrics, "QUERY_SECONDS", 0.5)
     client = client_for(postgres_dsn)
     # Point the running app at a port nobody listens on.
     dead = api.metrics.psycopg_pool.AsyncConnectionPool(
@@ -392,7 +398,7 @@ def test_sessions_have_a_statement_timeout_and_utc(client: TestClient):
             zone = await (await conn.execute("SHOW TimeZone")).fetchone()
         return timeout[0], zone[0]
 
-    assert client.portal.call(settings) == ("5s", "UTC")
+    assert client.portal.call(settings) == ("2s", "UTC")
 
 
 def test_starts_before_its_database_exists_and_becomes_ready(
@@ -400,7 +406,7 @@ def test_starts_before_its_database_exists_and_becomes_ready(
 ):
     monkeypatch.setattr(api.metrics, "SCHEMA_RETRY_SECONDS", 0.2)
     monkeypatch.setattr(api.metrics, "READY_TIMEOUT_SECONDS", 0.5)
-    monkeypatch.setattr(api.metrics, "POOL_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(api.metrics, "QUERY_SECONDS", 0.5)
     name = f"late_{free_port()}"
     dsn = postgres_server.dsn.rsplit("/", 1)[0] + f"/{name}"
     client = client_for(dsn)
@@ -415,3 +421,85 @@ def test_starts_before_its_database_exists_and_becomes_ready(
         assert time.monotonic() < deadline, "never became ready"
         time.sleep(0.1)
     assert get(client, tenant_id="acme") == {"metrics": [], "count": 0}
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[Postgres]:
+    """A Postgres of this test's own, so freezing it leaves the session's server alone."""
+    server = Postgres(tmp_path / "postgres").start()
+    yield server
+    signal_postgres(server, signal.SIGCONT)
+    server.stop()
+
+
+def signal_postgres(server: Postgres, signum: signal.Signals) -> None:
+    """The postmaster and every backend: SIGSTOP freezes the whole server, queries included."""
+    main = psutil.Process(server.pid)
+    for process in [main, *main.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signum)
+
+
+def timed_get(client: TestClient, path: str) -> tuple[int, str, float]:
+    started = time.monotonic()
+    response = client.get(path)
+    return (
+        response.status_code,
+        response.json()["error"] if response.status_code != 200 else "",
+        (time.monotonic() - started),
+    )
+
+
+def test_a_frozen_postgres_answers_503_within_5_s_even_to_a_query_already_running(
+    own_postgres: Postgres, client_for: Any
+):
+    dsn = own_postgres.dsn
+    ensure_schema(dsn)
+    insert_windows(
+        dsn,
+        [
+            Window("acme", "/chat", "gpt-4o", T0 + i * MINUTE, random_calls(random.Random(i), 3))
+            for i in range(3)
+        ],
+    )
+    client = client_for(dsn)
+    assert get(client, tenant_id="acme", bucket="1h")["count"] == 1
+    rollup = "/v1/metrics?tenant_id=acme&bucket=1d"
+    # A roll-up already running when Postgres freezes: it waits on a lock held here.
+    blocker = psycopg.connect(dsn)
+    blocker.execute("LOCK TABLE llm_metrics IN ACCESS EXCLUSIVE MODE")
+    results: dict[str, tuple[int, str, float]] = {}
+
+    def ask(name: str, path: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: results.__setitem__(name, timed_get(client, path)))
+        thread.start()
+        return thread
+
+    running = ask("running", rollup)
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    deadline = time.monotonic() + 5
+    while blocker.execute(waiting).fetchone()[0] == 0:
+        assert time.monotonic() < deadline, "the roll-up never reached Postgres"
+    signal_postgres(own_postgres, signal.SIGSTOP)
+    try:
+        threads = [
+            running,
+            ask("plain", "/v1/metrics?tenant_id=acme"),
+            ask("rollup", rollup),
+            ask("ready", "/ready"),
+        ]
+        for thread in threads:
+            thread.join(15)
+        assert client.get("/health").status_code == 200
+    finally:
+        signal_postgres(own_postgres, signal.SIGCONT)
+        blocker.close()
+    for name in ("running", "plain", "rollup", "ready"):
+        status, error, seconds = results[name]
+        assert (status, error) == (503, "unavailable"), name
+        assert seconds < 5.0, (name, seconds)
+    # Thawed, it answers again by itself.
+    deadline = time.monotonic() + 20
+    while client.get("/ready").status_code != 200 or client.get(rollup).status_code != 200:
+        assert time.monotonic() < deadline, "did not recover after Postgres came back"
+    assert get(client, tenant_id="acme", bucket="1d")["metrics"][0]["requests"] == 9

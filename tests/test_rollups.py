@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from statistics import fmean
 from typing import Any
 
+import psycopg
 import pytest
+from fastdigest import TDigest
 from starlette.testclient import TestClient
 
+import api.metrics
+import api.queries
 from api.params import BUCKETS
+from api.queries import Deadline
+from dataflows.sinks import COLUMNS, UPSERT_SQL
 from tests import test_metrics_api
 from tests.test_metrics_api import (
     MINUTE,
@@ -246,3 +253,230 @@ def test_many_calls_merge_within_one_percent(postgres_dsn: str, client_for: Any)
     assert row["requests"] == 12_000
     for name, q in (("p50_latency_ms", 0.5), ("p95_latency_ms", 0.95), ("p99_latency_ms", 0.99)):
         assert row[name] == pytest.approx(exact_percentile(latencies, q), rel=0.01), name
+
+
+def cached_parts(dsn: str) -> dict[tuple, int]:
+    """What llm_metrics_rollups holds: (route, model, bucket_seconds, start) -> windows."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT route, model, bucket_seconds, bucket_start, windows FROM llm_metrics_rollups"
+        ).fetchall()
+    return {
+        (route, model, seconds, rfc3339(start)): windows for route, model, seconds, start, windows in rows
+    }
+
+
+def poison_cache(dsn: str) -> None:
+    """Every cached digest replaced by one that no real bucket could merge to."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE llm_metrics_rollups SET digest = %s", (POISON.to_bytes(),))
+
+
+POISON = TDigest.from_values([987_654.0])
+
+
+def upsert_like_the_sink(dsn: str, windows: Sequence[Window]) -> None:
+    """The dataflow's own upsert statement, so the cache is checked against its real writes."""
+    rows = [window.column_values() for window in windows]
+    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
+        cursor.executemany(UPSERT_SQL, [tuple(row[name] for name in COLUMNS) for row in rows])
+
+
+@pytest.mark.parametrize("bucket", ["1h", "1d"])
+def test_whole_buckets_keep_their_merged_digests_per_key(
+    client: TestClient, acme: list[Window], postgres_dsn: str, bucket: str
+):
+    seconds = BUCKETS[bucket]
+    first = get(client, tenant_id="acme", bucket=bucket, limit=1000)
+    expected = defaultdict(int)
+    for window in acme:
+        expected[(window.route, window.model, seconds, rfc3339(bucket_start(window.start, seconds)))] += 1
+    assert cached_parts(postgres_dsn) == expected
+    # Read again: from the kept digests, the same rows, still right against the raw calls.
+    again = get(client, tenant_id="acme", bucket=bucket, limit=1000)
+    assert again == first
+    groups = expected_buckets(acme, seconds, ("route", "model"))
+    for row in again["metrics"]:
+        check_bucket(row, groups[(row["window_start"], row["route"], row["model"])])
+    merged = get(client, tenant_id="acme", bucket=bucket, group_by="", limit=1000)
+    for row in merged["metrics"]:
+        check_bucket(row, expected_buckets(acme, seconds, ())[(row["window_start"], None, None)])
+
+
+def test_a_matching_kept_digest_is_what_the_answer_uses(client: TestClient, postgres_dsn: str):
+    get(client, tenant_id="acme", bucket="1h", limit=1000)
+    poison_cache(postgres_dsn)
+    rows = get(client, tenant_id="acme", bucket="1h", limit=1000)["metrics"]
+    assert {row["p50_latency_ms"] for row in rows if row["p50_latency_ms"] is not None} == {987_654.0}
+
+
+def _revised(window: Window, rnd: random.Random) -> Window:
+    return Window(
+        window.tenant_id,
+        window.route,
+        window.model,
+        window.start,
+        window.calls + random_calls(rnd, 5, median_ms=5000, timeout_share=0),
+        revision=window.revision + 1,
+    )
+
+
+def _rewritten(window: Window, rnd: random.Random) -> Window:
+    # Same revision, other calls: what a dataflow started afresh could write.
+    return Window(
+        window.tenant_id,
+        window.route,
+        window.model,
+        window.start,
+        random_calls(rnd, 7, median_ms=3000, timeout_share=0),
+        revision=window.revision,
+    )
+
+
+def _added(window: Window, rnd: random.Random) -> Window:
+    # A window of the same hour that did not exist yet.
+    return Window(
+        window.tenant_id,
+        window.route,
+        window.model,
+        window.start + 29 * MINUTE,
+        random_calls(rnd, 4, median_ms=4000, timeout_share=0),
+    )
+
+
+@pytest.mark.parametrize("change", [_revised, _rewritten, _added])
+def test_any_write_to_a_bucket_stops_its_kept_digest_being_used(
+    client: TestClient,
+    acme: list[Window],
+    postgres_dsn: str,
+    change: Callable[[Window, random.Random], Window],
+):
+    get(client, tenant_id="acme", bucket="1h", limit=1000)
+    poison_cache(postgres_dsn)
+    # A window of /chat gpt-4o in the 10:00 bucket.
+    target = min(
+        (w for w in acme if (w.route, w.model) == ("/chat", "gpt-4o") and w.start >= T0 + MINUTE),
+        key=lambda w: w.start,
+    )
+    changed = change(target, random.Random(5))
+    upsert_like_the_sink(postgres_dsn, [changed])
+    now = [w for w in acme if w is not target or changed.start != target.start] + [changed]
+    body = get(client, tenant_id="acme", bucket="1h", route="/chat", model="gpt-4o")
+    groups = expected_buckets(now, 3600, ("route", "model"))
+    changed_bucket = rfc3339(bucket_start(changed.start, 3600))
+    for row in body["metrics"]:
+        if row["window_start"] == changed_bucket:
+            check_bucket(row, groups[(row["window_start"], "/chat", "gpt-4o")])
+        else:  # untouched: still the kept (poisoned) digest
+            assert row["p50_latency_ms"] == 987_654.0
+    assert changed_bucket in {row["window_start"] for row in body["metrics"]}
+
+
+def test_buckets_cut_by_the_range_are_merged_but_not_kept(
+    client: TestClient, acme: list[Window], postgres_dsn: str
+):
+    start, end = T0 - 5 * MINUTE, T0 + 3 * MINUTE  # cuts both the 09:00 and the 10:00 bucket
+    chosen = [w for w in acme if start <= w.start < end]
+    body = get(client, tenant_id="acme", bucket="1h", **{"from": rfc3339(start), "to": rfc3339(end)})
+    groups = expected_buckets(chosen, 3600, ("route", "model"))
+    assert len(body["metrics"]) == len(groups)
+    for row in body["metrics"]:
+        check_bucket(row, groups[(row["window_start"], row["route"], row["model"])])
+    assert cached_parts(postgres_dsn) == {}
+    # A range covering the 10:00 bucket whole keeps it, not the cut 09:00 one.
+    get(client, tenant_id="acme", bucket="1h", **{"from": rfc3339(start), "to": rfc3339(T0 + 60 * MINUTE)})
+    assert {key[3] for key in cached_parts(postgres_dsn)} == {rfc3339(T0)}
+
+
+def test_short_buckets_are_not_kept(client: TestClient, postgres_dsn: str):
+    for bucket in ("1m", "5m", "15m"):
+        get(client, tenant_id="acme", bucket=bucket, limit=1000)
+    get(client, tenant_id="acme", group_by="model", limit=1000)
+    assert cached_parts(postgres_dsn) == {}
+
+
+def slow_merging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every chunk of merging takes one second of a clock only merging moves, and a
+    request's deadline is 1.5 s of that clock: each request merges one chunk."""
+    now = [0.0]
+    merge = api.queries._merge_parts
+
+    def merge_taking_a_second(*args: Any) -> None:
+        merge(*args)
+        now[0] += 1.0
+
+    monkeypatch.setattr(api.queries, "_merge_parts", merge_taking_a_second)
+    monkeypatch.setattr(api.metrics, "Deadline", lambda seconds: Deadline(1.5, clock=lambda: now[0]))
+    monkeypatch.setattr(api.queries, "CHUNK_WINDOWS", 1)  # one part per chunk
+
+
+def test_a_rollup_out_of_time_keeps_what_it_merged_and_a_retry_goes_on(
+    client: TestClient, acme: list[Window], postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+):
+    slow_merging(monkeypatch)
+    kept: list[int] = []
+    for _ in range(20):
+        response = client.get("/v1/metrics", params={"tenant_id": "acme", "bucket": "1h", "limit": 1000})
+        if response.status_code == 200:
+            break
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "deadline_exceeded"
+        assert "retry" in response.json()["detail"]
+        assert response.headers["retry-after"] == "1"
+        kept.append(len(cached_parts(postgres_dsn)))
+    assert response.status_code == 200
+    assert len(kept) >= 2 and kept == sorted(set(kept)) and kept[0] > 0, kept
+    groups = expected_buckets(acme, 3600, ("route", "model"))
+    assert response.json()["count"] == len(groups)
+    for row in response.json()["metrics"]:
+        check_bucket(row, groups[(row["window_start"], row["route"], row["model"])])
+
+
+def test_a_rollup_whose_statement_cannot_finish_answers_within_its_deadline(
+    client: TestClient, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(api.metrics, "QUERY_SECONDS", 0.5)
+    # Another session holds the table: the roll-up's statement waits until its timeout.
+    with psycopg.connect(postgres_dsn) as blocker:
+        blocker.execute("LOCK TABLE llm_metrics IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        response = client.get("/v1/metrics", params={"tenant_id": "acme", "bucket": "1d"})
+        elapsed = time.monotonic() - started
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "deadline_exceeded"
+    assert "shorter range" in response.json()["detail"]
+    assert elapsed < 2.0
+
+
+def test_a_short_bucket_roll_up_out_of_time_asks_for_less_rather_than_a_retry(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+):
+    # Nothing of a 5m roll-up is kept, so a retry could not go further: say what to change.
+    slow_merging(monkeypatch)
+    response = client.get("/v1/metrics", params={"tenant_id": "acme", "bucket": "5m", "limit": 1000})
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "deadline_exceeded"
+    assert "shorter range" in response.json()["detail"]
+
+
+def test_roll_ups_beyond_the_slots_wait_their_turn_within_the_deadline(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(api.metrics, "QUERY_SECONDS", 0.3)
+    slots = client.app.state.rollup_slots
+    for _ in range(api.metrics.ROLLUPS_AT_ONCE):  # as if that many roll-ups were running
+        client.portal.call(slots.acquire)
+    try:
+        started = time.monotonic()
+        response = client.get("/v1/metrics", params={"tenant_id": "acme", "bucket": "1h"})
+        assert time.monotonic() - started < 1.0
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == "deadline_exceeded"
+        assert "other roll-ups" in response.json()["detail"]
+        # Reading windows as they are does not wait for a slot.
+        assert get(client, tenant_id="acme", limit=5)["count"] == 5
+    finally:
+        for _ in range(api.metrics.ROLLUPS_AT_ONCE):
+            slots.release()
+    monkeypatch.undo()  # the usual deadline again
+    assert get(client, tenant_id="acme", bucket="1h")["count"] > 0
