@@ -396,8 +396,9 @@ def test_short_buckets_are_not_kept(client: TestClient, postgres_dsn: str):
 
 
 def slow_merging(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every chunk of merging takes one second of a clock only merging moves, and a
-    request's deadline is 1.5 s of that clock: each request merges one chunk."""
+    """Every chunk of merging (and every bucket merged straight from its windows) takes
+    one second of a clock only merging moves, and a request's deadline is 1.5 s of that
+    clock: each request merges one chunk."""
     now = [0.0]
     merge = api.queries._merge_parts
 
@@ -406,6 +407,13 @@ def slow_merging(monkeypatch: pytest.MonkeyPatch) -> None:
         now[0] += 1.0
 
     monkeypatch.setattr(api.queries, "_merge_parts", merge_taking_a_second)
+    direct = api.queries.direct_row
+
+    def direct_taking_a_second(*args: Any) -> Any:
+        now[0] += 1.0
+        return direct(*args)
+
+    monkeypatch.setattr(api.queries, "direct_row", direct_taking_a_second)
     monkeypatch.setattr(api.metrics, "Deadline", lambda seconds: Deadline(1.5, clock=lambda: now[0]))
     monkeypatch.setattr(api.queries, "CHUNK_WINDOWS", 1)  # one part per chunk
 
