@@ -151,20 +151,27 @@ class DataflowRun:
     """What one run of the dataflow measured; RSS sums every process of the processor."""
 
     seconds: float  # from start until every window had its first row
-    cpu_seconds: float  # used by all the processes by then
-    rss: list[tuple[float, int]]  # (seconds since start, bytes) at every sample
+    # (seconds since start, RSS bytes, CPU seconds used so far) at every sample
+    samples: list[tuple[float, int, float]]
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.samples[-1][2]
 
     @property
     def peak_rss(self) -> int:
-        return max(rss for _, rss in self.rss)
+        return max(rss for _, rss, _ in self.samples)
 
     @property
     def final_rss(self) -> int:
-        return self.rss[-1][1]
+        return self.samples[-1][1]
+
+    def at(self, seconds: float) -> tuple[float, int, float]:
+        """The first sample taken at or after ``seconds`` since start (the last one if none)."""
+        return next((sample for sample in self.samples if sample[0] >= seconds), self.samples[-1])
 
     def rss_at(self, seconds: float) -> int:
-        """The first sample taken at or after ``seconds`` since start (the last one if none)."""
-        return next((rss for at, rss in self.rss if at >= seconds), self.final_rss)
+        return self.at(seconds)[1]
 
 
 # The processor's resident size this long after start is what the consumers' prefetch
@@ -214,17 +221,18 @@ def run_dataflow(
         start_new_session=True,
     )
     watched = psutil.Process(child.pid)
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, int, float]] = []
     cpu: dict[int, float] = {}
     try:
         while True:
-            samples.append((time.perf_counter() - started, _usage(watched, cpu)))
+            rss = _usage(watched, cpu)
+            samples.append((time.perf_counter() - started, rss, sum(cpu.values())))
             if child.poll() is not None:
                 raise RuntimeError((work / "dataflow.log").read_text()[-3000:])
             if on_sample is not None:
                 on_sample(time.perf_counter() - started)
             if _first_rows(dsn, before) >= windows:
-                return DataflowRun(time.perf_counter() - started, sum(cpu.values()), samples)
+                return DataflowRun(time.perf_counter() - started, samples)
             if time.perf_counter() - started > timeout:
                 raise RuntimeError(f"not all {windows} windows after {timeout:.0f}s")
             time.sleep(0.2)
