@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dedupe", type=int, default=DEDUPE_SECONDS, help="DEDUPE_SECONDS of the run")
     parser.add_argument("--processes", default=PROCESSES, help="comma-separated process counts, run in turn")
     args = parser.parse_args(argv if argv is not None else [])
-    counts = [int(count) for count in args.processes.split(",")]
+    try:
+        counts = [int(count) for count in args.processes.split(",")]
+    except ValueError:
+        parser.error(f"--processes {args.processes!r}: expected numbers separated by commas, e.g. 1,2")
     if args.span < 2 * args.dedupe:
         parser.error(f"--span {args.span:g} must cover at least 2 × --dedupe ({2 * args.dedupe})")
     if args.calls < 1 or min(counts) < 1:
@@ -312,12 +315,18 @@ def main(argv: list[str] | None = None) -> None:
         # With N processes a record crosses to another process with odds (N - 1) / N:
         # what the second process added per call is the exchange at odds 1/2.
         exchange = (per_call[2] - per_call[1]) * 2
-        eight = per_call[1] + exchange * 7 / 8
-        print(
-            f"  exchange between processes: {exchange * 1e6:.1f} µs per crossing call; "
-            f"8 processes would spend {eight * 1e6:.1f} µs per call, "
-            f"{1 / eight:,.0f} calls/s per process, {8 / eight:,.0f} calls/s on 8 free cores"
-        )
+        if exchange <= 0:
+            print(
+                "  exchange between processes: not measurable in this run (2 processes used less "
+                "CPU per call than 1: the machine's load changed between the runs)"
+            )
+        else:
+            eight = per_call[1] + exchange * 7 / 8
+            print(
+                f"  exchange between processes: {exchange * 1e6:.1f} µs per crossing call; "
+                f"8 processes would spend {eight * 1e6:.1f} µs per call, "
+                f"{1 / eight:,.0f} calls/s per process, {8 / eight:,.0f} calls/s on 8 free cores"
+            )
 
     epoch_calls = max(1, round(first_rate * SNAPSHOT_INTERVAL))
     costs = snapshot_costs(requests, responses, settings, epoch_calls)
