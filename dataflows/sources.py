@@ -278,7 +278,12 @@ class BatchingKafkaSource(KafkaSource):
         }
         config.update(self._add_config)
         return _BatchPartition(
-            config, topic, int(index), self._starting_offset, resume_state, self._batch_size,
+            config,
+            topic,
+            int(index),
+            self._starting_offset,
+            resume_state,
+            self._batch_size,
             self._progress,
         )
 
