@@ -77,6 +77,10 @@ BATCH_SIZE = 5000
 # fetch is under way.
 PREFETCH_KIB = 2048
 FETCH_MAX_BYTES = 1 << 20
+PREFETCH_CONFIG = {
+    "queued.max.messages.kbytes": str(PREFETCH_KIB),
+    "fetch.max.bytes": str(FETCH_MAX_BYTES),
+}
 
 _DECODERS: dict[str, msgspec.json.Decoder] = {
     REQUESTS: request_decoder,
@@ -273,8 +277,7 @@ class BatchingKafkaSource(KafkaSource):
             "enable.auto.commit": "false",
             "bootstrap.servers": ",".join(self._brokers),
             "enable.partition.eof": "false",
-            "queued.max.messages.kbytes": str(PREFETCH_KIB),
-            "fetch.max.bytes": str(FETCH_MAX_BYTES),
+            **PREFETCH_CONFIG,
         }
         config.update(self._add_config)
         return _BatchPartition(

@@ -38,6 +38,7 @@ import psycopg
 from confluent_kafka import Producer
 
 from dataflows import sinks
+from dataflows.sources import PREFETCH_CONFIG
 from dataflows.windows import WindowRow
 from deploy.stack import Broker, Postgres
 from schemas.database import ensure_schema
@@ -127,6 +128,47 @@ def _fill(brokers: str, topic: str, payloads: list[bytes]) -> None:
             producer.poll(0)
     if producer.flush(120):
         raise RuntimeError(f"records left unsent to {topic}")
+
+
+_PREFETCH_PROBE = """
+import json, sys, time
+import psutil
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+brokers, topics, partitions = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
+extra = json.loads(sys.argv[4])
+before = psutil.Process().memory_info().rss
+consumers = []
+for topic in topics:
+    for partition in range(partitions):
+        consumer = Consumer({"group.id": "prefetch-probe", "enable.auto.commit": "false",
+                             "bootstrap.servers": brokers, **extra})
+        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+        consumers.append(consumer)
+for consumer in consumers:
+    consumer.consume(1, 10)
+time.sleep(2)  # what the fetcher threads queue meanwhile is the measurement
+print(psutil.Process().memory_info().rss - before)
+"""
+
+
+def prefetch_rss(brokers: str, extra: dict[str, str]) -> int:
+    """Bytes one consumer per partition (as the dataflow reads) holds 2 s after its first
+    poll of the backlog, with ``extra`` configuration: what librdkafka prefetched."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _PREFETCH_PROBE,
+            brokers,
+            f"{REQUESTS},{RESPONSES}",
+            str(PARTITIONS),
+            json.dumps(extra),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout.split()[-1])
 
 
 def _first_rows(dsn: str, before: datetime) -> int:
@@ -350,6 +392,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"  produced {len(requests) + len(responses):,} records in "
                 f"{time.perf_counter() - started:.1f}s"
             )
+            for what, extra in (("librdkafka's defaults", {}), ("dataflows.sources", PREFETCH_CONFIG)):
+                print(
+                    f"  {2 * PARTITIONS} consumers 2 s after their first poll, prefetch as "
+                    f"{what}: {prefetch_rss(broker.address, extra) / 2**20:,.0f} MiB"
+                )
             run = run_dataflow(
                 broker.address, postgres.dsn, len(windows), closers_window, args.processes, work
             )
