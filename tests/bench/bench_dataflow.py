@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -36,6 +38,7 @@ import psycopg
 from confluent_kafka import Producer
 
 from dataflows import sinks
+from dataflows.sources import PREFETCH_CONFIG
 from dataflows.windows import WindowRow
 from deploy.stack import Broker, Postgres
 from schemas.database import ensure_schema
@@ -49,6 +52,7 @@ KEYS = 1_000
 SEED = 1
 WINDOW_SECONDS = 60
 PARTITIONS = 3
+SNAPSHOT_INTERVAL = 10  # seconds, the runner's default
 
 
 class _Request(msgspec.Struct):
@@ -60,8 +64,7 @@ class _Request(msgspec.Struct):
     provider: str | None = None
 
 
-def _windows_and_closers(requests: list[bytes]
-                         ) -> tuple[set[tuple], datetime, list[bytes], list[bytes]]:
+def _windows_and_closers(requests: list[bytes]) -> tuple[set[tuple], datetime, list[bytes], list[bytes]]:
     """The data set's windows (tenant, route, model, start), when the closers' windows
     start, and one closer call per key."""
     decoder = msgspec.json.Decoder(_Request)
@@ -79,22 +82,45 @@ def _windows_and_closers(requests: list[bytes]
     closing_requests, closing_responses = [], []
     for number, (key, example) in enumerate(sorted(keys.items())):
         rid = f"closer-{number}"
-        closing_requests.append(json.dumps({
-            "request_id": rid, "tenant_id": key[0], "route": key[1], "model": key[2],
-            "provider": example.provider, "timestamp": at.isoformat()}).encode())
-        closing_responses.append(json.dumps({
-            "request_id": rid, "tenant_id": key[0], "latency_ms": 100.0,
-            "timestamp": (at + timedelta(seconds=0.1)).isoformat()}).encode())
-    closers_window = datetime.fromtimestamp(
-        math.floor(at.timestamp() / WINDOW_SECONDS) * WINDOW_SECONDS, UTC)
+        closing_requests.append(
+            json.dumps(
+                {
+                    "request_id": rid,
+                    "tenant_id": key[0],
+                    "route": key[1],
+                    "model": key[2],
+                    "provider": example.provider,
+                    "timestamp": at.isoformat(),
+                }
+            ).encode()
+        )
+        closing_responses.append(
+            json.dumps(
+                {
+                    "request_id": rid,
+                    "tenant_id": key[0],
+                    "latency_ms": 100.0,
+                    "timestamp": (at + timedelta(seconds=0.1)).isoformat(),
+                }
+            ).encode()
+        )
+    closers_window = datetime.fromtimestamp(math.floor(at.timestamp() / WINDOW_SECONDS) * WINDOW_SECONDS, UTC)
     return windows, closers_window, closing_requests, closing_responses
 
 
 def _fill(brokers: str, topic: str, payloads: list[bytes]) -> None:
-    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 50,
-                         "batch.num.messages": 10000, "batch.size": 1_000_000,
-                         "compression.type": "lz4", "queue.buffering.max.messages": 2_000_000,
-                         "enable.idempotence": True, "acks": "all"})
+    producer = Producer(
+        {
+            "bootstrap.servers": brokers,
+            "linger.ms": 50,
+            "batch.num.messages": 10000,
+            "batch.size": 1_000_000,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": 2_000_000,
+            "enable.idempotence": True,
+            "acks": "all",
+        }
+    )
     for index, payload in enumerate(payloads):
         # Spread like the ingestion API's request_id keys would, without parsing here.
         producer.produce(topic, payload, partition=index % PARTITIONS)
@@ -104,10 +130,50 @@ def _fill(brokers: str, topic: str, payloads: list[bytes]) -> None:
         raise RuntimeError(f"records left unsent to {topic}")
 
 
+_PREFETCH_PROBE = """
+import json, sys, time
+import psutil
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+brokers, topics, partitions = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
+extra = json.loads(sys.argv[4])
+before = psutil.Process().memory_info().rss
+consumers = []
+for topic in topics:
+    for partition in range(partitions):
+        consumer = Consumer({"group.id": "prefetch-probe", "enable.auto.commit": "false",
+                             "bootstrap.servers": brokers, **extra})
+        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+        consumers.append(consumer)
+for consumer in consumers:
+    consumer.consume(1, 10)
+time.sleep(2)  # what the fetcher threads queue meanwhile is the measurement
+print(psutil.Process().memory_info().rss - before)
+"""
+
+
+def prefetch_rss(brokers: str, extra: dict[str, str]) -> int:
+    """Bytes one consumer per partition (as the dataflow reads) holds 2 s after its first
+    poll of the backlog, with ``extra`` configuration: what librdkafka prefetched."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _PREFETCH_PROBE,
+            brokers,
+            f"{REQUESTS},{RESPONSES}",
+            str(PARTITIONS),
+            json.dumps(extra),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout.split()[-1])
+
+
 def _first_rows(dsn: str, before: datetime) -> int:
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM llm_metrics WHERE window_start < %s",
-                           (before,)).fetchone()
+        row = conn.execute("SELECT count(*) FROM llm_metrics WHERE window_start < %s", (before,)).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -122,28 +188,93 @@ def _usage(process: psutil.Process, cpu: dict[int, float]) -> int:
     return total
 
 
-def run_dataflow(brokers: str, dsn: str, windows: int, before: datetime, processes: int,
-                 work: Path, timeout: float = 600.0) -> tuple[float, int, float]:
-    """Seconds until ``windows`` rows exist (the closers' windows are not counted), peak
-    RSS, and CPU seconds the dataflow's processes used by then."""
-    env = {**os.environ, "KAFKA_BROKERS": brokers, "POSTGRES_DSN": dsn,
-           "TOPIC_PARTITIONS": str(PARTITIONS)}
+@dataclass
+class DataflowRun:
+    """What one run of the dataflow measured; RSS sums every process of the processor."""
+
+    seconds: float  # from start until every window had its first row
+    # (seconds since start, RSS bytes, CPU seconds used so far) at every sample
+    samples: list[tuple[float, int, float]]
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.samples[-1][2]
+
+    @property
+    def peak_rss(self) -> int:
+        return max(rss for _, rss, _ in self.samples)
+
+    @property
+    def final_rss(self) -> int:
+        return self.samples[-1][1]
+
+    def at(self, seconds: float) -> tuple[float, int, float]:
+        """The first sample taken at or after ``seconds`` since start (the last one if none)."""
+        return next((sample for sample in self.samples if sample[0] >= seconds), self.samples[-1])
+
+    def rss_at(self, seconds: float) -> int:
+        return self.at(seconds)[1]
+
+
+# The processor's resident size this long after start is what the consumers' prefetch
+# costs, before much state exists: it has started up and is 2-3 s into the backlog.
+BACKLOG_PROBE_SECONDS = 3.0
+
+
+def run_dataflow(
+    brokers: str,
+    dsn: str,
+    windows: int,
+    before: datetime,
+    processes: int,
+    work: Path,
+    timeout: float = 600.0,
+    settings: dict[str, str] | None = None,
+    on_sample: Callable[[float], None] | None = None,
+) -> DataflowRun:
+    """Run ``python -m dataflows.run`` until ``windows`` rows exist (the closers' windows,
+    from ``before`` on, are not counted), sampling its processes' RSS and CPU every
+    0.2 s; ``on_sample`` is called with the seconds since start at each sample.
+    ``settings`` are extra environment variables (``DEDUPE_SECONDS`` …)."""
+    env = {
+        **os.environ,
+        "KAFKA_BROKERS": brokers,
+        "POSTGRES_DSN": dsn,
+        "TOPIC_PARTITIONS": str(PARTITIONS),
+        **(settings or {}),
+    }
     log = open(work / "dataflow.log", "wb")  # noqa: SIM115 - the child keeps it
     started = time.perf_counter()
     child = subprocess.Popen(
-        [sys.executable, "-m", "dataflows.run", "--recovery-dir", str(work / "recovery"),
-         "--processes", str(processes), "--snapshot-interval", "10"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "dataflows.run",
+            "--recovery-dir",
+            str(work / "recovery"),
+            "--processes",
+            str(processes),
+            "--snapshot-interval",
+            str(SNAPSHOT_INTERVAL),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     watched = psutil.Process(child.pid)
-    peak = 0
+    samples: list[tuple[float, int, float]] = []
     cpu: dict[int, float] = {}
     try:
         while True:
-            peak = max(peak, _usage(watched, cpu))
+            rss = _usage(watched, cpu)
+            samples.append((time.perf_counter() - started, rss, sum(cpu.values())))
             if child.poll() is not None:
                 raise RuntimeError((work / "dataflow.log").read_text()[-3000:])
+            if on_sample is not None:
+                on_sample(time.perf_counter() - started)
             if _first_rows(dsn, before) >= windows:
-                return time.perf_counter() - started, peak, sum(cpu.values())
+                return DataflowRun(time.perf_counter() - started, samples)
             if time.perf_counter() - started > timeout:
                 raise RuntimeError(f"not all {windows} windows after {timeout:.0f}s")
             time.sleep(0.2)
@@ -154,15 +285,37 @@ def run_dataflow(brokers: str, dsn: str, windows: int, before: datetime, process
 
 def _sink_rows(count: int) -> list[WindowRow]:
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    return [WindowRow(row=MetricsRow(
-        tenant_id=f"tenant-{n % 17}", route=f"/route-{n}", model="gpt-4o",
-        window_start=start, window_end=start + timedelta(minutes=1), requests=500, errors=3,
-        timeouts=1, avg_latency_ms=512.0, p50_latency_ms=480.0, p95_latency_ms=1500.0,
-        p99_latency_ms=2500.0, avg_time_to_first_token_ms=90.0, prompt_tokens=400_000,
-        completion_tokens=150_000, cache_read_tokens=12_000, reasoning_tokens=2_000,
-        avg_prompt_tokens=800.0, avg_completion_tokens=300.0, estimated_cost_usd=1.25,
-        unpriced_requests=0, revision=1), digest=b"\x00" * 800, ttft_count=250)
-        for n in range(count)]
+    return [
+        WindowRow(
+            row=MetricsRow(
+                tenant_id=f"tenant-{n % 17}",
+                route=f"/route-{n}",
+                model="gpt-4o",
+                window_start=start,
+                window_end=start + timedelta(minutes=1),
+                requests=500,
+                errors=3,
+                timeouts=1,
+                avg_latency_ms=512.0,
+                p50_latency_ms=480.0,
+                p95_latency_ms=1500.0,
+                p99_latency_ms=2500.0,
+                avg_time_to_first_token_ms=90.0,
+                prompt_tokens=400_000,
+                completion_tokens=150_000,
+                cache_read_tokens=12_000,
+                reasoning_tokens=2_000,
+                avg_prompt_tokens=800.0,
+                avg_completion_tokens=300.0,
+                estimated_cost_usd=1.25,
+                unpriced_requests=0,
+                revision=1,
+            ),
+            digest=b"\x00" * 800,
+            ttft_count=250,
+        )
+        for n in range(count)
+    ]
 
 
 def compare_sink_statements(dsn: str, rows: int = 20_000, batch: int = 500) -> None:
@@ -170,22 +323,31 @@ def compare_sink_statements(dsn: str, rows: int = 20_000, batch: int = 500) -> N
     unnest(…) per batch: same rows, same batches, same conflict clause."""
     items = _sink_rows(rows)
     types = {name: "text" for name in ("tenant_id", "route", "model")}
-    types |= {"window_start": "timestamptz", "window_end": "timestamptz",
-              "latency_digest": "bytea", "revision": "integer"}
-    types |= {name: "float8" for name in sinks.COLUMNS
-              if name.startswith(("avg_", "p50", "p95", "p99", "estimated"))}
+    types |= {
+        "window_start": "timestamptz",
+        "window_end": "timestamptz",
+        "latency_digest": "bytea",
+        "revision": "integer",
+    }
+    types |= {
+        name: "float8"
+        for name in sinks.COLUMNS
+        if name.startswith(("avg_", "p50", "p95", "p99", "estimated"))
+    }
     unnest_sql = (
         f"INSERT INTO llm_metrics ({', '.join(sinks.COLUMNS)}, updated_at) "
         f"SELECT *, now() FROM unnest("
         + ", ".join(f"%s::{types.get(name, 'bigint')}[]" for name in sinks.COLUMNS)
-        + ")" + sinks.CONFLICT_SQL)
+        + ")"
+        + sinks.CONFLICT_SQL
+    )
     with psycopg.connect(dsn, autocommit=True) as conn:
         # The first round warms the server and the connection up and is not shown.
         for round_, name in enumerate(("executemany+pipeline", "unnest") * 3):
             conn.execute("TRUNCATE llm_metrics")
             started = time.perf_counter()
             for first in range(0, rows, batch):
-                params = [sinks.values_of(item) for item in items[first:first + batch]]
+                params = [sinks.values_of(item) for item in items[first : first + batch]]
                 with conn.transaction(), conn.cursor() as cursor:
                     if name == "unnest":
                         cursor.execute(unnest_sql, [list(c) for c in zip(*params, strict=True)])
@@ -194,8 +356,7 @@ def compare_sink_statements(dsn: str, rows: int = 20_000, batch: int = 500) -> N
             seconds = time.perf_counter() - started
             if round_ < 2:
                 continue
-            print(f"  postgres {name:22s} {rows / seconds:10,.0f} rows/s "
-                  f"({batch} rows per batch)")
+            print(f"  postgres {name:22s} {rows / seconds:10,.0f} rows/s ({batch} rows per batch)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,15 +366,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv if argv is not None else [])
 
     requests, responses = generate(args.calls, KEYS, SEED)
-    windows, closers_window, closing_requests, closing_responses = (
-        _windows_and_closers(requests))
-    print(f"  data set: {len(requests):,} requests, {len(responses):,} responses, "
-          f"{len(windows):,} windows")
+    windows, closers_window, closing_requests, closing_responses = _windows_and_closers(requests)
+    print(f"  data set: {len(requests):,} requests, {len(responses):,} responses, {len(windows):,} windows")
 
     calls, seconds = plain_loop(requests, responses)
     baseline = calls / seconds
-    print(f"  plain loop (one process, no Bytewax): {calls:,} calls in {seconds:.2f}s "
-          f"= {baseline:,.0f} calls/s")
+    print(
+        f"  plain loop (one process, no Bytewax): {calls:,} calls in {seconds:.2f}s = {baseline:,.0f} calls/s"
+    )
 
     with tempfile.TemporaryDirectory(prefix="streamlens-bench-") as directory:
         work = Path(directory)
@@ -228,18 +388,30 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             _fill(broker.address, REQUESTS, requests + closing_requests)
             _fill(broker.address, RESPONSES, responses + closing_responses)
-            print(f"  produced {len(requests) + len(responses):,} records in "
-                  f"{time.perf_counter() - started:.1f}s")
-            elapsed, peak, cpu = run_dataflow(broker.address, postgres.dsn, len(windows),
-                                         closers_window, args.processes, work)
+            print(
+                f"  produced {len(requests) + len(responses):,} records in "
+                f"{time.perf_counter() - started:.1f}s"
+            )
+            for what, extra in (("librdkafka's defaults", {}), ("dataflows.sources", PREFETCH_CONFIG)):
+                print(
+                    f"  {2 * PARTITIONS} consumers 2 s after their first poll, prefetch as "
+                    f"{what}: {prefetch_rss(broker.address, extra) / 2**20:,.0f} MiB"
+                )
+            run = run_dataflow(
+                broker.address, postgres.dsn, len(windows), closers_window, args.processes, work
+            )
         finally:
             broker.stop()
             postgres.stop()
-    rate = args.calls / elapsed
-    print(f"  dataflow ({args.processes} process(es), 1 worker each): every window's first "
-          f"row after {elapsed:.1f}s (start-up included) = {rate:,.0f} calls/s, "
-          f"{rate / args.processes:,.0f} per process; peak RSS {peak / 2**20:,.0f} MiB; "
-          f"{cpu:.1f} CPU-s = {args.calls / cpu:,.0f} calls per CPU-second")
+    rate = args.calls / run.seconds
+    print(
+        f"  dataflow ({args.processes} process(es), 1 worker each): every window's first "
+        f"row after {run.seconds:.1f}s (start-up included) = {rate:,.0f} calls/s, "
+        f"{rate / args.processes:,.0f} per process; peak RSS {run.peak_rss / 2**20:,.0f} MiB, "
+        f"{run.rss_at(BACKLOG_PROBE_SECONDS) / 2**20:,.0f} MiB {BACKLOG_PROBE_SECONDS:.0f} s "
+        f"after start; {run.cpu_seconds:.1f} CPU-s = "
+        f"{args.calls / run.cpu_seconds:,.0f} calls per CPU-second"
+    )
     print(f"  dataflow / plain loop: {rate / baseline:.2f}")
 
 

@@ -42,16 +42,19 @@ def _skewed(records: list[tuple[float, bytes]], rng: random.Random) -> list[byte
     return payloads
 
 
-def generate(calls: int, keys: int, seed: int) -> tuple[list[bytes], list[bytes]]:
+def generate(
+    calls: int, keys: int, seed: int, calls_per_second: float = CALLS_PER_SECOND
+) -> tuple[list[bytes], list[bytes]]:
     """``calls`` request payloads and the response payloads of all but about 1 % of
-    them, over ``keys`` (tenant, route, model) keys, at 1,000 calls per second of
-    event time, each topic shuffled within a bounded skew."""
+    them, over ``keys`` (tenant, route, model) keys, at a steady ``calls_per_second``
+    of event time (so spanning ``calls / calls_per_second`` seconds), each topic
+    shuffled within a bounded skew."""
     rng = random.Random(seed)
     requests: list[tuple[float, bytes]] = []
     responses: list[tuple[float, bytes]] = []
     for number in range(calls):
         tenant_id, route, provider, model = _key(rng.randrange(keys))
-        started = START + number / CALLS_PER_SECOND
+        started = START + number / calls_per_second
         request_id = f"{seed:x}-{number:09d}-{rng.getrandbits(32):08x}"
         prompt = int(rng.lognormvariate(6.0, 1.0))
         requests.append(
