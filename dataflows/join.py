@@ -59,6 +59,7 @@ import msgspec
 from msgspec import Struct
 
 from dataflows.clock import Watermark
+from dataflows.remembered import Remembered
 from schemas.deadletter import DeadLetter
 from schemas.events import LLMRequest, LLMResponse, check_cache_read, encoder
 
@@ -162,8 +163,8 @@ class JoinShard:
         self.watermark = Watermark()
         self._pending: dict[str, _Pending] = {}
         # Counted request_id -> (event time until which repeats are ignored, the
-        # request's tenant: a response of another tenant is no repeat).
-        self._counted: dict[str, tuple[float, str]] = {}
+        # request's tenant: a response of another tenant is no repeat), compactly.
+        self._counted = Remembered()
         # Counted as timed out and no response seen yet -> the request's timestamp:
         # its first response converts the timeout or is dead-lettered, never ignored.
         self._timed_out: dict[str, float] = {}
@@ -202,7 +203,7 @@ class JoinShard:
 
     def _on_request(self, request: LLMRequest, source: SourceRef, ts: float) -> list[Call | DeadLetter]:
         rid = request.request_id
-        if rid in self._counted:
+        if self._counted.get(rid, self.watermark.settled) is not None:
             self.duplicates += 1
             return []
         entry = self._pending.get(rid)
@@ -226,10 +227,10 @@ class JoinShard:
     def _on_response(self, response: LLMResponse, source: SourceRef, ts: float) -> list[Call | DeadLetter]:
         rid = response.request_id
         tenant_id = response.tenant_id
-        counted = self._counted.get(rid)
+        counted = self._counted.get(rid, self.watermark.settled)
         if counted is not None:
             if tenant_id not in (None, counted[1]):
-                return self._mismatch(response, source, counted[1])
+                return self._mismatch(response, source, counted[1], counted[0])
             if rid in self._timed_out:
                 return self._after_timeout(response, source, ts)
             self.duplicates += 1
@@ -282,8 +283,9 @@ class JoinShard:
         del self._pending[rid]
         call = self._call(request, response, source, request_ts, response_ts)
         expiry = max(request_ts, response_ts) + self.remember
-        self._counted[rid] = (expiry, request.tenant_id)
-        self._schedule(expiry, rid)
+        self._counted.add(rid, expiry, request.tenant_id)
+        if rid in self._mismatched:
+            self._schedule(expiry, rid)  # forgotten with the counted id
         out.append(call)
         return out
 
@@ -366,10 +368,14 @@ class JoinShard:
                 self.duplicates += 1
         return entry.response is not None
 
-    def _mismatch(self, response: LLMResponse, source: SourceRef, tenant_id: str) -> list[Call | DeadLetter]:
+    def _mismatch(self, response: LLMResponse, source: SourceRef, tenant_id: str,
+                  counted_until: float | None = None) -> list[Call | DeadLetter]:
         """A response of another tenant than the request's (``tenant_id``): its
-        dead letter, or nothing for a repeat of one already dead-lettered."""
+        dead letter, or nothing for a repeat of one already dead-lettered.
+        ``counted_until``: the request is counted and remembered until then."""
         assert response.tenant_id is not None
+        if counted_until is not None and response.request_id not in self._mismatched:
+            self._schedule(counted_until, response.request_id)  # forgotten with the counted id
         tenants = self._mismatched.setdefault(response.request_id, set())
         if response.tenant_id in tenants:
             self.duplicates += 1
@@ -404,6 +410,7 @@ class JoinShard:
                 else:
                     scheduled.extend(keep)
                 break
+        self._counted.maintain(watermark)
         return out
 
     def _expire(self, rid: str, watermark: float, second: int, out: list[Call | DeadLetter]) -> bool:
@@ -444,18 +451,19 @@ class JoinShard:
                 entry.strays = strays or None
             if entry.response is None and entry.strays is None and entry.request is None:
                 del self._pending[rid]
-                if rid not in self._counted:
+                if self._counted.get(rid, watermark) is None:
                     # Forgotten already (DEDUPE_SECONDS < 2 x timeout, the far
                     # response outlived it): nothing else would drop this.
                     self._mismatched.pop(rid, None)
-        counted = self._counted.get(rid)
-        if counted is not None:
-            expiry = counted[0]
-            if expiry < watermark:
-                del self._counted[rid]
-                self._timed_out.pop(rid, None)
-                self._mismatched.pop(rid, None)
-            elif int(expiry) == second:
+        if rid in self._timed_out or rid in self._mismatched:
+            # What is kept beside a counted id goes when it is forgotten (the id
+            # itself leaves Remembered's arrays at its next seal).
+            counted = self._counted.get(rid, watermark)
+            if counted is None:
+                if rid not in self._pending:
+                    self._timed_out.pop(rid, None)
+                    self._mismatched.pop(rid, None)
+            elif int(counted[0]) == second:
                 pending_again = True
         return pending_again
 
@@ -474,7 +482,7 @@ class JoinShard:
         # Remembered at least while a response can still convert it, or a late
         # response would pair with the kept request as a new call.
         expiry = max(deadline + self.remember, self.convertible_until(entry.request_ts))
-        self._counted[rid] = (expiry, request.tenant_id)
+        self._counted.add(rid, expiry, request.tenant_id)
         self._schedule(expiry, rid)
         if entry.unpaired is None:
             # No response yet: the first one to come converts the timeout.
@@ -521,7 +529,8 @@ class JoinShard:
 
     def __len__(self) -> int:
         """request_ids held: waiting for their other side, or remembered as counted."""
-        return len(self._pending.keys() | self._counted.keys())
+        both = sum(1 for entry in self._pending.values() if entry.request_done)
+        return len(self._pending) + len(self._counted) - both
 
     def in_flight(self) -> int:
         """request_ids waiting for their other side (or, timed out, for a late response)."""

@@ -1,0 +1,69 @@
+"""Counted request ids, remembered compactly: exactly until their expiry, across seals and snapshots."""
+
+from __future__ import annotations
+
+import pickle
+import random
+import tracemalloc
+
+from dataflows.remembered import SEAL_SECONDS, Remembered
+
+
+def test_an_id_is_remembered_until_its_expiry_whether_sealed_or_not() -> None:
+    ids = Remembered()
+    ids.add("a", 100.0, "acme")
+    assert ids.get("a", 100.0) == (100.0, "acme")  # at its expiry: still remembered
+    assert ids.get("a", 100.5) is None
+    ids.maintain(50.0)  # sealed into the arrays
+    assert ids.get("a", 99.0) == (100.0, "acme")
+    assert ids.get("a", 100.5) is None
+    assert ids.get("b", 0.0) is None
+
+
+def test_sealing_drops_what_expired_and_keeps_the_rest_with_their_tenants() -> None:
+    rng = random.Random(3)
+    ids = Remembered()
+    expected: dict[str, tuple[float, str]] = {}
+    watermark = 0.0
+    for step in range(20):
+        for n in range(500):
+            rid = f"{step}-{n}-{rng.getrandbits(32)}"
+            value = (watermark + rng.uniform(1, 600), rng.choice(["acme", "globex", "initech"]))
+            ids.add(rid, *value)
+            expected[rid] = value
+        watermark += SEAL_SECONDS
+        ids.maintain(watermark)
+        alive = {rid: value for rid, value in expected.items() if value[0] >= watermark}
+        assert len(ids) == len(alive)  # the expired left at the seal
+        for rid, value in rng.sample(sorted(expected.items()), 300):
+            assert ids.get(rid, watermark) == (value if value[0] >= watermark else None), rid
+
+
+def test_a_snapshot_gives_the_same_answers() -> None:
+    ids = Remembered()
+    for n in range(1000):
+        ids.add(f"id-{n}", 1000.0 + n, "acme" if n % 2 else "globex")
+    ids.maintain(0.0)
+    ids.add("late", 5000.0, "acme")
+    restored = pickle.loads(pickle.dumps(ids))
+    assert restored == ids
+    assert [restored.get(f"id-{n}", 1500.0) for n in (0, 499, 500, 999)] == [
+        None, None, (1500.0, "globex"), (1999.0, "acme")]
+    assert restored.get("late", 4000.0) == (5000.0, "acme")
+
+
+def test_a_remembered_id_costs_a_few_dozen_bytes() -> None:
+    ids = Remembered()
+    count = 200_000
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for n in range(count):
+        ids.add(f"9b1deb4d-3b7d-4bad-9bdd-{n:012d}", 10_000.0 + n, f"tenant-{n % 50}")
+        if n % 40_000 == 39_999:
+            ids.maintain(0.0)
+    ids.maintain(0.0)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    per_id = (after - before) / count
+    print(f"{per_id:.1f} bytes per remembered id")
+    assert per_id <= 64
