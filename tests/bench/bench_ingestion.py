@@ -3,9 +3,11 @@
 Figures: single events at concurrency 64 (events/s, p50/p99 latency) and batches
 of 1,000 events (events/s), with ``GET /health`` as the same-run baseline of what
 the HTTP stack alone does on this machine; all of it with API keys off, then on
-(a real key in a real Postgres), and the ratio of the two. Targets (2 cores, one
-server process): ≥ 5,000 single events/s with p99 ≤ 50 ms; ≥ 100,000 events/s in
-batches; auth on within 10 % of auth off.
+(a real key in a real Postgres), and the ratio of the two. Each server is loaded with
+single events from the moment ``/ready`` first answers 200: the first
+``COLD_SECONDS`` are the cold start's figures. Targets (2 cores, one server
+process): ≥ 5,000 single events/s with p99 ≤ 50 ms; ≥ 100,000 events/s in
+batches; auth on within 10 % of auth off; p99 ≤ 100 ms over the first 5 s.
 
 The load comes from ``wrk`` with a Lua script when it is installed, else from a
 small asyncio client speaking raw HTTP/1.1 over keep-alive connections.
@@ -39,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CONCURRENCY = 64
 BATCH_EVENTS = 1000
 BATCH_CONCURRENCY = 8
+# The cold start: load from the first /ready 200 on, for this long.
+COLD_SECONDS = 5
 
 
 @dataclass
@@ -239,7 +243,10 @@ def _asyncio_body(
 # -- the run ----------------------------------------------------------------------
 
 
-def _start_server(brokers: str, dsn: str, auth: bool, port: int, log: Path) -> subprocess.Popen[bytes]:
+def _start_server(
+    brokers: str, dsn: str, auth: bool, port: int, log: Path
+) -> tuple[subprocess.Popen[bytes], float]:
+    """The server, once ``/ready`` answers 200, and how long that took from its launch."""
     env = {**os.environ, "KAFKA_BROKERS": brokers, "POSTGRES_DSN": dsn, "AUTH": "on" if auth else "off"}
     with open(log, "ab") as out:
         process = subprocess.Popen(
@@ -275,8 +282,8 @@ def _report(name: str, figures: Figures, events_per_request: int = 1) -> None:
 
 def _phases(
     url: str, port: int, key: str | None, seconds: int, workdir: Path, use_wrk: bool, label: str
-) -> tuple[Figures, Figures]:
-    """Warm-up, the /health baseline, single events, batches; returns (single, batches)."""
+) -> tuple[Figures, Figures, Figures]:
+    """The cold start, the /health baseline, single events, batches; returns (cold, single, batches)."""
     batch = _batch_body()
 
     def single(duration: int) -> Figures:
@@ -289,13 +296,15 @@ def _phases(
             return _wrk_body(url, path, body, duration, connections, workdir, key)
         return _asyncio_body(port, path, body, duration, connections, key)
 
-    single(2)  # warm-up: connections, producer id, caches, the key's cache entry
+    # At once, on a server that was just found ready: no warm-up before it.
+    cold = single(COLD_SECONDS)
+    _report(f"{label}: first {COLD_SECONDS} s after ready (c=64)", cold)
     _report(f"{label}: baseline GET /health (c=64)", fixed("/health", None, seconds, CONCURRENCY))
     singles = single(seconds)
     _report(f"{label}: single events (c=64)", singles)
     batches = fixed("/v1/llm/events", batch, seconds, BATCH_CONCURRENCY)
     _report(f"{label}: batches of {BATCH_EVENTS} (c={BATCH_CONCURRENCY})", batches, BATCH_EVENTS)
-    return singles, batches
+    return cold, singles, batches
 
 
 def main() -> None:
@@ -311,10 +320,13 @@ def main() -> None:
             ensure_schema(postgres.dsn)
             with psycopg.connect(postgres.dsn) as conn:
                 key = create_key(conn, "bench", "ingest").key
-            results: dict[bool, tuple[Figures, Figures]] = {}
+            results: dict[bool, tuple[Figures, Figures, Figures]] = {}
             for auth in (False, True):
                 port = free_port()
-                server = _start_server(broker.address, postgres.dsn, auth, port, workdir / "server.log")
+                server, startup = _start_server(
+                    broker.address, postgres.dsn, auth, port, workdir / "server.log"
+                )
+                print(f"auth {'on' if auth else 'off'}: ready {startup:.2f} s after launch", flush=True)
                 try:
                     results[auth] = _phases(
                         f"http://127.0.0.1:{port}",
@@ -328,13 +340,14 @@ def main() -> None:
                 finally:
                     server.terminate()
                     server.wait(30)
-            (single_off, batch_off), (single_on, batch_on) = results[False], results[True]
+            (_, single_off, batch_off), (_, single_on, batch_on) = results[False], results[True]
             single_ratio = single_on.requests_per_second / single_off.requests_per_second
             batch_ratio = batch_on.requests_per_second / batch_off.requests_per_second
             print(f"auth on / off: single events {single_ratio:.1%}, batches {batch_ratio:.1%}")
             print(
                 "targets: ≥ 5,000 single events/s with p99 ≤ 50 ms, ≥ 100,000 events/s in batches, "
-                "auth on ≥ 90 % of auth off"
+                "auth on ≥ 90 % of auth off, "
+                f"p99 ≤ 100 ms over the first {COLD_SECONDS} s after ready"
             )
         finally:
             postgres.stop()
