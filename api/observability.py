@@ -283,6 +283,12 @@ class QueryMetrics(_Families):
         self.pool_waiting = ReadGauge(
             "streamlens_query_pool_waiting", "Requests waiting for a connection of the Postgres pool."
         )
+        # Every series from the start, at 0: a rate needs the value before the first event.
+        for kind in QUERY_KINDS:
+            self.request_seconds.labels(kind)
+            self.rows_returned.labels(kind)
+        for kind in (*QUERY_KINDS, "ready"):
+            self.database_errors.labels(kind)
         super().__init__()
 
 

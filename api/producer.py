@@ -173,6 +173,11 @@ class EventProducer:
         self._generation += 1
         generation = self._generation
 
+        def on_error(error: KafkaError) -> None:
+            # A replaced producer's queued errors (served while it is flushed) are of the past.
+            if generation == self._generation:
+                self._on_error(error)
+
         def on_statistics(text: str) -> None:
             # A replaced producer may still report while it is flushed: only the current one counts.
             if self.initialised or generation != self._generation:
@@ -180,7 +185,7 @@ class EventProducer:
             state = json.loads(text).get("eos", {}).get("idemp_state")
             self.initialised = state == "Assigned"
 
-        return Producer(self._config, error_cb=self._on_error, stats_cb=on_statistics, logger=logger)
+        return Producer(self._config, error_cb=on_error, stats_cb=on_statistics, logger=logger)
 
     def _answers(self) -> bool:
         try:
