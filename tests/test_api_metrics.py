@@ -387,3 +387,12 @@ def test_query_api_counts_queries_rows_and_database_errors(postgres_dsn: str) ->
     assert len(lines.matching("postgres lost: UndefinedTable")) == 1, lines.messages
     assert len(lines.matching("postgres back")) == 1, lines.messages
     assert_no_names(text)
+
+
+def test_the_query_apis_start_line_shows_where_postgres_is_but_no_password() -> None:
+    assert (
+        metrics._where("postgresql://reader:s3cret@db.internal:5433/streamlens")
+        == "db.internal:5433/streamlens"
+    )
+    assert metrics._where("host=10.0.0.7 dbname=x password=s3cret") == "10.0.0.7:5432/x"
+    assert metrics._where("postgresql://[broken") == "(an unreadable POSTGRES_DSN)"
