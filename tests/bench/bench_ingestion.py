@@ -8,6 +8,8 @@ single events from the moment ``/ready`` first answers 200: the first
 ``COLD_SECONDS`` are the cold start's figures. Targets (2 cores, one server
 process): ≥ 5,000 single events/s with p99 ≤ 50 ms; ≥ 100,000 events/s in
 batches; auth on within 10 % of auth off; p99 ≤ 100 ms over the first 5 s.
+Each phase also reports the server's CPU time per event (all its threads), a
+figure that moves far less than throughput when other work shares the machine.
 
 The load comes from ``wrk`` with a Lua script when it is installed, else from a
 small asyncio client speaking raw HTTP/1.1 over keep-alive connections.
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import psycopg
 
 from api.keys import create_key
@@ -51,6 +54,8 @@ class Figures:
     p50_ms: float
     p99_ms: float
     failures: int  # answers other than 2xx, and transport errors
+    requests: int
+    server_cpu_seconds: float = 0.0  # filled in by _phases
 
 
 def _request_event(request_id: str) -> dict[str, object]:
@@ -152,7 +157,9 @@ def _run_wrk(url: str, script: str, seconds: int, connections: int, workdir: Pat
         match = re.search(pattern, output)
         if match:
             failures += sum(int(n) for n in re.findall(r"\d+", match.group(1)))
-    return Figures(float(rate.group(1)), latency("50"), latency("99"), failures)
+    done = re.search(r"(\d+) requests in", output)
+    assert done, output
+    return Figures(float(rate.group(1)), latency("50"), latency("99"), failures, int(done.group(1)))
 
 
 def _wrk_single(url: str, seconds: int, workdir: Path, key: str | None) -> Figures:
@@ -214,6 +221,7 @@ async def _raw_load(port: int, make_request: object, seconds: float, connections
         latencies[len(latencies) // 2] * 1000,
         latencies[int(len(latencies) * 0.99)] * 1000,
         failures,
+        len(latencies),
     )
 
 
@@ -274,29 +282,43 @@ def _start_server(
 
 
 def _report(name: str, figures: Figures, events_per_request: int = 1) -> None:
+    cpu_per_event = figures.server_cpu_seconds / max(1, figures.requests * events_per_request)
     print(
         f"{name:<40} {figures.requests_per_second * events_per_request:>10,.0f} events/s"
         f"   p50 {figures.p50_ms:6.1f} ms   p99 {figures.p99_ms:6.1f} ms"
-        f"   failures {figures.failures}",
+        f"   server CPU {cpu_per_event * 1e6:6.1f} µs/event   failures {figures.failures}",
         flush=True,
     )
 
 
 def _phases(
-    url: str, port: int, key: str | None, seconds: int, workdir: Path, use_wrk: bool, label: str
+    url: str, port: int, pid: int, key: str | None, seconds: int, workdir: Path, use_wrk: bool, label: str
 ) -> tuple[Figures, Figures, Figures]:
     """The cold start, the /health baseline, single events, batches; returns (cold, single, batches)."""
     batch = _batch_body()
+    server = psutil.Process(pid)
+
+    def server_cpu() -> float:
+        times = server.cpu_times()
+        return times.user + times.system
 
     def single(duration: int) -> Figures:
+        before = server_cpu()
         if use_wrk:
-            return _wrk_single(url, duration, workdir, key)
-        return _asyncio_single(port, duration, key)
+            figures = _wrk_single(url, duration, workdir, key)
+        else:
+            figures = _asyncio_single(port, duration, key)
+        figures.server_cpu_seconds = server_cpu() - before
+        return figures
 
     def fixed(path: str, body: bytes | None, duration: int, connections: int) -> Figures:
+        before = server_cpu()
         if use_wrk:
-            return _wrk_body(url, path, body, duration, connections, workdir, key)
-        return _asyncio_body(port, path, body, duration, connections, key)
+            figures = _wrk_body(url, path, body, duration, connections, workdir, key)
+        else:
+            figures = _asyncio_body(port, path, body, duration, connections, key)
+        figures.server_cpu_seconds = server_cpu() - before
+        return figures
 
     # At once, on a server that was just found ready: no warm-up before it.
     cold = single(COLD_SECONDS)
@@ -333,6 +355,7 @@ def main() -> None:
                     results[auth] = _phases(
                         f"http://127.0.0.1:{port}",
                         port,
+                        server.pid,
                         key if auth else None,
                         seconds,
                         workdir,
