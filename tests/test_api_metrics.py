@@ -272,11 +272,19 @@ def wait_ready(url: str, timeout: float = 30.0) -> list[int]:
     raise AssertionError(f"/ready did not answer 200 in {timeout:g} s: {Counter(answers)}")
 
 
-def test_ready_waits_for_a_broker_started_after_the_api_and_for_the_producer_id(tmp_path: Path) -> None:
+def test_ready_waits_for_a_broker_started_after_the_api_and_for_the_producer_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     port = free_port()
     settings = Settings(kafka_brokers=f"127.0.0.1:{port}", topic_partitions=TEST_PARTITIONS, auth=False)
     app = ingestion.create_app(settings)
     with serving(app, "the ingestion API") as url:
+        started = [line for line in capsys.readouterr().err.splitlines() if "ingestion API started" in line]
+        assert len(started) == 1, started
+        assert started[0].endswith(
+            f"INFO streamlens.ingestion: ingestion API started: HTTP_PORT unset (8080), "
+            f"brokers 127.0.0.1:{port}, auth off"
+        )
         answer = httpx.get(f"{url}/ready")
         assert answer.status_code == 503
         assert f"127.0.0.1:{port}" in answer.json()["detail"]
@@ -331,7 +339,9 @@ def test_a_lost_broker_is_one_line_and_its_return_another_and_503s_are_counted(b
 # -- the query API ---------------------------------------------------------------------
 
 
-def test_query_api_counts_queries_rows_and_database_errors(postgres_dsn: str) -> None:
+def test_query_api_counts_queries_rows_and_database_errors(
+    postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     rng = random.Random()
     keys = _keys(postgres_dsn)
     # Windows 25 minutes apart: the 1-hour roll-up's bucket count is worked out here.
@@ -340,8 +350,16 @@ def test_query_api_counts_queries_rows_and_database_errors(postgres_dsn: str) ->
         postgres_dsn, [Window(TENANT, ROUTE, MODEL, start, random_calls(rng, 5)) for start in starts]
     )
     buckets = len({start.replace(minute=0) for start in starts})
-    settings = Settings(postgres_dsn=postgres_dsn)
+    settings = Settings(postgres_dsn=postgres_dsn, log_format="json")
     with serving(metrics.create_app(settings), "the query API") as url, httpx.Client(base_url=url) as client:
+        # LOG_FORMAT=json: the start line is one JSON object (uvicorn's own lines are not ours).
+        logged = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+        assert [(entry["level"], entry["logger"]) for entry in logged] == [("INFO", "streamlens.metrics")]
+        host_port_db = postgres_dsn.split("@", 1)[1]
+        assert (
+            logged[0]["message"]
+            == f"query API started: HTTP_PORT unset (8081), postgres {host_port_db}, auth on"
+        )
         lines = Lines()
         auth = {"Authorization": f"Bearer {keys['read']}"}
 
