@@ -11,9 +11,14 @@ more than two minutes ahead of the server's clock is refused
 ``POST /v1/traces`` takes OTLP/HTTP trace exports: each GenAI span becomes a
 request and a response event (:mod:`api.otlp`), judged and sent like the others.
 
-Every endpoint but ``/health`` and ``/ready`` takes an ``ingest`` API key
-(:mod:`api.auth`); an event of another tenant than the key's is refused (403,
-or that index in a batch), and responses are stamped with the key's tenant.
+Every endpoint but ``/health``, ``/ready`` and ``/metrics`` takes an ``ingest``
+API key (:mod:`api.auth`); an event of another tenant than the key's is refused
+(403, or that index in a batch), and responses are stamped with the key's tenant.
+
+``/ready`` answers 200 once the broker has the event topics and has given the
+producer its producer id; start-up waits for that (a few seconds at most), so
+the first requests do not. ``GET /metrics`` is in the Prometheus text format
+(:mod:`api.observability`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import msgspec
@@ -38,6 +43,14 @@ from api import otlp
 from api.auth import Principal, authenticate, check_event, open_key_store
 from api.body import BodyError, MiB, check_content_type, read_body
 from api.errors import error_response, http_error, server_error
+from api.observability import (
+    INGESTION_ENDPOINTS,
+    Buckets,
+    Count,
+    EndpointMetrics,
+    IngestionMetrics,
+    metrics_route,
+)
 from api.producer import BrokerUnavailable, EventProducer
 from schemas.config import Settings, load_or_exit
 from schemas.events import (
@@ -50,6 +63,7 @@ from schemas.events import (
     request_decoder,
     response_decoder,
 )
+from schemas.logs import configure_logging
 from schemas.topics import REQUESTS, RESPONSES, ensure_topics
 
 logger = logging.getLogger("streamlens.ingestion")
@@ -61,12 +75,18 @@ RETRY_AFTER_SECONDS = 5
 READY_CACHE_SECONDS = 1.5
 # How often a lost broker (or lost topics) is looked for again.
 RECOVERY_INTERVAL_SECONDS = 2.0
+# Start-up waits at most this long for the producer to be ready, then serves (503 until it is).
+STARTUP_READY_SECONDS = 5.0
+DEFAULT_PORT = 8080
 # What the API writes to and so needs to exist.
 EVENT_TOPICS = frozenset({REQUESTS, RESPONSES})
 
 _ACCEPTED = b'{"status":"accepted"}'
 Record = tuple[str, bytes, bytes]
 T = TypeVar("T")
+Handler = Callable[[Request], Awaitable[Response]]
+# What a refusal's status says about the event (see _refuse), as the metrics' reason.
+_REFUSAL_REASONS = {400: "future_timestamp", 403: "other_tenant"}
 
 
 def to_record(event: Event) -> Record:
@@ -88,23 +108,37 @@ def _malformed(error: ValueError) -> str:
 
 
 async def _decode_body(
-    request: Request, limit: int, decoder: msgspec.json.Decoder[T], invalid_code: str
+    request: Request,
+    limit: int,
+    decoder: msgspec.json.Decoder[T],
+    invalid_code: str,
+    sizes: Buckets,
+    invalid: Count | None = None,
 ) -> T | Response:
-    """The body decoded, or the 415/413/400 answer saying what is wrong with it."""
+    """The body decoded, or the 415/413/400 answer saying what is wrong with it.
+
+    ``invalid`` counts bodies read and found invalid: for a single event, that is the event.
+    """
     try:
         check_content_type(request)
         body = await read_body(request, limit)
     except BodyError as error:
         return error_response(error.status, error.code, error.detail, error.headers)
+    sizes.observe(len(body))
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as error:
-        return error_response(400, invalid_code, str(error))
+        answer = error_response(400, invalid_code, str(error))
     except (msgspec.DecodeError, UnicodeDecodeError) as error:
-        return error_response(400, "invalid_json", _malformed(error))
+        answer = error_response(400, "invalid_json", _malformed(error))
+    if invalid is not None:
+        invalid.value += 1
+    return answer
 
 
-async def _read_export(request: Request, encoding: otlp.Encoding) -> ExportTraceServiceRequest:
+async def _read_export(
+    request: Request, encoding: otlp.Encoding, sizes: Buckets
+) -> ExportTraceServiceRequest:
     """The OTLP export in the body, or :class:`BodyError` saying what is wrong with it."""
     if encoding == "json":
         check_content_type(request)
@@ -115,6 +149,7 @@ async def _read_export(request: Request, encoding: otlp.Encoding) -> ExportTrace
         if error.code != "empty_body" or encoding != "protobuf":
             raise
         body = b""
+    sizes.observe(len(body))
     return otlp.decode_export(otlp.decompress(body, request.headers.get("content-encoding")), encoding)
 
 
@@ -151,12 +186,18 @@ class Ingestion:
         self._ready_answer: Response | None = None
         self._ready_check: asyncio.Task[Response] | None = None
         self._recovery: asyncio.Task[None] | None = None
+        self.metrics = IngestionMetrics()
+        self._endpoints = {name: EndpointMetrics(self.metrics, name) for name in INGESTION_ENDPOINTS}
+        self._in_flight = self.metrics.sends_in_flight.labels()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         settings = self._given_settings or load_or_exit()
+        configure_logging(settings.log_format)
         self.settings = settings
-        self.producer = EventProducer(settings.kafka_brokers)
+        self.producer = EventProducer(
+            settings.kafka_brokers, ack_latency=self.metrics.broker_ack_seconds.labels()
+        )
         self.producer.start()
         try:
             await asyncio.to_thread(
@@ -169,6 +210,20 @@ class Ingestion:
                 error,
             )
             self.recover_soon()
+        else:
+            # Ready before serving: the first requests would otherwise wait for the
+            # producer id, or be the ones to find the broker slow.
+            if not await self._until_ready(STARTUP_READY_SECONDS):
+                logger.warning(
+                    "the producer is not ready after %.0f s; starting anyway, /ready says why",
+                    STARTUP_READY_SECONDS,
+                )
+        logger.info(
+            "ingestion API started: HTTP_PORT %s, brokers %s, auth %s",
+            settings.http_port or f"unset ({DEFAULT_PORT})",
+            settings.kafka_brokers,
+            "on" if settings.auth else "off",
+        )
         try:
             async with open_key_store(settings) as keys:
                 app.state.key_store = keys
@@ -185,6 +240,21 @@ class Ingestion:
 
     # -- the broker's health ---------------------------------------------------
 
+    async def _until_ready(self, timeout: float) -> bool:
+        """Whether ``/ready`` answered 200 within ``timeout`` (asked every 50 ms).
+
+        Asking fetches every topic's metadata through the producer, so the first
+        sends find their partitions known.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            self._ready_checked_at = -READY_CACHE_SECONDS
+            if (await self._check_ready()).status_code == 200:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
     def recover_soon(self) -> None:
         """Look for the broker until it answers and has the event topics, creating them if lost.
 
@@ -198,7 +268,10 @@ class Ingestion:
         assert self.producer is not None and self.settings is not None
         while True:
             topics = await self.producer.reachable()
-            if topics is not None:
+            if topics is None:
+                self.producer.outage.lost("it does not answer a metadata request")
+            else:
+                self.producer.outage.back()
                 if topics >= EVENT_TOPICS:
                     return
                 try:
@@ -217,42 +290,78 @@ class Ingestion:
     async def _send(self, records: list[Record]) -> Response | None:
         """None once the broker acknowledged every record; the 503 otherwise."""
         assert self.producer is not None
+        if not records:
+            return None
+        self._in_flight.value += 1
         try:
             await self.producer.send(records)
         except BrokerUnavailable as error:
             self.recover_soon()
             return _unavailable(f"{error.detail}; the events may not be stored, send them again")
+        finally:
+            self._in_flight.value -= 1
         return None
+
+    def observed(self, endpoint: str, handler: Handler) -> Handler:
+        """``handler`` with its answers counted by status and timed."""
+        metrics = self._endpoints[endpoint]
+        clock = time.perf_counter
+
+        async def observed(request: Request) -> Response:
+            started = clock()
+            try:
+                response = await handler(request)
+            except Exception:
+                metrics.answered(500, clock() - started)
+                raise
+            metrics.answered(response.status_code, clock() - started)
+            return response
+
+        return observed
 
     # -- endpoints ---------------------------------------------------------------
 
     async def post_request(self, request: Request) -> Response:
-        return await self._post_one(request, request_decoder)
+        return await self._post_one(request, request_decoder, self._endpoints["request"])
 
     async def post_response(self, request: Request) -> Response:
-        return await self._post_one(request, response_decoder)
+        return await self._post_one(request, response_decoder, self._endpoints["response"])
 
-    async def _post_one(self, request: Request, decoder: msgspec.json.Decoder) -> Response:
+    async def _post_one(
+        self, request: Request, decoder: msgspec.json.Decoder, metrics: EndpointMetrics
+    ) -> Response:
         principal = await authenticate(request, "ingest")
         if isinstance(principal, Response):
             return principal
-        event = await _decode_body(request, EVENT_BODY_LIMIT, decoder, "invalid_event")
+        event = await _decode_body(
+            request,
+            EVENT_BODY_LIMIT,
+            decoder,
+            "invalid_event",
+            metrics.body_bytes,
+            metrics.rejected["invalid"],
+        )
         if isinstance(event, Response):
             return event
         refusal = _refuse(principal, event, time.time())
         if refusal is not None:
             status, detail = refusal
+            metrics.rejected[_REFUSAL_REASONS[status]].value += 1
             return error_response(status, "invalid_event" if status == 400 else "forbidden", detail)
         failure = await self._send([to_record(event)])
         if failure is not None:
             return failure
+        metrics.accepted.value += 1
         return Response(_ACCEPTED, status_code=202, media_type="application/json")
 
     async def post_events(self, request: Request) -> Response:
+        metrics = self._endpoints["events"]
         principal = await authenticate(request, "ingest")
         if isinstance(principal, Response):
             return principal
-        batch = await _decode_body(request, BATCH_BODY_LIMIT, batch_decoder, "invalid_batch")
+        batch = await _decode_body(
+            request, BATCH_BODY_LIMIT, batch_decoder, "invalid_batch", metrics.body_bytes
+        )
         if isinstance(batch, Response):
             return batch
         records: list[Record] = []
@@ -264,10 +373,12 @@ class Ingestion:
                 event = event_decoder.decode(raw)
             except (msgspec.ValidationError, UnicodeDecodeError) as error:
                 rejected.append({"index": index, "error": _malformed(error)})
+                metrics.rejected["invalid"].value += 1
                 continue
             refusal = _refuse(principal, event, now)
             if refusal is not None:
                 rejected.append({"index": index, "error": refusal[1]})
+                metrics.rejected[_REFUSAL_REASONS[refusal[0]]].value += 1
                 continue
             records.append(to_record(event))
         # All-or-503: which records of a failed send were stored cannot be known,
@@ -275,6 +386,7 @@ class Ingestion:
         failure = await self._send(records)
         if failure is not None:
             return failure
+        metrics.accepted.value += len(records)
         if rejected:
             return _json(207, {"accepted": len(records), "rejected": rejected})
         return _json(202, {"accepted": len(records)})
@@ -282,30 +394,36 @@ class Ingestion:
     async def post_traces(self, request: Request) -> Response:
         """OTLP/HTTP: 200 with an ``ExportTraceServiceResponse`` (``partial_success`` naming
         the first rejected span), errors as a ``google.rpc.Status``, in the request's encoding."""
+        metrics = self._endpoints["traces"]
         encoding = otlp.answer_encoding(request.headers.get("content-type"))
         principal = await authenticate(request, "ingest")
         if isinstance(principal, Response):
             return otlp.as_status(principal, encoding)
         try:
             encoding = otlp.request_encoding(request.headers.get("content-type"))
-            export = await _read_export(request, encoding)
+            export = await _read_export(request, encoding, metrics.body_bytes)
         except BodyError as error:
             failure = error_response(error.status, error.code, error.detail, error.headers)
             return otlp.as_status(failure, encoding)
         mapped = otlp.calls_from_export(export, principal.tenant_id)
         rejected = mapped.rejected
+        metrics.rejected["invalid"].value += len(rejected)
         records: list[Record] = []
+        spans = 0
         now = time.time()
         for call in mapped.calls:
             refusal = _refuse(principal, call[0], now) or _refuse(principal, call[1], now)
             if refusal is not None:
                 rejected.append(f"span {call[0].request_id}: {refusal[1]}")
+                metrics.rejected[_REFUSAL_REASONS[refusal[0]]].value += 1
                 continue
             records.extend(to_record(event) for event in call)
+            spans += 1
         # All-or-503, as for a batch: OTLP exporters send the whole export again.
         failure = await self._send(records)
         if failure is not None:
             return otlp.as_status(failure, encoding)
+        metrics.accepted.value += spans
         return otlp.export_response(rejected, encoding)
 
     async def health(self, request: Request) -> Response:
@@ -330,6 +448,8 @@ class Ingestion:
             self.recover_soon()
             missing = ", ".join(sorted(EVENT_TOPICS - topics))
             answer = _unavailable(f"the broker has no topic {missing} (being created)")
+        elif not self.producer.initialised:
+            answer = _unavailable("the producer has no producer id from the broker yet")
         else:
             answer = _json(200, {"status": "ready"})
         self._ready_answer = answer
@@ -340,13 +460,15 @@ class Ingestion:
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ingestion app; ``settings`` None reads the environment when the app starts."""
     ingestion = Ingestion(settings)
+    observed = ingestion.observed
     routes = [
-        Route("/v1/llm/request", ingestion.post_request, methods=["POST"]),
-        Route("/v1/llm/response", ingestion.post_response, methods=["POST"]),
-        Route("/v1/llm/events", ingestion.post_events, methods=["POST"]),
-        Route("/v1/traces", ingestion.post_traces, methods=["POST"]),
+        Route("/v1/llm/request", observed("request", ingestion.post_request), methods=["POST"]),
+        Route("/v1/llm/response", observed("response", ingestion.post_response), methods=["POST"]),
+        Route("/v1/llm/events", observed("events", ingestion.post_events), methods=["POST"]),
+        Route("/v1/traces", observed("traces", ingestion.post_traces), methods=["POST"]),
         Route("/health", ingestion.health, methods=["GET"]),
         Route("/ready", ingestion.ready, methods=["GET"]),
+        metrics_route(ingestion.metrics),
     ]
     app = Starlette(
         routes=routes,

@@ -3,7 +3,8 @@
 ``GET /v1/metrics`` reads stored windows or rolls them up (see :mod:`api.queries`);
 ``GET /health`` answers while the process runs, ``GET /ready`` while Postgres
 answers, ``GET /openapi.json`` describes all of it, ``GET /dashboard`` draws it
-(:mod:`api.dashboard`). ``/v1/metrics`` takes a
+(:mod:`api.dashboard`), ``GET /metrics`` is this API's own Prometheus metrics
+(:mod:`api.observability`, no key). ``/v1/metrics`` takes a
 ``read`` API key of the tenant asked for, ``/openapi.json`` a ``read`` key of any
 tenant (:mod:`api.auth`).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -19,6 +21,7 @@ from typing import Any, TypeVar
 import msgspec
 import psycopg
 import psycopg_pool
+from psycopg.conninfo import conninfo_to_dict
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -29,6 +32,7 @@ from starlette.routing import Route
 from api.auth import authenticate, forbidden_tenant, open_key_store
 from api.dashboard import routes as dashboard_routes
 from api.errors import error_response, http_error, server_error
+from api.observability import Outage, QueryMetrics, metrics_route
 from api.params import (
     BUCKETS,
     DEFAULT_LIMIT,
@@ -42,6 +46,7 @@ from api.params import (
 from api.queries import Deadline, DeadlineExceeded, fetch_rollup, parameters, window_row, windows_sql
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
+from schemas.logs import configure_logging
 from schemas.metrics import MetricsRow
 
 logger = logging.getLogger("streamlens.metrics")
@@ -64,6 +69,7 @@ SCHEMA_RETRY_SECONDS = 2.0
 # Roll-ups are CPU work in Postgres and here: more at once than there are cores
 # only makes them all late. The others wait their turn within their deadline.
 ROLLUPS_AT_ONCE = 2
+DEFAULT_PORT = 8081
 
 _T = TypeVar("_T")
 
@@ -75,12 +81,24 @@ class MetricsPage(msgspec.Struct):
     count: int
 
 
+def _where(dsn: str) -> str:
+    """host:port/dbname of ``dsn``: what a log line may show of it (no password)."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(an unreadable POSTGRES_DSN)"
+    return f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+
+
 def _json(body: Any, status: int = 200) -> Response:
     return Response(_encoder.encode(body), status_code=status, media_type="application/json")
 
 
-def _unavailable(error: Exception) -> Response:
-    logger.warning("postgres unavailable: %s: %s", type(error).__name__, error)
+def _unavailable(request: Request, error: Exception, kind: str) -> Response:
+    """The 503 for a failed use of Postgres by ``kind`` of request, counted and logged once an outage."""
+    request.app.state.observed.database_errors.labels(kind).value += 1
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    request.app.state.postgres.lost(f"{type(error).__name__}: {first_line}")
     return error_response(
         503,
         "unavailable",
@@ -148,6 +166,7 @@ async def _fetch(
 
 
 async def metrics(request: Request) -> Response:
+    started = time.perf_counter()
     principal = await authenticate(request, "read")
     if isinstance(principal, Response):
         return principal
@@ -158,17 +177,24 @@ async def metrics(request: Request) -> Response:
     refusal = forbidden_tenant(principal, query.tenant_id)
     if refusal is not None:
         return error_response(403, "forbidden", refusal)
+    kind = "rollup" if query.is_rollup else "windows"
+    observed: QueryMetrics = request.app.state.observed
     try:
         rows = await bounded(
             _fetch(request.app.state.pool, request.app.state.rollup_slots, query), DATABASE_TIMEOUT_SECONDS
         )
     except DeadlineExceeded as error:
-        return error_response(
+        answer = error_response(
             503, "deadline_exceeded", str(error), headers={"Retry-After": RETRY_ROLLUP_SECONDS}
         )
     except (psycopg.Error, psycopg_pool.PoolTimeout, DatabaseTimeout) as error:
-        return _unavailable(error)
-    return _json(MetricsPage(metrics=rows, count=len(rows)))
+        answer = _unavailable(request, error, kind)
+    else:
+        request.app.state.postgres.back()
+        observed.rows_returned.labels(kind).value += len(rows)
+        answer = _json(MetricsPage(metrics=rows, count=len(rows)))
+    observed.request_seconds.labels(kind).observe(time.perf_counter() - started)
+    return answer
 
 
 async def health(request: Request) -> Response:
@@ -208,7 +234,8 @@ async def ready(request: Request) -> Response:
     try:
         await bounded(_ping(pool), READY_TIMEOUT_SECONDS)
     except (psycopg.Error, psycopg_pool.PoolTimeout, DatabaseTimeout) as error:
-        return _unavailable(error)
+        return _unavailable(request, error, "ready")
+    request.app.state.postgres.back()
     return _json({"status": "ready"})
 
 
@@ -330,6 +357,12 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": {"description": "ready"}, "503": error},
                 }
             },
+            "/metrics": {
+                "get": {
+                    "summary": "This API's own metrics, in the Prometheus text format",
+                    "responses": {"200": {"description": "Prometheus text exposition"}},
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
@@ -372,9 +405,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             return principal
         return Response(document, media_type="application/json")
 
+    observed = QueryMetrics()
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         current = settings or load_or_exit()
+        configure_logging(current.log_format)
         app.state.schema_ready = asyncio.Event()
         # Postgres may start after this service: keep trying instead of failing start-up.
         schema_task = asyncio.create_task(
@@ -397,6 +433,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await pool.open(wait=False)
         app.state.pool = pool
         app.state.rollup_slots = asyncio.Semaphore(ROLLUPS_AT_ONCE)
+        observed.pool_size.read = lambda: pool.get_stats()["pool_size"]
+        observed.pool_available.read = lambda: pool.get_stats()["pool_available"]
+        observed.pool_waiting.read = lambda: pool.get_stats()["requests_waiting"]
+        logger.info(
+            "query API started: HTTP_PORT %s, postgres %s, auth %s",
+            current.http_port or f"unset ({DEFAULT_PORT})",
+            _where(current.postgres_dsn),
+            "on" if current.auth else "off",
+        )
         try:
             async with open_key_store(current, pool) as keys:
                 app.state.key_store = keys
@@ -405,17 +450,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
             schema_task.cancel()
             await pool.close()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/metrics", metrics, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
+            metrics_route(observed),
             *dashboard_routes(),
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
+    app.state.observed = observed
+    app.state.postgres = Outage(logger, "postgres")
+    return app
 
 
 app = create_app()

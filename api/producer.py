@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -19,10 +20,15 @@ from collections.abc import Iterable, Mapping
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from api.observability import SECONDS_BUCKETS, Buckets, Outage
+
 logger = logging.getLogger("streamlens.ingestion")
 
 # The contract's deadline: no acknowledgement within this many seconds is a 503.
 ACK_TIMEOUT_SECONDS = 5.0
+# librdkafka's statistics say when the idempotent producer has its producer id;
+# they are looked at only until it has.
+STATISTICS_INTERVAL_MS = 100
 
 
 def producer_config(brokers: str) -> dict[str, object]:
@@ -50,6 +56,7 @@ def producer_config(brokers: str) -> dict[str, object]:
         # Errors reach error_cb (and are logged there); librdkafka's own log
         # would repeat each connection failure.
         "log_level": 2,
+        "statistics.interval.ms": STATISTICS_INTERVAL_MS,
     }
 
 
@@ -76,6 +83,9 @@ _SESSION_LOST = frozenset(
 )
 
 
+_CONNECTION_ERRORS = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE})
+
+
 class _Pending:
     """The acknowledgements one HTTP request waits for; settled when the last one arrives."""
 
@@ -88,8 +98,13 @@ class _Pending:
         self.error: KafkaError | None = None
 
     def acknowledge(self, error: KafkaError | None, message: Message) -> None:
-        # Runs in the polling thread, the only one that touches ``remaining``.
-        if error is not None and self.error is None:
+        # Runs in the polling thread, the only one that touches ``remaining``
+        # and writes the acknowledgement latency.
+        if error is None:
+            latency = message.latency()
+            if latency is not None:
+                self.owner.ack_latency.observe(latency)
+        elif self.error is None:
             self.error = error
             if error.code() in _SESSION_LOST:
                 self.owner._renew = f"after {error.str()}"
@@ -118,11 +133,18 @@ class EventProducer:
         *,
         timeout: float = ACK_TIMEOUT_SECONDS,
         overrides: Mapping[str, object] | None = None,
+        ack_latency: Buckets | None = None,
     ) -> None:
-        """``overrides``: librdkafka settings on top of :func:`producer_config`."""
+        """``overrides``: librdkafka settings on top of :func:`producer_config`;
+        ``ack_latency``: where each acknowledged record's latency is counted."""
         self.brokers = brokers
         self.timeout = timeout
+        self.ack_latency = ack_latency or Buckets(SECONDS_BUCKETS)
+        self.outage = Outage(logger, f"broker {brokers}")
         self._config = {**producer_config(brokers), **(overrides or {})}
+        # Whether the current producer has its producer id (see _new_producer).
+        self.initialised = False
+        self._generation = 0
         self._producer = self._new_producer()
         # Set from librdkafka's callbacks, acted on by the polling thread.
         self._renew: str | None = None
@@ -142,7 +164,28 @@ class EventProducer:
         self._thread.start()
 
     def _new_producer(self) -> Producer:
-        return Producer(self._config, error_cb=self._on_error, logger=logger)
+        """A producer; :attr:`initialised` turns true once the broker gave it a producer id.
+
+        Until then its first records would wait for that id (and for the
+        connection it needs), so readiness waits for it instead.
+        """
+        self.initialised = False
+        self._generation += 1
+        generation = self._generation
+
+        def on_error(error: KafkaError) -> None:
+            # A replaced producer's queued errors (served while it is flushed) are of the past.
+            if generation == self._generation:
+                self._on_error(error)
+
+        def on_statistics(text: str) -> None:
+            # A replaced producer may still report while it is flushed: only the current one counts.
+            if self.initialised or generation != self._generation:
+                return
+            state = json.loads(text).get("eos", {}).get("idemp_state")
+            self.initialised = state == "Assigned"
+
+        return Producer(self._config, error_cb=on_error, stats_cb=on_statistics, logger=logger)
 
     def _answers(self) -> bool:
         try:
@@ -162,10 +205,12 @@ class EventProducer:
             now = time.monotonic()
             if self._renew is not None and now - self._renewed_at >= 1.0:
                 self._replace_producer(self._renew)
-            elif self._lost and now - self._last_probe >= 1.0:
+            elif (self._lost or self.outage.down) and now - self._last_probe >= 1.0:
                 self._last_probe = now
                 if self._answers():
-                    self._replace_producer("the broker is back")
+                    self.outage.back()
+                    if self._lost:
+                        self._replace_producer("the broker is back")
 
     def _replace_producer(self, why: str) -> None:
         """Carry on with a new producer, with a new producer id.
@@ -206,6 +251,10 @@ class EventProducer:
             self._renew = "after a fatal error"
         elif error.code() == KafkaError._ALL_BROKERS_DOWN:
             self._lost = True
+            self.outage.lost(f"no broker answers ({error.str()})")
+        # During an outage its one line says it; the connection errors would repeat it.
+        if self.outage.down and error.code() in _CONNECTION_ERRORS:
+            return
         # librdkafka repeats connection errors every second; each once in 10 s is enough.
         text, now = error.str(), time.monotonic()
         if now - self._logged.get(text, -10.0) >= 10:

@@ -40,3 +40,21 @@ def test_compose_commands_name_modules_that_exist():
         command = COMPOSE["services"][name]["command"]
         module = command[1].split(":")[0] if command[0] == "uvicorn" else command[command.index("-m") + 1]
         assert importlib.util.find_spec(module) is not None, module
+
+
+def test_prometheus_scrapes_each_service_on_the_port_it_listens_on():
+    prometheus = COMPOSE["services"]["prometheus"]
+    [config_file] = [volume.split(":")[0] for volume in prometheus["volumes"] if volume.endswith(".yml:ro")]
+    scrape = yaml.safe_load((ROOT / "deploy" / config_file).read_text())
+    targets = {
+        target
+        for job in scrape["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    # The HTTP APIs serve /metrics on their own port, the one their command gives.
+    for name in ("ingestion", "metrics-api"):
+        command = COMPOSE["services"][name]["command"]
+        assert f"{name}:{command[command.index('--port') + 1]}" in targets
+    assert {target.split(":")[0] for target in targets} == set(SERVICES)
+    assert set(prometheus["depends_on"]) == set(SERVICES)
