@@ -14,15 +14,10 @@ with exact rows.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 
-from deploy.stack import Broker, Postgres
-from schemas.database import ensure_schema
-from schemas.topics import ensure_topics
 from tests import dataflow_harness as h
-from tests.conftest import TEST_PARTITIONS
+from tests.bench.stack import local_stack
 
 CALLS = 40_000
 SPAN = 1200.0
@@ -47,13 +42,9 @@ def _backlog() -> tuple[list[h.Event], list[h.Event], list[h.Counted]]:
     return requests, responses, counted
 
 
-def _once(work: Path, read_ahead: str | None) -> tuple[int, int, int, float]:
+def _once(read_ahead: str | None) -> tuple[int, int, int, float]:
     """(rows emitted, provisional timeouts they reported, windows, seconds to exact rows)."""
-    broker = Broker(work / "broker").start()
-    postgres = Postgres(work / "postgres").start()
-    try:
-        ensure_topics(broker.address, TEST_PARTITIONS)
-        ensure_schema(postgres.dsn)
+    with local_stack("streamlens-bench-backlog-") as (work, broker, postgres):
         requests, responses, counted = _backlog()
         h.produce(broker.address, requests)
         h.produce(broker.address, responses)
@@ -76,15 +67,11 @@ def _once(work: Path, read_ahead: str | None) -> tuple[int, int, int, float]:
         h.check_rows(h.postgres_rows(postgres.dsn), expected)
         records = [json.loads(value) for _, value, _, _ in h.read_topic(broker.address, h.METRICS)]
         return len(records), sum(r["timeouts"] for r in records), len(expected), elapsed
-    finally:
-        broker.stop()
-        postgres.stop()
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="streamlens-bench-backlog-") as work:
-        rows, timeouts, windows, seconds = _once(Path(work) / "aligned", None)
-        base_rows, base_timeouts, _, base_seconds = _once(Path(work) / "unaligned", str(SPAN * 10))
+    rows, timeouts, windows, seconds = _once(None)
+    base_rows, base_timeouts, _, base_seconds = _once(str(SPAN * 10))
     print(f"{CALLS:,} calls over {SPAN:.0f} s of event time, requests topic filled before the "
           f"responses topic, {windows} windows; exact rows in both runs")
     print(f"partitions read in step: {rows:,} rows emitted, {timeouts:,} provisional timeouts, "

@@ -12,13 +12,8 @@ event, and how many rows ``llm.metrics`` carries.
 from __future__ import annotations
 
 import random
-import tempfile
-from pathlib import Path
 
-from deploy.stack import Broker, Postgres
-from schemas.database import ensure_schema
-from schemas.topics import ensure_topics
-from tests.conftest import TEST_PARTITIONS
+from tests.bench.stack import local_stack
 from tests.test_crash import CrashRun, run
 
 CALLS = 50_000
@@ -26,23 +21,15 @@ KILLS = 6
 POSTING_SECONDS = 60.0
 
 
-def _once(work: Path, kills: int, seed: int) -> CrashRun:
-    broker = Broker(work / "broker").start()
-    postgres = Postgres(work / "postgres").start()
-    try:
-        ensure_topics(broker.address, TEST_PARTITIONS)
-        ensure_schema(postgres.dsn)
+def _once(kills: int, seed: int) -> CrashRun:
+    with local_stack("streamlens-bench-crash-") as (work, broker, postgres):
         return run(work, broker.address, postgres.dsn, CALLS, kills, POSTING_SECONDS, seed)
-    finally:
-        broker.stop()
-        postgres.stop()
 
 
 def main() -> None:
     seed = random.randrange(2**32)
-    with tempfile.TemporaryDirectory(prefix="streamlens-bench-crash-") as work:
-        crashed = _once(Path(work) / "crashed", KILLS, seed)
-        baseline = _once(Path(work) / "baseline", 0, seed)
+    crashed = _once(KILLS, seed)
+    baseline = _once(0, seed)
     print(f"{crashed.calls:,} calls, {crashed.events:,} events posted over "
           f"{crashed.posting_seconds:.1f} s; seed {seed}")
     print(f"kill -9 x{KILLS} at {crashed.kills} s: every row exact, revisions never down; "

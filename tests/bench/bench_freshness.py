@@ -14,19 +14,14 @@ from __future__ import annotations
 import json
 import random
 import statistics
-import tempfile
 import time
 import uuid
 from datetime import datetime
-from pathlib import Path
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from deploy.stack import Broker, Postgres
-from schemas.database import ensure_schema
-from schemas.topics import ensure_topics
 from tests import dataflow_harness as h
-from tests.conftest import TEST_PARTITIONS
+from tests.bench.stack import local_stack
 
 RATE = 2_000  # calls per second
 SECONDS = 90
@@ -61,37 +56,28 @@ def _send(brokers: str, seconds: float) -> int:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="streamlens-bench-freshness-") as work:
-        directory = Path(work)
-        broker = Broker(directory / "broker").start()
-        postgres = Postgres(directory / "postgres").start()
+    with local_stack("streamlens-bench-freshness-") as (directory, broker, postgres):
+        processor = h.Processor(broker.address, postgres.dsn, directory / "recovery",
+                                h.write_prices(directory / "prices.json"),
+                                directory / "dataflow.log", settings=SETTINGS).start()
         try:
-            ensure_topics(broker.address, TEST_PARTITIONS)
-            ensure_schema(postgres.dsn)
-            processor = h.Processor(broker.address, postgres.dsn, directory / "recovery",
-                                    h.write_prices(directory / "prices.json"),
-                                    directory / "dataflow.log", settings=SETTINGS).start()
-            try:
-                time.sleep(3)  # the processor's start is not what is measured
-                started = time.time()
-                sent = _send(broker.address, SECONDS)
-                time.sleep(WINDOW + GRACE + 5)  # the last windows close on the wall clock
-                processor.check_alive()
-            finally:
-                processor.stop()
-            first: dict[tuple[str, str, str, str], float] = {}
-            for _key, value, _partition, _offset, stamp in _records_with_time(broker.address):
-                row = json.loads(value)
-                key = (row["tenant_id"], row["route"], row["model"], row["window_start"])
-                end = datetime.fromisoformat(row["window_end"]).timestamp()
-                if key not in first or stamp - end < first[key]:
-                    first[key] = stamp - end
-            # Whole windows only: those that started after the traffic did.
-            delays = sorted(delay for (_, _, _, start), delay in first.items()
-                            if datetime.fromisoformat(start).timestamp() >= started)
+            time.sleep(3)  # the processor's start is not what is measured
+            started = time.time()
+            sent = _send(broker.address, SECONDS)
+            time.sleep(WINDOW + GRACE + 5)  # the last windows close on the wall clock
+            processor.check_alive()
         finally:
-            broker.stop()
-            postgres.stop()
+            processor.stop()
+        first: dict[tuple[str, str, str, str], float] = {}
+        for _key, value, _partition, _offset, stamp in _records_with_time(broker.address):
+            row = json.loads(value)
+            key = (row["tenant_id"], row["route"], row["model"], row["window_start"])
+            end = datetime.fromisoformat(row["window_end"]).timestamp()
+            if key not in first or stamp - end < first[key]:
+                first[key] = stamp - end
+    # Whole windows only: those that started after the traffic did.
+    delays = sorted(delay for (_, _, _, start), delay in first.items()
+                    if datetime.fromisoformat(start).timestamp() >= started)
     p99 = delays[min(len(delays) - 1, int(0.99 * len(delays)))]
     print(f"{sent:,} calls at {RATE:,}/s for {SECONDS} s, {len(KEYS)} keys, "
           f"{WINDOW} s windows, GRACE_SECONDS {GRACE}: {len(delays)} windows")
