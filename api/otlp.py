@@ -60,8 +60,8 @@ ROUTE = "streamlens.route"
 TENANT = "streamlens.tenant_id"
 SERVICE_NAME = "service.name"
 
-# The member of the attribute's ``AnyValue`` each one is expected in ("" for an
-# array), read first by :func:`_attributes`.
+# The member of its ``AnyValue`` each attribute is expected in, read first by
+# :func:`_attributes` ("" for an array, whose values are read instead).
 _STRING, _INT, _DOUBLE, _ARRAY = "string_value", "int_value", "double_value", ""
 _SPAN_ATTRIBUTE_FIELDS = {
     OPERATION: _STRING, SYSTEM: _STRING, PROVIDER: _STRING, REQUEST_MODEL: _STRING,
@@ -363,11 +363,13 @@ def _first_chunk_ms(attributes: dict[str, Value]) -> float | None:
 
 # -- attribute values ---------------------------------------------------------------
 
-# An attribute's value as Python: str, bool, int, float, bytes, an ArrayValue,
-# a KeyValueList, or None when no value is set.
+# An attribute's value as Python: str, bool, int, float, bytes, the values of an
+# array (a sequence of AnyValue), a KeyValueList, or None when no value is set.
 Value = object
+# The sequence type protobuf gives repeated messages, for naming an array's kind.
+_Values = type(ArrayValue().values)
 _KINDS: dict[type, str] = {
-    str: "string", bool: "bool", int: "int", float: "double", bytes: "bytes", ArrayValue: "array"
+    str: "string", bool: "bool", int: "int", float: "double", bytes: "bytes", _Values: "array"
 }  # fmt: skip
 
 
@@ -378,9 +380,9 @@ def _attributes(pairs: list[KeyValue], expected: dict[str, str]) -> dict[str, Va
     profile of ``POST /v1/traces`` spent a quarter of the server's time here, in
     protobuf reads, most of it ``WhichOneof`` and the field it names. So the
     member an attribute is expected in (``expected[key]``) is read first: a
-    non-empty string or a non-zero number can only be the member that is set.
-    Anything else (an empty string, a zero, another type, no value) is read as
-    what it is. The last of repeated keys wins, as in the SDKs.
+    non-empty string, a non-zero number or a non-empty array can only be the
+    member that is set. Anything else (an empty string, a zero, another type, no
+    value) is read as what it is. The last of repeated keys wins, as in the SDKs.
     """
     found: dict[str, Value] = {}
     for pair in pairs:
@@ -389,18 +391,18 @@ def _attributes(pairs: list[KeyValue], expected: dict[str, str]) -> dict[str, Va
         if member is None:
             continue
         value = pair.value
-        if member:
-            read = getattr(value, member)
-            if read:
-                found[key] = read
-                continue
-        found[key] = _any_value(value)
+        read = getattr(value, member) if member else value.array_value.values
+        found[key] = read if read else _any_value(value)
     return found
 
 
 def _any_value(value: AnyValue) -> Value:
     kind = value.WhichOneof("value")
-    return None if kind is None else getattr(value, kind)
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return value.array_value.values
+    return getattr(value, kind)
 
 
 def _kind(value: Value) -> str:
@@ -445,12 +447,13 @@ def _first_string(attributes: dict[str, Value], key: str) -> str | None:
     value = attributes.get(key)
     if value is None or isinstance(value, str):
         return value or None
-    if isinstance(value, ArrayValue):
-        if not value.values:
+    if isinstance(value, _Values):
+        if not value:
             return None
-        first = value.values[0]
-        if first.WhichOneof("value") == "string_value":
-            return first.string_value or None
+        first: AnyValue = value[0]
+        text = first.string_value
+        if text or first.WhichOneof("value") == "string_value":
+            return text or None
     raise SpanRejected(f"{key}: expected an array of strings, got {_kind(value)}")
 
 
