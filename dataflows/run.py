@@ -30,10 +30,10 @@ from pathlib import Path
 from bytewax.recovery import init_db_dir
 
 from dataflows import recovery
-from deploy.stack import free_port
 from schemas.config import load_or_exit
 from schemas.database import ensure_schema
 from schemas.logs import configure_logging
+from schemas.network import free_port
 from schemas.topics import REQUESTS, RESPONSES, ensure_topics
 
 logger = logging.getLogger("streamlens.dataflow")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from schemas import config
 from schemas.database import ensure_schema
+from schemas.network import free_port
 from schemas.topics import ensure_topics
 
 DATABASE = "streamlens"
@@ -36,13 +37,6 @@ DATABASE = "streamlens"
 RECOVERY = "recovery"
 # PostgreSQL refuses to run as root; the server runs as this system user instead.
 PG_SYSTEM_USER = "streamlens_pg"
-
-
-def free_port() -> int:
-    """A port free right now on 127.0.0.1, chosen by the kernel rather than guessed."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
