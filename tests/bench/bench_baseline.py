@@ -8,6 +8,7 @@ much of that ceiling the dataflow reaches.
 
 from __future__ import annotations
 
+import linecache
 import time
 import tracemalloc
 
@@ -79,7 +80,6 @@ def bytes_per_inflight_request(sample: int = 20_000) -> float:
     warm = JoinShard(300, 3600, 60, 600)
     for offset, payload in enumerate(requests_payloads):
         warm.on_event(request_decoder.decode(payload), SourceRef("llm.requests", 0, offset), now)
-    del warm
     join = JoinShard(300, 3600, 60, 600)
     tracemalloc.start()
     try:
@@ -89,7 +89,18 @@ def bytes_per_inflight_request(sample: int = 20_000) -> float:
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
+    assert len(warm) == len(join)
     return held / sample
+
+
+def _held_since(before: tracemalloc.Snapshot) -> int:
+    """Bytes allocated since ``before`` and still held, less the interpreter's table of
+    interned names: interning the same names again can rebuild that process-wide
+    table (a megabyte or two at once), which is not the join's to count."""
+    after = tracemalloc.take_snapshot()
+    return sum(stat.size_diff for stat in after.compare_to(before, "traceback")
+               if not any(frame.filename.endswith("join.py") and "intern" in (
+                   linecache.getline(frame.filename, frame.lineno)) for frame in stat.traceback))
 
 
 def bytes_per_remembered_id(sample: int = 20_000) -> float:
@@ -106,16 +117,18 @@ def bytes_per_remembered_id(sample: int = 20_000) -> float:
     now = time.time()
     # A first shard over the same calls holds the process-wide things a long run
     # has anyway (interned tenant, route and model names), so they are not counted.
+    # It stays alive while the other is measured: the names it interned would die
+    # with it, and the interpreter's table of interned names would be rebuilt (a
+    # megabyte or two) as the measured shard interns them again.
     warm = JoinShard(300, 3600, 60, 600)
     for offset, (request, response) in enumerate(pairs):
         warm.on_event(request_decoder.decode(request), SourceRef("llm.requests", 0, offset), now)
         warm.on_event(response_decoder.decode(response), SourceRef("llm.responses", 0, offset), now)
-    del warm
     join = JoinShard(300, 3600, 60, 600)
     counted = 0
-    tracemalloc.start()
+    tracemalloc.start(4)
     try:
-        before = tracemalloc.get_traced_memory()[0]
+        before = tracemalloc.take_snapshot()
         # Decoded here, as the dataflow does: the join keeps what it needs of each event.
         for offset, (request, response) in enumerate(pairs):
             join.on_event(request_decoder.decode(request), SourceRef("llm.requests", 0, offset), now)
@@ -126,10 +139,11 @@ def bytes_per_remembered_id(sample: int = 20_000) -> float:
         # Past the requests' timeouts, well within DEDUPE_SECONDS: what is left is
         # what remembering costs, as in a dataflow that has run for a while.
         join.on_time(now + 301)
-        held = tracemalloc.get_traced_memory()[0] - before
+        held = _held_since(before)
     finally:
         tracemalloc.stop()
     assert counted == len(pairs), f"{counted} calls counted of {len(pairs)} pairs"
+    assert len(warm) == len(join)
     return held / len(pairs)
 
 
