@@ -73,6 +73,30 @@ def _run_until(processor: h.Processor, dsn: str, expected: dict) -> None:
     h.wait_for(final, 90, "the rows", processor.check_alive)
 
 
+def _count_calls(log: Path, local: Path, dsn: str, prices: Path, calls: tuple[list[h.Event], list[h.Counted]]
+                 ) -> tuple[dict, str]:
+    """A processor with `just processor`'s recovery directory, run until ``calls`` are rows:
+    their expected rows, and what it logged."""
+    events, counted = calls
+    processor = h.Processor(_brokers(local), dsn, local / "recovery", prices, log,
+                            settings=SETTINGS).start()
+    h.produce(processor.brokers, events)
+    expected = h.expected_rows_of(counted)
+    try:
+        _run_until(processor, dsn, expected)
+    finally:
+        processor.stop()
+    return expected, log.read_text()
+
+
+def _refusal(log: Path, local: Path, dsn: str, prices: Path, recovery_dir: Path) -> str:
+    """The one line of a processor that refuses ``recovery_dir`` (and exits 2)."""
+    refused = h.Processor(_brokers(local), dsn, recovery_dir, prices, log).start()
+    assert refused.process is not None and refused.process.wait(60) == 2
+    [line] = [ln for ln in log.read_text().splitlines() if "recovery:" in ln]
+    return line
+
+
 def test_a_restarted_local_broker_gets_fresh_recovery_and_old_state_is_refused(
         tmp_path: Path, postgres_dsn: str) -> None:
     rng = random.Random(11)
@@ -80,32 +104,18 @@ def test_a_restarted_local_broker_gets_fresh_recovery_and_old_state_is_refused(
     prices = h.write_prices(tmp_path / "prices.json")
     _stack("up", local, postgres_dsn)
     try:
-        first = h.Processor(_brokers(local), postgres_dsn, local / "recovery", prices,
-                            tmp_path / "first.log", settings=SETTINGS).start()
-        old_events, old_calls = _calls(rng, "before", h.BASE, 200)
-        h.produce(first.brokers, old_events)
-        old_expected = h.expected_rows_of(old_calls)
-        try:
-            _run_until(first, postgres_dsn, old_expected)
-        finally:
-            first.stop()
-        assert "recovery: new state" in first.log.read_text()
+        old_expected, said = _count_calls(tmp_path / "first.log", local, postgres_dsn, prices,
+                                          _calls(rng, "before", h.BASE, 200))
+        assert "recovery: new state" in said
         kept = tmp_path / "old-recovery"
         shutil.copytree(local / "recovery", kept)
 
         _stack("down", local, postgres_dsn)
         said = _stack("up", local, postgres_dsn)
         assert "dropped the processor's recovery state" in said
-        second = h.Processor(_brokers(local), postgres_dsn, local / "recovery", prices,
-                             tmp_path / "second.log", settings=SETTINGS).start()
-        new_events, new_calls = _calls(rng, "after", h.BASE + 60, 150)
-        h.produce(second.brokers, new_events)
-        new_expected = h.expected_rows_of(new_calls)
-        try:
-            _run_until(second, postgres_dsn, new_expected)
-        finally:
-            second.stop()
-        assert "recovery: new state" in second.log.read_text()
+        new_expected, said = _count_calls(tmp_path / "second.log", local, postgres_dsn, prices,
+                                          _calls(rng, "after", h.BASE + 60, 150))
+        assert "recovery: new state" in said
         made_here = tmp_path / "second-recovery"
         shutil.copytree(local / "recovery", made_here)
         h.check_rows(h.postgres_rows(postgres_dsn), {**old_expected, **new_expected})
@@ -113,10 +123,7 @@ def test_a_restarted_local_broker_gets_fresh_recovery_and_old_state_is_refused(
         # The old broker's state, put back: refused, in one line, with what to do.
         shutil.rmtree(local / "recovery")
         shutil.copytree(kept, local / "recovery")
-        refused = h.Processor(_brokers(local), postgres_dsn, local / "recovery", prices,
-                              tmp_path / "refused.log").start()
-        assert refused.process is not None and refused.process.wait(60) == 2
-        [line] = [ln for ln in refused.log.read_text().splitlines() if "recovery:" in ln]
+        line = _refusal(tmp_path / "refused.log", local, postgres_dsn, prices, local / "recovery")
         assert "refusing to resume" in line and "cluster" in line and "--reset" in line
 
         # The same broker, its input topics deleted and created again: refused too.
@@ -124,10 +131,7 @@ def test_a_restarted_local_broker_gets_fresh_recovery_and_old_state_is_refused(
         for future in admin.delete_topics([REQUESTS, RESPONSES]).values():
             future.result(10)
         ensure_topics(_brokers(local), TEST_PARTITIONS)
-        recreated = h.Processor(_brokers(local), postgres_dsn, made_here, prices,
-                                tmp_path / "recreated.log").start()
-        assert recreated.process is not None and recreated.process.wait(60) == 2
-        [line] = [ln for ln in recreated.log.read_text().splitlines() if "recovery:" in ln]
+        line = _refusal(tmp_path / "recreated.log", local, postgres_dsn, prices, made_here)
         assert "refusing to resume" in line and "created again" in line
     finally:
         _stack("down", local, postgres_dsn)
