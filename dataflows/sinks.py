@@ -209,7 +209,7 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
         taken = self._upsert(latest)
         written = sum(taken)
         ROWS_WRITTEN.inc(written)
-        ROWS_STALE.inc(len(items) - written)
+        ROWS_STALE.inc(len(latest) - written)
         self._metrics.write([metrics_message(item) for item, took in zip(latest, taken, strict=True)
                              if took])
 
