@@ -25,7 +25,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,12 +39,11 @@ from confluent_kafka import Producer
 from dataflows import sinks
 from dataflows.sources import PREFETCH_CONFIG
 from dataflows.windows import WindowRow
-from deploy.stack import Broker, Postgres
-from schemas.database import ensure_schema
 from schemas.metrics import MetricsRow
-from schemas.topics import REQUESTS, RESPONSES, ensure_topics
+from schemas.topics import REQUESTS, RESPONSES
 from tests.bench.bench_baseline import plain_loop
 from tests.bench.dataset import generate
+from tests.bench.stack import local_stack
 
 CALLS = 500_000
 KEYS = 1_000
@@ -375,34 +373,25 @@ def main(argv: list[str] | None = None) -> None:
         f"  plain loop (one process, no Bytewax): {calls:,} calls in {seconds:.2f}s = {baseline:,.0f} calls/s"
     )
 
-    with tempfile.TemporaryDirectory(prefix="streamlens-bench-") as directory:
-        work = Path(directory)
-        broker = Broker(work / "broker").start()
-        postgres = Postgres(work / "postgres").start()
-        try:
-            ensure_topics(broker.address, PARTITIONS)
-            ensure_schema(postgres.dsn)
-            compare_sink_statements(postgres.dsn)
-            with psycopg.connect(postgres.dsn, autocommit=True) as conn:
-                conn.execute("TRUNCATE llm_metrics")
-            started = time.perf_counter()
-            _fill(broker.address, REQUESTS, requests + closing_requests)
-            _fill(broker.address, RESPONSES, responses + closing_responses)
+    with local_stack("streamlens-bench-", PARTITIONS) as (work, broker, postgres):
+        compare_sink_statements(postgres.dsn)
+        with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+            conn.execute("TRUNCATE llm_metrics")
+        started = time.perf_counter()
+        _fill(broker.address, REQUESTS, requests + closing_requests)
+        _fill(broker.address, RESPONSES, responses + closing_responses)
+        print(
+            f"  produced {len(requests) + len(responses):,} records in "
+            f"{time.perf_counter() - started:.1f}s"
+        )
+        for what, extra in (("librdkafka's defaults", {}), ("dataflows.sources", PREFETCH_CONFIG)):
             print(
-                f"  produced {len(requests) + len(responses):,} records in "
-                f"{time.perf_counter() - started:.1f}s"
+                f"  {2 * PARTITIONS} consumers 2 s after their first poll, prefetch as "
+                f"{what}: {prefetch_rss(broker.address, extra) / 2**20:,.0f} MiB"
             )
-            for what, extra in (("librdkafka's defaults", {}), ("dataflows.sources", PREFETCH_CONFIG)):
-                print(
-                    f"  {2 * PARTITIONS} consumers 2 s after their first poll, prefetch as "
-                    f"{what}: {prefetch_rss(broker.address, extra) / 2**20:,.0f} MiB"
-                )
-            run = run_dataflow(
-                broker.address, postgres.dsn, len(windows), closers_window, args.processes, work
-            )
-        finally:
-            broker.stop()
-            postgres.stop()
+        run = run_dataflow(
+            broker.address, postgres.dsn, len(windows), closers_window, args.processes, work
+        )
     rate = args.calls / run.seconds
     print(
         f"  dataflow ({args.processes} process(es), 1 worker each): every window's first "

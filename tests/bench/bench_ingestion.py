@@ -26,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +35,8 @@ import psutil
 import psycopg
 
 from api.keys import create_key
-from deploy.stack import Broker, Postgres, free_port
-from schemas.database import ensure_schema
-from schemas.topics import ensure_topics
+from deploy.stack import free_port
+from tests.bench.stack import local_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 CONCURRENCY = 64
@@ -335,48 +333,39 @@ def main() -> None:
     seconds = int(os.environ.get("BENCH_SECONDS", "10"))
     use_wrk = shutil.which("wrk") is not None
     print(f"load generator: {'wrk' if use_wrk else 'asyncio raw HTTP/1.1'}; {seconds} s per phase")
-    with tempfile.TemporaryDirectory(prefix="bench-ingestion-") as directory:
-        workdir = Path(directory)
-        broker = Broker(workdir / "broker").start()
-        postgres = Postgres(workdir / "postgres").start()
-        try:
-            ensure_topics(broker.address, 3)
-            ensure_schema(postgres.dsn)
-            with psycopg.connect(postgres.dsn) as conn:
-                key = create_key(conn, "bench", "ingest").key
-            results: dict[bool, tuple[Figures, Figures, Figures]] = {}
-            for auth in (False, True):
-                port = free_port()
-                server, startup = _start_server(
-                    broker.address, postgres.dsn, auth, port, workdir / "server.log"
-                )
-                print(f"auth {'on' if auth else 'off'}: ready {startup:.2f} s after launch", flush=True)
-                try:
-                    results[auth] = _phases(
-                        f"http://127.0.0.1:{port}",
-                        port,
-                        server.pid,
-                        key if auth else None,
-                        seconds,
-                        workdir,
-                        use_wrk,
-                        f"auth {'on' if auth else 'off'}",
-                    )
-                finally:
-                    server.terminate()
-                    server.wait(30)
-            (_, single_off, batch_off), (_, single_on, batch_on) = results[False], results[True]
-            single_ratio = single_on.requests_per_second / single_off.requests_per_second
-            batch_ratio = batch_on.requests_per_second / batch_off.requests_per_second
-            print(f"auth on / off: single events {single_ratio:.1%}, batches {batch_ratio:.1%}")
-            print(
-                "targets: ≥ 5,000 single events/s with p99 ≤ 50 ms, ≥ 100,000 events/s in batches, "
-                "auth on ≥ 90 % of auth off, "
-                f"p99 ≤ 100 ms over the first {COLD_SECONDS} s after ready"
+    with local_stack("bench-ingestion-", 3) as (workdir, broker, postgres):
+        with psycopg.connect(postgres.dsn) as conn:
+            key = create_key(conn, "bench", "ingest").key
+        results: dict[bool, tuple[Figures, Figures, Figures]] = {}
+        for auth in (False, True):
+            port = free_port()
+            server, startup = _start_server(
+                broker.address, postgres.dsn, auth, port, workdir / "server.log"
             )
-        finally:
-            postgres.stop()
-            broker.stop()
+            print(f"auth {'on' if auth else 'off'}: ready {startup:.2f} s after launch", flush=True)
+            try:
+                results[auth] = _phases(
+                    f"http://127.0.0.1:{port}",
+                    port,
+                    server.pid,
+                    key if auth else None,
+                    seconds,
+                    workdir,
+                    use_wrk,
+                    f"auth {'on' if auth else 'off'}",
+                )
+            finally:
+                server.terminate()
+                server.wait(30)
+        (_, single_off, batch_off), (_, single_on, batch_on) = results[False], results[True]
+        single_ratio = single_on.requests_per_second / single_off.requests_per_second
+        batch_ratio = batch_on.requests_per_second / batch_off.requests_per_second
+        print(f"auth on / off: single events {single_ratio:.1%}, batches {batch_ratio:.1%}")
+        print(
+            "targets: ≥ 5,000 single events/s with p99 ≤ 50 ms, ≥ 100,000 events/s in batches, "
+            "auth on ≥ 90 % of auth off, "
+            f"p99 ≤ 100 ms over the first {COLD_SECONDS} s after ready"
+        )
 
 
 if __name__ == "__main__":

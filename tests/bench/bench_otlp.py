@@ -19,7 +19,6 @@ import asyncio
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,10 +31,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 
 from api import otlp
 from api.keys import create_key
-from deploy.stack import Broker, Postgres, free_port
-from schemas.database import ensure_schema
+from deploy.stack import free_port
 from schemas.events import batch_decoder, event_decoder
-from schemas.topics import ensure_topics
 from tests.bench.bench_ingestion import (
     BATCH_CONCURRENCY,
     BATCH_EVENTS,
@@ -48,6 +45,7 @@ from tests.bench.bench_ingestion import (
     _start_server,
     _wrk_body,
 )
+from tests.bench.stack import local_stack
 
 EXPORT_SPANS = 1000
 CONCURRENCY = 8
@@ -177,54 +175,45 @@ def main() -> None:
         f"{per_span / 2:.1f} per event); decoding a batch of {BATCH_EVENTS} as the batch endpoint does: "
         f"{decoding * 1000 / BATCH_EVENTS:.1f} µs per event"
     )
-    with tempfile.TemporaryDirectory(prefix="bench-otlp-") as directory:
-        workdir = Path(directory)
-        broker = Broker(workdir / "broker").start()
-        postgres = Postgres(workdir / "postgres").start()
+    with local_stack("bench-otlp-", 3) as (workdir, broker, postgres):
+        with psycopg.connect(postgres.dsn) as conn:
+            key = create_key(conn, "bench", "ingest").key
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server, _ = _start_server(broker.address, postgres.dsn, True, port, workdir / "server.log")
         try:
-            ensure_topics(broker.address, 3)
-            ensure_schema(postgres.dsn)
-            with psycopg.connect(postgres.dsn) as conn:
-                key = create_key(conn, "bench", "ingest").key
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            server = _start_server(broker.address, postgres.dsn, True, port, workdir / "server.log")
-            try:
 
-                def exports(duration: int) -> Figures:
-                    if use_wrk:
-                        return _otlp_wrk(url, body, key, duration, workdir)
-                    return _otlp_asyncio(port, body, key, duration)
+            def exports(duration: int) -> Figures:
+                if use_wrk:
+                    return _otlp_wrk(url, body, key, duration, workdir)
+                return _otlp_asyncio(port, body, key, duration)
 
-                def batches(duration: int) -> Figures:
-                    if use_wrk:
-                        return _wrk_body(
-                            url, "/v1/llm/events", _batch_body(), duration, BATCH_CONCURRENCY, workdir, key
-                        )
-                    return _asyncio_body(
-                        port, "/v1/llm/events", _batch_body(), duration, BATCH_CONCURRENCY, key
+            def batches(duration: int) -> Figures:
+                if use_wrk:
+                    return _wrk_body(
+                        url, "/v1/llm/events", _batch_body(), duration, BATCH_CONCURRENCY, workdir, key
                     )
+                return _asyncio_body(
+                    port, "/v1/llm/events", _batch_body(), duration, BATCH_CONCURRENCY, key
+                )
 
-                exports(2)  # warm-up: connections, producer id, the key's cache entry
-                baseline = batches(seconds)
-                _report(
-                    f"baseline: batches of {BATCH_EVENTS} (c={BATCH_CONCURRENCY})", baseline, BATCH_EVENTS
-                )
-                figures = exports(seconds)
-                _report(f"OTLP exports of {EXPORT_SPANS} spans (c={CONCURRENCY})", figures, 2 * EXPORT_SPANS)
-                spans_per_second = figures.requests_per_second * EXPORT_SPANS
-                print(
-                    f"OTLP: {spans_per_second:,.0f} spans/s, p99 {figures.p99_ms:.1f} ms per export; "
-                    f"events/s against the batch endpoint: "
-                    f"{2 * spans_per_second / (baseline.requests_per_second * BATCH_EVENTS):.2f}"
-                )
-                print("target: ≥ 50,000 spans/s (≥ 100,000 events/s)")
-            finally:
-                server.terminate()
-                server.wait(30)
+            exports(2)  # warm-up: connections, producer id, the key's cache entry
+            baseline = batches(seconds)
+            _report(
+                f"baseline: batches of {BATCH_EVENTS} (c={BATCH_CONCURRENCY})", baseline, BATCH_EVENTS
+            )
+            figures = exports(seconds)
+            _report(f"OTLP exports of {EXPORT_SPANS} spans (c={CONCURRENCY})", figures, 2 * EXPORT_SPANS)
+            spans_per_second = figures.requests_per_second * EXPORT_SPANS
+            print(
+                f"OTLP: {spans_per_second:,.0f} spans/s, p99 {figures.p99_ms:.1f} ms per export; "
+                f"events/s against the batch endpoint: "
+                f"{2 * spans_per_second / (baseline.requests_per_second * BATCH_EVENTS):.2f}"
+            )
+            print("target: ≥ 50,000 spans/s (≥ 100,000 events/s)")
         finally:
-            postgres.stop()
-            broker.stop()
+            server.terminate()
+            server.wait(30)
 
 
 if __name__ == "__main__":

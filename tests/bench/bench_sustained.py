@@ -41,7 +41,6 @@ import math
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +50,9 @@ import psycopg
 from dataflows.join import JoinShard, SourceRef
 from dataflows.operators import JoinLogic
 from dataflows.sources import JOIN_SHARDS, join_shard_key
-from deploy.stack import Broker, Postgres
 from schemas.config import Settings
-from schemas.database import ensure_schema
 from schemas.events import request_decoder, response_decoder
-from schemas.topics import REQUESTS, RESPONSES, ensure_topics
+from schemas.topics import REQUESTS, RESPONSES
 from tests.bench.bench_baseline import (
     BATCH,
     bytes_per_inflight_request,
@@ -72,6 +69,7 @@ from tests.bench.bench_dataflow import (
     run_dataflow,
 )
 from tests.bench.dataset import START, generate
+from tests.bench.stack import local_stack
 
 CALLS = 1_000_000
 KEYS = 1_000
@@ -266,50 +264,41 @@ def main(argv: list[str] | None = None) -> None:
 
     per_call: dict[int, float] = {}
     first_rate = 0.0
-    with tempfile.TemporaryDirectory(prefix="streamlens-bench-") as directory:
-        work = Path(directory)
-        broker = Broker(work / "broker").start()
-        postgres = Postgres(work / "postgres").start()
-        try:
-            ensure_topics(broker.address, PARTITIONS)
-            ensure_schema(postgres.dsn)
-            started = time.perf_counter()
-            _fill(broker.address, REQUESTS, requests + closing_requests)
-            _fill(broker.address, RESPONSES, responses + closing_responses)
-            print(
-                f"  produced {len(requests) + len(responses):,} records in "
-                f"{time.perf_counter() - started:.1f}s"
-            )
-            for processes in counts:
-                with psycopg.connect(postgres.dsn, autocommit=True) as conn:
-                    conn.execute("TRUNCATE llm_metrics")
-                run_dir = work / f"processes-{processes}"
-                run_dir.mkdir()
-                progress = Progress(postgres.dsn, quarters)
-                try:
-                    run = run_dataflow(
-                        broker.address,
-                        postgres.dsn,
-                        len(windows),
-                        closers_window,
-                        processes,
-                        run_dir,
-                        timeout=1200.0,
-                        settings=env,
-                        on_sample=progress,
-                    )
-                finally:
-                    progress.close()
-                per_call[processes] = _report(processes, run, progress, args.calls, baseline)
-                print(
-                    f"    join state in the last snapshot (recovery SQLite): "
-                    f"{last_join_snapshot_bytes(run_dir / 'recovery') / MIB:,.1f} MiB"
+    with local_stack("streamlens-bench-", PARTITIONS) as (work, broker, postgres):
+        started = time.perf_counter()
+        _fill(broker.address, REQUESTS, requests + closing_requests)
+        _fill(broker.address, RESPONSES, responses + closing_responses)
+        print(
+            f"  produced {len(requests) + len(responses):,} records in "
+            f"{time.perf_counter() - started:.1f}s"
+        )
+        for processes in counts:
+            with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+                conn.execute("TRUNCATE llm_metrics")
+            run_dir = work / f"processes-{processes}"
+            run_dir.mkdir()
+            progress = Progress(postgres.dsn, quarters)
+            try:
+                run = run_dataflow(
+                    broker.address,
+                    postgres.dsn,
+                    len(windows),
+                    closers_window,
+                    processes,
+                    run_dir,
+                    timeout=1200.0,
+                    settings=env,
+                    on_sample=progress,
                 )
-                if not first_rate:
-                    first_rate = args.calls / run.seconds
-        finally:
-            broker.stop()
-            postgres.stop()
+            finally:
+                progress.close()
+            per_call[processes] = _report(processes, run, progress, args.calls, baseline)
+            print(
+                f"    join state in the last snapshot (recovery SQLite): "
+                f"{last_join_snapshot_bytes(run_dir / 'recovery') / MIB:,.1f} MiB"
+            )
+            if not first_rate:
+                first_rate = args.calls / run.seconds
 
     if 1 in per_call and 2 in per_call:
         # With N processes a record crosses to another process with odds (N - 1) / N:
