@@ -27,6 +27,7 @@ from bytewax.operators import StatefulBatchLogic
 from dataflows.clock import MAX_GAP, WorkingClock
 from dataflows.join import Call, JoinShard, SourceRef
 from dataflows.observability import BOARD, CALLS, SNAPSHOT_SECONDS
+from dataflows.remembered import SegmentStore
 from dataflows.sources import RawGroup, decode_record
 from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
@@ -55,9 +56,10 @@ def _wakeup(seconds: float | None, clock: WorkingClock, wall: Callable[[], float
     return datetime.fromtimestamp(due, UTC)
 
 
-def _freeze(state: object, step: str) -> bytes:
+def _freeze(state: object, step: str, started: float | None = None) -> bytes:
     # Bytewax wants an immutable snapshot; the shard keeps changing after this call.
-    started = time.perf_counter()
+    if started is None:
+        started = time.perf_counter()
     frozen = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
     SNAPSHOT_SECONDS.labels(step).observe(time.perf_counter() - started)
     return frozen
@@ -87,7 +89,7 @@ class JoinLogic(StatefulBatchLogic[list[RawGroup], list[Call | DeadLetter], byte
             for topic, partition, records in groups:
                 for offset, value in records:
                     event = decode_record(topic, partition, offset, value, wall)
-                    if type(event) is DeadLetter:
+                    if isinstance(event, DeadLetter):
                         out.append(event)
                         continue
                     # tuple.__new__ skips NamedTuple's Python-level __new__ (a third of a µs).
@@ -113,7 +115,9 @@ class JoinLogic(StatefulBatchLogic[list[RawGroup], list[Call | DeadLetter], byte
         return _wakeup(self.shard.next_wakeup(), self.working, self.clock)
 
     def snapshot(self) -> bytes:
-        return _freeze(self.shard, "join")
+        started = time.perf_counter()
+        self.shard.seal()
+        return _freeze(self.shard, "join", started)
 
 
 def route_to_windows(price: Callable[[Call], Call]
@@ -133,8 +137,8 @@ def route_to_windows(price: Callable[[Call], Call]
         outcomes = {"answered": 0, "timed_out": 0, "replaced_timeout": 0}
         for _, outputs in items:
             for found in outputs:
-                if type(found) is not Call:
-                    out.append(found)  # type: ignore[arg-type]
+                if not isinstance(found, Call):
+                    out.append(found)
                     continue
                 outcomes[_outcome(found)] += 1
                 call = price(found)
@@ -196,14 +200,21 @@ class WindowLogic(StatefulBatchLogic[list[Call], WindowRow | DeadLetter, bytes])
 
 
 def join_builder(timeout_seconds: float, dedupe_seconds: float, window_seconds: int,
-                 lateness_seconds: float) -> Callable[[bytes | None], JoinLogic]:
-    """A builder for :func:`bytewax.operators.stateful_batch`: a new shard, or the resumed one."""
+                 lateness_seconds: float, store: SegmentStore | None = None
+                 ) -> Callable[[bytes | None], JoinLogic]:
+    """A builder for :func:`bytewax.operators.stateful_batch`: a new shard, or the resumed
+    one; with ``store``, where their remembered ids' segments are kept."""
 
     def build(resume: bytes | None) -> JoinLogic:
         if resume is None:
-            return JoinLogic(JoinShard(timeout_seconds, dedupe_seconds, window_seconds,
-                                       lateness_seconds))
-        return JoinLogic(pickle.loads(resume))
+            shard = JoinShard(timeout_seconds, dedupe_seconds, window_seconds, lateness_seconds)
+        else:
+            shard = pickle.loads(resume)
+        if store is not None:
+            shard.attach(store)
+        elif shard.needs_store():
+            raise ValueError("this join state keeps its remembered ids in a segment store")
+        return JoinLogic(shard)
 
     return build
 

@@ -1,4 +1,4 @@
-"""Counted request ids, remembered so that repeats are ignored: about 20 bytes each.
+"""Counted request ids, remembered so that repeats are ignored: about 35 bytes each.
 
 The join remembers every counted ``request_id`` for ``DEDUPE_SECONDS`` (an hour by
 default), with the event time until which it is remembered and the request's
@@ -6,28 +6,84 @@ tenant. At a steady 5,000 calls/s that is 18 million ids: as a dict of strings
 (several hundred bytes an entry) it would not fit in memory, and every snapshot
 would pickle all of it.
 
-So ids counted recently stay in a small dict, and every ``SEAL_SECONDS`` of event
-time (or every ``SEAL_AT`` ids) they are sealed into three sorted arrays: a 64-bit
-digest of the id (BLAKE2b, keyed by a random key of the shard's own, so nobody
-can aim at a collision), the expiry (float64 Unix seconds, exact) and the tenant
-(an index into the shard's list of tenants). An expired id counts as forgotten at
-once and leaves the arrays at the next seal. Arrays pickle as single buffers.
+So ids counted recently stay in a small dict, and at every snapshot, every
+``SEAL_SECONDS`` of event time and once ``SEAL_AT`` are waiting, they are sealed
+into a *segment*: three sorted arrays of a 64-bit digest of each id (BLAKE2b,
+keyed by a random key of the shard's own, so nobody can aim at a collision), its
+expiry (float64 Unix seconds, exact) and its tenant. Lookups search two merged
+sets of arrays, a small one that every seal merges into and a large one that the
+small one joins when it reaches a quarter of its size: a sorted merge of two runs
+is linear, so each id is copied a few times in all, and a lookup is two binary
+searches. Every seal drops the ids that expired.
 
-Two different ids share a digest with odds of about n / 2^64 for each new id
-against n remembered ones: with 18 million remembered ids, one in a trillion
-calls; the cost of one would be a new call taken for a repeat and not counted.
+With a :class:`SegmentStore` attached (Postgres, in the dataflow), each segment
+is written once, when sealed, and a snapshot holds only the ids counted since
+the last seal and the numbers of the live segments: what a snapshot pickles grows
+with what changed since the last one, not with what is remembered. A resumed shard
+reads its segments back. Segments are numbered per shard; one is deleted from
+the store three snapshots after every id in it expired (the resume epoch is the
+last one all workers completed, never older), and on resume those the restored
+state does not know (written after its snapshot) are deleted. Without a store
+(unit tests) the arrays are pickled with the rest.
+
+An expired id counts as forgotten at once and leaves the arrays at the next
+seal. Two different ids share a digest with odds of about n / 2^64 for
+each new id against n remembered ones: with 18 million remembered ids, one in a
+trillion calls; the cost of one would be a new call taken for a repeat and not
+counted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from typing import NamedTuple, Protocol
 
 import numpy as np
+from numpy.typing import NDArray
+
+from dataflows.sources import join_shard_key
 
 # Seal what was counted this long ago (event time), or once this many are waiting.
 SEAL_SECONDS = 60.0
 SEAL_AT = 50_000
+# The small arrays join the large ones beyond this share of their size (or count).
+MERGE_SHARE = 4
+MERGE_AT_LEAST = 4_096
+# A segment whose ids all expired is deleted from the store this many snapshots later.
+KEEP_SNAPSHOTS = 3
+
+
+class Segment(NamedTuple):
+    """Ids sealed together, sorted by digest; ``tenant`` indexes ``tenants``."""
+
+    digests: NDArray[np.int64]
+    expiry: NDArray[np.float64]
+    tenant: NDArray[np.uint32]
+    tenants: list[str]
+
+    @classmethod
+    def empty(cls) -> Segment:
+        return cls(np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.uint32), [])
+
+    def until(self) -> float:
+        """The latest expiry in it: after this event time it holds nothing."""
+        return float(self.expiry.max()) if len(self.expiry) else float("-inf")
+
+
+class SegmentStore(Protocol):
+    """Where sealed segments live outside the snapshots (:mod:`dataflows.segments`)."""
+
+    def save(self, shard: str, number: int, segment: Segment) -> bool:
+        """Write segment ``number`` of ``shard`` durably (number 0 starts the shard
+        afresh); False when it could not be written."""
+
+    def load(self, shard: str, low: int, high: int) -> list[Segment]:
+        """Segments ``low`` ≤ n < ``high`` of ``shard``; raises when one is missing."""
+
+    def forget(self, shard: str, below: int, from_: int | None = None) -> bool:
+        """Delete the shard's segments numbered below ``below`` (and from ``from_`` on);
+        False when they could not be deleted (a later call deletes them)."""
 
 
 class Remembered:
@@ -36,12 +92,22 @@ class Remembered:
     def __init__(self) -> None:
         self._key = os.urandom(16)
         self._recent: dict[str, tuple[float, str]] = {}
-        self._digests = np.empty(0, dtype=np.int64)
-        self._expiry = np.empty(0, dtype=np.float64)
-        self._tenant = np.empty(0, dtype=np.uint32)
-        self._tenants: list[str] = []
+        self._small = Segment.empty()
+        self._large = Segment.empty()
+        self._tenants: list[str] = []  # what the arrays' tenant indexes name
         self._tenant_index: dict[str, int] = {}
         self._next_seal: float | None = None
+        # Segments in the store: numbers low ≤ n < high, with the latest expiry of each.
+        self._name: str | None = None
+        self._low = 0
+        self._high = 0
+        self._untils: list[float] = []
+        self._lows: list[int] = []  # self._low at the last snapshots, oldest first
+        self._store: SegmentStore | None = None
+        # Restored from a snapshot that left the arrays in the store: empty until attached.
+        self._stored = False
+
+    # -- lookups ----------------------------------------------------------------
 
     def _digest(self, rid: str) -> int:
         return int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8, key=self._key).digest(),
@@ -51,54 +117,195 @@ class Remembered:
         """The id's expiry and tenant while it is remembered at ``watermark``; None after."""
         found = self._recent.get(rid)
         if found is None:
-            digests = self._digests
-            if not len(digests):
+            if not len(self._small.digests) and not len(self._large.digests):
                 return None
             digest = self._digest(rid)
-            index = int(digests.searchsorted(digest))
-            if index == len(digests) or digests[index] != digest:
+            found = _find(self._small, digest, self._tenants) or _find(self._large, digest, self._tenants)
+            if found is None:
                 return None
-            found = (float(self._expiry[index]), self._tenants[int(self._tenant[index])])
         return found if found[0] >= watermark else None
 
     def add(self, rid: str, expiry: float, tenant: str) -> None:
         self._recent[rid] = (expiry, tenant)
 
+    # -- sealing ------------------------------------------------------------------
+
     def maintain(self, watermark: float) -> None:
-        """Seal the recent ids when due, dropping every expired one."""
+        """Seal the recent ids when due."""
         due = self._next_seal
         if due is not None and watermark < due and len(self._recent) < SEAL_AT:
             return
+        self.seal(watermark)
+
+    def seal(self, watermark: float, *, snapshot: bool = False) -> None:
+        """Seal the recent ids that have not expired into a segment (written to the
+        store, when one is attached) and merge it into the lookup arrays.
+
+        ``snapshot``: called for a snapshot, which then holds no recent id, and
+        counts towards deleting the segments that expired. When the store cannot
+        be written the recent ids stay as they are, and are snapshotted.
+        """
         self._next_seal = watermark + SEAL_SECONDS
-        keep = self._expiry >= watermark
         recent = [(rid, value) for rid, value in self._recent.items() if value[0] >= watermark]
-        index = self._tenant_index
-        tenants = [index.get(tenant) for _, (_, tenant) in recent]
-        for position, (_, (_, tenant)) in enumerate(recent):
-            if tenants[position] is None:
-                tenants[position] = index[tenant] = len(self._tenants)
-                self._tenants.append(tenant)
-        digests = np.concatenate([self._digests[keep],
-                                  np.fromiter((self._digest(rid) for rid, _ in recent), np.int64,
-                                              len(recent))])
-        expiry = np.concatenate([self._expiry[keep],
-                                 np.fromiter((value[0] for _, value in recent), np.float64, len(recent))])
-        tenant = np.concatenate([self._tenant[keep], np.array(tenants, dtype=np.uint32)])
-        order = np.argsort(digests, kind="stable")
-        self._digests, self._expiry, self._tenant = digests[order], expiry[order], tenant[order]
+        if recent:
+            segment = self._segment(recent)
+            if self._store is not None:
+                if self._name is None:
+                    self._name = _shard_of(recent[0][0])
+                if not self._store.save(self._name, self._high, _local(segment, self._tenants)):
+                    return  # kept as recent ids, in the snapshot, until a seal can write them
+                self._untils.append(segment.until())
+                self._high += 1
+            self._small = _merge(self._small, segment)
         self._recent = {}
+        # Nothing stays past its expiry beyond a seal: a pass over the expiries, and a
+        # copy of the arrays only when some expired.
+        self._small = _drop_expired(self._small, watermark)
+        self._large = _drop_expired(self._large, watermark)
+        if len(self._small.digests) > max(len(self._large.digests) // MERGE_SHARE, MERGE_AT_LEAST):
+            self._large = _merge(self._large, self._small)
+            self._small = Segment.empty()
+        while self._untils and self._untils[0] < watermark:
+            self._untils.pop(0)
+            self._low += 1
+        if snapshot and self._store is not None and self._name is not None:
+            self._lows.append(self._low)
+            if len(self._lows) > KEEP_SNAPSHOTS:
+                below = self._lows.pop(0)
+                if below > 0:
+                    self._store.forget(self._name, below)
+
+    def _segment(self, recent: list[tuple[str, tuple[float, str]]]) -> Segment:
+        index = self._tenant_index
+        tenants = np.empty(len(recent), np.uint32)
+        for position, (_, (_, tenant)) in enumerate(recent):
+            found = index.get(tenant)
+            if found is None:
+                found = index[tenant] = len(self._tenants)
+                self._tenants.append(tenant)
+            tenants[position] = found
+        digests = np.fromiter((self._digest(rid) for rid, _ in recent), np.int64, len(recent))
+        expiry = np.fromiter((value[0] for _, value in recent), np.float64, len(recent))
+        order = np.argsort(digests, kind="stable")
+        return Segment(digests[order], expiry[order], tenants[order], self._tenants)
+
+    # -- the store ----------------------------------------------------------------
+
+    def attach(self, store: SegmentStore) -> None:
+        """Keep segments in ``store`` from now on; a restored state reads its own back
+        and deletes those it does not know (written after its snapshot)."""
+        if self._store is not None:
+            return
+        if not self._stored and (len(self._small.digests) or len(self._large.digests)):
+            raise ValueError("a store is attached before the first seal or on resume, not later")
+        self._store = store
+        if not self._stored or self._name is None:
+            self._stored = False
+            return
+        loaded = Segment.empty()
+        for segment in store.load(self._name, self._low, self._high):
+            loaded = _merge(loaded, self._adopt(segment))
+        self._small, self._large = Segment.empty(), loaded
+        self._stored = False
+        store.forget(self._name, self._low, self._high)
+
+    def needs_store(self) -> bool:
+        """Restored from a snapshot whose arrays are in a store not attached yet."""
+        return self._stored
+
+    def _adopt(self, segment: Segment) -> Segment:
+        """A segment read back, its tenant indexes made this shard's."""
+        index = self._tenant_index
+        mapping = np.empty(len(segment.tenants), np.uint32)
+        for local, tenant in enumerate(segment.tenants):
+            found = index.get(tenant)
+            if found is None:
+                found = index[tenant] = len(self._tenants)
+                self._tenants.append(tenant)
+            mapping[local] = found
+        return Segment(segment.digests, segment.expiry, mapping[segment.tenant], self._tenants)
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state["_lows"] = list(self._lows)
+        if self._store is not None:
+            # The arrays are in the store: the state names their segments only.
+            del state["_small"], state["_large"], state["_tenants"], state["_tenant_index"]
+            state["_stored"] = True
+        state["_store"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        if self._stored:
+            self._small, self._large = Segment.empty(), Segment.empty()
+            self._tenants, self._tenant_index = [], {}
+
+    # -- inspection ---------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._recent) + len(self._digests)
+        """Ids held: the recent ones, and those in the arrays (an expired one leaves
+        them at the next seal)."""
+        return len(self._recent) + len(self._small.digests) + len(self._large.digests)
+
+    def segments(self) -> int:
+        """Segments in the store that the state refers to."""
+        return self._high - self._low
+
+    def answers(self) -> dict[int, tuple[float, str]]:
+        """Every id held in the arrays as digest → (expiry, tenant): for comparing states."""
+        out: dict[int, tuple[float, str]] = {}
+        for part in (self._large, self._small):
+            for digest, expiry, tenant in zip(part.digests.tolist(), part.expiry.tolist(),
+                                              part.tenant.tolist(), strict=True):
+                out[digest] = (expiry, self._tenants[tenant])
+        return out
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Remembered):
             return NotImplemented
-        return (
-            (self._key, self._recent, self._tenants, self._next_seal)
-            == (other._key, other._recent, other._tenants, other._next_seal)
-            and all(np.array_equal(a, b) for a, b in ((self._digests, other._digests),
-                                                       (self._expiry, other._expiry),
-                                                       (self._tenant, other._tenant)))
-        )
+        return ((self._key, self._recent, self._next_seal, self._low, self._high)
+                == (other._key, other._recent, other._next_seal, other._low, other._high)
+                and self.answers() == other.answers())
 
+
+def _find(part: Segment, digest: int, tenants: list[str]) -> tuple[float, str] | None:
+    digests = part.digests
+    if not len(digests):
+        return None
+    index = int(digests.searchsorted(digest))
+    if index == len(digests) or digests[index] != digest:
+        return None
+    return float(part.expiry[index]), tenants[int(part.tenant[index])]
+
+
+def _merge(first: Segment, second: Segment) -> Segment:
+    """Both segments as one, sorted (their tenant indexes index the same list)."""
+    if not len(first.digests):
+        return second
+    if not len(second.digests):
+        return first
+    digests = np.concatenate([first.digests, second.digests])
+    # Stable sort of two sorted runs: timsort merges them in linear time.
+    order = np.argsort(digests, kind="stable")
+    return Segment(digests[order], np.concatenate([first.expiry, second.expiry])[order],
+                   np.concatenate([first.tenant, second.tenant])[order], first.tenants)
+
+
+def _drop_expired(part: Segment, watermark: float) -> Segment:
+    keep = part.expiry >= watermark
+    if bool(keep.all()):
+        return part
+    return Segment(part.digests[keep], part.expiry[keep], part.tenant[keep], part.tenants)
+
+
+def _local(segment: Segment, tenants: list[str]) -> Segment:
+    """The segment with its own list of the tenants it names, for the store."""
+    used, local = np.unique(segment.tenant, return_inverse=True)
+    return Segment(segment.digests, segment.expiry, local.astype(np.uint32),
+                   [tenants[int(n)] for n in used])
+
+
+def _shard_of(rid: str) -> str:
+    # The join shard every id of this state is routed to: the segments' name.
+    return join_shard_key(rid)

@@ -1,0 +1,121 @@
+"""Sealed segments of the join's remembered request ids, kept in Postgres.
+
+The join's snapshots name segments by ``(shard, number)`` instead of holding
+their ids (see :mod:`dataflows.remembered`): a segment is written once, when it
+is sealed, read back when a shard resumes, and deleted once nothing can resume
+into it. Rows live in ``join_segments`` (``schemas/join_segments.sql``), in the
+same database as the metrics, which every process of a dataflow reaches, on
+whatever host a shard resumes.
+
+A failed write is not retried here: the ids stay in the shard's recent ids,
+which the next snapshot then holds, and the next seal writes them. A failed
+read on resume is retried until Postgres is back, since the shard cannot go on
+without its ids.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import psycopg
+
+from dataflows.remembered import Segment
+from dataflows.sinks import Outage
+
+SAVE_SQL = (
+    "INSERT INTO join_segments (shard, number, until, digests, expiry, tenant, tenants)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (shard, number) DO UPDATE SET"
+    " until = EXCLUDED.until, digests = EXCLUDED.digests, expiry = EXCLUDED.expiry,"
+    " tenant = EXCLUDED.tenant, tenants = EXCLUDED.tenants, written = now()"
+)
+LOAD_SQL = (
+    "SELECT number, digests, expiry, tenant, tenants FROM join_segments"
+    " WHERE shard = %s AND number >= %s AND number < %s ORDER BY number"
+)
+
+
+class MissingSegments(RuntimeError):
+    """A resumed shard's segments are not all in Postgres (another database, or deleted)."""
+
+
+class PostgresSegments:
+    """:class:`dataflows.remembered.SegmentStore` over Postgres: one connection per
+    worker thread, opened on first use."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._local = threading.local()
+        # Writes are not waited for (see above); reads on resume are.
+        self._writes = Outage("postgres (join segments)", sleep=lambda _: None)
+        self._reads = Outage("postgres (join segments)")
+
+    def _connection(self) -> psycopg.Connection:
+        conn: psycopg.Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+            self._local.conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn: psycopg.Connection | None = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def save(self, shard: str, number: int, segment: Segment) -> bool:
+        try:
+            conn = self._connection()
+            with conn.transaction():
+                if number == 0:
+                    # A shard starting afresh: whatever a crashed start left is no one's.
+                    conn.execute("DELETE FROM join_segments WHERE shard = %s", (shard,))
+                conn.execute(SAVE_SQL, (
+                    shard, number, segment.until(), segment.digests.astype("<i8").tobytes(),
+                    segment.expiry.astype("<f8").tobytes(), segment.tenant.astype("<u4").tobytes(),
+                    segment.tenants,
+                ))
+        except psycopg.Error as error:
+            self._drop_connection()
+            self._writes.failed(error)
+            return False
+        self._writes.succeeded()
+        return True
+
+    def forget(self, shard: str, below: int, from_: int | None = None) -> bool:
+        try:
+            self._connection().execute(
+                "DELETE FROM join_segments WHERE shard = %s AND (number < %s OR number >= %s)",
+                (shard, below, from_ if from_ is not None else 2**63 - 1),
+            )
+        except psycopg.Error as error:
+            # Left for a later call: it deletes everything below its own bound too.
+            self._drop_connection()
+            self._writes.failed(error)
+            return False
+        self._writes.succeeded()
+        return True
+
+    def load(self, shard: str, low: int, high: int) -> list[Segment]:
+        while True:
+            try:
+                rows = self._connection().execute(LOAD_SQL, (shard, low, high)).fetchall()
+                break
+            except psycopg.Error as error:
+                self._drop_connection()
+                self._reads.failed(error)
+        self._reads.succeeded()
+        numbers = [row[0] for row in rows]
+        if numbers != list(range(low, high)):
+            missing = sorted(set(range(low, high)) - set(numbers))
+            raise MissingSegments(
+                f"join shard {shard}: segments {missing[:5]}{'…' if len(missing) > 5 else ''} of its "
+                f"remembered request ids are not in join_segments: the recovery state belongs to "
+                f"another database (or was copied without it); start afresh with --reset"
+            )
+        return [
+            Segment(np.frombuffer(digests, "<i8").astype(np.int64),
+                    np.frombuffer(expiry, "<f8").astype(np.float64),
+                    np.frombuffer(tenant, "<u4").astype(np.uint32), list(tenants))
+            for _, digests, expiry, tenant, tenants in rows
+        ]
