@@ -26,16 +26,21 @@ from __future__ import annotations
 import functools
 import gc
 from pathlib import Path
+from typing import TypeGuard, cast
 
 import bytewax.operators as op
-from bytewax.dataflow import Dataflow
+from bytewax.dataflow import Dataflow, Stream
 
 from dataflows import observability, sinks, sources, stopping
 from dataflows import operators as ops
+from dataflows.join import Call
 from dataflows.pricing import PriceBook
+from dataflows.segments import PostgresSegments
+from dataflows.sources import RawGroup
 from dataflows.windows import WindowRow
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
+from schemas.deadletter import DeadLetter
 from schemas.logs import configure_logging
 from schemas.topics import DEADLETTER, REQUESTS, RESPONSES, ensure_topics
 
@@ -57,26 +62,27 @@ def build(settings: Settings) -> Dataflow:
         batch_size=sources.BATCH_SIZE, read_ahead=read_ahead(settings)))
     decoded = op.flat_map_batch("decode", batches, sources.decode_batches)
     # (join shard, events) pairs go on; everything else is a dead letter.
-    events = op.branch("valid", decoded, _is_group)
+    events = op.branch("valid", decoded, _is_event_group)
 
-    joined = op.stateful_batch("join", events.trues, ops.join_builder(  # type: ignore[arg-type]
+    joined = op.stateful_batch("join", events.trues, ops.join_builder(
         settings.join_timeout_seconds, settings.dedupe_seconds, settings.window_seconds,
-        settings.lateness_seconds))
+        settings.lateness_seconds, PostgresSegments(settings.postgres_dsn)))
     routed = op.flat_map_batch("price", joined, ops.route_to_windows(
         lambda call: price_book(prices_file).price(call)))
-    calls = op.branch("answered", routed, _is_group)
+    calls = op.branch("answered", routed, _is_call_group)
 
-    windowed = op.stateful_batch("windows", calls.trues, ops.window_builder(  # type: ignore[arg-type]
+    windowed = op.stateful_batch("windows", calls.trues, ops.window_builder(
         settings.window_seconds, settings.grace_seconds, settings.lateness_seconds))
     window_values = op.key_rm("window_values", windowed)
-    rows_or_late = op.branch("on_time", window_values,
-                             lambda item: isinstance(item, WindowRow))
+    rows_or_late = op.branch("on_time", window_values, _is_row)
     rows = rows_or_late.trues
 
     # Postgres first, then llm.metrics with exactly the emissions Postgres took.
     op.output("rows", rows, sinks.RowsSink(settings.postgres_dsn, settings.kafka_brokers))
 
-    letters = op.merge("dead_letters", events.falses, calls.falses, rows_or_late.falses)
+    # What a branch did not take is a dead letter; Bytewax types only the taken side.
+    letters = op.merge("dead_letters", *(cast("Stream[DeadLetter]", stream) for stream in (
+        events.falses, calls.falses, rows_or_late.falses)))
     op.output("deadletter", op.map("deadletter_records", letters, sinks.deadletter_message),
               sinks.KafkaTopicSink(settings.kafka_brokers, DEADLETTER))
     return flow
@@ -90,9 +96,18 @@ def read_ahead(settings: Settings) -> float:
     return max(1.0, min(settings.grace_seconds, settings.join_timeout_seconds) / 2)
 
 
-def _is_group(item: object) -> bool:
-    # Groups are plain (shard, list) tuples; dead letters are DeadLetter structs.
+# Groups are plain (shard, list) tuples; dead letters are DeadLetter structs.
+def _is_event_group(item: DeadLetter | tuple[str, list[RawGroup]]
+                    ) -> TypeGuard[tuple[str, list[RawGroup]]]:
     return type(item) is tuple
+
+
+def _is_call_group(item: DeadLetter | tuple[str, list[Call]]) -> TypeGuard[tuple[str, list[Call]]]:
+    return type(item) is tuple
+
+
+def _is_row(item: WindowRow | DeadLetter) -> TypeGuard[WindowRow]:
+    return isinstance(item, WindowRow)
 
 
 def tune_gc() -> None:
