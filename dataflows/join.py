@@ -43,9 +43,10 @@ Rules (contract §3, decided in detail here):
   that the sums and the cost downstream agree (counted in
   :attr:`JoinShard.cache_reads_clamped`).
 
-Expiry bookkeeping is a dict of one-second buckets (``int(deadline)`` → ids)
-plus a heap of the bucket numbers: one list slot per deadline instead of a heap
-tuple, and stale references are skipped when their bucket comes due.
+Expiry bookkeeping is a dict of one-second buckets (``int(deadline)`` → ids, an
+ordered set) plus a heap of the bucket numbers: one slot per deadline instead of
+a heap tuple. A call's deadlines leave their buckets when it is counted; other
+stale references are skipped when their bucket comes due.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ class JoinShard:
         # being the request's: their repeats are ignored like any repeat. Kept
         # while the request_id is pending or remembered as counted.
         self._mismatched: dict[str, set[str]] = {}
-        self._buckets: dict[int, list[str]] = {}
+        self._buckets: dict[int, dict[str, None]] = {}
         self._bucket_heap: list[int] = []
         # Wall clock minus event time at the last call, valid while event time
         # idles with the wall clock. Not snapshotted: unknown until the next call.
@@ -329,6 +330,8 @@ class JoinShard:
             return out
 
         del self._pending[rid]
+        self._unschedule(request_ts + self.timeout, rid)
+        self._unschedule(self.orphan_after(response_ts), rid)
         call = self._call(request, response, source, request_ts, response_ts)
         expiry = max(request_ts, response_ts) + self.remember
         self._counted.add(rid, expiry, request.tenant_id)
@@ -460,10 +463,10 @@ class JoinShard:
                 # (Expiring may have scheduled more into this very second.)
                 scheduled = buckets.get(second)
                 if scheduled is None:
-                    buckets[second] = keep
+                    buckets[second] = dict.fromkeys(keep)
                     heapq.heappush(heap, second)
                 else:
-                    scheduled.extend(keep)
+                    scheduled.update(dict.fromkeys(keep))
                 break
         self._counted.maintain(watermark)
         return out
@@ -561,10 +564,18 @@ class JoinShard:
         second = int(deadline)  # deadlines are after 1970: int() is floor()
         ids = self._buckets.get(second)
         if ids is None:
-            self._buckets[second] = [rid]
+            self._buckets[second] = {rid: None}
             heapq.heappush(self._bucket_heap, second)
         else:
-            ids.append(rid)
+            ids[rid] = None
+
+    def _unschedule(self, deadline: float, rid: str) -> None:
+        # A counted call's deadlines are moot: dropping them now, rather than when
+        # they come due, keeps its id out of memory and out of every snapshot
+        # until then (up to the end of its window + LATENESS_SECONDS).
+        ids = self._buckets.get(int(deadline))
+        if ids is not None:
+            ids.pop(rid, None)
 
     def next_wakeup(self) -> float | None:
         """Wall-clock Unix seconds at which ``on_time`` may have work; None when empty.
