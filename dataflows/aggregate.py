@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import sys
 from itertools import repeat
+from typing import TypedDict
 
 from fastdigest import TDigest
 from msgspec import Struct
@@ -70,6 +71,28 @@ def call_latency_ms(call: Call) -> float:
         return response.latency_ms
     gap = response.timestamp.timestamp() - call.request.timestamp.timestamp()
     return gap * 1000.0 if gap > 0 else 0.0
+
+
+class RowFields(TypedDict):
+    """The statistics columns of a :class:`~schemas.metrics.MetricsRow`: all but key,
+    times and revision."""
+
+    requests: int
+    errors: int
+    timeouts: int
+    avg_latency_ms: float | None
+    p50_latency_ms: float | None
+    p95_latency_ms: float | None
+    p99_latency_ms: float | None
+    avg_time_to_first_token_ms: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    cache_read_tokens: int
+    reasoning_tokens: int
+    avg_prompt_tokens: float | None
+    avg_completion_tokens: float | None
+    estimated_cost_usd: float
+    unpriced_requests: int
 
 
 class CallStats(Struct, gc=False):
@@ -166,12 +189,14 @@ class CallStats(Struct, gc=False):
         digest.batch_update(ascending)
         return digest
 
-    def row_fields(self, digest: TDigest) -> dict[str, int | float | None]:
+    def row_fields(self, digest: TDigest) -> RowFields:
         """The statistics columns of a metrics row (all but key, times and revision);
         ``digest`` is :meth:`latency_digest`."""
         answered = self.answered
         if answered:
-            p50, p95, p99 = digest.quantile(0.5), digest.quantile(0.95), digest.quantile(0.99)
+            p50: float | None = digest.quantile(0.5)
+            p95: float | None = digest.quantile(0.95)
+            p99: float | None = digest.quantile(0.99)
             avg_latency: float | None = self.latency_ns / (answered * NANOS_PER_MS)
             avg_prompt: float | None = self.prompt_tokens / answered
             avg_completion: float | None = self.completion_tokens / answered

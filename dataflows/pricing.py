@@ -32,10 +32,10 @@ import math
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, final
 
 from genai_prices import data_snapshot
-from genai_prices.types import ModelInfo, ModelPrice, TieredPrices, TimeOfDateConstraint
+from genai_prices.types import ConditionalPrice, ModelInfo, ModelPrice, TieredPrices, TimeOfDateConstraint
 
 from dataflows.join import Call
 
@@ -45,6 +45,8 @@ MAX_CACHED_MODELS = 10_000
 MAX_PRICE_PER_MTOK = 1_000_000
 
 
+# Final: ``cost`` tells it from a float with ``type(rate) is TieredRate``.
+@final
 class TieredRate(NamedTuple):
     """USD per token, by prompt size: ``tiers`` are ``(threshold, rate)``, highest first;
     a prompt of more than ``threshold`` tokens pays that rate for every token."""
@@ -74,16 +76,18 @@ class PricesFileError(ValueError):
     """A ``PRICES_FILE`` that cannot be used; the message names the file, model and field."""
 
 
+# Final: ``PriceBook.rates`` tells it from Rates and None with ``type(resolved) is _TimedModel``.
+@final
 class _TimedModel:
-    """A genai-prices model whose price depends on when the call was made."""
+    """A genai-prices model whose price depends on when the call was made: its
+    ``prices`` are the ``conditionals``, not one :class:`ModelPrice`."""
 
     __slots__ = ("by_slot", "model", "slot_seconds")
 
-    def __init__(self, model: ModelInfo) -> None:
+    def __init__(self, model: ModelInfo, conditionals: list[ConditionalPrice]) -> None:
         self.model = model
         time_of_day = any(
-            isinstance(conditional.constraint, TimeOfDateConstraint)
-            for conditional in model.prices  # type: ignore[union-attr]
+            isinstance(conditional.constraint, TimeOfDateConstraint) for conditional in conditionals
         )
         self.slot_seconds = 60 if time_of_day else 86_400
         self.by_slot: dict[int, Rates] = {}
@@ -155,7 +159,7 @@ class PriceBook:
             resolved = self._models[(provider, model)] = self._resolve(provider, model)
         if type(resolved) is _TimedModel:
             return resolved.at(timestamp)
-        return resolved  # type: ignore[return-value]
+        return resolved
 
     def _resolve(self, provider: str | None, model: str) -> Rates | _TimedModel | None:
         override = self._overrides.get(model)
@@ -169,7 +173,7 @@ class PriceBook:
                 continue
             if isinstance(info.prices, ModelPrice):
                 return _rates_of(info.prices)
-            return _TimedModel(info)
+            return _TimedModel(info, info.prices)
         return None
 
 
@@ -184,11 +188,7 @@ def cost(rates: Rates, prompt_tokens: int, cache_read_tokens: int, completion_to
         cache_rate = cache_rate.at(prompt_tokens)
     if type(output_rate) is TieredRate:
         output_rate = output_rate.at(prompt_tokens)
-    return (
-        (prompt_tokens - cached) * input_rate  # type: ignore[operator]
-        + cached * cache_rate  # type: ignore[operator]
-        + completion_tokens * output_rate  # type: ignore[operator]
-    )
+    return (prompt_tokens - cached) * input_rate + cached * cache_rate + completion_tokens * output_rate
 
 
 _FILE_FIELDS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok")

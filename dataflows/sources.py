@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 from bytewax.connectors.kafka import KafkaSource
-from bytewax.inputs import StatefulSourcePartition
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, Message, TopicPartition
 
 from dataflows.observability import BOARD, RECORDS_READ
@@ -268,35 +268,43 @@ def stamped(messages: list[Message], now: float) -> list[tuple[Message, int, flo
     return out
 
 
-class BatchingKafkaSource(KafkaSource):
-    """:class:`KafkaSource` handing over each poll of a partition as one :class:`RecordBatch`,
-    its partitions reading in step (:mod:`dataflows.progress`): none more than
-    ``read_ahead`` seconds of event time past the slowest one still busy."""
+class BatchingKafkaSource(FixedPartitionedSource[RecordBatch, int]):
+    """Bytewax's :class:`KafkaSource` (its partitions, its arguments) handing over each
+    poll of a partition as one :class:`RecordBatch`, its partitions reading in step
+    (:mod:`dataflows.progress`): none more than ``read_ahead`` seconds of event time
+    past the slowest one still busy.
+
+    Not a subclass of :class:`KafkaSource`: its items are batches, not Bytewax's
+    messages. It keeps one to list the partitions and hold the arguments."""
 
     def __init__(self, *args: Any, read_ahead: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        self._kafka = KafkaSource(*args, **kwargs)
         # One per process: the flow, and so this source, is built once per process.
         self._progress = ReadProgress(read_ahead)
 
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _BatchPartition:  # type: ignore[override]
+    def list_parts(self) -> list[str]:
+        return self._kafka.list_parts()
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _BatchPartition:
+        kafka = self._kafka
         index, topic = for_part.split("-", 1)
-        if topic not in self._topics:
-            raise ValueError(f"recovery state names topic {topic!r}, not one of {self._topics}")
+        if topic not in kafka._topics:
+            raise ValueError(f"recovery state names topic {topic!r}, not one of {kafka._topics}")
         config = {
             "group.id": "streamlens-dataflow-unused",  # required by librdkafka, never joined
             "enable.auto.commit": "false",
-            "bootstrap.servers": ",".join(self._brokers),
+            "bootstrap.servers": ",".join(kafka._brokers),
             "enable.partition.eof": "false",
             **PREFETCH_CONFIG,
         }
-        config.update(self._add_config)
+        config.update(kafka._add_config)
         return _BatchPartition(
             config,
             topic,
             int(index),
-            self._starting_offset,
+            kafka._starting_offset,
             resume_state,
-            self._batch_size,
+            kafka._batch_size,
             self._progress,
         )
 
@@ -376,10 +384,10 @@ def decode_batches(batches: list[RecordBatch]) -> list[DeadLetter | tuple[str, l
             if request_id is None:
                 # No usable request_id: the full decoding says what is wrong.
                 decoded = decode_record(topic, partition, offset, value)
-                if type(decoded) is DeadLetter:
+                if isinstance(decoded, DeadLetter):
                     out.append(decoded)
                     continue
-                request_id = decoded.request_id  # type: ignore[union-attr]
+                request_id = decoded.request_id
             shard = join_shard_key(request_id)
             group = groups.get(shard)
             if group is None:

@@ -200,7 +200,7 @@ class WindowShard:
             window_start=datetime.fromtimestamp(start, UTC),
             window_end=datetime.fromtimestamp(start + self.window, UTC),
             revision=state.revision,
-            **state.row_fields(digest),  # type: ignore[arg-type]
+            **state.row_fields(digest),
         )
         return WindowRow(row=row, digest=digest.to_bytes(), ttft_count=state.ttft_count)
 

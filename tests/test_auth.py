@@ -164,8 +164,15 @@ def client(postgres_dsn: str) -> Iterator[TestClient]:
         yield test_client
 
 
+def app_of(client: TestClient) -> Starlette:
+    """The app ``client`` drives: one :func:`make_app` built."""
+    app = client.app
+    assert isinstance(app, Starlette)
+    return app
+
+
 def accepted(client: TestClient) -> list[tuple[str, str | None]]:
-    return client.app.state.accepted  # type: ignore[attr-defined]
+    return app_of(client).state.accepted
 
 
 def assert_unauthorized(response: Any, *, key_given: bool) -> None:
@@ -343,7 +350,7 @@ def test_answers_are_cached_both_ways_without_a_database_round_trip(
     key = create_key(conn, "acme", "ingest").key
     unknown = generate_key()
     with TestClient(make_app(Settings(postgres_dsn=postgres_dsn), cache_seconds=60)) as client:
-        store: KeyStore = client.app.state.key_store  # type: ignore[attr-defined]
+        store: KeyStore = app_of(client).state.key_store
         assert store.pool is not None
         assert (
             client.post("/v1/llm/request", json=request_event("acme"), headers=bearer(key)).status_code == 202
@@ -387,7 +394,7 @@ def test_auth_off_lets_everything_through_without_a_database() -> None:
     # Nothing listens on this port: any database access would fail the requests.
     settings = Settings(postgres_dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/none", auth=False)
     with TestClient(make_app(settings)) as client:
-        store: KeyStore = client.app.state.key_store  # type: ignore[attr-defined]
+        store: KeyStore = app_of(client).state.key_store
         assert not store.enabled
         sent = client.post("/v1/llm/request", json=request_event("acme"))
         assert sent.status_code == 202

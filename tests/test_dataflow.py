@@ -319,7 +319,9 @@ def test_rows_sink_reconnects_after_a_dropped_connection(postgres_dsn: str,
     partition = sinks.RowsSink(postgres_dsn, broker.address).build("rows", 0, 1)
     try:
         partition.write_batch([_row(1, 4)])
-        pid = partition._conn.info.backend_pid  # type: ignore[union-attr]
+        conn = partition._conn
+        assert conn is not None  # the batch was written through it
+        pid = conn.info.backend_pid
         with psycopg.connect(postgres_dsn, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         partition.write_batch([_row(2, 5)])

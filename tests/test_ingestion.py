@@ -778,11 +778,11 @@ def _text(value: object, low: int, high: int, *, controls: bool = True) -> bool:
 
 
 def _count(value: object) -> bool:
-    return type(value) is int and 0 <= value <= 1_000_000_000  # type: ignore[operator]
+    return type(value) is int and 0 <= value <= 1_000_000_000
 
 
 def _millis(value: object) -> bool:
-    return type(value) in (int, float) and value >= 0  # type: ignore[operator]
+    return (type(value) is int or type(value) is float) and value >= 0
 
 
 def _timestamp(value: object) -> bool:

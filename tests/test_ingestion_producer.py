@@ -6,6 +6,8 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -13,6 +15,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from api.producer import BrokerUnavailable, EventProducer
 from deploy.stack import Broker
 from schemas.topics import REQUESTS, RESPONSES
+
+T = TypeVar("T")
 
 
 def read_keys(brokers: str, topic: str, expected: int, timeout: float = 10.0) -> list[str]:
@@ -35,8 +39,13 @@ def read_keys(brokers: str, topic: str, expected: int, timeout: float = 10.0) ->
     return keys
 
 
-async def _with_producer(brokers: str, work, **options):  # type: ignore[no-untyped-def]
-    producer = EventProducer(brokers, **options)
+async def _with_producer(
+    brokers: str,
+    work: Callable[[EventProducer], Awaitable[T]],
+    *,
+    overrides: Mapping[str, object] | None = None,
+) -> T:
+    producer = EventProducer(brokers, overrides=overrides)
     producer.start()
     try:
         return await work(producer)

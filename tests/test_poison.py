@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Message, Producer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -114,9 +114,11 @@ def produce_poison(brokers: str, records: list[Poison]) -> None:
     producer = Producer({"bootstrap.servers": brokers, "message.max.bytes": 10_000_000})
     for poison in records:
 
-        def noted(error: object, message: object, poison: Poison = poison) -> None:
+        def noted(error: KafkaError | None, message: Message, poison: Poison = poison) -> None:
             assert error is None, error
-            poison.offset = message.offset()  # type: ignore[attr-defined]
+            offset = message.offset()
+            assert offset is not None  # a delivered record has one
+            poison.offset = offset
 
         producer.produce(poison.topic, poison.value, partition=poison.partition, on_delivery=noted)
     assert producer.flush(30) == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from genai_prices import Usage, calc_price, data_snapshot
+from genai_prices.types import ModelInfo, Provider
 
 from dataflows import pricing
 from dataflows.join import Call, SourceRef
@@ -45,6 +46,12 @@ def call(
         else None
     )
     return Call(request=request, response=response, source=SOURCE)
+
+
+def cost_of(priced: Call) -> float:
+    """``priced.cost_usd``, which a call to a model with a known price has."""
+    assert priced.cost_usd is not None, priced
+    return priced.cost_usd
 
 
 def prices_file(tmp_path: Path, content: object) -> Path:
@@ -84,13 +91,13 @@ def test_prices_file_cost_matches_the_hand_computed_formula(tmp_path: Path) -> N
     )
     # (1000 - 200) × 0.4 + 200 × 0.1 + 300 × 1.6 = 320 + 20 + 480 = 820 per million
     assert math.isclose(
-        book.price(call("house-7b", 1000, 200, 300)).cost_usd,  # type: ignore[arg-type]
+        cost_of(book.price(call("house-7b", 1000, 200, 300))),
         820 / 1e6,
         rel_tol=1e-12,
     )
     # No cache-read price: cached tokens at the input price. 1000 × 3 + 10 × 9 = 3090
     assert math.isclose(
-        book.price(call("house-70b", 1000, 400, 10)).cost_usd,  # type: ignore[arg-type]
+        cost_of(book.price(call("house-70b", 1000, 400, 10))),
         3090 / 1e6,
         rel_tol=1e-12,
     )
@@ -107,7 +114,7 @@ def test_prices_file_overrides_genai_prices(tmp_path: Path) -> None:
     )
     # 900 × 1 + 100 × 0.5 + 50 × 2 = 1050
     assert math.isclose(
-        book.price(call("gpt-4o", 1000, 100, 50, provider="openai")).cost_usd,  # type: ignore[arg-type]
+        cost_of(book.price(call("gpt-4o", 1000, 100, 50, provider="openai"))),
         1050 / 1e6,
         rel_tol=1e-12,
     )
@@ -119,7 +126,7 @@ def test_gpt_4o_cost_matches_genai_prices_calc_price() -> None:
         for provider in ("openai", None):
             priced = book.price(call("gpt-4o", prompt, cached, completion, provider=provider))
             expected = genai_cost("gpt-4o", prompt, cached, completion, provider=provider)
-            assert math.isclose(priced.cost_usd, expected, rel_tol=1e-9), (prompt, cached)  # type: ignore[arg-type]
+            assert math.isclose(cost_of(priced), expected, rel_tol=1e-9), (prompt, cached)
 
 
 def test_tiered_prices_match_genai_prices_above_and_below_the_threshold() -> None:
@@ -127,7 +134,7 @@ def test_tiered_prices_match_genai_prices_above_and_below_the_threshold() -> Non
     for prompt in (199_000, 200_000, 250_000):
         priced = book.price(call("claude-sonnet-4-5", prompt, 1000, 2000, provider="anthropic"))
         expected = genai_cost("claude-sonnet-4-5", prompt, 1000, 2000, provider="anthropic")
-        assert math.isclose(priced.cost_usd, expected, rel_tol=1e-9), prompt  # type: ignore[arg-type]
+        assert math.isclose(cost_of(priced), expected, rel_tol=1e-9), prompt
 
 
 def test_time_of_day_prices_match_genai_prices_through_the_day() -> None:
@@ -137,7 +144,7 @@ def test_time_of_day_prices_match_genai_prices_through_the_day() -> None:
         when = datetime(2026, 1, 15, hour, minute, 30, tzinfo=UTC)
         priced = book.price(call("deepseek-chat", 10_000, 2_000, 1_000, provider="deepseek", when=when))
         expected = genai_cost("deepseek-chat", 10_000, 2_000, 1_000, provider="deepseek", when=when)
-        assert math.isclose(priced.cost_usd, expected, rel_tol=1e-9), when  # type: ignore[arg-type]
+        assert math.isclose(cost_of(priced), expected, rel_tol=1e-9), when
         costs.add(round(expected, 12))
     assert len(costs) == 2  # the price really does change with the time of day
 
@@ -147,9 +154,11 @@ def test_each_model_is_resolved_once(monkeypatch: pytest.MonkeyPatch) -> None:
     lookups: list[str] = []
     original = snapshot.find_provider_model
 
-    def counting(model_ref, *args):  # type: ignore[no-untyped-def]
+    def counting(
+        model_ref: str, provider: Provider | None, provider_id: str | None, provider_api_url: str | None
+    ) -> tuple[Provider, ModelInfo]:
         lookups.append(model_ref)
-        return original(model_ref, *args)
+        return original(model_ref, provider, provider_id, provider_api_url)
 
     monkeypatch.setattr(snapshot, "find_provider_model", counting)
     book = PriceBook()
@@ -169,15 +178,15 @@ def test_unknown_model_is_unpriced_and_a_timeout_costs_nothing() -> None:
 def test_an_unknown_provider_falls_back_to_the_model_name() -> None:
     book = PriceBook()
     priced = book.price(call("gpt-4o", 1000, 0, 100, provider="our-gateway"))
-    assert math.isclose(priced.cost_usd, genai_cost("gpt-4o", 1000, 0, 100), rel_tol=1e-9)  # type: ignore[arg-type]
+    assert math.isclose(cost_of(priced), genai_cost("gpt-4o", 1000, 0, 100), rel_tol=1e-9)
 
 
 def test_cache_reads_beyond_the_prompt_are_priced_as_the_prompt() -> None:
     book = PriceBook()
-    over = book.price(call("gpt-4o", 100, 500, 10)).cost_usd
+    over = cost_of(book.price(call("gpt-4o", 100, 500, 10)))
     assert over == book.price(call("gpt-4o", 100, 100, 10)).cost_usd
     # 100 × 1.25 + 10 × 10 per million
-    assert math.isclose(over, (100 * 1.25 + 10 * 10) / 1e6, rel_tol=1e-9)  # type: ignore[arg-type]
+    assert math.isclose(over, (100 * 1.25 + 10 * 10) / 1e6, rel_tol=1e-9)
 
 
 def test_genai_prices_decimal_rates_are_what_the_book_uses() -> None:

@@ -6,13 +6,14 @@ import math
 import pickle
 import random
 from datetime import UTC, datetime
+from typing import Literal
 
 import msgspec
 from fastdigest import TDigest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.aggregate import EXACT_UP_TO, CallStats
+from dataflows.aggregate import EXACT_UP_TO, CallStats, RowFields
 from dataflows.join import Call, SourceRef
 from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
@@ -24,6 +25,7 @@ NOW = 1_900_000_000.0
 WINDOW, GRACE, LATENESS, TIMEOUT = 60, 10, 600, 300
 SOURCE = SourceRef("llm.responses", 1, 5)
 KEY = ("acme", "/chat", "gpt-4o")
+Percentile = Literal["p50_latency_ms", "p95_latency_ms", "p99_latency_ms"]
 
 
 def at(seconds: float) -> datetime:
@@ -40,7 +42,12 @@ def answered(
     key: tuple[str, str, str] = KEY,
     duration: float | None = None,
     cost: float | None = 0.001,
-    **fields: object,
+    prompt_tokens: int = 100,
+    completion_tokens: int = 0,
+    cache_read_tokens: int = 0,
+    reasoning_tokens: int = 0,
+    time_to_first_token_ms: float | None = None,
+    error: str | None = None,
 ) -> Call:
     """An answered call whose request is at T0 + ``start``."""
     tenant_id, route, model = key
@@ -51,11 +58,20 @@ def answered(
         route=route,
         model=model,
         timestamp=at(start),
-        prompt_tokens=fields.pop("prompt_tokens", 100),
-    )  # type: ignore[arg-type]
+        prompt_tokens=prompt_tokens,
+    )
     if duration is None:
         duration = (latency_ms or 0.0) / 1000
-    resp = LLMResponse(request_id=rid, timestamp=at(start + duration), latency_ms=latency_ms, **fields)  # type: ignore[arg-type]
+    resp = LLMResponse(
+        request_id=rid,
+        timestamp=at(start + duration),
+        latency_ms=latency_ms,
+        completion_tokens=completion_tokens,
+        cache_read_tokens=cache_read_tokens,
+        reasoning_tokens=reasoning_tokens,
+        time_to_first_token_ms=time_to_first_token_ms,
+        error=error,
+    )
     return Call(
         request=req,
         response=resp,
@@ -78,7 +94,9 @@ def timed_out(start: float, *, key: tuple[str, str, str] = KEY) -> Call:
     return Call(request=req, response=None, source=SOURCE, cost_usd=0.0, completed_at=T0 + start + TIMEOUT)
 
 
-def converted(timeout: Call, latency_ms: float, **fields: object) -> Call:
+def converted(
+    timeout: Call, latency_ms: float, *, completion_tokens: int = 0, error: str | None = None
+) -> Call:
     """The answered call that replaces ``timeout``: its response came late, in range."""
     request = timeout.request
     when = request.timestamp.timestamp() + latency_ms / 1000
@@ -86,7 +104,8 @@ def converted(timeout: Call, latency_ms: float, **fields: object) -> Call:
         request_id=request.request_id,
         timestamp=datetime.fromtimestamp(when, UTC),
         latency_ms=latency_ms,
-        **fields,  # type: ignore[arg-type]
+        completion_tokens=completion_tokens,
+        error=error,
     )
     return Call(
         request=request, response=resp, source=SOURCE, cost_usd=None, completed_at=when, replaces_timeout=True
@@ -119,6 +138,7 @@ def expected_row(calls: list[Call], start: int) -> MetricsRow:
     timed-out call and two per answered call."""
     tenant_id, route, model = (calls[0].request.tenant_id, calls[0].request.route, calls[0].request.model)
     done = [call for call in calls if call.response is not None]
+    responses = [call.response for call in calls if call.response is not None]
 
     def latency(call: Call) -> float:
         assert call.response is not None
@@ -127,7 +147,7 @@ def expected_row(calls: list[Call], start: int) -> MetricsRow:
         gap = (call.response.timestamp - call.request.timestamp).total_seconds() * 1000
         return max(0.0, gap)
 
-    ttfts = [c.response.time_to_first_token_ms for c in done if c.response.time_to_first_token_ms is not None]  # type: ignore[union-attr]
+    ttfts = [r.time_to_first_token_ms for r in responses if r.time_to_first_token_ms is not None]
     latencies = [latency(call) for call in done]
     return MetricsRow(
         tenant_id=tenant_id,
@@ -142,17 +162,13 @@ def expected_row(calls: list[Call], start: int) -> MetricsRow:
         p50_latency_ms=nearest_rank(latencies, 0.5) if latencies else None,
         p95_latency_ms=nearest_rank(latencies, 0.95) if latencies else None,
         p99_latency_ms=nearest_rank(latencies, 0.99) if latencies else None,
-        avg_time_to_first_token_ms=sum(ttfts) / len(ttfts) if ttfts else None,  # type: ignore[arg-type]
+        avg_time_to_first_token_ms=sum(ttfts) / len(ttfts) if ttfts else None,
         prompt_tokens=sum(c.request.prompt_tokens for c in done),
-        completion_tokens=sum(c.response.completion_tokens for c in done),  # type: ignore[union-attr]
-        cache_read_tokens=sum(c.response.cache_read_tokens for c in done),  # type: ignore[union-attr]
-        reasoning_tokens=sum(c.response.reasoning_tokens for c in done),  # type: ignore[union-attr]
+        completion_tokens=sum(r.completion_tokens for r in responses),
+        cache_read_tokens=sum(r.cache_read_tokens for r in responses),
+        reasoning_tokens=sum(r.reasoning_tokens for r in responses),
         avg_prompt_tokens=sum(c.request.prompt_tokens for c in done) / len(done) if done else None,
-        avg_completion_tokens=(
-            sum(c.response.completion_tokens for c in done) / len(done)  # type: ignore[union-attr]
-            if done
-            else None
-        ),
+        avg_completion_tokens=sum(r.completion_tokens for r in responses) / len(done) if done else None,
         estimated_cost_usd=sum(c.cost_usd or 0.0 for c in done),
         unpriced_requests=sum(1 for c in done if c.cost_usd is None),
         revision=len(calls) + len(done),
@@ -519,6 +535,20 @@ def stats_of(latencies: list[float]) -> CallStats:
     return stats
 
 
+PERCENTILES: tuple[tuple[float, Percentile], ...] = (
+    (0.5, "p50_latency_ms"),
+    (0.95, "p95_latency_ms"),
+    (0.99, "p99_latency_ms"),
+)
+
+
+def percentile(fields: RowFields, field: Percentile) -> float:
+    """A percentile of ``fields``, which a window with answered calls has."""
+    value = fields[field]
+    assert value is not None, field
+    return value
+
+
 def assert_between_neighbours(reported: float, values: list[float], q: float) -> None:
     ordered = sorted(values)
     n = len(ordered)
@@ -540,8 +570,8 @@ def test_few_latencies_percentiles_lie_between_nearest_rank_neighbours(values: l
     digest = stats.latency_digest()
     assert digest.n_centroids == len(set(values)) or digest.n_centroids == len(values)
     fields = stats.row_fields(digest)
-    for q, field in ((0.5, "p50_latency_ms"), (0.95, "p95_latency_ms"), (0.99, "p99_latency_ms")):
-        assert_between_neighbours(fields[field], values, q)  # type: ignore[arg-type]
+    for q, field in PERCENTILES:
+        assert_between_neighbours(percentile(fields, field), values, q)
 
 
 def test_a_digest_of_exactly_the_exact_limit_still_holds_every_value() -> None:
@@ -560,23 +590,23 @@ def test_many_latencies_percentiles_within_one_percent() -> None:
     values = [rng.lognormvariate(6, 1) for _ in range(100_000)]
     stats = stats_of(values)
     fields = stats.row_fields(stats.latency_digest())
-    for q, field in ((0.5, "p50_latency_ms"), (0.95, "p95_latency_ms"), (0.99, "p99_latency_ms")):
+    for q, field in PERCENTILES:
         exact = nearest_rank(values, q)
-        assert abs(fields[field] - exact) / exact < 0.01, (field, fields[field], exact)  # type: ignore[operator]
+        reported = percentile(fields, field)
+        assert abs(reported - exact) / exact < 0.01, (field, reported, exact)
 
 
-def final_rows(calls: list[Call], order: list[int]) -> dict[tuple[object, ...], dict[str, object]]:
+def final_rows(calls: list[Call], order: list[int]) -> dict[tuple[object, ...], MetricsRow]:
     """The last row of every window, by (window_start, key)."""
     windows = shard()
-    last: dict[tuple[object, ...], dict[str, object]] = {}
+    last: dict[tuple[object, ...], MetricsRow] = {}
     emitted: list[WindowRow] = []
     for step, index in enumerate(order):
         assert windows.on_call(calls[index], NOW + step) == []
         emitted += windows.on_time(NOW + step)
     emitted += windows.on_time(NOW + 10 * LATENESS)
     for item in emitted:
-        fields = msgspec.structs.asdict(item.row)
-        last[(item.row.window_start, item.row.tenant_id, item.row.route, item.row.model)] = fields
+        last[(item.row.window_start, item.row.tenant_id, item.row.route, item.row.model)] = item.row
     return last
 
 
@@ -601,9 +631,9 @@ def test_final_rows_do_not_depend_on_call_order(rng: random.Random, order: list[
     ]
     in_order = final_rows(calls, list(range(24)))
     assert final_rows(calls, order) == in_order
-    assert sum(row["requests"] for row in in_order.values()) == 24  # type: ignore[misc]
+    assert sum(row.requests for row in in_order.values()) == 24
     # Revisions too: one per timeout (indexes 0, 7, 14, 21), two per answered call.
-    assert sum(row["revision"] for row in in_order.values()) == 4 + 2 * 20  # type: ignore[misc]
+    assert sum(row.revision for row in in_order.values()) == 4 + 2 * 20
 
 
 def test_the_largest_valid_latencies_do_not_overflow_the_sums() -> None:

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +187,9 @@ def _wrk_body(
 # -- the asyncio fallback -----------------------------------------------------------
 
 
-async def _raw_load(port: int, make_request: object, seconds: float, connections: int) -> Figures:
+async def _raw_load(
+    port: int, make_request: Callable[[int], bytes], seconds: float, connections: int
+) -> Figures:
     latencies: list[float] = []
     failures = 0
     deadline = time.perf_counter() + seconds
@@ -198,11 +201,13 @@ async def _raw_load(port: int, make_request: object, seconds: float, connections
         try:
             while time.perf_counter() < deadline:
                 counter += 1
-                request = make_request(counter)  # type: ignore[operator]
+                request = make_request(counter)
                 started = time.perf_counter()
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+                found = re.search(rb"content-length: (\d+)", head, re.I)
+                assert found is not None, head  # every answer of the API has a length
+                length = int(found.group(1))
                 await reader.readexactly(length)
                 latencies.append(time.perf_counter() - started)
                 if head[9:10] != b"2":
