@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from dataflows.join import Call, JoinShard, SourceRef, _Pending
 from schemas.deadletter import DeadLetter
-from schemas.events import LLMRequest, LLMResponse, request_decoder, response_decoder
+from schemas.events import LLMRequest, LLMResponse, MetadataValue, request_decoder, response_decoder
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 NOW = 1_900_000_000.0  # wall clock, independent of event time
@@ -28,21 +28,56 @@ def at(seconds: float) -> datetime:
     return datetime.fromtimestamp(T0 + seconds, UTC)
 
 
-def request(rid: str, seconds: float, **fields: object) -> LLMRequest:
-    values: dict[str, object] = {
-        "tenant_id": "acme",
-        "route": "/chat",
-        "model": "gpt-4o",
-        "prompt_tokens": 100,
-    }
-    values.update(fields)
-    return LLMRequest(request_id=rid, timestamp=at(seconds), **values)  # type: ignore[arg-type]
+def request(
+    rid: str,
+    seconds: float,
+    *,
+    tenant_id: str = "acme",
+    route: str = "/chat",
+    model: str = "gpt-4o",
+    prompt_tokens: int = 100,
+    provider: str | None = None,
+    user_id_hash: str | None = None,
+    metadata: dict[str, MetadataValue] | None = None,
+) -> LLMRequest:
+    return LLMRequest(
+        request_id=rid,
+        timestamp=at(seconds),
+        tenant_id=tenant_id,
+        route=route,
+        model=model,
+        prompt_tokens=prompt_tokens,
+        provider=provider,
+        user_id_hash=user_id_hash,
+        metadata=metadata,
+    )
 
 
-def response(rid: str, seconds: float, **fields: object) -> LLMResponse:
-    values: dict[str, object] = {"completion_tokens": 20}
-    values.update(fields)
-    return LLMResponse(request_id=rid, timestamp=at(seconds), **values)  # type: ignore[arg-type]
+def response(
+    rid: str,
+    seconds: float,
+    *,
+    tenant_id: str | None = None,
+    latency_ms: float | None = None,
+    completion_tokens: int = 20,
+    cache_read_tokens: int = 0,
+    reasoning_tokens: int = 0,
+    time_to_first_token_ms: float | None = None,
+    finish_reason: str | None = None,
+    error: str | None = None,
+) -> LLMResponse:
+    return LLMResponse(
+        request_id=rid,
+        timestamp=at(seconds),
+        tenant_id=tenant_id,
+        latency_ms=latency_ms,
+        completion_tokens=completion_tokens,
+        cache_read_tokens=cache_read_tokens,
+        reasoning_tokens=reasoning_tokens,
+        time_to_first_token_ms=time_to_first_token_ms,
+        finish_reason=finish_reason,
+        error=error,
+    )
 
 
 def feed(
@@ -63,6 +98,32 @@ def outcome(item: Call | DeadLetter) -> tuple[str, str]:
     return (item.reason, msgspec.json.decode(item.payload)["request_id"])
 
 
+def call_of(item: Call | DeadLetter) -> Call:
+    """``item``, which the test expects to be a counted call."""
+    assert isinstance(item, Call), item
+    return item
+
+
+def answer_of(item: Call | DeadLetter) -> LLMResponse:
+    """The response of ``item``, which the test expects to be an answered call."""
+    answer = call_of(item).response
+    assert answer is not None, item
+    return answer
+
+
+def letter_of(item: Call | DeadLetter) -> DeadLetter:
+    """``item``, which the test expects to be a dead letter."""
+    assert isinstance(item, DeadLetter), item
+    return item
+
+
+def payload_of(item: Call | DeadLetter) -> str:
+    """The original record carried by ``item``, which the test expects to be a dead letter."""
+    payload = letter_of(item).payload
+    assert payload is not None, item
+    return payload
+
+
 def drain(join: JoinShard, after: float = 10 * DEDUPE) -> list[Call | DeadLetter]:
     """Let event time run ``after`` seconds of wall clock past NOW."""
     return join.on_time(NOW + after)
@@ -75,7 +136,8 @@ def test_request_then_response_pairs_into_one_call() -> None:
     assert len(out) == 1
     call = out[0]
     assert isinstance(call, Call)
-    assert call.request.request_id == call.response.request_id == "a"  # type: ignore[union-attr]
+    assert call.response is not None
+    assert call.request.request_id == call.response.request_id == "a"
     assert call.source == SourceRef(RESPONSES, 2, 9)  # the record that completed it
     assert call.completed_at == T0 + 2.5
     assert drain(join) == []  # nothing else ever comes of it
@@ -86,8 +148,9 @@ def test_response_before_request_pairs_the_same() -> None:
     assert join.on_event(response("a", 2.5), SourceRef(RESPONSES, 0, 1), NOW) == []
     out = join.on_event(request("a", 0), SourceRef(REQUESTS, 0, 4), NOW)
     assert [outcome(item) for item in out] == [("answered", "a")]
-    assert out[0].source == SourceRef(REQUESTS, 0, 4)  # type: ignore[union-attr]
-    assert out[0].completed_at == T0 + 2.5  # type: ignore[union-attr]
+    call = call_of(out[0])
+    assert call.source == SourceRef(REQUESTS, 0, 4)
+    assert call.completed_at == T0 + 2.5
 
 
 def test_request_without_response_times_out_once_event_time_passes_the_timeout() -> None:
@@ -147,7 +210,7 @@ def test_a_response_too_far_from_its_request_reports_both() -> None:
     out = feed(join, [request("a", 0), response("a", TIMEOUT + 1)])
     # Both sides known and too far apart: the response at once, the request at its deadline.
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
-    assert "301 s earlier" in out[0].error  # type: ignore[union-attr]
+    assert "301 s earlier" in letter_of(out[0]).error
     assert [outcome(item) for item in drain(join)] == [("timeout", "a")]
 
 
@@ -168,7 +231,7 @@ def test_another_tenants_response_before_the_request_does_not_take_the_real_ones
         ["evil", "real", "request"],
         ["real", "evil", "request"],
     ):
-        events = {
+        events: dict[str, LLMRequest | LLMResponse] = {
             "evil": response("a", 1, tenant_id="evil", completion_tokens=666),
             "request": request("a", 0, tenant_id="acme"),
             "real": response("a", 2, tenant_id="acme", completion_tokens=7),
@@ -180,7 +243,7 @@ def test_another_tenants_response_before_the_request_does_not_take_the_real_ones
         assert call.response is not None and call.response.completion_tokens == 7
         letter = next(item for item in out if isinstance(item, DeadLetter))
         assert "tenant mismatch" in letter.error and "'evil'" in letter.error
-        assert response_decoder.decode(letter.payload) == events["evil"]  # type: ignore[arg-type]
+        assert response_decoder.decode(payload_of(letter)) == events["evil"]
         assert len(join) == 0
 
 
@@ -190,7 +253,7 @@ def test_another_tenants_response_after_the_request_is_dead_lettered_and_the_rea
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
     out = feed(join, [response("a", 2, tenant_id="acme", completion_tokens=7)])
     assert [outcome(item) for item in out] == [("answered", "a")]
-    assert out[0].response.completion_tokens == 7  # type: ignore[union-attr]
+    assert answer_of(out[0]).completion_tokens == 7
     assert drain(join) == []
     assert join.duplicates == 0
 
@@ -207,7 +270,7 @@ def test_another_tenants_response_after_the_call_is_counted_is_dead_lettered_not
         ],
     )
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
-    assert "tenant mismatch" in out[0].error  # type: ignore[union-attr]
+    assert "tenant mismatch" in letter_of(out[0]).error
     assert join.duplicates == 2
 
     # Timed out: another tenant's response does not use up the conversion of the
@@ -217,8 +280,8 @@ def test_another_tenants_response_after_the_call_is_counted_is_dead_lettered_not
     assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "b")]
     out = feed(join, [response("b", 20, tenant_id="evil"), response("b", 20, tenant_id="acme")])
     assert [outcome(item) for item in out] == [("orphan_response", "b"), ("answered", "b")]
-    assert "tenant mismatch" in out[0].error  # type: ignore[union-attr]
-    assert out[1].replaces_timeout and out[1].response.tenant_id == "acme"  # type: ignore[union-attr]
+    assert "tenant mismatch" in letter_of(out[0]).error
+    assert call_of(out[1]).replaces_timeout and answer_of(out[1]).tenant_id == "acme"
 
 
 def test_other_tenants_responses_around_a_too_far_pair_are_dead_lettered_and_state_empties() -> None:
@@ -227,11 +290,11 @@ def test_other_tenants_responses_around_a_too_far_pair_are_dead_lettered_and_sta
     join = JoinShard(TIMEOUT, 0, WINDOW, LATENESS)
     out = feed(join, [request("a", 0), response("a", TIMEOUT + 1)])
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
-    assert "301 s earlier" in out[0].error  # type: ignore[union-attr]
+    assert "301 s earlier" in letter_of(out[0]).error
     # The request waits for its deadline: another tenant's response is no repeat.
     out = feed(join, [response("a", TIMEOUT + 1, tenant_id="evil")])
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
-    assert "tenant mismatch" in out[0].error  # type: ignore[union-attr]
+    assert "tenant mismatch" in letter_of(out[0]).error
     feed(join, [request("clock", TIMEOUT + 2)])
     assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "a")]
     # Counted now: a third tenant is dead-lettered, the repeats are ignored.
@@ -245,7 +308,7 @@ def test_other_tenants_responses_around_a_too_far_pair_are_dead_lettered_and_sta
         ],
     )
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
-    assert "'other'" in out[0].error  # type: ignore[union-attr]
+    assert "'other'" in letter_of(out[0]).error
     assert join.duplicates == 3
     feed(join, [request("clock2", 655)])
     join.on_time(NOW)
@@ -270,10 +333,10 @@ def test_responses_of_several_tenants_waiting_for_the_request_expire_on_their_ow
     feed(join, [request("clock", 700)])
     out = join.on_time(NOW)
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
-    assert response_decoder.decode(out[0].payload).tenant_id == "x"  # type: ignore[arg-type, union-attr]
+    assert response_decoder.decode(payload_of(out[0])).tenant_id == "x"
     out = [item for item in drain(join) if outcome(item)[1] == "a"]
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
-    assert response_decoder.decode(out[0].payload).tenant_id == "y"  # type: ignore[arg-type, union-attr]
+    assert response_decoder.decode(payload_of(out[0])).tenant_id == "y"
     assert len(join) == 0
 
 
@@ -295,7 +358,7 @@ def test_before_counting_the_first_request_and_first_response_win() -> None:
     assert out == []
     out = feed(join, [response("a", 1, completion_tokens=5)])
     assert len(out) == 1
-    assert out[0].request.prompt_tokens == 1  # type: ignore[union-attr]
+    assert call_of(out[0]).request.prompt_tokens == 1
 
     join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     out = feed(
@@ -307,7 +370,7 @@ def test_before_counting_the_first_request_and_first_response_win() -> None:
         ],
     )
     assert [outcome(item) for item in out] == [("answered", "b")]
-    assert out[0].response.completion_tokens == 5  # type: ignore[union-attr]
+    assert answer_of(out[0]).completion_tokens == 5
     assert join.duplicates == 1
     assert drain(join) == []
 
@@ -346,7 +409,7 @@ def test_timed_out_call_first_late_response_converts_it_then_repeats_are_ignored
     assert [outcome(item) for item in join.on_time(NOW)] == [("timeout", "a")]
     out = feed(join, [response("a", 20, completion_tokens=9)])
     assert [outcome(item) for item in out] == [("answered", "a")]
-    assert out[0].replaces_timeout  # type: ignore[union-attr]
+    assert call_of(out[0]).replaces_timeout
     out = feed(join, [response("a", 20), response("a", 21, completion_tokens=1), request("a", 0)])
     assert out == []
     assert join.duplicates == 3
@@ -393,14 +456,15 @@ def test_a_response_exactly_at_the_timeout_converts_and_one_beyond_it_is_an_orph
     join = timed_out_join()
     out = feed(join, [response("a", TIMEOUT)])
     assert [outcome(item) for item in out] == [("answered", "a")]
-    assert out[0].replaces_timeout  # type: ignore[union-attr]
+    assert call_of(out[0]).replaces_timeout
 
     join = timed_out_join()
     far = response("a", TIMEOUT + 0.5)
     out = feed(join, [far])
     assert [outcome(item) for item in out] == [("orphan_response", "a")]
-    assert "300.5 s earlier" in out[0].error and "JOIN_TIMEOUT_SECONDS" in out[0].error  # type: ignore[union-attr]
-    assert response_decoder.decode(out[0].payload) == far  # type: ignore[arg-type, union-attr]
+    letter = letter_of(out[0])
+    assert "300.5 s earlier" in letter.error and "JOIN_TIMEOUT_SECONDS" in letter.error
+    assert response_decoder.decode(payload_of(out[0])) == far
     # The first response won: one in range after it is a repeat, the timeout stands.
     assert feed(join, [response("a", 20)]) == []
     assert join.duplicates == 1
@@ -416,7 +480,7 @@ def test_a_timeout_converts_until_its_window_stops_taking_late_calls_then_respon
     join = timed_out_join(seconds=59.5, clock=660)  # exactly 660: not passed
     out = feed(join, [response("a", 70)])
     assert [outcome(item) for item in out] == [("answered", "a")]
-    assert out[0].replaces_timeout  # type: ignore[union-attr]
+    assert call_of(out[0]).replaces_timeout
 
     join = timed_out_join(seconds=59.5, clock=660.5)
     late = response("a", 70)
@@ -428,7 +492,7 @@ def test_a_timeout_converts_until_its_window_stops_taking_late_calls_then_respon
     assert (letter.source_topic, letter.partition, letter.offset) == (RESPONSES, 1, 77)
     assert "2026-01-01T00:00:00+00:00" in letter.error and "2026-01-01T00:11:00+00:00" in letter.error
     assert "LATENESS_SECONDS 600" in letter.error
-    assert response_decoder.decode(letter.payload) == late  # type: ignore[arg-type]
+    assert response_decoder.decode(payload_of(letter)) == late
     # Its repeats are ignored, like any repeat of a counted call.
     assert feed(join, [response("a", 70), request("a", 59.5)]) == []
     assert join.duplicates == 2
@@ -448,7 +512,7 @@ def test_a_waiting_response_is_an_orphan_only_once_its_window_stops_taking_late_
     assert join.on_time(NOW) == []
     out = feed(join, [request("a", 50)])
     assert [outcome(item) for item in out] == [("answered", "a")]
-    assert not out[0].replaces_timeout  # type: ignore[union-attr]
+    assert not call_of(out[0]).replaces_timeout
 
     # Just past it: the response is an orphan, and the request that comes after
     # waits on its own and times out.
@@ -468,7 +532,7 @@ def test_a_snapshot_keeps_a_timed_out_request_convertible_until_its_deadline() -
     assert restored.on_time(NOW) == []
     out = feed(restored, [response("a", 12, completion_tokens=3)])
     assert [outcome(item) for item in out] == [("answered", "a")]
-    assert out[0].replaces_timeout and out[0].response.completion_tokens == 3  # type: ignore[union-attr]
+    assert call_of(out[0]).replaces_timeout and answer_of(out[0]).completion_tokens == 3
     assert out == feed(join, [response("a", 12, completion_tokens=3)])
 
     # The deadline came back with it: past 660, the request is gone and the
@@ -488,7 +552,7 @@ def test_cache_reads_beyond_the_prompt_are_clamped_and_counted() -> None:
     assert call.response.cache_read_tokens == 50
     assert join.cache_reads_clamped == 1
     out = feed(join, [request("b", 0, prompt_tokens=50), response("b", 1, cache_read_tokens=50)])
-    assert out[0].response.cache_read_tokens == 50  # type: ignore[union-attr]
+    assert answer_of(out[0]).cache_read_tokens == 50
     assert join.cache_reads_clamped == 1
 
 
@@ -805,24 +869,27 @@ def test_a_snapshot_restores_every_kind_of_waiting_entry() -> None:
     converted = [feed(shard, [response("done", 3, completion_tokens=4)]) for shard in (join, restored)]
     assert converted[0] == converted[1]
     assert [outcome(item) for item in converted[1]] == [("answered", "done")]
-    assert converted[1][0].replaces_timeout  # type: ignore[union-attr]
+    assert call_of(converted[1][0]).replaces_timeout
     original = drain(join)
     again = restored.on_time(NOW + 10 * DEDUPE)
     assert again == original
-    assert next(c for c in again if outcome(c) == ("timeout", "full")).request == full  # type: ignore[union-attr]
+    assert call_of(next(c for c in again if outcome(c) == ("timeout", "full"))).request == full
     assert {outcome(item) for item in original} == {
         ("timeout", "full"),
         ("timeout", "clock"),
         ("orphan_response", "lone"),
         ("orphan_response", "tenants"),
     }
-    assert sorted(
-        response_decoder.decode(item.payload).tenant_id  # type: ignore[arg-type, union-attr]
+    tenants = [
+        response_decoder.decode(payload_of(item)).tenant_id
         for item in original
         if outcome(item) == ("orphan_response", "tenants")
-    ) == ["acme", "other"]
+    ]
+    # tenant_id is ``str | None``: key=str orders strings as usual, and a None could
+    # not equal either name anyway.
+    assert sorted(tenants, key=str) == ["acme", "other"]
     letter = next(item for item in original if outcome(item) == ("orphan_response", "lone"))
-    assert response_decoder.decode(letter.payload) == lone  # type: ignore[union-attr,arg-type]
+    assert response_decoder.decode(payload_of(letter)) == lone
 
 
 def test_a_snapshot_keeps_timestamps_exact_to_the_microsecond_at_the_ends_of_time() -> None:
