@@ -276,15 +276,22 @@ class JoinShard:
     def _on_response(self, response: LLMResponse, source: SourceRef, ts: float) -> list[Call | DeadLetter]:
         rid = response.request_id
         tenant_id = response.tenant_id
-        counted = self._counted.get(rid, self.watermark.settled)
-        if counted is not None:
-            if tenant_id not in (None, counted[1]):
-                return self._mismatch(response, source, counted[1], counted[0])
-            if rid in self._timed_out:
-                return self._after_timeout(response, source, ts)
-            self.duplicates += 1
-            return []
-        entry = self._entry(rid)
+        held = self._pending.get(rid)
+        entry: _Pending | None
+        if isinstance(held, bytes):
+            # A request waiting alone (the usual case) is not counted: no lookup among
+            # the counted ids, which costs a digest and two binary searches.
+            self._pending[rid] = entry = _unpack_request(rid, held)
+        else:
+            counted = self._counted.get(rid, self.watermark.settled)
+            if counted is not None:
+                if tenant_id not in (None, counted[1]):
+                    return self._mismatch(response, source, counted[1], counted[0])
+                if rid in self._timed_out:
+                    return self._after_timeout(response, source, ts)
+                self.duplicates += 1
+                return []
+            entry = held
         if entry is None:
             self._pending[rid] = _Pending(response=response, response_source=source, response_ts=ts)
             self._schedule(self.orphan_after(ts), rid)

@@ -101,34 +101,48 @@ class _Board(Collector):
         consumer = Consumer({"bootstrap.servers": brokers, "group.id": "streamlens-lag",
                              "enable.auto.commit": "false", "enable.partition.eof": "false",
                              "fetch.wait.max.ms": "10"})
+        ends: dict[tuple[str, int], int] = {}
         while True:
             for part in sorted(self.positions):
                 try:
-                    end = partition_end(consumer, *part)
+                    ends[part] = end = partition_end(consumer, *part, known=ends.get(part, 0))
                     self.lags[part] = max(0, end - self.positions[part])
                 except Exception as error:  # a broker away: the last figure stays
                     logger.warning("consumer lag of %s[%s] not measured: %s", *part, error)
             time.sleep(LAG_INTERVAL)
 
 
-def partition_end(consumer: Consumer, topic: str, partition: int) -> int:
-    """One past the last record of the partition (see the module's note on the watermark)."""
+def partition_end(consumer: Consumer, topic: str, partition: int, known: int = 0) -> int:
+    """One past the last record of the partition (see the module's note on the watermark).
+
+    ``known``: an end found before. Reading on from there, not from the watermark,
+    skips what was read last time (the whole last batch a producer wrote, when the
+    watermark lags); if nothing is there (the topic was recreated), from the watermark.
+    """
     _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=5,
                                                 cached=False)
     if high <= 0:
         return 0
-    end = high
-    consumer.assign([TopicPartition(topic, partition, high - 1)])
+    for start in dict.fromkeys((max(high, known) - 1, high - 1)):
+        end = _read_end(consumer, topic, partition, start)
+        if end is not None:
+            return max(end, high)
+    return high
+
+
+def _read_end(consumer: Consumer, topic: str, partition: int, start: int) -> int | None:
+    """One past the last record from ``start`` on; None when there is no record at ``start``."""
+    consumer.assign([TopicPartition(topic, partition, start)])
     deadline = time.monotonic() + END_READ_TIMEOUT
-    seen = False  # the record at high - 1 exists: wait for it, then read on while more come
+    end = None  # the record at start exists: wait for it, then read on while more come
     while time.monotonic() < deadline:
         messages = consumer.consume(10_000, 0.2)
-        if not messages and seen:
+        if not messages and end is not None:
             break
         for message in messages:
-            if message.error() is None:
-                seen = True
-                end = max(end, message.offset() + 1)
+            offset = message.offset()
+            if message.error() is None and offset is not None:
+                end = max(end or 0, offset + 1)
     return end
 
 

@@ -91,6 +91,7 @@ class Remembered:
 
     def __init__(self) -> None:
         self._key = os.urandom(16)
+        self._keyed: hashlib.blake2b | None = None  # keyed with it; not pickled
         self._recent: dict[str, tuple[float, str]] = {}
         self._small = Segment.empty()
         self._large = Segment.empty()
@@ -110,8 +111,13 @@ class Remembered:
     # -- lookups ----------------------------------------------------------------
 
     def _digest(self, rid: str) -> int:
-        return int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8, key=self._key).digest(),
-                              "little", signed=True)
+        keyed = self._keyed
+        if keyed is None:
+            self._keyed = keyed = hashlib.blake2b(digest_size=8, key=self._key)
+        # A copy of the keyed state: a third cheaper than keying a new hash each time.
+        hasher = keyed.copy()
+        hasher.update(rid.encode())
+        return int.from_bytes(hasher.digest(), "little", signed=True)
 
     def get(self, rid: str, watermark: float) -> tuple[float, str] | None:
         """The id's expiry and tenant while it is remembered at ``watermark``; None after."""
@@ -233,6 +239,7 @@ class Remembered:
             del state["_small"], state["_large"], state["_tenants"], state["_tenant_index"]
             state["_stored"] = True
         state["_store"] = None
+        state["_keyed"] = None
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:

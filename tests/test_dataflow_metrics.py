@@ -12,10 +12,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, Producer
 from prometheus_client.parser import text_string_to_metric_families
 
+from dataflows.observability import partition_end
 from deploy.stack import Broker, Postgres
 from schemas.database import ensure_schema
+from schemas.topics import REQUESTS
 from tests import dataflow_harness as h
 from tests.test_broker_restart import SETTINGS, _calls, _run_until
 
@@ -87,3 +90,26 @@ def test_dataflow_metrics_follow_the_run(tmp_path: Path, broker: Broker) -> None
     finally:
         processor.stop()
         postgres.stop()
+
+
+def test_a_partitions_end_is_found_past_the_watermark_and_read_on_from_the_last_one(
+        broker: Broker) -> None:
+    """The broker's high watermark stops after the first record of the last batch: the
+    end is read past it, from the end found last time when there is one, and from the
+    watermark again when that one is gone (the topic was recreated)."""
+    producer = Producer({"bootstrap.servers": broker.address, "linger.ms": "200"})
+    for n in range(5_000):
+        producer.produce(REQUESTS, value=b"x", key=str(n).encode(), partition=1)
+    assert producer.flush(30) == 0
+    consumer = Consumer({"bootstrap.servers": broker.address, "group.id": "end-test",
+                         "enable.auto.commit": "false"})
+    try:
+        assert partition_end(consumer, REQUESTS, 1) == 5_000
+        for n in range(7):
+            producer.produce(REQUESTS, value=b"y", key=str(n).encode(), partition=1)
+        assert producer.flush(30) == 0
+        assert partition_end(consumer, REQUESTS, 1, known=5_000) == 5_007
+        assert partition_end(consumer, REQUESTS, 1, known=90_000) == 5_007
+        assert partition_end(consumer, REQUESTS, 0) == 0
+    finally:
+        consumer.close()
