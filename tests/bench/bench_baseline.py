@@ -24,15 +24,35 @@ BATCH = 1_000
 FLUSH_AFTER = 100_000.0
 
 
+def in_step(requests: list[bytes], responses: list[bytes]) -> list[tuple[range, range]]:
+    """Batches of offsets of both topics covering the same stretch of event time, as the
+    dataflow reads them (its partitions read in step): BATCH requests and the responses
+    in the same share of their topic. Both topics are uniform in event time
+    (:func:`tests.bench.dataset.generate`); reading them offset for offset instead
+    would let the shorter responses topic (about 1 % of requests are never answered)
+    run ever further ahead of the requests."""
+    ratio = len(responses) / max(1, len(requests))
+    out = []
+    for first in range(0, len(requests), BATCH):
+        last = min(first + BATCH, len(requests))
+        end = len(responses) if last == len(requests) else round(last * ratio)
+        out.append((range(first, last), range(round(first * ratio), end)))
+    return out
+
+
 def plain_loop(
-    requests_payloads: list[bytes], responses_payloads: list[bytes], settings: Settings | None = None
+    requests_payloads: list[bytes], responses_payloads: list[bytes], settings: Settings | None = None,
+    passed: dict[int, float] | None = None,
 ) -> tuple[int, float]:
     """Count every call in the payloads; return (calls counted, seconds taken).
 
     The two topics are read side by side in batches, as a consumer assigned to
     both would; the timing includes a final flush that closes every window.
     ``settings`` (the defaults when None) gives the join's and windows' times.
+    ``passed``: offsets whose seconds since the start are filled in once the loop
+    has read that far.
     """
+    marks = sorted(passed) if passed is not None else []
     settings = settings or Settings()
     join = JoinShard(
         settings.join_timeout_seconds,
@@ -53,14 +73,16 @@ def plain_loop(
                 calls += 1
                 windows.on_call(prices.price(output), now)
 
-    longest = max(len(requests_payloads), len(responses_payloads))
-    for first in range(0, longest, BATCH):
+    for first, (requests, responses) in enumerate(in_step(requests_payloads, responses_payloads)):
+        while marks and marks[0] <= first * BATCH:
+            assert passed is not None
+            passed[marks.pop(0)] = time.perf_counter() - started
         now = time.time()
-        for topic, decode, payloads in (
-            ("llm.requests", request_decoder.decode, requests_payloads),
-            ("llm.responses", response_decoder.decode, responses_payloads),
+        for topic, decode, payloads, offsets in (
+            ("llm.requests", request_decoder.decode, requests_payloads, requests),
+            ("llm.responses", response_decoder.decode, responses_payloads, responses),
         ):
-            for offset in range(first, min(first + BATCH, len(payloads))):
+            for offset in offsets:
                 fold(join.on_event(decode(payloads[offset]), SourceRef(topic, 0, offset), now))
         fold(join.on_time(now))
         rows.extend(windows.on_time(now))
@@ -68,6 +90,9 @@ def plain_loop(
     fold(join.on_time(now))
     rows.extend(windows.on_time(now))
     seconds = time.perf_counter() - started
+    for mark in marks:
+        assert passed is not None
+        passed[mark] = seconds
     assert rows, "the loop emitted no rows"
     return calls, seconds
 

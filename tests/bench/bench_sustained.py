@@ -47,8 +47,9 @@ from pathlib import Path
 
 import psycopg
 
-from dataflows.join import JoinShard, SourceRef
-from dataflows.operators import JoinLogic
+from dataflows.join import SourceRef
+from dataflows.operators import join_builder
+from dataflows.segments import PostgresSegments
 from dataflows.sources import JOIN_SHARDS, join_shard_key
 from schemas.config import Settings
 from schemas.events import request_decoder, response_decoder
@@ -57,6 +58,7 @@ from tests.bench.bench_baseline import (
     BATCH,
     bytes_per_inflight_request,
     bytes_per_remembered_id,
+    in_step,
     plain_loop,
 )
 from tests.bench.bench_dataflow import (
@@ -87,6 +89,7 @@ class Quarters:
     bounds: list[float]  # b0 (end of the first minute) … b4 (end of the last window)
     windows_before: list[int]  # data-set windows starting before each bound
     calls: list[int]  # calls whose request falls in each quarter
+    offsets: list[int]  # the first request at or after each bound
 
     @classmethod
     def of(cls, windows: set[tuple], calls: int, span: float) -> Quarters:
@@ -106,6 +109,7 @@ class Quarters:
             bounds,
             [sum(1 for start in starts if start < bound) for bound in bounds],
             [calls_before(high) - calls_before(low) for low, high in itertools.pairwise(bounds)],
+            [calls_before(bound) for bound in bounds],
         )
 
 
@@ -145,30 +149,24 @@ def last_join_snapshot_bytes(recovery: Path) -> int:
 
 
 def snapshot_costs(
-    requests: list[bytes], responses: list[bytes], settings: Settings, epoch_calls: int
-) -> list[tuple[float, int]]:
-    """Feed the data through 64 join shards, routed as the dataflow routes records, and
-    snapshot every shard once per ``epoch_calls`` requests: (seconds, bytes) per epoch."""
-    logics = [
-        JoinLogic(
-            JoinShard(
-                settings.join_timeout_seconds,
-                settings.dedupe_seconds,
-                settings.window_seconds,
-                settings.lateness_seconds,
-            )
-        )
-        for _ in range(JOIN_SHARDS)
-    ]
-    costs: list[tuple[float, int]] = []
+    requests: list[bytes], responses: list[bytes], settings: Settings, epoch_calls: int, dsn: str
+) -> list[tuple[float, int, int]]:
+    """Feed the data through 64 join shards, routed as the dataflow routes records and
+    keeping their segments in Postgres at ``dsn`` as the dataflow does, and snapshot every
+    shard once per ``epoch_calls`` requests: (seconds, bytes, remembered ids) per epoch."""
+    build = join_builder(settings.join_timeout_seconds, settings.dedupe_seconds,
+                         settings.window_seconds, settings.lateness_seconds, PostgresSegments(dsn))
+    logics = [build(None) for _ in range(JOIN_SHARDS)]
+    costs: list[tuple[float, int, int]] = []
     next_epoch = epoch_calls
-    for first in range(0, max(len(requests), len(responses)), BATCH):
+    for batch, (request_offsets, response_offsets) in enumerate(in_step(requests, responses)):
+        first = batch * BATCH
         now = time.time()
-        for topic, decode, payloads in (
-            (REQUESTS, request_decoder.decode, requests),
-            (RESPONSES, response_decoder.decode, responses),
+        for topic, decode, payloads, offsets in (
+            (REQUESTS, request_decoder.decode, requests, request_offsets),
+            (RESPONSES, response_decoder.decode, responses, response_offsets),
         ):
-            for offset in range(first, min(first + BATCH, len(payloads))):
+            for offset in offsets:
                 event = decode(payloads[offset])
                 shard = logics[int(join_shard_key(event.request_id))].shard
                 shard.on_event(event, SourceRef(topic, 0, offset), now)
@@ -178,7 +176,8 @@ def snapshot_costs(
             next_epoch += epoch_calls
             started = time.perf_counter()
             size = sum(len(logic.snapshot()) for logic in logics)
-            costs.append((time.perf_counter() - started, size))
+            costs.append((time.perf_counter() - started, size,
+                          sum(logic.shard.remembered() for logic in logics)))
     return costs
 
 
@@ -200,10 +199,12 @@ def _report(processes: int, run: DataflowRun, progress: Progress, calls: int, ba
             continue
         rates.append(quarters.calls[index] / (high - low))
         rss = max((sample[1] for sample in run.samples if low <= sample[0] <= high), default=run.rss_at(high))
+        cpu = run.at(high)[2] - run.at(low)[2]
         print(
             f"    quarter {index + 1}: {quarters.calls[index]:,} calls in {high - low:.1f}s = "
             f"{rates[-1]:,.0f} calls/s ({rates[-1] / baseline:.2f} of the plain loop), "
-            f"peak RSS {rss / MIB:,.0f} MiB"
+            f"peak RSS {rss / MIB:,.0f} MiB, {cpu / quarters.calls[index] * 1e6:.1f} µs CPU per call, "
+            f"{cpu / (high - low):.0%} of a core"
         )
     if len(rates) == 4:
         print(f"    last quarter / first quarter: {rates[3] / rates[0]:.2f}")
@@ -251,10 +252,15 @@ def main(argv: list[str] | None = None) -> None:
         f"(generated in {time.perf_counter() - started:.1f}s)"
     )
 
-    calls, seconds = plain_loop(requests, responses, settings)
+    passed = dict.fromkeys(quarters.offsets, 0.0)
+    calls, seconds = plain_loop(requests, responses, settings, passed)
     baseline = calls / seconds
+    loop_rates = [quarters.calls[index] / (passed[high] - passed[low])
+                  for index, (low, high) in enumerate(itertools.pairwise(quarters.offsets))]
     print(
-        f"  plain loop (one process, no Bytewax): {calls:,} calls in {seconds:.2f}s = {baseline:,.0f} calls/s"
+        f"  plain loop (one process, no Bytewax): {calls:,} calls in {seconds:.2f}s = "
+        f"{baseline:,.0f} calls/s; per quarter {' / '.join(f'{rate:,.0f}' for rate in loop_rates)}, "
+        f"last / first {loop_rates[3] / loop_rates[0]:.2f}"
     )
     per_id, per_request = bytes_per_remembered_id(), bytes_per_inflight_request()
     print(
@@ -300,6 +306,11 @@ def main(argv: list[str] | None = None) -> None:
             if not first_rate:
                 first_rate = args.calls / run.seconds
 
+        epoch_calls = max(1, round(first_rate * SNAPSHOT_INTERVAL))
+        with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+            conn.execute("TRUNCATE join_segments")
+        costs = snapshot_costs(requests, responses, settings, epoch_calls, postgres.dsn)
+
     if 1 in per_call and 2 in per_call:
         # With N processes a record crosses to another process with odds (N - 1) / N:
         # what the second process added per call is the exchange at odds 1/2.
@@ -317,16 +328,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"{1 / eight:,.0f} calls/s per process, {8 / eight:,.0f} calls/s on 8 free cores"
             )
 
-    epoch_calls = max(1, round(first_rate * SNAPSHOT_INTERVAL))
-    costs = snapshot_costs(requests, responses, settings, epoch_calls)
-    times = [seconds for seconds, _ in costs]
-    sizes = [size for _, size in costs]
+    times = [seconds for seconds, _, _ in costs]
+    sizes = [size for _, size, _ in costs]
     print(
         f"  snapshot of the 64 join shards (JoinLogic.snapshot, side measurement), one per "
         f"{epoch_calls:,} calls ({SNAPSHOT_INTERVAL} s of the first run), {len(costs)} epochs: "
         f"median {statistics.median(times) * 1e3:,.0f} ms, max {max(times) * 1e3:,.0f} ms; "
         f"{statistics.median(sizes) / MIB:,.1f} MiB median, {max(sizes) / MIB:,.1f} MiB max; "
-        f"first {times[0] * 1e3:,.0f} ms, last {times[-1] * 1e3:,.0f} ms"
+        f"first {times[0] * 1e3:,.0f} ms ({sizes[0] / MIB:,.1f} MiB, {costs[0][2]:,} remembered ids), "
+        f"last {times[-1] * 1e3:,.0f} ms ({sizes[-1] / MIB:,.1f} MiB, {costs[-1][2]:,} remembered ids)"
     )
 
 
