@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 from itertools import repeat
-from typing import TypedDict
+from typing import Any
 
 from fastdigest import TDigest
 from msgspec import Struct
@@ -71,28 +71,6 @@ def call_latency_ms(call: Call) -> float:
         return response.latency_ms
     gap = response.timestamp.timestamp() - call.request.timestamp.timestamp()
     return gap * 1000.0 if gap > 0 else 0.0
-
-
-class RowFields(TypedDict):
-    """The statistics columns of a :class:`~schemas.metrics.MetricsRow`: all but key,
-    times and revision."""
-
-    requests: int
-    errors: int
-    timeouts: int
-    avg_latency_ms: float | None
-    p50_latency_ms: float | None
-    p95_latency_ms: float | None
-    p99_latency_ms: float | None
-    avg_time_to_first_token_ms: float | None
-    prompt_tokens: int
-    completion_tokens: int
-    cache_read_tokens: int
-    reasoning_tokens: int
-    avg_prompt_tokens: float | None
-    avg_completion_tokens: float | None
-    estimated_cost_usd: float
-    unpriced_requests: int
 
 
 class CallStats(Struct, gc=False):
@@ -189,7 +167,7 @@ class CallStats(Struct, gc=False):
         digest.batch_update(ascending)
         return digest
 
-    def row_fields(self, digest: TDigest) -> RowFields:
+    def row_fields(self, digest: TDigest) -> dict[str, Any]:
         """The statistics columns of a metrics row (all but key, times and revision);
         ``digest`` is :meth:`latency_digest`."""
         answered = self.answered

@@ -63,18 +63,13 @@ class PostgresSegments:
         if conn is not None:
             conn.close()
 
-    def save(self, shard: str, number: int, segment: Segment) -> bool:
+    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> bool:
+        """Run ``statements`` in one transaction; False (reported, not retried) on failure."""
         try:
             conn = self._connection()
             with conn.transaction():
-                if number == 0:
-                    # A shard starting afresh: whatever a crashed start left is no one's.
-                    conn.execute("DELETE FROM join_segments WHERE shard = %s", (shard,))
-                conn.execute(SAVE_SQL, (
-                    shard, number, segment.until(), segment.digests.astype("<i8").tobytes(),
-                    segment.expiry.astype("<f8").tobytes(), segment.tenant.astype("<u4").tobytes(),
-                    segment.tenants,
-                ))
+                for sql, params in statements:
+                    conn.execute(sql, params)
         except psycopg.Error as error:
             self._drop_connection()
             self._writes.failed(error)
@@ -82,19 +77,24 @@ class PostgresSegments:
         self._writes.succeeded()
         return True
 
+    def save(self, shard: str, number: int, segment: Segment) -> bool:
+        statements: list[tuple[str, tuple[object, ...]]] = []
+        if number == 0:
+            # A shard starting afresh: whatever a crashed start left is no one's.
+            statements.append(("DELETE FROM join_segments WHERE shard = %s", (shard,)))
+        statements.append((SAVE_SQL, (
+            shard, number, segment.until(), segment.digests.astype("<i8").tobytes(),
+            segment.expiry.astype("<f8").tobytes(), segment.tenant.astype("<u4").tobytes(),
+            segment.tenants,
+        )))
+        return self._write(statements)
+
     def forget(self, shard: str, below: int, from_: int | None = None) -> bool:
-        try:
-            self._connection().execute(
-                "DELETE FROM join_segments WHERE shard = %s AND (number < %s OR number >= %s)",
-                (shard, below, from_ if from_ is not None else 2**63 - 1),
-            )
-        except psycopg.Error as error:
-            # Left for a later call: it deletes everything below its own bound too.
-            self._drop_connection()
-            self._writes.failed(error)
-            return False
-        self._writes.succeeded()
-        return True
+        # A failed delete is left for a later call: it deletes everything below its bound too.
+        return self._write([(
+            "DELETE FROM join_segments WHERE shard = %s AND (number < %s OR number >= %s)",
+            (shard, below, from_ if from_ is not None else 2**63 - 1),
+        )])
 
     def load(self, shard: str, low: int, high: int) -> list[Segment]:
         while True:

@@ -6,14 +6,14 @@ import math
 import pickle
 import random
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from fastdigest import TDigest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.aggregate import EXACT_UP_TO, CallStats, RowFields
+from dataflows.aggregate import EXACT_UP_TO, CallStats
 from dataflows.join import Call, SourceRef
 from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
@@ -542,10 +542,10 @@ PERCENTILES: tuple[tuple[float, Percentile], ...] = (
 )
 
 
-def percentile(fields: RowFields, field: Percentile) -> float:
+def percentile(fields: dict[str, Any], field: Percentile) -> float:
     """A percentile of ``fields``, which a window with answered calls has."""
     value = fields[field]
-    assert value is not None, field
+    assert isinstance(value, float), field
     return value
 
 
