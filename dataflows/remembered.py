@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from bisect import bisect_left
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -45,7 +46,9 @@ from numpy.typing import NDArray
 from dataflows.sources import join_shard_key
 
 # Seal what was counted this long ago (event time), or once this many are waiting.
-SEAL_SECONDS = 60.0
+# Snapshots seal too, every epoch: in a backlog, where minutes of event time pass in
+# an epoch, this keeps the writes to the store to about one a shard and epoch.
+SEAL_SECONDS = 300.0
 SEAL_AT = 50_000
 # The small arrays join the large ones beyond this share of their size (or count).
 MERGE_SHARE = 4
@@ -95,6 +98,7 @@ class Remembered:
         self._recent: dict[str, tuple[float, str]] = {}
         self._small = Segment.empty()
         self._large = Segment.empty()
+        self._views: list[_Views] = []  # of the non-empty ones of the two, for lookups
         self._tenants: list[str] = []  # what the arrays' tenant indexes name
         self._tenant_index: dict[str, int] = {}
         self._next_seal: float | None = None
@@ -123,11 +127,15 @@ class Remembered:
         """The id's expiry and tenant while it is remembered at ``watermark``; None after."""
         found = self._recent.get(rid)
         if found is None:
-            if not len(self._small.digests) and not len(self._large.digests):
+            views = self._views
+            if not views:
                 return None
             digest = self._digest(rid)
-            found = _find(self._small, digest, self._tenants) or _find(self._large, digest, self._tenants)
-            if found is None:
+            for part in views:
+                found = _find(part, digest, self._tenants)
+                if found is not None:
+                    break
+            else:
                 return None
         return found if found[0] >= watermark else None
 
@@ -171,6 +179,7 @@ class Remembered:
         if len(self._small.digests) > max(len(self._large.digests) // MERGE_SHARE, MERGE_AT_LEAST):
             self._large = _merge(self._large, self._small)
             self._small = Segment.empty()
+        self._look_up()
         while self._untils and self._untils[0] < watermark:
             self._untils.pop(0)
             self._low += 1
@@ -180,6 +189,10 @@ class Remembered:
                 below = self._lows.pop(0)
                 if below > 0:
                     self._store.forget(self._name, below)
+
+    def _look_up(self) -> None:
+        """Lookups from now on search the arrays as they are."""
+        self._views = [_views(part) for part in (self._small, self._large) if len(part.digests)]
 
     def _segment(self, recent: list[tuple[str, tuple[float, str]]]) -> Segment:
         index = self._tenant_index
@@ -212,6 +225,7 @@ class Remembered:
         for segment in store.load(self._name, self._low, self._high):
             loaded = _merge(loaded, self._adopt(segment))
         self._small, self._large = Segment.empty(), loaded
+        self._look_up()
         self._stored = False
         store.forget(self._name, self._low, self._high)
 
@@ -240,6 +254,7 @@ class Remembered:
             state["_stored"] = True
         state["_store"] = None
         state["_keyed"] = None
+        del state["_views"]
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -247,6 +262,7 @@ class Remembered:
         if self._stored:
             self._small, self._large = Segment.empty(), Segment.empty()
             self._tenants, self._tenant_index = [], {}
+        self._look_up()
 
     # -- inspection ---------------------------------------------------------------
 
@@ -276,14 +292,21 @@ class Remembered:
                 and self.answers() == other.answers())
 
 
-def _find(part: Segment, digest: int, tenants: list[str]) -> tuple[float, str] | None:
-    digests = part.digests
-    if not len(digests):
-        return None
-    index = int(digests.searchsorted(digest))
+_Views = tuple[memoryview, memoryview, memoryview]
+
+
+def _views(part: Segment) -> _Views:
+    return part.digests.data, part.expiry.data, part.tenant.data
+
+
+def _find(views: _Views, digest: int, tenants: list[str]) -> tuple[float, str] | None:
+    # bisect over memoryviews kept beside the arrays: half the cost of a lookup with
+    # numpy's searchsorted and scalars, which pay for array machinery on every call.
+    digests, expiry, tenant = views
+    index = bisect_left(digests, digest)
     if index == len(digests) or digests[index] != digest:
         return None
-    return float(part.expiry[index]), tenants[int(part.tenant[index])]
+    return expiry[index], tenants[tenant[index]]
 
 
 def _merge(first: Segment, second: Segment) -> Segment:
