@@ -177,7 +177,7 @@ def snapshot_costs(
             next_epoch += epoch_calls
             started = time.perf_counter()
             for logic in logics:
-                logic.shard.seal()  # what snapshot() does first: write the segments
+                logic.shard.seal()  # what snapshot() does first: seal, writing the segments
             sealed = time.perf_counter()
             size = sum(len(logic.snapshot()) for logic in logics)
             costs.append((time.perf_counter() - started, sealed - started, size,
@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         f"  snapshot of the 64 join shards (JoinLogic.snapshot, side measurement), one per "
         f"{epoch_calls:,} calls ({SNAPSHOT_INTERVAL} s of the first run), {len(costs)} epochs: "
         f"median {statistics.median(times) * 1e3:,.0f} ms, max {max(times) * 1e3:,.0f} ms "
-        f"(writing segments to Postgres: median {statistics.median(writes) * 1e3:,.0f} ms); "
+        f"(sealing the ids counted since the last: digests, sorting, one Postgres row a shard; "
+        f"median {statistics.median(writes) * 1e3:,.0f} ms); "
         f"{statistics.median(sizes) / MIB:,.1f} MiB median, {max(sizes) / MIB:,.1f} MiB max; "
         f"first {times[0] * 1e3:,.0f} ms ({sizes[0] / MIB:,.1f} MiB, {costs[0][3]:,} remembered ids), "
         f"last {times[-1] * 1e3:,.0f} ms ({sizes[-1] / MIB:,.1f} MiB, {costs[-1][3]:,} remembered ids)"
