@@ -23,10 +23,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import psycopg
 from google.protobuf.internal import api_implementation
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from api import otlp
@@ -100,9 +102,10 @@ def export_body(spans: int = EXPORT_SPANS) -> bytes:
     export = ExportTraceServiceRequest(
         resource_spans=[
             ResourceSpans(
-                resource={"attributes": resource},
+                resource=Resource(attributes=resource),
                 scope_spans=[
-                    ScopeSpans(scope={"name": "opentelemetry.instrumentation.openai_v2"}, spans=built)
+                    ScopeSpans(scope=InstrumentationScope(name="opentelemetry.instrumentation.openai_v2"),
+                               spans=built)
                 ],
             )
         ]
@@ -183,19 +186,28 @@ def main() -> None:
         server, _ = _start_server(broker.address, postgres.dsn, True, port, workdir / "server.log")
         try:
 
+            process = psutil.Process(server.pid)
+
+            def measured(load: Callable[[], Figures]) -> Figures:
+                """``load``'s figures, with the server's CPU seconds while it ran."""
+                before = sum(process.cpu_times()[:2])
+                figures = load()
+                figures.server_cpu_seconds = sum(process.cpu_times()[:2]) - before
+                return figures
+
             def exports(duration: int) -> Figures:
                 if use_wrk:
-                    return _otlp_wrk(url, body, key, duration, workdir)
-                return _otlp_asyncio(port, body, key, duration)
+                    return measured(lambda: _otlp_wrk(url, body, key, duration, workdir))
+                return measured(lambda: _otlp_asyncio(port, body, key, duration))
 
             def batches(duration: int) -> Figures:
                 if use_wrk:
-                    return _wrk_body(
+                    return measured(lambda: _wrk_body(
                         url, "/v1/llm/events", _batch_body(), duration, BATCH_CONCURRENCY, workdir, key
-                    )
-                return _asyncio_body(
+                    ))
+                return measured(lambda: _asyncio_body(
                     port, "/v1/llm/events", _batch_body(), duration, BATCH_CONCURRENCY, key
-                )
+                ))
 
             exports(2)  # warm-up: connections, producer id, the key's cache entry
             baseline = batches(seconds)
