@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 import sys
+from array import array
 from itertools import repeat
 from typing import Any
 
 from fastdigest import TDigest
-from msgspec import Struct
+from msgspec import Struct, field
 
 from dataflows.join import Call
 
@@ -89,8 +90,13 @@ class CallStats(Struct, gc=False):
     reasoning_tokens: int = 0
     cost_pico_usd: int = 0
     unpriced: int = 0
-    # Latencies (ms), while there are at most EXACT_UP_TO of them ...
-    latencies: list[float] = []
+    # Latencies (ms), while there are at most EXACT_UP_TO of them, as C doubles: 8
+    # bytes each instead of a list slot and a float object (32). Windows wait out
+    # LATENESS_SECONDS after they close; as lists, their latencies filled the CPU
+    # caches and slowed every step as they accumulated (the sustained benchmark's
+    # plain loop: 0.66-0.77 of its first quarter's calls/s in the last, 0.94-0.95
+    # as arrays) ...
+    latencies: array[float] = field(default_factory=lambda: array("d"))
     # ... then, instead, how many fell in each latency_bucket.
     buckets: dict[int, int] | None = None
 
@@ -150,7 +156,7 @@ class CallStats(Struct, gc=False):
             bucket = latency_bucket(latency)
             buckets[bucket] = buckets.get(bucket, 0) + 1
         self.buckets = buckets
-        self.latencies = []
+        self.latencies = array("d")
 
     def latency_digest(self) -> TDigest:
         """Every latency so far, as a new t-digest built in ascending order: the same
