@@ -8,11 +8,13 @@ much of that ceiling the dataflow reaches.
 
 from __future__ import annotations
 
+import gc
 import linecache
 import time
 import tracemalloc
 
 from dataflows.join import Call, JoinShard, SourceRef
+from dataflows.metrics import tune_gc
 from dataflows.pricing import PriceBook
 from dataflows.windows import WindowRow, WindowShard
 from schemas.config import Settings
@@ -50,8 +52,22 @@ def plain_loop(
     both would; the timing includes a final flush that closes every window.
     ``settings`` (the defaults when None) gives the join's and windows' times.
     ``passed``: offsets whose seconds since the start are filled in once the loop
-    has read that far.
+    has read that far. It runs with the dataflow's garbage-collector settings
+    (:func:`dataflows.metrics.tune_gc`), restored afterwards.
     """
+    previous = gc.get_threshold()
+    tune_gc()
+    try:
+        return _plain_loop(requests_payloads, responses_payloads, settings, passed)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*previous)
+
+
+def _plain_loop(
+    requests_payloads: list[bytes], responses_payloads: list[bytes], settings: Settings | None,
+    passed: dict[int, float] | None,
+) -> tuple[int, float]:
     marks = sorted(passed) if passed is not None else []
     settings = settings or Settings()
     join = JoinShard(
