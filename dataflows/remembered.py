@@ -194,15 +194,17 @@ class Remembered:
         """Lookups from now on search the arrays as they are."""
         self._views = [_views(part) for part in (self._small, self._large) if len(part.digests)]
 
+    def _tenant_number(self, tenant: str) -> int:
+        """The index of ``tenant`` in the arrays' list of tenants, added when new."""
+        found = self._tenant_index.get(tenant)
+        if found is None:
+            found = self._tenant_index[tenant] = len(self._tenants)
+            self._tenants.append(tenant)
+        return found
+
     def _segment(self, recent: list[tuple[str, tuple[float, str]]]) -> Segment:
-        index = self._tenant_index
-        tenants = np.empty(len(recent), np.uint32)
-        for position, (_, (_, tenant)) in enumerate(recent):
-            found = index.get(tenant)
-            if found is None:
-                found = index[tenant] = len(self._tenants)
-                self._tenants.append(tenant)
-            tenants[position] = found
+        number = self._tenant_number
+        tenants = np.fromiter((number(tenant) for _, (_, tenant) in recent), np.uint32, len(recent))
         digests = np.fromiter((self._digest(rid) for rid, _ in recent), np.int64, len(recent))
         expiry = np.fromiter((value[0] for _, value in recent), np.float64, len(recent))
         order = np.argsort(digests, kind="stable")
@@ -235,14 +237,8 @@ class Remembered:
 
     def _adopt(self, segment: Segment) -> Segment:
         """A segment read back, its tenant indexes made this shard's."""
-        index = self._tenant_index
-        mapping = np.empty(len(segment.tenants), np.uint32)
-        for local, tenant in enumerate(segment.tenants):
-            found = index.get(tenant)
-            if found is None:
-                found = index[tenant] = len(self._tenants)
-                self._tenants.append(tenant)
-            mapping[local] = found
+        mapping = np.fromiter((self._tenant_number(tenant) for tenant in segment.tenants), np.uint32,
+                              len(segment.tenants))
         return Segment(segment.digests, segment.expiry, mapping[segment.tenant], self._tenants)
 
     def __getstate__(self) -> dict[str, object]:
