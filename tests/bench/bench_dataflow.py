@@ -106,6 +106,15 @@ def _windows_and_closers(requests: list[bytes]) -> tuple[set[tuple], datetime, l
     return windows, closers_window, closing_requests, closing_responses
 
 
+def fill_backlog(brokers: str, requests: list[bytes], responses: list[bytes]) -> None:
+    """Pre-fill both event topics and print how long it took."""
+    started = time.perf_counter()
+    _fill(brokers, REQUESTS, requests)
+    _fill(brokers, RESPONSES, responses)
+    print(f"  produced {len(requests) + len(responses):,} records in "
+          f"{time.perf_counter() - started:.1f}s")
+
+
 def _fill(brokers: str, topic: str, payloads: list[bytes]) -> None:
     producer = Producer(
         {
@@ -377,13 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         compare_sink_statements(postgres.dsn)
         with psycopg.connect(postgres.dsn, autocommit=True) as conn:
             conn.execute("TRUNCATE llm_metrics")
-        started = time.perf_counter()
-        _fill(broker.address, REQUESTS, requests + closing_requests)
-        _fill(broker.address, RESPONSES, responses + closing_responses)
-        print(
-            f"  produced {len(requests) + len(responses):,} records in "
-            f"{time.perf_counter() - started:.1f}s"
-        )
+        fill_backlog(broker.address, requests + closing_requests, responses + closing_responses)
         for what, extra in (("librdkafka's defaults", {}), ("dataflows.sources", PREFETCH_CONFIG)):
             print(
                 f"  {2 * PARTITIONS} consumers 2 s after their first poll, prefetch as "

@@ -55,49 +55,43 @@ YEAR_START = datetime(2025, 6, 1, tzinfo=UTC)
 YEAR_MINUTES = 365 * 1440
 CONCURRENT = 8
 
-FILL_SQL = """
+def _fill_sql(key_and_window: str, source: str) -> str:
+    """An INSERT of whole rows: ``key_and_window`` gives the key and window columns,
+    the rest come from the bench_digests row ``d`` that ``source`` joins in."""
+    return f"""
 INSERT INTO llm_metrics (
     tenant_id, route, model, window_start, window_end, requests, errors, timeouts,
     avg_latency_ms, p50_latency_ms, p95_latency_ms, p99_latency_ms,
     avg_time_to_first_token_ms, ttft_count, prompt_tokens, completion_tokens,
     cache_read_tokens, reasoning_tokens, avg_prompt_tokens, avg_completion_tokens,
     estimated_cost_usd, unpriced_requests, latency_digest, revision)
-SELECT
-    'tenant-' || t, '/route-' || r, 'model-' || m,
-    %(day)s + make_interval(mins => minute), %(day)s + make_interval(mins => minute + 1),
+SELECT{key_and_window}
     d.calls + 1, 1, 1,
     d.avg, d.p50, d.p95, d.p99,
     d.avg / 4, d.calls / 2, d.calls * 800, d.calls * 200,
     d.calls * 100, d.calls * 20, 800, 200,
     d.calls * 0.001, 0, d.blob, 1
+{source}
+"""
+
+
+FILL_SQL = _fill_sql("""
+    'tenant-' || t, '/route-' || r, 'model-' || m,
+    %(day)s + make_interval(mins => minute), %(day)s + make_interval(mins => minute + 1),""", """\
 FROM generate_series(1, %(tenants)s) AS t,
      generate_series(1, %(routes)s) AS r,
      generate_series(1, %(models)s) AS m,
      generate_series(0, %(minutes)s - 1) AS minute,
      LATERAL (SELECT * FROM bench_digests
               WHERE id = (t * 7919 + r * 104729 + m * 1299709 + minute * 31)
-                         %% %(distinct)s) AS d
-"""
+                         %% %(distinct)s) AS d""")
 
 # A year of one key's windows, digests drawn from the same blobs.
-YEAR_FILL_SQL = """
-INSERT INTO llm_metrics (
-    tenant_id, route, model, window_start, window_end, requests, errors, timeouts,
-    avg_latency_ms, p50_latency_ms, p95_latency_ms, p99_latency_ms,
-    avg_time_to_first_token_ms, ttft_count, prompt_tokens, completion_tokens,
-    cache_read_tokens, reasoning_tokens, avg_prompt_tokens, avg_completion_tokens,
-    estimated_cost_usd, unpriced_requests, latency_digest, revision)
-SELECT
+YEAR_FILL_SQL = _fill_sql("""
     %(tenant)s, '/route-1', 'model-1',
-    %(start)s + make_interval(mins => minute), %(start)s + make_interval(mins => minute + 1),
-    d.calls + 1, 1, 1,
-    d.avg, d.p50, d.p95, d.p99,
-    d.avg / 4, d.calls / 2, d.calls * 800, d.calls * 200,
-    d.calls * 100, d.calls * 20, 800, 200,
-    d.calls * 0.001, 0, d.blob, 1
+    %(start)s + make_interval(mins => minute), %(start)s + make_interval(mins => minute + 1),""", """\
 FROM generate_series(0, %(minutes)s - 1) AS minute,
-     LATERAL (SELECT * FROM bench_digests WHERE id = (minute * 31) %% %(distinct)s) AS d
-"""
+     LATERAL (SELECT * FROM bench_digests WHERE id = (minute * 31) %% %(distinct)s) AS d""")
 
 
 def _digests(rnd: random.Random) -> list[tuple[int, int, float, float, float, float, bytes]]:

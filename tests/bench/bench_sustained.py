@@ -66,8 +66,8 @@ from tests.bench.bench_dataflow import (
     SNAPSHOT_INTERVAL,
     WINDOW_SECONDS,
     DataflowRun,
-    _fill,
     _windows_and_closers,
+    fill_backlog,
     run_dataflow,
 )
 from tests.bench.dataset import START, generate
@@ -261,10 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     baseline = calls / seconds
     loop_rates = [quarters.calls[index] / max(passed[high] - passed[low], 1e-9)
                   for index, (low, high) in enumerate(itertools.pairwise(quarters.offsets))]
+    ratio = f"{loop_rates[3] / loop_rates[0]:.2f}" if loop_rates[0] else "none (empty first quarter)"
     print(
         f"  plain loop (one process, no Bytewax): {calls:,} calls in {seconds:.2f}s = "
         f"{baseline:,.0f} calls/s; per quarter {' / '.join(f'{rate:,.0f}' for rate in loop_rates)}, "
-        f"last / first {loop_rates[3] / loop_rates[0]:.2f}"
+        f"last / first {ratio}"
     )
     per_id, per_request = bytes_per_remembered_id(), bytes_per_inflight_request()
     print(
@@ -275,13 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     per_call: dict[int, float] = {}
     first_rate = 0.0
     with local_stack("streamlens-bench-", PARTITIONS) as (work, broker, postgres):
-        started = time.perf_counter()
-        _fill(broker.address, REQUESTS, requests + closing_requests)
-        _fill(broker.address, RESPONSES, responses + closing_responses)
-        print(
-            f"  produced {len(requests) + len(responses):,} records in "
-            f"{time.perf_counter() - started:.1f}s"
-        )
+        fill_backlog(broker.address, requests + closing_requests, responses + closing_responses)
         for processes in counts:
             with psycopg.connect(postgres.dsn, autocommit=True) as conn:
                 conn.execute("TRUNCATE llm_metrics")
