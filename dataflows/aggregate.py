@@ -22,9 +22,11 @@ from array import array
 from itertools import repeat
 from typing import Any
 
+import numpy as np
 from fastdigest import TDigest
 from msgspec import Struct, field
 
+from dataflows.batches import CallBatch
 from dataflows.join import Call
 
 # fastdigest's default size: up to about 850 values it keeps every value exactly;
@@ -150,6 +152,36 @@ class CallStats(Struct, gc=False):
         else:
             self.cost_pico_usd += round(cost * PICO_USD) if cost < WHOLE_FLOATS else int(cost) * PICO_USD
 
+    def add_sums(self, sums: list[int], latencies: np.ndarray) -> None:
+        """Fold in what many calls add (``sums`` in :data:`SUM_COLUMNS` order, from
+        :func:`group_sums`) and their latencies: as :meth:`add` for each of them."""
+        (requests, errors, timeouts, answered, latency_ns, ttft_ns, ttft_count, prompt, completion,
+         cached, reasoning, cost_pico, unpriced) = sums
+        self.requests += requests
+        self.errors += errors
+        self.timeouts += timeouts
+        self.answered += answered
+        self.latency_ns += latency_ns
+        self.ttft_ns += ttft_ns
+        self.ttft_count += ttft_count
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.cache_read_tokens += cached
+        self.reasoning_tokens += reasoning
+        self.cost_pico_usd += cost_pico
+        self.unpriced += unpriced
+        if not len(latencies):
+            return
+        buckets = self.buckets
+        if buckets is None:
+            self.latencies.frombytes(latencies.astype(np.float64).tobytes())
+            if len(self.latencies) > EXACT_UP_TO:
+                self._to_buckets()
+            return
+        for latency in latencies.tolist():
+            bucket = latency_bucket(latency)
+            buckets[bucket] = buckets.get(bucket, 0) + 1
+
     def _to_buckets(self) -> None:
         buckets: dict[int, int] = {}
         for latency in self.latencies:
@@ -206,3 +238,85 @@ class CallStats(Struct, gc=False):
             "estimated_cost_usd": round(self.cost_pico_usd / PICO_USD, COST_DECIMALS),
             "unpriced_requests": self.unpriced,
         }
+
+
+# -- many calls at once ---------------------------------------------------------------
+
+# Sums a batch folds with 64-bit integers must stay below this; a batch whose scaled
+# latencies or costs could come near it is summed with Python integers instead.
+_SAFE_TOTAL = float(2**62)
+
+# The columns :func:`group_sums` adds up per group, in :meth:`CallStats.add_sums` order.
+SUM_COLUMNS = ("requests", "errors", "timeouts", "answered", "latency_ns", "ttft_ns", "ttft_count",
+               "prompt_tokens", "completion_tokens", "cache_read_tokens", "reasoning_tokens",
+               "cost_pico_usd", "unpriced")
+
+
+def scaled_ints(values: np.ndarray, scale: int) -> np.ndarray:
+    """``round(value * scale)`` of each value (``int(value) * scale`` from 2**53 on), exactly
+    as :meth:`CallStats.add` scales one: as int64 when every sum of them fits, else as
+    Python integers (an object array), which no sum can overflow."""
+    if not len(values) or (float(values.max()) < WHOLE_FLOATS
+                           and float(values.sum()) * scale < _SAFE_TOTAL):
+        return np.rint(values * scale).astype(np.int64)
+    return np.array([round(value * scale) if value < WHOLE_FLOATS else int(value) * scale
+                     for value in values.tolist()], dtype=object)
+
+
+def call_columns(calls: CallBatch, indexes: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
+    """What each call at ``indexes`` adds to its window, one array per :data:`SUM_COLUMNS`
+    entry, and each call's latency (nan for a timeout): :meth:`CallStats.add`, for many
+    calls at once."""
+    requests = [calls.requests[i] for i in indexes]
+    responses = [calls.responses[i] for i in indexes]
+    replaces = np.array([calls.replaces[i] for i in indexes], dtype=np.int64)
+    timeout = np.array([response is None for response in responses], dtype=np.int64)
+    answered = 1 - timeout
+    failed = np.array([response is not None and bool(response.error) for response in responses],
+                      dtype=np.int64)
+    gaps = (np.array([calls.response_times[i] for i in indexes])
+            - np.array([calls.request_times[i] for i in indexes])) * 1000.0
+    given = np.array([math.nan if response is None or response.latency_ms is None
+                      else response.latency_ms for response in responses])
+    # The response's latency_ms, else the time between the two timestamps (≥ 0).
+    latency = np.where(np.isnan(given), np.where(gaps > 0, gaps, 0.0), given)
+    latency[timeout == 1] = math.nan
+    ttft = np.array([math.nan if response is None or response.time_to_first_token_ms is None
+                     else response.time_to_first_token_ms for response in responses])
+    has_ttft = ~np.isnan(ttft)
+    prompt = np.array([request.prompt_tokens for request in requests], dtype=np.int64) * answered
+    completion = np.array([0 if response is None else response.completion_tokens
+                           for response in responses], dtype=np.int64)
+    cached = np.array([0 if response is None else response.cache_read_tokens
+                       for response in responses], dtype=np.int64)
+    reasoning = np.array([0 if response is None else response.reasoning_tokens
+                          for response in responses], dtype=np.int64)
+    costs = [calls.costs[i] for i in indexes]
+    unpriced = np.array([cost is None for cost in costs], dtype=np.int64) * answered
+    cost = np.array([0.0 if cost is None else cost for cost in costs]) * answered
+    answered_latency = np.where(answered == 1, latency, 0.0)
+    latency_ns = scaled_ints(answered_latency, NANOS_PER_MS)
+    ttft_ns = scaled_ints(np.where(has_ttft, ttft, 0.0), NANOS_PER_MS)
+    cost_pico = scaled_ints(cost, PICO_USD)
+    columns = [
+        1 - replaces,
+        timeout + failed - replaces,
+        timeout - replaces,
+        answered,
+        latency_ns,
+        ttft_ns,
+        has_ttft.astype(np.int64),
+        prompt,
+        completion,
+        np.minimum(cached, prompt),
+        reasoning,
+        cost_pico,
+        unpriced,
+    ]
+    return columns, latency
+
+
+def group_sums(columns: list[np.ndarray], order: np.ndarray, starts: np.ndarray) -> list[list[int]]:
+    """Each column summed per group: ``order`` sorts the calls by group, ``starts`` are where
+    each group begins in that order. Python integers, one list per column."""
+    return [np.add.reduceat(column[order], starts).tolist() for column in columns]

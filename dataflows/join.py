@@ -53,13 +53,16 @@ from __future__ import annotations
 
 import copy
 import heapq
+import math
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from sys import intern
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 import msgspec
 from msgspec import Struct
 
+from dataflows.batches import CallBatch, EventRun, SourceRef
 from dataflows.clock import Watermark
 from dataflows.remembered import Remembered, SegmentStore
 from schemas.deadletter import DeadLetter
@@ -68,14 +71,6 @@ from schemas.events import LLMRequest, LLMResponse, check_cache_read, encoder
 # next_wakeup lands this far past a deadline, so float rounding in the
 # wall-clock/event-time conversion can never wake us just short of it.
 WAKEUP_MARGIN = 0.001
-
-
-class SourceRef(NamedTuple):
-    """Where a record came from, for the dead-letter topic."""
-
-    topic: str
-    partition: int
-    offset: int
 
 
 class Call(Struct, kw_only=True):
@@ -184,6 +179,33 @@ def _share_strings(request: LLMRequest) -> None:
         request.provider = intern(request.provider)
 
 
+def call_into(calls: CallBatch, call: Call) -> None:
+    """Append a call counted one at a time (timeouts, conversions, the rare cases) to ``calls``."""
+    request, response = call.request, call.response
+    request_ts = request.timestamp.timestamp()
+    response_ts = math.nan if response is None else response.timestamp.timestamp()
+    completed = call.completed_at
+    if completed is None:
+        completed = request_ts if response is None else max(request_ts, response_ts)
+    calls.add(request, response, call.source, request_ts, response_ts, completed, call.replaces_timeout)
+
+
+def calls_of(found: Iterable[Call]) -> CallBatch:
+    """Calls counted one at a time, with their prices, as one batch."""
+    calls = CallBatch()
+    for call in found:
+        call_into(calls, call)
+        calls.costs.append(call.cost_usd)
+    return calls
+
+
+def call_at(calls: CallBatch, index: int) -> Call:
+    """The call at ``index`` of a batch, as one :class:`Call`."""
+    return Call(request=calls.requests[index], response=calls.responses[index],
+                source=calls.sources[index], cost_usd=calls.costs[index] if calls.costs else None,
+                completed_at=calls.completed[index], replaces_timeout=calls.replaces[index])
+
+
 def call_to_json(call: Call) -> str:
     """The call as JSON (request and response), for a dead letter's payload."""
     return encoder.encode({"request": call.request, "response": call.response}).decode()
@@ -253,13 +275,7 @@ class JoinShard:
             return []
         entry = self._pending.get(rid)
         if entry is None:
-            packed = _pack_request(request, source)
-            if packed is None:
-                _share_strings(request)
-                self._pending[rid] = _Pending(request=request, request_source=source, request_ts=ts)
-            else:
-                self._pending[rid] = packed
-            self._schedule(ts + self.timeout, rid)
+            self._hold_request(rid, request, source, ts)
             return []
         if isinstance(entry, bytes) or entry.request is not None:
             self.duplicates += 1
@@ -272,6 +288,123 @@ class JoinShard:
             self._schedule(ts + self.timeout, rid)
             return out
         return self._pair(rid, entry, source, out)
+
+    def _hold_request(self, rid: str, request: LLMRequest, source: SourceRef, ts: float) -> None:
+        """A new request waits alone for its response, packed, until its deadline."""
+        packed = _pack_request(request, source)
+        if packed is None:
+            _share_strings(request)
+            self._pending[rid] = _Pending(request=request, request_source=source, request_ts=ts)
+        else:
+            self._pending[rid] = packed
+        self._schedule(ts + self.timeout, rid)
+
+    def on_runs(self, runs: list[EventRun], now: float, calls: CallBatch) -> list[DeadLetter]:
+        """Add the runs' events, in order; append the calls they complete to ``calls`` and
+        return the dead letters.
+
+        The outcome is exactly that of :meth:`on_event` for each event in turn (the
+        differential tests hold it to that): the usual cases are handled inline, without
+        the per-event objects and bookkeeping, and every other event goes through the
+        same handlers as :meth:`on_event`. A request new to the shard is kept aside
+        unpacked until the end of the runs (``fresh``), so a response later in the same
+        runs pairs with it at the cost of a dict lookup; the requests still waiting are
+        packed and scheduled at the end, as :meth:`on_event` would have at once.
+        """
+        letters: list[DeadLetter] = []
+        first = next((run.times[0] for run in runs if run.times), None)
+        if first is None:
+            return letters
+        watermark = self.watermark
+        watermark.observe(first, now)  # the idle time since the last call, once
+        settled = watermark.settled
+        pending, counted, mismatched = self._pending, self._counted, self._mismatched
+        timeout = self.timeout
+        fresh: dict[str, tuple[LLMRequest, float, EventRun, int]] = {}
+
+        def slow(found: list[Call | DeadLetter]) -> None:
+            for item in found:
+                if type(item) is Call:
+                    call_into(calls, item)
+                else:
+                    assert isinstance(item, DeadLetter)
+                    letters.append(item)
+
+        def release(rid: str) -> None:
+            # What on_event would have done with the fresh request on its arrival.
+            request, request_ts, run, index = fresh.pop(rid)
+            self._hold_request(rid, request, run.source(index), request_ts)
+
+        for run in runs:
+            times = run.times
+            if run.kind is LLMRequest:
+                for index, request in enumerate(run.events):
+                    ts = times[index]
+                    if ts > settled:
+                        settled = ts
+                    rid = request.request_id
+                    if rid in fresh:
+                        self.duplicates += 1
+                    elif rid not in pending:
+                        if counted.get(rid, settled) is None:
+                            assert type(request) is LLMRequest
+                            fresh[rid] = (request, ts, run, index)
+                        else:
+                            self.duplicates += 1
+                    else:
+                        watermark.settled = settled
+                        assert type(request) is LLMRequest
+                        slow(self._on_request(request, run.source(index), ts))
+                continue
+            for index, response in enumerate(run.events):
+                ts = times[index]
+                if ts > settled:
+                    settled = ts
+                rid = response.request_id
+                assert type(response) is LLMResponse
+                waiting = fresh.get(rid)
+                if waiting is not None:
+                    request, request_ts = waiting[0], waiting[1]
+                    tenant = response.tenant_id
+                    if ((tenant is None or tenant == request.tenant_id) and ts - request_ts <= timeout
+                            and rid not in mismatched):
+                        del fresh[rid]
+                        self._count_pair(calls, rid, request, response, run.source(index), request_ts, ts)
+                        continue
+                    release(rid)
+                else:
+                    held = pending.get(rid)
+                    if type(held) is bytes:
+                        entry = _unpack_request(rid, held)
+                        request = entry.request
+                        assert request is not None and entry.request_source is not None
+                        tenant = response.tenant_id
+                        request_ts = entry.request_ts
+                        if ((tenant is None or tenant == request.tenant_id) and ts - request_ts <= timeout
+                                and rid not in mismatched):
+                            del pending[rid]
+                            self._unschedule(request_ts + timeout, rid)
+                            self._count_pair(calls, rid, request, response, run.source(index), request_ts, ts)
+                            continue
+                        pending[rid] = entry
+                watermark.settled = settled
+                slow(self._on_response(response, run.source(index), ts))
+        watermark.settled = settled
+        for rid in list(fresh):
+            release(rid)
+        self._offset = now - settled
+        return letters
+
+    def _count_pair(self, calls: CallBatch, rid: str, request: LLMRequest, response: LLMResponse,
+                    source: SourceRef, request_ts: float, response_ts: float) -> None:
+        """Count a request and its response that pair (what :meth:`_pair` does for a
+        pair with nothing else pending under its id), into ``calls``."""
+        if response.cache_read_tokens > request.prompt_tokens:
+            self.cache_reads_clamped += 1
+            response = msgspec.structs.replace(response, cache_read_tokens=request.prompt_tokens)
+        completed = request_ts if request_ts > response_ts else response_ts
+        self._counted.add(rid, completed + self.remember, request.tenant_id)
+        calls.add(request, response, source, request_ts, response_ts, completed)
 
     def _on_response(self, response: LLMResponse, source: SourceRef, ts: float) -> list[Call | DeadLetter]:
         rid = response.request_id

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple, final
 from genai_prices import data_snapshot
 from genai_prices.types import ConditionalPrice, ModelInfo, ModelPrice, TieredPrices, TimeOfDateConstraint
 
+from dataflows.batches import CallBatch
 from dataflows.join import Call
 
 PER_MILLION = 1_000_000
@@ -123,6 +124,9 @@ def _rates_of(price: ModelPrice) -> Rates:
     return Rates(input_rate, input_rate if cache_read is None else cache_read, output)
 
 
+_UNKNOWN = object()  # not resolved yet
+
+
 class PriceBook:
     """Resolves each (provider, model) price once and reuses it."""
 
@@ -146,6 +150,24 @@ class PriceBook:
             else cost(rates, request.prompt_tokens, response.cache_read_tokens, response.completion_tokens)
         )
         return call
+
+    def price_calls(self, calls: CallBatch) -> None:
+        """Set ``calls.costs``: :meth:`price` for each call of the batch."""
+        costs: list[float | None] = []
+        append = costs.append
+        models = self._models
+        for request, response in zip(calls.requests, calls.responses, strict=True):
+            if response is None:
+                append(0.0)
+                continue
+            resolved = models.get((request.provider, request.model), _UNKNOWN)
+            if type(resolved) is Rates:
+                rates: Rates | None = resolved
+            else:
+                rates = self.rates(request.provider, request.model, request.timestamp)
+            append(None if rates is None else cost(rates, request.prompt_tokens, response.cache_read_tokens,
+                                                   response.completion_tokens))
+        calls.costs = costs
 
     def rates(self, provider: str | None, model: str, timestamp: datetime) -> Rates | None:
         """The per-token rates a call to ``model`` made at ``timestamp`` pays; None when

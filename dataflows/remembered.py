@@ -43,7 +43,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from dataflows.sources import join_shard_key
+from dataflows.shards import join_shard_key
 
 # Seal what was counted this long ago (event time), or once this many are waiting.
 # Snapshots seal too, every epoch: in a backlog, where minutes of event time pass in
