@@ -1,20 +1,21 @@
-"""The metrics dataflow (contract §3): ``python -m bytewax.run dataflows.metrics``.
+"""The metrics dataflow (SPEC §3): ``python -m bytewax.run dataflows.metrics``.
 
 ::
 
-    llm.requests ─┐   one item per poll    ┌─▶ invalid, broker errors ───────────────┐
-    llm.responses ┴▶ read ─▶ decode_batches┤                                         │
-                                           └─▶ (crc32(request_id) % 64, [events])    │
-                                               └▶ join (JoinShard) ─▶ [calls, orphans]
-                                                  price (PriceBook), regroup ─▶ orphan ┤
-                              ((crc32(tenant,route,model) % 64, [calls])               │
+    llm.requests ─┐  a poll a partition,    ┌─▶ invalid, broker errors ─────────────────┐
+    llm.responses ┴▶ read, decoded once ─▶ route ┤                                     │
+                                           └─▶ (crc32(request_id) % 64, [EventRun])    │
+                                               └▶ join (JoinShard) ─▶ (CallBatch, orphans)
+                                                  price (PriceBook), split ─▶ orphan ──┤
+                              (crc32(tenant,route,model) % 64, CallBatch)               │
                                └▶ windows (WindowShard) ─┬▶ too_late ──────────────────┤
                                                          └▶ rows                       ▼
                         Postgres llm_metrics, then llm.metrics           llm.deadletter
 
-Items travel in groups (a list per shard and activation) rather than one per
-event: Bytewax's cost is per item, the logic's per event. Records cross to the
-join undecoded, calls cross to the windows as msgpack (:mod:`dataflows.operators`).
+Items are batches, not events: a partition's poll is decoded once where it is
+read, the join takes the runs of events of its shard, and the calls travel to the
+windows as columns (:mod:`dataflows.batches`). Bytewax's cost is per item, so it
+is paid per shard and activation, not per event.
 
 The flow is built on first access of ``flow`` from the environment
 (:func:`schemas.config.load_or_exit`), which also creates missing topics and the
@@ -33,10 +34,9 @@ from bytewax.dataflow import Dataflow, Stream
 
 from dataflows import observability, sinks, sources, stopping
 from dataflows import operators as ops
-from dataflows.join import Call
+from dataflows.batches import CallBatch, EventRun
 from dataflows.pricing import PriceBook
 from dataflows.segments import PostgresSegments
-from dataflows.sources import RawGroup
 from dataflows.windows import WindowRow
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
@@ -60,7 +60,7 @@ def build(settings: Settings) -> Dataflow:
     batches = op.input("read", flow, sources.BatchingKafkaSource(
         brokers, [REQUESTS, RESPONSES], starting_offset=sources.STARTING_OFFSET,
         batch_size=sources.BATCH_SIZE, read_ahead=read_ahead(settings)))
-    decoded = op.flat_map_batch("decode", batches, sources.decode_batches)
+    decoded = op.flat_map_batch("route", batches, sources.route_polls)
     # (join shard, events) pairs go on; everything else is a dead letter.
     events = op.branch("valid", decoded, _is_event_group)
 
@@ -68,7 +68,7 @@ def build(settings: Settings) -> Dataflow:
         settings.join_timeout_seconds, settings.dedupe_seconds, settings.window_seconds,
         settings.lateness_seconds, PostgresSegments(settings.postgres_dsn)))
     routed = op.flat_map_batch("price", joined, ops.route_to_windows(
-        lambda call: price_book(prices_file).price(call)))
+        lambda calls: price_book(prices_file).price_calls(calls)))
     calls = op.branch("answered", routed, _is_call_group)
 
     windowed = op.stateful_batch("windows", calls.trues, ops.window_builder(
@@ -96,13 +96,13 @@ def read_ahead(settings: Settings) -> float:
     return max(1.0, min(settings.grace_seconds, settings.join_timeout_seconds) / 2)
 
 
-# Groups are plain (shard, list) tuples; dead letters are DeadLetter structs.
-def _is_event_group(item: DeadLetter | tuple[str, list[RawGroup]]
-                    ) -> TypeGuard[tuple[str, list[RawGroup]]]:
+# Groups are plain (shard, batch) tuples; dead letters are DeadLetter structs.
+def _is_event_group(item: DeadLetter | tuple[str, list[EventRun]]
+                    ) -> TypeGuard[tuple[str, list[EventRun]]]:
     return type(item) is tuple
 
 
-def _is_call_group(item: DeadLetter | tuple[str, list[Call]]) -> TypeGuard[tuple[str, list[Call]]]:
+def _is_call_group(item: DeadLetter | tuple[str, CallBatch]) -> TypeGuard[tuple[str, CallBatch]]:
     return type(item) is tuple
 
 

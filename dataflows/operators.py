@@ -1,49 +1,38 @@
-"""The Bytewax side of the join and the windows: shard keys and the stateful logics.
+"""The Bytewax side of the join and the windows: the stateful logics and the step between.
 
-State is sharded by a stable hash (``zlib.crc32``; Python's ``hash()`` of a str
-differs per process, so it could not route the same id to the same worker in
-every process). One shard holds many request ids, or many
-``(tenant_id, route, model)`` keys, in one object: per-key overhead in Bytewax is
-paid per shard, not per id.
+State is sharded (:mod:`dataflows.shards`). Items are batches both ways: the join
+takes the runs of events of its shard (:class:`~dataflows.batches.EventRun`) and
+gives one :class:`~dataflows.batches.CallBatch` of the calls they complete;
+:func:`route_to_windows` prices the calls of every join shard at hand and splits
+them by window shard; each window shard folds its batch with array operations.
 
 Both logics ask to be woken at the shard's ``next_wakeup()``, so a quiet shard
 still expires timeouts and closes windows as the wall clock advances event time.
 
-With several processes, Bytewax pickles what crosses between them: raw records
-into the join (see :mod:`dataflows.sources`) and calls into the windows. A call
-pickles as one msgpack string (``Call.__reduce__``).
+With several processes, Bytewax pickles what crosses between them: runs into the
+join and call batches into the windows, each as one msgpack string.
 """
 
 from __future__ import annotations
 
 import pickle
 import time
-import zlib
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 from bytewax.operators import StatefulBatchLogic
 
+from dataflows.batches import CallBatch, EventRun
 from dataflows.clock import MAX_GAP, WorkingClock
-from dataflows.join import Call, JoinShard, SourceRef
+from dataflows.join import Call, JoinShard, call_into
 from dataflows.observability import BOARD, CALLS, SNAPSHOT_SECONDS
 from dataflows.remembered import SegmentStore
-from dataflows.sources import RawGroup, decode_record
+from dataflows.shards import WindowKey, window_shard_key
 from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
 
-WINDOW_SHARDS = 64
-WINDOW_SHARD_NAMES: tuple[str, ...] = tuple(str(n) for n in range(WINDOW_SHARDS))
-
-_new_tuple = tuple.__new__
-
-
-
-def window_shard_key(call: Call) -> str:
-    """The window shard of a call's ``(tenant_id, route, model)``."""
-    request = call.request
-    key = f"{request.tenant_id}\x00{request.route}\x00{request.model}"
-    return WINDOW_SHARD_NAMES[zlib.crc32(key.encode()) % WINDOW_SHARDS]
+# A join shard's output: the calls it counted, and its dead letters.
+JoinOutput = tuple[CallBatch, list[DeadLetter]]
 
 
 def _wakeup(seconds: float | None, clock: WorkingClock, wall: Callable[[], float]) -> datetime | None:
@@ -65,51 +54,35 @@ def _freeze(state: object, step: str, started: float | None = None) -> bytes:
     return frozen
 
 
-class JoinLogic(StatefulBatchLogic[list[RawGroup], list[Call | DeadLetter], bytes]):
-    """Drives one :class:`JoinShard`: groups of raw records in, one list of outputs out.
-
-    Items are groups both ways (see :func:`dataflows.sources.decode_batches`): Bytewax
-    then moves one item per shard and poll, not one per event. Records are decoded
-    here, after they crossed to this shard's process; one that turns out invalid
-    leaves as an ``invalid`` dead letter among the outputs.
-    """
+class JoinLogic(StatefulBatchLogic[list[EventRun], JoinOutput, bytes]):
+    """Drives one :class:`JoinShard`: runs of decoded events in, one batch of calls (and
+    the dead letters) out per activation."""
 
     def __init__(self, shard: JoinShard, clock: Callable[[], float] = time.time) -> None:
         self.shard = shard
         self.clock = clock  # the wall clock
         self.working = WorkingClock(lambda: self.clock())
 
-    def on_batch(self, values: list[list[RawGroup]]
-                 ) -> tuple[Iterable[list[Call | DeadLetter]], bool]:
+    def on_batch(self, values: list[list[EventRun]]) -> tuple[Iterable[JoinOutput], bool]:
         now = self.working()
-        wall = self.clock()
-        out: list[Call | DeadLetter] = []
-        on_event = self.shard.on_event
-        for groups in values:
-            for topic, partition, records in groups:
-                for offset, value in records:
-                    event = decode_record(topic, partition, offset, value, wall)
-                    if isinstance(event, DeadLetter):
-                        out.append(event)
-                        continue
-                    # tuple.__new__ skips NamedTuple's Python-level __new__ (a third of a µs).
-                    source = _new_tuple(SourceRef, (topic, partition, offset))
-                    found = on_event(event, source, now)
-                    if found:
-                        out.extend(found)
-        out.extend(self.shard.on_time(now))
-        self._report()
-        return ([out] if out else []), StatefulBatchLogic.RETAIN
+        calls = CallBatch()
+        runs = values[0] if len(values) == 1 else [run for runs in values for run in runs]
+        letters = self.shard.on_runs(runs, now, calls)
+        return self._expire(now, calls, letters), StatefulBatchLogic.RETAIN
 
-    def on_notify(self) -> tuple[Iterable[list[Call | DeadLetter]], bool]:
-        out = self.shard.on_time(self.working())
-        self._report()
-        return ([out] if out else []), StatefulBatchLogic.RETAIN
+    def on_notify(self) -> tuple[Iterable[JoinOutput], bool]:
+        return self._expire(self.working(), CallBatch(), []), StatefulBatchLogic.RETAIN
 
-    def _report(self) -> None:
+    def _expire(self, now: float, calls: CallBatch, letters: list[DeadLetter]) -> list[JoinOutput]:
+        for found in self.shard.on_time(now):
+            if type(found) is Call:
+                call_into(calls, found)
+            else:
+                assert isinstance(found, DeadLetter)
+                letters.append(found)
         shard = self.shard
-        BOARD.report_join(str(id(self)), shard.in_flight(), shard.remembered(),
-                          shard.watermark.settled)
+        BOARD.report_join(str(id(self)), shard.in_flight(), shard.remembered(), shard.watermark.settled)
+        return [(calls, letters)] if len(calls) or letters else []
 
     def notify_at(self) -> datetime | None:
         return _wakeup(self.shard.next_wakeup(), self.working, self.clock)
@@ -120,66 +93,74 @@ class JoinLogic(StatefulBatchLogic[list[RawGroup], list[Call | DeadLetter], byte
         return _freeze(self.shard, "join", started)
 
 
-def route_to_windows(price: Callable[[Call], Call]
-                     ) -> Callable[[list[tuple[str, list[Call | DeadLetter]]]],
-                                   list[DeadLetter | tuple[str, list[Call]]]]:
-    """After the join: price each call and group the calls by window shard; dead letters pass.
+def route_to_windows(price: Callable[[CallBatch], None]
+                     ) -> Callable[[list[tuple[str, JoinOutput]]],
+                                   list[DeadLetter | tuple[str, CallBatch]]]:
+    """After the join: price the calls and split them by window shard; dead letters pass.
 
     For :func:`bytewax.operators.flat_map_batch`: the outputs of every join shard at
-    hand are regrouped together, so the windows get one item per window shard,
-    not one per (join shard, window shard) pair (mostly a single call each).
+    hand are priced as one batch and regrouped, so the windows get one item per window
+    shard.
     """
+    shard_of: dict[WindowKey, str] = {}
 
-    def route(items: list[tuple[str, list[Call | DeadLetter]]]
-              ) -> list[DeadLetter | tuple[str, list[Call]]]:
-        out: list[DeadLetter | tuple[str, list[Call]]] = []
-        groups: dict[str, list[Call]] = {}
-        outcomes = {"answered": 0, "timed_out": 0, "replaced_timeout": 0}
-        for _, outputs in items:
-            for found in outputs:
-                if not isinstance(found, Call):
-                    out.append(found)
-                    continue
-                outcomes[_outcome(found)] += 1
-                call = price(found)
-                shard = window_shard_key(call)
-                group = groups.get(shard)
-                if group is None:
-                    groups[shard] = group = []
-                group.append(call)
-        out.extend(groups.items())
-        for outcome, count in outcomes.items():
-            if count:
-                CALLS.labels(outcome).inc(count)
+    def route(items: list[tuple[str, JoinOutput]]) -> list[DeadLetter | tuple[str, CallBatch]]:
+        out: list[DeadLetter | tuple[str, CallBatch]] = []
+        batches: list[CallBatch] = []
+        for _, (calls, letters) in items:
+            out.extend(letters)
+            if len(calls):
+                batches.append(calls)
+        if not batches:
+            return out
+        calls = batches[0] if len(batches) == 1 else CallBatch.concat(batches)
+        price(calls)
+        _count_outcomes(calls)
+        if len(shard_of) > 100_000:
+            shard_of.clear()  # keys come from clients: never let this grow without bound
+        by_shard: dict[str, list[int]] = {}
+        for index, request in enumerate(calls.requests):
+            key = (request.tenant_id, request.route, request.model)
+            shard = shard_of.get(key)
+            if shard is None:
+                shard = shard_of[key] = window_shard_key(key)
+            members = by_shard.get(shard)
+            if members is None:
+                by_shard[shard] = [index]
+            else:
+                members.append(index)
+        if len(by_shard) == 1:
+            out.append((next(iter(by_shard)), calls))
+        else:
+            out.extend((shard, calls.take(members)) for shard, members in by_shard.items())
         return out
 
     return route
 
 
-def _outcome(call: Call) -> str:
-    if call.response is None:
-        return "timed_out"
-    return "replaced_timeout" if call.replaces_timeout else "answered"
+def _count_outcomes(calls: CallBatch) -> None:
+    """Prometheus counts of the calls by outcome (answered, timed out, timeout replaced)."""
+    timed_out = calls.responses.count(None)
+    replaced = sum(calls.replaces)
+    for outcome, count in (("answered", len(calls) - timed_out - replaced), ("timed_out", timed_out),
+                           ("replaced_timeout", replaced)):
+        if count:
+            CALLS.labels(outcome).inc(count)
 
 
-class WindowLogic(StatefulBatchLogic[list[Call], WindowRow | DeadLetter, bytes]):
-    """Drives one :class:`WindowShard`: groups of priced calls in, rows and too-late calls out."""
+class WindowLogic(StatefulBatchLogic[CallBatch, WindowRow | DeadLetter, bytes]):
+    """Drives one :class:`WindowShard`: batches of priced calls in, rows and too-late calls out."""
 
     def __init__(self, shard: WindowShard, clock: Callable[[], float] = time.time) -> None:
         self.shard = shard
         self.clock = clock  # the wall clock
         self.working = WorkingClock(lambda: self.clock())
 
-    def on_batch(self, values: list[list[Call]]
-                 ) -> tuple[Iterable[WindowRow | DeadLetter], bool]:
+    def on_batch(self, values: list[CallBatch]) -> tuple[Iterable[WindowRow | DeadLetter], bool]:
         now = self.working()
         out: list[WindowRow | DeadLetter] = []
-        on_call = self.shard.on_call
-        for group in values:
-            for call in group:
-                late = on_call(call, now)
-                if late:
-                    out.extend(late)
+        for calls in values:
+            out.extend(self.shard.on_calls(calls, now))
         out.extend(self.shard.on_time(now))
         self._report()
         return out, StatefulBatchLogic.RETAIN

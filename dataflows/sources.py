@@ -1,57 +1,44 @@
-"""Reading ``llm.requests`` and ``llm.responses``: raw records in, decoded events or dead letters out.
+"""Reading ``llm.requests`` and ``llm.responses``: records in, decoded events or dead letters out.
 
-Each record keeps its coordinates (topic, partition, offset) as a
-:class:`~dataflows.join.SourceRef`, so whatever cannot be counted can be traced
-back to the record that caused it.
+Each record keeps its coordinates (topic, partition, offset), so whatever cannot be
+counted can be traced back to the record that caused it.
 
 :class:`BatchingKafkaSource` is Bytewax's :class:`KafkaSource` (same partitions,
 same configuration, the offset as recovery state) except that each poll of a
-partition becomes ONE item, a :class:`RecordBatch`, instead of one
-``KafkaSourceMessage`` per record. :func:`decode_batches` then reads the batches at hand in
-one call and groups the records by join shard, so Bytewax moves a few dozen items
-per poll instead of a thousand: per-item cost in Bytewax (a frozen dataclass per
-record, a Python call per step) was most of the dataflow's time.
+partition is decoded at once, in one msgspec call
+(:func:`dataflows.batches.decode_run`), and handed over as ONE item, a
+:class:`Poll`: the poll's events as an :class:`~dataflows.batches.EventRun`, and
+its dead letters. :func:`route_polls` then splits the polls at hand by join shard,
+so Bytewax moves a few dozen items per activation instead of one per record, and
+every record is parsed once, where it is read.
 
-Records go to the join still undecoded, as bytes: with several processes a group
-crosses to the process that owns its shard, and bytes pickle in a fraction of a
-microsecond where a decoded event (a Struct holding a datetime) takes tens of
-microseconds. Routing reads only the ``request_id`` (:func:`request_id_of`); the
-join step decodes the whole record (:func:`decode_record`).
+With several processes, a run crossing to the process that owns its shard
+travels as msgpack (see :class:`~dataflows.batches.EventRun`).
 
-Neither raises, whatever the bytes: a record of any size or content is counted or
-becomes an ``invalid`` dead letter, so no record can stop the dataflow on every
-restart. A timestamp too far ahead of the clock is invalid here too, before the
-join's event time can see it.
+Nothing here raises, whatever the bytes: a record of any size or content is
+counted or becomes an ``invalid`` dead letter, so no record can stop the dataflow
+on every restart. A timestamp too far ahead of the clock is invalid here too,
+before the join's event time can see it.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import time
-import zlib
-from collections import deque
-from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
-import msgspec
 from bytewax.connectors.kafka import KafkaSource
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, Message, TopicPartition
 
+from dataflows.batches import Event, EventRun, decode_run, invalid
 from dataflows.observability import BOARD, RECORDS_READ
 from dataflows.progress import ReadProgress
+from dataflows.shards import JOIN_SHARD_NAMES, join_shard_number
 from dataflows.stopping import STOPPING
 from schemas.deadletter import DeadLetter
-from schemas.events import (
-    MAX_FUTURE_SECONDS,
-    LLMRequest,
-    LLMResponse,
-    check_not_future,
-    request_decoder,
-    response_decoder,
-)
+from schemas.events import LLMRequest, LLMResponse
 from schemas.topics import REQUESTS, RESPONSES
 
 logger = logging.getLogger("streamlens.dataflow")
@@ -83,61 +70,7 @@ PREFETCH_CONFIG = {
     "fetch.max.bytes": str(FETCH_MAX_BYTES),
 }
 
-_DECODERS: dict[str, msgspec.json.Decoder] = {
-    REQUESTS: request_decoder,
-    RESPONSES: response_decoder,
-}
-
-JOIN_SHARDS = 64
-JOIN_SHARD_NAMES: tuple[str, ...] = tuple(str(n) for n in range(JOIN_SHARDS))
-
-# A poll's records of one join shard: (topic, partition, [(offset, value), ...]).
-RawGroup = tuple[str, int, list[tuple[int, bytes]]]
-
-
-def join_shard_key(request_id: str) -> str:
-    """The join shard of a request id (a str: Bytewax keys are strings).
-
-    ``zlib.crc32``, not ``hash()``: a str's hash differs per process, and every
-    process must route an id to the same shard.
-    """
-    return JOIN_SHARD_NAMES[zlib.crc32(request_id.encode()) % JOIN_SHARDS]
-
-
-class _RequestId(msgspec.Struct):
-    """The one field a record is routed by; msgspec skips the rest unchecked."""
-
-    request_id: str
-
-
-_request_id_decoder = msgspec.json.Decoder(_RequestId)
-
-
-def payload_text(value: bytes | None) -> tuple[str | None, bool]:
-    """The record as text for the dead-letter topic, and whether it had to be base64-encoded.
-
-    UTF-8 records are kept as they are, so they can be replayed; anything else is
-    base64 (the error line says so), so no byte is lost.
-    """
-    if value is None:
-        return None, False
-    try:
-        return value.decode("utf-8"), False
-    except UnicodeDecodeError:
-        return base64.b64encode(value).decode("ascii"), True
-
-
-def invalid(
-    topic: str | None, partition: int | None, offset: int | None, value: bytes | None, error: str
-) -> DeadLetter:
-    """The dead letter of a record that could not be read or decoded."""
-    payload, encoded = payload_text(value)
-    if encoded:
-        error = f"{error} (payload is not UTF-8; it is shown base64-encoded)"
-    return DeadLetter(
-        reason="invalid", source_topic=topic, partition=partition, offset=offset, error=error, payload=payload
-    )
-
+_KINDS: dict[str, type[Event]] = {REQUESTS: LLMRequest, RESPONSES: LLMResponse}
 
 def broker_error(
     topic: str, partition: int, offset: int | None, value: bytes | None, error: object
@@ -153,16 +86,14 @@ def broker_error(
     return invalid(topic, partition, offset, value, f"kafka consumer error: {error}")
 
 
-class RecordBatch(NamedTuple):
-    """One poll of one partition: the records as (offset, value), and any errors."""
+class Poll(NamedTuple):
+    """What one partition hands over at a time: its decoded events, and its dead letters."""
 
-    topic: str
-    partition: int
-    records: list[tuple[int, bytes | None]]
-    errors: list[DeadLetter]
+    run: EventRun
+    letters: list[DeadLetter]
 
 
-class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
+class _BatchPartition(StatefulSourcePartition[Poll, int]):
     def __init__(
         self,
         config: dict,
@@ -183,47 +114,72 @@ class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
         self._progress = progress
         self._part = (topic, partition)
         progress.register(self._part, time.time())
-        # Polled records not handed over yet (too far ahead), with their timestamps.
-        self._held: deque[tuple[Message, int, float]] = deque()
+        # Polled records not handed over yet (too far ahead): from index _next on, each
+        # record's offset, event or dead letter, and the event time it stands for.
+        self._held = _Held([], [], [])
+        self._next = 0
         self._newest = -math.inf
         BOARD.report_position(topic, partition, self._offset)
 
-    def next_batch(self) -> list[RecordBatch]:
+    def next_batch(self) -> list[Poll]:
         if STOPPING.is_set():
             raise StopIteration  # asked to stop: the input ends here (dataflows.stopping)
         now = time.time()
         progress, part = self._progress, self._part
         held = self._held
-        if not held:
+        if self._next >= len(held.offsets):
             messages = self._consumer.consume(self._batch_size, 0.001)
             progress.polled(part, appended_at(messages[-1]) if messages else None, now)
             if not messages:
                 return []
-            held.extend(stamped(messages, now))
+            self._held = held = self._decode(messages, now)
+            self._next = 0
         # Hand over, in offset order, what is not too far ahead of the other partitions.
         limit = progress.limit(part, now)
-        records: list[tuple[int, bytes | None]] = []
-        errors: list[DeadLetter] = []
-        newest = self._newest
-        while held and held[0][2] <= limit:
-            message, offset, ts = held.popleft()
+        first = self._next
+        times = held.times
+        last = first
+        end = len(times)
+        while last < end and times[last] <= limit:
+            last += 1
+        self._next = last
+        if last == first:
+            progress.stands_at(part, times[first])
+            return []
+        offsets = held.offsets[first:last]
+        items = held.items[first:last]
+        newest = max(self._newest, max(times[first:last]))
+        self._newest = newest
+        progress.stands_at(part, times[last] if last < end else newest)
+        # Resume after the last record handed over, never before it.
+        last_offset = max((offset for offset in offsets if offset is not None and offset >= 0),
+                          default=None)
+        if last_offset is not None:
+            self._offset = last_offset + 1
+        RECORDS_READ.labels(self._topic).inc(len(items))
+        BOARD.report_position(self._topic, self._partition, self._offset)
+        return [poll_of(self._topic, self._partition, offsets, items, times[first:last])]
+
+    def _decode(self, messages: list[Message], now: float) -> _Held:
+        """A poll's messages, decoded (:func:`decode_values`); a broker error dead-letters its
+        own message only."""
+        topic, partition = self._topic, self._partition
+        offsets = [message.offset() for message in messages]
+        if all(message.error() is None for message in messages):
+            return _Held(offsets, *decode_values(topic, partition, offsets,
+                                                 [message.value() for message in messages], now))
+        items: list[Event | DeadLetter] = []
+        times: list[float] = []
+        for message, offset in zip(messages, offsets, strict=True):
             error = message.error()
             if error is None:
-                records.append((offset, message.value()))
+                decoded, stamps = decode_values(topic, partition, [offset], [message.value()], now)
             else:
-                errors.append(broker_error(self._topic, self._partition, offset, message.value(), error))
-            if offset is not None and offset >= 0:
-                # Resume after the last record handed over, never before it.
-                self._offset = offset + 1
-            if ts > newest:
-                newest = ts
-        self._newest = newest
-        progress.stands_at(part, held[0][2] if held else newest)
-        if not records and not errors:
-            return []
-        RECORDS_READ.labels(self._topic).inc(len(records) + len(errors))
-        BOARD.report_position(self._topic, self._partition, self._offset)
-        return [RecordBatch(self._topic, self._partition, records, errors)]
+                decoded = [broker_error(topic, partition, offset, message.value(), error)]
+                stamps = [-math.inf]
+            items += decoded
+            times += stamps
+        return _Held(offsets, items, times)
 
     def snapshot(self) -> int:
         return self._offset
@@ -232,13 +188,10 @@ class _BatchPartition(StatefulSourcePartition[RecordBatch, int]):
         self._consumer.close()
 
 
-class _Stamp(msgspec.Struct):
-    """The one field read progress is measured by."""
-
-    timestamp: datetime
-
-
-_stamp_decoder = msgspec.json.Decoder(_Stamp)
+class _Held(NamedTuple):
+    offsets: list[int]
+    items: list[Event | DeadLetter]
+    times: list[float]
 
 
 def appended_at(message: Message) -> float:
@@ -247,30 +200,9 @@ def appended_at(message: Message) -> float:
     return millis / 1000 if kind != TIMESTAMP_NOT_AVAILABLE else -math.inf
 
 
-def stamped(messages: list[Message], now: float) -> list[tuple[Message, int, float]]:
-    """Each message with its offset and the event time it stands for: its ``timestamp`` in
-    Unix seconds, or -inf when it has none that counts (an error, an invalid record, a
-    time further ahead of the clock than allowed: their dead letters hold nobody back)."""
-    decode = _stamp_decoder.decode
-    latest = now + MAX_FUTURE_SECONDS
-    out = []
-    for message in messages:
-        ts = -math.inf
-        value = message.value()
-        if message.error() is None and value is not None:
-            try:
-                ts = decode(value).timestamp.timestamp()
-            except _UNDECODABLE:
-                ts = -math.inf  # an invalid record: its dead letter says why
-            if ts > latest:
-                ts = -math.inf
-        out.append((message, message.offset(), ts))
-    return out
-
-
-class BatchingKafkaSource(FixedPartitionedSource[RecordBatch, int]):
+class BatchingKafkaSource(FixedPartitionedSource[Poll, int]):
     """Bytewax's :class:`KafkaSource` (its partitions, its arguments) handing over each
-    poll of a partition as one :class:`RecordBatch`, its partitions reading in step
+    poll of a partition as one :class:`Poll`, its partitions reading in step
     (:mod:`dataflows.progress`): none more than ``read_ahead`` seconds of event time
     past the slowest one still busy.
 
@@ -309,95 +241,61 @@ class BatchingKafkaSource(FixedPartitionedSource[RecordBatch, int]):
         )
 
 
-# What msgspec raises on a record it cannot decode: its own errors (ValidationError
-# among them), UnicodeDecodeError (a ValueError) for invalid UTF-8 inside a string it
-# keeps, and RecursionError for JSON nested deeper than it follows.
-_UNDECODABLE = (msgspec.DecodeError, ValueError, RecursionError)
+def decode_values(
+    topic: str, partition: int, offsets: list[int], values: list[bytes | None], now: float
+) -> tuple[list[Event | DeadLetter], list[float]]:
+    """A poll's records of ``llm.requests`` or ``llm.responses`` → each one's event or
+    ``invalid`` dead letter, and the event time each stands for
+    (:func:`dataflows.batches.decode_run`); ``now`` is the wall clock."""
+    kind = _KINDS.get(topic)
+    if kind is None:
+        error = f"record from unexpected topic {topic!r}"
+        letters = [invalid(topic, partition, offset, value, error)
+                   for offset, value in zip(offsets, values, strict=True)]
+        return cast("list[Event | DeadLetter]", letters), [-math.inf] * len(values)
+    return decode_run(topic, partition, kind, offsets, values, now)
 
 
-def decode_record(
-    topic: str, partition: int, offset: int, value: bytes, now: float | None = None
-) -> LLMRequest | LLMResponse | DeadLetter:
-    """One record of ``llm.requests`` or ``llm.responses`` → its event, or an ``invalid``
-    dead letter naming what is wrong; never an exception, whatever the bytes.
-
-    ``now`` is the wall clock in Unix seconds (read here when None). An event more
-    than :data:`~schemas.events.MAX_FUTURE_SECONDS` ahead of it is invalid, as at the
-    ingestion API: a record produced straight into the topic must not move event
-    time (which never goes back) into the future.
-    """
-    try:
-        event = _DECODERS[topic].decode(value)
-    except _UNDECODABLE as error:
-        return invalid(topic, partition, offset, value, str(error))
-    except Exception as error:
-        # Not expected from decoding, but a record that raises it must not stop the
-        # dataflow on every restart: it is dead-lettered, and logged as the surprise it is.
-        logger.exception("decoding %s[%s]@%s raised", topic, partition, offset)
-        return invalid(topic, partition, offset, value, f"decoding raised {type(error).__name__}: {error}")
-    future = check_not_future(event, time.time() if now is None else now)
-    if future is not None:
-        return invalid(topic, partition, offset, value, future)
-    return event
+def poll_of(topic: str, partition: int, offsets: list[int], items: list[Event | DeadLetter],
+            times: list[float]) -> Poll:
+    """Decoded records of one partition (offsets ascending) as one :class:`Poll`."""
+    kind = _KINDS.get(topic, LLMRequest)
+    letters = [item for item in items if type(item) is DeadLetter]
+    if not letters:
+        return Poll(EventRun(topic, partition, kind, offsets, cast("list[Event]", items), times), [])
+    valid = [index for index, item in enumerate(items) if type(item) is not DeadLetter]
+    return Poll(EventRun(topic, partition, kind, [offsets[i] for i in valid],
+                         [cast("Event", items[i]) for i in valid], [times[i] for i in valid]), letters)
 
 
-def request_id_of(value: bytes) -> str | None:
-    """The record's ``request_id``, read without decoding the rest; None when it has none
-    or the record cannot be decoded at all (:func:`decode_record` then says why).
+def route_polls(polls: list[Poll]) -> list[DeadLetter | tuple[str, list[EventRun]]]:
+    """The polls of one activation → their dead letters, and their events grouped by join
+    shard as ``(shard, [run, ...])``, each partition's events in offset order.
 
-    The same JSON decoding as the event's own, so the full decoding in the join
-    finds the same id (duplicate keys, escapes and all): a record always lands on
-    the shard of the id it is joined by.
-    """
-    try:
-        return _request_id_decoder.decode(value).request_id
-    except Exception:
-        # Whatever the bytes do to the decoder, routing is not the place to say so.
-        return None
-
-
-def decode_batches(batches: list[RecordBatch]) -> list[DeadLetter | tuple[str, list[RawGroup]]]:
-    """The batches of one activation → their dead letters, and their records grouped by
-    join shard as ``(shard, [(topic, partition, [(offset, value), ...]), ...])``, each
-    partition's offsets in order.
-
-    One item per shard for all the batches at hand: Bytewax's cost per item (and,
+    One item per shard for all the polls at hand: Bytewax's cost per item (and,
     across processes, per message) is paid once per shard, not once per poll.
     """
-    out: list[DeadLetter | tuple[str, list[RawGroup]]] = []
-    shards: dict[str, list[RawGroup]] = {}
-    for batch in batches:
-        out.extend(batch.errors)
-        topic, partition = batch.topic, batch.partition
-        if topic not in _DECODERS:
-            out.extend(
-                invalid(topic, partition, offset, value, f"record from unexpected topic {topic!r}")
-                for offset, value in batch.records
-            )
+    out: list[DeadLetter | tuple[str, list[EventRun]]] = []
+    shards: dict[str, list[EventRun]] = {}
+    for poll in polls:
+        out.extend(poll.letters)
+        run = poll.run
+        if not run.events:
             continue
-        groups: dict[str, list[tuple[int, bytes]]] = {}
-        for offset, value in batch.records:
-            if value is None:
-                out.append(invalid(topic, partition, offset, None, "empty record (no value)"))
-                continue
-            request_id = request_id_of(value)
-            if request_id is None:
-                # No usable request_id: the full decoding says what is wrong.
-                decoded = decode_record(topic, partition, offset, value)
-                if isinstance(decoded, DeadLetter):
-                    out.append(decoded)
-                    continue
-                request_id = decoded.request_id
-            shard = join_shard_key(request_id)
-            group = groups.get(shard)
-            if group is None:
-                groups[shard] = group = []
-            group.append((offset, value))
-        for shard, records in groups.items():
-            found = shards.get(shard)
+        by_shard: dict[int, list[int]] = {}
+        for index, event in enumerate(run.events):
+            shard = join_shard_number(event.request_id)
+            found = by_shard.get(shard)
             if found is None:
-                shards[shard] = [(topic, partition, records)]
+                by_shard[shard] = [index]
             else:
-                found.append((topic, partition, records))
+                found.append(index)
+        for shard, indexes in by_shard.items():
+            part = run.take(indexes) if len(indexes) < len(run) else run
+            runs = shards.get(JOIN_SHARD_NAMES[shard])
+            if runs is None:
+                shards[JOIN_SHARD_NAMES[shard]] = [part]
+            else:
+                runs.append(part)
     out.extend(shards.items())
     return out

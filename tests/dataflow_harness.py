@@ -45,8 +45,7 @@ import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 from psycopg.rows import dict_row
 
-from dataflows.operators import window_shard_key
-from dataflows.sources import join_shard_key
+from dataflows.shards import join_shard_key, window_shard_key
 from deploy.stack import free_port
 from tests.conftest import TEST_PARTITIONS
 
@@ -82,21 +81,12 @@ def timestamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
-def _window_key(key: tuple[str, str, str]) -> str:
-    from dataflows.join import Call, SourceRef
-    from schemas.events import LLMRequest
-
-    request = LLMRequest(request_id="x", tenant_id=key[0], route=key[1], model=key[2],
-                         timestamp=datetime.fromtimestamp(BASE, UTC))
-    return window_shard_key(Call(request=request, response=None, source=SourceRef("", 0, 0)))
-
-
 def _lonely_key() -> tuple[str, str, str]:
     """A key whose window shard holds no other key of the data set: the tick moves only its clock."""
-    taken = {_window_key(key) for key in NORMAL_KEYS}
+    taken = {window_shard_key(key) for key in NORMAL_KEYS}
     for number in range(1000):
         key = (f"late-{number}", "/chat", "test-model-a")
-        if _window_key(key) not in taken:
+        if window_shard_key(key) not in taken:
             return key
     raise AssertionError("no free window shard")
 

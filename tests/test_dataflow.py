@@ -16,34 +16,42 @@ from confluent_kafka import KafkaError as ConfluentKafkaError
 from psycopg.rows import dict_row
 
 from dataflows import clock as clock_module
-from dataflows import operators, run, sinks, sources
-from dataflows.join import Call, SourceRef
+from dataflows import operators, run, shards, sinks, sources
+from dataflows.batches import CallBatch, EventRun
+from dataflows.join import Call, SourceRef, calls_of
 from dataflows.windows import WindowRow
 from deploy.stack import Broker
 from schemas.deadletter import DeadLetter, deadletter_decoder
-from schemas.events import LLMRequest, LLMResponse, encoder
+from schemas.events import LLMRequest, LLMResponse
 from schemas.metrics import MetricsRow, row_decoder
 from tests import dataflow_harness as h
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 
 
+NOW = datetime(2025, 6, 1, 0, 5, tzinfo=UTC).timestamp()  # the wall clock when records are read
+
+
+def read(topic: str, records: list[tuple[int, bytes | None]], partition: int = 0
+         ) -> list[DeadLetter | tuple[str, list[EventRun]]]:
+    """What the source hands on for one poll of a partition: decoded where it is read,
+    then grouped by join shard (``route_polls``)."""
+    offsets = [offset for offset, _ in records]
+    items, times = sources.decode_values(topic, partition, offsets, [value for _, value in records], NOW)
+    return sources.route_polls([sources.poll_of(topic, partition, offsets, items, times)])
+
+
 def decode_one(topic: str, value: bytes | None, partition: int = 2, offset: int = 41
                ) -> tuple[LLMRequest | LLMResponse, SourceRef] | DeadLetter:
-    """The one outcome of a record: routed by ``decode_batch``, then decoded as the
-    join step decodes it."""
-    [out] = sources.decode_batches(
-        [sources.RecordBatch(topic, partition, [(offset, value)], [])])
+    """The one outcome of a record: decoded where it is read, then routed."""
+    [out] = read(topic, [(offset, value)], partition)
     if isinstance(out, DeadLetter):
         return out
-    shard, [(group_topic, group_partition, [(group_offset, raw)])] = out
-    assert (group_topic, group_partition, group_offset, raw) == (topic, partition, offset, value)
-    assert value is not None
-    decoded = sources.decode_record(topic, partition, offset, value)
-    if isinstance(decoded, DeadLetter):
-        return decoded
-    assert shard == sources.join_shard_key(decoded.request_id)
-    return decoded, SourceRef(topic, partition, offset)
+    shard, [run] = out
+    assert (run.topic, run.partition, run.offsets) == (topic, partition, [offset])
+    [event] = run.events
+    assert shard == shards.join_shard_key(event.request_id)
+    return event, run.source(0)
 
 
 REQUEST = {"request_id": "r-1", "tenant_id": "acme", "route": "/chat", "model": "m",
@@ -105,28 +113,33 @@ def test_broker_errors_are_dead_lettered() -> None:
 
 def test_a_batch_is_grouped_by_join_shard_keeping_order() -> None:
     ids = [f"r-{n}" for n in range(200)]
-    records = [(offset, json.dumps({**REQUEST, "request_id": rid}).encode())
-               for offset, rid in enumerate(ids)]
+    records: list[tuple[int, bytes | None]] = [
+        (offset, json.dumps({**REQUEST, "request_id": rid}).encode()) for offset, rid in enumerate(ids)]
     records.insert(5, (999, b"junk"))
-    responses = [(offset, json.dumps({"request_id": rid, "timestamp": "2025-06-01T00:00:01Z"}
-                                     ).encode())
-                 for offset, rid in enumerate(ids[:50])]
-    out = sources.decode_batches([
-        sources.RecordBatch("llm.requests", 0, records, []),
-        sources.RecordBatch("llm.responses", 1, responses, []),
-    ])
+    responses: list[tuple[int, bytes | None]] = [
+        (offset, json.dumps({"request_id": rid, "timestamp": "2025-06-01T00:00:01Z"}).encode())
+        for offset, rid in enumerate(ids[:50])]
+    polls = []
+    for topic, partition, batch in (("llm.requests", 0, records), ("llm.responses", 1, responses)):
+        offsets = [offset for offset, _ in batch]
+        items, times = sources.decode_values(topic, partition, offsets, [value for _, value in batch], NOW)
+        polls.append(sources.poll_of(topic, partition, offsets, items, times))
+    out = sources.route_polls(polls)
     letters = [item for item in out if isinstance(item, DeadLetter)]
-    shards = [item for item in out if not isinstance(item, DeadLetter)]
+    routed = [item for item in out if not isinstance(item, DeadLetter)]
     assert [letter.offset for letter in letters] == [999]
-    assert len({shard for shard, _ in shards}) == len(shards)  # one item per shard
+    assert len({shard for shard, _ in routed}) == len(routed)  # one item per shard
     seen: dict[tuple[str, int], int] = {("llm.requests", 0): 0, ("llm.responses", 1): 0}
-    for shard, groups in shards:
-        for topic, partition, group in groups:
-            seen[(topic, partition)] += len(group)
-            assert all(sources.join_shard_key(json.loads(value)["request_id"]) == shard
-                       for _, value in group)
-            offsets = [offset for offset, _ in group]
-            assert offsets == sorted(offsets)
+    sent = {("llm.requests", offset): value for offset, value in records}
+    sent |= {("llm.responses", offset): value for offset, value in responses}
+    for shard, runs in routed:
+        for part in runs:
+            seen[(part.topic, part.partition)] += len(part)
+            assert all(shards.join_shard_key(event.request_id) == shard for event in part.events)
+            for offset, event in zip(part.offsets, part.events, strict=True):
+                value = sent[(part.topic, offset)]
+                assert value is not None and json.loads(value)["request_id"] == event.request_id
+            assert part.offsets == sorted(part.offsets)
     assert seen == {("llm.requests", 0): 200, ("llm.responses", 1): 50}
 
 
@@ -140,21 +153,20 @@ def test_a_record_goes_to_the_shard_of_the_request_id_it_decodes_to() -> None:
         assert isinstance(decoded, tuple) and decoded[0].request_id == request_id
 
 
-def test_the_join_step_dead_letters_a_routed_record_that_is_invalid() -> None:
+def test_an_invalid_record_among_valid_ones_is_dead_lettered_where_it_is_read() -> None:
     value = json.dumps({**REQUEST, "timestamp": "2025-06-01T00:00:00"}).encode()
-    [(shard, groups)] = sources.decode_batches(
-        [sources.RecordBatch("llm.requests", 3, [(8, value)], [])])
-    assert shard == sources.join_shard_key("r-1")
-    [found], _ = operators.join_builder(30, 60, 10, 60)(None).on_batch([groups])
-    [letter] = found
-    assert isinstance(letter, DeadLetter)
+    good = json.dumps(REQUEST).encode()
+    out = read("llm.requests", [(7, good), (8, value), (9, good)], partition=3)
+    [letter] = [item for item in out if isinstance(item, DeadLetter)]
+    [(shard, [run])] = [item for item in out if not isinstance(item, DeadLetter)]
+    assert shard == shards.join_shard_key("r-1") and run.offsets == [7, 9]
     assert (letter.reason, letter.source_topic, letter.partition, letter.offset) == (
         "invalid", "llm.requests", 3, 8)
     assert "$.timestamp" in letter.error and letter.payload == value.decode()
 
 
 def test_an_unknown_topic_makes_every_record_a_dead_letter() -> None:
-    out = sources.decode_batches([sources.RecordBatch("other", 0, [(1, b"{}"), (2, b"{}")], [])])
+    out = read("other", [(1, b"{}"), (2, b"{}")])
     assert [item.offset for item in out if isinstance(item, DeadLetter)] == [1, 2]
 
 
@@ -162,12 +174,9 @@ def test_an_unknown_topic_makes_every_record_a_dead_letter() -> None:
 
 def test_shard_keys_are_stable_strings() -> None:
     # crc32 is the same in every process (str hash() is not).
-    assert sources.join_shard_key("r-1") == str(zlib.crc32(b"r-1") % sources.JOIN_SHARDS)
-    call = Call(request=LLMRequest(request_id="a", tenant_id="t", route="r", model="m",
-                                   timestamp=T0),
-                response=None, source=SourceRef("llm.requests", 0, 0))
-    assert operators.window_shard_key(call) == str(
-        zlib.crc32(b"t\x00r\x00m") % operators.WINDOW_SHARDS)
+    assert shards.join_shard_key("r-1") == str(zlib.crc32(b"r-1") % shards.JOIN_SHARDS)
+    assert shards.window_shard_key(("t", "r", "m")) == str(
+        zlib.crc32(b"t\x00r\x00m") % shards.WINDOW_SHARDS)
 
 
 class Clock:
@@ -197,14 +206,24 @@ def _notify_until_output(logic: operators.JoinLogic | operators.WindowLogic, clo
     raise AssertionError("no output after 100 wake-ups")
 
 
-def _events(request_id: str, at: datetime, latency: float = 1.0
-            ) -> list[sources.RawGroup]:
+def _events(request_id: str, at: datetime, latency: float = 1.0) -> list[EventRun]:
     """The request and the response of one call, as the join step receives them."""
     request = LLMRequest(request_id=request_id, tenant_id="t", route="/r", model="m",
                          timestamp=at)
     response = LLMResponse(request_id=request_id, timestamp=at + timedelta(seconds=latency))
-    return [("llm.requests", 0, [(1, encoder.encode(request))]),
-            ("llm.responses", 0, [(1, encoder.encode(response))])]
+    return [EventRun("llm.requests", 0, LLMRequest, [1], [request], [at.timestamp()]),
+            EventRun("llm.responses", 0, LLMResponse, [1], [response], [at.timestamp() + latency])]
+
+
+def _counted(out: object) -> list[tuple[str, LLMResponse | None]]:
+    """The calls of a join logic's outputs: (request id, response) each."""
+    assert isinstance(out, list)
+    found = []
+    for calls, letters in out:
+        assert isinstance(calls, CallBatch) and letters == []
+        found += [(request.request_id, response)
+                  for request, response in zip(calls.requests, calls.responses, strict=True)]
+    return found
 
 
 def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
@@ -215,12 +234,11 @@ def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
     logic.clock = clock
     out, retain = logic.on_batch([_events("a", T0), _events("b", T0)[:1]])
     assert retain is False  # RETAIN
-    [found] = out
-    assert [c.request.request_id for c in found if isinstance(c, Call)] == ["a"]
+    assert [rid for rid, _ in _counted(out)] == ["a"]
     # "b" times out 30 s of event time after its request; event time idles with the clock,
     # and the logic asks to be woken at least every MAX_GAP / 2 meanwhile.
-    [found], waits = _notify_until_output(logic, clock)
-    assert [(c.request.request_id, c.response) for c in found] == [("b", None)]
+    out, waits = _notify_until_output(logic, clock)
+    assert _counted(out) == [("b", None)]
     assert all(wait <= clock_module.MAX_GAP / 2 for wait in waits)
     assert WALL + 29 <= clock.now <= WALL + 31.1
 
@@ -236,8 +254,8 @@ def test_join_logic_snapshot_is_a_frozen_copy_that_resumes() -> None:
     logic.on_batch([_events("a", T0)[1:]])  # later changes do not reach the snapshot
     resumed = build(snapshot)
     resumed.clock = clock
-    [found], _ = resumed.on_batch([_events("a", T0)[1:]])
-    assert len(found) == 1 and isinstance(found[0], Call)
+    out, _ = resumed.on_batch([_events("a", T0)[1:]])
+    assert [rid for rid, response in _counted(out) if response is not None] == ["a"]
 
 
 def test_window_logic_emits_when_event_time_passes_the_grace() -> None:
@@ -248,7 +266,7 @@ def test_window_logic_emits_when_event_time_passes_the_grace() -> None:
     response = LLMResponse(request_id="a", timestamp=T0 + timedelta(seconds=1), latency_ms=5.0)
     call = Call(request=request, response=response, source=SourceRef("llm.responses", 0, 3),
                 cost_usd=0.5)
-    out, _ = logic.on_batch([[call]])
+    out, _ = logic.on_batch([calls_of([call])])
     assert out == []
     rows, _ = _notify_until_output(logic, clock)
     assert len(rows) == 1 and isinstance(rows[0], WindowRow)
@@ -389,20 +407,22 @@ def test_calls_are_priced_and_grouped_by_window_shard() -> None:
                         offset=1, error="none", payload=None)
     priced: list[str] = []
 
-    def price(c: Call) -> Call:
-        priced.append(c.request.request_id)
-        c.cost_usd = 0.0
-        return c
+    def price(batch: CallBatch) -> None:
+        priced.extend(request.request_id for request in batch.requests)
+        batch.costs = [float(source.offset) for source in batch.sources]
 
     calls = [call(tenant, n) for n in range(3) for tenant in ("a", "b", "c", "d")]
     # The outputs of two join shards, regrouped together.
-    out = operators.route_to_windows(price)([("7", [*calls[:5], letter]), ("9", calls[5:])])
+    first, second = calls_of(calls[:5]), calls_of(calls[5:])
+    out = operators.route_to_windows(price)([("7", (first, [letter])), ("9", (second, []))])
     assert letter in out
     groups = dict(item for item in out if not isinstance(item, DeadLetter))
     assert sorted(priced) == sorted(c.request.request_id for c in calls)
     assert len(groups) == len([item for item in out if not isinstance(item, DeadLetter)])
     for shard, group in groups.items():
-        assert all(operators.window_shard_key(c) == shard for c in group)
+        assert all(shards.window_shard_key((r.tenant_id, r.route, r.model)) == shard for r in group.requests)
+        # Each call keeps its own price through the split (priced here as its offset).
+        assert group.costs == [float(source.offset) for source in group.sources]
     assert sum(len(group) for group in groups.values()) == len(calls)
 
 
@@ -444,9 +464,9 @@ def test_a_stalled_worker_does_not_make_open_windows_too_late() -> None:
                                    timestamp=T0 + timedelta(seconds=2)),
                 response=None, source=SourceRef("llm.requests", 0, 4),
                 completed_at=T0.timestamp() + 2 + 30)
-    assert logic.on_batch([[answered]])[0] == []
+    assert logic.on_batch([calls_of([answered])])[0] == []
     clock.now += 700
-    out, _ = logic.on_batch([[lost]])
+    out, _ = logic.on_batch([calls_of([lost])])
     assert not [item for item in out if isinstance(item, DeadLetter)]
     [row] = [item for item in out if isinstance(item, WindowRow)]
     assert (row.row.requests, row.row.timeouts) == (2, 1)

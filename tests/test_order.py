@@ -12,7 +12,8 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.join import Call, JoinShard, SourceRef
+from dataflows.batches import CallBatch, EventRun, SourceRef
+from dataflows.join import Call, JoinShard, call_into
 from dataflows.operators import route_to_windows
 from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
@@ -34,35 +35,47 @@ def at(seconds: float) -> datetime:
 
 
 class Flow:
-    """A join shard feeding window shards, as the dataflow wires them: the join's
-    calls priced (left unpriced here) and grouped by window shard."""
+    """A join shard feeding window shards, as the dataflow wires them: a batch's events
+    as runs into the join, its calls priced (left unpriced here) and grouped by window
+    shard, each window shard folding its batch."""
 
     def __init__(self, timeout: float, dedupe: float = 3600) -> None:
         self.join = JoinShard(timeout, dedupe, WINDOW, LATENESS)
         self.windows: dict[str, WindowShard] = {}
-        self.route = route_to_windows(lambda call: call)
+        self.route = route_to_windows(_unpriced)
         self.rows: list[WindowRow] = []
         self.letters: list[DeadLetter] = []
         self.offset = 0
 
     def batch(self, events: list[Event], now: float) -> list[WindowRow]:
         """One batch through the join, then the windows; the rows it emits."""
-        out: list[Outcome] = []
+        runs: list[EventRun] = []
         for event in events:
-            topic = REQUESTS if isinstance(event, LLMRequest) else RESPONSES
-            out += self.join.on_event(event, SourceRef(topic, 0, self.offset), now)
+            # Events in arrival order: each stretch of one topic is a run (a partition's poll).
+            kind = type(event)
+            if not runs or runs[-1].kind is not kind:
+                runs.append(EventRun(REQUESTS if kind is LLMRequest else RESPONSES, 0, kind, [], [], []))
+            run = runs[-1]
+            run.offsets.append(self.offset)
+            run.events.append(event)
+            run.times.append(event.timestamp.timestamp())
             self.offset += 1
-        out += self.join.on_time(now)
-        for item in self.route([("join", out)]):
+        calls = CallBatch()
+        letters = self.join.on_runs(runs, now, calls)
+        for found in self.join.on_time(now):
+            if isinstance(found, Call):
+                call_into(calls, found)
+            else:
+                letters.append(found)
+        for item in self.route([("join", (calls, letters))]):
             if isinstance(item, DeadLetter):
                 self.letters.append(item)
                 continue
-            name, calls = item
+            name, batch = item
             windows = self.windows.get(name)
             if windows is None:
                 windows = self.windows[name] = WindowShard(WINDOW, GRACE, LATENESS)
-            for call in calls:
-                self.letters += windows.on_call(call, now)
+            self.letters += windows.on_calls(batch, now)
         rows = [row for windows in self.windows.values() for row in windows.on_time(now)]
         self.rows += rows
         return rows
@@ -73,6 +86,10 @@ class Flow:
             (item.row.window_start, item.row.tenant_id, item.row.route, item.row.model): item
             for item in self.rows
         }
+
+
+def _unpriced(calls: CallBatch) -> None:
+    calls.costs = [None] * len(calls)
 
 
 def letters_by_request(letters: list[DeadLetter]) -> list[tuple[str, str]]:

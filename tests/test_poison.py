@@ -13,7 +13,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.sources import join_shard_key
+from dataflows.shards import join_shard_key
 from deploy.stack import Broker
 from tests import dataflow_harness as h
 from tests.conftest import TEST_PARTITIONS

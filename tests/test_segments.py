@@ -11,7 +11,7 @@ import pytest
 
 from dataflows.remembered import KEEP_SNAPSHOTS, Remembered
 from dataflows.segments import MissingSegments, PostgresSegments
-from dataflows.sources import join_shard_key
+from dataflows.shards import join_shard_key
 from schemas.network import free_port
 
 TENANTS = ("acme", "globex", "initech")

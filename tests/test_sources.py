@@ -54,22 +54,24 @@ def response(request_id: str = "r-1", at: float = NOW - 4) -> dict:
 def outcomes(
     topic: str, values: list[bytes | None], now: float | None = NOW
 ) -> dict[int, LLMRequest | LLMResponse | DeadLetter]:
-    """What becomes of each record, by offset: routed by ``decode_batches``, then decoded as
-    the join decodes it. Each record must have exactly one outcome."""
-    batch = sources.RecordBatch(topic, 4, list(enumerate(values, start=100)), [])
+    """What becomes of each record, by offset: decoded as one poll where it is read, then
+    routed to the join. Each record must have exactly one outcome."""
+    offsets = list(range(100, 100 + len(values)))
+    items, times = sources.decode_values(topic, 4, offsets, values, time.time() if now is None else now)
     found: dict[int, LLMRequest | LLMResponse | DeadLetter] = {}
-    for item in sources.decode_batches([batch]):
+    for item in sources.route_polls([sources.poll_of(topic, 4, offsets, items, times)]):
         if isinstance(item, DeadLetter):
             assert (item.source_topic, item.partition) == (topic, 4)
             assert item.offset is not None and item.offset not in found
             found[item.offset] = item
             continue
-        _, groups = item
-        for group_topic, partition, records in groups:
-            for offset, value in records:
+        _, runs = item
+        for run in runs:
+            assert (run.topic, run.partition) == (topic, 4)
+            for offset, event in zip(run.offsets, run.events, strict=True):
                 assert offset not in found
-                found[offset] = sources.decode_record(group_topic, partition, offset, value, now)
-    assert sorted(found) == list(range(100, 100 + len(values)))
+                found[offset] = event
+    assert sorted(found) == offsets
     return found
 
 
@@ -100,7 +102,6 @@ def check_letter(letter: object, value: bytes | None, offset: int = 100) -> Dead
 
 def test_invalid_utf8_inside_the_request_id_is_a_dead_letter() -> None:
     value = json.dumps(request("ab-PLACE-cd")).encode().replace(b"PLACE", b"\xff\xfe")
-    assert sources.request_id_of(value) is None
     letter = check_letter(one(REQUESTS, value), value)
     assert "utf-8" in letter.error.lower()
 
@@ -125,11 +126,10 @@ def test_a_200kb_record_of_control_bytes_becomes_a_dead_letter_the_producer_acce
     assert (sent.reason, sent.source_topic, sent.partition, sent.offset) == ("invalid", REQUESTS, 4, 100)
 
 
-def test_a_2mb_record_with_a_routable_id_is_dead_lettered_by_the_join_and_fits() -> None:
+def test_a_2mb_record_with_a_readable_id_is_dead_lettered_and_fits() -> None:
     record = request("big-1")
     record["route"] = "/" + "r" * 2_000_000
     value = json.dumps(record).encode()
-    assert sources.request_id_of(value) == "big-1"  # it is routed to the join, then refused there
     letter = check_letter(one(REQUESTS, value), value)
     assert "$.route" in letter.error
     key, encoded = check_sendable(letter)
@@ -228,12 +228,19 @@ def test_any_bytes_give_one_outcome_each_and_no_exception(topic: str, values: li
 
 @settings(max_examples=300, deadline=None)
 @given(value=st.binary(max_size=300) | near_events())
-def test_request_id_of_never_raises_and_agrees_with_the_full_decoding(value: bytes) -> None:
-    request_id = sources.request_id_of(value)
-    decoded = sources.decode_record(REQUESTS, 0, 0, value, NOW)
-    if not isinstance(decoded, DeadLetter):
-        # A record the join counts was routed by the id it is counted under.
-        assert request_id == decoded.request_id
+def test_a_record_decodes_the_same_alone_and_among_others(value: bytes) -> None:
+    # A poll is decoded as one JSON array: a record must not change what its neighbours
+    # decode to (``1,2`` or an empty value would shift them), nor they what it decodes to.
+    good = json.dumps(request("good-1")).encode()
+    [alone], _ = sources.decode_values(REQUESTS, 0, [0], [value], NOW)
+    [first, middle, last], _ = sources.decode_values(REQUESTS, 0, [0, 1, 2], [good, value, good], NOW)
+    for neighbour in (first, last):
+        assert isinstance(neighbour, LLMRequest) and neighbour.request_id == "good-1"
+    if isinstance(alone, DeadLetter):
+        assert isinstance(middle, DeadLetter)
+        assert (middle.error, middle.payload) == (alone.error, alone.payload)
+    else:
+        assert middle == alone
 
 
 # -- the bound on a dead letter's size -----------------------------------------------------------

@@ -50,7 +50,7 @@ import psycopg
 from dataflows.join import SourceRef
 from dataflows.operators import join_builder
 from dataflows.segments import PostgresSegments
-from dataflows.sources import JOIN_SHARDS, join_shard_key
+from dataflows.shards import JOIN_SHARDS, join_shard_key
 from schemas.config import Settings
 from schemas.events import request_decoder, response_decoder
 from schemas.topics import REQUESTS, RESPONSES
