@@ -9,9 +9,11 @@ moves every key's event time past its last window's grace, so the last windows
 close on data rather than after a minute of idle wall clock.
 
 In the same run: the plain single-process loop over the same payloads
-(``bench_baseline.plain_loop``), the one-core ceiling, and the two ways of
-writing a batch to Postgres (one ``INSERT … SELECT FROM unnest(…)`` statement
-versus ``executemany`` in a pipeline).
+(``bench_baseline.plain_loop``), the one-core ceiling; the lean per-event loop
+(``bench_baseline.lean_loop``: decode, dict join, per-window sums, price and
+t-digest, nothing else), the fixed reference the dataflow must beat (``dataflow /
+lean loop`` ≥ 1.0); and the two ways of writing a batch to Postgres (one
+``INSERT … SELECT FROM unnest(…)`` statement versus ``executemany`` in a pipeline).
 
 ``python -m tests.bench.bench_dataflow [--calls N] [--processes P]``
 """
@@ -41,7 +43,7 @@ from dataflows.sources import PREFETCH_CONFIG
 from dataflows.windows import WindowRow
 from schemas.metrics import MetricsRow
 from schemas.topics import REQUESTS, RESPONSES
-from tests.bench.bench_baseline import plain_loop
+from tests.bench.bench_baseline import lean_loop, plain_loop
 from tests.bench.dataset import generate
 from tests.bench.stack import local_stack
 
@@ -381,6 +383,12 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"  plain loop (one process, no Bytewax): {calls:,} calls in {seconds:.2f}s = {baseline:,.0f} calls/s"
     )
+    calls, seconds = lean_loop(requests, responses)
+    lean = calls / seconds
+    print(
+        f"  lean per-event loop (one process, no Bytewax): {calls:,} calls in {seconds:.2f}s "
+        f"= {lean:,.0f} calls/s"
+    )
 
     with local_stack("streamlens-bench-", PARTITIONS) as (work, broker, postgres):
         compare_sink_statements(postgres.dsn)
@@ -405,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.calls / run.cpu_seconds:,.0f} calls per CPU-second"
     )
     print(f"  dataflow / plain loop: {rate / baseline:.2f}")
+    print(f"  dataflow / lean loop: {rate / lean:.2f}")
 
 
 if __name__ == "__main__":
