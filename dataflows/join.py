@@ -54,7 +54,7 @@ from __future__ import annotations
 import copy
 import heapq
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from sys import intern
 from typing import TypeVar
@@ -747,9 +747,10 @@ class JoinShard:
         """Counted request_ids remembered so that repeats are ignored."""
         return len(self._counted)
 
-    def attach(self, store: SegmentStore) -> None:
-        """Keep the remembered ids' segments in ``store`` (a resumed shard reads its own back)."""
-        self._counted.attach(store)
+    def attach(self, store: SegmentStore, shard_of: Callable[[str], str]) -> None:
+        """Keep the remembered ids' segments in ``store`` under the name of their shard,
+        ``shard_of`` any of its ids (a resumed shard reads its own back)."""
+        self._counted.attach(store, shard_of)
 
     def needs_store(self) -> bool:
         """Restored from a snapshot whose remembered ids are in a store not attached yet."""

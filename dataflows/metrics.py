@@ -37,6 +37,7 @@ from dataflows import operators as ops
 from dataflows.batches import CallBatch, EventRun
 from dataflows.pricing import PriceBook
 from dataflows.segments import PostgresSegments
+from dataflows.shards import PER_WORKER, Shards
 from dataflows.windows import WindowRow
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
@@ -54,21 +55,22 @@ def price_book(prices_file: Path | None) -> PriceBook:
 def build(settings: Settings) -> Dataflow:
     """The dataflow for these settings (pure: creates nothing outside the process)."""
     brokers = settings.kafka_brokers.split(",")
+    shards = Shards(settings.state_shards or PER_WORKER)
     prices_file = settings.prices_file
     flow = Dataflow("streamlens_metrics")
 
     batches = op.input("read", flow, sources.BatchingKafkaSource(
         brokers, [REQUESTS, RESPONSES], starting_offset=sources.STARTING_OFFSET,
         batch_size=sources.BATCH_SIZE, read_ahead=read_ahead(settings)))
-    decoded = op.flat_map_batch("route", batches, sources.route_polls)
+    decoded = op.flat_map_batch("route", batches, functools.partial(sources.route_polls, shards=shards))
     # (join shard, events) pairs go on; everything else is a dead letter.
     events = op.branch("valid", decoded, _is_event_group)
 
     joined = op.stateful_batch("join", events.trues, ops.join_builder(
         settings.join_timeout_seconds, settings.dedupe_seconds, settings.window_seconds,
-        settings.lateness_seconds, PostgresSegments(settings.postgres_dsn)))
+        settings.lateness_seconds, PostgresSegments(settings.postgres_dsn), shards))
     routed = op.flat_map_batch("price", joined, ops.route_to_windows(
-        lambda calls: price_book(prices_file).price_calls(calls)))
+        lambda calls: price_book(prices_file).price_calls(calls), shards))
     calls = op.branch("answered", routed, _is_call_group)
 
     windowed = op.stateful_batch("windows", calls.trues, ops.window_builder(

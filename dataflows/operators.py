@@ -27,7 +27,7 @@ from dataflows.clock import MAX_GAP, WorkingClock
 from dataflows.join import Call, JoinShard, call_into
 from dataflows.observability import BOARD, CALLS, SNAPSHOT_SECONDS
 from dataflows.remembered import SegmentStore
-from dataflows.shards import WindowKey, window_shard_key
+from dataflows.shards import DEFAULT, Shards, WindowKey
 from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
 
@@ -93,7 +93,7 @@ class JoinLogic(StatefulBatchLogic[list[EventRun], JoinOutput, bytes]):
         return _freeze(self.shard, "join", started)
 
 
-def route_to_windows(price: Callable[[CallBatch], None]
+def route_to_windows(price: Callable[[CallBatch], None], shards: Shards = DEFAULT
                      ) -> Callable[[list[tuple[str, JoinOutput]]],
                                    list[DeadLetter | tuple[str, CallBatch]]]:
     """After the join: price the calls and split them by window shard; dead letters pass.
@@ -123,7 +123,7 @@ def route_to_windows(price: Callable[[CallBatch], None]
             key = (request.tenant_id, request.route, request.model)
             shard = shard_of.get(key)
             if shard is None:
-                shard = shard_of[key] = window_shard_key(key)
+                shard = shard_of[key] = shards.window_key(key)
             members = by_shard.get(shard)
             if members is None:
                 by_shard[shard] = [index]
@@ -181,10 +181,11 @@ class WindowLogic(StatefulBatchLogic[CallBatch, WindowRow | DeadLetter, bytes]):
 
 
 def join_builder(timeout_seconds: float, dedupe_seconds: float, window_seconds: int,
-                 lateness_seconds: float, store: SegmentStore | None = None
+                 lateness_seconds: float, store: SegmentStore | None = None, shards: Shards = DEFAULT
                  ) -> Callable[[bytes | None], JoinLogic]:
     """A builder for :func:`bytewax.operators.stateful_batch`: a new shard, or the resumed
-    one; with ``store``, where their remembered ids' segments are kept."""
+    one; with ``store``, where their remembered ids' segments are kept, under the name
+    of their shard of ``shards``."""
 
     def build(resume: bytes | None) -> JoinLogic:
         if resume is None:
@@ -192,7 +193,7 @@ def join_builder(timeout_seconds: float, dedupe_seconds: float, window_seconds: 
         else:
             shard = pickle.loads(resume)
         if store is not None:
-            shard.attach(store)
+            shard.attach(store, shards.join_key)
         elif shard.needs_store():
             raise ValueError("this join state keeps its remembered ids in a segment store")
         return JoinLogic(shard)

@@ -10,6 +10,11 @@ its metadata. Every start compares them with the broker it is about to read.
 A directory made before that file existed is judged by its offsets instead: the
 record just before each stored offset must exist on the broker. (Its high
 watermark cannot decide this: the local broker's is wrong.)
+
+The state is split into shards by a hash of each request id and window key
+(:mod:`dataflows.shards`); resumed with another count, an id would look for its
+state in the wrong shard. So ``shards.json`` records the count the directory was
+made with, and every start uses it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from pathlib import Path
 from confluent_kafka import Consumer, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from dataflows.shards import LEGACY_COUNT
+
 IDENTITY_FILE = "broker.json"
+SHARDS_FILE = "shards.json"
 INPUT_STEP = "streamlens_metrics.read"
 METADATA_TIMEOUT = 10.0
 # How long a record known to exist may take to arrive when read back.
@@ -84,6 +92,20 @@ def missing_records(brokers: str, offsets: dict[tuple[str, int], int]) -> list[t
 
 def record_identity(directory: Path, identity: Identity) -> None:
     (directory / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+
+
+def record_shards(directory: Path, count: int) -> None:
+    """Record how many shards the state in ``directory`` is split into."""
+    (directory / SHARDS_FILE).write_text(json.dumps({"state_shards": count}) + "\n")
+
+
+def recorded_shards(directory: Path) -> int:
+    """How many shards the state in ``directory`` is split into: as recorded, or, for a
+    directory made before the count was recorded, the count every state had then."""
+    path = directory / SHARDS_FILE
+    if not path.exists():
+        return LEGACY_COUNT
+    return int(json.loads(path.read_text())["state_shards"])
 
 
 def mismatch(directory: Path, brokers: str, topics: Iterable[str]) -> str | None:

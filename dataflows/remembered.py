@@ -38,12 +38,11 @@ from __future__ import annotations
 import hashlib
 import os
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
-
-from dataflows.shards import join_shard_key
 
 # Seal what was counted this long ago (event time), or once this many are waiting.
 # Snapshots seal too, every epoch: in a backlog, where minutes of event time pass in
@@ -109,6 +108,7 @@ class Remembered:
         self._untils: list[float] = []
         self._lows: list[int] = []  # self._low at the last snapshots, oldest first
         self._store: SegmentStore | None = None
+        self._shard_of: Callable[[str], str] | None = None  # the shard name of an id
         # Restored from a snapshot that left the arrays in the store: empty until attached.
         self._stored = False
 
@@ -165,7 +165,9 @@ class Remembered:
             segment = self._segment(recent)
             if self._store is not None:
                 if self._name is None:
-                    self._name = _shard_of(recent[0][0])
+                    # The join shard every id of this state is routed to: the segments' name.
+                    assert self._shard_of is not None
+                    self._name = self._shard_of(recent[0][0])
                 if not self._store.save(self._name, self._high, _local(segment, self._tenants)):
                     return  # kept as recent ids, in the snapshot, until a seal can write them
                 self._untils.append(segment.until())
@@ -212,11 +214,13 @@ class Remembered:
 
     # -- the store ----------------------------------------------------------------
 
-    def attach(self, store: SegmentStore) -> None:
-        """Keep segments in ``store`` from now on; a restored state reads its own back
-        and deletes those it does not know (written after its snapshot)."""
+    def attach(self, store: SegmentStore, shard_of: Callable[[str], str]) -> None:
+        """Keep segments in ``store`` from now on, named by ``shard_of`` an id; a restored
+        state reads its own back and deletes those it does not know (written after its
+        snapshot)."""
         if self._store is not None:
             return
+        self._shard_of = shard_of
         if not self._stored and (len(self._small.digests) or len(self._large.digests)):
             raise ValueError("a store is attached before the first seal or on resume, not later")
         self._store = store
@@ -249,12 +253,14 @@ class Remembered:
             del state["_small"], state["_large"], state["_tenants"], state["_tenant_index"]
             state["_stored"] = True
         state["_store"] = None
+        state["_shard_of"] = None
         state["_keyed"] = None
         del state["_views"]
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
+        self._shard_of = None  # set again by attach()
         if self._stored:
             self._small, self._large = Segment.empty(), Segment.empty()
             self._tenants, self._tenant_index = [], {}
@@ -332,6 +338,3 @@ def _local(segment: Segment, tenants: list[str]) -> Segment:
                    [tenants[int(n)] for n in used])
 
 
-def _shard_of(rid: str) -> str:
-    # The join shard every id of this state is routed to: the segments' name.
-    return join_shard_key(rid)

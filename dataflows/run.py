@@ -30,6 +30,7 @@ from pathlib import Path
 from bytewax.recovery import init_db_dir
 
 from dataflows import recovery
+from dataflows.shards import PER_WORKER
 from schemas.config import load_or_exit
 from schemas.database import ensure_schema
 from schemas.logs import configure_logging
@@ -56,6 +57,19 @@ def prepare_recovery(directory: Path, partitions: int, *, reset: bool = False) -
     return True
 
 
+def shard_count(directory: Path, made: bool, setting: int | None, workers: int) -> int:
+    """How many shards the state in ``directory`` is split into. A directory ``made``
+    just now takes ``setting``, or ``PER_WORKER`` per worker, and records it; any other
+    keeps the count it recorded, whatever the setting says now (a warning says so)."""
+    if made:
+        recovery.record_shards(directory, setting or PER_WORKER * workers)
+    count = recovery.recorded_shards(directory)
+    if setting is not None and setting != count:
+        logger.warning("recovery: STATE_SHARDS=%d ignored: the state in %s is split into %d shards "
+                       "and keeps that count until --reset", setting, directory, count)
+    return count
+
+
 def commands(recovery_dir: Path, processes: int, workers: int, snapshot_interval: int,
              backup_interval: int) -> list[list[str]]:
     """The ``bytewax.run`` command line of each process."""
@@ -74,13 +88,15 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def supervise(argvs: list[list[str]], metrics_port: int) -> int:
+def supervise(argvs: list[list[str]], metrics_port: int, shards: int) -> int:
     """Run the processes until one ends or a stop signal arrives; stop the rest; its exit code.
 
-    Process ``i`` serves its Prometheus metrics on ``metrics_port + i``.
+    Process ``i`` serves its Prometheus metrics on ``metrics_port + i``; every process
+    splits its state into ``shards``.
     """
     children = [subprocess.Popen(argv, preexec_fn=_die_with_parent,
-                                 env={**os.environ, "METRICS_PORT": str(metrics_port + index)})
+                                 env={**os.environ, "METRICS_PORT": str(metrics_port + index),
+                                      "STATE_SHARDS": str(shards)})
                 for index, argv in enumerate(argvs)]
     stopping: list[int] = []
 
@@ -136,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     ensure_topics(settings.kafka_brokers, settings.topic_partitions)
     ensure_schema(settings.postgres_dsn)
     recovery_dir = args.recovery_dir.resolve()
-    if prepare_recovery(recovery_dir, args.processes * args.workers, reset=args.reset):
+    workers = args.processes * args.workers
+    made = prepare_recovery(recovery_dir, workers, reset=args.reset)
+    shards = shard_count(recovery_dir, made, settings.state_shards, workers)
+    if made:
         recovery.record_identity(recovery_dir, recovery.broker_identity(settings.kafka_brokers, INPUTS))
         logger.info("recovery: new state in %s, reading the topics from the beginning", recovery_dir)
     else:
@@ -147,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         logger.info("recovery: resuming from %s", recovery_dir)
     return supervise(commands(recovery_dir, args.processes, args.workers,
-                              args.snapshot_interval, args.backup_interval), settings.metrics_port)
+                              args.snapshot_interval, args.backup_interval), settings.metrics_port,
+                     shards)
 
 
 if __name__ == "__main__":

@@ -5,30 +5,54 @@ differs per process, so it could not route the same id to the same worker in eve
 process). One shard holds many request ids, or many ``(tenant_id, route, model)``
 keys, in one object: Bytewax's per-key cost is paid per shard, not per id. Keys
 are strings, as Bytewax wants them.
+
+How many shards is a trade: each worker needs a few, for Bytewax spreads keys
+over workers by their hash, but every shard cuts the batches a worker gets into
+smaller pieces, and batches of a few hundred events lose what columns gain
+(``bench_dataflow``: 64 shards on one process made 22-25k calls/s, 8 made
+30-35k). The count is fixed for the life of a recovery store: a request id must
+find its shard, and its state, after a resume (``dataflows.run`` records it).
 """
 
 from __future__ import annotations
 
 import zlib
 
-JOIN_SHARDS = 64
-JOIN_SHARD_NAMES: tuple[str, ...] = tuple(str(n) for n in range(JOIN_SHARDS))
-WINDOW_SHARDS = 64
-WINDOW_SHARD_NAMES: tuple[str, ...] = tuple(str(n) for n in range(WINDOW_SHARDS))
-
 WindowKey = tuple[str, str, str]  # tenant_id, route, model
 
-
-def join_shard_number(request_id: str) -> int:
-    return zlib.crc32(request_id.encode()) % JOIN_SHARDS
-
-
-def join_shard_key(request_id: str) -> str:
-    """The join shard of a request id."""
-    return JOIN_SHARD_NAMES[join_shard_number(request_id)]
+# Shards per worker when the count is not set; a store made before the count was
+# recorded used LEGACY_COUNT.
+PER_WORKER = 8
+LEGACY_COUNT = 64
 
 
-def window_shard_key(key: WindowKey) -> str:
-    """The window shard of a ``(tenant_id, route, model)`` key."""
-    tenant_id, route, model = key
-    return WINDOW_SHARD_NAMES[zlib.crc32(f"{tenant_id}\x00{route}\x00{model}".encode()) % WINDOW_SHARDS]
+class Shards:
+    """``count`` join shards and as many window shards, named ``"0"`` … ``str(count - 1)``."""
+
+    __slots__ = ("count", "names")
+
+    def __init__(self, count: int) -> None:
+        if count < 1:
+            raise ValueError(f"a shard count is at least 1, not {count}")
+        self.count = count
+        self.names: tuple[str, ...] = tuple(str(n) for n in range(count))
+
+    def join_number(self, request_id: str) -> int:
+        """The number of a request id's join shard."""
+        return zlib.crc32(request_id.encode()) % self.count
+
+    def join_key(self, request_id: str) -> str:
+        """The join shard of a request id."""
+        return self.names[self.join_number(request_id)]
+
+    def window_key(self, key: WindowKey) -> str:
+        """The window shard of a ``(tenant_id, route, model)`` key."""
+        tenant_id, route, model = key
+        return self.names[zlib.crc32(f"{tenant_id}\x00{route}\x00{model}".encode()) % self.count]
+
+    def __repr__(self) -> str:
+        return f"Shards({self.count})"
+
+
+# One worker's shards: what a dataflow started without a count of its own uses.
+DEFAULT = Shards(PER_WORKER)

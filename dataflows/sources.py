@@ -35,7 +35,7 @@ from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer,
 from dataflows.batches import Event, EventRun, decode_run, invalid
 from dataflows.observability import BOARD, RECORDS_READ
 from dataflows.progress import ReadProgress
-from dataflows.shards import JOIN_SHARD_NAMES, join_shard_number
+from dataflows.shards import DEFAULT, Shards
 from dataflows.stopping import STOPPING
 from schemas.deadletter import DeadLetter
 from schemas.events import LLMRequest, LLMResponse
@@ -268,15 +268,16 @@ def poll_of(topic: str, partition: int, offsets: list[int], items: list[Event | 
                          [cast("Event", items[i]) for i in valid], [times[i] for i in valid]), letters)
 
 
-def route_polls(polls: list[Poll]) -> list[DeadLetter | tuple[str, list[EventRun]]]:
+def route_polls(polls: list[Poll], shards: Shards = DEFAULT) -> list[DeadLetter | tuple[str, list[EventRun]]]:
     """The polls of one activation → their dead letters, and their events grouped by join
-    shard as ``(shard, [run, ...])``, each partition's events in offset order.
+    shard of ``shards`` as ``(shard, [run, ...])``, each partition's events in offset order.
 
     One item per shard for all the polls at hand: Bytewax's cost per item (and,
     across processes, per message) is paid once per shard, not once per poll.
     """
     out: list[DeadLetter | tuple[str, list[EventRun]]] = []
-    shards: dict[str, list[EventRun]] = {}
+    grouped: dict[str, list[EventRun]] = {}
+    shard_number, names = shards.join_number, shards.names
     for poll in polls:
         out.extend(poll.letters)
         run = poll.run
@@ -284,7 +285,7 @@ def route_polls(polls: list[Poll]) -> list[DeadLetter | tuple[str, list[EventRun
             continue
         by_shard: dict[int, list[int]] = {}
         for index, event in enumerate(run.events):
-            shard = join_shard_number(event.request_id)
+            shard = shard_number(event.request_id)
             found = by_shard.get(shard)
             if found is None:
                 by_shard[shard] = [index]
@@ -292,10 +293,10 @@ def route_polls(polls: list[Poll]) -> list[DeadLetter | tuple[str, list[EventRun
                 found.append(index)
         for shard, indexes in by_shard.items():
             part = run.take(indexes) if len(indexes) < len(run) else run
-            runs = shards.get(JOIN_SHARD_NAMES[shard])
+            runs = grouped.get(names[shard])
             if runs is None:
-                shards[JOIN_SHARD_NAMES[shard]] = [part]
+                grouped[names[shard]] = [part]
             else:
                 runs.append(part)
-    out.extend(shards.items())
+    out.extend(grouped.items())
     return out

@@ -43,6 +43,9 @@ class Settings(Struct, frozen=True, kw_only=True):
     log_format: str = "text"  # or "json" (schemas.logs)
     # The dataflow's Prometheus port; with several processes, process i serves port + i.
     metrics_port: int = 9464
+    # Shards of the dataflow's state (join and windows); None: 8 per worker (dataflows.shards).
+    # Fixed for the life of a recovery directory, which records it.
+    state_shards: int | None = None
 
 
 def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], int], str]:
@@ -118,6 +121,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "READ_AHEAD_SECONDS": ("read_ahead_seconds", _positive_number, "a number of seconds > 0"),
     "LOG_FORMAT": ("log_format", _log_format, "text or json"),
     "METRICS_PORT": ("metrics_port", *_integer(1, 65535)),
+    "STATE_SHARDS": ("state_shards", *_integer(1, 4096)),
 }
 
 

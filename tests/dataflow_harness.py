@@ -45,7 +45,7 @@ import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 from psycopg.rows import dict_row
 
-from dataflows.shards import join_shard_key, window_shard_key
+from dataflows.shards import Shards
 from deploy.stack import free_port
 from tests.conftest import TEST_PARTITIONS
 
@@ -77,16 +77,21 @@ NORMAL_KEYS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# The shards the data set is made for (a lonely key, ids kept out of a shard): the
+# processor runs with this count unless a test gives settings of its own.
+SHARDS = Shards(16)
+
+
 def timestamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _lonely_key() -> tuple[str, str, str]:
     """A key whose window shard holds no other key of the data set: the tick moves only its clock."""
-    taken = {window_shard_key(key) for key in NORMAL_KEYS}
+    taken = {SHARDS.window_key(key) for key in NORMAL_KEYS}
     for number in range(1000):
         key = (f"late-{number}", "/chat", "test-model-a")
-        if window_shard_key(key) not in taken:
+        if SHARDS.window_key(key) not in taken:
             return key
     raise AssertionError("no free window shard")
 
@@ -214,12 +219,12 @@ def generate(calls: int = 2000, seed: int = 7) -> DataSet:
     tick_req, tick_resp, tick = answered(lonely, tick_ts, late=False, rid=tick_rid)
     data.phase2 += [tick_req, tick_resp]
     data.counted.append(tick)
-    blocked = {join_shard_key(tick_rid)}
+    blocked = {SHARDS.join_key(tick_rid)}
 
     def free_id() -> str:
         while True:
             rid = next(ids)
-            if join_shard_key(rid) not in blocked:
+            if SHARDS.join_key(rid) not in blocked:
                 return rid
 
     for _ in range(max(2, calls // 60)):
@@ -506,7 +511,7 @@ class Processor:
     settings: dict[str, str] = field(default_factory=lambda: {
         "WINDOW_SECONDS": str(WINDOW_SECONDS), "GRACE_SECONDS": str(GRACE_SECONDS),
         "LATENESS_SECONDS": str(LATENESS_SECONDS),
-        "JOIN_TIMEOUT_SECONDS": str(JOIN_TIMEOUT_SECONDS)})
+        "JOIN_TIMEOUT_SECONDS": str(JOIN_TIMEOUT_SECONDS), "STATE_SHARDS": str(SHARDS.count)})
 
     metrics_port: int = field(default_factory=free_port)
 

@@ -64,7 +64,7 @@ from dataflows.join import Call, JoinShard, call_into
 from dataflows.operators import route_to_windows
 from dataflows.pricing import PriceBook
 from dataflows.remembered import Segment
-from dataflows.shards import join_shard_key, join_shard_number, window_shard_key
+from dataflows.shards import DEFAULT as SHARDS
 from dataflows.sources import Poll, poll_of, route_polls
 from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
@@ -90,7 +90,7 @@ def route_sharing_window_shard(tenant_id: str, model: str, other: Key) -> str:
     return next(
         route
         for route in (f"/r{n}" for n in count())
-        if window_shard_key((tenant_id, route, model)) == window_shard_key(other)
+        if SHARDS.window_key((tenant_id, route, model)) == SHARDS.window_key(other)
     )
 
 
@@ -102,7 +102,7 @@ KEYS += [
 ]
 # Request ids that fall in three join shards only: several ids per shard, so one id's
 # events move the watermark under which another's time out or arrive too late.
-REQUEST_IDS = [rid for rid in (f"call-{n}" for n in range(2000)) if join_shard_number(rid) < 3][:40]
+REQUEST_IDS = [rid for rid in (f"call-{n}" for n in range(2000)) if SHARDS.join_number(rid) < 3][:40]
 # Model lookups are cached per book: one book per engine for the whole module.
 BATCH_PRICES = PriceBook(None)
 REFERENCE_PRICES = PriceBook(None)
@@ -542,7 +542,7 @@ class BatchEngine(Engine):
 
     def new_join(self) -> JoinShard:
         shard = self.config.join()
-        shard.attach(self.store)
+        shard.attach(self.store, SHARDS.join_key)
         return shard
 
     def freeze_join(self, shard: JoinShard) -> bytes:
@@ -553,7 +553,7 @@ class BatchEngine(Engine):
         shard = super().thaw_join(frozen)
         if shard.needs_store():
             self.paths["segments read back"] += 1
-        shard.attach(self.store)
+        shard.attach(self.store, SHARDS.join_key)
         return shard
 
     def step(self, step: Step) -> Output:
@@ -640,7 +640,7 @@ class ReferenceEngine(Engine):
                     letters.append(item)
                     self.paths[f"invalid: {invalid_kind(item)}"] += 1
                 else:
-                    events.setdefault(join_shard_key(item.request_id), []).append(
+                    events.setdefault(SHARDS.join_key(item.request_id), []).append(
                         (item, SourceRef(topic, partition, offset))
                     )
         calls: dict[str, list[Call]] = {}
@@ -661,7 +661,7 @@ class ReferenceEngine(Engine):
                 self.paths[call_kind(outcome)] += 1
                 request = outcome.request
                 key = (request.tenant_id, request.route, request.model)
-                calls.setdefault(window_shard_key(key), []).append(REFERENCE_PRICES.price(outcome))
+                calls.setdefault(SHARDS.window_key(key), []).append(REFERENCE_PRICES.price(outcome))
         rows: list[WindowRow] = []
         for name in sorted(set(self.windows) | set(calls), key=int):
             arriving = calls.get(name)

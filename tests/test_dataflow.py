@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import pickle
 import zlib
 from datetime import UTC, datetime, timedelta
@@ -50,7 +51,7 @@ def decode_one(topic: str, value: bytes | None, partition: int = 2, offset: int 
     shard, [run] = out
     assert (run.topic, run.partition, run.offsets) == (topic, partition, [offset])
     [event] = run.events
-    assert shard == shards.join_shard_key(event.request_id)
+    assert shard == shards.DEFAULT.join_key(event.request_id)
     return event, run.source(0)
 
 
@@ -135,7 +136,7 @@ def test_a_batch_is_grouped_by_join_shard_keeping_order() -> None:
     for shard, runs in routed:
         for part in runs:
             seen[(part.topic, part.partition)] += len(part)
-            assert all(shards.join_shard_key(event.request_id) == shard for event in part.events)
+            assert all(shards.DEFAULT.join_key(event.request_id) == shard for event in part.events)
             for offset, event in zip(part.offsets, part.events, strict=True):
                 value = sent[(part.topic, offset)]
                 assert value is not None and json.loads(value)["request_id"] == event.request_id
@@ -159,7 +160,7 @@ def test_an_invalid_record_among_valid_ones_is_dead_lettered_where_it_is_read() 
     out = read("llm.requests", [(7, good), (8, value), (9, good)], partition=3)
     [letter] = [item for item in out if isinstance(item, DeadLetter)]
     [(shard, [run])] = [item for item in out if not isinstance(item, DeadLetter)]
-    assert shard == shards.join_shard_key("r-1") and run.offsets == [7, 9]
+    assert shard == shards.DEFAULT.join_key("r-1") and run.offsets == [7, 9]
     assert (letter.reason, letter.source_topic, letter.partition, letter.offset) == (
         "invalid", "llm.requests", 3, 8)
     assert "$.timestamp" in letter.error and letter.payload == value.decode()
@@ -174,9 +175,9 @@ def test_an_unknown_topic_makes_every_record_a_dead_letter() -> None:
 
 def test_shard_keys_are_stable_strings() -> None:
     # crc32 is the same in every process (str hash() is not).
-    assert shards.join_shard_key("r-1") == str(zlib.crc32(b"r-1") % shards.JOIN_SHARDS)
-    assert shards.window_shard_key(("t", "r", "m")) == str(
-        zlib.crc32(b"t\x00r\x00m") % shards.WINDOW_SHARDS)
+    assert shards.DEFAULT.join_key("r-1") == str(zlib.crc32(b"r-1") % shards.DEFAULT.count)
+    assert shards.DEFAULT.window_key(("t", "r", "m")) == str(
+        zlib.crc32(b"t\x00r\x00m") % shards.DEFAULT.count)
 
 
 class Clock:
@@ -387,6 +388,26 @@ def test_recovery_directory_is_initialised_once_and_reset_on_demand(tmp_path: Pa
     assert sorted(p.name for p in directory.glob("part-*.sqlite3")) == ["part-0.sqlite3"]
 
 
+def test_the_state_keeps_the_shard_count_its_recovery_directory_was_made_with(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fresh = tmp_path / "fresh"
+    assert run.prepare_recovery(fresh, 3)
+    assert run.shard_count(fresh, True, None, 3) == 24  # 8 per worker
+    # A resume keeps it, whatever the setting or the number of workers now.
+    assert run.shard_count(fresh, False, None, 1) == 24
+    with caplog.at_level(logging.WARNING, logger="streamlens.dataflow"):
+        assert run.shard_count(fresh, False, 5, 1) == 24
+    assert "STATE_SHARDS=5 ignored" in caplog.text and "24 shards" in caplog.text
+    chosen = tmp_path / "chosen"
+    assert run.prepare_recovery(chosen, 1)
+    assert run.shard_count(chosen, True, 5, 1) == 5
+    assert run.shard_count(chosen, False, None, 4) == 5
+    # A directory made before the count was recorded had 64 shards.
+    legacy = tmp_path / "legacy"
+    assert run.prepare_recovery(legacy, 1)
+    assert run.shard_count(legacy, False, None, 1) == 64
+
+
 def test_commands_for_several_processes_share_the_addresses(tmp_path: Path) -> None:
     [single] = run.commands(tmp_path, 1, 2, 5, 0)
     assert "-i" not in single and single[single.index("-w") + 1] == "2"
@@ -420,7 +441,8 @@ def test_calls_are_priced_and_grouped_by_window_shard() -> None:
     assert sorted(priced) == sorted(c.request.request_id for c in calls)
     assert len(groups) == len([item for item in out if not isinstance(item, DeadLetter)])
     for shard, group in groups.items():
-        assert all(shards.window_shard_key((r.tenant_id, r.route, r.model)) == shard for r in group.requests)
+        window_key = shards.DEFAULT.window_key
+        assert all(window_key((r.tenant_id, r.route, r.model)) == shard for r in group.requests)
         # Each call keeps its own price through the split (priced here as its offset).
         assert group.costs == [float(source.offset) for source in group.sources]
     assert sum(len(group) for group in groups.values()) == len(calls)

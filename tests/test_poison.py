@@ -13,7 +13,6 @@ from confluent_kafka import KafkaError, Message, Producer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.shards import join_shard_key
 from deploy.stack import Broker
 from tests import dataflow_harness as h
 from tests.conftest import TEST_PARTITIONS
@@ -132,7 +131,7 @@ def valid_calls(shards: set[str]) -> tuple[list[h.Event], list[h.Event], list[h.
     candidates = (f"ok-{n:05d}" for n in range(10**6))
     for n in range(CALLS):
         rid = next(candidates)
-        while (n % 3 == 0) != (join_shard_key(rid) in shards):
+        while (n % 3 == 0) != (h.SHARDS.join_key(rid) in shards):
             rid = next(candidates)
         key = h.NORMAL_KEYS[n % len(h.NORMAL_KEYS)]
         ts = h.BASE + 0.5 + n * 0.15
@@ -147,7 +146,8 @@ def test_poison_records_are_dead_lettered_and_the_calls_around_them_are_exact(
     tmp_path: Path, broker: Broker, postgres_dsn: str
 ) -> None:
     poison = poison_records()
-    requests, responses, counted = valid_calls({join_shard_key("future-req"), join_shard_key("future-resp")})
+    future = {h.SHARDS.join_key("future-req"), h.SHARDS.join_key("future-resp")}
+    requests, responses, counted = valid_calls(future)
     data = h.DataSet(counted=counted)
     processor = h.Processor(
         broker.address,

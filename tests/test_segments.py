@@ -11,7 +11,7 @@ import pytest
 
 from dataflows.remembered import KEEP_SNAPSHOTS, Remembered
 from dataflows.segments import MissingSegments, PostgresSegments
-from dataflows.shards import join_shard_key
+from dataflows.shards import DEFAULT
 from schemas.network import free_port
 
 TENANTS = ("acme", "globex", "initech")
@@ -23,7 +23,7 @@ def _ids_of_one_shard(count: int, seed: int) -> list[str]:
     ids: list[str] = []
     while len(ids) < count:
         rid = f"req-{rng.getrandbits(64):016x}"
-        if join_shard_key(rid) == "7":
+        if DEFAULT.join_key(rid) == "7":
             ids.append(rid)
     return ids
 
@@ -37,7 +37,7 @@ def test_a_snapshot_names_its_segments_and_a_resume_reads_them_back(postgres_dsn
     rng = random.Random(5)
     ids = _ids_of_one_shard(6_000, seed=1)
     remembered = Remembered()
-    remembered.attach(PostgresSegments(postgres_dsn))
+    remembered.attach(PostgresSegments(postgres_dsn), DEFAULT.join_key)
     expected: dict[str, tuple[float, str]] = {}
     sizes: list[int] = []
     watermark = 0.0
@@ -56,7 +56,7 @@ def test_a_snapshot_names_its_segments_and_a_resume_reads_them_back(postgres_dsn
 
     restored = pickle.loads(pickle.dumps(remembered))
     assert restored.needs_store()
-    restored.attach(PostgresSegments(postgres_dsn))
+    restored.attach(PostgresSegments(postgres_dsn), DEFAULT.join_key)
     assert not restored.needs_store()
     assert restored == remembered
     for rid, value in rng.sample(sorted(expected.items()), 1_000):
@@ -70,7 +70,7 @@ def test_segments_written_after_the_snapshot_a_resume_starts_from_are_forgotten(
     does not know those ids (the replay counts them again) and their rows go."""
     ids = _ids_of_one_shard(300, seed=3)
     remembered = Remembered()
-    remembered.attach(PostgresSegments(postgres_dsn))
+    remembered.attach(PostgresSegments(postgres_dsn), DEFAULT.join_key)
     for rid in ids[:100]:
         remembered.add(rid, 1_000.0, "acme")
     remembered.seal(10.0, snapshot=True)
@@ -81,7 +81,7 @@ def test_segments_written_after_the_snapshot_a_resume_starts_from_are_forgotten(
     assert _rows(postgres_dsn) == [0, 1]
 
     resumed: Remembered = pickle.loads(committed)
-    resumed.attach(PostgresSegments(postgres_dsn))
+    resumed.attach(PostgresSegments(postgres_dsn), DEFAULT.join_key)
     assert _rows(postgres_dsn) == [0]
     assert all(resumed.get(rid, 20.0) == (1_000.0, "acme") for rid in ids[:100])
     assert all(resumed.get(rid, 20.0) is None for rid in ids[100:])
@@ -90,7 +90,7 @@ def test_segments_written_after_the_snapshot_a_resume_starts_from_are_forgotten(
         resumed.add(rid, 1_000.0, "globex")
     resumed.seal(20.0, snapshot=True)
     again: Remembered = pickle.loads(pickle.dumps(resumed))
-    again.attach(PostgresSegments(postgres_dsn))
+    again.attach(PostgresSegments(postgres_dsn), DEFAULT.join_key)
     assert [again.get(rid, 30.0) for rid in (ids[0], ids[150], ids[250])] == [
         (1_000.0, "acme"), (1_000.0, "globex"), None]
 
@@ -98,7 +98,7 @@ def test_segments_written_after_the_snapshot_a_resume_starts_from_are_forgotten(
 def test_a_segment_is_deleted_some_snapshots_after_its_ids_expired(postgres_dsn: str) -> None:
     ids = _ids_of_one_shard(40, seed=4)
     remembered = Remembered()
-    remembered.attach(PostgresSegments(postgres_dsn))
+    remembered.attach(PostgresSegments(postgres_dsn), DEFAULT.join_key)
     for number in range(4):
         for rid in ids[number * 10:(number + 1) * 10]:
             remembered.add(rid, 100.0 * (number + 1), "acme")
@@ -115,7 +115,7 @@ def test_a_segment_is_deleted_some_snapshots_after_its_ids_expired(postgres_dsn:
 
 def test_a_resume_against_a_database_without_its_segments_says_so(postgres_dsn: str) -> None:
     remembered = Remembered()
-    remembered.attach(PostgresSegments(postgres_dsn))
+    remembered.attach(PostgresSegments(postgres_dsn), DEFAULT.join_key)
     for rid in _ids_of_one_shard(10, seed=5):
         remembered.add(rid, 100.0, "acme")
     remembered.seal(0.0, snapshot=True)
@@ -123,13 +123,13 @@ def test_a_resume_against_a_database_without_its_segments_says_so(postgres_dsn: 
     with psycopg.connect(postgres_dsn) as conn:
         conn.execute("DELETE FROM join_segments")
     with pytest.raises(MissingSegments, match=r"join shard 7: segments \[0\].*--reset"):
-        pickle.loads(state).attach(PostgresSegments(postgres_dsn))
+        pickle.loads(state).attach(PostgresSegments(postgres_dsn), DEFAULT.join_key)
 
 
 def test_ids_wait_in_the_snapshot_while_postgres_is_unreachable(postgres_dsn: str) -> None:
     store = PostgresSegments(f"postgresql://127.0.0.1:{free_port()}/none")
     remembered = Remembered()
-    remembered.attach(store)
+    remembered.attach(store, DEFAULT.join_key)
     ids = _ids_of_one_shard(50, seed=6)
     for rid in ids:
         remembered.add(rid, 100.0, "acme")
@@ -142,5 +142,5 @@ def test_ids_wait_in_the_snapshot_while_postgres_is_unreachable(postgres_dsn: st
     remembered.seal(0.0, snapshot=True)
     assert remembered.segments() == 1 and _rows(postgres_dsn) == [0]
     resumed: Remembered = pickle.loads(pickle.dumps(remembered))
-    resumed.attach(PostgresSegments(postgres_dsn))
+    resumed.attach(PostgresSegments(postgres_dsn), DEFAULT.join_key)
     assert all(resumed.get(rid, 0.0) == (100.0, "acme") for rid in ids)

@@ -50,7 +50,7 @@ import psycopg
 from dataflows.join import SourceRef
 from dataflows.operators import join_builder
 from dataflows.segments import PostgresSegments
-from dataflows.shards import JOIN_SHARDS, join_shard_key
+from dataflows.shards import DEFAULT as SHARDS
 from schemas.config import Settings
 from schemas.events import request_decoder, response_decoder
 from schemas.topics import REQUESTS, RESPONSES
@@ -151,13 +151,13 @@ def last_join_snapshot_bytes(recovery: Path) -> int:
 def snapshot_costs(
     requests: list[bytes], responses: list[bytes], settings: Settings, epoch_calls: int, dsn: str
 ) -> list[tuple[float, float, int, int]]:
-    """Feed the data through 64 join shards, routed as the dataflow routes records and
+    """Feed the data through the join shards of one worker, routed as the dataflow routes records and
     keeping their segments in Postgres at ``dsn`` as the dataflow does, and snapshot every
     shard once per ``epoch_calls`` requests: (seconds, of which writing segments, bytes,
     remembered ids) per epoch."""
     build = join_builder(settings.join_timeout_seconds, settings.dedupe_seconds,
                          settings.window_seconds, settings.lateness_seconds, PostgresSegments(dsn))
-    logics = [build(None) for _ in range(JOIN_SHARDS)]
+    logics = [build(None) for _ in range(SHARDS.count)]
     costs: list[tuple[float, float, int, int]] = []
     next_epoch = epoch_calls
     for batch, (request_offsets, response_offsets) in enumerate(in_step(requests, responses)):
@@ -169,7 +169,7 @@ def snapshot_costs(
         ):
             for offset in offsets:
                 event = decode(payloads[offset])
-                shard = logics[int(join_shard_key(event.request_id))].shard
+                shard = logics[int(SHARDS.join_key(event.request_id))].shard
                 shard.on_event(event, SourceRef(topic, 0, offset), now)
         for logic in logics:
             logic.shard.on_time(now)
