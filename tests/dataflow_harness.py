@@ -138,6 +138,17 @@ def generate(calls: int = 2000, seed: int = 7) -> DataSet:
     data = DataSet()
     lonely = data.lonely_key = _lonely_key()
     ids = (f"{seed}-{n:06d}-{rng.getrandbits(24):06x}" for n in range(10**6))
+    # The tick of phase 2 moves its join shard to far-future event time: the requests
+    # left to time out, and the late calls, keep out of that shard, so that nothing of
+    # theirs expires early (and no early timeout moves a window shard ahead of the rest).
+    tick_rid = next(ids)
+    blocked = {SHARDS.join_key(tick_rid)}
+
+    def free_id() -> str:
+        while True:
+            rid = next(ids)
+            if SHARDS.join_key(rid) not in blocked:
+                return rid
 
     def request(rid: str, key: tuple[str, str, str], ts: float) -> dict[str, Any]:
         return {"type": "request", "request_id": rid, "tenant_id": key[0], "route": key[1],
@@ -186,7 +197,7 @@ def generate(calls: int = 2000, seed: int = 7) -> DataSet:
     for _ in range(max(1, calls // 40)):  # never answered: they time out
         key = rng.choice(NORMAL_KEYS)
         ts = BASE + rng.uniform(5.5, 9.5)
-        req = request(next(ids), key, ts)
+        req = request(free_id(), key, ts)
         data.phase1.append(Event(REQUESTS, req))
         data.counted.append(Counted(key, ts, None, req, late=True))
     for _ in range(max(1, calls // 100)):  # responses whose request never comes
@@ -211,21 +222,12 @@ def generate(calls: int = 2000, seed: int = 7) -> DataSet:
     rng.shuffle(data.phase1)
 
     # Phase 2, after the first rows. The tick moves the lonely key's shard to far-future
-    # event time, and with it the watermark of the tick's own join shard: the late calls
-    # keep out of that join shard so that nothing of theirs can expire early.
+    # event time, and with it the watermark of the tick's own join shard.
     tick_ts = BASE + 140.5
     data.tick_window = BASE + 140
-    tick_rid = next(ids)
     tick_req, tick_resp, tick = answered(lonely, tick_ts, late=False, rid=tick_rid)
     data.phase2 += [tick_req, tick_resp]
     data.counted.append(tick)
-    blocked = {SHARDS.join_key(tick_rid)}
-
-    def free_id() -> str:
-        while True:
-            rid = next(ids)
-            if SHARDS.join_key(rid) not in blocked:
-                return rid
 
     for _ in range(max(2, calls // 60)):
         req, resp, counted = answered(rng.choice(NORMAL_KEYS), BASE + rng.uniform(3.0, 9.5),
