@@ -338,6 +338,9 @@ class JoinShard:
         for run in runs:
             times = run.times
             if run.kind is LLMRequest:
+                # Ids counted before these runs: looked up for the whole run at once.
+                recent = counted.recent()
+                sealed = counted.sealed_among([request.request_id for request in run.events])
                 for index, request in enumerate(run.events):
                     ts = times[index]
                     if ts > settled:
@@ -346,7 +349,7 @@ class JoinShard:
                     if rid in fresh:
                         self.duplicates += 1
                     elif rid not in pending:
-                        if counted.get(rid, settled) is None:
+                        if (rid not in recent and rid not in sealed) or counted.get(rid, settled) is None:
                             assert type(request) is LLMRequest
                             fresh[rid] = (request, ts, run, index)
                         else:

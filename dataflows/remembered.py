@@ -139,6 +139,26 @@ class Remembered:
                 return None
         return found if found[0] >= watermark else None
 
+    def recent(self) -> dict[str, tuple[float, str]]:
+        """The ids counted since the last seal (the very dict :meth:`add` adds to)."""
+        return self._recent
+
+    def sealed_among(self, rids: list[str]) -> set[str]:
+        """Those of ``rids`` whose digest the sealed arrays hold, expired or not: besides
+        :meth:`recent`, the only ids :meth:`get` can find. One vectorised search for a
+        batch of ids, where :meth:`get` pays two binary searches an id."""
+        parts = [part for part in (self._small, self._large) if len(part.digests)]
+        if not parts or not rids:
+            return set()
+        digest = self._digest
+        digests = np.fromiter((digest(rid) for rid in rids), np.int64, len(rids))
+        hit = np.zeros(len(rids), bool)
+        for part in parts:
+            index = np.searchsorted(part.digests, digests)
+            index[index == len(part.digests)] = 0
+            hit |= part.digests[index] == digests
+        return {rids[i] for i in np.flatnonzero(hit).tolist()}
+
     def add(self, rid: str, expiry: float, tenant: str) -> None:
         self._recent[rid] = (expiry, tenant)
 
