@@ -154,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     recovery_dir = args.recovery_dir.resolve()
     workers = args.processes * args.workers
     made = prepare_recovery(recovery_dir, workers, reset=args.reset)
-    shards = shard_count(recovery_dir, made, settings.state_shards, workers)
     if made:
         recovery.record_identity(recovery_dir, recovery.broker_identity(settings.kafka_brokers, INPUTS))
         logger.info("recovery: new state in %s, reading the topics from the beginning", recovery_dir)
@@ -165,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                          "and read the topics from the beginning.", recovery_dir, why)
             return 2
         logger.info("recovery: resuming from %s", recovery_dir)
+    shards = shard_count(recovery_dir, made, settings.state_shards, workers)
     return supervise(commands(recovery_dir, args.processes, args.workers,
                               args.snapshot_interval, args.backup_interval), settings.metrics_port,
                      shards)
