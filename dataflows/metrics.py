@@ -37,7 +37,7 @@ from dataflows import operators as ops
 from dataflows.batches import CallBatch, EventRun
 from dataflows.pricing import PriceBook
 from dataflows.segments import PostgresSegments
-from dataflows.shards import PER_WORKER, Shards
+from dataflows.shards import DEFAULT, Shards
 from dataflows.windows import WindowRow
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
@@ -55,7 +55,7 @@ def price_book(prices_file: Path | None) -> PriceBook:
 def build(settings: Settings) -> Dataflow:
     """The dataflow for these settings (pure: creates nothing outside the process)."""
     brokers = settings.kafka_brokers.split(",")
-    shards = Shards(settings.state_shards or PER_WORKER)
+    shards = Shards(settings.state_shards) if settings.state_shards else DEFAULT
     prices_file = settings.prices_file
     flow = Dataflow("streamlens_metrics")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from bytewax.recovery import init_db_dir
 
 from dataflows import recovery
-from dataflows.shards import PER_WORKER
+from dataflows.shards import default_count
 from schemas.config import load_or_exit
 from schemas.database import ensure_schema
 from schemas.logs import configure_logging
@@ -59,10 +59,10 @@ def prepare_recovery(directory: Path, partitions: int, *, reset: bool = False) -
 
 def shard_count(directory: Path, made: bool, setting: int | None, workers: int) -> int:
     """How many shards the state in ``directory`` is split into. A directory ``made``
-    just now takes ``setting``, or ``PER_WORKER`` per worker, and records it; any other
+    just now takes ``setting``, or the default for ``workers``, and records it; any other
     keeps the count it recorded, whatever the setting says now (a warning says so)."""
     if made:
-        recovery.record_shards(directory, setting or PER_WORKER * workers)
+        recovery.record_shards(directory, setting or default_count(workers))
     count = recovery.recorded_shards(directory)
     if setting is not None and setting != count:
         logger.warning("recovery: STATE_SHARDS=%d ignored: the state in %s is split into %d shards "

@@ -6,12 +6,16 @@ process). One shard holds many request ids, or many ``(tenant_id, route, model)`
 keys, in one object: Bytewax's per-key cost is paid per shard, not per id. Keys
 are strings, as Bytewax wants them.
 
-How many shards is a trade: each worker needs a few, for Bytewax spreads keys
-over workers by their hash, but every shard cuts the batches a worker gets into
+How many shards is a trade. Every shard cuts the batches a worker gets into
 smaller pieces, and batches of a few hundred events lose what columns gain
 (``bench_dataflow``: 64 shards on one process made 22-25k calls/s, 8 made
-30-35k). The count is fixed for the life of a recovery store: a request id must
-find its shard, and its state, after a resume (``dataflows.run`` records it).
+30-35k). But Bytewax places keys on workers by a hash of their name, so few keys
+spread unevenly over several workers (8 keys on 2 workers: 6 and 2; 16: 10 and
+6; 64: 33 and 27), and the busiest worker sets the pace: 16 shards on 2
+processes ran the sustained benchmark with a join state 3.4 times as large and
+RSS 840 MiB against 514 MiB with 64. Hence :func:`default_count`. The count is
+fixed for the life of a recovery store: a request id must find its shard, and its
+state, after a resume (``dataflows.run`` records it).
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import zlib
 
 WindowKey = tuple[str, str, str]  # tenant_id, route, model
 
-# Shards per worker when the count is not set; a store made before the count was
-# recorded used LEGACY_COUNT.
-PER_WORKER = 8
+# A store made before the count was recorded used LEGACY_COUNT.
 LEGACY_COUNT = 64
+ONE_WORKER = 8
+PER_WORKER = 32
 
 
 class Shards:
@@ -54,5 +58,11 @@ class Shards:
         return f"Shards({self.count})"
 
 
+def default_count(workers: int) -> int:
+    """The shard count for ``workers`` workers in all, when none is set: few for one
+    worker, which holds them all; enough per worker that hashing spreads them evenly."""
+    return ONE_WORKER if workers == 1 else max(LEGACY_COUNT, PER_WORKER * workers)
+
+
 # One worker's shards: what a dataflow started without a count of its own uses.
-DEFAULT = Shards(PER_WORKER)
+DEFAULT = Shards(default_count(1))

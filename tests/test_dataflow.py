@@ -392,12 +392,18 @@ def test_the_state_keeps_the_shard_count_its_recovery_directory_was_made_with(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     fresh = tmp_path / "fresh"
     assert run.prepare_recovery(fresh, 3)
-    assert run.shard_count(fresh, True, None, 3) == 24  # 8 per worker
+    assert run.shard_count(fresh, True, None, 3) == 96  # 32 per worker, several workers
     # A resume keeps it, whatever the setting or the number of workers now.
-    assert run.shard_count(fresh, False, None, 1) == 24
+    assert run.shard_count(fresh, False, None, 1) == 96
     with caplog.at_level(logging.WARNING, logger="streamlens.dataflow"):
-        assert run.shard_count(fresh, False, 5, 1) == 24
-    assert "STATE_SHARDS=5 ignored" in caplog.text and "24 shards" in caplog.text
+        assert run.shard_count(fresh, False, 5, 1) == 96
+    assert "STATE_SHARDS=5 ignored" in caplog.text and "96 shards" in caplog.text
+    alone = tmp_path / "alone"
+    assert run.prepare_recovery(alone, 1)
+    assert run.shard_count(alone, True, None, 1) == 8  # one worker holds them all
+    two = tmp_path / "two"
+    assert run.prepare_recovery(two, 2)
+    assert run.shard_count(two, True, None, 2) == 64
     chosen = tmp_path / "chosen"
     assert run.prepare_recovery(chosen, 1)
     assert run.shard_count(chosen, True, 5, 1) == 5

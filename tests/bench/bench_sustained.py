@@ -23,7 +23,7 @@ Printed, for each ``--processes`` count (each run reads the same topics afresh):
 
 Side measurements, in this process: bytes per remembered id and per in-flight
 request (tracemalloc over a ``JoinShard``, as ``bench_baseline``), and the
-seconds a snapshot of the 64 join shards takes (``JoinLogic.snapshot``, what
+seconds a snapshot of one worker's join shards takes (``JoinLogic.snapshot``, what
 Bytewax calls at every epoch) while the same data is fed through them, one
 snapshot per epoch of as many calls as the one-process run read per snapshot
 interval. Bytewax's ``snaps`` table stamps its rows to the second only, too
