@@ -28,9 +28,11 @@ import math
 import time
 from typing import Any, NamedTuple, cast
 
+import numpy as np
 from bytewax.connectors.kafka import KafkaSource
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, Message, TopicPartition
+from numpy.typing import NDArray
 
 from dataflows.batches import Event, EventRun, decode_run, invalid
 from dataflows.observability import BOARD, RECORDS_READ
@@ -116,7 +118,7 @@ class _BatchPartition(StatefulSourcePartition[Poll, int]):
         progress.register(self._part, time.time())
         # Polled records not handed over yet (too far ahead): from index _next on, each
         # record's offset, event or dead letter, and the event time it stands for.
-        self._held = _Held([], [], [])
+        self._held = _Held.of([], [], [])
         self._next = 0
         self._newest = -math.inf
         BOARD.report_position(topic, partition, self._offset)
@@ -138,24 +140,23 @@ class _BatchPartition(StatefulSourcePartition[Poll, int]):
         limit = progress.limit(part, now)
         first = self._next
         times = held.times
-        last = first
+        last = _within(held.stamps, first, limit)
         end = len(times)
-        while last < end and times[last] <= limit:
-            last += 1
         self._next = last
         if last == first:
             progress.stands_at(part, times[first])
             return []
         offsets = held.offsets[first:last]
         items = held.items[first:last]
-        newest = max(self._newest, max(times[first:last]))
+        newest = max(self._newest, float(held.stamps[first:last].max()))
         self._newest = newest
         progress.stands_at(part, times[last] if last < end else newest)
-        # Resume after the last record handed over, never before it.
-        last_offset = max((offset for offset in offsets if offset is not None and offset >= 0),
-                          default=None)
-        if last_offset is not None:
-            self._offset = last_offset + 1
+        # Resume after the last record handed over, never before it (offsets ascend; a
+        # broker error's message may have none).
+        for offset in reversed(offsets):
+            if offset is not None and offset >= 0:
+                self._offset = max(self._offset, offset + 1)
+                break
         RECORDS_READ.labels(self._topic).inc(len(items))
         BOARD.report_position(self._topic, self._partition, self._offset)
         return [poll_of(self._topic, self._partition, offsets, items, times[first:last])]
@@ -166,7 +167,7 @@ class _BatchPartition(StatefulSourcePartition[Poll, int]):
         topic, partition = self._topic, self._partition
         offsets = [message.offset() for message in messages]
         if all(message.error() is None for message in messages):
-            return _Held(offsets, *decode_values(topic, partition, offsets,
+            return _Held.of(offsets, *decode_values(topic, partition, offsets,
                                                  [message.value() for message in messages], now))
         items: list[Event | DeadLetter] = []
         times: list[float] = []
@@ -179,7 +180,7 @@ class _BatchPartition(StatefulSourcePartition[Poll, int]):
                 stamps = [-math.inf]
             items += decoded
             times += stamps
-        return _Held(offsets, items, times)
+        return _Held.of(offsets, items, times)
 
     def snapshot(self) -> int:
         return self._offset
@@ -192,6 +193,17 @@ class _Held(NamedTuple):
     offsets: list[int]
     items: list[Event | DeadLetter]
     times: list[float]
+    stamps: NDArray[np.float64]  # the times as an array, for handing over by time
+
+    @classmethod
+    def of(cls, offsets: list[int], items: list[Event | DeadLetter], times: list[float]) -> _Held:
+        return cls(offsets, items, times, np.array(times, dtype=np.float64))
+
+
+def _within(stamps: NDArray[np.float64], first: int, limit: float) -> int:
+    """The end of the run of records from ``first`` on stamped at most ``limit``."""
+    over = np.flatnonzero(stamps[first:] > limit)
+    return first + int(over[0]) if len(over) else len(stamps)
 
 
 def appended_at(message: Message) -> float:
