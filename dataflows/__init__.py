@@ -1,4 +1,4 @@
-"""The metrics dataflow: decode → join → windows → sinks (contract §3).
+"""The metrics dataflow: decode → join → windows → sinks (docs/counting.md).
 
 Pure logic lives in plain modules with no Bytewax in them, so it is tested
 directly: :mod:`dataflows.clock`, :mod:`dataflows.join`, :mod:`dataflows.windows`,

@@ -210,7 +210,7 @@ class CallBatch:
 
     A call is a request and its response (``responses[i]`` is None for a timed-out
     call); ``replaces[i]``: an answered call taking the place of its request's earlier
-    timeout (SPEC §3: timeouts are provisional). ``completed[i]`` is the event time at
+    timeout (docs/counting.md §1.1: timeouts are provisional). ``completed[i]`` is the event time at
     which the call became known: the later of its two timestamps, or the request's
     + timeout for a timeout. ``costs[i]`` is set by pricing (None: no known price).
     """

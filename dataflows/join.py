@@ -4,7 +4,7 @@
 is driven by the Bytewax wiring in :mod:`dataflows.metrics`. It must pickle (it
 is Bytewax state).
 
-Rules (contract §3, decided in detail here):
+Rules (docs/counting.md §1, decided in detail here):
 
 - A request and a response pair only when ``response_ts - request_ts <= timeout``
   and the response's tenant (stamped at ingestion, when present) is the
@@ -89,7 +89,7 @@ class Call(Struct, kw_only=True):
     # the windows advance their watermark with it. None: derive it from the events.
     completed_at: float | None = None
     # An answered call whose request was already counted as timed out: the windows
-    # fold it in place of that timeout (contract §3: timeouts are provisional).
+    # fold it in place of that timeout (docs/counting.md §1.1: timeouts are provisional).
     replaces_timeout: bool = False
 
     def __reduce__(self) -> tuple[object, tuple[bytes]]:

@@ -1,4 +1,4 @@
-"""The metrics dataflow (SPEC §3): ``python -m bytewax.run dataflows.metrics``.
+"""The metrics dataflow (docs/counting.md): ``python -m bytewax.run dataflows.metrics``.
 
 ::
 

@@ -1,6 +1,6 @@
 """What a call cost: genai-prices' table, overridden and extended by ``PRICES_FILE``.
 
-Per answered call (contract §3)::
+Per answered call (docs/counting.md §5)::
 
     (prompt_tokens - cache_read_tokens) * input + cache_read_tokens * cache_read
         + completion_tokens * output
@@ -136,7 +136,7 @@ class PriceBook:
         self._models: dict[tuple[str | None, str], Rates | _TimedModel | None] = {}
 
     def price(self, call: Call) -> Call:
-        """Set ``call.cost_usd``: the per-call formula of the contract; None when the
+        """Set ``call.cost_usd``: the per-call formula of docs/counting.md §5; None when the
         model has no known price; 0.0 for a timed-out call."""
         response = call.response
         if response is None:
