@@ -299,6 +299,12 @@ class JoinShard:
             self._pending[rid] = packed
         self._schedule(ts + self.timeout, rid)
 
+    def _hold_response(self, rid: str, response: LLMResponse, source: SourceRef, ts: float) -> None:
+        """A response new to the shard waits for its request until no request could
+        still be counted for it."""
+        self._pending[rid] = _Pending(response=response, response_source=source, response_ts=ts)
+        self._schedule(self.orphan_after(ts), rid)
+
     def on_runs(self, runs: list[EventRun], now: float, calls: CallBatch) -> list[DeadLetter]:
         """Add the runs' events, in order; append the calls they complete to ``calls`` and
         return the dead letters.
@@ -321,6 +327,10 @@ class JoinShard:
         pending, counted, mismatched = self._pending, self._counted, self._mismatched
         timeout = self.timeout
         fresh: dict[str, tuple[LLMRequest, float, EventRun, int]] = {}
+        # Responses new to the shard whose request has not come yet: kept aside the same
+        # way, so a request later in the same runs pairs with one at a dict lookup.
+        early: dict[str, tuple[LLMResponse, float, EventRun, int]] = {}
+        recent = counted.recent()
 
         def slow(found: list[Call | DeadLetter]) -> None:
             for item in found:
@@ -335,11 +345,15 @@ class JoinShard:
             request, request_ts, run, index = fresh.pop(rid)
             self._hold_request(rid, request, run.source(index), request_ts)
 
+        def release_early(rid: str) -> None:
+            # What on_event would have done with the early response on its arrival.
+            response, response_ts, run, index = early.pop(rid)
+            self._hold_response(rid, response, run.source(index), response_ts)
+
         for run in runs:
             times = run.times
             if run.kind is LLMRequest:
                 # Ids counted before these runs: looked up for the whole run at once.
-                recent = counted.recent()
                 sealed = counted.sealed_among([request.request_id for request in run.events])
                 for index, request in enumerate(run.events):
                     ts = times[index]
@@ -348,6 +362,20 @@ class JoinShard:
                     rid = request.request_id
                     if rid in fresh:
                         self.duplicates += 1
+                    elif rid in early:
+                        # Its response came first in these runs, and was not counted.
+                        response, response_ts = early[rid][0], early[rid][1]
+                        tenant = response.tenant_id
+                        assert type(request) is LLMRequest
+                        if ((tenant is None or tenant == request.tenant_id)
+                                and response_ts - ts <= timeout and rid not in mismatched):
+                            del early[rid]
+                            self._count_pair(calls, rid, request, response, run.source(index), ts,
+                                             response_ts)
+                            continue
+                        release_early(rid)
+                        watermark.settled = settled
+                        slow(self._on_request(request, run.source(index), ts))
                     elif rid not in pending:
                         if (rid not in recent and rid not in sealed) or counted.get(rid, settled) is None:
                             assert type(request) is LLMRequest
@@ -359,6 +387,10 @@ class JoinShard:
                         assert type(request) is LLMRequest
                         slow(self._on_request(request, run.source(index), ts))
                 continue
+            # Ids counted before these runs, among those that may be new here.
+            sealed = counted.sealed_among([response.request_id for response in run.events
+                                           if response.request_id not in fresh
+                                           and response.request_id not in pending])
             for index, response in enumerate(run.events):
                 ts = times[index]
                 if ts > settled:
@@ -390,11 +422,19 @@ class JoinShard:
                             self._count_pair(calls, rid, request, response, run.source(index), request_ts, ts)
                             continue
                         pending[rid] = entry
+                    elif (held is None and rid not in early and rid not in recent
+                          and rid not in sealed):
+                        early[rid] = (response, ts, run, index)  # new, and not counted before
+                        continue
+                    elif rid in early:
+                        release_early(rid)
                 watermark.settled = settled
                 slow(self._on_response(response, run.source(index), ts))
         watermark.settled = settled
         for rid in list(fresh):
             release(rid)
+        for rid in list(early):
+            release_early(rid)
         self._offset = now - settled
         return letters
 
@@ -429,8 +469,7 @@ class JoinShard:
                 return []
             entry = held
         if entry is None:
-            self._pending[rid] = _Pending(response=response, response_source=source, response_ts=ts)
-            self._schedule(self.orphan_after(ts), rid)
+            self._hold_response(rid, response, source, ts)
             return []
         if entry.request is not None:
             if tenant_id not in (None, entry.request.tenant_id):
