@@ -138,6 +138,12 @@ _REQUEST_TEMPLATE = LLMRequest(request_id="-", tenant_id="-", route="-", model="
                                timestamp=datetime(1970, 1, 1, tzinfo=UTC))
 
 
+def _lone_response(entry: _Pending) -> bool:
+    """The entry holds one response and nothing else: no request, no other tenant's."""
+    return (entry.request is None and entry.response is not None and entry.strays is None
+            and entry.unpaired is None and not entry.request_done)
+
+
 def _pack_request(request: LLMRequest, source: SourceRef) -> bytes | None:
     """The request and its source as one string; None when msgpack cannot hold a
     value (an integer in its metadata beyond 64 bits): it is then kept unpacked."""
@@ -383,14 +389,29 @@ class JoinShard:
                         else:
                             self.duplicates += 1
                     else:
-                        watermark.settled = settled
                         assert type(request) is LLMRequest
+                        held = pending[rid]
+                        if type(held) is _Pending and _lone_response(held):
+                            # Its response came in earlier runs and waits alone (so the id
+                            # is not counted): what _on_request then does, inline.
+                            response, response_ts = held.response, held.response_ts
+                            assert response is not None
+                            tenant = response.tenant_id
+                            if ((tenant is None or tenant == request.tenant_id)
+                                    and response_ts - ts <= timeout and rid not in mismatched):
+                                del pending[rid]
+                                self._unschedule(self.orphan_after(response_ts), rid)
+                                self._count_pair(calls, rid, request, response, run.source(index),
+                                                 ts, response_ts)
+                                continue
+                        watermark.settled = settled
                         slow(self._on_request(request, run.source(index), ts))
                 continue
-            # Ids counted before these runs, among those that may be new here.
-            sealed = counted.sealed_among([response.request_id for response in run.events
-                                           if response.request_id not in fresh
-                                           and response.request_id not in pending])
+            # The ids new to the shard as this run starts, and those of them counted
+            # before (an id pending now may be counted already: a timed-out request).
+            unknown = {response.request_id for response in run.events
+                       if response.request_id not in fresh and response.request_id not in pending}
+            sealed = counted.sealed_among(list(unknown))
             for index, response in enumerate(run.events):
                 ts = times[index]
                 if ts > settled:
@@ -422,7 +443,7 @@ class JoinShard:
                             self._count_pair(calls, rid, request, response, run.source(index), request_ts, ts)
                             continue
                         pending[rid] = entry
-                    elif (held is None and rid not in early and rid not in recent
+                    elif (held is None and rid in unknown and rid not in early and rid not in recent
                           and rid not in sealed):
                         early[rid] = (response, ts, run, index)  # new, and not counted before
                         continue
