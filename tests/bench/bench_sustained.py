@@ -328,14 +328,14 @@ def main(argv: list[str] | None = None) -> None:
             )
 
     if not costs:
-        print(f"  snapshot of the 64 join shards: the data set is shorter than one epoch "
+        print(f"  snapshot of the {SHARDS.count} join shards: the data set is shorter than one epoch "
               f"({epoch_calls:,} calls)")
         return
     times = [seconds for seconds, _, _, _ in costs]
     writes = [seconds for _, seconds, _, _ in costs]
     sizes = [size for _, _, size, _ in costs]
     print(
-        f"  snapshot of the 64 join shards (JoinLogic.snapshot, side measurement), one per "
+        f"  snapshot of the {SHARDS.count} join shards (JoinLogic.snapshot, side measurement), one per "
         f"{epoch_calls:,} calls ({SNAPSHOT_INTERVAL} s of the first run), {len(costs)} epochs: "
         f"median {statistics.median(times) * 1e3:,.0f} ms, max {max(times) * 1e3:,.0f} ms "
         f"(sealing the ids counted since the last: digests, sorting, one Postgres row a shard; "
