@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import os
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -114,14 +114,32 @@ class Remembered:
 
     # -- lookups ----------------------------------------------------------------
 
-    def _digest(self, rid: str) -> int:
+    def _hash(self) -> hashlib.blake2b:
+        """The hash keyed with the shard's key, to copy: a third cheaper than keying a new
+        hash each time."""
         keyed = self._keyed
         if keyed is None:
             self._keyed = keyed = hashlib.blake2b(digest_size=8, key=self._key)
-        # A copy of the keyed state: a third cheaper than keying a new hash each time.
-        hasher = keyed.copy()
+        return keyed
+
+    def _digest(self, rid: str) -> int:
+        hasher = self._hash().copy()
         hasher.update(rid.encode())
         return int.from_bytes(hasher.digest(), "little", signed=True)
+
+    def _digests(self, rids: Iterable[str], count: int) -> NDArray[np.int64]:
+        """:meth:`_digest` of each of ``rids`` (``count`` of them), as one array: the
+        digests' bytes joined and read as little-endian integers, not one int each."""
+        copy = self._hash().copy
+        parts: list[bytes] = []
+        append = parts.append
+        for rid in rids:
+            hasher = copy()
+            hasher.update(rid.encode())
+            append(hasher.digest())
+        digests = np.frombuffer(b"".join(parts), dtype="<i8").astype(np.int64)
+        assert len(digests) == count
+        return digests
 
     def get(self, rid: str, watermark: float) -> tuple[float, str] | None:
         """The id's expiry and tenant while it is remembered at ``watermark``; None after."""
@@ -150,8 +168,7 @@ class Remembered:
         parts = [part for part in (self._small, self._large) if len(part.digests)]
         if not parts or not rids:
             return set()
-        digest = self._digest
-        digests = np.fromiter((digest(rid) for rid in rids), np.int64, len(rids))
+        digests = self._digests(rids, len(rids))
         hit = np.zeros(len(rids), bool)
         for part in parts:
             index = np.searchsorted(part.digests, digests)
@@ -227,7 +244,7 @@ class Remembered:
     def _segment(self, recent: list[tuple[str, tuple[float, str]]]) -> Segment:
         number = self._tenant_number
         tenants = np.fromiter((number(tenant) for _, (_, tenant) in recent), np.uint32, len(recent))
-        digests = np.fromiter((self._digest(rid) for rid, _ in recent), np.int64, len(recent))
+        digests = self._digests((rid for rid, _ in recent), len(recent))
         expiry = np.fromiter((value[0] for _, value in recent), np.float64, len(recent))
         order = np.argsort(digests, kind="stable")
         return Segment(digests[order], expiry[order], tenants[order], self._tenants)
