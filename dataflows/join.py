@@ -51,19 +51,25 @@ stale references are skipped when their bucket comes due.
 
 from __future__ import annotations
 
-import copy
 import heapq
 import math
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
-from sys import intern
-from typing import TypeVar
+from datetime import UTC, datetime
 
 import msgspec
 from msgspec import Struct
 
 from dataflows.batches import CallBatch, EventRun, SourceRef
 from dataflows.clock import Watermark
+from dataflows.pending import (
+    Pending,
+    lone_response,
+    pack_request,
+    pending_from_state,
+    pending_state,
+    share_strings,
+    unpack_request,
+)
 from dataflows.remembered import Remembered, SegmentStore
 from schemas.deadletter import DeadLetter
 from schemas.events import LLMRequest, LLMResponse, check_cache_read, encoder
@@ -105,84 +111,6 @@ _call_decoder = msgspec.msgpack.Decoder(Call)
 
 def _call_from_msgpack(data: bytes) -> Call:
     return _call_decoder.decode(data)
-
-
-class _Pending(Struct, gc=False):
-    """One request_id not counted yet: whichever sides have arrived."""
-
-    request: LLMRequest | None = None
-    request_source: SourceRef | None = None
-    request_ts: float = 0.0
-    response: LLMResponse | None = None
-    response_source: SourceRef | None = None
-    response_ts: float = 0.0
-    # While the request is missing: the first responses of other tenants than
-    # ``response``'s, as (response, source, timestamp), each with its own deadline.
-    strays: list[tuple[LLMResponse, SourceRef, float]] | None = None
-    # Set once both sides arrived and cannot pair: why, for the orphan's error.
-    # From then on the entry only waits for its deadlines.
-    unpaired: str | None = None
-    # The request side timed out already (it is in ``_counted``). Its request is
-    # kept until :meth:`JoinShard.convertible_until` for a response to convert it.
-    request_done: bool = False
-
-
-# A request waiting alone for its response, the usual in-flight state, is held as
-# one msgpack string of its fields and source (~110 bytes) rather than as a
-# _Pending, a struct, a datetime and a SourceRef (~550 bytes): packing and
-# unpacking cost ~2 µs a call. It was validated on arrival, so it is unpacked by
-# copying a template and setting the fields, without validating again.
-_packer = msgspec.msgpack.Encoder()
-_unpacker = msgspec.msgpack.Decoder()
-_REQUEST_TEMPLATE = LLMRequest(request_id="-", tenant_id="-", route="-", model="-",
-                               timestamp=datetime(1970, 1, 1, tzinfo=UTC))
-
-
-def _lone_response(entry: _Pending) -> bool:
-    """The entry holds one response and nothing else: no request, no other tenant's."""
-    return (entry.request is None and entry.response is not None and entry.strays is None
-            and entry.unpaired is None and not entry.request_done)
-
-
-def _pack_request(request: LLMRequest, source: SourceRef) -> bytes | None:
-    """The request and its source as one string; None when msgpack cannot hold a
-    value (an integer in its metadata beyond 64 bits): it is then kept unpacked."""
-    try:
-        return _packer.encode((
-            source.topic, source.partition, source.offset, request.tenant_id, request.route,
-            request.model, (request.timestamp - _EPOCH) // _MICROSECOND, request.prompt_tokens,
-            request.provider, request.user_id_hash, request.metadata,
-        ))
-    except OverflowError:
-        return None
-
-
-def _unpack_request(rid: str, packed: bytes) -> _Pending:
-    (topic, partition, offset, tenant_id, route, model, micros, prompt_tokens, provider,
-     user_id_hash, metadata) = _unpacker.decode(packed)
-    request = copy.copy(_REQUEST_TEMPLATE)
-    request.request_id = rid
-    request.tenant_id = intern(tenant_id)
-    request.route = intern(route)
-    request.model = intern(model)
-    request.timestamp = _EPOCH + timedelta(microseconds=micros)
-    request.prompt_tokens = prompt_tokens
-    request.provider = provider if provider is None else intern(provider)
-    request.user_id_hash = user_id_hash
-    request.metadata = metadata
-    # Exactly the arrival's ``timestamp.timestamp()``: both divide the same microseconds.
-    return _Pending(request=request, request_source=SourceRef(topic, partition, offset),
-                    request_ts=micros / 1_000_000)
-
-
-def _share_strings(request: LLMRequest) -> None:
-    """A waiting request holds one copy of each tenant, route, model and provider
-    name instead of its own: a third of what an in-flight request costs."""
-    request.tenant_id = intern(request.tenant_id)
-    request.route = intern(request.route)
-    request.model = intern(request.model)
-    if request.provider is not None:
-        request.provider = intern(request.provider)
 
 
 def call_into(calls: CallBatch, call: Call) -> None:
@@ -233,8 +161,8 @@ class JoinShard:
         # it was counted: repeats are ignored for at least DEDUPE_SECONDS after.
         self.remember = float(max(timeout_seconds, dedupe_seconds))
         self.watermark = Watermark()
-        # A request waiting alone for its response is held packed (see _pack_request).
-        self._pending: dict[str, _Pending | bytes] = {}
+        # A request waiting alone for its response is held packed (see pack_request).
+        self._pending: dict[str, Pending | bytes] = {}
         # Counted request_id -> (event time until which repeats are ignored, the
         # request's tenant: a response of another tenant is no repeat), compactly.
         self._counted = Remembered()
@@ -290,17 +218,17 @@ class JoinShard:
         out: list[Call | DeadLetter] = []
         if not self._settle_responses(entry, out):
             # Every waiting response was another tenant's: wait for the right one.
-            _share_strings(request)
+            share_strings(request)
             self._schedule(ts + self.timeout, rid)
             return out
         return self._pair(rid, entry, source, out)
 
     def _hold_request(self, rid: str, request: LLMRequest, source: SourceRef, ts: float) -> None:
         """A new request waits alone for its response, packed, until its deadline."""
-        packed = _pack_request(request, source)
+        packed = pack_request(request, source)
         if packed is None:
-            _share_strings(request)
-            self._pending[rid] = _Pending(request=request, request_source=source, request_ts=ts)
+            share_strings(request)
+            self._pending[rid] = Pending(request=request, request_source=source, request_ts=ts)
         else:
             self._pending[rid] = packed
         self._schedule(ts + self.timeout, rid)
@@ -308,7 +236,7 @@ class JoinShard:
     def _hold_response(self, rid: str, response: LLMResponse, source: SourceRef, ts: float) -> None:
         """A response new to the shard waits for its request until no request could
         still be counted for it."""
-        self._pending[rid] = _Pending(response=response, response_source=source, response_ts=ts)
+        self._pending[rid] = Pending(response=response, response_source=source, response_ts=ts)
         self._schedule(self.orphan_after(ts), rid)
 
     def on_runs(self, runs: list[EventRun], now: float, calls: CallBatch) -> list[DeadLetter]:
@@ -391,7 +319,7 @@ class JoinShard:
                     else:
                         assert type(request) is LLMRequest
                         held = pending[rid]
-                        if type(held) is _Pending and _lone_response(held):
+                        if type(held) is Pending and lone_response(held):
                             # Its response came in earlier runs and waits alone (so the id
                             # is not counted): what _on_request then does, inline.
                             response, response_ts = held.response, held.response_ts
@@ -431,7 +359,7 @@ class JoinShard:
                 else:
                     held = pending.get(rid)
                     if type(held) is bytes:
-                        entry = _unpack_request(rid, held)
+                        entry = unpack_request(rid, held)
                         request = entry.request
                         assert request is not None and entry.request_source is not None
                         tenant = response.tenant_id
@@ -474,11 +402,11 @@ class JoinShard:
         rid = response.request_id
         tenant_id = response.tenant_id
         held = self._pending.get(rid)
-        entry: _Pending | None
+        entry: Pending | None
         if isinstance(held, bytes):
             # A request waiting alone (the usual case) is not counted: no lookup among
             # the counted ids, which costs a digest and two binary searches.
-            self._pending[rid] = entry = _unpack_request(rid, held)
+            self._pending[rid] = entry = unpack_request(rid, held)
         else:
             counted = self._counted.get(rid, self.watermark.settled)
             if counted is not None:
@@ -514,7 +442,7 @@ class JoinShard:
         self._schedule(self.orphan_after(ts), rid)
         return []
 
-    def _pair(self, rid: str, entry: _Pending, source: SourceRef,
+    def _pair(self, rid: str, entry: Pending, source: SourceRef,
               out: list[Call | DeadLetter]) -> list[Call | DeadLetter]:
         """Both sides of ``rid`` are known (``source`` completed it): the call, or the
         response dead-lettered for being too far from its request."""
@@ -543,11 +471,11 @@ class JoinShard:
         out.append(call)
         return out
 
-    def _entry(self, rid: str) -> _Pending | None:
+    def _entry(self, rid: str) -> Pending | None:
         """The pending entry of ``rid``, a packed lone request unpacked (and kept so)."""
         entry = self._pending.get(rid)
         if isinstance(entry, bytes):
-            self._pending[rid] = entry = _unpack_request(rid, entry)
+            self._pending[rid] = entry = unpack_request(rid, entry)
         return entry
 
     def _no_request(self) -> str:
@@ -608,7 +536,7 @@ class JoinShard:
         """Event time until which a timed-out request can still become an answered call."""
         return _window_end(request_ts, self.window) + self.lateness
 
-    def _settle_responses(self, entry: _Pending, out: list[Call | DeadLetter]) -> bool:
+    def _settle_responses(self, entry: Pending, out: list[Call | DeadLetter]) -> bool:
         """The request just arrived: dead-letter the waiting responses of other
         tenants into ``out`` and keep the first of its own in ``entry.response``
         (later ones of its own are repeats). False when none is left."""
@@ -728,7 +656,7 @@ class JoinShard:
                 pending_again = True
         return pending_again
 
-    def _time_out(self, rid: str, entry: _Pending, deadline: float, out: list[Call | DeadLetter]) -> None:
+    def _time_out(self, rid: str, entry: Pending, deadline: float, out: list[Call | DeadLetter]) -> None:
         request = entry.request
         assert request is not None and entry.request_source is not None
         out.append(
@@ -827,33 +755,14 @@ class JoinShard:
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
         state["_offset"] = None
-        state["_pending"] = [_pending_state(rid, entry) for rid, entry in self._pending.items()]
+        state["_pending"] = [pending_state(rid, entry) for rid, entry in self._pending.items()]
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         pending = state["_pending"]
         assert isinstance(pending, list)
-        state["_pending"] = dict(_pending_from_state(item) for item in pending)
+        state["_pending"] = dict(pending_from_state(item) for item in pending)
         self.__dict__.update(state)
-
-
-# Snapshots hold waiting events as plain tuples of their field values, the
-# timestamp as whole microseconds since the epoch (exact for every valid time):
-# pickling each Struct (a dict of fields, a datetime) costs several times as long
-# and more bytes, and Bytewax snapshots every shard at every epoch.
-_PendingState = tuple[
-    str,
-    tuple | None,
-    tuple | None,
-    float,
-    tuple | None,
-    tuple | None,
-    float,
-    str | None,
-    bool,
-    list[tuple[tuple, tuple, float]] | None,
-]
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _window_end(ts: float, window: int) -> float:
@@ -866,70 +775,3 @@ def _iso(seconds: float) -> str:
         return datetime.fromtimestamp(seconds, UTC).isoformat()
     except (OverflowError, ValueError, OSError):
         return f"{seconds:.0f} s after the epoch"
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def _values(event: LLMRequest | LLMResponse) -> tuple:
-    values = list(msgspec.structs.astuple(event))
-    index = _TIMESTAMP[type(event)]
-    values[index] = (values[index] - _EPOCH) // _MICROSECOND
-    return tuple(values)
-
-
-_Event = TypeVar("_Event", LLMRequest, LLMResponse)
-
-
-def _event(kind: type[_Event], values: tuple) -> _Event:
-    fields = dict(zip(kind.__struct_fields__, values, strict=True))
-    fields["timestamp"] = _EPOCH + timedelta(microseconds=fields["timestamp"])
-    return kind(**fields)
-
-
-def _pending_state(rid: str, entry: _Pending | bytes) -> _PendingState | tuple[str, bytes]:
-    if isinstance(entry, bytes):
-        return rid, entry
-    return (
-        rid,
-        None if entry.request is None else _values(entry.request),
-        None if entry.request_source is None else tuple(entry.request_source),
-        entry.request_ts,
-        None if entry.response is None else _values(entry.response),
-        None if entry.response_source is None else tuple(entry.response_source),
-        entry.response_ts,
-        entry.unpaired,
-        entry.request_done,
-        None
-        if entry.strays is None
-        else [(_values(response), tuple(source), ts) for response, source, ts in entry.strays],
-    )
-
-
-def _pending_from_state(state: _PendingState | tuple[str, bytes]) -> tuple[str, _Pending | bytes]:
-    if len(state) == 2:
-        return state
-    rid, request, request_source, request_ts, response, response_source, response_ts = state[:7]
-    entry = _Pending(
-        request=None if request is None else _event(LLMRequest, request),
-        request_source=None if request_source is None else SourceRef(*request_source),
-        request_ts=request_ts,
-        response=None if response is None else _event(LLMResponse, response),
-        response_source=None if response_source is None else SourceRef(*response_source),
-        response_ts=response_ts,
-        unpaired=state[7],
-        request_done=state[8],
-        strays=None
-        if state[9] is None
-        else [
-            (_event(LLMResponse, response), SourceRef(*source), ts)
-            for response, source, ts in state[9]
-        ],
-    )
-    if entry.request is not None:
-        _share_strings(entry.request)
-    return rid, entry
-
-
-_TIMESTAMP = {
-    LLMRequest: LLMRequest.__struct_fields__.index("timestamp"),
-    LLMResponse: LLMResponse.__struct_fields__.index("timestamp"),
-}

@@ -10,7 +10,8 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.join import Call, JoinShard, SourceRef, _Pending
+from dataflows.join import Call, JoinShard, SourceRef
+from dataflows.pending import Pending
 from schemas.deadletter import DeadLetter
 from schemas.events import LLMRequest, LLMResponse, MetadataValue, request_decoder, response_decoder
 
@@ -926,7 +927,7 @@ def test_a_waiting_request_comes_back_whole_from_its_packed_form() -> None:
     ]
     for offset, request in enumerate(sent):
         join.on_event(request, SourceRef(REQUESTS, 2, 10**12 + offset), NOW)
-    assert [type(join._pending[r.request_id]) for r in sent] == [bytes, bytes, _Pending]
+    assert [type(join._pending[r.request_id]) for r in sent] == [bytes, bytes, Pending]
     restored = pickle.loads(pickle.dumps(join))
     for offset, request in enumerate(sent):
         response = LLMResponse(request_id=request.request_id, tenant_id="acme",
