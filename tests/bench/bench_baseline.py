@@ -383,14 +383,18 @@ def bytes_per_remembered_id(sample: int = 20_000) -> float:
     # has anyway (interned tenant, route and model names), so they are not counted.
     # It stays alive while the other is measured: the names it interned would die
     # with it, and the interpreter's table of interned names would be rebuilt (a
-    # megabyte or two) as the measured shard interns them again.
+    # megabyte or two) as the measured shard interns them again. Tracing starts, and
+    # a snapshot is taken, before it: their first use imports and interns names too,
+    # which could leave the interpreter's table just short of growing.
+    tracemalloc.start(4)
+    tracemalloc.take_snapshot()
     warm = JoinShard(300, 3600, 60, 600)
     for offset, (request, response) in enumerate(pairs):
         warm.on_event(request_decoder.decode(request), SourceRef("llm.requests", 0, offset), now)
         warm.on_event(response_decoder.decode(response), SourceRef("llm.responses", 0, offset), now)
+    warm.on_time(now + 301)
     join = JoinShard(300, 3600, 60, 600)
     counted = 0
-    tracemalloc.start(4)
     try:
         before = tracemalloc.take_snapshot()
         # Decoded here, as the dataflow does: the join keeps what it needs of each event.
