@@ -102,25 +102,30 @@ def share_strings(request: LLMRequest) -> None:
 
 
 
-_PendingState = tuple[
-    str,
-    tuple | None,
-    tuple | None,
-    float,
-    tuple | None,
-    tuple | None,
-    float,
-    str | None,
-    bool,
-    list[tuple[tuple, tuple, float]] | None,
-]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 _MICROSECOND = timedelta(microseconds=1)
 
+# An event in a snapshot: its field values in the order of its Struct, the
+# timestamp as whole microseconds since the epoch.
+EventValues = tuple
 
-def _values(event: LLMRequest | LLMResponse) -> tuple:
+
+class PendingSnapshot(Struct, frozen=True, gc=False):
+    """A :class:`Pending` as a snapshot holds it: the same fields, events as
+    :data:`EventValues` and sources as plain tuples."""
+
+    request: EventValues | None
+    request_source: tuple[str, int, int] | None
+    request_ts: float
+    response: EventValues | None
+    response_source: tuple[str, int, int] | None
+    response_ts: float
+    unpaired: str | None
+    request_done: bool
+    strays: list[tuple[EventValues, tuple[str, int, int], float]] | None
+
+
+def _values(event: LLMRequest | LLMResponse) -> EventValues:
     values = list(msgspec.structs.astuple(event))
     index = _TIMESTAMP[type(event)]
     values[index] = (values[index] - _EPOCH) // _MICROSECOND
@@ -130,50 +135,55 @@ def _values(event: LLMRequest | LLMResponse) -> tuple:
 _Event = TypeVar("_Event", LLMRequest, LLMResponse)
 
 
-def _event(kind: type[_Event], values: tuple) -> _Event:
+def _event(kind: type[_Event], values: EventValues) -> _Event:
     fields = dict(zip(kind.__struct_fields__, values, strict=True))
     fields["timestamp"] = _EPOCH + timedelta(microseconds=fields["timestamp"])
     return kind(**fields)
 
 
-def pending_state(rid: str, entry: Pending | bytes) -> _PendingState | tuple[str, bytes]:
+def _source(values: tuple[str, int, int] | None) -> tuple[str, int, int] | None:
+    return None if values is None else (values[0], values[1], values[2])
+
+
+def pending_state(rid: str, entry: Pending | bytes) -> tuple[str, PendingSnapshot | bytes]:
+    """An entry of the join's pending ids as its snapshot holds it."""
     if isinstance(entry, bytes):
         return rid, entry
-    return (
-        rid,
-        None if entry.request is None else _values(entry.request),
-        None if entry.request_source is None else tuple(entry.request_source),
-        entry.request_ts,
-        None if entry.response is None else _values(entry.response),
-        None if entry.response_source is None else tuple(entry.response_source),
-        entry.response_ts,
-        entry.unpaired,
-        entry.request_done,
-        None
-        if entry.strays is None
-        else [(_values(response), tuple(source), ts) for response, source, ts in entry.strays],
+    return rid, PendingSnapshot(
+        request=None if entry.request is None else _values(entry.request),
+        request_source=_source(entry.request_source),
+        request_ts=entry.request_ts,
+        response=None if entry.response is None else _values(entry.response),
+        response_source=_source(entry.response_source),
+        response_ts=entry.response_ts,
+        unpaired=entry.unpaired,
+        request_done=entry.request_done,
+        strays=None if entry.strays is None else [
+            (_values(response), (source[0], source[1], source[2]), ts)
+            for response, source, ts in entry.strays],
     )
 
 
-def pending_from_state(state: _PendingState | tuple[str, bytes]) -> tuple[str, Pending | bytes]:
+def pending_from_state(state: tuple) -> tuple[str, Pending | bytes]:
+    """The entry :func:`pending_state` made, or a snapshot's older positional tuple
+    (rid followed by the fields of :class:`PendingSnapshot` in order)."""
+    if len(state) == 2 and isinstance(state[1], bytes):
+        return state[0], state[1]
     if len(state) == 2:
-        return state
-    rid, request, request_source, request_ts, response, response_source, response_ts = state[:7]
+        rid, kept = state
+    else:
+        rid, kept = state[0], PendingSnapshot(*state[1:])
     entry = Pending(
-        request=None if request is None else _event(LLMRequest, request),
-        request_source=None if request_source is None else SourceRef(*request_source),
-        request_ts=request_ts,
-        response=None if response is None else _event(LLMResponse, response),
-        response_source=None if response_source is None else SourceRef(*response_source),
-        response_ts=response_ts,
-        unpaired=state[7],
-        request_done=state[8],
-        strays=None
-        if state[9] is None
-        else [
-            (_event(LLMResponse, response), SourceRef(*source), ts)
-            for response, source, ts in state[9]
-        ],
+        request=None if kept.request is None else _event(LLMRequest, kept.request),
+        request_source=None if kept.request_source is None else SourceRef(*kept.request_source),
+        request_ts=kept.request_ts,
+        response=None if kept.response is None else _event(LLMResponse, kept.response),
+        response_source=None if kept.response_source is None else SourceRef(*kept.response_source),
+        response_ts=kept.response_ts,
+        unpaired=kept.unpaired,
+        request_done=kept.request_done,
+        strays=None if kept.strays is None else [
+            (_event(LLMResponse, response), SourceRef(*source), ts) for response, source, ts in kept.strays],
     )
     if entry.request is not None:
         share_strings(entry.request)

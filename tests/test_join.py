@@ -545,6 +545,27 @@ def test_a_snapshot_keeps_a_timed_out_request_convertible_until_its_deadline() -
     assert [outcome(item) for item in feed(restored, [response("a", 12)])] == [("too_late", "a")]
 
 
+def test_a_snapshot_of_an_older_release_with_positional_tuples_still_restores() -> None:
+    # Waiting entries of every kind: a response before its request, two tenants'
+    # responses (a stray), and a timed-out request kept for its response.
+    join = timed_out_join(seconds=10, clock=TIMEOUT + 15)
+    feed(join, [response("b", 20), response("c", 21), response("c", 21.5, tenant_id="other")])
+    state = join.__getstate__()
+    entries = state["_pending"]
+    assert isinstance(entries, list)
+    assert any(not isinstance(kept, bytes) and kept.strays for _, kept in entries)
+    # What releases before PendingSnapshot wrote: the rid, then the fields in order.
+    state["_pending"] = [item if isinstance(item[1], bytes) else (item[0], *msgspec.structs.astuple(item[1]))
+                         for item in entries]
+    legacy = pickle.loads(pickle.dumps(state))
+    restored = JoinShard.__new__(JoinShard)
+    restored.__setstate__(legacy)
+    current = pickle.loads(pickle.dumps(join))
+    assert vars(restored)["_pending"] == vars(current)["_pending"] == vars(join)["_pending"]
+    events = [request("b", 19), request("c", 20), response("a", 12)]
+    assert feed(restored, events) == feed(current, events)
+
+
 def test_cache_reads_beyond_the_prompt_are_clamped_and_counted() -> None:
     join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     out = feed(join, [request("a", 0, prompt_tokens=50), response("a", 1, cache_read_tokens=80)])
