@@ -587,7 +587,10 @@ class JoinShard:
         heap, buckets = self._bucket_heap, self._buckets
         while heap and heap[0] < watermark:
             second = heapq.heappop(heap)
-            ids = buckets.pop(second)
+            # In the order of the ids, not of their scheduling: the batch path schedules
+            # a batch's new requests at its end, and the order in which timeouts reach
+            # the windows moves their event time (and may decide what is too late).
+            ids = sorted(buckets.pop(second))
             keep = [rid for rid in ids if self._expire(rid, watermark, second, out)]
             if keep:
                 # The watermark is inside this second: the rest are not due yet.
