@@ -258,8 +258,9 @@ class JoinShard:
         watermark = self.watermark
         watermark.observe(first, now)  # the idle time since the last call, once
         settled = watermark.settled
-        pending, counted, mismatched = self._pending, self._counted, self._mismatched
+        pending, counted = self._pending, self._counted
         timeout = self.timeout
+        pairs_inline = self._pairs_inline
         fresh: dict[str, tuple[LLMRequest, float, EventRun, int]] = {}
         # Responses new to the shard whose request has not come yet: kept aside the same
         # way, so a request later in the same runs pairs with one at a dict lookup.
@@ -299,10 +300,8 @@ class JoinShard:
                     elif rid in early:
                         # Its response came first in these runs, and was not counted.
                         response, response_ts = early[rid][0], early[rid][1]
-                        tenant = response.tenant_id
                         assert type(request) is LLMRequest
-                        if ((tenant is None or tenant == request.tenant_id)
-                                and response_ts - ts <= timeout and rid not in mismatched):
+                        if pairs_inline(rid, request, response, ts, response_ts):
                             del early[rid]
                             self._count_pair(calls, rid, request, response, run.source(index), ts,
                                              response_ts)
@@ -324,9 +323,7 @@ class JoinShard:
                             # is not counted): what _on_request then does, inline.
                             response, response_ts = held.response, held.response_ts
                             assert response is not None
-                            tenant = response.tenant_id
-                            if ((tenant is None or tenant == request.tenant_id)
-                                    and response_ts - ts <= timeout and rid not in mismatched):
+                            if pairs_inline(rid, request, response, ts, response_ts):
                                 del pending[rid]
                                 self._unschedule(self.orphan_after(response_ts), rid)
                                 self._count_pair(calls, rid, request, response, run.source(index),
@@ -349,9 +346,7 @@ class JoinShard:
                 waiting = fresh.get(rid)
                 if waiting is not None:
                     request, request_ts = waiting[0], waiting[1]
-                    tenant = response.tenant_id
-                    if ((tenant is None or tenant == request.tenant_id) and ts - request_ts <= timeout
-                            and rid not in mismatched):
+                    if pairs_inline(rid, request, response, request_ts, ts):
                         del fresh[rid]
                         self._count_pair(calls, rid, request, response, run.source(index), request_ts, ts)
                         continue
@@ -362,10 +357,8 @@ class JoinShard:
                         entry = unpack_request(rid, held)
                         request = entry.request
                         assert request is not None and entry.request_source is not None
-                        tenant = response.tenant_id
                         request_ts = entry.request_ts
-                        if ((tenant is None or tenant == request.tenant_id) and ts - request_ts <= timeout
-                                and rid not in mismatched):
+                        if pairs_inline(rid, request, response, request_ts, ts):
                             del pending[rid]
                             self._unschedule(request_ts + timeout, rid)
                             self._count_pair(calls, rid, request, response, run.source(index), request_ts, ts)
@@ -387,13 +380,21 @@ class JoinShard:
         self._offset = now - settled
         return letters
 
+    def _pairs_inline(self, rid: str, request: LLMRequest, response: LLMResponse, request_ts: float,
+                      response_ts: float) -> bool:
+        """The request and response of ``rid``, nothing else waiting under it, pair at
+        once: the response is of the request's tenant (or of none), within the timeout,
+        and no other tenant's response came for the id (what :meth:`_settle_responses`
+        and :meth:`_pair` then decide, the slow way)."""
+        tenant = response.tenant_id
+        return ((tenant is None or tenant == request.tenant_id)
+                and response_ts - request_ts <= self.timeout and rid not in self._mismatched)
+
     def _count_pair(self, calls: CallBatch, rid: str, request: LLMRequest, response: LLMResponse,
                     source: SourceRef, request_ts: float, response_ts: float) -> None:
         """Count a request and its response that pair (what :meth:`_pair` does for a
         pair with nothing else pending under its id), into ``calls``."""
-        if response.cache_read_tokens > request.prompt_tokens:
-            self.cache_reads_clamped += 1
-            response = msgspec.structs.replace(response, cache_read_tokens=request.prompt_tokens)
+        response = self._clamped(request, response)
         completed = request_ts if request_ts > response_ts else response_ts
         self._counted.add(rid, completed + self.remember, request.tenant_id)
         calls.add(request, response, source, request_ts, response_ts, completed)
@@ -516,16 +517,20 @@ class JoinShard:
     def _call(self, request: LLMRequest, response: LLMResponse, source: SourceRef, request_ts: float,
               response_ts: float, *, replaces_timeout: bool = False) -> Call:
         """The answered call of a request and its response (cache reads clamped)."""
-        if check_cache_read(request, response) is not None:
-            self.cache_reads_clamped += 1
-            response = msgspec.structs.replace(response, cache_read_tokens=request.prompt_tokens)
         return Call(
             request=request,
-            response=response,
+            response=self._clamped(request, response),
             source=source,
             completed_at=request_ts if request_ts > response_ts else response_ts,
             replaces_timeout=replaces_timeout,
         )
+
+    def _clamped(self, request: LLMRequest, response: LLMResponse) -> LLMResponse:
+        """The response, its cache reads clamped to the request's prompt (counted)."""
+        if check_cache_read(request, response) is None:
+            return response
+        self.cache_reads_clamped += 1
+        return msgspec.structs.replace(response, cache_read_tokens=request.prompt_tokens)
 
     def orphan_after(self, response_ts: float) -> float:
         """Event time after which no request could still be counted for a response
