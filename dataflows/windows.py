@@ -41,10 +41,9 @@ from dataflows.aggregate import CallStats, call_columns, group_sums
 from dataflows.batches import CallBatch
 from dataflows.clock import Watermark
 from dataflows.join import WAKEUP_MARGIN, Call, call_at, call_to_json
+from dataflows.shards import WindowKey
 from schemas.deadletter import DeadLetter, Reason
 from schemas.metrics import MetricsRow
-
-Key = tuple[str, str, str]  # tenant_id, route, model
 
 
 class WindowRow(Struct, kw_only=True):
@@ -104,9 +103,9 @@ class WindowShard:
         self.lateness = lateness_seconds
         self.watermark = Watermark()
         # window start (Unix seconds) -> key -> window
-        self._windows: dict[int, dict[Key, _Window]] = {}
+        self._windows: dict[int, dict[WindowKey, _Window]] = {}
         # window start -> keys with calls not emitted yet
-        self._unsent: dict[int, set[Key]] = {}
+        self._unsent: dict[int, set[WindowKey]] = {}
         # Wall clock minus event time at the last call; not snapshotted.
         self._offset: float | None = None
 
@@ -125,7 +124,12 @@ class WindowShard:
         self._offset = now - event_time
         if start + window + self.lateness < event_time:
             return [self._too_late(call, start, event_time)]
-        key = (request.tenant_id, request.route, request.model)
+        self._taking(start, (request.tenant_id, request.route, request.model), 1).add(call)
+        return []
+
+    def _taking(self, start: int, key: WindowKey, calls: int) -> _Window:
+        """The window of ``key`` starting at ``start``, about to take ``calls`` more calls
+        (made when new; marked as having calls not sent yet)."""
         group = self._windows.get(start)
         if group is None:
             group = self._windows[start] = {}
@@ -138,9 +142,8 @@ class WindowShard:
                 self._unsent[start] = {key}
             else:
                 unsent.add(key)
-        state.unsent += 1
-        state.add(call)
-        return []
+        state.unsent += calls
+        return state
 
     def on_calls(self, calls: CallBatch, now: float) -> list[DeadLetter]:
         """Fold a batch of priced calls into their windows; calls beyond lateness come back
@@ -180,7 +183,7 @@ class WindowShard:
             return letters
         indexes = counted.tolist()
         requests = calls.requests
-        groups: dict[tuple[int, Key], int] = {}
+        groups: dict[tuple[int, WindowKey], int] = {}
         numbers = np.fromiter(
             (groups.setdefault((int(starts[i]), (requests[i].tenant_id, requests[i].route,
                                                  requests[i].model)), len(groups))
@@ -195,22 +198,8 @@ class WindowShard:
         answered_latency = sorted_latency[answered]
         answered_bounds = np.searchsorted(sorted_numbers[answered], np.arange(len(groups) + 1))
         calls_per_group = np.diff(np.append(bounds, len(indexes))).tolist()
-        windows, unsent_keys = self._windows, self._unsent
         for number, ((start, key), calls_in) in enumerate(zip(groups, calls_per_group, strict=True)):
-            group = windows.get(start)
-            if group is None:
-                group = windows[start] = {}
-            state = group.get(key)
-            if state is None:
-                state = group[key] = _Window()
-            if not state.unsent:
-                unsent = unsent_keys.get(start)
-                if unsent is None:
-                    unsent_keys[start] = {key}
-                else:
-                    unsent.add(key)
-            state.unsent += calls_in
-            state.add_sums([column[number] for column in sums],
+            self._taking(start, key, calls_in).add_sums([column[number] for column in sums],
                            answered_latency[answered_bounds[number]:answered_bounds[number + 1]])
         return letters
 
@@ -244,7 +233,7 @@ class WindowShard:
             if start + window + self.grace > event_time:
                 break
             group = self._windows[start]
-            held: set[Key] = set()
+            held: set[WindowKey] = set()
             for key in sorted(self._unsent.pop(start)):
                 state = group[key]
                 if state.timeouts < 0:
@@ -264,7 +253,7 @@ class WindowShard:
                 del self._windows[start]
         return rows
 
-    def _row(self, start: int, key: Key, state: _Window) -> WindowRow:
+    def _row(self, start: int, key: WindowKey, state: _Window) -> WindowRow:
         digest = state.latency_digest()
         tenant_id, route, model = key
         row = MetricsRow(
