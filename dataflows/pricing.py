@@ -39,6 +39,7 @@ from genai_prices.types import ConditionalPrice, ModelInfo, ModelPrice, TieredPr
 
 from dataflows.batches import CallBatch
 from dataflows.join import Call
+from schemas.events import LLMRequest, LLMResponse
 
 PER_MILLION = 1_000_000
 MAX_CACHED_MODELS = 10_000
@@ -138,36 +139,28 @@ class PriceBook:
     def price(self, call: Call) -> Call:
         """Set ``call.cost_usd``: the per-call formula of docs/counting.md §5; None when the
         model has no known price; 0.0 for a timed-out call."""
-        response = call.response
-        if response is None:
-            call.cost_usd = 0.0
-            return call
-        request = call.request
-        rates = self.rates(request.provider, request.model, request.timestamp)
-        call.cost_usd = (
-            None
-            if rates is None
-            else cost(rates, request.prompt_tokens, response.cache_read_tokens, response.completion_tokens)
-        )
+        call.cost_usd = self._cost(call.request, call.response)
         return call
 
     def price_calls(self, calls: CallBatch) -> None:
         """Set ``calls.costs``: :meth:`price` for each call of the batch."""
-        costs: list[float | None] = []
-        append = costs.append
-        models = self._models
-        for request, response in zip(calls.requests, calls.responses, strict=True):
-            if response is None:
-                append(0.0)
-                continue
-            resolved = models.get((request.provider, request.model), _UNKNOWN)
-            if type(resolved) is Rates:
-                rates: Rates | None = resolved
-            else:
-                rates = self.rates(request.provider, request.model, request.timestamp)
-            append(None if rates is None else cost(rates, request.prompt_tokens, response.cache_read_tokens,
-                                                   response.completion_tokens))
-        calls.costs = costs
+        cost_of = self._cost
+        calls.costs = [cost_of(request, response)
+                       for request, response in zip(calls.requests, calls.responses, strict=True)]
+
+    def _cost(self, request: LLMRequest, response: LLMResponse | None) -> float | None:
+        """What a call cost: 0.0 timed out, None when its model has no known price."""
+        if response is None:
+            return 0.0
+        resolved = self._models.get((request.provider, request.model), _UNKNOWN)
+        # A price with no time-dependent parts (the usual case) needs no further lookup.
+        if type(resolved) is Rates:
+            rates: Rates | None = resolved
+        else:
+            rates = self.rates(request.provider, request.model, request.timestamp)
+        if rates is None:
+            return None
+        return cost(rates, request.prompt_tokens, response.cache_read_tokens, response.completion_tokens)
 
     def rates(self, provider: str | None, model: str, timestamp: datetime) -> Rates | None:
         """The per-token rates a call to ``model`` made at ``timestamp`` pays; None when
