@@ -35,7 +35,6 @@ from schemas.events import (
     LLMRequest,
     LLMResponse,
     check_not_future,
-    encoder,
 )
 
 logger = logging.getLogger("streamlens.dataflow")
@@ -260,10 +259,6 @@ class CallBatch:
             if column:
                 setattr(part, name, [column[i] for i in indexes])
         return part
-
-    def call_json(self, index: int) -> str:
-        """The call as JSON (request and response), for a dead letter's payload."""
-        return encoder.encode({"request": self.requests[index], "response": self.responses[index]}).decode()
 
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
         return _calls_from_msgpack, (_packer.encode((
