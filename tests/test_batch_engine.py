@@ -50,16 +50,17 @@ from __future__ import annotations
 import pickle
 import random
 from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta, timezone
 from itertools import count
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from dataflows.aggregate import EXACT_UP_TO
-from dataflows.batches import CallBatch, EventRun, SourceRef, decode_one, decode_run, invalid
+from dataflows.batches import CallBatch, SourceRef, decode_one, decode_run, invalid
 from dataflows.join import Call, JoinShard, call_into
 from dataflows.operators import route_to_windows
 from dataflows.pricing import PriceBook
@@ -569,14 +570,7 @@ class BatchEngine(Engine):
                 self.paths["poll decoded record by record"] += 1
             polls.append(poll)
         letters: list[DeadLetter] = []
-        runs_by_shard: dict[str, list[EventRun]] = {}
-        for item in route_polls(polls):
-            if isinstance(item, DeadLetter):
-                letters.append(item)
-            else:
-                name, runs = item
-                assert name not in runs_by_shard
-                runs_by_shard[name] = runs
+        runs_by_shard = by_shard(route_polls(polls), letters)
         joined: list[tuple[str, tuple[CallBatch, list[DeadLetter]]]] = []
         for name in sorted(set(self.joins) | set(runs_by_shard), key=int):
             arrived = runs_by_shard.get(name)
@@ -592,14 +586,7 @@ class BatchEngine(Engine):
                     found.append(expired)
             if len(calls) or found:
                 joined.append((name, (calls, found)))
-        batches: dict[str, CallBatch] = {}
-        for routed in self.route(joined):
-            if isinstance(routed, DeadLetter):
-                letters.append(routed)
-            else:
-                name, calls = routed
-                assert name not in batches
-                batches[name] = calls
+        batches = by_shard(self.route(joined), letters)
         rows: list[WindowRow] = []
         for name in sorted(set(self.windows) | set(batches), key=int):
             batch = batches.get(name)
@@ -610,6 +597,23 @@ class BatchEngine(Engine):
                 letters += windows.on_calls(batch, now)
             rows += windows.on_time(now)
         return rows, letters
+
+
+_Item = TypeVar("_Item")
+
+
+def by_shard(items: Iterable[DeadLetter | tuple[str, _Item]], letters: list[DeadLetter]) -> dict[str, _Item]:
+    """A step's output as the next step takes it: one item per shard (each shard at most
+    once), its dead letters appended to ``letters``."""
+    out: dict[str, _Item] = {}
+    for item in items:
+        if isinstance(item, DeadLetter):
+            letters.append(item)
+        else:
+            name, value = item
+            assert name not in out
+            out[name] = value
+    return out
 
 
 def decode_record(
