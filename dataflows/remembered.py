@@ -127,9 +127,9 @@ class Remembered:
         hasher.update(rid.encode())
         return int.from_bytes(hasher.digest(), "little", signed=True)
 
-    def _digests(self, rids: Iterable[str], count: int) -> NDArray[np.int64]:
-        """:meth:`_digest` of each of ``rids`` (``count`` of them), as one array: the
-        digests' bytes joined and read as little-endian integers, not one int each."""
+    def _digests(self, rids: Iterable[str]) -> NDArray[np.int64]:
+        """:meth:`_digest` of each of ``rids``, as one array: the digests' bytes joined and
+        read as little-endian integers, not one int each."""
         copy = self._hash().copy
         parts: list[bytes] = []
         append = parts.append
@@ -137,9 +137,7 @@ class Remembered:
             hasher = copy()
             hasher.update(rid.encode())
             append(hasher.digest())
-        digests = np.frombuffer(b"".join(parts), dtype="<i8").astype(np.int64)
-        assert len(digests) == count
-        return digests
+        return np.frombuffer(b"".join(parts), dtype="<i8").astype(np.int64)
 
     def get(self, rid: str, watermark: float) -> tuple[float, str] | None:
         """The id's expiry and tenant while it is remembered at ``watermark``; None after."""
@@ -168,7 +166,7 @@ class Remembered:
         parts = [part for part in (self._small, self._large) if len(part.digests)]
         if not parts or not rids:
             return set()
-        digests = self._digests(rids, len(rids))
+        digests = self._digests(rids)
         hit = np.zeros(len(rids), bool)
         for part in parts:
             index = np.searchsorted(part.digests, digests)
@@ -244,7 +242,7 @@ class Remembered:
     def _segment(self, recent: list[tuple[str, tuple[float, str]]]) -> Segment:
         number = self._tenant_number
         tenants = np.fromiter((number(tenant) for _, (_, tenant) in recent), np.uint32, len(recent))
-        digests = self._digests((rid for rid, _ in recent), len(recent))
+        digests = self._digests(rid for rid, _ in recent)
         expiry = np.fromiter((value[0] for _, value in recent), np.float64, len(recent))
         order = np.argsort(digests, kind="stable")
         return Segment(digests[order], expiry[order], tenants[order], self._tenants)
