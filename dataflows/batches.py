@@ -21,6 +21,7 @@ No Bytewax, Kafka or Postgres here: this is the pure floor of the dataflow.
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 from collections.abc import Iterable
@@ -61,8 +62,6 @@ def payload_text(value: bytes | None) -> tuple[str | None, bool]:
     UTF-8 records are kept as they are, so they can be replayed; anything else is
     base64 (the error line says so), so no byte is lost.
     """
-    import base64
-
     if value is None:
         return None, False
     try:
