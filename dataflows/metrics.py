@@ -2,20 +2,23 @@
 
 ::
 
-    llm.requests ─┐  a poll a partition,    ┌─▶ invalid, broker errors ─────────────────┐
-    llm.responses ┴▶ read, decoded once ─▶ route ┤                                     │
-                                           └─▶ (crc32(request_id) % 64, [EventRun])    │
-                                               └▶ join (JoinShard) ─▶ (CallBatch, orphans)
-                                                  price (PriceBook), split ─▶ orphan ──┤
-                              (crc32(tenant,route,model) % 64, CallBatch)               │
-                               └▶ windows (WindowShard) ─┬▶ too_late ──────────────────┤
-                                                         └▶ rows                       ▼
-                        Postgres llm_metrics, then llm.metrics           llm.deadletter
+    llm.requests ─┐
+    llm.responses ┴▶ read: a poll a partition, decoded once
+                      └▶ route ─┬▶ invalid, broker errors ─────────────────┐
+                                └▶ (crc32(request_id) % N, [EventRun])     │
+                                    └▶ join (JoinShard) ─┬▶ orphans ───────┤
+                                                         └▶ CallBatch      │
+                                    price (PriceBook), split ◀┘            │
+                                └▶ (crc32(tenant,route,model) % N, CallBatch)
+                                    └▶ windows (WindowShard) ─┬▶ too_late ─┤
+                                                              └▶ rows      ▼
+                   Postgres llm_metrics, then llm.metrics          llm.deadletter
 
-Items are batches, not events: a partition's poll is decoded once where it is
-read, the join takes the runs of events of its shard, and the calls travel to the
-windows as columns (:mod:`dataflows.batches`). Bytewax's cost is per item, so it
-is paid per shard and activation, not per event.
+N is ``STATE_SHARDS`` (:mod:`dataflows.shards`). Items are batches, not events: a
+partition's poll is decoded once where it is read, the join takes the runs of
+events of its shard, and the calls travel to the windows as columns
+(:mod:`dataflows.batches`). Bytewax's cost is per item, so it is paid per shard
+and activation, not per event.
 
 The flow is built on first access of ``flow`` from the environment
 (:func:`schemas.config.load_or_exit`), which also creates missing topics and the
