@@ -155,8 +155,21 @@ class CallStats(Struct, gc=False):
     def add_sums(self, sums: list[int], latencies: np.ndarray) -> None:
         """Fold in what many calls add (``sums`` in :data:`SUM_COLUMNS` order, from
         :func:`group_sums`) and their latencies: as :meth:`add` for each of them."""
-        (requests, errors, timeouts, answered, latency_ns, ttft_ns, ttft_count, prompt, completion,
-         cached, reasoning, cost_pico, unpriced) = sums
+        (
+            requests,
+            errors,
+            timeouts,
+            answered,
+            latency_ns,
+            ttft_ns,
+            ttft_count,
+            prompt,
+            completion,
+            cached,
+            reasoning,
+            cost_pico,
+            unpriced,
+        ) = sums
         self.requests += requests
         self.errors += errors
         self.timeouts += timeouts
@@ -247,20 +260,33 @@ class CallStats(Struct, gc=False):
 _SAFE_TOTAL = float(2**62)
 
 # The columns :func:`group_sums` adds up per group, in :meth:`CallStats.add_sums` order.
-SUM_COLUMNS = ("requests", "errors", "timeouts", "answered", "latency_ns", "ttft_ns", "ttft_count",
-               "prompt_tokens", "completion_tokens", "cache_read_tokens", "reasoning_tokens",
-               "cost_pico_usd", "unpriced")
+SUM_COLUMNS = (
+    "requests",
+    "errors",
+    "timeouts",
+    "answered",
+    "latency_ns",
+    "ttft_ns",
+    "ttft_count",
+    "prompt_tokens",
+    "completion_tokens",
+    "cache_read_tokens",
+    "reasoning_tokens",
+    "cost_pico_usd",
+    "unpriced",
+)
 
 
 def scaled_ints(values: np.ndarray, scale: int) -> np.ndarray:
     """``round(value * scale)`` of each value (``int(value) * scale`` from 2**53 on), exactly
     as :meth:`CallStats.add` scales one: as int64 when every sum of them fits, else as
     Python integers (an object array), which no sum can overflow."""
-    if not len(values) or (float(values.max()) < WHOLE_FLOATS
-                           and float(values.sum()) * scale < _SAFE_TOTAL):
+    if not len(values) or (float(values.max()) < WHOLE_FLOATS and float(values.sum()) * scale < _SAFE_TOTAL):
         return np.rint(values * scale).astype(np.int64)
-    return np.array([round(value * scale) if value < WHOLE_FLOATS else int(value) * scale
-                     for value in values.tolist()], dtype=object)
+    return np.array(
+        [round(value * scale) if value < WHOLE_FLOATS else int(value) * scale for value in values.tolist()],
+        dtype=object,
+    )
 
 
 def call_columns(calls: CallBatch, indexes: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
@@ -272,25 +298,41 @@ def call_columns(calls: CallBatch, indexes: list[int]) -> tuple[list[np.ndarray]
     replaces = np.array([calls.replaces[i] for i in indexes], dtype=np.int64)
     timeout = np.array([response is None for response in responses], dtype=np.int64)
     answered = 1 - timeout
-    failed = np.array([response is not None and bool(response.error) for response in responses],
-                      dtype=np.int64)
-    gaps = (np.array([calls.response_times[i] for i in indexes])
-            - np.array([calls.request_times[i] for i in indexes])) * 1000.0
-    given = np.array([math.nan if response is None or response.latency_ms is None
-                      else response.latency_ms for response in responses])
+    failed = np.array(
+        [response is not None and bool(response.error) for response in responses], dtype=np.int64
+    )
+    gaps = (
+        np.array([calls.response_times[i] for i in indexes])
+        - np.array([calls.request_times[i] for i in indexes])
+    ) * 1000.0
+    given = np.array(
+        [
+            math.nan if response is None or response.latency_ms is None else response.latency_ms
+            for response in responses
+        ]
+    )
     # The response's latency_ms, else the time between the two timestamps (≥ 0).
     latency = np.where(np.isnan(given), np.where(gaps > 0, gaps, 0.0), given)
     latency[timeout == 1] = math.nan
-    ttft = np.array([math.nan if response is None or response.time_to_first_token_ms is None
-                     else response.time_to_first_token_ms for response in responses])
+    ttft = np.array(
+        [
+            math.nan
+            if response is None or response.time_to_first_token_ms is None
+            else response.time_to_first_token_ms
+            for response in responses
+        ]
+    )
     has_ttft = ~np.isnan(ttft)
     prompt = np.array([request.prompt_tokens for request in requests], dtype=np.int64) * answered
-    completion = np.array([0 if response is None else response.completion_tokens
-                           for response in responses], dtype=np.int64)
-    cached = np.array([0 if response is None else response.cache_read_tokens
-                       for response in responses], dtype=np.int64)
-    reasoning = np.array([0 if response is None else response.reasoning_tokens
-                          for response in responses], dtype=np.int64)
+    completion = np.array(
+        [0 if response is None else response.completion_tokens for response in responses], dtype=np.int64
+    )
+    cached = np.array(
+        [0 if response is None else response.cache_read_tokens for response in responses], dtype=np.int64
+    )
+    reasoning = np.array(
+        [0 if response is None else response.reasoning_tokens for response in responses], dtype=np.int64
+    )
     costs = [calls.costs[i] for i in indexes]
     unpriced = np.array([cost is None for cost in costs], dtype=np.int64) * answered
     cost = np.array([0.0 if cost is None else cost for cost in costs]) * answered

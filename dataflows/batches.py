@@ -142,8 +142,15 @@ class EventRun:
 
     __slots__ = ("events", "kind", "offsets", "partition", "times", "topic")
 
-    def __init__(self, topic: str, partition: int, kind: type[Event], offsets: list[int],
-                 events: list[Event], times: list[float]) -> None:
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        kind: type[Event],
+        offsets: list[int],
+        events: list[Event],
+        times: list[float],
+    ) -> None:
         self.topic = topic
         self.partition = partition
         self.kind = kind
@@ -160,23 +167,40 @@ class EventRun:
     def take(self, indexes: list[int]) -> EventRun:
         """The events at ``indexes`` (ascending), as a run of their own."""
         events, offsets, times = self.events, self.offsets, self.times
-        return EventRun(self.topic, self.partition, self.kind, [offsets[i] for i in indexes],
-                        [events[i] for i in indexes], [times[i] for i in indexes])
+        return EventRun(
+            self.topic,
+            self.partition,
+            self.kind,
+            [offsets[i] for i in indexes],
+            [events[i] for i in indexes],
+            [times[i] for i in indexes],
+        )
 
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
         # Crossing to another process: the events as one msgpack string.
-        return _run_from_msgpack, (self.topic, self.partition, self.kind is LLMRequest, self.offsets,
-                                   _packer.encode(self.events), self.times)
+        return _run_from_msgpack, (
+            self.topic,
+            self.partition,
+            self.kind is LLMRequest,
+            self.offsets,
+            _packer.encode(self.events),
+            self.times,
+        )
 
 
-def _run_from_msgpack(topic: str, partition: int, requests: bool, offsets: list[int], packed: bytes,
-                      times: list[float]) -> EventRun:
+def _run_from_msgpack(
+    topic: str, partition: int, requests: bool, offsets: list[int], packed: bytes, times: list[float]
+) -> EventRun:
     kind: type[Event] = LLMRequest if requests else LLMResponse
     return EventRun(topic, partition, kind, offsets, _DECODERS[kind].packed.decode(packed), times)
 
 
 def decode_run(
-    topic: str, partition: int, kind: type[Event], offsets: list[int], values: list[bytes | None],
+    topic: str,
+    partition: int,
+    kind: type[Event],
+    offsets: list[int],
+    values: list[bytes | None],
     now: float,
 ) -> tuple[list[Event | DeadLetter], list[float]]:
     """A poll's records (offsets ascending) → each one's event or dead letter, and the event
@@ -213,8 +237,16 @@ class CallBatch:
     + timeout for a timeout. ``costs[i]`` is set by pricing (None: no known price).
     """
 
-    __slots__ = ("completed", "costs", "replaces", "request_times", "requests", "response_times",
-                 "responses", "sources")
+    __slots__ = (
+        "completed",
+        "costs",
+        "replaces",
+        "request_times",
+        "requests",
+        "response_times",
+        "responses",
+        "sources",
+    )
 
     def __init__(self) -> None:
         self.requests: list[LLMRequest] = []
@@ -229,8 +261,16 @@ class CallBatch:
     def __len__(self) -> int:
         return len(self.requests)
 
-    def add(self, request: LLMRequest, response: LLMResponse | None, source: SourceRef,
-            request_time: float, response_time: float, completed: float, replaces: bool = False) -> None:
+    def add(
+        self,
+        request: LLMRequest,
+        response: LLMResponse | None,
+        source: SourceRef,
+        request_time: float,
+        response_time: float,
+        completed: float,
+        replaces: bool = False,
+    ) -> None:
         self.requests.append(request)
         self.responses.append(response)
         self.sources.append(source)
@@ -260,9 +300,20 @@ class CallBatch:
         return part
 
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
-        return _calls_from_msgpack, (_packer.encode((
-            self.requests, self.responses, [tuple(source) for source in self.sources],
-            self.request_times, self.response_times, self.completed, self.replaces, self.costs)),)
+        return _calls_from_msgpack, (
+            _packer.encode(
+                (
+                    self.requests,
+                    self.responses,
+                    [tuple(source) for source in self.sources],
+                    self.request_times,
+                    self.response_times,
+                    self.completed,
+                    self.replaces,
+                    self.costs,
+                )
+            ),
+        )
 
 
 class _PackedCalls(msgspec.Struct, array_like=True):

@@ -50,32 +50,59 @@ class Pending(Struct, gc=False):
 
 _packer = msgspec.msgpack.Encoder()
 _unpacker = msgspec.msgpack.Decoder()
-_REQUEST_TEMPLATE = LLMRequest(request_id="-", tenant_id="-", route="-", model="-",
-                               timestamp=datetime(1970, 1, 1, tzinfo=UTC))
+_REQUEST_TEMPLATE = LLMRequest(
+    request_id="-", tenant_id="-", route="-", model="-", timestamp=datetime(1970, 1, 1, tzinfo=UTC)
+)
 
 
 def lone_response(entry: Pending) -> bool:
     """The entry holds one response and nothing else: no request, no other tenant's."""
-    return (entry.request is None and entry.response is not None and entry.strays is None
-            and entry.unpaired is None and not entry.request_done)
+    return (
+        entry.request is None
+        and entry.response is not None
+        and entry.strays is None
+        and entry.unpaired is None
+        and not entry.request_done
+    )
 
 
 def pack_request(request: LLMRequest, source: SourceRef) -> bytes | None:
     """The request and its source as one string; None when msgpack cannot hold a
     value (an integer in its metadata beyond 64 bits): it is then kept unpacked."""
     try:
-        return _packer.encode((
-            source.topic, source.partition, source.offset, request.tenant_id, request.route,
-            request.model, (request.timestamp - _EPOCH) // _MICROSECOND, request.prompt_tokens,
-            request.provider, request.user_id_hash, request.metadata,
-        ))
+        return _packer.encode(
+            (
+                source.topic,
+                source.partition,
+                source.offset,
+                request.tenant_id,
+                request.route,
+                request.model,
+                (request.timestamp - _EPOCH) // _MICROSECOND,
+                request.prompt_tokens,
+                request.provider,
+                request.user_id_hash,
+                request.metadata,
+            )
+        )
     except OverflowError:
         return None
 
 
 def unpack_request(rid: str, packed: bytes) -> Pending:
-    (topic, partition, offset, tenant_id, route, model, micros, prompt_tokens, provider,
-     user_id_hash, metadata) = _unpacker.decode(packed)
+    (
+        topic,
+        partition,
+        offset,
+        tenant_id,
+        route,
+        model,
+        micros,
+        prompt_tokens,
+        provider,
+        user_id_hash,
+        metadata,
+    ) = _unpacker.decode(packed)
     request = copy.copy(_REQUEST_TEMPLATE)
     request.request_id = rid
     request.tenant_id = intern(tenant_id)
@@ -87,8 +114,9 @@ def unpack_request(rid: str, packed: bytes) -> Pending:
     request.user_id_hash = user_id_hash
     request.metadata = metadata
     # Exactly the arrival's ``timestamp.timestamp()``: both divide the same microseconds.
-    return Pending(request=request, request_source=SourceRef(topic, partition, offset),
-                    request_ts=micros / 1_000_000)
+    return Pending(
+        request=request, request_source=SourceRef(topic, partition, offset), request_ts=micros / 1_000_000
+    )
 
 
 def share_strings(request: LLMRequest) -> None:
@@ -99,7 +127,6 @@ def share_strings(request: LLMRequest) -> None:
     request.model = intern(request.model)
     if request.provider is not None:
         request.provider = intern(request.provider)
-
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -158,9 +185,12 @@ def pending_state(rid: str, entry: Pending | bytes) -> tuple[str, PendingSnapsho
         response_ts=entry.response_ts,
         unpaired=entry.unpaired,
         request_done=entry.request_done,
-        strays=None if entry.strays is None else [
+        strays=None
+        if entry.strays is None
+        else [
             (_values(response), (source[0], source[1], source[2]), ts)
-            for response, source, ts in entry.strays],
+            for response, source, ts in entry.strays
+        ],
     )
 
 
@@ -182,8 +212,11 @@ def pending_from_state(state: tuple) -> tuple[str, Pending | bytes]:
         response_ts=kept.response_ts,
         unpaired=kept.unpaired,
         request_done=kept.request_done,
-        strays=None if kept.strays is None else [
-            (_event(LLMResponse, response), SourceRef(*source), ts) for response, source, ts in kept.strays],
+        strays=None
+        if kept.strays is None
+        else [
+            (_event(LLMResponse, response), SourceRef(*source), ts) for response, source, ts in kept.strays
+        ],
     )
     if entry.request is not None:
         share_strings(entry.request)

@@ -145,8 +145,10 @@ class PriceBook:
     def price_calls(self, calls: CallBatch) -> None:
         """Set ``calls.costs``: :meth:`price` for each call of the batch."""
         cost_of = self._cost
-        calls.costs = [cost_of(request, response)
-                       for request, response in zip(calls.requests, calls.responses, strict=True)]
+        calls.costs = [
+            cost_of(request, response)
+            for request, response in zip(calls.requests, calls.responses, strict=True)
+        ]
 
     def _cost(self, request: LLMRequest, response: LLMResponse | None) -> float | None:
         """What a call cost: 0.0 timed out, None when its model has no known price."""

@@ -74,6 +74,7 @@ PREFETCH_CONFIG = {
 
 _KINDS: dict[str, type[Event]] = {REQUESTS: LLMRequest, RESPONSES: LLMResponse}
 
+
 def broker_error(
     topic: str, partition: int, offset: int | None, value: bytes | None, error: object
 ) -> DeadLetter:
@@ -167,8 +168,10 @@ class _BatchPartition(StatefulSourcePartition[Poll, int]):
         topic, partition = self._topic, self._partition
         offsets = [message.offset() for message in messages]
         if all(message.error() is None for message in messages):
-            return _Held.of(offsets, *decode_values(topic, partition, offsets,
-                                                 [message.value() for message in messages], now))
+            return _Held.of(
+                offsets,
+                *decode_values(topic, partition, offsets, [message.value() for message in messages], now),
+            )
         items: list[Event | DeadLetter] = []
         times: list[float] = []
         for message, offset in zip(messages, offsets, strict=True):
@@ -262,22 +265,34 @@ def decode_values(
     kind = _KINDS.get(topic)
     if kind is None:
         error = f"record from unexpected topic {topic!r}"
-        letters = [invalid(topic, partition, offset, value, error)
-                   for offset, value in zip(offsets, values, strict=True)]
+        letters = [
+            invalid(topic, partition, offset, value, error)
+            for offset, value in zip(offsets, values, strict=True)
+        ]
         return cast("list[Event | DeadLetter]", letters), [-math.inf] * len(values)
     return decode_run(topic, partition, kind, offsets, values, now)
 
 
-def poll_of(topic: str, partition: int, offsets: list[int], items: list[Event | DeadLetter],
-            times: list[float]) -> Poll:
+def poll_of(
+    topic: str, partition: int, offsets: list[int], items: list[Event | DeadLetter], times: list[float]
+) -> Poll:
     """Decoded records of one partition (offsets ascending) as one :class:`Poll`."""
     kind = _KINDS.get(topic, LLMRequest)
     letters = [item for item in items if type(item) is DeadLetter]
     if not letters:
         return Poll(EventRun(topic, partition, kind, offsets, cast("list[Event]", items), times), [])
     valid = [index for index, item in enumerate(items) if type(item) is not DeadLetter]
-    return Poll(EventRun(topic, partition, kind, [offsets[i] for i in valid],
-                         [cast("Event", items[i]) for i in valid], [times[i] for i in valid]), letters)
+    return Poll(
+        EventRun(
+            topic,
+            partition,
+            kind,
+            [offsets[i] for i in valid],
+            [cast("Event", items[i]) for i in valid],
+            [times[i] for i in valid],
+        ),
+        letters,
+    )
 
 
 def route_polls(polls: list[Poll], shards: Shards = DEFAULT) -> list[DeadLetter | tuple[str, list[EventRun]]]:
