@@ -14,6 +14,7 @@ from typing import Any
 
 from msgspec import Struct
 
+from schemas.dimensions import DEFAULT_VALUES, InvalidDimension, parse_list
 from schemas.logs import LOG_FORMATS
 
 DEFAULT_KAFKA_BROKERS = "127.0.0.1:9092"
@@ -46,6 +47,10 @@ class Settings(Struct, frozen=True, kw_only=True):
     # Shards of the dataflow's state (join and windows); None: 8 per worker (dataflows.shards).
     # Fixed for the life of a recovery directory, which records it.
     state_shards: int | None = None
+    # Dimensions (SPEC §8) of tenants without a setting of their own, and how many
+    # values a window keeps per key and dimension before merging the rest into "(other)".
+    dimensions: tuple[str, ...] = ()
+    dimension_values: int = DEFAULT_VALUES
 
 
 def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], int], str]:
@@ -89,6 +94,13 @@ def _existing_file(text: str) -> Path:
     return path
 
 
+def _dimensions(text: str) -> tuple[str, ...]:
+    try:
+        return parse_list(text)
+    except InvalidDimension as error:
+        raise ValueError(str(error)) from None
+
+
 _SWITCH = {
     "on": True,
     "true": True,
@@ -122,6 +134,12 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "LOG_FORMAT": ("log_format", _log_format, "text or json"),
     "METRICS_PORT": ("metrics_port", *_integer(1, 65535)),
     "STATE_SHARDS": ("state_shards", *_integer(1, 4096)),
+    "DIMENSIONS": (
+        "dimensions",
+        _dimensions,
+        "comma-separated dimensions, at most 4 of metadata.<key>, provider, finish_reason, user",
+    ),
+    "DIMENSION_VALUES": ("dimension_values", *_integer(1, 10000)),
 }
 
 
@@ -135,8 +153,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             continue
         try:
             values[field] = parse(raw)
-        except (ValueError, KeyError):
-            raise ConfigError(f"invalid configuration: {variable}={raw!r}, expected {form}") from None
+        except (ValueError, KeyError) as error:
+            why = f" ({error})" if isinstance(error, ValueError) and variable == "DIMENSIONS" else ""
+            raise ConfigError(f"invalid configuration: {variable}={raw!r}, expected {form}{why}") from None
     settings = Settings(**values)
     if settings.lateness_seconds < settings.join_timeout_seconds:
         # A timed-out call becomes known only at request time + the timeout: a

@@ -42,7 +42,23 @@ class MetricsRow(Struct, kw_only=True):
         return (f"{self.tenant_id}|{self.route}|{self.model}|{self.window_start.isoformat()}").encode()
 
 
+class DimensionRow(MetricsRow, kw_only=True):
+    """One value of one dimension (SPEC §8) in one window of one key: every field of the
+    main row, over the calls with that value. ``value`` is None for calls without one,
+    ``"(other)"`` for the values merged beyond the window's most frequent."""
+
+    dimension: str
+    value: str | None
+
+    def kafka_key(self) -> bytes:
+        """``tenant|route|model|window_start|dimension|value`` (an empty value for null)."""
+        value = "" if self.value is None else self.value
+        return f"{super().kafka_key().decode()}|{self.dimension}|{value}".encode()
+
+
 ROW_FIELDS: tuple[str, ...] = MetricsRow.__struct_fields__
+DIMENSION_ROW_FIELDS: tuple[str, ...] = DimensionRow.__struct_fields__
 
 row_encoder = msgspec.json.Encoder()
 row_decoder = msgspec.json.Decoder(MetricsRow)
+dimension_row_decoder = msgspec.json.Decoder(DimensionRow)

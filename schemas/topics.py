@@ -9,7 +9,10 @@ REQUESTS = "llm.requests"
 RESPONSES = "llm.responses"
 METRICS = "llm.metrics"
 DEADLETTER = "llm.deadletter"
-ALL_TOPICS: tuple[str, ...] = (REQUESTS, RESPONSES, METRICS, DEADLETTER)
+# Rows per dimension value (SPEC §8), apart from llm.metrics so that its readers keep
+# one row per window and key.
+DIMENSION_METRICS = "llm.dimension-metrics"
+ALL_TOPICS: tuple[str, ...] = (REQUESTS, RESPONSES, METRICS, DIMENSION_METRICS, DEADLETTER)
 
 
 def ensure_topics(brokers: str, partitions: int, *, timeout: float = 10.0) -> None:

@@ -1,0 +1,118 @@
+"""Tenants' dimension settings in Postgres (``schemas/dimensions.sql``), for the APIs and the dataflow.
+
+A change takes effect from a window boundary chosen when it is made: the first
+after both the moment it is made and the latest window the dataflow has already
+decided for the tenant (``dimension_horizons``). The dataflow raises that
+horizon, and reads the settings, in one transaction before it opens a later
+window (:func:`decide`); :func:`set_dimensions` locks the same row. Whichever
+comes first, no window is ever opened under a setting that a change could still
+replace, and the boundary, once chosen, is stored: every replay, in any number
+of processes, applies the same setting to the same window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from msgspec import Struct
+
+# A setting as the dataflow uses it: (effective from, Unix seconds; dimension names),
+# ascending by time.
+History = list[tuple[float, tuple[str, ...]]]
+
+
+class Change(Struct, frozen=True):
+    """One stored change: the tenant's dimensions from ``effective_from`` on."""
+
+    tenant_id: str
+    dimensions: list[str]
+    effective_from: datetime
+    requested_at: datetime
+
+
+def first_boundary_after(seconds: float, window_seconds: int) -> int:
+    """The first window boundary strictly after ``seconds`` (Unix seconds)."""
+    return (int(seconds // window_seconds) + 1) * window_seconds
+
+
+def set_dimensions(
+    conn: psycopg.Connection[Any], tenant_id: str, dimensions: tuple[str, ...], window_seconds: int
+) -> Change:
+    """Store a change of ``tenant_id``'s dimensions (already checked) and return it, with
+    the window boundary it applies from. A change whose boundary is not reached yet is
+    replaced by the next one made before it."""
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO dimension_horizons (tenant_id, decided_through) VALUES (%s, '-infinity') "
+            "ON CONFLICT (tenant_id) DO NOTHING",
+            (tenant_id,),
+        )
+        row = conn.execute(
+            "SELECT extract(epoch FROM decided_through)::float8, "
+            "extract(epoch FROM clock_timestamp())::float8 "
+            "FROM dimension_horizons WHERE tenant_id = %s FOR UPDATE",
+            (tenant_id,),
+        ).fetchone()
+        assert row is not None
+        horizon, now = row
+        boundary = first_boundary_after(max(now, horizon), window_seconds)
+        stored = conn.execute(
+            "INSERT INTO tenant_dimensions (tenant_id, effective_from, dimensions, requested_at) "
+            "VALUES (%s, to_timestamp(%s), %s, clock_timestamp()) "
+            "ON CONFLICT (tenant_id, effective_from) DO UPDATE "
+            "SET dimensions = EXCLUDED.dimensions, requested_at = EXCLUDED.requested_at "
+            "RETURNING tenant_id, dimensions, effective_from, requested_at",
+            (tenant_id, boundary, list(dimensions)),
+        ).fetchone()
+    assert stored is not None
+    return Change(stored[0], list(stored[1]), stored[2].astimezone(UTC), stored[3].astimezone(UTC))
+
+
+def changes(conn: psycopg.Connection[Any], tenant_id: str) -> list[Change]:
+    """Every stored change of ``tenant_id``, oldest first."""
+    rows = conn.execute(
+        "SELECT tenant_id, dimensions, effective_from, requested_at FROM tenant_dimensions "
+        "WHERE tenant_id = %s ORDER BY effective_from",
+        (tenant_id,),
+    ).fetchall()
+    return [Change(r[0], list(r[1]), r[2].astimezone(UTC), r[3].astimezone(UTC)) for r in rows]
+
+
+async def changes_async(conn: psycopg.AsyncConnection[Any], tenant_id: str) -> list[Change]:
+    """:func:`changes`, for the APIs."""
+    cursor = await conn.execute(
+        "SELECT tenant_id, dimensions, effective_from, requested_at FROM tenant_dimensions "
+        "WHERE tenant_id = %s ORDER BY effective_from",
+        (tenant_id,),
+    )
+    rows = await cursor.fetchall()
+    return [Change(r[0], list(r[1]), r[2].astimezone(UTC), r[3].astimezone(UTC)) for r in rows]
+
+
+def decide(conn: psycopg.Connection[Any], through: Mapping[str, float]) -> dict[str, History]:
+    """For the dataflow: raise each tenant's horizon to ``through[tenant]`` (a window start,
+    Unix seconds) and return each one's changes. Every change that can apply to a window
+    up to the horizon is among them, now and in every later call."""
+    tenants = sorted(through)  # one lock order for every process
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO dimension_horizons (tenant_id, decided_through) "
+            "SELECT tenant, to_timestamp(seconds) "
+            "FROM unnest(%s::text[], %s::float8[]) AS t(tenant, seconds) "
+            "ORDER BY tenant "
+            "ON CONFLICT (tenant_id) DO UPDATE SET decided_through = "
+            "greatest(dimension_horizons.decided_through, EXCLUDED.decided_through)",
+            (tenants, [float(through[tenant]) for tenant in tenants]),
+        )
+        rows = conn.execute(
+            "SELECT tenant_id, extract(epoch FROM effective_from)::float8, dimensions FROM tenant_dimensions "
+            "WHERE tenant_id = ANY(%s) ORDER BY tenant_id, effective_from",
+            (tenants,),
+        ).fetchall()
+    histories: dict[str, History] = {tenant: [] for tenant in tenants}
+    for tenant, seconds, names in rows:
+        histories[tenant].append((seconds, tuple(names)))
+    return histories
