@@ -411,6 +411,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         current = settings or load_or_exit()
         configure_logging(current.log_format)
+        app.state.settings = current
         app.state.schema_ready = asyncio.Event()
         # Postgres may start after this service: keep trying instead of failing start-up.
         schema_task = asyncio.create_task(
