@@ -152,6 +152,34 @@ class CallStats(Struct, gc=False):
         else:
             self.cost_pico_usd += round(cost * PICO_USD) if cost < WHOLE_FLOATS else int(cost) * PICO_USD
 
+    def take_back_timeout(self) -> None:
+        """A timeout counted here turned out to be a call counted elsewhere (a
+        ``finish_reason`` dimension: the timeout had no value, its answer has one)."""
+        self.requests -= 1
+        self.timeouts -= 1
+        self.errors -= 1
+
+    def merge_from(self, others: list[CallStats]) -> None:
+        """Fold in the totals and latencies of ``others``: the same as adding their calls."""
+        for other in others:
+            for name in SUM_COLUMNS:
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+            if other.buckets is None:
+                if self.buckets is None:
+                    self.latencies.extend(other.latencies)
+                    if len(self.latencies) > EXACT_UP_TO:
+                        self._to_buckets()
+                    continue
+                for latency in other.latencies:
+                    bucket = latency_bucket(latency)
+                    self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
+                continue
+            if self.buckets is None:
+                self._to_buckets()
+            assert self.buckets is not None
+            for bucket, count in other.buckets.items():
+                self.buckets[bucket] = self.buckets.get(bucket, 0) + count
+
     def add_sums(self, sums: list[int], latencies: np.ndarray) -> None:
         """Fold in what many calls add (``sums`` in :data:`SUM_COLUMNS` order, from
         :func:`group_sums`) and their latencies: as :meth:`add` for each of them."""

@@ -34,24 +34,52 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import msgspec
 import numpy as np
-from msgspec import Struct
+from msgspec import Struct, field
 
 from dataflows.aggregate import CallStats, call_columns, group_sums
 from dataflows.batches import CallBatch
 from dataflows.clock import Watermark
+from dataflows.dimensions import DimensionPlan, StaticPlan, Value, from_response, ranked, reader
 from dataflows.join import WAKEUP_MARGIN, Call, call_at, call_to_json
 from dataflows.shards import WindowKey
 from schemas.deadletter import DeadLetter, Reason
-from schemas.metrics import MetricsRow
+from schemas.dimensions import DEFAULT_VALUES, OTHER
+from schemas.metrics import DimensionRow, MetricsRow
+
+
+class DimensionEmission(Struct, kw_only=True):
+    """One dimension value's row in a window's emission, with what Postgres keeps beside it."""
+
+    row: DimensionRow
+    digest: bytes
+    ttft_count: int
 
 
 class WindowRow(Struct, kw_only=True):
-    """One emission of one window: the row, plus what Postgres keeps beside it."""
+    """One emission of one window: the row, plus what Postgres keeps beside it, and its
+    dimensions' rows (docs/counting.md §12): those that changed since the window's last
+    emission, and per dimension every value that has a row now (``kept``), so that rows
+    of values merged into ``"(other)"`` since can be removed."""
 
     row: MetricsRow
     digest: bytes  # the latency t-digest, serialized, for merging windows later
     ttft_count: int  # answered calls that reported time_to_first_token_ms
+    dimension_rows: list[DimensionEmission] = field(default_factory=list)
+    kept: dict[str, list[Value]] = field(default_factory=dict)
+
+
+class _Values(CallStats, gc=False):
+    """One value of one dimension in one window."""
+
+    # finish_reason: timeouts of this value (none) whose answer came with a value;
+    # each raises the revision by 2 so that it rises although the requests fall.
+    moved: int = 0
+    sent: int = 0  # revision of this value's last row; 0 when none, or merged into "(other)"
+
+    def revision(self) -> int:
+        return self.requests + self.answered + 2 * self.moved
 
 
 class _Window(CallStats, gc=False):
@@ -59,6 +87,33 @@ class _Window(CallStats, gc=False):
 
     revision: int = 0  # of the last emission; 0 before the first
     unsent: int = 0  # calls folded in since the last emission
+    # The tenant's dimensions when the window opened, and per dimension each value's calls.
+    dimensions: tuple[str, ...] = ()
+    values: dict[str, dict[Value, _Values]] | None = None
+
+    def value(self, name: str, value: Value) -> _Values:
+        if self.values is None:
+            self.values = {}
+        per_value = self.values.get(name)
+        if per_value is None:
+            per_value = self.values[name] = {}
+        stats = per_value.get(value)
+        if stats is None:
+            stats = per_value[value] = _Values()
+        return stats
+
+    def add_values(self, call: Call) -> None:
+        """Fold one priced call into its value of each of the window's dimensions."""
+        request, response = call.request, call.response
+        for name in self.dimensions:
+            value = reader(name)(request, response)
+            if call.replaces_timeout and value is not None and from_response(name):
+                moved = self.value(name, None)
+                moved.take_back_timeout()
+                moved.moved += 1
+                self.value(name, value).add(msgspec.structs.replace(call, replaces_timeout=False))
+            else:
+                self.value(name, value).add(call)
 
 
 def completed_at(call: Call) -> float:
@@ -97,10 +152,20 @@ def _dead_letter(call: Call, reason: Reason, error: str) -> DeadLetter:
 
 
 class WindowShard:
-    def __init__(self, window_seconds: int, grace_seconds: int, lateness_seconds: int) -> None:
+    def __init__(
+        self,
+        window_seconds: int,
+        grace_seconds: int,
+        lateness_seconds: int,
+        plan: DimensionPlan | None = None,
+        value_limit: int = DEFAULT_VALUES,
+    ) -> None:
         self.window = window_seconds
         self.grace = grace_seconds
         self.lateness = lateness_seconds
+        # Which dimensions a window opening now gets; not snapshotted (attach()).
+        self.plan: DimensionPlan = plan or StaticPlan()
+        self.value_limit = value_limit
         self.watermark = Watermark()
         # window start (Unix seconds) -> key -> window
         self._windows: dict[int, dict[WindowKey, _Window]] = {}
@@ -124,8 +189,16 @@ class WindowShard:
         self._offset = now - event_time
         if start + window + self.lateness < event_time:
             return [self._too_late(call, start, event_time)]
-        self._taking(start, (request.tenant_id, request.route, request.model), 1).add(call)
+        self.plan.prepare({request.tenant_id: start})
+        state = self._taking(start, (request.tenant_id, request.route, request.model), 1)
+        state.add(call)
+        if state.dimensions:
+            state.add_values(call)
         return []
+
+    def attach(self, plan: DimensionPlan) -> None:
+        """Use ``plan`` for the windows that open from now on (after a restore, say)."""
+        self.plan = plan
 
     def _taking(self, start: int, key: WindowKey, calls: int) -> _Window:
         """The window of ``key`` starting at ``start``, about to take ``calls`` more calls
@@ -135,7 +208,7 @@ class WindowShard:
             group = self._windows[start] = {}
         state = group.get(key)
         if state is None:
-            state = group[key] = _Window()
+            state = group[key] = _Window(dimensions=self.plan.names(key[0], start))
         if not state.unsent:
             unsent = self._unsent.get(start)
             if unsent is None:
@@ -198,9 +271,19 @@ class WindowShard:
         answered_latency = sorted_latency[answered]
         answered_bounds = np.searchsorted(sorted_numbers[answered], np.arange(len(groups) + 1))
         calls_per_group = np.diff(np.append(bounds, len(indexes))).tolist()
+        through: dict[str, float] = {}
+        for start, key in groups:
+            if through.get(key[0], -np.inf) < start:
+                through[key[0]] = start
+        self.plan.prepare(through)
+        windows: list[_Window] = []
         for number, ((start, key), calls_in) in enumerate(zip(groups, calls_per_group, strict=True)):
-            self._taking(start, key, calls_in).add_sums([column[number] for column in sums],
+            state = self._taking(start, key, calls_in)
+            state.add_sums([column[number] for column in sums],
                            answered_latency[answered_bounds[number]:answered_bounds[number + 1]])
+            windows.append(state)
+        if any(state.dimensions for state in windows):
+            _add_values(calls, indexes, numbers.tolist(), windows, columns, latency)
         return letters
 
     def _too_late(self, call: Call, start: int, event_time: float) -> DeadLetter:
@@ -265,7 +348,37 @@ class WindowShard:
             revision=state.revision,
             **state.row_fields(digest),
         )
-        return WindowRow(row=row, digest=digest.to_bytes(), ttft_count=state.ttft_count)
+        emission = WindowRow(row=row, digest=digest.to_bytes(), ttft_count=state.ttft_count)
+        if state.values:
+            self._dimension_rows(row, state, emission)
+        return emission
+
+    def _dimension_rows(self, row: MetricsRow, state: _Window, emission: WindowRow) -> None:
+        """The window's dimension rows that changed since its last emission, and what each
+        dimension keeps (docs/counting.md §12)."""
+        assert state.values is not None
+        for name in state.dimensions:
+            per_value = state.values.get(name, {})
+            # A value whose only timeout moved to another value holds no call any more.
+            counted = [(value, stats.requests) for value, stats in per_value.items() if stats.requests]
+            own, merged = ranked(counted, self.value_limit)
+            for value in own:
+                stats = per_value[value]
+                revision = stats.revision()
+                if revision != stats.sent:
+                    stats.sent = revision
+                    emission.dimension_rows.append(_dimension_row(row, name, value, stats, revision))
+            for value in merged:
+                per_value[value].sent = 0
+            if merged:
+                other = _Values()
+                other.merge_from([per_value[value] for value in merged])
+                emission.dimension_rows.append(_dimension_row(row, name, OTHER, other, state.revision))
+                own.append(OTHER)
+            for stats in per_value.values():
+                if not stats.requests:
+                    stats.sent = 0
+            emission.kept[name] = own
 
     def next_wakeup(self) -> float | None:
         """Wall-clock Unix seconds at which ``on_time`` may have work; None when empty.
@@ -294,7 +407,69 @@ class WindowShard:
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
         state["_offset"] = None
+        del state["plan"]  # settings live in Postgres: a restored shard is attached to them again
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
+        state.setdefault("value_limit", DEFAULT_VALUES)  # snapshots made before dimensions
         self.__dict__.update(state)
+        self.plan = StaticPlan()
+
+
+def _dimension_row(row: MetricsRow, name: str, value: Value, stats: CallStats, revision: int
+                   ) -> DimensionEmission:
+    digest = stats.latency_digest()
+    dimension_row = DimensionRow(
+        tenant_id=row.tenant_id,
+        route=row.route,
+        model=row.model,
+        window_start=row.window_start,
+        window_end=row.window_end,
+        revision=revision,
+        dimension=name,
+        value=value,
+        **stats.row_fields(digest),
+    )
+    return DimensionEmission(row=dimension_row, digest=digest.to_bytes(), ttft_count=stats.ttft_count)
+
+
+def _add_values(calls: CallBatch, indexes: list[int], numbers: list[int], windows: list[_Window],
+                columns: list[np.ndarray], latency: np.ndarray) -> None:
+    """Fold the counted calls (``indexes``, each in window ``windows[numbers[i]]``; ``columns``
+    and ``latency`` from :func:`call_columns`) into their values of each window's dimensions,
+    with array operations: :meth:`_Window.add_values` for each call in turn."""
+    requests, responses, replaces = calls.requests, calls.responses, calls.replaces
+    members: list[int] = []  # positions in indexes, once per dimension of the call's window
+    numbered: list[int] = []  # the (window, dimension, value) group of each member
+    groups: dict[tuple[int, str, Value], int] = {}
+    one_by_one: list[tuple[_Window, int]] = []
+    for position, (index, number) in enumerate(zip(indexes, numbers, strict=True)):
+        window = windows[number]
+        if not window.dimensions:
+            continue
+        request, response = requests[index], responses[index]
+        if replaces[index] and response is not None and response.finish_reason is not None \
+                and "finish_reason" in window.dimensions:
+            one_by_one.append((window, index))  # a timeout that moves to another value: rare
+            continue
+        for name in window.dimensions:
+            members.append(position)
+            numbered.append(groups.setdefault((number, name, reader(name)(request, response)), len(groups)))
+    if members:
+        chosen = np.array(members)
+        group_of = np.array(numbered)
+        order = np.argsort(group_of, kind="stable")
+        sorted_groups = group_of[order]
+        bounds = np.flatnonzero(np.diff(sorted_groups, prepend=-1))
+        sums = group_sums([column[chosen] for column in columns], order, bounds)
+        sorted_latency = latency[chosen][order]
+        answered = ~np.isnan(sorted_latency)
+        answered_latency = sorted_latency[answered]
+        answered_bounds = np.searchsorted(sorted_groups[answered], np.arange(len(groups) + 1))
+        for group, (number, name, value) in enumerate(groups):
+            windows[number].value(name, value).add_sums(
+                [column[group] for column in sums],
+                answered_latency[answered_bounds[group]:answered_bounds[group + 1]])
+    for window, index in one_by_one:
+        window.add_values(call_at(calls, index))
+

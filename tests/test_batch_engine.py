@@ -61,6 +61,7 @@ from hypothesis import strategies as st
 
 from dataflows.aggregate import EXACT_UP_TO
 from dataflows.batches import CallBatch, SourceRef, decode_one, decode_run, invalid
+from dataflows.dimensions import StaticPlan
 from dataflows.join import Call, JoinShard, call_into
 from dataflows.operators import route_to_windows
 from dataflows.pricing import PriceBook
@@ -133,7 +134,17 @@ class Config(NamedTuple):
         return JoinShard(self.timeout, self.dedupe, self.window, self.lateness)
 
     def windows(self) -> WindowShard:
-        return WindowShard(self.window, self.grace, self.lateness)
+        return WindowShard(self.window, self.grace, self.lateness, PLAN, VALUE_LIMIT)
+
+
+# Dimensions: three for every tenant, one of them only in responses; the second tenant
+# switches to the provider at a window boundary. Few values per window keep a row of
+# their own, so values move in and out of "(other)" as calls arrive.
+PLAN = StaticPlan(
+    default=("metadata.team", "finish_reason", "user"),
+    histories={KEYS[1][0]: [(T0 + 40, ("provider", "metadata.team"))]},
+)
+VALUE_LIMIT = 2
 
 
 # -- the records -------------------------------------------------------------------------
@@ -160,6 +171,8 @@ class CallSpec(NamedTuple):
     reasoning_tokens: int
     error: str | None
     extras: bool  # provider, user hash and metadata, one integer beyond 64 bits
+    team: int  # metadata "team": one of four, or (4) none
+    finish_reason: str | None
 
 
 @st.composite
@@ -187,6 +200,8 @@ def call_specs(draw: st.DrawFn, config: Config) -> CallSpec:
         reasoning_tokens=draw(st.integers(0, completion)),
         error=draw(st.sampled_from([None, None, "", "rate limited"])),
         extras=draw(st.integers(0, 4)) == 0,
+        team=draw(st.integers(0, 4)),
+        finish_reason=draw(st.sampled_from([None, "stop", "length"])),
     )
 
 
@@ -201,7 +216,9 @@ def request_of(rid: str, spec: CallSpec, copy: int) -> LLMRequest:
         prompt_tokens=spec.prompt_tokens,
         provider=("openai" if spec.key == 0 else "nonesuch") if spec.extras else None,
         user_id_hash="u1" if spec.extras else None,
-        metadata={"team": "x", "big": 2**70, "ok": True} if spec.extras else None,
+        metadata={"team": "x", "big": 2**70, "ok": True}
+        if spec.extras
+        else ({"team": f"t{spec.team}"} if spec.team < 4 else None),
     )
 
 
@@ -216,6 +233,7 @@ def response_of(rid: str, spec: CallSpec, tenant_id: str | None) -> LLMResponse:
         reasoning_tokens=spec.reasoning_tokens,
         time_to_first_token_ms=spec.ttft_ms,
         error=spec.error,
+        finish_reason=spec.finish_reason,
     )
 
 
@@ -516,6 +534,7 @@ class Engine:
             if step == "windows":
                 shard = pickle.loads(data)
                 assert isinstance(shard, WindowShard)
+                shard.attach(PLAN)
                 self.windows[name] = shard
         self.touched = set()
         self.paths["restored"] += 1
@@ -722,6 +741,7 @@ def letter_id(letter: DeadLetter) -> LetterId:
 
 class Run(NamedTuple):
     final_rows: dict[RowKey, dict[str, Any]]
+    dimension_rows: dict[tuple[RowKey, str, str | None], dict[str, Any]]
     letters: set[LetterId]
     steps: list[tuple[int, Counter[bytes], Counter[LetterId]]]  # each step's emissions
     counters: tuple[int, int]
@@ -729,6 +749,7 @@ class Run(NamedTuple):
 
 def run(engine: Engine, schedule: list[Action]) -> Run:
     final: dict[RowKey, dict[str, Any]] = {}
+    dimension_rows: dict[tuple[RowKey, str, str | None], dict[str, Any]] = {}
     letters: set[LetterId] = set()
     steps: list[tuple[int, Counter[bytes], Counter[LetterId]]] = []
     for number, action in enumerate(schedule):
@@ -745,6 +766,19 @@ def run(engine: Engine, schedule: list[Action]) -> Run:
                     "digest": item.digest,
                     "ttft_count": item.ttft_count,
                 }
+                # Its dimensions' rows as the sink keeps them: each one written, then those
+                # of values no longer kept removed.
+                for emitted in item.dimension_rows:
+                    row = emitted.row
+                    dimension_rows[row_key(item), row.dimension, row.value] = {
+                        **msgspec.structs.asdict(row),
+                        "digest": emitted.digest,
+                        "ttft_count": emitted.ttft_count,
+                    }
+                for name, kept in item.kept.items():
+                    for key in [k for k in dimension_rows if k[:2] == (row_key(item), name)]:
+                        if key[2] not in kept:
+                            del dimension_rows[key]
             letters.update(letter_id(letter) for letter in found)
             steps.append(
                 (
@@ -753,7 +787,7 @@ def run(engine: Engine, schedule: list[Action]) -> Run:
                     Counter(letter_id(letter) for letter in found),
                 )
             )
-    return Run(final, letters, steps, engine.counters())
+    return Run(final, dimension_rows, letters, steps, engine.counters())
 
 
 def compare(stream: Stream, schedule: list[Action]) -> Counter[str]:
@@ -763,6 +797,8 @@ def compare(stream: Stream, schedule: list[Action]) -> Counter[str]:
     expected = run(reference, schedule)
     got = run(batch, schedule)
     assert got.final_rows == expected.final_rows, "final rows differ"
+    assert got.dimension_rows == expected.dimension_rows, "dimension rows differ"
+    check_dimensions_add_up(got)
     assert got.letters == expected.letters, "dead letters differ"
     for (number, rows, letters), (_, want_rows, want_letters) in zip(got.steps, expected.steps, strict=True):
         assert (rows, letters) == (want_rows, want_letters), f"emissions differ at action {number}"
@@ -771,6 +807,31 @@ def compare(stream: Stream, schedule: list[Action]) -> Counter[str]:
     if batch.store.saved:
         paths["segments saved"] += 1
     return paths
+
+
+SUMMED = ("requests", "errors", "timeouts", "prompt_tokens", "completion_tokens", "cache_read_tokens",
+          "reasoning_tokens", "unpriced_requests", "ttft_count")
+
+
+def check_dimensions_add_up(run: Run) -> None:
+    """Each window's dimension rows, per dimension, sum to its main row, and each window has
+    a row per dimension of its tenant's setting at its start (or none before any call)."""
+    totals: dict[tuple[RowKey, str], Counter[str]] = {}
+    for (key, name, _value), row in run.dimension_rows.items():
+        total = totals.setdefault((key, name), Counter())
+        for field in SUMMED:
+            total[field] += row[field]
+        total["cost_nanos"] += round(row["estimated_cost_usd"] * 1e9)
+    for key, row in run.final_rows.items():
+        start = key[0].timestamp()
+        for name in PLAN.names(key[1], start):
+            total = totals.pop((key, name), None)
+            assert total is not None, f"no {name} rows for {key}"
+            for field in SUMMED:
+                assert total[field] == row[field], (key, name, field)
+            # Each row's cost is rounded to 1e-9 USD: the sum may differ by that much per row.
+            assert abs(total["cost_nanos"] - round(row["estimated_cost_usd"] * 1e9)) <= len(PLAN.default) * 60
+    assert not totals, f"dimension rows of windows without a row: {sorted(totals)[:3]}"
 
 
 @settings(
@@ -898,6 +959,8 @@ def test_a_window_past_its_exact_latencies_folds_alike() -> None:
             reasoning_tokens=0,
             error=None,
             extras=False,
+            team=rng.randrange(5),
+            finish_reason=rng.choice([None, "stop"]),
         )
         for topic, value in call_records(f"bulk-{n}", spec):
             records[topic, rng.randrange(PARTITIONS)].append(value)
