@@ -35,7 +35,7 @@ from typing import TypeGuard, cast
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
-from dataflows import observability, sinks, sources, stopping
+from dataflows import dimension_settings, observability, sinks, sources, stopping
 from dataflows import operators as ops
 from dataflows.batches import CallBatch, EventRun
 from dataflows.pricing import PriceBook
@@ -77,7 +77,9 @@ def build(settings: Settings) -> Dataflow:
     calls = op.branch("answered", routed, _is_call_group)
 
     windowed = op.stateful_batch("windows", calls.trues, ops.window_builder(
-        settings.window_seconds, settings.grace_seconds, settings.lateness_seconds))
+        settings.window_seconds, settings.grace_seconds, settings.lateness_seconds,
+        functools.partial(dimension_settings.plan_for, settings.postgres_dsn, settings.dimensions),
+        settings.dimension_values))
     window_values = op.key_rm("window_values", windowed)
     rows_or_late = op.branch("on_time", window_values, _is_row)
     rows = rows_or_late.trues

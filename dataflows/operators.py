@@ -24,12 +24,14 @@ from bytewax.operators import StatefulBatchLogic
 
 from dataflows.batches import CallBatch, EventRun
 from dataflows.clock import MAX_GAP, WorkingClock
+from dataflows.dimensions import DimensionPlan, StaticPlan
 from dataflows.join import Call, JoinShard, call_into
 from dataflows.observability import BOARD, CALLS, SNAPSHOT_SECONDS
 from dataflows.remembered import SegmentStore
 from dataflows.shards import DEFAULT, Shards, WindowKey
 from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
+from schemas.dimensions import DEFAULT_VALUES
 
 # A join shard's output: the calls it counted, and its dead letters.
 JoinOutput = tuple[CallBatch, list[DeadLetter]]
@@ -201,13 +203,20 @@ def join_builder(timeout_seconds: float, dedupe_seconds: float, window_seconds: 
     return build
 
 
-def window_builder(window_seconds: int, grace_seconds: int, lateness_seconds: int
+def window_builder(window_seconds: int, grace_seconds: int, lateness_seconds: int,
+                   plan: Callable[[], DimensionPlan] = StaticPlan, value_limit: int = DEFAULT_VALUES
                    ) -> Callable[[bytes | None], WindowLogic]:
-    """A builder for :func:`bytewax.operators.stateful_batch`: a new shard, or the resumed one."""
+    """A builder for :func:`bytewax.operators.stateful_batch`: a new shard, or the resumed one,
+    deciding the dimensions of the windows it opens with ``plan()`` (called in the worker's
+    thread) and keeping ``value_limit`` values a window, key and dimension."""
 
     def build(resume: bytes | None) -> WindowLogic:
         if resume is None:
-            return WindowLogic(WindowShard(window_seconds, grace_seconds, lateness_seconds))
-        return WindowLogic(pickle.loads(resume))
+            return WindowLogic(
+                WindowShard(window_seconds, grace_seconds, lateness_seconds, plan(), value_limit))
+        shard = pickle.loads(resume)
+        shard.attach(plan())
+        shard.value_limit = value_limit
+        return WindowLogic(shard)
 
     return build

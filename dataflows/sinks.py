@@ -23,7 +23,8 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from datetime import UTC
+from typing import Any, NamedTuple
 
 import msgspec
 import psycopg
@@ -31,12 +32,12 @@ from bytewax.connectors.kafka import KafkaSinkMessage
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from dataflows.observability import DEAD_LETTERS, ROWS_STALE, ROWS_WRITTEN
+from dataflows.observability import DEAD_LETTERS, DIMENSION_ROWS, ROWS_STALE, ROWS_WRITTEN
 from dataflows.stopping import STOPPING
-from dataflows.windows import WindowRow
+from dataflows.windows import DimensionEmission, WindowRow
 from schemas.deadletter import KEY_MAX_BYTES, MESSAGE_MAX_BYTES, DeadLetter, encode_bounded
-from schemas.metrics import ROW_FIELDS, row_encoder
-from schemas.topics import DEADLETTER, METRICS
+from schemas.metrics import DIMENSION_ROW_FIELDS, ROW_FIELDS, DimensionRow, row_encoder
+from schemas.topics import DEADLETTER, DIMENSION_METRICS, METRICS
 
 logger = logging.getLogger("streamlens.dataflow")
 
@@ -68,6 +69,39 @@ CONFLICT_SQL = (
 UPSERT_SQL = (
     f"INSERT INTO llm_metrics ({', '.join(COLUMNS)}, updated_at) "
     f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, now())" + CONFLICT_SQL + " RETURNING 1"
+)
+
+# Dimension rows (docs/counting.md §12) go through COPY into a temporary table, then
+# one upsert with the same revision rule, then one delete of the rows of values a
+# newer emission of their window no longer keeps: a window emits up to 4 × 51 of
+# them, too many for a statement each.
+DIMENSION_COLUMNS: tuple[str, ...] = (
+    *DIMENSION_ROW_FIELDS, "ttft_count", "latency_digest", "window_revision")
+DIMENSION_KEY = ("tenant_id", "route", "model", "window_start", "dimension", "value")
+_WINDOW_DIMENSION = ("tenant_id", "route", "model", "window_start", "dimension")
+STAGE_SQL = (
+    "CREATE TEMP TABLE IF NOT EXISTS dimension_rows_in "
+    "(LIKE llm_dimension_metrics INCLUDING DEFAULTS) ON COMMIT DELETE ROWS; "
+    "CREATE TEMP TABLE IF NOT EXISTS dimension_kept_in (tenant_id text, route text, model text, "
+    "window_start timestamptz, dimension text, value text, window_revision integer) ON COMMIT DELETE ROWS"
+)
+UPSERT_DIMENSIONS_SQL = (
+    f"INSERT INTO llm_dimension_metrics ({', '.join(DIMENSION_COLUMNS)}, updated_at) "
+    f"SELECT {', '.join(DIMENSION_COLUMNS)}, now() FROM dimension_rows_in "
+    f"ON CONFLICT ({', '.join(DIMENSION_KEY)}) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*DIMENSION_COLUMNS, "updated_at") if c not in DIMENSION_KEY)
+    + " WHERE llm_dimension_metrics.revision <= EXCLUDED.revision"
+    + f" RETURNING {', '.join(DIMENSION_KEY)}"
+)
+_same = " AND ".join(f"d.{c} = k.{c}" for c in _WINDOW_DIMENSION)
+_same_value = " AND ".join(f"v.{c} = d.{c}" for c in _WINDOW_DIMENSION)
+DELETE_DROPPED_SQL = (
+    "DELETE FROM llm_dimension_metrics d USING (SELECT tenant_id, route, model, window_start, dimension, "
+    "max(window_revision) AS window_revision FROM dimension_kept_in "
+    "GROUP BY tenant_id, route, model, window_start, dimension) k "
+    f"WHERE {_same} AND d.window_revision < k.window_revision AND NOT EXISTS "
+    f"(SELECT 1 FROM dimension_kept_in v WHERE {_same_value} AND v.value IS NOT DISTINCT FROM d.value) "
+    f"RETURNING {', '.join('d.' + c for c in DIMENSION_KEY)}"
 )
 
 # Pauses between attempts while something is down: quick at first, then capped.
@@ -110,7 +144,8 @@ class Outage:
 
 
 def latest_per_window(rows: list[WindowRow]) -> list[WindowRow]:
-    """One emission per window, the highest revision: one INSERT may not touch a row twice."""
+    """One emission per window, the highest revision: one INSERT may not touch a row twice
+    (an emission carries all of its window's dimension rows, so the others add nothing)."""
     latest: dict[tuple[Any, ...], WindowRow] = {}
     for item in rows:
         row = item.row
@@ -125,6 +160,27 @@ def values_of(item: WindowRow) -> tuple[Any, ...]:
     """One row's parameters, in :data:`COLUMNS` order."""
     row = item.row
     return (*(getattr(row, name) for name in ROW_FIELDS), item.ttft_count, item.digest)
+
+
+def dimension_values_of(item: DimensionEmission, window_revision: int) -> tuple[Any, ...]:
+    """One dimension row's columns, in :data:`DIMENSION_COLUMNS` order."""
+    row = item.row
+    return (*(getattr(row, name) for name in DIMENSION_ROW_FIELDS), item.ttft_count, item.digest,
+            window_revision)
+
+
+DimensionKey = tuple[str, str, str, Any, str, str | None]
+
+
+def dimension_key(row: DimensionRow) -> DimensionKey:
+    return (row.tenant_id, row.route or "", row.model or "", row.window_start, row.dimension, row.value)
+
+
+class DimensionsWritten(NamedTuple):
+    """What Postgres did with a batch's dimension rows: the rows it took, the keys it removed."""
+
+    taken: list[DimensionRow]
+    removed: list[DimensionKey]
 
 
 # Errors no retry can cure: the record is larger than the broker or producer allow.
@@ -146,10 +202,10 @@ class KafkaWriter:
         self._topic = topic
         self._outage = Outage(f"kafka topic {topic}")
 
-    def write(self, messages: list[KafkaSinkMessage[bytes | None, bytes]]) -> None:
+    def write(self, messages: list[KafkaSinkMessage[bytes | None, bytes | None]]) -> None:
         pending = messages
         while pending:
-            failed: list[KafkaSinkMessage[bytes | None, bytes]] = []
+            failed: list[KafkaSinkMessage[bytes | None, bytes | None]] = []
             errors: list[KafkaError] = []
             for message in pending:
                 self._produce(message, failed, errors)
@@ -167,8 +223,9 @@ class KafkaWriter:
             self._outage.failed(errors[0].str())
             pending = failed
 
-    def _produce(self, message: KafkaSinkMessage[bytes | None, bytes],
-                 failed: list[KafkaSinkMessage[bytes | None, bytes]], errors: list[KafkaError]) -> None:
+    def _produce(self, message: KafkaSinkMessage[bytes | None, bytes | None],
+                 failed: list[KafkaSinkMessage[bytes | None, bytes | None]],
+                 errors: list[KafkaError]) -> None:
         def delivered(error: KafkaError | None, _record: Message) -> None:
             if error is not None:
                 failed.append(message)
@@ -196,25 +253,31 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
         self._conn: psycopg.Connection | None = None
         self._outage = Outage("postgres")
         self._metrics = KafkaWriter(brokers, METRICS)
+        self._dimensions = KafkaWriter(brokers, DIMENSION_METRICS)
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
+            self._conn.execute(STAGE_SQL)
         return self._conn
 
     def write_batch(self, items: list[WindowRow]) -> None:
         if not items:
             return
         latest = latest_per_window(items)
-        taken = self._upsert(latest)
+        taken, dimensions = self._upsert(latest)
         written = sum(taken)
         ROWS_WRITTEN.inc(written)
         ROWS_STALE.inc(len(latest) - written)
         self._metrics.write([metrics_message(item) for item, took in zip(latest, taken, strict=True)
                              if took])
+        if dimensions.taken or dimensions.removed:
+            self._dimensions.write([*map(dimension_message, dimensions.taken),
+                                    *map(dimension_tombstone, dimensions.removed)])
 
-    def _upsert(self, items: list[WindowRow]) -> list[bool]:
-        """Write the rows in one transaction, retrying through outages; which ones Postgres took."""
+    def _upsert(self, items: list[WindowRow]) -> tuple[list[bool], DimensionsWritten]:
+        """Write the rows in one transaction, retrying through outages; which ones Postgres
+        took, and what it did with the dimension rows of the windows it took."""
         params = [values_of(item) for item in items]
         while True:
             try:
@@ -226,8 +289,10 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
                         taken.append(cursor.rowcount == 1)
                         if not cursor.nextset():
                             break
+                    dimensions = _write_dimensions(
+                        cursor, [item for item, took in zip(items, taken, strict=True) if took])
                 self._outage.succeeded()
-                return taken
+                return taken, dimensions
             except (psycopg.OperationalError, psycopg.InterfaceError) as error:
                 self._disconnect()
                 self._outage.failed(error)
@@ -242,6 +307,40 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
     def close(self) -> None:
         self._disconnect()
         self._metrics.close()
+        self._dimensions.close()
+
+
+def _write_dimensions(cursor: psycopg.Cursor[Any], items: list[WindowRow]) -> DimensionsWritten:
+    """The dimension rows of windows whose emission Postgres took: upserted by revision, and
+    the rows of values their windows no longer keep (merged into "(other)") removed."""
+    if not any(item.kept for item in items):
+        return DimensionsWritten([], [])
+    by_key: dict[DimensionKey, DimensionRow] = {}
+    with cursor.copy(f"COPY dimension_rows_in ({', '.join(DIMENSION_COLUMNS)}) FROM STDIN") as copy:
+        for item in items:
+            for emitted in item.dimension_rows:
+                copy.write_row(dimension_values_of(emitted, item.row.revision))
+                by_key[dimension_key(emitted.row)] = emitted.row
+    with cursor.copy("COPY dimension_kept_in FROM STDIN") as copy:
+        for item in items:
+            row = item.row
+            for name, values in item.kept.items():
+                for value in values:
+                    copy.write_row((row.tenant_id, row.route, row.model, row.window_start, name, value,
+                                    row.revision))
+    cursor.execute(UPSERT_DIMENSIONS_SQL)
+    taken = [by_key[_key_of(record)] for record in cursor.fetchall()]
+    cursor.execute(DELETE_DROPPED_SQL)
+    removed = [_key_of(record) for record in cursor.fetchall()]
+    DIMENSION_ROWS.labels("written").inc(len(taken))
+    DIMENSION_ROWS.labels("stale").inc(len(by_key) - len(taken))
+    DIMENSION_ROWS.labels("removed").inc(len(removed))
+    return DimensionsWritten(taken, removed)
+
+
+def _key_of(record: tuple[Any, ...]) -> DimensionKey:
+    tenant_id, route, model, window_start, dimension, value = record
+    return (tenant_id, route, model, window_start, dimension, value)
 
 
 class RowsSink(DynamicSink[WindowRow]):
@@ -260,18 +359,18 @@ class RowsSink(DynamicSink[WindowRow]):
         return _RowsPartition(self._dsn, self._brokers)
 
 
-class _KafkaPartition(StatelessSinkPartition[KafkaSinkMessage[bytes | None, bytes]]):
+class _KafkaPartition(StatelessSinkPartition[KafkaSinkMessage[bytes | None, bytes | None]]):
     def __init__(self, brokers: str, topic: str) -> None:
         self._writer = KafkaWriter(brokers, topic)
 
-    def write_batch(self, items: list[KafkaSinkMessage[bytes | None, bytes]]) -> None:
+    def write_batch(self, items: list[KafkaSinkMessage[bytes | None, bytes | None]]) -> None:
         self._writer.write(items)
 
     def close(self) -> None:
         self._writer.close()
 
 
-class KafkaTopicSink(DynamicSink[KafkaSinkMessage[bytes | None, bytes]]):
+class KafkaTopicSink(DynamicSink[KafkaSinkMessage[bytes | None, bytes | None]]):
     """Produces to one topic, each batch acknowledged before it counts as written."""
 
     def __init__(self, brokers: str, topic: str = DEADLETTER) -> None:
@@ -285,6 +384,21 @@ class KafkaTopicSink(DynamicSink[KafkaSinkMessage[bytes | None, bytes]]):
 def metrics_message(item: WindowRow) -> KafkaSinkMessage[bytes, bytes]:
     """An ``llm.metrics`` record: keyed by window, so compaction keeps the latest revision."""
     return KafkaSinkMessage(key=item.row.kafka_key(), value=row_encoder.encode(item.row))
+
+
+def dimension_message(row: DimensionRow) -> KafkaSinkMessage[bytes | None, bytes | None]:
+    """An ``llm.dimension-metrics`` record: keyed by window, dimension and value."""
+    return KafkaSinkMessage(key=row.kafka_key(), value=row_encoder.encode(row))
+
+
+def dimension_tombstone(key: DimensionKey) -> KafkaSinkMessage[bytes | None, bytes | None]:
+    """The tombstone of a value's row that was merged into ``"(other)"``: compaction
+    forgets the row, as Postgres did."""
+    tenant_id, route, model, window_start, dimension, value = key
+    # As DimensionRow.kafka_key writes it: the window's start in UTC.
+    start = window_start.astimezone(UTC).isoformat()
+    text = f"{tenant_id}|{route}|{model}|{start}|{dimension}|{'' if value is None else value}"
+    return KafkaSinkMessage(key=text.encode(), value=None)
 
 
 def deadletter_key(letter: DeadLetter) -> bytes | None:
@@ -303,7 +417,7 @@ def deadletter_key(letter: DeadLetter) -> bytes | None:
     return request_id.encode() if isinstance(request_id, str) else None
 
 
-def deadletter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, bytes]:
+def deadletter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, bytes | None]:
     """An ``llm.deadletter`` record, keyed by request id when known, that always fits the
     producer's message limit (:func:`schemas.deadletter.encode_bounded`).
 

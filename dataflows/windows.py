@@ -59,27 +59,14 @@ class DimensionEmission(Struct, kw_only=True):
 
 class WindowRow(Struct, kw_only=True):
     """One emission of one window: the row, plus what Postgres keeps beside it, and its
-    dimensions' rows (docs/counting.md §12): those that changed since the window's last
-    emission, and per dimension every value that has a row now (``kept``), so that rows
-    of values merged into ``"(other)"`` since can be removed."""
+    dimensions' rows (docs/counting.md §12), and per dimension every value that has a row
+    (``kept``), so that rows of values merged into ``"(other)"`` since can be removed."""
 
     row: MetricsRow
     digest: bytes  # the latency t-digest, serialized, for merging windows later
     ttft_count: int  # answered calls that reported time_to_first_token_ms
     dimension_rows: list[DimensionEmission] = field(default_factory=list)
     kept: dict[str, list[Value]] = field(default_factory=dict)
-
-
-class _Values(CallStats, gc=False):
-    """One value of one dimension in one window."""
-
-    # finish_reason: timeouts of this value (none) whose answer came with a value;
-    # each raises the revision by 2 so that it rises although the requests fall.
-    moved: int = 0
-    sent: int = 0  # revision of this value's last row; 0 when none, or merged into "(other)"
-
-    def revision(self) -> int:
-        return self.requests + self.answered + 2 * self.moved
 
 
 class _Window(CallStats, gc=False):
@@ -89,9 +76,9 @@ class _Window(CallStats, gc=False):
     unsent: int = 0  # calls folded in since the last emission
     # The tenant's dimensions when the window opened, and per dimension each value's calls.
     dimensions: tuple[str, ...] = ()
-    values: dict[str, dict[Value, _Values]] | None = None
+    values: dict[str, dict[Value, CallStats]] | None = None
 
-    def value(self, name: str, value: Value) -> _Values:
+    def value(self, name: str, value: Value) -> CallStats:
         if self.values is None:
             self.values = {}
         per_value = self.values.get(name)
@@ -99,7 +86,7 @@ class _Window(CallStats, gc=False):
             per_value = self.values[name] = {}
         stats = per_value.get(value)
         if stats is None:
-            stats = per_value[value] = _Values()
+            stats = per_value[value] = CallStats()
         return stats
 
     def add_values(self, call: Call) -> None:
@@ -108,9 +95,7 @@ class _Window(CallStats, gc=False):
         for name in self.dimensions:
             value = reader(name)(request, response)
             if call.replaces_timeout and value is not None and from_response(name):
-                moved = self.value(name, None)
-                moved.take_back_timeout()
-                moved.moved += 1
+                self.value(name, None).take_back_timeout()
                 self.value(name, value).add(msgspec.structs.replace(call, replaces_timeout=False))
             else:
                 self.value(name, value).add(call)
@@ -354,8 +339,8 @@ class WindowShard:
         return emission
 
     def _dimension_rows(self, row: MetricsRow, state: _Window, emission: WindowRow) -> None:
-        """The window's dimension rows that changed since its last emission, and what each
-        dimension keeps (docs/counting.md §12)."""
+        """Every row of the window's dimensions, with the window's revision
+        (docs/counting.md §12), and what each dimension keeps."""
         assert state.values is not None
         for name in state.dimensions:
             per_value = state.values.get(name, {})
@@ -363,21 +348,12 @@ class WindowShard:
             counted = [(value, stats.requests) for value, stats in per_value.items() if stats.requests]
             own, merged = ranked(counted, self.value_limit)
             for value in own:
-                stats = per_value[value]
-                revision = stats.revision()
-                if revision != stats.sent:
-                    stats.sent = revision
-                    emission.dimension_rows.append(_dimension_row(row, name, value, stats, revision))
-            for value in merged:
-                per_value[value].sent = 0
+                emission.dimension_rows.append(_dimension_row(row, name, value, per_value[value]))
             if merged:
-                other = _Values()
+                other = CallStats()
                 other.merge_from([per_value[value] for value in merged])
-                emission.dimension_rows.append(_dimension_row(row, name, OTHER, other, state.revision))
+                emission.dimension_rows.append(_dimension_row(row, name, OTHER, other))
                 own.append(OTHER)
-            for stats in per_value.values():
-                if not stats.requests:
-                    stats.sent = 0
             emission.kept[name] = own
 
     def next_wakeup(self) -> float | None:
@@ -416,8 +392,7 @@ class WindowShard:
         self.plan = StaticPlan()
 
 
-def _dimension_row(row: MetricsRow, name: str, value: Value, stats: CallStats, revision: int
-                   ) -> DimensionEmission:
+def _dimension_row(row: MetricsRow, name: str, value: Value, stats: CallStats) -> DimensionEmission:
     digest = stats.latency_digest()
     dimension_row = DimensionRow(
         tenant_id=row.tenant_id,
@@ -425,7 +400,7 @@ def _dimension_row(row: MetricsRow, name: str, value: Value, stats: CallStats, r
         model=row.model,
         window_start=row.window_start,
         window_end=row.window_end,
-        revision=revision,
+        revision=row.revision,
         dimension=name,
         value=value,
         **stats.row_fields(digest),

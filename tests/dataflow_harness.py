@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -49,8 +50,8 @@ from dataflows.shards import Shards
 from deploy.stack import free_port
 from tests.conftest import TEST_PARTITIONS
 
-REQUESTS, RESPONSES, METRICS, DEADLETTER = (
-    "llm.requests", "llm.responses", "llm.metrics", "llm.deadletter")
+REQUESTS, RESPONSES, METRICS, DIMENSION_METRICS, DEADLETTER = (
+    "llm.requests", "llm.responses", "llm.metrics", "llm.dimension-metrics", "llm.deadletter")
 
 WINDOW_SECONDS = 5
 GRACE_SECONDS = 15
@@ -293,8 +294,10 @@ def expected_rows_of(counted: Iterable[Counted], window_seconds: int = WINDOW_SE
             if "latency_ms" in resp:
                 latencies.append(resp["latency_ms"])
             else:
+                # From the timestamps as sent (whole microseconds), not the test's own floats.
                 latencies.append(max(0.0, (datetime.fromisoformat(resp["timestamp"]).timestamp()
-                                           - c.request_ts) * 1000))
+                                           - datetime.fromisoformat(c.request["timestamp"]).timestamp())
+                                          * 1000))
             price = PRICES.get(model)
             if price is None:
                 unpriced += 1
@@ -320,6 +323,96 @@ def expected_rows_of(counted: Iterable[Counted], window_seconds: int = WINDOW_SE
             revision=len(calls) + len(answered), window_seconds=window_seconds,
         )
     return rows
+
+
+# -- dimensions (SPEC §8), computed here from the calls the test made ---------------------
+
+DimensionKey = tuple[str, str, str, float, str, str | None]
+OTHER = "(other)"
+
+
+def dimension_value(name: str, call: Counted) -> str | None:
+    """A call's value for dimension ``name``, as SPEC §8 writes it."""
+    if name.startswith("metadata."):
+        found = (call.request.get("metadata") or {}).get(name.removeprefix("metadata."))
+    elif name == "provider":
+        found = call.request.get("provider")
+    elif name == "user":
+        found = call.request.get("user_id_hash")
+    else:
+        assert name == "finish_reason"
+        found = (call.response or {}).get("finish_reason")
+    if found is None:
+        return None
+    if isinstance(found, bool):
+        return "true" if found else "false"
+    if isinstance(found, int | float):
+        return json.dumps(found)
+    return re.sub(r"[\x00-\x1f\x7f]", "\ufffd", found[:128])
+
+
+def expected_dimension_rows(counted: Iterable[Counted], names: Callable[[str, float], tuple[str, ...]],
+                            limit: int, window_seconds: int = WINDOW_SECONDS
+                            ) -> dict[DimensionKey, ExpectedRow]:
+    """Every final dimension row of these calls: per window, key and dimension (``names`` of
+    the tenant at the window's start), the ``limit`` values with most calls (ties by value,
+    none first) and the rest as "(other)", each with the window's revision."""
+    windows: dict[tuple[str, str, str, float], list[Counted]] = defaultdict(list)
+    for call in counted:
+        start = math.floor(call.request_ts / window_seconds) * window_seconds
+        windows[(*call.key, float(start))].append(call)
+    rows: dict[DimensionKey, ExpectedRow] = {}
+    for window, calls in windows.items():
+        revision = len(calls) + sum(1 for c in calls if c.response is not None)
+        for name in names(window[0], window[3]):
+            by_value: dict[str | None, list[Counted]] = defaultdict(list)
+            for call in calls:
+                by_value[dimension_value(name, call)].append(call)
+            ranked = sorted((v for v in by_value if v != OTHER),
+                            key=lambda v: (-len(by_value[v]), v is not None, v or ""))
+            kept = {value: by_value[value] for value in ranked[:limit]}
+            rest = [call for value in ranked[limit:] for call in by_value[value]] + by_value.get(OTHER, [])
+            if rest:
+                kept[OTHER] = rest
+            for value, members in kept.items():
+                (row,) = expected_rows_of(members, window_seconds).values()
+                row.revision = revision
+                rows[(*window, name, value)] = row
+    return rows
+
+
+def postgres_dimension_rows(dsn: str) -> dict[DimensionKey, dict[str, Any]]:
+    with psycopg.connect(dsn, row_factory=dict_row) as conn:
+        rows = conn.execute("SELECT * FROM llm_dimension_metrics").fetchall()
+    return {(r["tenant_id"], r["route"], r["model"], r["window_start"].timestamp(), r["dimension"],
+             r["value"]): r for r in rows}
+
+
+def latest_dimension_metrics(brokers: str) -> dict[DimensionKey, dict[str, Any]]:
+    """``llm.dimension-metrics`` as compaction leaves it: the last record of each key, where
+    a tombstone (a value merged into "(other)") removes the key."""
+    latest: dict[bytes, tuple[tuple[int, int], dict[str, Any] | None]] = {}
+    for key, value, partition, offset in read_topic(brokers, DIMENSION_METRICS):
+        assert key is not None
+        row = None if value is None else json.loads(value)
+        if row is not None:
+            assert key == (f"{row['tenant_id']}|{row['route']}|{row['model']}|"
+                           f"{datetime.fromisoformat(row['window_start']).isoformat()}|"
+                           f"{row['dimension']}|{'' if row['value'] is None else row['value']}").encode()
+        # One window's records are written by one worker, in order, to one partition.
+        if key not in latest or latest[key][0] < (partition, offset):
+            latest[key] = ((partition, offset), row)
+    return {(r["tenant_id"], r["route"], r["model"], datetime.fromisoformat(r["window_start"]).timestamp(),
+             r["dimension"], r["value"]): r for _, r in latest.values() if r is not None}
+
+
+def check_dimension_rows(actual: dict[DimensionKey, dict[str, Any]],
+                         expected: dict[DimensionKey, ExpectedRow]) -> None:
+    assert set(actual) == set(expected), (
+        f"missing {sorted(set(expected) - set(actual), key=str)[:5]}, "
+        f"unexpected {sorted(set(actual) - set(expected), key=str)[:5]}")
+    for key, row in expected.items():
+        check_row(actual[key], row)
 
 
 def first_rows(data: DataSet) -> set[tuple[str, str, str, float]]:

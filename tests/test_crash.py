@@ -17,12 +17,14 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from deploy.stack import Broker
@@ -39,13 +41,29 @@ WINDOW_SECONDS = 60  # the default
 KEYS = (*h.NORMAL_KEYS, ("initech", "/agent", "test-model-a"))
 
 
+def _metadata(rng: random.Random) -> dict[str, Any]:
+    """What applications put in ``metadata``: a country among 30 (skewed, some calls
+    without), an experiment, a flag, a number; some values long or with control characters."""
+    metadata: dict[str, Any] = {"experiment": rng.choice(["prompt_v3", "prompt_v4", None])}
+    if rng.random() < 0.9:
+        metadata["country"] = f"C{min(rng.randrange(30), rng.randrange(30)):02d}"
+    metadata["beta"] = rng.random() < 0.3
+    metadata["shard"] = rng.choice([1, 2, 2.5])
+    if rng.random() < 0.02:
+        metadata["country"] = "X" * 200 if rng.random() < 0.5 else "tab\there\x01"
+    return metadata
+
+
 def _calls(rng: random.Random, now: float, calls: int
            ) -> tuple[list[dict[str, Any]], list[h.Counted]]:
     """Events of ``calls`` calls over five minutes ending a minute ago, shuffled, with repeats.
 
     Requests left without a response are stamped in the first half-minute, so their
-    timeouts (JOIN_TIMEOUT_SECONDS 300 by default) come due while the test runs.
+    timeouts (JOIN_TIMEOUT_SECONDS 300 by default) come due while the test runs. Requests
+    carry metadata and a user, responses a finish reason, drawn apart (``extras``) so that
+    the calls themselves are those of the seed whatever is added.
     """
+    extras = random.Random(rng.random())
     events: list[dict[str, Any]] = []
     counted: list[h.Counted] = []
     for n in range(calls):
@@ -55,7 +73,8 @@ def _calls(rng: random.Random, now: float, calls: int
         ts = now - 360 + (rng.uniform(0, 30) if unanswered else rng.uniform(0, 300))
         request = {"type": "request", "request_id": rid, "tenant_id": key[0], "route": key[1],
                    "model": key[2], "timestamp": h.timestamp(ts),
-                   "prompt_tokens": rng.randrange(0, 4000)}
+                   "prompt_tokens": rng.randrange(0, 4000), "metadata": _metadata(extras),
+                   "user_id_hash": f"user-{extras.randrange(400):03d}"}
         events.append(request)
         if unanswered:
             counted.append(h.Counted(key, ts, None, request, late=False))
@@ -73,6 +92,9 @@ def _calls(rng: random.Random, now: float, calls: int
             response["time_to_first_token_ms"] = round(rng.uniform(5, 900), 3)
         if rng.random() < 0.06:
             response["error"] = "upstream 500"
+        finish_reason = extras.choice(["stop", "stop", "length", None])
+        if finish_reason is not None:
+            response["finish_reason"] = finish_reason
         events.append(response)
         counted.append(h.Counted(key, ts, response, request, late=False))
         if rng.random() < 0.03:  # a client retrying: the same events again
@@ -113,13 +135,41 @@ class CrashRun:
     windows: int
 
 
+@dataclass
+class Dimensions:
+    """Dimensions to run with: ``DIMENSIONS`` for every tenant, and one tenant (``tenant``)
+    switching to ``own`` at a window boundary in the middle of the calls, stored as a change
+    is before the processor starts."""
+
+    default: tuple[str, ...]
+    values: int  # DIMENSION_VALUES
+    tenant: str
+    own: tuple[str, ...]
+
+    def settings(self) -> dict[str, str]:
+        return {"DIMENSIONS": ",".join(self.default), "DIMENSION_VALUES": str(self.values)}
+
+    def store(self, dsn: str, boundary: float) -> None:
+        with psycopg.connect(dsn) as conn:
+            conn.execute("INSERT INTO tenant_dimensions (tenant_id, effective_from, dimensions) "
+                         "VALUES (%s, to_timestamp(%s), %s)", (self.tenant, boundary, list(self.own)))
+
+    def names(self, boundary: float) -> Callable[[str, float], tuple[str, ...]]:
+        return lambda tenant, start: self.own if tenant == self.tenant and start >= boundary else self.default
+
+
 def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seconds: float,
-        seed: int) -> CrashRun:
+        seed: int, dimensions: Dimensions | None = None) -> CrashRun:
     """Post ``calls`` shuffled calls over ``posting_seconds`` while ``kills`` kill -9s land at
-    moments drawn from ``seed``; wait for the rows and check every one of them."""
+    moments drawn from ``seed``; wait for the rows and check every one of them (with
+    ``dimensions``, their rows too)."""
     rng = random.Random(seed)
-    events, counted = _calls(rng, time.time(), calls)
+    now = time.time()
+    events, counted = _calls(rng, now, calls)
     expected = h.expected_rows_of(counted, WINDOW_SECONDS)
+    boundary = (now - 200) // WINDOW_SECONDS * WINDOW_SECONDS
+    if dimensions is not None:
+        dimensions.store(dsn, boundary)
     batches = [events[i:i + BATCH] for i in range(0, len(events), BATCH)]
     # Moments while batches are still to come: the last one is due at this.
     last_due = posting_seconds * (len(batches) - 1) / len(batches)
@@ -130,7 +180,8 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
           f"kill -9 at {done.kills} s into the posting", flush=True)
 
     processor = h.Processor(brokers, dsn, work / "recovery", h.write_prices(work / "prices.json"),
-                            work / "dataflow.log", settings={})
+                            work / "dataflow.log",
+                            settings={} if dimensions is None else dimensions.settings())
     with ServerThread(brokers) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         processor.start()
         try:
@@ -177,7 +228,26 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
     for key, revisions in published.items():
         assert revisions == sorted(revisions), f"{key}: revisions went down: {revisions}"
     done.emissions = sum(len(revisions) for revisions in published.values())
+    if dimensions is not None:
+        wanted = h.expected_dimension_rows(counted, dimensions.names(boundary), dimensions.values,
+                                           WINDOW_SECONDS)
+        assert any(key[5] == h.OTHER for key in wanted) and any(key[5] is None for key in wanted)
+        h.check_dimension_rows(h.postgres_dimension_rows(dsn), wanted)
+        h.check_dimension_rows(h.latest_dimension_metrics(brokers), wanted)
     return done
+
+
+def test_kill_9_with_dimensions_gives_exact_dimension_rows(tmp_path: Path, broker: Broker,
+                                                          postgres_dsn: str) -> None:
+    """Three dimensions for every tenant (one of them from the responses, one with hundreds of
+    values), one tenant switching to others at a recorded boundary, few values a window so
+    that most windows merge some into "(other)": every dimension row, in Postgres and on
+    ``llm.dimension-metrics``, equals the test's own computation."""
+    seed = int(os.environ.get("STREAMLENS_CRASH_SEED", str(random.randrange(2**32))))
+    dimensions = Dimensions(default=("metadata.country", "finish_reason", "user"), values=8,
+                            tenant="globex", own=("metadata.experiment", "metadata.beta",
+                                                  "metadata.shard", "metadata.country"))
+    run(tmp_path, broker.address, postgres_dsn, CALLS // 2, KILLS, POSTING_SECONDS / 2, seed, dimensions)
 
 
 def test_kill_9_at_random_moments_gives_exact_rows(tmp_path: Path, broker: Broker,

@@ -1,0 +1,79 @@
+"""The windows' dimensions from tenants' settings in Postgres (``schemas/tenant_settings.py``).
+
+:class:`PostgresPlan` is the :class:`~dataflows.dimensions.DimensionPlan` the dataflow
+runs with. Before a tenant's window later than any decided so far opens, it raises
+the tenant's horizon and reads its changes in one transaction
+(:func:`schemas.tenant_settings.decide`): at most one round trip per tenant and
+window start, per worker. Postgres away is waited out, as the sinks wait: the
+windows cannot open without knowing their dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping
+
+import psycopg
+
+from dataflows.dimensions import names_at
+from dataflows.sinks import Outage
+from schemas.tenant_settings import History, decide
+
+
+class PostgresPlan:
+    """One worker's view of the tenants' settings; not shared between threads (a connection
+    is not): :func:`plan_for` gives each thread its own."""
+
+    def __init__(self, dsn: str, default: tuple[str, ...]) -> None:
+        self.dsn = dsn
+        self.default = default
+        self._decided: dict[str, float] = {}  # tenant -> latest window start decided
+        self._histories: dict[str, History] = {}
+        self._conn: psycopg.Connection | None = None
+        self._outage = Outage("postgres (tenant settings)")
+
+    def prepare(self, through: Mapping[str, float]) -> None:
+        decided = self._decided
+        needed = {
+            tenant: start for tenant, start in through.items() if decided.get(tenant, -math.inf) < start
+        }
+        if not needed:
+            return
+        while True:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+                histories = decide(self._conn, needed)
+                break
+            except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                self._outage.failed(error)
+        self._outage.succeeded()
+        for tenant, start in needed.items():
+            decided[tenant] = start
+            self._histories[tenant] = histories[tenant]
+        if len(decided) > 100_000:
+            # Tenant ids come from clients: never let this grow without bound. Forgetting
+            # costs a round trip the next time, never a different answer.
+            decided.clear()
+            self._histories.clear()
+
+    def names(self, tenant_id: str, window_start: float) -> tuple[str, ...]:
+        return names_at(self._histories.get(tenant_id), self.default, window_start)
+
+
+_local = threading.local()
+
+
+def plan_for(dsn: str, default: tuple[str, ...]) -> PostgresPlan:
+    """The calling thread's plan (Bytewax runs each worker in a thread of its own)."""
+    plans: dict[tuple[str, tuple[str, ...]], PostgresPlan] | None = getattr(_local, "plans", None)
+    if plans is None:
+        plans = _local.plans = {}
+    plan = plans.get((dsn, default))
+    if plan is None:
+        plan = plans[dsn, default] = PostgresPlan(dsn, default)
+    return plan
