@@ -3,14 +3,17 @@
 Pure functions for ``POST /v1/traces`` of :mod:`api.ingestion`: which encoding a
 body is in, decompressing and decoding it with ``opentelemetry-proto``, mapping
 each span of the OpenTelemetry GenAI semantic conventions to a request and a
-response event (the same schemas as every other endpoint), and the answers OTLP
-expects (an ``ExportTraceServiceResponse``, or a ``google.rpc.Status`` for an
-error, in the request's encoding).
+response event (the same schemas as every other endpoint), with the span's and
+its resource's other attributes as the request's ``metadata`` (:func:`metadata`),
+and the answers OTLP expects (an ``ExportTraceServiceResponse``, or a
+``google.rpc.Status`` for an error, in the request's encoding).
 """
 
 from __future__ import annotations
 
 import base64
+import math
+import re
 import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -30,7 +33,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from starlette.responses import Response
 
 from api.body import BodyError, MiB
-from schemas.events import LLMRequest, LLMResponse, check_cache_read
+from schemas.dimensions import VALUE_MAX_CHARS
+from schemas.events import METADATA_MAX_BYTES, LLMRequest, LLMResponse, MetadataValue, check_cache_read
 
 Encoding = Literal["protobuf", "json"]
 PROTOBUF = "application/x-protobuf"
@@ -77,6 +81,34 @@ MODEL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "em
 # Agent and tool steps are not model calls: the model calls they make are spans
 # of their own, so counting these too would count those calls twice.
 STEP_OPERATIONS = frozenset({"create_agent", "invoke_agent", "invoke_workflow", "execute_tool"})
+
+# -- the request's metadata (README, "Attributes as metadata") --
+# The attributes an event field is read from: in metadata they would only repeat
+# the field. ``gen_ai.operation.name`` decides whether a span is a call but fills
+# no field, and the resource's ``service.name`` is only the fallback route: both
+# are kept, as dimensions slice by them.
+FIELD_ATTRIBUTES = _SPAN_ATTRIBUTES - {OPERATION}
+# Message content, as the conventions and OpenLLMetry/OpenLIT record it when asked
+# to: users' prompts and the model's answers are not StreamLens's to keep, and
+# would fill the 8 KiB on their own. A name here and every name below it.
+CONTENT_ATTRIBUTES = (
+    "gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions",
+    "gen_ai.tool.definitions", "gen_ai.prompt", "gen_ai.completion", "gen_ai.content",
+)  # fmt: skip
+_CONTENT_BELOW = tuple(f"{name}." for name in CONTENT_ATTRIBUTES)
+# What schemas.events allows a request's metadata (``Metadata``'s max_length).
+METADATA_MAX_KEYS = 64
+# Kept before the others, whatever their names, when not all attributes fit.
+METADATA_FIRST = ("service.name", "service.version", "deployment.environment", "deployment.environment.name")
+_METADATA_FIRST = frozenset(METADATA_FIRST)
+# A dimension names a key of 1-128 characters without control characters
+# (schemas.dimensions): a key it could never name would only use up the limits.
+METADATA_KEY_MAX_CHARS = 128
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_encoder = msgspec.json.Encoder()
+# metadata_key of the names seen: the same few dozen names come with every span.
+_key_verdicts: dict[str, bool] = {}
+_KEY_VERDICTS_MAX = 4096
 
 # Where each event field comes from, so that a broken rule names the span attribute.
 _FIELD_SOURCES = {
@@ -243,11 +275,14 @@ def calls_from_export(export: ExportTraceServiceRequest, tenant_id: str | None) 
     """
     mapped = Mapped(calls=[], rejected=[])
     for resource_spans in export.resource_spans:
-        resource = _attributes(resource_spans.resource.attributes, _RESOURCE_ATTRIBUTE_FIELDS)
+        pairs = resource_spans.resource.attributes
+        resource = _attributes(pairs, _RESOURCE_ATTRIBUTE_FIELDS)
+        # Decoded once for all the resource's spans.
+        resource_metadata = _scalars({pair.key: pair for pair in pairs})
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 try:
-                    call = call_from_span(span, resource, tenant_id)
+                    call = call_from_span(span, resource, tenant_id, resource_metadata)
                 except SpanRejected as error:
                     mapped.rejected.append(f"span {_span_name(span)}: {error}")
                     continue
@@ -256,13 +291,22 @@ def calls_from_export(export: ExportTraceServiceRequest, tenant_id: str | None) 
     return mapped
 
 
-def call_from_span(span: Span, resource: dict[str, Value], tenant_id: str | None) -> Call | None:
+def call_from_span(
+    span: Span,
+    resource: dict[str, Value],
+    tenant_id: str | None,
+    resource_metadata: dict[str, MetadataValue] | None = None,
+) -> Call | None:
     """The call a span records, None for a span that is not a model call, or :class:`SpanRejected`.
 
     ``resource`` holds the resource's ``service.name`` and ``streamlens.tenant_id``
-    attributes (see :func:`calls_from_export`).
+    attributes, ``resource_metadata`` the resource's attributes that may become
+    metadata (see :func:`calls_from_export`).
     """
-    attributes = _attributes(span.attributes, _SPAN_ATTRIBUTE_FIELDS)
+    # Kept as protobuf pairs: only a call's are decoded, and many spans of an
+    # export may not be calls.
+    others: dict[str, KeyValue] = {}
+    attributes = _attributes(span.attributes, _SPAN_ATTRIBUTE_FIELDS, others)
     operation = _string(attributes, OPERATION)
     system = _string(attributes, SYSTEM)
     request_model = _string(attributes, REQUEST_MODEL)
@@ -307,6 +351,7 @@ def call_from_span(span: Span, resource: dict[str, Value], tenant_id: str | None
         "timestamp": _instant(start),
         "prompt_tokens": prompt,
         "provider": _string(attributes, PROVIDER) or system,
+        "metadata": metadata(resource_metadata or {}, _span_scalars(others, attributes)),
     }
     fields_response = {
         "request_id": request_id,
@@ -361,6 +406,105 @@ def _first_chunk_ms(attributes: dict[str, Value]) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
+# -- metadata -------------------------------------------------------------------------
+
+
+def metadata(
+    resource: dict[str, MetadataValue], span: dict[str, MetadataValue]
+) -> dict[str, MetadataValue] | None:
+    """A request's metadata from the scalars (:func:`_scalars`) of its resource and its span.
+
+    The span's value wins over the resource's of the same name. Within the
+    request's limits (:data:`METADATA_MAX_KEYS` keys, ``METADATA_MAX_BYTES``
+    encoded) every attribute is kept; beyond them the names of
+    :data:`METADATA_FIRST` come first and the others by name (code point order),
+    each kept while it fits: an attribute that would go over the bytes is left
+    out and the next ones are still tried. None when nothing is left.
+    """
+    merged = {**resource, **span}
+    if not merged:
+        return None
+    if len(merged) <= METADATA_MAX_KEYS and len(_encoder.encode(merged)) <= METADATA_MAX_BYTES:
+        return merged
+    ordered = {name: merged[name] for name in METADATA_FIRST if name in merged}
+    for name in sorted(merged):
+        if name not in _METADATA_FIRST:
+            ordered[name] = merged[name]
+    kept: dict[str, MetadataValue] = {}
+    size = 2  # {}
+    for name, value in ordered.items():
+        # "name":value, and a comma before all but the first.
+        entry = len(_encoder.encode(name)) + 1 + len(_encoder.encode(value)) + (1 if kept else 0)
+        if size + entry > METADATA_MAX_BYTES:
+            continue
+        kept[name] = value
+        size += entry
+        if len(kept) == METADATA_MAX_KEYS:
+            break
+    return kept
+
+
+def _span_scalars(others: dict[str, KeyValue], attributes: dict[str, Value]) -> dict[str, MetadataValue]:
+    """:func:`_scalars` of a span: ``others``, and its ``gen_ai.operation.name`` (a
+    string, or the span was rejected), which :func:`_attributes` has already read."""
+    found = _scalars(others)
+    operation = attributes.get(OPERATION)
+    if isinstance(operation, str):
+        found[OPERATION] = operation[:VALUE_MAX_CHARS]
+    return found
+
+
+def _scalars(pairs: dict[str, KeyValue]) -> dict[str, MetadataValue]:
+    """The attributes that may become metadata, as their values: see :func:`metadata_key`
+    for the names; strings (cut to ``VALUE_MAX_CHARS``; an empty one too), booleans,
+    integers and finite doubles. Arrays, key-value lists, bytes, attributes without a
+    value, NaN and infinities are left out."""
+    found: dict[str, MetadataValue] = {}
+    for key, pair in pairs.items():
+        verdict = _key_verdicts.get(key)
+        if verdict is None:
+            verdict = metadata_key(key)
+            # Bounded: exports that make up a new name for every span must not grow it.
+            if len(_key_verdicts) < _KEY_VERDICTS_MAX:
+                _key_verdicts[key] = verdict
+        if not verdict:
+            continue
+        value = pair.value
+        # Most are strings, and a non-empty string can only be the member set: one
+        # read instead of two, as in _attributes. A dimension shows no more of a
+        # value, and one long value would otherwise take the room of many others.
+        text = value.string_value
+        if text:
+            found[key] = text[:VALUE_MAX_CHARS]
+            continue
+        kind = value.WhichOneof("value")
+        if kind == "string_value":
+            found[key] = text
+        elif kind == "bool_value":
+            found[key] = value.bool_value
+        elif kind == "int_value":  # int64: always within what JSON and msgpack hold
+            found[key] = value.int_value
+        elif kind == "double_value":
+            number = value.double_value
+            # JSON has no NaN or infinity: msgspec would write null, another value.
+            if math.isfinite(number):
+                found[key] = number
+    return found
+
+
+def metadata_key(key: str) -> bool:
+    """Whether an attribute of this name may become a metadata key: 1-128 characters
+    without control characters, and none of :data:`FIELD_ATTRIBUTES` or
+    :data:`CONTENT_ATTRIBUTES`."""
+    if not key or len(key) > METADATA_KEY_MAX_CHARS:
+        return False
+    if not (key.isascii() and key.isprintable()) and _CONTROL.search(key):
+        return False
+    if key in FIELD_ATTRIBUTES:
+        return False
+    return not (key.startswith("gen_ai.") and (key in CONTENT_ATTRIBUTES or key.startswith(_CONTENT_BELOW)))
+
+
 # -- attribute values ---------------------------------------------------------------
 
 # An attribute's value as Python: str, bool, int, float, bytes, the values of an
@@ -373,8 +517,11 @@ _KINDS: dict[type, str] = {
 }  # fmt: skip
 
 
-def _attributes(pairs: list[KeyValue], expected: dict[str, str]) -> dict[str, Value]:
-    """The attributes named in ``expected`` as Python values, each read once from the protobuf.
+def _attributes(
+    pairs: list[KeyValue], expected: dict[str, str], every: dict[str, KeyValue] | None = None
+) -> dict[str, Value]:
+    """The attributes named in ``expected`` as Python values, each read once from the protobuf;
+    ``every`` receives the others by key, undecoded.
 
     Reading a field of a protobuf message costs far more than a dict lookup: a
     profile of ``POST /v1/traces`` spent a quarter of the server's time in this
@@ -391,6 +538,8 @@ def _attributes(pairs: list[KeyValue], expected: dict[str, str]) -> dict[str, Va
         key = pair.key
         member = expected.get(key)
         if member is None:
+            if every is not None:
+                every[key] = pair
             continue
         value = pair.value
         read = getattr(value, member) if member else value.array_value.values

@@ -5,15 +5,18 @@ real HTTP against a real broker and real API keys in a real Postgres, with the r
 OpenTelemetry SDK exporter, hand-built OTLP JSON, the ``openai`` client instrumented by
 ``opentelemetry-instrumentation-openai-v2`` against a fake OpenAI-compatible server, and
 the dataflow through to rows. Expected events and rows are computed here from the spans
-sent, following the mapping table of the README.
+sent, following the mapping table of the README; the metadata of spans with many or
+unusual attributes is written out by hand.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import json
 import math
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +35,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -52,7 +55,7 @@ from api.keys import create_key
 from deploy.stack import Broker, Postgres
 from schemas.config import Settings
 from schemas.database import ensure_schema
-from schemas.events import LLMRequest, LLMResponse, request_decoder, response_decoder
+from schemas.events import LLMRequest, LLMResponse, encoder, request_decoder, response_decoder
 from schemas.topics import REQUESTS, RESPONSES, ensure_topics
 from tests import dataflow_harness as h
 from tests.conftest import TEST_PARTITIONS
@@ -129,8 +132,33 @@ def is_call(spec: SpanSpec) -> bool:
     return operation == "chat" or (operation is None and "gen_ai.system" in spec.attributes)
 
 
-def expected_call(spec: SpanSpec, tenant: str, service: str) -> tuple[LLMRequest, LLMResponse]:
-    """The README's mapping table, applied by hand."""
+# The attributes the README's table reads an event field from: not repeated in metadata.
+FIELD_SOURCES = {
+    "gen_ai.system", "gen_ai.provider.name", "gen_ai.request.model", "gen_ai.response.model",
+    "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.usage.prompt_tokens",
+    "gen_ai.usage.completion_tokens", "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.reasoning.output_tokens", "gen_ai.response.finish_reasons",
+    "gen_ai.response.time_to_first_chunk", "gen_ai.server.time_to_first_token", "error.type",
+    "streamlens.route", "streamlens.tenant_id",
+}  # fmt: skip
+
+
+def expected_metadata(resource: dict[str, Any], attributes: dict[str, Any]) -> dict[str, Any] | None:
+    """The README's metadata rule for plain attributes (few, short, with ordinary names):
+    the scalars that are no field's source, the span's over the resource's."""
+
+    def scalars(pairs: dict[str, Any]) -> dict[str, Any]:
+        scalar = str | bool | int | float
+        return {k: v for k, v in pairs.items() if k not in FIELD_SOURCES and isinstance(v, scalar)}
+
+    return {**scalars(resource), **scalars(attributes)} or None
+
+
+def expected_call(
+    spec: SpanSpec, tenant: str, service: str, resource: dict[str, Any] | None = None
+) -> tuple[LLMRequest, LLMResponse]:
+    """The README's mapping table, applied by hand; ``resource``: the resource's attributes
+    when they are more than ``service.name``."""
     a = spec.attributes
     request_id = f"{spec.trace_id:032x}{spec.span_id:016x}"
     start = spec.start  # the 789 ns past it are below a microsecond
@@ -146,6 +174,7 @@ def expected_call(spec: SpanSpec, tenant: str, service: str) -> tuple[LLMRequest
         timestamp=start,
         prompt_tokens=a.get("gen_ai.usage.input_tokens", a.get("gen_ai.usage.prompt_tokens", 0)),
         provider=a.get("gen_ai.provider.name", a.get("gen_ai.system")),
+        metadata=expected_metadata({"service.name": service} if resource is None else resource, a),
     )
     response = LLMResponse(
         request_id=request_id,
@@ -166,6 +195,12 @@ def expected_call(spec: SpanSpec, tenant: str, service: str) -> tuple[LLMRequest
 
 
 def any_value(value: Any) -> AnyValue:
+    if value is None:
+        return AnyValue()
+    if isinstance(value, bytes):
+        return AnyValue(bytes_value=value)
+    if isinstance(value, dict):
+        return AnyValue(kvlist_value=KeyValueList(values=proto_attributes(value)))
     if isinstance(value, bool):
         return AnyValue(bool_value=value)
     if isinstance(value, int):
@@ -177,6 +212,10 @@ def any_value(value: Any) -> AnyValue:
     return AnyValue(string_value=value)
 
 
+def proto_attributes(attributes: dict[str, Any]) -> list[KeyValue]:
+    return [KeyValue(key=k, value=any_value(v)) for k, v in attributes.items()]
+
+
 def proto_span(spec: SpanSpec) -> Span:
     span = Span(
         trace_id=spec.trace_id.to_bytes(16, "big"),
@@ -185,7 +224,7 @@ def proto_span(spec: SpanSpec) -> Span:
         kind=Span.SPAN_KIND_CLIENT,
         start_time_unix_nano=spec.start_ns,
         end_time_unix_nano=spec.end_ns,
-        attributes=[KeyValue(key=k, value=any_value(v)) for k, v in spec.attributes.items()],
+        attributes=proto_attributes(spec.attributes),
     )
     if spec.error is not None:
         span.status.code = Status.STATUS_CODE_ERROR
@@ -193,27 +232,44 @@ def proto_span(spec: SpanSpec) -> Span:
     return span
 
 
-def proto_export(specs: list[SpanSpec], service: str) -> ExportTraceServiceRequest:
+def proto_export(
+    specs: list[SpanSpec], service: str, resource: dict[str, Any] | None = None
+) -> ExportTraceServiceRequest:
+    """One resource (``service.name`` and ``resource``) with ``specs`` as its spans."""
     return ExportTraceServiceRequest(resource_spans=[ResourceSpans(
-        resource={"attributes": [KeyValue(key="service.name", value=AnyValue(string_value=service))]},
+        resource={"attributes": proto_attributes({"service.name": service, **(resource or {})})},
         scope_spans=[ScopeSpans(spans=[proto_span(spec) for spec in specs])],
     )])  # fmt: skip
 
 
 def json_value(value: Any) -> dict[str, Any]:
-    """OTLP JSON: 64-bit integers as strings."""
+    """OTLP JSON: 64-bit integers as strings, bytes in base64, NaN and infinities as strings."""
+    if value is None:
+        return {}
+    if isinstance(value, bytes):
+        return {"bytesValue": base64.b64encode(value).decode()}
+    if isinstance(value, dict):
+        return {"kvlistValue": {"values": json_attributes(value)}}
     if isinstance(value, bool):
         return {"boolValue": value}
     if isinstance(value, int):
         return {"intValue": str(value)}
     if isinstance(value, float):
+        if not math.isfinite(value):
+            return {"doubleValue": "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")}
         return {"doubleValue": value}
     if isinstance(value, tuple | list):
         return {"arrayValue": {"values": [json_value(v) for v in value]}}
     return {"stringValue": value}
 
 
-def json_export(specs: list[SpanSpec], service: str) -> dict[str, Any]:
+def json_attributes(attributes: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"key": k, "value": json_value(v)} for k, v in attributes.items()]
+
+
+def json_export(
+    specs: list[SpanSpec], service: str, resource: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """An export as OTLP JSON, written by hand: hex ids, integer enums, an unknown field."""
     spans = []
     for spec in specs:
@@ -224,14 +280,14 @@ def json_export(specs: list[SpanSpec], service: str) -> dict[str, Any]:
             "kind": 3,
             "startTimeUnixNano": str(spec.start_ns),
             "endTimeUnixNano": spec.end_ns,  # a number is allowed as well
-            "attributes": [{"key": k, "value": json_value(v)} for k, v in spec.attributes.items()],
+            "attributes": json_attributes(spec.attributes),
             "someFutureField": {"x": 1},
         }
         if spec.error is not None:
             span["status"] = {"code": 2, "message": spec.error}
         spans.append(span)
     return {"resourceSpans": [{
-        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+        "resource": {"attributes": json_attributes({"service.name": service, **(resource or {})})},
         "scopeSpans": [{"scope": {"name": "hand-built"}, "spans": spans}],
     }]}  # fmt: skip
 
@@ -255,8 +311,13 @@ def recent() -> datetime:
 # -- the mapping, unit-tested ---------------------------------------------------------
 
 
-def mapped_calls(specs: list[SpanSpec], service: str = "svc", tenant: str | None = "acme") -> otlp.Mapped:
-    return otlp.calls_from_export(proto_export(specs, service), tenant)
+def mapped_calls(
+    specs: list[SpanSpec],
+    service: str = "svc",
+    tenant: str | None = "acme",
+    resource: dict[str, Any] | None = None,
+) -> otlp.Mapped:
+    return otlp.calls_from_export(proto_export(specs, service, resource), tenant)
 
 
 def test_genai_spans_map_to_the_events_of_the_readme_table() -> None:
@@ -268,6 +329,8 @@ def test_genai_spans_map_to_the_events_of_the_readme_table() -> None:
     first_request, first_response = mapped.calls[0]
     # Spelled out for the first span, without expected_call.
     assert first_request.request_id == f"{specs[0].trace_id:032x}{specs[0].span_id:016x}"
+    assert first_request.metadata == {"service.name": "chat-service", "gen_ai.operation.name": "chat"}
+    assert mapped.calls[3][0].metadata == {"service.name": "chat-service"}  # every attribute fills a field
     assert first_request.model == "gpt-4o-2024-08-06"
     assert (first_request.prompt_tokens, first_response.cache_read_tokens) == (1200, 1024)
     assert first_response.latency_ms == pytest.approx(812.345678)
@@ -407,9 +470,178 @@ def test_bodies_that_are_not_otlp_are_refused_with_their_status() -> None:
     assert otlp.request_encoding("Application/JSON; charset=utf-8") == "json"
 
 
+# -- attributes as metadata -----------------------------------------------------------
+
+METADATA_SERVICE = "checkout"
+# Each kind of attribute the rule tells apart, on the resource and on the span.
+METADATA_RESOURCE: dict[str, Any] = {
+    "service.version": "1.4.2",
+    "deployment.environment.name": "prod",
+    "team": "search",
+    "shared": "from the resource",
+    "process.command_args": ("python", "app.py"),  # an array
+    "streamlens.tenant_id": "acme",  # the tenant's source
+    "host.id": b"\x01\x02",  # bytes
+}
+METADATA_SPAN: dict[str, Any] = {
+    "gen_ai.operation.name": "chat",
+    "gen_ai.provider.name": "openai",
+    "gen_ai.request.model": "gpt-4o",
+    "gen_ai.response.model": "gpt-4o-2024-08-06",
+    "gen_ai.usage.input_tokens": 10,
+    "gen_ai.usage.output_tokens": 5,
+    "gen_ai.response.finish_reasons": ("stop",),
+    "streamlens.route": "/checkout",
+    "error.type": "Timeout",
+    "gen_ai.request.temperature": 0.25,
+    "gen_ai.request.max_tokens": 512,
+    "gen_ai.request.stop_sequences": ("\n\n",),
+    "gen_ai.input.messages": '[{"role": "user", "parts": [{"type": "text", "content": "hi"}]}]',
+    "gen_ai.prompt.0.content": "hi",
+    "gen_ai.completion.0.content": "hello",
+    "shared": "from the span",
+    "server.port": 443,
+    "cache.hit": True,
+    "cache.miss": False,
+    "retries": 0,
+    "empty": "",
+    "int.max": 2**63 - 1,
+    "int.min": -(2**63),
+    "ratio.nan": math.nan,
+    "ratio.inf": math.inf,
+    "blob": b"\x00",
+    "nested": {"a": 1},
+    "unset": None,
+    "bad\nkey": "a newline in the name",
+    "del\x7fkey": "a DEL in the name",
+    "": "no name",
+    "n" * 129: "a name too long for a dimension",
+    "m" * 128: "the longest name",
+    "note": "é" * 300,
+    "unicode.名前": "値",
+}
+METADATA_EXPECTED: dict[str, Any] = {
+    "service.name": "checkout",
+    "service.version": "1.4.2",
+    "deployment.environment.name": "prod",
+    "team": "search",
+    "shared": "from the span",
+    "gen_ai.operation.name": "chat",
+    "gen_ai.request.temperature": 0.25,
+    "gen_ai.request.max_tokens": 512,
+    "server.port": 443,
+    "cache.hit": True,
+    "cache.miss": False,
+    "retries": 0,
+    "empty": "",
+    "int.max": 9223372036854775807,
+    "int.min": -9223372036854775808,
+    "m" * 128: "the longest name",
+    "note": "é" * 128,
+    "unicode.名前": "値",
+}
+
+# More than 64: three names that come first, then by name until 64 are kept.
+MANY_RESOURCE: dict[str, Any] = {"deployment.environment": "staging", "zeta.resource": "after attr.*"}
+MANY_SPAN: dict[str, Any] = {
+    "gen_ai.operation.name": "chat",  # after attr.*: left out
+    "gen_ai.request.model": "m",
+    "service.version": "2.0",
+    **{f"attr.{n:02d}": n for n in range(70)},
+}
+MANY_EXPECTED: dict[str, Any] = {
+    "service.name": "many",
+    "service.version": "2.0",
+    "deployment.environment": "staging",
+    **{f"attr.{n:02d}": n for n in range(61)},
+}
+
+# Over 8 KiB in 44 keys. Encoded, "service.name":"big" takes 20 bytes, then by name
+# "gen_ai.operation.name":"chat" 30, each "k<nn>xxx…":"vvv…" (a 120-character name,
+# the value cut to 128) 253, "note":"éé…" 265 (é is 2 bytes), "zz":1 6; plus the
+# braces and a comma between entries. With k00-k31: 2 + 20 + 30 + 32 × 253 + 33
+# commas = 8181; k32 would make it 8435 and "note" 8447, both over 8192; "zz" makes 8188.
+BIG_SPAN: dict[str, Any] = {
+    "gen_ai.operation.name": "chat",
+    "gen_ai.request.model": "m",
+    **{f"k{n:02d}" + "x" * 117: "v" * 200 for n in range(40)},
+    "note": "é" * 300,
+    "zz": 1,
+}
+BIG_EXPECTED: dict[str, Any] = {
+    "service.name": "big",
+    "gen_ai.operation.name": "chat",
+    **{f"k{n:02d}" + "x" * 117: "v" * 128 for n in range(32)},
+    "zz": 1,
+}
+
+
+def metadata_exports(test_number: int) -> list[tuple[SpanSpec, str, dict[str, Any], dict[str, Any]]]:
+    """(span, service.name, the resource's other attributes, the metadata expected) for each case."""
+    start = recent()
+    cases = [
+        ("every kind", METADATA_SERVICE, METADATA_RESOURCE, METADATA_SPAN, METADATA_EXPECTED),
+        ("many", "many", MANY_RESOURCE, MANY_SPAN, MANY_EXPECTED),
+        ("big", "big", {}, BIG_SPAN, BIG_EXPECTED),
+    ]
+    specs = [SpanSpec(name, start, 1_000_000, dict(span)) for name, _, _, span, _ in cases]
+    with_ids(specs, test_number)
+    return [
+        (spec, service, resource, expected)
+        for spec, (_, service, resource, _, expected) in zip(specs, cases, strict=True)
+    ]
+
+
+def encoded(spec: SpanSpec, service: str, resource: dict[str, Any], encoding: str) -> bytes:
+    if encoding == "protobuf":
+        return proto_export([spec], service, resource).SerializeToString()
+    return json.dumps(json_export([spec], service, resource)).encode()
+
+
+@pytest.mark.parametrize("encoding", ["protobuf", "json"])
+def test_resource_and_span_attributes_become_the_request_metadata(encoding: otlp.Encoding) -> None:
+    for spec, service, resource, expected in metadata_exports(9):
+        export = otlp.decode_export(encoded(spec, service, resource, encoding), encoding)
+        mapped = otlp.calls_from_export(export, "acme")
+        assert mapped.rejected == [], mapped.rejected
+        [(request, _)] = mapped.calls
+        assert request.metadata == expected, spec.name
+        assert len(request.metadata) <= 64 and len(encoder.encode(request.metadata)) <= 8192
+        # The event on the topic is the request encoded; it decodes to the same metadata.
+        assert request_decoder.decode(encoder.encode(request)).metadata == expected
+
+
+def test_which_attributes_are_kept_does_not_depend_on_their_order() -> None:
+    shuffle = random.Random(11).shuffle
+    for spec, service, resource, expected in metadata_exports(10):
+        for _ in range(3):
+            pairs = list(spec.attributes.items())
+            shuffle(pairs)
+            resource_pairs = list(resource.items())
+            shuffle(resource_pairs)
+            spec.attributes = dict(pairs)
+            [(request, _)] = mapped_calls([spec], service, resource=dict(resource_pairs)).calls
+            assert request.metadata == expected, spec.name
+
+
+def test_a_span_attribute_hides_a_resource_attribute_only_when_kept() -> None:
+    spec = with_ids(genai_specs(recent())[:1], 11)[0]
+    spec.attributes.update({"region": ("eu", "us"), "tier": "gold"})
+    [(request, _)] = mapped_calls([spec], "svc", resource={"region": "eu", "tier": "silver"}).calls
+    # The span's array is left out on its own: the resource's region stays.
+    assert request.metadata == {
+        "service.name": "svc", "region": "eu", "tier": "gold", "gen_ai.operation.name": "chat"
+    }  # fmt: skip
+
+
+def test_without_other_attributes_there_is_no_metadata() -> None:
+    spec = with_ids(genai_specs(recent())[3:4], 12)[0]  # gen_ai.system, model, tokens
+    spec.attributes["streamlens.route"] = "/r"  # every attribute fills a field
+    call = otlp.call_from_span(proto_span(spec), {}, "acme")
+    assert call is not None and call[0].metadata is None
+
+
 # -- the endpoint, over real HTTP, against a real broker ------------------------------
-
-
 
 
 @dataclass
@@ -482,10 +714,11 @@ def events_on_topics(
 
 
 def expected_events(
-    specs: list[SpanSpec], tenant: str, service: str
+    specs: list[SpanSpec], tenant: str, service: str, resource: dict[str, Any] | None = None
 ) -> tuple[list[LLMRequest], list[LLMResponse]]:
     calls = sorted(
-        (expected_call(s, tenant, service) for s in specs if is_call(s)), key=lambda c: c[0].request_id
+        (expected_call(s, tenant, service, resource) for s in specs if is_call(s)),
+        key=lambda c: c[0].request_id,
     )
     return [c[0] for c in calls], [c[1] for c in calls]
 
@@ -514,7 +747,11 @@ def test_the_sdk_exporter_sends_genai_spans_that_become_events(stack: Stack) -> 
     assert exporter.export(spans) == SpanExportResult.SUCCESS
     exporter.shutdown()
     ids = {f"{s.trace_id:032x}{s.span_id:016x}" for s in specs}
-    assert events_on_topics(stack.broker.address, ids, 4) == expected_events(specs, "acme", "chat-service")
+    # The SDK's resource: service.name, and the telemetry.sdk.* attributes it adds itself.
+    resource = dict(spans[0].resource.attributes)
+    assert resource["service.name"] == "chat-service" and "telemetry.sdk.language" in resource
+    expected = expected_events(specs, "acme", "chat-service", resource)
+    assert events_on_topics(stack.broker.address, ids, 4) == expected
 
 
 def test_otlp_json_and_gzip_give_the_same_events(stack: Stack) -> None:
@@ -564,6 +801,76 @@ def test_partial_success_keeps_the_valid_spans_and_names_the_first_problem(stack
     requests, responses = events_on_topics(stack.broker.address, ids, 2)
     expected_request, expected_response = expected_call(specs[0], "acme", "svc")
     assert (requests, responses) == ([expected_request] * 2, [expected_response] * 2)
+
+
+@pytest.mark.parametrize("encoding", ["protobuf", "json"])
+def test_the_attributes_reach_the_request_metadata_on_the_topic(
+    stack: Stack, encoding: otlp.Encoding
+) -> None:
+    cases = metadata_exports(24 if encoding == "protobuf" else 25)
+    headers = bearer(stack.keys["acme"], **(PROTOBUF if encoding == "protobuf" else JSON))
+    for spec, service, resource, _ in cases:
+        answer = httpx.post(
+            f"{stack.url}/v1/traces", content=encoded(spec, service, resource, encoding), headers=headers
+        )
+        # No partial_success: no span was rejected for its attributes.
+        assert answer.status_code == 200
+        assert (answer.content if encoding == "protobuf" else answer.json()) in (b"", {}), answer.content
+    expected = {f"{spec.trace_id:032x}{spec.span_id:016x}": metadata for spec, _, _, metadata in cases}
+    requests, _ = events_on_topics(stack.broker.address, set(expected), len(cases))
+    assert {request.request_id: request.metadata for request in requests} == expected
+    records = read_topic(stack.broker.address, REQUESTS, len(cases))
+    assert {key: value["metadata"] for key, value in records if key in expected} == expected
+
+
+def test_the_sdk_resource_and_span_attributes_reach_the_metadata(stack: Stack) -> None:
+    from opentelemetry.sdk.version import __version__ as sdk_version
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(
+        resource=Resource.create(
+            {"service.name": "checkout", "deployment.environment": "staging", "team": "payments"}
+        )
+    )
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    start = recent()
+    spec = SpanSpec("chat gpt-4o", start, 640_000_000, {})
+    attributes = {
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+        "gen_ai.usage.input_tokens": 12, "gen_ai.usage.output_tokens": 3,
+        "gen_ai.response.finish_reasons": ("stop",), "gen_ai.request.temperature": 0.5,
+        "app.feature": "faq", "app.retries": 2, "app.cached": False, "app.tags": ("a", "b"),
+        "team": "search",  # the span's wins over the resource's
+    }  # fmt: skip
+    tracer = provider.get_tracer("streamlens-tests")
+    span = tracer.start_span(spec.name, start_time=spec.start_ns, attributes=attributes)
+    span.end(end_time=spec.end_ns)
+    provider.shutdown()
+    exporter = OTLPSpanExporter(endpoint=f"{stack.url}/v1/traces", headers=bearer(stack.keys["acme"]))
+    assert exporter.export(memory.get_finished_spans()) == SpanExportResult.SUCCESS
+    exporter.shutdown()
+    context = span.get_span_context()
+    request_id = f"{context.trace_id:032x}{context.span_id:016x}"
+    [request], _ = events_on_topics(stack.broker.address, {request_id}, 1)
+    assert request.metadata is not None
+    metadata = dict(request.metadata)
+    # A random id per process, which the SDK adds to every resource.
+    instance = provider.resource.attributes.get("service.instance.id")
+    assert metadata.pop("service.instance.id", None) == instance
+    assert metadata == {
+        "service.name": "checkout",
+        "deployment.environment": "staging",
+        "team": "search",
+        "telemetry.sdk.language": "python",
+        "telemetry.sdk.name": "opentelemetry",
+        "telemetry.sdk.version": sdk_version,
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.temperature": 0.5,
+        "app.feature": "faq",
+        "app.retries": 2,
+        "app.cached": False,
+    }
+    assert (request.route, request.model, request.prompt_tokens) == ("checkout", "gpt-4o", 12)
 
 
 def _status(answer: httpx.Response) -> status_pb2.Status:
@@ -879,3 +1186,74 @@ def test_well_formed_otlp_is_always_answered_200(
         rejected = ExportTraceServiceResponse.FromString(answer.content).partial_success.rejected_spans
     # The endpoint rejects what the mapping rejects, and calls too far ahead of the clock.
     assert rejected >= len(calls.rejected)
+
+
+# Names of every sort: the ones the rule puts first, message content, dotted ones,
+# control characters, very long ones; never one a field is read from.
+extra_names = st.one_of(
+    st.sampled_from([*otlp.METADATA_FIRST, "gen_ai.input.messages", "gen_ai.prompt.0.content", "x.y"]),
+    st.text(max_size=12),
+    st.text(alphabet="ab.\n\x7f", min_size=120, max_size=140),
+).filter(lambda name: name not in otlp._SPAN_ATTRIBUTES)
+extra_values = st.one_of(
+    any_values,
+    st.text(min_size=100, max_size=400).map(lambda v: AnyValue(string_value=v)),
+)
+extra_attribute = st.builds(KeyValue, key=extra_names, value=extra_values)
+
+
+def many_attributes(count: int, seed: int) -> list[KeyValue]:
+    """``count`` attributes made up from ``seed``: enough to reach the limits, more than
+    hypothesis draws one by one. A share of them long strings, of 2 bytes a character."""
+    rnd = random.Random(seed)
+    special = [*otlp.METADATA_FIRST, "gen_ai.input.messages", "bad\nname", "x" * 129]
+    strings = rnd.random()
+    pairs = []
+    for _ in range(count):
+        name = rnd.choice(special) if rnd.random() < 0.1 else f"{rnd.choice('abz')}.{rnd.randrange(1000)}"
+        if rnd.random() < strings:
+            value = AnyValue(string_value="é" * rnd.randrange(300))
+        else:
+            value = rnd.choice([
+                AnyValue(int_value=rnd.randrange(-(2**63), 2**63)),
+                AnyValue(double_value=rnd.random()),
+                AnyValue(bool_value=True),
+                AnyValue(array_value=ArrayValue(values=[AnyValue(string_value="a")])),
+            ])  # fmt: skip
+        pairs.append(KeyValue(key=name, value=value))
+    return pairs
+
+
+# A few of every sort, or enough to reach the limits.
+extra_attributes = st.one_of(
+    st.lists(extra_attribute, max_size=8),
+    st.builds(many_attributes, st.integers(60, 150), st.integers(0, 2**32)),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(resource=extra_attributes, extra=extra_attributes)
+def test_other_attributes_never_get_a_span_rejected(resource: list[KeyValue], extra: list[KeyValue]) -> None:
+    # The route from the span: the resource's service.name may be anything here.
+    spec = with_ids(genai_specs(recent(), route="/support")[:1], 30)[0]
+    span = proto_span(spec)
+    span.attributes.extend(extra)
+    export = ExportTraceServiceRequest(resource_spans=[ResourceSpans(
+        resource={"attributes": resource},
+        scope_spans=[ScopeSpans(spans=[span])],
+    )])  # fmt: skip
+    mapped = otlp.calls_from_export(export, "acme")
+    assert mapped.rejected == []
+    [(request, response)] = mapped.calls
+    # Everything but the metadata is what the span's own attributes give.
+    expected_request, expected_response = expected_call(spec, "acme", "svc")
+    assert (response, request.route, request.model) == (
+        expected_response, expected_request.route, expected_request.model)  # fmt: skip
+    metadata = request.metadata or {}
+    assert len(metadata) <= 64 and len(encoder.encode(metadata)) <= 8192
+    for name, value in metadata.items():
+        assert 1 <= len(name) <= 128 and all(" " <= c != "\x7f" for c in name), name
+        assert name not in FIELD_SOURCES and not name.startswith(("gen_ai.input", "gen_ai.prompt"))
+        assert isinstance(value, str | bool | int | float)
+        assert not isinstance(value, str) or len(value) <= 128
+    assert request_decoder.decode(encoder.encode(request)) == request
