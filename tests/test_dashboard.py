@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
@@ -204,12 +206,28 @@ SPLIT_VALUE: dict[str, Any] = {
 }
 
 
+def value_order(value: str | None) -> tuple[bool, bool, str]:
+    """The order of a dimension's values: calls without one first, the merged rest last."""
+    return (value is not None, value == "(other)", value or "")
+
+
+def value_label(value: str | None) -> str:
+    return "(none)" if value is None else value
+
+
 def expected_charts(rows: list[dict[str, Any]], split: str) -> dict[str, dict[str, Any]]:
     xs = sorted({epoch(row["window_start"]) for row in rows})
     position = {x: i for i, x in enumerate(xs)}
     charts = {}
     for chart, series in CHART_SERIES.items():
-        if split:
+        if split == "value":
+            values = sorted({row["value"] for row in rows}, key=value_order)
+            labels = [value_label(value) for value in values]
+            columns = {label: [None] * len(xs) for label in labels}
+            for row in rows:
+                at = position[epoch(row["window_start"])]
+                columns[value_label(row["value"])][at] = SPLIT_VALUE[chart](row)
+        elif split:
             labels = sorted({row[split] for row in rows})
             columns = {label: [None] * len(xs) for label in labels}
             for row in rows:
@@ -225,9 +243,11 @@ def expected_charts(rows: list[dict[str, Any]], split: str) -> dict[str, dict[st
 
 
 def assert_charts_match(browser: WebDriver, url: str, key: str, split: str) -> dict[str, Any]:
-    """The plotted data equals the API's answer to the page's own query; that query returned."""
+    """The plotted data equals the API's answer to the page's own query; that query returned.
+
+    ``split`` is ``route``, ``model``, ``value`` (a dimension's) or empty."""
     query = browser.execute_script("return window.streamlens.query")
-    assert query["group_by"] == split
+    assert query["group_by"] == ("" if split == "value" else split)
     rows = api_rows(url, key, query)
     expected = expected_charts(rows, split)
     shown = plotted(browser)
@@ -365,6 +385,225 @@ def test_charts_and_table_show_the_apis_numbers_for_range_bucket_filters_and_spl
             for row in browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")
         ]
         assert rendered == [str(count) for count in ascending]
+
+
+COUNTRY = "metadata.country"
+COUNTRIES: tuple[str | None, ...] = ("DE", "FR", None, "(other)")
+
+
+def country_windows(start: datetime, minutes: range, seed: int = 13) -> tuple[list[Window], list[Window]]:
+    """Main windows of tenant acme and their rows of dimension metadata.country, made of the
+    same calls: each value's calls are a part of the window's, and not every value is in
+    every window."""
+    rnd = random.Random(seed)
+    main: list[Window] = []
+    by_value: list[Window] = []
+    for minute in minutes:
+        when = start - minute * timedelta(minutes=1)
+        for route in ROUTES:
+            for model in MODELS:
+                parts = {value: random_calls(rnd, rnd.randint(0, 5)) for value in COUNTRIES}
+                parts = {value: calls for value, calls in parts.items() if calls}
+                if not parts:
+                    parts = {"DE": random_calls(rnd, 1)}
+                every_call = [call for calls in parts.values() for call in calls]
+                main.append(Window("acme", route, model, when, every_call))
+                by_value += [
+                    Window(
+                        "acme",
+                        route,
+                        model,
+                        when,
+                        calls,
+                        extra={"dimension": COUNTRY, "value": value, "window_revision": 1},
+                    )
+                    for value, calls in parts.items()
+                ]
+    return main, by_value
+
+
+def insert_dimension_rows(dsn: str, windows: list[Window]) -> None:
+    rows = [window.column_values() for window in windows]
+    columns = list(rows[0])
+    placeholders = ", ".join(["%s"] * len(columns))
+    statement = f"INSERT INTO llm_dimension_metrics ({', '.join(columns)}) VALUES ({placeholders})"
+    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
+        cursor.executemany(statement, [[row[name] for name in columns] for row in rows])
+
+
+def set_dimensions(url: str, dsn: str, tenant: str, names: list[str]) -> None:
+    """The tenant's dimensions, set as its operators would: PUT with a manage key."""
+    manage = new_key(dsn, tenant, scope="manage")
+    response = httpx.put(
+        f"{url}/v1/tenants/{tenant}/dimensions",
+        json={"dimensions": names},
+        headers={"Authorization": f"Bearer {manage}"},
+    )
+    assert response.status_code == 200, response.text
+
+
+def per_bucket(windows: list[Window], start: float, bucket: int, column: str) -> dict[float, float]:
+    """Each bucket's sum of ``column`` over the windows from ``start`` on."""
+    sums: dict[float, float] = defaultdict(float)
+    for window in windows:
+        if window.start.timestamp() >= start:
+            sums[float(int(window.start.timestamp()) // bucket * bucket)] += window.column_values()[column]
+    return dict(sums)
+
+
+def value_of(window: Window) -> str | None:
+    return window.extra["value"]
+
+
+def since(windows: list[Window], start: float) -> list[Window]:
+    return [window for window in windows if window.start.timestamp() >= start]
+
+
+def selected_option(browser: WebDriver, element_id: str) -> WebElement:
+    return Select(browser.find_element(By.ID, element_id)).first_selected_option
+
+
+def column_of(shown: dict[str, Any], label: str) -> dict[float, float]:
+    """One series of a chart as {time: value}, the buckets without a value left out."""
+    column = shown["data"][1 + shown["labels"].index(label)]
+    return {x: value for x, value in zip(shown["data"][0], column, strict=True) if value is not None}
+
+
+def dimension_choices(browser: WebDriver) -> list[tuple[str, str]]:
+    options = browser.find_elements(By.CSS_SELECTOR, "#dimension option")
+    return [(option.get_attribute("value") or "", option.text) for option in options]
+
+
+def test_split_and_filter_by_a_dimension_of_the_tenant(browser: WebDriver, postgres_dsn: str):
+    now = this_minute()
+    main, by_value = country_windows(now, range(1, 31))
+    insert_windows(postgres_dsn, main)
+    insert_dimension_rows(postgres_dsn, by_value)
+    key = new_key(postgres_dsn)
+    with query_api(postgres_dsn) as url:
+        set_dimensions(url, postgres_dsn, "acme", [COUNTRY, "provider"])
+        open_dashboard(browser, url, key, "range=1h&bucket=5m")
+        wait_loaded(browser)
+        wait(browser, lambda d: d.execute_script("return window.streamlens.dimensions"), "the dimensions")
+        assert dimension_choices(browser) == [("", "none"), (COUNTRY, COUNTRY), ("provider", "provider")]
+        assert not browser.find_element(By.ID, "value-field").is_displayed()
+
+        # Choosing the dimension splits the charts by its values.
+        select(browser, "dimension", COUNTRY)
+        wait_loaded(browser)
+        assert selected_option(browser, "split").get_attribute("value") == "value"
+        seen = assert_charts_match(browser, url, key, split="value")
+        query = seen["query"]
+        assert query["dimension"] == COUNTRY and "value" not in query
+        start = epoch(query["from"])
+        calls, cost = seen["shown"]["calls"], seen["shown"]["cost"]
+        assert calls["labels"] == ["(none)", "DE", "FR", "(other)"]
+        assert calls["title"] == f"Calls by {COUNTRY}"
+        for value in COUNTRIES:
+            chosen = [w for w in by_value if value_of(w) == value]
+            assert column_of(calls, value_label(value)) == per_bucket(chosen, start, 300, "requests")
+            want_cost = per_bucket(chosen, start, 300, "estimated_cost_usd")
+            got_cost = column_of(cost, value_label(value))
+            assert got_cost.keys() == want_cost.keys()
+            assert all(got_cost[x] == pytest.approx(want_cost[x], rel=1e-12) for x in want_cost)
+        # A bucket's values add up to the whole tenant's.
+        every_value = sum(sum(c for c in column if c) for column in calls["data"][1:])
+        assert every_value == totals(since(main, start))["requests"]
+        assert "dimension=metadata.country" in browser.current_url and "split=value" in browser.current_url
+
+        # The table: one line per route, model and value, with the value's column.
+        header = browser.find_element(By.ID, "value-column")
+        assert header.is_displayed() and header.text.startswith(COUNTRY)
+        table = browser.execute_script("return window.streamlens.table")
+        recent = since(by_value, start)
+        lines = {(w.route, w.model, value_of(w)) for w in recent}
+        assert {(line["route"], line["model"], line.get("value")) for line in table} == lines
+        for line in table:
+            shown = (line["route"], line["model"], line.get("value"))
+            chosen = [w for w in recent if (w.route, w.model, value_of(w)) == shown]
+            assert line["calls"] == totals(chosen)["requests"]
+            assert line["tokens"] == totals(chosen)["prompt_tokens"] + totals(chosen)["completion_tokens"]
+            assert line["cost"] == pytest.approx(totals(chosen)["estimated_cost_usd"])
+        shown_values = {
+            row.find_elements(By.TAG_NAME, "td")[2].text
+            for row in browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")
+        }
+        assert shown_values == {"(none)", "DE", "FR", "(other)"}
+        options = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#value option")]
+        assert options == ["all", "(none)", "DE", "FR", "(other)"]
+
+        # Filtered to one value: that value alone, in the charts and in the table.
+        select(browser, "value", "=DE")
+        wait_loaded(browser)
+        seen = assert_charts_match(browser, url, key, split="value")
+        assert seen["query"]["value"] == "DE"
+        assert seen["shown"]["calls"]["labels"] == ["DE"]
+        german = [w for w in by_value if value_of(w) == "DE"]
+        assert column_of(seen["shown"]["calls"], "DE") == per_bucket(german, start, 300, "requests")
+        table = browser.execute_script("return window.streamlens.table")
+        assert {line["value"] for line in table} == {"DE"}
+        assert sum(line["calls"] for line in table) == totals(since(german, start))["requests"]
+
+        # The calls without a value: `value=` with nothing after it.
+        select(browser, "value", "-")
+        wait_loaded(browser)
+        seen = assert_charts_match(browser, url, key, split="value")
+        assert seen["query"]["value"] == ""
+        assert seen["shown"]["calls"]["labels"] == ["(none)"]
+        unknown = [w for w in by_value if value_of(w) is None]
+        assert column_of(seen["shown"]["calls"], "(none)") == per_bucket(unknown, start, 300, "requests")
+        table = browser.execute_script("return window.streamlens.table")
+        assert {line.get("value") for line in table} == {None}
+
+        # One value, split by route: the value's calls of each route.
+        select(browser, "value", "=FR")
+        wait_loaded(browser)
+        select(browser, "split", "route")
+        wait_loaded(browser)
+        seen = assert_charts_match(browser, url, key, split="route")
+        assert (seen["query"]["dimension"], seen["query"]["value"]) == (COUNTRY, "FR")
+        for route in ROUTES:
+            chosen = [w for w in by_value if value_of(w) == "FR" and w.route == route]
+            assert column_of(seen["shown"]["calls"], route) == per_bucket(chosen, start, 300, "requests")
+        # The view is in the address: a reload shows the same.
+        browser.refresh()
+        wait_loaded(browser)
+        reloaded = assert_charts_match(browser, url, key, split="route")
+        assert reloaded["query"] == seen["query"]
+        assert selected_option(browser, "value").text == "FR"
+
+        # No dimension: the main rows again, and no value column.
+        select(browser, "split", "value")
+        wait_loaded(browser)
+        select(browser, "dimension", "")
+        wait_loaded(browser)
+        seen = assert_charts_match(browser, url, key, split="")
+        assert "dimension" not in seen["query"] and "dimension" not in browser.current_url
+        assert not browser.find_element(By.ID, "value-field").is_displayed()
+        assert not browser.find_element(By.ID, "value-column").is_displayed()
+        assert sum(seen["shown"]["calls"]["data"][1]) == totals(since(main, start))["requests"]
+
+
+def test_a_tenant_without_dimensions_sees_no_dimension_to_choose(browser: WebDriver, postgres_dsn: str):
+    insert_windows(postgres_dsn, make_windows(this_minute(), range(1, 6), tenant="globex"))
+    key = new_key(postgres_dsn, tenant="globex")
+    with query_api(postgres_dsn) as url:
+        # An address naming a dimension the tenant does not have: dropped, not refused.
+        open_dashboard(browser, url, key, "range=1h&dimension=metadata.country&value=%3DDE&split=value")
+        wait_loaded(browser)
+        assert browser.execute_script("return window.streamlens.dimensions") == []
+        control = browser.find_element(By.ID, "dimension")
+        assert not control.is_enabled()
+        assert dimension_choices(browser) == [("", "none configured")]
+        assert not browser.find_element(By.ID, "value-field").is_displayed()
+        assert not browser.find_element(By.ID, "split-value").is_enabled()
+        seen = assert_charts_match(browser, url, key, split="")
+        assert "dimension" not in seen["query"] and "dimension" not in browser.current_url
+        assert not browser.find_element(By.ID, "value-column").is_displayed()
+        # The rest works as ever.
+        select(browser, "split", "model")
+        wait_loaded(browser)
+        assert_charts_match(browser, url, key, split="model")
 
 
 def upsert(dsn: str, window: Window) -> None:
@@ -591,6 +830,13 @@ def test_with_keys_off_it_asks_for_the_tenant_and_shows_a_custom_range(browser: 
         browser.find_element(By.ID, "open").click()
         wait_loaded(browser, ("ok", "empty"))
         assert browser.find_element(By.ID, "tenant-name").text == "acme"
+        # The typed tenant's dimensions: the server's default, none.
+        wait(
+            browser,
+            lambda d: d.execute_script("return window.streamlens.dimensions") is not None,
+            "the dimensions",
+        )
+        assert dimension_choices(browser) == [("", "none configured")]
         # A custom range, 10:10 to 10:20, typed in the browser's own time zone.
         select(browser, "range", "custom")
         browser.execute_script(

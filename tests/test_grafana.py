@@ -6,7 +6,7 @@ does before a query reaches the database: it substitutes the template variables
 (``$__timeFilter``, ``$__timeGroupAlias``, ...) as Grafana documents them. A
 macro or variable it does not know fails the test, as would a panel whose SQL
 Postgres refuses. Results are checked against values computed here from the
-raw calls behind the windows.
+raw calls behind the windows, and behind their rows per dimension value.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import psycopg
 import pytest
 import yaml
 
-from tests.test_metrics_api import Window, insert_windows, random_calls
+from tests.test_metrics_api import RawCall, Window, insert_windows, random_calls
 
 GRAFANA = Path(__file__).parent.parent / "deploy" / "grafana"
 DASHBOARD = json.loads((GRAFANA / "dashboards" / "streamlens.json").read_text())
@@ -35,6 +35,10 @@ RANGE = (T0, T0 + timedelta(minutes=10))
 ROUTES = ("/chat", "/search")
 MODELS = ("gpt-4o", "claude-sonnet-4-5")
 INTERVALS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+REGION = "metadata.region"
+REGIONS: tuple[str | None, ...] = ("eu", "us", None, "(other)")
+# How the dashboard names the calls without a value.
+NO_VALUE = "(none)"
 
 
 class UnknownTemplate(AssertionError):
@@ -139,6 +143,56 @@ def make_windows() -> list[Window]:
     return windows
 
 
+def split_by(
+    window: Window, dimension: str, values: Sequence[str | None], rnd: random.Random
+) -> list[Window]:
+    """A window's rows of ``dimension`` as the dataflow writes them: its calls shared out
+    among ``values``, one row per value that got any."""
+    parts: dict[str | None, list[RawCall]] = defaultdict(list)
+    for call in window.calls:
+        parts[rnd.choice(values)].append(call)
+    return [
+        Window(
+            window.tenant_id,
+            window.route,
+            window.model,
+            window.start,
+            calls,
+            extra={"dimension": dimension, "value": value, "window_revision": 1},
+        )
+        for value, calls in parts.items()
+    ]
+
+
+def make_dimension_rows(windows: Sequence[Window]) -> list[Window]:
+    """Rows of acme's and globex's region; of acme's provider, the same calls again, some
+    also without a value (a panel that did not keep to one dimension would count them
+    twice); and of a dimension acme had only after the time range."""
+    rnd = random.Random(23)
+    rows = []
+    for window in windows:
+        rows += split_by(window, REGION, REGIONS, rnd)
+        if window.tenant_id == "acme":
+            rows += split_by(window, "provider", ("openai", None), rnd)
+            if window.start >= RANGE[1] + timedelta(minutes=2):
+                rows += split_by(window, "metadata.team", ("search", None), rnd)
+    return rows
+
+
+def insert_dimension_rows(dsn: str, windows: Sequence[Window]) -> None:
+    rows = [window.column_values() for window in windows]
+    columns = list(rows[0])
+    placeholders = ", ".join(["%s"] * len(columns))
+    statement = f"INSERT INTO llm_dimension_metrics ({', '.join(columns)}) VALUES ({placeholders})"
+    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
+        cursor.executemany(statement, [[row[name] for name in columns] for row in rows])
+
+
+def label(window: Window) -> str:
+    value: str | None = window.extra["value"]
+    return NO_VALUE if value is None else value
+
+
 def selected(windows: Sequence[Window], routes: Sequence[str], models: Sequence[str]) -> list[Window]:
     start, end = RANGE
     # BETWEEN: both ends of Grafana's time range are inclusive.
@@ -190,6 +244,37 @@ def per_time_and(
         return out
 
     return rows
+
+
+def per_time_and_value(
+    compute: Callable[[list[Window]], Any],
+) -> Callable[[list[Window], int], list[tuple[Any, ...]]]:
+    def rows(windows: list[Window], step: int) -> list[tuple[Any, ...]]:
+        out = []
+        for t, group in by_time(windows, step).items():
+            for value in sorted({label(w) for w in group}):
+                out.append((t, value, compute([w for w in group if label(w) == value])))
+        return out
+
+    return rows
+
+
+def value_table(windows: list[Window], step: int) -> list[tuple[Any, ...]]:
+    rows = []
+    for value in sorted({label(w) for w in windows}):
+        chosen = [w for w in windows if label(w) == value]
+        calls = total(chosen, "requests")
+        rows.append(
+            (
+                value,
+                calls,
+                total(chosen, "errors") / calls,
+                highest(chosen, "p95_latency_ms"),
+                total(chosen, "prompt_tokens") + total(chosen, "completion_tokens"),
+                total(chosen, "estimated_cost_usd"),
+            )
+        )
+    return sorted(rows, key=lambda row: (-row[1], row[0]))
 
 
 def table(windows: list[Window], step: int) -> list[tuple[Any, ...]]:
@@ -244,6 +329,12 @@ EXPECTED: dict[str, Callable[[list[Window], int], list[tuple[Any, ...]]]] = {
     ),
     "Routes × models over the range": table,
 }
+# The panels of the chosen dimension's rows, computed from the calls of each value.
+EXPECTED_BY_VALUE: dict[str, Callable[[list[Window], int], list[tuple[Any, ...]]]] = {
+    "Calls by ${dimension}": per_time_and_value(lambda g: total(g, "requests")),
+    "Cost by ${dimension}, USD": per_time_and_value(lambda g: total(g, "estimated_cost_usd")),
+    "Values of ${dimension} over the range": value_table,
+}
 
 
 def _order(row: tuple[Any, ...]) -> tuple[tuple[int, Any], ...]:
@@ -270,8 +361,10 @@ def same(got: Sequence[tuple[Any, ...]], want: Sequence[tuple[Any, ...]]) -> boo
 def test_every_panel_and_variable_runs_and_shows_the_windows_numbers(reader_dsn: str, postgres_dsn: str):
     windows = make_windows()
     insert_windows(postgres_dsn, windows)
+    dimension_rows = make_dimension_rows(windows)
+    insert_dimension_rows(postgres_dsn, dimension_rows)
     variables_sql = {v["name"]: v["query"] for v in DASHBOARD["templating"]["list"]}
-    assert set(variables_sql) == {"tenant", "route", "model"}
+    assert set(variables_sql) == {"tenant", "route", "model", "dimension", "value"}
 
     # The variables, in order, each from the ones before it: "All" is every value listed.
     _, tenants = run(reader_dsn, expand(variables_sql["tenant"], {}, "1m", RANGE))
@@ -282,13 +375,26 @@ def test_every_panel_and_variable_runs_and_shows_the_windows_numbers(reader_dsn:
         chosen[name] = [value for (value,) in values]
     assert chosen["route"] == sorted({*ROUTES, "/batch"})
     assert chosen["model"] == sorted(MODELS)
+    # The tenant's dimensions with rows in the time range; a single choice.
+    _, dimensions = run(reader_dsn, expand(variables_sql["dimension"], chosen, "1m", RANGE))
+    assert [d for (d,) in dimensions] == [REGION, "provider"]
+    chosen["dimension"] = [REGION]
+    _, values = run(reader_dsn, expand(variables_sql["value"], chosen, "1m", RANGE))
+    chosen["value"] = [value for (value,) in values]
+    # Postgres orders them by its collation, Grafana again by its own: compared as a set.
+    assert len(chosen["value"]) == 4 and set(chosen["value"]) == {"eu", "us", NO_VALUE, "(other)"}
 
     panels = DASHBOARD["panels"]
-    assert {panel["title"] for panel in panels} == set(EXPECTED)
+    assert {panel["title"] for panel in panels} == set(EXPECTED) | set(EXPECTED_BY_VALUE)
     for interval in ("1m", "5m"):
-        for routes in (chosen["route"], ["/search"]):
-            variables = {**chosen, "route": routes}
+        for routes, values in ((chosen["route"], chosen["value"]), (["/search"], ["eu", NO_VALUE])):
+            variables = {**chosen, "route": routes, "value": values}
             expected_windows = selected(windows, routes, chosen["model"])
+            expected_rows = [
+                w
+                for w in selected(dimension_rows, routes, chosen["model"])
+                if w.extra["dimension"] == REGION and label(w) in values
+            ]
             for panel in panels:
                 (target,) = panel["targets"]
                 assert target["datasource"]["uid"] == "streamlens-postgres"
@@ -298,17 +404,48 @@ def test_every_panel_and_variable_runs_and_shows_the_windows_numbers(reader_dsn:
                     assert columns[0] == "time", panel["title"]
                     times = [row[0] for row in rows]
                     assert times == sorted(times), panel["title"]
-                want = EXPECTED[panel["title"]](expected_windows, seconds_of(interval))
+                if panel["title"] in EXPECTED_BY_VALUE:
+                    assert "FROM llm_dimension_metrics" in target["rawSql"], panel["title"]
+                    want = EXPECTED_BY_VALUE[panel["title"]](expected_rows, seconds_of(interval))
+                else:
+                    want = EXPECTED[panel["title"]](expected_windows, seconds_of(interval))
                 assert want, panel["title"]
-                assert same(rows, want), (panel["title"], interval, routes, rows[:3], want[:3])
+                assert same(rows, want), (panel["title"], interval, routes, values, rows[:3], want[:3])
+
+
+def test_the_values_of_one_dimension_add_up_to_the_main_panels(reader_dsn: str, postgres_dsn: str):
+    """Every value chosen: the dimension's calls and cost equal the main panels' over the range."""
+    windows = make_windows()
+    insert_windows(postgres_dsn, windows)
+    insert_dimension_rows(postgres_dsn, make_dimension_rows(windows))
+    panels = {panel["title"]: panel["targets"][0]["rawSql"] for panel in DASHBOARD["panels"]}
+    variables = {"tenant": ["acme"], "route": [*ROUTES, "/batch"], "model": list(MODELS)}
+    for dimension, values in (
+        (REGION, ["eu", "us", NO_VALUE, "(other)"]),
+        ("provider", ["openai", NO_VALUE]),
+    ):
+        chosen = {**variables, "dimension": [dimension], "value": values}
+        _, by_value = run(reader_dsn, expand(panels["Calls by ${dimension}"], chosen, "1m", RANGE))
+        _, main = run(reader_dsn, expand(panels["Calls and errors"], chosen, "1m", RANGE))
+        calls: dict[Any, Any] = defaultdict(int)
+        for t, _, count in by_value:
+            calls[t] += count
+        assert dict(calls) == {t: count for t, count, _, _ in main}
+        _, cost = run(
+            reader_dsn, expand(panels["Values of ${dimension} over the range"], chosen, "1m", RANGE)
+        )
+        _, main_cost = run(reader_dsn, expand(panels["Cost, USD"], chosen, "1m", RANGE))
+        assert math.isclose(sum(row[-1] for row in cost), sum(c for _, c in main_cost), rel_tol=1e-9)
 
 
 def test_the_reader_role_reads_metrics_and_nothing_else(reader_dsn: str):
-    run(reader_dsn, "SELECT count(*) FROM llm_metrics")
-    with pytest.raises(psycopg.errors.InsufficientPrivilege):
-        run(reader_dsn, "SELECT count(*) FROM api_keys")
-    with pytest.raises(psycopg.errors.InsufficientPrivilege):
-        run(reader_dsn, "DELETE FROM llm_metrics")
+    for metrics in ("llm_metrics", "llm_dimension_metrics"):
+        run(reader_dsn, f"SELECT count(*) FROM {metrics}")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            run(reader_dsn, f"DELETE FROM {metrics}")
+    for other in ("api_keys", "tenant_dimensions"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            run(reader_dsn, f"SELECT count(*) FROM {other}")
 
 
 def test_unknown_macros_and_variables_are_refused_by_the_expansion():

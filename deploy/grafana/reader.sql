@@ -1,5 +1,5 @@
--- The role Grafana reads StreamLens with: llm_metrics only, read only. Applied
--- after schemas/llm_metrics.sql, by the Compose file's grafana-reader; idempotent.
+-- The role Grafana reads StreamLens with: the metrics rows (llm_metrics and
+-- llm_dimension_metrics) only, read only. Applied after the schema files, by the Compose file's grafana-reader; idempotent.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'grafana_reader') THEN
@@ -8,3 +8,4 @@ BEGIN
 END
 $$;
 GRANT SELECT ON llm_metrics TO grafana_reader;
+GRANT SELECT ON llm_dimension_metrics TO grafana_reader;

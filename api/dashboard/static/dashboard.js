@@ -1,6 +1,6 @@
 // The StreamLens dashboard: one tenant's windows, read from /v1/metrics with a read
 // key, drawn with uPlot. The key lives in sessionStorage only: never in the URL,
-// whose fragment holds the view (range, bucket, filters, split, refresh).
+// whose fragment holds the view (range, bucket, filters, dimension, split, refresh).
 "use strict";
 
 (() => {
@@ -16,6 +16,11 @@
   const CHART_HEIGHT = 220;
   const COLORS = ["#2563eb", "#dc2626", "#d97706", "#059669", "#7c3aed", "#db2777", "#0891b2", "#65a30d",
     "#9333ea", "#ea580c", "#0d9488", "#4f46e5"];
+  // A dimension's value as the view and the Value choices hold it: "" is every
+  // value, NO_VALUE the calls without one, and "=" before a value's text keeps an
+  // empty text apart from both.
+  const NO_VALUE = "-";
+  const OTHER = "(other)"; // the row of the values beyond a window's most frequent
 
   const p95 = (row) => row.p95_latency_ms;
   const ttft = (row) => row.avg_time_to_first_token_ms;
@@ -64,9 +69,18 @@
 
   const $ = (id) => document.getElementById(id);
 
+  const valueKey = (value) => (value === null ? NO_VALUE : `=${value}`);
+  const valueOfKey = (key) => (key === NO_VALUE ? null : key.slice(1));
+  const isValueKey = (key) => key === NO_VALUE || key.startsWith("=");
+  const valueLabel = (value) => (value === null ? "(none)" : value === "" ? '""' : value);
+  // Calls without a value first and the merged rest last, around the named values.
+  const valueRank = (value) => (value === null ? 0 : value === OTHER ? 2 : 1);
+  const compareValues = (a, b) => valueRank(a) - valueRank(b) || (a < b ? -1 : a > b ? 1 : 0);
+
   // What the page shows, for people and for tests: the uPlot instances (their
   // `data` is what is plotted), the charts' query, the table as rendered, timings.
-  const exposed = { charts: {}, query: null, table: [], state: "idle", loads: 0, timings: {} };
+  // `dimensions`: the tenant's, once read (null before, or when they could not be).
+  const exposed = { charts: {}, query: null, table: [], state: "idle", loads: 0, timings: {}, dimensions: null };
   window.streamlens = exposed;
 
   const state = {
@@ -76,6 +90,7 @@
     xRange: [0, 1],
     sort: { key: "calls", descending: true },
     tableRows: [],
+    tableView: null,
     timer: null,
     generation: 0,
     loginAt: null,
@@ -95,12 +110,16 @@
     const wanted = params.get("range");
     const range = wanted in RANGES || wanted === "custom" ? wanted : "1h";
     const bucket = params.get("bucket") in BUCKETS ? params.get("bucket") : BUCKET_FOR_RANGE[range];
-    const split = ["route", "model"].includes(params.get("split")) ? params.get("split") : "";
+    const dimension = params.get("dimension") || "";
+    const value = dimension && isValueKey(params.get("value") || "") ? params.get("value") : "";
+    const splits = dimension ? ["route", "model", "value"] : ["route", "model"];
+    const split = splits.includes(params.get("split")) ? params.get("split") : "";
     const refresh = REFRESH_SECONDS.includes(params.get("refresh")) ? params.get("refresh") : "";
     return {
       range, bucket, split, refresh,
       route: params.get("route") || "",
       model: params.get("model") || "",
+      dimension, value,
       from: params.get("from") || "",
       to: params.get("to") || "",
     };
@@ -125,6 +144,18 @@
     $("auto-refresh").checked = Boolean(view.refresh);
     if (view.refresh) $("refresh-every").value = view.refresh;
     for (const name of ["route", "model"]) keepOption($(name), view[name]);
+    keepOption($("dimension"), view.dimension);
+    showDimension(view);
+  }
+
+  // The Value choice and the split by values exist only while a dimension is chosen.
+  function showDimension(view) {
+    $("value-field").hidden = !view.dimension;
+    const byValue = $("split-value");
+    byValue.hidden = byValue.disabled = !view.dimension;
+    byValue.textContent = view.dimension || "dimension";
+    keepOption($("value"), view.value, view.value && valueLabel(valueOfKey(view.value)));
+    $("split").value = view.split;
   }
 
   function viewFromControls() {
@@ -135,6 +166,8 @@
       refresh: $("auto-refresh").checked ? $("refresh-every").value : "",
       route: $("route").value,
       model: $("model").value,
+      dimension: $("dimension").value,
+      value: $("dimension").value ? $("value").value : "",
       from: $("from").value,
       to: $("to").value,
     };
@@ -223,15 +256,72 @@
     return params;
   }
 
+  // A dimension's rows only when the charts show its values, or one of them: its
+  // values of a bucket add up to the main row, which is read otherwise.
   function chartParams(view, win) {
-    const params = { ...baseParams(win), bucket: view.bucket, group_by: view.split };
+    const params = { ...baseParams(win), bucket: view.bucket, group_by: view.split === "value" ? "" : view.split };
     if (view.route) params.route = view.route;
     if (view.model) params.model = view.model;
+    if (view.dimension && (view.split === "value" || view.value)) {
+      params.dimension = view.dimension;
+      // An empty `value=` asks for the calls without a value.
+      if (view.value) params.value = valueOfKey(view.value) ?? "";
+    }
     return params;
   }
 
-  // The table and the filters' choices: every route and model of the range.
-  const tableParams = (win) => ({ ...baseParams(win), bucket: "1d", group_by: "route,model" });
+  // The table and the filters' choices: every route, model (and value) of the range.
+  function tableParams(view, win) {
+    const params = { ...baseParams(win), bucket: "1d", group_by: "route,model" };
+    if (view.dimension) params.dimension = view.dimension;
+    return params;
+  }
+
+  // The names the API takes for this tenant: today's setting and every earlier
+  // one, whose rows stay readable. True when the view's dimension is not among them
+  // and was dropped.
+  async function loadDimensions() {
+    const tenant = state.tenant;
+    let names;
+    try {
+      const answer = await getJson(`v1/tenants/${encodeURIComponent(tenant)}/dimensions`);
+      const earlier = (answer.changes || []).flatMap((change) => change.dimensions);
+      names = [...new Set([...answer.dimensions, ...earlier])];
+    } catch {
+      names = null;
+    }
+    if (tenant !== state.tenant) return false;
+    // A failed re-read keeps the list already shown.
+    if (names === null && exposed.dimensions !== null) return false;
+    exposed.dimensions = names;
+    return showDimensionChoices(names);
+  }
+
+  function showDimensionChoices(names) {
+    // A dimension the tenant does not have would only be refused by the API. While
+    // the list cannot be read, the view's own stays: the API tells whether it may.
+    const view = state.view;
+    const dropped = names !== null && Boolean(view.dimension) && !names.includes(view.dimension);
+    if (dropped) {
+      state.view = { ...view, dimension: "", value: "", split: view.split === "value" ? "" : view.split };
+      writeView(state.view);
+      showDimension(state.view);
+    }
+    const choices = names ?? (state.view.dimension ? [state.view.dimension] : []);
+    const select = $("dimension");
+    select.disabled = choices.length === 0;
+    if (select.disabled) {
+      select.title = names
+        ? "This tenant slices its calls by no dimension (PUT /v1/tenants/{tenant}/dimensions sets some)."
+        : "The tenant's dimensions could not be read.";
+      select.replaceChildren(new Option(names ? "none configured" : "unavailable", ""));
+    } else {
+      select.title = "";
+      select.replaceChildren(new Option("none", ""), ...choices.map((name) => new Option(name, name)));
+    }
+    select.value = state.view.dimension;
+    return dropped;
+  }
 
   // ---- loading -----------------------------------------------------------------------
 
@@ -261,14 +351,16 @@
       exposed.timings.readMs = drawStart - fetchStart;
       exposed.timings.drawMs = performance.now() - drawStart;
       // After the charts: its roll-up of the whole range would slow theirs down.
-      const tableRows = await allRows(tableParams(win));
+      const tableRows = await allRows(tableParams(view, win));
       if (generation !== state.generation) return;
       state.tableRows = tableRows;
+      state.tableView = view;
       showFilterChoices(tableRows);
       drawTable();
       const buckets = new Set(rows.map((row) => row.window_start)).size;
       if (rows.length === 0) {
-        setStatus("empty", `No windows for ${state.tenant} in this range.`);
+        const of = params.dimension ? `rows of ${params.dimension}` : "windows";
+        setStatus("empty", `No ${of} for ${state.tenant} in this range.`);
       } else {
         setStatus("ok", `${buckets} buckets of ${view.bucket} · updated ${new Date().toLocaleTimeString()}`);
       }
@@ -319,16 +411,18 @@
   function chartSeries(chart, view, groups) {
     const unit = chart.unit ? `, ${chart.unit}` : "";
     if (!view.split) return { title: chart.title + unit, series: chart.series };
+    const byValue = view.split === "value";
     return {
-      title: `${chart.split.title} by ${view.split}${unit}`,
-      series: groups.map((group) => ({ label: group, value: chart.split.value })),
+      title: `${chart.split.title} by ${byValue ? view.dimension : view.split}${unit}`,
+      series: groups.map((group) => ({ label: byValue ? valueLabel(group) : group, value: chart.split.value })),
     };
   }
 
   function drawCharts(view, rows) {
     const xs = [...new Set(rows.map((row) => seconds(row.window_start)))].sort((a, b) => a - b);
     const at = new Map(xs.map((x, i) => [x, i]));
-    const groups = view.split ? [...new Set(rows.map((row) => row[view.split]))].sort() : [];
+    const groups = view.split ? [...new Set(rows.map((row) => row[view.split]))] : [];
+    groups.sort(view.split === "value" ? compareValues : undefined);
     const groupIndex = new Map(groups.map((group, i) => [group, i]));
     for (const chart of CHARTS) {
       const { title, series } = chartSeries(chart, view, groups);
@@ -398,13 +492,25 @@
 
   // ---- the table and the filters' choices --------------------------------------------
 
+  // Rows that tie on the sorted column stay in the order of their names.
+  function byNames(a, b) {
+    if (a.route !== b.route) return a.route < b.route ? -1 : 1;
+    if (a.model !== b.model) return a.model < b.model ? -1 : 1;
+    return compareValues(a.value, b.value);
+  }
+
   function drawTable() {
-    const view = state.view;
+    // The view the rows were read for: a newer one may still be loading.
+    const view = state.tableView;
+    if (!view) return;
+    const dimension = view.dimension;
     const merged = new Map();
     for (const row of state.tableRows) {
       if ((view.route && row.route !== view.route) || (view.model && row.model !== view.model)) continue;
-      const key = JSON.stringify([row.route, row.model]);
-      const line = merged.get(key) || { route: row.route, model: row.model, calls: 0, errors: 0, p95: null,
+      if (view.value && row.value !== valueOfKey(view.value)) continue;
+      const value = dimension ? row.value : undefined;
+      const key = JSON.stringify([row.route, row.model, value]);
+      const line = merged.get(key) || { route: row.route, model: row.model, value, calls: 0, errors: 0, p95: null,
         tokens: 0, cost: 0 };
       line.calls += row.requests;
       line.errors += row.errors;
@@ -417,17 +523,22 @@
     for (const line of lines) line.error_rate = line.calls ? line.errors / line.calls : 0;
     const { key, descending } = state.sort;
     lines.sort((a, b) => {
+      if (key === "value") return (descending ? -1 : 1) * compareValues(a.value, b.value) || byNames(a, b);
       const [x, y] = descending ? [b[key], a[key]] : [a[key], b[key]];
-      if (x === y) return a.route < b.route ? -1 : a.route > b.route ? 1 : a.model < b.model ? -1 : 1;
+      if (x === y) return byNames(a, b);
       if (x === null) return 1;
       if (y === null) return -1;
       return x < y ? -1 : 1;
     });
+    $("table-title").textContent = `Routes × models${dimension ? ` × ${dimension}` : ""} over the range`;
+    $("value-column").hidden = !dimension;
+    $("value-column").textContent = dimension || "value";
     const body = $("table").tBodies[0];
     body.replaceChildren(...lines.map((line) => {
       const tr = document.createElement("tr");
       const cells = [
         [line.route, ""], [line.model, ""],
+        ...(dimension ? [[valueLabel(line.value), ""]] : []),
         [line.calls.toLocaleString(), "num"],
         [`${(100 * line.error_rate).toFixed(1)} %`, "num"],
         [line.p95 === null ? "–" : line.p95.toFixed(0), "num"],
@@ -449,9 +560,9 @@
   }
 
   // A chosen value stays a choice even when the range holds none of it.
-  function keepOption(select, value) {
+  function keepOption(select, value, label = value) {
     if (value && ![...select.options].some((option) => option.value === value)) {
-      select.append(new Option(value, value));
+      select.append(new Option(label, value));
     }
     select.value = value;
   }
@@ -463,6 +574,12 @@
       select.replaceChildren(new Option("all", ""), ...values.map((value) => new Option(value, value)));
       keepOption(select, state.view[name]);
     }
+    const values = state.view.dimension ? [...new Set(tableRows.map((row) => row.value))].sort(compareValues) : [];
+    $("value").replaceChildren(
+      new Option("all", ""),
+      ...values.map((value) => new Option(valueLabel(value), valueKey(value))),
+    );
+    keepOption($("value"), state.view.value, state.view.value && valueLabel(valueOfKey(state.view.value)));
   }
 
   // ---- the key -----------------------------------------------------------------------
@@ -483,6 +600,7 @@
     state.generation += 1;
     state.key = null;
     state.tenant = null;
+    exposed.dimensions = null;
     sessionStorage.removeItem(KEY_STORAGE);
     sessionStorage.removeItem(TENANT_STORAGE);
   }
@@ -522,6 +640,10 @@
     $("tenant-name").textContent = tenant;
     $("tenant-name").hidden = false;
     $("forget-key").hidden = false;
+    // A dimension named by the address is checked against the tenant's first;
+    // otherwise the list arrives while the charts load.
+    const dimensions = loadDimensions();
+    if (state.view.dimension) await dimensions;
     await load();
   }
 
@@ -538,6 +660,13 @@
       }
       $("custom-range").hidden = range !== "custom";
     }
+    if (event.target.id === "dimension") {
+      // Another dimension has other values; choosing one is meant to show them.
+      const dimension = $("dimension").value;
+      const split = $("split").value;
+      $("value").replaceChildren(new Option("all", ""));
+      showDimension({ dimension, value: "", split: dimension ? "value" : split === "value" ? "" : split });
+    }
     state.view = viewFromControls();
     writeView(state.view);
     if (event.target.id === "auto-refresh" || event.target.id === "refresh-every") {
@@ -552,7 +681,10 @@
     showView(state.view);
     $("controls").addEventListener("change", changed);
     $("controls").addEventListener("submit", (event) => event.preventDefault());
-    $("refresh").addEventListener("click", () => load());
+    $("refresh").addEventListener("click", () => {
+      loadDimensions().then((dropped) => dropped && load());
+      load();
+    });
     $("login").addEventListener("submit", (event) => {
       event.preventDefault();
       open($("key").value.trim(), $("tenant").value.trim());
@@ -564,7 +696,8 @@
     for (const th of $("table").tHead.rows[0].cells) {
       th.addEventListener("click", () => {
         const key = th.dataset.key;
-        state.sort = { key, descending: state.sort.key === key ? !state.sort.descending : key !== "route" && key !== "model" };
+        const named = ["route", "model", "value"].includes(key);
+        state.sort = { key, descending: state.sort.key === key ? !state.sort.descending : !named };
         drawTable();
       });
     }
