@@ -43,6 +43,10 @@ demo:
 create-key TENANT *ARGS:
     {{load_env}}; exec python -m api.keys create {{TENANT}} {{ARGS}}
 
+# TENANT's dimensions: set from the next window boundary (NAMES, or --none), shown without NAMES
+dimensions TENANT *NAMES:
+    {{load_env}}; exec python -m api.tenants dimensions {{TENANT}} {{NAMES}}
+
 # Revoke the API key starting with PREFIX
 revoke-key PREFIX:
     {{load_env}}; exec python -m api.keys revoke {{PREFIX}}

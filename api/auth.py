@@ -10,7 +10,7 @@ How an app uses this module:
   ``app.state.key_store = keys`` (``AUTH=off`` gives a store that lets every call
   through, with no Postgres);
 - first thing in every endpoint but ``/health`` and ``/ready``,
-  ``principal = await authenticate(request, "ingest")`` (or ``"read"``) and return
+  ``principal = await authenticate(request, "ingest")`` (or ``"read"``, ``"manage"``) and return
   it if it is a :class:`~starlette.responses.Response` (401, 403 or 503);
 - per event, :func:`check_event` (403 for a single event, that index rejected in
   a batch); per query, :func:`forbidden_tenant` on the ``tenant_id`` parameter.
@@ -49,8 +49,15 @@ from schemas.events import LLMRequest, LLMResponse
 
 logger = logging.getLogger("streamlens.auth")
 
-Scope = Literal["ingest", "read"]
-SCOPES: tuple[Scope, ...] = ("ingest", "read")
+Scope = Literal["ingest", "read", "manage"]
+SCOPES: tuple[Scope, ...] = ("ingest", "read", "manage")
+# The scopes a key of each scope satisfies. A manage key reads too (contract §5);
+# sending events stays with ingest keys, the ones applications carry around.
+GRANTS: dict[Scope, frozenset[Scope]] = {
+    "ingest": frozenset({"ingest"}),
+    "read": frozenset({"read"}),
+    "manage": frozenset({"read", "manage"}),
+}
 
 KEY_ID_ALPHABET = string.ascii_lowercase + string.digits
 KEY_ID_LENGTH = 8
@@ -261,8 +268,9 @@ def _unauthorized(detail: str, *, key_given: bool) -> Response:
 async def authenticate(request: Request, scope: Scope) -> Principal | Response:
     """The caller's principal, or the response to send instead.
 
-    401 without a valid key, 403 for a key of another scope, 503 when the key
-    database cannot be read. The store is ``request.app.state.key_store``.
+    401 without a valid key, 403 for a key whose scope does not grant ``scope``
+    (:data:`GRANTS`), 503 when the key database cannot be read. The store is
+    ``request.app.state.key_store``.
     """
     store: KeyStore = request.app.state.key_store
     if not store.enabled:
@@ -291,7 +299,7 @@ async def authenticate(request: Request, scope: Scope) -> Principal | Response:
         )
     if principal is None:
         return _unauthorized("API key is malformed, unknown or revoked", key_given=True)
-    if principal.scope != scope:
+    if principal.scope is None or scope not in GRANTS.get(principal.scope, frozenset()):
         return error_response(
             403,
             "forbidden",

@@ -1,9 +1,11 @@
 """Create, revoke and list API keys: ``python -m api.keys create|revoke|list``.
 
-``create TENANT [--scope ingest|read]`` prints the new key on stdout and nothing
-else, so ``KEY=$(just create-key acme)`` works; the key is shown this once and
-only its hash is stored. The scope defaults to ``ingest``, what an application
-sending events needs; dashboards and analysts get ``--scope read``.
+``create TENANT [--scope ingest|read|manage]`` prints the new key on stdout and
+nothing else, so ``KEY=$(just create-key acme)`` works; the key is shown this
+once and only its hash is stored. The scope defaults to ``ingest``, what an
+application sending events needs; dashboards and analysts get ``--scope read``,
+and whoever changes the tenant's settings (its dimensions) ``--scope manage``,
+which reads too.
 
 ``revoke PREFIX`` revokes the one active key whose ``sl_<key id>`` starts with
 PREFIX (the ``sl_`` may be left out; at least 4 characters of the key id; a
@@ -142,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
         "--scope",
         choices=SCOPES,
         default="ingest",
-        help="ingest: send events (default); read: query metrics",
+        help="ingest: send events (default); read: query metrics; manage: query and change settings",
     )
     revoke = commands.add_parser("revoke", help="revoke the key starting with PREFIX")
     revoke.add_argument("prefix", metavar="PREFIX")

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from api import tenants
 from api.auth import authenticate, forbidden_tenant, open_key_store
 from api.dashboard import routes as dashboard_routes
 from api.errors import error_response, http_error, server_error
@@ -46,8 +47,10 @@ from api.params import (
 from api.queries import Deadline, DeadlineExceeded, fetch_rollup, parameters, window_row, windows_sql
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
+from schemas.dimensions import VALUE_MAX_CHARS
 from schemas.logs import configure_logging
-from schemas.metrics import MetricsRow
+from schemas.metrics import DimensionRow, MetricsRow
+from schemas.tenant_settings import changes_async
 
 logger = logging.getLogger("streamlens.metrics")
 
@@ -144,10 +147,33 @@ async def bounded(call: Awaitable[_T], seconds: float) -> _T:
     return task.result()
 
 
+async def _check_dimension(
+    pool: psycopg_pool.AsyncConnectionPool, query: MetricsQuery, defaults: tuple[str, ...], deadline: Deadline
+) -> None:
+    """:class:`InvalidParameter` unless the tenant has ``query.dimension``: in ``defaults``
+    (``DIMENSIONS``) or in any of its stored changes, past ones included, since their rows
+    stay readable."""
+    if query.dimension is None or query.dimension in defaults:
+        return
+    async with pool.connection(timeout=max(0.0, deadline.remaining())) as conn, conn.transaction():
+        await conn.execute(deadline.statement_timeout())
+        changes = await changes_async(conn, query.tenant_id)
+    names = dict.fromkeys([*defaults, *(name for change in changes for name in change.dimensions)])
+    if query.dimension not in names:
+        has = ", ".join(names) if names else "none"
+        raise InvalidParameter(
+            f"dimension: {query.dimension!r} is not a dimension of tenant {query.tenant_id!r} (it has: {has})"
+        )
+
+
 async def _fetch(
-    pool: psycopg_pool.AsyncConnectionPool, rollup_slots: asyncio.Semaphore, query: MetricsQuery
+    pool: psycopg_pool.AsyncConnectionPool,
+    rollup_slots: asyncio.Semaphore,
+    query: MetricsQuery,
+    default_dimensions: tuple[str, ...] = (),
 ) -> list[MetricsRow]:
     deadline = Deadline(QUERY_SECONDS)
+    await _check_dimension(pool, query, default_dimensions, deadline)
     if not query.is_rollup:
         async with pool.connection(timeout=max(0.0, deadline.remaining())) as conn:
             cursor = await conn.execute(windows_sql(query), parameters(query))
@@ -181,8 +207,17 @@ async def metrics(request: Request) -> Response:
     observed: QueryMetrics = request.app.state.observed
     try:
         rows = await bounded(
-            _fetch(request.app.state.pool, request.app.state.rollup_slots, query), DATABASE_TIMEOUT_SECONDS
+            _fetch(
+                request.app.state.pool,
+                request.app.state.rollup_slots,
+                query,
+                request.app.state.settings.dimensions,
+            ),
+            DATABASE_TIMEOUT_SECONDS,
         )
+    except InvalidParameter as error:  # a dimension the tenant does not have
+        request.app.state.postgres.back()
+        answer = error_response(400, "invalid_parameter", str(error))
     except DeadlineExceeded as error:
         answer = error_response(
             503, "deadline_exceeded", str(error), headers={"Retry-After": RETRY_ROLLUP_SECONDS}
@@ -240,9 +275,13 @@ async def ready(request: Request) -> Response:
 
 
 def openapi_document() -> dict[str, Any]:
-    """The API's OpenAPI 3.1 description; the row schema comes from :class:`MetricsRow`."""
-    _, components = msgspec.json.schema_components([MetricsRow], ref_template="#/components/schemas/{name}")
+    """The API's OpenAPI 3.1 description; the row schemas come from :class:`MetricsRow` and
+    :class:`DimensionRow`."""
+    _, components = msgspec.json.schema_components(
+        [MetricsRow, DimensionRow], ref_template="#/components/schemas/{name}"
+    )
     row_ref = {"$ref": "#/components/schemas/MetricsRow"}
+    dimension_row_ref = {"$ref": "#/components/schemas/DimensionRow"}
     timestamp = {"type": "string", "format": "date-time"}
 
     def parameter(
@@ -315,17 +354,38 @@ def openapi_document() -> dict[str, Any]:
                             "reported as null. Empty: one row per bucket for the tenant.",
                             {"type": "string", "default": ",".join(DIMENSIONS)},
                         ),
+                        parameter(
+                            "dimension",
+                            "One of the tenant's dimensions (`metadata.<key>`, `provider`, "
+                            "`finish_reason`, `user`; its own setting, past ones included, or the "
+                            "`DIMENSIONS` default): its rows instead of the main rows, one per window, "
+                            "key and value, each with `dimension` and `value` (`DimensionRow`). "
+                            "`bucket` and `group_by` merge them within each value.",
+                            {"type": "string", "minLength": 1},
+                        ),
+                        parameter(
+                            "value",
+                            "With `dimension`: only the rows of this value (`(other)`: the values "
+                            "merged beyond each window's most frequent). Empty (`value=`): the calls "
+                            "without a value, whose rows have value null.",
+                            {"type": "string", "maxLength": VALUE_MAX_CHARS},
+                        ),
                     ],
                     "responses": {
                         "200": {
-                            "description": "Rows newest first, then by route and model.",
+                            "description": "Rows newest first, then by route and model; with "
+                            "`dimension`, then by value (null first). Route, model and value "
+                            "in code-point order.",
                             "content": {
                                 "application/json": {
                                     "schema": {
                                         "type": "object",
                                         "required": ["metrics", "count"],
                                         "properties": {
-                                            "metrics": {"type": "array", "items": row_ref},
+                                            "metrics": {
+                                                "type": "array",
+                                                "items": {"anyOf": [row_ref, dimension_row_ref]},
+                                            },
                                             "count": {"type": "integer"},
                                         },
                                     }
@@ -335,7 +395,8 @@ def openapi_document() -> dict[str, Any]:
                         "400": error
                         | {
                             "description": "A parameter is malformed, missing or "
-                            "unknown; `detail` starts with its name."
+                            "unknown, or `dimension` is not one of the tenant's; `detail` starts "
+                            "with its name."
                         },
                         "401": error | {"description": "No valid API key (`Authorization: Bearer`)."},
                         "403": error | {"description": "The key is not a `read` key, or not of this tenant."},
@@ -348,6 +409,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            **tenants.openapi_paths(error),
             "/health": {
                 "get": {"summary": "The process is alive", "responses": {"200": {"description": "alive"}}}
             },
@@ -457,6 +519,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
+            *tenants.ROUTES,
             metrics_route(observed),
             *dashboard_routes(),
         ],

@@ -14,6 +14,8 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
+from schemas.dimensions import VALUE_MAX_CHARS, InvalidDimension, check_name
+
 DEFAULT_LIMIT = 60
 MAX_LIMIT = 1000
 
@@ -29,6 +31,8 @@ PARAMETERS: tuple[str, ...] = (
     "limit",
     "bucket",
     "group_by",
+    "dimension",
+    "value",
 )
 
 _Timestamp = Annotated[datetime, Meta(tz=True)]
@@ -55,6 +59,11 @@ class MetricsQuery(Struct, frozen=True, kw_only=True):
     bucket_seconds: int | None = None
     # The dimensions kept; those left out are merged across and reported as null.
     group_by: tuple[str, ...] = DIMENSIONS
+    # A dimension (SPEC §8): its rows, one per value, instead of the main rows.
+    dimension: str | None = None
+    # Whether to keep one value only: ``value``, or the calls without one when None.
+    by_value: bool = False
+    value: str | None = None
 
     @property
     def is_rollup(self) -> bool:
@@ -131,6 +140,31 @@ def _group_by(text: str | None) -> tuple[str, ...]:
     return tuple(name for name in DIMENSIONS if name in names)
 
 
+def _dimension(text: str | None) -> str | None:
+    if text is None:
+        return None
+    if not text:
+        raise InvalidParameter("dimension: must not be empty")
+    try:
+        return check_name(text)
+    except InvalidDimension as error:
+        raise InvalidParameter(f"dimension: {error}") from None
+
+
+def _value(text: str, dimension: str | None) -> str | None:
+    if dimension is None:
+        raise InvalidParameter("value: needs dimension (the dimension whose value to keep)")
+    # Empty: the calls without a value, the rows whose value is null.
+    if not text:
+        return None
+    if len(text) > VALUE_MAX_CHARS:
+        raise InvalidParameter(f"value: longer than {VALUE_MAX_CHARS} characters, as no stored value is")
+    # Stored values hold U+FFFD where calls had control characters, so these match nothing.
+    if _TENANT_FORBIDDEN.search(text):
+        raise InvalidParameter("value: contains a control character, as no stored value does")
+    return text
+
+
 def parse_query(params: Mapping[str, Sequence[str]]) -> MetricsQuery:
     """Validate every parameter; raise :class:`InvalidParameter` for the first bad one.
 
@@ -154,6 +188,9 @@ def parse_query(params: Mapping[str, Sequence[str]]) -> MetricsQuery:
     end = None if end_text is None else parse_timestamp("to", end_text)
     if start is not None and end is not None and start >= end:
         raise InvalidParameter(f"from: {start_text!r} is not before to ({end_text!r})")
+    dimension = _dimension(_single(params, "dimension"))
+    value_text = _single(params, "value")
+    value = None if value_text is None else _value(value_text, dimension)
     return MetricsQuery(
         tenant_id=tenant_id,
         route=_name(params, "route", 255, _NAME_FORBIDDEN),
@@ -163,6 +200,9 @@ def parse_query(params: Mapping[str, Sequence[str]]) -> MetricsQuery:
         limit=_limit(_single(params, "limit")),
         bucket_seconds=_bucket(_single(params, "bucket")),
         group_by=_group_by(_single(params, "group_by")),
+        dimension=dimension,
+        by_value=value_text is not None,
+        value=value,
     )
 
 

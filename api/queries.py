@@ -39,6 +39,16 @@ What a merged row reports:
 
 Windows are selected by ``from <= window_start < to`` before they are bucketed,
 so a range not aligned to the bucket size yields partial buckets at its edges.
+
+Dimensions (SPEC §8): with ``dimension`` the rows come from
+``llm_dimension_metrics``, one per window, key and value, each with
+``dimension`` and ``value``; ordered as the main rows, then by value (null
+first). A roll-up merges them the same way within each value: the value is
+always part of the grouping. Dimension roll-ups always take the direct path
+(:func:`direct_rollup_sql`), their parts never kept: a tenant has a few
+dimensions of a few values each, and even a year of daily buckets of five
+values (30 days of minutes stored) merges well within the deadline, which
+bounds them as it bounds every roll-up.
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ from psycopg.rows import dict_row
 from starlette.concurrency import run_in_threadpool
 
 from api.params import DIMENSIONS, MetricsQuery
-from schemas.metrics import ROW_FIELDS, MetricsRow
+from schemas.metrics import DIMENSION_ROW_FIELDS, ROW_FIELDS, DimensionRow, MetricsRow
 
 PERCENTILES: tuple[tuple[str, float], ...] = (
     ("p50_latency_ms", 0.50),
@@ -95,14 +105,40 @@ _PERCENTILE_FIELDS = frozenset(name for name, _ in PERCENTILES)
 # The bucket's own columns: the row without the percentiles, which come from digests.
 _BUCKET_FIELDS: tuple[str, ...] = tuple(name for name in ROW_FIELDS if name not in _PERCENTILE_FIELDS)
 
-# Code-point order, whatever the database's collation: the documented order of rows.
-_ORDER = 'ORDER BY window_start DESC, route COLLATE "C", model COLLATE "C"'
+
+def _collated(names: Sequence[str]) -> str:
+    """``, name COLLATE "C"`` for each of ``names``: code-point order, whatever the database's
+    collation, as documented; a null value (calls without one) first."""
+    return "".join(f', {name} COLLATE "C"' + (" NULLS FIRST" if name == "value" else "") for name in names)
+
+
+def _order(query: MetricsQuery) -> str:
+    """The documented order of rows: newest first, then route and model (then value)."""
+    return f"ORDER BY window_start DESC{_collated(_grouping(query, DIMENSIONS))}"
+
+
+def _grouping(query: MetricsQuery, group_by: Sequence[str]) -> list[str]:
+    """The columns whose values keep rows apart: ``group_by``'s, and a dimension's value."""
+    kept = [name for name in DIMENSIONS if name in group_by]
+    return kept if query.dimension is None else [*kept, "value"]
+
+
+def _table(query: MetricsQuery) -> str:
+    return "llm_metrics" if query.dimension is None else "llm_dimension_metrics"
+
+
+def _fields(query: MetricsQuery) -> tuple[str, ...]:
+    return ROW_FIELDS if query.dimension is None else DIMENSION_ROW_FIELDS
 
 
 def _filters(query: MetricsQuery, table: str = "") -> str:
     """The WHERE conditions of ``query``, with ``%(name)s`` placeholders."""
     prefix = f"{table}." if table else ""
     conditions = [f"{prefix}tenant_id = %(tenant_id)s"]
+    if query.dimension is not None:
+        conditions.append(f"{prefix}dimension = %(dimension)s")
+        if query.by_value:
+            conditions.append(f"{prefix}value " + ("IS NULL" if query.value is None else "= %(value)s"))
     if query.route is not None:
         conditions.append(f"{prefix}route = %(route)s")
     if query.model is not None:
@@ -123,12 +159,17 @@ def parameters(query: MetricsQuery) -> dict[str, Any]:
         "end": query.end,
         "limit": query.limit,
         "bucket": None if query.bucket_seconds is None else timedelta(seconds=query.bucket_seconds),
+        "dimension": query.dimension,
+        "value": query.value,
     }
 
 
 def windows_sql(query: MetricsQuery) -> str:
-    """Stored windows as they are: the plain query."""
-    return f"SELECT {', '.join(ROW_FIELDS)} FROM llm_metrics WHERE {_filters(query)} {_ORDER} LIMIT %(limit)s"
+    """Stored windows (or a dimension's rows) as they are: the plain query."""
+    return (
+        f"SELECT {', '.join(_fields(query))} FROM {_table(query)} WHERE {_filters(query)}"
+        f" {_order(query)} LIMIT %(limit)s"
+    )
 
 
 class Deadline:
@@ -279,13 +320,14 @@ def merge_sql(query: MetricsQuery) -> str:
 
 def direct_rollup_sql(query: MetricsQuery) -> str:
     """Buckets merged straight from their windows, each with its windows' digests, in one
-    statement: for roll-ups whose parts are never kept (buckets under an hour).
+    statement: for roll-ups whose parts are never kept (buckets under an hour, and a
+    dimension's roll-ups).
 
     Their parts are many and small (often one window each): grouping in Postgres
     and fetching the digests of the buckets left after ``LIMIT`` only (a lateral
     range per bucket) costs a fraction of handling every part.
     """
-    kept = [name for name in DIMENSIONS if name in query.group_by]
+    kept = _grouping(query, query.group_by)
     if query.bucket_seconds is None:
         window_end = "max(window_end)"
         same_bucket = "w.window_start = b.window_start"
@@ -293,6 +335,8 @@ def direct_rollup_sql(query: MetricsQuery) -> str:
         window_end = "greatest(max(window_end), bucket_start + %(bucket)s)"
         same_bucket = "w.window_start >= b.window_start AND w.window_start < b.window_start + %(bucket)s"
     dimensions = [name if name in kept else f"NULL::text AS {name}" for name in DIMENSIONS]
+    if query.dimension is not None:
+        dimensions += ["%(dimension)s::text AS dimension", "value"]
 
     def weighted(column: str, weight: str) -> str:
         # Windows without a value for the average carry no weight either.
@@ -305,21 +349,30 @@ def direct_rollup_sql(query: MetricsQuery) -> str:
             {", ".join(f"sum({name})::bigint AS {name}" for name in _SUMMED)},
             {averages},
             sum(estimated_cost_usd) AS estimated_cost_usd, max(revision) AS revision
-        FROM (SELECT *, {_bucket_start(query)} AS bucket_start FROM llm_metrics
+        FROM (SELECT *, {_bucket_start(query)} AS bucket_start FROM {_table(query)}
               WHERE {_filters(query)}) AS selected
         GROUP BY tenant_id, bucket_start{"".join(f", {name}" for name in kept)}
-        ORDER BY bucket_start DESC{"".join(f', {name} COLLATE "C"' for name in kept)}
+        ORDER BY bucket_start DESC{_collated(kept)}
         LIMIT %(limit)s"""
-    same_group = "".join(f" AND w.{name} = b.{name}" for name in kept)
+    same_group = "".join(f" AND w.{name} = b.{name}" for name in kept if name != "value")
+    windows = f"{_table(query)} AS w WHERE {_filters(query, 'w')} AND {same_bucket}{same_group}"
+    if query.dimension is not None:
+        # A null value is a value of its own (calls without one). Two branches rather than
+        # IS NOT DISTINCT FROM, which no index serves: each is a range of the table's key,
+        # where a filter would fetch every other value's row of the bucket too.
+        windows = f"""(
+            SELECT w.latency_digest FROM {windows} AND w.value = b.value
+            UNION ALL
+            SELECT w.latency_digest FROM {windows} AND w.value IS NULL AND b.value IS NULL
+        ) AS w"""
     return f"""
         SELECT b.*, digests.blobs
         FROM ({aggregate}) AS b
         CROSS JOIN LATERAL (
             SELECT array_agg(w.latency_digest) FILTER (WHERE w.latency_digest IS NOT NULL) AS blobs
-            FROM llm_metrics AS w
-            WHERE {_filters(query, "w")} AND {same_bucket}{same_group}
+            FROM {windows}
         ) AS digests
-        {_ORDER}"""
+        {_order(query)}"""
 
 
 def direct_row(record: dict[str, Any]) -> MetricsRow:
@@ -328,7 +381,7 @@ def direct_row(record: dict[str, Any]) -> MetricsRow:
     digest = merge_digests(values.pop("blobs"))
     for name, quantile in PERCENTILES:
         values[name] = None if digest is None or digest.is_empty() else digest.quantile(quantile)
-    return MetricsRow(**values)
+    return DimensionRow(**values) if "dimension" in values else MetricsRow(**values)
 
 
 # Each kept column and its type, for one INSERT of every part as parallel arrays.
@@ -435,7 +488,9 @@ def _chunks(parts: Sequence[Part]) -> Iterator[list[Part]]:
 
 
 def window_row(record: Sequence[Any]) -> MetricsRow:
-    """A stored window, from a :func:`windows_sql` record."""
+    """A stored window (or a dimension's row: its two more fields), from a :func:`windows_sql` record."""
+    if len(record) == len(DIMENSION_ROW_FIELDS):
+        return DimensionRow(**dict(zip(DIMENSION_ROW_FIELDS, record, strict=True)))
     return MetricsRow(**dict(zip(ROW_FIELDS, record, strict=True)))
 
 
@@ -486,6 +541,9 @@ def _group(query: MetricsQuery, parts: Sequence[Part]) -> list[list[Part]]:
 
 async def _direct_rollup(conn: psycopg.AsyncConnection[Any], query: MetricsQuery,
                          params: dict[str, Any], deadline: Deadline) -> list[MetricsRow]:
+    narrow = _NARROW.format(seconds=deadline.seconds)
+    if query.dimension is not None:
+        narrow = narrow.replace("one route or model", "one route, model or value")
     try:
         async with conn.transaction():
             await conn.execute(deadline.statement_timeout())
@@ -493,13 +551,13 @@ async def _direct_rollup(conn: psycopg.AsyncConnection[Any], query: MetricsQuery
                 await cursor.execute(direct_rollup_sql(query), params, binary=True)
                 records = await cursor.fetchall()
     except psycopg.errors.QueryCanceled:
-        raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds)) from None
+        raise DeadlineExceeded(narrow) from None
 
     def rows() -> list[MetricsRow]:
         out = []
         for record in records:
             if deadline.remaining() <= 0:  # nothing of it can be kept: say what to ask instead
-                raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds))
+                raise DeadlineExceeded(narrow)
             out.append(direct_row(record))
         return out
 
@@ -516,7 +574,7 @@ async def fetch_rollup(
     """
     params = parameters(query) | {"bucket_seconds": query.bucket_seconds}
     keep = cacheable(query)
-    if not keep:
+    if not keep or query.dimension is not None:
         return await _direct_rollup(conn, query, params, deadline)
     parts: list[Part] | None = None
     missing: list[Part] = []

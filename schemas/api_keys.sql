@@ -15,8 +15,25 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked_at  timestamptz,
     CHECK (octet_length(key_hash) = 32),
     CHECK (key_prefix ~ '^sl_[a-z0-9]{8}$'),
-    CHECK (scope IN ('ingest', 'read')),
+    CONSTRAINT api_keys_scope_known CHECK (scope IN ('ingest', 'read', 'manage')),
     CHECK (revoked_at IS NULL OR revoked_at >= created_at)
 );
+
+-- Tables made before the manage scope have api_keys_scope_check, Postgres's name for
+-- the unnamed CHECK (scope IN ('ingest', 'read')); api_keys_scope_known replaces it.
+-- The table is altered only while that is still to do: ALTER TABLE locks out every
+-- key lookup while it waits and runs, and this file runs at every start-up.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM pg_constraint
+        WHERE conrelid = 'api_keys'::regclass AND conname = 'api_keys_scope_known'
+    ) THEN
+        ALTER TABLE api_keys DROP CONSTRAINT IF EXISTS api_keys_scope_check;
+        ALTER TABLE api_keys
+            ADD CONSTRAINT api_keys_scope_known CHECK (scope IN ('ingest', 'read', 'manage'));
+    END IF;
+END
+$$;
 
 CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys (tenant_id, created_at);

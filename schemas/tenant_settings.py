@@ -38,6 +38,33 @@ def first_boundary_after(seconds: float, window_seconds: int) -> int:
     return (int(seconds // window_seconds) + 1) * window_seconds
 
 
+# The statements of set_dimensions and set_dimensions_async, in this order, in one transaction.
+_OPEN_HORIZON = (
+    "INSERT INTO dimension_horizons (tenant_id, decided_through) VALUES (%s, '-infinity') "
+    "ON CONFLICT (tenant_id) DO NOTHING"
+)
+_LOCK_HORIZON = (
+    "SELECT extract(epoch FROM decided_through)::float8, "
+    "extract(epoch FROM clock_timestamp())::float8 "
+    "FROM dimension_horizons WHERE tenant_id = %s FOR UPDATE"
+)
+_STORE_CHANGE = (
+    "INSERT INTO tenant_dimensions (tenant_id, effective_from, dimensions, requested_at) "
+    "VALUES (%s, to_timestamp(%s), %s, clock_timestamp()) "
+    "ON CONFLICT (tenant_id, effective_from) DO UPDATE "
+    "SET dimensions = EXCLUDED.dimensions, requested_at = EXCLUDED.requested_at "
+    "RETURNING tenant_id, dimensions, effective_from, requested_at"
+)
+_CHANGES = (
+    "SELECT tenant_id, dimensions, effective_from, requested_at FROM tenant_dimensions "
+    "WHERE tenant_id = %s ORDER BY effective_from"
+)
+
+
+def _change(row: tuple[Any, ...]) -> Change:
+    return Change(row[0], list(row[1]), row[2].astimezone(UTC), row[3].astimezone(UTC))
+
+
 def set_dimensions(
     conn: psycopg.Connection[Any], tenant_id: str, dimensions: tuple[str, ...], window_seconds: int
 ) -> Change:
@@ -45,51 +72,40 @@ def set_dimensions(
     the window boundary it applies from. A change whose boundary is not reached yet is
     replaced by the next one made before it."""
     with conn.transaction():
-        conn.execute(
-            "INSERT INTO dimension_horizons (tenant_id, decided_through) VALUES (%s, '-infinity') "
-            "ON CONFLICT (tenant_id) DO NOTHING",
-            (tenant_id,),
-        )
-        row = conn.execute(
-            "SELECT extract(epoch FROM decided_through)::float8, "
-            "extract(epoch FROM clock_timestamp())::float8 "
-            "FROM dimension_horizons WHERE tenant_id = %s FOR UPDATE",
-            (tenant_id,),
-        ).fetchone()
+        conn.execute(_OPEN_HORIZON, (tenant_id,))
+        row = conn.execute(_LOCK_HORIZON, (tenant_id,)).fetchone()
         assert row is not None
         horizon, now = row
         boundary = first_boundary_after(max(now, horizon), window_seconds)
-        stored = conn.execute(
-            "INSERT INTO tenant_dimensions (tenant_id, effective_from, dimensions, requested_at) "
-            "VALUES (%s, to_timestamp(%s), %s, clock_timestamp()) "
-            "ON CONFLICT (tenant_id, effective_from) DO UPDATE "
-            "SET dimensions = EXCLUDED.dimensions, requested_at = EXCLUDED.requested_at "
-            "RETURNING tenant_id, dimensions, effective_from, requested_at",
-            (tenant_id, boundary, list(dimensions)),
-        ).fetchone()
+        stored = conn.execute(_STORE_CHANGE, (tenant_id, boundary, list(dimensions))).fetchone()
     assert stored is not None
-    return Change(stored[0], list(stored[1]), stored[2].astimezone(UTC), stored[3].astimezone(UTC))
+    return _change(stored)
+
+
+async def set_dimensions_async(
+    conn: psycopg.AsyncConnection[Any], tenant_id: str, dimensions: tuple[str, ...], window_seconds: int
+) -> Change:
+    """:func:`set_dimensions`, for the APIs."""
+    async with conn.transaction():
+        await conn.execute(_OPEN_HORIZON, (tenant_id,))
+        row = await (await conn.execute(_LOCK_HORIZON, (tenant_id,))).fetchone()
+        assert row is not None
+        horizon, now = row
+        boundary = first_boundary_after(max(now, horizon), window_seconds)
+        stored = await (await conn.execute(_STORE_CHANGE, (tenant_id, boundary, list(dimensions)))).fetchone()
+    assert stored is not None
+    return _change(stored)
 
 
 def changes(conn: psycopg.Connection[Any], tenant_id: str) -> list[Change]:
     """Every stored change of ``tenant_id``, oldest first."""
-    rows = conn.execute(
-        "SELECT tenant_id, dimensions, effective_from, requested_at FROM tenant_dimensions "
-        "WHERE tenant_id = %s ORDER BY effective_from",
-        (tenant_id,),
-    ).fetchall()
-    return [Change(r[0], list(r[1]), r[2].astimezone(UTC), r[3].astimezone(UTC)) for r in rows]
+    return [_change(row) for row in conn.execute(_CHANGES, (tenant_id,)).fetchall()]
 
 
 async def changes_async(conn: psycopg.AsyncConnection[Any], tenant_id: str) -> list[Change]:
     """:func:`changes`, for the APIs."""
-    cursor = await conn.execute(
-        "SELECT tenant_id, dimensions, effective_from, requested_at FROM tenant_dimensions "
-        "WHERE tenant_id = %s ORDER BY effective_from",
-        (tenant_id,),
-    )
-    rows = await cursor.fetchall()
-    return [Change(r[0], list(r[1]), r[2].astimezone(UTC), r[3].astimezone(UTC)) for r in rows]
+    cursor = await conn.execute(_CHANGES, (tenant_id,))
+    return [_change(row) for row in await cursor.fetchall()]
 
 
 def decide(conn: psycopg.Connection[Any], through: Mapping[str, float]) -> dict[str, History]:

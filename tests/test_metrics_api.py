@@ -338,7 +338,18 @@ def test_openapi_lists_every_parameter_and_row_field(client: TestClient):
     document = client.get("/openapi.json").json()
     operation = document["paths"]["/v1/metrics"]["get"]
     assert [p["name"] for p in operation["parameters"]] == list(PARAMETERS)
-    assert set(PARAMETERS) == {"tenant_id", "route", "model", "from", "to", "limit", "bucket", "group_by"}
+    assert set(PARAMETERS) == {
+        "tenant_id",
+        "route",
+        "model",
+        "from",
+        "to",
+        "limit",
+        "bucket",
+        "group_by",
+        "dimension",
+        "value",
+    }
     row = document["components"]["schemas"]["MetricsRow"]
     assert set(row["properties"]) == set(ROW_FIELDS)
     assert {"/health", "/ready", "/openapi.json"} <= set(document["paths"])
