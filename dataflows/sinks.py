@@ -68,7 +68,10 @@ CONFLICT_SQL = (
 # bench_dataflow: the pipeline was faster (about 20k against 13k rows/s).
 UPSERT_SQL = (
     f"INSERT INTO llm_metrics ({', '.join(COLUMNS)}, updated_at) "
-    f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, now())" + CONFLICT_SQL + " RETURNING 1"
+    f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, now())" + CONFLICT_SQL
+    # Whether the row is new: a window's dimension rows are written in the same
+    # transaction as its row, so a new row has none yet that could need removing.
+    + " RETURNING xmax = 0"
 )
 
 # Dimension rows (docs/counting.md §12) go through COPY into a temporary table, then
@@ -83,8 +86,12 @@ STAGE_SQL = (
     "CREATE TEMP TABLE IF NOT EXISTS dimension_rows_in "
     "(LIKE llm_dimension_metrics INCLUDING DEFAULTS) ON COMMIT DELETE ROWS; "
     "CREATE TEMP TABLE IF NOT EXISTS dimension_kept_in (tenant_id text, route text, model text, "
-    "window_start timestamptz, dimension text, value text, window_revision integer) ON COMMIT DELETE ROWS"
+    "window_start timestamptz, dimension text, window_revision integer, kept text[]) "
+    "ON COMMIT DELETE ROWS"
 )
+# How a value is written in dimension_kept_in.kept: null as a text no value can be
+# (values have no control characters), so that "= ANY" finds it.
+NO_VALUE = "\x01"
 UPSERT_DIMENSIONS_SQL = (
     f"INSERT INTO llm_dimension_metrics ({', '.join(DIMENSION_COLUMNS)}, updated_at) "
     f"SELECT {', '.join(DIMENSION_COLUMNS)}, now() FROM dimension_rows_in "
@@ -94,13 +101,10 @@ UPSERT_DIMENSIONS_SQL = (
     + f" RETURNING {', '.join(DIMENSION_KEY)}"
 )
 _same = " AND ".join(f"d.{c} = k.{c}" for c in _WINDOW_DIMENSION)
-_same_value = " AND ".join(f"v.{c} = d.{c}" for c in _WINDOW_DIMENSION)
 DELETE_DROPPED_SQL = (
-    "DELETE FROM llm_dimension_metrics d USING (SELECT tenant_id, route, model, window_start, dimension, "
-    "max(window_revision) AS window_revision FROM dimension_kept_in "
-    "GROUP BY tenant_id, route, model, window_start, dimension) k "
-    f"WHERE {_same} AND d.window_revision < k.window_revision AND NOT EXISTS "
-    f"(SELECT 1 FROM dimension_kept_in v WHERE {_same_value} AND v.value IS NOT DISTINCT FROM d.value) "
+    "DELETE FROM llm_dimension_metrics d USING dimension_kept_in k "
+    f"WHERE {_same} AND d.window_revision < k.window_revision "
+    f"AND NOT coalesce(d.value, '{NO_VALUE}') = ANY(k.kept) "
     f"RETURNING {', '.join('d.' + c for c in DIMENSION_KEY)}"
 )
 
@@ -284,13 +288,16 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
                 conn = self._connection()
                 with conn.transaction(), conn.cursor() as cursor:
                     cursor.executemany(UPSERT_SQL, params, returning=True)
-                    taken = []
-                    while True:
-                        taken.append(cursor.rowcount == 1)
-                        if not cursor.nextset():
-                            break
+                    taken: list[bool] = []
+                    revised: list[WindowRow] = []
+                    for item in items:
+                        found = cursor.fetchone()
+                        taken.append(found is not None)
+                        if found is not None and not found[0]:
+                            revised.append(item)
+                        cursor.nextset()
                     dimensions = _write_dimensions(
-                        cursor, [item for item, took in zip(items, taken, strict=True) if took])
+                        cursor, [item for item, took in zip(items, taken, strict=True) if took], revised)
                 self._outage.succeeded()
                 return taken, dimensions
             except (psycopg.OperationalError, psycopg.InterfaceError) as error:
@@ -310,9 +317,11 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
         self._dimensions.close()
 
 
-def _write_dimensions(cursor: psycopg.Cursor[Any], items: list[WindowRow]) -> DimensionsWritten:
-    """The dimension rows of windows whose emission Postgres took: upserted by revision, and
-    the rows of values their windows no longer keep (merged into "(other)") removed."""
+def _write_dimensions(cursor: psycopg.Cursor[Any], items: list[WindowRow], revised: list[WindowRow]
+                      ) -> DimensionsWritten:
+    """The dimension rows of windows whose emission Postgres took: upserted by revision, and,
+    of ``revised`` windows (those Postgres had a row of already), the rows of values no
+    longer kept (merged into "(other)") removed."""
     if not any(item.kept for item in items):
         return DimensionsWritten([], [])
     by_key: dict[DimensionKey, DimensionRow] = {}
@@ -321,17 +330,18 @@ def _write_dimensions(cursor: psycopg.Cursor[Any], items: list[WindowRow]) -> Di
             for emitted in item.dimension_rows:
                 copy.write_row(dimension_values_of(emitted, item.row.revision))
                 by_key[dimension_key(emitted.row)] = emitted.row
-    with cursor.copy("COPY dimension_kept_in FROM STDIN") as copy:
-        for item in items:
-            row = item.row
-            for name, values in item.kept.items():
-                for value in values:
-                    copy.write_row((row.tenant_id, row.route, row.model, row.window_start, name, value,
-                                    row.revision))
     cursor.execute(UPSERT_DIMENSIONS_SQL)
     taken = [by_key[_key_of(record)] for record in cursor.fetchall()]
-    cursor.execute(DELETE_DROPPED_SQL)
-    removed = [_key_of(record) for record in cursor.fetchall()]
+    removed: list[DimensionKey] = []
+    if any(item.kept for item in revised):
+        with cursor.copy("COPY dimension_kept_in FROM STDIN") as copy:
+            for item in revised:
+                row = item.row
+                for name, values in item.kept.items():
+                    copy.write_row((row.tenant_id, row.route, row.model, row.window_start, name,
+                                    row.revision, [NO_VALUE if value is None else value for value in values]))
+        cursor.execute(DELETE_DROPPED_SQL)
+        removed = [_key_of(record) for record in cursor.fetchall()]
     DIMENSION_ROWS.labels("written").inc(len(taken))
     DIMENSION_ROWS.labels("stale").inc(len(by_key) - len(taken))
     DIMENSION_ROWS.labels("removed").inc(len(removed))
