@@ -46,6 +46,7 @@ import psycopg
 from api.auth import NewKey
 from api.keys import create_key, revoke_key
 from deploy import stack, traffic
+from schemas.tenant_settings import set_dimensions
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
@@ -162,6 +163,61 @@ def create_demo_keys(dsn: str, tenants: list[str]) -> dict[str, TenantKeys]:
         }
 
 
+# The first tenant slices its calls by these (traffic.py puts them in every request's metadata).
+DEMO_DIMENSIONS = ("metadata.experiment", "metadata.country")
+
+
+def set_demo_dimensions(dsn: str, tenant: str, window_seconds: int) -> str:
+    """Give ``tenant`` the demo's dimensions, as ``just dimensions`` does; from when they apply."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        change = set_dimensions(conn, tenant, DEMO_DIMENSIONS, window_seconds)
+    return change.effective_from.isoformat()
+
+
+def fetch_dimension(
+    metrics_url: str, tenant: str, dimension: str, since: datetime, read_key: str
+) -> list[dict[str, Any]]:
+    """One row per value of ``dimension`` since ``since``, over all routes and models."""
+    query = urlencode(
+        {
+            "tenant_id": tenant,
+            "from": since.isoformat(),
+            "bucket": "1d",
+            "group_by": "",
+            "dimension": dimension,
+            "limit": 1000,
+        }
+    )
+    return _get_json(f"{metrics_url}/v1/metrics?{query}", api_key=read_key)["metrics"]
+
+
+def dimension_table(dimension: str, rows: list[dict[str, Any]]) -> str:
+    """Per value of one dimension: calls, errors, p95 and cost (a demo across midnight has two
+    daily buckets: their sums, and the larger p95)."""
+    merged: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"calls": 0, "errors": 0, "p95": None, "cost": 0.0}
+    )
+    for row in rows:
+        line = merged["(none)" if row["value"] is None else row["value"]]
+        line["calls"] += row["requests"]
+        line["errors"] += row["errors"]
+        if row["p95_latency_ms"] is not None:
+            line["p95"] = max(line["p95"] or 0.0, row["p95_latency_ms"])
+        line["cost"] += row["estimated_cost_usd"]
+    header = (dimension, "calls", "errors", "p95 ms", "cost USD")
+    body = [
+        (
+            value,
+            str(line["calls"]),
+            str(line["errors"]),
+            "-" if line["p95"] is None else f"{line['p95']:.0f}",
+            f"{line['cost']:.4f}",
+        )
+        for value, line in sorted(merged.items(), key=lambda item: (-item[1]["calls"], item[0]))
+    ]
+    return _render(header, body, numeric_from=1)
+
+
 def revoke_demo_keys(dsn: str, keys: dict[str, TenantKeys]) -> None:
     """The demo's keys stop working with it, also in a stack that outlives it (``just up``)."""
     try:
@@ -276,12 +332,16 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> str:
         )
         for (tenant, route, model), line in sorted(merged.items())
     ]
+    return _render(header, body, numeric_from=3)
+
+
+def _render(header: tuple[str, ...], body: list[tuple[str, ...]], numeric_from: int) -> str:
+    """A plain-text table: text columns left-aligned, numbers (from ``numeric_from``) right."""
     widths = [max(len(cells[i]) for cells in [header, *body]) for i in range(len(header))]
-    numeric = range(3, len(header))
 
     def render(cells: tuple[str, ...]) -> str:
         return "  ".join(
-            cell.rjust(width) if i in numeric else cell.ljust(width)
+            cell.rjust(width) if i >= numeric_from else cell.ljust(width)
             for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
         )
 
@@ -320,8 +380,15 @@ def run(config: DemoConfig) -> None:
         dsn = stack_env["POSTGRES_DSN"]
         tenants = traffic.tenant_names(config.tenants)
         keys = create_demo_keys(dsn, tenants)
+        sliced = sorted(tenants)[0]
+        sliced_from = set_demo_dimensions(dsn, sliced, config.window_seconds)
+        print(
+            f"{sliced} slices its calls by {', '.join(DEMO_DIMENSIONS)} from {sliced_from} "
+            f"(just dimensions {sliced} …)",
+            flush=True,
+        )
         try:
-            _run_services(config, stack_env, logs, keys)
+            _run_services(config, stack_env, logs, keys, sliced, sliced_from)
         finally:
             revoke_demo_keys(dsn, keys)
 
@@ -334,7 +401,12 @@ def _print_keys(keys: dict[str, TenantKeys]) -> None:
 
 
 def _run_services(
-    config: DemoConfig, stack_env: dict[str, str], logs: Path, keys: dict[str, TenantKeys]
+    config: DemoConfig,
+    stack_env: dict[str, str],
+    logs: Path,
+    keys: dict[str, TenantKeys],
+    sliced: str,
+    sliced_from: str,
 ) -> None:
     ingestion_port = port_or_free(config.ingestion_port)
     metrics_port = port_or_free(config.metrics_port)
@@ -424,6 +496,12 @@ def _run_services(
         print(table(rows))
         print()
         example = sorted(totals.calls_by_tenant)[0]
+        if example == sliced:
+            print(f"{example}'s calls by its dimensions (set from {sliced_from}):")
+            for dimension in DEMO_DIMENSIONS:
+                values = fetch_dimension(metrics_url, example, dimension, since, read_keys[example])
+                print(dimension_table(dimension, values))
+                print()
         header = f"-H 'Authorization: Bearer {keys[example].read.key}'"
         print(f"Query it yourself with {example}'s read key, per window or rolled up:")
         print(f"  curl -s {header} '{metrics_url}/v1/metrics?tenant_id={example}&limit=5'")

@@ -69,6 +69,11 @@ MODELS: tuple[Model, ...] = (
 )
 
 
+EXPERIMENTS = ("prompt_v3", "prompt_v4")
+COUNTRIES = ("US", "DE", "SE", "FR", "JP", "BR")
+COUNTRY_WEIGHTS = (8, 4, 3, 2, 2, 1)
+
+
 def tenant_names(count: int) -> list[str]:
     return [TENANT_NAMES[i] if i < len(TENANT_NAMES) else f"tenant-{i + 1}" for i in range(count)]
 
@@ -115,7 +120,13 @@ class CallGenerator:
             "timestamp": rfc3339(started),
             "prompt_tokens": prompt_tokens,
             "user_id_hash": f"{rnd.getrandbits(64):016x}",
-            "metadata": {"app_version": "2.3.1", "region": rnd.choice(("eu", "us"))},
+            "metadata": {
+                "app_version": "2.3.1",
+                "region": rnd.choice(("eu", "us")),
+                # What a tenant slices by (dimensions): an A/B test and where users are.
+                "experiment": rnd.choice(EXPERIMENTS),
+                "country": rnd.choices(COUNTRIES, COUNTRY_WEIGHTS)[0],
+            },
         }
         if model.provider is not None:
             request["provider"] = model.provider

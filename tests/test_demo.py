@@ -27,7 +27,15 @@ from api.ingestion import create_app
 from api.keys import create_key
 from deploy import traffic
 from deploy.stack import Broker, Postgres
-from deploy.traffic import MODELS, ApiKeysError, CallGenerator, keys_by_tenant, parse_api_keys
+from deploy.traffic import (
+    COUNTRIES,
+    EXPERIMENTS,
+    MODELS,
+    ApiKeysError,
+    CallGenerator,
+    keys_by_tenant,
+    parse_api_keys,
+)
 from schemas.config import Settings
 from schemas.events import check_cache_read, request_decoder, response_decoder
 from schemas.topics import REQUESTS, RESPONSES
@@ -51,6 +59,22 @@ def table_calls(output: str) -> dict[str, int]:
         cells = line.split()
         calls[cells[0]] = calls.get(cells[0], 0) + int(cells[3])
     return calls
+
+
+def dimension_tables(output: str) -> dict[str, dict[str, int]]:
+    """Calls per value of each printed dimension table (``metadata.… calls errors …``)."""
+    lines = output.splitlines()
+    tables: dict[str, dict[str, int]] = {}
+    for number, line in enumerate(lines):
+        cells = line.split()
+        if len(cells) > 1 and cells[0].startswith("metadata.") and cells[1] == "calls":
+            values = tables[cells[0]] = {}
+            for row in lines[number + 2 :]:
+                if not row.strip():
+                    break
+                value, calls = row.split()[:2]
+                values[value] = int(calls)
+    return tables
 
 
 def status_without_key(method: str, url: str) -> int:
@@ -141,6 +165,17 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
         assert counted.get(tenant, 0) > 0, stdout
         # Each call generated is counted once by the pipeline: nothing lost, nothing twice.
         assert counted[tenant] == int(sent[tenant]), (tenant, stdout)
+
+    # acme slices its calls by the experiment and the country in the traffic's metadata: a
+    # table per dimension, each adding up to the same calls (those in windows from the
+    # boundary on), at most acme's own.
+    assert "acme's calls by its dimensions" in stdout, stdout
+    by_dimension = dimension_tables(stdout)
+    assert set(by_dimension) == {"metadata.experiment", "metadata.country"}, stdout
+    assert set(by_dimension["metadata.experiment"]) <= set(EXPERIMENTS)
+    assert set(by_dimension["metadata.country"]) <= set(COUNTRIES)
+    totals = {sum(values.values()) for values in by_dimension.values()}
+    assert len(totals) == 1 and 0 < totals.pop() <= counted["acme"], stdout
 
     # The curl lines carry a real read key of the tenant they query.
     curls = [line for line in lines if line.strip().startswith("curl -s")]

@@ -15,6 +15,11 @@ t-digest, nothing else), the fixed reference the dataflow must beat (``dataflow 
 lean loop`` ≥ 1.0); and the two ways of writing a batch to Postgres (one
 ``INSERT … SELECT FROM unnest(…)`` statement versus ``executemany`` in a pipeline).
 
+The dataflow runs twice on the same backlog: without dimensions, and with three
+(``DIMENSIONS``: 10, 100 and 10,000 distinct values, see ``tests.bench.dataset``),
+printing the ratio of the two, the dimension rows written per second and the
+size of ``llm_dimension_metrics`` per day at the data set's 1,000 calls/s.
+
 ``python -m tests.bench.bench_dataflow [--calls N] [--processes P]``
 """
 
@@ -25,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,7 +50,7 @@ from dataflows.windows import WindowRow
 from schemas.metrics import MetricsRow
 from schemas.topics import REQUESTS, RESPONSES
 from tests.bench.bench_baseline import batch_loop, lean_loop, plain_loop
-from tests.bench.dataset import generate
+from tests.bench.dataset import CALLS_PER_SECOND, DIMENSIONS, generate
 from tests.bench.stack import local_stack
 
 CALLS = 500_000
@@ -368,6 +374,25 @@ def compare_sink_statements(dsn: str, rows: int = 20_000, batch: int = 500) -> N
             print(f"  postgres {name:22s} {rows / seconds:10,.0f} rows/s ({batch} rows per batch)")
 
 
+def _dimension_figures(dsn: str, seconds: float, calls: int) -> None:
+    """Dimension rows written, their rate, and the table's size per day of calls at the data
+    set's own rate (CALLS_PER_SECOND of event time)."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*), pg_total_relation_size('llm_dimension_metrics'), "
+            "(SELECT count(*) FROM llm_metrics) FROM llm_dimension_metrics").fetchone()
+    assert row is not None
+    rows, size, main_rows = row
+    event_seconds = calls / CALLS_PER_SECOND
+    per_day = 86_400 / event_seconds
+    print(
+        f"  dimension rows: {rows:,} for {main_rows:,} windows ({rows / max(main_rows, 1):.0f} a window), "
+        f"{rows / seconds:,.0f} rows/s written; llm_dimension_metrics {size / 2**20:,.0f} MiB "
+        f"({size / max(rows, 1):,.0f} B a row) = {size * per_day / 2**30:,.1f} GiB and "
+        f"{rows * per_day / 1e6:,.0f} M rows a day at {CALLS_PER_SECOND:,.0f} calls/s over {KEYS:,} keys"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench_dataflow")
     parser.add_argument("--calls", type=int, default=CALLS)
@@ -406,20 +431,34 @@ def main(argv: list[str] | None = None) -> None:
                 f"  {2 * PARTITIONS} consumers 2 s after their first poll, prefetch as "
                 f"{what}: {prefetch_rss(broker.address, extra) / 2**20:,.0f} MiB"
             )
-        run = run_dataflow(
-            broker.address, postgres.dsn, len(windows), closers_window, args.processes, work
-        )
-    rate = args.calls / run.seconds
-    print(
-        f"  dataflow ({args.processes} process(es), 1 worker each): every window's first "
-        f"row after {run.seconds:.1f}s (start-up included) = {rate:,.0f} calls/s, "
-        f"{rate / args.processes:,.0f} per process; peak RSS {run.peak_rss / 2**20:,.0f} MiB, "
-        f"{run.rss_at(BACKLOG_PROBE_SECONDS) / 2**20:,.0f} MiB {BACKLOG_PROBE_SECONDS:.0f} s "
-        f"after start; {run.cpu_seconds:.1f} CPU-s = "
-        f"{args.calls / run.cpu_seconds:,.0f} calls per CPU-second"
-    )
-    print(f"  dataflow / plain loop: {rate / baseline:.2f}")
-    print(f"  dataflow / lean loop: {rate / lean:.2f}")
+        rates: dict[str, float] = {}
+        runs = (("no dimensions", {}), (f"DIMENSIONS={DIMENSIONS}", {"DIMENSIONS": DIMENSIONS}))
+        for label, settings in runs:
+            with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+                conn.execute("TRUNCATE llm_metrics, llm_dimension_metrics, dimension_horizons")
+            recovery = work / "recovery"
+            if recovery.exists():
+                shutil.rmtree(recovery)
+            run = run_dataflow(
+                broker.address, postgres.dsn, len(windows), closers_window, args.processes, work,
+                settings=settings,
+            )
+            rate = rates[label] = args.calls / run.seconds
+            print(
+                f"  dataflow ({args.processes} process(es), 1 worker each, {label}): every window's "
+                f"first row after {run.seconds:.1f}s (start-up included) = {rate:,.0f} calls/s, "
+                f"{rate / args.processes:,.0f} per process; peak RSS {run.peak_rss / 2**20:,.0f} MiB, "
+                f"{run.rss_at(BACKLOG_PROBE_SECONDS) / 2**20:,.0f} MiB {BACKLOG_PROBE_SECONDS:.0f} s "
+                f"after start; {run.cpu_seconds:.1f} CPU-s = "
+                f"{args.calls / run.cpu_seconds:,.0f} calls per CPU-second"
+            )
+            if settings:
+                _dimension_figures(postgres.dsn, run.seconds, args.calls)
+        without, with_dimensions = rates.values()
+        print(f"  dimensions / none, same run: {with_dimensions / without:.2f} (target ≥ 0.7)")
+    # The references are per-event loops without dimensions: compare the run without.
+    print(f"  dataflow (no dimensions) / plain loop: {without / baseline:.2f}")
+    print(f"  dataflow (no dimensions) / lean loop: {without / lean:.2f}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ START = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 CALLS_PER_SECOND = 1_000.0  # of event time
 TIMEOUT_SHARE = 0.01  # requests that never get a response
 ERROR_SHARE = 0.02
+EXPERIMENTS, COUNTRIES, USERS = 10, 100, 10_000
+# The dimensions of those values, as DIMENSIONS names them.
+DIMENSIONS = "metadata.experiment,metadata.country,user"
 SKEW = 200  # records move at most this many places from event-time order
 
 
@@ -69,7 +72,13 @@ def generate(
                         timestamp=datetime.fromtimestamp(started, UTC),
                         prompt_tokens=prompt,
                         provider=provider,
-                        user_id_hash=f"u{rng.getrandbits(40):010x}",
+                        # Dimensions a tenant may slice by (bench_dataflow): 10, 100 and
+                        # 10,000 distinct values.
+                        user_id_hash=f"u{rng.randrange(USERS):05d}",
+                        metadata={
+                            "experiment": f"prompt_v{rng.randrange(EXPERIMENTS)}",
+                            "country": f"C{rng.randrange(COUNTRIES):03d}",
+                        },
                     )
                 ),
             )
