@@ -506,6 +506,11 @@ def _run_services(
         print(f"Query it yourself with {example}'s read key, per window or rolled up:")
         print(f"  curl -s {header} '{metrics_url}/v1/metrics?tenant_id={example}&limit=5'")
         print(f"  curl -s {header} '{metrics_url}/v1/metrics?tenant_id={example}&bucket=1h&group_by=model'")
+        if example == sliced:
+            print(
+                f"  curl -s {header} "
+                f"'{metrics_url}/v1/metrics?tenant_id={example}&dimension={DEMO_DIMENSIONS[-1]}&bucket=1h'"
+            )
         print(f"  the API's description, with the same key: {metrics_url}/openapi.json")
         print(f"\nThe dashboard: {metrics_url}/dashboard")
         print(f"  paste {example}'s read key there: {keys[example].read.key}", flush=True)

@@ -179,7 +179,7 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
 
     # The curl lines carry a real read key of the tenant they query.
     curls = [line for line in lines if line.strip().startswith("curl -s")]
-    assert len(curls) == 2, stdout
+    assert len(curls) == 3 and "dimension=metadata.country" in curls[2], stdout
     read_key = re.search(rf"-H 'Authorization: Bearer ({KEY.pattern})' 'http://127\.0\.0\.1:\d+/", curls[0])
     assert read_key is not None, curls
     assert "tenant_id=acme" in curls[0]
