@@ -187,7 +187,7 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
     assert served["key"] == read_key[1]
     # Two whole keys are shown, acme's: the read key (the curl lines and the dashboard's)
     # and the ingest key (the line for more traffic); of the others, only prefixes.
-    assert len(KEY.findall(stdout)) == 4 and len(set(KEY.findall(stdout))) == 2, stdout
+    assert len(KEY.findall(stdout)) == 5 and len(set(KEY.findall(stdout))) == 2, stdout
 
     assert {path.name for path in (local / "logs").iterdir()} == {
         "ingestion.log",
