@@ -41,7 +41,7 @@ Windows are selected by ``from <= window_start < to`` before they are bucketed,
 so a range not aligned to the bucket size yields partial buckets at its edges.
 
 Dimensions (SPEC §8): with ``dimension`` the rows come from
-``llm_dimension_metrics``, one per window, key and value, each with
+``llm_dimension_metrics`` (a view of the packed rows), one per window, key and value, each with
 ``dimension`` and ``value``; ordered as the main rows, then by value (null
 first). A roll-up merges them the same way within each value: the value is
 always part of the grouping. Dimension roll-ups always take the direct path

@@ -287,6 +287,8 @@ class CallStats(Struct, gc=False):
 # latencies or costs could come near it is summed with Python integers instead.
 _SAFE_TOTAL = float(2**62)
 
+_SAFE_INT = 2**62
+
 # The columns :func:`group_sums` adds up per group, in :meth:`CallStats.add_sums` order.
 SUM_COLUMNS = (
     "requests",
@@ -390,3 +392,111 @@ def group_sums(columns: list[np.ndarray], order: np.ndarray, starts: np.ndarray)
     """Each column summed per group: ``order`` sorts the calls by group, ``starts`` are where
     each group begins in that order. Python integers, one list per column."""
     return [np.add.reduceat(column[order], starts).tolist() for column in columns]
+
+
+# -- one dimension of one window, per value -------------------------------------------
+
+
+class ValueSums:
+    """What each value of one dimension of one window accumulates, as columns: the totals
+    a :class:`CallStats` per value would hold (one row of :attr:`sums` per value, in
+    :data:`SUM_COLUMNS` order) and their latencies, kept exact per value up to
+    :data:`EXACT_UP_TO` and in buckets beyond, as a window's are. A batch folds in with
+    a few array operations, whatever the number of values (docs/counting.md §12).
+    """
+
+    __slots__ = ("buckets", "exact", "latencies", "latency_rows", "magnitude", "rows", "sums", "values")
+
+    def __init__(self) -> None:
+        self.rows: dict[object, int] = {}  # value -> its row
+        self.values: list[object] = []  # row -> value
+        self.sums = np.zeros((0, len(SUM_COLUMNS)), dtype=np.int64)
+        self.latency_rows = array("q")  # the row of each exact latency below
+        self.latencies = array("d")
+        self.exact: list[int] = []  # exact latencies per row
+        self.buckets: dict[int, dict[int, int]] = {}  # row -> latency bucket counts, past EXACT_UP_TO
+        # A bound on every |sum| so far: past 2**62 the sums go on as Python integers.
+        self.magnitude = 0
+
+    def row(self, value: object) -> int:
+        found = self.rows.get(value)
+        if found is None:
+            found = self.rows[value] = len(self.values)
+            self.values.append(value)
+            self.exact.append(0)
+        return found
+
+    def add(
+        self, rows: np.ndarray, sums: np.ndarray, latency_rows: np.ndarray, latencies: np.ndarray
+    ) -> None:
+        """Fold in ``sums`` (one line per row of ``rows``, which repeat no row) and the
+        ``latencies`` of ``latency_rows``."""
+        grow = len(self.values) - len(self.sums)
+        if grow > 0:
+            self.sums = np.concatenate([self.sums, np.zeros((grow, len(SUM_COLUMNS)), dtype=self.sums.dtype)])
+        if self.sums.dtype != object:
+            self.magnitude += int(np.abs(sums).max(initial=0)) if sums.dtype != object else _SAFE_INT
+            if self.magnitude >= _SAFE_INT:
+                self.sums = self.sums.astype(object)  # as scaled_ints does, for sums beyond int64
+        self.sums[rows] += sums
+        if not len(latencies):
+            return
+        buckets = self.buckets
+        if buckets:
+            to_buckets = np.isin(latency_rows, np.fromiter(buckets, np.int64, len(buckets)))
+            for row, latency in zip(
+                latency_rows[to_buckets].tolist(), latencies[to_buckets].tolist(), strict=True
+            ):
+                counts = buckets[row]
+                bucket = latency_bucket(latency)
+                counts[bucket] = counts.get(bucket, 0) + 1
+            latency_rows, latencies = latency_rows[~to_buckets], latencies[~to_buckets]
+        self.latency_rows.frombytes(latency_rows.astype(np.int64).tobytes())
+        self.latencies.frombytes(latencies.astype(np.float64).tobytes())
+        exact = self.exact
+        for row, count in zip(*np.unique(latency_rows, return_counts=True), strict=True):
+            exact[row] += int(count)
+            if exact[row] > EXACT_UP_TO:
+                self._to_buckets(int(row))
+
+    def take_back_timeout(self, value: object) -> None:
+        """See :meth:`CallStats.take_back_timeout`."""
+        row = self.row(value)
+        self.add(
+            np.array([row]),
+            np.array([[-1, -1, -1] + [0] * (len(SUM_COLUMNS) - 3)], dtype=np.int64),
+            np.zeros(0, np.int64),
+            np.zeros(0),
+        )
+
+    def _to_buckets(self, row: int) -> None:
+        rows = np.frombuffer(self.latency_rows, dtype=np.int64)
+        mine = rows == row
+        counts: dict[int, int] = {}
+        for latency in np.frombuffer(self.latencies, dtype=np.float64)[mine].tolist():
+            bucket = latency_bucket(latency)
+            counts[bucket] = counts.get(bucket, 0) + 1
+        self.buckets[row] = counts
+        self.latency_rows = array("q", rows[~mine].tobytes())
+        kept = np.frombuffer(self.latencies, dtype=np.float64)[~mine]
+        self.latencies = array("d", kept.tobytes())
+        self.exact[row] = 0
+
+    def stats(self, rows: list[int]) -> list[CallStats]:
+        """Each of ``rows`` as the :class:`CallStats` of its value's calls."""
+        order = np.argsort(np.frombuffer(self.latency_rows, dtype=np.int64), kind="stable")
+        latency_rows = np.frombuffer(self.latency_rows, dtype=np.int64)[order]
+        latencies = np.frombuffer(self.latencies, dtype=np.float64)[order]
+        starts = np.searchsorted(latency_rows, rows)
+        ends = np.searchsorted(latency_rows, rows, side="right")
+        sums = self.sums[rows].tolist()
+        found = []
+        for row, totals, start, end in zip(rows, sums, starts.tolist(), ends.tolist(), strict=True):
+            stats = CallStats(*(int(total) for total in totals))
+            buckets = self.buckets.get(row)
+            if buckets is None:
+                stats.latencies = array("d", latencies[start:end].tobytes())
+            else:
+                stats.buckets = dict(buckets)
+            found.append(stats)
+        return found

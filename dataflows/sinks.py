@@ -23,8 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from datetime import UTC
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 import psycopg
@@ -36,7 +35,7 @@ from dataflows.observability import DEAD_LETTERS, DIMENSION_ROWS, ROWS_STALE, RO
 from dataflows.stopping import STOPPING
 from dataflows.windows import DimensionEmission, WindowRow
 from schemas.deadletter import KEY_MAX_BYTES, MESSAGE_MAX_BYTES, DeadLetter, encode_bounded
-from schemas.metrics import DIMENSION_ROW_FIELDS, ROW_FIELDS, DimensionRow, row_encoder
+from schemas.metrics import ROW_FIELDS, VALUE_STATISTICS, row_encoder
 from schemas.topics import DEADLETTER, DIMENSION_METRICS, METRICS
 
 logger = logging.getLogger("streamlens.dataflow")
@@ -68,44 +67,40 @@ CONFLICT_SQL = (
 # bench_dataflow: the pipeline was faster (about 20k against 13k rows/s).
 UPSERT_SQL = (
     f"INSERT INTO llm_metrics ({', '.join(COLUMNS)}, updated_at) "
-    f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, now())" + CONFLICT_SQL
-    # Whether the row is new: a window's dimension rows are written in the same
-    # transaction as its row, so a new row has none yet that could need removing.
-    + " RETURNING xmax = 0"
+    f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, now())" + CONFLICT_SQL + " RETURNING 1"
 )
 
-# Dimension rows (docs/counting.md §12) go through COPY into a temporary table, then
-# one upsert with the same revision rule, then one delete of the rows of values a
-# newer emission of their window no longer keeps: a window emits up to 4 × 51 of
-# them, too many for a statement each.
-DIMENSION_COLUMNS: tuple[str, ...] = (
-    *DIMENSION_ROW_FIELDS, "ttft_count", "latency_digest", "window_revision")
-DIMENSION_KEY = ("tenant_id", "route", "model", "window_start", "dimension", "value")
-_WINDOW_DIMENSION = ("tenant_id", "route", "model", "window_start", "dimension")
-STAGE_SQL = (
-    "CREATE TEMP TABLE IF NOT EXISTS dimension_rows_in "
-    "(LIKE llm_dimension_metrics INCLUDING DEFAULTS) ON COMMIT DELETE ROWS; "
-    "CREATE TEMP TABLE IF NOT EXISTS dimension_kept_in (tenant_id text, route text, model text, "
-    "window_start timestamptz, dimension text, window_revision integer, kept text[]) "
-    "ON COMMIT DELETE ROWS"
-)
-# How a value is written in dimension_kept_in.kept: null as a text no value can be
-# (values have no control characters), so that "= ANY" finds it.
-NO_VALUE = "\x01"
+def _quoted(column: str) -> str:
+    return '"values"' if column == "values" else column  # a reserved word
+
+
+# Dimension rows (docs/counting.md §12): one packed row per window, key and
+# dimension (schemas/dimensions.sql), replaced whole under the same revision rule as
+# the window's row, in the same transaction.
+PACKED_COLUMNS: tuple[str, ...] = (
+    "tenant_id", "route", "model", "window_start", "window_end", "revision", "dimension", "values",
+    *VALUE_STATISTICS, "ttft_count", "latency_digest")
+PACKED_KEY = ("tenant_id", "dimension", "window_start", "route", "model")
+# Each array travels as the text of a Postgres array literal (_array_literals): psycopg
+# dumps a Python list element by element, which took a third of the dataflow's time with
+# dimensions (bench_dataflow, py-spy); the literals are joined in C and parsed by Postgres.
+_ARRAY_TYPES: dict[str, str] = {
+    "values": "text[]",
+    "latency_digest": "bytea[]",
+    **{name: "double precision[]" for name in VALUE_STATISTICS
+       if name.startswith(("avg_", "p50", "p95", "p99", "estimated"))},
+}
+_PLACEHOLDERS = [
+    "%s" if index < PACKED_COLUMNS.index("values") else f"%s::{_ARRAY_TYPES.get(name, 'bigint[]')}"
+    for index, name in enumerate(PACKED_COLUMNS)
+]
 UPSERT_DIMENSIONS_SQL = (
-    f"INSERT INTO llm_dimension_metrics ({', '.join(DIMENSION_COLUMNS)}, updated_at) "
-    f"SELECT {', '.join(DIMENSION_COLUMNS)}, now() FROM dimension_rows_in "
-    f"ON CONFLICT ({', '.join(DIMENSION_KEY)}) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*DIMENSION_COLUMNS, "updated_at") if c not in DIMENSION_KEY)
-    + " WHERE llm_dimension_metrics.revision <= EXCLUDED.revision"
-    + f" RETURNING {', '.join(DIMENSION_KEY)}"
-)
-_same = " AND ".join(f"d.{c} = k.{c}" for c in _WINDOW_DIMENSION)
-DELETE_DROPPED_SQL = (
-    "DELETE FROM llm_dimension_metrics d USING dimension_kept_in k "
-    f"WHERE {_same} AND d.window_revision < k.window_revision "
-    f"AND NOT coalesce(d.value, '{NO_VALUE}') = ANY(k.kept) "
-    f"RETURNING {', '.join('d.' + c for c in DIMENSION_KEY)}"
+    f"INSERT INTO llm_dimension_windows ({', '.join(map(_quoted, PACKED_COLUMNS))}, updated_at) "
+    f"VALUES ({', '.join(_PLACEHOLDERS)}, now()) "
+    f"ON CONFLICT ({', '.join(PACKED_KEY)}) DO UPDATE SET "
+    + ", ".join(f"{_quoted(c)} = EXCLUDED.{_quoted(c)}" for c in (*PACKED_COLUMNS, "updated_at")
+                if c not in PACKED_KEY)
+    + " WHERE llm_dimension_windows.revision <= EXCLUDED.revision"
 )
 
 # Pauses between attempts while something is down: quick at first, then capped.
@@ -166,25 +161,32 @@ def values_of(item: WindowRow) -> tuple[Any, ...]:
     return (*(getattr(row, name) for name in ROW_FIELDS), item.ttft_count, item.digest)
 
 
-def dimension_values_of(item: DimensionEmission, window_revision: int) -> tuple[Any, ...]:
-    """One dimension row's columns, in :data:`DIMENSION_COLUMNS` order."""
-    row = item.row
-    return (*(getattr(row, name) for name in DIMENSION_ROW_FIELDS), item.ttft_count, item.digest,
-            window_revision)
+def packed_values_of(emission: DimensionEmission) -> tuple[Any, ...]:
+    """One dimension's packed row, in :data:`PACKED_COLUMNS` order, arrays as literals."""
+    rows = emission.rows
+    arrays = PACKED_COLUMNS.index("values")
+    return (*(getattr(rows, name) for name in PACKED_COLUMNS[:arrays]),
+            _text_array(rows.values),
+            *(_number_array(getattr(rows, name)) for name in VALUE_STATISTICS),
+            _number_array(emission.ttft_count), _bytea_array(emission.latency_digest))
 
 
-DimensionKey = tuple[str, str, str, Any, str, str | None]
+def _number_array(items: list[int] | list[float] | list[float | None]) -> str:
+    # A list's repr is written in C, and "[1, None, 2.5]" is one replacement away from a
+    # Postgres literal; a float's repr reads back as the same float (none here is inf or nan).
+    return "{" + repr(items)[1:-1].replace("None", "NULL") + "}"
 
 
-def dimension_key(row: DimensionRow) -> DimensionKey:
-    return (row.tenant_id, row.route or "", row.model or "", row.window_start, row.dimension, row.value)
+def _text_array(items: list[str | None]) -> str:
+    return "{" + ",".join("NULL" if item is None else _quoted_element(item) for item in items) + "}"
 
 
-class DimensionsWritten(NamedTuple):
-    """What Postgres did with a batch's dimension rows: the rows it took, the keys it removed."""
+def _quoted_element(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    taken: list[DimensionRow]
-    removed: list[DimensionKey]
+
+def _bytea_array(items: list[bytes] | list[bytes | None]) -> str:
+    return "{" + ",".join("NULL" if item is None else '"\\\\x' + item.hex() + '"' for item in items) + "}"
 
 
 # Errors no retry can cure: the record is larger than the broker or producer allow.
@@ -262,44 +264,45 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
-            self._conn.execute(STAGE_SQL)
         return self._conn
 
     def write_batch(self, items: list[WindowRow]) -> None:
         if not items:
             return
         latest = latest_per_window(items)
-        taken, dimensions = self._upsert(latest)
+        taken = self._upsert(latest)
         written = sum(taken)
         ROWS_WRITTEN.inc(written)
         ROWS_STALE.inc(len(latest) - written)
-        self._metrics.write([metrics_message(item) for item, took in zip(latest, taken, strict=True)
-                             if took])
-        if dimensions.taken or dimensions.removed:
-            self._dimensions.write([*map(dimension_message, dimensions.taken),
-                                    *map(dimension_tombstone, dimensions.removed)])
+        kept = [item for item, took in zip(latest, taken, strict=True) if took]
+        self._metrics.write([metrics_message(item) for item in kept])
+        dimensions = [dimension_message(emission) for item in kept for emission in item.dimensions]
+        if dimensions:
+            self._dimensions.write(dimensions)
 
-    def _upsert(self, items: list[WindowRow]) -> tuple[list[bool], DimensionsWritten]:
+    def _upsert(self, items: list[WindowRow]) -> list[bool]:
         """Write the rows in one transaction, retrying through outages; which ones Postgres
-        took, and what it did with the dimension rows of the windows it took."""
+        took. The dimension rows of a window Postgres took are taken too: they were never
+        written with a higher revision than the window's row."""
         params = [values_of(item) for item in items]
         while True:
             try:
                 conn = self._connection()
                 with conn.transaction(), conn.cursor() as cursor:
                     cursor.executemany(UPSERT_SQL, params, returning=True)
-                    taken: list[bool] = []
-                    revised: list[WindowRow] = []
-                    for item in items:
-                        found = cursor.fetchone()
-                        taken.append(found is not None)
-                        if found is not None and not found[0]:
-                            revised.append(item)
-                        cursor.nextset()
-                    dimensions = _write_dimensions(
-                        cursor, [item for item, took in zip(items, taken, strict=True) if took], revised)
+                    taken = []
+                    while True:
+                        taken.append(cursor.rowcount == 1)
+                        if not cursor.nextset():
+                            break
+                    packed = [packed_values_of(emission)
+                              for item, took in zip(items, taken, strict=True) if took
+                              for emission in item.dimensions]
+                    if packed:
+                        cursor.executemany(UPSERT_DIMENSIONS_SQL, packed)
+                        DIMENSION_ROWS.inc(sum(len(values[7]) for values in packed))
                 self._outage.succeeded()
-                return taken, dimensions
+                return taken
             except (psycopg.OperationalError, psycopg.InterfaceError) as error:
                 self._disconnect()
                 self._outage.failed(error)
@@ -315,42 +318,6 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
         self._disconnect()
         self._metrics.close()
         self._dimensions.close()
-
-
-def _write_dimensions(cursor: psycopg.Cursor[Any], items: list[WindowRow], revised: list[WindowRow]
-                      ) -> DimensionsWritten:
-    """The dimension rows of windows whose emission Postgres took: upserted by revision, and,
-    of ``revised`` windows (those Postgres had a row of already), the rows of values no
-    longer kept (merged into "(other)") removed."""
-    if not any(item.kept for item in items):
-        return DimensionsWritten([], [])
-    by_key: dict[DimensionKey, DimensionRow] = {}
-    with cursor.copy(f"COPY dimension_rows_in ({', '.join(DIMENSION_COLUMNS)}) FROM STDIN") as copy:
-        for item in items:
-            for emitted in item.dimension_rows:
-                copy.write_row(dimension_values_of(emitted, item.row.revision))
-                by_key[dimension_key(emitted.row)] = emitted.row
-    cursor.execute(UPSERT_DIMENSIONS_SQL)
-    taken = [by_key[_key_of(record)] for record in cursor.fetchall()]
-    removed: list[DimensionKey] = []
-    if any(item.kept for item in revised):
-        with cursor.copy("COPY dimension_kept_in FROM STDIN") as copy:
-            for item in revised:
-                row = item.row
-                for name, values in item.kept.items():
-                    copy.write_row((row.tenant_id, row.route, row.model, row.window_start, name,
-                                    row.revision, [NO_VALUE if value is None else value for value in values]))
-        cursor.execute(DELETE_DROPPED_SQL)
-        removed = [_key_of(record) for record in cursor.fetchall()]
-    DIMENSION_ROWS.labels("written").inc(len(taken))
-    DIMENSION_ROWS.labels("stale").inc(len(by_key) - len(taken))
-    DIMENSION_ROWS.labels("removed").inc(len(removed))
-    return DimensionsWritten(taken, removed)
-
-
-def _key_of(record: tuple[Any, ...]) -> DimensionKey:
-    tenant_id, route, model, window_start, dimension, value = record
-    return (tenant_id, route, model, window_start, dimension, value)
 
 
 class RowsSink(DynamicSink[WindowRow]):
@@ -396,19 +363,11 @@ def metrics_message(item: WindowRow) -> KafkaSinkMessage[bytes, bytes]:
     return KafkaSinkMessage(key=item.row.kafka_key(), value=row_encoder.encode(item.row))
 
 
-def dimension_message(row: DimensionRow) -> KafkaSinkMessage[bytes | None, bytes | None]:
-    """An ``llm.dimension-metrics`` record: keyed by window, dimension and value."""
-    return KafkaSinkMessage(key=row.kafka_key(), value=row_encoder.encode(row))
-
-
-def dimension_tombstone(key: DimensionKey) -> KafkaSinkMessage[bytes | None, bytes | None]:
-    """The tombstone of a value's row that was merged into ``"(other)"``: compaction
-    forgets the row, as Postgres did."""
-    tenant_id, route, model, window_start, dimension, value = key
-    # As DimensionRow.kafka_key writes it: the window's start in UTC.
-    start = window_start.astimezone(UTC).isoformat()
-    text = f"{tenant_id}|{route}|{model}|{start}|{dimension}|{'' if value is None else value}"
-    return KafkaSinkMessage(key=text.encode(), value=None)
+def dimension_message(emission: DimensionEmission) -> KafkaSinkMessage[bytes | None, bytes | None]:
+    """An ``llm.dimension-metrics`` record: one dimension of one window, its rows as columns,
+    keyed by window and dimension so that compaction keeps the latest revision."""
+    rows = emission.rows
+    return KafkaSinkMessage(key=rows.kafka_key(), value=row_encoder.encode(rows))
 
 
 def deadletter_key(letter: DeadLetter) -> bytes | None:

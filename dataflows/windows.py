@@ -33,12 +33,13 @@ and is driven by the Bytewax wiring in :mod:`dataflows.metrics`. It must pickle
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 import numpy as np
 from msgspec import Struct, field
 
-from dataflows.aggregate import CallStats, call_columns, group_sums
+from dataflows.aggregate import SUM_COLUMNS, CallStats, ValueSums, call_columns, group_sums
 from dataflows.batches import CallBatch
 from dataflows.clock import Watermark
 from dataflows.dimensions import DimensionPlan, StaticPlan, Value, from_response, ranked, reader
@@ -46,27 +47,26 @@ from dataflows.join import WAKEUP_MARGIN, Call, call_at, call_to_json
 from dataflows.shards import WindowKey
 from schemas.deadletter import DeadLetter, Reason
 from schemas.dimensions import DEFAULT_VALUES, OTHER
-from schemas.metrics import DimensionRow, MetricsRow
+from schemas.metrics import VALUE_STATISTICS, DimensionRows, MetricsRow
 
 
 class DimensionEmission(Struct, kw_only=True):
-    """One dimension value's row in a window's emission, with what Postgres keeps beside it."""
+    """One dimension of one window's emission (docs/counting.md §12): its rows as columns,
+    and per value what Postgres keeps beside a row."""
 
-    row: DimensionRow
-    digest: bytes
-    ttft_count: int
+    rows: DimensionRows
+    ttft_count: list[int]  # answered calls that reported time_to_first_token_ms
+    latency_digest: list[bytes]
 
 
 class WindowRow(Struct, kw_only=True):
     """One emission of one window: the row, plus what Postgres keeps beside it, and its
-    dimensions' rows (docs/counting.md §12), and per dimension every value that has a row
-    (``kept``), so that rows of values merged into ``"(other)"`` since can be removed."""
+    dimensions' rows (docs/counting.md §12)."""
 
     row: MetricsRow
     digest: bytes  # the latency t-digest, serialized, for merging windows later
     ttft_count: int  # answered calls that reported time_to_first_token_ms
-    dimension_rows: list[DimensionEmission] = field(default_factory=list)
-    kept: dict[str, list[Value]] = field(default_factory=dict)
+    dimensions: list[DimensionEmission] = field(default_factory=list)
 
 
 class _Window(CallStats, gc=False):
@@ -76,29 +76,35 @@ class _Window(CallStats, gc=False):
     unsent: int = 0  # calls folded in since the last emission
     # The tenant's dimensions when the window opened, and per dimension each value's calls.
     dimensions: tuple[str, ...] = ()
-    values: dict[str, dict[Value, CallStats]] | None = None
+    values: dict[str, ValueSums] | None = None
 
-    def value(self, name: str, value: Value) -> CallStats:
+    def table(self, name: str) -> ValueSums:
         if self.values is None:
             self.values = {}
-        per_value = self.values.get(name)
-        if per_value is None:
-            per_value = self.values[name] = {}
-        stats = per_value.get(value)
-        if stats is None:
-            stats = per_value[value] = CallStats()
-        return stats
+        found = self.values.get(name)
+        if found is None:
+            found = self.values[name] = ValueSums()
+        return found
 
     def add_values(self, call: Call) -> None:
         """Fold one priced call into its value of each of the window's dimensions."""
         request, response = call.request, call.response
         for name in self.dimensions:
             value = reader(name)(request, response)
+            table = self.table(name)
+            one = CallStats()
             if call.replaces_timeout and value is not None and from_response(name):
-                self.value(name, None).take_back_timeout()
-                self.value(name, value).add(msgspec.structs.replace(call, replaces_timeout=False))
+                table.take_back_timeout(None)
+                one.add(msgspec.structs.replace(call, replaces_timeout=False))
             else:
-                self.value(name, value).add(call)
+                one.add(call)
+            totals = [getattr(one, column) for column in SUM_COLUMNS]
+            kind = object if max(map(abs, totals)) >= 2**62 else np.int64
+            latencies = np.array(one.latencies, dtype=np.float64)
+            row = table.row(value)
+            table.add(
+                np.array([row]), np.array([totals], dtype=kind), np.full(len(latencies), row), latencies
+            )
 
 
 def completed_at(call: Call) -> float:
@@ -243,9 +249,16 @@ class WindowShard:
         requests = calls.requests
         groups: dict[tuple[int, WindowKey], int] = {}
         numbers = np.fromiter(
-            (groups.setdefault((int(starts[i]), (requests[i].tenant_id, requests[i].route,
-                                                 requests[i].model)), len(groups))
-             for i in indexes), np.int64, len(indexes))
+            (
+                groups.setdefault(
+                    (int(starts[i]), (requests[i].tenant_id, requests[i].route, requests[i].model)),
+                    len(groups),
+                )
+                for i in indexes
+            ),
+            np.int64,
+            len(indexes),
+        )
         columns, latency = call_columns(calls, indexes)
         order = np.argsort(numbers, kind="stable")
         sorted_numbers = numbers[order]
@@ -264,8 +277,10 @@ class WindowShard:
         windows: list[_Window] = []
         for number, ((start, key), calls_in) in enumerate(zip(groups, calls_per_group, strict=True)):
             state = self._taking(start, key, calls_in)
-            state.add_sums([column[number] for column in sums],
-                           answered_latency[answered_bounds[number]:answered_bounds[number + 1]])
+            state.add_sums(
+                [column[number] for column in sums],
+                answered_latency[answered_bounds[number] : answered_bounds[number + 1]],
+            )
             windows.append(state)
         if any(state.dimensions for state in windows):
             _add_values(calls, indexes, numbers.tolist(), windows, columns, latency)
@@ -339,22 +354,25 @@ class WindowShard:
         return emission
 
     def _dimension_rows(self, row: MetricsRow, state: _Window, emission: WindowRow) -> None:
-        """Every row of the window's dimensions, with the window's revision
-        (docs/counting.md §12), and what each dimension keeps."""
+        """Every row of the window's dimensions (docs/counting.md §12)."""
         assert state.values is not None
         for name in state.dimensions:
-            per_value = state.values.get(name, {})
+            table = state.values.get(name)
+            if table is None:
+                continue
+            requests = table.sums[:, 0].tolist()
+            values = table.values
             # A value whose only timeout moved to another value holds no call any more.
-            counted = [(value, stats.requests) for value, stats in per_value.items() if stats.requests]
+            counted = [(values[r], calls) for r, calls in enumerate(requests) if calls]
             own, merged = ranked(counted, self.value_limit)
-            for value in own:
-                emission.dimension_rows.append(_dimension_row(row, name, value, per_value[value]))
+            rows = table.rows
+            stats = table.stats([rows[value] for value in own])
             if merged:
                 other = CallStats()
-                other.merge_from([per_value[value] for value in merged])
-                emission.dimension_rows.append(_dimension_row(row, name, OTHER, other))
+                other.merge_from(table.stats([rows[value] for value in merged]))
                 own.append(OTHER)
-            emission.kept[name] = own
+                stats.append(other)
+            emission.dimensions.append(_dimension_emission(row, name, own, stats))
 
     def next_wakeup(self) -> float | None:
         """Wall-clock Unix seconds at which ``on_time`` may have work; None when empty.
@@ -364,8 +382,11 @@ class WindowShard:
         """
         due: list[float] = []
         # Windows whose every unsent key waits for a timeout (see on_time) are not due.
-        ready = [start for start, keys in self._unsent.items()
-                 if any(self._windows[start][key].timeouts >= 0 for key in keys)]
+        ready = [
+            start
+            for start, keys in self._unsent.items()
+            if any(self._windows[start][key].timeouts >= 0 for key in keys)
+        ]
         if ready:
             due.append(min(ready) + self.window + self.grace)
         if self._windows:
@@ -392,59 +413,118 @@ class WindowShard:
         self.plan = StaticPlan()
 
 
-def _dimension_row(row: MetricsRow, name: str, value: Value, stats: CallStats) -> DimensionEmission:
-    digest = stats.latency_digest()
-    dimension_row = DimensionRow(
+def _dimension_emission(
+    row: MetricsRow, name: str, values: list[Value], stats: list[CallStats]
+) -> DimensionEmission:
+    columns: dict[str, list[Any]] = {column: [] for column in VALUE_STATISTICS}
+    ttft_counts: list[int] = []
+    digests: list[bytes] = []
+    for one in stats:
+        digest = one.latency_digest()
+        for column, value in one.row_fields(digest).items():
+            columns[column].append(value)
+        ttft_counts.append(one.ttft_count)
+        digests.append(digest.to_bytes())
+    rows = DimensionRows(
         tenant_id=row.tenant_id,
-        route=row.route,
-        model=row.model,
+        route=row.route or "",
+        model=row.model or "",
         window_start=row.window_start,
         window_end=row.window_end,
         revision=row.revision,
         dimension=name,
-        value=value,
-        **stats.row_fields(digest),
+        values=values,
+        **columns,
     )
-    return DimensionEmission(row=dimension_row, digest=digest.to_bytes(), ttft_count=stats.ttft_count)
+    return DimensionEmission(rows=rows, ttft_count=ttft_counts, latency_digest=digests)
 
 
-def _add_values(calls: CallBatch, indexes: list[int], numbers: list[int], windows: list[_Window],
-                columns: list[np.ndarray], latency: np.ndarray) -> None:
+def _add_values(
+    calls: CallBatch,
+    indexes: list[int],
+    numbers: list[int],
+    windows: list[_Window],
+    columns: list[np.ndarray],
+    latency: np.ndarray,
+) -> None:
     """Fold the counted calls (``indexes``, each in window ``windows[numbers[i]]``; ``columns``
     and ``latency`` from :func:`call_columns`) into their values of each window's dimensions,
-    with array operations: :meth:`_Window.add_values` for each call in turn."""
+    with array operations: :meth:`_Window.add_values` for each call in turn.
+
+    Each call counts once per dimension of its window, in the group of its (window,
+    dimension, value); the groups' sums are taken at once, then added to each window's
+    :class:`ValueSums`, a few array operations per window and dimension.
+    """
     requests, responses, replaces = calls.requests, calls.responses, calls.replaces
     members: list[int] = []  # positions in indexes, once per dimension of the call's window
     numbered: list[int] = []  # the (window, dimension, value) group of each member
     groups: dict[tuple[int, str, Value], int] = {}
-    one_by_one: list[tuple[_Window, int]] = []
+    moved: list[tuple[int, int]] = []  # (position, group): a timeout that moves to another value
+    moved_from: list[int] = []  # ... and the group of no value it leaves
     for position, (index, number) in enumerate(zip(indexes, numbers, strict=True)):
-        window = windows[number]
-        if not window.dimensions:
+        names = windows[number].dimensions
+        if not names:
             continue
         request, response = requests[index], responses[index]
-        if replaces[index] and response is not None and response.finish_reason is not None \
-                and "finish_reason" in window.dimensions:
-            one_by_one.append((window, index))  # a timeout that moves to another value: rare
-            continue
-        for name in window.dimensions:
+        for name in names:
+            value = reader(name)(request, response)
+            group = groups.setdefault((number, name, value), len(groups))
+            if replaces[index] and value is not None and from_response(name):
+                moved.append((position, group))
+                moved_from.append(groups.setdefault((number, name, None), len(groups)))
+                continue
             members.append(position)
-            numbered.append(groups.setdefault((number, name, reader(name)(request, response)), len(groups)))
-    if members:
-        chosen = np.array(members)
-        group_of = np.array(numbered)
-        order = np.argsort(group_of, kind="stable")
-        sorted_groups = group_of[order]
-        bounds = np.flatnonzero(np.diff(sorted_groups, prepend=-1))
-        sums = group_sums([column[chosen] for column in columns], order, bounds)
-        sorted_latency = latency[chosen][order]
-        answered = ~np.isnan(sorted_latency)
-        answered_latency = sorted_latency[answered]
-        answered_bounds = np.searchsorted(sorted_groups[answered], np.arange(len(groups) + 1))
-        for group, (number, name, value) in enumerate(groups):
-            windows[number].value(name, value).add_sums(
-                [column[group] for column in sums],
-                answered_latency[answered_bounds[group]:answered_bounds[group + 1]])
-    for window, index in one_by_one:
-        window.add_values(call_at(calls, index))
-
+            numbered.append(group)
+    if not groups:
+        return
+    chosen = np.array(members, dtype=np.int64)
+    matrix = np.stack([column[chosen] for column in columns], axis=1)
+    group_of = np.array(numbered, dtype=np.int64)
+    if moved:
+        # The answered call counts under its value as a call of its own, and takes its
+        # timeout back from no value: requests, errors and timeouts move.
+        positions = np.array([position for position, _ in moved], dtype=np.int64)
+        taken = np.stack([column[positions] for column in columns], axis=1)
+        back = np.zeros_like(taken)
+        back[:, :3] = -1
+        taken[:, :3] += 1
+        matrix = np.concatenate([matrix, taken, back])
+        group_of = np.concatenate([group_of, [group for _, group in moved], moved_from])
+        chosen = np.concatenate([chosen, positions, np.full(len(moved), -1)])
+    order = np.argsort(group_of, kind="stable")
+    sorted_groups = group_of[order]
+    starts = np.flatnonzero(np.diff(sorted_groups, prepend=-1))
+    sums = np.add.reduceat(matrix[order], starts, axis=0)
+    present = sorted_groups[starts]  # the group of each line of sums
+    # Latencies: of the answered calls among the members (a timeout's take-back has none).
+    with_latency = chosen[order] >= 0
+    latencies = np.where(with_latency, latency[np.maximum(chosen[order], 0)], np.nan)
+    answered = ~np.isnan(latencies)
+    latency_groups = sorted_groups[answered]
+    latencies = latencies[answered]
+    keys = list(groups)
+    tables: dict[int, tuple[ValueSums, list[int], list[int]]] = {}  # number -> table, its lines, rows
+    numbered_tables: dict[int, int] = {}  # id(table) -> its number here
+    row_of_group = np.zeros(len(groups), dtype=np.int64)
+    table_of_group = np.zeros(len(groups), dtype=np.int64)
+    for line, group in enumerate(present.tolist()):
+        number, name, value = keys[group]
+        table = windows[number].table(name)
+        table_number = numbered_tables.setdefault(id(table), len(numbered_tables))
+        found = tables.get(table_number)
+        if found is None:
+            found = tables[table_number] = (table, [], [])
+        row = table.row(value)
+        found[1].append(line)
+        found[2].append(row)
+        row_of_group[group] = row
+        table_of_group[group] = table_number
+    latency_tables = table_of_group[latency_groups]
+    latency_order = np.argsort(latency_tables, kind="stable")
+    latency_tables = latency_tables[latency_order]
+    latency_rows = row_of_group[latency_groups][latency_order]
+    latencies = latencies[latency_order]
+    bounds = np.searchsorted(latency_tables, np.arange(len(tables) + 1))
+    for table_number, (table, lines, rows) in tables.items():
+        low, high = bounds[table_number], bounds[table_number + 1]
+        table.add(np.array(rows, dtype=np.int64), sums[lines], latency_rows[low:high], latencies[low:high])

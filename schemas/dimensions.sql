@@ -27,50 +27,74 @@ CREATE TABLE IF NOT EXISTS dimension_horizons (
     decided_through  timestamptz NOT NULL
 );
 
--- One row per window, key, dimension and value: every column of llm_metrics, plus
--- the dimension and the value (null: calls without one; '(other)': the values
--- beyond the window's DIMENSION_VALUES most frequent, merged). revision is the
--- row's own: the value's content version, or the window's revision for
--- '(other)'. window_revision is the revision of the window emission that last
--- wrote the row: a later emission deletes the rows of values it no longer holds
--- (dropped into '(other)') whose window_revision is lower than its own.
-CREATE TABLE IF NOT EXISTS llm_dimension_metrics (
-    tenant_id                  text        NOT NULL,
-    route                      text        NOT NULL,
-    model                      text        NOT NULL,
-    window_start               timestamptz NOT NULL,
-    window_end                 timestamptz NOT NULL,
-    dimension                  text        NOT NULL,
-    value                      text,
-    requests                   bigint      NOT NULL,
-    errors                     bigint      NOT NULL,
-    timeouts                   bigint      NOT NULL,
-    avg_latency_ms             double precision,
-    p50_latency_ms             double precision,
-    p95_latency_ms             double precision,
-    p99_latency_ms             double precision,
-    avg_time_to_first_token_ms double precision,
-    ttft_count                 bigint      NOT NULL DEFAULT 0,
-    prompt_tokens              bigint      NOT NULL,
-    completion_tokens          bigint      NOT NULL,
-    cache_read_tokens          bigint      NOT NULL,
-    reasoning_tokens           bigint      NOT NULL,
-    avg_prompt_tokens          double precision,
-    avg_completion_tokens      double precision,
-    estimated_cost_usd         double precision NOT NULL,
-    unpriced_requests          bigint      NOT NULL,
-    latency_digest             bytea,
-    revision                   integer     NOT NULL,
-    window_revision            integer     NOT NULL,
-    updated_at                 timestamptz NOT NULL DEFAULT now(),
+-- The rows per dimension value (SPEC §8), kept packed: one row per window, key and
+-- dimension, holding its values' columns as arrays (index i of every array is one
+-- value), and read one row per value through the view llm_dimension_metrics. A
+-- window emits up to 4 × 51 values: a row each would cost Postgres (and the
+-- dataflow waiting on it) several times the work of the calls themselves, while
+-- a packed row is written, replaced and removed whole, so that a value merged into
+-- '(other)' by a revision leaves nothing behind. "values": NULL for calls without
+-- a value, '(other)' for the values merged beyond the window's most frequent.
+-- revision is the window's.
+CREATE TABLE IF NOT EXISTS llm_dimension_windows (
+    tenant_id                   text        NOT NULL,
+    route                       text        NOT NULL,
+    model                       text        NOT NULL,
+    window_start                timestamptz NOT NULL,
+    window_end                  timestamptz NOT NULL,
+    dimension                   text        NOT NULL,
+    revision                    integer     NOT NULL,
+    updated_at                  timestamptz NOT NULL DEFAULT now(),
+    "values"                    text[]      NOT NULL,
+    requests                    bigint[]    NOT NULL,
+    errors                      bigint[]    NOT NULL,
+    timeouts                    bigint[]    NOT NULL,
+    avg_latency_ms              double precision[] NOT NULL,
+    p50_latency_ms              double precision[] NOT NULL,
+    p95_latency_ms              double precision[] NOT NULL,
+    p99_latency_ms              double precision[] NOT NULL,
+    avg_time_to_first_token_ms  double precision[] NOT NULL,
+    ttft_count                  bigint[]    NOT NULL,
+    prompt_tokens               bigint[]    NOT NULL,
+    completion_tokens           bigint[]    NOT NULL,
+    cache_read_tokens           bigint[]    NOT NULL,
+    reasoning_tokens            bigint[]    NOT NULL,
+    avg_prompt_tokens           double precision[] NOT NULL,
+    avg_completion_tokens       double precision[] NOT NULL,
+    estimated_cost_usd          double precision[] NOT NULL,
+    unpriced_requests           bigint[]    NOT NULL,
+    latency_digest              bytea[]     NOT NULL,
+    -- The query API reads one tenant's dimension over a time range.
+    PRIMARY KEY (tenant_id, dimension, window_start, route, model),
     CHECK (window_end > window_start),
-    CHECK (revision >= 1)
+    CHECK (revision >= 1),
+    CHECK (cardinality("values") >= 1)
 );
 
--- The key; a null value is one value, not many.
-CREATE UNIQUE INDEX IF NOT EXISTS llm_dimension_metrics_key
-    ON llm_dimension_metrics (tenant_id, route, model, window_start, dimension, value) NULLS NOT DISTINCT;
-
--- The query API reads one tenant's dimension over a time range, newest first.
-CREATE INDEX IF NOT EXISTS llm_dimension_metrics_tenant_window
-    ON llm_dimension_metrics (tenant_id, dimension, window_start DESC);
+-- One row per window, key, dimension and value: every column of llm_metrics, plus
+-- the dimension and the value. Created only when missing: replacing it would lock
+-- out its readers at every service's start.
+DO $$
+BEGIN
+IF to_regclass('llm_dimension_metrics') IS NULL THEN
+CREATE VIEW llm_dimension_metrics AS
+SELECT w.tenant_id, w.route, w.model, w.window_start, w.window_end, w.dimension, v.value,
+       v.requests, v.errors, v.timeouts, v.avg_latency_ms, v.p50_latency_ms, v.p95_latency_ms,
+       v.p99_latency_ms, v.avg_time_to_first_token_ms, v.ttft_count, v.prompt_tokens,
+       v.completion_tokens, v.cache_read_tokens, v.reasoning_tokens, v.avg_prompt_tokens,
+       v.avg_completion_tokens, v.estimated_cost_usd, v.unpriced_requests, v.latency_digest,
+       w.revision, w.updated_at
+FROM llm_dimension_windows w
+CROSS JOIN LATERAL unnest(w."values", w.requests, w.errors, w.timeouts, w.avg_latency_ms,
+                          w.p50_latency_ms, w.p95_latency_ms, w.p99_latency_ms,
+                          w.avg_time_to_first_token_ms, w.ttft_count, w.prompt_tokens,
+                          w.completion_tokens, w.cache_read_tokens, w.reasoning_tokens,
+                          w.avg_prompt_tokens, w.avg_completion_tokens, w.estimated_cost_usd,
+                          w.unpriced_requests, w.latency_digest)
+    AS v(value, requests, errors, timeouts, avg_latency_ms, p50_latency_ms, p95_latency_ms,
+         p99_latency_ms, avg_time_to_first_token_ms, ttft_count, prompt_tokens, completion_tokens,
+         cache_read_tokens, reasoning_tokens, avg_prompt_tokens, avg_completion_tokens,
+         estimated_cost_usd, unpriced_requests, latency_digest);
+END IF;
+END
+$$;

@@ -56,9 +56,65 @@ class DimensionRow(MetricsRow, kw_only=True):
         return f"{super().kafka_key().decode()}|{self.dimension}|{value}".encode()
 
 
+class DimensionRows(Struct, kw_only=True):
+    """One dimension of one window: its rows (:class:`DimensionRow`) as columns, index i of
+    every list being one value. What ``llm.dimension-metrics`` carries, one record per
+    window, key and dimension, so that a value merged into ``"(other)"`` by a revision
+    leaves no record of its own behind in the compacted topic."""
+
+    tenant_id: str
+    route: str
+    model: str
+    window_start: datetime
+    window_end: datetime
+    revision: int
+    dimension: str
+    values: list[str | None]
+    requests: list[int]
+    errors: list[int]
+    timeouts: list[int]
+    avg_latency_ms: list[float | None]
+    p50_latency_ms: list[float | None]
+    p95_latency_ms: list[float | None]
+    p99_latency_ms: list[float | None]
+    avg_time_to_first_token_ms: list[float | None]
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    cache_read_tokens: list[int]
+    reasoning_tokens: list[int]
+    avg_prompt_tokens: list[float | None]
+    avg_completion_tokens: list[float | None]
+    estimated_cost_usd: list[float]
+    unpriced_requests: list[int]
+
+    def kafka_key(self) -> bytes:
+        """``tenant|route|model|window_start|dimension``."""
+        start = self.window_start.isoformat()
+        return f"{self.tenant_id}|{self.route}|{self.model}|{start}|{self.dimension}".encode()
+
+    def rows(self) -> list[DimensionRow]:
+        """One row per value."""
+        common = {name: getattr(self, name) for name in _WINDOW_FIELDS}
+        columns = [(name, getattr(self, name)) for name in VALUE_STATISTICS]
+        return [
+            DimensionRow(
+                **common,
+                dimension=self.dimension,
+                value=value,
+                **{name: column[i] for name, column in columns},
+            )
+            for i, value in enumerate(self.values)
+        ]
+
+
+_WINDOW_FIELDS = ("tenant_id", "route", "model", "window_start", "window_end", "revision")
+# The statistics of a row, each a column of DimensionRows.
+VALUE_STATISTICS: tuple[str, ...] = DimensionRows.__struct_fields__[8:]
+
 ROW_FIELDS: tuple[str, ...] = MetricsRow.__struct_fields__
 DIMENSION_ROW_FIELDS: tuple[str, ...] = DimensionRow.__struct_fields__
 
 row_encoder = msgspec.json.Encoder()
 row_decoder = msgspec.json.Decoder(MetricsRow)
 dimension_row_decoder = msgspec.json.Decoder(DimensionRow)
+dimension_rows_decoder = msgspec.json.Decoder(DimensionRows)

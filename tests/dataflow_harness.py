@@ -388,22 +388,33 @@ def postgres_dimension_rows(dsn: str) -> dict[DimensionKey, dict[str, Any]]:
              r["value"]): r for r in rows}
 
 
-def latest_dimension_metrics(brokers: str) -> dict[DimensionKey, dict[str, Any]]:
-    """``llm.dimension-metrics`` as compaction leaves it: the last record of each key, where
-    a tombstone (a value merged into "(other)") removes the key."""
-    latest: dict[bytes, tuple[tuple[int, int], dict[str, Any] | None]] = {}
+def dimension_records(brokers: str) -> dict[bytes, list[dict[str, Any]]]:
+    """``llm.dimension-metrics`` by key (window, key and dimension), each key's records in
+    the order they were written (one worker writes a window's records, to one partition)."""
+    by_key: dict[bytes, list[tuple[tuple[int, int], dict[str, Any]]]] = defaultdict(list)
     for key, value, partition, offset in read_topic(brokers, DIMENSION_METRICS):
-        assert key is not None
-        row = None if value is None else json.loads(value)
-        if row is not None:
-            assert key == (f"{row['tenant_id']}|{row['route']}|{row['model']}|"
-                           f"{datetime.fromisoformat(row['window_start']).isoformat()}|"
-                           f"{row['dimension']}|{'' if row['value'] is None else row['value']}").encode()
-        # One window's records are written by one worker, in order, to one partition.
-        if key not in latest or latest[key][0] < (partition, offset):
-            latest[key] = ((partition, offset), row)
-    return {(r["tenant_id"], r["route"], r["model"], datetime.fromisoformat(r["window_start"]).timestamp(),
-             r["dimension"], r["value"]): r for _, r in latest.values() if r is not None}
+        record = json.loads(value)
+        assert key == (f"{record['tenant_id']}|{record['route']}|{record['model']}|"
+                       f"{datetime.fromisoformat(record['window_start']).isoformat()}|"
+                       f"{record['dimension']}").encode()
+        by_key[key].append(((partition, offset), record))
+    return {key: [record for _, record in sorted(records, key=lambda r: r[0])]
+            for key, records in by_key.items()}
+
+
+def latest_dimension_metrics(brokers: str) -> dict[DimensionKey, dict[str, Any]]:
+    """``llm.dimension-metrics`` as compaction leaves it (each key's last record), one row
+    per value: the record's columns taken apart."""
+    rows: dict[DimensionKey, dict[str, Any]] = {}
+    for records in dimension_records(brokers).values():
+        last = records[-1]
+        start = datetime.fromisoformat(last["window_start"]).timestamp()
+        columns = [name for name, column in last.items() if isinstance(column, list) and name != "values"]
+        for i, value in enumerate(last["values"]):
+            row = {name: last[name] for name in last if name not in columns and name != "values"}
+            row |= {name: last[name][i] for name in columns}
+            rows[(last["tenant_id"], last["route"], last["model"], start, last["dimension"], value)] = row
+    return rows
 
 
 def check_dimension_rows(actual: dict[DimensionKey, dict[str, Any]],

@@ -741,7 +741,7 @@ def letter_id(letter: DeadLetter) -> LetterId:
 
 class Run(NamedTuple):
     final_rows: dict[RowKey, dict[str, Any]]
-    dimension_rows: dict[tuple[RowKey, str, str | None], dict[str, Any]]
+    dimension_rows: dict[tuple[RowKey, str], dict[str, Any]]
     letters: set[LetterId]
     steps: list[tuple[int, Counter[bytes], Counter[LetterId]]]  # each step's emissions
     counters: tuple[int, int]
@@ -749,7 +749,7 @@ class Run(NamedTuple):
 
 def run(engine: Engine, schedule: list[Action]) -> Run:
     final: dict[RowKey, dict[str, Any]] = {}
-    dimension_rows: dict[tuple[RowKey, str, str | None], dict[str, Any]] = {}
+    dimension_rows: dict[tuple[RowKey, str], dict[str, Any]] = {}
     letters: set[LetterId] = set()
     steps: list[tuple[int, Counter[bytes], Counter[LetterId]]] = []
     for number, action in enumerate(schedule):
@@ -766,19 +766,13 @@ def run(engine: Engine, schedule: list[Action]) -> Run:
                     "digest": item.digest,
                     "ttft_count": item.ttft_count,
                 }
-                # Its dimensions' rows as the sink keeps them: each one written, then those
-                # of values no longer kept removed.
-                for emitted in item.dimension_rows:
-                    row = emitted.row
-                    dimension_rows[row_key(item), row.dimension, row.value] = {
-                        **msgspec.structs.asdict(row),
-                        "digest": emitted.digest,
+                # Its dimensions' rows, replaced whole at every emission as the sink does.
+                for emitted in item.dimensions:
+                    dimension_rows[row_key(item), emitted.rows.dimension] = {
+                        **msgspec.structs.asdict(emitted.rows),
                         "ttft_count": emitted.ttft_count,
+                        "latency_digest": emitted.latency_digest,
                     }
-                for name, kept in item.kept.items():
-                    for key in [k for k in dimension_rows if k[:2] == (row_key(item), name)]:
-                        if key[2] not in kept:
-                            del dimension_rows[key]
             letters.update(letter_id(letter) for letter in found)
             steps.append(
                 (
@@ -815,23 +809,20 @@ SUMMED = ("requests", "errors", "timeouts", "prompt_tokens", "completion_tokens"
 
 def check_dimensions_add_up(run: Run) -> None:
     """Each window's dimension rows, per dimension, sum to its main row, and each window has
-    a row per dimension of its tenant's setting at its start (or none before any call)."""
-    totals: dict[tuple[RowKey, str], Counter[str]] = {}
-    for (key, name, _value), row in run.dimension_rows.items():
-        total = totals.setdefault((key, name), Counter())
-        for field in SUMMED:
-            total[field] += row[field]
-        total["cost_nanos"] += round(row["estimated_cost_usd"] * 1e9)
+    the rows of every dimension of its tenant's setting at its start."""
     for key, row in run.final_rows.items():
         start = key[0].timestamp()
         for name in PLAN.names(key[1], start):
-            total = totals.pop((key, name), None)
-            assert total is not None, f"no {name} rows for {key}"
+            values = run.dimension_rows.get((key, name))
+            assert values is not None, f"no {name} rows for {key}"
+            assert len(values["values"]) <= VALUE_LIMIT + 1
             for field in SUMMED:
-                assert total[field] == row[field], (key, name, field)
+                assert sum(values[field]) == row[field], (key, name, field)
             # Each row's cost is rounded to 1e-9 USD: the sum may differ by that much per row.
-            assert abs(total["cost_nanos"] - round(row["estimated_cost_usd"] * 1e9)) <= len(PLAN.default) * 60
-    assert not totals, f"dimension rows of windows without a row: {sorted(totals)[:3]}"
+            cost = sum(values["estimated_cost_usd"])
+            assert abs(cost - row["estimated_cost_usd"]) <= 1e-9 * (VALUE_LIMIT + 2)
+    windows = {key for key, _ in run.dimension_rows}
+    assert windows <= set(run.final_rows), "dimension rows of windows without a row"
 
 
 @settings(

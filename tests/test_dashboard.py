@@ -43,6 +43,7 @@ from dataflows.sinks import UPSERT_SQL, values_of
 from dataflows.windows import WindowRow
 from schemas.config import Settings
 from schemas.metrics import MetricsRow
+from tests import dimension_store as store
 from tests.serving import serving
 from tests.test_metrics_api import Window, insert_windows, random_calls, rfc3339
 
@@ -423,12 +424,7 @@ def country_windows(start: datetime, minutes: range, seed: int = 13) -> tuple[li
 
 
 def insert_dimension_rows(dsn: str, windows: list[Window]) -> None:
-    rows = [window.column_values() for window in windows]
-    columns = list(rows[0])
-    placeholders = ", ".join(["%s"] * len(columns))
-    statement = f"INSERT INTO llm_dimension_metrics ({', '.join(columns)}) VALUES ({placeholders})"
-    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
-        cursor.executemany(statement, [[row[name] for name in columns] for row in rows])
+    store.insert_dimension_rows(dsn, [window.column_values() for window in windows])
 
 
 def set_dimensions(url: str, dsn: str, tenant: str, names: list[str]) -> None:

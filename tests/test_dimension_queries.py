@@ -25,6 +25,7 @@ from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.metrics import DIMENSION_ROW_FIELDS, ROW_FIELDS
 from schemas.tenant_settings import set_dimensions
+from tests import dimension_store as store
 from tests import test_metrics_api
 from tests.serving import serving
 from tests.test_metrics_api import MINUTE, T0, RawCall, Window, insert_windows, random_calls, rfc3339
@@ -65,7 +66,7 @@ class Data:
                         window.model,
                         window.start,
                         calls,
-                        revision=rnd.randint(1, 4),
+                        revision=window.revision,  # a dimension row has its window's revision
                         extra={"dimension": dimension, "value": value, "window_revision": window.revision},
                     )
                 )
@@ -75,12 +76,7 @@ class Data:
 
 
 def insert_dimension_rows(dsn: str, rows: Sequence[Window]) -> None:
-    values = [row.column_values() for row in rows]
-    columns = list(values[0])
-    placeholders = ", ".join(["%s"] * len(columns))
-    statement = f"INSERT INTO llm_dimension_metrics ({', '.join(columns)}) VALUES ({placeholders})"
-    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
-        cursor.executemany(statement, [[row[name] for name in columns] for row in values])
+    store.insert_dimension_rows(dsn, [window.column_values() for window in rows])
 
 
 @pytest.fixture

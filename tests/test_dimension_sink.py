@@ -1,6 +1,6 @@
-"""The sink's dimension rows, against a real Postgres and broker: a value merged into
-"(other)" by a revision loses its row and gets a tombstone; a replayed older emission
-changes nothing; a repeated one removes nothing."""
+"""The sink's dimension rows, against a real Postgres and broker: a window's rows per value
+are replaced whole by a newer emission (a value merged into "(other)" leaves no row
+behind), a replayed older emission changes nothing, and the topic carries the same."""
 
 from __future__ import annotations
 
@@ -14,20 +14,16 @@ from psycopg.rows import dict_row
 from dataflows.sinks import RowsSink
 from dataflows.windows import DimensionEmission, WindowRow
 from deploy.stack import Broker
-from schemas.metrics import DimensionRow, MetricsRow
+from schemas.metrics import VALUE_STATISTICS, DimensionRows, MetricsRow
 from tests import dataflow_harness as h
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-KEY = ("acme", "/chat", "gpt-4o")
+KEY = {"tenant_id": "acme", "route": "/chat", "model": "gpt-4o"}
+WINDOW = {**KEY, "window_start": START, "window_end": START + timedelta(minutes=1)}
 
 
-def _fields(requests: int) -> dict[str, Any]:
+def _statistics(requests: int) -> dict[str, Any]:
     return {
-        "tenant_id": KEY[0],
-        "route": KEY[1],
-        "model": KEY[2],
-        "window_start": START,
-        "window_end": START + timedelta(minutes=1),
         "requests": requests,
         "errors": 0,
         "timeouts": 0,
@@ -47,54 +43,97 @@ def _fields(requests: int) -> dict[str, Any]:
     }
 
 
-def emission(revision: int, values: dict[str | None, int], kept: list[str | None]) -> WindowRow:
+def emission(revision: int, values: dict[str | None, int]) -> WindowRow:
     """One emission of the window: ``values`` (value -> calls) as its country rows."""
     digest = TDigest.from_values([100.0]).to_bytes()
-    rows = [
-        DimensionEmission(
-            row=DimensionRow(**_fields(calls), revision=revision, dimension="metadata.country", value=value),
-            digest=digest,
-            ttft_count=0,
-        )
-        for value, calls in values.items()
-    ]
-    main = MetricsRow(**_fields(sum(values.values())), revision=revision)
+    per_value = [_statistics(calls) for calls in values.values()]
+    rows = DimensionRows(
+        **WINDOW,
+        revision=revision,
+        dimension="metadata.country",
+        values=list(values),
+        **{name: [one[name] for one in per_value] for name in VALUE_STATISTICS},
+    )
+    main = MetricsRow(**WINDOW, revision=revision, **_statistics(sum(values.values())))
     return WindowRow(
-        row=main, digest=digest, ttft_count=0, dimension_rows=rows, kept={"metadata.country": kept}
+        row=main,
+        digest=digest,
+        ttft_count=0,
+        dimensions=[
+            DimensionEmission(rows=rows, ttft_count=[0] * len(values), latency_digest=[digest] * len(values))
+        ],
     )
 
 
 def stored(dsn: str) -> dict[str | None, tuple[int, int]]:
     with psycopg.connect(dsn, row_factory=dict_row) as conn:
-        rows = conn.execute("SELECT value, requests, revision FROM llm_dimension_metrics").fetchall()
+        rows = conn.execute(
+            "SELECT value, requests, revision, latency_digest FROM llm_dimension_metrics"
+        ).fetchall()
+    assert all(row["latency_digest"] for row in rows)
     return {row["value"]: (row["requests"], row["revision"]) for row in rows}
 
 
-def test_values_merged_into_other_leave_no_row_behind(broker: Broker, postgres_dsn: str) -> None:
+def test_a_newer_emission_replaces_the_rows_and_an_older_one_changes_nothing(
+    broker: Broker, postgres_dsn: str
+) -> None:
     sink = RowsSink(postgres_dsn, broker.address).build("rows", 0, 1)
     try:
-        first = emission(2, {"SE": 1, None: 1}, ["SE", None])
+        first = emission(2, {"SE": 1, None: 1})
         sink.write_batch([first])
         assert stored(postgres_dsn) == {"SE": (1, 2), None: (1, 2)}
-        # A revision: DE now leads, SE and no-value are merged into "(other)".
-        second = emission(6, {"DE": 2, "(other)": 3}, ["DE", "(other)"])
+        # A revision: DE now leads, SE and no value are merged into "(other)".
+        second = emission(6, {"DE": 2, "(other)": 3})
         sink.write_batch([second])
         assert stored(postgres_dsn) == {"DE": (2, 6), "(other)": (3, 6)}
         # The first emission replayed (a resume repeats outputs since the last snapshot):
-        # refused, nothing comes back. The second repeated: nothing removed.
+        # refused, nothing comes back. The second repeated: the same rows.
         sink.write_batch([first])
         sink.write_batch([second])
         assert stored(postgres_dsn) == {"DE": (2, 6), "(other)": (3, 6)}
-        # Both in one batch, in either order: the newer wins.
-        sink.write_batch([emission(8, {"DE": 2, "SE": 2}, ["DE", "SE"]), second])
+        # Two in one batch, the newer first: the newer wins.
+        sink.write_batch([emission(8, {"DE": 2, "SE": 2}), second])
         assert stored(postgres_dsn) == {"DE": (2, 8), "SE": (2, 8)}
     finally:
         sink.close()
-    # The topic, compacted, holds what Postgres holds: SE and no-value got tombstones
-    # when they were merged, "(other)" when it went.
-    records = h.read_topic(broker.address, h.DIMENSION_METRICS)
-    tombstones = [key for key, value, _, _ in records if value is None]
-    prefix = f"acme|/chat|gpt-4o|{START.isoformat()}|metadata.country|"
-    assert sorted(tombstones) == sorted(f"{prefix}{v}".encode() for v in ("SE", "", "(other)"))
+    # The topic: one record per emission Postgres took, keyed by window and dimension, so
+    # that compaction keeps the latest, which holds what Postgres holds.
+    records = h.dimension_records(broker.address)
+    prefix = f"acme|/chat|gpt-4o|{START.isoformat()}|metadata.country".encode()
+    assert list(records) == [prefix]
+    assert [(r["revision"], r["values"]) for r in records[prefix]] == [
+        (2, ["SE", None]),
+        (6, ["DE", "(other)"]),
+        (6, ["DE", "(other)"]),
+        (8, ["DE", "SE"]),
+    ]
     latest = h.latest_dimension_metrics(broker.address)
-    assert {(key[5], row["revision"]) for key, row in latest.items()} == {("DE", 8), ("SE", 8)}
+    assert {(key[5], row["requests"], row["revision"]) for key, row in latest.items()} == {
+        ("DE", 2, 8),
+        ("SE", 2, 8),
+    }
+
+
+def test_values_and_numbers_of_every_kind_come_back_as_written(broker: Broker, postgres_dsn: str) -> None:
+    """Arrays travel as literals: quotes, backslashes, braces, commas, a "NULL" text, unicode;
+    floats of every magnitude; digests of any bytes."""
+    values: list[str | None] = ['a "quoted", {braced} value', "back\\slash\\", "NULL", "", "ünï ✓", None]
+    floats = [1e-05, 1e20, -0.0, 2891.329288482666, 0.1 + 0.2, None]
+    digests = [bytes(range(256)), b"", b"\\x00", b'"', b"{}", b"\x00\xff"]
+    item = emission(3, dict.fromkeys(values, 1))
+    (dimension,) = item.dimensions
+    dimension.rows.avg_latency_ms = floats
+    dimension.rows.estimated_cost_usd = [2.5e-9, 1.0, 0.0, 123456.789, 1e-12, 3.0]
+    dimension.latency_digest = digests
+    sink = RowsSink(postgres_dsn, broker.address).build("rows", 0, 1)
+    try:
+        sink.write_batch([item])
+    finally:
+        sink.close()
+    with psycopg.connect(postgres_dsn) as conn:
+        rows = conn.execute(
+            "SELECT value, avg_latency_ms, estimated_cost_usd, latency_digest FROM llm_dimension_metrics"
+        ).fetchall()
+    assert sorted(rows, key=str) == sorted(
+        zip(values, floats, dimension.rows.estimated_cost_usd, digests, strict=True), key=str
+    )

@@ -26,6 +26,7 @@ import psycopg
 import pytest
 import yaml
 
+from tests import dimension_store as store
 from tests.test_metrics_api import RawCall, Window, insert_windows, random_calls
 
 GRAFANA = Path(__file__).parent.parent / "deploy" / "grafana"
@@ -180,12 +181,7 @@ def make_dimension_rows(windows: Sequence[Window]) -> list[Window]:
 
 
 def insert_dimension_rows(dsn: str, windows: Sequence[Window]) -> None:
-    rows = [window.column_values() for window in windows]
-    columns = list(rows[0])
-    placeholders = ", ".join(["%s"] * len(columns))
-    statement = f"INSERT INTO llm_dimension_metrics ({', '.join(columns)}) VALUES ({placeholders})"
-    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
-        cursor.executemany(statement, [[row[name] for name in columns] for row in rows])
+    store.insert_dimension_rows(dsn, [window.column_values() for window in windows])
 
 
 def label(window: Window) -> str:
@@ -439,11 +435,12 @@ def test_the_values_of_one_dimension_add_up_to_the_main_panels(reader_dsn: str, 
 
 
 def test_the_reader_role_reads_metrics_and_nothing_else(reader_dsn: str):
-    for metrics in ("llm_metrics", "llm_dimension_metrics"):
-        run(reader_dsn, f"SELECT count(*) FROM {metrics}")
+    run(reader_dsn, "SELECT count(*) FROM llm_dimension_metrics")  # a view of the packed rows
+    for metrics in ("llm_metrics", "llm_dimension_windows"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             run(reader_dsn, f"DELETE FROM {metrics}")
-    for other in ("api_keys", "tenant_dimensions"):
+    run(reader_dsn, "SELECT count(*) FROM llm_metrics")
+    for other in ("api_keys", "tenant_dimensions", "llm_dimension_windows"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             run(reader_dsn, f"SELECT count(*) FROM {other}")
 

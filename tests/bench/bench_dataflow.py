@@ -379,7 +379,7 @@ def _dimension_figures(dsn: str, seconds: float, calls: int) -> None:
     set's own rate (CALLS_PER_SECOND of event time)."""
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
-            "SELECT count(*), pg_total_relation_size('llm_dimension_metrics'), "
+            "SELECT count(*), pg_total_relation_size('llm_dimension_windows'), "
             "(SELECT count(*) FROM llm_metrics) FROM llm_dimension_metrics").fetchone()
     assert row is not None
     rows, size, main_rows = row
@@ -387,7 +387,7 @@ def _dimension_figures(dsn: str, seconds: float, calls: int) -> None:
     per_day = 86_400 / event_seconds
     print(
         f"  dimension rows: {rows:,} for {main_rows:,} windows ({rows / max(main_rows, 1):.0f} a window), "
-        f"{rows / seconds:,.0f} rows/s written; llm_dimension_metrics {size / 2**20:,.0f} MiB "
+        f"{rows / seconds:,.0f} rows/s written; llm_dimension_windows {size / 2**20:,.0f} MiB "
         f"({size / max(rows, 1):,.0f} B a row) = {size * per_day / 2**30:,.1f} GiB and "
         f"{rows * per_day / 1e6:,.0f} M rows a day at {CALLS_PER_SECOND:,.0f} calls/s over {KEYS:,} keys"
     )
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = (("no dimensions", {}), (f"DIMENSIONS={DIMENSIONS}", {"DIMENSIONS": DIMENSIONS}))
         for label, settings in runs:
             with psycopg.connect(postgres.dsn, autocommit=True) as conn:
-                conn.execute("TRUNCATE llm_metrics, llm_dimension_metrics, dimension_horizons")
+                conn.execute("TRUNCATE llm_metrics, llm_dimension_windows, dimension_horizons")
             recovery = work / "recovery"
             if recovery.exists():
                 shutil.rmtree(recovery)

@@ -1,0 +1,58 @@
+"""Dimension rows written into Postgres as the dataflow's sink writes them: packed, one row
+per window, key and dimension (``schemas/dimensions.sql``), read back one per value
+through the view ``llm_dimension_metrics``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import psycopg
+
+from dataflows.sinks import UPSERT_DIMENSIONS_SQL, packed_values_of
+from dataflows.windows import DimensionEmission
+from schemas.metrics import VALUE_STATISTICS, DimensionRows
+
+WINDOW = ("tenant_id", "route", "model", "window_start", "window_end", "dimension")
+# Postgres arrays hold one type: these columns are double precision, whatever Python has.
+FLOATS = {name for name in VALUE_STATISTICS if name.startswith(("avg_", "p50", "p95", "p99", "estimated"))}
+
+
+def _column(members: list[Mapping[str, Any]], name: str) -> list[Any]:
+    if name in FLOATS:
+        return [None if row[name] is None else float(row[name]) for row in members]
+    return [row[name] for row in members]
+
+
+def insert_dimension_rows(dsn: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``rows`` (each the columns of one value's row: those of ``llm_metrics`` plus
+    ``dimension`` and ``value``); the rows of one window and dimension become one packed
+    row, whose revision is the highest of theirs."""
+    packed: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        packed.setdefault(tuple(row[name] for name in WINDOW), []).append(row)
+    params = []
+    for key, members in packed.items():
+        tenant_id, route, model, window_start, window_end, dimension = key
+        rows = DimensionRows(
+            tenant_id=tenant_id,
+            route=route,
+            model=model,
+            window_start=window_start,
+            window_end=window_end,
+            revision=max(row["revision"] for row in members),
+            dimension=dimension,
+            values=[row["value"] for row in members],
+            **{name: _column(members, name) for name in VALUE_STATISTICS},
+        )
+        params.append(
+            packed_values_of(
+                DimensionEmission(
+                    rows=rows,
+                    ttft_count=[row.get("ttft_count", 0) for row in members],
+                    latency_digest=[row.get("latency_digest") for row in members],
+                )
+            )
+        )
+    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
+        cursor.executemany(UPSERT_DIMENSIONS_SQL, params)
