@@ -394,21 +394,36 @@ def group_sums(columns: list[np.ndarray], order: np.ndarray, starts: np.ndarray)
     return [np.add.reduceat(column[order], starts).tolist() for column in columns]
 
 
-# -- one dimension of one window, per value -------------------------------------------
+# -- the dimensions of the windows of one start, per value -------------------------------------------
 
 
 class ValueSums:
-    """What each value of one dimension of one window accumulates, as columns: the totals
-    a :class:`CallStats` per value would hold (one row of :attr:`sums` per value, in
-    :data:`SUM_COLUMNS` order) and their latencies, kept exact per value up to
-    :data:`EXACT_UP_TO` and in buckets beyond, as a window's are. A batch folds in with
-    a few array operations, whatever the number of values (docs/counting.md §12).
+    """What each value of each dimension of the windows starting at one time accumulates,
+    as columns: the totals a :class:`CallStats` per (window, dimension, value) would hold
+    (one row of :attr:`sums` each, in :data:`SUM_COLUMNS` order) and their latencies, kept
+    exact per row up to :data:`EXACT_UP_TO` and in buckets beyond, as a window's are. One
+    table for all the windows of a start: a batch folds in with a few array operations,
+    whatever the number of windows, dimensions and values it touches
+    (docs/counting.md §12).
     """
 
-    __slots__ = ("buckets", "exact", "latencies", "latency_rows", "magnitude", "rows", "sums", "values")
+    __slots__ = (
+        "_changes",
+        "_sorted",
+        "buckets",
+        "by_dimension",
+        "exact",
+        "latencies",
+        "latency_rows",
+        "magnitude",
+        "rows",
+        "sums",
+        "values",
+    )
 
     def __init__(self) -> None:
-        self.rows: dict[object, int] = {}  # value -> its row
+        self.rows: dict[tuple[object, str, object], int] = {}  # (window key, dimension, value) -> row
+        self.by_dimension: dict[tuple[object, str], list[int]] = {}  # (window key, dimension) -> rows
         self.values: list[object] = []  # row -> value
         self.sums = np.zeros((0, len(SUM_COLUMNS)), dtype=np.int64)
         self.latency_rows = array("q")  # the row of each exact latency below
@@ -417,13 +432,21 @@ class ValueSums:
         self.buckets: dict[int, dict[int, int]] = {}  # row -> latency bucket counts, past EXACT_UP_TO
         # A bound on every |sum| so far: past 2**62 the sums go on as Python integers.
         self.magnitude = 0
+        self._changes = 0  # latencies moved to buckets so far
+        self._sorted: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
-    def row(self, value: object) -> int:
-        found = self.rows.get(value)
+    def row(self, key: object, name: str, value: object) -> int:
+        """The row of ``value`` in window ``key``'s dimension ``name``."""
+        found = self.rows.get((key, name, value))
         if found is None:
-            found = self.rows[value] = len(self.values)
+            found = self.rows[key, name, value] = len(self.values)
             self.values.append(value)
             self.exact.append(0)
+            rows = self.by_dimension.get((key, name))
+            if rows is None:
+                self.by_dimension[key, name] = [found]
+            else:
+                rows.append(found)
         return found
 
     def add(
@@ -459,9 +482,8 @@ class ValueSums:
             if exact[row] > EXACT_UP_TO:
                 self._to_buckets(int(row))
 
-    def take_back_timeout(self, value: object) -> None:
+    def take_back_timeout(self, row: int) -> None:
         """See :meth:`CallStats.take_back_timeout`."""
-        row = self.row(value)
         self.add(
             np.array([row]),
             np.array([[-1, -1, -1] + [0] * (len(SUM_COLUMNS) - 3)], dtype=np.int64),
@@ -477,16 +499,38 @@ class ValueSums:
             bucket = latency_bucket(latency)
             counts[bucket] = counts.get(bucket, 0) + 1
         self.buckets[row] = counts
+        self._changes += 1
         self.latency_rows = array("q", rows[~mine].tobytes())
         kept = np.frombuffer(self.latencies, dtype=np.float64)[~mine]
         self.latencies = array("d", kept.tobytes())
         self.exact[row] = 0
 
+    def __getstate__(self) -> dict[str, object]:
+        state = {name: getattr(self, name) for name in self.__slots__}
+        state["_sorted"] = None  # made again when needed: not worth its bytes in a snapshot
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def _by_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """The exact latencies sorted by row, made once for all the windows emitted together
+        (kept until a latency comes or goes)."""
+        count = len(self.latencies)
+        if self._sorted is None or self._sorted[0] != (count, self._changes):
+            rows = np.frombuffer(self.latency_rows, dtype=np.int64)
+            order = np.argsort(rows, kind="stable")
+            self._sorted = (
+                (count, self._changes),
+                rows[order],
+                np.frombuffer(self.latencies, dtype=np.float64)[order],
+            )
+        return self._sorted[1], self._sorted[2]
+
     def stats(self, rows: list[int]) -> list[CallStats]:
         """Each of ``rows`` as the :class:`CallStats` of its value's calls."""
-        order = np.argsort(np.frombuffer(self.latency_rows, dtype=np.int64), kind="stable")
-        latency_rows = np.frombuffer(self.latency_rows, dtype=np.int64)[order]
-        latencies = np.frombuffer(self.latencies, dtype=np.float64)[order]
+        latency_rows, latencies = self._by_row()
         starts = np.searchsorted(latency_rows, rows)
         ends = np.searchsorted(latency_rows, rows, side="right")
         sums = self.sums[rows].tolist()

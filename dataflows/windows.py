@@ -32,6 +32,7 @@ and is driven by the Bytewax wiring in :mod:`dataflows.metrics`. It must pickle
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -74,37 +75,27 @@ class _Window(CallStats, gc=False):
 
     revision: int = 0  # of the last emission; 0 before the first
     unsent: int = 0  # calls folded in since the last emission
-    # The tenant's dimensions when the window opened, and per dimension each value's calls.
+    # The tenant's dimensions when the window opened (their values are in WindowShard._values).
     dimensions: tuple[str, ...] = ()
-    values: dict[str, ValueSums] | None = None
 
-    def table(self, name: str) -> ValueSums:
-        if self.values is None:
-            self.values = {}
-        found = self.values.get(name)
-        if found is None:
-            found = self.values[name] = ValueSums()
-        return found
 
-    def add_values(self, call: Call) -> None:
-        """Fold one priced call into its value of each of the window's dimensions."""
-        request, response = call.request, call.response
-        for name in self.dimensions:
-            value = reader(name)(request, response)
-            table = self.table(name)
-            one = CallStats()
-            if call.replaces_timeout and value is not None and from_response(name):
-                table.take_back_timeout(None)
-                one.add(msgspec.structs.replace(call, replaces_timeout=False))
-            else:
-                one.add(call)
-            totals = [getattr(one, column) for column in SUM_COLUMNS]
-            kind = object if max(map(abs, totals)) >= 2**62 else np.int64
-            latencies = np.array(one.latencies, dtype=np.float64)
-            row = table.row(value)
-            table.add(
-                np.array([row]), np.array([totals], dtype=kind), np.full(len(latencies), row), latencies
-            )
+def add_call_values(table: ValueSums, key: WindowKey, names: tuple[str, ...], call: Call) -> None:
+    """Fold one priced call into its value of each of ``names``, the dimensions of window
+    ``key``, in ``table`` (that of the window's start)."""
+    request, response = call.request, call.response
+    for name in names:
+        value = reader(name)(request, response)
+        one = CallStats()
+        if call.replaces_timeout and value is not None and from_response(name):
+            table.take_back_timeout(table.row(key, name, None))
+            one.add(msgspec.structs.replace(call, replaces_timeout=False))
+        else:
+            one.add(call)
+        totals = [getattr(one, column) for column in SUM_COLUMNS]
+        kind = object if max(map(abs, totals)) >= 2**62 else np.int64
+        latencies = np.array(one.latencies, dtype=np.float64)
+        row = table.row(key, name, value)
+        table.add(np.array([row]), np.array([totals], dtype=kind), np.full(len(latencies), row), latencies)
 
 
 def completed_at(call: Call) -> float:
@@ -162,6 +153,8 @@ class WindowShard:
         self._windows: dict[int, dict[WindowKey, _Window]] = {}
         # window start -> keys with calls not emitted yet
         self._unsent: dict[int, set[WindowKey]] = {}
+        # window start -> the values of its windows' dimensions
+        self._values: dict[int, ValueSums] = {}
         # Wall clock minus event time at the last call; not snapshotted.
         self._offset: float | None = None
 
@@ -181,11 +174,18 @@ class WindowShard:
         if start + window + self.lateness < event_time:
             return [self._too_late(call, start, event_time)]
         self.plan.prepare({request.tenant_id: start})
-        state = self._taking(start, (request.tenant_id, request.route, request.model), 1)
+        key = (request.tenant_id, request.route, request.model)
+        state = self._taking(start, key, 1)
         state.add(call)
         if state.dimensions:
-            state.add_values(call)
+            add_call_values(self._table(start), key, state.dimensions, call)
         return []
+
+    def _table(self, start: int) -> ValueSums:
+        table = self._values.get(start)
+        if table is None:
+            table = self._values[start] = ValueSums()
+        return table
 
     def attach(self, plan: DimensionPlan) -> None:
         """Use ``plan`` for the windows that open from now on (after a restore, say)."""
@@ -283,7 +283,9 @@ class WindowShard:
             )
             windows.append(state)
         if any(state.dimensions for state in windows):
-            _add_values(calls, indexes, numbers.tolist(), windows, columns, latency)
+            _add_values(
+                calls, indexes, numbers.tolist(), list(groups), windows, self._table, columns, latency
+            )
         return letters
 
     def _too_late(self, call: Call, start: int, event_time: float) -> DeadLetter:
@@ -334,6 +336,7 @@ class WindowShard:
                 break
             if start not in self._unsent:
                 del self._windows[start]
+                self._values.pop(start, None)
         return rows
 
     def _row(self, start: int, key: WindowKey, state: _Window) -> WindowRow:
@@ -349,27 +352,28 @@ class WindowShard:
             **state.row_fields(digest),
         )
         emission = WindowRow(row=row, digest=digest.to_bytes(), ttft_count=state.ttft_count)
-        if state.values:
-            self._dimension_rows(row, state, emission)
+        if state.dimensions:
+            self._dimension_rows(row, self._values[start], key, state, emission)
         return emission
 
-    def _dimension_rows(self, row: MetricsRow, state: _Window, emission: WindowRow) -> None:
+    def _dimension_rows(
+        self, row: MetricsRow, table: ValueSums, key: WindowKey, state: _Window, emission: WindowRow
+    ) -> None:
         """Every row of the window's dimensions (docs/counting.md §12)."""
-        assert state.values is not None
+        values, sums = table.values, table.sums
         for name in state.dimensions:
-            table = state.values.get(name)
-            if table is None:
+            rows = table.by_dimension.get((key, name))
+            if rows is None:
                 continue
-            requests = table.sums[:, 0].tolist()
-            values = table.values
             # A value whose only timeout moved to another value holds no call any more.
-            counted = [(values[r], calls) for r, calls in enumerate(requests) if calls]
+            counted = [
+                (values[r], calls) for r, calls in zip(rows, sums[rows, 0].tolist(), strict=True) if calls
+            ]
             own, merged = ranked(counted, self.value_limit)
-            rows = table.rows
-            stats = table.stats([rows[value] for value in own])
+            stats = table.stats([table.rows[key, name, value] for value in own])
             if merged:
                 other = CallStats()
-                other.merge_from(table.stats([rows[value] for value in merged]))
+                other.merge_from(table.stats([table.rows[key, name, value] for value in merged]))
                 own.append(OTHER)
                 stats.append(other)
             emission.dimensions.append(_dimension_emission(row, name, own, stats))
@@ -409,6 +413,7 @@ class WindowShard:
 
     def __setstate__(self, state: dict[str, object]) -> None:
         state.setdefault("value_limit", DEFAULT_VALUES)  # snapshots made before dimensions
+        state.setdefault("_values", {})
         self.__dict__.update(state)
         self.plan = StaticPlan()
 
@@ -443,17 +448,20 @@ def _add_values(
     calls: CallBatch,
     indexes: list[int],
     numbers: list[int],
+    windows_at: list[tuple[int, WindowKey]],
     windows: list[_Window],
+    table_of: Callable[[int], ValueSums],
     columns: list[np.ndarray],
     latency: np.ndarray,
 ) -> None:
-    """Fold the counted calls (``indexes``, each in window ``windows[numbers[i]]``; ``columns``
-    and ``latency`` from :func:`call_columns`) into their values of each window's dimensions,
-    with array operations: :meth:`_Window.add_values` for each call in turn.
+    """Fold the counted calls (``indexes``, each in window ``numbers[i]``: ``windows[n]``,
+    starting at and keyed by ``windows_at[n]``; ``columns`` and ``latency`` from
+    :func:`call_columns`) into their values of each window's dimensions, with array
+    operations: :func:`add_call_values` for each call in turn.
 
     Each call counts once per dimension of its window, in the group of its (window,
-    dimension, value); the groups' sums are taken at once, then added to each window's
-    :class:`ValueSums`, a few array operations per window and dimension.
+    dimension, value); the groups' sums are taken at once, then added to the table of
+    each window start (:class:`ValueSums`, usually one or two a batch).
     """
     requests, responses, replaces = calls.requests, calls.responses, calls.replaces
     members: list[int] = []  # positions in indexes, once per dimension of the call's window
@@ -503,28 +511,30 @@ def _add_values(
     latency_groups = sorted_groups[answered]
     latencies = latencies[answered]
     keys = list(groups)
-    tables: dict[int, tuple[ValueSums, list[int], list[int]]] = {}  # number -> table, its lines, rows
-    numbered_tables: dict[int, int] = {}  # id(table) -> its number here
+    by_start: dict[int, tuple[list[int], list[int]]] = {}  # start -> its lines, their rows
     row_of_group = np.zeros(len(groups), dtype=np.int64)
-    table_of_group = np.zeros(len(groups), dtype=np.int64)
+    start_of_group = np.zeros(len(groups), dtype=np.int64)
+    starts_seen: dict[int, int] = {}
     for line, group in enumerate(present.tolist()):
         number, name, value = keys[group]
-        table = windows[number].table(name)
-        table_number = numbered_tables.setdefault(id(table), len(numbered_tables))
-        found = tables.get(table_number)
+        start, key = windows_at[number]
+        row = table_of(start).row(key, name, value)
+        found = by_start.get(start)
         if found is None:
-            found = tables[table_number] = (table, [], [])
-        row = table.row(value)
-        found[1].append(line)
-        found[2].append(row)
+            found = by_start[start] = ([], [])
+        found[0].append(line)
+        found[1].append(row)
         row_of_group[group] = row
-        table_of_group[group] = table_number
-    latency_tables = table_of_group[latency_groups]
-    latency_order = np.argsort(latency_tables, kind="stable")
-    latency_tables = latency_tables[latency_order]
+        start_of_group[group] = starts_seen.setdefault(start, len(starts_seen))
+    latency_starts = start_of_group[latency_groups]
+    latency_order = np.argsort(latency_starts, kind="stable")
+    latency_starts = latency_starts[latency_order]
     latency_rows = row_of_group[latency_groups][latency_order]
     latencies = latencies[latency_order]
-    bounds = np.searchsorted(latency_tables, np.arange(len(tables) + 1))
-    for table_number, (table, lines, rows) in tables.items():
-        low, high = bounds[table_number], bounds[table_number + 1]
-        table.add(np.array(rows, dtype=np.int64), sums[lines], latency_rows[low:high], latencies[low:high])
+    bounds = np.searchsorted(latency_starts, np.arange(len(starts_seen) + 1))
+    for start, (lines, rows) in by_start.items():
+        number = starts_seen[start]
+        low, high = bounds[number], bounds[number + 1]
+        table_of(start).add(
+            np.array(rows, dtype=np.int64), sums[lines], latency_rows[low:high], latencies[low:high]
+        )
