@@ -167,11 +167,11 @@ def create_demo_keys(dsn: str, tenants: list[str]) -> dict[str, TenantKeys]:
 DEMO_DIMENSIONS = ("metadata.experiment", "metadata.country")
 
 
-def set_demo_dimensions(dsn: str, tenant: str, window_seconds: int) -> str:
+def set_demo_dimensions(dsn: str, tenant: str, window_seconds: int) -> datetime:
     """Give ``tenant`` the demo's dimensions, as ``just dimensions`` does; from when they apply."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         change = set_dimensions(conn, tenant, DEMO_DIMENSIONS, window_seconds)
-    return change.effective_from.isoformat()
+    return change.effective_from
 
 
 def fetch_dimension(
@@ -383,7 +383,7 @@ def run(config: DemoConfig) -> None:
         sliced = sorted(tenants)[0]
         sliced_from = set_demo_dimensions(dsn, sliced, config.window_seconds)
         print(
-            f"{sliced} slices its calls by {', '.join(DEMO_DIMENSIONS)} from {sliced_from} "
+            f"{sliced} slices its calls by {', '.join(DEMO_DIMENSIONS)} from {sliced_from.isoformat()} "
             f"(just dimensions {sliced} …)",
             flush=True,
         )
@@ -406,7 +406,7 @@ def _run_services(
     logs: Path,
     keys: dict[str, TenantKeys],
     sliced: str,
-    sliced_from: str,
+    sliced_from: datetime,
 ) -> None:
     ingestion_port = port_or_free(config.ingestion_port)
     metrics_port = port_or_free(config.metrics_port)
@@ -473,6 +473,13 @@ def _run_services(
         _print_keys(keys)
         # Windows are selected by start; the one holding the first call starts here.
         since = datetime.fromtimestamp(int(time.time()) // config.window_seconds * config.window_seconds, UTC)
+        # The dimensions apply from a window boundary: the traffic starts there, so that
+        # every call of the demo is sliced.
+        wait = sliced_from.timestamp() - time.time()
+        if wait > 0:
+            print(f"waiting {wait:.1f}s for {sliced}'s dimensions to apply ...", flush=True)
+            time.sleep(wait)
+            since = sliced_from
         print(
             f"sending {config.rate:g} calls/s for {config.duration:g}s across {config.tenants} tenants ...",
             flush=True,
@@ -497,7 +504,7 @@ def _run_services(
         print()
         example = sorted(totals.calls_by_tenant)[0]
         if example == sliced:
-            print(f"{example}'s calls by its dimensions (set from {sliced_from}):")
+            print(f"{example}'s calls by its dimensions (set from {sliced_from.isoformat()}):")
             for dimension in DEMO_DIMENSIONS:
                 values = fetch_dimension(metrics_url, example, dimension, since, read_keys[example])
                 print(dimension_table(dimension, values))
