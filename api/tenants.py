@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.auth import Principal, authenticate, forbidden_tenant
+from api.auth import Principal, Scope, authenticate, forbidden_tenant
 from api.body import BodyError, MiB, check_content_type, read_body
 from api.errors import error_response
 from schemas.config import load_or_exit
@@ -149,14 +149,20 @@ def _answer(tenant_id: str, history: list[Change], request: Request) -> Response
     return Response(_encoder.encode(answer), media_type="application/json")
 
 
-async def get_dimensions(request: Request) -> Response:
-    principal = await authenticate(request, "read")
+async def _tenant(request: Request, scope: Scope) -> str | Response:
+    """The path's tenant when the key may act on it with ``scope``; else the 400, 401, 403 or 503."""
+    principal = await authenticate(request, scope)
     if isinstance(principal, Response):
         return principal
     tenant_id: str = request.path_params["tenant_id"]
     refusal = _refusal(principal, tenant_id)
-    if refusal is not None:
-        return refusal
+    return tenant_id if refusal is None else refusal
+
+
+async def get_dimensions(request: Request) -> Response:
+    tenant_id = await _tenant(request, "read")
+    if isinstance(tenant_id, Response):
+        return tenant_id
 
     async def read(conn: psycopg.AsyncConnection[Any]) -> list[Change]:
         return await changes_async(conn, tenant_id)
@@ -168,13 +174,9 @@ async def get_dimensions(request: Request) -> Response:
 
 
 async def put_dimensions(request: Request) -> Response:
-    principal = await authenticate(request, "manage")
-    if isinstance(principal, Response):
-        return principal
-    tenant_id: str = request.path_params["tenant_id"]
-    refusal = _refusal(principal, tenant_id)
-    if refusal is not None:
-        return refusal
+    tenant_id = await _tenant(request, "manage")
+    if isinstance(tenant_id, Response):
+        return tenant_id
     names = await _setting(request)
     if isinstance(names, Response):
         return names

@@ -152,13 +152,6 @@ class CallStats(Struct, gc=False):
         else:
             self.cost_pico_usd += round(cost * PICO_USD) if cost < WHOLE_FLOATS else int(cost) * PICO_USD
 
-    def take_back_timeout(self) -> None:
-        """A timeout counted here turned out to be a call counted elsewhere (a
-        ``finish_reason`` dimension: the timeout had no value, its answer has one)."""
-        self.requests -= 1
-        self.timeouts -= 1
-        self.errors -= 1
-
     def merge_from(self, others: list[CallStats]) -> None:
         """Fold in the totals and latencies of ``others``: the same as adding their calls."""
         for other in others:
@@ -483,7 +476,8 @@ class ValueSums:
                 self._to_buckets(int(row))
 
     def take_back_timeout(self, row: int) -> None:
-        """See :meth:`CallStats.take_back_timeout`."""
+        """A timeout counted in ``row`` turned out to be a call counted in another (a
+        ``finish_reason`` dimension: the timeout had no value, its answer has one)."""
         self.add(
             np.array([row]),
             np.array([[-1, -1, -1] + [0] * (len(SUM_COLUMNS) - 3)], dtype=np.int64),

@@ -35,7 +35,7 @@ from dataflows.observability import DEAD_LETTERS, DIMENSION_ROWS, ROWS_STALE, RO
 from dataflows.stopping import STOPPING
 from dataflows.windows import DimensionEmission, WindowRow
 from schemas.deadletter import KEY_MAX_BYTES, MESSAGE_MAX_BYTES, DeadLetter, encode_bounded
-from schemas.metrics import ROW_FIELDS, VALUE_STATISTICS, row_encoder
+from schemas.metrics import FLOAT_STATISTICS, ROW_FIELDS, VALUE_STATISTICS, row_encoder
 from schemas.topics import DEADLETTER, DIMENSION_METRICS, METRICS
 
 logger = logging.getLogger("streamlens.dataflow")
@@ -70,6 +70,7 @@ UPSERT_SQL = (
     f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, now())" + CONFLICT_SQL + " RETURNING 1"
 )
 
+
 def _quoted(column: str) -> str:
     return '"values"' if column == "values" else column  # a reserved word
 
@@ -81,14 +82,13 @@ PACKED_COLUMNS: tuple[str, ...] = (
     "tenant_id", "route", "model", "window_start", "window_end", "revision", "dimension", "values",
     *VALUE_STATISTICS, "ttft_count", "latency_digest")
 PACKED_KEY = ("tenant_id", "dimension", "window_start", "route", "model")
-# Each array travels as the text of a Postgres array literal (_array_literals): psycopg
+# Each array travels as the text of a Postgres array literal (packed_values_of): psycopg
 # dumps a Python list element by element, which took a third of the dataflow's time with
 # dimensions (bench_dataflow, py-spy); the literals are joined in C and parsed by Postgres.
 _ARRAY_TYPES: dict[str, str] = {
     "values": "text[]",
     "latency_digest": "bytea[]",
-    **{name: "double precision[]" for name in VALUE_STATISTICS
-       if name.startswith(("avg_", "p50", "p95", "p99", "estimated"))},
+    **dict.fromkeys(FLOAT_STATISTICS, "double precision[]"),
 }
 _PLACEHOLDERS = [
     "%s" if index < PACKED_COLUMNS.index("values") else f"%s::{_ARRAY_TYPES.get(name, 'bigint[]')}"
@@ -208,10 +208,10 @@ class KafkaWriter:
         self._topic = topic
         self._outage = Outage(f"kafka topic {topic}")
 
-    def write(self, messages: list[KafkaSinkMessage[bytes | None, bytes | None]]) -> None:
+    def write(self, messages: list[KafkaSinkMessage[bytes | None, bytes]]) -> None:
         pending = messages
         while pending:
-            failed: list[KafkaSinkMessage[bytes | None, bytes | None]] = []
+            failed: list[KafkaSinkMessage[bytes | None, bytes]] = []
             errors: list[KafkaError] = []
             for message in pending:
                 self._produce(message, failed, errors)
@@ -229,8 +229,8 @@ class KafkaWriter:
             self._outage.failed(errors[0].str())
             pending = failed
 
-    def _produce(self, message: KafkaSinkMessage[bytes | None, bytes | None],
-                 failed: list[KafkaSinkMessage[bytes | None, bytes | None]],
+    def _produce(self, message: KafkaSinkMessage[bytes | None, bytes],
+                 failed: list[KafkaSinkMessage[bytes | None, bytes]],
                  errors: list[KafkaError]) -> None:
         def delivered(error: KafkaError | None, _record: Message) -> None:
             if error is not None:
@@ -295,12 +295,11 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
                         taken.append(cursor.rowcount == 1)
                         if not cursor.nextset():
                             break
-                    packed = [packed_values_of(emission)
-                              for item, took in zip(items, taken, strict=True) if took
-                              for emission in item.dimensions]
-                    if packed:
-                        cursor.executemany(UPSERT_DIMENSIONS_SQL, packed)
-                        DIMENSION_ROWS.inc(sum(len(values[7]) for values in packed))
+                    emissions = [emission for item, took in zip(items, taken, strict=True) if took
+                                 for emission in item.dimensions]
+                    if emissions:
+                        cursor.executemany(UPSERT_DIMENSIONS_SQL, [packed_values_of(e) for e in emissions])
+                        DIMENSION_ROWS.inc(sum(len(emission.rows.values) for emission in emissions))
                 self._outage.succeeded()
                 return taken
             except (psycopg.OperationalError, psycopg.InterfaceError) as error:
@@ -336,18 +335,18 @@ class RowsSink(DynamicSink[WindowRow]):
         return _RowsPartition(self._dsn, self._brokers)
 
 
-class _KafkaPartition(StatelessSinkPartition[KafkaSinkMessage[bytes | None, bytes | None]]):
+class _KafkaPartition(StatelessSinkPartition[KafkaSinkMessage[bytes | None, bytes]]):
     def __init__(self, brokers: str, topic: str) -> None:
         self._writer = KafkaWriter(brokers, topic)
 
-    def write_batch(self, items: list[KafkaSinkMessage[bytes | None, bytes | None]]) -> None:
+    def write_batch(self, items: list[KafkaSinkMessage[bytes | None, bytes]]) -> None:
         self._writer.write(items)
 
     def close(self) -> None:
         self._writer.close()
 
 
-class KafkaTopicSink(DynamicSink[KafkaSinkMessage[bytes | None, bytes | None]]):
+class KafkaTopicSink(DynamicSink[KafkaSinkMessage[bytes | None, bytes]]):
     """Produces to one topic, each batch acknowledged before it counts as written."""
 
     def __init__(self, brokers: str, topic: str = DEADLETTER) -> None:
@@ -363,7 +362,7 @@ def metrics_message(item: WindowRow) -> KafkaSinkMessage[bytes, bytes]:
     return KafkaSinkMessage(key=item.row.kafka_key(), value=row_encoder.encode(item.row))
 
 
-def dimension_message(emission: DimensionEmission) -> KafkaSinkMessage[bytes | None, bytes | None]:
+def dimension_message(emission: DimensionEmission) -> KafkaSinkMessage[bytes | None, bytes]:
     """An ``llm.dimension-metrics`` record: one dimension of one window, its rows as columns,
     keyed by window and dimension so that compaction keeps the latest revision."""
     rows = emission.rows
@@ -386,7 +385,7 @@ def deadletter_key(letter: DeadLetter) -> bytes | None:
     return request_id.encode() if isinstance(request_id, str) else None
 
 
-def deadletter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, bytes | None]:
+def deadletter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, bytes]:
     """An ``llm.deadletter`` record, keyed by request id when known, that always fits the
     producer's message limit (:func:`schemas.deadletter.encode_bounded`).
 

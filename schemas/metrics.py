@@ -92,29 +92,16 @@ class DimensionRows(Struct, kw_only=True):
         start = self.window_start.isoformat()
         return f"{self.tenant_id}|{self.route}|{self.model}|{start}|{self.dimension}".encode()
 
-    def rows(self) -> list[DimensionRow]:
-        """One row per value."""
-        common = {name: getattr(self, name) for name in _WINDOW_FIELDS}
-        columns = [(name, getattr(self, name)) for name in VALUE_STATISTICS]
-        return [
-            DimensionRow(
-                **common,
-                dimension=self.dimension,
-                value=value,
-                **{name: column[i] for name, column in columns},
-            )
-            for i, value in enumerate(self.values)
-        ]
 
-
-_WINDOW_FIELDS = ("tenant_id", "route", "model", "window_start", "window_end", "revision")
 # The statistics of a row, each a column of DimensionRows.
 VALUE_STATISTICS: tuple[str, ...] = DimensionRows.__struct_fields__[8:]
+# Those of them that are floats (the others are counts): Postgres keeps them as double precision.
+FLOAT_STATISTICS: frozenset[str] = frozenset(
+    field.name for field in msgspec.structs.fields(MetricsRow) if field.type in (float, float | None)
+)
 
 ROW_FIELDS: tuple[str, ...] = MetricsRow.__struct_fields__
 DIMENSION_ROW_FIELDS: tuple[str, ...] = DimensionRow.__struct_fields__
 
 row_encoder = msgspec.json.Encoder()
 row_decoder = msgspec.json.Decoder(MetricsRow)
-dimension_row_decoder = msgspec.json.Decoder(DimensionRow)
-dimension_rows_decoder = msgspec.json.Decoder(DimensionRows)

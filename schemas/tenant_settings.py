@@ -61,6 +61,14 @@ _CHANGES = (
 )
 
 
+def _boundary(locked: tuple[Any, ...] | None, window_seconds: int) -> int:
+    """Where a change applies from: the first window boundary after both now and the
+    horizon (``locked``: the row of _LOCK_HORIZON)."""
+    assert locked is not None
+    horizon, now = locked
+    return first_boundary_after(max(now, horizon), window_seconds)
+
+
 def _change(row: tuple[Any, ...]) -> Change:
     return Change(row[0], list(row[1]), row[2].astimezone(UTC), row[3].astimezone(UTC))
 
@@ -73,10 +81,7 @@ def set_dimensions(
     replaced by the next one made before it."""
     with conn.transaction():
         conn.execute(_OPEN_HORIZON, (tenant_id,))
-        row = conn.execute(_LOCK_HORIZON, (tenant_id,)).fetchone()
-        assert row is not None
-        horizon, now = row
-        boundary = first_boundary_after(max(now, horizon), window_seconds)
+        boundary = _boundary(conn.execute(_LOCK_HORIZON, (tenant_id,)).fetchone(), window_seconds)
         stored = conn.execute(_STORE_CHANGE, (tenant_id, boundary, list(dimensions))).fetchone()
     assert stored is not None
     return _change(stored)
@@ -89,9 +94,7 @@ async def set_dimensions_async(
     async with conn.transaction():
         await conn.execute(_OPEN_HORIZON, (tenant_id,))
         row = await (await conn.execute(_LOCK_HORIZON, (tenant_id,))).fetchone()
-        assert row is not None
-        horizon, now = row
-        boundary = first_boundary_after(max(now, horizon), window_seconds)
+        boundary = _boundary(row, window_seconds)
         stored = await (await conn.execute(_STORE_CHANGE, (tenant_id, boundary, list(dimensions)))).fetchone()
     assert stored is not None
     return _change(stored)

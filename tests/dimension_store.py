@@ -11,15 +11,14 @@ import psycopg
 
 from dataflows.sinks import UPSERT_DIMENSIONS_SQL, packed_values_of
 from dataflows.windows import DimensionEmission
-from schemas.metrics import VALUE_STATISTICS, DimensionRows
+from schemas.metrics import FLOAT_STATISTICS, VALUE_STATISTICS, DimensionRows
 
 WINDOW = ("tenant_id", "route", "model", "window_start", "window_end", "dimension")
-# Postgres arrays hold one type: these columns are double precision, whatever Python has.
-FLOATS = {name for name in VALUE_STATISTICS if name.startswith(("avg_", "p50", "p95", "p99", "estimated"))}
 
 
 def _column(members: list[Mapping[str, Any]], name: str) -> list[Any]:
-    if name in FLOATS:
+    # Postgres arrays hold one type: these are double precision, whatever Python has.
+    if name in FLOAT_STATISTICS:
         return [None if row[name] is None else float(row[name]) for row in members]
     return [row[name] for row in members]
 

@@ -47,7 +47,7 @@ from confluent_kafka import Producer
 from dataflows import sinks
 from dataflows.sources import PREFETCH_CONFIG
 from dataflows.windows import WindowRow
-from schemas.metrics import MetricsRow
+from schemas.metrics import FLOAT_STATISTICS, MetricsRow
 from schemas.topics import REQUESTS, RESPONSES
 from tests.bench.bench_baseline import batch_loop, lean_loop, plain_loop
 from tests.bench.dataset import CALLS_PER_SECOND, DIMENSIONS, generate
@@ -344,11 +344,7 @@ def compare_sink_statements(dsn: str, rows: int = 20_000, batch: int = 500) -> N
         "latency_digest": "bytea",
         "revision": "integer",
     }
-    types |= {
-        name: "float8"
-        for name in sinks.COLUMNS
-        if name.startswith(("avg_", "p50", "p95", "p99", "estimated"))
-    }
+    types |= dict.fromkeys(FLOAT_STATISTICS, "float8")
     unnest_sql = (
         f"INSERT INTO llm_metrics ({', '.join(sinks.COLUMNS)}, updated_at) "
         f"SELECT *, now() FROM unnest("
