@@ -30,7 +30,7 @@ def insert_dimension_rows(dsn: str, rows: Sequence[Mapping[str, Any]]) -> None:
     packed: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for row in rows:
         packed.setdefault(tuple(row[name] for name in WINDOW), []).append(row)
-    params = []
+    emissions: list[DimensionEmission] = []
     for key, members in packed.items():
         tenant_id, route, model, window_start, window_end, dimension = key
         rows = DimensionRows(
@@ -44,14 +44,12 @@ def insert_dimension_rows(dsn: str, rows: Sequence[Mapping[str, Any]]) -> None:
             values=[row["value"] for row in members],
             **{name: _column(members, name) for name in VALUE_STATISTICS},
         )
-        params.append(
-            packed_values_of(
-                DimensionEmission(
-                    rows=rows,
-                    ttft_count=[row.get("ttft_count", 0) for row in members],
-                    latency_digest=[row.get("latency_digest") for row in members],
-                )
+        emissions.append(
+            DimensionEmission(
+                rows=rows,
+                ttft_count=[row.get("ttft_count", 0) for row in members],
+                latency_digest=[row.get("latency_digest") for row in members],
             )
         )
     with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
-        cursor.executemany(UPSERT_DIMENSIONS_SQL, params)
+        cursor.executemany(UPSERT_DIMENSIONS_SQL, packed_values_of(emissions))
