@@ -28,6 +28,7 @@ from msgspec import Struct, field
 
 from dataflows.batches import CallBatch
 from dataflows.join import Call
+from schemas.dimensions import MAX_DIMENSIONS
 
 # fastdigest's default size: up to about 850 values it keeps every value exactly;
 # beyond, quantiles stay well within 1 % (see tests/bench/bench_tdigest.py), and
@@ -389,6 +390,16 @@ def group_sums(columns: list[np.ndarray], order: np.ndarray, starts: np.ndarray)
 
 # -- the dimensions of the windows of one start, per value -------------------------------------------
 
+# A row key: (window number · MAX_DIMENSIONS + position of the dimension) · 2**32 + value number.
+VALUE_BITS = 32
+
+
+def row_key(window: int, position: int, value: int) -> int:
+    """The key of the row of value number ``value`` of dimension ``position`` of window
+    number ``window`` in a :class:`ValueSums`."""
+    return ((window * MAX_DIMENSIONS + position) << VALUE_BITS) + value
+
+
 
 class ValueSums:
     """What each value of each dimension of the windows starting at one time accumulates,
@@ -398,26 +409,35 @@ class ValueSums:
     table for all the windows of a start: a batch folds in with a few array operations,
     whatever the number of windows, dimensions and values it touches
     (docs/counting.md §12).
+
+    A row is known by an integer (:meth:`row_key`): the window's number here, the
+    dimension's position among the window's dimensions (they are fixed when it opens),
+    and the value's number here; so a batch finds its rows with one dictionary lookup
+    per (window, dimension, value) and no tuples.
     """
 
     __slots__ = (
         "_changes",
         "_sorted",
         "buckets",
-        "by_dimension",
         "exact",
         "latencies",
         "latency_rows",
         "magnitude",
+        "row_keys",
         "rows",
         "sums",
+        "value_ids",
         "values",
+        "window_ids",
     )
 
     def __init__(self) -> None:
-        self.rows: dict[tuple[object, str, object], int] = {}  # (window key, dimension, value) -> row
-        self.by_dimension: dict[tuple[object, str], list[int]] = {}  # (window key, dimension) -> rows
-        self.values: list[object] = []  # row -> value
+        self.window_ids: dict[object, int] = {}  # window key -> its number here
+        self.value_ids: dict[object, int] = {}  # value -> its number here
+        self.values: list[object] = []  # number -> value
+        self.rows: dict[int, int] = {}  # row_key -> row
+        self.row_keys = array("q")  # row -> row_key
         self.sums = np.zeros((0, len(SUM_COLUMNS)), dtype=np.int64)
         self.latency_rows = array("q")  # the row of each exact latency below
         self.latencies = array("d")
@@ -428,35 +448,57 @@ class ValueSums:
         self._changes = 0  # latencies moved to buckets so far
         self._sorted: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
-    def row(self, key: object, name: str, value: object) -> int:
-        """The row of ``value`` in window ``key``'s dimension ``name``."""
-        found = self.rows.get((key, name, value))
-        if found is None:
-            found = self.rows[key, name, value] = len(self.values)
-            self.values.append(value)
-            self.exact.append(0)
-            rows = self.by_dimension.get((key, name))
-            if rows is None:
-                self.by_dimension[key, name] = [found]
-            else:
-                rows.append(found)
-        return found
+    def window_id(self, key: object) -> int:
+        """The number of window ``key`` here."""
+        return self.window_ids.setdefault(key, len(self.window_ids))
 
-    def add(
-        self, rows: np.ndarray, sums: np.ndarray, latency_rows: np.ndarray, latencies: np.ndarray
-    ) -> None:
-        """Fold in ``sums`` (one line per row of ``rows``, which repeat no row) and the
-        ``latencies`` of ``latency_rows``."""
-        grow = len(self.values) - len(self.sums)
+    def value_numbers(self, values: list[object]) -> list[int]:
+        """The number of each of ``values`` here (new ones numbered as they come)."""
+        get = self.value_ids.get
+        numbers = [get(value, -1) for value in values]
+        if -1 in numbers:
+            for index, number in enumerate(numbers):
+                if number < 0:
+                    value = values[index]
+                    number = numbers[index] = self.value_ids.setdefault(value, len(self.values))
+                    if number == len(self.values):
+                        self.values.append(value)
+        return numbers
+
+    def add(self, keys: np.ndarray, sums: np.ndarray, latencies: np.ndarray) -> None:
+        """Fold in entries: each adds ``sums[i]`` (in :data:`SUM_COLUMNS` order) and, unless it
+        is NaN, the latency ``latencies[i]`` to the row of ``keys[i]`` (:meth:`row_key`)."""
+        if not len(keys):
+            return
+        unique, inverse = np.unique(keys, return_inverse=True)
+        rows = self._rows_of(unique.tolist())
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.flatnonzero(np.diff(inverse[order], prepend=-1))
+        totals = np.add.reduceat(sums[order], bounds, axis=0)
+        grow = len(self.row_keys) - len(self.sums)
         if grow > 0:
             self.sums = np.concatenate([self.sums, np.zeros((grow, len(SUM_COLUMNS)), dtype=self.sums.dtype)])
         if self.sums.dtype != object:
-            self.magnitude += int(np.abs(sums).max(initial=0)) if sums.dtype != object else _SAFE_INT
+            self.magnitude += int(np.abs(totals).max(initial=0)) if totals.dtype != object else _SAFE_INT
             if self.magnitude >= _SAFE_INT:
                 self.sums = self.sums.astype(object)  # as scaled_ints does, for sums beyond int64
-        self.sums[rows] += sums
-        if not len(latencies):
-            return
+        self.sums[rows] += totals
+        answered = ~np.isnan(latencies)
+        if answered.any():
+            self._add_latencies(rows[inverse[answered]], latencies[answered])
+
+    def _rows_of(self, keys: list[int]) -> np.ndarray:
+        get = self.rows.get
+        rows = [get(key) for key in keys]
+        if None in rows:
+            for index, row in enumerate(rows):
+                if row is None:
+                    row = rows[index] = self.rows[keys[index]] = len(self.row_keys)
+                    self.row_keys.append(keys[index])
+                    self.exact.append(0)
+        return np.array(rows, dtype=np.int64)
+
+    def _add_latencies(self, latency_rows: np.ndarray, latencies: np.ndarray) -> None:
         buckets = self.buckets
         if buckets:
             to_buckets = np.isin(latency_rows, np.fromiter(buckets, np.int64, len(buckets)))
@@ -475,15 +517,28 @@ class ValueSums:
             if exact[row] > EXACT_UP_TO:
                 self._to_buckets(int(row))
 
-    def take_back_timeout(self, row: int) -> None:
-        """A timeout counted in ``row`` turned out to be a call counted in another (a
-        ``finish_reason`` dimension: the timeout had no value, its answer has one)."""
-        self.add(
-            np.array([row]),
-            np.array([[-1, -1, -1] + [0] * (len(SUM_COLUMNS) - 3)], dtype=np.int64),
-            np.zeros(0, np.int64),
-            np.zeros(0),
-        )
+    def dimension_rows(
+        self, dimensions: list[tuple[int, int]]
+    ) -> list[tuple[list[int], list[object], list[int]]]:
+        """For each (window number, position of a dimension) of ``dimensions``: the rows of
+        that dimension, their values and their calls (requests)."""
+        keys = np.frombuffer(self.row_keys, dtype=np.int64)
+        order = np.argsort(keys, kind="stable")
+        ordered = keys[order]
+        lows = np.array([row_key(window, position, 0) for window, position in dimensions], dtype=np.int64)
+        firsts = np.searchsorted(ordered, lows)
+        counts = np.searchsorted(ordered, lows + (1 << VALUE_BITS)) - firsts
+        starts = np.cumsum(counts) - counts
+        taken = order[np.repeat(firsts - starts, counts) + np.arange(int(counts.sum()))]
+        rows = taken.tolist()
+        values = self.values
+        numbers = (keys[taken] - np.repeat(lows, counts)).tolist()
+        named = [values[number] for number in numbers]
+        calls = self.sums[taken, 0].tolist()
+        return [
+            (rows[first : first + count], named[first : first + count], calls[first : first + count])
+            for first, count in zip(starts.tolist(), counts.tolist(), strict=True)
+        ]
 
     def _to_buckets(self, row: int) -> None:
         rows = np.frombuffer(self.latency_rows, dtype=np.int64)
@@ -538,3 +593,202 @@ class ValueSums:
                 stats.buckets = dict(buckets)
             found.append(stats)
         return found
+
+    def statistics(self, outputs: list[list[int]]) -> ValueStatistics:
+        """The row fields of each output, one :class:`CallStats` per output holding the calls
+        of its rows (one row, or the rows merged into ``"(other)"``): what
+        ``CallStats.row_fields`` gives for each, with its ``ttft_count`` and serialized
+        latency digest, computed for all the outputs at once.
+
+        Outputs whose latencies are all exact (no row in buckets, at most
+        :data:`EXACT_UP_TO` in all) take the array path (:func:`exact_digests`); the others,
+        as rare as windows of more than 850 calls, are summed one by one."""
+        counts = np.fromiter(map(len, outputs), np.int64, len(outputs))
+        sources = np.fromiter((row for rows in outputs for row in rows), np.int64, int(counts.sum()))
+        firsts = np.cumsum(counts) - counts
+        sums = self.sums[sources]
+        if len(sources) > len(outputs):
+            sums = np.add.reduceat(sums, firsts, axis=0)
+        latency_rows, latencies = self._by_row()
+        low = np.searchsorted(latency_rows, sources)
+        lengths = np.searchsorted(latency_rows, sources, side="right") - low
+        exact = np.add.reduceat(lengths, firsts) <= EXACT_UP_TO
+        if self.buckets:
+            bucketed = np.isin(sources, np.fromiter(self.buckets, np.int64, len(self.buckets)))
+            exact &= ~np.add.reduceat(bucketed, firsts).astype(bool)
+        # The exact latencies of each exact output, ascending within it.
+        source_exact = np.repeat(exact, counts)
+        taken = lengths * source_exact
+        output_of = np.repeat(np.repeat(np.arange(len(outputs)), counts), taken)
+        gathered = latencies[np.repeat(low - (np.cumsum(taken) - taken), taken) + np.arange(int(taken.sum()))]
+        ascending = gathered[np.lexsort((gathered, output_of))]
+        sizes = np.bincount(output_of, minlength=len(outputs))
+        fields = _fields(sums)
+        digests = exact_digests(ascending, sizes)
+        quantiles = exact_quantiles(ascending, sizes, (0.5, 0.95, 0.99))
+        answered = sums[:, SUM_COLUMNS.index("answered")].tolist()
+        percentiles = ("p50_latency_ms", "p95_latency_ms", "p99_latency_ms")
+        for column, values in zip(percentiles, quantiles, strict=True):
+            fields[column] = [value if calls else None for value, calls in zip(values, answered, strict=True)]
+        ttft_count = sums[:, SUM_COLUMNS.index("ttft_count")].tolist()
+        for output in np.flatnonzero(~exact).tolist():
+            merged = CallStats()
+            merged.merge_from(self.stats(outputs[output]))
+            digest = merged.latency_digest()
+            for column, value in merged.row_fields(digest).items():
+                fields[column][output] = value
+            digests[output] = digest.to_bytes()
+        return ValueStatistics(fields, [int(count) for count in ttft_count], digests)
+
+
+class ValueStatistics(Struct):
+    """Row fields of many outputs of a :class:`ValueSums`, as columns."""
+
+    fields: dict[str, list[Any]]  # the keys of CallStats.row_fields
+    ttft_count: list[int]
+    digests: list[bytes]  # serialized latency t-digests
+
+
+def _ratios(numerators: np.ndarray, denominators: np.ndarray) -> list[float | None]:
+    """``n / d`` (None where ``d`` is 0), as Python divides integers: correctly rounded. As
+    floats when both fit in 53 bits, which makes the float division the same."""
+    if numerators.dtype != object and denominators.dtype != object:
+        big = max(int(np.abs(numerators).max(initial=0)), int(denominators.max(initial=0)))
+        if big < WHOLE_FLOATS:
+            zero = denominators == 0
+            quotients = numerators / np.where(zero, 1, denominators)
+            values: list[float | None] = quotients.tolist()
+            if zero.any():
+                for index in np.flatnonzero(zero).tolist():
+                    values[index] = None
+            return values
+    pairs = zip(numerators.tolist(), denominators.tolist(), strict=True)
+    return [int(n) / int(d) if d else None for n, d in pairs]
+
+
+def _fields(sums: np.ndarray) -> dict[str, list[Any]]:
+    """The row fields computed from the sums alone (:meth:`CallStats.row_fields` but the
+    percentiles), one list per field, for sums in :data:`SUM_COLUMNS` order."""
+    column = {name: sums[:, index] for index, name in enumerate(SUM_COLUMNS)}
+    answered = column["answered"]
+    cost = _ratios(column["cost_pico_usd"], np.full(len(sums), PICO_USD, dtype=np.int64))
+
+    def ints(name: str) -> list[int]:
+        values = column[name].tolist()
+        return [int(value) for value in values] if sums.dtype == object else values
+
+    return {
+        "requests": ints("requests"),
+        "errors": ints("errors"),
+        "timeouts": ints("timeouts"),
+        "avg_latency_ms": _ratios(column["latency_ns"], answered * NANOS_PER_MS),
+        "p50_latency_ms": [],
+        "p95_latency_ms": [],
+        "p99_latency_ms": [],
+        "avg_time_to_first_token_ms": _ratios(column["ttft_ns"], column["ttft_count"] * NANOS_PER_MS),
+        "prompt_tokens": ints("prompt_tokens"),
+        "completion_tokens": ints("completion_tokens"),
+        "cache_read_tokens": ints("cache_read_tokens"),
+        "reasoning_tokens": ints("reasoning_tokens"),
+        "avg_prompt_tokens": _ratios(column["prompt_tokens"], answered),
+        "avg_completion_tokens": _ratios(column["completion_tokens"], answered),
+        "estimated_cost_usd": [round(value or 0.0, COST_DECIMALS) for value in cost],
+        "unpriced_requests": ints("unpriced"),
+    }
+
+
+# -- t-digests of exact latencies, many at once ------------------------------------------------
+#
+# A digest of at most EXACT_UP_TO values added in ascending order keeps each value as a
+# centroid of weight 1 (tests/test_aggregate.py checks this against fastdigest itself),
+# so its bytes and percentiles follow from the sorted values alone. Building them with
+# arrays instead of one TDigest each is 3x faster for the small digests of dimension
+# values (bench_dataflow, py-spy).
+
+_DIGEST_HEADER = np.dtype(
+    [
+        ("magic", "S8"),
+        ("version", "<u4"),
+        ("centroids", "<u8"),
+        ("max_centroids", "<u8"),
+        ("mass", "<f8"),
+        ("sum", "<f8"),
+        ("min", "<f8"),
+        ("max", "<f8"),
+        ("count", "<u8"),
+        ("count_high", "<u8"),
+        ("padding", "V4"),
+    ]
+)
+_EMPTY_DIGEST = new_digest().to_bytes()
+
+
+def exact_digests(ascending: np.ndarray, sizes: np.ndarray) -> list[bytes]:
+    """The serialized digest of each run of ``ascending`` (``sizes[i]`` values each, ascending
+    within a run, at most :data:`EXACT_UP_TO`): ``TDigest.to_bytes`` of a digest fed them,
+    byte for byte (fastdigest's format 1: an 80-byte header, then mean and weight per centroid)."""
+    count = len(sizes)
+    ends = np.cumsum(sizes)
+    firsts = ends - sizes
+    present = sizes > 0
+    header = np.zeros(count, dtype=_DIGEST_HEADER)
+    header["magic"] = b"FASTDIG~"
+    header["version"] = 1
+    header["centroids"] = sizes
+    header["max_centroids"] = MAX_CENTROIDS
+    header["mass"] = sizes
+    header["count"] = sizes
+    header["sum"] = _running_sums(ascending, sizes)
+    padded = np.append(ascending, 0.0)  # an empty run's first and last lie beyond the values
+    header["min"] = padded[firsts]
+    header["max"] = padded[np.where(present, ends - 1, ends)]
+    heads = header.tobytes()
+    centroids = np.ones((len(ascending), 2))
+    centroids[:, 0] = ascending
+    body = centroids.tobytes()
+    runs = zip(firsts.tolist(), ends.tolist(), sizes.tolist(), strict=True)
+    return [
+        heads[80 * index : 80 * index + 80] + body[16 * first : 16 * end] if size else _EMPTY_DIGEST
+        for index, (first, end, size) in enumerate(runs)
+    ]
+
+
+def _running_sums(ascending: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Each run's sum, added left to right as the digest adds its centroids (a pairwise sum
+    could differ in the last bit)."""
+    order = np.argsort(-sizes, kind="stable")
+    longest = sizes[order]
+    firsts = (np.cumsum(sizes) - sizes)[order]
+    totals = np.zeros(len(sizes))
+    for position in range(int(longest[0]) if len(longest) else 0):
+        runs = int(np.searchsorted(-longest, -position, side="left"))  # the runs longer than position
+        totals[:runs] += ascending[firsts[:runs] + position]
+    out = np.zeros(len(sizes))
+    out[order] = totals
+    return out
+
+
+def exact_quantiles(ascending: np.ndarray, sizes: np.ndarray, qs: tuple[float, ...]) -> list[list[float]]:
+    """``TDigest.quantile(q)`` of each run's digest (see :func:`exact_digests`) for each of
+    ``qs``: between the values of rank ⌈q·(n-1)⌉ - 1 and ⌈q·(n-1)⌉, interpolated with
+    fastdigest's own float operations (0.0 where a run is empty)."""
+    ends = np.cumsum(sizes)
+    firsts = ends - sizes
+    single = np.maximum(sizes - 1, 1).astype(np.float64)  # mass - 1 of each digest
+    last = np.maximum(sizes - 1, 0)
+    padded = np.append(ascending, 0.0)
+    out = []
+    for q in qs:
+        # The first centroid k whose right edge k/(n-1) reaches q.
+        k = np.minimum(np.ceil(q * single).astype(np.int64), last)
+        for _ in range(2):
+            k = np.where((k > 0) & ((k - 1) / single >= q), k - 1, k)
+            k = np.where((k < last) & (k / single < q), k + 1, k)
+        left_edge = (k - 1) / single
+        fraction = (q - left_edge) / (k / single - left_edge)
+        below = padded[np.where(k > 0, firsts + k - 1, firsts)]
+        above = padded[firsts + k]
+        values = np.where(k > 0, below * (1.0 - fraction) + above * fraction, above)
+        values = np.where(sizes > 0, values, 0.0)
+        out.append(values.tolist())
+    return out

@@ -32,22 +32,29 @@ and is driven by the Bytewax wiring in :mod:`dataflows.metrics`. It must pickle
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
-import msgspec
 import numpy as np
 from msgspec import Struct, field
 
-from dataflows.aggregate import SUM_COLUMNS, CallStats, ValueSums, call_columns, group_sums
+from dataflows.aggregate import (
+    SUM_COLUMNS,
+    VALUE_BITS,
+    CallStats,
+    ValueStatistics,
+    ValueSums,
+    call_columns,
+    group_sums,
+)
 from dataflows.batches import CallBatch
 from dataflows.clock import Watermark
 from dataflows.dimensions import DimensionPlan, StaticPlan, Value, from_response, ranked, reader
 from dataflows.join import WAKEUP_MARGIN, Call, call_at, call_to_json
 from dataflows.shards import WindowKey
 from schemas.deadletter import DeadLetter, Reason
-from schemas.dimensions import DEFAULT_VALUES, OTHER
+from schemas.dimensions import DEFAULT_VALUES, MAX_DIMENSIONS, OTHER
 from schemas.metrics import VALUE_STATISTICS, DimensionRows, MetricsRow
 
 
@@ -81,21 +88,16 @@ class _Window(CallStats, gc=False):
 
 def add_call_values(table: ValueSums, key: WindowKey, names: tuple[str, ...], call: Call) -> None:
     """Fold one priced call into its value of each of ``names``, the dimensions of window
-    ``key``, in ``table`` (that of the window's start)."""
+    ``key``, in ``table`` (that of the window's start): :func:`_add_values` for one call."""
+    one = CallBatch()
     request, response = call.request, call.response
-    for name in names:
-        value = reader(name)(request, response)
-        one = CallStats()
-        if call.replaces_timeout and value is not None and from_response(name):
-            table.take_back_timeout(table.row(key, name, None))
-            one.add(msgspec.structs.replace(call, replaces_timeout=False))
-        else:
-            one.add(call)
-        totals = [getattr(one, column) for column in SUM_COLUMNS]
-        kind = object if max(map(abs, totals)) >= 2**62 else np.int64
-        latencies = np.array(one.latencies, dtype=np.float64)
-        row = table.row(key, name, value)
-        table.add(np.array([row]), np.array([totals], dtype=kind), np.full(len(latencies), row), latencies)
+    request_time = request.timestamp.timestamp()
+    response_time = math.nan if response is None else response.timestamp.timestamp()
+    one.add(request, response, call.source, request_time, response_time, completed_at(call),
+            call.replaces_timeout)
+    one.costs = [call.cost_usd]
+    columns, latency = call_columns(one, [0])
+    _add_values(one, [0], [0], [(0, key)], [names], lambda _: table, columns, latency)
 
 
 def completed_at(call: Call) -> float:
@@ -284,7 +286,14 @@ class WindowShard:
             windows.append(state)
         if any(state.dimensions for state in windows):
             _add_values(
-                calls, indexes, numbers.tolist(), list(groups), windows, self._table, columns, latency
+                calls,
+                indexes,
+                numbers.tolist(),
+                list(groups),
+                [state.dimensions for state in windows],
+                self._table,
+                columns,
+                latency,
             )
         return letters
 
@@ -319,6 +328,7 @@ class WindowShard:
                 break
             group = self._windows[start]
             held: set[WindowKey] = set()
+            sliced: list[tuple[WindowKey, _Window, WindowRow]] = []
             for key in sorted(self._unsent.pop(start)):
                 state = group[key]
                 if state.timeouts < 0:
@@ -328,7 +338,12 @@ class WindowShard:
                     continue
                 state.revision = state.requests + state.answered
                 state.unsent = 0
-                rows.append(self._row(start, key, state))
+                emission = self._row(start, key, state)
+                rows.append(emission)
+                if state.dimensions:
+                    sliced.append((key, state, emission))
+            if sliced:
+                self._dimension_rows(self._values[start], sliced)
             if held:
                 self._unsent[start] = held
         for start in sorted(self._windows):
@@ -351,32 +366,39 @@ class WindowShard:
             revision=state.revision,
             **state.row_fields(digest),
         )
-        emission = WindowRow(row=row, digest=digest.to_bytes(), ttft_count=state.ttft_count)
-        if state.dimensions:
-            self._dimension_rows(row, self._values[start], key, state, emission)
-        return emission
+        return WindowRow(row=row, digest=digest.to_bytes(), ttft_count=state.ttft_count)
 
-    def _dimension_rows(
-        self, row: MetricsRow, table: ValueSums, key: WindowKey, state: _Window, emission: WindowRow
-    ) -> None:
-        """Every row of the window's dimensions (docs/counting.md §12)."""
-        values, sums = table.values, table.sums
-        for name in state.dimensions:
-            rows = table.by_dimension.get((key, name))
-            if rows is None:
+    def _dimension_rows(self, table: ValueSums, emitted: list[tuple[WindowKey, _Window, WindowRow]]) -> None:
+        """Every row of the dimensions of windows emitted together, all of the same start
+        (docs/counting.md §12), their statistics computed at once."""
+        wanted: list[tuple[int, int]] = []  # (window number, position of the dimension)
+        named: list[tuple[WindowRow, str]] = []
+        for key, state, emission in emitted:
+            window = table.window_ids.get(key)
+            if window is not None:
+                for place, name in enumerate(state.dimensions):
+                    wanted.append((window, place))
+                    named.append((emission, name))
+        outputs: list[list[int]] = []  # the table rows of each dimension row
+        parts: list[tuple[WindowRow, str, list[Value]]] = []
+        for (emission, name), (rows, values, calls) in zip(named, table.dimension_rows(wanted), strict=True):
+            if not rows:
                 continue
             # A value whose only timeout moved to another value holds no call any more.
-            counted = [
-                (values[r], calls) for r, calls in zip(rows, sums[rows, 0].tolist(), strict=True) if calls
-            ]
+            counted = [(value, count) for value, count in zip(values, calls, strict=True) if count]
             own, merged = ranked(counted, self.value_limit)
-            stats = table.stats([table.rows[key, name, value] for value in own])
+            row_of = dict(zip(values, rows, strict=True))
+            outputs.extend([row_of[value]] for value in own)
             if merged:
-                other = CallStats()
-                other.merge_from(table.stats([table.rows[key, name, value] for value in merged]))
+                outputs.append([row_of[value] for value in merged])
                 own.append(OTHER)
-                stats.append(other)
-            emission.dimensions.append(_dimension_emission(row, name, own, stats))
+            parts.append((emission, name, own))
+        statistics = table.statistics(outputs)
+        first = 0
+        for emission, name, own in parts:
+            last = first + len(own)
+            emission.dimensions.append(_dimension_emission(emission.row, name, own, statistics, first, last))
+            first = last
 
     def next_wakeup(self) -> float | None:
         """Wall-clock Unix seconds at which ``on_time`` may have work; None when empty.
@@ -419,17 +441,11 @@ class WindowShard:
 
 
 def _dimension_emission(
-    row: MetricsRow, name: str, values: list[Value], stats: list[CallStats]
+    row: MetricsRow, name: str, values: list[Value], statistics: ValueStatistics, first: int, last: int
 ) -> DimensionEmission:
-    columns: dict[str, list[Any]] = {column: [] for column in VALUE_STATISTICS}
-    ttft_counts: list[int] = []
-    digests: list[bytes] = []
-    for one in stats:
-        digest = one.latency_digest()
-        for column, value in one.row_fields(digest).items():
-            columns[column].append(value)
-        ttft_counts.append(one.ttft_count)
-        digests.append(digest.to_bytes())
+    """Dimension ``name`` of the window of ``row``: its ``values`` have the outputs ``first``
+    to ``last`` (excluded) of ``statistics``."""
+    fields = statistics.fields
     rows = DimensionRows(
         tenant_id=row.tenant_id,
         route=row.route or "",
@@ -439,9 +455,18 @@ def _dimension_emission(
         revision=row.revision,
         dimension=name,
         values=values,
-        **columns,
+        **{column: fields[column][first:last] for column in VALUE_STATISTICS},
     )
-    return DimensionEmission(rows=rows, ttft_count=ttft_counts, latency_digest=digests)
+    return DimensionEmission(
+        rows=rows,
+        ttft_count=statistics.ttft_count[first:last],
+        latency_digest=statistics.digests[first:last],
+    )
+
+
+# What a timeout replaced by its answered call adds to the first three sums (requests,
+# errors, timeouts) of its value of a dimension read from the response; see _add_values.
+_RESTORED = np.array([1, 1, 1] + [0] * (len(SUM_COLUMNS) - 3), dtype=np.int64)
 
 
 def _add_values(
@@ -449,92 +474,57 @@ def _add_values(
     indexes: list[int],
     numbers: list[int],
     windows_at: list[tuple[int, WindowKey]],
-    windows: list[_Window],
+    dimensions: list[tuple[str, ...]],
     table_of: Callable[[int], ValueSums],
     columns: list[np.ndarray],
     latency: np.ndarray,
 ) -> None:
-    """Fold the counted calls (``indexes``, each in window ``numbers[i]``: ``windows[n]``,
-    starting at and keyed by ``windows_at[n]``; ``columns`` and ``latency`` from
-    :func:`call_columns`) into their values of each window's dimensions, with array
-    operations: :func:`add_call_values` for each call in turn.
+    """Fold the counted calls (``indexes``, each in window ``numbers[i]``, starting at and
+    keyed by ``windows_at[n]``, with dimensions ``dimensions[n]``; ``columns`` and
+    ``latency`` from :func:`call_columns`) into their values of each window's dimensions,
+    in the table of the window's start (:class:`ValueSums`).
 
-    Each call counts once per dimension of its window, in the group of its (window,
-    dimension, value); the groups' sums are taken at once, then added to the table of
-    each window start (:class:`ValueSums`, usually one or two a batch).
+    Each call adds what it adds to its window to one row per dimension: an entry each,
+    the entries of a start folded at once. A timeout replaced by its answered call adds
+    (requests, errors and timeouts) -1 each to the window; under a dimension read from the
+    response the timeout had no value and the answer may have one, so that value gets the
+    whole answered call (+1 each more) and no value takes the timeout back (-1 each).
     """
+    window_numbers = np.array(numbers, dtype=np.int64)
+    calls_at = np.array(indexes, dtype=np.int64)
+    matrix = np.stack(columns, axis=1)
+    # (start, dimensions) -> its windows (numbers)
+    kinds: dict[tuple[int, tuple[str, ...]], list[int]] = {}
+    window_ids = np.zeros(len(windows_at), dtype=np.int64)
+    for number, ((start, key), names) in enumerate(zip(windows_at, dimensions, strict=True)):
+        if names:
+            window_ids[number] = table_of(start).window_id(key)
+            kinds.setdefault((start, names), []).append(number)
+    entries: dict[int, tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]] = {}
     requests, responses, replaces = calls.requests, calls.responses, calls.replaces
-    members: list[int] = []  # positions in indexes, once per dimension of the call's window
-    numbered: list[int] = []  # the (window, dimension, value) group of each member
-    groups: dict[tuple[int, str, Value], int] = {}
-    moved: list[tuple[int, int]] = []  # (position, group): a timeout that moves to another value
-    moved_from: list[int] = []  # ... and the group of no value it leaves
-    for position, (index, number) in enumerate(zip(indexes, numbers, strict=True)):
-        names = windows[number].dimensions
-        if not names:
-            continue
-        request, response = requests[index], responses[index]
-        for name in names:
-            value = reader(name)(request, response)
-            group = groups.setdefault((number, name, value), len(groups))
-            if replaces[index] and value is not None and from_response(name):
-                moved.append((position, group))
-                moved_from.append(groups.setdefault((number, name, None), len(groups)))
-                continue
-            members.append(position)
-            numbered.append(group)
-    if not groups:
-        return
-    chosen = np.array(members, dtype=np.int64)
-    matrix = np.stack([column[chosen] for column in columns], axis=1)
-    group_of = np.array(numbered, dtype=np.int64)
-    if moved:
-        # The answered call counts under its value as a call of its own, and takes its
-        # timeout back from no value: requests, errors and timeouts move.
-        positions = np.array([position for position, _ in moved], dtype=np.int64)
-        taken = np.stack([column[positions] for column in columns], axis=1)
-        back = np.zeros_like(taken)
-        back[:, :3] = -1
-        taken[:, :3] += 1
-        matrix = np.concatenate([matrix, taken, back])
-        group_of = np.concatenate([group_of, [group for _, group in moved], moved_from])
-        chosen = np.concatenate([chosen, positions, np.full(len(moved), -1)])
-    order = np.argsort(group_of, kind="stable")
-    sorted_groups = group_of[order]
-    starts = np.flatnonzero(np.diff(sorted_groups, prepend=-1))
-    sums = np.add.reduceat(matrix[order], starts, axis=0)
-    present = sorted_groups[starts]  # the group of each line of sums
-    # Latencies: of the answered calls among the members (a timeout's take-back has none).
-    with_latency = chosen[order] >= 0
-    latencies = np.where(with_latency, latency[np.maximum(chosen[order], 0)], np.nan)
-    answered = ~np.isnan(latencies)
-    latency_groups = sorted_groups[answered]
-    latencies = latencies[answered]
-    keys = list(groups)
-    by_start: dict[int, tuple[list[int], list[int]]] = {}  # start -> its lines, their rows
-    row_of_group = np.zeros(len(groups), dtype=np.int64)
-    start_of_group = np.zeros(len(groups), dtype=np.int64)
-    starts_seen: dict[int, int] = {}
-    for line, group in enumerate(present.tolist()):
-        number, name, value = keys[group]
-        start, key = windows_at[number]
-        row = table_of(start).row(key, name, value)
-        found = by_start.get(start)
-        if found is None:
-            found = by_start[start] = ([], [])
-        found[0].append(line)
-        found[1].append(row)
-        row_of_group[group] = row
-        start_of_group[group] = starts_seen.setdefault(start, len(starts_seen))
-    latency_starts = start_of_group[latency_groups]
-    latency_order = np.argsort(latency_starts, kind="stable")
-    latency_starts = latency_starts[latency_order]
-    latency_rows = row_of_group[latency_groups][latency_order]
-    latencies = latencies[latency_order]
-    bounds = np.searchsorted(latency_starts, np.arange(len(starts_seen) + 1))
-    for start, (lines, rows) in by_start.items():
-        number = starts_seen[start]
-        low, high = bounds[number], bounds[number + 1]
-        table_of(start).add(
-            np.array(rows, dtype=np.int64), sums[lines], latency_rows[low:high], latencies[low:high]
-        )
+    for (start, names), members in kinds.items():
+        table = table_of(start)
+        positions = np.flatnonzero(np.isin(window_numbers, members))
+        at = calls_at[positions].tolist()
+        pairs = [(requests[i], responses[i]) for i in at]
+        bases = window_ids[window_numbers[positions]] * MAX_DIMENSIONS
+        keys, sums, latencies = entries.setdefault(start, ([], [], []))
+        for place, name in enumerate(names):
+            read = reader(name)
+            values = [read(request, response) for request, response in pairs]
+            dimension = (bases + place) << VALUE_BITS
+            keys.append(dimension + np.array(table.value_numbers(values), dtype=np.int64))
+            sums.append(matrix[positions])
+            latencies.append(latency[positions])
+            if from_response(name):
+                moved = np.flatnonzero(
+                    [replaces[i] and value is not None for i, value in zip(at, values, strict=True)]
+                )
+                if len(moved):
+                    keys.append(keys[-1][moved])
+                    keys.append(dimension[moved] + table.value_numbers([None])[0])
+                    sums.append(np.broadcast_to(_RESTORED, (len(moved), len(SUM_COLUMNS))))
+                    sums.append(np.broadcast_to(-_RESTORED, (len(moved), len(SUM_COLUMNS))))
+                    latencies.append(np.full(2 * len(moved), math.nan))
+    for start, (keys, sums, latencies) in entries.items():
+        table_of(start).add(np.concatenate(keys), np.concatenate(sums), np.concatenate(latencies))
