@@ -400,7 +400,6 @@ def row_key(window: int, position: int, value: int) -> int:
     return ((window * MAX_DIMENSIONS + position) << VALUE_BITS) + value
 
 
-
 class ValueSums:
     """What each value of each dimension of the windows starting at one time accumulates,
     as columns: the totals a :class:`CallStats` per (window, dimension, value) would hold

@@ -93,8 +93,9 @@ def add_call_values(table: ValueSums, key: WindowKey, names: tuple[str, ...], ca
     request, response = call.request, call.response
     request_time = request.timestamp.timestamp()
     response_time = math.nan if response is None else response.timestamp.timestamp()
-    one.add(request, response, call.source, request_time, response_time, completed_at(call),
-            call.replaces_timeout)
+    one.add(
+        request, response, call.source, request_time, response_time, completed_at(call), call.replaces_timeout
+    )
     one.costs = [call.cost_usd]
     columns, latency = call_columns(one, [0])
     _add_values(one, [0], [0], [(0, key)], [names], lambda _: table, columns, latency)
