@@ -45,7 +45,7 @@ from starlette.responses import Response
 from api.errors import error_response
 from schemas.config import Settings
 from schemas.database import ensure_schema
-from schemas.events import LLMRequest, LLMResponse
+from schemas.events import IngestEvent, LLMEvaluation, LLMRequest
 
 logger = logging.getLogger("streamlens.auth")
 
@@ -316,13 +316,13 @@ def forbidden_tenant(principal: Principal, tenant_id: str) -> str | None:
     return TENANT_NOT_ALLOWED
 
 
-def check_event(principal: Principal, event: LLMRequest | LLMResponse) -> str | None:
+def check_event(principal: Principal, event: IngestEvent) -> str | None:
     """Why ``principal`` may not send ``event``, or ``None``; stamps responses.
 
     A response takes the key's tenant. One that names another tenant is refused
     rather than silently re-attributed. With ``AUTH=off`` the event is left as is.
     """
-    if isinstance(event, LLMRequest):
+    if isinstance(event, LLMRequest | LLMEvaluation):
         return forbidden_tenant(principal, event.tenant_id)
     if principal.tenant_id is None:
         return None

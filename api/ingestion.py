@@ -8,6 +8,10 @@ more than two minutes ahead of the server's clock is refused
 ``Retry-After``, and the client sends again (the dataflow ignores duplicates by
 ``request_id``).
 
+``POST /v1/llm/evaluation`` (and ``"type": "evaluation"`` in a batch) takes scores and
+labels about calls (SPEC §9), stored on ``llm.evaluations`` keyed by the call's
+``request_id``, so that they share its partition.
+
 ``POST /v1/traces`` takes OTLP/HTTP trace exports: each GenAI span becomes a
 request and a response event (:mod:`api.otlp`), judged and sent like the others.
 
@@ -54,17 +58,19 @@ from api.observability import (
 from api.producer import BrokerUnavailable, EventProducer
 from schemas.config import Settings, load_or_exit
 from schemas.events import (
-    Event,
+    IngestEvent,
+    LLMEvaluation,
     LLMRequest,
     batch_decoder,
     check_not_future,
     encoder,
-    event_decoder,
+    evaluation_decoder,
+    ingest_decoder,
     request_decoder,
     response_decoder,
 )
 from schemas.logs import configure_logging
-from schemas.topics import REQUESTS, RESPONSES, ensure_topics
+from schemas.topics import EVALUATIONS, REQUESTS, RESPONSES, ensure_topics
 
 logger = logging.getLogger("streamlens.ingestion")
 
@@ -79,7 +85,7 @@ RECOVERY_INTERVAL_SECONDS = 2.0
 STARTUP_READY_SECONDS = 5.0
 DEFAULT_PORT = 8080
 # What the API writes to and so needs to exist.
-EVENT_TOPICS = frozenset({REQUESTS, RESPONSES})
+EVENT_TOPICS = frozenset({REQUESTS, RESPONSES, EVALUATIONS})
 
 _ACCEPTED = b'{"status":"accepted"}'
 Record = tuple[str, bytes, bytes]
@@ -89,9 +95,13 @@ Handler = Callable[[Request], Awaitable[Response]]
 _REFUSAL_REASONS = {400: "future_timestamp", 403: "other_tenant"}
 
 
-def to_record(event: Event) -> Record:
-    """``(topic, key, value)``: keyed by ``request_id`` so both halves of a call share a partition."""
-    topic = REQUESTS if isinstance(event, LLMRequest) else RESPONSES
+def to_record(event: IngestEvent) -> Record:
+    """``(topic, key, value)``: keyed by ``request_id`` so both halves of a call, and its
+    evaluations, share a partition."""
+    if isinstance(event, LLMRequest):
+        topic = REQUESTS
+    else:
+        topic = EVALUATIONS if isinstance(event, LLMEvaluation) else RESPONSES
     return topic, event.request_id.encode(), encoder.encode(event)
 
 
@@ -153,10 +163,10 @@ async def _read_export(
     return otlp.decode_export(otlp.decompress(body, request.headers.get("content-encoding")), encoding)
 
 
-def _refuse(principal: Principal, event: Event, now: float) -> tuple[int, str] | None:
+def _refuse(principal: Principal, event: IngestEvent, now: float) -> tuple[int, str] | None:
     """Why a decoded event may not be stored, as (status, detail); None when it may.
 
-    The one place both endpoints judge an event beyond its schema: a timestamp too
+    The one place every endpoint judges an event beyond its schema: a timestamp too
     far ahead of this clock (400), another tenant than the key's (403).
     """
     future = check_not_future(event, now)
@@ -327,6 +337,9 @@ class Ingestion:
     async def post_response(self, request: Request) -> Response:
         return await self._post_one(request, response_decoder, self._endpoints["response"])
 
+    async def post_evaluation(self, request: Request) -> Response:
+        return await self._post_one(request, evaluation_decoder, self._endpoints["evaluation"])
+
     async def _post_one(
         self, request: Request, decoder: msgspec.json.Decoder, metrics: EndpointMetrics
     ) -> Response:
@@ -370,7 +383,7 @@ class Ingestion:
         for index, raw in enumerate(batch.events):
             # Each event on its own: one bad event must not cost the others.
             try:
-                event = event_decoder.decode(raw)
+                event = ingest_decoder.decode(raw)
             except (msgspec.ValidationError, UnicodeDecodeError) as error:
                 rejected.append({"index": index, "error": _malformed(error)})
                 metrics.rejected["invalid"].value += 1
@@ -464,6 +477,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         Route("/v1/llm/request", observed("request", ingestion.post_request), methods=["POST"]),
         Route("/v1/llm/response", observed("response", ingestion.post_response), methods=["POST"]),
+        Route("/v1/llm/evaluation", observed("evaluation", ingestion.post_evaluation), methods=["POST"]),
         Route("/v1/llm/events", observed("events", ingestion.post_events), methods=["POST"]),
         Route("/v1/traces", observed("traces", ingestion.post_traces), methods=["POST"]),
         Route("/health", ingestion.health, methods=["GET"]),

@@ -1,4 +1,5 @@
-"""The events applications send: a request when an LLM call starts, a response when it ends.
+"""The events applications send: a request when an LLM call starts, a response when it ends,
+and an evaluation (a score or a label about a call) whenever one is made (SPEC §9).
 
 Every rule of the contract is enforced while decoding, so a value of these types
 is valid by construction. Decoding errors are :class:`msgspec.ValidationError`
@@ -7,6 +8,7 @@ whose message names the field (``... - at `$.timestamp```).
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal
@@ -115,8 +117,49 @@ class LLMResponse(Struct, tag="response", tag_field="type", kw_only=True):
         return bool(self.error)
 
 
+# An evaluation's limits (SPEC §9).
+EVALUATION_NAME_MAX_CHARS = 64
+LABEL_MAX_CHARS = 64
+EVALUATOR_MAX_CHARS = 128
+EXPLANATION_MAX_BYTES = 4 * 1024
+
+
+class LLMEvaluation(Struct, tag="evaluation", tag_field="type", kw_only=True):
+    """A score and/or a label about a call, made when its evaluator made it: often minutes
+    or hours after the call. ``explanation`` is kept with it, not aggregated."""
+
+    request_id: _IdentifierText
+    tenant_id: _IdentifierText
+    name: Annotated[str, Meta(min_length=1, max_length=EVALUATION_NAME_MAX_CHARS)]
+    timestamp: Timestamp
+    score: float | None = None
+    label: Annotated[str, Meta(max_length=LABEL_MAX_CHARS)] | None = None
+    evaluator: Annotated[str, Meta(max_length=EVALUATOR_MAX_CHARS)] | None = None
+    explanation: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_identifier("request_id", self.request_id)
+        _check_identifier("tenant_id", self.tenant_id)
+        # The name and label key rows and the evaluator tells repeats apart: control
+        # characters would corrupt the keys and the dashboards alike.
+        _check_identifier("name", self.name)
+        if self.label is not None:
+            _check_identifier("label", self.label)
+        if self.evaluator:
+            _check_identifier("evaluator", self.evaluator)
+        self.timestamp = _utc(self.timestamp)
+        if self.score is None and self.label is None:
+            raise _field_error("score", "Expected a `score`, a `label` or both")
+        if self.score is not None and not math.isfinite(self.score):
+            raise _field_error("score", "Expected a finite number")
+        if self.explanation is not None and len(self.explanation.encode()) > EXPLANATION_MAX_BYTES:
+            raise _field_error("explanation", f"Expected at most {EXPLANATION_MAX_BYTES} bytes encoded")
+
+
 Event = LLMRequest | LLMResponse
 EventType = Literal["request", "response"]
+# What the ingestion API takes: the events of calls, and evaluations of them.
+IngestEvent = LLMRequest | LLMResponse | LLMEvaluation
 
 
 class EventBatch(Struct):
@@ -128,6 +171,8 @@ class EventBatch(Struct):
 request_decoder = msgspec.json.Decoder(LLMRequest)
 response_decoder = msgspec.json.Decoder(LLMResponse)
 event_decoder = msgspec.json.Decoder(Event)
+evaluation_decoder = msgspec.json.Decoder(LLMEvaluation)
+ingest_decoder = msgspec.json.Decoder(IngestEvent)
 batch_decoder = msgspec.json.Decoder(EventBatch)
 encoder = msgspec.json.Encoder()
 
@@ -148,7 +193,7 @@ def check_cache_read(request: LLMRequest, response: LLMResponse) -> str | None:
 MAX_FUTURE_SECONDS = 120
 
 
-def check_not_future(event: Event, now: float) -> str | None:
+def check_not_future(event: IngestEvent, now: float) -> str | None:
     """The error when ``event`` is more than :data:`MAX_FUTURE_SECONDS` ahead of
     ``now`` (the server's clock, Unix seconds); None otherwise."""
     ahead = event.timestamp.timestamp() - now

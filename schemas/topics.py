@@ -12,7 +12,9 @@ DEADLETTER = "llm.deadletter"
 # Rows per dimension value (SPEC §8), apart from llm.metrics so that its readers keep
 # one row per window and key.
 DIMENSION_METRICS = "llm.dimension-metrics"
-ALL_TOPICS: tuple[str, ...] = (REQUESTS, RESPONSES, METRICS, DIMENSION_METRICS, DEADLETTER)
+# Scores and labels about calls (SPEC §9), keyed by the call's request_id.
+EVALUATIONS = "llm.evaluations"
+ALL_TOPICS: tuple[str, ...] = (REQUESTS, RESPONSES, EVALUATIONS, METRICS, DIMENSION_METRICS, DEADLETTER)
 
 
 def ensure_topics(brokers: str, partitions: int, *, timeout: float = 10.0) -> None:

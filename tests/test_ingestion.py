@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import uvicorn
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -30,11 +31,13 @@ from confluent_kafka.admin import AdminClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from api.auth import TENANT_NOT_ALLOWED
 from api.ingestion import create_app
+from api.keys import create_key
 from deploy.stack import Broker, free_port
 from schemas.config import Settings
 from schemas.events import MAX_FUTURE_SECONDS, check_not_future, request_decoder, response_decoder
-from schemas.topics import REQUESTS, RESPONSES, ensure_topics
+from schemas.topics import EVALUATIONS, REQUESTS, RESPONSES, ensure_topics
 from tests.conftest import TEST_PARTITIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,9 +52,9 @@ FUTURE_LIMIT = 120
 class ServerThread:
     """The app under uvicorn in a thread of this process, on a free port."""
 
-    def __init__(self, brokers: str) -> None:
+    def __init__(self, brokers: str, settings: Settings | None = None) -> None:
         # Keys and tenants are tested through this app in test_auth.py.
-        settings = Settings(kafka_brokers=brokers, topic_partitions=TEST_PARTITIONS, auth=False)
+        settings = settings or Settings(kafka_brokers=brokers, topic_partitions=TEST_PARTITIONS, auth=False)
         app = create_app(settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -129,6 +132,17 @@ def a_response(request_id: str, **fields: Any) -> dict[str, Any]:
     return {"request_id": request_id, "timestamp": "2026-03-01T12:00:01Z", **fields}
 
 
+def an_evaluation(request_id: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "tenant_id": "acme",
+        "name": "helpfulness",
+        "score": 0.75,
+        "timestamp": "2026-03-01T12:05:00Z",
+        **fields,
+    }
+
+
 REQUEST_DEFAULTS = {
     "type": "request",
     "prompt_tokens": 0,
@@ -149,12 +163,21 @@ RESPONSE_DEFAULTS = {
 }
 
 
+EVALUATION_DEFAULTS = {
+    "type": "evaluation",
+    "score": None,
+    "label": None,
+    "evaluator": None,
+    "explanation": None,
+}
+
+
 def normalised(event: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """What should be on the topic: known fields only, defaults filled, time in UTC."""
     known = {
         key: value
         for key, value in event.items()
-        if key in defaults or key in ("request_id", "tenant_id", "route", "model", "timestamp")
+        if key in defaults or key in ("request_id", "tenant_id", "route", "model", "timestamp", "name")
     }
     return {**defaults, **known, "timestamp": instant(event["timestamp"])}
 
@@ -231,6 +254,74 @@ def test_single_events_are_on_the_topics_keyed_and_normalised(client: httpx.Clie
     texts = {key: value["timestamp"] for key, value in on_requests}
     assert texts["r-0"] == "2026-03-01T12:00:00Z"
     assert texts["r-1"].startswith("2026-03-01T07:59:59.25")
+
+
+def test_evaluations_are_on_their_topic_keyed_by_request_and_normalised(
+    client: httpx.Client, broker: Broker
+) -> None:
+    evaluations = [
+        an_evaluation("r-0", timestamp="2026-03-01T13:05:00+01:00", unknown_field=[1, 2]),
+        an_evaluation("r-1", score=None, label="pass", evaluator="ci-suite", explanation="é" * 2048),
+        an_evaluation("r-2", score=-3, label="", name="judge.v2"),
+    ]
+    for event in evaluations:
+        answer = client.post("/v1/llm/evaluation", json=event)
+        assert (answer.status_code, answer.json()) == (202, {"status": "accepted"})
+    on_topic = read_topic(broker.address, EVALUATIONS, len(evaluations))
+    assert len(on_topic) == len(evaluations)
+    assert in_utc(on_topic) == {e["request_id"]: normalised(e, EVALUATION_DEFAULTS) for e in evaluations}
+    assert read_topic(broker.address, REQUESTS, 0, quiet=0.2) == []
+
+
+def test_a_batch_takes_evaluations_beside_the_events_of_calls(client: httpx.Client, broker: Broker) -> None:
+    events = [
+        {"type": "request", **a_request("m-1")},
+        {"type": "evaluation", **an_evaluation("m-1", label="fail", score=None)},
+        {"type": "evaluation", **an_evaluation("m-2", score=None)},  # neither score nor label
+        {"type": "response", **a_response("m-1")},
+        {"type": "evaluation", **an_evaluation("m-3", name="x" * 65)},
+    ]
+    answer = client.post("/v1/llm/events", json={"events": events})
+    assert answer.status_code == 207, answer.text
+    body = answer.json()
+    assert body["accepted"] == 3
+    assert [item["index"] for item in body["rejected"]] == [2, 4]
+    assert "`$.score`" in body["rejected"][0]["error"]
+    assert "`$.name`" in body["rejected"][1]["error"]
+    on_topic = read_topic(broker.address, EVALUATIONS, 1)
+    assert in_utc(on_topic) == {"m-1": normalised(events[1], EVALUATION_DEFAULTS)}
+    assert len(read_topic(broker.address, REQUESTS, 1)) == 1
+    assert len(read_topic(broker.address, RESPONSES, 1)) == 1
+
+
+def test_another_tenants_evaluation_is_refused(broker: Broker, postgres_dsn: str) -> None:
+    settings = Settings(
+        kafka_brokers=broker.address, topic_partitions=TEST_PARTITIONS, postgres_dsn=postgres_dsn
+    )
+    with (
+        ServerThread(broker.address, settings) as running,
+        httpx.Client(base_url=running.url, timeout=20) as http,
+    ):
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            key = create_key(conn, "acme", "ingest").key
+        headers = {"Authorization": f"Bearer {key}"}
+        refused = http.post(
+            "/v1/llm/evaluation", json=an_evaluation("t-1", tenant_id="globex"), headers=headers
+        )
+        assert refused.status_code == 403, refused.text
+        assert refused.json() == {"error": "forbidden", "detail": TENANT_NOT_ALLOWED}
+        batch = {
+            "events": [
+                {"type": "evaluation", **an_evaluation("t-2", tenant_id="globex")},
+                {"type": "evaluation", **an_evaluation("t-3")},
+            ]
+        }
+        answer = http.post("/v1/llm/events", json=batch, headers=headers)
+        assert answer.status_code == 207, answer.text
+        assert answer.json()["rejected"] == [{"index": 0, "error": TENANT_NOT_ALLOWED}]
+        assert http.post("/v1/llm/evaluation", json=an_evaluation("t-4"), headers=headers).status_code == 202
+        assert http.post("/v1/llm/evaluation", json=an_evaluation("t-5")).status_code == 401
+    assert sorted(key for key, _ in read_topic(broker.address, EVALUATIONS, 2)) == ["t-3", "t-4"]
 
 
 def test_a_batch_keeps_its_valid_events_and_names_the_invalid_by_index(
@@ -353,6 +444,7 @@ def test_an_event_too_far_ahead_of_the_server_clock_is_refused(client: httpx.Cli
     on_requests = read_topic(broker.address, REQUESTS, 1)
     assert in_utc(on_requests) == {"at-limit": normalised(at_limit, REQUEST_DEFAULTS)}
     assert read_topic(broker.address, RESPONSES, 0, quiet=0.2) == []
+    assert read_topic(broker.address, EVALUATIONS, 0, quiet=0.2) == []
 
 
 def test_a_batch_rejects_only_its_events_too_far_ahead(client: httpx.Client, broker: Broker) -> None:
@@ -658,6 +750,106 @@ ERRORS = [
         415,
         "unsupported_media_type",
         "latin-1",
+    ),
+    (
+        "evaluation without a name",
+        "POST",
+        "/v1/llm/evaluation",
+        JSON,
+        json.dumps({k: v for k, v in an_evaluation("e").items() if k != "name"}).encode(),
+        400,
+        "invalid_event",
+        "`name`",
+    ),
+    (
+        "evaluation name too long",
+        "POST",
+        "/v1/llm/evaluation",
+        JSON,
+        json.dumps(an_evaluation("e", name="n" * 65)).encode(),
+        400,
+        "invalid_event",
+        "`$.name`",
+    ),
+    (
+        "evaluation name with a control character",
+        "POST",
+        "/v1/llm/evaluation",
+        JSON,
+        json.dumps(an_evaluation("e", name="a\nb")).encode(),
+        400,
+        "invalid_event",
+        "`$.name`",
+    ),
+    (
+        "evaluation without score or label",
+        "POST",
+        "/v1/llm/evaluation",
+        JSON,
+        json.dumps(an_evaluation("e", score=None)).encode(),
+        400,
+        "invalid_event",
+        "`$.score`",
+    ),
+    (
+        "evaluation score not a number",
+        "POST",
+        "/v1/llm/evaluation",
+        JSON,
+        json.dumps(an_evaluation("e", score="high")).encode(),
+        400,
+        "invalid_event",
+        "`$.score`",
+    ),
+    (
+        "evaluation label too long",
+        "POST",
+        "/v1/llm/evaluation",
+        JSON,
+        json.dumps(an_evaluation("e", label="l" * 65)).encode(),
+        400,
+        "invalid_event",
+        "`$.label`",
+    ),
+    (
+        "evaluator too long",
+        "POST",
+        "/v1/llm/evaluation",
+        JSON,
+        json.dumps(an_evaluation("e", evaluator="v" * 129)).encode(),
+        400,
+        "invalid_event",
+        "`$.evaluator`",
+    ),
+    (
+        "explanation over 4 KiB encoded",
+        "POST",
+        "/v1/llm/evaluation",
+        JSON,
+        json.dumps(an_evaluation("e", explanation="é" * 2049)).encode(),
+        400,
+        "invalid_event",
+        "`$.explanation`",
+    ),
+    (
+        "evaluation without tenant",
+        "POST",
+        "/v1/llm/evaluation",
+        JSON,
+        json.dumps({k: v for k, v in an_evaluation("e").items() if k != "tenant_id"}).encode(),
+        400,
+        "invalid_event",
+        "`tenant_id`",
+    ),
+    (
+        "evaluation time without offset",
+        "POST",
+        "/v1/llm/evaluation",
+        JSON,
+        json.dumps(an_evaluation("e", timestamp="2026-03-01T12:05:00")).encode(),
+        400,
+        "invalid_event",
+        "`$.timestamp`",
     ),
     ("unknown path", "POST", "/v1/llm/nothing", JSON, VALID, 404, "not_found", "/v1/llm/nothing"),
     ("unknown path, GET", "GET", "/", {}, b"", 404, "not_found", "/"),
