@@ -107,26 +107,6 @@ class _BinaryArray:
         self.data = data
 
 
-class _Int8Array(_BinaryArray):
-    __slots__ = ()
-    element = binary_arrays.INT8
-
-
-class _Float8Array(_BinaryArray):
-    __slots__ = ()
-    element = binary_arrays.FLOAT8
-
-
-class _TextArray(_BinaryArray):
-    __slots__ = ()
-    element = binary_arrays.TEXT
-
-
-class _ByteaArray(_BinaryArray):
-    __slots__ = ()
-    element = binary_arrays.BYTEA
-
-
 class _BinaryArrayDumper(Dumper):
     format = Format.BINARY
 
@@ -134,9 +114,18 @@ class _BinaryArrayDumper(Dumper):
         return obj.data
 
 
-for _array in (_Int8Array, _Float8Array, _TextArray, _ByteaArray):
-    psycopg.adapters.register_dumper(_array, type(f"{_array.__name__}Dumper", (_BinaryArrayDumper,),
-                                                  {"oid": binary_arrays.ARRAY_OF[_array.element]}))
+def _array_type(name: str, element: int) -> type[_BinaryArray]:
+    """A :class:`_BinaryArray` of ``element``s, which psycopg sends as the array type of them."""
+    array = type(name, (_BinaryArray,), {"__slots__": (), "element": element})
+    dumper = type(f"{name}Dumper", (_BinaryArrayDumper,), {"oid": binary_arrays.ARRAY_OF[element]})
+    psycopg.adapters.register_dumper(array, dumper)
+    return array
+
+
+_Int8Array = _array_type("_Int8Array", binary_arrays.INT8)
+_Float8Array = _array_type("_Float8Array", binary_arrays.FLOAT8)
+_TextArray = _array_type("_TextArray", binary_arrays.TEXT)
+_ByteaArray = _array_type("_ByteaArray", binary_arrays.BYTEA)
 
 
 # Pauses between attempts while something is down: quick at first, then capped.
