@@ -14,6 +14,8 @@ labels about calls (SPEC §9), stored on ``llm.evaluations`` keyed by the call's
 
 ``POST /v1/traces`` takes OTLP/HTTP trace exports: each GenAI span becomes a
 request and a response event (:mod:`api.otlp`), judged and sent like the others.
+``gen_ai.evaluation.result`` events — span events there, log records on
+``POST /v1/logs`` (OTLP/HTTP log exports) — become evaluations.
 
 Every endpoint but ``/health``, ``/ready`` and ``/metrics`` takes an ``ingest``
 API key (:mod:`api.auth`); an event of another tenant than the key's is refused
@@ -32,11 +34,10 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import msgspec
 from confluent_kafka import KafkaException
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -49,6 +50,7 @@ from api.body import BodyError, MiB, check_content_type, read_body
 from api.errors import error_response, http_error, server_error
 from api.observability import (
     INGESTION_ENDPOINTS,
+    REJECTION_REASONS,
     Buckets,
     Count,
     EndpointMetrics,
@@ -90,6 +92,7 @@ EVENT_TOPICS = frozenset({REQUESTS, RESPONSES, EVALUATIONS})
 _ACCEPTED = b'{"status":"accepted"}'
 Record = tuple[str, bytes, bytes]
 T = TypeVar("T")
+Export = TypeVar("Export")
 Handler = Callable[[Request], Awaitable[Response]]
 # What a refusal's status says about the event (see _refuse), as the metrics' reason.
 _REFUSAL_REASONS = {400: "future_timestamp", 403: "other_tenant"}
@@ -147,9 +150,13 @@ async def _decode_body(
 
 
 async def _read_export(
-    request: Request, encoding: otlp.Encoding, sizes: Buckets
-) -> ExportTraceServiceRequest:
-    """The OTLP export in the body, or :class:`BodyError` saying what is wrong with it."""
+    request: Request,
+    encoding: otlp.Encoding,
+    sizes: Buckets,
+    decode: Callable[[bytes, otlp.Encoding], Export],
+) -> Export:
+    """The OTLP export in the body, decoded by ``decode``, or :class:`BodyError` saying
+    what is wrong with it."""
     if encoding == "json":
         check_content_type(request)
     try:
@@ -160,7 +167,7 @@ async def _read_export(
             raise
         body = b""
     sizes.observe(len(body))
-    return otlp.decode_export(otlp.decompress(body, request.headers.get("content-encoding")), encoding)
+    return decode(otlp.decompress(body, request.headers.get("content-encoding")), encoding)
 
 
 def _refuse(principal: Principal, event: IngestEvent, now: float) -> tuple[int, str] | None:
@@ -176,6 +183,33 @@ def _refuse(principal: Principal, event: IngestEvent, now: float) -> tuple[int, 
     if refusal is not None:
         return 403, refusal
     return None
+
+
+class _Counts(NamedTuple):
+    """What an endpoint counts as accepted, and as rejected by reason."""
+
+    accepted: Count
+    rejected: dict[str, Count]
+
+
+def _evaluation_records(
+    principal: Principal,
+    evaluations: list[LLMEvaluation],
+    rejected: list[str],
+    refused: dict[str, Count],
+    now: float,
+) -> list[Record]:
+    """The records of the evaluations that may be stored; each refusal is added to
+    ``rejected`` (the OTLP answer's) and counted in ``refused`` by reason."""
+    records: list[Record] = []
+    for evaluation in evaluations:
+        refusal = _refuse(principal, evaluation, now)
+        if refusal is not None:
+            rejected.append(f"evaluation {evaluation.name!r} of {evaluation.request_id}: {refusal[1]}")
+            refused[_REFUSAL_REASONS[refusal[0]]].value += 1
+            continue
+        records.append(to_record(evaluation))
+    return records
 
 
 def _unavailable(detail: str) -> Response:
@@ -198,6 +232,11 @@ class Ingestion:
         self._recovery: asyncio.Task[None] | None = None
         self.metrics = IngestionMetrics()
         self._endpoints = {name: EndpointMetrics(self.metrics, name) for name in INGESTION_ENDPOINTS}
+        # The traces endpoint counts spans; the evaluations of their events are events.
+        self._span_evaluations = _Counts(
+            self.metrics.events_accepted.labels("traces"),
+            {reason: self.metrics.events_rejected.labels("traces", reason) for reason in REJECTION_REASONS},
+        )
         self._in_flight = self.metrics.sends_in_flight.labels()
 
     @contextlib.asynccontextmanager
@@ -404,23 +443,36 @@ class Ingestion:
             return _json(207, {"accepted": len(records), "rejected": rejected})
         return _json(202, {"accepted": len(records)})
 
-    async def post_traces(self, request: Request) -> Response:
-        """OTLP/HTTP: 200 with an ``ExportTraceServiceResponse`` (``partial_success`` naming
-        the first rejected span), errors as a ``google.rpc.Status``, in the request's encoding."""
-        metrics = self._endpoints["traces"]
+    async def _otlp_export(
+        self, request: Request, metrics: EndpointMetrics, decode: Callable[[bytes, otlp.Encoding], Export]
+    ) -> tuple[Principal, otlp.Encoding, Export] | Response:
+        """The key, the encoding and the export of an OTLP/HTTP request, or the
+        ``google.rpc.Status`` answer saying why not."""
         encoding = otlp.answer_encoding(request.headers.get("content-type"))
         principal = await authenticate(request, "ingest")
         if isinstance(principal, Response):
             return otlp.as_status(principal, encoding)
         try:
             encoding = otlp.request_encoding(request.headers.get("content-type"))
-            export = await _read_export(request, encoding, metrics.body_bytes)
+            export = await _read_export(request, encoding, metrics.body_bytes, decode)
         except BodyError as error:
             failure = error_response(error.status, error.code, error.detail, error.headers)
             return otlp.as_status(failure, encoding)
+        return principal, encoding, export
+
+    async def post_traces(self, request: Request) -> Response:
+        """OTLP/HTTP: 200 with an ``ExportTraceServiceResponse`` (``partial_success`` naming
+        the first rejected span or evaluation event), errors as a ``google.rpc.Status``, in
+        the request's encoding."""
+        metrics = self._endpoints["traces"]
+        read = await self._otlp_export(request, metrics, otlp.decode_export)
+        if isinstance(read, Response):
+            return read
+        principal, encoding, export = read
         mapped = otlp.calls_from_export(export, principal.tenant_id)
         rejected = mapped.rejected
-        metrics.rejected["invalid"].value += len(rejected)
+        metrics.rejected["invalid"].value += len(rejected) - mapped.rejected_evaluations
+        self._span_evaluations.rejected["invalid"].value += mapped.rejected_evaluations
         records: list[Record] = []
         spans = 0
         now = time.time()
@@ -432,12 +484,35 @@ class Ingestion:
                 continue
             records.extend(to_record(event) for event in call)
             spans += 1
+        evaluations = _evaluation_records(
+            principal, mapped.evaluations, rejected, self._span_evaluations.rejected, now
+        )
+        records.extend(evaluations)
         # All-or-503, as for a batch: OTLP exporters send the whole export again.
         failure = await self._send(records)
         if failure is not None:
             return otlp.as_status(failure, encoding)
         metrics.accepted.value += spans
+        self._span_evaluations.accepted.value += len(evaluations)
         return otlp.export_response(rejected, encoding)
+
+    async def post_logs(self, request: Request) -> Response:
+        """OTLP/HTTP log exports, answered as :meth:`post_traces` answers: each
+        ``gen_ai.evaluation.result`` log record is an evaluation, other records are ignored."""
+        metrics = self._endpoints["logs"]
+        read = await self._otlp_export(request, metrics, otlp.decode_logs_export)
+        if isinstance(read, Response):
+            return read
+        principal, encoding, export = read
+        found = otlp.evaluations_from_logs(export, principal.tenant_id)
+        rejected = found.rejected
+        metrics.rejected["invalid"].value += len(rejected)
+        records = _evaluation_records(principal, found.evaluations, rejected, metrics.rejected, time.time())
+        failure = await self._send(records)
+        if failure is not None:
+            return otlp.as_status(failure, encoding)
+        metrics.accepted.value += len(records)
+        return otlp.logs_export_response(rejected, encoding)
 
     async def health(self, request: Request) -> Response:
         return _json(200, {"status": "ok"})
@@ -480,6 +555,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/v1/llm/evaluation", observed("evaluation", ingestion.post_evaluation), methods=["POST"]),
         Route("/v1/llm/events", observed("events", ingestion.post_events), methods=["POST"]),
         Route("/v1/traces", observed("traces", ingestion.post_traces), methods=["POST"]),
+        Route("/v1/logs", observed("logs", ingestion.post_logs), methods=["POST"]),
         Route("/health", ingestion.health, methods=["GET"]),
         Route("/ready", ingestion.ready, methods=["GET"]),
         metrics_route(ingestion.metrics),

@@ -39,7 +39,7 @@ SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1 * MiB, 4 * MiB, 8 * MiB)
 
 # The ingestion API's endpoints, as the ``endpoint`` label names them.
-INGESTION_ENDPOINTS = ("request", "response", "evaluation", "events", "traces")
+INGESTION_ENDPOINTS = ("request", "response", "evaluation", "events", "traces", "logs")
 # Why an event or span was refused (``reason`` label).
 REJECTION_REASONS = ("invalid", "future_timestamp", "other_tenant")
 # The query API's kinds of query (``kind`` label).

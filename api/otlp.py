@@ -1,40 +1,57 @@
-"""OpenTelemetry in (contract §2): OTLP/HTTP trace exports, GenAI spans become calls.
+"""OpenTelemetry in (contract §2, §9): OTLP/HTTP exports, GenAI spans become calls and
+``gen_ai.evaluation.result`` events become evaluations.
 
-Pure functions for ``POST /v1/traces`` of :mod:`api.ingestion`: which encoding a
-body is in, decompressing and decoding it with ``opentelemetry-proto``, mapping
-each span of the OpenTelemetry GenAI semantic conventions to a request and a
+Pure functions for ``POST /v1/traces`` and ``POST /v1/logs`` of :mod:`api.ingestion`:
+which encoding a body is in, decompressing and decoding it with ``opentelemetry-proto``,
+mapping each span of the OpenTelemetry GenAI semantic conventions to a request and a
 response event (the same schemas as every other endpoint), with the span's and
 its resource's other attributes as the request's ``metadata`` (:func:`metadata`),
-and the answers OTLP expects (an ``ExportTraceServiceResponse``, or a
-``google.rpc.Status`` for an error, in the request's encoding).
+mapping each evaluation event — a span event or a log record — to an evaluation
+(:func:`evaluation_from_span_event`, :func:`evaluation_from_log_record`), and the
+answers OTLP expects (an ``ExportTraceServiceResponse`` or ``ExportLogsServiceResponse``,
+or a ``google.rpc.Status`` for an error, in the request's encoding).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import re
 import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, NamedTuple, TypeVar
 
 import msgspec
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, status_pb2
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsPartialSuccess,
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTracePartialSuccess,
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from starlette.responses import Response
 
 from api.body import BodyError, MiB
 from schemas.dimensions import VALUE_MAX_CHARS
-from schemas.events import METADATA_MAX_BYTES, LLMRequest, LLMResponse, MetadataValue, check_cache_read
+from schemas.events import (
+    METADATA_MAX_BYTES,
+    LLMEvaluation,
+    LLMRequest,
+    LLMResponse,
+    MetadataValue,
+    check_cache_read,
+)
 
 Encoding = Literal["protobuf", "json"]
 PROTOBUF = "application/x-protobuf"
@@ -42,6 +59,7 @@ JSON = "application/json"
 
 # Exporters send up to 512 spans per export by default, and spans that capture
 # message content can be tens of KiB each: the limit is on the decompressed body.
+# Log exports (as many records, explanations of up to 4 KiB) have the same one.
 TRACES_BODY_LIMIT = 16 * MiB
 
 # Span attributes read here. ``streamlens.*`` are StreamLens's own.
@@ -76,6 +94,21 @@ _SPAN_ATTRIBUTE_FIELDS = {
 }  # fmt: skip
 _SPAN_ATTRIBUTES = frozenset(_SPAN_ATTRIBUTE_FIELDS)
 _RESOURCE_ATTRIBUTE_FIELDS = {SERVICE_NAME: _STRING, TENANT: _STRING}
+# An evaluation event (a span event or a log record) and its attributes.
+EVALUATION_EVENT = "gen_ai.evaluation.result"
+EVENT_NAME = "event.name"  # where log records named their event before LogRecord.event_name
+EVALUATION_NAME = "gen_ai.evaluation.name"
+SCORE_VALUE = "gen_ai.evaluation.score.value"
+SCORE_LABEL = "gen_ai.evaluation.score.label"
+EXPLANATION = "gen_ai.evaluation.explanation"
+RESPONSE_ID = "gen_ai.response.id"
+_EVALUATION_ATTRIBUTE_FIELDS = {
+    EVALUATION_NAME: _STRING, SCORE_VALUE: _DOUBLE, SCORE_LABEL: _STRING, EXPLANATION: _STRING,
+}  # fmt: skip
+_LOG_ATTRIBUTE_FIELDS = {
+    **_EVALUATION_ATTRIBUTE_FIELDS, EVENT_NAME: _STRING, RESPONSE_ID: _STRING, TENANT: _STRING,
+}  # fmt: skip
+_TENANT_FIELD = {TENANT: _STRING}
 # Operations that call a model: without a model such a span cannot be counted, and says so.
 MODEL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
 # Agent and tool steps are not model calls: the model calls they make are spans
@@ -123,6 +156,15 @@ _FIELD_SOURCES = {
     "finish_reason": FINISH_REASONS,
     "time_to_first_token_ms": TIME_TO_FIRST_CHUNK,
 }
+# The same for an evaluation; its request_id from a span context is always valid hex.
+_EVALUATION_SOURCES = {
+    "request_id": RESPONSE_ID,
+    "tenant_id": TENANT,
+    "name": EVALUATION_NAME,
+    "score": SCORE_VALUE,
+    "label": SCORE_LABEL,
+    "explanation": EXPLANATION,
+}
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -131,7 +173,8 @@ _ZERO_SPAN_ID = bytes(8)
 
 
 class SpanRejected(Exception):
-    """A GenAI span that cannot become a call; the message names what is wrong."""
+    """A GenAI span that cannot become a call, or an evaluation event (a span event or a
+    log record) that cannot become an evaluation; the message names what is wrong."""
 
 
 Call = tuple[LLMRequest, LLMResponse]
@@ -192,9 +235,35 @@ def decompress(body: bytes, content_encoding: str | None, limit: int = TRACES_BO
     return b"".join(parts)
 
 
+class _JsonLayout(NamedTuple):
+    """Where an OTLP JSON export of one signal holds trace and span ids (in hex)."""
+
+    resources: str
+    scopes: str
+    items: str
+    ids: tuple[str, ...]
+    nested: str | None = None  # a list in each item whose entries hold ids too
+
+
+_LINK_IDS = ("traceId", "spanId")
+_TRACES_JSON = _JsonLayout(
+    "resourceSpans", "scopeSpans", "spans", ("traceId", "spanId", "parentSpanId"), "links"
+)
+_LOGS_JSON = _JsonLayout("resourceLogs", "scopeLogs", "logRecords", ("traceId", "spanId"))
+_Export = TypeVar("_Export", bound=Message)
+
+
 def decode_export(body: bytes, encoding: Encoding) -> ExportTraceServiceRequest:
     """An ``ExportTraceServiceRequest`` from OTLP protobuf or OTLP JSON, or :class:`BodyError` 400."""
-    export = ExportTraceServiceRequest()
+    return _decode(body, encoding, ExportTraceServiceRequest(), _TRACES_JSON)
+
+
+def decode_logs_export(body: bytes, encoding: Encoding) -> ExportLogsServiceRequest:
+    """An ``ExportLogsServiceRequest`` from OTLP protobuf or OTLP JSON, or :class:`BodyError` 400."""
+    return _decode(body, encoding, ExportLogsServiceRequest(), _LOGS_JSON)
+
+
+def _decode(body: bytes, encoding: Encoding, export: _Export, layout: _JsonLayout) -> _Export:
     if encoding == "protobuf":
         try:
             export.ParseFromString(body)
@@ -209,7 +278,7 @@ def decode_export(body: bytes, encoding: Encoding) -> ExportTraceServiceRequest:
         raise BodyError(400, "invalid_json", f"the body is not JSON: {error}") from None
     if not isinstance(document, dict):
         raise BodyError(400, "invalid_otlp", "the body is not a JSON object")
-    _hex_ids_to_base64(document)
+    _hex_ids_to_base64(document, layout)
     try:
         json_format.ParseDict(document, export, ignore_unknown_fields=True)
     except (json_format.ParseError, ValueError, TypeError, RecursionError) as error:
@@ -217,12 +286,12 @@ def decode_export(body: bytes, encoding: Encoding) -> ExportTraceServiceRequest:
     return export
 
 
-def _hex_ids_to_base64(document: dict[str, object]) -> None:
+def _hex_ids_to_base64(document: dict[str, object], layout: _JsonLayout) -> None:
     """OTLP JSON writes trace and span ids in hex; the protobuf JSON mapping reads bytes as base64.
 
     Anything not shaped like an export is left for ``ParseDict`` to name.
     """
-    for path, holder, field in _id_fields(document):
+    for path, holder, field in _id_fields(document, layout):
         value = holder[field]
         if not isinstance(value, str):
             continue
@@ -232,22 +301,38 @@ def _hex_ids_to_base64(document: dict[str, object]) -> None:
             raise BodyError(400, "invalid_otlp", f"{path}.{field}: {value[:40]!r} is not hex") from None
 
 
-def _id_fields(document: dict[str, object]) -> Iterator[tuple[str, dict[str, object], str]]:
-    for r, resource_spans in _dicts(_either(document, "resourceSpans", "resource_spans")):
-        for s, scope_spans in _dicts(_either(resource_spans, "scopeSpans", "scope_spans")):
-            for n, span in _dicts(scope_spans.get("spans")):
-                path = f"resourceSpans[{r}].scopeSpans[{s}].spans[{n}]"
-                for field in ("traceId", "trace_id", "spanId", "span_id", "parentSpanId", "parent_span_id"):
-                    if field in span:
-                        yield path, span, field
-                for k, link in _dicts(span.get("links")):
-                    for field in ("traceId", "trace_id", "spanId", "span_id"):
-                        if field in link:
-                            yield f"{path}.links[{k}]", link, field
+def _id_fields(
+    document: dict[str, object], layout: _JsonLayout
+) -> Iterator[tuple[str, dict[str, object], str]]:
+    resources, scopes, items = layout.resources, layout.scopes, layout.items
+    for r, resource in _dicts(_either(document, resources)):
+        for s, scope in _dicts(_either(resource, scopes)):
+            for n, item in _dicts(_either(scope, items)):
+                path = f"{resources}[{r}].{scopes}[{s}].{items}[{n}]"
+                yield from _ids_in(path, item, layout.ids)
+                if layout.nested is not None:
+                    for k, entry in _dicts(item.get(layout.nested)):
+                        yield from _ids_in(f"{path}.{layout.nested}[{k}]", entry, _LINK_IDS)
 
 
-def _either(holder: dict[str, object], camel: str, snake: str) -> object:
-    return holder.get(camel, holder.get(snake))
+def _ids_in(
+    path: str, holder: dict[str, object], names: tuple[str, ...]
+) -> Iterator[tuple[str, dict[str, object], str]]:
+    for name in names:
+        for field in (name, _snake(name)):
+            if field in holder:
+                yield path, holder, field
+
+
+def _either(holder: dict[str, object], camel: str) -> object:
+    """The member named in lowerCamelCase, as OTLP JSON writes it, else in snake_case,
+    which the protobuf JSON mapping reads too."""
+    return holder.get(camel, holder.get(_snake(camel)))
+
+
+@functools.cache
+def _snake(camel: str) -> str:
+    return re.sub(r"[A-Z]", lambda upper: "_" + upper.group().lower(), camel)
 
 
 def _dicts(items: object) -> Iterator[tuple[int, dict[str, object]]]:
@@ -261,14 +346,19 @@ def _dicts(items: object) -> Iterator[tuple[int, dict[str, object]]]:
 
 
 class Mapped(msgspec.Struct):
-    """What an export holds: its calls, and why each rejected GenAI span was rejected."""
+    """What a trace export holds: its calls, the evaluations its spans' events record, and
+    why each rejected GenAI span or evaluation event was rejected, in the export's order."""
 
     calls: list[Call]
     rejected: list[str]
+    evaluations: list[LLMEvaluation] = []
+    # How many of ``rejected`` are evaluation events: the rest are spans.
+    rejected_evaluations: int = 0
 
 
 def calls_from_export(export: ExportTraceServiceRequest, tenant_id: str | None) -> Mapped:
-    """Every GenAI span of ``export`` as a call; other spans are left out.
+    """Every GenAI span of ``export`` as a call, and every ``gen_ai.evaluation.result``
+    event of any span as an evaluation; other spans and events are left out.
 
     ``tenant_id`` is the API key's tenant (None with ``AUTH=off``: the spans must
     then name theirs in ``streamlens.tenant_id``).
@@ -285,10 +375,30 @@ def calls_from_export(export: ExportTraceServiceRequest, tenant_id: str | None) 
                     call = call_from_span(span, resource, tenant_id, resource_metadata)
                 except SpanRejected as error:
                     mapped.rejected.append(f"span {_span_name(span)}: {error}")
-                    continue
+                    call = None
                 if call is not None:
                     mapped.calls.append(call)
+                # Most spans have no events: those cost one read here, nothing more.
+                if span.events:
+                    _add_span_evaluations(span, resource, tenant_id, mapped)
     return mapped
+
+
+def _add_span_evaluations(
+    span: Span, resource: dict[str, Value], tenant_id: str | None, mapped: Mapped
+) -> None:
+    # An evaluation stands on its own, as in a batch: a rejected call does not cost
+    # the evaluations of its span, nor a broken evaluation the others.
+    for index, event in enumerate(span.events):
+        if event.name != EVALUATION_EVENT:
+            continue
+        try:
+            evaluation = evaluation_from_span_event(span, event, resource, tenant_id)
+        except SpanRejected as error:
+            mapped.rejected.append(f"span {_span_name(span)}, event {index} ({EVALUATION_EVENT}): {error}")
+            mapped.rejected_evaluations += 1
+            continue
+        mapped.evaluations.append(evaluation)
 
 
 def call_from_span(
@@ -322,12 +432,8 @@ def call_from_span(
             )
         return None
     # Each read of a protobuf field builds a new Python object: read each once.
-    trace_id, span_id = span.trace_id, span.span_id
+    request_id = span_request_id(span.trace_id, span.span_id)
     start, end = span.start_time_unix_nano, span.end_time_unix_nano
-    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
-        raise SpanRejected("trace_id: expected 16 bytes, not all zero")
-    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
-        raise SpanRejected("span_id: expected 8 bytes, not all zero")
     if start == 0 or end == 0:
         raise SpanRejected("start_time_unix_nano and end_time_unix_nano are required")
     if end < start:
@@ -340,7 +446,6 @@ def call_from_span(
     tenant = _string(attributes, TENANT) or _string(resource, TENANT) or tenant_id
     if tenant is None:
         raise SpanRejected(f"no tenant: without API keys a span names its tenant in {TENANT}")
-    request_id = trace_id.hex() + span_id.hex()
     prompt = _tokens(attributes, INPUT_TOKENS, PROMPT_TOKENS)
     completion = _tokens(attributes, OUTPUT_TOKENS, COMPLETION_TOKENS)
     fields_request = {
@@ -376,12 +481,21 @@ def call_from_span(
     return request, response
 
 
+def span_request_id(trace_id: bytes, span_id: bytes) -> str:
+    """The request_id of the call a span records: its trace id and span id in hex."""
+    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
+        raise SpanRejected("trace_id: expected 16 bytes, not all zero")
+    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
+        raise SpanRejected("span_id: expected 8 bytes, not all zero")
+    return trace_id.hex() + span_id.hex()
+
+
 def _span_name(span: Span) -> str:
     return f"{span.trace_id.hex()}/{span.span_id.hex()} ({span.name[:80]!r})"
 
 
-def _with_source(message: str) -> str:
-    for field, source in _FIELD_SOURCES.items():
+def _with_source(message: str, sources: dict[str, str] = _FIELD_SOURCES) -> str:
+    for field, source in sources.items():
         if message.endswith(f"`$.{field}`"):
             return f"{message} (from {source})"
     return message
@@ -404,6 +518,116 @@ def _first_chunk_ms(attributes: dict[str, Value]) -> float | None:
     if seconds is None:
         seconds = _number(attributes, TIME_TO_FIRST_TOKEN)
     return None if seconds is None else seconds * 1000
+
+
+# -- evaluation events to evaluations --------------------------------------------------
+
+
+class Evaluations(msgspec.Struct):
+    """What a log export holds: its evaluations, and why each rejected evaluation event
+    was rejected. Log records that are not evaluation events are left out."""
+
+    evaluations: list[LLMEvaluation]
+    rejected: list[str]
+
+
+def evaluations_from_logs(export: ExportLogsServiceRequest, tenant_id: str | None) -> Evaluations:
+    """Every ``gen_ai.evaluation.result`` log record of ``export`` as an evaluation.
+
+    ``tenant_id`` is the API key's tenant, as for :func:`calls_from_export`.
+    """
+    found = Evaluations(evaluations=[], rejected=[])
+    for r, resource_logs in enumerate(export.resource_logs):
+        resource = _attributes(resource_logs.resource.attributes, _RESOURCE_ATTRIBUTE_FIELDS)
+        for s, scope_logs in enumerate(resource_logs.scope_logs):
+            for n, record in enumerate(scope_logs.log_records):
+                try:
+                    evaluation = evaluation_from_log_record(record, resource, tenant_id)
+                except SpanRejected as error:
+                    where = f"resourceLogs[{r}].scopeLogs[{s}].logRecords[{n}]"
+                    found.rejected.append(f"log record {where}: {error}")
+                    continue
+                if evaluation is not None:
+                    found.evaluations.append(evaluation)
+    return found
+
+
+def evaluation_from_span_event(
+    span: Span, event: Span.Event, resource: dict[str, Value], tenant_id: str | None
+) -> LLMEvaluation:
+    """The evaluation a ``gen_ai.evaluation.result`` span event records, about the call of
+    its span (the request_id :func:`call_from_span` gives it), or :class:`SpanRejected`.
+
+    The tenant is the span's, as for its call: ``resource`` holds the resource's
+    ``streamlens.tenant_id`` and ``tenant_id`` is the API key's.
+    """
+    request_id = span_request_id(span.trace_id, span.span_id)
+    own = _attributes(span.attributes, _TENANT_FIELD)
+    tenant = _string(own, TENANT) or _string(resource, TENANT) or tenant_id
+    attributes = _attributes(event.attributes, _EVALUATION_ATTRIBUTE_FIELDS)
+    return _evaluation(attributes, request_id, tenant, event.time_unix_nano, "the event's time_unix_nano")
+
+
+def evaluation_from_log_record(
+    record: LogRecord, resource: dict[str, Value], tenant_id: str | None
+) -> LLMEvaluation | None:
+    """The evaluation a ``gen_ai.evaluation.result`` log record records, None for another
+    log record, or :class:`SpanRejected`.
+
+    The call is the span of the record's span context, else the one whose response
+    ``gen_ai.response.id`` names; the tenant is the record's ``streamlens.tenant_id``,
+    else the resource's, else the API key's ``tenant_id``.
+    """
+    event_name = record.event_name
+    if event_name and event_name != EVALUATION_EVENT:
+        return None
+    attributes = _attributes(record.attributes, _LOG_ATTRIBUTE_FIELDS)
+    if not event_name and attributes.get(EVENT_NAME) != EVALUATION_EVENT:
+        return None
+    trace_id, span_id = record.trace_id, record.span_id
+    if any(trace_id) and any(span_id):
+        request_id = span_request_id(trace_id, span_id)
+    else:
+        request_id = _string(attributes, RESPONSE_ID)
+        if request_id is None:
+            raise SpanRejected(
+                f"no call: the record has no span context (trace_id and span_id) and no {RESPONSE_ID}"
+            )
+    tenant = _string(attributes, TENANT) or _string(resource, TENANT) or tenant_id
+    # The observed time is when the SDK received the record: the next best to when it was made.
+    unix_nano = record.time_unix_nano or record.observed_time_unix_nano
+    return _evaluation(attributes, request_id, tenant, unix_nano, "time_unix_nano or observed_time_unix_nano")
+
+
+def _evaluation(
+    attributes: dict[str, Value], request_id: str, tenant: str | None, unix_nano: int, time_source: str
+) -> LLMEvaluation:
+    name = _string(attributes, EVALUATION_NAME)
+    if name is None:
+        raise SpanRejected(f"{EVALUATION_NAME} is required")
+    score = _number(attributes, SCORE_VALUE)
+    label = _string(attributes, SCORE_LABEL)
+    if score is None and label is None:
+        raise SpanRejected(f"neither {SCORE_VALUE} nor {SCORE_LABEL} is set")
+    if tenant is None:
+        raise SpanRejected(f"no tenant: without API keys an evaluation names its tenant in {TENANT}")
+    if unix_nano == 0:
+        raise SpanRejected(f"no time: {time_source} is required")
+    fields = {
+        "request_id": request_id,
+        "tenant_id": tenant,
+        "name": name,
+        "timestamp": _instant(unix_nano),
+        "score": score,
+        "label": label,
+        # The conventions have no attribute for who evaluated.
+        "evaluator": None,
+        "explanation": _string(attributes, EXPLANATION),
+    }
+    try:
+        return msgspec.convert(fields, LLMEvaluation)
+    except msgspec.ValidationError as error:
+        raise SpanRejected(_with_source(str(error), _EVALUATION_SOURCES)) from None
 
 
 # -- metadata -------------------------------------------------------------------------
@@ -615,19 +839,37 @@ def _media_type(encoding: Encoding) -> str:
     return PROTOBUF if encoding == "protobuf" else JSON
 
 
+def _encoded(message: Message, encoding: Encoding) -> bytes:
+    if encoding == "protobuf":
+        return message.SerializeToString()
+    return json_format.MessageToJson(message, indent=None).encode()
+
+
+def _first_problem(rejected: list[str]) -> str:
+    more = f" (and {len(rejected) - 1} more)" if len(rejected) > 1 else ""
+    return rejected[0] + more
+
+
 def export_response(rejected: list[str], encoding: Encoding) -> Response:
     """200 with an ``ExportTraceServiceResponse``: ``partial_success`` names the first rejection."""
     answer = ExportTraceServiceResponse()
     if rejected:
-        more = f" (and {len(rejected) - 1} more)" if len(rejected) > 1 else ""
         answer.partial_success.CopyFrom(
-            ExportTracePartialSuccess(rejected_spans=len(rejected), error_message=rejected[0] + more)
+            ExportTracePartialSuccess(rejected_spans=len(rejected), error_message=_first_problem(rejected))
         )
-    if encoding == "protobuf":
-        body = answer.SerializeToString()
-    else:
-        body = json_format.MessageToJson(answer, indent=None).encode()
-    return Response(body, status_code=200, media_type=_media_type(encoding))
+    return Response(_encoded(answer, encoding), status_code=200, media_type=_media_type(encoding))
+
+
+def logs_export_response(rejected: list[str], encoding: Encoding) -> Response:
+    """200 with an ``ExportLogsServiceResponse``: ``partial_success`` names the first rejection."""
+    answer = ExportLogsServiceResponse()
+    if rejected:
+        answer.partial_success.CopyFrom(
+            ExportLogsPartialSuccess(
+                rejected_log_records=len(rejected), error_message=_first_problem(rejected)
+            )
+        )
+    return Response(_encoded(answer, encoding), status_code=200, media_type=_media_type(encoding))
 
 
 # The gRPC code a ``google.rpc.Status`` carries for each HTTP status answered here.
@@ -650,13 +892,14 @@ def as_status(error: Response, encoding: Encoding) -> Response:
         code=_STATUS_CODES.get(error.status_code, code_pb2.UNKNOWN),
         message=f"{shape.get('error', 'error')}: {shape.get('detail', '')}",
     )
-    if encoding == "protobuf":
-        body = status.SerializeToString()
-    else:
-        body = json_format.MessageToJson(status, indent=None).encode()
     headers = {
         name: value
         for name, value in error.headers.items()
         if name.lower() not in ("content-length", "content-type")
     }
-    return Response(body, status_code=error.status_code, headers=headers, media_type=_media_type(encoding))
+    return Response(
+        _encoded(status, encoding),
+        status_code=error.status_code,
+        headers=headers,
+        media_type=_media_type(encoding),
+    )

@@ -1,4 +1,5 @@
-"""``POST /v1/traces``: OTLP/HTTP trace exports, GenAI spans become request and response events.
+"""``POST /v1/traces``: OTLP/HTTP trace exports, GenAI spans become request and response events;
+``gen_ai.evaluation.result`` span events, and log records on ``POST /v1/logs``, become evaluations.
 
 The mapping (:mod:`api.otlp`) is tested directly on spans built here; the endpoint over
 real HTTP against a real broker and real API keys in a real Postgres, with the real
@@ -18,8 +19,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,19 +31,32 @@ import pytest
 from google.rpc import code_pb2, status_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
+from opentelemetry.sdk._logs.export import (
+    InMemoryLogRecordExporter,
+    LogRecordExportResult,
+    SimpleLogRecordProcessor,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status as SdkStatus
 from opentelemetry.trace import StatusCode
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -55,8 +69,16 @@ from api.keys import create_key
 from deploy.stack import Broker, Postgres
 from schemas.config import Settings
 from schemas.database import ensure_schema
-from schemas.events import LLMRequest, LLMResponse, encoder, request_decoder, response_decoder
-from schemas.topics import REQUESTS, RESPONSES, ensure_topics
+from schemas.events import (
+    LLMEvaluation,
+    LLMRequest,
+    LLMResponse,
+    encoder,
+    evaluation_decoder,
+    request_decoder,
+    response_decoder,
+)
+from schemas.topics import EVALUATIONS, REQUESTS, RESPONSES, ensure_topics
 from tests import dataflow_harness as h
 from tests.conftest import TEST_PARTITIONS
 from tests.serving import serving
@@ -641,6 +663,331 @@ def test_without_other_attributes_there_is_no_metadata() -> None:
     assert call is not None and call[0].metadata is None
 
 
+# -- evaluation events, unit-tested -------------------------------------------------------
+
+EVALUATION = "gen_ai.evaluation.result"
+EVALUATION_ATTRIBUTES: dict[str, Any] = {
+    "gen_ai.evaluation.name": "relevance",
+    "gen_ai.evaluation.score.value": 0.83,
+    "gen_ai.evaluation.score.label": "relevant",
+    "gen_ai.evaluation.explanation": "answers the question asked",
+}
+
+
+def at_ns(moment: datetime) -> int:
+    """``moment`` (whole microseconds) in Unix nanoseconds, and 456 ns past it."""
+    return (moment - EPOCH) // timedelta(microseconds=1) * 1000 + 456
+
+
+def request_id_of(trace_id: int, span_id: int) -> str:
+    return f"{trace_id:032x}{span_id:016x}"
+
+
+def expected_evaluation(
+    request_id: str, tenant: str, attributes: dict[str, Any], unix_nano: int
+) -> LLMEvaluation:
+    """The README's evaluation mapping, applied by hand."""
+    score = attributes.get("gen_ai.evaluation.score.value")
+    return LLMEvaluation(
+        request_id=request_id,
+        tenant_id=tenant,
+        name=attributes["gen_ai.evaluation.name"],
+        timestamp=EPOCH + timedelta(microseconds=unix_nano // 1000),
+        score=None if score is None else float(score),
+        label=attributes.get("gen_ai.evaluation.score.label"),
+        evaluator=None,
+        explanation=attributes.get("gen_ai.evaluation.explanation"),
+    )
+
+
+def by_call(evaluations: list[LLMEvaluation]) -> list[LLMEvaluation]:
+    return sorted(evaluations, key=lambda e: (e.request_id, e.name, e.timestamp))
+
+
+def with_events(span: Span, *events: tuple[str, int, dict[str, Any]]) -> Span:
+    """``span`` with these (name, time, attributes) events added."""
+    for name, unix_nano, attributes in events:
+        span.events.add(name=name, time_unix_nano=unix_nano, attributes=proto_attributes(attributes))
+    return span
+
+
+def trace_export(spans: list[Span], resource: dict[str, Any] | None = None) -> ExportTraceServiceRequest:
+    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(
+        resource={"attributes": proto_attributes({"service.name": "svc", **(resource or {})})},
+        scope_spans=[ScopeSpans(spans=spans)],
+    )])  # fmt: skip
+
+
+def test_evaluation_span_events_are_about_the_call_of_their_span() -> None:
+    start = recent()
+    specs = genai_specs(start)
+    call, other = with_ids([specs[0], specs[4]], 40)  # a chat span, an HTTP span
+    other.attributes["streamlens.tenant_id"] = "initech"
+    judged = at_ns(start + timedelta(seconds=5))
+    whole_score = {"gen_ai.evaluation.name": "toxicity", "gen_ai.evaluation.score.value": 0}
+    spans = [
+        with_events(
+            proto_span(call),
+            (EVALUATION, judged, EVALUATION_ATTRIBUTES),
+            ("gen_ai.client.inference.operation.details", judged, {"gen_ai.evaluation.name": "not this"}),
+        ),
+        with_events(proto_span(other), (EVALUATION, judged + 1000, whole_score)),
+    ]
+    mapped = otlp.calls_from_export(trace_export(spans), "acme")
+    assert (mapped.rejected, mapped.rejected_evaluations) == ([], 0)
+    [(request, _)] = mapped.calls
+    call_id = request_id_of(call.trace_id, call.span_id)
+    assert request.request_id == call_id
+    assert mapped.evaluations == [
+        expected_evaluation(call_id, "acme", EVALUATION_ATTRIBUTES, judged),
+        expected_evaluation(
+            request_id_of(other.trace_id, other.span_id), "initech", whole_score, judged + 1000
+        ),
+    ]
+    # Spelled out, without expected_evaluation.
+    first, second = mapped.evaluations
+    assert (first.name, first.score, first.label, first.evaluator) == ("relevance", 0.83, "relevant", None)
+    assert first.timestamp == start + timedelta(seconds=5)
+    assert (second.score, second.label, second.explanation) == (0.0, None, None)
+    # The resource's tenant comes before the key's, the span's before the resource's.
+    tenants = otlp.calls_from_export(trace_export(spans, {"streamlens.tenant_id": "hooli"}), "acme")
+    assert [e.tenant_id for e in tenants.evaluations] == ["hooli", "initech"]
+
+
+def test_a_broken_evaluation_event_costs_neither_the_call_nor_the_other_events() -> None:
+    valid, broken_call = with_ids(genai_specs(recent())[:2], 41)
+    broken_call.attributes["gen_ai.usage.input_tokens"] = "many"
+    nameless = {k: v for k, v in EVALUATION_ATTRIBUTES.items() if k != "gen_ai.evaluation.name"}
+    at = valid.end_ns
+    spans = [
+        with_events(proto_span(valid), (EVALUATION, at, nameless), (EVALUATION, at, EVALUATION_ATTRIBUTES)),
+        with_events(proto_span(broken_call), (EVALUATION, at, EVALUATION_ATTRIBUTES)),
+    ]
+    mapped = otlp.calls_from_export(trace_export(spans), "acme")
+    assert [request.request_id for request, _ in mapped.calls] == [
+        request_id_of(valid.trace_id, valid.span_id)
+    ]
+    assert mapped.evaluations == [
+        expected_evaluation(request_id_of(spec.trace_id, spec.span_id), "acme", EVALUATION_ATTRIBUTES, at)
+        for spec in (valid, broken_call)
+    ]
+    assert mapped.rejected_evaluations == 1 and len(mapped.rejected) == 2
+    event, span = mapped.rejected
+    assert event == (
+        f"span {valid.trace_id:032x}/{valid.span_id:016x} ('chat gpt-4o'), event 0 "
+        "(gen_ai.evaluation.result): gen_ai.evaluation.name is required"
+    )
+    assert span.startswith(f"span {broken_call.trace_id:032x}/") and "gen_ai.usage.input_tokens" in span
+
+
+@dataclass
+class RecordSpec:
+    """One log record to send: ids 0 for a record outside any span."""
+
+    attributes: dict[str, Any]
+    event_name: str = EVALUATION
+    time_ns: int = 0
+    observed_ns: int = 0
+    trace_id: int = 0
+    span_id: int = 0
+    body: str | None = None
+
+
+def proto_record(spec: RecordSpec) -> LogRecord:
+    return LogRecord(
+        event_name=spec.event_name,
+        time_unix_nano=spec.time_ns,
+        observed_time_unix_nano=spec.observed_ns,
+        trace_id=spec.trace_id.to_bytes(16, "big") if spec.trace_id else b"",
+        span_id=spec.span_id.to_bytes(8, "big") if spec.span_id else b"",
+        attributes=proto_attributes(spec.attributes),
+        body=any_value(spec.body),
+    )
+
+
+def logs_export(specs: list[RecordSpec], resource: dict[str, Any] | None = None) -> ExportLogsServiceRequest:
+    return ExportLogsServiceRequest(resource_logs=[ResourceLogs(
+        resource={"attributes": proto_attributes({"service.name": "evaluator", **(resource or {})})},
+        scope_logs=[ScopeLogs(log_records=[proto_record(spec) for spec in specs])],
+    )])  # fmt: skip
+
+
+def json_logs(specs: list[RecordSpec], resource: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A log export as OTLP JSON, written by hand: hex ids, 64-bit integers as strings, an unknown field."""
+    records = []
+    for spec in specs:
+        record: dict[str, Any] = {
+            "timeUnixNano": str(spec.time_ns),
+            "observedTimeUnixNano": str(spec.observed_ns),
+            "attributes": json_attributes(spec.attributes),
+            "someFutureField": [1],
+        }
+        if spec.event_name:
+            record["eventName"] = spec.event_name
+        if spec.trace_id:
+            record["traceId"], record["spanId"] = f"{spec.trace_id:032x}", f"{spec.span_id:016x}"
+        if spec.body is not None:
+            record["body"] = json_value(spec.body)
+        records.append(record)
+    return {"resourceLogs": [{
+        "resource": {"attributes": json_attributes({"service.name": "evaluator", **(resource or {})})},
+        "scopeLogs": [{"scope": {"name": "hand-built"}, "logRecords": records}],
+    }]}  # fmt: skip
+
+
+def log_specs(test_number: int, start: datetime) -> list[RecordSpec]:
+    """An evaluation in a span, two outside any (one in the older form), a record that is no evaluation."""
+    made, observed = at_ns(start), at_ns(start + timedelta(seconds=1))
+    ids = {"trace_id": (test_number << 64) | next(_ids), "span_id": 0xEEE0_0000_0000_0000 | next(_ids)}
+    return [
+        RecordSpec(EVALUATION_ATTRIBUTES, time_ns=made, observed_ns=observed, **ids),
+        RecordSpec({
+            "gen_ai.evaluation.name": "user_feedback", "gen_ai.evaluation.score.label": "thumbs_up",
+            "gen_ai.response.id": f"chatcmpl-{test_number}-{next(_ids)}", "streamlens.tenant_id": "acme",
+        }, observed_ns=observed),
+        RecordSpec({
+            **EVALUATION_ATTRIBUTES, "event.name": EVALUATION,
+            "gen_ai.response.id": f"chatcmpl-{test_number}-{next(_ids)}",
+        }, event_name="", time_ns=made),
+        RecordSpec({"http.route": "/judge"}, event_name="", time_ns=made, body="judged 3 answers"),
+    ]  # fmt: skip
+
+
+def expected_log_evaluations(specs: list[RecordSpec], tenant: str) -> list[LLMEvaluation]:
+    """The README's mapping of log records, applied by hand."""
+    found = []
+    for spec in specs:
+        attributes = spec.attributes
+        if EVALUATION not in (spec.event_name, attributes.get("event.name")):
+            continue
+        if spec.trace_id:
+            request_id = request_id_of(spec.trace_id, spec.span_id)
+        else:
+            request_id = attributes["gen_ai.response.id"]
+        record_tenant = attributes.get("streamlens.tenant_id", tenant)
+        found.append(
+            expected_evaluation(request_id, record_tenant, attributes, spec.time_ns or spec.observed_ns)
+        )
+    return found
+
+
+def test_an_evaluation_log_record_is_about_the_span_of_its_context_else_the_response_id() -> None:
+    start = recent()
+    specs = log_specs(42, start)
+    specs[1].attributes["streamlens.tenant_id"] = "initech"
+    # A response id beside a span context: the span is the call.
+    specs.append(replace(specs[0], attributes={**EVALUATION_ATTRIBUTES, "gen_ai.response.id": "chatcmpl-x"}))
+    found = otlp.evaluations_from_logs(logs_export(specs), "acme")
+    assert found.rejected == []
+    assert found.evaluations == expected_log_evaluations(specs, "acme")
+    in_span, feedback, older, beside = found.evaluations
+    # Spelled out, without expected_log_evaluations.
+    assert in_span.request_id == beside.request_id == f"{specs[0].trace_id:032x}{specs[0].span_id:016x}"
+    assert (feedback.request_id, older.request_id) == (
+        specs[1].attributes["gen_ai.response.id"], specs[2].attributes["gen_ai.response.id"])  # fmt: skip
+    assert (feedback.tenant_id, feedback.score, feedback.label) == ("initech", None, "thumbs_up")
+    # time_unix_nano, else the observed time.
+    assert (in_span.timestamp, feedback.timestamp) == (start, start + timedelta(seconds=1))
+    # The record's tenant comes before the resource's, the resource's before the key's.
+    with_resource = otlp.evaluations_from_logs(logs_export(specs, {"streamlens.tenant_id": "hooli"}), "acme")
+    assert [e.tenant_id for e in with_resource.evaluations] == ["hooli", "initech", "hooli", "hooli"]
+
+
+def test_log_records_that_are_not_evaluation_events_are_ignored() -> None:
+    at = at_ns(recent())
+    specs = [
+        RecordSpec({}, event_name="", time_ns=at, body="GET /health 200"),
+        RecordSpec(EVALUATION_ATTRIBUTES, event_name="gen_ai.client.inference.operation.details", time_ns=at),
+        RecordSpec({**EVALUATION_ATTRIBUTES, "event.name": "gen_ai.choice"}, event_name="", time_ns=at),
+        RecordSpec({**EVALUATION_ATTRIBUTES, "event.name": 3}, event_name="", time_ns=at),
+        # The record's own event name is its name, whatever the older attribute says.
+        RecordSpec({**EVALUATION_ATTRIBUTES, "event.name": EVALUATION}, event_name="app.other", time_ns=at),
+        # Not evaluations, so not rejected for what an evaluation would lack.
+        RecordSpec({}, event_name="app.started"),
+    ]
+    found = otlp.evaluations_from_logs(logs_export(specs), "acme")
+    assert (found.evaluations, found.rejected) == ([], [])
+
+
+VALID_RECORD = RecordSpec(
+    {**EVALUATION_ATTRIBUTES, "gen_ai.response.id": "chatcmpl-1"}, time_ns=1_700_000_000 * 10**9
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"gen_ai.evaluation.name": None}, "gen_ai.evaluation.name is required"),
+        ({"gen_ai.evaluation.name": 7}, "gen_ai.evaluation.name: expected a string, got int"),
+        ({"gen_ai.evaluation.name": "n" * 65}, "at `$.name` (from gen_ai.evaluation.name)"),
+        ({"gen_ai.evaluation.name": "bad\nname"}, "at `$.name` (from gen_ai.evaluation.name)"),
+        (
+            {"gen_ai.evaluation.score.value": None, "gen_ai.evaluation.score.label": None},
+            "neither gen_ai.evaluation.score.value nor gen_ai.evaluation.score.label is set",
+        ),
+        (
+            {"gen_ai.evaluation.score.value": "high"},
+            "gen_ai.evaluation.score.value: expected a number, got string",
+        ),
+        (
+            {"gen_ai.evaluation.score.value": True},
+            "gen_ai.evaluation.score.value: expected a number, got bool",
+        ),
+        ({"gen_ai.evaluation.score.value": math.nan}, "at `$.score` (from gen_ai.evaluation.score.value)"),
+        ({"gen_ai.evaluation.score.label": "l" * 65}, "at `$.label` (from gen_ai.evaluation.score.label)"),
+        (
+            {"gen_ai.evaluation.explanation": "é" * 2049},
+            "at `$.explanation` (from gen_ai.evaluation.explanation)",
+        ),
+        ({"gen_ai.response.id": None}, "no span context (trace_id and span_id) and no gen_ai.response.id"),
+        ({"gen_ai.response.id": "r" * 129}, "at `$.request_id` (from gen_ai.response.id)"),
+        ({"streamlens.tenant_id": "bad\ttenant"}, "at `$.tenant_id` (from streamlens.tenant_id)"),
+    ],
+)
+def test_a_broken_evaluation_log_record_is_rejected_naming_its_attribute(
+    change: dict[str, Any], named: str
+) -> None:
+    attributes = {k: v for k, v in {**VALID_RECORD.attributes, **change}.items() if v is not None}
+    broken = replace(VALID_RECORD, attributes=attributes)
+    found = otlp.evaluations_from_logs(logs_export([VALID_RECORD, broken, VALID_RECORD]), "acme")
+    assert found.evaluations == expected_log_evaluations([VALID_RECORD] * 2, "acme")
+    assert len(found.rejected) == 1
+    prefix = "log record resourceLogs[0].scopeLogs[0].logRecords[1]: "
+    assert found.rejected[0].startswith(prefix) and named in found.rejected[0], found.rejected[0]
+
+
+def test_an_evaluation_log_record_needs_a_time_a_tenant_and_a_well_formed_span_context() -> None:
+    timeless = replace(VALID_RECORD, time_ns=0, observed_ns=0)
+    [timeless_error] = otlp.evaluations_from_logs(logs_export([timeless]), "acme").rejected
+    assert "no time: time_unix_nano or observed_time_unix_nano is required" in timeless_error
+    [tenantless_error] = otlp.evaluations_from_logs(logs_export([VALID_RECORD]), None).rejected
+    assert "no tenant" in tenantless_error and "streamlens.tenant_id" in tenantless_error
+    short_trace = proto_record(VALID_RECORD)
+    short_trace.trace_id, short_trace.span_id = b"\x01\x02", bytes(range(1, 9))
+    with pytest.raises(otlp.SpanRejected, match="trace_id: expected 16 bytes"):
+        otlp.evaluation_from_log_record(short_trace, {}, "acme")
+    # A trace id without a span id is no span's context: the response id names the call.
+    trace_only = proto_record(VALID_RECORD)
+    trace_only.trace_id = bytes(range(1, 17))
+    evaluation = otlp.evaluation_from_log_record(trace_only, {}, "acme")
+    assert evaluation is not None and evaluation.request_id == "chatcmpl-1"
+
+
+def test_otlp_json_logs_decode_to_the_same_export_as_protobuf() -> None:
+    specs = log_specs(43, recent())
+    from_json = otlp.decode_logs_export(json.dumps(json_logs(specs)).encode(), "json")
+    from_proto = otlp.decode_logs_export(logs_export(specs).SerializeToString(), "protobuf")
+    [in_span, *_] = from_json.resource_logs[0].scope_logs[0].log_records
+    assert (in_span.trace_id, in_span.span_id) == (
+        specs[0].trace_id.to_bytes(16, "big"), specs[0].span_id.to_bytes(8, "big"))  # fmt: skip
+    assert otlp.evaluations_from_logs(from_json, "acme") == otlp.evaluations_from_logs(from_proto, "acme")
+    assert len(otlp.evaluations_from_logs(from_json, "acme").evaluations) == 3
+    not_hex = b'{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"traceId":"00","spanId":"xyz"}]}]}]}'
+    with pytest.raises(BodyError) as raised:
+        otlp.decode_logs_export(not_hex, "json")
+    assert raised.value.detail == "resourceLogs[0].scopeLogs[0].logRecords[0].spanId: 'xyz' is not hex"
+
+
 # -- the endpoint, over real HTTP, against a real broker ------------------------------
 
 
@@ -930,6 +1277,249 @@ def test_a_broker_without_acknowledgement_is_a_503_with_retry_after(
         answer = httpx.post(f"{running.url}/v1/traces", content=body, headers=key, timeout=30)
         assert answer.status_code == 503 and answer.headers["Retry-After"].isdigit()
         assert _status(answer).code == code_pb2.UNAVAILABLE
+
+
+# -- evaluation events over real HTTP ---------------------------------------------------------
+
+
+def evaluations_on_topic(brokers: str, request_ids: set[str], expected: int) -> list[LLMEvaluation]:
+    """This test's evaluations on ``llm.evaluations``, decoded with the schema's decoder, each
+    checked to be keyed by its request_id; ``expected`` as for :func:`events_on_topics`."""
+    found = []
+    for key, value in read_topic(brokers, EVALUATIONS, expected):
+        if key in request_ids:
+            evaluation = evaluation_decoder.decode(json.dumps(value))
+            assert evaluation.request_id == key
+            found.append(evaluation)
+    return by_call(found)
+
+
+def counters(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The ingestion API's counters, by name and labels."""
+    text = httpx.get(f"{url}/metrics").text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+def counted(before: dict[tuple[str, frozenset[tuple[str, str]]], float], url: str) -> dict[str, float]:
+    """What the counters of :func:`counters` counted since ``before``, by ``name{label=value,…}``."""
+    grown = {}
+    for (name, labels), value in counters(url).items():
+        delta = value - before.get((name, labels), 0.0)
+        if delta and not name.startswith("streamlens_ingestion_responses"):
+            shown = ",".join(f"{k}={v}" for k, v in sorted(labels))
+            grown[f"{name}{{{shown}}}"] = delta
+    return grown
+
+
+def test_the_sdk_exporter_sends_evaluation_span_events_that_become_evaluations(stack: Stack) -> None:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "support-bot"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("streamlens-tests")
+    start = recent()
+    judged = at_ns(start + timedelta(seconds=2))
+    spec = SpanSpec("chat gpt-4o", start, 900_000_000, {
+        "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o",
+        "gen_ai.usage.input_tokens": 20, "gen_ai.usage.output_tokens": 4,
+    })  # fmt: skip
+    label_only = {"gen_ai.evaluation.name": "format", "gen_ai.evaluation.score.label": "json"}
+    whole_score = {"gen_ai.evaluation.name": "recall", "gen_ai.evaluation.score.value": 3}
+    call = tracer.start_span(spec.name, start_time=spec.start_ns, attributes=spec.attributes)
+    call.add_event(EVALUATION, EVALUATION_ATTRIBUTES, timestamp=judged)
+    call.add_event(EVALUATION, label_only, timestamp=judged + 1000)
+    call.add_event("gen_ai.client.inference.operation.details", {"gen_ai.evaluation.name": "not this"})
+    call.end(end_time=spec.end_ns)
+    # A span that is no call: its evaluation is about it all the same.
+    step = tracer.start_span("retrieve documents", start_time=spec.start_ns)
+    step.add_event(EVALUATION, whole_score, timestamp=judged)
+    step.end(end_time=spec.end_ns)
+    provider.shutdown()
+    exporter = OTLPSpanExporter(endpoint=f"{stack.url}/v1/traces", headers=bearer(stack.keys["acme"]))
+    before = counters(stack.url)
+    assert exporter.export(memory.get_finished_spans()) == SpanExportResult.SUCCESS
+    exporter.shutdown()
+    call_id = request_id_of(call.get_span_context().trace_id, call.get_span_context().span_id)
+    step_id = request_id_of(step.get_span_context().trace_id, step.get_span_context().span_id)
+    expected = by_call([
+        expected_evaluation(call_id, "acme", EVALUATION_ATTRIBUTES, judged),
+        expected_evaluation(call_id, "acme", label_only, judged + 1000),
+        expected_evaluation(step_id, "acme", whole_score, judged),
+    ])  # fmt: skip
+    assert evaluations_on_topic(stack.broker.address, {call_id, step_id}, 3) == expected
+    [request], [response] = events_on_topics(stack.broker.address, {call_id, step_id}, 1)
+    assert request.request_id == response.request_id == call_id
+    assert counted(before, stack.url) == {
+        "streamlens_ingestion_spans_accepted_total{}": 1,
+        "streamlens_ingestion_events_accepted_total{endpoint=traces}": 3,
+    }
+
+
+def test_a_refused_evaluation_event_is_a_rejected_span_of_the_partial_success(stack: Stack) -> None:
+    spec = with_ids(genai_specs(recent())[:1], 44)[0]
+    call_id = request_id_of(spec.trace_id, spec.span_id)
+    in_an_hour = time.time_ns() + 3600 * 10**9
+    late = {**EVALUATION_ATTRIBUTES, "gen_ai.evaluation.name": "late"}
+    span = with_events(
+        proto_span(spec), (EVALUATION, in_an_hour, late), (EVALUATION, spec.end_ns, EVALUATION_ATTRIBUTES)
+    )
+    before = counters(stack.url)
+    answer = httpx.post(
+        f"{stack.url}/v1/traces",
+        content=trace_export([span]).SerializeToString(),
+        headers=bearer(stack.keys["acme"], **PROTOBUF),
+    )
+    assert answer.status_code == 200
+    partial = ExportTraceServiceResponse.FromString(answer.content).partial_success
+    assert partial.rejected_spans == 1
+    assert partial.error_message.startswith(f"evaluation 'late' of {call_id}: Expected a time at most 120 s")
+    assert evaluations_on_topic(stack.broker.address, {call_id}, 1) == [
+        expected_evaluation(call_id, "acme", EVALUATION_ATTRIBUTES, spec.end_ns)
+    ]
+    assert events_on_topics(stack.broker.address, {call_id}, 1) == expected_events([spec], "acme", "svc")
+    assert counted(before, stack.url) == {
+        "streamlens_ingestion_spans_accepted_total{}": 1,
+        "streamlens_ingestion_events_accepted_total{endpoint=traces}": 1,
+        "streamlens_ingestion_events_rejected_total{endpoint=traces,reason=future_timestamp}": 1,
+    }
+
+
+class RecordingLogExporter(OTLPLogExporter):
+    """The SDK's OTLP/HTTP log exporter, keeping what each export returned."""
+
+    def __init__(self, endpoint: str, headers: dict[str, str]) -> None:
+        super().__init__(endpoint=endpoint, headers=headers)
+        self.results: list[LogRecordExportResult] = []
+
+    def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
+        result = super().export(batch)
+        self.results.append(result)
+        return result
+
+
+def test_the_sdk_logs_exporter_sends_evaluation_events_that_become_evaluations(stack: Stack) -> None:
+    memory = InMemoryLogRecordExporter()
+    exporter = RecordingLogExporter(f"{stack.url}/v1/logs", bearer(stack.keys["acme"]))
+    provider = LoggerProvider(resource=Resource.create({"service.name": "evaluator"}))
+    provider.add_log_record_processor(SimpleLogRecordProcessor(memory))
+    provider.add_log_record_processor(SimpleLogRecordProcessor(exporter))
+    logger = provider.get_logger("streamlens-tests")
+    tracer = TracerProvider().get_tracer("streamlens-tests")
+    response_id = f"chatcmpl-sdk-{next(_ids)}"
+    judged = at_ns(recent())
+    feedback = {
+        "gen_ai.evaluation.name": "user_feedback", "gen_ai.evaluation.score.label": "thumbs_up",
+        "gen_ai.response.id": response_id,
+    }  # fmt: skip
+    with tracer.start_as_current_span("chat gpt-4o") as span:
+        # No timestamp: the SDK sets only the observed time.
+        logger.emit(event_name=EVALUATION, attributes=EVALUATION_ATTRIBUTES)
+    logger.emit(event_name=EVALUATION, timestamp=judged, attributes=feedback)
+    logger.emit(body="evaluation run finished", severity_text="INFO")  # not an evaluation: ignored
+    provider.shutdown()
+    assert exporter.results == [LogRecordExportResult.SUCCESS] * 3
+    observed = memory.get_finished_logs()[0].log_record.observed_timestamp
+    assert observed is not None
+    span_id = request_id_of(span.get_span_context().trace_id, span.get_span_context().span_id)
+    expected = by_call([
+        expected_evaluation(span_id, "acme", EVALUATION_ATTRIBUTES, observed),
+        expected_evaluation(response_id, "acme", feedback, judged),
+    ])  # fmt: skip
+    assert evaluations_on_topic(stack.broker.address, {span_id, response_id}, 2) == expected
+
+
+def test_otlp_json_and_gzip_logs_give_the_same_evaluations(stack: Stack) -> None:
+    specs = log_specs(45, recent())
+    bodies = [
+        (logs_export(specs).SerializeToString(), PROTOBUF),
+        (gzip.compress(json.dumps(json_logs(specs)).encode()), {**JSON, "Content-Encoding": "gzip"}),
+    ]
+    for body, headers in bodies:
+        answer = httpx.post(
+            f"{stack.url}/v1/logs", content=body, headers=bearer(stack.keys["acme"], **headers)
+        )
+        assert (answer.status_code, answer.headers["content-type"]) == (200, headers["Content-Type"])
+        # No partial_success: nothing was rejected, the record that is no evaluation ignored.
+        assert answer.content in (b"", b"{}"), answer.content
+    expected = expected_log_evaluations(specs, "acme")
+    assert len(expected) == 3
+    ids = {evaluation.request_id for evaluation in expected}
+    assert evaluations_on_topic(stack.broker.address, ids, 2 * len(expected)) == by_call(expected * 2)
+
+
+def test_logs_partial_success_names_the_first_rejected_record_and_keeps_the_others(stack: Stack) -> None:
+    specs = log_specs(46, recent())
+    valid = specs[1]
+    nameless = replace(valid, attributes={
+        k: v for k, v in valid.attributes.items() if k != "gen_ai.evaluation.name"
+    })  # fmt: skip
+    other_tenant = replace(valid, attributes={**valid.attributes, "streamlens.tenant_id": "globex"})
+    records = [valid, nameless, specs[3], other_tenant]
+    before = counters(stack.url)
+    for encoding, headers in (("protobuf", PROTOBUF), ("json", JSON)):
+        body = (
+            logs_export(records).SerializeToString()
+            if encoding == "protobuf"
+            else json.dumps(json_logs(records)).encode()
+        )
+        answer = httpx.post(
+            f"{stack.url}/v1/logs", content=body, headers=bearer(stack.keys["acme"], **headers)
+        )
+        assert answer.status_code == 200
+        if encoding == "protobuf":
+            assert answer.headers["content-type"] == "application/x-protobuf"
+            partial = ExportLogsServiceResponse.FromString(answer.content).partial_success
+            rejected, message = partial.rejected_log_records, partial.error_message
+        else:
+            partial_json = answer.json()["partialSuccess"]
+            rejected, message = int(partial_json["rejectedLogRecords"]), partial_json["errorMessage"]
+        assert rejected == 2
+        assert message == (
+            "log record resourceLogs[0].scopeLogs[0].logRecords[1]: gen_ai.evaluation.name is required"
+            " (and 1 more)"
+        )
+    request_id = valid.attributes["gen_ai.response.id"]
+    # Sent twice (both encodings): the valid evaluation is on the topic twice, the others never.
+    assert evaluations_on_topic(stack.broker.address, {request_id}, 2) == expected_log_evaluations(
+        [valid, valid], "acme"
+    )
+    assert counted(before, stack.url) == {
+        "streamlens_ingestion_events_accepted_total{endpoint=logs}": 2,
+        "streamlens_ingestion_events_rejected_total{endpoint=logs,reason=invalid}": 2,
+        "streamlens_ingestion_events_rejected_total{endpoint=logs,reason=other_tenant}": 2,
+    }
+
+
+def test_logs_errors_are_google_rpc_statuses_as_for_traces(stack: Stack) -> None:
+    good = logs_export(log_specs(47, recent())).SerializeToString()
+    key = bearer(stack.keys["acme"])
+    cases: list[tuple[dict[str, str], bytes, int, int, str]] = [
+        ({**PROTOBUF}, good, 401, code_pb2.UNAUTHENTICATED, "missing Authorization"),
+        (bearer(stack.keys["acme-read"], **JSON), b"{}", 403, code_pb2.PERMISSION_DENIED, "scope 'read'"),
+        ({**key, **PROTOBUF}, b"\x0a\xff", 400, code_pb2.INVALID_ARGUMENT, "not an OTLP protobuf export"),
+        ({**key, **JSON}, b'{"resourceLogs": 3}', 400, code_pb2.INVALID_ARGUMENT, "not an OTLP JSON export"),
+        ({**key, **PROTOBUF, "Content-Encoding": "gzip"}, good, 400, code_pb2.INVALID_ARGUMENT, "gzip"),
+        ({**key, "Content-Type": "text/plain"}, good, 415, code_pb2.INVALID_ARGUMENT, "not OTLP"),
+        ({**key, **PROTOBUF}, bytes(otlp.TRACES_BODY_LIMIT + 1), 413, code_pb2.RESOURCE_EXHAUSTED,
+         "exceeds 16 MiB"),
+    ]  # fmt: skip
+    with httpx.Client(base_url=stack.url, timeout=10) as client:
+        for headers, body, status, code, words in cases:
+            answer = client.post("/v1/logs", content=body, headers=headers)
+            assert answer.status_code == status, (headers, answer.text)
+            protobuf = headers.get("Content-Type") == PROTOBUF["Content-Type"]
+            assert answer.headers["content-type"] == (
+                "application/x-protobuf" if protobuf else JSON["Content-Type"]
+            )
+            decoded = _status(answer)
+            assert decoded.code == code and words in decoded.message, decoded
+        # An export without records is an empty protobuf body: answered as any other.
+        answer = client.post("/v1/logs", content=b"", headers={**key, **PROTOBUF})
+        assert (answer.status_code, answer.content) == (200, b"")
 
 
 # -- a real instrumentation: the openai client ------------------------------------------
