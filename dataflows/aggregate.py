@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import sys
 from array import array
+from collections.abc import Callable
 from itertools import repeat
 from typing import Any
 
@@ -417,6 +418,7 @@ class ValueSums:
 
     __slots__ = (
         "_changes",
+        "_legacy",
         "_sorted",
         "buckets",
         "exact",
@@ -446,6 +448,8 @@ class ValueSums:
         self.magnitude = 0
         self._changes = 0  # latencies moved to buckets so far
         self._sorted: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+        # Rows of a snapshot made before rows had integer keys, until rekey() (see __setstate__).
+        self._legacy: dict[tuple[object, str, object], int] | None = None
 
     def window_id(self, key: object) -> int:
         """The number of window ``key`` here."""
@@ -559,8 +563,36 @@ class ValueSums:
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
+        self._legacy = None
+        if "by_dimension" in state:
+            # A snapshot of a release whose rows were keyed by (window key, dimension name,
+            # value): the rows keep their numbers, and rekey() gives them their keys once
+            # the windows' dimensions are known (WindowShard.__setstate__).
+            legacy = state.pop("rows")
+            assert isinstance(legacy, dict)
+            state.pop("by_dimension")
+            state.pop("values")
+            self._legacy = legacy
+            state.update(
+                window_ids={}, value_ids={}, values=[], rows={}, row_keys=array("q", bytes(8 * len(legacy)))
+            )
         for name, value in state.items():
             setattr(self, name, value)
+
+    def legacy(self) -> bool:
+        """Whether the rows still wait for :meth:`rekey`."""
+        return self._legacy is not None
+
+    def rekey(self, dimensions_of: Callable[[Any], tuple[str, ...]]) -> None:
+        """Give the rows of an older snapshot their keys; ``dimensions_of(window key)`` is the
+        window's dimensions, in order."""
+        assert self._legacy is not None
+        for (key, name, value), row in self._legacy.items():
+            number = self.value_numbers([value])[0]
+            found = row_key(self.window_id(key), dimensions_of(key).index(name), number)
+            self.rows[found] = row
+            self.row_keys[row] = found
+        self._legacy = None
 
     def _by_row(self) -> tuple[np.ndarray, np.ndarray]:
         """The exact latencies sorted by row, made once for all the windows emitted together

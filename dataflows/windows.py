@@ -439,6 +439,10 @@ class WindowShard:
         state.setdefault("_values", {})
         self.__dict__.update(state)
         self.plan = StaticPlan()
+        for start, table in self._values.items():
+            if table.legacy():
+                windows = self._windows[start]
+                table.rekey(lambda key, windows=windows: windows[key].dimensions)
 
 
 def _dimension_emission(

@@ -13,10 +13,12 @@ from fastdigest import TDigest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.aggregate import EXACT_UP_TO, CallStats
+from dataflows.aggregate import EXACT_UP_TO, VALUE_BITS, CallStats, ValueSums
+from dataflows.dimensions import StaticPlan
 from dataflows.join import Call, SourceRef
 from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
+from schemas.dimensions import MAX_DIMENSIONS
 from schemas.events import LLMRequest, LLMResponse
 from schemas.metrics import MetricsRow
 
@@ -668,3 +670,71 @@ def test_a_window_beyond_the_year_9999_is_an_invalid_dead_letter_not_a_crash() -
     assert early.on_call(answered(-62135596800 - T0 + 5, 10.0), NOW) == []
     rows = early.on_time(NOW + 100)
     assert [row.row.window_start for row in rows] == [datetime(1, 1, 1, tzinfo=UTC)]
+
+
+def _legacy_values(table: ValueSums, dimensions: dict[object, tuple[str, ...]]) -> ValueSums:
+    """``table`` as a release before integer row keys pickled it: rows keyed by (window key,
+    dimension name, value), ``by_dimension`` and a value per row; the same row numbers."""
+    keys_of_windows = {number: key for key, number in table.window_ids.items()}
+    rows: dict[tuple[object, str, object], int] = {}
+    by_dimension: dict[tuple[object, str], list[int]] = {}
+    values: list[object] = [None] * len(table.row_keys)
+    for row, found in enumerate(table.row_keys):
+        place, value_number = divmod(found, 1 << VALUE_BITS)
+        window, position = divmod(place, MAX_DIMENSIONS)
+        key = keys_of_windows[window]
+        name = dimensions[key][position]
+        value = table.values[value_number]
+        rows[key, name, value] = row
+        by_dimension.setdefault((key, name), []).append(row)
+        values[row] = value
+    state = {
+        "_changes": table._changes,
+        "_sorted": None,
+        "buckets": table.buckets,
+        "by_dimension": by_dimension,
+        "exact": table.exact,
+        "latencies": table.latencies,
+        "latency_rows": table.latency_rows,
+        "magnitude": table.magnitude,
+        "rows": rows,
+        "sums": table.sums,
+        "values": values,
+    }
+    legacy = ValueSums.__new__(ValueSums)
+    legacy.__setstate__(pickle.loads(pickle.dumps(state)))
+    return legacy
+
+
+def test_a_snapshot_from_before_integer_row_keys_resumes_with_the_same_rows() -> None:
+    rng = random.Random(5)
+    names = ("user", "metadata.team")
+    keys = [KEY, ("acme", "/search", "gpt-4o")]
+
+    def call(start: float) -> Call:
+        one = answered(start, rng.lognormvariate(5, 1), key=rng.choice(keys))
+        request = msgspec.structs.replace(
+            one.request, user_id_hash=f"u{rng.randrange(30)}", metadata={"team": rng.choice(["a", "b", None])}
+        )
+        return msgspec.structs.replace(one, request=request)
+
+    first = [call(rng.uniform(0, 110)) for _ in range(400)]
+    later = [call(rng.uniform(0, 110)) for _ in range(300)] + [answered(400)]
+    shard = WindowShard(WINDOW, GRACE, LATENESS, StaticPlan(names), value_limit=7)
+    for one in first:
+        assert shard.on_call(one, NOW) == []
+    state = pickle.loads(pickle.dumps(shard)).__getstate__()
+    for start, table in state["_values"].items():
+        dimensions = {key: window.dimensions for key, window in state["_windows"][start].items()}
+        state["_values"][start] = _legacy_values(table, dimensions)
+    resumed = WindowShard.__new__(WindowShard)
+    resumed.__setstate__(state)
+    resumed.attach(StaticPlan(names))
+    outputs = []
+    for run in (shard, resumed):
+        for one in later:
+            run.on_call(one, NOW)
+        rows = run.on_time(NOW + 10_000)
+        assert rows and all(row.dimensions for row in rows[:-1])
+        outputs.append(msgspec.msgpack.encode([[row.row, row.digest, row.dimensions] for row in rows]))
+    assert outputs[0] == outputs[1]
