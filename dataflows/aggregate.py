@@ -775,7 +775,7 @@ def exact_digests(ascending: np.ndarray, sizes: np.ndarray) -> list[bytes]:
     header["max"] = padded[np.where(present, ends - 1, ends)]
     heads = header.tobytes()
     centroids = np.ones((len(ascending), 2))
-    centroids[:, 0] = ascending
+    centroids[:, 0] = ascending + 0.0  # a centroid's mean is never -0.0 in fastdigest
     body = centroids.tobytes()
     runs = zip(firsts.tolist(), ends.tolist(), sizes.tolist(), strict=True)
     return [
@@ -807,7 +807,7 @@ def exact_quantiles(ascending: np.ndarray, sizes: np.ndarray, qs: tuple[float, .
     firsts = ends - sizes
     single = np.maximum(sizes - 1, 1).astype(np.float64)  # mass - 1 of each digest
     last = np.maximum(sizes - 1, 0)
-    padded = np.append(ascending, 0.0)
+    padded = np.append(ascending + 0.0, 0.0)  # the means: -0.0 is 0.0 there
     out = []
     for q in qs:
         # The first centroid k whose right edge k/(n-1) reaches q.

@@ -34,7 +34,7 @@ QS = (0.5, 0.95, 0.99)
 # Latencies with many repeats (a digest must not merge equal values) and wide ranges.
 latency_lists = st.lists(
     st.one_of(
-        st.sampled_from([0.0, 1.0, 2.5, 100.0]), st.floats(min_value=0, max_value=1e9, allow_nan=False)
+        st.sampled_from([0.0, -0.0, 1.0, 2.5, 100.0]), st.floats(min_value=0, max_value=1e9, allow_nan=False)
     ),
     max_size=EXACT_UP_TO,
 )
