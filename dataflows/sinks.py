@@ -284,7 +284,10 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
+            # Text array elements go in binary: as UTF-8, whatever the database's encoding.
+            self._conn = psycopg.connect(
+                self._dsn, autocommit=True, connect_timeout=5, client_encoding="UTF8"
+            )
         return self._conn
 
     def write_batch(self, items: list[WindowRow]) -> None:
