@@ -133,7 +133,7 @@ class LLMEvaluation(Struct, tag="evaluation", tag_field="type", kw_only=True):
     name: Annotated[str, Meta(min_length=1, max_length=EVALUATION_NAME_MAX_CHARS)]
     timestamp: Timestamp
     score: float | None = None
-    label: Annotated[str, Meta(max_length=LABEL_MAX_CHARS)] | None = None
+    label: Annotated[str, Meta(min_length=1, max_length=LABEL_MAX_CHARS)] | None = None
     evaluator: Annotated[str, Meta(max_length=EVALUATOR_MAX_CHARS)] | None = None
     explanation: str | None = None
 

@@ -262,7 +262,7 @@ def test_evaluations_are_on_their_topic_keyed_by_request_and_normalised(
     evaluations = [
         an_evaluation("r-0", timestamp="2026-03-01T13:05:00+01:00", unknown_field=[1, 2]),
         an_evaluation("r-1", score=None, label="pass", evaluator="ci-suite", explanation="é" * 2048),
-        an_evaluation("r-2", score=-3, label="", name="judge.v2"),
+        an_evaluation("r-2", score=-3, label="bad", name="judge.v2"),
     ]
     for event in evaluations:
         answer = client.post("/v1/llm/evaluation", json=event)
@@ -800,6 +800,16 @@ ERRORS = [
         400,
         "invalid_event",
         "`$.score`",
+    ),
+    (
+        "evaluation label empty",
+        "POST",
+        "/v1/llm/evaluation",
+        JSON,
+        json.dumps(an_evaluation("e", label="", score=None)).encode(),
+        400,
+        "invalid_event",
+        "`$.label`",
     ),
     (
         "evaluation label too long",
