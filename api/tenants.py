@@ -33,11 +33,20 @@ from starlette.routing import Route
 from api.auth import Principal, Scope, authenticate, forbidden_tenant
 from api.body import BodyError, MiB, check_content_type, read_body
 from api.errors import error_response
-from schemas.config import load_or_exit
+from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
 from schemas.dimensions import DimensionSetting, InvalidDimension, check_names
 from schemas.events import Identifier
-from schemas.tenant_settings import Change, changes, changes_async, set_dimensions, set_dimensions_async
+from schemas.tenant_settings import (
+    Change,
+    DefaultSetting,
+    changes,
+    changes_async,
+    latest_default,
+    latest_default_async,
+    set_dimensions,
+    set_dimensions_async,
+)
 
 logger = logging.getLogger("streamlens.tenants")
 
@@ -65,17 +74,17 @@ class DimensionsAnswer(Struct):
 
     tenant_id: str
     dimensions: list[str]
-    # None with the DIMENSIONS default, which has always applied.
+    # None with the DIMENSIONS default that has applied from the beginning.
     effective_from: datetime | None
     source: Literal["tenant", "default"]
     changes: list[ChangeAnswer]
 
 
-def dimensions_answer(tenant_id: str, history: list[Change], default: tuple[str, ...]) -> DimensionsAnswer:
+def dimensions_answer(tenant_id: str, history: list[Change], default: DefaultSetting) -> DimensionsAnswer:
     """The answer for ``tenant_id``'s stored ``history`` (oldest first) and the ``DIMENSIONS`` default."""
     listed = [ChangeAnswer(c.dimensions, c.effective_from, c.requested_at) for c in history]
     if not history:
-        return DimensionsAnswer(tenant_id, list(default), None, "default", listed)
+        return DimensionsAnswer(tenant_id, default.dimensions, default.effective_from, "default", listed)
     latest = history[-1]
     return DimensionsAnswer(tenant_id, latest.dimensions, latest.effective_from, "tenant", listed)
 
@@ -144,8 +153,14 @@ async def _in_database(
     return result
 
 
-def _answer(tenant_id: str, history: list[Change], request: Request) -> Response:
-    answer = dimensions_answer(tenant_id, history, request.app.state.settings.dimensions)
+def _default(recorded: DefaultSetting | None, settings: Settings) -> DefaultSetting:
+    """The ``DIMENSIONS`` the dataflow recorded; before it first started, this process's."""
+    return recorded or DefaultSetting(list(settings.dimensions), None)
+
+
+def _answer(tenant_id: str, read: tuple[list[Change], DefaultSetting | None], request: Request) -> Response:
+    history, recorded = read
+    answer = dimensions_answer(tenant_id, history, _default(recorded, request.app.state.settings))
     return Response(_encoder.encode(answer), media_type="application/json")
 
 
@@ -164,13 +179,13 @@ async def get_dimensions(request: Request) -> Response:
     if isinstance(tenant_id, Response):
         return tenant_id
 
-    async def read(conn: psycopg.AsyncConnection[Any]) -> list[Change]:
-        return await changes_async(conn, tenant_id)
+    async def read(conn: psycopg.AsyncConnection[Any]) -> tuple[list[Change], DefaultSetting | None]:
+        return await changes_async(conn, tenant_id), await latest_default_async(conn)
 
-    history = await _in_database(request, read)
-    if isinstance(history, Response):
-        return history
-    return _answer(tenant_id, history, request)
+    found = await _in_database(request, read)
+    if isinstance(found, Response):
+        return found
+    return _answer(tenant_id, found, request)
 
 
 async def put_dimensions(request: Request) -> Response:
@@ -182,7 +197,7 @@ async def put_dimensions(request: Request) -> Response:
         return names
     window_seconds: int = request.app.state.settings.window_seconds
 
-    async def store(conn: psycopg.AsyncConnection[Any]) -> list[Change]:
+    async def store(conn: psycopg.AsyncConnection[Any]) -> tuple[list[Change], DefaultSetting | None]:
         change = await set_dimensions_async(conn, tenant_id, names, window_seconds)
         logger.info(
             "tenant %r: dimensions %s from %s",
@@ -190,12 +205,12 @@ async def put_dimensions(request: Request) -> Response:
             ", ".join(change.dimensions) or "none",
             change.effective_from.isoformat(),
         )
-        return await changes_async(conn, tenant_id)
+        return await changes_async(conn, tenant_id), await latest_default_async(conn)
 
-    history = await _in_database(request, store)
-    if isinstance(history, Response):
-        return history
-    return _answer(tenant_id, history, request)
+    found = await _in_database(request, store)
+    if isinstance(found, Response):
+        return found
+    return _answer(tenant_id, found, request)
 
 
 # ``path``: a tenant id may hold a slash (sent as %2F).
@@ -218,8 +233,9 @@ def openapi_paths(error: dict[str, Any]) -> dict[str, Any]:
     }
     timestamp = {"type": "string", "format": "date-time"}
     answer = {
-        "description": "The tenant's setting: the latest change (or the `DIMENSIONS` default "
-        "when it has none, with `effective_from` null) and every change, oldest first.",
+        "description": "The tenant's setting: the latest change (or, when it has none, the "
+        "`DIMENSIONS` default the dataflow recorded, with `effective_from` its window boundary, "
+        "null for the first value recorded) and every change, oldest first.",
         "content": {
             "application/json": {
                 "schema": {
@@ -313,9 +329,10 @@ def _listed(names: Sequence[str]) -> str:
     return ", ".join(names) if names else "none"
 
 
-def _show(tenant_id: str, history: list[Change], default: tuple[str, ...]) -> None:
+def _show(tenant_id: str, history: list[Change], default: DefaultSetting) -> None:
     if not history:
-        print(f"{tenant_id}: {_listed(default)} (the DIMENSIONS default; no setting of its own)")
+        since = "" if default.effective_from is None else f" from {_when(default.effective_from)}"
+        print(f"{tenant_id}: {_listed(default.dimensions)}{since} (the DIMENSIONS default; none of its own)")
         return
     latest = history[-1]
     print(f"{tenant_id}: {_listed(latest.dimensions)} from {_when(latest.effective_from)}")
@@ -369,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     " the window boundary the change applies from"
                 )
             else:
-                _show(args.tenant, changes(conn, args.tenant), settings.dimensions)
+                _show(args.tenant, changes(conn, args.tenant), _default(latest_default(conn), settings))
     except psycopg.OperationalError as error:
         return _fail(f"cannot reach Postgres (POSTGRES_DSN): {error}", 1)
     return 0

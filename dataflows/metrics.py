@@ -78,7 +78,8 @@ def build(settings: Settings) -> Dataflow:
 
     windowed = op.stateful_batch("windows", calls.trues, ops.window_builder(
         settings.window_seconds, settings.grace_seconds, settings.lateness_seconds,
-        functools.partial(dimension_settings.plan_for, settings.postgres_dsn, settings.dimensions),
+        functools.partial(dimension_settings.plan_for, settings.postgres_dsn, settings.dimensions,
+                          settings.window_seconds),
         settings.dimension_values))
     window_values = op.key_rm("window_values", windowed)
     rows_or_late = op.branch("on_time", window_values, _is_row)

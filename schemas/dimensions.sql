@@ -16,6 +16,18 @@ CREATE TABLE IF NOT EXISTS tenant_dimensions (
     CHECK (cardinality(dimensions) <= 4)
 );
 
+-- The dataflow's DIMENSIONS (the setting of tenants without one of their own), as
+-- it changed between starts: each value applies to windows starting at or after
+-- effective_from, chosen as for a tenant's change but after every tenant's horizon,
+-- so that a replay after a restart with another DIMENSIONS gives the same rows. The
+-- first one recorded applies from '-infinity': it is what ran before it was recorded.
+CREATE TABLE IF NOT EXISTS default_dimensions (
+    effective_from  timestamptz PRIMARY KEY,
+    dimensions      text[]      NOT NULL,
+    requested_at    timestamptz NOT NULL DEFAULT now(),
+    CHECK (cardinality(dimensions) <= 4)
+);
+
 -- Per tenant, the latest window start for which the dataflow has decided which
 -- setting applies. The dataflow raises it (and reads the settings) in one
 -- transaction before it opens a later window; a change locks the same row and

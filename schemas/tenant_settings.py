@@ -8,10 +8,16 @@ window (:func:`decide`); :func:`set_dimensions` locks the same row. Whichever
 comes first, no window is ever opened under a setting that a change could still
 replace, and the boundary, once chosen, is stored: every replay, in any number
 of processes, applies the same setting to the same window.
+
+The setting of tenants without one, ``DIMENSIONS``, is recorded the same way when
+the dataflow starts with another value than the last one recorded
+(:func:`record_default`): from the first boundary after now and after every
+tenant's horizon, taken while no horizon can be raised.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -111,10 +117,83 @@ async def changes_async(conn: psycopg.AsyncConnection[Any], tenant_id: str) -> l
     return [_change(row) for row in await cursor.fetchall()]
 
 
-def decide(conn: psycopg.Connection[Any], through: Mapping[str, float]) -> dict[str, History]:
+class Decided(Struct, frozen=True):
+    """What :func:`decide` read: each tenant's changes, and those of ``DIMENSIONS``."""
+
+    histories: dict[str, History]
+    default: History
+
+
+_DEFAULTS = (
+    "SELECT extract(epoch FROM effective_from)::float8, dimensions FROM default_dimensions "
+    "ORDER BY effective_from"
+)
+
+
+def record_default(
+    conn: psycopg.Connection[Any], dimensions: tuple[str, ...], window_seconds: int
+) -> float | None:
+    """For the dataflow at its start: record ``DIMENSIONS`` if it differs from the last value
+    recorded, and return the window boundary it applies from (``-inf`` for the first one
+    recorded); None when it was already in force."""
+    with conn.transaction():
+        # No horizon may be raised between reading them and storing the change.
+        conn.execute("LOCK TABLE dimension_horizons IN SHARE ROW EXCLUSIVE MODE")
+        conn.execute("LOCK TABLE default_dimensions IN SHARE ROW EXCLUSIVE MODE")
+        history = [(seconds, tuple(names)) for seconds, names in conn.execute(_DEFAULTS).fetchall()]
+        if history and history[-1][1] == dimensions:
+            return None
+        if history:
+            row = conn.execute(
+                "SELECT coalesce(extract(epoch FROM max(decided_through))::float8, '-infinity'), "
+                "extract(epoch FROM clock_timestamp())::float8 FROM dimension_horizons"
+            ).fetchone()
+            boundary: float = _boundary(row, window_seconds)
+        else:
+            boundary = -math.inf
+        conn.execute(
+            "INSERT INTO default_dimensions (effective_from, dimensions) VALUES (to_timestamp(%s), %s) "
+            "ON CONFLICT (effective_from) DO UPDATE SET dimensions = EXCLUDED.dimensions",
+            (boundary, list(dimensions)),
+        )
+    return boundary
+
+
+class DefaultSetting(Struct, frozen=True):
+    """The latest ``DIMENSIONS`` the dataflow recorded, and the window boundary it applies
+    from (None: from the beginning, the first one recorded)."""
+
+    dimensions: list[str]
+    effective_from: datetime | None
+
+
+# Ordered by the table's column: the CASE's output takes its name, and NULL sorts first.
+_LATEST_DEFAULT = (
+    "SELECT dimensions, CASE WHEN effective_from = '-infinity' THEN NULL ELSE effective_from END "
+    "FROM default_dimensions ORDER BY default_dimensions.effective_from DESC LIMIT 1"
+)
+
+
+def _default_setting(row: tuple[Any, ...] | None) -> DefaultSetting | None:
+    if row is None:
+        return None
+    return DefaultSetting(list(row[0]), None if row[1] is None else row[1].astimezone(UTC))
+
+
+def latest_default(conn: psycopg.Connection[Any]) -> DefaultSetting | None:
+    """The latest ``DIMENSIONS`` recorded; None before the dataflow first started."""
+    return _default_setting(conn.execute(_LATEST_DEFAULT).fetchone())
+
+
+async def latest_default_async(conn: psycopg.AsyncConnection[Any]) -> DefaultSetting | None:
+    """:func:`latest_default`, for the APIs."""
+    return _default_setting(await (await conn.execute(_LATEST_DEFAULT)).fetchone())
+
+
+def decide(conn: psycopg.Connection[Any], through: Mapping[str, float]) -> Decided:
     """For the dataflow: raise each tenant's horizon to ``through[tenant]`` (a window start,
-    Unix seconds) and return each one's changes. Every change that can apply to a window
-    up to the horizon is among them, now and in every later call."""
+    Unix seconds) and return each one's changes, and those of ``DIMENSIONS``. Every change
+    that can apply to a window up to the horizon is among them, now and in every later call."""
     tenants = sorted(through)  # one lock order for every process
     with conn.transaction():
         conn.execute(
@@ -131,7 +210,8 @@ def decide(conn: psycopg.Connection[Any], through: Mapping[str, float]) -> dict[
             "WHERE tenant_id = ANY(%s) ORDER BY tenant_id, effective_from",
             (tenants,),
         ).fetchall()
+        default = [(seconds, tuple(names)) for seconds, names in conn.execute(_DEFAULTS).fetchall()]
     histories: dict[str, History] = {tenant: [] for tenant in tenants}
     for tenant, seconds, names in rows:
         histories[tenant].append((seconds, tuple(names)))
-    return histories
+    return Decided(histories, default)

@@ -8,6 +8,7 @@ the recorded boundary against a real Postgres.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -21,7 +22,7 @@ from dataflows.dimensions import StaticPlan, names_at, ranked, reader
 from schemas.config import ConfigError, load
 from schemas.dimensions import OTHER, InvalidDimension, check_name, check_names, parse_list, value_text
 from schemas.events import LLMRequest, LLMResponse, request_decoder
-from schemas.tenant_settings import changes, decide, first_boundary_after, set_dimensions
+from schemas.tenant_settings import changes, decide, first_boundary_after, record_default, set_dimensions
 
 
 def test_values_are_written_as_text() -> None:
@@ -186,7 +187,7 @@ def _horizon(dsn: str, tenant: str) -> float:
 
 def test_a_change_lands_after_every_window_the_dataflow_decided(postgres_dsn: str) -> None:
     now = time.time()
-    plan = PostgresPlan(postgres_dsn, ("user",))
+    plan = PostgresPlan(postgres_dsn, ("user",), 60)
     # The dataflow opens windows 5 minutes ahead (clients' clocks may run ahead): a change
     # made now cannot apply to them any more.
     ahead = (now // 60 + 5) * 60
@@ -206,7 +207,7 @@ def test_a_change_lands_after_every_window_the_dataflow_decided(postgres_dsn: st
     assert plan.names("acme", ahead) == ("user",)
     assert plan.names("acme", ahead + 60) == ("provider",)
     # Another process, or a replay from scratch, decides every window alike.
-    fresh = PostgresPlan(postgres_dsn, ("user",))
+    fresh = PostgresPlan(postgres_dsn, ("user",), 60)
     fresh.prepare({"acme": ahead + 60})
     assert [fresh.names("acme", start) for start in (ahead, ahead + 60)] == [("user",), ("provider",)]
     assert first_boundary_after(119.5, 60) == 120 and first_boundary_after(120, 60) == 180
@@ -224,7 +225,7 @@ def test_a_change_racing_the_dataflow_never_lands_on_a_decided_window(postgres_d
         with psycopg.connect(postgres_dsn, autocommit=True) as conn:
             through = start
             while not stop.is_set():
-                decisions.append((through, decide(conn, {"acme": through})["acme"]))
+                decisions.append((through, decide(conn, {"acme": through}).histories["acme"]))
                 through += 60 * random.choice([0, 1])
 
     thread = threading.Thread(target=dataflow)
@@ -243,11 +244,80 @@ def test_a_change_racing_the_dataflow_never_lands_on_a_decided_window(postgres_d
         assert [c for c in seen if c[0] <= through] == [c for c in final if c[0] <= through], through
 
 
+def test_dimensions_is_recorded_and_another_value_applies_after_every_decided_window(
+    postgres_dsn: str,
+) -> None:
+    now = time.time()
+    ahead = (now // 60 + 5) * 60
+    first = PostgresPlan(postgres_dsn, ("user",), 60)
+    first.prepare({"acme": ahead})
+    # The first value recorded is what ran before: it applies from the beginning.
+    assert [first.names(tenant, start) for tenant, start in (("acme", ahead), ("globex", 0.0))] == [
+        ("user",),
+        ("user",),
+    ]
+    # A restart with another DIMENSIONS: a replay of the decided window keeps the old
+    # value, for every tenant, and the next boundary after every horizon takes the new one.
+    second = PostgresPlan(postgres_dsn, ("provider",), 60)
+    second.prepare({"acme": ahead, "globex": ahead})
+    assert second.names("acme", ahead) == second.names("globex", ahead) == ("user",)
+    second.prepare({"acme": ahead + 60, "globex": ahead + 60})
+    assert second.names("acme", ahead + 60) == second.names("globex", ahead + 60) == ("provider",)
+    # A tenant's own setting still wins, and a restart with the same value records nothing.
+    with psycopg.connect(postgres_dsn) as conn:
+        set_dimensions(conn, "acme", ("finish_reason",), 60)
+        assert record_default(conn, ("provider",), 60) is None
+        recorded = conn.execute(
+            "SELECT extract(epoch FROM effective_from)::float8, dimensions FROM default_dimensions "
+            "ORDER BY effective_from"
+        ).fetchall()
+    assert recorded == [(-math.inf, ["user"]), (ahead + 60, ["provider"])]
+    third = PostgresPlan(postgres_dsn, ("provider",), 60)
+    third.prepare({"acme": ahead + 120})
+    assert third.names("acme", ahead + 120) == ("finish_reason",)
+    assert third.names("acme", ahead) == ("user",)
+
+
+def test_a_new_dimensions_value_racing_the_dataflow_never_lands_on_a_decided_window(
+    postgres_dsn: str,
+) -> None:
+    """As for a tenant's change: restarts recording other values while horizons rise from
+    another connection. Every decision saw, up to its horizon, the values kept for good."""
+    start = (time.time() // 60 + 2) * 60
+    decisions: list[tuple[float, list[tuple[float, tuple[str, ...]]]]] = []
+    stop = threading.Event()
+
+    def dataflow() -> None:
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            through = start
+            while not stop.is_set():
+                tenant = random.choice(["acme", "globex", "initech"])
+                decisions.append((through, decide(conn, {tenant: through}).default))
+                through += 60 * random.choice([0, 1])
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        record_default(conn, (), 60)
+    thread = threading.Thread(target=dataflow)
+    thread.start()
+    try:
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            for number in range(40):
+                record_default(conn, (f"metadata.k{number % 3}",), 60)
+    finally:
+        stop.set()
+        thread.join()
+    with psycopg.connect(postgres_dsn) as conn:
+        final = decide(conn, {}).default
+    assert len(decisions) > 10 and len(final) > 2
+    for through, seen in decisions:
+        assert [c for c in seen if c[0] <= through] == [c for c in final if c[0] <= through], through
+
+
 def test_each_thread_has_its_own_plan(postgres_dsn: str) -> None:
-    mine = plan_for(postgres_dsn, ())
-    assert plan_for(postgres_dsn, ()) is mine
+    mine = plan_for(postgres_dsn, (), 60)
+    assert plan_for(postgres_dsn, (), 60) is mine
     theirs: list[PostgresPlan] = []
-    thread = threading.Thread(target=lambda: theirs.append(plan_for(postgres_dsn, ())))
+    thread = threading.Thread(target=lambda: theirs.append(plan_for(postgres_dsn, (), 60)))
     thread.start()
     thread.join()
     assert theirs[0] is not mine

@@ -27,7 +27,7 @@ from api.metrics import create_app
 from deploy.stack import Postgres
 from schemas.config import Settings
 from schemas.database import ensure_schema
-from schemas.tenant_settings import changes, decide
+from schemas.tenant_settings import changes, decide, record_default
 from tests.serving import serving
 from tests.test_auth import make_app, request_event
 from tests.test_metrics_api import T0, RawCall, Window, insert_windows, signal_postgres
@@ -148,15 +148,16 @@ def test_the_change_applies_after_the_windows_the_dataflow_has_decided(
     # The dataflow has already opened windows up to ten minutes ahead of the wall clock.
     horizon = (int(time.time()) // WINDOW + 10) * WINDOW
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        assert decide(conn, {"acme": horizon}) == {"acme": []}
+        assert decide(conn, {"acme": horizon}).histories == {"acme": []}
         answer = put(client, keys.acme_manage, ["provider"])
         assert answer.status_code == 200, answer.text
         effective = seconds(answer.json()["effective_from"])
         assert effective > horizon
         assert effective == horizon + WINDOW
         # Every later decision, a replay's included, sees the change at that boundary.
-        assert decide(conn, {"acme": horizon - 5 * WINDOW}) == {"acme": [(effective, ("provider",))]}
-        assert decide(conn, {"acme": effective}) == {"acme": [(effective, ("provider",))]}
+        seen = decide(conn, {"acme": horizon - 5 * WINDOW}).histories
+        assert seen == {"acme": [(effective, ("provider",))]}
+        assert decide(conn, {"acme": effective}).histories == {"acme": [(effective, ("provider",))]}
 
 
 def test_tenants_without_a_setting_show_the_dimensions_default(postgres_dsn: str, keys: Keys) -> None:
@@ -173,6 +174,22 @@ def test_tenants_without_a_setting_show_the_dimensions_default(postgres_dsn: str
             "source": "default",
             "changes": [],
         }
+
+
+def test_the_default_shown_is_the_one_the_dataflow_recorded(postgres_dsn: str, keys: Keys) -> None:
+    horizon = (int(time.time()) // WINDOW + 3) * WINDOW
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        record_default(conn, ("user",), WINDOW)
+        decide(conn, {"globex": horizon})
+        boundary = record_default(conn, ("provider",), WINDOW)
+    assert boundary == horizon + WINDOW
+    # This API process runs with another DIMENSIONS: the dataflow's, as recorded, is shown.
+    with start(postgres_dsn, dimensions=("metadata.team",)) as url, httpx.Client(base_url=url) as client:
+        answer = get(client, keys.acme_read)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["dimensions"] == ["provider"]
+        assert answer.json()["source"] == "default"
+        assert seconds(answer.json()["effective_from"]) == boundary
 
 
 def test_a_read_key_reads_but_cannot_change(client: httpx.Client, keys: Keys) -> None:
@@ -347,7 +364,7 @@ def cli(dsn: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
 def test_the_cli_sets_and_shows_dimensions(postgres_dsn: str) -> None:
     shown = cli(postgres_dsn, "acme", DIMENSIONS="user")
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout == "acme: user (the DIMENSIONS default; no setting of its own)\n"
+    assert shown.stdout == "acme: user (the DIMENSIONS default; none of its own)\n"
 
     before = time.time()
     made = cli(postgres_dsn, "acme", "provider", "metadata.country")
