@@ -12,6 +12,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 
 import msgspec
 import psycopg
@@ -22,7 +23,14 @@ from dataflows.dimensions import StaticPlan, names_at, ranked, reader
 from schemas.config import ConfigError, load
 from schemas.dimensions import OTHER, InvalidDimension, check_name, check_names, parse_list, value_text
 from schemas.events import LLMRequest, LLMResponse, request_decoder
-from schemas.tenant_settings import changes, decide, first_boundary_after, record_default, set_dimensions
+from schemas.tenant_settings import (
+    History,
+    changes,
+    decide,
+    first_boundary_after,
+    record_default,
+    set_dimensions,
+)
 
 
 def test_values_are_written_as_text() -> None:
@@ -213,35 +221,56 @@ def test_a_change_lands_after_every_window_the_dataflow_decided(postgres_dsn: st
     assert first_boundary_after(119.5, 60) == 120 and first_boundary_after(120, 60) == 180
 
 
-def test_a_change_racing_the_dataflow_never_lands_on_a_decided_window(postgres_dsn: str) -> None:
-    """Changes and horizon raises from two connections at once: whatever the interleaving,
-    every window the dataflow decided got the setting it will have for good: the changes
-    stored in the end that apply up to a horizon are exactly those the raise returned."""
+def _race(
+    dsn: str,
+    decided: Callable[[psycopg.Connection, float], History],
+    change: Callable[[psycopg.Connection, int], object],
+) -> list[tuple[float, History]]:
+    """40 changes from one connection while horizons rise from another: each decision's
+    horizon and what ``decided`` read in it."""
     start = (time.time() // 60 + 2) * 60
-    decisions: list[tuple[float, list[tuple[float, tuple[str, ...]]]]] = []
+    decisions: list[tuple[float, History]] = []
     stop = threading.Event()
 
     def dataflow() -> None:
-        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
             through = start
             while not stop.is_set():
-                decisions.append((through, decide(conn, {"acme": through}).histories["acme"]))
+                decisions.append((through, decided(conn, through)))
                 through += 60 * random.choice([0, 1])
 
     thread = threading.Thread(target=dataflow)
     thread.start()
     try:
-        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
             for number in range(40):
-                set_dimensions(conn, "acme", (f"metadata.k{number}",), 60)
+                change(conn, number)
     finally:
         stop.set()
         thread.join()
-    with psycopg.connect(postgres_dsn) as conn:
-        final = [(c.effective_from.timestamp(), tuple(c.dimensions)) for c in changes(conn, "acme")]
-    assert len(decisions) > 10 and len(final) > 1
+    assert len(decisions) > 10
+    return decisions
+
+
+def _kept_up_to_horizons(decisions: list[tuple[float, History]], final: History) -> None:
+    """Every decision saw, up to its horizon, exactly the changes kept in the end."""
+    assert len(final) > 1
     for through, seen in decisions:
         assert [c for c in seen if c[0] <= through] == [c for c in final if c[0] <= through], through
+
+
+def test_a_change_racing_the_dataflow_never_lands_on_a_decided_window(postgres_dsn: str) -> None:
+    """Changes and horizon raises from two connections at once: whatever the interleaving,
+    every window the dataflow decided got the setting it will have for good: the changes
+    stored in the end that apply up to a horizon are exactly those the raise returned."""
+    decisions = _race(
+        postgres_dsn,
+        lambda conn, through: decide(conn, {"acme": through}).histories["acme"],
+        lambda conn, number: set_dimensions(conn, "acme", (f"metadata.k{number}",), 60),
+    )
+    with psycopg.connect(postgres_dsn) as conn:
+        final = [(c.effective_from.timestamp(), tuple(c.dimensions)) for c in changes(conn, "acme")]
+    _kept_up_to_horizons(decisions, final)
 
 
 def test_dimensions_is_recorded_and_another_value_applies_after_every_decided_window(
@@ -281,36 +310,18 @@ def test_dimensions_is_recorded_and_another_value_applies_after_every_decided_wi
 def test_a_new_dimensions_value_racing_the_dataflow_never_lands_on_a_decided_window(
     postgres_dsn: str,
 ) -> None:
-    """As for a tenant's change: restarts recording other values while horizons rise from
-    another connection. Every decision saw, up to its horizon, the values kept for good."""
-    start = (time.time() // 60 + 2) * 60
-    decisions: list[tuple[float, list[tuple[float, tuple[str, ...]]]]] = []
-    stop = threading.Event()
-
-    def dataflow() -> None:
-        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-            through = start
-            while not stop.is_set():
-                tenant = random.choice(["acme", "globex", "initech"])
-                decisions.append((through, decide(conn, {tenant: through}).default))
-                through += 60 * random.choice([0, 1])
-
+    """As for a tenant's change: restarts recording other values while horizons rise, for
+    several tenants, from another connection."""
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         record_default(conn, (), 60)
-    thread = threading.Thread(target=dataflow)
-    thread.start()
-    try:
-        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-            for number in range(40):
-                record_default(conn, (f"metadata.k{number % 3}",), 60)
-    finally:
-        stop.set()
-        thread.join()
+    decisions = _race(
+        postgres_dsn,
+        lambda conn, through: decide(conn, {random.choice(["acme", "globex", "initech"]): through}).default,
+        lambda conn, number: record_default(conn, (f"metadata.k{number % 3}",), 60),
+    )
     with psycopg.connect(postgres_dsn) as conn:
         final = decide(conn, {}).default
-    assert len(decisions) > 10 and len(final) > 2
-    for through, seen in decisions:
-        assert [c for c in seen if c[0] <= through] == [c for c in final if c[0] <= through], through
+    _kept_up_to_horizons(decisions, final)
 
 
 def test_each_thread_has_its_own_plan(postgres_dsn: str) -> None:

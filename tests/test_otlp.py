@@ -1118,6 +1118,24 @@ def test_otlp_json_and_gzip_give_the_same_events(stack: Stack) -> None:
     assert events_on_topics(stack.broker.address, ids, 4) == expected_events(specs, "acme", "json-service")
 
 
+def partial_success(
+    stack: Stack, path: str, body: bytes, headers: dict[str, str], encoding: str
+) -> tuple[int, str]:
+    """POST an export to ``path``; the partial success answered: (rejected, error message)."""
+    answer = httpx.post(f"{stack.url}{path}", content=body, headers=bearer(stack.keys["acme"], **headers))
+    assert answer.status_code == 200
+    logs = path == "/v1/logs"
+    if encoding == "protobuf":
+        assert answer.headers["content-type"] == "application/x-protobuf"
+        if logs:
+            partial_logs = ExportLogsServiceResponse.FromString(answer.content).partial_success
+            return partial_logs.rejected_log_records, partial_logs.error_message
+        partial = ExportTraceServiceResponse.FromString(answer.content).partial_success
+        return partial.rejected_spans, partial.error_message
+    document = answer.json()["partialSuccess"]
+    return int(document["rejectedLogRecords" if logs else "rejectedSpans"]), document["errorMessage"]
+
+
 def test_partial_success_keeps_the_valid_spans_and_names_the_first_problem(stack: Stack) -> None:
     specs = with_ids(genai_specs(recent())[:3], 21)
     specs[1].attributes["gen_ai.usage.input_tokens"] = "many"
@@ -1128,17 +1146,7 @@ def test_partial_success_keeps_the_valid_spans_and_names_the_first_problem(stack
             if encoding == "protobuf"
             else json.dumps(json_export(specs, "svc")).encode()
         )
-        answer = httpx.post(
-            f"{stack.url}/v1/traces", content=body, headers=bearer(stack.keys["acme"], **headers)
-        )
-        assert answer.status_code == 200
-        if encoding == "protobuf":
-            assert answer.headers["content-type"] == "application/x-protobuf"
-            partial = ExportTraceServiceResponse.FromString(answer.content).partial_success
-            rejected, message = partial.rejected_spans, partial.error_message
-        else:
-            partial_json = answer.json()["partialSuccess"]
-            rejected, message = int(partial_json["rejectedSpans"]), partial_json["errorMessage"]
+        rejected, message = partial_success(stack, "/v1/traces", body, headers, encoding)
         assert rejected == 2
         assert message.startswith(f"span {specs[1].trace_id:032x}/{specs[1].span_id:016x}")
         assert "gen_ai.usage.input_tokens: expected an integer, got string" in message
@@ -1466,17 +1474,7 @@ def test_logs_partial_success_names_the_first_rejected_record_and_keeps_the_othe
             if encoding == "protobuf"
             else json.dumps(json_logs(records)).encode()
         )
-        answer = httpx.post(
-            f"{stack.url}/v1/logs", content=body, headers=bearer(stack.keys["acme"], **headers)
-        )
-        assert answer.status_code == 200
-        if encoding == "protobuf":
-            assert answer.headers["content-type"] == "application/x-protobuf"
-            partial = ExportLogsServiceResponse.FromString(answer.content).partial_success
-            rejected, message = partial.rejected_log_records, partial.error_message
-        else:
-            partial_json = answer.json()["partialSuccess"]
-            rejected, message = int(partial_json["rejectedLogRecords"]), partial_json["errorMessage"]
+        rejected, message = partial_success(stack, "/v1/logs", body, headers, encoding)
         assert rejected == 2
         assert message == (
             "log record resourceLogs[0].scopeLogs[0].logRecords[1]: gen_ai.evaluation.name is required"
