@@ -4,6 +4,8 @@ through the view ``llm_dimension_metrics``."""
 
 from __future__ import annotations
 
+import random
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,8 +14,32 @@ import psycopg
 from dataflows.sinks import UPSERT_DIMENSIONS_SQL, packed_values_of
 from dataflows.windows import DimensionEmission
 from schemas.metrics import FLOAT_STATISTICS, VALUE_STATISTICS, DimensionRows
+from tests.test_metrics_api import RawCall, Window
 
 WINDOW = ("tenant_id", "route", "model", "window_start", "window_end", "dimension")
+
+
+def split_by(
+    window: Window, dimension: str, values: Sequence[str | None], rnd: random.Random
+) -> list[Window]:
+    """A window's rows of ``dimension`` as the dataflow writes them: its calls shared out
+    among ``values`` (one ``rnd.choice`` a call), one row per value that got any, each at
+    its window's revision."""
+    parts: dict[str | None, list[RawCall]] = defaultdict(list)
+    for call in window.calls:
+        parts[rnd.choice(values)].append(call)
+    return [
+        Window(
+            window.tenant_id,
+            window.route,
+            window.model,
+            window.start,
+            calls,
+            revision=window.revision,
+            extra={"dimension": dimension, "value": value, "window_revision": window.revision},
+        )
+        for value, calls in parts.items()
+    ]
 
 
 def _column(members: list[Mapping[str, Any]], name: str) -> list[Any]:

@@ -55,21 +55,7 @@ class Data:
     def add(self, window: Window, values: dict[str, Sequence[str | None]], rnd: random.Random) -> None:
         self.main.append(window)
         for dimension, choices in values.items():
-            by_value: dict[str | None, list[RawCall]] = defaultdict(list)
-            for call in window.calls:
-                by_value[rnd.choice(choices)].append(call)
-            for value, calls in by_value.items():
-                self.rows.append(
-                    Window(
-                        window.tenant_id,
-                        window.route,
-                        window.model,
-                        window.start,
-                        calls,
-                        revision=window.revision,  # a dimension row has its window's revision
-                        extra={"dimension": dimension, "value": value, "window_revision": window.revision},
-                    )
-                )
+            self.rows += store.split_by(window, dimension, choices, rnd)
 
     def of(self, tenant: str, dimension: str) -> list[Window]:
         return [w for w in self.rows if w.tenant_id == tenant and w.extra["dimension"] == dimension]

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests import dimension_store as store
-from tests.test_metrics_api import RawCall, Window, insert_windows, random_calls
+from tests.test_metrics_api import Window, insert_windows, random_calls
 
 GRAFANA = Path(__file__).parent.parent / "deploy" / "grafana"
 DASHBOARD = json.loads((GRAFANA / "dashboards" / "streamlens.json").read_text())
@@ -144,27 +144,6 @@ def make_windows() -> list[Window]:
     return windows
 
 
-def split_by(
-    window: Window, dimension: str, values: Sequence[str | None], rnd: random.Random
-) -> list[Window]:
-    """A window's rows of ``dimension`` as the dataflow writes them: its calls shared out
-    among ``values``, one row per value that got any."""
-    parts: dict[str | None, list[RawCall]] = defaultdict(list)
-    for call in window.calls:
-        parts[rnd.choice(values)].append(call)
-    return [
-        Window(
-            window.tenant_id,
-            window.route,
-            window.model,
-            window.start,
-            calls,
-            extra={"dimension": dimension, "value": value, "window_revision": 1},
-        )
-        for value, calls in parts.items()
-    ]
-
-
 def make_dimension_rows(windows: Sequence[Window]) -> list[Window]:
     """Rows of acme's and globex's region; of acme's provider, the same calls again, some
     also without a value (a panel that did not keep to one dimension would count them
@@ -172,11 +151,11 @@ def make_dimension_rows(windows: Sequence[Window]) -> list[Window]:
     rnd = random.Random(23)
     rows = []
     for window in windows:
-        rows += split_by(window, REGION, REGIONS, rnd)
+        rows += store.split_by(window, REGION, REGIONS, rnd)
         if window.tenant_id == "acme":
-            rows += split_by(window, "provider", ("openai", None), rnd)
+            rows += store.split_by(window, "provider", ("openai", None), rnd)
             if window.start >= RANGE[1] + timedelta(minutes=2):
-                rows += split_by(window, "metadata.team", ("search", None), rnd)
+                rows += store.split_by(window, "metadata.team", ("search", None), rnd)
     return rows
 
 
