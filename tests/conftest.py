@@ -8,10 +8,13 @@ the topics created.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 
@@ -52,3 +55,20 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     ensure_topics(server.address, TEST_PARTITIONS)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[Postgres]:
+    """A Postgres of this test's own, so freezing it leaves the session's server alone."""
+    server = Postgres(tmp_path / "postgres").start()
+    yield server
+    signal_postgres(server, signal.SIGCONT)
+    server.stop()
+
+
+def signal_postgres(server: Postgres, signum: signal.Signals) -> None:
+    """The postmaster and every backend: SIGSTOP freezes the whole server, queries included."""
+    main = psutil.Process(server.pid)
+    for process in [main, *main.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signum)

@@ -26,13 +26,12 @@ from schemas.database import ensure_schema
 from schemas.metrics import DIMENSION_ROW_FIELDS, ROW_FIELDS
 from schemas.tenant_settings import set_dimensions
 from tests import dimension_store as store
-from tests import test_metrics_api
+from tests.conftest import signal_postgres
 from tests.serving import serving
 from tests.test_metrics_api import MINUTE, T0, RawCall, Window, insert_windows, random_calls, rfc3339
 from tests.test_rollups import bucket_start, cached_parts, check_bucket, slow_merging
 
 # A Postgres of a test's own, to freeze.
-own_postgres = test_metrics_api.own_postgres
 
 COUNTRY = "metadata.country"
 ROUTES = ("/chat", "/search")
@@ -439,11 +438,11 @@ def test_a_frozen_postgres_answers_503_within_5_s_to_a_lookup_already_running(ow
         deadline = time.monotonic() + 5
         while blocker.execute(waiting).fetchone() == (0,):
             assert time.monotonic() < deadline, "the lookup never reached Postgres"
-        test_metrics_api.signal_postgres(own_postgres, signal.SIGSTOP)
+        signal_postgres(own_postgres, signal.SIGSTOP)
         try:
             thread.join(15)
         finally:
-            test_metrics_api.signal_postgres(own_postgres, signal.SIGCONT)
+            signal_postgres(own_postgres, signal.SIGCONT)
             blocker.close()
         [(status, error, seconds)] = results
         assert (status, error) == (503, "unavailable")

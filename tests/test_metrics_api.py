@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
 import signal
 import threading
@@ -10,11 +9,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-import psutil
 import psycopg
 import pytest
 from fastdigest import TDigest
@@ -27,6 +24,7 @@ from deploy.stack import Postgres, free_port
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.metrics import ROW_FIELDS
+from tests.conftest import signal_postgres
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
@@ -432,23 +430,6 @@ def test_starts_before_its_database_exists_and_becomes_ready(
         assert time.monotonic() < deadline, "never became ready"
         time.sleep(0.1)
     assert get(client, tenant_id="acme") == {"metrics": [], "count": 0}
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[Postgres]:
-    """A Postgres of this test's own, so freezing it leaves the session's server alone."""
-    server = Postgres(tmp_path / "postgres").start()
-    yield server
-    signal_postgres(server, signal.SIGCONT)
-    server.stop()
-
-
-def signal_postgres(server: Postgres, signum: signal.Signals) -> None:
-    """The postmaster and every backend: SIGSTOP freezes the whole server, queries included."""
-    main = psutil.Process(server.pid)
-    for process in [main, *main.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.send_signal(signum)
 
 
 def timed_get(client: TestClient, path: str) -> tuple[int, str, float]:

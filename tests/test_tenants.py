@@ -28,9 +28,10 @@ from deploy.stack import Postgres
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.tenant_settings import changes, decide, record_default
+from tests.conftest import signal_postgres
 from tests.serving import serving
 from tests.test_auth import make_app, request_event
-from tests.test_metrics_api import T0, RawCall, Window, insert_windows, signal_postgres
+from tests.test_metrics_api import T0, RawCall, Window, insert_windows
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 60
@@ -542,15 +543,6 @@ def test_applying_the_schema_again_takes_no_lock_that_would_stop_key_lookups(pos
 
 
 # A stalled database.
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[Postgres]:
-    """A Postgres of this test's own, so freezing it leaves the session's server alone."""
-    server = Postgres(tmp_path / "postgres").start()
-    yield server
-    signal_postgres(server, signal.SIGCONT)
-    server.stop()
 
 
 def test_a_frozen_postgres_answers_503_within_5_s(own_postgres: Postgres) -> None:
