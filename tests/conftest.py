@@ -35,15 +35,20 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
 _database_numbers = itertools.count()
 
 
-@pytest.fixture
-def postgres_dsn(postgres_server: Postgres) -> str:
-    """A new, empty database with the StreamLens schema, on the session's server."""
+def empty_database(server: Postgres) -> str:
+    """A new database on ``server``, without any table."""
     name = f"test_{next(_database_numbers)}"
-    admin = postgres_server.dsn.rsplit("/", 1)[0] + "/postgres"
+    admin = server.dsn.rsplit("/", 1)[0] + "/postgres"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = postgres_server.dsn.rsplit("/", 1)[0] + f"/{name}"
+    return server.dsn.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: Postgres) -> str:
+    """A new, empty database with the StreamLens schema, on the session's server."""
+    dsn = empty_database(postgres_server)
     ensure_schema(dsn)
     return dsn
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import signal
@@ -28,7 +27,7 @@ from deploy.stack import Postgres
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.tenant_settings import changes, decide, record_default
-from tests.conftest import signal_postgres
+from tests.conftest import empty_database, signal_postgres
 from tests.serving import serving
 from tests.test_auth import make_app, request_event
 from tests.test_metrics_api import T0, RawCall, Window, insert_windows
@@ -462,17 +461,6 @@ CREATE TABLE api_keys (
 );
 CREATE INDEX api_keys_tenant ON api_keys (tenant_id, created_at);
 """
-
-_databases = itertools.count()
-
-
-def empty_database(server: Postgres) -> str:
-    name = f"tenants_{os.getpid()}_{next(_databases)}"
-    admin = server.dsn.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return server.dsn.rsplit("/", 1)[0] + f"/{name}"
 
 
 def scope_checks(conn: psycopg.Connection) -> list[tuple[str, str]]:
