@@ -101,7 +101,6 @@ class _BinaryArray:
     """A Postgres array already in binary form (dataflows.binary_arrays): sent as it is."""
 
     __slots__ = ("data",)
-    element = 0
 
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -116,7 +115,7 @@ class _BinaryArrayDumper(Dumper):
 
 def _array_type(name: str, element: int) -> type[_BinaryArray]:
     """A :class:`_BinaryArray` of ``element``s, which psycopg sends as the array type of them."""
-    array = type(name, (_BinaryArray,), {"__slots__": (), "element": element})
+    array = type(name, (_BinaryArray,), {"__slots__": ()})
     dumper = type(f"{name}Dumper", (_BinaryArrayDumper,), {"oid": binary_arrays.ARRAY_OF[element]})
     psycopg.adapters.register_dumper(array, dumper)
     return array
