@@ -589,7 +589,7 @@ def postgres_rows(dsn: str) -> dict[tuple[str, str, str, float], dict[str, Any]]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str,
-             alive: Callable[[], None] | None = None) -> None:
+             alive: Callable[[], None] | None = None, log: Callable[[], str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if alive is not None:
@@ -597,7 +597,8 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str,
         if condition():
             return
         time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    tail = "" if log is None else f"; the dataflow's log ends:\n{log()}"
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
 
 
 # -- running the dataflow ----------------------------------------------------------------
@@ -636,9 +637,12 @@ class Processor:
             cwd=Path(__file__).resolve().parent.parent)
         return self
 
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
     def check_alive(self) -> None:
         assert self.process is not None and self.process.poll() is None, (
-            f"the dataflow exited:\n{self.log.read_text(errors='replace')[-3000:]}")
+            f"the dataflow exited:\n{self.log_tail()}")
 
     def kill(self) -> None:
         """kill -9 the runner and every process it started."""
@@ -695,7 +699,8 @@ class Scenario:
             return len({(d["source_topic"], d["partition"]) for d in letters
                         if d["payload"] == tag}) == wanted
 
-        wait_for(seen, 60, "the marker records", self.processor.check_alive)
+        wait_for(seen, 60, "the marker records", self.processor.check_alive,
+                 self.processor.log_tail)
         time.sleep(0.5)  # what the markers' batch carried is through the stateful steps too
 
     def run(self) -> None:
@@ -705,10 +710,12 @@ class Scenario:
         self.on_step("phase1-read")
         first = first_rows(data)
         wait_for(lambda: len(first & postgres_rows(self.dsn).keys()) > 0, 60,
-                 "the first rows", self.processor.check_alive)
+                 "the first rows", self.processor.check_alive,
+                 self.processor.log_tail)
         self.on_step("some-rows")
         wait_for(lambda: first <= postgres_rows(self.dsn).keys(), 90,
-                 "every first row", self.processor.check_alive)
+                 "every first row", self.processor.check_alive,
+                 self.processor.log_tail)
         # The snapshot that records these emissions must be durable before a late call.
         time.sleep(2.5)
         produce(self.brokers, data.phase2)
@@ -716,11 +723,13 @@ class Scenario:
         self.on_step("phase2-read")
         produce(self.brokers, data.phase3)
         wait_for(lambda: any(d["reason"] == "too_late" for d in dead_letters(self.brokers)),
-                 60, "the too-late call", self.processor.check_alive)
+                 60, "the too-late call", self.processor.check_alive,
+                 self.processor.log_tail)
         self.on_step("too-late-seen")
         expected = expected_rows(data)
         wait_for(lambda: self._done(expected), 120, "the final rows",
-                 self.processor.check_alive)
+                 self.processor.check_alive,
+                 self.processor.log_tail)
 
     def _done(self, expected: dict[tuple[str, str, str, float], ExpectedRow]) -> bool:
         rows = postgres_rows(self.dsn)

@@ -149,7 +149,7 @@ class HostProcessors(h.Processor):
             )
         return self
 
-    def _logs(self) -> str:
+    def log_tail(self) -> str:
         return "\n".join(
             self.log.with_suffix(f".{index}.log").read_text(errors="replace")[-2000:]
             for index in range(len(self.processes_by_host))
@@ -157,7 +157,7 @@ class HostProcessors(h.Processor):
 
     def check_alive(self) -> None:
         assert all(process.poll() is None for process in self.processes_by_host), (
-            f"a dataflow process exited:\n{self._logs()}"
+            f"a dataflow process exited:\n{self.log_tail()}"
         )
 
     def stop(self) -> None:
