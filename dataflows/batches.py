@@ -33,6 +33,7 @@ import msgspec
 from schemas.deadletter import DeadLetter
 from schemas.events import (
     MAX_FUTURE_SECONDS,
+    LLMEvaluation,
     LLMRequest,
     LLMResponse,
     check_not_future,
@@ -40,7 +41,9 @@ from schemas.events import (
 
 logger = logging.getLogger("streamlens.dataflow")
 
-Event = LLMRequest | LLMResponse
+Event = LLMRequest | LLMResponse | LLMEvaluation
+# The kinds of event a run may hold, numbered for the runs that cross processes.
+KINDS: tuple[type[Event], ...] = (LLMRequest, LLMResponse, LLMEvaluation)
 
 # What msgspec raises on a record it cannot decode: its own errors (ValidationError
 # among them), UnicodeDecodeError (a ValueError) for invalid UTF-8 inside a string it
@@ -92,7 +95,7 @@ _DECODERS: dict[type, _Decoders] = {
     kind: _Decoders(
         msgspec.json.Decoder(kind), msgspec.json.Decoder(list[kind]), msgspec.msgpack.Decoder(list[kind])
     )
-    for kind in (LLMRequest, LLMResponse)
+    for kind in KINDS
 }
 _packer = msgspec.msgpack.Encoder()
 
@@ -181,7 +184,7 @@ class EventRun:
         return _run_from_msgpack, (
             self.topic,
             self.partition,
-            self.kind is LLMRequest,
+            KINDS.index(self.kind),
             self.offsets,
             _packer.encode(self.events),
             self.times,
@@ -189,9 +192,9 @@ class EventRun:
 
 
 def _run_from_msgpack(
-    topic: str, partition: int, requests: bool, offsets: list[int], packed: bytes, times: list[float]
+    topic: str, partition: int, kind_number: int, offsets: list[int], packed: bytes, times: list[float]
 ) -> EventRun:
-    kind: type[Event] = LLMRequest if requests else LLMResponse
+    kind = KINDS[kind_number]
     return EventRun(topic, partition, kind, offsets, _DECODERS[kind].packed.decode(packed), times)
 
 

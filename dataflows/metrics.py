@@ -38,15 +38,17 @@ from bytewax.dataflow import Dataflow, Stream
 from dataflows import dimension_settings, observability, sinks, sources, stopping
 from dataflows import operators as ops
 from dataflows.batches import CallBatch, EventRun
+from dataflows.evaluations import CountedCalls, EvaluationEmission
 from dataflows.pricing import PriceBook
 from dataflows.segments import PostgresSegments
 from dataflows.shards import DEFAULT, Shards
+from dataflows.sources import EvaluationRuns
 from dataflows.windows import WindowRow
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
 from schemas.deadletter import DeadLetter
 from schemas.logs import configure_logging
-from schemas.topics import DEADLETTER, REQUESTS, RESPONSES, ensure_topics
+from schemas.topics import DEADLETTER, EVALUATIONS, REQUESTS, RESPONSES, ensure_topics
 
 
 @functools.cache
@@ -63,11 +65,12 @@ def build(settings: Settings) -> Dataflow:
     flow = Dataflow("streamlens_metrics")
 
     batches = op.input("read", flow, sources.BatchingKafkaSource(
-        brokers, [REQUESTS, RESPONSES], starting_offset=sources.STARTING_OFFSET,
+        brokers, [REQUESTS, RESPONSES, EVALUATIONS], starting_offset=sources.STARTING_OFFSET,
         batch_size=sources.BATCH_SIZE, read_ahead=read_ahead(settings)))
     decoded = op.flat_map_batch("route", batches, functools.partial(sources.route_polls, shards=shards))
-    # (join shard, events) pairs go on; everything else is a dead letter.
+    # (join shard, events) pairs go on; evaluations apart; everything else is a dead letter.
     events = op.branch("valid", decoded, _is_event_group)
+    evaluations = op.branch("evaluations", events.falses, _is_evaluation_group)
 
     joined = op.stateful_batch("join", events.trues, ops.join_builder(
         settings.join_timeout_seconds, settings.dedupe_seconds, settings.window_seconds,
@@ -80,17 +83,36 @@ def build(settings: Settings) -> Dataflow:
         settings.window_seconds, settings.grace_seconds, settings.lateness_seconds,
         functools.partial(dimension_settings.plan_for, settings.postgres_dsn, settings.dimensions,
                           settings.window_seconds),
-        settings.dimension_values))
+        settings.dimension_values, counted=True))
     window_values = op.key_rm("window_values", windowed)
     rows_or_late = op.branch("on_time", window_values, _is_row)
     rows = rows_or_late.trues
+    counted = op.branch("counted", rows_or_late.falses, _is_counted)
+
+    # Evaluations meet the calls the windows counted in the call directory (by request
+    # id, as the join), then fold into rows by their call's key and window.
+    counted_calls = op.flat_map_batch("route_counted", counted.trues, ops.route_counted(shards))
+    evaluation_runs = op.map("evaluation_runs", evaluations.trues, _runs_of)
+    directory = op.stateful_batch("evaluation_join", op.merge(
+        "directory_input", counted_calls, evaluation_runs), ops.directory_builder(
+        settings.window_seconds, settings.grace_seconds, settings.lateness_seconds,
+        settings.evaluation_lateness_seconds, PostgresSegments(settings.postgres_dsn), shards))
+    matched = op.branch("matched", op.flat_map_batch(
+        "route_matched", directory, ops.route_matched(shards)), _is_matched_group)
+    evaluation_outputs = op.key_rm("evaluation_outputs", op.stateful_batch(
+        "evaluation_windows", matched.trues, ops.evaluation_window_builder(
+            settings.window_seconds, settings.grace_seconds, settings.lateness_seconds,
+            settings.evaluation_lateness_seconds)))
+    evaluation_rows = op.branch("evaluation_rows", evaluation_outputs, _is_evaluation_row)
+    op.output("evaluation_metrics", evaluation_rows.trues,
+              sinks.EvaluationRowsSink(settings.postgres_dsn, settings.kafka_brokers))
 
     # Postgres first, then llm.metrics with exactly the emissions Postgres took.
     op.output("rows", rows, sinks.RowsSink(settings.postgres_dsn, settings.kafka_brokers))
 
     # What a branch did not take is a dead letter; Bytewax types only the taken side.
     letters = op.merge("dead_letters", *(cast("Stream[DeadLetter]", stream) for stream in (
-        events.falses, calls.falses, rows_or_late.falses)))
+        evaluations.falses, calls.falses, counted.falses, matched.falses, evaluation_rows.falses)))
     op.output("deadletter", op.map("deadletter_records", letters, sinks.deadletter_message),
               sinks.KafkaTopicSink(settings.kafka_brokers, DEADLETTER))
     return flow
@@ -108,6 +130,26 @@ def read_ahead(settings: Settings) -> float:
 def _is_event_group(item: DeadLetter | tuple[str, list[EventRun]]
                     ) -> TypeGuard[tuple[str, list[EventRun]]]:
     return type(item) is tuple
+
+
+def _is_evaluation_group(item: DeadLetter | EvaluationRuns) -> TypeGuard[EvaluationRuns]:
+    return type(item) is EvaluationRuns
+
+
+def _runs_of(group: EvaluationRuns) -> tuple[str, list[EventRun]]:
+    return group.shard, group.runs
+
+
+def _is_counted(item: DeadLetter | CountedCalls) -> TypeGuard[CountedCalls]:
+    return type(item) is CountedCalls
+
+
+def _is_matched_group(item: DeadLetter | ops.MatchedGroup) -> TypeGuard[ops.MatchedGroup]:
+    return type(item) is tuple
+
+
+def _is_evaluation_row(item: EvaluationEmission | DeadLetter) -> TypeGuard[EvaluationEmission]:
+    return type(item) is EvaluationEmission
 
 
 def _is_call_group(item: DeadLetter | tuple[str, CallBatch]) -> TypeGuard[tuple[str, CallBatch]]:

@@ -46,6 +46,8 @@ ROWS_STALE = Counter("streamlens_dataflow_rows_stale",
                      "Window emissions Postgres refused: a higher revision was stored (replays)")
 DIMENSION_ROWS = Counter("streamlens_dataflow_dimension_rows",
                          "Dimension rows (one per value) of the window emissions Postgres took")
+EVALUATION_ROWS = Counter("streamlens_dataflow_evaluation_rows",
+                          "Evaluation rows (window, key and name) Postgres took")
 SNAPSHOT_SECONDS = Histogram("streamlens_dataflow_snapshot_seconds",
                              "Time to snapshot one shard of state", ["step"],
                              buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))

@@ -25,6 +25,7 @@ from bytewax.operators import StatefulBatchLogic
 from dataflows.batches import CallBatch, EventRun
 from dataflows.clock import MAX_GAP, WorkingClock
 from dataflows.dimensions import DimensionPlan, StaticPlan
+from dataflows.evaluations import CountedCalls, EvaluationEmission, EvaluationJoin, EvaluationWindows, Matched
 from dataflows.join import Call, JoinShard, call_into
 from dataflows.observability import BOARD, CALLS, SNAPSHOT_SECONDS
 from dataflows.remembered import SegmentStore
@@ -150,24 +151,34 @@ def _count_outcomes(calls: CallBatch) -> None:
             CALLS.labels(outcome).inc(count)
 
 
-class WindowLogic(StatefulBatchLogic[CallBatch, WindowRow | DeadLetter, bytes]):
-    """Drives one :class:`WindowShard`: batches of priced calls in, rows and too-late calls out."""
+# A window shard's output: rows, too-late calls, and the calls it counted (for the
+# evaluations' call directory, when it keeps one).
+WindowOutput = WindowRow | DeadLetter | CountedCalls
+
+
+class WindowLogic(StatefulBatchLogic[CallBatch, WindowOutput, bytes]):
+    """Drives one :class:`WindowShard`: batches of priced calls in, rows and too-late calls
+    out, and the calls it counted."""
 
     def __init__(self, shard: WindowShard, clock: Callable[[], float] = time.time) -> None:
         self.shard = shard
         self.clock = clock  # the wall clock
         self.working = WorkingClock(lambda: self.clock())
 
-    def on_batch(self, values: list[CallBatch]) -> tuple[Iterable[WindowRow | DeadLetter], bool]:
+    def on_batch(self, values: list[CallBatch]) -> tuple[Iterable[WindowOutput], bool]:
         now = self.working()
-        out: list[WindowRow | DeadLetter] = []
+        out: list[WindowOutput] = []
         for calls in values:
             out.extend(self.shard.on_calls(calls, now))
+        counted = self.shard.counted
+        if counted is not None and counted.request_ids:
+            out.append(counted)
+            self.shard.counted = CountedCalls([], [], [])
         out.extend(self.shard.on_time(now))
         self._report()
         return out, StatefulBatchLogic.RETAIN
 
-    def on_notify(self) -> tuple[Iterable[WindowRow | DeadLetter], bool]:
+    def on_notify(self) -> tuple[Iterable[WindowOutput], bool]:
         rows = self.shard.on_time(self.working())
         self._report()
         return rows, StatefulBatchLogic.RETAIN
@@ -204,19 +215,175 @@ def join_builder(timeout_seconds: float, dedupe_seconds: float, window_seconds: 
 
 
 def window_builder(window_seconds: int, grace_seconds: int, lateness_seconds: int,
-                   plan: Callable[[], DimensionPlan] = StaticPlan, value_limit: int = DEFAULT_VALUES
-                   ) -> Callable[[bytes | None], WindowLogic]:
+                   plan: Callable[[], DimensionPlan] = StaticPlan, value_limit: int = DEFAULT_VALUES,
+                   counted: bool = False) -> Callable[[bytes | None], WindowLogic]:
     """A builder for :func:`bytewax.operators.stateful_batch`: a new shard, or the resumed one,
     deciding the dimensions of the windows it opens with ``plan()`` (called in the worker's
-    thread) and keeping ``value_limit`` values a window, key and dimension."""
+    thread) and keeping ``value_limit`` values a window, key and dimension; with ``counted``,
+    emitting the calls it counts (:class:`~dataflows.evaluations.CountedCalls`)."""
 
     def build(resume: bytes | None) -> WindowLogic:
         if resume is None:
-            return WindowLogic(
-                WindowShard(window_seconds, grace_seconds, lateness_seconds, plan(), value_limit))
-        shard = pickle.loads(resume)
-        shard.attach(plan())
-        shard.value_limit = value_limit
+            shard = WindowShard(window_seconds, grace_seconds, lateness_seconds, plan(), value_limit)
+        else:
+            shard = pickle.loads(resume)
+            shard.attach(plan())
+            shard.value_limit = value_limit
+        shard.counted = CountedCalls([], [], []) if counted else None
         return WindowLogic(shard)
+
+    return build
+
+
+# -- evaluations ---------------------------------------------------------------------------
+
+# The call directory's input: runs of evaluations, or calls the windows counted.
+DirectoryInput = list[EventRun] | CountedCalls
+# Its output: the evaluations that found their call, and dead letters.
+DirectoryOutput = tuple[list[Matched], list[DeadLetter]]
+# Evaluations for one window shard.
+MatchedGroup = tuple[str, list[Matched]]
+
+
+def route_counted(shards: Shards = DEFAULT) -> Callable[[list[CountedCalls]], list[tuple[str, CountedCalls]]]:
+    """For :func:`bytewax.operators.flat_map_batch`: the calls the window shards counted,
+    split by join shard of their request ids (the call directory's shards)."""
+
+    def route(items: list[CountedCalls]) -> list[tuple[str, CountedCalls]]:
+        by_shard: dict[str, CountedCalls] = {}
+        join_key = shards.join_key
+        for counted in items:
+            for rid, key, start in zip(counted.request_ids, counted.keys, counted.starts, strict=True):
+                shard = join_key(rid)
+                into = by_shard.get(shard)
+                if into is None:
+                    into = by_shard[shard] = CountedCalls([], [], [])
+                into.request_ids.append(rid)
+                into.keys.append(key)
+                into.starts.append(start)
+        return list(by_shard.items())
+
+    return route
+
+
+def route_matched(shards: Shards = DEFAULT
+                  ) -> Callable[[list[tuple[str, DirectoryOutput]]], list[DeadLetter | MatchedGroup]]:
+    """For :func:`bytewax.operators.flat_map_batch`: the directory's matched evaluations by
+    window shard of their call's key; dead letters pass."""
+
+    def route(items: list[tuple[str, DirectoryOutput]]) -> list[DeadLetter | MatchedGroup]:
+        out: list[DeadLetter | MatchedGroup] = []
+        by_shard: dict[str, list[Matched]] = {}
+        for _, (matched, letters) in items:
+            out.extend(letters)
+            for item in matched:
+                by_shard.setdefault(shards.window_key(item.key), []).append(item)
+        out.extend(by_shard.items())
+        return out
+
+    return route
+
+
+class DirectoryLogic(StatefulBatchLogic[DirectoryInput, DirectoryOutput, bytes]):
+    """Drives one :class:`~dataflows.evaluations.EvaluationJoin`."""
+
+    def __init__(self, shard: EvaluationJoin, clock: Callable[[], float] = time.time) -> None:
+        self.shard = shard
+        self.clock = clock
+        self.working = WorkingClock(lambda: self.clock())
+
+    def on_batch(self, values: list[DirectoryInput]) -> tuple[Iterable[DirectoryOutput], bool]:
+        now = self.working()
+        found: list[Matched | DeadLetter] = []
+        for value in values:
+            if type(value) is CountedCalls:
+                found.extend(self.shard.on_counted(value, now))
+            else:
+                assert isinstance(value, list)
+                found.extend(self.shard.on_runs(value, now))
+        found.extend(self.shard.on_time(now))
+        return self._output(found), StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[Iterable[DirectoryOutput], bool]:
+        return self._output(list(self.shard.on_time(self.working()))), StatefulBatchLogic.RETAIN
+
+    @staticmethod
+    def _output(found: list[Matched | DeadLetter]) -> list[DirectoryOutput]:
+        if not found:
+            return []
+        matched = [item for item in found if type(item) is Matched]
+        letters = [item for item in found if type(item) is DeadLetter]
+        return [(matched, letters)]
+
+    def notify_at(self) -> datetime | None:
+        return _wakeup(self.shard.next_wakeup(), self.working, self.clock)
+
+    def snapshot(self) -> bytes:
+        started = time.perf_counter()
+        self.shard.seal()
+        return _freeze(self.shard, "evaluation_join", started)
+
+
+def directory_builder(window_seconds: int, grace_seconds: int, lateness_seconds: int,
+                      evaluation_lateness_seconds: int, store: SegmentStore | None = None,
+                      shards: Shards = DEFAULT) -> Callable[[bytes | None], DirectoryLogic]:
+    """A builder for the call directory's :func:`bytewax.operators.stateful_batch`; with
+    ``store``, where its sealed calls are kept."""
+
+    def build(resume: bytes | None) -> DirectoryLogic:
+        if resume is None:
+            shard = EvaluationJoin(window_seconds, grace_seconds, lateness_seconds,
+                                   evaluation_lateness_seconds)
+        else:
+            shard = pickle.loads(resume)
+            shard.evaluation_lateness = evaluation_lateness_seconds
+        if store is not None:
+            shard.attach(store, shards.join_key)
+        elif shard.needs_store():
+            raise ValueError("this call directory keeps its calls in a segment store")
+        return DirectoryLogic(shard)
+
+    return build
+
+
+EvaluationOutput = EvaluationEmission | DeadLetter
+
+
+class EvaluationWindowLogic(StatefulBatchLogic[list[Matched], EvaluationOutput, bytes]):
+    """Drives one :class:`~dataflows.evaluations.EvaluationWindows`."""
+
+    def __init__(self, shard: EvaluationWindows, clock: Callable[[], float] = time.time) -> None:
+        self.shard = shard
+        self.clock = clock
+        self.working = WorkingClock(lambda: self.clock())
+
+    def on_batch(self, values: list[list[Matched]]) -> tuple[Iterable[EvaluationOutput], bool]:
+        now = self.working()
+        out: list[EvaluationOutput] = []
+        for matched in values:
+            out.extend(self.shard.on_matched(matched, now))
+        out.extend(self.shard.on_time(now))
+        return out, StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[Iterable[EvaluationOutput], bool]:
+        return list(self.shard.on_time(self.working())), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return _wakeup(self.shard.next_wakeup(), self.working, self.clock)
+
+    def snapshot(self) -> bytes:
+        return _freeze(self.shard, "evaluation_windows")
+
+
+def evaluation_window_builder(window_seconds: int, grace_seconds: int, lateness_seconds: int,
+                              evaluation_lateness_seconds: int
+                              ) -> Callable[[bytes | None], EvaluationWindowLogic]:
+    """A builder for the evaluation windows' :func:`bytewax.operators.stateful_batch`."""
+
+    def build(resume: bytes | None) -> EvaluationWindowLogic:
+        if resume is None:
+            return EvaluationWindowLogic(EvaluationWindows(
+                window_seconds, grace_seconds, lateness_seconds, evaluation_lateness_seconds))
+        return EvaluationWindowLogic(pickle.loads(resume))
 
     return build

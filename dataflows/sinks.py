@@ -33,14 +33,16 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
+from psycopg.types.json import Jsonb
 
 from dataflows import binary_arrays
-from dataflows.observability import DEAD_LETTERS, DIMENSION_ROWS, ROWS_STALE, ROWS_WRITTEN
+from dataflows.evaluations import EvaluationEmission
+from dataflows.observability import DEAD_LETTERS, DIMENSION_ROWS, EVALUATION_ROWS, ROWS_STALE, ROWS_WRITTEN
 from dataflows.stopping import STOPPING
 from dataflows.windows import DimensionEmission, WindowRow
 from schemas.deadletter import KEY_MAX_BYTES, MESSAGE_MAX_BYTES, DeadLetter, encode_bounded
 from schemas.metrics import FLOAT_STATISTICS, ROW_FIELDS, VALUE_STATISTICS, row_encoder
-from schemas.topics import DEADLETTER, DIMENSION_METRICS, METRICS
+from schemas.topics import DEADLETTER, DIMENSION_METRICS, EVALUATION_METRICS, METRICS
 
 logger = logging.getLogger("streamlens.dataflow")
 
@@ -423,3 +425,93 @@ def deadletter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, byt
         key = None
     DEAD_LETTERS.labels(letter.reason).inc()
     return KafkaSinkMessage(key=key, value=encode_bounded(letter))
+
+
+# Evaluation rows (SPEC §9), under the same revision rule: the count of evaluations.
+EVALUATION_COLUMNS: tuple[str, ...] = (
+    "tenant_id", "route", "model", "window_start", "window_end", "name", "evaluations", "scores",
+    "score_sum", "score_avg", "score_min", "score_max", "score_p50", "score_p90", "labels",
+    "score_digest", "revision")
+_EVALUATION_KEY = ("tenant_id", "route", "model", "window_start", "name")
+UPSERT_EVALUATIONS_SQL = (
+    f"INSERT INTO llm_evaluation_metrics ({', '.join(EVALUATION_COLUMNS)}, updated_at) "
+    f"VALUES ({', '.join(['%s'] * len(EVALUATION_COLUMNS))}, now()) "
+    f"ON CONFLICT ({', '.join(_EVALUATION_KEY)}) DO UPDATE SET "
+    + ", ".join(f"{column} = EXCLUDED.{column}" for column in EVALUATION_COLUMNS
+                if column not in _EVALUATION_KEY)
+    + ", updated_at = EXCLUDED.updated_at "
+    "WHERE llm_evaluation_metrics.revision <= EXCLUDED.revision RETURNING 1"
+)
+
+
+def evaluation_values(item: EvaluationEmission) -> tuple[Any, ...]:
+    row = item.row
+    return (row.tenant_id, row.route, row.model, row.window_start, row.window_end, row.name,
+            row.evaluations, row.scores, item.score_sum, row.score_avg, row.score_min, row.score_max,
+            row.score_p50, row.score_p90, Jsonb(row.labels), item.digest, row.revision)
+
+
+def latest_evaluations(items: list[EvaluationEmission]) -> list[EvaluationEmission]:
+    """One emission per row, the highest revision (one INSERT may not touch a row twice)."""
+    latest: dict[tuple[Any, ...], EvaluationEmission] = {}
+    for item in items:
+        row = item.row
+        key = (row.tenant_id, row.route, row.model, row.window_start, row.name)
+        kept = latest.get(key)
+        if kept is None or kept.row.revision <= row.revision:
+            latest[key] = item
+    return list(latest.values())
+
+
+class _EvaluationRowsPartition(StatelessSinkPartition[EvaluationEmission]):
+    def __init__(self, dsn: str, brokers: str) -> None:
+        self._dsn = dsn
+        self._conn: psycopg.Connection | None = None
+        self._outage = Outage("postgres (evaluation rows)")
+        self._topic = KafkaWriter(brokers, EVALUATION_METRICS)
+
+    def write_batch(self, items: list[EvaluationEmission]) -> None:
+        if not items:
+            return
+        latest = latest_evaluations(items)
+        params = [evaluation_values(item) for item in latest]
+        while True:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
+                with self._conn.transaction(), self._conn.cursor() as cursor:
+                    cursor.executemany(UPSERT_EVALUATIONS_SQL, params, returning=True)
+                    taken = []
+                    while True:
+                        taken.append(cursor.rowcount == 1)
+                        if not cursor.nextset():
+                            break
+                self._outage.succeeded()
+                break
+            except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                self._outage.failed(error)
+        EVALUATION_ROWS.inc(sum(taken))
+        self._topic.write([
+            KafkaSinkMessage(key=item.row.kafka_key(), value=row_encoder.encode(item.row))
+            for item, took in zip(latest, taken, strict=True) if took
+        ])
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._topic.close()
+
+
+class EvaluationRowsSink(DynamicSink[EvaluationEmission]):
+    """Upserts evaluation rows into ``llm_evaluation_metrics``, then publishes the ones
+    Postgres took to ``llm.evaluation-metrics``, as :class:`RowsSink` does with windows."""
+
+    def __init__(self, dsn: str, brokers: str) -> None:
+        self._dsn = dsn
+        self._brokers = brokers
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _EvaluationRowsPartition:
+        return _EvaluationRowsPartition(self._dsn, self._brokers)

@@ -40,8 +40,8 @@ from dataflows.progress import ReadProgress
 from dataflows.shards import DEFAULT, Shards
 from dataflows.stopping import STOPPING
 from schemas.deadletter import DeadLetter
-from schemas.events import LLMRequest, LLMResponse
-from schemas.topics import REQUESTS, RESPONSES
+from schemas.events import LLMEvaluation, LLMRequest, LLMResponse
+from schemas.topics import EVALUATIONS, REQUESTS, RESPONSES
 
 logger = logging.getLogger("streamlens.dataflow")
 
@@ -72,7 +72,7 @@ PREFETCH_CONFIG = {
     "fetch.max.bytes": str(FETCH_MAX_BYTES),
 }
 
-_KINDS: dict[str, type[Event]] = {REQUESTS: LLMRequest, RESPONSES: LLMResponse}
+_KINDS: dict[str, type[Event]] = {REQUESTS: LLMRequest, RESPONSES: LLMResponse, EVALUATIONS: LLMEvaluation}
 
 
 def broker_error(
@@ -295,21 +295,34 @@ def poll_of(
     )
 
 
-def route_polls(polls: list[Poll], shards: Shards = DEFAULT) -> list[DeadLetter | tuple[str, list[EventRun]]]:
+class EvaluationRuns(NamedTuple):
+    """Runs of evaluations whose request ids belong to join shard ``shard``."""
+
+    shard: str
+    runs: list[EventRun]
+
+
+Routed = DeadLetter | tuple[str, list[EventRun]] | EvaluationRuns
+
+
+def route_polls(polls: list[Poll], shards: Shards = DEFAULT) -> list[Routed]:
     """The polls of one activation → their dead letters, and their events grouped by join
-    shard of ``shards`` as ``(shard, [run, ...])``, each partition's events in offset order.
+    shard of ``shards`` as ``(shard, [run, ...])``, each partition's events in offset order;
+    evaluations apart, as :class:`EvaluationRuns`.
 
     One item per shard for all the polls at hand: Bytewax's cost per item (and,
     across processes, per message) is paid once per shard, not once per poll.
     """
-    out: list[DeadLetter | tuple[str, list[EventRun]]] = []
+    out: list[Routed] = []
     grouped: dict[str, list[EventRun]] = {}
+    evaluations: dict[str, list[EventRun]] = {}
     shard_number, names = shards.join_number, shards.names
     for poll in polls:
         out.extend(poll.letters)
         run = poll.run
         if not run.events:
             continue
+        into = evaluations if run.kind is LLMEvaluation else grouped
         by_shard: dict[int, list[int]] = {}
         for index, event in enumerate(run.events):
             shard = shard_number(event.request_id)
@@ -320,10 +333,11 @@ def route_polls(polls: list[Poll], shards: Shards = DEFAULT) -> list[DeadLetter 
                 found.append(index)
         for shard, indexes in by_shard.items():
             part = run.take(indexes) if len(indexes) < len(run) else run
-            runs = grouped.get(names[shard])
+            runs = into.get(names[shard])
             if runs is None:
-                grouped[names[shard]] = [part]
+                into[names[shard]] = [part]
             else:
                 runs.append(part)
     out.extend(grouped.items())
+    out.extend(EvaluationRuns(shard, runs) for shard, runs in evaluations.items())
     return out

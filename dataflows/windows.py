@@ -51,6 +51,7 @@ from dataflows.aggregate import (
 from dataflows.batches import CallBatch
 from dataflows.clock import Watermark
 from dataflows.dimensions import DimensionPlan, StaticPlan, Value, from_response, ranked, reader
+from dataflows.evaluations import CountedCalls
 from dataflows.join import WAKEUP_MARGIN, Call, call_at, call_to_json
 from dataflows.shards import WindowKey
 from schemas.deadletter import DeadLetter, Reason
@@ -160,6 +161,9 @@ class WindowShard:
         self._values: dict[int, ValueSums] = {}
         # Wall clock minus event time at the last call; not snapshotted.
         self._offset: float | None = None
+        # The calls counted, for the evaluations' call directory, while it is set (by
+        # the wiring, which takes them after every batch); not snapshotted.
+        self.counted: CountedCalls | None = None
 
     def on_call(self, call: Call, now: float) -> list[DeadLetter]:
         """Fold one priced call into its window; a call beyond lateness comes back as a
@@ -180,6 +184,10 @@ class WindowShard:
         key = (request.tenant_id, request.route, request.model)
         state = self._taking(start, key, 1)
         state.add(call)
+        if self.counted is not None and not call.replaces_timeout:
+            self.counted.request_ids.append(request.request_id)
+            self.counted.keys.append(key)
+            self.counted.starts.append(start)
         if state.dimensions:
             add_call_values(self._table(start), key, state.dimensions, call)
         return []
@@ -262,6 +270,8 @@ class WindowShard:
             np.int64,
             len(indexes),
         )
+        if self.counted is not None:
+            _note_counted(self.counted, calls, indexes, numbers.tolist(), list(groups))
         columns, latency = call_columns(calls, indexes)
         order = np.argsort(numbers, kind="stable")
         sorted_numbers = numbers[order]
@@ -431,18 +441,39 @@ class WindowShard:
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
         state["_offset"] = None
+        state["counted"] = None
         del state["plan"]  # settings live in Postgres: a restored shard is attached to them again
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         state.setdefault("value_limit", DEFAULT_VALUES)  # snapshots made before dimensions
         state.setdefault("_values", {})
+        state.setdefault("counted", None)
         self.__dict__.update(state)
         self.plan = StaticPlan()
         for start, table in self._values.items():
             if table.legacy():
                 windows = self._windows[start]
                 table.rekey(lambda key, windows=windows: windows[key].dimensions)
+
+
+def _note_counted(
+    counted: CountedCalls,
+    calls: CallBatch,
+    indexes: list[int],
+    numbers: list[int],
+    groups: list[tuple[int, WindowKey]],
+) -> None:
+    """Add the calls at ``indexes`` (of windows ``groups[numbers[i]]``) to ``counted``; an
+    answered call replacing its timeout was noted as the timeout already."""
+    requests, replaces = calls.requests, calls.replaces
+    rids, keys, starts = counted.request_ids, counted.keys, counted.starts
+    for index, number in zip(indexes, numbers, strict=True):
+        if not replaces[index]:
+            start, key = groups[number]
+            rids.append(requests[index].request_id)
+            keys.append(key)
+            starts.append(start)
 
 
 def _dimension_emission(

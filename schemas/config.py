@@ -51,6 +51,8 @@ class Settings(Struct, frozen=True, kw_only=True):
     # values a window keeps per key and dimension before merging the rest into "(other)".
     dimensions: tuple[str, ...] = ()
     dimension_values: int = DEFAULT_VALUES
+    # How long after a call's window ended an evaluation of the call still counts (SPEC §9).
+    evaluation_lateness_seconds: int = 86400
 
 
 def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], int], str]:
@@ -140,6 +142,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
         "comma-separated dimensions, at most 4 of metadata.<key>, provider, finish_reason, user",
     ),
     "DIMENSION_VALUES": ("dimension_values", *_integer(1, 10000)),
+    "EVALUATION_LATENESS_SECONDS": ("evaluation_lateness_seconds", *_integer(0, 366 * 86400)),
 }
 
 

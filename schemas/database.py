@@ -7,7 +7,13 @@ from importlib.resources import files
 import psycopg
 
 # Each file stands alone (no cross-references), so a container init may run them in any order.
-SCHEMA_FILES: tuple[str, ...] = ("llm_metrics.sql", "api_keys.sql", "join_segments.sql", "dimensions.sql")
+SCHEMA_FILES: tuple[str, ...] = (
+    "llm_metrics.sql",
+    "api_keys.sql",
+    "join_segments.sql",
+    "dimensions.sql",
+    "evaluations.sql",
+)
 SCHEMA_SQL: str = "\n".join(files("schemas").joinpath(name).read_text() for name in SCHEMA_FILES)
 
 

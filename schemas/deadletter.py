@@ -7,7 +7,7 @@ from typing import Literal
 import msgspec
 from msgspec import Struct
 
-Reason = Literal["invalid", "orphan_response", "too_late"]
+Reason = Literal["invalid", "orphan_response", "orphan_evaluation", "too_late"]
 
 
 class DeadLetter(Struct, kw_only=True):

@@ -105,3 +105,34 @@ DIMENSION_ROW_FIELDS: tuple[str, ...] = DimensionRow.__struct_fields__
 
 row_encoder = msgspec.json.Encoder()
 row_decoder = msgspec.json.Decoder(MetricsRow)
+
+
+class EvaluationRow(Struct, kw_only=True):
+    """The evaluations (SPEC §9) of one ``name`` counted toward the calls of one window of one
+    ``(tenant_id, route, model)``. ``labels`` holds the 20 most frequent labels, the rest
+    under ``"(other)"``; ``revision`` is how many evaluations the row holds.
+
+    In query-API roll-ups ``route`` or ``model`` is ``None`` when merged across.
+    """
+
+    tenant_id: str
+    route: str | None
+    model: str | None
+    window_start: datetime
+    window_end: datetime
+    name: str
+    evaluations: int
+    scores: int
+    score_avg: float | None
+    score_min: float | None
+    score_max: float | None
+    score_p50: float | None
+    score_p90: float | None
+    labels: dict[str, int]
+    revision: int
+
+    def kafka_key(self) -> bytes:
+        """``tenant|route|model|window_start|name``: compaction keeps each row's latest revision."""
+        return (
+            f"{self.tenant_id}|{self.route}|{self.model}|{self.window_start.isoformat()}|{self.name}"
+        ).encode()

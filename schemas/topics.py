@@ -14,7 +14,17 @@ DEADLETTER = "llm.deadletter"
 DIMENSION_METRICS = "llm.dimension-metrics"
 # Scores and labels about calls (SPEC §9), keyed by the call's request_id.
 EVALUATIONS = "llm.evaluations"
-ALL_TOPICS: tuple[str, ...] = (REQUESTS, RESPONSES, EVALUATIONS, METRICS, DIMENSION_METRICS, DEADLETTER)
+# Their rows per window, key and evaluation name (SPEC §9).
+EVALUATION_METRICS = "llm.evaluation-metrics"
+ALL_TOPICS: tuple[str, ...] = (
+    REQUESTS,
+    RESPONSES,
+    EVALUATIONS,
+    METRICS,
+    DIMENSION_METRICS,
+    EVALUATION_METRICS,
+    DEADLETTER,
+)
 
 
 def ensure_topics(brokers: str, partitions: int, *, timeout: float = 10.0) -> None:

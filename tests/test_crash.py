@@ -14,9 +14,11 @@ never decreases and its highest revision equals the Postgres row.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,8 +28,10 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from deploy.stack import Broker
+from schemas.topics import EVALUATION_METRICS, EVALUATIONS
 from tests import dataflow_harness as h
 from tests.test_ingestion import ServerThread
 
@@ -103,6 +107,115 @@ def _calls(rng: random.Random, now: float, calls: int
     return events, counted
 
 
+# Evaluations count until this long after their call's window ended (shortened, so that
+# some of the data set's come too late).
+EVALUATION_LATENESS_SECONDS = 90
+
+
+@dataclass
+class Evaluations:
+    """Evaluations of part of the calls, and what must come of them."""
+
+    events: list[dict[str, Any]]
+    rows: dict[tuple[str, str, str, float, str], list[dict[str, Any]]]  # counted, per row
+    letters: Counter[str]  # dead letters by reason
+
+
+def _evaluations(rng: random.Random, counted: list[h.Counted], now: float) -> Evaluations:
+    """A numeric judge score (some with a label) for half the calls and a pass/fail label
+    for a third, made up to 200 s after the call: some beyond EVALUATION_LATENESS_SECONDS
+    after its window, some repeated, a few of another tenant, a few of calls never made."""
+    out = Evaluations([], {}, Counter())
+    for call in counted:
+        start = call.request_ts // WINDOW_SECONDS * WINDOW_SECONDS
+        rid = call.request["request_id"]
+        for name, share in (("judge", 0.5), ("thumbs", 0.3)):
+            if rng.random() >= share:
+                continue
+            at = min(call.request_ts + rng.uniform(0, 200), now - 1)
+            evaluation: dict[str, Any] = {"type": "evaluation", "request_id": rid, "tenant_id": call.key[0],
+                                          "name": name, "timestamp": h.timestamp(at)}
+            if name == "judge":
+                evaluation["score"] = round(rng.uniform(0, 1), 3)
+                evaluation["evaluator"] = "llm-judge"
+            if name == "thumbs" or rng.random() < 0.2:
+                evaluation["label"] = rng.choice(["pass", "fail", "unsure"])
+            copies = 2 if rng.random() < 0.03 else 1
+            out.events += [dict(evaluation) for _ in range(copies)]
+            if at > start + WINDOW_SECONDS + EVALUATION_LATENESS_SECONDS:
+                out.letters["too_late"] += copies
+            else:
+                out.rows.setdefault((*call.key, start, name), []).append(evaluation)
+        if rng.random() < 0.01:
+            out.events.append({"type": "evaluation", "request_id": rid, "tenant_id": "umbrella",
+                               "name": "judge", "score": 1.0, "timestamp": h.timestamp(call.request_ts + 1)})
+            out.letters["invalid"] += 1
+    for n in range(5):
+        out.events.append({"type": "evaluation", "request_id": f"never-{n}-{rng.getrandbits(32):08x}",
+                           "tenant_id": "acme", "name": "judge", "score": 0.5,
+                           "timestamp": h.timestamp(now - 3000)})
+        out.letters["orphan_evaluation"] += 1
+    return out
+
+
+def check_evaluation_rows(actual: dict[tuple[str, str, str, float, str], dict[str, Any]],
+                          expected: dict[tuple[str, str, str, float, str], list[dict[str, Any]]]) -> None:
+    """Rows (Postgres columns or llm.evaluation-metrics fields) against the evaluations
+    each must hold."""
+    assert set(actual) == set(expected), (set(actual) ^ set(expected))
+    for key, evaluations in expected.items():
+        row = actual[key]
+        scores = sorted(e["score"] for e in evaluations if "score" in e)
+        labels = Counter(e["label"] for e in evaluations if "label" in e)
+        assert (row["evaluations"], row["scores"], row["revision"]) == (
+            len(evaluations), len(scores), len(evaluations)), key
+        assert row["labels"] == dict(labels), key
+        if not scores:
+            assert row["score_avg"] is None and row["score_p50"] is None, key
+            continue
+        assert math.isclose(row["score_avg"], math.fsum(scores) / len(scores), rel_tol=1e-12), key
+        assert (row["score_min"], row["score_max"]) == (scores[0], scores[-1]), key
+        for q, column in ((0.5, "score_p50"), (0.9, "score_p90")):
+            rank = q * (len(scores) - 1)
+            low = scores[max(0, math.floor(rank) - 1)]
+            high = scores[min(len(scores) - 1, math.ceil(rank) + 1)]
+            assert low <= row[column] <= high, (key, column, row[column], scores)
+
+
+def _evaluation_key(row: dict[str, Any]) -> tuple[str, str, str, float, str]:
+    start = row["window_start"]
+    if isinstance(start, str):
+        start = datetime.fromisoformat(start)
+    return row["tenant_id"], row["route"], row["model"], start.timestamp(), row["name"]
+
+
+def postgres_evaluation_rows(dsn: str) -> dict[tuple[str, str, str, float, str], dict[str, Any]]:
+    with psycopg.connect(dsn, row_factory=dict_row) as conn:
+        rows = conn.execute("SELECT * FROM llm_evaluation_metrics").fetchall()
+    return {_evaluation_key(row): row for row in rows}
+
+
+def latest_evaluation_metrics(brokers: str) -> dict[tuple[str, str, str, float, str], dict[str, Any]]:
+    """The highest revision of each row on ``llm.evaluation-metrics``; revisions never go down."""
+    latest: dict[tuple[str, str, str, float, str], dict[str, Any]] = {}
+    for key, value, _, _ in sorted(h.read_topic(brokers, EVALUATION_METRICS), key=lambda r: (r[2], r[3])):
+        row = json.loads(value)
+        found = _evaluation_key(row)
+        start = datetime.fromisoformat(row["window_start"]).isoformat()
+        assert key == f"{row['tenant_id']}|{row['route']}|{row['model']}|{start}|{row['name']}".encode()
+        assert found not in latest or latest[found]["revision"] <= row["revision"], found
+        latest[found] = row
+    return latest
+
+
+def evaluation_letters(brokers: str) -> Counter[str]:
+    """Dead letters of ``llm.evaluations`` records by reason, each record once (a replay after
+    a crash may write one again)."""
+    seen = {(letter["partition"], letter["offset"]): letter["reason"] for letter in h.dead_letters(brokers)
+            if letter["source_topic"] == EVALUATIONS}
+    return Counter(seen.values())
+
+
 def _post(client: httpx.Client, batch: list[dict[str, Any]]) -> None:
     while True:
         answer = client.post("/v1/llm/events", json={"events": batch})
@@ -159,14 +272,24 @@ class Dimensions:
 
 
 def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seconds: float,
-        seed: int, dimensions: Dimensions | None = None) -> CrashRun:
+        seed: int, dimensions: Dimensions | None = None, evaluations: bool = False) -> CrashRun:
     """Post ``calls`` shuffled calls over ``posting_seconds`` while ``kills`` kill -9s land at
     moments drawn from ``seed``; wait for the rows and check every one of them (with
-    ``dimensions``, their rows too)."""
+    ``dimensions``, their rows too; with ``evaluations``, evaluations of the calls, shuffled
+    among them, and their rows)."""
     rng = random.Random(seed)
     now = time.time()
     events, counted = _calls(rng, now, calls)
     expected = h.expected_rows_of(counted, WINDOW_SECONDS)
+    judged = _evaluations(random.Random(rng.random()), counted, now) if evaluations else None
+    if judged is not None:
+        events += judged.events
+        random.Random(seed + 1).shuffle(events)
+        # The orphans among the first half: their shards see later evaluations after them.
+        orphans = [event for event in events if event["request_id"].startswith("never-")]
+        events = [event for event in events if not event["request_id"].startswith("never-")]
+        for event in orphans:
+            events.insert(rng.randrange(len(events) // 2), event)
     boundary = (now - 200) // WINDOW_SECONDS * WINDOW_SECONDS
     if dimensions is not None:
         dimensions.store(dsn, boundary)
@@ -179,9 +302,11 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
     print(f"crash run: seed {seed}, {len(counted)} calls, {len(events)} events, "
           f"kill -9 at {done.kills} s into the posting", flush=True)
 
+    settings = {} if dimensions is None else dimensions.settings()
+    if judged is not None:
+        settings["EVALUATION_LATENESS_SECONDS"] = str(EVALUATION_LATENESS_SECONDS)
     processor = h.Processor(brokers, dsn, work / "recovery", h.write_prices(work / "prices.json"),
-                            work / "dataflow.log",
-                            settings={} if dimensions is None else dimensions.settings())
+                            work / "dataflow.log", settings=settings)
     with ServerThread(brokers) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         processor.start()
         try:
@@ -204,8 +329,15 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
 
             def final() -> bool:
                 rows = h.postgres_rows(dsn)
-                return all(key in rows and rows[key]["revision"] >= row.revision
-                           for key, row in expected.items())
+                if not all(key in rows and rows[key]["revision"] >= row.revision
+                           for key, row in expected.items()):
+                    return False
+                if judged is None:
+                    return True
+                scored = postgres_evaluation_rows(dsn)
+                return all(key in scored and scored[key]["revision"] >= len(wanted)
+                           for key, wanted in judged.rows.items()
+                           ) and evaluation_letters(brokers) == judged.letters
 
             h.wait_for(final, 600, "the final rows", processor.check_alive)
             done.posting_seconds = posted - started
@@ -239,6 +371,11 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
         dropped = [key for key, records in h.dimension_records(brokers).items()
                    if set(map(str, records[0]["values"])) - set(map(str, records[-1]["values"]))]
         assert dropped, "no value was merged into (other) by a revision: the data set missed that path"
+    if judged is not None:
+        assert all(judged.letters[reason] for reason in ("too_late", "invalid", "orphan_evaluation"))
+        check_evaluation_rows(postgres_evaluation_rows(dsn), judged.rows)
+        check_evaluation_rows(latest_evaluation_metrics(brokers), judged.rows)
+        assert evaluation_letters(brokers) == judged.letters
     return done
 
 
@@ -252,7 +389,8 @@ def test_kill_9_with_dimensions_gives_exact_dimension_rows(tmp_path: Path, broke
     dimensions = Dimensions(default=("metadata.country", "finish_reason", "user"), values=8,
                             tenant="globex", own=("metadata.experiment", "metadata.beta",
                                                   "metadata.shard", "metadata.country"))
-    run(tmp_path, broker.address, postgres_dsn, CALLS // 2, KILLS, POSTING_SECONDS / 2, seed, dimensions)
+    run(tmp_path, broker.address, postgres_dsn, CALLS // 2, KILLS, POSTING_SECONDS / 2, seed, dimensions,
+        evaluations=True)
 
 
 def test_kill_9_at_random_moments_gives_exact_rows(tmp_path: Path, broker: Broker,
