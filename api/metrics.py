@@ -33,6 +33,7 @@ from api import tenants
 from api.auth import authenticate, forbidden_tenant, open_key_store
 from api.dashboard import routes as dashboard_routes
 from api.errors import error_response, http_error, server_error
+from api.evaluations import EvaluationQuery, EvaluationsPage, fetch_evaluations, parse_evaluation_query
 from api.observability import Outage, QueryMetrics, metrics_route
 from api.params import (
     BUCKETS,
@@ -48,8 +49,9 @@ from api.queries import Deadline, DeadlineExceeded, fetch_rollup, parameters, wi
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
 from schemas.dimensions import VALUE_MAX_CHARS
+from schemas.events import EVALUATION_NAME_MAX_CHARS
 from schemas.logs import configure_logging
-from schemas.metrics import DimensionRow, MetricsRow
+from schemas.metrics import DimensionRow, EvaluationRow, MetricsRow
 from schemas.tenant_settings import changes_async
 
 logger = logging.getLogger("streamlens.metrics")
@@ -232,6 +234,40 @@ async def metrics(request: Request) -> Response:
     return answer
 
 
+async def _fetch_evaluations(
+    pool: psycopg_pool.AsyncConnectionPool, asked: EvaluationQuery
+) -> list[EvaluationRow]:
+    deadline = Deadline(QUERY_SECONDS)
+    async with pool.connection(timeout=max(0.0, deadline.remaining())) as conn:
+        return await fetch_evaluations(conn, asked, deadline)
+
+
+async def evaluations(request: Request) -> Response:
+    started = time.perf_counter()
+    principal = await authenticate(request, "read")
+    if isinstance(principal, Response):
+        return principal
+    try:
+        asked = parse_evaluation_query(multi_dict(request.query_params.multi_items()))
+    except InvalidParameter as error:
+        return error_response(400, "invalid_parameter", str(error))
+    refusal = forbidden_tenant(principal, asked.query.tenant_id)
+    if refusal is not None:
+        return error_response(403, "forbidden", refusal)
+    kind = "evaluations"
+    observed: QueryMetrics = request.app.state.observed
+    try:
+        rows = await bounded(_fetch_evaluations(request.app.state.pool, asked), DATABASE_TIMEOUT_SECONDS)
+    except (psycopg.Error, psycopg_pool.PoolTimeout, DatabaseTimeout) as error:
+        answer = _unavailable(request, error, kind)
+    else:
+        request.app.state.postgres.back()
+        observed.rows_returned.labels(kind).value += len(rows)
+        answer = _json(EvaluationsPage(evaluations=rows, count=len(rows)))
+    observed.request_seconds.labels(kind).observe(time.perf_counter() - started)
+    return answer
+
+
 async def health(request: Request) -> Response:
     return _json({"status": "ok"})
 
@@ -278,7 +314,7 @@ def openapi_document() -> dict[str, Any]:
     """The API's OpenAPI 3.1 description; the row schemas come from :class:`MetricsRow` and
     :class:`DimensionRow`."""
     _, components = msgspec.json.schema_components(
-        [MetricsRow, DimensionRow], ref_template="#/components/schemas/{name}"
+        [MetricsRow, DimensionRow, EvaluationRow], ref_template="#/components/schemas/{name}"
     )
     row_ref = {"$ref": "#/components/schemas/MetricsRow"}
     dimension_row_ref = {"$ref": "#/components/schemas/DimensionRow"}
@@ -299,7 +335,7 @@ def openapi_document() -> dict[str, Any]:
         "description": '{"error": code, "detail": what and where}',
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     }
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "StreamLens query API", "version": "1"},
         "paths": {
@@ -455,6 +491,43 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
+    document["paths"]["/v1/evaluations"] = _evaluations_path(document["paths"]["/v1/metrics"]["get"])
+    return document
+
+
+def _evaluations_path(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``/v1/evaluations``: the parameters of ``/v1/metrics`` but a dimension's, plus ``name``."""
+    parameters = [p for p in metrics["parameters"] if p["name"] not in ("dimension", "value")]
+    parameters.append(
+        {
+            "name": "name",
+            "in": "query",
+            "required": False,
+            "description": "One evaluation name (SPEC §9): its rows only.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": EVALUATION_NAME_MAX_CHARS},
+        }
+    )
+    page = {
+        "type": "object",
+        "required": ["evaluations", "count"],
+        "properties": {
+            "evaluations": {"type": "array", "items": {"$ref": "#/components/schemas/EvaluationRow"}},
+            "count": {"type": "integer"},
+        },
+    }
+    responses = dict(metrics["responses"])
+    responses["200"] = {
+        "description": "Rows newest first, then by route, model and name",
+        "content": {"application/json": {"schema": page}},
+    }
+    return {
+        "get": {
+            "summary": "Evaluation rows (scores and labels per window, key and name), or their roll-ups",
+            "security": metrics["security"],
+            "parameters": parameters,
+            "responses": responses,
+        }
+    }
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -516,6 +589,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/metrics", metrics, methods=["GET"]),
+            Route("/v1/evaluations", evaluations, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),

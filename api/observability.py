@@ -43,7 +43,7 @@ INGESTION_ENDPOINTS = ("request", "response", "evaluation", "events", "traces", 
 # Why an event or span was refused (``reason`` label).
 REJECTION_REASONS = ("invalid", "future_timestamp", "other_tenant")
 # The query API's kinds of query (``kind`` label).
-QUERY_KINDS = ("windows", "rollup")
+QUERY_KINDS = ("windows", "rollup", "evaluations")
 
 
 class Count:

@@ -56,16 +56,12 @@ from msgspec import Struct, field
 from dataflows.aggregate import EXACT_UP_TO, ZERO_BUCKET, bucket_latency, latency_bucket, new_digest
 from dataflows.batches import EventRun, SourceRef
 from dataflows.clock import Watermark
-from dataflows.dimensions import ranked
 from dataflows.remembered import Remembered, SegmentStore
 from dataflows.shards import WindowKey
 from schemas.deadletter import DeadLetter, Reason
-from schemas.dimensions import OTHER
 from schemas.events import LLMEvaluation, encoder
-from schemas.metrics import EvaluationRow
+from schemas.metrics import EvaluationRow, top_labels
 
-# Labels a row names, the rest merged under "(other)".
-LABELS_KEPT = 20
 # A key as the directory holds it (Remembered's "tenant"): its parts joined by a
 # character no identifier may hold.
 _SEPARATOR = "\x1f"
@@ -380,13 +376,8 @@ class EvaluationStats(Struct, gc=False):
         return float(Fraction(self.score_units, _SCORE_UNIT)) if self.scores else None
 
     def kept_labels(self) -> dict[str, int]:
-        """The LABELS_KEPT most frequent labels, the rest under ``"(other)"``."""
-        own, merged = ranked(self.labels.items(), LABELS_KEPT)
-        kept = {label: self.labels[label] for label in own if label is not None}
-        rest = sum(self.labels[label] for label in merged if label is not None)
-        if rest:
-            kept[OTHER] = rest
-        return kept
+        """The most frequent labels, the rest under ``"(other)"``."""
+        return top_labels(self.labels)
 
 
 class EvaluationEmission(NamedTuple):

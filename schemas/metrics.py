@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 
 import msgspec
 from msgspec import Struct
+
+from schemas.dimensions import OTHER
 
 
 class MetricsRow(Struct, kw_only=True):
@@ -105,6 +108,26 @@ DIMENSION_ROW_FIELDS: tuple[str, ...] = DimensionRow.__struct_fields__
 
 row_encoder = msgspec.json.Encoder()
 row_decoder = msgspec.json.Decoder(MetricsRow)
+
+
+# Labels an evaluation row names; the rest are summed under "(other)".
+LABELS_KEPT = 20
+
+
+def top_labels(counts: Mapping[str, int], kept: int = LABELS_KEPT) -> dict[str, int]:
+    """The ``kept`` most frequent labels (ties in code-point order), the rest (and any count
+    already under ``"(other)"``) summed under ``"(other)"``: the same from one window's
+    labels or from rows merged."""
+    ordered = sorted(((label, n) for label, n in counts.items() if label != OTHER), key=_label_rank)
+    top = dict(ordered[:kept])
+    rest = sum(n for _, n in ordered[kept:]) + counts.get(OTHER, 0)
+    if rest:
+        top[OTHER] = rest
+    return top
+
+
+def _label_rank(item: tuple[str, int]) -> tuple[int, str]:
+    return -item[1], item[0]
 
 
 class EvaluationRow(Struct, kw_only=True):
