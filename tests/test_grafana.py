@@ -6,7 +6,8 @@ does before a query reaches the database: it substitutes the template variables
 (``$__timeFilter``, ``$__timeGroupAlias``, ...) as Grafana documents them. A
 macro or variable it does not know fails the test, as would a panel whose SQL
 Postgres refuses. Results are checked against values computed here from the
-raw calls behind the windows, and behind their rows per dimension value.
+raw calls behind the windows, and behind their rows per dimension value, and from the
+raw evaluations behind the evaluation rows.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ import json
 import math
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from statistics import fmean
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
 import yaml
+from fastdigest import TDigest
+from psycopg.types.json import Jsonb
 
 from tests import dimension_store as store
 from tests.test_metrics_api import Window, insert_windows, random_calls
@@ -40,6 +44,12 @@ REGION = "metadata.region"
 REGIONS: tuple[str | None, ...] = ("eu", "us", None, "(other)")
 # How the dashboard names the calls without a value.
 NO_VALUE = "(none)"
+# acme's evaluation names in the time range, on these route/models.
+EVALUATION_NAMES = ("judge", "toxicity")
+EVALUATED = (("/chat", "gpt-4o"), ("/search", "claude-sonnet-4-5"), ("/search", "gpt-4o"))
+# An evaluation row keeps its most frequent labels, the rest under "(other)".
+LABELS_KEPT = 20
+OTHER_LABELS = "(other)"
 
 
 class UnknownTemplate(AssertionError):
@@ -163,12 +173,115 @@ def insert_dimension_rows(dsn: str, windows: Sequence[Window]) -> None:
     store.insert_dimension_rows(dsn, [window.column_values() for window in windows])
 
 
+@dataclass
+class Evaluated:
+    """The evaluations of one name counted toward the calls of one window, each a
+    (score, label); the row of ``llm_evaluation_metrics`` they make."""
+
+    tenant_id: str
+    route: str
+    model: str
+    start: datetime
+    name: str
+    evaluations: list[tuple[float | None, str | None]]
+
+    @property
+    def scores(self) -> list[float]:
+        return [score for score, _ in self.evaluations if score is not None]
+
+    def labels(self) -> dict[str, int]:
+        counts = Counter(label for _, label in self.evaluations if label is not None)
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        kept = dict(ranked[:LABELS_KEPT])
+        if len(ranked) > LABELS_KEPT:
+            kept[OTHER_LABELS] = sum(count for _, count in ranked[LABELS_KEPT:])
+        return kept
+
+    def column_values(self) -> dict[str, Any]:
+        scores = self.scores
+        digest = TDigest.from_values(scores) if scores else None
+        return {
+            "tenant_id": self.tenant_id,
+            "route": self.route,
+            "model": self.model,
+            "window_start": self.start,
+            "window_end": self.start + timedelta(minutes=1),
+            "name": self.name,
+            "evaluations": len(self.evaluations),
+            "scores": len(scores),
+            "score_sum": math.fsum(scores) if scores else None,
+            "score_avg": fmean(scores) if scores else None,
+            "score_min": min(scores, default=None),
+            "score_max": max(scores, default=None),
+            "score_p50": digest.quantile(0.5) if digest else None,
+            "score_p90": digest.quantile(0.9) if digest else None,
+            "labels": Jsonb(self.labels()),
+            "score_digest": digest.to_bytes() if digest else None,
+            "revision": len(self.evaluations),
+        }
+
+
+def make_evaluations() -> list[Evaluated]:
+    """acme's evaluations of two names on three route/models, most windows with some: a
+    window holds 1, 2 or 30 of them around a mean of its own, so an average of the windows'
+    averages is not the average of their scores. Some judge evaluations have a label only,
+    all of one window's; one window has more labels than its row keeps. Besides: a name acme
+    had only after the time range, and globex's evaluations."""
+    rnd = random.Random(29)
+    rows = []
+    for minute in range(-3, 14):
+        start = T0 + timedelta(minutes=minute)
+        for index, (route, model) in enumerate(EVALUATED):
+            for name in EVALUATION_NAMES:
+                if rnd.random() < 0.2:
+                    continue
+                center = rnd.random()
+                evaluations: list[tuple[float | None, str | None]] = []
+                for _ in range(rnd.choice((1, 2, 30))):
+                    score = min(1.0, max(0.0, rnd.gauss(center, 0.15)))
+                    if name == "toxicity":
+                        evaluations.append((score, rnd.choice(("safe", "unsafe", None))))
+                    elif rnd.random() < 0.2 or (minute, index) == (4, 0):
+                        evaluations.append((None, rnd.choice(("pass", "fail"))))
+                    else:
+                        evaluations.append((score, "pass" if score >= 0.5 else "fail"))
+                if (minute, index, name) == (6, 1, "judge"):
+                    evaluations += [(None, f"reason {n:02d}") for n in range(LABELS_KEPT + 3)]
+                rows.append(Evaluated("acme", route, model, start, name, evaluations))
+    rows.append(
+        Evaluated("acme", "/chat", "gpt-4o", RANGE[1] + timedelta(minutes=2), "relevance", [(1.0, None)])
+    )
+    rows += [
+        Evaluated(
+            "globex", "/chat", "gpt-4o", T0 + timedelta(minutes=m), name, [(0.0, "fail"), (0.5, "pass")]
+        )
+        for m in range(5)
+        for name in ("judge", "helpfulness")
+    ]
+    return rows
+
+
+def insert_evaluations(dsn: str, rows: Sequence[Evaluated]) -> None:
+    values = [row.column_values() for row in rows]
+    columns = list(values[0])
+    statement = (
+        f"INSERT INTO llm_evaluation_metrics ({', '.join(columns)}) "
+        f"VALUES ({', '.join(['%s'] * len(columns))})"
+    )
+    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
+        cursor.executemany(statement, [[row[name] for name in columns] for row in values])
+
+
 def label(window: Window) -> str:
     value: str | None = window.extra["value"]
     return NO_VALUE if value is None else value
 
 
-def selected(windows: Sequence[Window], routes: Sequence[str], models: Sequence[str]) -> list[Window]:
+# Windows, their rows per dimension value, or evaluation rows.
+W = TypeVar("W", Window, Evaluated)
+
+
+def selected(windows: Sequence[W], routes: Sequence[str], models: Sequence[str]) -> list[W]:
     start, end = RANGE
     # BETWEEN: both ends of Grafana's time range are inclusive.
     return [
@@ -178,8 +291,8 @@ def selected(windows: Sequence[Window], routes: Sequence[str], models: Sequence[
     ]
 
 
-def by_time(windows: Sequence[Window], step: int) -> dict[float, list[Window]]:
-    groups: dict[float, list[Window]] = defaultdict(list)
+def by_time(windows: Sequence[W], step: int) -> dict[float, list[W]]:
+    groups: dict[float, list[W]] = defaultdict(list)
     for window in windows:
         groups[float(int(window.start.timestamp()) // step * step)].append(window)
     return dict(sorted(groups.items()))
@@ -312,6 +425,34 @@ EXPECTED_BY_VALUE: dict[str, Callable[[list[Window], int], list[tuple[Any, ...]]
 }
 
 
+def average_score(rows: Sequence[Evaluated]) -> float | None:
+    """The average of the scores themselves, however many each window has."""
+    return mean_or_none([score for row in rows for score in row.scores])
+
+
+def quality(rows: list[Evaluated], step: int) -> list[tuple[Any, ...]]:
+    out = []
+    for t, group in by_time(rows, step).items():
+        for route, model in sorted({(row.route, row.model) for row in group}):
+            chosen = [row for row in group if (row.route, row.model) == (route, model)]
+            out.append((t, f"{route} · {model}", average_score(chosen)))
+    return out
+
+
+def label_table(rows: list[Evaluated], step: int) -> list[tuple[Any, ...]]:
+    counts: Counter[str] = Counter()
+    for row in rows:
+        counts.update(row.labels())
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+# The panels of the chosen evaluation name's rows, computed from its evaluations.
+EXPECTED_BY_EVALUATION: dict[str, Callable[[list[Evaluated], int], list[tuple[Any, ...]]]] = {
+    "Quality: average score per route/model": quality,
+    "Labels of ${evaluation} over the range": label_table,
+}
+
+
 def _order(row: tuple[Any, ...]) -> tuple[tuple[int, Any], ...]:
     # Grafana groups a time series' rows by time and series; their order within one
     # time is the database's to choose, so rows are compared in one order of ours.
@@ -338,8 +479,10 @@ def test_every_panel_and_variable_runs_and_shows_the_windows_numbers(reader_dsn:
     insert_windows(postgres_dsn, windows)
     dimension_rows = make_dimension_rows(windows)
     insert_dimension_rows(postgres_dsn, dimension_rows)
+    evaluations = make_evaluations()
+    insert_evaluations(postgres_dsn, evaluations)
     variables_sql = {v["name"]: v["query"] for v in DASHBOARD["templating"]["list"]}
-    assert set(variables_sql) == {"tenant", "route", "model", "dimension", "value"}
+    assert set(variables_sql) == {"tenant", "route", "model", "dimension", "value", "evaluation"}
 
     # The variables, in order, each from the ones before it: "All" is every value listed.
     _, tenants = run(reader_dsn, expand(variables_sql["tenant"], {}, "1m", RANGE))
@@ -358,17 +501,28 @@ def test_every_panel_and_variable_runs_and_shows_the_windows_numbers(reader_dsn:
     chosen["value"] = [value for (value,) in values]
     # Postgres orders them by its collation, Grafana again by its own: compared as a set.
     assert len(chosen["value"]) == 4 and set(chosen["value"]) == {"eu", "us", NO_VALUE, "(other)"}
+    # The tenant's evaluation names with rows in the time range; a single choice.
+    _, names = run(reader_dsn, expand(variables_sql["evaluation"], chosen, "1m", RANGE))
+    assert [n for (n,) in names] == list(EVALUATION_NAMES)
 
     panels = DASHBOARD["panels"]
-    assert {panel["title"] for panel in panels} == set(EXPECTED) | set(EXPECTED_BY_VALUE)
+    titles = set(EXPECTED) | set(EXPECTED_BY_VALUE) | set(EXPECTED_BY_EVALUATION)
+    assert {panel["title"] for panel in panels} == titles
     for interval in ("1m", "5m"):
-        for routes, values in ((chosen["route"], chosen["value"]), (["/search"], ["eu", NO_VALUE])):
-            variables = {**chosen, "route": routes, "value": values}
+        for routes, values, evaluation in (
+            (chosen["route"], chosen["value"], "judge"),
+            (["/search"], ["eu", NO_VALUE], "judge"),
+            (chosen["route"], ["us"], "toxicity"),
+        ):
+            variables = {**chosen, "route": routes, "value": values, "evaluation": [evaluation]}
             expected_windows = selected(windows, routes, chosen["model"])
             expected_rows = [
                 w
                 for w in selected(dimension_rows, routes, chosen["model"])
                 if w.extra["dimension"] == REGION and label(w) in values
+            ]
+            expected_evaluations = [
+                row for row in selected(evaluations, routes, chosen["model"]) if row.name == evaluation
             ]
             for panel in panels:
                 (target,) = panel["targets"]
@@ -382,10 +536,66 @@ def test_every_panel_and_variable_runs_and_shows_the_windows_numbers(reader_dsn:
                 if panel["title"] in EXPECTED_BY_VALUE:
                     assert "FROM llm_dimension_metrics" in target["rawSql"], panel["title"]
                     want = EXPECTED_BY_VALUE[panel["title"]](expected_rows, seconds_of(interval))
+                elif panel["title"] in EXPECTED_BY_EVALUATION:
+                    assert "FROM llm_evaluation_metrics" in target["rawSql"], panel["title"]
+                    want = EXPECTED_BY_EVALUATION[panel["title"]](expected_evaluations, seconds_of(interval))
                 else:
                     want = EXPECTED[panel["title"]](expected_windows, seconds_of(interval))
                 assert want, panel["title"]
-                assert same(rows, want), (panel["title"], interval, routes, values, rows[:3], want[:3])
+                assert same(rows, want), (
+                    panel["title"],
+                    interval,
+                    routes,
+                    values,
+                    evaluation,
+                    rows[:3],
+                    want[:3],
+                )
+
+
+def test_the_quality_panel_weighs_the_windows_it_merges_by_their_scores(reader_dsn: str, postgres_dsn: str):
+    """Five windows to a point: the average of their scores, not of their averages; the
+    labels add up to the evaluations with one, "(other)" included."""
+    evaluations = make_evaluations()
+    insert_evaluations(postgres_dsn, evaluations)
+    panels = {panel["title"]: panel["targets"][0]["rawSql"] for panel in DASHBOARD["panels"]}
+    routes = sorted({route for route, _ in EVALUATED})
+    variables = {"tenant": ["acme"], "route": routes, "model": list(MODELS), "evaluation": ["judge"]}
+    chosen = [row for row in selected(evaluations, routes, MODELS) if row.name == "judge"]
+    sql = expand(panels["Quality: average score per route/model"], variables, "5m", RANGE)
+    _, points = run(reader_dsn, sql)
+    assert len(points) == len(
+        {(t, row.route, row.model) for t, g in by_time(chosen, 300).items() for row in g}
+    )
+    merged = 0
+    for t, group in by_time(chosen, 300).items():
+        for route, model in EVALUATED:
+            rows = [row for row in group if (row.route, row.model) == (route, model)]
+            if not rows:
+                continue
+            (got,) = [p[2] for p in points if p[0] == t and p[1] == f"{route} · {model}"]
+            want = average_score(rows)
+            assert (got is None) if want is None else math.isclose(got, want, rel_tol=1e-9)
+            averages = [row.column_values()["score_avg"] for row in rows if row.scores]
+            if len(averages) > 1 and not math.isclose(fmean(averages), want, abs_tol=1e-3):
+                merged += 1
+    assert merged >= 3  # points an average of the windows' averages would get wrong
+    # A window whose evaluations all had a label only: its point has no score.
+    sql = expand(panels["Quality: average score per route/model"], variables, "1m", RANGE)
+    _, points = run(reader_dsn, sql)
+    assert (T0.timestamp() + 240, "/chat · gpt-4o", None) in points
+
+    _, labels = run(
+        reader_dsn, expand(panels["Labels of ${evaluation} over the range"], variables, "5m", RANGE)
+    )
+    counts = dict(labels)
+    assert sum(counts.values()) == sum(label is not None for row in chosen for _, label in row.evaluations)
+    # One window had more labels than its row keeps, each of the extra ones once.
+    (crowded,) = [row for row in chosen if len(row.labels()) > LABELS_KEPT]
+    extra = len({label for _, label in crowded.evaluations if label is not None}) - LABELS_KEPT
+    assert counts[OTHER_LABELS] == extra and {"pass", "fail"} <= set(counts)
+    assert not {"safe", "unsafe"} & set(counts)  # toxicity's
+    assert [count for _, count in labels] == sorted(counts.values(), reverse=True)
 
 
 def test_the_values_of_one_dimension_add_up_to_the_main_panels(reader_dsn: str, postgres_dsn: str):
@@ -415,7 +625,8 @@ def test_the_values_of_one_dimension_add_up_to_the_main_panels(reader_dsn: str, 
 
 def test_the_reader_role_reads_metrics_and_nothing_else(reader_dsn: str):
     run(reader_dsn, "SELECT count(*) FROM llm_dimension_metrics")  # a view of the packed rows
-    for metrics in ("llm_metrics", "llm_dimension_windows"):
+    run(reader_dsn, "SELECT count(*) FROM llm_evaluation_metrics")
+    for metrics in ("llm_metrics", "llm_dimension_windows", "llm_evaluation_metrics"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             run(reader_dsn, f"DELETE FROM {metrics}")
     run(reader_dsn, "SELECT count(*) FROM llm_metrics")

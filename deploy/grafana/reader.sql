@@ -1,5 +1,5 @@
--- The role Grafana reads StreamLens with: the metrics rows (llm_metrics and the
--- view llm_dimension_metrics) only, read only. Applied after the schema files, by the Compose file's grafana-reader; idempotent.
+-- The role Grafana reads StreamLens with: the metrics rows (llm_metrics, the view
+-- llm_dimension_metrics and llm_evaluation_metrics) only, read only. Applied after the schema files, by the Compose file's grafana-reader; idempotent.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'grafana_reader') THEN
@@ -9,3 +9,4 @@ END
 $$;
 GRANT SELECT ON llm_metrics TO grafana_reader;
 GRANT SELECT ON llm_dimension_metrics TO grafana_reader;
+GRANT SELECT ON llm_evaluation_metrics TO grafana_reader;
