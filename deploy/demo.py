@@ -17,8 +17,9 @@ It revokes these keys when it stops.
 Environment (all optional): ``DEMO_LOCAL`` (default ``.local``), ``DEMO_DURATION``
 seconds of traffic (20), ``DEMO_RATE`` calls per second (50), ``DEMO_TENANTS`` (3),
 ``DEMO_WINDOW_SECONDS`` (10), ``DEMO_GRACE_SECONDS`` (2), ``DEMO_INGESTION_PORT`` (8080)
-and ``DEMO_METRICS_PORT`` (8081; a taken port, or 0, means any free one), ``DEMO_EXIT=1``
-to stop right after the table.
+and ``DEMO_METRICS_PORT`` (8081; a taken port, or 0, means any free one),
+``DEMO_EVALUATION_DELAY`` (60: the latest users' feedback comes this many seconds after
+its call), ``DEMO_EXIT=1`` to stop right after the tables.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class DemoConfig:
     ingestion_port: int
     metrics_port: int
     exit_after_table: bool
+    evaluation_delay: float = 60.0
 
     @classmethod
     def from_env(cls) -> DemoConfig:
@@ -93,6 +95,7 @@ class DemoConfig:
             ingestion_port=int(_env_number("DEMO_INGESTION_PORT", 8080, 0)),
             metrics_port=int(_env_number("DEMO_METRICS_PORT", 8081, 0)),
             exit_after_table=os.environ.get("DEMO_EXIT", "") == "1",
+            evaluation_delay=_env_number("DEMO_EVALUATION_DELAY", 60, 1),
         )
 
 
@@ -303,6 +306,63 @@ def wait_counted(
         time.sleep(1.0)
 
 
+def fetch_evaluations(metrics_url: str, tenant: str, since: datetime, read_key: str) -> list[dict[str, Any]]:
+    """The tenant's evaluation rows since ``since``, one per route, model and name."""
+    query = urlencode({"tenant_id": tenant, "from": since.isoformat(), "bucket": "1d", "limit": 1000})
+    return _get_json(f"{metrics_url}/v1/evaluations?{query}", api_key=read_key)["evaluations"]
+
+
+def wait_evaluated(
+    metrics_url: str,
+    sent: dict[str, int],
+    read_keys: dict[str, str],
+    since: datetime,
+    deadline: float,
+    services: list[Service],
+) -> dict[str, list[dict[str, Any]]]:
+    """Poll until every sent evaluation is counted toward its call's window, or the deadline."""
+    total = sum(sent.values())
+    while True:
+        for service in services:
+            service.check_alive()
+        rows = {tenant: fetch_evaluations(metrics_url, tenant, since, read_keys[tenant]) for tenant in sent}
+        done = sum(row["evaluations"] for tenant_rows in rows.values() for row in tenant_rows)
+        if done >= total or time.monotonic() > deadline:
+            if done < total:
+                print(
+                    f"warning: {total - done} evaluations not counted yet; see the dataflow's log",
+                    file=sys.stderr,
+                )
+            return rows
+        time.sleep(1.0)
+
+
+def quality_table(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """Per tenant, route and model: judged calls and their average score, user feedback and
+    its pass share."""
+    merged: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for tenant, tenant_rows in rows.items():
+        for row in tenant_rows:
+            merged[(tenant, row["route"], row["model"])][row["name"]] = row
+    body = []
+    for (tenant, route, model), names in sorted(merged.items()):
+        judge = names.get("judge")
+        feedback = names.get("user_feedback")
+        passed = feedback["labels"].get("pass", 0) if feedback else 0
+        body.append(
+            (
+                tenant,
+                route,
+                model,
+                str(judge["scores"]) if judge else "0",
+                f"{judge['score_avg']:.3f}" if judge and judge["score_avg"] is not None else "-",
+                str(feedback["evaluations"]) if feedback else "0",
+                f"{100 * passed / feedback['evaluations']:.0f} %" if feedback else "-",
+            )
+        )
+    return _render(("tenant", "route", "model", "judged", "avg score", "feedback", "pass"), body, 3)
+
+
 def table(rows: dict[str, list[dict[str, Any]]]) -> str:
     """Per tenant, route and model: calls, errors, p95, tokens and cost, summed over buckets."""
     merged: dict[tuple[str, str, str], dict[str, Any]] = defaultdict(
@@ -492,6 +552,7 @@ def _run_services(
             list(keys),
             api_keys={tenant: tenant_keys.ingest.key for tenant, tenant_keys in keys.items()},
             progress=traffic.bar_progress(config.duration),
+            evaluation_delay=config.evaluation_delay,
         )
         if sys.stderr.isatty():
             print(file=sys.stderr)  # ends the progress line
@@ -501,6 +562,17 @@ def _run_services(
         rows = wait_counted(metrics_url, dict(totals.calls_by_tenant), read_keys, since, deadline, services)
         print()
         print(table(rows))
+        print()
+        scored = wait_evaluated(
+            metrics_url,
+            dict(totals.evaluations_by_tenant),
+            read_keys,
+            since,
+            time.monotonic() + config.window_seconds + config.grace_seconds + COUNT_SLACK_SECONDS,
+            services,
+        )
+        print("quality: the judge's average score and the users' pass share, per route and model")
+        print(quality_table(scored))
         print()
         example = sorted(totals.calls_by_tenant)[0]
         if example == sliced:

@@ -69,6 +69,16 @@ MODELS: tuple[Model, ...] = (
 )
 
 
+# Evaluations (SPEC §9) of answered calls: an LLM judge's score soon after the call, and
+# a user's pass/fail later, some of them a minute after (at most the run's
+# ``evaluation_delay``). Each model has a quality of its own around which the judge scores.
+JUDGED_SHARE = 0.5
+JUDGE_DELAY = (1.0, 4.0)
+FEEDBACK_SHARE = 0.2
+FEEDBACK_DELAY = (2.0, 10.0)
+LATE_FEEDBACK_SHARE = 0.3
+MODEL_QUALITY = {"gpt-4.1-mini": 0.72, "gpt-4o": 0.81, "claude-sonnet-4-5": 0.86, "acme-internal-llm": 0.58}
+
 EXPERIMENTS = ("prompt_v3", "prompt_v4")
 COUNTRIES = ("US", "DE", "SE", "FR", "JP", "BR")
 COUNTRY_WEIGHTS = (8, 4, 3, 2, 2, 1)
@@ -91,13 +101,20 @@ class Call:
     tenant_id: str
     failed: bool
     response_due: float
+    # Evaluations of the call and when each is due (seconds after the response).
+    evaluations: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
 
 
 class CallGenerator:
     """Realistic calls from a seeded random source: the same seed, the same calls."""
 
-    def __init__(self, tenants: int | list[str], error_share: float, seed: int | None) -> None:
+    def __init__(
+        self, tenants: int | list[str], error_share: float, seed: int | None, evaluation_delay: float = 60.0
+    ) -> None:
         self.random = random.Random(seed)
+        # Evaluations draw from a source of their own: the calls of a seed stay the same.
+        self.judging = random.Random(None if seed is None else f"{seed}/evaluations")
+        self.evaluation_delay = evaluation_delay
         self.error_share = error_share
         self.tenants = tenant_names(tenants) if isinstance(tenants, int) else list(tenants)
         # Each tenant calls two of the routes, so the results stay readable.
@@ -149,7 +166,46 @@ class CallGenerator:
                 response["reasoning_tokens"] = int(completion * rnd.uniform(0.1, 0.6))
             if rnd.random() < STREAMING_SHARE:
                 response["time_to_first_token_ms"] = round(latency * rnd.uniform(0.1, 0.4), 3)
-        return Call(request, response, tenant, failed, now + latency / 1000.0)
+        call = Call(request, response, tenant, failed, now + latency / 1000.0)
+        if not failed:
+            self._evaluate(call, started + timedelta(milliseconds=latency))
+        return call
+
+    def _evaluate(self, call: Call, answered: datetime) -> None:
+        """A judge's score for some answered calls, a user's pass/fail for others."""
+        rnd = self.judging
+        base = {"type": "evaluation", "request_id": call.request["request_id"], "tenant_id": call.tenant_id}
+        quality = MODEL_QUALITY.get(call.request["model"], 0.7)
+        if rnd.random() < JUDGED_SHARE:
+            delay = rnd.uniform(*JUDGE_DELAY)
+            score = min(1.0, max(0.0, rnd.gauss(quality, 0.12)))
+            call.evaluations.append(
+                (
+                    delay,
+                    base
+                    | {
+                        "name": "judge",
+                        "evaluator": "llm-judge",
+                        "score": round(score, 3),
+                        "timestamp": rfc3339(answered + timedelta(seconds=delay)),
+                    },
+                )
+            )
+        if rnd.random() < FEEDBACK_SHARE:
+            late = rnd.random() < LATE_FEEDBACK_SHARE
+            delay = self.evaluation_delay if late else rnd.uniform(*FEEDBACK_DELAY)
+            delay = min(delay, self.evaluation_delay)
+            call.evaluations.append(
+                (
+                    delay,
+                    base
+                    | {
+                        "name": "user_feedback",
+                        "label": "pass" if rnd.random() < quality else "fail",
+                        "timestamp": rfc3339(answered + timedelta(seconds=delay)),
+                    },
+                )
+            )
 
 
 class SendError(RuntimeError):
@@ -227,6 +283,8 @@ class Totals:
     rejected: int = 0
     batches: int = 0
     calls_by_tenant: Counter[str] = field(default_factory=Counter)
+    evaluations: int = 0
+    evaluations_by_tenant: Counter[str] = field(default_factory=Counter)
     first_rejection: str | None = None
 
 
@@ -328,19 +386,23 @@ def run(
     seed: int | None = None,
     api_keys: ApiKeys = None,
     progress: Progress | None = None,
+    evaluation_delay: float = 60.0,
 ) -> Totals:
-    """Send ``rate`` calls per second for ``duration`` seconds; wait for every response.
+    """Send ``rate`` calls per second for ``duration`` seconds; wait for every response and
+    evaluation (the latest ``evaluation_delay`` seconds after its call).
 
     ``api_keys``: one key for a single tenant's traffic, a key per tenant, or
     ``None`` when the API runs with ``AUTH=off``. Raises :class:`ApiKeysError`
     before sending anything when a tenant has no key.
     """
-    generator = CallGenerator(tenants, error_share, seed)
+    generator = CallGenerator(tenants, error_share, seed, evaluation_delay)
     keys = keys_by_tenant(api_keys, generator.tenants)
     senders_by_key = {key: Sender(url, key) for key in dict.fromkeys(keys.values())}
     sender_of = {tenant: senders_by_key[key] for tenant, key in keys.items()}
     totals = Totals()
-    pending: list[tuple[float, int, str, dict[str, Any]]] = []  # (due, order, tenant, response)
+    # (due, order, tenant, event): responses and evaluations
+    pending: list[tuple[float, int, str, dict[str, Any]]] = []
+    order = 0
     held: list[dict[str, Any]] = []  # requests whose response went first
     started = time.monotonic()
     wall_start = datetime.now(UTC)
@@ -368,7 +430,13 @@ def run(
                     held.append(call.request)
                 else:
                     batches[sender_of[call.tenant_id]].append(call.request)
-                    heapq.heappush(pending, (call.response_due, totals.calls, call.tenant_id, call.response))
+                    order += 1
+                    heapq.heappush(pending, (call.response_due, order, call.tenant_id, call.response))
+                for delay, evaluation in call.evaluations:
+                    order += 1
+                    heapq.heappush(pending, (call.response_due + delay, order, call.tenant_id, evaluation))
+                    totals.evaluations += 1
+                    totals.evaluations_by_tenant[call.tenant_id] += 1
             while pending and pending[0][0] <= now:
                 _, _, tenant, response = heapq.heappop(pending)
                 batches[sender_of[tenant]].append(response)
@@ -397,6 +465,7 @@ def summary(totals: Totals, duration: float, seconds: float) -> str:
         f"({100 * totals.failed_calls / max(totals.calls, 1):.1f} %)",
         "calls per tenant: "
         + ", ".join(f"{tenant} {count}" for tenant, count in sorted(totals.calls_by_tenant.items())),
+        f"evaluations {totals.evaluations} (a judge's scores, users' pass/fail)",
     ]
     if totals.first_rejection:
         lines.append(f"first rejection: {totals.first_rejection}")
@@ -463,6 +532,12 @@ def main(argv: list[str] | None = None) -> int:
         "tenant's traffic (--tenants THAT_TENANT), or TENANT=KEY once per tenant "
         "(default: none, for AUTH=off)",
     )
+    parser.add_argument(
+        "--evaluation-delay",
+        type=_positive,
+        default=60.0,
+        help="seconds after its call that the latest evaluation comes (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     try:
         api_keys = parse_api_keys(args.api_key)
@@ -483,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             api_keys,
             bar_progress(args.duration),
+            args.evaluation_delay,
         )
     except SendError as error:
         print(f"\ntraffic: {error}", file=sys.stderr)

@@ -4,6 +4,7 @@ the real ingestion API."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -87,6 +88,17 @@ def status_without_key(method: str, url: str) -> int:
         return error.code
 
 
+def quality_rows(stdout: str) -> dict[tuple[str, str, str], tuple[int, float, int]]:
+    """The demo's quality table: (tenant, route, model) -> (judged, average score, feedback)."""
+    block = stdout.split("quality: ", 1)[1].split("\n\n", 1)[0].splitlines()[3:]
+    rows = {}
+    for line in block:
+        tenant, route, model, judged, score, feedback, *_ = line.split()
+        average = float(score) if score != "-" else math.nan
+        rows[(tenant, route, model)] = (int(judged), average, int(feedback))
+    return rows
+
+
 def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path: Path):
     local = tmp_path / "local"
     env = {
@@ -101,6 +113,7 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
         "DEMO_TENANTS": str(len(TENANTS)),
         "DEMO_INGESTION_PORT": "0",
         "DEMO_METRICS_PORT": "0",
+        "DEMO_EVALUATION_DELAY": "5",
         # Whatever the caller's environment says, the demo's services check keys.
         "AUTH": "off",
         "PYTHONUNBUFFERED": "1",
@@ -176,6 +189,17 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
     assert set(by_dimension["metadata.country"]) <= set(COUNTRIES)
     totals = {sum(values.values()) for values in by_dimension.values()}
     assert totals == {counted["acme"]}, stdout
+
+    # Every evaluation sent (a judge's scores, users' pass/fail) counted toward its call's
+    # window: the quality table adds up to them, and shows a score for every tenant.
+    sent_evaluations = re.search(r"^evaluations (\d+) ", stdout, re.M)
+    assert sent_evaluations is not None, stdout
+    evaluations = int(sent_evaluations[1])
+    quality = quality_rows(stdout)
+    assert evaluations > 0, stdout
+    assert sum(judged + feedback for judged, _, feedback in quality.values()) == evaluations, stdout
+    assert {key[0] for key, (judged, _, _) in quality.items() if judged} == set(TENANTS), stdout
+    assert all(0 <= score <= 1 for judged, score, _ in quality.values() if judged), stdout
 
     # The curl lines carry a real read key of the tenant they query.
     curls = [line for line in lines if line.strip().startswith("curl -s")]
@@ -324,17 +348,31 @@ def test_traffic_sends_each_tenants_events_with_its_own_key(broker: Broker, post
         # Two tenants, a key each: the API takes a request only from its tenant's key and
         # stamps a response with the key's tenant, so every event must go with its own.
         several = traffic.run(
-            url, rate=40, duration=1.0, tenants=["acme", "globex"], seed=23, api_keys=ingest
+            url,
+            rate=40,
+            duration=1.0,
+            tenants=["acme", "globex"],
+            seed=23,
+            api_keys=ingest,
+            evaluation_delay=2.0,
         )
         # One key for a single tenant's traffic.
         single = traffic.run(
-            url, rate=20, duration=0.5, tenants=["initech"], seed=19, api_keys=ingest["initech"]
+            url,
+            rate=20,
+            duration=0.5,
+            tenants=["initech"],
+            seed=19,
+            api_keys=ingest["initech"],
+            evaluation_delay=2.0,
         )
         with pytest.raises(traffic.SendError, match=rf"with the key {acme_read.prefix} answered 403"):
             traffic.run(url, rate=20, duration=0.2, tenants=["acme"], seed=13, api_keys=acme_read.key)
     for totals in (several, single):
         assert totals.rejected == 0, totals.first_rejection
-        assert totals.accepted == totals.events_sent == 2 * totals.calls
+        # A request and a response a call, and the evaluations of some.
+        assert totals.accepted == totals.events_sent == 2 * totals.calls + totals.evaluations
+    assert several.evaluations > 0
     assert set(several.calls_by_tenant) == {"acme", "globex"}
     assert all(count > 0 for count in several.calls_by_tenant.values())
     assert set(single.calls_by_tenant) == {"initech"}
