@@ -2,17 +2,25 @@
 
 ::
 
-    llm.requests ─┐
-    llm.responses ┴▶ read: a poll a partition, decoded once
-                      └▶ route ─┬▶ invalid, broker errors ─────────────────┐
+    llm.requests ──┐
+    llm.responses ─┼▶ read: a poll a partition, decoded once
+    llm.evaluations┘  └▶ route ─┬▶ invalid, broker errors ─────────────────┐
                                 └▶ (crc32(request_id) % N, [EventRun])     │
                                     └▶ join (JoinShard) ─┬▶ orphans ───────┤
                                                          └▶ CallBatch      │
                                     price (PriceBook), split ◀┘            │
                                 └▶ (crc32(tenant,route,model) % N, CallBatch)
                                     └▶ windows (WindowShard) ─┬▶ too_late ─┤
-                                                              └▶ rows      ▼
-                   Postgres llm_metrics, then llm.metrics          llm.deadletter
+                                                              ├▶ rows      │
+                                                              └▶ counted calls
+                   Postgres llm_metrics, then llm.metrics ◀┘               │
+                                                                           │
+    evaluations (by request_id) + counted calls (by request_id)            │
+        └▶ evaluation_join (EvaluationJoin) ─┬▶ too_late, orphans, invalid ┤
+                                             └▶ matched (by key)           │
+            └▶ evaluation_windows (EvaluationWindows) ─┬▶ too_late ────────┤
+                                                       └▶ rows             ▼
+        Postgres llm_evaluation_metrics, then llm.evaluation-metrics   llm.deadletter
 
 N is ``STATE_SHARDS`` (:mod:`dataflows.shards`). Items are batches, not events: a
 partition's poll is decoded once where it is read, the join takes the runs of
