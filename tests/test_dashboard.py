@@ -3,7 +3,9 @@
 The page is driven as a person would (key typed in, controls changed); what the
 charts plot is read from the uPlot instances the page exposes, and compared
 with the query API's own answer for the same query, which in turn is checked
-against sums computed here from the windows written to Postgres.
+against sums computed here from the windows written to Postgres. The Quality
+section's charts and label counts are compared with the scores and labels the
+evaluation rows written to Postgres were made of.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import random
 import re
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ import httpx
 import psycopg
 import pytest
 from fastdigest import TDigest
+from psycopg.types.json import Jsonb
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -39,7 +43,7 @@ from api.dashboard import STATIC
 from api.keys import create_key
 from api.metrics import create_app
 from api.params import BUCKETS
-from dataflows.sinks import UPSERT_SQL, values_of
+from dataflows.sinks import UPSERT_EVALUATIONS_SQL, UPSERT_SQL, values_of
 from dataflows.windows import WindowRow
 from schemas.config import Settings
 from schemas.metrics import MetricsRow
@@ -862,6 +866,277 @@ def test_with_keys_off_it_asks_for_the_tenant_and_shows_a_custom_range(browser: 
             (start + timedelta(minutes=m)).timestamp() for m in (10, 15)
         ]
         assert sum(seen["shown"]["calls"]["data"][1]) == totals(in_range)["requests"]
+
+
+@dataclass
+class Evaluated:
+    """The evaluations of one name counted toward one window of one key: scores and labels."""
+
+    tenant: str
+    route: str
+    model: str
+    start: datetime
+    name: str
+    scores: list[float]
+    labels: list[str]
+
+    def values(self) -> tuple[Any, ...]:
+        """The row as the dataflow's sink writes it, in the order of its upsert's parameters."""
+        scores = self.scores
+        digest = TDigest.from_values(sorted(scores)) if scores else None
+        score_sum = math.fsum(scores) if scores else None
+        count = max(len(scores), len(self.labels))
+        return (
+            self.tenant,
+            self.route,
+            self.model,
+            self.start,
+            self.start + timedelta(minutes=1),
+            self.name,
+            count,
+            len(scores),
+            score_sum,
+            self.average,
+            min(scores, default=None),
+            max(scores, default=None),
+            digest.quantile(0.5) if digest else None,
+            digest.quantile(0.9) if digest else None,
+            Jsonb(dict(Counter(self.labels))),
+            digest.to_bytes() if digest else None,
+            count,
+        )
+
+    @property
+    def average(self) -> float | None:
+        return math.fsum(self.scores) / len(self.scores) if self.scores else None
+
+    @property
+    def pair(self) -> str:
+        return f"{self.route} · {self.model}"
+
+
+def insert_evaluations(dsn: str, rows: list[Evaluated]) -> None:
+    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
+        cursor.executemany(UPSERT_EVALUATIONS_SQL, [row.values() for row in rows])
+
+
+def make_evaluations(
+    start: datetime, minutes: range, tenant: str = "acme", seed: int = 17
+) -> list[Evaluated]:
+    """Each key's windows of two names: "judge" with scores from 0 to 1, in most windows,
+    and "verdict" with pass/fail labels only, in some."""
+    rnd = random.Random(seed)
+    rows = []
+    for minute in minutes:
+        when = start - minute * timedelta(minutes=1)
+        for route in ROUTES:
+            for model in MODELS:
+                if rnd.random() < 0.8:
+                    scores = [round(rnd.random(), 3) for _ in range(rnd.randint(1, 6))]
+                    rows.append(Evaluated(tenant, route, model, when, "judge", scores, []))
+                if rnd.random() < 0.6:
+                    labels = [rnd.choice(("pass", "pass", "fail")) for _ in range(rnd.randint(1, 8))]
+                    rows.append(Evaluated(tenant, route, model, when, "verdict", [], labels))
+    return rows
+
+
+# Errors thrown on the page, and console errors, kept where a test can read them.
+ERROR_COLLECTOR = """
+window.pageErrors = [];
+addEventListener("error", (event) => window.pageErrors.push(String(event.message || event.type)), true);
+addEventListener("unhandledrejection", (event) => window.pageErrors.push(String(event.reason)));
+const consoleError = console.error;
+console.error = (...args) => { window.pageErrors.push(args.map(String).join(" ")); consoleError(...args); };
+"""
+
+
+@contextmanager
+def collecting_page_errors(browser: WebDriver) -> Iterator[None]:
+    added = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": ERROR_COLLECTOR})
+    try:
+        yield
+    finally:
+        browser.execute_cdp_cmd(
+            "Page.removeScriptToEvaluateOnNewDocument", {"identifier": added["identifier"]}
+        )
+
+
+def page_errors(browser: WebDriver) -> list[str]:
+    return browser.execute_script("return window.pageErrors")
+
+
+def quality(browser: WebDriver) -> dict[str, Any]:
+    """The Quality section: its names, each scored name's chart (title, series labels and
+    plotted data, from its uPlot instance), the label counts exposed and as rendered, the note."""
+    return browser.execute_script(
+        """
+        const quality = window.streamlens.quality;
+        const charts = {};
+        for (const [name, u] of Object.entries(quality.charts)) {
+          charts[name] = {
+            title: u.root.closest('.chart').querySelector('h3').textContent,
+            labels: u.series.slice(1).map((s) => s.label),
+            data: u.data.map((column) => Array.from(column)),
+          };
+        }
+        const boxes = {};
+        for (const box of document.querySelectorAll('#quality-charts .chart')) {
+          const table = box.querySelector('table.labels');
+          boxes[box.dataset.chart] = {
+            title: box.querySelector('h3').textContent,
+            plotted: !box.querySelector('div').hidden && Boolean(box.querySelector('.uplot')),
+            labels: table.hidden ? null : [...table.tBodies[0].rows].map(
+              (row) => [...row.cells].map((cell) => cell.textContent)),
+          };
+        }
+        const note = document.getElementById('quality-note');
+        return {names: quality.names, query: quality.query, charts, labels: quality.labels, boxes,
+                note: note.hidden ? null : note.textContent};
+        """
+    )
+
+
+def expected_scores(rows: list[Evaluated], start: float, bucket: int) -> dict[str, Any]:
+    """The "judge" chart: one series per route · model, its buckets' average scores, each
+    from every score of the bucket's windows."""
+    chosen = [row for row in rows if row.name == "judge" and row.start.timestamp() >= start]
+    scores: dict[tuple[float, str], list[float]] = defaultdict(list)
+    for row in chosen:
+        scores[(float(int(row.start.timestamp()) // bucket * bucket), row.pair)] += row.scores
+    xs = sorted({x for x, _ in scores})
+    pairs = [f"{route} · {model}" for route, model in sorted({(row.route, row.model) for row in chosen})]
+    columns = [
+        [math.fsum(scores[(x, pair)]) / len(scores[(x, pair)]) if (x, pair) in scores else None for x in xs]
+        for pair in pairs
+    ]
+    return {"labels": pairs, "data": [xs, *columns]}
+
+
+def expected_labels(rows: list[Evaluated], start: float) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for row in rows:
+        if row.name == "verdict" and row.start.timestamp() >= start:
+            counts.update(row.labels)
+    return dict(counts)
+
+
+def test_quality_charts_the_average_scores_and_counts_the_labels_of_each_evaluation_name(
+    browser: WebDriver, postgres_dsn: str
+):
+    now = this_minute()
+    insert_windows(postgres_dsn, make_windows(now, range(1, 21)))
+    recent = make_evaluations(now, range(1, 21))
+    # Two hours back, outside the range; another tenant's, with a name acme has none of.
+    old = make_evaluations(now, range(120, 123), seed=19)
+    other_tenant = [
+        Evaluated("globex", "/chat", "gpt-4o", now - timedelta(minutes=m), "toxicity", [0.5], ["ok"])
+        for m in range(1, 4)
+    ]
+    insert_evaluations(postgres_dsn, recent + old + other_tenant)
+    # What the test counts on: gaps in the judge's series, labels beyond one bucket.
+    assert 0 < len([row for row in recent if row.name == "judge"]) < 20 * len(ROUTES) * len(MODELS)
+    key = new_key(postgres_dsn)
+    with collecting_page_errors(browser), query_api(postgres_dsn) as url:
+        open_dashboard(browser, url, key, "range=1h&bucket=1m")
+        wait_loaded(browser)
+        shown = quality(browser)
+        query = shown["query"]
+        assert (query["tenant_id"], query["bucket"], query["group_by"]) == ("acme", "1m", "route,model")
+        assert query["from"] == browser.execute_script("return window.streamlens.query.from")
+        start = epoch(query["from"])
+        assert shown["names"] == ["judge", "verdict"] and shown["note"] is None
+        # A chart for the scored name; the labelled one has its labels' counts alone.
+        assert set(shown["charts"]) == {"judge"}
+        assert shown["boxes"]["judge"]["plotted"] and shown["boxes"]["judge"]["labels"] is None
+        assert not shown["boxes"]["verdict"]["plotted"]
+        judge = shown["charts"]["judge"]
+        assert judge["title"] == "judge: average score by route · model"
+        want = expected_scores(recent, start, 60)
+        assert (
+            judge["labels"]
+            == want["labels"]
+            == [f"{r} · {m}" for r in sorted(ROUTES) for m in sorted(MODELS)]
+        )
+        # Each point is its window's stored score_avg, exactly; no window, no point.
+        assert judge["data"] == want["data"]
+        stored = {(row.start.timestamp(), row.pair): row.average for row in recent if row.name == "judge"}
+        for pair, column in zip(judge["labels"], judge["data"][1:], strict=True):
+            for x, value in zip(judge["data"][0], column, strict=True):
+                assert value == stored.get((x, pair)), (pair, x)
+        assert None in [value for column in judge["data"][1:] for value in column]
+        # The label counts over the range: every window's pass and fail added up.
+        counts = expected_labels(recent, start)
+        assert set(counts) == {"pass", "fail"}
+        assert shown["labels"] == {"verdict": counts}
+        rendered = shown["boxes"]["verdict"]["labels"]
+        assert [(label, int(count.replace(",", ""))) for label, count, _ in rendered] == sorted(
+            counts.items(), key=lambda item: -item[1]
+        )
+        assert shown["boxes"]["verdict"]["title"] == "verdict: labels"
+
+        # Buckets of 5 minutes: each point the average of all the bucket's scores.
+        select(browser, "bucket", "5m")
+        wait_loaded(browser)
+        shown = quality(browser)
+        assert shown["query"]["bucket"] == "5m"
+        start = epoch(shown["query"]["from"])
+        want = expected_scores(recent, start, 300)
+        judge = shown["charts"]["judge"]
+        assert judge["labels"] == want["labels"] and judge["data"][0] == want["data"][0]
+        for got_column, want_column in zip(judge["data"][1:], want["data"][1:], strict=True):
+            assert [g is None for g in got_column] == [w is None for w in want_column]
+            for got_value, want_value in zip(got_column, want_column, strict=True):
+                assert got_value == want_value or math.isclose(got_value, want_value, rel_tol=1e-12)
+        assert shown["labels"] == {"verdict": expected_labels(recent, start)}
+
+        # The route filter applies to the evaluations too.
+        select(browser, "route", "/search")
+        wait_loaded(browser)
+        shown = quality(browser)
+        assert shown["query"]["route"] == "/search"
+        searched = [row for row in recent if row.route == "/search"]
+        want = expected_scores(searched, start, 300)
+        assert (
+            shown["charts"]["judge"]["labels"] == want["labels"] == [f"/search · {m}" for m in sorted(MODELS)]
+        )
+        assert shown["labels"] == {"verdict": expected_labels(searched, start)}
+
+        # A new name is shown at the next refresh, without reloading.
+        browser.execute_script("window.notReloaded = true")
+        insert_evaluations(
+            postgres_dsn,
+            [Evaluated("acme", "/search", "gpt-4o", now, "safety", [], ["safe", "safe", "unsafe"])],
+        )
+        browser.find_element(By.ID, "refresh").click()
+        wait(browser, lambda d: "safety" in quality(d)["names"], "the new evaluation name")
+        shown = quality(browser)
+        assert shown["names"] == ["judge", "safety", "verdict"]
+        assert shown["labels"]["safety"] == {"safe": 2, "unsafe": 1}
+        assert browser.execute_script("return window.notReloaded") is True
+        assert page_errors(browser) == []
+
+
+def test_quality_without_evaluations_says_so(browser: WebDriver, postgres_dsn: str):
+    now = this_minute()
+    insert_windows(postgres_dsn, make_windows(now, range(1, 6)))
+    # Another tenant's evaluations only.
+    insert_evaluations(postgres_dsn, make_evaluations(now, range(1, 6), tenant="globex"))
+    key = new_key(postgres_dsn)
+    with collecting_page_errors(browser), query_api(postgres_dsn) as url:
+        open_dashboard(browser, url, key, "range=1h")
+        wait_loaded(browser)
+        shown = quality(browser)
+        assert shown["note"] == "No evaluations yet for acme in this range."
+        assert browser.find_element(By.ID, "quality-note").is_displayed()
+        assert (shown["names"], shown["charts"], shown["labels"], shown["boxes"]) == ([], {}, {}, {})
+        # The rest of the page as ever.
+        assert_charts_match(browser, url, key, split="")
+        # A tenant without windows either: both say so.
+        browser.execute_script("sessionStorage.clear()")
+        open_dashboard(browser, url, new_key(postgres_dsn, tenant="hooli"))
+        wait_loaded(browser, ("empty",))
+        assert quality(browser)["note"] == "No evaluations yet for hooli in this range."
+        assert page_errors(browser) == []
 
 
 def test_the_vendored_chart_library_is_the_pinned_npm_release():

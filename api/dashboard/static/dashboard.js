@@ -1,6 +1,7 @@
 // The StreamLens dashboard: one tenant's windows, read from /v1/metrics with a read
-// key, drawn with uPlot. The key lives in sessionStorage only: never in the URL,
-// whose fragment holds the view (range, bucket, filters, dimension, split, refresh).
+// key, drawn with uPlot, and the quality of its calls, read from /v1/evaluations with
+// the same key. The key lives in sessionStorage only: never in the URL, whose
+// fragment holds the view (range, bucket, filters, dimension, split, refresh).
 "use strict";
 
 (() => {
@@ -21,6 +22,9 @@
   // empty text apart from both.
   const NO_VALUE = "-";
   const OTHER = "(other)"; // the row of the values beyond a window's most frequent
+  // Where each kind of row is read, and the answer's field that holds them.
+  const METRICS = { path: "v1/metrics", field: "metrics" };
+  const EVALUATIONS = { path: "v1/evaluations", field: "evaluations" };
 
   const p95 = (row) => row.p95_latency_ms;
   const ttft = (row) => row.avg_time_to_first_token_ms;
@@ -80,7 +84,10 @@
   // What the page shows, for people and for tests: the uPlot instances (their
   // `data` is what is plotted), the charts' query, the table as rendered, timings.
   // `dimensions`: the tenant's, once read (null before, or when they could not be).
-  const exposed = { charts: {}, query: null, table: [], state: "idle", loads: 0, timings: {}, dimensions: null };
+  // `quality`: the evaluations' query, names shown, their uPlot instances (scored
+  // names only) and label counts over the range ({label: count}, labelled names only).
+  const exposed = { charts: {}, query: null, table: [], state: "idle", loads: 0, timings: {}, dimensions: null,
+    quality: { query: null, names: [], charts: {}, labels: {} } };
   window.streamlens = exposed;
 
   const state = {
@@ -216,7 +223,7 @@
   // Every row of a query, newest first. The range is cut at bucket boundaries into
   // spans read side by side, each a smaller query than the whole; a span's one row
   // per bucket fits a page, with room to tell that nothing is left.
-  async function allRows(params) {
+  async function allRows(params, source = METRICS) {
     const bucket = BUCKETS[params.bucket];
     const span = (PAGE - 1) * bucket;
     const end = params.to ? seconds(params.to) : Date.now() / 1000;
@@ -226,7 +233,7 @@
       // The last span ends where the range does; an open range's stays open, for
       // windows newer than this page's clock.
       const last = next >= end;
-      reads.push(pagedRows({ ...params, from: iso(start), to: last ? params.to : iso(next) }));
+      reads.push(pagedRows({ ...params, from: iso(start), to: last ? params.to : iso(next) }, source));
       if (last) break;
       start = next;
     }
@@ -235,12 +242,13 @@
 
   // A full page may end inside a bucket: its oldest bucket is left out and read
   // again whole by the next page, which ends where that bucket ends.
-  async function pagedRows(params) {
+  async function pagedRows(params, source) {
     const rows = [];
     let to = params.to;
     for (;;) {
       const { to: _, ...rest } = params;
-      const page = (await getJson("v1/metrics", { ...rest, ...(to ? { to } : {}), limit: PAGE })).metrics;
+      const answer = await getJson(source.path, { ...rest, ...(to ? { to } : {}), limit: PAGE });
+      const page = answer[source.field];
       if (page.length < PAGE) return rows.concat(page);
       const oldest = page[page.length - 1].window_start;
       const whole = page.filter((row) => row.window_start !== oldest);
@@ -275,6 +283,29 @@
     const params = { ...baseParams(win), bucket: "1d", group_by: "route,model" };
     if (view.dimension) params.dimension = view.dimension;
     return params;
+  }
+
+  // The evaluations of the charts' range and filters, per bucket, route and model.
+  // They are kept per window and key, not per value of a dimension: a dimension's
+  // filter does not apply to them.
+  function evaluationParams(view, win) {
+    const params = { ...baseParams(win), bucket: view.bucket, group_by: "route,model" };
+    if (view.route) params.route = view.route;
+    if (view.model) params.model = view.model;
+    return params;
+  }
+
+  // `rows` null when they could not be read: a refused key or the database away is
+  // the whole page's failure, anything else (a server without evaluations) the
+  // Quality section's alone.
+  async function readEvaluations(view, win) {
+    const params = evaluationParams(view, win);
+    try {
+      return { params, rows: await allRows(params, EVALUATIONS), error: null };
+    } catch (error) {
+      if (error instanceof ApiError && [401, 403, 503].includes(error.status)) throw error;
+      return { params, rows: null, error };
+    }
   }
 
   // The names the API takes for this tenant: today's setting and every earlier
@@ -350,13 +381,18 @@
       // Where the time goes: reading the rows, and building and drawing the charts.
       exposed.timings.readMs = drawStart - fetchStart;
       exposed.timings.drawMs = performance.now() - drawStart;
-      // After the charts: its roll-up of the whole range would slow theirs down.
-      const tableRows = await allRows(tableParams(view, win));
+      // After the charts: its roll-up of the whole range would slow theirs down; the
+      // evaluations alongside it.
+      const [tableRows, evaluations] = await Promise.all([
+        allRows(tableParams(view, win)),
+        readEvaluations(view, win),
+      ]);
       if (generation !== state.generation) return;
       state.tableRows = tableRows;
       state.tableView = view;
       showFilterChoices(tableRows);
       drawTable();
+      drawQuality(view, evaluations);
       const buckets = new Set(rows.map((row) => row.window_start)).size;
       if (rows.length === 0) {
         const of = params.dimension ? `rows of ${params.dimension}` : "windows";
@@ -441,7 +477,7 @@
   }
 
   function chartBox(id) {
-    let box = document.querySelector(`.chart[data-chart="${id}"]`);
+    let box = $("charts").querySelector(`.chart[data-chart="${CSS.escape(id)}"]`);
     if (!box) {
       box = document.createElement("div");
       box.className = "chart";
@@ -454,10 +490,10 @@
 
   const chartWidth = (box) => Math.max(box.clientWidth - 16, 200);
 
-  function plot(id, title, labels, data) {
-    const box = chartBox(id);
+  // `charts`: where the instance is kept; `box`: the .chart it is drawn in.
+  function plot(id, title, labels, data, { charts = exposed.charts, box = chartBox(id) } = {}) {
     box.querySelector("h3").textContent = title;
-    const existing = exposed.charts[id];
+    const existing = charts[id];
     const signature = JSON.stringify(labels);
     if (existing && existing.signature === signature) {
       existing.setData(data);
@@ -475,7 +511,7 @@
     };
     const created = new uPlot(options, data, box.querySelector("div"));
     created.signature = signature;
-    exposed.charts[id] = created;
+    charts[id] = created;
     showRange(created);
   }
 
@@ -487,6 +523,140 @@
   function drawn() {
     if (state.loginAt !== null && exposed.timings.firstChartMs === undefined) {
       exposed.timings.firstChartMs = performance.now() - state.loginAt;
+    }
+  }
+
+  // ---- quality: the evaluations ------------------------------------------------------
+
+  const pairLabel = (row) => `${row.route} · ${row.model}`;
+  const byRouteModel = (a, b) =>
+    a.route !== b.route ? (a.route < b.route ? -1 : 1) : a.model === b.model ? 0 : a.model < b.model ? -1 : 1;
+  // Labels by count, most first, then by name; "(other)", the rest of each window's, last.
+  const byCount = ([a, x], [b, y]) =>
+    (a === OTHER) - (b === OTHER) || y - x || (a < b ? -1 : a > b ? 1 : 0);
+
+  function qualityBox(name) {
+    const boxes = $("quality-charts");
+    let box = boxes.querySelector(`.chart[data-chart="${CSS.escape(name)}"]`);
+    if (!box) {
+      box = document.createElement("div");
+      box.className = "chart";
+      box.dataset.chart = name;
+      const table = document.createElement("table");
+      table.className = "labels";
+      table.createCaption().textContent = "labels over the range";
+      const head = table.createTHead().insertRow();
+      for (const [text, className] of [["label", ""], ["count", "num"], ["share", "num"]]) {
+        const th = document.createElement("th");
+        th.textContent = text;
+        th.className = className;
+        head.append(th);
+      }
+      table.createTBody();
+      box.append(document.createElement("h3"), document.createElement("div"), table);
+      boxes.append(box);
+    }
+    return box;
+  }
+
+  function forgetQualityChart(name) {
+    const charts = exposed.quality.charts;
+    if (charts[name]) charts[name].destroy();
+    delete charts[name];
+  }
+
+  function drawQuality(view, { params, rows, error }) {
+    const quality = exposed.quality;
+    quality.query = params;
+    const note = $("quality-note");
+    // What could not be read leaves what was drawn on screen.
+    if (rows === null) {
+      const status = error instanceof ApiError ? error.status : 0;
+      note.textContent = `Evaluations could not be read: ${status ? `${status}, ` : ""}${error.message}.`;
+      note.hidden = false;
+      return;
+    }
+    const byName = new Map();
+    for (const row of rows) {
+      if (!byName.has(row.name)) byName.set(row.name, []);
+      byName.get(row.name).push(row);
+    }
+    const names = [...byName.keys()].sort();
+    for (const box of [...$("quality-charts").children]) {
+      const name = box.dataset.chart;
+      if (byName.has(name)) continue;
+      forgetQualityChart(name);
+      delete quality.labels[name];
+      box.remove();
+    }
+    for (const name of names) drawEvaluation(name, byName.get(name));
+    // In the order of their names, new ones among them.
+    $("quality-charts").append(...names.map(qualityBox));
+    quality.names = names;
+    if (names.length === 0) {
+      note.textContent = `No evaluations yet for ${state.tenant} in this range.`;
+    } else if (view.dimension) {
+      note.textContent = `Evaluations are kept per route and model, not per value of ${view.dimension}: `
+        + "these are of every value.";
+    } else {
+      note.textContent = "";
+    }
+    note.hidden = !note.textContent;
+  }
+
+  // One evaluation name: its average score per route and model over time (when any
+  // of its evaluations had a score), and its labels' counts over the range.
+  function drawEvaluation(name, rows) {
+    const box = qualityBox(name);
+    const scored = rows.some((row) => row.scores > 0);
+    const title = scored ? `${name}: average score by route · model` : `${name}: labels`;
+    box.querySelector("h3").textContent = title;
+    const chartPlace = box.querySelector("div");
+    chartPlace.hidden = !scored;
+    if (scored) {
+      const xs = [...new Set(rows.map((row) => seconds(row.window_start)))].sort((a, b) => a - b);
+      const at = new Map(xs.map((x, i) => [x, i]));
+      const pairs = [];
+      const pairIndex = new Map();
+      for (const row of [...rows].sort(byRouteModel)) {
+        const label = pairLabel(row);
+        if (!pairIndex.has(label)) {
+          pairIndex.set(label, pairs.length);
+          pairs.push(label);
+        }
+      }
+      const columns = pairs.map(() => new Array(xs.length).fill(null));
+      for (const row of rows) {
+        columns[pairIndex.get(pairLabel(row))][at.get(seconds(row.window_start))] = row.score_avg;
+      }
+      plot(name, title, pairs, [xs, ...columns], { charts: exposed.quality.charts, box });
+    } else {
+      forgetQualityChart(name);
+    }
+    const counts = new Map();
+    for (const row of rows) {
+      for (const [label, count] of Object.entries(row.labels)) counts.set(label, (counts.get(label) || 0) + count);
+    }
+    const lines = [...counts].sort(byCount);
+    const total = lines.reduce((sum, [, count]) => sum + count, 0);
+    const table = box.querySelector("table.labels");
+    table.hidden = lines.length === 0;
+    table.tBodies[0].replaceChildren(...lines.map(([label, count]) => {
+      const tr = document.createElement("tr");
+      for (const [text, className] of [
+        [label, ""], [count.toLocaleString(), "num"], [`${(100 * count / total).toFixed(1)} %`, "num"],
+      ]) {
+        const td = document.createElement("td");
+        td.textContent = text;
+        td.className = className;
+        tr.append(td);
+      }
+      return tr;
+    }));
+    if (lines.length) {
+      exposed.quality.labels[name] = Object.fromEntries(lines);
+    } else {
+      delete exposed.quality.labels[name];
     }
   }
 
@@ -704,6 +874,9 @@
     window.addEventListener("resize", () => {
       for (const [id, chart] of Object.entries(exposed.charts)) {
         chart.setSize({ width: chartWidth(chartBox(id)), height: CHART_HEIGHT });
+      }
+      for (const [name, chart] of Object.entries(exposed.quality.charts)) {
+        chart.setSize({ width: chartWidth(qualityBox(name)), height: CHART_HEIGHT });
       }
     });
     const saved = sessionStorage.getItem(KEY_STORAGE);
