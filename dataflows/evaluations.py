@@ -56,6 +56,7 @@ from msgspec import Struct, field
 from dataflows.aggregate import EXACT_UP_TO, ZERO_BUCKET, bucket_latency, latency_bucket, new_digest
 from dataflows.batches import EventRun, SourceRef
 from dataflows.clock import Watermark
+from dataflows.join import WAKEUP_MARGIN
 from dataflows.remembered import Remembered, SegmentStore
 from dataflows.shards import WindowKey
 from schemas.deadletter import DeadLetter, Reason
@@ -144,6 +145,8 @@ class EvaluationJoin:
         self._repeats = Remembered()  # _repeat_key -> (until when, "")
         # request id -> evaluations waiting for their call, each with its deadline
         self._waiting: dict[str, list[tuple[float, LLMEvaluation, SourceRef]]] = {}
+        # Wall clock minus event time at the last look; not snapshotted (unknown until then).
+        self._offset: float | None = None
 
     # -- calls --------------------------------------------------------------------
 
@@ -175,6 +178,7 @@ class EvaluationJoin:
                 assert isinstance(evaluation, LLMEvaluation)
                 watermark.observe(run.times[index], now)
                 self._on_evaluation(evaluation, run.source(index), out)
+        self._offset = now - watermark.settled
         self._repeats.maintain(watermark.settled)
         return out
 
@@ -237,6 +241,7 @@ class EvaluationJoin:
     def on_time(self, now: float) -> list[DeadLetter]:
         """The waiting evaluations whose deadline event time passed: orphans."""
         event_time = self.watermark.current(now)
+        self._offset = now - event_time
         out: list[DeadLetter] = []
         for rid in [rid for rid, held in self._waiting.items() if held[0][0] < event_time]:
             held = self._waiting.pop(rid)
@@ -259,10 +264,14 @@ class EvaluationJoin:
         return out
 
     def next_wakeup(self) -> float | None:
-        """The earliest event time at which a waiting evaluation becomes an orphan."""
+        """Wall-clock Unix seconds at which a waiting evaluation may become an orphan; None
+        when none waits, "now" (0.0) while the relation of event time to the wall clock is
+        unknown (after a restore)."""
         if not self._waiting:
             return None
-        return min(held[0][0] for held in self._waiting.values())
+        if self._offset is None:
+            return 0.0
+        return min(held[0][0] for held in self._waiting.values()) + self._offset + WAKEUP_MARGIN
 
     # -- state --------------------------------------------------------------------
 
@@ -274,6 +283,9 @@ class EvaluationJoin:
 
     def needs_store(self) -> bool:
         return self._calls.needs_store() or self._repeats.needs_store()
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_offset": None}
 
     def seal(self) -> None:
         """Before a snapshot: seal what changed since the last one into segments."""
@@ -435,6 +447,7 @@ class EvaluationWindows:
         self.watermark = Watermark()
         self._rows: dict[int, dict[tuple[WindowKey, str], EvaluationStats]] = {}
         self._unsent: set[int] = set()  # window starts with rows to emit
+        self._offset: float | None = None  # as EvaluationJoin's
 
     def on_matched(self, matched: list[Matched], now: float) -> list[DeadLetter]:
         """Fold evaluations into their rows; those for a window already forgotten are
@@ -471,6 +484,7 @@ class EvaluationWindows:
         """Rows due now (their window's end + grace passed, with evaluations not emitted);
         forgets windows past their end + the lateness of evaluations."""
         event_time = self.watermark.current(now)
+        self._offset = now - event_time
         window = self.window
         out: list[EvaluationEmission] = []
         for start in sorted(self._unsent):
@@ -487,10 +501,18 @@ class EvaluationWindows:
         return out
 
     def next_wakeup(self) -> float | None:
-        """The event time at which the next rows are due."""
-        if not self._unsent:
+        """Wall-clock Unix seconds at which rows are due or a window is to be forgotten (as
+        :meth:`EvaluationJoin.next_wakeup`)."""
+        due = [start + self.window + self.kept for start in self._rows]
+        due += [start + self.window + self.grace for start in self._unsent]
+        if not due:
             return None
-        return min(self._unsent) + self.window + self.grace
+        if self._offset is None:
+            return 0.0
+        return min(due) + self._offset + WAKEUP_MARGIN
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_offset": None}
 
     def __len__(self) -> int:
         return sum(len(rows) for rows in self._rows.values())
