@@ -299,3 +299,22 @@ def test_score_buckets_keep_sign_and_order() -> None:
     assert sorted(buckets, key=bucket_score) == buckets
     for value in values:
         assert bucket_score(score_bucket(value)) == pytest.approx(value, rel=0.002)
+
+
+def test_wakeups_are_wall_clock_times_even_for_a_backlog_of_old_events() -> None:
+    directory = EvaluationJoin(WINDOW, GRACE, LATENESS, EVALUATION_LATENESS)
+    windows = EvaluationWindows(WINDOW, GRACE, LATENESS, EVALUATION_LATENESS)
+    now = BASE + 10 * 86400.0  # read ten days after it was made
+    waiting = _evaluation("r1", "acme", "judge", BASE + 5, 1.0, None)
+    assert directory.on_runs([_run([waiting], 0)], now) == []
+    # Event time idles with the wall clock from here: the orphan is due when its deadline is.
+    assert directory.next_wakeup() == pytest.approx(
+        now + directory.orphan_after(waiting) - (BASE + 5), abs=0.01
+    )
+    found = directory.on_counted(CountedCalls(["r1"], [KEYS[0]], [int(BASE)]), now)
+    assert windows.on_matched([item for item in found if isinstance(item, Matched)], now) == []
+    assert windows.on_time(now) == []
+    # The row is due at the window's end + grace, in event time: that far from now.
+    assert windows.next_wakeup() == pytest.approx(now + (BASE + WINDOW + GRACE) - (BASE + 5), abs=0.01)
+    restored = pickle.loads(pickle.dumps(windows))
+    assert restored.next_wakeup() == 0.0  # unknown until it looks at the clock again
