@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlencode
 from urllib.request import Request, urlopen
@@ -260,14 +260,24 @@ def wait_ready(url: str, services: list[Service]) -> None:
     raise DemoError(f"{url}/ready did not answer within {READY_TIMEOUT:.0f}s")
 
 
-def fetch_totals(metrics_url: str, tenant: str, since: datetime, read_key: str) -> list[dict[str, Any]]:
-    """One row per route and model since ``since``: the day's roll-up of the tenant."""
+class Counting(NamedTuple):
+    """What the demo waits to see counted: rows of ``/v1/<path>``, adding up ``field``."""
+
+    path: str
+    field: str
+    noun: str
+
+
+CALLS = Counting("metrics", "requests", "calls")
+EVALUATIONS = Counting("evaluations", "evaluations", "evaluations")
+
+
+def fetch_totals(
+    metrics_url: str, tenant: str, since: datetime, read_key: str, what: Counting = CALLS
+) -> list[dict[str, Any]]:
+    """The day's roll-up of the tenant since ``since``: one row per route and model (and name)."""
     query = urlencode({"tenant_id": tenant, "from": since.isoformat(), "bucket": "1d", "limit": 1000})
-    return _get_json(f"{metrics_url}/v1/metrics?{query}", api_key=read_key)["metrics"]
-
-
-def counted(rows: list[dict[str, Any]]) -> int:
-    return sum(row["requests"] for row in rows)
+    return _get_json(f"{metrics_url}/v1/{what.path}?{query}", api_key=read_key)[what.path]
 
 
 def wait_counted(
@@ -277,18 +287,20 @@ def wait_counted(
     since: datetime,
     deadline: float,
     services: list[Service],
+    what: Counting = CALLS,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Poll until every sent call is counted in a window, or the deadline passes."""
+    """Poll until everything sent is counted in a window, or the deadline passes."""
     total = sum(sent.values())
     interactive = sys.stderr.isatty()
     while True:
         for service in services:
             service.check_alive()
         rows = {
-            tenant: fetch_totals(metrics_url, tenant, since, read_keys[tenant]) for tenant in sorted(sent)
+            tenant: fetch_totals(metrics_url, tenant, since, read_keys[tenant], what)
+            for tenant in sorted(sent)
         }
-        done = sum(counted(tenant_rows) for tenant_rows in rows.values())
-        line = f"windows closing: {done}/{total} calls counted"
+        done = sum(row[what.field] for tenant_rows in rows.values() for row in tenant_rows)
+        line = f"windows closing: {done}/{total} {what.noun} counted"
         print(
             f"\r{line}\x1b[K" if interactive else line,
             end="" if interactive else "\n",
@@ -300,37 +312,7 @@ def wait_counted(
                 print(file=sys.stderr)
             if done < total:
                 print(
-                    f"warning: {total - done} calls not counted yet; see the dataflow's log", file=sys.stderr
-                )
-            return rows
-        time.sleep(1.0)
-
-
-def fetch_evaluations(metrics_url: str, tenant: str, since: datetime, read_key: str) -> list[dict[str, Any]]:
-    """The tenant's evaluation rows since ``since``, one per route, model and name."""
-    query = urlencode({"tenant_id": tenant, "from": since.isoformat(), "bucket": "1d", "limit": 1000})
-    return _get_json(f"{metrics_url}/v1/evaluations?{query}", api_key=read_key)["evaluations"]
-
-
-def wait_evaluated(
-    metrics_url: str,
-    sent: dict[str, int],
-    read_keys: dict[str, str],
-    since: datetime,
-    deadline: float,
-    services: list[Service],
-) -> dict[str, list[dict[str, Any]]]:
-    """Poll until every sent evaluation is counted toward its call's window, or the deadline."""
-    total = sum(sent.values())
-    while True:
-        for service in services:
-            service.check_alive()
-        rows = {tenant: fetch_evaluations(metrics_url, tenant, since, read_keys[tenant]) for tenant in sent}
-        done = sum(row["evaluations"] for tenant_rows in rows.values() for row in tenant_rows)
-        if done >= total or time.monotonic() > deadline:
-            if done < total:
-                print(
-                    f"warning: {total - done} evaluations not counted yet; see the dataflow's log",
+                    f"warning: {total - done} {what.noun} not counted yet; see the dataflow's log",
                     file=sys.stderr,
                 )
             return rows
@@ -563,14 +545,9 @@ def _run_services(
         print()
         print(table(rows))
         print()
-        scored = wait_evaluated(
-            metrics_url,
-            dict(totals.evaluations_by_tenant),
-            read_keys,
-            since,
-            time.monotonic() + config.window_seconds + config.grace_seconds + COUNT_SLACK_SECONDS,
-            services,
-        )
+        deadline = time.monotonic() + config.window_seconds + config.grace_seconds + COUNT_SLACK_SECONDS
+        evaluated = dict(totals.evaluations_by_tenant)
+        scored = wait_counted(metrics_url, evaluated, read_keys, since, deadline, services, EVALUATIONS)
         print("quality: the judge's average score and the users' pass share, per route and model")
         print(quality_table(scored))
         print()
@@ -585,6 +562,7 @@ def _run_services(
         print(f"Query it yourself with {example}'s read key, per window or rolled up:")
         print(f"  curl -s {header} '{metrics_url}/v1/metrics?tenant_id={example}&limit=5'")
         print(f"  curl -s {header} '{metrics_url}/v1/metrics?tenant_id={example}&bucket=1h&group_by=model'")
+        print(f"  curl -s {header} '{metrics_url}/v1/evaluations?tenant_id={example}&name=judge&bucket=1h'")
         if example == sliced:
             print(
                 f"  curl -s {header} "

@@ -203,7 +203,8 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
 
     # The curl lines carry a real read key of the tenant they query.
     curls = [line for line in lines if line.strip().startswith("curl -s")]
-    assert len(curls) == 3 and "dimension=metadata.country" in curls[2], stdout
+    assert len(curls) == 4, stdout
+    assert "/v1/evaluations?" in curls[2] and "dimension=metadata.country" in curls[3], stdout
     read_key = re.search(rf"-H 'Authorization: Bearer ({KEY.pattern})' 'http://127\.0\.0\.1:\d+/", curls[0])
     assert read_key is not None, curls
     assert "tenant_id=acme" in curls[0]
@@ -211,7 +212,7 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
     assert served["key"] == read_key[1]
     # Two whole keys are shown, acme's: the read key (the curl lines and the dashboard's)
     # and the ingest key (the line for more traffic); of the others, only prefixes.
-    assert len(KEY.findall(stdout)) == 5 and len(set(KEY.findall(stdout))) == 2, stdout
+    assert len(KEY.findall(stdout)) == 6 and len(set(KEY.findall(stdout))) == 2, stdout
 
     assert {path.name for path in (local / "logs").iterdir()} == {
         "ingestion.log",
