@@ -14,7 +14,7 @@ expiry (float64 Unix seconds, exact) and its tenant. Lookups search two merged
 sets of arrays, a small one that every seal merges into and a large one that the
 small one joins when it reaches a quarter of its size: a sorted merge of two runs
 is linear, so each id is copied a few times in all, and a lookup is two binary
-searches. Every seal drops the ids that expired.
+searches.
 
 With a :class:`SegmentStore` attached (Postgres, in the dataflow), each segment
 is written once, when sealed, and a snapshot holds only the ids counted since
@@ -26,8 +26,9 @@ last one all workers completed, never older), and on resume those the restored
 state does not know (written after its snapshot) are deleted. Without a store
 (unit tests) the arrays are pickled with the rest.
 
-An expired id counts as forgotten at once and leaves the arrays at the next
-seal. Two different ids share a digest with odds of about n / 2^64 for
+An expired id counts as forgotten at once, and leaves the arrays at a seal once
+the expired are an eighth of them (copying the arrays for a few would cost a
+copy of everything remembered at every seal). Two different ids share a digest with odds of about n / 2^64 for
 each new id against n remembered ones: with 18 million remembered ids, one in a
 trillion calls; the cost of one would be a new call taken for a repeat and not
 counted.
@@ -52,6 +53,9 @@ SEAL_AT = 50_000
 # The small arrays join the large ones beyond this share of their size (or count).
 MERGE_SHARE = 4
 MERGE_AT_LEAST = 4_096
+# A seal copies a part without its expired ids once they are this share of it (1/8);
+# until then they stay, answered as forgotten.
+DROP_SHARE = 8
 # A segment whose ids all expired is deleted from the store this many snapshots later.
 KEEP_SNAPSHOTS = 3
 
@@ -360,9 +364,13 @@ def _merge(first: Segment, second: Segment) -> Segment:
 
 
 def _drop_expired(part: Segment, watermark: float) -> Segment:
-    keep = part.expiry >= watermark
-    if bool(keep.all()):
+    """The part without its expired ids, once they are 1/DROP_SHARE of it: a copy at every
+    seal that found a few expired would copy everything remembered, again and again."""
+    expired = part.expiry < watermark
+    count = int(np.count_nonzero(expired))
+    if not count or count * DROP_SHARE < len(expired):
         return part
+    keep = ~expired
     return Segment(part.digests[keep], part.expiry[keep], part.tenant[keep], part.tenants)
 
 

@@ -34,7 +34,8 @@ def test_sealing_drops_what_expired_and_keeps_the_rest_with_their_tenants() -> N
         watermark += SEAL_SECONDS
         ids.maintain(watermark)
         alive = {rid: value for rid, value in expected.items() if value[0] >= watermark}
-        assert len(ids) == len(alive)  # the expired left at the seal
+        # The expired leave the arrays once they are an eighth of them (of each of the two).
+        assert len(alive) <= len(ids) and (len(ids) - len(alive)) * 8 < 2 * len(ids)
         for rid, value in rng.sample(sorted(expected.items()), 300):
             assert ids.get(rid, watermark) == (value if value[0] >= watermark else None), rid
 
