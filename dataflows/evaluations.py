@@ -75,11 +75,16 @@ _BUCKET_OFFSET = 1_000_000
 
 class CountedCalls(NamedTuple):
     """Calls the windows counted, for the call directory: ``request_ids[i]`` counted in the
-    window of ``keys[i]`` that starts at ``starts[i]``."""
+    window of ``keys[i]`` that starts at ``starts[i]``, known at event time ``times[i]``."""
 
     request_ids: list[str]
     keys: list[WindowKey]
     starts: list[int]
+    times: list[float]
+
+    @classmethod
+    def empty(cls) -> CountedCalls:
+        return cls([], [], [], [])
 
 
 class Matched(NamedTuple):
@@ -154,6 +159,11 @@ class EvaluationJoin:
         """Remember the calls the windows counted; the evaluations that waited for them go on."""
         keep = self.keep
         calls = self._calls
+        if counted.times:
+            # Calls move event time too: without evaluations it would stand still, and
+            # nothing would ever be sealed on schedule or expire.
+            self.watermark.observe(max(counted.times), now)
+            self._offset = now - self.watermark.settled
         out: list[Matched | DeadLetter] = []
         waiting = self._waiting
         for rid, key, start in zip(counted.request_ids, counted.keys, counted.starts, strict=True):
@@ -162,8 +172,14 @@ class EvaluationJoin:
             if held is not None:
                 for _, evaluation, source in held:
                     out.extend(self._judge(evaluation, source, key, start, record=False))
-        calls.maintain(self.watermark.current(now))
+        self._maintain(self.watermark.current(now))
         return out
+
+    def _maintain(self, event_time: float) -> None:
+        """Seal what is due; nothing before event time is known (every seal would be due)."""
+        if event_time > -math.inf:
+            self._calls.maintain(event_time)
+            self._repeats.maintain(event_time)
 
     # -- evaluations --------------------------------------------------------------
 
@@ -179,7 +195,7 @@ class EvaluationJoin:
                 watermark.observe(run.times[index], now)
                 self._on_evaluation(evaluation, run.source(index), out)
         self._offset = now - watermark.settled
-        self._repeats.maintain(watermark.settled)
+        self._maintain(watermark.settled)
         return out
 
     def _on_evaluation(
@@ -259,8 +275,7 @@ class EvaluationJoin:
                     )
             if keep:
                 self._waiting[rid] = keep
-        self._calls.maintain(event_time)
-        self._repeats.maintain(event_time)
+        self._maintain(event_time)
         return out
 
     def next_wakeup(self) -> float | None:

@@ -173,7 +173,7 @@ class WindowLogic(StatefulBatchLogic[CallBatch, WindowOutput, bytes]):
         counted = self.shard.counted
         if counted is not None and counted.request_ids:
             out.append(counted)
-            self.shard.counted = CountedCalls([], [], [])
+            self.shard.counted = CountedCalls.empty()
         out.extend(self.shard.on_time(now))
         self._report()
         return out, StatefulBatchLogic.RETAIN
@@ -229,7 +229,7 @@ def window_builder(window_seconds: int, grace_seconds: int, lateness_seconds: in
             shard = pickle.loads(resume)
             shard.attach(plan())
             shard.value_limit = value_limit
-        shard.counted = CountedCalls([], [], []) if counted else None
+        shard.counted = CountedCalls.empty() if counted else None
         return WindowLogic(shard)
 
     return build
@@ -253,14 +253,15 @@ def route_counted(shards: Shards = DEFAULT) -> Callable[[list[CountedCalls]], li
         by_shard: dict[str, CountedCalls] = {}
         join_key = shards.join_key
         for counted in items:
-            for rid, key, start in zip(counted.request_ids, counted.keys, counted.starts, strict=True):
+            for rid, key, start, at in zip(*counted, strict=True):
                 shard = join_key(rid)
                 into = by_shard.get(shard)
                 if into is None:
-                    into = by_shard[shard] = CountedCalls([], [], [])
+                    into = by_shard[shard] = CountedCalls.empty()
                 into.request_ids.append(rid)
                 into.keys.append(key)
                 into.starts.append(start)
+                into.times.append(at)
         return list(by_shard.items())
 
     return route

@@ -188,6 +188,7 @@ class WindowShard:
             self.counted.request_ids.append(request.request_id)
             self.counted.keys.append(key)
             self.counted.starts.append(start)
+            self.counted.times.append(event_time)
         if state.dimensions:
             add_call_values(self._table(start), key, state.dimensions, call)
         return []
@@ -466,14 +467,15 @@ def _note_counted(
 ) -> None:
     """Add the calls at ``indexes`` (of windows ``groups[numbers[i]]``) to ``counted``; an
     answered call replacing its timeout was noted as the timeout already."""
-    requests, replaces = calls.requests, calls.replaces
-    rids, keys, starts = counted.request_ids, counted.keys, counted.starts
+    requests, replaces, completed = calls.requests, calls.replaces, calls.completed
+    rids, keys, starts, times = counted.request_ids, counted.keys, counted.starts, counted.times
     for index, number in zip(indexes, numbers, strict=True):
         if not replaces[index]:
             start, key = groups[number]
             rids.append(requests[index].request_id)
             keys.append(key)
             starts.append(start)
+            times.append(completed[index])
 
 
 def _dimension_emission(

@@ -172,7 +172,11 @@ def _drive(
         # Within a batch, calls and evaluations come in either order.
         parts: list[Any] = []
         if calls:
-            parts.append(CountedCalls([c[0] for c in calls], [c[1] for c in calls], [c[2] for c in calls]))
+            # Known half a window after they started.
+            times = [c[2] + WINDOW / 2 for c in calls]
+            parts.append(
+                CountedCalls([c[0] for c in calls], [c[1] for c in calls], [c[2] for c in calls], times)
+            )
         if evaluations:
             parts.append(_run(evaluations, offset))
             offset += len(evaluations)
@@ -261,7 +265,7 @@ def test_the_right_tenants_evaluation_counts_after_another_tenants_was_refused()
     wrong = _evaluation("r1", "initech", "judge", BASE + 70, 1.0, None)
     right = _evaluation("r1", "acme", "judge", BASE + 70, 2.0, None)
     assert directory.on_runs([_run([wrong, right], 0)], 0.0) == []  # both wait for the call
-    found = directory.on_counted(CountedCalls(["r1"], [KEYS[0]], [start]), 0.0)
+    found = directory.on_counted(CountedCalls(["r1"], [KEYS[0]], [start], [start + 30.0]), 0.0)
     assert [type(item).__name__ for item in found] == ["DeadLetter", "Matched"]
     assert isinstance(found[0], DeadLetter) and found[0].reason == "invalid"
     assert "initech" in found[0].error and "acme" not in found[0].error  # the call's tenant stays unnamed
@@ -311,10 +315,25 @@ def test_wakeups_are_wall_clock_times_even_for_a_backlog_of_old_events() -> None
     assert directory.next_wakeup() == pytest.approx(
         now + directory.orphan_after(waiting) - (BASE + 5), abs=0.01
     )
-    found = directory.on_counted(CountedCalls(["r1"], [KEYS[0]], [int(BASE)]), now)
+    found = directory.on_counted(CountedCalls(["r1"], [KEYS[0]], [int(BASE)], [BASE + 1]), now)
     assert windows.on_matched([item for item in found if isinstance(item, Matched)], now) == []
     assert windows.on_time(now) == []
     # The row is due at the window's end + grace, in event time: that far from now.
     assert windows.next_wakeup() == pytest.approx(now + (BASE + WINDOW + GRACE) - (BASE + 5), abs=0.01)
     restored = pickle.loads(pickle.dumps(windows))
     assert restored.next_wakeup() == 0.0  # unknown until it looks at the clock again
+
+
+def test_calls_alone_move_the_directorys_event_time_and_expire() -> None:
+    """Without a single evaluation, counted calls still seal on schedule and are forgotten
+    once kept long enough."""
+    directory = EvaluationJoin(WINDOW, GRACE, LATENESS, EVALUATION_LATENESS)
+    kept = 2 * WINDOW + EVALUATION_LATENESS + LATENESS + GRACE
+    for step in range(40):  # 100 calls every 100 s of event time: 4,000 s in all
+        at = BASE + 100 * step
+        start = int(at // WINDOW * WINDOW)
+        rids = [f"c-{step}-{n}" for n in range(100)]
+        directory.on_counted(CountedCalls(rids, [KEYS[0]] * 100, [start] * 100, [at] * 100), 0.0)
+    assert directory.watermark.settled == BASE + 3900
+    within = 100 * math.ceil(kept / 100)  # the calls not expired yet
+    assert within <= directory.remembered() <= within * 1.3, directory.remembered()
