@@ -35,12 +35,12 @@ from schemas.config import load_or_exit
 from schemas.database import ensure_schema
 from schemas.logs import configure_logging
 from schemas.network import free_port
-from schemas.topics import REQUESTS, RESPONSES, ensure_topics
+from schemas.topics import EVALUATIONS, REQUESTS, RESPONSES, ensure_topics
 
 logger = logging.getLogger("streamlens.dataflow")
 
 FLOW = "dataflows.metrics:flow"
-INPUTS = (REQUESTS, RESPONSES)
+INPUTS = (REQUESTS, RESPONSES, EVALUATIONS)
 STOP_TIMEOUT = 10.0
 
 

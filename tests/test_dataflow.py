@@ -17,7 +17,7 @@ from confluent_kafka import KafkaError as ConfluentKafkaError
 from psycopg.rows import dict_row
 
 from dataflows import clock as clock_module
-from dataflows import operators, run, shards, sinks, sources
+from dataflows import operators, recovery, run, shards, sinks, sources
 from dataflows.batches import CallBatch, EventRun
 from dataflows.join import Call, SourceRef, calls_of
 from dataflows.windows import WindowRow
@@ -386,6 +386,24 @@ def test_recovery_directory_is_initialised_once_and_reset_on_demand(tmp_path: Pa
     run.prepare_recovery(directory, 1, reset=True)
     assert not (directory / "keep").exists()
     assert sorted(p.name for p in directory.glob("part-*.sqlite3")) == ["part-0.sqlite3"]
+
+
+def test_state_made_before_an_input_topic_existed_resumes_and_records_it(tmp_path: Path,
+                                                                       broker: Broker) -> None:
+    """State made when the dataflow read two topics resumes when it reads three: it holds no
+    offset of the third and reads it from the beginning; a recorded topic made again is
+    still refused."""
+    directory = tmp_path / "recovery"
+    run.prepare_recovery(directory, 1)
+    now = recovery.broker_identity(broker.address, run.INPUTS)
+    older = {**now, "topic_ids": {name: now["topic_ids"][name] for name in ("llm.requests", "llm.responses")}}
+    recovery.record_identity(directory, older)
+    assert recovery.mismatch(directory, broker.address, run.INPUTS) is None
+    assert json.loads((directory / recovery.IDENTITY_FILE).read_text()) == now
+    remade = {**now, "topic_ids": {**now["topic_ids"], "llm.responses": "AAAAAAAAAAAAAAAAAAAAAA"}}
+    recovery.record_identity(directory, remade)
+    why = recovery.mismatch(directory, broker.address, run.INPUTS)
+    assert why is not None and why.startswith("the topics llm.responses on"), why
 
 
 def test_the_state_keeps_the_shard_count_its_recovery_directory_was_made_with(
