@@ -67,8 +67,8 @@ import psycopg
 from confluent_kafka import Producer
 
 from dataflows import remembered as remembered_module
-from dataflows.batches import EventRun
-from dataflows.evaluations import CountedCalls, EvaluationJoin
+from dataflows.batches import EventRun, SourceRef
+from dataflows.evaluations import CountedCalls, EvaluationJoin, EvaluationWindows, Matched
 from dataflows.remembered import SEAL_SECONDS
 from dataflows.shards import Shards, default_count
 from schemas.events import LLMEvaluation, encoder
@@ -716,10 +716,55 @@ def memory(calls: int, day_rate: float, days: float) -> None:
         )
     quiet = m["quiet"]
     print(
-        f"  no evaluation at all (the directory's event time comes from evaluations only): "
+        f"  no evaluation at all (the counted calls alone move the directory's event time): "
         f"{quiet['calls']:,} calls in {quiet['batches']} batches over {quiet['span']:,} s of call time "
         f"(twice the keep): {quiet['segments']} segments sealed and written, {quiet['remembered']:,} "
         f"calls still held"
+    )
+
+
+def windows_memory(keys: int = 1_000, minutes: int = 60, per_row: int = 16) -> None:
+    """What the evaluation windows hold: ``keys`` keys with ``per_row`` evaluations (a score
+    and a label each) in every 1-minute window for ``minutes`` minutes, traced."""
+    rng = random.Random(5)
+    windows = EvaluationWindows(60, 10, 600, 86_400)
+    source = SourceRef(EVALUATIONS, 0, 0)
+    chosen = [(f"tenant-{k % 10}", f"/route-{k % 7}", f"model-{k}") for k in range(keys)]
+    start = 1_780_000_020
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    evaluations = 0
+    for minute in range(minutes):
+        at = datetime.fromtimestamp(start + 60 * minute + 30, UTC)
+        batch = [
+            Matched(
+                key,
+                start + 60 * minute,
+                LLMEvaluation(
+                    request_id="r",
+                    tenant_id=key[0],
+                    name=NAME,
+                    timestamp=at,
+                    score=round(rng.random(), 3),
+                    label=rng.choice(("pass", "fail")),
+                ),
+                source,
+            )
+            for key in chosen
+            for _ in range(per_row)
+        ]
+        windows.on_matched(batch, 0.0)
+        windows.on_time(0.0)
+        evaluations += len(batch)
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    rows = len(windows)
+    day = held / rows * keys * 1440 / 2**30
+    print(
+        f"  evaluation windows: {rows:,} rows ({keys:,} keys × {minutes} minutes, {per_row} evaluations a "
+        f"row): {held / rows:,.0f} B a row, {held / evaluations:.1f} B an evaluation (tracemalloc); "
+        f"a row a key and minute kept a day (EVALUATION_LATENESS_SECONDS) is {day:.2f} GiB"
     )
 
 
@@ -739,6 +784,7 @@ def main(argv: list[str] | None = None) -> None:
         throughput(args.calls, args.processes, args.rounds)
     if not args.throughput:
         memory(args.memory_calls, args.day_rate, args.days)
+        windows_memory()
 
 
 if __name__ == "__main__":
