@@ -110,7 +110,13 @@ class _Board(Collector):
             for part in sorted(self.positions):
                 try:
                     ends[part] = end = partition_end(consumer, *part, known=ends.get(part, 0))
-                    self.lags[part] = max(0, end - self.positions[part])
+                    position = self.positions[part]
+                    if position < 0:
+                        # A logical offset (the beginning): nothing handed over yet, so
+                        # everything from the partition's first record on is unread.
+                        position = consumer.get_watermark_offsets(
+                            TopicPartition(*part), timeout=5, cached=False)[0]
+                    self.lags[part] = max(0, end - position)
                 except Exception as error:  # a broker away: the last figure stays
                     logger.warning("consumer lag of %s[%s] not measured: %s", *part, error)
             time.sleep(LAG_INTERVAL)
