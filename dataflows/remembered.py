@@ -211,14 +211,14 @@ class Remembered:
                     return  # kept as recent ids, in the snapshot, until a seal can write them
                 self._untils.append(segment.until())
                 self._high += 1
-            self._small = _merge(self._small, segment)
+            self._small = merge_sorted(self._small, segment)
         self._recent = {}
         # Nothing stays past its expiry beyond a seal: a pass over the expiries, and a
         # copy of the arrays only when some expired.
         self._small = _drop_expired(self._small, watermark)
         self._large = _drop_expired(self._large, watermark)
         if len(self._small.digests) > max(len(self._large.digests) // MERGE_SHARE, MERGE_AT_LEAST):
-            self._large = _merge(self._large, self._small)
+            self._large = merge_sorted(self._large, self._small)
             self._small = Segment.empty()
         self._look_up()
         while self._untils and self._untils[0] < watermark:
@@ -268,7 +268,7 @@ class Remembered:
             return
         loaded = Segment.empty()
         for segment in store.load(self._name, self._low, self._high):
-            loaded = _merge(loaded, self._adopt(segment))
+            loaded = merge_sorted(loaded, self._adopt(segment))
         self._small, self._large = Segment.empty(), loaded
         self._look_up()
         self._stored = False
@@ -350,14 +350,16 @@ def _find(views: _Views, digest: int, tenants: list[str]) -> tuple[float, str] |
     return expiry[index], tenants[tenant[index]]
 
 
-def _merge(first: Segment, second: Segment) -> Segment:
-    """Both segments as one, sorted (their tenant indexes index the same list)."""
+def merge_sorted(first: Segment, second: Segment) -> Segment:
+    """Both segments as one, sorted, ``first``'s ids before equal ones of ``second`` (their
+    tenant indexes index the same list)."""
     if not len(first.digests):
         return second
     if not len(second.digests):
         return first
     digests = np.concatenate([first.digests, second.digests])
-    # Stable sort of two sorted runs: timsort merges them in linear time.
+    # Stable sort of two sorted runs: timsort merges them in linear time. (Placing the
+    # second's ids by binary search instead was slower: 1.2 s against 0.8 s for 12.5 M.)
     order = np.argsort(digests, kind="stable")
     return Segment(digests[order], np.concatenate([first.expiry, second.expiry])[order],
                    np.concatenate([first.tenant, second.tenant])[order], first.tenants)

@@ -6,7 +6,9 @@ import pickle
 import random
 import tracemalloc
 
-from dataflows.remembered import SEAL_SECONDS, Remembered
+import numpy as np
+
+from dataflows.remembered import SEAL_SECONDS, Remembered, Segment, merge_sorted
 
 
 def test_an_id_is_remembered_until_its_expiry_whether_sealed_or_not() -> None:
@@ -68,3 +70,19 @@ def test_a_remembered_id_costs_a_few_dozen_bytes() -> None:
     per_id = (after - before) / count
     print(f"{per_id:.1f} bytes per remembered id")
     assert per_id <= 64
+
+
+def test_merging_two_segments_is_a_stable_sort_of_both() -> None:
+    rng = np.random.default_rng(7)
+    for size_a, size_b in ((0, 5), (5, 0), (1, 1), (1000, 37), (37, 1000), (5000, 5000)):
+        # Few distinct digests: many equal ones, within and across the two.
+        a = Segment(np.sort(rng.integers(-50, 50, size_a)).astype(np.int64), rng.random(size_a),
+                    rng.integers(0, 3, size_a).astype(np.uint32), ["x", "y", "z"])
+        b = Segment(np.sort(rng.integers(-50, 50, size_b)).astype(np.int64), rng.random(size_b),
+                    rng.integers(0, 3, size_b).astype(np.uint32), ["x", "y", "z"])
+        merged = merge_sorted(a, b)
+        digests = np.concatenate([a.digests, b.digests])
+        order = np.argsort(digests, kind="stable")
+        assert merged.digests.tolist() == digests[order].tolist()
+        assert merged.expiry.tolist() == np.concatenate([a.expiry, b.expiry])[order].tolist()
+        assert merged.tenant.tolist() == np.concatenate([a.tenant, b.tenant])[order].tolist()
