@@ -431,7 +431,12 @@ def main(argv: list[str] | None = None) -> None:
         runs = (("no dimensions", {}), (f"DIMENSIONS={DIMENSIONS}", {"DIMENSIONS": DIMENSIONS}))
         for label, settings in runs:
             with psycopg.connect(postgres.dsn, autocommit=True) as conn:
-                conn.execute("TRUNCATE llm_metrics, llm_dimension_windows, dimension_horizons")
+                # Each run decides its dimensions afresh: DIMENSIONS as recorded by the last one
+                # would otherwise hold until after the data set's windows.
+                conn.execute(
+                    "TRUNCATE llm_metrics, llm_dimension_windows, dimension_horizons, default_dimensions, "
+                    "join_segments, llm_evaluation_metrics"
+                )
             recovery = work / "recovery"
             if recovery.exists():
                 shutil.rmtree(recovery)
