@@ -246,11 +246,12 @@ def run_dataflow(
     timeout: float = 600.0,
     settings: dict[str, str] | None = None,
     on_sample: Callable[[float], None] | None = None,
+    done: Callable[[], bool] | None = None,
 ) -> DataflowRun:
     """Run ``python -m dataflows.run`` until ``windows`` rows exist (the closers' windows,
-    from ``before`` on, are not counted), sampling its processes' RSS and CPU every
-    0.2 s; ``on_sample`` is called with the seconds since start at each sample.
-    ``settings`` are extra environment variables (``DEDUPE_SECONDS`` …)."""
+    from ``before`` on, are not counted), or until ``done()`` when given, sampling its
+    processes' RSS and CPU every 0.2 s; ``on_sample`` is called with the seconds since
+    start at each sample. ``settings`` are extra environment variables (``DEDUPE_SECONDS`` …)."""
     env = {
         **os.environ,
         "KAFKA_BROKERS": brokers,
@@ -288,10 +289,10 @@ def run_dataflow(
                 raise RuntimeError((work / "dataflow.log").read_text()[-3000:])
             if on_sample is not None:
                 on_sample(time.perf_counter() - started)
-            if _first_rows(dsn, before) >= windows:
+            if done() if done is not None else _first_rows(dsn, before) >= windows:
                 return DataflowRun(time.perf_counter() - started, samples)
             if time.perf_counter() - started > timeout:
-                raise RuntimeError(f"not all {windows} windows after {timeout:.0f}s")
+                raise RuntimeError(f"not done after {timeout:.0f}s")
             time.sleep(0.2)
     finally:
         child.terminate()

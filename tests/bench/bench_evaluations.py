@@ -46,7 +46,6 @@ import ctypes
 import gc
 import json
 import math
-import os
 import random
 import shutil
 import statistics
@@ -77,13 +76,12 @@ from tests.bench.bench_dataflow import (
     KEYS,
     PARTITIONS,
     SEED,
-    SNAPSHOT_INTERVAL,
     WINDOW_SECONDS,
     DataflowRun,
     _first_rows,
-    _usage,
     _windows_and_closers,
     fill_backlog,
+    run_dataflow,
 )
 from tests.bench.dataset import SKEW, START, generate
 from tests.bench.stack import local_stack
@@ -236,50 +234,14 @@ def _evaluation_totals(dsn: str, before: datetime) -> tuple[int, int]:
 def run_until(
     brokers: str, dsn: str, processes: int, work: Path, done: Callable[[], bool], timeout: float = TIMEOUT
 ) -> tuple[DataflowRun, str]:
-    """``python -m dataflows.run`` from an empty recovery directory until ``done()``, sampling
-    its processes' RSS and CPU every 0.2 s (as ``bench_dataflow.run_dataflow``); and how
-    busy the machine's CPUs were meanwhile (the broker and Postgres share them)."""
+    """``bench_dataflow.run_dataflow`` from an empty recovery directory until ``done()``; and
+    how busy the machine's CPUs were meanwhile (the broker and Postgres share them)."""
     recovery = work / "recovery"
     if recovery.exists():
         shutil.rmtree(recovery)
-    env = {**os.environ, "KAFKA_BROKERS": brokers, "POSTGRES_DSN": dsn, "TOPIC_PARTITIONS": str(PARTITIONS)}
-    log = open(work / "dataflow.log", "wb")  # noqa: SIM115 - the child keeps it
-    started = time.perf_counter()
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dataflows.run",
-            "--recovery-dir",
-            str(recovery),
-            "--processes",
-            str(processes),
-            "--snapshot-interval",
-            str(SNAPSHOT_INTERVAL),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    watched = psutil.Process(child.pid)
     machine = psutil.cpu_times()
-    samples: list[tuple[float, int, float]] = []
-    cpu: dict[int, float] = {}
-    try:
-        while True:
-            rss = _usage(watched, cpu)
-            samples.append((time.perf_counter() - started, rss, sum(cpu.values())))
-            if child.poll() is not None:
-                raise RuntimeError((work / "dataflow.log").read_text()[-3000:])
-            if done():
-                return DataflowRun(time.perf_counter() - started, samples), _machine(machine)
-            if time.perf_counter() - started > timeout:
-                raise RuntimeError(f"not done after {timeout:.0f}s")
-            time.sleep(0.2)
-    finally:
-        child.terminate()
-        child.wait(30)
+    run = run_dataflow(brokers, dsn, 0, datetime.now(UTC), processes, work, timeout, done=done)
+    return run, _machine(machine)
 
 
 def _machine(before: Any) -> str:
