@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from itertools import chain
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import psycopg
@@ -171,14 +171,34 @@ class Outage:
 def latest_per_window(rows: list[WindowRow]) -> list[WindowRow]:
     """One emission per window, the highest revision: one INSERT may not touch a row twice
     (an emission carries all of its window's dimension rows, so the others add nothing)."""
-    latest: dict[tuple[Any, ...], WindowRow] = {}
-    for item in rows:
-        row = item.row
-        key = (row.tenant_id, row.route, row.model, row.window_start)
+    return _latest(rows, lambda row: (row.tenant_id, row.route, row.model, row.window_start))
+
+
+# A window's emission or an evaluation row's: each has a row with a revision.
+_Emission = TypeVar("_Emission", WindowRow, EvaluationEmission)
+
+
+def _latest(items: list[_Emission], key_of: Callable[[Any], tuple[Any, ...]]) -> list[_Emission]:
+    """The emission of each row (``key_of(item.row)``) with the highest revision, the later
+    one of equal revisions."""
+    latest: dict[tuple[Any, ...], _Emission] = {}
+    for item in items:
+        key = key_of(item.row)
         kept = latest.get(key)
-        if kept is None or kept.row.revision <= row.revision:
+        if kept is None or kept.row.revision <= item.row.revision:
             latest[key] = item
     return list(latest.values())
+
+
+def taken_rows(cursor: psycopg.Cursor[Any], sql: str, params: list[tuple[Any, ...]]) -> list[bool]:
+    """Run ``sql`` (an upsert ``RETURNING 1`` when its revision guard lets it write) once per
+    parameter tuple, pipelined; which ones Postgres took."""
+    cursor.executemany(sql, params, returning=True)
+    taken = []
+    while True:
+        taken.append(cursor.rowcount == 1)
+        if not cursor.nextset():
+            return taken
 
 
 def values_of(item: WindowRow) -> tuple[Any, ...]:
@@ -275,27 +295,55 @@ class KafkaWriter:
         self._producer.flush()
 
 
-class _RowsPartition(StatelessSinkPartition[WindowRow]):
-    def __init__(self, dsn: str, brokers: str) -> None:
+_Done = TypeVar("_Done")
+
+
+class PostgresWriter:
+    """One connection for a sink's writes, each a transaction retried through outages
+    (waited out, however long, as the module says)."""
+
+    def __init__(self, dsn: str, what: str = "postgres") -> None:
         self._dsn = dsn
         self._conn: psycopg.Connection | None = None
-        self._outage = Outage("postgres")
+        self._outage = Outage(what)
+
+    def in_transaction(self, work: Callable[[psycopg.Cursor[Any]], _Done]) -> _Done:
+        """``work(cursor)`` in one transaction, run again after a lost connection until it
+        commits; what it returned."""
+        while True:
+            try:
+                if self._conn is None or self._conn.closed:
+                    # Text array elements go in binary: as UTF-8, whatever the database's encoding.
+                    self._conn = psycopg.connect(
+                        self._dsn, autocommit=True, connect_timeout=5, client_encoding="UTF8"
+                    )
+                with self._conn.transaction(), self._conn.cursor() as cursor:
+                    done = work(cursor)
+                self._outage.succeeded()
+                return done
+            except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+                self.close()
+                self._outage.failed(error)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+
+class _RowsPartition(StatelessSinkPartition[WindowRow]):
+    def __init__(self, dsn: str, brokers: str) -> None:
+        self._postgres = PostgresWriter(dsn)
         self._metrics = KafkaWriter(brokers, METRICS)
         self._dimensions = KafkaWriter(brokers, DIMENSION_METRICS)
-
-    def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
-            # Text array elements go in binary: as UTF-8, whatever the database's encoding.
-            self._conn = psycopg.connect(
-                self._dsn, autocommit=True, connect_timeout=5, client_encoding="UTF8"
-            )
-        return self._conn
 
     def write_batch(self, items: list[WindowRow]) -> None:
         if not items:
             return
         latest = latest_per_window(items)
-        taken = self._upsert(latest)
+        taken = self._postgres.in_transaction(lambda cursor: self._upsert(cursor, latest))
         written = sum(taken)
         ROWS_WRITTEN.inc(written)
         ROWS_STALE.inc(len(latest) - written)
@@ -305,41 +353,20 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
         if dimensions:
             self._dimensions.write(dimensions)
 
-    def _upsert(self, items: list[WindowRow]) -> list[bool]:
-        """Write the rows in one transaction, retrying through outages; which ones Postgres
-        took. The dimension rows of a window Postgres took are taken too: they were never
-        written with a higher revision than the window's row."""
-        params = [values_of(item) for item in items]
-        while True:
-            try:
-                conn = self._connection()
-                with conn.transaction(), conn.cursor() as cursor:
-                    cursor.executemany(UPSERT_SQL, params, returning=True)
-                    taken = []
-                    while True:
-                        taken.append(cursor.rowcount == 1)
-                        if not cursor.nextset():
-                            break
-                    emissions = [emission for item, took in zip(items, taken, strict=True) if took
-                                 for emission in item.dimensions]
-                    if emissions:
-                        cursor.executemany(UPSERT_DIMENSIONS_SQL, packed_values_of(emissions))
-                        DIMENSION_ROWS.inc(sum(len(emission.rows.values) for emission in emissions))
-                self._outage.succeeded()
-                return taken
-            except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-                self._disconnect()
-                self._outage.failed(error)
-
-    def _disconnect(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
+    @staticmethod
+    def _upsert(cursor: psycopg.Cursor[Any], items: list[WindowRow]) -> list[bool]:
+        """Write the rows; which ones Postgres took. The dimension rows of a window Postgres
+        took are taken too: they were never written with a higher revision than the window's row."""
+        taken = taken_rows(cursor, UPSERT_SQL, [values_of(item) for item in items])
+        emissions = [emission for item, took in zip(items, taken, strict=True) if took
+                     for emission in item.dimensions]
+        if emissions:
+            cursor.executemany(UPSERT_DIMENSIONS_SQL, packed_values_of(emissions))
+            DIMENSION_ROWS.inc(sum(len(emission.rows.values) for emission in emissions))
+        return taken
 
     def close(self) -> None:
-        self._disconnect()
+        self._postgres.close()
         self._metrics.close()
         self._dimensions.close()
 
@@ -453,21 +480,12 @@ def evaluation_values(item: EvaluationEmission) -> tuple[Any, ...]:
 
 def latest_evaluations(items: list[EvaluationEmission]) -> list[EvaluationEmission]:
     """One emission per row, the highest revision (one INSERT may not touch a row twice)."""
-    latest: dict[tuple[Any, ...], EvaluationEmission] = {}
-    for item in items:
-        row = item.row
-        key = (row.tenant_id, row.route, row.model, row.window_start, row.name)
-        kept = latest.get(key)
-        if kept is None or kept.row.revision <= row.revision:
-            latest[key] = item
-    return list(latest.values())
+    return _latest(items, lambda row: (row.tenant_id, row.route, row.model, row.window_start, row.name))
 
 
 class _EvaluationRowsPartition(StatelessSinkPartition[EvaluationEmission]):
     def __init__(self, dsn: str, brokers: str) -> None:
-        self._dsn = dsn
-        self._conn: psycopg.Connection | None = None
-        self._outage = Outage("postgres (evaluation rows)")
+        self._postgres = PostgresWriter(dsn, "postgres (evaluation rows)")
         self._topic = KafkaWriter(brokers, EVALUATION_METRICS)
 
     def write_batch(self, items: list[EvaluationEmission]) -> None:
@@ -475,24 +493,9 @@ class _EvaluationRowsPartition(StatelessSinkPartition[EvaluationEmission]):
             return
         latest = latest_evaluations(items)
         params = [evaluation_values(item) for item in latest]
-        while True:
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
-                with self._conn.transaction(), self._conn.cursor() as cursor:
-                    cursor.executemany(UPSERT_EVALUATIONS_SQL, params, returning=True)
-                    taken = []
-                    while True:
-                        taken.append(cursor.rowcount == 1)
-                        if not cursor.nextset():
-                            break
-                self._outage.succeeded()
-                break
-            except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
-                self._outage.failed(error)
+        taken = self._postgres.in_transaction(
+            lambda cursor: taken_rows(cursor, UPSERT_EVALUATIONS_SQL, params)
+        )
         EVALUATION_ROWS.inc(sum(taken))
         self._topic.write([
             KafkaSinkMessage(key=item.row.kafka_key(), value=row_encoder.encode(item.row))
@@ -500,8 +503,7 @@ class _EvaluationRowsPartition(StatelessSinkPartition[EvaluationEmission]):
         ])
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        self._postgres.close()
         self._topic.close()
 
 

@@ -338,7 +338,7 @@ def test_rows_sink_reconnects_after_a_dropped_connection(postgres_dsn: str,
     partition = sinks.RowsSink(postgres_dsn, broker.address).build("rows", 0, 1)
     try:
         partition.write_batch([_row(1, 4)])
-        conn = partition._conn
+        conn = partition._postgres._conn
         assert conn is not None  # the batch was written through it
         pid = conn.info.backend_pid
         with psycopg.connect(postgres_dsn, autocommit=True) as admin:
