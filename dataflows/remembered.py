@@ -58,6 +58,10 @@ MERGE_AT_LEAST = 4_096
 DROP_SHARE = 8
 # A segment whose ids all expired is deleted from the store this many snapshots later.
 KEEP_SNAPSHOTS = 3
+# The list of tenants is rebuilt with only those the arrays still name once it is twice
+# as long as when last rebuilt, and this long at least: a call directory's "tenants"
+# are keys with their dimension values, and values such as users keep coming.
+COMPACT_TENANTS_AT = 4_096
 
 
 class Segment(NamedTuple):
@@ -104,6 +108,7 @@ class Remembered:
         self._views: list[_Views] = []  # of the non-empty ones of the two, for lookups
         self._tenants: list[str] = []  # what the arrays' tenant indexes name
         self._tenant_index: dict[str, int] = {}
+        self._tenants_kept = 0  # how many the last rebuild of the list kept
         self._next_seal: float | None = None
         # Segments in the store: numbers low ≤ n < high, with the latest expiry of each.
         self._name: str | None = None
@@ -220,6 +225,8 @@ class Remembered:
         if len(self._small.digests) > max(len(self._large.digests) // MERGE_SHARE, MERGE_AT_LEAST):
             self._large = merge_sorted(self._large, self._small)
             self._small = Segment.empty()
+        if len(self._tenants) > max(COMPACT_TENANTS_AT, 2 * self._tenants_kept):
+            self._compact_tenants()
         self._look_up()
         while self._untils and self._untils[0] < watermark:
             self._untils.pop(0)
@@ -230,6 +237,18 @@ class Remembered:
                 below = self._lows.pop(0)
                 if below > 0:
                     self._store.forget(self._name, below)
+
+    def _compact_tenants(self) -> None:
+        """Keep only the tenants the arrays name, renumbered (recent ids hold their own)."""
+        small, large = self._small, self._large
+        used = np.unique(np.concatenate([small.tenant, large.tenant]))
+        tenants = [self._tenants[i] for i in used.tolist()]
+        renumbered = np.zeros(len(self._tenants), np.uint32)
+        renumbered[used] = np.arange(len(used), dtype=np.uint32)
+        self._tenants, self._tenant_index = tenants, {tenant: i for i, tenant in enumerate(tenants)}
+        self._tenants_kept = len(tenants)
+        self._small = Segment(small.digests, small.expiry, renumbered[small.tenant], tenants)
+        self._large = Segment(large.digests, large.expiry, renumbered[large.tenant], tenants)
 
     def _look_up(self) -> None:
         """Lookups from now on search the arrays as they are."""
@@ -298,6 +317,7 @@ class Remembered:
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
+        state.setdefault("_tenants_kept", 0)  # snapshots made before it
         self.__dict__.update(state)
         self._shard_of = None  # set again by attach()
         if self._stored:

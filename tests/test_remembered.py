@@ -8,7 +8,7 @@ import tracemalloc
 
 import numpy as np
 
-from dataflows.remembered import SEAL_SECONDS, Remembered, Segment, merge_sorted
+from dataflows.remembered import COMPACT_TENANTS_AT, SEAL_SECONDS, Remembered, Segment, merge_sorted
 
 
 def test_an_id_is_remembered_until_its_expiry_whether_sealed_or_not() -> None:
@@ -40,6 +40,27 @@ def test_sealing_drops_what_expired_and_keeps_the_rest_with_their_tenants() -> N
         assert len(alive) <= len(ids) and (len(ids) - len(alive)) * 8 < 2 * len(ids)
         for rid, value in rng.sample(sorted(expected.items()), 300):
             assert ids.get(rid, watermark) == (value if value[0] >= watermark else None), rid
+
+
+def test_tenants_no_id_names_any_more_are_forgotten() -> None:
+    """A tenant of its own for nearly every id (a call directory's key and user, say): the
+    list of tenants stays a few times what the live ids name, and every answer stays right."""
+    rng = random.Random(8)
+    ids = Remembered()
+    expected: dict[str, tuple[float, str]] = {}
+    watermark = 0.0
+    for step in range(60):
+        for n in range(1_000):
+            value = (watermark + rng.uniform(1, 2 * SEAL_SECONDS), f"user-{step}-{n % 900}")
+            ids.add(f"{step}-{n}", *value)
+            expected[f"{step}-{n}"] = value
+        watermark += SEAL_SECONDS
+        ids.maintain(watermark)
+        assert len(ids._tenants) <= max(COMPACT_TENANTS_AT, 2 * len(ids)), step
+        for rid in rng.sample(sorted(expected), 200):
+            value = expected[rid]
+            assert ids.get(rid, watermark) == (value if value[0] >= watermark else None), rid
+    assert ids._tenants_kept and len(ids._tenants) < 60 * 900 / 4  # 54,000 seen
 
 
 def test_a_snapshot_gives_the_same_answers() -> None:
