@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from fractions import Fraction
 from itertools import repeat
@@ -56,12 +56,14 @@ from msgspec import Struct, field
 from dataflows.aggregate import EXACT_UP_TO, ZERO_BUCKET, bucket_latency, latency_bucket, new_digest
 from dataflows.batches import EventRun, SourceRef
 from dataflows.clock import Watermark
+from dataflows.dimensions import Value, from_response, ranked
 from dataflows.join import WAKEUP_MARGIN
 from dataflows.remembered import Remembered, SegmentStore
 from dataflows.shards import WindowKey
 from schemas.deadletter import DeadLetter, Reason
+from schemas.dimensions import DEFAULT_VALUES, OTHER
 from schemas.events import LLMEvaluation, encoder
-from schemas.metrics import EvaluationRow, top_labels
+from schemas.metrics import EvaluationDimensionRow, EvaluationRow, top_labels
 
 # A key as the directory holds it (Remembered's "tenant"): its parts joined by a
 # character no identifier may hold.
@@ -75,25 +77,94 @@ _BUCKET_OFFSET = 1_000_000
 
 class CountedCalls(NamedTuple):
     """Calls the windows counted, for the call directory: ``request_ids[i]`` counted in the
-    window of ``keys[i]`` that starts at ``starts[i]``, known at event time ``times[i]``."""
+    window of ``keys[i]`` that starts at ``starts[i]``, known at event time ``times[i]``,
+    with its values of the window's dimensions ``dimensions[i]`` (:func:`dimension_text`).
+
+    An entry whose dimensions are :data:`ANSWERED` is no new call: a timed-out call
+    replaced by its answer, which moved it to its own ``finish_reason``."""
 
     request_ids: list[str]
     keys: list[WindowKey]
     starts: list[int]
     times: list[float]
+    dimensions: list[str]
 
     @classmethod
     def empty(cls) -> CountedCalls:
-        return cls([], [], [], [])
+        return cls([], [], [], [], [])
+
+    def add(self, request_id: str, key: WindowKey, start: int, time: float, dimensions: str) -> None:
+        self.request_ids.append(request_id)
+        self.keys.append(key)
+        self.starts.append(start)
+        self.times.append(time)
+        self.dimensions.append(dimensions)
 
 
 class Matched(NamedTuple):
-    """An evaluation and the window of its call, for the evaluation windows."""
+    """An evaluation and the window of its call, with the call's values of the window's
+    dimensions (:func:`dimension_text`), for the evaluation windows."""
 
     key: WindowKey
     start: int
     evaluation: LLMEvaluation
     source: SourceRef
+    dimensions: str = ""
+
+
+class Moved(NamedTuple):
+    """A timed-out call of window ``start`` of ``key`` was answered: under ``finish_reason``
+    its evaluations move from no value to the answer's (``dimensions``)."""
+
+    key: WindowKey
+    start: int
+    request_id: str
+    dimensions: str
+
+
+# A counted call's values of its window's dimensions, as text kept after its key in the
+# call directory: the call's state, then each dimension's name and value. No name or
+# value holds a control character (schemas.dimensions), so these separate them.
+_DIMENSION = "\x1e"
+_VALUE = "\x1d"
+_NO_VALUE = "\x1c"
+# The call's state: counted as it is; a timeout (no finish_reason yet, its answer may
+# still replace it); a timeout replaced by its answer.
+COUNTED, TIMED_OUT, ANSWERED = "c", "t", "a"
+
+
+class CallDimensions(NamedTuple):
+    state: str
+    names: tuple[str, ...]
+    values: tuple[Value, ...]
+
+
+def dimension_text(state: str, names: tuple[str, ...], values: list[Value]) -> str:
+    """The text of a call's values ``values`` of dimensions ``names``; "" without any."""
+    if not names:
+        return ""
+    return (
+        _DIMENSION
+        + state
+        + "".join(
+            f"{_DIMENSION}{name}{_VALUE}{_NO_VALUE if value is None else value}"
+            for name, value in zip(names, values, strict=True)
+        )
+    )
+
+
+def call_dimensions(text: str) -> CallDimensions:
+    """What :func:`dimension_text` wrote."""
+    if not text:
+        return CallDimensions(COUNTED, (), ())
+    state, *pairs = text[1:].split(_DIMENSION)
+    names: list[str] = []
+    values: list[Value] = []
+    for pair in pairs:
+        name, value = pair.split(_VALUE)
+        names.append(name)
+        values.append(None if value == _NO_VALUE else value)
+    return CallDimensions(state, tuple(names), tuple(values))
 
 
 def _iso(seconds: float) -> str:
@@ -121,6 +192,12 @@ def key_of(text: str) -> WindowKey:
     return tenant_id, route, model
 
 
+def call_of(text: str) -> tuple[WindowKey, str]:
+    """A call as the directory keeps it: its key, and its :func:`dimension_text`."""
+    at = text.find(_DIMENSION)
+    return (key_of(text), "") if at < 0 else (key_of(text[:at]), text[at:])
+
+
 def _repeat_key(evaluation: LLMEvaluation) -> str:
     # The request id first: the segments of these keys are named after its join shard.
     return _SEPARATOR.join(
@@ -146,7 +223,9 @@ class EvaluationJoin:
         # life of the state, since the window start is read back from it.
         self.keep = 2 * self.window + self.evaluation_lateness + self.lateness + self.grace
         self.watermark = Watermark()
-        self._calls = Remembered()  # request id -> (window start + keep, key text)
+        self._calls = Remembered()  # request id -> (window start + keep, key and dimension text)
+        # Timed-out calls answered since: request id -> the same, with the answer's values.
+        self._answered = Remembered()
         self._repeats = Remembered()  # _repeat_key -> (until when, "")
         # request id -> evaluations waiting for their call, each with its deadline
         self._waiting: dict[str, list[tuple[float, LLMEvaluation, SourceRef]]] = {}
@@ -155,8 +234,10 @@ class EvaluationJoin:
 
     # -- calls --------------------------------------------------------------------
 
-    def on_counted(self, counted: CountedCalls, now: float) -> list[Matched | DeadLetter]:
-        """Remember the calls the windows counted; the evaluations that waited for them go on."""
+    def on_counted(self, counted: CountedCalls, now: float) -> list[Matched | Moved | DeadLetter]:
+        """Remember the calls the windows counted; the evaluations that waited for them go on.
+        A timed-out call answered since is remembered with its answer's values, and its
+        evaluations told to move."""
         keep = self.keep
         calls = self._calls
         if counted.times:
@@ -164,14 +245,20 @@ class EvaluationJoin:
             # nothing would ever be sealed on schedule or expire.
             self.watermark.observe(max(counted.times), now)
             self._offset = now - self.watermark.settled
-        out: list[Matched | DeadLetter] = []
+        out: list[Matched | Moved | DeadLetter] = []
         waiting = self._waiting
-        for rid, key, start in zip(counted.request_ids, counted.keys, counted.starts, strict=True):
-            calls.add(rid, start + keep, key_text(key))
+        for rid, key, start, dimensions in zip(
+            counted.request_ids, counted.keys, counted.starts, counted.dimensions, strict=True
+        ):
+            if dimensions and dimensions[1] == ANSWERED:
+                self._answered.add(rid, start + keep, key_text(key) + dimensions)
+                out.append(Moved(key, start, rid, dimensions))
+                continue
+            calls.add(rid, start + keep, key_text(key) + dimensions)
             held = waiting.pop(rid, None)
             if held is not None:
                 for _, evaluation, source in held:
-                    out.extend(self._judge(evaluation, source, key, start, record=False))
+                    out.extend(self._judge(evaluation, source, key, start, dimensions, record=False))
         self._maintain(self.watermark.current(now))
         return out
 
@@ -179,14 +266,15 @@ class EvaluationJoin:
         """Seal what is due; nothing before event time is known (every seal would be due)."""
         if event_time > -math.inf:
             self._calls.maintain(event_time)
+            self._answered.maintain(event_time)
             self._repeats.maintain(event_time)
 
     # -- evaluations --------------------------------------------------------------
 
-    def on_runs(self, runs: list[EventRun], now: float) -> list[Matched | DeadLetter]:
+    def on_runs(self, runs: list[EventRun], now: float) -> list[Matched | Moved | DeadLetter]:
         """Add runs of evaluations, in order: those whose call is known go on, the others
         wait for it. Repeats are ignored."""
-        out: list[Matched | DeadLetter] = []
+        out: list[Matched | Moved | DeadLetter] = []
         watermark = self.watermark
         for run in runs:
             for index, item in enumerate(run.events):
@@ -199,22 +287,29 @@ class EvaluationJoin:
         return out
 
     def _on_evaluation(
-        self, evaluation: LLMEvaluation, source: SourceRef, out: list[Matched | DeadLetter]
+        self, evaluation: LLMEvaluation, source: SourceRef, out: list[Matched | Moved | DeadLetter]
     ) -> None:
         repeat_key = _repeat_key(evaluation)
         if self._repeats.get(repeat_key, -math.inf) is not None:
             return
         rid = evaluation.request_id
-        found = self._calls.get(rid, -math.inf)
+        found = self._answered.get(rid, -math.inf) or self._calls.get(rid, -math.inf)
         if found is None:
             # Repeats wait too: which of them counts, if any, is known once the call is.
             self._waiting.setdefault(rid, []).append((self.orphan_after(evaluation), evaluation, source))
             return
-        until, key = found
-        out.extend(self._judge(evaluation, source, key_of(key), int(until) - self.keep, record=True))
+        until, text = found
+        key, dimensions = call_of(text)
+        out.extend(self._judge(evaluation, source, key, int(until) - self.keep, dimensions, record=True))
 
     def _judge(
-        self, evaluation: LLMEvaluation, source: SourceRef, key: WindowKey, start: int, record: bool
+        self,
+        evaluation: LLMEvaluation,
+        source: SourceRef,
+        key: WindowKey,
+        start: int,
+        dimensions: str,
+        record: bool,
     ) -> list[Matched | DeadLetter]:
         """The evaluation, its call known: counted, too late, or another tenant's."""
         if key[0] != evaluation.tenant_id:
@@ -246,7 +341,7 @@ class EvaluationJoin:
         if not record and self._repeats.get(repeat_key, -math.inf) is not None:
             return []
         self._repeats.add(repeat_key, start + self.keep, "")
-        return [Matched(key, start, evaluation, source)]
+        return [Matched(key, start, evaluation, source, dimensions)]
 
     def orphan_after(self, evaluation: LLMEvaluation) -> float:
         """When an evaluation still without its call becomes an orphan (event time)."""
@@ -294,18 +389,24 @@ class EvaluationJoin:
         """Keep the sealed calls and repeats in ``store``, named after the join shard
         (``shard_of`` a request id) with a prefix of their own."""
         self._calls.attach(store, lambda rid: "calls/" + shard_of(rid))
+        self._answered.attach(store, lambda rid: "answered/" + shard_of(rid))
         self._repeats.attach(store, lambda key: "evaluated/" + shard_of(key.split(_SEPARATOR, 1)[0]))
 
     def needs_store(self) -> bool:
-        return self._calls.needs_store() or self._repeats.needs_store()
+        return self._calls.needs_store() or self._answered.needs_store() or self._repeats.needs_store()
 
     def __getstate__(self) -> dict[str, object]:
         return {**self.__dict__, "_offset": None}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        state.setdefault("_answered", Remembered())  # snapshots made before dimensions
+        self.__dict__.update(state)
 
     def seal(self) -> None:
         """Before a snapshot: seal what changed since the last one into segments."""
         event_time = self.watermark.settled
         self._calls.seal(event_time, snapshot=True)
+        self._answered.seal(event_time, snapshot=True)
         self._repeats.seal(event_time, snapshot=True)
 
     def remembered(self) -> int:
@@ -386,6 +487,39 @@ class EvaluationStats(Struct, gc=False):
             bucket = score_bucket(score)
             buckets[bucket] = buckets.get(bucket, 0) + 1
 
+    @classmethod
+    def merged(cls, parts: Iterable[EvaluationStats]) -> EvaluationStats:
+        """A row holding what ``parts`` hold, as if their evaluations had been folded into it."""
+        out = cls()
+        values: list[float] = []
+        buckets: dict[int, int] | None = None
+        labels = out.labels
+        for part in parts:
+            out.evaluations += part.evaluations
+            out.scores += part.scores
+            out.score_units += part.score_units
+            if part.score_min is not None and (out.score_min is None or part.score_min < out.score_min):
+                out.score_min = part.score_min
+            if part.score_max is not None and (out.score_max is None or part.score_max > out.score_max):
+                out.score_max = part.score_max
+            for label, count in part.labels.items():
+                labels[label] = labels.get(label, 0) + count
+            if part.buckets is None:
+                values.extend(part.values)
+            else:
+                buckets = {} if buckets is None else buckets
+                for bucket, count in part.buckets.items():
+                    buckets[bucket] = buckets.get(bucket, 0) + count
+        if buckets is None and len(values) <= EXACT_UP_TO:
+            out.values = array("d", values)
+        else:
+            buckets = {} if buckets is None else buckets
+            for value in values:
+                bucket = score_bucket(value)
+                buckets[bucket] = buckets.get(bucket, 0) + 1
+            out.buckets = buckets
+        return out
+
     def digest(self) -> TDigest:
         """The scores as a t-digest built in ascending order (order-independent)."""
         digest = new_digest()
@@ -416,9 +550,10 @@ class EvaluationEmission(NamedTuple):
 
 
 def emission(
-    key: WindowKey, start: int, window: int, name: str, stats: EvaluationStats
+    key: WindowKey, start: int, window: int, name: str, stats: EvaluationStats, revision: int | None = None
 ) -> EvaluationEmission:
-    """The row of one window, key and name."""
+    """The row of one window, key and name (``revision``: the count of its evaluations, unless
+    given)."""
     scores = stats.scores
     if scores:
         digest = stats.digest()
@@ -444,32 +579,115 @@ def emission(
         score_p50=p50,
         score_p90=p90,
         labels=stats.kept_labels(),
-        revision=stats.evaluations,
+        revision=stats.evaluations if revision is None else revision,
     )
     return EvaluationEmission(row, stats.score_sum(), packed)
 
 
+class ValueStats(Struct, gc=False):
+    """One dimension of one row (window, key, name): its values' rows."""
+
+    values: dict[Value, EvaluationStats] = field(default_factory=dict)
+    # Evaluations of timed-out calls, by request id, under a dimension read from the
+    # response: under no value until their call is answered (Moved), then under its.
+    held: dict[str, list[LLMEvaluation]] = field(default_factory=dict)
+    # Evaluations of answered timeouts under their answer's value: the revision counts
+    # them, so that the rows holding every move outrank those holding fewer.
+    placed: int = 0
+    unsent: bool = False
+
+    def stats(self, value: Value) -> EvaluationStats:
+        found = self.values.get(value)
+        if found is None:
+            found = self.values[value] = EvaluationStats()
+        return found
+
+
+class EvaluationDimensionEmission(NamedTuple):
+    """One dimension's rows of one window, key and name, and what Postgres keeps beside each."""
+
+    rows: list[EvaluationDimensionRow]
+    score_sums: list[float | None]
+    digests: list[bytes | None]
+
+    @property
+    def row(self) -> EvaluationDimensionRow:
+        """The first row: what every row has in common (window, key, name, dimension, revision)."""
+        return self.rows[0]
+
+
+def dimension_emission(
+    key: WindowKey,
+    start: int,
+    window: int,
+    name: str,
+    dimension: str,
+    group: ValueStats,
+    revision: int,
+    limit: int,
+) -> EvaluationDimensionEmission:
+    """The rows of ``dimension`` (a row per value, the ``limit`` most evaluated, the rest in
+    ``"(other)"``, as :func:`dataflows.dimensions.ranked` chooses)."""
+    stats = dict(group.values)
+    if group.held:
+        held = EvaluationStats()
+        for evaluations in group.held.values():
+            for evaluation in evaluations:
+                held.add(evaluation)
+        stats[None] = EvaluationStats.merged([stats[None], held]) if None in stats else held
+    own, merged = ranked(((value, row.evaluations) for value, row in stats.items()), limit)
+    chosen: list[tuple[Value, EvaluationStats]] = [(value, stats[value]) for value in own]
+    if merged:
+        chosen.append((OTHER, EvaluationStats.merged(stats[value] for value in merged)))
+    out = EvaluationDimensionEmission([], [], [])
+    for value, row_stats in chosen:
+        row, score_sum, digest = emission(key, start, window, name, row_stats, revision)
+        out.rows.append(
+            EvaluationDimensionRow(
+                **{field_name: getattr(row, field_name) for field_name in row.__struct_fields__},
+                dimension=dimension,
+                value=value,
+            )
+        )
+        out.score_sums.append(score_sum)
+        out.digests.append(digest)
+    return out
+
+
 class EvaluationWindows:
-    """The evaluation rows of one window shard: ``(window start, key, name)`` → stats."""
+    """The evaluation rows of one window shard: ``(window start, key, name)`` → stats, and
+    per dimension of the window ``(window start, key, name, dimension)`` → its values'."""
 
     def __init__(
-        self, window_seconds: int, grace_seconds: int, lateness_seconds: int, evaluation_lateness_seconds: int
+        self,
+        window_seconds: int,
+        grace_seconds: int,
+        lateness_seconds: int,
+        evaluation_lateness_seconds: int,
+        value_limit: int = DEFAULT_VALUES,
     ) -> None:
         self.window = int(window_seconds)
         self.grace = int(grace_seconds)
         # Window state is kept this long after the window's end.
         self.kept = int(evaluation_lateness_seconds) + int(lateness_seconds)
+        self.value_limit = value_limit  # values a dimension's rows keep apart (DIMENSION_VALUES)
         self.watermark = Watermark()
         self._rows: dict[int, dict[tuple[WindowKey, str], EvaluationStats]] = {}
+        self._values: dict[int, dict[tuple[WindowKey, str, str], ValueStats]] = {}
         self._unsent: set[int] = set()  # window starts with rows to emit
         self._offset: float | None = None  # as EvaluationJoin's
 
-    def on_matched(self, matched: list[Matched], now: float) -> list[DeadLetter]:
+    def on_matched(self, matched: list[Matched | Moved], now: float) -> list[DeadLetter]:
         """Fold evaluations into their rows; those for a window already forgotten are
-        ``too_late``."""
+        ``too_late``. A moved call's evaluations move to its answer's value."""
         watermark = self.watermark
         letters: list[DeadLetter] = []
-        for key, start, evaluation, source in matched:
+        for item in matched:
+            if type(item) is Moved:
+                self._move(item)
+                continue
+            assert isinstance(item, Matched)
+            key, start, evaluation, source, dimensions = item
             watermark.observe(max(evaluation.timestamp.timestamp(), float(start)), now)
             end = start + self.window
             if end + self.kept < watermark.settled:
@@ -492,28 +710,94 @@ class EvaluationWindows:
             if stats is None:
                 stats = rows[(key, evaluation.name)] = EvaluationStats()
             stats.add(evaluation)
+            if dimensions:
+                self._add_values(key, start, evaluation, call_dimensions(dimensions))
             self._unsent.add(start)
         return letters
 
-    def on_time(self, now: float) -> list[EvaluationEmission]:
+    def _group(self, start: int, key: WindowKey, name: str, dimension: str) -> ValueStats:
+        groups = self._values.get(start)
+        if groups is None:
+            groups = self._values[start] = {}
+        group = groups.get((key, name, dimension))
+        if group is None:
+            group = groups[(key, name, dimension)] = ValueStats()
+        return group
+
+    def _add_values(
+        self, key: WindowKey, start: int, evaluation: LLMEvaluation, call: CallDimensions
+    ) -> None:
+        """Fold an evaluation into its call's value of each dimension; under one read from the
+        response, a timeout's is held until its call is answered."""
+        for dimension, value in zip(call.names, call.values, strict=True):
+            group = self._group(start, key, evaluation.name, dimension)
+            group.unsent = True
+            if from_response(dimension):
+                if call.state == TIMED_OUT:
+                    group.held.setdefault(evaluation.request_id, []).append(evaluation)
+                    continue
+                if call.state == ANSWERED:
+                    group.placed += 1
+            group.stats(value).add(evaluation)
+
+    def _move(self, moved: Moved) -> None:
+        """The evaluations held for a timed-out call, now answered, go under its answer's value."""
+        groups = self._values.get(moved.start)
+        if not groups:
+            return
+        call = call_dimensions(moved.dimensions)
+        answers = {
+            dimension: value
+            for dimension, value in zip(call.names, call.values, strict=True)
+            if from_response(dimension)
+        }
+        for (key, _, dimension), group in groups.items():
+            if key != moved.key or dimension not in answers:
+                continue
+            held = group.held.pop(moved.request_id, None)
+            if held:
+                stats = group.stats(answers[dimension])
+                for evaluation in held:
+                    stats.add(evaluation)
+                group.placed += len(held)
+                group.unsent = True
+                self._unsent.add(moved.start)
+
+    def on_time(self, now: float) -> list[EvaluationEmission | EvaluationDimensionEmission]:
         """Rows due now (their window's end + grace passed, with evaluations not emitted);
         forgets windows past their end + the lateness of evaluations."""
         event_time = self.watermark.current(now)
         self._offset = now - event_time
         window = self.window
-        out: list[EvaluationEmission] = []
+        out: list[EvaluationEmission | EvaluationDimensionEmission] = []
         for start in sorted(self._unsent):
             if start + window + self.grace > event_time:
                 break
             self._unsent.discard(start)
-            for (key, name), stats in self._rows[start].items():
+            rows = self._rows[start]
+            for (key, name), stats in rows.items():
                 if stats.unsent:
                     stats.unsent = False
                     out.append(emission(key, start, window, name, stats))
+            for (key, name, dimension), group in self._values.get(start, {}).items():
+                if group.unsent:
+                    group.unsent = False
+                    revision = rows[(key, name)].evaluations + group.placed
+                    out.append(
+                        dimension_emission(
+                            key, start, window, name, dimension, group, revision, self.value_limit
+                        )
+                    )
         for start in [start for start in self._rows if start + window + self.kept < event_time]:
             if start not in self._unsent:
                 del self._rows[start]
+                self._values.pop(start, None)
         return out
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        state.setdefault("_values", {})  # snapshots made before dimensions
+        state.setdefault("value_limit", DEFAULT_VALUES)
+        self.__dict__.update(state)
 
     def next_wakeup(self) -> float | None:
         """Wall-clock Unix seconds at which rows are due or a window is to be forgotten (as

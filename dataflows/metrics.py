@@ -21,6 +21,8 @@
             └▶ evaluation_windows (EvaluationWindows) ─┬▶ too_late ────────┤
                                                        └▶ rows             ▼
         Postgres llm_evaluation_metrics, then llm.evaluation-metrics   llm.deadletter
+        (rows per dimension value: llm_evaluation_dimension_windows,
+         then llm.evaluation-dimension-metrics)
 
 N is ``STATE_SHARDS`` (:mod:`dataflows.shards`). Items are batches, not events: a
 partition's poll is decoded once where it is read, the join takes the runs of
@@ -46,7 +48,7 @@ from bytewax.dataflow import Dataflow, Stream
 from dataflows import dimension_settings, observability, sinks, sources, stopping
 from dataflows import operators as ops
 from dataflows.batches import CallBatch, EventRun
-from dataflows.evaluations import CountedCalls, EvaluationEmission
+from dataflows.evaluations import CountedCalls, EvaluationDimensionEmission, EvaluationEmission
 from dataflows.pricing import PriceBook
 from dataflows.segments import PostgresSegments
 from dataflows.shards import DEFAULT, Shards
@@ -110,7 +112,7 @@ def build(settings: Settings) -> Dataflow:
     evaluation_outputs = op.key_rm("evaluation_outputs", op.stateful_batch(
         "evaluation_windows", matched.trues, ops.evaluation_window_builder(
             settings.window_seconds, settings.grace_seconds, settings.lateness_seconds,
-            settings.evaluation_lateness_seconds)))
+            settings.evaluation_lateness_seconds, settings.dimension_values)))
     evaluation_rows = op.branch("evaluation_rows", evaluation_outputs, _is_evaluation_row)
     op.output("evaluation_metrics", evaluation_rows.trues,
               sinks.EvaluationRowsSink(settings.postgres_dsn, settings.kafka_brokers))
@@ -156,8 +158,9 @@ def _is_matched_group(item: DeadLetter | ops.MatchedGroup) -> TypeGuard[ops.Matc
     return type(item) is tuple
 
 
-def _is_evaluation_row(item: EvaluationEmission | DeadLetter) -> TypeGuard[EvaluationEmission]:
-    return type(item) is EvaluationEmission
+def _is_evaluation_row(item: EvaluationEmission | EvaluationDimensionEmission | DeadLetter
+                       ) -> TypeGuard[EvaluationEmission | EvaluationDimensionEmission]:
+    return type(item) is not DeadLetter
 
 
 def _is_call_group(item: DeadLetter | tuple[str, CallBatch]) -> TypeGuard[tuple[str, CallBatch]]:

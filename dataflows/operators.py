@@ -25,7 +25,15 @@ from bytewax.operators import StatefulBatchLogic
 from dataflows.batches import CallBatch, EventRun
 from dataflows.clock import MAX_GAP, WorkingClock
 from dataflows.dimensions import DimensionPlan, StaticPlan
-from dataflows.evaluations import CountedCalls, EvaluationEmission, EvaluationJoin, EvaluationWindows, Matched
+from dataflows.evaluations import (
+    CountedCalls,
+    EvaluationDimensionEmission,
+    EvaluationEmission,
+    EvaluationJoin,
+    EvaluationWindows,
+    Matched,
+    Moved,
+)
 from dataflows.join import Call, JoinShard, call_into
 from dataflows.observability import BOARD, CALLS, SNAPSHOT_SECONDS
 from dataflows.remembered import SegmentStore
@@ -239,10 +247,11 @@ def window_builder(window_seconds: int, grace_seconds: int, lateness_seconds: in
 
 # The call directory's input: runs of evaluations, or calls the windows counted.
 DirectoryInput = list[EventRun] | CountedCalls
-# Its output: the evaluations that found their call, and dead letters.
-DirectoryOutput = tuple[list[Matched], list[DeadLetter]]
-# Evaluations for one window shard.
-MatchedGroup = tuple[str, list[Matched]]
+# Its output: the evaluations that found their call, with the answered timeouts whose
+# evaluations move (in the order they happened), and dead letters.
+DirectoryOutput = tuple[list[Matched | Moved], list[DeadLetter]]
+# Evaluations (and moves) for one window shard.
+MatchedGroup = tuple[str, list[Matched | Moved]]
 
 
 def route_counted(shards: Shards = DEFAULT) -> Callable[[list[CountedCalls]], list[tuple[str, CountedCalls]]]:
@@ -253,15 +262,12 @@ def route_counted(shards: Shards = DEFAULT) -> Callable[[list[CountedCalls]], li
         by_shard: dict[str, CountedCalls] = {}
         join_key = shards.join_key
         for counted in items:
-            for rid, key, start, at in zip(*counted, strict=True):
+            for rid, key, start, at, dimensions in zip(*counted, strict=True):
                 shard = join_key(rid)
                 into = by_shard.get(shard)
                 if into is None:
                     into = by_shard[shard] = CountedCalls.empty()
-                into.request_ids.append(rid)
-                into.keys.append(key)
-                into.starts.append(start)
-                into.times.append(at)
+                into.add(rid, key, start, at, dimensions)
         return list(by_shard.items())
 
     return route
@@ -274,7 +280,7 @@ def route_matched(shards: Shards = DEFAULT
 
     def route(items: list[tuple[str, DirectoryOutput]]) -> list[DeadLetter | MatchedGroup]:
         out: list[DeadLetter | MatchedGroup] = []
-        by_shard: dict[str, list[Matched]] = {}
+        by_shard: dict[str, list[Matched | Moved]] = {}
         for _, (matched, letters) in items:
             out.extend(letters)
             for item in matched:
@@ -295,7 +301,7 @@ class DirectoryLogic(StatefulBatchLogic[DirectoryInput, DirectoryOutput, bytes])
 
     def on_batch(self, values: list[DirectoryInput]) -> tuple[Iterable[DirectoryOutput], bool]:
         now = self.working()
-        found: list[Matched | DeadLetter] = []
+        found: list[Matched | Moved | DeadLetter] = []
         for value in values:
             if type(value) is CountedCalls:
                 found.extend(self.shard.on_counted(value, now))
@@ -309,10 +315,10 @@ class DirectoryLogic(StatefulBatchLogic[DirectoryInput, DirectoryOutput, bytes])
         return self._output(list(self.shard.on_time(self.working()))), StatefulBatchLogic.RETAIN
 
     @staticmethod
-    def _output(found: list[Matched | DeadLetter]) -> list[DirectoryOutput]:
+    def _output(found: list[Matched | Moved | DeadLetter]) -> list[DirectoryOutput]:
         if not found:
             return []
-        matched = [item for item in found if type(item) is Matched]
+        matched = [item for item in found if type(item) is not DeadLetter]
         letters = [item for item in found if type(item) is DeadLetter]
         return [(matched, letters)]
 
@@ -347,10 +353,10 @@ def directory_builder(window_seconds: int, grace_seconds: int, lateness_seconds:
     return build
 
 
-EvaluationOutput = EvaluationEmission | DeadLetter
+EvaluationOutput = EvaluationEmission | EvaluationDimensionEmission | DeadLetter
 
 
-class EvaluationWindowLogic(StatefulBatchLogic[list[Matched], EvaluationOutput, bytes]):
+class EvaluationWindowLogic(StatefulBatchLogic[list[Matched | Moved], EvaluationOutput, bytes]):
     """Drives one :class:`~dataflows.evaluations.EvaluationWindows`."""
 
     def __init__(self, shard: EvaluationWindows, clock: Callable[[], float] = time.time) -> None:
@@ -358,7 +364,7 @@ class EvaluationWindowLogic(StatefulBatchLogic[list[Matched], EvaluationOutput, 
         self.clock = clock
         self.working = WorkingClock(lambda: self.clock())
 
-    def on_batch(self, values: list[list[Matched]]) -> tuple[Iterable[EvaluationOutput], bool]:
+    def on_batch(self, values: list[list[Matched | Moved]]) -> tuple[Iterable[EvaluationOutput], bool]:
         now = self.working()
         out: list[EvaluationOutput] = []
         for matched in values:
@@ -377,14 +383,17 @@ class EvaluationWindowLogic(StatefulBatchLogic[list[Matched], EvaluationOutput, 
 
 
 def evaluation_window_builder(window_seconds: int, grace_seconds: int, lateness_seconds: int,
-                              evaluation_lateness_seconds: int
+                              evaluation_lateness_seconds: int, value_limit: int = DEFAULT_VALUES
                               ) -> Callable[[bytes | None], EvaluationWindowLogic]:
-    """A builder for the evaluation windows' :func:`bytewax.operators.stateful_batch`."""
+    """A builder for the evaluation windows' :func:`bytewax.operators.stateful_batch`, keeping
+    ``value_limit`` values a window, key, name and dimension."""
 
     def build(resume: bytes | None) -> EvaluationWindowLogic:
         if resume is None:
             return EvaluationWindowLogic(EvaluationWindows(
-                window_seconds, grace_seconds, lateness_seconds, evaluation_lateness_seconds))
-        return EvaluationWindowLogic(pickle.loads(resume))
+                window_seconds, grace_seconds, lateness_seconds, evaluation_lateness_seconds, value_limit))
+        shard = pickle.loads(resume)
+        shard.value_limit = value_limit
+        return EvaluationWindowLogic(shard)
 
     return build

@@ -51,11 +51,12 @@ from dataflows.aggregate import (
 from dataflows.batches import CallBatch
 from dataflows.clock import Watermark
 from dataflows.dimensions import DimensionPlan, StaticPlan, Value, from_response, ranked, reader
-from dataflows.evaluations import CountedCalls
+from dataflows.evaluations import ANSWERED, COUNTED, TIMED_OUT, CountedCalls, dimension_text
 from dataflows.join import WAKEUP_MARGIN, Call, call_at, call_to_json
 from dataflows.shards import WindowKey
 from schemas.deadletter import DeadLetter, Reason
 from schemas.dimensions import DEFAULT_VALUES, MAX_DIMENSIONS, OTHER
+from schemas.events import LLMRequest, LLMResponse
 from schemas.metrics import VALUE_STATISTICS, DimensionRows, MetricsRow
 
 
@@ -184,11 +185,12 @@ class WindowShard:
         key = (request.tenant_id, request.route, request.model)
         state = self._taking(start, key, 1)
         state.add(call)
-        if self.counted is not None and not call.replaces_timeout:
-            self.counted.request_ids.append(request.request_id)
-            self.counted.keys.append(key)
-            self.counted.starts.append(start)
-            self.counted.times.append(event_time)
+        if self.counted is not None:
+            dimensions = counted_dimensions(
+                state.dimensions, call.request, call.response, call.replaces_timeout
+            )
+            if dimensions is not None:
+                self.counted.add(request.request_id, key, start, event_time, dimensions)
         if state.dimensions:
             add_call_values(self._table(start), key, state.dimensions, call)
         return []
@@ -271,8 +273,6 @@ class WindowShard:
             np.int64,
             len(indexes),
         )
-        if self.counted is not None:
-            _note_counted(self.counted, calls, indexes, numbers.tolist(), list(groups))
         columns, latency = call_columns(calls, indexes)
         order = np.argsort(numbers, kind="stable")
         sorted_numbers = numbers[order]
@@ -296,6 +296,8 @@ class WindowShard:
                 answered_latency[answered_bounds[number] : answered_bounds[number + 1]],
             )
             windows.append(state)
+        if self.counted is not None:
+            _note_counted(self.counted, calls, indexes, numbers.tolist(), list(groups), windows)
         if any(state.dimensions for state in windows):
             _add_values(
                 calls,
@@ -464,18 +466,45 @@ def _note_counted(
     indexes: list[int],
     numbers: list[int],
     groups: list[tuple[int, WindowKey]],
+    windows: list[_Window],
 ) -> None:
-    """Add the calls at ``indexes`` (of windows ``groups[numbers[i]]``) to ``counted``; an
-    answered call replacing its timeout was noted as the timeout already."""
-    requests, replaces, completed = calls.requests, calls.replaces, calls.completed
-    rids, keys, starts, times = counted.request_ids, counted.keys, counted.starts, counted.times
+    """Add the calls at ``indexes`` (of windows ``groups[numbers[i]]``, ``windows[numbers[i]]``)
+    to ``counted``, as :func:`counted_dimensions` says."""
+    requests, responses, replaces, completed = (
+        calls.requests,
+        calls.responses,
+        calls.replaces,
+        calls.completed,
+    )
     for index, number in zip(indexes, numbers, strict=True):
-        if not replaces[index]:
+        request = requests[index]
+        dimensions = counted_dimensions(
+            windows[number].dimensions, request, responses[index], replaces[index]
+        )
+        if dimensions is not None:
             start, key = groups[number]
-            rids.append(requests[index].request_id)
-            keys.append(key)
-            starts.append(start)
-            times.append(completed[index])
+            counted.add(request.request_id, key, start, completed[index], dimensions)
+
+
+def counted_dimensions(
+    names: tuple[str, ...], request: LLMRequest, response: LLMResponse | None, replaces_timeout: bool
+) -> str | None:
+    """What the call directory is told of a counted call: its values of its window's
+    dimensions ``names`` (:func:`~dataflows.evaluations.dimension_text`). An answered call
+    replacing its timeout was told as the timeout already: None, unless a dimension read
+    from the response gave the answer a value, which moves it (ANSWERED)."""
+    if replaces_timeout:
+        if not any(from_response(name) for name in names):
+            return None
+        values = [reader(name)(request, response) for name in names]
+        moved = any(
+            value is not None for name, value in zip(names, values, strict=True) if from_response(name)
+        )
+        return dimension_text(ANSWERED, names, values) if moved else None
+    if not names:
+        return ""
+    values = [reader(name)(request, response) for name in names]
+    return dimension_text(COUNTED if response is not None else TIMED_OUT, names, values)
 
 
 def _dimension_emission(

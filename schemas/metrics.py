@@ -159,3 +159,34 @@ class EvaluationRow(Struct, kw_only=True):
         return (
             f"{self.tenant_id}|{self.route}|{self.model}|{self.window_start.isoformat()}|{self.name}"
         ).encode()
+
+
+class EvaluationDimensionRow(EvaluationRow, kw_only=True):
+    """An evaluation row of the calls of one value of one of the window's dimensions (SPEC §8,
+    §9): ``value`` null for calls without one, ``"(other)"`` for the values merged beyond
+    the ``DIMENSION_VALUES`` most evaluated. ``revision`` is that of the dimension's rows."""
+
+    dimension: str
+    value: str | None
+
+
+class EvaluationDimensionRows(Struct, kw_only=True):
+    """The ``llm.evaluation-dimension-metrics`` record of one window, key, evaluation name and
+    dimension: its rows, one per value. A revision replaces them whole."""
+
+    tenant_id: str
+    route: str
+    model: str
+    window_start: datetime
+    window_end: datetime
+    name: str
+    dimension: str
+    revision: int
+    rows: list[EvaluationDimensionRow]
+
+    def kafka_key(self) -> bytes:
+        """``tenant|route|model|window_start|name|dimension``."""
+        return (
+            f"{self.tenant_id}|{self.route}|{self.model}|{self.window_start.isoformat()}|"
+            f"{self.name}|{self.dimension}"
+        ).encode()

@@ -62,6 +62,7 @@ from hypothesis import strategies as st
 from dataflows.aggregate import EXACT_UP_TO
 from dataflows.batches import CallBatch, SourceRef, decode_one, decode_run, invalid
 from dataflows.dimensions import StaticPlan
+from dataflows.evaluations import ANSWERED, CountedCalls
 from dataflows.join import Call, JoinShard, call_into
 from dataflows.operators import route_to_windows
 from dataflows.pricing import PriceBook
@@ -495,7 +496,19 @@ class Engine:
         shard = self.windows.get(name)
         if shard is None:
             shard = self.windows[name] = self.config.windows()
+            shard.counted = CountedCalls.empty()
         return shard
+
+    def taken_counted(self) -> Counter[tuple[Any, ...]]:
+        """The calls the window shards told the call directory of since the last time, with
+        their dimension values (the event time each was known at is the engines' own)."""
+        told: Counter[tuple[Any, ...]] = Counter()
+        for shard in self.windows.values():
+            assert shard.counted is not None
+            rids, keys, starts, _, dimensions = shard.counted
+            told.update(zip(rids, keys, starts, dimensions, strict=True))
+            shard.counted = CountedCalls.empty()
+        return told
 
     def new_join(self) -> JoinShard:
         return self.config.join()
@@ -535,6 +548,7 @@ class Engine:
                 shard = pickle.loads(data)
                 assert isinstance(shard, WindowShard)
                 shard.attach(PLAN)
+                shard.counted = CountedCalls.empty()
                 self.windows[name] = shard
         self.touched = set()
         self.paths["restored"] += 1
@@ -745,6 +759,7 @@ class Run(NamedTuple):
     letters: set[LetterId]
     steps: list[tuple[int, Counter[bytes], Counter[LetterId]]]  # each step's emissions
     counters: tuple[int, int]
+    told: list[Counter[tuple[Any, ...]]]  # each step's calls told to the call directory
 
 
 def run(engine: Engine, schedule: list[Action]) -> Run:
@@ -752,6 +767,7 @@ def run(engine: Engine, schedule: list[Action]) -> Run:
     dimension_rows: dict[tuple[RowKey, str], dict[str, Any]] = {}
     letters: set[LetterId] = set()
     steps: list[tuple[int, Counter[bytes], Counter[LetterId]]] = []
+    told: list[Counter[tuple[Any, ...]]] = []
     for number, action in enumerate(schedule):
         if isinstance(action, Commit):
             engine.commit()
@@ -774,6 +790,7 @@ def run(engine: Engine, schedule: list[Action]) -> Run:
                         "latency_digest": emitted.latency_digest,
                     }
             letters.update(letter_id(letter) for letter in found)
+            told.append(engine.taken_counted())
             steps.append(
                 (
                     number,
@@ -781,7 +798,7 @@ def run(engine: Engine, schedule: list[Action]) -> Run:
                     Counter(letter_id(letter) for letter in found),
                 )
             )
-    return Run(final, dimension_rows, letters, steps, engine.counters())
+    return Run(final, dimension_rows, letters, steps, engine.counters(), told)
 
 
 def compare(stream: Stream, schedule: list[Action]) -> Counter[str]:
@@ -797,14 +814,26 @@ def compare(stream: Stream, schedule: list[Action]) -> Counter[str]:
     for (number, rows, letters), (_, want_rows, want_letters) in zip(got.steps, expected.steps, strict=True):
         assert (rows, letters) == (want_rows, want_letters), f"emissions differ at action {number}"
     assert got.counters == expected.counters, "repeats ignored / cache reads clamped differ"
+    assert got.told == expected.told, "calls told to the call directory differ"
     paths = reference.paths + batch.paths
+    if any(told[3][1:2] == ANSWERED for step in expected.told for told in step):
+        paths["answer told to move its evaluations"] += 1
     if batch.store.saved:
         paths["segments saved"] += 1
     return paths
 
 
-SUMMED = ("requests", "errors", "timeouts", "prompt_tokens", "completion_tokens", "cache_read_tokens",
-          "reasoning_tokens", "unpriced_requests", "ttft_count")
+SUMMED = (
+    "requests",
+    "errors",
+    "timeouts",
+    "prompt_tokens",
+    "completion_tokens",
+    "cache_read_tokens",
+    "reasoning_tokens",
+    "unpriced_requests",
+    "ttft_count",
+)
 
 
 def check_dimensions_add_up(run: Run) -> None:
@@ -851,6 +880,7 @@ EXPECTED_PATHS = {
     "invalid: no value",
     "invalid: too far ahead",
     "row revised",
+    "answer told to move its evaluations",
     "restored",
     "segments saved",
     "segments read back",
@@ -867,10 +897,16 @@ def _request(rid: str, seconds: float) -> bytes:
     )
 
 
-def _response(rid: str, seconds: float, tenant_id: str = KEYS[0][0]) -> bytes:
+def _response(
+    rid: str, seconds: float, tenant_id: str = KEYS[0][0], finish_reason: str | None = None
+) -> bytes:
     return encoder.encode(
         LLMResponse(
-            request_id=rid, tenant_id=tenant_id, timestamp=at(round(seconds * 8)), completion_tokens=5
+            request_id=rid,
+            tenant_id=tenant_id,
+            timestamp=at(round(seconds * 8)),
+            completion_tokens=5,
+            finish_reason=finish_reason,
         )
     )
 
@@ -901,7 +937,7 @@ def test_every_path_in_one_scripted_stream() -> None:
     records[REQUESTS, 1] += [_request("ancient", -100)]
     records[RESPONSES, 1] += [_response("ancient", -99.5)]
     # A partition read late.
-    records[RESPONSES, 2] += [_response("converted", 6), _response("too-late", 7)]
+    records[RESPONSES, 2] += [_response("converted", 6, finish_reason="stop"), _response("too-late", 7)]
     first = ((REQUESTS, 0), 0, 8), ((RESPONSES, 0), 0, 5)
     ancient = ((REQUESTS, 1), 0, 1), ((RESPONSES, 1), 0, 1)
     late = ((RESPONSES, 2), 0, 1), ((RESPONSES, 2), 1, 2)
