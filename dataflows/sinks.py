@@ -36,13 +36,25 @@ from psycopg.pq import Format
 from psycopg.types.json import Jsonb
 
 from dataflows import binary_arrays
-from dataflows.evaluations import EvaluationEmission
+from dataflows.evaluations import EvaluationDimensionEmission, EvaluationEmission
 from dataflows.observability import DEAD_LETTERS, DIMENSION_ROWS, EVALUATION_ROWS, ROWS_STALE, ROWS_WRITTEN
 from dataflows.stopping import STOPPING
 from dataflows.windows import DimensionEmission, WindowRow
 from schemas.deadletter import KEY_MAX_BYTES, MESSAGE_MAX_BYTES, DeadLetter, encode_bounded
-from schemas.metrics import FLOAT_STATISTICS, ROW_FIELDS, VALUE_STATISTICS, row_encoder
-from schemas.topics import DEADLETTER, DIMENSION_METRICS, EVALUATION_METRICS, METRICS
+from schemas.metrics import (
+    FLOAT_STATISTICS,
+    ROW_FIELDS,
+    VALUE_STATISTICS,
+    EvaluationDimensionRows,
+    row_encoder,
+)
+from schemas.topics import (
+    DEADLETTER,
+    DIMENSION_METRICS,
+    EVALUATION_DIMENSION_METRICS,
+    EVALUATION_METRICS,
+    METRICS,
+)
 
 logger = logging.getLogger("streamlens.dataflow")
 
@@ -175,7 +187,7 @@ def latest_per_window(rows: list[WindowRow]) -> list[WindowRow]:
 
 
 # A window's emission or an evaluation row's: each has a row with a revision.
-_Emission = TypeVar("_Emission", WindowRow, EvaluationEmission)
+_Emission = TypeVar("_Emission", WindowRow, EvaluationEmission, EvaluationDimensionEmission)
 
 
 def _latest(items: list[_Emission], key_of: Callable[[Any], tuple[Any, ...]]) -> list[_Emission]:
@@ -193,6 +205,8 @@ def _latest(items: list[_Emission], key_of: Callable[[Any], tuple[Any, ...]]) ->
 def taken_rows(cursor: psycopg.Cursor[Any], sql: str, params: list[tuple[Any, ...]]) -> list[bool]:
     """Run ``sql`` (an upsert ``RETURNING 1`` when its revision guard lets it write) once per
     parameter tuple, pipelined; which ones Postgres took."""
+    if not params:
+        return []
     cursor.executemany(sql, params, returning=True)
     taken = []
     while True:
@@ -483,33 +497,97 @@ def latest_evaluations(items: list[EvaluationEmission]) -> list[EvaluationEmissi
     return _latest(items, lambda row: (row.tenant_id, row.route, row.model, row.window_start, row.name))
 
 
-class _EvaluationRowsPartition(StatelessSinkPartition[EvaluationEmission]):
+# Evaluation rows per dimension value, packed (schemas/evaluations.sql), each dimension's
+# rows judged by their own revision.
+EVALUATION_DIMENSION_COLUMNS: tuple[str, ...] = (
+    "tenant_id", "route", "model", "window_start", "window_end", "name", "dimension", "revision",
+    "values", "evaluations", "scores", "score_sum", "score_avg", "score_min", "score_max", "score_p50",
+    "score_p90", "labels", "score_digest")
+_EVALUATION_DIMENSION_KEY = ("tenant_id", "dimension", "window_start", "route", "model", "name")
+_EVALUATION_DIMENSION_TYPES = {
+    "values": "text[]", "evaluations": "bigint[]", "scores": "bigint[]", "labels": "jsonb",
+    "score_digest": "bytea[]", **{column: "double precision[]" for column in (
+        "score_sum", "score_avg", "score_min", "score_max", "score_p50", "score_p90")}}
+UPSERT_EVALUATION_DIMENSIONS_SQL = (
+    "INSERT INTO llm_evaluation_dimension_windows "
+    f"({', '.join(_quoted(column) for column in EVALUATION_DIMENSION_COLUMNS)}, updated_at) VALUES ("
+    + ", ".join(f"%s::{_EVALUATION_DIMENSION_TYPES[column]}" if column in _EVALUATION_DIMENSION_TYPES
+                else "%s" for column in EVALUATION_DIMENSION_COLUMNS)
+    + f", now()) ON CONFLICT ({', '.join(_EVALUATION_DIMENSION_KEY)}) DO UPDATE SET "
+    + ", ".join(f"{_quoted(column)} = EXCLUDED.{_quoted(column)}" for column in EVALUATION_DIMENSION_COLUMNS
+                if column not in _EVALUATION_DIMENSION_KEY)
+    + ", updated_at = EXCLUDED.updated_at "
+    "WHERE llm_evaluation_dimension_windows.revision <= EXCLUDED.revision RETURNING 1"
+)
+
+
+def evaluation_dimension_values(item: EvaluationDimensionEmission) -> tuple[Any, ...]:
+    rows, first = item.rows, item.row
+    return (first.tenant_id, first.route, first.model, first.window_start, first.window_end, first.name,
+            first.dimension, first.revision, [row.value for row in rows], [row.evaluations for row in rows],
+            [row.scores for row in rows], item.score_sums, [row.score_avg for row in rows],
+            [row.score_min for row in rows], [row.score_max for row in rows], [row.score_p50 for row in rows],
+            [row.score_p90 for row in rows], Jsonb([row.labels for row in rows]), item.digests)
+
+
+def evaluation_dimension_message(item: EvaluationDimensionEmission) -> KafkaSinkMessage[bytes | None, bytes]:
+    """The ``llm.evaluation-dimension-metrics`` record of one dimension's rows."""
+    first = item.row
+    record = EvaluationDimensionRows(
+        tenant_id=first.tenant_id, route=first.route or "", model=first.model or "",
+        window_start=first.window_start, window_end=first.window_end, name=first.name,
+        dimension=first.dimension, revision=first.revision, rows=item.rows)
+    return KafkaSinkMessage(key=record.kafka_key(), value=row_encoder.encode(record))
+
+
+def latest_evaluation_dimensions(items: list[EvaluationDimensionEmission]
+                                 ) -> list[EvaluationDimensionEmission]:
+    """One emission per window, key, name and dimension: the highest revision."""
+    return _latest(items, lambda row: (row.tenant_id, row.route, row.model, row.window_start, row.name,
+                                       row.dimension))
+
+
+class _EvaluationRowsPartition(StatelessSinkPartition[EvaluationEmission | EvaluationDimensionEmission]):
     def __init__(self, dsn: str, brokers: str) -> None:
         self._postgres = PostgresWriter(dsn, "postgres (evaluation rows)")
         self._topic = KafkaWriter(brokers, EVALUATION_METRICS)
+        self._dimensions = KafkaWriter(brokers, EVALUATION_DIMENSION_METRICS)
 
-    def write_batch(self, items: list[EvaluationEmission]) -> None:
+    def write_batch(self, items: list[EvaluationEmission | EvaluationDimensionEmission]) -> None:
         if not items:
             return
-        latest = latest_evaluations(items)
+        latest = latest_evaluations([item for item in items if type(item) is EvaluationEmission])
+        per_value = latest_evaluation_dimensions(
+            [item for item in items if type(item) is EvaluationDimensionEmission])
         params = [evaluation_values(item) for item in latest]
-        taken = self._postgres.in_transaction(
-            lambda cursor: taken_rows(cursor, UPSERT_EVALUATIONS_SQL, params)
-        )
+        value_params = [evaluation_dimension_values(item) for item in per_value]
+
+        def upsert(cursor: psycopg.Cursor[Any]) -> tuple[list[bool], list[bool]]:
+            return (taken_rows(cursor, UPSERT_EVALUATIONS_SQL, params),
+                    taken_rows(cursor, UPSERT_EVALUATION_DIMENSIONS_SQL, value_params))
+
+        taken, values_taken = self._postgres.in_transaction(upsert)
         EVALUATION_ROWS.inc(sum(taken))
         self._topic.write([
             KafkaSinkMessage(key=item.row.kafka_key(), value=row_encoder.encode(item.row))
             for item, took in zip(latest, taken, strict=True) if took
         ])
+        dimension_messages = [evaluation_dimension_message(item)
+                              for item, took in zip(per_value, values_taken, strict=True) if took]
+        if dimension_messages:
+            self._dimensions.write(dimension_messages)
 
     def close(self) -> None:
         self._postgres.close()
         self._topic.close()
+        self._dimensions.close()
 
 
-class EvaluationRowsSink(DynamicSink[EvaluationEmission]):
-    """Upserts evaluation rows into ``llm_evaluation_metrics``, then publishes the ones
-    Postgres took to ``llm.evaluation-metrics``, as :class:`RowsSink` does with windows."""
+class EvaluationRowsSink(DynamicSink[EvaluationEmission | EvaluationDimensionEmission]):
+    """Upserts evaluation rows into ``llm_evaluation_metrics`` (and their rows per dimension
+    value into ``llm_evaluation_dimension_windows``), then publishes the ones Postgres took
+    to ``llm.evaluation-metrics`` (``llm.evaluation-dimension-metrics``), as :class:`RowsSink`
+    does with windows."""
 
     def __init__(self, dsn: str, brokers: str) -> None:
         self._dsn = dsn

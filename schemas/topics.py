@@ -16,6 +16,8 @@ DIMENSION_METRICS = "llm.dimension-metrics"
 EVALUATIONS = "llm.evaluations"
 # Their rows per window, key and evaluation name (SPEC §9).
 EVALUATION_METRICS = "llm.evaluation-metrics"
+# And per dimension value (SPEC §8): one record per window, key, name and dimension.
+EVALUATION_DIMENSION_METRICS = "llm.evaluation-dimension-metrics"
 ALL_TOPICS: tuple[str, ...] = (
     REQUESTS,
     RESPONSES,
@@ -23,6 +25,7 @@ ALL_TOPICS: tuple[str, ...] = (
     METRICS,
     DIMENSION_METRICS,
     EVALUATION_METRICS,
+    EVALUATION_DIMENSION_METRICS,
     DEADLETTER,
 )
 

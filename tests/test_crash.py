@@ -31,7 +31,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from deploy.stack import Broker
-from schemas.topics import EVALUATION_METRICS, EVALUATIONS
+from schemas.topics import EVALUATION_DIMENSION_METRICS, EVALUATION_METRICS, EVALUATIONS
 from tests import dataflow_harness as h
 from tests.test_ingestion import ServerThread
 
@@ -158,17 +158,19 @@ def _evaluations(rng: random.Random, counted: list[h.Counted], now: float) -> Ev
     return out
 
 
-def check_evaluation_rows(actual: dict[tuple[str, str, str, float, str], dict[str, Any]],
-                          expected: dict[tuple[str, str, str, float, str], list[dict[str, Any]]]) -> None:
+def check_evaluation_rows(actual: dict[tuple[Any, ...], dict[str, Any]],
+                          expected: dict[tuple[Any, ...], list[dict[str, Any]]],
+                          revisions: dict[tuple[Any, ...], int] | None = None) -> None:
     """Rows (Postgres columns or llm.evaluation-metrics fields) against the evaluations
-    each must hold."""
+    each must hold (and the revision each must have, when known: by default their count)."""
     assert set(actual) == set(expected), (set(actual) ^ set(expected))
     for key, evaluations in expected.items():
         row = actual[key]
         scores = sorted(e["score"] for e in evaluations if "score" in e)
         labels = Counter(e["label"] for e in evaluations if "label" in e)
+        revision = len(evaluations) if revisions is None else revisions.get(key, row["revision"])
         assert (row["evaluations"], row["scores"], row["revision"]) == (
-            len(evaluations), len(scores), len(evaluations)), key
+            len(evaluations), len(scores), revision), key
         assert row["labels"] == dict(labels), key
         if not scores:
             assert row["score_avg"] is None and row["score_p50"] is None, key
@@ -206,6 +208,65 @@ def latest_evaluation_metrics(brokers: str) -> dict[tuple[str, str, str, float, 
         assert found not in latest or latest[found]["revision"] <= row["revision"], found
         latest[found] = row
     return latest
+
+
+ValueRows = dict[tuple[Any, ...], list[dict[str, Any]]]
+
+
+def expected_evaluation_values(judged: Evaluations, counted: list[h.Counted],
+                               names: Callable[[str, float], tuple[str, ...]], limit: int
+                               ) -> tuple[ValueRows, dict[tuple[Any, ...], int]]:
+    """The evaluation rows per dimension value (SPEC §8, §9): per row and dimension of its
+    tenant at the window's start, the evaluations of each value's calls (a call's value as
+    its rows have it), the ``limit`` most evaluated apart and the rest under "(other)"; and
+    the revisions known in advance (a dimension read from the requests: the row's count;
+    under finish_reason a timed-out call answered later adds its evaluations once more)."""
+    calls = {call.request["request_id"]: call for call in counted}
+    rows: ValueRows = {}
+    revisions: dict[tuple[Any, ...], int] = {}
+    for (tenant, route, model, start, name), evaluations in judged.rows.items():
+        for dimension in names(tenant, start):
+            by_value: dict[str | None, list[dict[str, Any]]] = {}
+            for evaluation in evaluations:
+                value = h.dimension_value(dimension, calls[evaluation["request_id"]])
+                by_value.setdefault(value, []).append(evaluation)
+            ranked = sorted((v for v in by_value if v != h.OTHER),
+                            key=lambda v: (-len(by_value[v]), v is not None, v or ""))
+            kept = {value: by_value[value] for value in ranked[:limit]}
+            rest = [e for value in ranked[limit:] for e in by_value[value]] + by_value.get(h.OTHER, [])
+            if rest:
+                kept[h.OTHER] = rest
+            for value, members in kept.items():
+                key = (tenant, route, model, start, name, dimension, value)
+                rows[key] = members
+                if dimension != "finish_reason":
+                    revisions[key] = len(evaluations)
+    return rows, revisions
+
+
+def _evaluation_value_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (*_evaluation_key(row), row["dimension"], row["value"])
+
+
+def postgres_evaluation_values(dsn: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+    with psycopg.connect(dsn, row_factory=dict_row) as conn:
+        rows = conn.execute("SELECT * FROM llm_evaluation_dimension_metrics").fetchall()
+    return {_evaluation_value_key(row): row for row in rows}
+
+
+def latest_evaluation_values(brokers: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The rows of the highest revision of each window, key, name and dimension on
+    ``llm.evaluation-dimension-metrics``, written in order."""
+    latest: dict[bytes, dict[str, Any]] = {}
+    records = h.read_topic(brokers, EVALUATION_DIMENSION_METRICS)
+    for key, value, _, _ in sorted(records, key=lambda r: (r[2], r[3])):
+        record = json.loads(value)
+        start = datetime.fromisoformat(record["window_start"]).isoformat()
+        assert key == (f"{record['tenant_id']}|{record['route']}|{record['model']}|{start}|{record['name']}|"
+                       f"{record['dimension']}").encode()
+        assert key not in latest or latest[key]["revision"] <= record["revision"], key
+        latest[key] = record
+    return {_evaluation_value_key(row): row for record in latest.values() for row in record["rows"]}
 
 
 def evaluation_letters(brokers: str) -> Counter[str]:
@@ -272,11 +333,14 @@ class Dimensions:
 
 
 def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seconds: float,
-        seed: int, dimensions: Dimensions | None = None, evaluations: bool = False) -> CrashRun:
+        seed: int, dimensions: Dimensions | None = None, evaluations: bool = False,
+        join_timeout: int | None = None) -> CrashRun:
     """Post ``calls`` shuffled calls over ``posting_seconds`` while ``kills`` kill -9s land at
     moments drawn from ``seed``; wait for the rows and check every one of them (with
     ``dimensions``, their rows too; with ``evaluations``, evaluations of the calls, shuffled
-    among them, and their rows)."""
+    among them, and their rows). With ``join_timeout`` (JOIN_TIMEOUT_SECONDS), a few responses
+    come last, long after their requests: the join counts those calls as timeouts first,
+    then their answers replace them."""
     rng = random.Random(seed)
     now = time.time()
     events, counted = _calls(rng, now, calls)
@@ -290,9 +354,19 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
         events = [event for event in events if not event["request_id"].startswith("never-")]
         for event in orphans:
             events.insert(rng.randrange(len(events) // 2), event)
+    if join_timeout is not None:
+        # After every kill (the last batch comes after the last): the state that holds these
+        # calls' evaluations as timeouts' when their answers come is a resumed one.
+        late = [event for event in events if event["type"] == "response" and rng.random() < 0.04]
+        held = {id(event) for event in late}
+        events = [event for event in events if id(event) not in held] + late
     boundary = (now - 200) // WINDOW_SECONDS * WINDOW_SECONDS
     if dimensions is not None:
         dimensions.store(dsn, boundary)
+    values_wanted = None
+    if dimensions is not None and judged is not None:
+        values_wanted = expected_evaluation_values(judged, counted, dimensions.names(boundary),
+                                                   dimensions.values)
     batches = [events[i:i + BATCH] for i in range(0, len(events), BATCH)]
     # Moments while batches are still to come: the last one is due at this.
     last_due = posting_seconds * (len(batches) - 1) / len(batches)
@@ -303,6 +377,8 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
           f"kill -9 at {done.kills} s into the posting", flush=True)
 
     settings = {} if dimensions is None else dimensions.settings()
+    if join_timeout is not None:
+        settings["JOIN_TIMEOUT_SECONDS"] = str(join_timeout)
     if judged is not None:
         settings["EVALUATION_LATENESS_SECONDS"] = str(EVALUATION_LATENESS_SECONDS)
     processor = h.Processor(brokers, dsn, work / "recovery", h.write_prices(work / "prices.json"),
@@ -335,9 +411,16 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
                 if judged is None:
                     return True
                 scored = postgres_evaluation_rows(dsn)
-                return all(key in scored and scored[key]["revision"] >= len(wanted)
-                           for key, wanted in judged.rows.items()
-                           ) and evaluation_letters(brokers) == judged.letters
+                if not all(key in scored and scored[key]["revision"] >= len(wanted)
+                           for key, wanted in judged.rows.items()):
+                    return False
+                if values_wanted is not None:
+                    # A timed-out call answered late moves its evaluations after the last one.
+                    values = postgres_evaluation_values(dsn)
+                    if {key: row["evaluations"] for key, row in values.items()} != {
+                            key: len(members) for key, members in values_wanted[0].items()}:
+                        return False
+                return evaluation_letters(brokers) == judged.letters
 
             h.wait_for(final, 600, "the final rows", processor.check_alive)
             done.posting_seconds = posted - started
@@ -376,6 +459,11 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
         check_evaluation_rows(postgres_evaluation_rows(dsn), judged.rows)
         check_evaluation_rows(latest_evaluation_metrics(brokers), judged.rows)
         assert evaluation_letters(brokers) == judged.letters
+    if values_wanted is not None:
+        values, revisions = values_wanted
+        assert any(key[6] == h.OTHER for key in values) and any(key[6] is None for key in values)
+        check_evaluation_rows(postgres_evaluation_values(dsn), values, revisions)
+        check_evaluation_rows(latest_evaluation_values(brokers), values, revisions)
     return done
 
 
@@ -384,13 +472,16 @@ def test_kill_9_with_dimensions_gives_exact_dimension_rows(tmp_path: Path, broke
     """Three dimensions for every tenant (one of them from the responses, one with hundreds of
     values), one tenant switching to others at a recorded boundary, few values a window so
     that most windows merge some into "(other)": every dimension row, in Postgres and on
-    ``llm.dimension-metrics``, equals the test's own computation."""
+    ``llm.dimension-metrics``, equals the test's own computation; so does every evaluation
+    row per dimension value. A short join timeout and responses held back make timeouts
+    that their answers replace, moving the calls (and their evaluations) to their
+    ``finish_reason``."""
     seed = int(os.environ.get("STREAMLENS_CRASH_SEED", str(random.randrange(2**32))))
     dimensions = Dimensions(default=("metadata.country", "finish_reason", "user"), values=8,
                             tenant="globex", own=("metadata.experiment", "metadata.beta",
                                                   "metadata.shard", "metadata.country"))
     run(tmp_path, broker.address, postgres_dsn, CALLS // 2, KILLS, POSTING_SECONDS / 2, seed, dimensions,
-        evaluations=True)
+        evaluations=True, join_timeout=20)
 
 
 def test_kill_9_at_random_moments_gives_exact_rows(tmp_path: Path, broker: Broker,
