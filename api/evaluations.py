@@ -3,12 +3,16 @@
 The parameters are those of ``/v1/metrics`` (:func:`api.params.parse_query`) plus
 ``name``, one evaluation name. Rows come newest first, then by route, model and name.
 
+With ``dimension`` (and ``value``: one value, empty for the calls without one) the
+rows are those per value of one of the tenant's dimensions (SPEC §8), from the view
+``llm_evaluation_dimension_metrics``, each with ``dimension`` and ``value``, ordered
+as the main rows, then by value (null first).
+
 A roll-up (``bucket`` and/or ``group_by``) merges the windows of each bucket, route
-and model kept, and name: counts summed, the average weighted by how many scores
-each window holds (from their exact sums), minimum and maximum, the percentiles
-from the merged score digests, and the label counts added up, the 20 most frequent
-kept by name and the rest under ``"(other)"``. Evaluation rows are kept per window
-and key: ``dimension`` and ``value`` are refused with a 400 that says so.
+and model kept, name (and value): counts summed, the average weighted by how many
+scores each window holds (from their exact sums), minimum and maximum, the
+percentiles from the merged score digests, and the label counts added up, the 20 most
+frequent kept by name and the rest under ``"(other)"``.
 """
 
 from __future__ import annotations
@@ -25,19 +29,21 @@ import psycopg
 from api.params import PARAMETERS, InvalidParameter, MetricsQuery, parse_query
 from api.queries import Deadline, merge_digests
 from schemas.events import EVALUATION_NAME_MAX_CHARS
-from schemas.metrics import EvaluationRow, top_labels
+from schemas.metrics import EvaluationDimensionRow, EvaluationRow, top_labels
 
-EVALUATION_PARAMETERS = (*(name for name in PARAMETERS if name not in ("dimension", "value")), "name")
+EVALUATION_PARAMETERS = (*PARAMETERS, "name")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _COLUMNS = (
     "tenant_id, route, model, window_start, window_end, name, evaluations, scores, score_sum, "
     "score_avg, score_min, score_max, score_p50, score_p90, labels, score_digest, revision"
 )
+# Where a dimension's rows have their dimension and value, after the columns above.
+_DIMENSION_AT = 17
 
 
 class EvaluationsPage(msgspec.Struct):
-    evaluations: list[EvaluationRow]
+    evaluations: list[EvaluationRow]  # or EvaluationDimensionRow, with a dimension
     count: int
 
 
@@ -55,11 +61,6 @@ def parse_evaluation_query(params: Mapping[str, Sequence[str]]) -> EvaluationQue
         )
     rest = dict(params)
     names = rest.pop("name", None)
-    for refused in ("dimension", "value"):
-        if refused in rest:
-            raise InvalidParameter(
-                f"{refused}: evaluation rows are kept per window, key and name, not per dimension value"
-            )
     query = parse_query(rest)
     name = None
     if names:
@@ -89,13 +90,37 @@ def _where(asked: EvaluationQuery) -> tuple[str, dict[str, Any]]:
     if query.end is not None:
         conditions.append("window_start < %(end)s")
         values["end"] = query.end
+    if query.dimension is not None:
+        conditions.append("dimension = %(dimension)s")
+        values["dimension"] = query.dimension
+        if query.by_value:
+            conditions.append("value IS NOT DISTINCT FROM %(value)s")
+            values["value"] = query.value
     return " AND ".join(conditions), values
 
 
 _ORDER = 'ORDER BY window_start DESC, route COLLATE "C", model COLLATE "C", name COLLATE "C"'
+_VALUE_ORDER = ', value COLLATE "C" NULLS FIRST'
+
+
+def _select(asked: EvaluationQuery) -> str:
+    """The statement reading the rows asked for (the main rows', or a dimension's), ordered."""
+    where, _ = _where(asked)
+    if asked.query.dimension is None:
+        return f"SELECT {_COLUMNS} FROM llm_evaluation_metrics WHERE {where} {_ORDER}"
+    return (
+        f"SELECT {_COLUMNS}, dimension, value FROM llm_evaluation_dimension_metrics "
+        f"WHERE {where} {_ORDER}{_VALUE_ORDER}"
+    )
 
 
 def _row(record: Sequence[Any]) -> EvaluationRow:
+    if len(record) > _DIMENSION_AT:
+        return EvaluationDimensionRow(
+            **msgspec.structs.asdict(_row(record[:_DIMENSION_AT])),
+            dimension=record[_DIMENSION_AT],
+            value=record[_DIMENSION_AT + 1],
+        )
     (
         tenant_id,
         route,
@@ -139,37 +164,44 @@ async def fetch_evaluations(
 ) -> list[EvaluationRow]:
     """The rows ``asked`` for, within ``deadline``."""
     query = asked.query
-    where, values = _where(asked)
+    _, values = _where(asked)
     async with conn.transaction():
         await conn.execute(deadline.statement_timeout())
         if not query.is_rollup:
-            cursor = await conn.execute(
-                f"SELECT {_COLUMNS} FROM llm_evaluation_metrics WHERE {where} {_ORDER} LIMIT %(limit)s",
-                {**values, "limit": query.limit},
-            )
+            cursor = await conn.execute(f"{_select(asked)} LIMIT %(limit)s", {**values, "limit": query.limit})
             return [_row(record) for record in await cursor.fetchall()]
-        cursor = await conn.execute(
-            f"SELECT {_COLUMNS} FROM llm_evaluation_metrics WHERE {where} {_ORDER}", values
-        )
+        cursor = await conn.execute(_select(asked), values)
         return rolled_up(query, await cursor.fetchall())
 
 
 def rolled_up(query: MetricsQuery, records: Sequence[Sequence[Any]]) -> list[EvaluationRow]:
-    """Stored rows merged per bucket, kept route and model, and name; the newest ``limit``."""
+    """Stored rows merged per bucket, kept route and model, name (and a dimension's value);
+    the newest ``limit``."""
     size = query.bucket_seconds
     groups: dict[tuple[Any, ...], list[Sequence[Any]]] = {}
+    per_value = query.dimension is not None
     for record in records:
         start = record[3].timestamp()
         bucket = start if size is None else math.floor(start / size) * size
         route = record[1] if "route" in query.group_by else None
         model = record[2] if "model" in query.group_by else None
-        groups.setdefault((bucket, route, model, record[5]), []).append(record)
-    ordered = sorted(groups, key=lambda key: (-key[0], key[1] or "", key[2] or "", key[3]))
-    return [_merged(query, key, groups[key]) for key in ordered[: query.limit]]
+        value = record[_DIMENSION_AT + 1] if per_value else None
+        groups.setdefault((bucket, route, model, record[5], value), []).append(record)
+    ordered = sorted(
+        groups,
+        key=lambda key: (-key[0], key[1] or "", key[2] or "", key[3], key[4] is not None, key[4] or ""),
+    )
+    merged = [_merged(query, key, groups[key]) for key in ordered[: query.limit]]
+    if not per_value:
+        return merged
+    return [
+        EvaluationDimensionRow(**msgspec.structs.asdict(row), dimension=query.dimension, value=key[4])
+        for row, key in zip(merged, ordered[: query.limit], strict=True)
+    ]
 
 
 def _merged(query: MetricsQuery, key: tuple[Any, ...], records: list[Sequence[Any]]) -> EvaluationRow:
-    bucket, route, model, name = key
+    bucket, route, model, name, _ = key
     size = query.bucket_seconds
     start = datetime.fromtimestamp(bucket, UTC)
     end = max(record[4] for record in records) if size is None else datetime.fromtimestamp(bucket + size, UTC)

@@ -51,7 +51,7 @@ from schemas.database import ensure_schema
 from schemas.dimensions import VALUE_MAX_CHARS
 from schemas.events import EVALUATION_NAME_MAX_CHARS
 from schemas.logs import configure_logging
-from schemas.metrics import DimensionRow, EvaluationRow, MetricsRow
+from schemas.metrics import DimensionRow, EvaluationDimensionRow, EvaluationRow, MetricsRow
 from schemas.tenant_settings import changes_async
 
 logger = logging.getLogger("streamlens.metrics")
@@ -314,7 +314,8 @@ def openapi_document() -> dict[str, Any]:
     """The API's OpenAPI 3.1 description; the row schemas come from :class:`MetricsRow` and
     :class:`DimensionRow`."""
     _, components = msgspec.json.schema_components(
-        [MetricsRow, DimensionRow, EvaluationRow], ref_template="#/components/schemas/{name}"
+        [MetricsRow, DimensionRow, EvaluationRow, EvaluationDimensionRow],
+        ref_template="#/components/schemas/{name}",
     )
     row_ref = {"$ref": "#/components/schemas/MetricsRow"}
     dimension_row_ref = {"$ref": "#/components/schemas/DimensionRow"}
@@ -496,8 +497,8 @@ def openapi_document() -> dict[str, Any]:
 
 
 def _evaluations_path(metrics: dict[str, Any]) -> dict[str, Any]:
-    """``/v1/evaluations``: the parameters of ``/v1/metrics`` but a dimension's, plus ``name``."""
-    parameters = [p for p in metrics["parameters"] if p["name"] not in ("dimension", "value")]
+    """``/v1/evaluations``: the parameters of ``/v1/metrics``, plus ``name``."""
+    parameters = list(metrics["parameters"])
     parameters.append(
         {
             "name": "name",
@@ -511,13 +512,22 @@ def _evaluations_path(metrics: dict[str, Any]) -> dict[str, Any]:
         "type": "object",
         "required": ["evaluations", "count"],
         "properties": {
-            "evaluations": {"type": "array", "items": {"$ref": "#/components/schemas/EvaluationRow"}},
+            "evaluations": {
+                "type": "array",
+                "items": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/EvaluationRow"},
+                        {"$ref": "#/components/schemas/EvaluationDimensionRow"},
+                    ]
+                },
+            },
             "count": {"type": "integer"},
         },
     }
     responses = dict(metrics["responses"])
     responses["200"] = {
-        "description": "Rows newest first, then by route, model and name",
+        "description": "Rows newest first, then by route, model, name (and value, null first); "
+        "with `dimension`, one per value (`EvaluationDimensionRow`)",
         "content": {"application/json": {"schema": page}},
     }
     return {

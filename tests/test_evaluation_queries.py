@@ -21,8 +21,14 @@ from psycopg.types.json import Jsonb
 from starlette.testclient import TestClient
 
 from api.metrics import create_app
-from dataflows.sinks import UPSERT_EVALUATIONS_SQL
+from dataflows.evaluations import EvaluationStats, ValueStats, dimension_emission
+from dataflows.sinks import (
+    UPSERT_EVALUATION_DIMENSIONS_SQL,
+    UPSERT_EVALUATIONS_SQL,
+    evaluation_dimension_values,
+)
 from schemas.config import Settings
+from schemas.events import LLMEvaluation
 
 BASE = datetime(2026, 3, 2, 10, 0, tzinfo=UTC).timestamp()
 KEYS = (("acme", "/chat", "m-a"), ("acme", "/chat", "m-b"), ("acme", "/search", "m-a"))
@@ -167,7 +173,8 @@ def test_hourly_rollup_across_models_merges_scores_and_labels(
         ({"name": ""}, "name: must not be empty"),
         ({"name": "x" * 65}, "name: longer than 64"),
         ({"name": "a\x01"}, "name: contains a control character"),
-        ({"dimension": "user"}, "dimension: evaluation rows are kept per window"),
+        ({"dimension": "colour"}, "dimension: 'colour' is not a dimension"),
+        ({"value": "SE"}, "value: needs dimension"),
         ({"bucket": "2h"}, "bucket:"),
         ({"nmae": "judge"}, "nmae: unknown parameter"),
     ],
@@ -181,5 +188,106 @@ def test_bad_parameters_are_named(client: TestClient, params: dict[str, str], na
 def test_the_openapi_document_describes_it(client: TestClient) -> None:
     document = client.get("/openapi.json").json()
     parameters = {p["name"] for p in document["paths"]["/v1/evaluations"]["get"]["parameters"]}
-    assert "name" in parameters and "dimension" not in parameters
-    assert "EvaluationRow" in document["components"]["schemas"]
+    assert {"name", "dimension", "value"} <= parameters
+    assert {"EvaluationRow", "EvaluationDimensionRow"} <= set(document["components"]["schemas"])
+
+
+COUNTRIES = ("SE", "DE", None)
+
+
+def _write_values(
+    postgres_dsn: str,
+    key: tuple[str, str, str],
+    start: float,
+    name: str,
+    by_value: dict[Any, list[float]],
+    revision: int,
+) -> None:
+    """One window's rows of metadata.country for ``name``, written as the dataflow writes them."""
+    group = ValueStats()
+    for value, scores in by_value.items():
+        stats = group.values[value] = EvaluationStats()
+        for score in scores:
+            stats.add(
+                LLMEvaluation(
+                    request_id="r",
+                    tenant_id=key[0],
+                    name=name,
+                    timestamp=datetime.fromtimestamp(start, UTC),
+                    score=score,
+                )
+            )
+    emitted = dimension_emission(key, int(start), 60, name, "metadata.country", group, revision, 50)
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute(UPSERT_EVALUATION_DIMENSIONS_SQL, evaluation_dimension_values(emitted))
+
+
+@pytest.fixture
+def stored_values(postgres_dsn: str) -> dict[tuple[Any, ...], list[float]]:
+    """10 minutes of one key's judge scores by country (null: calls without one)."""
+    rng = random.Random(9)
+    stored: dict[tuple[Any, ...], list[float]] = {}
+    for minute in range(10):
+        start = BASE + 60 * minute
+        by_value = {
+            value: [round(rng.uniform(0, 1), 4) for _ in range(rng.randrange(1, 12))]
+            for value in COUNTRIES
+            if rng.random() < 0.8
+        }
+        _write_values(postgres_dsn, KEYS[0], start, "judge", by_value, sum(map(len, by_value.values())))
+        for value, scores in by_value.items():
+            stored[start, value] = scores
+    return stored
+
+
+def test_a_dimensions_rows_one_per_value_and_one_value_alone(
+    client: TestClient, stored_values: dict[tuple[Any, ...], list[float]]
+) -> None:
+    params = {"tenant_id": "acme", "name": "judge", "dimension": "metadata.country", "limit": 1000}
+    rows = client.get("/v1/evaluations", params=params).json()["evaluations"]
+    wanted = sorted(stored_values, key=lambda key: (-key[0], key[1] is not None, key[1] or ""))
+    assert [(datetime.fromisoformat(r["window_start"]).timestamp(), r["value"]) for r in rows] == wanted
+    for row, key in zip(rows, wanted, strict=True):
+        scores = stored_values[key]
+        assert row["dimension"] == "metadata.country"
+        assert (row["evaluations"], row["scores"]) == (len(scores), len(scores))
+        assert math.isclose(row["score_avg"], math.fsum(scores) / len(scores), rel_tol=1e-12)
+        assert (row["score_min"], row["score_max"]) == (min(scores), max(scores))
+    for value, asked in (("SE", "SE"), (None, "")):
+        alone = client.get("/v1/evaluations", params={**params, "value": asked}).json()["evaluations"]
+        assert [r["value"] for r in alone] == [value] * sum(1 for key in stored_values if key[1] == value)
+
+
+def test_a_dimensions_hourly_rollup_merges_each_value(
+    client: TestClient, stored_values: dict[tuple[Any, ...], list[float]]
+) -> None:
+    params = {"tenant_id": "acme", "dimension": "metadata.country", "bucket": "1h"}
+    rows = client.get("/v1/evaluations", params=params).json()["evaluations"]
+    merged: dict[Any, list[float]] = {}
+    for (_, value), scores in stored_values.items():
+        merged.setdefault(value, []).extend(scores)
+    assert [r["value"] for r in rows] == sorted(merged, key=lambda value: (value is not None, value or ""))
+    for row in rows:
+        scores = merged[row["value"]]
+        assert row["evaluations"] == len(scores) and (row["route"], row["model"]) == KEYS[0][1:]
+        assert math.isclose(row["score_avg"], math.fsum(scores) / len(scores), rel_tol=1e-12)
+        ordered = sorted(scores)
+        rank = 0.5 * (len(ordered) - 1)
+        assert ordered[max(0, math.floor(rank) - 1)] <= row["score_p50"] <= ordered[math.ceil(rank) + 1]
+
+
+def test_a_later_revision_replaces_a_dimensions_rows_whole(postgres_dsn: str, client: TestClient) -> None:
+    start = BASE + 3600
+    _write_values(postgres_dsn, KEYS[1], start, "judge", {"SE": [0.5], "DE": [0.25]}, 2)
+    _write_values(postgres_dsn, KEYS[1], start, "judge", {"SE": [0.5], "(other)": [0.25, 1.0]}, 3)
+    _write_values(postgres_dsn, KEYS[1], start, "judge", {"SE": [0.5]}, 1)  # a replay's older rows
+    params = {
+        "tenant_id": "acme",
+        "model": KEYS[1][2],
+        "dimension": "metadata.country",
+        "from": "2026-03-02T11:00:00Z",
+    }
+    answer = client.get("/v1/evaluations", params=params)
+    assert answer.status_code == 200, answer.text
+    rows = answer.json()["evaluations"]
+    assert [(r["value"], r["evaluations"], r["revision"]) for r in rows] == [("(other)", 2, 3), ("SE", 1, 3)]
