@@ -67,7 +67,14 @@ from confluent_kafka import Producer
 
 from dataflows import remembered as remembered_module
 from dataflows.batches import EventRun, SourceRef
-from dataflows.evaluations import CountedCalls, EvaluationJoin, EvaluationWindows, Matched
+from dataflows.evaluations import (
+    COUNTED,
+    CountedCalls,
+    EvaluationJoin,
+    EvaluationWindows,
+    Matched,
+    dimension_text,
+)
 from dataflows.remembered import SEAL_SECONDS
 from dataflows.shards import Shards, default_count
 from schemas.events import LLMEvaluation, encoder
@@ -102,6 +109,7 @@ MEMORY_KEYS = 1_000
 BATCH = 5_000  # calls per CountedCalls, about what a window shard counts per activation
 DAY = 86_400
 DAY_RATE = 100.0
+DIMENSIONS = ("metadata.country", "finish_reason")
 DAYS = 1.5
 
 
@@ -432,13 +440,24 @@ class _Feeder:
     the directory's event time, as the evaluations topic does. ``now`` stays 0: event
     time does not idle forward with the wall clock here."""
 
-    def __init__(self, join: EvaluationJoin, rate: float, keys: int, seed: int) -> None:
+    def __init__(
+        self, join: EvaluationJoin, rate: float, keys: int, seed: int, dimensions: bool = False
+    ) -> None:
         self.join = join
         self.rate = rate
         self.rng = random.Random(seed)
         self.keys = [(f"tenant-{n % 17}", f"/api/route-{n}", f"model-{n % 5}") for n in range(keys)]
         self.number = 0
         self.offset = 0
+        # With dimensions, each call has a country among 30 and a finish_reason among 3.
+        self.values = (
+            [
+                dimension_text(COUNTED, DIMENSIONS, [f"C{n % 30:02d}", ("stop", "length", None)[n // 30]])
+                for n in range(90)
+            ]
+            if dimensions
+            else [""]
+        )
 
     def batch(self, count: int) -> float:
         """Feed ``count`` calls; the event time reached."""
@@ -447,9 +466,13 @@ class _Feeder:
         rids = [f"1-{first + n:010d}-{rng.getrandbits(32):08x}" for n in range(count)]
         chosen = [keys[rng.randrange(len(keys))] for _ in range(count)]
         starts = [int(t // WINDOW_SECONDS) * WINDOW_SECONDS for t in times]
+        values = self.values
+        dimensions = [values[rng.randrange(len(values))] for _ in range(count)]
         self.number += count
         join = self.join
-        join.on_counted(CountedCalls(rids, chosen, starts, [float(start) for start in starts]), 0.0)
+        join.on_counted(
+            CountedCalls(rids, chosen, starts, [float(start) for start in starts], dimensions), 0.0
+        )
         at = times[-1] + 1.0
         evaluation = LLMEvaluation(
             request_id=rids[-1],
@@ -559,7 +582,9 @@ def memory_probe(calls: int, day_rate: float, days: float) -> dict[str, Any]:
         at = START + number * 2 * join.keep / batches
         start = int(at // WINDOW_SECONDS) * WINDOW_SECONDS
         rids = [f"q-{number}-{n}" for n in range(1000)]
-        join.on_counted(CountedCalls(rids, keys, [start] * 1000, [float(start)] * 1000), time.time())
+        join.on_counted(
+            CountedCalls(rids, keys, [start] * 1000, [float(start)] * 1000, [""] * 1000), time.time()
+        )
         join.on_time(time.time())
     out["quiet"] = {
         "batches": batches,
@@ -572,22 +597,33 @@ def memory_probe(calls: int, day_rate: float, days: float) -> dict[str, Any]:
     gc.collect()
 
     # The same as the first measurement, by tracemalloc (which numpy reports its arrays to),
-    # on fewer calls: tracing slows feeding several times over.
+    # on fewer calls: tracing slows feeding several times over. Then with two dimensions a
+    # call (a country among 30, a finish_reason among 3): each distinct text held once.
     traced = min(calls, TRACED_CALLS)
+    out["traced"] = _traced(traced, SEED + 2, dimensions=False)
+    out["traced_dimensions"] = _traced(traced, SEED + 3, dimensions=True)
+    return out
+
+
+def _traced(calls: int, seed: int, dimensions: bool) -> dict[str, int]:
+    """A directory fed ``calls`` calls and sealed, by tracemalloc: what it holds (and held
+    at the peak), and how many key (and values) texts."""
     join = _directory()
-    feeder = _Feeder(join, MEMORY_RATE, MEMORY_KEYS, SEED + 2)
+    feeder = _Feeder(join, MEMORY_RATE, MEMORY_KEYS, seed, dimensions)
     feeder.batch(1)
     join.seal()
     tracemalloc.start(1)
     before = tracemalloc.get_traced_memory()[0]
-    while feeder.number < traced + 1:
-        feeder.batch(min(BATCH, traced + 1 - feeder.number))
+    while feeder.number < calls + 1:
+        feeder.batch(min(BATCH, calls + 1 - feeder.number))
     join.seal()
     gc.collect()
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    out["traced"] = {"calls": join.remembered() - 1, "held": current - before, "peak": peak - before}
-    return out
+    texts = len(join._calls._tenants)
+    del join, feeder
+    gc.collect()
+    return {"calls": calls, "held": current - before, "peak": peak - before, "texts": texts}
 
 
 _PROBE = (
@@ -625,6 +661,12 @@ def memory(calls: int, day_rate: float, days: float) -> None:
         f"  tracemalloc, {traced['calls']:,} calls fed and sealed the same way: "
         f"{traced['held'] / traced['calls']:.1f} B a remembered call held, "
         f"{traced['peak'] / traced['calls']:.1f} B at the peak"
+    )
+    with_values = m["traced_dimensions"]
+    print(
+        f"  the same with two dimensions a call (30 countries × 3 finish reasons): "
+        f"{with_values['held'] / with_values['calls']:.1f} B a remembered call held, "
+        f"{with_values['texts']:,} distinct key-and-values texts held once each"
     )
     keep = m["keep"]
     live = traced["held"] / traced["calls"]
