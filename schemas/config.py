@@ -16,6 +16,7 @@ from msgspec import Struct
 
 from schemas.dimensions import DEFAULT_VALUES, InvalidDimension, parse_list
 from schemas.logs import LOG_FORMATS
+from schemas.webhooks import NOTHING_ALLOWED, AllowList, parse_allow
 
 DEFAULT_KAFKA_BROKERS = "127.0.0.1:9092"
 DEFAULT_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/streamlens"
@@ -53,6 +54,8 @@ class Settings(Struct, frozen=True, kw_only=True):
     dimension_values: int = DEFAULT_VALUES
     # How long after a call's window ended an evaluation of the call still counts (SPEC §9).
     evaluation_lateness_seconds: int = 86400
+    # Non-public hosts and networks alert webhooks may reach all the same (SPEC §10).
+    alert_webhook_allow: AllowList = NOTHING_ALLOWED
 
 
 def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], int], str]:
@@ -143,7 +146,16 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "DIMENSION_VALUES": ("dimension_values", *_integer(1, 10000)),
     "EVALUATION_LATENESS_SECONDS": ("evaluation_lateness_seconds", *_integer(0, 366 * 86400)),
+    "ALERT_WEBHOOK_ALLOW": (
+        "alert_webhook_allow",
+        parse_allow,
+        "comma-separated host names, addresses or CIDRs (such as 127.0.0.0/8)",
+    ),
 }
+
+
+# Variables whose parser says which item is wrong.
+_EXPLAINED = ("DIMENSIONS", "ALERT_WEBHOOK_ALLOW")
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
@@ -157,7 +169,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             values[field] = parse(raw)
         except (ValueError, KeyError) as error:
-            why = f" ({error})" if isinstance(error, ValueError) and variable == "DIMENSIONS" else ""
+            explained = isinstance(error, ValueError) and variable in _EXPLAINED
+            why = f" ({error})" if explained else ""
             raise ConfigError(f"invalid configuration: {variable}={raw!r}, expected {form}{why}") from None
     settings = Settings(**values)
     if settings.lateness_seconds < settings.join_timeout_seconds:
