@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api import tenants
+from api import alerts, tenants
 from api.auth import authenticate, forbidden_tenant, open_key_store
 from api.dashboard import routes as dashboard_routes
 from api.errors import error_response, http_error, server_error
@@ -493,6 +493,9 @@ def openapi_document() -> dict[str, Any]:
         },
     }
     document["paths"]["/v1/evaluations"] = _evaluations_path(document["paths"]["/v1/metrics"]["get"])
+    alert_paths, alert_schemas = alerts.openapi(error)
+    document["paths"] |= alert_paths
+    document["components"]["schemas"] |= alert_schemas
     return document
 
 
@@ -604,6 +607,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/ready", ready, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
             *tenants.ROUTES,
+            *alerts.ROUTES,
             metrics_route(observed),
             *dashboard_routes(),
         ],

@@ -131,7 +131,7 @@ async def _setting(request: Request) -> tuple[str, ...] | Response:
         return error_response(400, "invalid_body", f"{error} - at `$.dimensions`")
 
 
-async def _in_database(
+async def in_database(
     request: Request, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]
 ) -> _T | Response:
     """``work``'s result on one of the app's connections, bounded as ``/v1/metrics`` is;
@@ -182,7 +182,7 @@ async def get_dimensions(request: Request) -> Response:
     async def read(conn: psycopg.AsyncConnection[Any]) -> tuple[list[Change], DefaultSetting | None]:
         return await changes_async(conn, tenant_id), await latest_default_async(conn)
 
-    found = await _in_database(request, read)
+    found = await in_database(request, read)
     if isinstance(found, Response):
         return found
     return _answer(tenant_id, found, request)
@@ -207,7 +207,7 @@ async def put_dimensions(request: Request) -> Response:
         )
         return await changes_async(conn, tenant_id), await latest_default_async(conn)
 
-    found = await _in_database(request, store)
+    found = await in_database(request, store)
     if isinstance(found, Response):
         return found
     return _answer(tenant_id, found, request)

@@ -13,6 +13,7 @@ SCHEMA_FILES: tuple[str, ...] = (
     "join_segments.sql",
     "dimensions.sql",
     "evaluations.sql",
+    "alerts.sql",
 )
 SCHEMA_SQL: str = "\n".join(files("schemas").joinpath(name).read_text() for name in SCHEMA_FILES)
 

@@ -1,0 +1,109 @@
+"""Alert rules in Postgres (``alert_rules``, :mod:`schemas.alerts` for what a rule is).
+
+A rule is kept as the JSON of its :class:`~schemas.alerts.RuleBody` without the
+webhook secret, which has a column of its own: every read for the API leaves it
+out, and only the alert service, signing deliveries, reads it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg.types.json import Jsonb
+
+from schemas.alerts import AlertRule, RuleBody
+
+# Rules a tenant may keep: each is evaluated whenever a row it covers is written.
+MAX_RULES_PER_TENANT = 1_000
+
+_COLUMNS = "id, rule, webhook_secret IS NOT NULL, created_at, updated_at"
+
+
+class TooManyRules(Exception):
+    """The tenant already keeps :data:`MAX_RULES_PER_TENANT` rules."""
+
+
+def _stored_fields(body: RuleBody) -> dict[str, Any]:
+    fields = msgspec.to_builtins(body)
+    fields.pop("webhook_secret", None)
+    return fields
+
+
+def _answer(record: tuple[Any, ...]) -> AlertRule:
+    rule_id, fields, secret_set, created_at, updated_at = record
+    fields = dict(fields)
+    fields.setdefault("value", None)
+    return AlertRule(
+        id=rule_id, **fields, webhook_secret_set=secret_set, created_at=created_at, updated_at=updated_at
+    )
+
+
+def body_of(rule: AlertRule, secret: str | None) -> RuleBody:
+    """The body a stored rule was made from (for a ``PATCH`` to merge into)."""
+    fields = msgspec.to_builtins(rule)
+    for name in ("id", "webhook_secret_set", "created_at", "updated_at"):
+        fields.pop(name)
+    if fields["dimension"] is None:
+        fields.pop("value")
+    return msgspec.convert({**fields, "webhook_secret": secret}, RuleBody)
+
+
+async def create_rule(conn: psycopg.AsyncConnection[Any], body: RuleBody) -> AlertRule:
+    """Store a new rule; :class:`TooManyRules` when the tenant keeps the most it may."""
+    async with conn.transaction():
+        # One creation at a time per tenant, so that the count holds.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('alert_rules:' || %s))", (body.tenant_id,))
+        cursor = await conn.execute(
+            "SELECT count(*) FROM alert_rules WHERE tenant_id = %s", (body.tenant_id,)
+        )
+        found = await cursor.fetchone()
+        if found is not None and found[0] >= MAX_RULES_PER_TENANT:
+            raise TooManyRules
+        cursor = await conn.execute(
+            f"INSERT INTO alert_rules (id, tenant_id, rule, webhook_secret) VALUES (%s, %s, %s, %s) "
+            f"RETURNING {_COLUMNS}",
+            (str(uuid.uuid4()), body.tenant_id, Jsonb(_stored_fields(body)), body.webhook_secret),
+        )
+        record = await cursor.fetchone()
+    assert record is not None
+    return _answer(record)
+
+
+async def list_rules(conn: psycopg.AsyncConnection[Any], tenant_id: str) -> list[AlertRule]:
+    cursor = await conn.execute(
+        f"SELECT {_COLUMNS} FROM alert_rules WHERE tenant_id = %s ORDER BY created_at, id", (tenant_id,)
+    )
+    return [_answer(record) for record in await cursor.fetchall()]
+
+
+async def get_rule(conn: psycopg.AsyncConnection[Any], rule_id: str) -> tuple[AlertRule, str | None] | None:
+    """The rule and its secret, or None."""
+    cursor = await conn.execute(
+        f"SELECT {_COLUMNS}, webhook_secret FROM alert_rules WHERE id = %s", (rule_id,)
+    )
+    record = await cursor.fetchone()
+    if record is None:
+        return None
+    return _answer(record[:-1]), record[-1]
+
+
+async def update_rule(
+    conn: psycopg.AsyncConnection[Any], rule_id: str, body: RuleBody, now: datetime | None = None
+) -> AlertRule | None:
+    """Replace a rule's fields (its tenant stays); None when it is gone."""
+    cursor = await conn.execute(
+        f"UPDATE alert_rules SET rule = %s, webhook_secret = %s, updated_at = coalesce(%s, now()) "
+        f"WHERE id = %s AND tenant_id = %s RETURNING {_COLUMNS}",
+        (Jsonb(_stored_fields(body)), body.webhook_secret, now, rule_id, body.tenant_id),
+    )
+    record = await cursor.fetchone()
+    return None if record is None else _answer(record)
+
+
+async def delete_rule(conn: psycopg.AsyncConnection[Any], rule_id: str) -> bool:
+    cursor = await conn.execute("DELETE FROM alert_rules WHERE id = %s", (rule_id,))
+    return cursor.rowcount == 1
