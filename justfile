@@ -31,6 +31,10 @@ processor *ARGS:
 metrics-api:
     {{load_env}}; exec uvicorn api.metrics:app --host 0.0.0.0 --port "${HTTP_PORT:-8081}" --no-access-log
 
+# The alert service: judges rules as rows are written, delivers webhooks (--metrics-port N for Prometheus)
+alerts *ARGS:
+    {{load_env}}; exec python -m dataflows.alert_service {{ARGS}}
+
 # Generated traffic against the ingestion API (see --help)
 traffic *ARGS:
     {{load_env}}; exec python -m deploy.traffic {{ARGS}}

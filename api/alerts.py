@@ -4,6 +4,8 @@
   stored rule; ``400`` naming the field that is wrong, ``403`` for another tenant's.
 - ``GET /v1/alerts/rules?tenant_id=…``: the tenant's rules, oldest first (``tenant_id``
   defaults to the key's).
+- ``GET /v1/alerts?tenant_id=…&recent=20`` (a ``read`` key is enough): each rule's state,
+  ``firing`` or ``ok``, and its latest transitions with their delivery status.
 - ``GET``, ``PATCH`` (the fields to change, checked with the rest) and ``DELETE``
   ``/v1/alerts/rules/{id}``: ``404`` for a rule that does not exist or is another
   tenant's (which is not told apart).
@@ -32,6 +34,7 @@ from api.tenants import INVALID_TENANT, in_database, valid_tenant
 from schemas.alert_rules import (
     MAX_RULES_PER_TENANT,
     TooManyRules,
+    alerts_of_tenant,
     body_of,
     create_rule,
     delete_rule,
@@ -39,17 +42,26 @@ from schemas.alert_rules import (
     list_rules,
     update_rule,
 )
-from schemas.alerts import AlertRule, InvalidRule, RuleBody, check_rule, decode_body, merged
+from schemas.alerts import AlertRule, InvalidRule, RuleAlerts, RuleBody, check_rule, decode_body, merged
 
 logger = logging.getLogger("streamlens.alerts")
 
 BODY_LIMIT = MiB
+# Transitions GET /v1/alerts shows per rule, unless ``recent`` asks for another number.
+RECENT_DEFAULT = 20
+RECENT_MAX = 200
 _encoder = msgspec.json.Encoder()
 
 
 class RulesPage(msgspec.Struct):
     rules: list[AlertRule]
     count: int
+
+
+class AlertsPage(msgspec.Struct):
+    tenant_id: str
+    firing: int  # how many of its rules fire now
+    rules: list[RuleAlerts]
 
 
 def _json(value: object, status: int = 200) -> Response:
@@ -118,21 +130,21 @@ async def create(request: Request) -> Response:
     return _json(stored, 201)
 
 
-async def listed(request: Request) -> Response:
-    principal = await authenticate(request, "manage")
-    if isinstance(principal, Response):
-        return principal
-    tenants = request.query_params.getlist("tenant_id")
-    unknown = sorted(set(request.query_params) - {"tenant_id"})
+def _tenant_of(request: Request, principal: Principal, parameters: tuple[str, ...]) -> str | Response:
+    """The ``tenant_id`` asked for (the key's unless given), or the 400 or 403 to answer;
+    ``parameters`` are the query parameters the endpoint takes."""
+    unknown = sorted(set(request.query_params) - set(parameters))
     if unknown:
         return error_response(
-            400, "invalid_parameter", f"{unknown[0]}: unknown parameter; expected tenant_id"
+            400, "invalid_parameter", f"{unknown[0]}: unknown parameter; expected {', '.join(parameters)}"
         )
-    if len(tenants) > 1:
-        return error_response(
-            400, "invalid_parameter", f"tenant_id: given {len(tenants)} times, expected once"
-        )
-    tenant_id = tenants[0] if tenants else principal.tenant_id
+    for name in parameters:
+        given = request.query_params.getlist(name)
+        if len(given) > 1:
+            return error_response(
+                400, "invalid_parameter", f"{name}: given {len(given)} times, expected once"
+            )
+    tenant_id = request.query_params.get("tenant_id", principal.tenant_id)
     if tenant_id is None:
         return error_response(400, "invalid_parameter", "tenant_id: required (the key names no tenant)")
     if not valid_tenant(tenant_id):
@@ -140,10 +152,41 @@ async def listed(request: Request) -> Response:
     refusal = forbidden_tenant(principal, tenant_id)
     if refusal is not None:
         return error_response(403, "forbidden", refusal)
+    return tenant_id
+
+
+async def listed(request: Request) -> Response:
+    principal = await authenticate(request, "manage")
+    if isinstance(principal, Response):
+        return principal
+    tenant_id = _tenant_of(request, principal, ("tenant_id",))
+    if isinstance(tenant_id, Response):
+        return tenant_id
     found = await in_database(request, lambda conn: list_rules(conn, tenant_id))
     if isinstance(found, Response):
         return found
     return _json(RulesPage(rules=found, count=len(found)))
+
+
+async def alerts(request: Request) -> Response:
+    """``GET /v1/alerts``: each rule's state and its latest transitions with their delivery."""
+    principal = await authenticate(request, "read")
+    if isinstance(principal, Response):
+        return principal
+    tenant_id = _tenant_of(request, principal, ("tenant_id", "recent"))
+    if isinstance(tenant_id, Response):
+        return tenant_id
+    text = request.query_params.get("recent", str(RECENT_DEFAULT))
+    if not text.isdigit() or not 1 <= int(text) <= RECENT_MAX:
+        return error_response(
+            400, "invalid_parameter", f"recent: expected a whole number from 1 to {RECENT_MAX}, got {text!r}"
+        )
+    recent = int(text)
+    found = await in_database(request, lambda conn: alerts_of_tenant(conn, tenant_id, recent))
+    if isinstance(found, Response):
+        return found
+    firing = sum(rule.state == "firing" for rule in found)
+    return _json(AlertsPage(tenant_id=tenant_id, firing=firing, rules=found))
 
 
 async def _own_rule(
@@ -220,6 +263,7 @@ async def delete(request: Request) -> Response:
 
 
 ROUTES = [
+    Route("/v1/alerts", alerts, methods=["GET"]),
     Route("/v1/alerts/rules", create, methods=["POST"]),
     Route("/v1/alerts/rules", listed, methods=["GET"]),
     Route("/v1/alerts/rules/{rule_id}", read, methods=["GET"]),
@@ -232,7 +276,7 @@ def openapi(error: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """These endpoints in the query API's OpenAPI document, and the schemas they refer to
     (from :class:`RuleBody` and :class:`AlertRule`); ``error`` is its error response."""
     _, components = msgspec.json.schema_components(
-        [RuleBody, AlertRule, RulesPage], ref_template="#/components/schemas/{name}"
+        [RuleBody, AlertRule, RulesPage, AlertsPage], ref_template="#/components/schemas/{name}"
     )
 
     def ref(name: str) -> dict[str, Any]:
@@ -251,7 +295,35 @@ def openapi(error: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     missing = {"404": error | {"description": "No such rule of this tenant."}}
     security = [{"apiKey": []}]
+    tenant = {
+        "name": "tenant_id",
+        "in": "query",
+        "required": False,
+        "description": "The key's tenant unless given.",
+        "schema": {"type": "string"},
+    }
     paths = {
+        "/v1/alerts": {
+            "get": {
+                "summary": "Each alert rule's state and its latest transitions with their delivery status",
+                "security": security,
+                "parameters": [
+                    tenant,
+                    {
+                        "name": "recent",
+                        "in": "query",
+                        "required": False,
+                        "description": f"Transitions per rule, newest first (default {RECENT_DEFAULT}).",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": RECENT_MAX},
+                    },
+                ],
+                "responses": {
+                    "200": answer("The rules' states and transitions.", ref("AlertsPage")),
+                    **refused,
+                    "403": error | {"description": "The key is not a key of this tenant."},
+                },
+            },
+        },
         "/v1/alerts/rules": {
             "post": {
                 "summary": "Create an alert rule or budget",
@@ -266,15 +338,7 @@ def openapi(error: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             "get": {
                 "summary": "The tenant's alert rules, oldest first",
                 "security": security,
-                "parameters": [
-                    {
-                        "name": "tenant_id",
-                        "in": "query",
-                        "required": False,
-                        "description": "The key's tenant unless given.",
-                        "schema": {"type": "string"},
-                    }
-                ],
+                "parameters": [tenant],
                 "responses": {"200": answer("The rules.", ref("RulesPage")), **refused},
             },
         },

@@ -15,7 +15,7 @@ import msgspec
 import psycopg
 from psycopg.types.json import Jsonb
 
-from schemas.alerts import AlertRule, RuleBody
+from schemas.alerts import AlertRule, AlertTransition, RuleAlerts, RuleBody
 
 # Rules a tenant may keep: each is evaluated whenever a row it covers is written.
 MAX_RULES_PER_TENANT = 1_000
@@ -73,6 +73,18 @@ async def create_rule(conn: psycopg.AsyncConnection[Any], body: RuleBody) -> Ale
     return _answer(record)
 
 
+def rules_of_tenants(conn: psycopg.Connection[Any], tenants: list[str]) -> dict[str, list[AlertRule]]:
+    """The rules of each of ``tenants`` (for the alert service; secrets left out)."""
+    out: dict[str, list[AlertRule]] = {tenant: [] for tenant in tenants}
+    cursor = conn.execute(
+        f"SELECT {_COLUMNS} FROM alert_rules WHERE tenant_id = ANY(%s) ORDER BY created_at, id", (tenants,)
+    )
+    for record in cursor.fetchall():
+        rule = _answer(record)
+        out[rule.tenant_id].append(rule)
+    return out
+
+
 async def list_rules(conn: psycopg.AsyncConnection[Any], tenant_id: str) -> list[AlertRule]:
     cursor = await conn.execute(
         f"SELECT {_COLUMNS} FROM alert_rules WHERE tenant_id = %s ORDER BY created_at, id", (tenant_id,)
@@ -107,3 +119,58 @@ async def update_rule(
 async def delete_rule(conn: psycopg.AsyncConnection[Any], rule_id: str) -> bool:
     cursor = await conn.execute("DELETE FROM alert_rules WHERE id = %s", (rule_id,))
     return cursor.rowcount == 1
+
+
+async def alerts_of_tenant(
+    conn: psycopg.AsyncConnection[Any], tenant_id: str, recent: int
+) -> list[RuleAlerts]:
+    """Each rule of the tenant with its state (``alert_states``, written by the alert service)
+    and its ``recent`` latest transitions with their delivery status."""
+    cursor = await conn.execute(
+        "SELECT r.id, r.rule->>'name', r.rule->>'metric', coalesce(s.firing, false), s.since "
+        "FROM alert_rules r LEFT JOIN alert_states s ON s.rule_id = r.id "
+        "WHERE r.tenant_id = %s ORDER BY r.created_at, r.id",
+        (tenant_id,),
+    )
+    rules = await cursor.fetchall()
+    cursor = await conn.execute(
+        "SELECT t.rule_id, t.id, t.state, t.window_start, t.window_end, (t.body->>'value')::float8, "
+        "(t.body->>'threshold')::float8, t.at, t.delivery, t.attempts, t.delivered_at, t.next_attempt_at, "
+        "t.last_error FROM alert_rules r CROSS JOIN LATERAL ("
+        "  SELECT * FROM alert_transitions t WHERE t.rule_id = r.id ORDER BY t.at DESC, t.window_start DESC, t.id LIMIT %s"
+        ") t WHERE r.tenant_id = %s",
+        (recent, tenant_id),
+    )
+    transitions: dict[str, list[AlertTransition]] = {}
+    for rule_id, *fields in await cursor.fetchall():
+        (
+            transition_id, state, window_start, window_end, value, threshold, at, delivery, attempts,
+            delivered_at, next_attempt_at, last_error,
+        ) = fields  # fmt: skip
+        transitions.setdefault(rule_id, []).append(
+            AlertTransition(
+                id=transition_id,
+                state=state,
+                window_start=window_start,
+                window_end=window_end,
+                value=value,
+                threshold=threshold,
+                at=at,
+                delivery=delivery,
+                attempts=attempts,
+                delivered_at=delivered_at,
+                next_attempt_at=next_attempt_at if delivery == "pending" else None,
+                last_error=last_error,
+            )
+        )
+    return [
+        RuleAlerts(
+            rule_id=rule_id,
+            rule_name=name,
+            metric=metric,
+            state="firing" if firing else "ok",
+            since=since,
+            transitions=transitions.get(rule_id, []),
+        )
+        for rule_id, name, metric, firing, since in rules
+    ]

@@ -184,6 +184,37 @@ class AlertRule(Struct, kw_only=True):
     updated_at: datetime
 
 
+class AlertTransition(Struct, kw_only=True):
+    """A transition of a rule as ``GET /v1/alerts`` shows it: what was told and where its
+    delivery stands (``pending`` until ``next_attempt_at``, ``delivered``, ``failed``, or
+    ``cancelled`` with its rule)."""
+
+    id: str  # the Idempotency-Key of its deliveries
+    state: Literal["firing", "resolved"]
+    window_start: datetime
+    window_end: datetime
+    value: float | None
+    threshold: float
+    at: datetime
+    delivery: Literal["pending", "delivered", "failed", "cancelled"]
+    attempts: int
+    delivered_at: datetime | None
+    next_attempt_at: datetime | None
+    last_error: str | None
+
+
+class RuleAlerts(Struct, kw_only=True):
+    """A rule's state (``firing`` or ``ok``, since the window of its last transition) and its
+    latest transitions, newest first."""
+
+    rule_id: str
+    rule_name: str
+    metric: str
+    state: Literal["firing", "ok"]
+    since: datetime | None
+    transitions: list[AlertTransition]
+
+
 def decode_body(data: bytes) -> RuleBody:
     """A rule from JSON; msgspec.ValidationError or InvalidRule naming the field."""
     try:

@@ -1,0 +1,225 @@
+"""The alert service's Postgres (schemas/alerts.sql): the figures a rule judges, what each
+rule was told, transitions and their deliveries, and how far the topics were read.
+
+Figures come from the stored rows (written before the topics carry them), merged
+across the keys a rule covers: the same rows the query API answers from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg.types.json import Jsonb
+
+from dataflows.alerting import Figures, RuleState, Transition
+from schemas.alert_rules import rules_of_tenants
+from schemas.alerts import SCORE_PREFIX, AlertRule
+
+_CALL_SUMS = (
+    "sum(requests), sum(errors), sum(timeouts), sum(estimated_cost_usd), sum(prompt_tokens), "
+    "sum(completion_tokens), sum(coalesce(avg_time_to_first_token_ms, 0) * ttft_count), sum(ttft_count), "
+    'array_agg(latency_digest ORDER BY route COLLATE "C", model COLLATE "C") '
+    "FILTER (WHERE latency_digest IS NOT NULL)"
+)
+_SCORE_SUMS = "sum(score_sum), sum(scores)"
+
+
+def _source(rule: AlertRule) -> tuple[str, str, str, list[Any]]:
+    """The table (or view) a rule's rows are in, the sums it needs, and its conditions
+    with their values."""
+    conditions = ["tenant_id = %s"]
+    values: list[Any] = [rule.tenant_id]
+    for column, value in (("route", rule.route), ("model", rule.model)):
+        if value is not None:
+            conditions.append(f"{column} = %s")
+            values.append(value)
+    scored = rule.metric.startswith(SCORE_PREFIX)
+    if scored:
+        conditions.append("name = %s")
+        values.append(rule.metric[len(SCORE_PREFIX) :])
+    if rule.dimension is not None:
+        conditions += ["dimension = %s", "value IS NOT DISTINCT FROM %s"]
+        values += [rule.dimension, rule.value]
+        table = "llm_evaluation_dimension_metrics" if scored else "llm_dimension_metrics"
+    else:
+        table = "llm_evaluation_metrics" if scored else "llm_metrics"
+    return table, _SCORE_SUMS if scored else _CALL_SUMS, " AND ".join(conditions), values
+
+
+def _figures(record: tuple[Any, ...], scored: bool) -> Figures:
+    if scored:
+        return Figures(score_sum=float(record[0] or 0.0), scores=int(record[1] or 0))
+    return Figures(
+        int(record[0] or 0),
+        int(record[1] or 0),
+        int(record[2] or 0),
+        float(record[3] or 0.0),
+        int(record[4] or 0),
+        int(record[5] or 0),
+        float(record[6] or 0.0),
+        int(record[7] or 0),
+        tuple(record[8] or ()),
+    )
+
+
+def _at(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def window_figures(conn: psycopg.Connection[Any], rule: AlertRule, first: int) -> dict[int, Figures]:
+    """The figures of each window starting at or after ``first`` that has rows of the rule."""
+    table, sums, where, values = _source(rule)
+    cursor = conn.execute(
+        f"SELECT extract(epoch FROM window_start)::bigint, {sums} FROM {table} "
+        f"WHERE {where} AND window_start >= %s GROUP BY window_start",
+        [*values, _at(first)],
+    )
+    scored = rule.metric.startswith(SCORE_PREFIX)
+    return {int(record[0]): _figures(record[1:], scored) for record in cursor.fetchall()}
+
+
+def total_figures(conn: psycopg.Connection[Any], rule: AlertRule, first: int, end: int) -> Figures:
+    """The figures of all windows starting in ``[first, end)``, added up."""
+    table, sums, where, values = _source(rule)
+    cursor = conn.execute(
+        f"SELECT {sums} FROM {table} WHERE {where} AND window_start >= %s AND window_start < %s",
+        [*values, _at(first), _at(end)],
+    )
+    record = cursor.fetchone()
+    assert record is not None
+    return _figures(record, rule.metric.startswith(SCORE_PREFIX))
+
+
+def rules(conn: psycopg.Connection[Any], tenants: Iterable[str]) -> dict[str, list[AlertRule]]:
+    return rules_of_tenants(conn, list(tenants))
+
+
+def locked_state(conn: psycopg.Connection[Any], rule_id: str) -> RuleState:
+    """What the rule was told, locked until the transaction ends (made when new)."""
+    conn.execute("INSERT INTO alert_states (rule_id) VALUES (%s) ON CONFLICT DO NOTHING", (rule_id,))
+    cursor = conn.execute(
+        "SELECT firing, extract(epoch FROM since)::bigint, extract(epoch FROM told)::bigint, period "
+        "FROM alert_states WHERE rule_id = %s FOR UPDATE",
+        (rule_id,),
+    )
+    record = cursor.fetchone()
+    assert record is not None
+    firing, since, told, period = record
+    return RuleState(firing, since, told, period)
+
+
+def save(
+    conn: psycopg.Connection[Any], rule: AlertRule, state: RuleState, transitions: list[Transition]
+) -> int:
+    """Store the rule's state and its new transitions (each once, whatever judged it again);
+    how many were new."""
+    conn.execute(
+        "UPDATE alert_states SET firing = %s, since = %s, told = %s, period = %s, updated_at = now() "
+        "WHERE rule_id = %s",
+        (
+            state.firing,
+            None if state.since is None else _at(state.since),
+            None if state.told is None else _at(state.told),
+            state.period,
+            rule.id,
+        ),
+    )
+    new = 0
+    for transition in transitions:
+        body = {
+            "id": transition.id,
+            "rule_id": rule.id,
+            "rule_name": rule.name,
+            "tenant_id": rule.tenant_id,
+            "state": transition.state,
+            "metric": rule.metric,
+            "value": transition.value,
+            "threshold": rule.threshold,
+            "window_start": _at(transition.window_start).isoformat().replace("+00:00", "Z"),
+            "window_end": _at(transition.window_end).isoformat().replace("+00:00", "Z"),
+            "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        }
+        cursor = conn.execute(
+            "INSERT INTO alert_transitions (id, rule_id, tenant_id, state, window_start, window_end, body, "
+            "webhook_url) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+            (
+                transition.id,
+                rule.id,
+                rule.tenant_id,
+                transition.state,
+                _at(transition.window_start),
+                _at(transition.window_end),
+                Jsonb(body),
+                rule.webhook_url,
+            ),
+        )
+        new += cursor.rowcount
+    return new
+
+
+def offsets(conn: psycopg.Connection[Any]) -> dict[tuple[str, int], int]:
+    cursor = conn.execute("SELECT topic, partition, next_offset FROM alert_offsets")
+    return {(topic, partition): offset for topic, partition, offset in cursor.fetchall()}
+
+
+def save_offsets(conn: psycopg.Connection[Any], read: dict[tuple[str, int], int]) -> None:
+    if read:
+        conn.cursor().executemany(
+            "INSERT INTO alert_offsets (topic, partition, next_offset) VALUES (%s, %s, %s) "
+            "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset",
+            [(topic, partition, offset) for (topic, partition), offset in read.items()],
+        )
+
+
+class Due(msgspec.Struct):
+    """A transition to deliver now."""
+
+    id: str
+    body: bytes
+    url: str
+    secret: str | None
+    attempts: int
+    age_seconds: float
+    rule_exists: bool
+
+
+def due(conn: psycopg.Connection[Any], limit: int = 50) -> list[Due]:
+    cursor = conn.execute(
+        "SELECT t.id, t.body::text, t.webhook_url, r.webhook_secret, t.attempts, "
+        "extract(epoch FROM now() - t.at), r.id IS NOT NULL "
+        "FROM alert_transitions t LEFT JOIN alert_rules r ON r.id = t.rule_id "
+        "WHERE t.delivery = 'pending' AND t.next_attempt_at <= now() "
+        "ORDER BY t.next_attempt_at, t.at, t.id LIMIT %s",
+        (limit,),
+    )
+    return [
+        Due(id, body.encode(), url, secret, attempts, float(age), exists)
+        for id, body, url, secret, attempts, age, exists in cursor.fetchall()
+    ]
+
+
+def delivered(conn: psycopg.Connection[Any], transition_id: str) -> None:
+    conn.execute(
+        "UPDATE alert_transitions SET delivery = 'delivered', delivered_at = now(), attempts = attempts + 1, "
+        "last_error = NULL WHERE id = %s",
+        (transition_id,),
+    )
+
+
+def retry(conn: psycopg.Connection[Any], transition_id: str, after_seconds: float, error: str) -> None:
+    conn.execute(
+        "UPDATE alert_transitions SET attempts = attempts + 1, last_error = %s, "
+        "next_attempt_at = now() + make_interval(secs => %s) WHERE id = %s",
+        (error[:1000], after_seconds, transition_id),
+    )
+
+
+def given_up(conn: psycopg.Connection[Any], transition_id: str, delivery: str, error: str) -> None:
+    conn.execute(
+        "UPDATE alert_transitions SET delivery = %s, attempts = attempts + 1, last_error = %s WHERE id = %s",
+        (delivery, error[:1000], transition_id),
+    )
