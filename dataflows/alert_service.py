@@ -8,10 +8,10 @@
 
 **Judging.** The service reads every partition of the row topics (assigned, no
 consumer group) from where it stopped. Each record names a window of a key of a
-tenant; the tenant's rules that cover it (its route, model, dimension value,
-evaluation name) are judged once the records stop arriving for ``SETTLE_SECONDS``
-(a window's rows come from several shards within moments of each other, and a rule
-merges them), from the rows stored in Postgres, by :mod:`dataflows.alerting`. A
+tenant; the records of ``SETTLE_SECONDS`` after the first are gathered (a window's
+rows come from several shards within moments of each other, and a rule merges them),
+then the tenant's rules that cover them (route, model, dimension value, evaluation
+name) are judged from the rows stored in Postgres, by :mod:`dataflows.alerting`. A
 judgement stores the rules' states, their new transitions and the offsets read up
 to there in **one transaction**: after a crash the service reads again from the
 offsets stored, judges those windows again and finds the same transitions (their

@@ -8,6 +8,12 @@ and the address of the query API's dashboard with a read key to paste into it.
 The services keep running until Ctrl-C, which stops everything the demo
 started (``DEMO_EXIT=1``: right after the table). Logs go to ``<local>/logs/``.
 
+It also runs the alert service and a webhook receiver (:mod:`deploy.receiver`) in
+this process, makes one alert rule for the first tenant (its error rate over a
+minute above 45 %, with a ``manage`` key, revoked when the demo stops) and has that
+tenant's calls all fail for the traffic's first seconds: the rule fires, then
+resolves, and the receiver prints both.
+
 The services run with API keys on, as in production. The demo stores an
 ``ingest`` and a ``read`` key per tenant in the stack's Postgres (what
 ``just create-key`` does), sends each tenant's traffic with its ingest key,
@@ -25,6 +31,7 @@ its call), ``DEMO_EXIT=1`` to stop right after the tables.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -47,12 +54,19 @@ import psycopg
 from api.auth import NewKey
 from api.keys import create_key, revoke_key
 from deploy import stack, traffic
+from deploy.receiver import WebhookReceiver, describe
 from schemas.tenant_settings import set_dimensions
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 # After the windows should have closed, how long to keep waiting for the last calls.
 COUNT_SLACK_SECONDS = 60.0
+# The demo's alert rule: the first tenant's error rate over a minute above this, and the
+# share of its calls that fail at first, for this share of the first window.
+DEMO_ALERT_THRESHOLD = 0.45
+SPIKE_ERROR_SHARE = 1.0
+SPIKE_WINDOW_SHARE = 0.6
+DEMO_WEBHOOK_SECRET = "streamlens-demo-webhook-secret"
 
 
 class DemoError(RuntimeError):
@@ -233,6 +247,62 @@ def revoke_demo_keys(dsn: str, keys: dict[str, TenantKeys]) -> None:
             k.prefix for tenant_keys in keys.values() for k in (tenant_keys.ingest, tenant_keys.read)
         )
         print(f"warning: could not revoke the demo's keys ({prefixes}): {error}", file=sys.stderr)
+
+
+def create_demo_rule(
+    dsn: str, metrics_url: str, tenant: str, webhook_url: str, window_seconds: int
+) -> NewKey:
+    """The demo's alert rule, made through the query API with a new ``manage`` key of the
+    tenant's (returned, to revoke when the demo stops)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        manage = create_key(conn, tenant, "manage")
+    span = -(-60 // window_seconds) * window_seconds  # a minute, in whole windows
+    rule = {
+        "tenant_id": tenant,
+        "name": "error spike",
+        "metric": "error_rate",
+        "span_seconds": span,
+        "op": ">",
+        "threshold": DEMO_ALERT_THRESHOLD,
+        "min_calls": 5,
+        "webhook_url": webhook_url,
+        "webhook_secret": DEMO_WEBHOOK_SECRET,
+    }
+    request = Request(
+        f"{metrics_url}/v1/alerts/rules",
+        data=msgspec.json.encode(rule),
+        headers={"Authorization": f"Bearer {manage.key}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urlopen(request, timeout=10):
+            pass
+    except HTTPError as error:
+        raise DemoError(
+            f"POST /v1/alerts/rules answered {error.code}: {error.read()[:300].decode(errors='replace')}"
+        ) from None
+    return manage
+
+
+def print_alerts(receiver: WebhookReceiver, wait_for_firing: float = 0.0) -> None:
+    """Print what the receiver got; first wait up to ``wait_for_firing`` seconds for a firing."""
+    deadline = time.monotonic() + wait_for_firing
+    fired = False
+    while True:
+        try:
+            alert = receiver.alerts.get(timeout=max(0.0, deadline - time.monotonic()) if not fired else 0.0)
+        except queue.Empty:
+            return
+        fired = fired or alert.body.get("state") == "firing"
+        print(f"  {describe(alert)}", flush=True)
+
+
+def revoke_manage_key(dsn: str, manage: NewKey) -> None:
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            revoke_key(conn, manage.prefix)
+    except psycopg.Error as error:
+        print(f"warning: could not revoke the demo's manage key {manage.prefix}: {error}", file=sys.stderr)
 
 
 def _get_json(url: str, timeout: float = 5.0, api_key: str | None = None) -> Any:
@@ -459,6 +529,8 @@ def _run_services(
         "AUTH": "on",
         "WINDOW_SECONDS": str(config.window_seconds),
         "GRACE_SECONDS": str(config.grace_seconds),
+        # The demo's webhook receiver listens on loopback, which alerts may not reach otherwise.
+        "ALERT_WEBHOOK_ALLOW": "127.0.0.1",
     }
     env.pop("HTTP_PORT", None)
     python = sys.executable
@@ -498,21 +570,39 @@ def _run_services(
             ],
             logs / "metrics-api.log",
         ),
+        Service("alert service", [python, "-m", "dataflows.alert_service"], logs / "alerts.log"),
     ]
     ingestion_url = f"http://127.0.0.1:{ingestion_port}"
     metrics_url = f"http://127.0.0.1:{metrics_port}"
+    receiver = WebhookReceiver(secret=DEMO_WEBHOOK_SECRET).start()
+    manage: NewKey | None = None
+    alerting = sorted(keys)[0]
     try:
         for service in services:
             service.start(env)
         print(
             f"started the ingestion API ({ingestion_url}), the dataflow "
-            f"({config.window_seconds}s windows) and the query API ({metrics_url}); "
-            f"logs in {logs}",
+            f"({config.window_seconds}s windows), the query API ({metrics_url}) and the alert "
+            f"service; logs in {logs}",
             flush=True,
         )
         wait_ready(ingestion_url, services)
         wait_ready(metrics_url, services)
         _print_keys(keys)
+        manage = create_demo_rule(
+            stack_env["POSTGRES_DSN"], metrics_url, alerting, receiver.url, config.window_seconds
+        )
+        spike = traffic.Spike(
+            alerting,
+            min(SPIKE_WINDOW_SHARE * config.window_seconds, 0.75 * config.duration),
+            SPIKE_ERROR_SHARE,
+        )
+        print(
+            f"alert rule 'error spike': {alerting}'s error rate over a minute above "
+            f"{DEMO_ALERT_THRESHOLD:.0%}, delivered to {receiver.url}; {alerting}'s calls all fail "
+            f"for the first {spike.seconds:g}s",
+            flush=True,
+        )
         # Windows are selected by start; the one holding the first call starts here.
         since = datetime.fromtimestamp(int(time.time()) // config.window_seconds * config.window_seconds, UTC)
         # The dimensions apply from a window boundary: the traffic starts there, so that
@@ -535,6 +625,7 @@ def _run_services(
             api_keys={tenant: tenant_keys.ingest.key for tenant, tenant_keys in keys.items()},
             progress=traffic.bar_progress(config.duration),
             evaluation_delay=config.evaluation_delay,
+            spike=spike,
         )
         if sys.stderr.isatty():
             print(file=sys.stderr)  # ends the progress line
@@ -569,6 +660,8 @@ def _run_services(
                 f"'{metrics_url}/v1/metrics?tenant_id={example}&dimension={DEMO_DIMENSIONS[-1]}&bucket=1h'"
             )
         print(f"  the API's description, with the same key: {metrics_url}/openapi.json")
+        print(f"Alerts received by {receiver.url} (GET /v1/alerts?tenant_id={alerting} lists them):")
+        print_alerts(receiver, wait_for_firing=config.window_seconds + config.grace_seconds + 30)
         print(f"\nThe dashboard: {metrics_url}/dashboard")
         print(f"  paste {example}'s read key there: {keys[example].read.key}", flush=True)
         if config.exit_after_table:
@@ -584,6 +677,7 @@ def _run_services(
             while True:
                 for service in services:
                     service.check_alive()
+                print_alerts(receiver)
                 time.sleep(1.0)
         except KeyboardInterrupt:
             print(file=sys.stderr)  # Ctrl-C is how this phase ends: not a failure
@@ -591,6 +685,9 @@ def _run_services(
         print("stopping the services ...", flush=True)
         for service in services:
             service.stop()
+        receiver.shutdown()
+        if manage is not None:
+            revoke_manage_key(stack_env["POSTGRES_DSN"], manage)
 
 
 def main() -> int:

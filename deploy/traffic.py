@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import msgspec
@@ -105,23 +105,40 @@ class Call:
     evaluations: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
 
 
+class Spike(NamedTuple):
+    """One tenant's calls failing more often for the first ``seconds`` of the traffic: what
+    an alert rule should notice."""
+
+    tenant: str
+    seconds: float
+    error_share: float
+
+
 class CallGenerator:
     """Realistic calls from a seeded random source: the same seed, the same calls."""
 
     def __init__(
-        self, tenants: int | list[str], error_share: float, seed: int | None, evaluation_delay: float = 60.0
+        self,
+        tenants: int | list[str],
+        error_share: float,
+        seed: int | None,
+        evaluation_delay: float = 60.0,
+        spike: Spike | None = None,
     ) -> None:
         self.random = random.Random(seed)
         # Evaluations draw from a source of their own: the calls of a seed stay the same.
         self.judging = random.Random(None if seed is None else f"{seed}/evaluations")
         self.evaluation_delay = evaluation_delay
         self.error_share = error_share
+        self.spike = spike
         self.tenants = tenant_names(tenants) if isinstance(tenants, int) else list(tenants)
         # Each tenant calls two of the routes, so the results stay readable.
         self.routes = {tenant: self.random.sample(ROUTES, 2) for tenant in self.tenants}
         self.weights = [model.weight for model in MODELS]
 
-    def call(self, started: datetime, now: float) -> Call:
+    def call(self, started: datetime, now: float, offset: float = 0.0) -> Call:
+        """A call started at ``started``, ``offset`` seconds into the traffic; ``now`` is
+        ``time.monotonic()``, when its response becomes due from."""
         rnd = self.random
         tenant = rnd.choice(self.tenants)
         model = rnd.choices(MODELS, self.weights)[0]
@@ -147,7 +164,11 @@ class CallGenerator:
         }
         if model.provider is not None:
             request["provider"] = model.provider
-        failed = rnd.random() < self.error_share
+        spike = self.spike
+        share = self.error_share
+        if spike is not None and spike.tenant == tenant and offset < spike.seconds:
+            share = spike.error_share
+        failed = rnd.random() < share
         response: dict[str, Any] = {
             "type": "response",
             "request_id": request_id,
@@ -387,15 +408,17 @@ def run(
     api_keys: ApiKeys = None,
     progress: Progress | None = None,
     evaluation_delay: float = 60.0,
+    spike: Spike | None = None,
 ) -> Totals:
     """Send ``rate`` calls per second for ``duration`` seconds; wait for every response and
-    evaluation (the latest ``evaluation_delay`` seconds after its call).
+    evaluation (the latest ``evaluation_delay`` seconds after its call). A ``spike`` makes
+    one tenant's calls fail more often at first.
 
     ``api_keys``: one key for a single tenant's traffic, a key per tenant, or
     ``None`` when the API runs with ``AUTH=off``. Raises :class:`ApiKeysError`
     before sending anything when a tenant has no key.
     """
-    generator = CallGenerator(tenants, error_share, seed, evaluation_delay)
+    generator = CallGenerator(tenants, error_share, seed, evaluation_delay, spike)
     keys = keys_by_tenant(api_keys, generator.tenants)
     senders_by_key = {key: Sender(url, key) for key in dict.fromkeys(keys.values())}
     sender_of = {tenant: senders_by_key[key] for tenant, key in keys.items()}
@@ -421,7 +444,7 @@ def run(
             held = []
             for _ in range(due_calls):
                 offset = (totals.calls / rate) if rate else 0.0
-                call = generator.call(wall_start + timedelta(seconds=offset), now)
+                call = generator.call(wall_start + timedelta(seconds=offset), now, offset)
                 totals.calls += 1
                 totals.failed_calls += call.failed
                 totals.calls_by_tenant[call.tenant_id] += 1

@@ -137,7 +137,8 @@ async def alerts_of_tenant(
         "SELECT t.rule_id, t.id, t.state, t.window_start, t.window_end, (t.body->>'value')::float8, "
         "(t.body->>'threshold')::float8, t.at, t.delivery, t.attempts, t.delivered_at, t.next_attempt_at, "
         "t.last_error FROM alert_rules r CROSS JOIN LATERAL ("
-        "  SELECT * FROM alert_transitions t WHERE t.rule_id = r.id ORDER BY t.at DESC, t.window_start DESC, t.id LIMIT %s"
+        "  SELECT * FROM alert_transitions t WHERE t.rule_id = r.id"
+        "  ORDER BY t.at DESC, t.window_start DESC, t.id LIMIT %s"
         ") t WHERE r.tenant_id = %s",
         (recent, tenant_id),
     )

@@ -214,17 +214,24 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
     # and the ingest key (the line for more traffic); of the others, only prefixes.
     assert len(KEY.findall(stdout)) == 6 and len(set(KEY.findall(stdout))) == 2, stdout
 
+    # The demo's alert rule fired on acme's error spike: its receiver printed the delivery,
+    # signed with the rule's secret.
+    assert re.search(
+        r"^  alert firing: 'error spike' of acme - error_rate \S+ .*, signature ok$", stdout, re.M
+    ), stdout
+
     assert {path.name for path in (local / "logs").iterdir()} == {
         "ingestion.log",
         "processor.log",
         "metrics-api.log",
+        "alerts.log",
     }
     assert Broker.running(local / "broker") is None
     assert Postgres.running(local / "postgres") is None
     assert not (local / "env").exists()
 
     # The demo's Postgres, started again: one ingest and one read key per tenant, all
-    # revoked once the demo stopped, the read key of the curl lines among them.
+    # revoked once the demo stopped, the read key of the curl lines among them...
     postgres = Postgres(local / "postgres").start()
     try:
         with psycopg.connect(postgres.dsn) as conn:
@@ -233,8 +240,9 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
             ).fetchall()
     finally:
         postgres.stop()
+    # and the manage key that made the alert rule.
     assert sorted((tenant, scope) for tenant, scope, _, _ in stored) == sorted(
-        (tenant, scope) for tenant in TENANTS for scope in ("ingest", "read")
+        [(tenant, scope) for tenant in TENANTS for scope in ("ingest", "read")] + [("acme", "manage")]
     )
     assert all(revoked for _, _, _, revoked in stored), stored
     assert ("acme", "read", hash_key(read_key[1])) in {(t, s, bytes(h)) for t, s, h, _ in stored}

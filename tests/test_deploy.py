@@ -12,7 +12,7 @@ from schemas.database import SCHEMA_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
-SERVICES = ("ingestion", "processor", "metrics-api")
+SERVICES = ("ingestion", "processor", "metrics-api", "alerts")
 
 
 def test_compose_uses_only_known_variables():
@@ -56,5 +56,8 @@ def test_prometheus_scrapes_each_service_on_the_port_it_listens_on():
     for name in ("ingestion", "metrics-api"):
         command = COMPOSE["services"][name]["command"]
         assert f"{name}:{command[command.index('--port') + 1]}" in targets
+    # The alert service serves its own on the port its command gives.
+    command = COMPOSE["services"]["alerts"]["command"]
+    assert f"alerts:{command[command.index('--metrics-port') + 1]}" in targets
     assert {target.split(":")[0] for target in targets} == set(SERVICES)
     assert set(prometheus["depends_on"]) == set(SERVICES)
