@@ -127,7 +127,11 @@ async def alerts_of_tenant(
     """Each rule of the tenant with its state (``alert_states``, written by the alert service)
     and its ``recent`` latest transitions with their delivery status."""
     cursor = await conn.execute(
-        "SELECT r.id, r.rule->>'name', r.rule->>'metric', coalesce(s.firing, false), s.since "
+        "SELECT r.id, r.rule->>'name', r.rule->>'metric', r.rule->>'op', (r.rule->>'threshold')::float8, "
+        "r.rule->>'route', r.rule->>'model', r.rule->>'period', "
+        "CASE WHEN r.rule->>'period' IS NULL THEN coalesce(s.firing, false) "
+        "ELSE coalesce(s.period = to_char(now() AT TIME ZONE 'UTC', "
+        "  CASE r.rule->>'period' WHEN 'day' THEN 'YYYY-MM-DD' ELSE 'YYYY-MM' END), false) END, s.since "
         "FROM alert_rules r LEFT JOIN alert_states s ON s.rule_id = r.id "
         "WHERE r.tenant_id = %s ORDER BY r.created_at, r.id",
         (tenant_id,),
@@ -169,9 +173,14 @@ async def alerts_of_tenant(
             rule_id=rule_id,
             rule_name=name,
             metric=metric,
+            op=op,
+            threshold=threshold,
+            route=route,
+            model=model,
+            period=period,
             state="firing" if firing else "ok",
             since=since,
             transitions=transitions.get(rule_id, []),
         )
-        for rule_id, name, metric, firing, since in rules
+        for rule_id, name, metric, op, threshold, route, model, period, firing, since in rules
     ]

@@ -204,12 +204,18 @@ class AlertTransition(Struct, kw_only=True):
 
 
 class RuleAlerts(Struct, kw_only=True):
-    """A rule's state (``firing`` or ``ok``, since the window of its last transition) and its
-    latest transitions, newest first."""
+    """A rule's state (``firing`` or ``ok``, since the window of its last transition; a
+    budget is ``firing`` in the UTC day or month it was reached in) and its latest
+    transitions, newest first."""
 
     rule_id: str
     rule_name: str
     metric: str
+    op: Op
+    threshold: float
+    route: str | None
+    model: str | None
+    period: Period | None  # a budget's
     state: Literal["firing", "ok"]
     since: datetime | None
     transitions: list[AlertTransition]

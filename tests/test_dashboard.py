@@ -43,8 +43,11 @@ from api.dashboard import STATIC
 from api.keys import create_key
 from api.metrics import create_app
 from api.params import BUCKETS
+from dataflows import alert_store
+from dataflows.alerting import RuleState, Transition, transition_id
 from dataflows.sinks import UPSERT_EVALUATIONS_SQL, UPSERT_SQL, values_of
 from dataflows.windows import WindowRow
+from schemas.alert_rules import rules_of_tenants
 from schemas.config import Settings
 from schemas.metrics import MetricsRow
 from tests import dimension_store as store
@@ -1156,3 +1159,86 @@ def test_the_page_is_open_its_data_is_not(postgres_dsn: str):
         for asset in re.findall(r'(?:src|href)="([^"]+)"', page.text):
             assert httpx.get(f"{url}/{asset}").status_code == 200, asset
         assert httpx.get(f"{url}/dashboard/tenant").status_code == 401
+
+
+def test_firing_alerts_are_shown_at_the_top_marked_on_their_chart_and_the_rules_listed(
+    browser: WebDriver, postgres_dsn: str
+):
+    now = this_minute()
+    insert_windows(postgres_dsn, make_windows(now, range(1, 31)))
+    manage = new_key(postgres_dsn, scope="manage")
+    hook = "https://93.184.215.14/hooks/streamlens"  # an address: nothing to resolve
+    rules = [
+        {
+            "name": "chat errors",
+            "metric": "error_rate",
+            "route": "/chat",
+            "span_seconds": 300,
+            "op": ">",
+            "threshold": 0.05,
+        },
+        {"name": "slow", "metric": "p99_latency_ms", "span_seconds": 60, "op": ">", "threshold": 4000},
+    ]
+    minute = timedelta(minutes=1)
+    # What the alert service would have stored for the first rule: fired 25 minutes ago,
+    # resolved 20 minutes ago, firing again since 8 minutes ago.
+    told = [("firing", 25), ("resolved", 20), ("firing", 8)]
+    with collecting_page_errors(browser), query_api(postgres_dsn) as url:
+        for rule in rules:
+            made = httpx.post(
+                f"{url}/v1/alerts/rules",
+                json={"tenant_id": "acme", "webhook_url": hook, **rule},
+                headers={"Authorization": f"Bearer {manage}"},
+                timeout=30,
+            )
+            assert made.status_code == 201, made.text
+        with psycopg.connect(postgres_dsn) as conn:
+            errors_rule = next(
+                rule for rule in rules_of_tenants(conn, ["acme"])["acme"] if rule.name == "chat errors"
+            )
+            alert_store.locked_state(conn, errors_rule.id)  # makes its row, as the service does
+            transitions = []
+            for kind, ago in told:
+                start = int((now - ago * minute).timestamp())
+                transitions.append(
+                    Transition(transition_id(errors_rule.id, kind, start), kind, start, start + 60, 0.1)
+                )
+            alert_store.save(
+                conn, errors_rule, RuleState(True, transitions[-1].window_start, None, None), transitions
+            )
+            conn.commit()
+
+        open_dashboard(browser, url, new_key(postgres_dsn), "range=1h")
+        wait_loaded(browser)
+        banner = browser.find_element(By.ID, "firing")
+        assert banner.is_displayed()
+        items = [item.text for item in banner.find_elements(By.TAG_NAME, "li")]
+        assert len(items) == 1 and items[0].startswith("chat errors - error_rate > 0.05 on /chat"), items
+        shown = browser.execute_script("return window.streamlens.alerts")
+        assert shown["firing"] == ["chat errors"]
+        at = lambda ago: (now - ago * minute).timestamp()  # noqa: E731
+        assert shown["marks"] == {"calls": [[at(25), at(20)], [at(8), None]], "latency": []}
+        table = [
+            [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+            for row in browser.find_elements(By.CSS_SELECTOR, "#rules tbody tr")
+        ]
+        assert [(row[0], row[1], row[2], row[3]) for row in table] == [
+            ("chat errors", "error_rate > 0.05", "/chat", "firing"),
+            ("slow", "p99_latency_ms > 4000", "all routes and models", "ok"),
+        ]
+        assert table[0][5] == "pending" and table[1][4] == "none yet"
+        # The shading is drawn: inside a span the top of the calls chart is tinted, outside it is not.
+        tint = browser.execute_script(
+            """
+            const u = window.streamlens.charts.calls;
+            const pixel = (seconds) => Array.from(u.ctx.getImageData(
+              Math.round(u.valToPos(seconds, 'x', true)), Math.round(u.bbox.top + 2), 1, 1).data);
+            return [pixel(arguments[0]), pixel(arguments[1])];
+            """,
+            at(22.5),
+            at(15),
+        )
+        inside, outside = tint
+        assert inside[0] > inside[2] and inside[3] > 0, tint
+        assert outside[3] == 0 or outside[0] == outside[2], tint
+        assert page_errors(browser) == []

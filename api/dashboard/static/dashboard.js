@@ -71,6 +71,18 @@
     },
   ];
 
+  // The chart an alert rule's metric is drawn on, where its firing spans are marked
+  // (a `score_avg:<name>` rule: that name's chart in Quality).
+  const ALERT_CHARTS = {
+    calls: "calls", errors: "calls", error_rate: "calls", timeouts: "calls", timeout_rate: "calls",
+    p50_latency_ms: "latency", p95_latency_ms: "latency", p99_latency_ms: "latency",
+    avg_time_to_first_token_ms: "ttft", prompt_tokens: "tokens", completion_tokens: "tokens",
+    estimated_cost_usd: "cost",
+  };
+  const SCORE_PREFIX = "score_avg:";
+  const RECENT_TRANSITIONS = 50;
+  const MARK_FILL = "rgba(220, 38, 38, 0.13)";
+
   const $ = (id) => document.getElementById(id);
 
   const valueKey = (value) => (value === null ? NO_VALUE : `=${value}`);
@@ -86,8 +98,12 @@
   // `dimensions`: the tenant's, once read (null before, or when they could not be).
   // `quality`: the evaluations' query, names shown, their uPlot instances (scored
   // names only) and label counts over the range ({label: count}, labelled names only).
+  // `alerts`: the rules as GET /v1/alerts answered (null when they could not be read),
+  // the names of those firing, and the spans marked on each chart ({chart: [[from, to]]},
+  // `to` null while it lasts).
   const exposed = { charts: {}, query: null, table: [], state: "idle", loads: 0, timings: {}, dimensions: null,
-    quality: { query: null, names: [], charts: {}, labels: {} } };
+    quality: { query: null, names: [], charts: {}, labels: {} },
+    alerts: { rules: null, firing: [], marks: {} } };
   window.streamlens = exposed;
 
   const state = {
@@ -354,6 +370,17 @@
     return dropped;
   }
 
+  // The tenant's alert rules and their latest transitions; null when they could not be
+  // read for another reason than the key (which fails the whole page).
+  async function readAlerts() {
+    try {
+      return await getJson("v1/alerts", { tenant_id: state.tenant, recent: RECENT_TRANSITIONS });
+    } catch (error) {
+      if (error instanceof ApiError && [401, 403].includes(error.status)) throw error;
+      return null;
+    }
+  }
+
   // ---- loading -----------------------------------------------------------------------
 
   // `quietly`: an auto-refresh, which keeps what is shown until the new data is in.
@@ -373,8 +400,9 @@
       const params = chartParams(view, win);
       exposed.query = params;
       const fetchStart = performance.now();
-      const rows = await allRows(params);
+      const [rows, alerts] = await Promise.all([allRows(params), readAlerts()]);
       if (generation !== state.generation) return;
+      showAlerts(alerts);
       const drawStart = performance.now();
       state.xRange = [win.from, win.to];
       drawCharts(view, rows);
@@ -442,6 +470,97 @@
     $("charts").classList.toggle("empty", name === "empty");
   }
 
+  // ---- alerts ------------------------------------------------------------------------
+
+  const chartOfMetric = (metric) =>
+    metric.startsWith(SCORE_PREFIX) ? `score:${metric.slice(SCORE_PREFIX.length)}` : ALERT_CHARTS[metric];
+
+  // When a rule was firing, from its transitions: from each firing window's start to
+  // the start of the window that resolved it (null: still firing). A budget, which
+  // does not resolve, marks the window that reached it.
+  function firingSpans(rule) {
+    const told = [...rule.transitions].sort((a, b) => seconds(a.window_start) - seconds(b.window_start));
+    if (rule.period) return told.map((one) => [seconds(one.window_start), seconds(one.window_end)]);
+    const spans = [];
+    let open = null;
+    for (const one of told) {
+      if (one.state === "firing" && open === null) open = seconds(one.window_start);
+      if (one.state === "resolved" && open !== null) {
+        spans.push([open, seconds(one.window_start)]);
+        open = null;
+      }
+    }
+    if (open !== null) spans.push([open, rule.state === "firing" ? null : seconds(told[told.length - 1].window_end)]);
+    return spans;
+  }
+
+  const ruleScope = (rule) =>
+    [rule.route, rule.model].filter((part) => part !== null).join(" · ") || "all routes and models";
+  const ruleCondition = (rule) =>
+    `${rule.metric} ${rule.op} ${rule.threshold}${rule.period ? ` a ${rule.period}` : ""}`;
+  const shownTime = (timestamp) => new Date(timestamp).toLocaleString();
+
+  function showAlerts(answer) {
+    const alerts = exposed.alerts;
+    const note = $("rules-note");
+    if (answer === null) {
+      note.textContent = "Alert rules could not be read.";
+      note.hidden = false;
+      return;
+    }
+    alerts.rules = answer.rules;
+    const firing = answer.rules.filter((rule) => rule.state === "firing");
+    alerts.firing = firing.map((rule) => rule.rule_name);
+    $("firing").hidden = firing.length === 0;
+    $("firing-list").replaceChildren(...firing.map((rule) => {
+      const item = document.createElement("li");
+      const latest = rule.transitions.find((one) => one.state === "firing");
+      const value = latest && latest.value !== null ? `: ${Number(latest.value.toPrecision(4))}` : "";
+      item.textContent = `${rule.rule_name} - ${ruleCondition(rule)} on ${ruleScope(rule)}${value}`
+        + (rule.since ? `, since the window of ${shownTime(rule.since)}` : "");
+      return item;
+    }));
+    const marks = {};
+    for (const rule of answer.rules) {
+      const chart = chartOfMetric(rule.metric);
+      if (chart === undefined) continue;
+      marks[chart] = (marks[chart] || []).concat(firingSpans(rule));
+    }
+    alerts.marks = marks;
+    note.textContent = answer.rules.length ? "" : `${state.tenant} has no alert rules (POST /v1/alerts/rules).`;
+    note.hidden = !note.textContent;
+    $("rules").querySelector("tbody").replaceChildren(...answer.rules.map((rule) => {
+      const latest = rule.transitions[0];
+      const cells = [
+        rule.rule_name,
+        ruleCondition(rule),
+        ruleScope(rule),
+        rule.state,
+        latest ? `${latest.state} at the window of ${shownTime(latest.window_start)}` : "none yet",
+        latest ? `${latest.delivery}${latest.attempts > 1 ? ` after ${latest.attempts} attempts` : ""}` : "",
+      ];
+      const row = document.createElement("tr");
+      for (const text of cells) row.insertCell().textContent = text;
+      row.cells[3].dataset.state = rule.state;
+      return row;
+    }));
+  }
+
+  // Behind the lines: the spans its rules fired over, shaded.
+  function drawMarks(chart, markKey) {
+    const spans = exposed.alerts.marks[markKey] || [];
+    if (spans.length === 0) return;
+    const { ctx, bbox } = chart;
+    ctx.save();
+    ctx.fillStyle = MARK_FILL;
+    for (const [from, to] of spans) {
+      const left = Math.max(chart.valToPos(from, "x", true), bbox.left);
+      const right = Math.min(chart.valToPos(to === null ? state.xRange[1] : to, "x", true), bbox.left + bbox.width);
+      if (right > left) ctx.fillRect(left, bbox.top, right - left, bbox.height);
+    }
+    ctx.restore();
+  }
+
   // ---- charts ------------------------------------------------------------------------
 
   function chartSeries(chart, view, groups) {
@@ -491,7 +610,8 @@
   const chartWidth = (box) => Math.max(box.clientWidth - 16, 200);
 
   // `charts`: where the instance is kept; `box`: the .chart it is drawn in.
-  function plot(id, title, labels, data, { charts = exposed.charts, box = chartBox(id) } = {}) {
+  // `markKey`: the alert marks drawn on it (`chartOfMetric`).
+  function plot(id, title, labels, data, { charts = exposed.charts, box = chartBox(id), markKey = id } = {}) {
     box.querySelector("h3").textContent = title;
     const existing = charts[id];
     const signature = JSON.stringify(labels);
@@ -507,7 +627,7 @@
       scales: { x: { time: true } },
       series: [{}, ...labels.map((label, i) => ({ label, stroke: COLORS[i % COLORS.length], width: 1.5 }))],
       axes: [{}, { size: 64 }],
-      hooks: { draw: [drawn] },
+      hooks: { drawAxes: [(chart) => drawMarks(chart, markKey)], draw: [drawn] },
     };
     const created = new uPlot(options, data, box.querySelector("div"));
     created.signature = signature;
@@ -629,7 +749,7 @@
       for (const row of rows) {
         columns[pairIndex.get(pairLabel(row))][at.get(seconds(row.window_start))] = row.score_avg;
       }
-      plot(name, title, pairs, [xs, ...columns], { charts: exposed.quality.charts, box });
+      plot(name, title, pairs, [xs, ...columns], { charts: exposed.quality.charts, box, markKey: `score:${name}` });
     } else {
       forgetQualityChart(name);
     }
