@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import psycopg
 import pytest
 from fastdigest import TDigest
@@ -33,11 +34,12 @@ from fastdigest import TDigest
 from api.keys import create_key
 from api.metrics import create_app
 from dataflows.alert_service import serve
-from dataflows.sinks import RowsSink
-from dataflows.windows import WindowRow
+from dataflows.evaluations import EvaluationEmission
+from dataflows.sinks import EvaluationRowsSink, RowsSink
+from dataflows.windows import DimensionEmission, WindowRow
 from deploy.stack import Broker
 from schemas.config import Settings
-from schemas.metrics import MetricsRow
+from schemas.metrics import VALUE_STATISTICS, DimensionRows, EvaluationRow, MetricsRow
 from schemas.webhooks import parse_allow
 from tests.alert_support import Delivery, Receiver, expected_transitions
 from tests.conftest import TEST_PARTITIONS
@@ -118,17 +120,17 @@ def alert_service(settings: Settings) -> Iterator[None]:
         assert not thread.is_alive(), "the alert service did not stop"
 
 
-def read_up_to(dsn: str, records: int, timeout: float = 60) -> None:
-    """Wait until the service stored offsets past ``records`` records of llm.metrics: all judged."""
+def read_up_to(dsn: str, records: int, topic: str = "llm.metrics", timeout: float = 60) -> None:
+    """Wait until the service stored offsets past ``records`` records of ``topic``: all judged."""
     deadline = time.monotonic() + timeout
     with psycopg.connect(dsn, autocommit=True) as conn:
         while True:
             found = conn.execute(
-                "SELECT coalesce(sum(next_offset), 0) FROM alert_offsets WHERE topic = 'llm.metrics'"
+                "SELECT coalesce(sum(next_offset), 0) FROM alert_offsets WHERE topic = %s", (topic,)
             ).fetchone()
             if found is not None and found[0] >= records:
                 return
-            assert time.monotonic() < deadline, f"the service judged {found} of {records} records"
+            assert time.monotonic() < deadline, f"the service judged {found} of {records} records of {topic}"
             time.sleep(0.05)
 
 
@@ -452,3 +454,155 @@ def test_kill_9_of_the_alert_service_at_random_moments_loses_no_transition_and_s
     assert delivery == [("delivered", len(want))]
     if flaky:
         assert any(item.status == 503 for item in receiver.deliveries)
+
+
+def evaluation_row(start: int, route: str, scores: list[float]) -> EvaluationEmission:
+    return EvaluationEmission(
+        row=EvaluationRow(
+            tenant_id="acme",
+            route=route,
+            model="m",
+            window_start=datetime.fromtimestamp(start, UTC),
+            window_end=datetime.fromtimestamp(start + W, UTC),
+            name="judge",
+            evaluations=len(scores),
+            scores=len(scores),
+            score_avg=sum(scores) / len(scores),
+            score_min=min(scores),
+            score_max=max(scores),
+            score_p50=None,
+            score_p90=None,
+            labels={},
+            revision=len(scores),
+        ),
+        score_sum=sum(scores),
+        digest=None,
+    )
+
+
+def country_row(start: int, countries: dict[str | None, tuple[int, int]]) -> WindowRow:
+    """A window of acme's /chat whose calls are sliced by country: value -> (calls, errors)."""
+    row = window_row(
+        start,
+        "/chat",
+        sum(calls for calls, _ in countries.values()),
+        sum(e for _, e in countries.values()),
+        0.0,
+    )
+    per_value = [
+        {name: getattr(row.row, name) for name in VALUE_STATISTICS} | {"requests": calls, "errors": errors}
+        for calls, errors in countries.values()
+    ]
+    rows = DimensionRows(
+        tenant_id="acme",
+        route="/chat",
+        model="m",
+        window_start=row.row.window_start,
+        window_end=row.row.window_end,
+        revision=1,
+        dimension="metadata.country",
+        values=list(countries),
+        **{name: [one[name] for one in per_value] for name in VALUE_STATISTICS},
+    )
+    count = len(countries)
+    emission = DimensionEmission(rows=rows, ttft_count=[0] * count, latency_digest=[row.digest] * count)
+    return msgspec.structs.replace(row, dimensions=[emission])
+
+
+def test_score_rules_and_rules_on_a_dimension_value_judge_their_own_rows(
+    postgres_dsn: str, broker: Broker
+) -> None:
+    generator = random.Random(8)
+    receiver = Receiver()
+    start = first_window()
+    count = 10
+    # The judge scores poorly in windows 1, 2 and 5; DE's calls err in windows 2, 4 and 5.
+    poor, erring_windows = {1, 2, 5}, {2, 4, 5}
+    scores = {
+        (index, route): [
+            generator.choice([0.1, 0.3, 0.45] if index in poor else [0.55, 0.8, 0.95])
+            for _ in range(generator.randint(2, 4))
+        ]
+        for index in range(count)
+        for route in ("/chat", "/search")
+    }
+    countries = {
+        index: {
+            "DE": (calls := generator.randint(6, 12), calls // 2 if index in erring_windows else calls // 6),
+            "FR": (calls := generator.randint(4, 12), calls // 2),  # errs a lot: not the rule's value
+            None: (3, 3),
+        }
+        for index in range(count)
+    }
+    with serving(receiver.app, "the receiver") as hook:
+        score_rule, country_rule = make_rules(
+            postgres_dsn,
+            [
+                {
+                    "tenant_id": "acme",
+                    "name": "judged poorly",
+                    "metric": "score_avg:judge",
+                    "span_seconds": W,
+                    "op": "<",
+                    "threshold": 0.5,
+                    "min_calls": 4,
+                    "webhook_url": f"{hook}/hook",
+                },
+                {
+                    "tenant_id": "acme",
+                    "name": "errors in DE",
+                    "metric": "error_rate",
+                    "dimension": "metadata.country",
+                    "value": "DE",
+                    "span_seconds": W,
+                    "op": ">",
+                    "threshold": 0.25,
+                    "webhook_url": f"{hook}/hook",
+                },
+            ],
+        )
+        settings = Settings(
+            kafka_brokers=broker.address,
+            postgres_dsn=postgres_dsn,
+            window_seconds=W,
+            alert_webhook_allow=LOOPBACK,
+        )
+        windows = RowsSink(postgres_dsn, broker.address).build("rows", 0, 1)
+        evaluations = EvaluationRowsSink(postgres_dsn, broker.address).build("evaluation rows", 0, 1)
+        with alert_service(settings):
+            for index in range(count):
+                windows.write_batch([country_row(start + index * W, countries[index])])
+                evaluations.write_batch(
+                    [
+                        evaluation_row(start + index * W, route, scores[(index, route)])
+                        for route in ("/chat", "/search")
+                    ]
+                )
+            read_up_to(postgres_dsn, count)
+            read_up_to(postgres_dsn, 2 * count, "llm.evaluation-metrics")
+            stored = stored_transitions(postgres_dsn)
+            accepted = receiver.wait_for(len(stored), timeout=30)
+        windows.close()
+        evaluations.close()
+
+    def averages(index: int) -> tuple[float, int]:
+        both = scores[(index, "/chat")] + scores[(index, "/search")]
+        return sum(both) / len(both), len(both)
+
+    judged_poorly = [average < 0.5 and scored >= 4 for average, scored in map(averages, range(count))]
+    erring = [countries[index]["DE"][1] / countries[index]["DE"][0] > 0.25 for index in range(count)]
+    want = sorted(
+        [(score_rule, state, index) for state, index in expected_transitions(judged_poorly, 1)]
+        + [(country_rule, state, index) for state, index in expected_transitions(erring, 1)]
+    )
+    assert any(rule == score_rule for rule, _, _ in want) and any(rule == country_rule for rule, _, _ in want)
+    assert sorted((rule, state, (window - start) // W) for _, rule, state, window, _, _ in stored) == want
+    bodies = by_key(accepted)
+    assert set(bodies) == {item[0] for item in stored}
+    for body in bodies.values():
+        index = (int(datetime.fromisoformat(body["window_start"]).timestamp()) - start) // W
+        if body["rule_id"] == score_rule:
+            assert body["metric"] == "score_avg:judge" and body["value"] == pytest.approx(averages(index)[0])
+        else:
+            calls, errors = countries[index]["DE"]
+            assert body["value"] == pytest.approx(errors / calls)
