@@ -41,9 +41,10 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import msgspec
@@ -52,7 +53,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from prometheus_client import Counter, start_http_server
 
 from dataflows import alert_store
-from dataflows.alerting import RuleState, Transition, judge, judge_budget, period_of
+from dataflows.alerting import RuleState, Transition, figures_by_window, judge, judge_budget, period_of
 from schemas.alerts import SCORE_PREFIX, AlertRule
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
@@ -75,6 +76,7 @@ RETRY_SECONDS = 25 * 3600
 FIRST_RETRY_SECONDS = 5.0
 MAX_RETRY_SECONDS = 3600.0
 USER_AGENT = "StreamLens-Alerts/1"
+DELIVERY_THREADS = 16
 
 TRANSITIONS = Counter("streamlens_alert_transitions", "Alert transitions stored", ["state"])
 DELIVERIES = Counter(
@@ -128,27 +130,49 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def judge_rule(
-    conn: psycopg.Connection[Any], rule: AlertRule, windows: set[int], window_seconds: int
-) -> tuple[list[Transition], RuleState]:
-    """A rule's transitions once rows of ``windows`` were written, from the stored rows."""
-    state = alert_store.locked_state(conn, rule.id)
-    if rule.period is not None:
-        out: list[Transition] = []
-        for window in sorted(windows):
-            # The period up to this window's end, not beyond: the window a budget fires at
-            # must not depend on how many later windows were read with it.
-            _, begin, _ = period_of(rule.period, window)
-            total = alert_store.total_figures(conn, rule, begin, window + window_seconds)
-            found, state = judge_budget(rule, state, total, window, window_seconds)
-            out += found
-        return out, state
-    assert rule.span_seconds is not None
-    span = rule.span_seconds // window_seconds
-    first = min(windows) - (rule.for_windows - 1 + span - 1) * window_seconds
-    figures = alert_store.window_figures(conn, rule, first)
-    latest = max([*windows, *figures])
-    return judge(rule, state, figures, windows, latest, window_seconds)
+def judge_tenant(
+    conn: psycopg.Connection[Any], touched: list[tuple[AlertRule, set[int]]], window_seconds: int
+) -> list[tuple[AlertRule, RuleState, RuleState, list[Transition]]]:
+    """The transitions of a tenant's rules once rows of the windows each covers were written,
+    from the stored rows: each rule's state before and after, and its new transitions. A
+    table's rows are read once for all the rules on it."""
+    states = alert_store.locked_states(conn, [rule.id for rule, _ in touched])
+    firsts: dict[str, int] = {}
+    narrowed: dict[str, set[str]] = {}
+    for rule, windows in touched:
+        if rule.span_seconds is None:
+            continue
+        table = alert_store.source_of(rule)
+        span = rule.span_seconds // window_seconds
+        first = min(windows) - (rule.for_windows - 1 + span - 1) * window_seconds
+        firsts[table] = min(first, firsts.get(table, first))
+        if rule.dimension is not None:
+            narrowed.setdefault(table, set()).add(rule.dimension)
+        elif rule.metric.startswith(SCORE_PREFIX):
+            narrowed.setdefault(table, set()).add(rule.metric[len(SCORE_PREFIX) :])
+    tenant = touched[0][0].tenant_id
+    rows = {
+        table: alert_store.tenant_rows(conn, table, tenant, first, sorted(narrowed.get(table, ())))
+        for table, first in firsts.items()
+    }
+    out = []
+    for rule, windows in touched:
+        before = states[rule.id]
+        if rule.period is not None:
+            state, transitions = before, []
+            for window in sorted(windows):
+                # The period up to this window's end, not beyond: the window a budget fires at
+                # must not depend on how many later windows were read with it.
+                _, begin, _ = period_of(rule.period, window)
+                total = alert_store.total_figures(conn, rule, begin, window + window_seconds)
+                found, state = judge_budget(rule, state, total, window, window_seconds)
+                transitions += found
+        else:
+            figures = figures_by_window(rule, rows[alert_store.source_of(rule)])
+            latest = max([*windows, *figures])
+            transitions, state = judge(rule, before, figures, windows, latest, window_seconds)
+        out.append((rule, before, state, transitions))
+    return out
 
 
 class AlertService:
@@ -231,13 +255,16 @@ class AlertService:
         stored = 0
         with conn.transaction():
             for tenant, rules in alert_store.rules(conn, touched).items():
-                for rule in rules:
-                    windows = {item.window for item in touched[tenant] if covers(rule, item)}
-                    if not windows:
+                covered = [
+                    (rule, {item.window for item in touched[tenant] if covers(rule, item)}) for rule in rules
+                ]
+                covered = [(rule, windows) for rule, windows in covered if windows]
+                if not covered:
+                    continue
+                for rule, before, state, transitions in judge_tenant(conn, covered, window_seconds):
+                    if state == before and not transitions:
                         continue
-                    transitions, state = judge_rule(conn, rule, windows, window_seconds)
-                    new = alert_store.save(conn, rule, state, transitions)
-                    stored += new
+                    stored += alert_store.save(conn, rule, state, transitions)
                     for transition in transitions:
                         TRANSITIONS.labels(transition.state).inc()
                         logger.info(
@@ -254,67 +281,91 @@ class AlertService:
         return stored
 
 
-class Deliverer:
-    """POSTs pending transitions until ``stop`` is set; ``wake`` says some were stored."""
+class Attempt(NamedTuple):
+    """How one delivery attempt went: ``error`` None when the receiver took it."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        stop: threading.Event,
-        wake: threading.Event,
-        post: Callable[..., httpx.Response] | None = None,
-    ) -> None:
+    outcome: str  # delivered, refused (the target is not allowed), cancelled (no rule), error
+    error: str | None = None
+
+
+class Deliverer:
+    """POSTs pending transitions until ``stop`` is set; ``wake`` says some were stored.
+
+    ``DELIVERY_THREADS`` attempts run at once (a slow receiver holds one of them, not
+    the others' alerts); this thread alone records how each went.
+    """
+
+    def __init__(self, settings: Settings, stop: threading.Event, wake: threading.Event) -> None:
         self.settings = settings
         self.stop = stop
         self.wake = wake
-        self._client = httpx.Client(follow_redirects=False, timeout=DELIVERY_TIMEOUT_SECONDS)
-        self._post = post or self._client.post
+        self._client = httpx.Client(
+            follow_redirects=False,
+            timeout=DELIVERY_TIMEOUT_SECONDS,
+            limits=httpx.Limits(max_connections=DELIVERY_THREADS),
+        )
 
     def run(self) -> None:
-        with psycopg.connect(self.settings.postgres_dsn, autocommit=True) as conn:
+        in_flight: dict[Future[Attempt], alert_store.Due] = {}
+        with (
+            psycopg.connect(self.settings.postgres_dsn, autocommit=True) as conn,
+            ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="alert-post") as pool,
+        ):
             while not self.stop.is_set():
-                batch = alert_store.due(conn)
-                if not batch:
+                room = 2 * DELIVERY_THREADS - len(in_flight)
+                if room > 0:
+                    busy = [item.id for item in in_flight.values()]
+                    for item in alert_store.due(conn, room, busy):
+                        in_flight[pool.submit(self._attempt, item)] = item
+                if not in_flight:
                     self.wake.wait(1.0)
                     self.wake.clear()
                     continue
-                for item in batch:
-                    if self.stop.is_set():
-                        break
-                    self._deliver(conn, item)
+                done, _ = wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
+                for future in done:
+                    self._record(conn, in_flight.pop(future), future.result())
+            # Stopping: the attempts under way end (each within its timeout) and are recorded.
+            for future in as_completed(in_flight):
+                self._record(conn, in_flight[future], future.result())
         self._client.close()
 
-    def _deliver(self, conn: psycopg.Connection[Any], item: alert_store.Due) -> None:
+    def _attempt(self, item: alert_store.Due) -> Attempt:
         if not item.rule_exists:
-            alert_store.given_up(conn, item.id, "cancelled", "the rule was deleted")
-            DELIVERIES.labels("cancelled").inc()
-            return
+            return Attempt("cancelled", "the rule was deleted")
         try:
             check_url(item.url, self.settings.alert_webhook_allow)
         except ValueError as error:
-            alert_store.given_up(conn, item.id, "failed", f"webhook refused: {error}")
-            DELIVERIES.labels("failed").inc()
-            return
+            return Attempt("refused", f"webhook refused: {error}")
         headers = {"Content-Type": "application/json", "Idempotency-Key": item.id, "User-Agent": USER_AGENT}
         if item.secret:
             headers["X-StreamLens-Signature"] = signature(item.secret, item.body)
         try:
-            answer = self._post(item.url, content=item.body, headers=headers)
-            error = None if 200 <= answer.status_code < 300 else f"HTTP {answer.status_code}"
+            answer = self._client.post(item.url, content=item.body, headers=headers)
         except httpx.HTTPError as failure:
-            error = f"{type(failure).__name__}: {failure}"
-        if error is None:
+            return Attempt("error", f"{type(failure).__name__}: {failure}")
+        if 200 <= answer.status_code < 300:
+            return Attempt("delivered")
+        return Attempt("error", f"HTTP {answer.status_code}")
+
+    def _record(self, conn: psycopg.Connection[Any], item: alert_store.Due, attempt: Attempt) -> None:
+        error = attempt.error or ""
+        if attempt.outcome == "delivered":
             alert_store.delivered(conn, item.id)
             DELIVERIES.labels("delivered").inc()
-            return
-        if item.age_seconds >= RETRY_SECONDS:
+        elif attempt.outcome in ("cancelled", "refused"):
+            delivery = "cancelled" if attempt.outcome == "cancelled" else "failed"
+            alert_store.given_up(conn, item.id, delivery, error)
+            DELIVERIES.labels(delivery).inc()
+            logger.warning("alert %s: %s, not delivered", item.id, error)
+        elif item.age_seconds >= RETRY_SECONDS:
             alert_store.given_up(conn, item.id, "failed", f"{error}; retried for {RETRY_SECONDS // 3600} h")
             DELIVERIES.labels("failed").inc()
-            return
-        after = min(FIRST_RETRY_SECONDS * 2**item.attempts, MAX_RETRY_SECONDS)
-        alert_store.retry(conn, item.id, after, error)
-        DELIVERIES.labels("retried").inc()
-        logger.info("alert %s: delivery failed (%s), again in %.0f s", item.id, error, after)
+            logger.warning("alert %s: %s; retried for %d h, given up", item.id, error, RETRY_SECONDS // 3600)
+        else:
+            after = min(FIRST_RETRY_SECONDS * 2**item.attempts, MAX_RETRY_SECONDS)
+            alert_store.retry(conn, item.id, after, error)
+            DELIVERIES.labels("retried").inc()
+            logger.info("alert %s: delivery failed (%s), again in %.0f s", item.id, error, after)
 
 
 def serve(settings: Settings, stop: threading.Event) -> None:

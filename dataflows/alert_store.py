@@ -7,7 +7,7 @@ across the keys a rule covers: the same rows the query API answers from.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,44 +15,32 @@ import msgspec
 import psycopg
 from psycopg.types.json import Jsonb
 
-from dataflows.alerting import Figures, RuleState, Transition
+from dataflows.alerting import Figures, RowKey, RuleState, Transition
 from schemas.alert_rules import rules_of_tenants
 from schemas.alerts import SCORE_PREFIX, AlertRule
 
-_CALL_SUMS = (
-    "sum(requests), sum(errors), sum(timeouts), sum(estimated_cost_usd), sum(prompt_tokens), "
-    "sum(completion_tokens), sum(coalesce(avg_time_to_first_token_ms, 0) * ttft_count), sum(ttft_count), "
-    'array_agg(latency_digest ORDER BY route COLLATE "C", model COLLATE "C") '
-    "FILTER (WHERE latency_digest IS NOT NULL)"
-)
-_SCORE_SUMS = "sum(score_sum), sum(scores)"
 
-
-def _source(rule: AlertRule) -> tuple[str, str, str, list[Any]]:
-    """The table (or view) a rule's rows are in, the sums it needs, and its conditions
-    with their values."""
-    conditions = ["tenant_id = %s"]
-    values: list[Any] = [rule.tenant_id]
-    for column, value in (("route", rule.route), ("model", rule.model)):
-        if value is not None:
-            conditions.append(f"{column} = %s")
-            values.append(value)
+def source_of(rule: AlertRule) -> str:
+    """The table (or view) a rule's rows are in."""
     scored = rule.metric.startswith(SCORE_PREFIX)
-    if scored:
-        conditions.append("name = %s")
-        values.append(rule.metric[len(SCORE_PREFIX) :])
     if rule.dimension is not None:
-        conditions += ["dimension = %s", "value IS NOT DISTINCT FROM %s"]
-        values += [rule.dimension, rule.value]
-        table = "llm_evaluation_dimension_metrics" if scored else "llm_dimension_metrics"
-    else:
-        table = "llm_evaluation_metrics" if scored else "llm_metrics"
-    return table, _SCORE_SUMS if scored else _CALL_SUMS, " AND ".join(conditions), values
+        return "llm_evaluation_dimension_metrics" if scored else "llm_dimension_metrics"
+    return "llm_evaluation_metrics" if scored else "llm_metrics"
 
 
-def _figures(record: tuple[Any, ...], scored: bool) -> Figures:
+_SCORED = frozenset({"llm_evaluation_metrics", "llm_evaluation_dimension_metrics"})
+_DIMENSIONED = frozenset({"llm_dimension_metrics", "llm_evaluation_dimension_metrics"})
+_CALL_COLUMNS = (
+    "requests, errors, timeouts, estimated_cost_usd, prompt_tokens, completion_tokens, "
+    "coalesce(avg_time_to_first_token_ms, 0) * ttft_count, ttft_count, latency_digest"
+)
+_SCORE_COLUMNS = "coalesce(score_sum, 0), scores"
+
+
+def _figures(record: Sequence[Any], scored: bool) -> Figures:
     if scored:
         return Figures(score_sum=float(record[0] or 0.0), scores=int(record[1] or 0))
+    digest = record[8]
     return Figures(
         int(record[0] or 0),
         int(record[1] or 0),
@@ -62,7 +50,7 @@ def _figures(record: tuple[Any, ...], scored: bool) -> Figures:
         int(record[5] or 0),
         float(record[6] or 0.0),
         int(record[7] or 0),
-        tuple(record[8] or ()),
+        () if digest is None else (bytes(digest),),
     )
 
 
@@ -70,46 +58,83 @@ def _at(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
-def window_figures(conn: psycopg.Connection[Any], rule: AlertRule, first: int) -> dict[int, Figures]:
-    """The figures of each window starting at or after ``first`` that has rows of the rule."""
-    table, sums, where, values = _source(rule)
+def tenant_rows(
+    conn: psycopg.Connection[Any], table: str, tenant: str, first: int, narrowed: Sequence[str] = ()
+) -> list[tuple[RowKey, int, Figures]]:
+    """Every row of ``table`` of the tenant from window ``first`` on: what it is of, its window
+    start, its figures. ``narrowed``: only these evaluation names (or, in a dimension table,
+    these dimensions), when given."""
+    scored, dimensioned = table in _SCORED, table in _DIMENSIONED
+    name = "name" if scored else "NULL"
+    dimension = "dimension, value" if dimensioned else "NULL, NULL"
+    conditions = "tenant_id = %s AND window_start >= %s"
+    values: list[Any] = [tenant, _at(first)]
+    if narrowed:
+        conditions += f" AND {'dimension' if dimensioned else 'name'} = ANY(%s)"
+        values.append(list(narrowed))
     cursor = conn.execute(
-        f"SELECT extract(epoch FROM window_start)::bigint, {sums} FROM {table} "
-        f"WHERE {where} AND window_start >= %s GROUP BY window_start",
-        [*values, _at(first)],
+        f"SELECT route, model, {name}, {dimension}, extract(epoch FROM window_start)::bigint, "
+        f"{_SCORE_COLUMNS if scored else _CALL_COLUMNS} FROM {table} WHERE {conditions}",
+        values,
     )
-    scored = rule.metric.startswith(SCORE_PREFIX)
-    return {int(record[0]): _figures(record[1:], scored) for record in cursor.fetchall()}
+    return [
+        (RowKey(*record[:5]), int(record[5]), _figures(record[6:], scored)) for record in cursor.fetchall()
+    ]
 
 
 def total_figures(conn: psycopg.Connection[Any], rule: AlertRule, first: int, end: int) -> Figures:
-    """The figures of all windows starting in ``[first, end)``, added up."""
-    table, sums, where, values = _source(rule)
-    cursor = conn.execute(
-        f"SELECT {sums} FROM {table} WHERE {where} AND window_start >= %s AND window_start < %s",
-        [*values, _at(first), _at(end)],
+    """The figures of the rule's rows of windows starting in ``[first, end)``, added up (by
+    Postgres: a month of windows is too many to read)."""
+    table = source_of(rule)
+    scored = table in _SCORED
+    conditions = ["tenant_id = %s", "window_start >= %s", "window_start < %s"]
+    values: list[Any] = [rule.tenant_id, _at(first), _at(end)]
+    for column, value in (("route", rule.route), ("model", rule.model)):
+        if value is not None:
+            conditions.append(f"{column} = %s")
+            values.append(value)
+    if scored:
+        conditions.append("name = %s")
+        values.append(rule.metric[len(SCORE_PREFIX) :])
+    if rule.dimension is not None:
+        conditions += ["dimension = %s", "value IS NOT DISTINCT FROM %s"]
+        values += [rule.dimension, rule.value]
+    sums = (
+        "sum(score_sum), sum(scores)"
+        if scored
+        else "sum(requests), sum(errors), sum(timeouts), sum(estimated_cost_usd), sum(prompt_tokens), "
+        "sum(completion_tokens), sum(coalesce(avg_time_to_first_token_ms, 0) * ttft_count), "
+        "sum(ttft_count), NULL"
     )
+    cursor = conn.execute(f"SELECT {sums} FROM {table} WHERE {' AND '.join(conditions)}", values)
     record = cursor.fetchone()
     assert record is not None
-    return _figures(record, rule.metric.startswith(SCORE_PREFIX))
+    return _figures(record, scored)
 
 
 def rules(conn: psycopg.Connection[Any], tenants: Iterable[str]) -> dict[str, list[AlertRule]]:
     return rules_of_tenants(conn, list(tenants))
 
 
-def locked_state(conn: psycopg.Connection[Any], rule_id: str) -> RuleState:
-    """What the rule was told, locked until the transaction ends (made when new)."""
-    conn.execute("INSERT INTO alert_states (rule_id) VALUES (%s) ON CONFLICT DO NOTHING", (rule_id,))
-    cursor = conn.execute(
-        "SELECT firing, extract(epoch FROM since)::bigint, extract(epoch FROM told)::bigint, period "
-        "FROM alert_states WHERE rule_id = %s FOR UPDATE",
-        (rule_id,),
+def locked_states(conn: psycopg.Connection[Any], rule_ids: Sequence[str]) -> dict[str, RuleState]:
+    """What each rule was told, locked until the transaction ends (made when new)."""
+    conn.cursor().executemany(
+        "INSERT INTO alert_states (rule_id) VALUES (%s) ON CONFLICT DO NOTHING",
+        [(rule,) for rule in rule_ids],
     )
-    record = cursor.fetchone()
-    assert record is not None
-    firing, since, told, period = record
-    return RuleState(firing, since, told, period)
+    cursor = conn.execute(
+        "SELECT rule_id, firing, extract(epoch FROM since)::bigint, extract(epoch FROM told)::bigint, period "
+        "FROM alert_states WHERE rule_id = ANY(%s) ORDER BY rule_id FOR UPDATE",
+        (list(rule_ids),),
+    )
+    return {
+        rule_id: RuleState(firing, since, told, period)
+        for rule_id, firing, since, told, period in cursor.fetchall()
+    }
+
+
+def locked_state(conn: psycopg.Connection[Any], rule_id: str) -> RuleState:
+    return locked_states(conn, [rule_id])[rule_id]
 
 
 def save(
@@ -187,14 +212,15 @@ class Due(msgspec.Struct):
     rule_exists: bool
 
 
-def due(conn: psycopg.Connection[Any], limit: int = 50) -> list[Due]:
+def due(conn: psycopg.Connection[Any], limit: int, busy: Sequence[str] = ()) -> list[Due]:
+    """Up to ``limit`` transitions to deliver now, the longest waiting first, but those ``busy``."""
     cursor = conn.execute(
         "SELECT t.id, t.body::text, t.webhook_url, r.webhook_secret, t.attempts, "
         "extract(epoch FROM now() - t.at), r.id IS NOT NULL "
         "FROM alert_transitions t LEFT JOIN alert_rules r ON r.id = t.rule_id "
-        "WHERE t.delivery = 'pending' AND t.next_attempt_at <= now() "
+        "WHERE t.delivery = 'pending' AND t.next_attempt_at <= now() AND t.id <> ALL(%s) "
         "ORDER BY t.next_attempt_at, t.at, t.id LIMIT %s",
-        (limit,),
+        (list(busy), limit),
     )
     return [
         Due(id, body.encode(), url, secret, attempts, float(age), exists)

@@ -73,6 +73,37 @@ class Figures(NamedTuple):
         )
 
 
+class RowKey(NamedTuple):
+    """What a stored row is of, as rules filter on it (None where its table has no such column)."""
+
+    route: str
+    model: str
+    name: str | None
+    dimension: str | None
+    value: str | None
+
+
+def filters_in(rule: AlertRule, key: RowKey) -> bool:
+    """Whether a row of the rule's table is one of the rule's: its route, model, evaluation
+    name and dimension value."""
+    return (
+        (rule.route is None or key.route == rule.route)
+        and (rule.model is None or key.model == rule.model)
+        and (not rule.metric.startswith(SCORE_PREFIX) or key.name == rule.metric[len(SCORE_PREFIX) :])
+        and (rule.dimension is None or (key.dimension == rule.dimension and key.value == rule.value))
+    )
+
+
+def figures_by_window(rule: AlertRule, rows: Iterable[tuple[RowKey, int, Figures]]) -> dict[int, Figures]:
+    """The rule's rows among ``rows`` (of its table), added up per window start."""
+    out: dict[int, Figures] = {}
+    for key, window, figures in rows:
+        if filters_in(rule, key):
+            found = out.get(window)
+            out[window] = figures if found is None else found.plus(figures)
+    return out
+
+
 def value_of(metric: str, figures: Figures) -> tuple[float | None, int]:
     """The metric of merged figures (None when it has no value, as a rate of no calls),
     and the count ``min_calls`` is held against."""

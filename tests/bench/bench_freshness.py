@@ -37,7 +37,8 @@ WINDOW, GRACE = 10, 2
 SETTINGS = {"WINDOW_SECONDS": str(WINDOW), "GRACE_SECONDS": str(GRACE)}
 
 
-def _send(brokers: str, rate: int, seconds: float) -> int:
+def send_calls(brokers: str, rate: int, seconds: float, keys: list[tuple[str, str, str]] = KEYS) -> int:
+    """Calls of ``keys`` at ``rate`` a second for ``seconds``, stamped with the wall clock."""
     producer = Producer({"bootstrap.servers": brokers, "linger.ms": 5, "acks": "all",
                          "enable.idempotence": True})
     rng = random.Random(5)
@@ -47,7 +48,7 @@ def _send(brokers: str, rate: int, seconds: float) -> int:
         due = int((time.monotonic() - started) * rate)
         for _ in range(due - sent):
             now = time.time()
-            key = rng.choice(KEYS)
+            key = rng.choice(keys)
             rid = uuid.uuid4().hex
             request = {"request_id": rid, "tenant_id": key[0], "route": key[1], "model": key[2],
                        "timestamp": h.timestamp(now), "prompt_tokens": 100}
@@ -79,14 +80,14 @@ def run(rate: int, seconds: float) -> None:
         try:
             time.sleep(3)  # the processor's start is not what is measured
             started = time.time()
-            sent = _send(broker.address, rate, seconds)
+            sent = send_calls(broker.address, rate, seconds)
             sending = time.time() - started
             time.sleep(WINDOW + GRACE + 5)  # the last windows close on the wall clock
             processor.check_alive()
         finally:
             processor.stop()
         first: dict[tuple[str, str, str, str], float] = {}
-        for _key, value, _partition, _offset, stamp in _records_with_time(broker.address):
+        for _key, value, _partition, _offset, stamp in records_with_time(broker.address):
             row = json.loads(value)
             key = (row["tenant_id"], row["route"], row["model"], row["window_start"])
             end = datetime.fromisoformat(row["window_end"]).timestamp()
@@ -103,7 +104,7 @@ def run(rate: int, seconds: float) -> None:
     print(f"baseline: the grace period itself, {GRACE:.2f} s")
 
 
-def _records_with_time(brokers: str) -> list[tuple[bytes | None, bytes, int, int, float]]:
+def records_with_time(brokers: str) -> list[tuple[bytes | None, bytes, int, int, float]]:
     """Every llm.metrics record with its Kafka timestamp in Unix seconds."""
     consumer = Consumer({"bootstrap.servers": brokers, "group.id": "bench-freshness",
                          "enable.auto.commit": False})
