@@ -14,6 +14,7 @@ import hmac
 import json
 import queue
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ class Alert(NamedTuple):
     body: dict[str, Any]
     signed: bool | None  # None: no secret to check against
     repeat: bool
+    received_at: float  # time.time()
 
 
 def describe(alert: Alert) -> str:
@@ -73,7 +75,7 @@ class WebhookReceiver(ThreadingHTTPServer):
             body = json.loads(payload)
         except ValueError:
             body = {"state": "unreadable", "rule_name": payload[:200].decode(errors="replace")}
-        self.alerts.put(Alert(key, body if isinstance(body, dict) else {}, signed, repeat))
+        self.alerts.put(Alert(key, body if isinstance(body, dict) else {}, signed, repeat, time.time()))
 
 
 class _Handler(BaseHTTPRequestHandler):
