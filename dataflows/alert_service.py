@@ -252,33 +252,42 @@ class AlertService:
     ) -> int:
         """Judge every rule the rows touched; store states, transitions and offsets at once."""
         window_seconds = self.settings.window_seconds
-        stored = 0
+        started = time.monotonic()
+        judged: list[tuple[AlertRule, RuleState, list[Transition]]] = []
         with conn.transaction():
             for tenant, rules in alert_store.rules(conn, touched).items():
                 covered = [
                     (rule, {item.window for item in touched[tenant] if covers(rule, item)}) for rule in rules
                 ]
                 covered = [(rule, windows) for rule, windows in covered if windows]
-                if not covered:
-                    continue
-                for rule, before, state, transitions in judge_tenant(conn, covered, window_seconds):
-                    if state == before and not transitions:
-                        continue
-                    stored += alert_store.save(conn, rule, state, transitions)
-                    for transition in transitions:
-                        TRANSITIONS.labels(transition.state).inc()
-                        logger.info(
-                            "alert %s: rule %s (%r) of tenant %r %s at window %d (value %s)",
-                            transition.id,
-                            rule.id,
-                            rule.name,
-                            rule.tenant_id,
-                            transition.state,
-                            transition.window_start,
-                            transition.value,
-                        )
+                if covered:
+                    judged += [
+                        (rule, state, transitions)
+                        for rule, before, state, transitions in judge_tenant(conn, covered, window_seconds)
+                        if state != before or transitions
+                    ]
+            new = alert_store.save(conn, judged)
             alert_store.save_offsets(conn, read)
-        return stored
+        for rule, transition in new:
+            TRANSITIONS.labels(transition.state).inc()
+            logger.info(
+                "alert %s: rule %s (%r) of tenant %r %s at window %d (value %s)",
+                transition.id,
+                rule.id,
+                rule.name,
+                rule.tenant_id,
+                transition.state,
+                transition.window_start,
+                transition.value,
+            )
+        if new:
+            logger.info(
+                "alert service: %d new transitions (%d rules changed) judged and stored in %.2f s",
+                len(new),
+                len(judged),
+                time.monotonic() - started,
+            )
+        return len(new)
 
 
 class Attempt(NamedTuple):
@@ -322,8 +331,9 @@ class Deliverer:
                     self.wake.clear()
                     continue
                 done, _ = wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
-                for future in done:
-                    self._record(conn, in_flight.pop(future), future.result())
+                with conn.transaction():  # one commit for the attempts that ended together
+                    for future in done:
+                        self._record(conn, in_flight.pop(future), future.result())
             # Stopping: the attempts under way end (each within its timeout) and are recorded.
             for future in as_completed(in_flight):
                 self._record(conn, in_flight[future], future.result())

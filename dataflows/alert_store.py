@@ -137,40 +137,58 @@ def locked_state(conn: psycopg.Connection[Any], rule_id: str) -> RuleState:
     return locked_states(conn, [rule_id])[rule_id]
 
 
+def _body(rule: AlertRule, transition: Transition, at: str) -> dict[str, Any]:
+    """What a transition's deliveries POST (SPEC §10)."""
+    return {
+        "id": transition.id,
+        "rule_id": rule.id,
+        "rule_name": rule.name,
+        "tenant_id": rule.tenant_id,
+        "state": transition.state,
+        "metric": rule.metric,
+        "value": transition.value,
+        "threshold": rule.threshold,
+        "window_start": _at(transition.window_start).isoformat().replace("+00:00", "Z"),
+        "window_end": _at(transition.window_end).isoformat().replace("+00:00", "Z"),
+        "at": at,
+    }
+
+
 def save(
-    conn: psycopg.Connection[Any], rule: AlertRule, state: RuleState, transitions: list[Transition]
-) -> int:
-    """Store the rule's state and its new transitions (each once, whatever judged it again);
-    how many were new."""
-    conn.execute(
+    conn: psycopg.Connection[Any], judged: Sequence[tuple[AlertRule, RuleState, list[Transition]]]
+) -> list[tuple[AlertRule, Transition]]:
+    """Store rules' states and their transitions, each transition once whatever judged it
+    again; the transitions that were new."""
+    if not judged:
+        return []
+    cursor = conn.cursor()
+    cursor.executemany(
         "UPDATE alert_states SET firing = %s, since = %s, told = %s, period = %s, updated_at = now() "
         "WHERE rule_id = %s",
-        (
-            state.firing,
-            None if state.since is None else _at(state.since),
-            None if state.told is None else _at(state.told),
-            state.period,
-            rule.id,
-        ),
+        [
+            (
+                state.firing,
+                None if state.since is None else _at(state.since),
+                None if state.told is None else _at(state.told),
+                state.period,
+                rule.id,
+            )
+            for rule, state, _ in judged
+        ],
     )
-    new = 0
-    for transition in transitions:
-        body = {
-            "id": transition.id,
-            "rule_id": rule.id,
-            "rule_name": rule.name,
-            "tenant_id": rule.tenant_id,
-            "state": transition.state,
-            "metric": rule.metric,
-            "value": transition.value,
-            "threshold": rule.threshold,
-            "window_start": _at(transition.window_start).isoformat().replace("+00:00", "Z"),
-            "window_end": _at(transition.window_end).isoformat().replace("+00:00", "Z"),
-            "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        }
-        cursor = conn.execute(
-            "INSERT INTO alert_transitions (id, rule_id, tenant_id, state, window_start, window_end, body, "
-            "webhook_url) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+    told = [(rule, transition) for rule, _, transitions in judged for transition in transitions]
+    if not told:
+        return []
+    found = conn.execute(
+        "SELECT id FROM alert_transitions WHERE id = ANY(%s)", ([transition.id for _, transition in told],)
+    )
+    known = {record[0] for record in found.fetchall()}
+    new = [(rule, transition) for rule, transition in told if transition.id not in known]
+    at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    cursor.executemany(
+        "INSERT INTO alert_transitions (id, rule_id, tenant_id, state, window_start, window_end, body, "
+        "webhook_url) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+        [
             (
                 transition.id,
                 rule.id,
@@ -178,11 +196,12 @@ def save(
                 transition.state,
                 _at(transition.window_start),
                 _at(transition.window_end),
-                Jsonb(body),
+                Jsonb(_body(rule, transition, at)),
                 rule.webhook_url,
-            ),
-        )
-        new += cursor.rowcount
+            )
+            for rule, transition in new
+        ],
+    )
     return new
 
 

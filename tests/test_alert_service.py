@@ -30,6 +30,7 @@ import msgspec
 import psycopg
 import pytest
 from fastdigest import TDigest
+from prometheus_client import REGISTRY
 
 from api.keys import create_key
 from api.metrics import create_app
@@ -37,7 +38,7 @@ from dataflows.alert_service import serve
 from dataflows.evaluations import EvaluationEmission
 from dataflows.sinks import EvaluationRowsSink, RowsSink
 from dataflows.windows import DimensionEmission, WindowRow
-from deploy.stack import Broker
+from deploy.stack import Broker, free_port
 from schemas.config import Settings
 from schemas.metrics import VALUE_STATISTICS, DimensionRows, EvaluationRow, MetricsRow
 from schemas.webhooks import parse_allow
@@ -108,7 +109,11 @@ def make_rules(dsn: str, rules: list[dict[str, Any]]) -> list[str]:
 
 
 @contextmanager
-def alert_service(settings: Settings) -> Iterator[None]:
+def alert_service(broker: Broker, dsn: str) -> Iterator[None]:
+    """The alert service (judging and delivering) in threads of this process."""
+    settings = Settings(
+        kafka_brokers=broker.address, postgres_dsn=dsn, window_seconds=W, alert_webhook_allow=LOOPBACK
+    )
     stop = threading.Event()
     thread = threading.Thread(target=serve, args=(settings, stop), name="alert-service", daemon=True)
     thread.start()
@@ -140,6 +145,18 @@ def stored_transitions(dsn: str) -> list[tuple[Any, ...]]:
             "SELECT id, rule_id, state, extract(epoch FROM window_start)::bigint, delivery, attempts "
             "FROM alert_transitions ORDER BY window_start, state"
         ).fetchall()
+
+
+def prometheus_counts() -> dict[str, float]:
+    """The alert service's Prometheus counters, as this process's registry holds them."""
+    out = {}
+    for state in ("firing", "resolved"):
+        out[state] = REGISTRY.get_sample_value("streamlens_alert_transitions_total", {"state": state}) or 0.0
+    for outcome in ("delivered", "retried"):
+        out[outcome] = (
+            REGISTRY.get_sample_value("streamlens_alert_deliveries_total", {"outcome": outcome}) or 0.0
+        )
+    return out
 
 
 def by_key(deliveries: list[Delivery]) -> dict[str, dict[str, Any]]:
@@ -208,14 +225,9 @@ def test_rules_fire_and_resolve_at_the_windows_their_rows_say_and_a_budget_once(
                 },
             ],
         )
-        settings = Settings(
-            kafka_brokers=broker.address,
-            postgres_dsn=postgres_dsn,
-            window_seconds=W,
-            alert_webhook_allow=LOOPBACK,
-        )
         sink = RowsSink(postgres_dsn, broker.address).build("rows", 0, 1)
-        with alert_service(settings):
+        counted_before = prometheus_counts()
+        with alert_service(broker, postgres_dsn):
             for index in range(len(chat_breaches)):
                 sink.write_batch(
                     [
@@ -239,6 +251,14 @@ def test_rules_fire_and_resolve_at_the_windows_their_rows_say_and_a_budget_once(
             crossed = index
     assert crossed is not None
 
+    # Prometheus counted them (the counters are the process's: the difference is this run's).
+    counted = prometheus_counts()
+    assert {name: counted[name] - counted_before[name] for name in counted} == {
+        "firing": 3,
+        "resolved": 2,
+        "delivered": 5,
+        "retried": 0,
+    }
     stored = stored_transitions(postgres_dsn)
     assert [
         (rule, state, (window - start) // W) for _, rule, state, window, _, _ in stored if rule == error_rule
@@ -324,14 +344,8 @@ def test_a_receiver_down_for_30_s_gets_the_transition_afterwards_under_the_same_
                 }
             ],
         )
-        settings = Settings(
-            kafka_brokers=broker.address,
-            postgres_dsn=postgres_dsn,
-            window_seconds=W,
-            alert_webhook_allow=LOOPBACK,
-        )
         sink = RowsSink(postgres_dsn, broker.address).build("rows", 0, 1)
-        with alert_service(settings):
+        with alert_service(broker, postgres_dsn):
             sink.write_batch([window_row(start, "/chat", 10, 1, 0.01)])
             accepted = receiver.wait_for(1, timeout=90)
         sink.close()
@@ -346,7 +360,7 @@ def test_a_receiver_down_for_30_s_gets_the_transition_afterwards_under_the_same_
     assert (rule, state, delivery, tries) == (rule_id, "firing", "delivered", len(attempts))
 
 
-def spawn_service(broker: Broker, dsn: str, log: Any) -> subprocess.Popen[bytes]:
+def spawn_service(broker: Broker, dsn: str, log: Any, *arguments: str) -> subprocess.Popen[bytes]:
     environ = {
         **os.environ,
         "KAFKA_BROKERS": broker.address,
@@ -356,7 +370,7 @@ def spawn_service(broker: Broker, dsn: str, log: Any) -> subprocess.Popen[bytes]
         "ALERT_WEBHOOK_ALLOW": "127.0.0.0/8",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "dataflows.alert_service"], env=environ, stdout=log, stderr=log
+        [sys.executable, "-m", "dataflows.alert_service", *arguments], env=environ, stdout=log, stderr=log
     )
 
 
@@ -423,7 +437,8 @@ def test_kill_9_of_the_alert_service_at_random_moments_loses_no_transition_and_s
                     process.wait()
             writer.join()
         with open(tmp_path / "last-run.log", "w+b") as log:
-            process = spawn_service(broker, postgres_dsn, log)
+            metrics_port = free_port()
+            process = spawn_service(broker, postgres_dsn, log, "--metrics-port", str(metrics_port))
             try:
                 deadline = time.monotonic() + 30
                 while b"alert service: reading" not in (tmp_path / "last-run.log").read_bytes():
@@ -432,6 +447,7 @@ def test_kill_9_of_the_alert_service_at_random_moments_loses_no_transition_and_s
                 read_up_to(postgres_dsn, count)
                 stored = stored_transitions(postgres_dsn)
                 accepted = receiver.wait_for(len(stored), timeout=60)
+                exposed = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
             finally:
                 process.send_signal(signal.SIGTERM)
                 assert process.wait(30) == 0
@@ -454,6 +470,12 @@ def test_kill_9_of_the_alert_service_at_random_moments_loses_no_transition_and_s
     assert delivery == [("delivered", len(want))]
     if flaky:
         assert any(item.status == 503 for item in receiver.deliveries)
+    # Its Prometheus endpoint serves the two counters, without tenant labels.
+    assert "# TYPE streamlens_alert_transitions_total counter" in exposed
+    assert "# TYPE streamlens_alert_deliveries_total counter" in exposed
+    assert not [
+        line for line in exposed.splitlines() if line.startswith("streamlens_alert") and "tenant" in line
+    ]
 
 
 def evaluation_row(start: int, route: str, scores: list[float]) -> EvaluationEmission:
@@ -561,15 +583,9 @@ def test_score_rules_and_rules_on_a_dimension_value_judge_their_own_rows(
                 },
             ],
         )
-        settings = Settings(
-            kafka_brokers=broker.address,
-            postgres_dsn=postgres_dsn,
-            window_seconds=W,
-            alert_webhook_allow=LOOPBACK,
-        )
         windows = RowsSink(postgres_dsn, broker.address).build("rows", 0, 1)
         evaluations = EvaluationRowsSink(postgres_dsn, broker.address).build("evaluation rows", 0, 1)
-        with alert_service(settings):
+        with alert_service(broker, postgres_dsn):
             for index in range(count):
                 windows.write_batch([country_row(start + index * W, countries[index])])
                 evaluations.write_batch(

@@ -1204,7 +1204,7 @@ def test_firing_alerts_are_shown_at_the_top_marked_on_their_chart_and_the_rules_
                     Transition(transition_id(errors_rule.id, kind, start), kind, start, start + 60, 0.1)
                 )
             alert_store.save(
-                conn, errors_rule, RuleState(True, transitions[-1].window_start, None, None), transitions
+                conn, [(errors_rule, RuleState(True, transitions[-1].window_start, None, None), transitions)]
             )
             conn.commit()
 
