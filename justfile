@@ -51,6 +51,10 @@ create-key TENANT *ARGS:
 dimensions TENANT *NAMES:
     {{load_env}}; exec python -m api.tenants dimensions {{TENANT}} {{NAMES}}
 
+# TENANT's ingestion quota: RATE events/s (0: none) and BURST at once; without RATE, shown (--default: back to INGEST_RATE)
+quota TENANT *ARGS:
+    {{load_env}}; exec python -m api.quotas {{TENANT}} {{ARGS}}
+
 # Revoke the API key starting with PREFIX
 revoke-key PREFIX:
     {{load_env}}; exec python -m api.keys revoke {{PREFIX}}

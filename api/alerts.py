@@ -30,7 +30,7 @@ from starlette.routing import Route
 from api.auth import Principal, authenticate, forbidden_tenant
 from api.body import BodyError, MiB, check_content_type, read_body
 from api.errors import error_response
-from api.tenants import INVALID_TENANT, in_database, valid_tenant
+from api.tenants import in_database, tenant_param
 from schemas.alert_rules import (
     MAX_RULES_PER_TENANT,
     TooManyRules,
@@ -130,36 +130,11 @@ async def create(request: Request) -> Response:
     return _json(stored, 201)
 
 
-def _tenant_of(request: Request, principal: Principal, parameters: tuple[str, ...]) -> str | Response:
-    """The ``tenant_id`` asked for (the key's unless given), or the 400 or 403 to answer;
-    ``parameters`` are the query parameters the endpoint takes."""
-    unknown = sorted(set(request.query_params) - set(parameters))
-    if unknown:
-        return error_response(
-            400, "invalid_parameter", f"{unknown[0]}: unknown parameter; expected {', '.join(parameters)}"
-        )
-    for name in parameters:
-        given = request.query_params.getlist(name)
-        if len(given) > 1:
-            return error_response(
-                400, "invalid_parameter", f"{name}: given {len(given)} times, expected once"
-            )
-    tenant_id = request.query_params.get("tenant_id", principal.tenant_id)
-    if tenant_id is None:
-        return error_response(400, "invalid_parameter", "tenant_id: required (the key names no tenant)")
-    if not valid_tenant(tenant_id):
-        return error_response(400, "invalid_parameter", INVALID_TENANT)
-    refusal = forbidden_tenant(principal, tenant_id)
-    if refusal is not None:
-        return error_response(403, "forbidden", refusal)
-    return tenant_id
-
-
 async def listed(request: Request) -> Response:
     principal = await authenticate(request, "manage")
     if isinstance(principal, Response):
         return principal
-    tenant_id = _tenant_of(request, principal, ("tenant_id",))
+    tenant_id = tenant_param(request, principal, ("tenant_id",))
     if isinstance(tenant_id, Response):
         return tenant_id
     found = await in_database(request, lambda conn: list_rules(conn, tenant_id))
@@ -173,7 +148,7 @@ async def alerts(request: Request) -> Response:
     principal = await authenticate(request, "read")
     if isinstance(principal, Response):
         return principal
-    tenant_id = _tenant_of(request, principal, ("tenant_id", "recent"))
+    tenant_id = tenant_param(request, principal, ("tenant_id", "recent"))
     if isinstance(tenant_id, Response):
         return tenant_id
     text = request.query_params.get("recent", str(RECENT_DEFAULT))

@@ -33,7 +33,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import NamedTuple, TypeVar
 
 import msgspec
@@ -58,6 +59,7 @@ from api.observability import (
     metrics_route,
 )
 from api.producer import BrokerUnavailable, EventProducer
+from api.quotas import OverQuota, QuotaGate
 from schemas.config import Settings, load_or_exit
 from schemas.events import (
     IngestEvent,
@@ -198,10 +200,11 @@ def _evaluation_records(
     rejected: list[str],
     refused: dict[str, Count],
     now: float,
-) -> list[Record]:
-    """The records of the evaluations that may be stored; each refusal is added to
-    ``rejected`` (the OTLP answer's) and counted in ``refused`` by reason."""
+) -> tuple[list[Record], list[LLMEvaluation]]:
+    """The records of the evaluations that may be stored, and those evaluations; each
+    refusal is added to ``rejected`` (the OTLP answer's) and counted in ``refused`` by reason."""
     records: list[Record] = []
+    kept: list[LLMEvaluation] = []
     for evaluation in evaluations:
         refusal = _refuse(principal, evaluation, now)
         if refusal is not None:
@@ -209,7 +212,16 @@ def _evaluation_records(
             refused[_REFUSAL_REASONS[refusal[0]]].value += 1
             continue
         records.append(to_record(evaluation))
-    return records
+        kept.append(evaluation)
+    return records, kept
+
+
+def tenant_counts(principal: Principal, events: Sequence[IngestEvent]) -> Counter[str]:
+    """Events per tenant, as quotas count them: the key's tenant, or with ``AUTH=off`` each
+    event's own (a response without one counts toward no quota)."""
+    if principal.tenant_id is not None:
+        return Counter({principal.tenant_id: len(events)}) if events else Counter()
+    return Counter(event.tenant_id for event in events if event.tenant_id is not None)
 
 
 def _unavailable(detail: str) -> Response:
@@ -238,6 +250,7 @@ class Ingestion:
             {reason: self.metrics.events_rejected.labels("traces", reason) for reason in REJECTION_REASONS},
         )
         self._in_flight = self.metrics.sends_in_flight.labels()
+        self.quotas: QuotaGate | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -273,8 +286,9 @@ class Ingestion:
             settings.kafka_brokers,
             "on" if settings.auth else "off",
         )
+        self.quotas = QuotaGate(settings)
         try:
-            async with open_key_store(settings) as keys:
+            async with open_key_store(settings) as keys, self.quotas.running():
                 app.state.key_store = keys
                 yield
         finally:
@@ -351,6 +365,23 @@ class Ingestion:
             self._in_flight.value -= 1
         return None
 
+    async def _over_quota(self, counts: Counter[str], metrics: EndpointMetrics) -> Response | None:
+        """None once each tenant's events were taken from its quota; the 429 otherwise."""
+        assert self.quotas is not None
+        try:
+            await self.quotas.admit(counts)
+        except OverQuota as refusal:
+            metrics.rejected["over_quota"].value += sum(counts.values())
+            return error_response(
+                429, "over_quota", str(refusal), headers={"Retry-After": str(refusal.retry_after)}
+            )
+        return None
+
+    def _accepted(self, counts: Counter[str]) -> None:
+        assert self.quotas is not None
+        for tenant, count in counts.items():
+            self.quotas.count(tenant, accepted=count)
+
     def observed(self, endpoint: str, handler: Handler) -> Handler:
         """``handler`` with its answers counted by status and timed."""
         metrics = self._endpoints[endpoint]
@@ -400,10 +431,15 @@ class Ingestion:
             status, detail = refusal
             metrics.rejected[_REFUSAL_REASONS[status]].value += 1
             return error_response(status, "invalid_event" if status == 400 else "forbidden", detail)
+        counts = tenant_counts(principal, [event])
+        over = await self._over_quota(counts, metrics)
+        if over is not None:
+            return over
         failure = await self._send([to_record(event)])
         if failure is not None:
             return failure
         metrics.accepted.value += 1
+        self._accepted(counts)
         return Response(_ACCEPTED, status_code=202, media_type="application/json")
 
     async def post_events(self, request: Request) -> Response:
@@ -417,6 +453,7 @@ class Ingestion:
         if isinstance(batch, Response):
             return batch
         records: list[Record] = []
+        events: list[IngestEvent] = []
         rejected: list[dict[str, object]] = []
         now = time.time()
         for index, raw in enumerate(batch.events):
@@ -433,12 +470,19 @@ class Ingestion:
                 metrics.rejected[_REFUSAL_REASONS[refusal[0]]].value += 1
                 continue
             records.append(to_record(event))
+            events.append(event)
+        # All or nothing: a batch over its quota is refused whole, to be sent again.
+        counts = tenant_counts(principal, events)
+        over = await self._over_quota(counts, metrics)
+        if over is not None:
+            return over
         # All-or-503: which records of a failed send were stored cannot be known,
         # so the client resends the batch and duplicates are ignored downstream.
         failure = await self._send(records)
         if failure is not None:
             return failure
         metrics.accepted.value += len(records)
+        self._accepted(counts)
         if rejected:
             return _json(207, {"accepted": len(records), "rejected": rejected})
         return _json(202, {"accepted": len(records)})
@@ -474,6 +518,7 @@ class Ingestion:
         metrics.rejected["invalid"].value += len(rejected) - mapped.rejected_evaluations
         self._span_evaluations.rejected["invalid"].value += mapped.rejected_evaluations
         records: list[Record] = []
+        events: list[IngestEvent] = []
         spans = 0
         now = time.time()
         for call in mapped.calls:
@@ -483,16 +528,23 @@ class Ingestion:
                 metrics.rejected[_REFUSAL_REASONS[refusal[0]]].value += 1
                 continue
             records.extend(to_record(event) for event in call)
+            events.extend(call)
             spans += 1
-        evaluations = _evaluation_records(
+        evaluations, evaluated = _evaluation_records(
             principal, mapped.evaluations, rejected, self._span_evaluations.rejected, now
         )
         records.extend(evaluations)
-        # All-or-503, as for a batch: OTLP exporters send the whole export again.
+        # All or nothing, as for a batch: OTLP exporters send the whole export again
+        # (after Retry-After for a 429, a status the SDK retries).
+        counts = tenant_counts(principal, events + evaluated)
+        over = await self._over_quota(counts, metrics)
+        if over is not None:
+            return otlp.as_status(over, encoding)
         failure = await self._send(records)
         if failure is not None:
             return otlp.as_status(failure, encoding)
         metrics.accepted.value += spans
+        self._accepted(counts)
         self._span_evaluations.accepted.value += len(evaluations)
         return otlp.export_response(rejected, encoding)
 
@@ -507,11 +559,18 @@ class Ingestion:
         found = otlp.evaluations_from_logs(export, principal.tenant_id)
         rejected = found.rejected
         metrics.rejected["invalid"].value += len(rejected)
-        records = _evaluation_records(principal, found.evaluations, rejected, metrics.rejected, time.time())
+        records, evaluated = _evaluation_records(
+            principal, found.evaluations, rejected, metrics.rejected, time.time()
+        )
+        counts = tenant_counts(principal, evaluated)
+        over = await self._over_quota(counts, metrics)
+        if over is not None:
+            return otlp.as_status(over, encoding)
         failure = await self._send(records)
         if failure is not None:
             return otlp.as_status(failure, encoding)
         metrics.accepted.value += len(records)
+        self._accepted(counts)
         return otlp.logs_export_response(rejected, encoding)
 
     async def health(self, request: Request) -> Response:

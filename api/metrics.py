@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api import alerts, tenants
+from api import alerts, tenants, usage
 from api.auth import authenticate, forbidden_tenant, open_key_store
 from api.dashboard import routes as dashboard_routes
 from api.errors import error_response, http_error, server_error
@@ -493,9 +493,9 @@ def openapi_document() -> dict[str, Any]:
         },
     }
     document["paths"]["/v1/evaluations"] = _evaluations_path(document["paths"]["/v1/metrics"]["get"])
-    alert_paths, alert_schemas = alerts.openapi(error)
-    document["paths"] |= alert_paths
-    document["components"]["schemas"] |= alert_schemas
+    for paths, schemas in (alerts.openapi(error), usage.openapi(error)):
+        document["paths"] |= paths
+        document["components"]["schemas"] |= schemas
     return document
 
 
@@ -608,6 +608,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/openapi.json", openapi, methods=["GET"]),
             *tenants.ROUTES,
             *alerts.ROUTES,
+            *usage.ROUTES,
             metrics_route(observed),
             *dashboard_routes(),
         ],

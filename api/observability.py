@@ -41,7 +41,7 @@ BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1 * MiB, 4 * MiB, 8 * Mi
 # The ingestion API's endpoints, as the ``endpoint`` label names them.
 INGESTION_ENDPOINTS = ("request", "response", "evaluation", "events", "traces", "logs")
 # Why an event or span was refused (``reason`` label).
-REJECTION_REASONS = ("invalid", "future_timestamp", "other_tenant")
+REJECTION_REASONS = ("invalid", "future_timestamp", "other_tenant", "over_quota")
 # The query API's kinds of query (``kind`` label).
 QUERY_KINDS = ("windows", "rollup", "evaluations")
 

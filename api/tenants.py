@@ -97,6 +97,31 @@ def valid_tenant(tenant_id: str) -> bool:
     return True
 
 
+def tenant_param(request: Request, principal: Principal, parameters: tuple[str, ...]) -> str | Response:
+    """The ``tenant_id`` asked for (the key's unless given), or the 400 or 403 to answer;
+    ``parameters`` are the query parameters the endpoint takes."""
+    unknown = sorted(set(request.query_params) - set(parameters))
+    if unknown:
+        return error_response(
+            400, "invalid_parameter", f"{unknown[0]}: unknown parameter; expected {', '.join(parameters)}"
+        )
+    for name in parameters:
+        given = request.query_params.getlist(name)
+        if len(given) > 1:
+            return error_response(
+                400, "invalid_parameter", f"{name}: given {len(given)} times, expected once"
+            )
+    tenant_id = request.query_params.get("tenant_id", principal.tenant_id)
+    if tenant_id is None:
+        return error_response(400, "invalid_parameter", "tenant_id: required (the key names no tenant)")
+    if not valid_tenant(tenant_id):
+        return error_response(400, "invalid_parameter", INVALID_TENANT)
+    refusal = forbidden_tenant(principal, tenant_id)
+    if refusal is not None:
+        return error_response(403, "forbidden", refusal)
+    return tenant_id
+
+
 def _refusal(principal: Principal, tenant_id: str) -> Response | None:
     """The 400 or 403 for a path's ``tenant_id`` this key may not use, or ``None``."""
     if not valid_tenant(tenant_id):

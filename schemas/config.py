@@ -56,6 +56,10 @@ class Settings(Struct, frozen=True, kw_only=True):
     evaluation_lateness_seconds: int = 86400
     # Non-public hosts and networks alert webhooks may reach all the same (SPEC §10).
     alert_webhook_allow: AllowList = NOTHING_ALLOWED
+    # Ingestion quotas of tenants without their own (SPEC §11): events a second (0: none)
+    # and how many may come at once.
+    ingest_rate: float = 0.0
+    ingest_burst: int = 0
 
 
 def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], int], str]:
@@ -75,6 +79,13 @@ def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], 
 def _positive_number(text: str) -> float:
     value = float(text.strip())
     if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text.strip())
+    if not 0 <= value < float("inf"):
         raise ValueError
     return value
 
@@ -146,6 +157,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "DIMENSION_VALUES": ("dimension_values", *_integer(1, 10000)),
     "EVALUATION_LATENESS_SECONDS": ("evaluation_lateness_seconds", *_integer(0, 366 * 86400)),
+    "INGEST_RATE": ("ingest_rate", _rate, "events a second, a number ≥ 0 (0: no limit)"),
+    "INGEST_BURST": ("ingest_burst", *_integer(0)),
     "ALERT_WEBHOOK_ALLOW": (
         "alert_webhook_allow",
         parse_allow,

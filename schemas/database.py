@@ -14,6 +14,7 @@ SCHEMA_FILES: tuple[str, ...] = (
     "dimensions.sql",
     "evaluations.sql",
     "alerts.sql",
+    "quotas.sql",
 )
 SCHEMA_SQL: str = "\n".join(files("schemas").joinpath(name).read_text() for name in SCHEMA_FILES)
 

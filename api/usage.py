@@ -1,0 +1,154 @@
+"""``GET /v1/usage?tenant_id=…&from=…&to=…`` (SPEC §11): what a bill is made from.
+
+Per UTC day from ``from`` up to (not including) ``to`` (``YYYY-MM-DD``; the last 30
+days by default, at most 366): the events the ingestion API accepted and those it
+refused because the tenant was over its quota (counted by every ingestion process,
+added up in ``ingestion_usage`` every few seconds), and the calls counted in the
+tenant's windows that started that day. A ``read`` key of the tenant.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import msgspec
+import psycopg
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from api.auth import authenticate
+from api.errors import error_response
+from api.tenants import in_database, tenant_param
+
+DEFAULT_DAYS = 30
+MAX_DAYS = 366
+PARAMETERS = ("tenant_id", "from", "to")
+
+
+class UsageDay(msgspec.Struct):
+    day: date
+    events_accepted: int
+    events_refused: int  # over the tenant's quota
+    calls_counted: int
+
+
+class UsagePage(msgspec.Struct):
+    tenant_id: str
+    days: list[UsageDay]
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _day(request: Request, name: str, default: date) -> date | Response:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        return error_response(
+            400, "invalid_parameter", f"{name}: expected a UTC day as YYYY-MM-DD, got {text!r}"
+        )
+
+
+async def usage_of(
+    conn: psycopg.AsyncConnection[Any], tenant_id: str, first: date, end: date
+) -> list[UsageDay]:
+    """Every day in ``[first, end)`` with events or calls, oldest first."""
+    cursor = await conn.execute(
+        "WITH events AS (SELECT day, accepted, refused FROM ingestion_usage "
+        "  WHERE tenant_id = %(tenant)s AND day >= %(first)s AND day < %(end)s), "
+        "calls AS (SELECT (window_start AT TIME ZONE 'UTC')::date AS day, sum(requests)::bigint AS calls "
+        "  FROM llm_metrics WHERE tenant_id = %(tenant)s "
+        "  AND window_start >= %(from)s AND window_start < %(to)s "
+        "  GROUP BY 1) "
+        "SELECT day, coalesce(e.accepted, 0), coalesce(e.refused, 0), coalesce(c.calls, 0) "
+        "FROM events e FULL JOIN calls c USING (day) ORDER BY day",
+        {
+            "tenant": tenant_id,
+            "first": first,
+            "end": end,
+            "from": datetime(first.year, first.month, first.day, tzinfo=UTC),
+            "to": datetime(end.year, end.month, end.day, tzinfo=UTC),
+        },
+    )
+    return [UsageDay(*record) for record in await cursor.fetchall()]
+
+
+async def usage(request: Request) -> Response:
+    principal = await authenticate(request, "read")
+    if isinstance(principal, Response):
+        return principal
+    tenant_id = tenant_param(request, principal, PARAMETERS)
+    if isinstance(tenant_id, Response):
+        return tenant_id
+    today = datetime.now(UTC).date()
+    end = _day(request, "to", today + timedelta(days=1))
+    if isinstance(end, Response):
+        return end
+    first = _day(request, "from", end - timedelta(days=DEFAULT_DAYS))
+    if isinstance(first, Response):
+        return first
+    if not first < end:
+        return error_response(400, "invalid_parameter", f"from: {first} is not before to ({end})")
+    if (end - first).days > MAX_DAYS:
+        return error_response(400, "invalid_parameter", f"to: at most {MAX_DAYS} days after from")
+    found = await in_database(request, lambda conn: usage_of(conn, tenant_id, first, end))
+    if isinstance(found, Response):
+        return found
+    return Response(
+        _encoder.encode(UsagePage(tenant_id=tenant_id, days=found)), media_type="application/json"
+    )
+
+
+ROUTES = [Route("/v1/usage", usage, methods=["GET"])]
+
+
+def openapi(error: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """This endpoint in the query API's OpenAPI document, and the schemas it refers to."""
+    _, components = msgspec.json.schema_components([UsagePage], ref_template="#/components/schemas/{name}")
+
+    def day(name: str, meaning: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": meaning,
+            "schema": {"type": "string", "format": "date"},
+        }
+
+    paths = {
+        "/v1/usage": {
+            "get": {
+                "summary": "Events accepted and refused by quota, and calls counted, per UTC day",
+                "security": [{"apiKey": []}],
+                "parameters": [
+                    {
+                        "name": "tenant_id",
+                        "in": "query",
+                        "required": False,
+                        "description": "The key's tenant unless given.",
+                        "schema": {"type": "string"},
+                    },
+                    day("from", f"The first day (default: {DEFAULT_DAYS} days before `to`)."),
+                    day("to", "The day after the last (default: tomorrow, UTC)."),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The days with events or calls, oldest first.",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/UsagePage"}}
+                        },
+                    },
+                    "400": error | {"description": "A parameter is wrong; `detail` names it."},
+                    "401": error | {"description": "No valid API key."},
+                    "403": error | {"description": "The key is not one of this tenant's."},
+                    "503": error | {"description": "Postgres did not answer in time."},
+                },
+            }
+        }
+    }
+    return paths, components
