@@ -1242,3 +1242,32 @@ def test_firing_alerts_are_shown_at_the_top_marked_on_their_chart_and_the_rules_
         assert inside[0] > inside[2] and inside[3] > 0, tint
         assert outside[3] == 0 or outside[0] == outside[2], tint
         assert page_errors(browser) == []
+
+
+def test_usage_per_day_is_shown_for_the_days_of_the_range(browser: WebDriver, postgres_dsn: str):
+    now = this_minute()
+    windows = make_windows(now, range(1, 90))
+    insert_windows(postgres_dsn, windows)
+    today = now.date()
+    yesterday = today - timedelta(days=1)
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.cursor().executemany(
+            "INSERT INTO ingestion_usage (tenant_id, day, accepted, refused) VALUES (%s, %s, %s, %s)",
+            [("acme", yesterday, 1_234_567, 89), ("acme", today, 4_321, 0), ("globex", today, 999, 9)],
+        )
+    calls: Counter[str] = Counter()
+    for window in windows:
+        calls[window.start.astimezone(UTC).date().isoformat()] += window.column_values()["requests"]
+    with collecting_page_errors(browser), query_api(postgres_dsn) as url:
+        open_dashboard(browser, url, new_key(postgres_dsn), "range=24h")
+        wait_loaded(browser)
+        rows = [
+            [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+            for row in browser.find_elements(By.CSS_SELECTOR, "#usage tbody tr")
+        ]
+        expected = [
+            [today.isoformat(), "4,321", "0", f"{calls[today.isoformat()]:,}"],
+            [yesterday.isoformat(), "1,234,567", "89", f"{calls.get(yesterday.isoformat(), 0):,}"],
+        ]
+        assert rows == expected
+        assert page_errors(browser) == []

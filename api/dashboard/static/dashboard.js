@@ -98,12 +98,13 @@
   // `dimensions`: the tenant's, once read (null before, or when they could not be).
   // `quality`: the evaluations' query, names shown, their uPlot instances (scored
   // names only) and label counts over the range ({label: count}, labelled names only).
+  // `usage`: the days GET /v1/usage answered, oldest first (null: not read).
   // `alerts`: the rules as GET /v1/alerts answered (null when they could not be read),
   // the names of those firing, and the spans marked on each chart ({chart: [[from, to]]},
   // `to` null while it lasts).
   const exposed = { charts: {}, query: null, table: [], state: "idle", loads: 0, timings: {}, dimensions: null,
     quality: { query: null, names: [], charts: {}, labels: {} },
-    alerts: { rules: null, firing: [], marks: {} } };
+    alerts: { rules: null, firing: [], marks: {} }, usage: null };
   window.streamlens = exposed;
 
   const state = {
@@ -381,6 +382,39 @@
     }
   }
 
+  // The tenant's usage on the days the range touches (UTC); null when it could not be
+  // read for another reason than the key.
+  async function readUsage(win) {
+    const day = (secondsSinceEpoch) => iso(secondsSinceEpoch).slice(0, 10);
+    try {
+      return await getJson("v1/usage", { tenant_id: state.tenant, from: day(win.from), to: day(win.to + 86400) });
+    } catch (error) {
+      if (error instanceof ApiError && [401, 403].includes(error.status)) throw error;
+      return null;
+    }
+  }
+
+  function showUsage(answer) {
+    const note = $("usage-note");
+    const rows = answer === null ? [] : answer.days;
+    exposed.usage = answer === null ? null : rows;
+    note.textContent = answer === null
+      ? "Usage could not be read."
+      : rows.length === 0 ? `No events or calls of ${state.tenant} on these days.` : "";
+    note.hidden = !note.textContent;
+    const number = (value) => value.toLocaleString("en-US");
+    $("usage").querySelector("tbody").replaceChildren(...[...rows].reverse().map((one) => {
+      const row = document.createElement("tr");
+      const cells = [one.day, number(one.events_accepted), number(one.events_refused), number(one.calls_counted)];
+      cells.forEach((text, i) => {
+        const cell = row.insertCell();
+        cell.textContent = text;
+        if (i > 0) cell.className = "num";
+      });
+      return row;
+    }));
+  }
+
   // ---- loading -----------------------------------------------------------------------
 
   // `quietly`: an auto-refresh, which keeps what is shown until the new data is in.
@@ -411,11 +445,13 @@
       exposed.timings.drawMs = performance.now() - drawStart;
       // After the charts: its roll-up of the whole range would slow theirs down; the
       // evaluations alongside it.
-      const [tableRows, evaluations] = await Promise.all([
+      const [tableRows, evaluations, usage] = await Promise.all([
         allRows(tableParams(view, win)),
         readEvaluations(view, win),
+        readUsage(win),
       ]);
       if (generation !== state.generation) return;
+      showUsage(usage);
       state.tableRows = tableRows;
       state.tableView = view;
       showFilterChoices(tableRows);
