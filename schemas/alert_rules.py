@@ -117,7 +117,11 @@ async def update_rule(
 
 
 async def delete_rule(conn: psycopg.AsyncConnection[Any], rule_id: str) -> bool:
-    cursor = await conn.execute("DELETE FROM alert_rules WHERE id = %s", (rule_id,))
+    """Delete a rule and its state; its undelivered transitions are cancelled when their turn
+    comes (the alert service finds no rule)."""
+    async with conn.transaction():
+        cursor = await conn.execute("DELETE FROM alert_rules WHERE id = %s", (rule_id,))
+        await conn.execute("DELETE FROM alert_states WHERE rule_id = %s", (rule_id,))
     return cursor.rowcount == 1
 
 

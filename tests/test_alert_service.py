@@ -34,11 +34,14 @@ from prometheus_client import REGISTRY
 
 from api.keys import create_key
 from api.metrics import create_app
+from dataflows import alert_store
 from dataflows.alert_service import serve
+from dataflows.alerting import RuleState, Transition, transition_id
 from dataflows.evaluations import EvaluationEmission
 from dataflows.sinks import EvaluationRowsSink, RowsSink
 from dataflows.windows import DimensionEmission, WindowRow
 from deploy.stack import Broker, free_port
+from schemas.alert_rules import rules_of_tenants
 from schemas.config import Settings
 from schemas.metrics import VALUE_STATISTICS, DimensionRows, EvaluationRow, MetricsRow
 from schemas.webhooks import parse_allow
@@ -622,3 +625,39 @@ def test_score_rules_and_rules_on_a_dimension_value_judge_their_own_rows(
         else:
             calls, errors = countries[index]["DE"]
             assert body["value"] == pytest.approx(errors / calls)
+
+
+def test_a_deleted_rules_undelivered_transition_is_cancelled_not_sent(
+    postgres_dsn: str, broker: Broker
+) -> None:
+    receiver = Receiver()
+    with serving(receiver.app, "the receiver") as hook:
+        (rule_id,) = make_rules(
+            postgres_dsn,
+            [
+                {
+                    "tenant_id": "acme",
+                    "name": "soon gone",
+                    "metric": "calls",
+                    "span_seconds": W,
+                    "op": ">",
+                    "threshold": 0,
+                    "webhook_url": f"{hook}/hook",
+                }
+            ],
+        )
+        with psycopg.connect(postgres_dsn) as conn:
+            (rule,) = rules_of_tenants(conn, ["acme"])["acme"]
+            start = first_window()
+            told = Transition(transition_id(rule_id, "firing", start), "firing", start, start + W, 3.0)
+            alert_store.locked_states(conn, [rule_id])
+            alert_store.save(conn, [(rule, RuleState(True, start, start, None), [told])])
+            conn.execute("DELETE FROM alert_rules WHERE id = %s", (rule_id,))
+            conn.commit()
+        with alert_service(broker, postgres_dsn):
+            deadline = time.monotonic() + 30
+            while stored_transitions(postgres_dsn)[0][4] == "pending":
+                assert time.monotonic() < deadline, "the transition was never dealt with"
+                time.sleep(0.05)
+    ((_, _, _, _, delivery, _),) = stored_transitions(postgres_dsn)
+    assert delivery == "cancelled" and receiver.deliveries == []
