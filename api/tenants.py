@@ -114,12 +114,7 @@ def tenant_param(request: Request, principal: Principal, parameters: tuple[str, 
     tenant_id = request.query_params.get("tenant_id", principal.tenant_id)
     if tenant_id is None:
         return error_response(400, "invalid_parameter", "tenant_id: required (the key names no tenant)")
-    if not valid_tenant(tenant_id):
-        return error_response(400, "invalid_parameter", INVALID_TENANT)
-    refusal = forbidden_tenant(principal, tenant_id)
-    if refusal is not None:
-        return error_response(403, "forbidden", refusal)
-    return tenant_id
+    return _refusal(principal, tenant_id) or tenant_id
 
 
 def _refusal(principal: Principal, tenant_id: str) -> Response | None:
