@@ -193,6 +193,9 @@ class AlertService:
                 "group.id": "streamlens-alerts",  # required by the client; offsets are ours
                 "enable.auto.commit": False,
                 "enable.partition.eof": False,
+                # An offset stored before the broker deleted what it pointed at: read on from
+                # the oldest record kept (rows of windows judged again find what was told).
+                "auto.offset.reset": "earliest",
             }
         )
         try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
 from deploy.stack import Broker
 from schemas import topics
@@ -154,3 +155,44 @@ def test_postgres_round_trip(postgres_dsn: str):
         ).fetchone()
     assert str(row[0]) == "2025-12-31 22:00:00"
     assert row[1:] == (3, b"\x01\x02")
+
+
+def _retention(address: str, names: list[str]) -> dict[str, dict[str, str]]:
+    admin = AdminClient({"bootstrap.servers": address})
+    described = admin.describe_configs([ConfigResource(ResourceType.TOPIC, name) for name in names])
+    return {
+        resource.name: {
+            key: entry.value
+            for key, entry in future.result(10).items()
+            if key in ("cleanup.policy", "retention.ms")
+        }
+        for resource, future in described.items()
+    }
+
+
+def test_the_row_and_dead_letter_topics_keep_30_days_and_the_rows_compacted(broker: Broker):
+    """Made so by ensure_topics (`just up`, every service's start), and set again on a topic
+    whose settings were changed since."""
+    thirty_days = str(30 * 86_400 * 1000)
+    wanted = {
+        **{
+            name: {"cleanup.policy": "compact,delete", "retention.ms": thirty_days}
+            for name in topics.ROW_TOPICS
+        },
+        topics.DEADLETTER: {"cleanup.policy": "delete", "retention.ms": thirty_days},
+    }
+    names = list(wanted)
+    assert _retention(broker.address, names) == wanted
+    admin = AdminClient({"bootstrap.servers": broker.address})
+    changed = ConfigResource(
+        ResourceType.TOPIC,
+        topics.METRICS,
+        incremental_configs=[
+            ConfigEntry("retention.ms", "1000", incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    for future in admin.incremental_alter_configs([changed]).values():
+        future.result(10)
+    assert _retention(broker.address, [topics.METRICS])[topics.METRICS]["retention.ms"] == "1000"
+    topics.ensure_topics(broker.address, 1)
+    assert _retention(broker.address, names) == wanted
