@@ -26,6 +26,9 @@ retried after 5 s, doubling up to an hour, for ``RETRY_SECONDS`` (25 h); then it
 ``failed``. A crash between a POST and its record repeats the POST with the same key:
 at least once, one key.
 
+**Postgres away**: both parts log it once and wait; judging then reads again from the
+offsets stored, delivering goes on with what is pending.
+
 Why not a Bytewax dataflow: what this service keeps is the rules' states and the
 transitions, which must be in Postgres before anything is delivered; keeping the
 offsets in the same transaction makes the recovery exact with one store, where a
@@ -76,12 +79,40 @@ RETRY_SECONDS = 25 * 3600
 FIRST_RETRY_SECONDS = 5.0
 MAX_RETRY_SECONDS = 3600.0
 USER_AGENT = "StreamLens-Alerts/1"
+CONNECT_TIMEOUT_SECONDS = 5
+RETRY_PAUSE_SECONDS = 2.0
 DELIVERY_THREADS = 16
 
 TRANSITIONS = Counter("streamlens_alert_transitions", "Alert transitions stored", ["state"])
 DELIVERIES = Counter(
     "streamlens_alert_deliveries", "Alert delivery attempts by outcome", ["outcome"]
 )  # delivered, retried, failed, cancelled
+
+
+class _Outage:
+    """One log line when Postgres is lost to a part of the service, one when it is back."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+        self.since: float | None = None
+
+    def lost(self, error: BaseException) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            logger.warning(
+                "alert service: postgres unavailable, %s waits until it is back (%s)",
+                self.part,
+                str(error).strip() or type(error).__name__,
+            )
+
+    def back(self) -> None:
+        if self.since is not None:
+            logger.warning(
+                "alert service: postgres back after %.1f s, %s goes on from what is stored",
+                time.monotonic() - self.since,
+                self.part,
+            )
+            self.since = None
 
 
 class _Row(msgspec.Struct):
@@ -198,10 +229,20 @@ class AlertService:
                 "auto.offset.reset": "earliest",
             }
         )
+        outage = _Outage("judging")
         try:
-            with psycopg.connect(settings.postgres_dsn) as conn:
-                self._assign(consumer, conn)
-                self._loop(consumer, conn)
+            while not self.stop.is_set():
+                try:
+                    with psycopg.connect(
+                        settings.postgres_dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS
+                    ) as conn:
+                        # Again after an outage: what was read but not stored is read again.
+                        self._assign(consumer, conn)
+                        outage.back()
+                        self._loop(consumer, conn)
+                except psycopg.Error as error:
+                    outage.lost(error)
+                    self.stop.wait(RETRY_PAUSE_SECONDS)
         finally:
             consumer.close()
 
@@ -318,29 +359,46 @@ class Deliverer:
         )
 
     def run(self) -> None:
-        in_flight: dict[Future[Attempt], alert_store.Due] = {}
-        with (
-            psycopg.connect(self.settings.postgres_dsn, autocommit=True) as conn,
-            ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="alert-post") as pool,
-        ):
+        outage = _Outage("delivering")
+        with ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="alert-post") as pool:
             while not self.stop.is_set():
-                room = 2 * DELIVERY_THREADS - len(in_flight)
-                if room > 0:
-                    busy = [item.id for item in in_flight.values()]
-                    for item in alert_store.due(conn, room, busy):
-                        in_flight[pool.submit(self._attempt, item)] = item
-                if not in_flight:
-                    self.wake.wait(1.0)
-                    self.wake.clear()
-                    continue
-                done, _ = wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
-                with conn.transaction():  # one commit for the attempts that ended together
-                    for future in done:
-                        self._record(conn, in_flight.pop(future), future.result())
-            # Stopping: the attempts under way end (each within its timeout) and are recorded.
-            for future in as_completed(in_flight):
-                self._record(conn, in_flight[future], future.result())
+                in_flight: dict[Future[Attempt], alert_store.Due] = {}
+                try:
+                    with psycopg.connect(
+                        self.settings.postgres_dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS
+                    ) as conn:
+                        outage.back()
+                        self._deliver(conn, pool, in_flight)
+                except psycopg.Error as error:
+                    outage.lost(error)
+                    # Attempts whose end cannot be recorded stay pending: made again, same key.
+                    wait(in_flight)
+                    self.stop.wait(RETRY_PAUSE_SECONDS)
         self._client.close()
+
+    def _deliver(
+        self,
+        conn: psycopg.Connection[Any],
+        pool: ThreadPoolExecutor,
+        in_flight: dict[Future[Attempt], alert_store.Due],
+    ) -> None:
+        while not self.stop.is_set():
+            room = 2 * DELIVERY_THREADS - len(in_flight)
+            if room > 0:
+                busy = [item.id for item in in_flight.values()]
+                for item in alert_store.due(conn, room, busy):
+                    in_flight[pool.submit(self._attempt, item)] = item
+            if not in_flight:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            done, _ = wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
+            with conn.transaction():  # one commit for the attempts that ended together
+                for future in done:
+                    self._record(conn, in_flight.pop(future), future.result())
+        # Stopping: the attempts under way end (each within its timeout) and are recorded.
+        for future in as_completed(list(in_flight)):
+            self._record(conn, in_flight.pop(future), future.result())
 
     def _attempt(self, item: alert_store.Due) -> Attempt:
         if not item.rule_exists:

@@ -40,9 +40,10 @@ from dataflows.alerting import RuleState, Transition, transition_id
 from dataflows.evaluations import EvaluationEmission
 from dataflows.sinks import EvaluationRowsSink, RowsSink
 from dataflows.windows import DimensionEmission, WindowRow
-from deploy.stack import Broker, free_port
+from deploy.stack import Broker, Postgres, free_port
 from schemas.alert_rules import rules_of_tenants
 from schemas.config import Settings
+from schemas.database import ensure_schema
 from schemas.metrics import VALUE_STATISTICS, DimensionRows, EvaluationRow, MetricsRow
 from schemas.webhooks import parse_allow
 from tests.alert_support import Delivery, Receiver, expected_transitions
@@ -661,3 +662,50 @@ def test_a_deleted_rules_undelivered_transition_is_cancelled_not_sent(
                 time.sleep(0.05)
     ((_, _, _, _, delivery, _),) = stored_transitions(postgres_dsn)
     assert delivery == "cancelled" and receiver.deliveries == []
+
+
+def test_postgres_away_and_back_the_service_waits_and_goes_on(
+    broker: Broker, own_postgres: Postgres, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Postgres stopped under a running service: both of its parts say so and wait; started
+    again, a row written then is judged and its alert delivered."""
+    dsn = own_postgres.dsn
+    ensure_schema(dsn)
+    receiver = Receiver()
+    logged = ""
+
+    def wait_for_log(text: str) -> None:
+        nonlocal logged
+        deadline = time.monotonic() + 30
+        while text not in logged:
+            assert time.monotonic() < deadline, f"never logged {text!r}:\n{logged[-2000:]}"
+            logged += capfd.readouterr().err
+            time.sleep(0.05)
+
+    with serving(receiver.app, "the receiver") as hook:
+        make_rules(
+            dsn,
+            [
+                {
+                    "tenant_id": "acme",
+                    "name": "any call",
+                    "metric": "calls",
+                    "span_seconds": W,
+                    "op": ">",
+                    "threshold": 0,
+                    "webhook_url": f"{hook}/hook",
+                }
+            ],
+        )
+        with alert_service(broker, dsn):
+            wait_for_log("alert service: reading")
+            own_postgres.stop()
+            wait_for_log("postgres unavailable, delivering waits")
+            own_postgres.start(own_postgres.port)
+            wait_for_log("postgres back after")
+            sink = RowsSink(dsn, broker.address).build("rows", 0, 1)
+            sink.write_batch([window_row(first_window(), "/chat", 5, 0, 0.01)])
+            sink.close()
+            accepted = receiver.wait_for(1, timeout=30)
+            wait_for_log("judging goes on from what is stored")
+    assert [json.loads(item.body)["state"] for item in accepted] == ["firing"]
