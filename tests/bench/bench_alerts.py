@@ -103,15 +103,29 @@ def run(rate: int, seconds: float, tenants: int, per_tenant: int) -> None:
     receiver = WebhookReceiver(secret=SECRET).start()
     with local_stack("streamlens-bench-alerts-") as (directory, broker, postgres):
         rules = asyncio.run(make_rules(postgres.dsn, tenants, per_tenant, receiver.url))
-        processor = h.Processor(broker.address, postgres.dsn, directory / "recovery",
-                                h.write_prices(directory / "prices.json"),
-                                directory / "dataflow.log", settings={}).start()
-        environ = {**os.environ, "KAFKA_BROKERS": broker.address, "POSTGRES_DSN": postgres.dsn,
-                   "TOPIC_PARTITIONS": str(TEST_PARTITIONS), "ALERT_WEBHOOK_ALLOW": "127.0.0.1"}
+        processor = h.Processor(
+            broker.address,
+            postgres.dsn,
+            directory / "recovery",
+            h.write_prices(directory / "prices.json"),
+            directory / "dataflow.log",
+            settings={},
+        ).start()
+        environ = {
+            **os.environ,
+            "KAFKA_BROKERS": broker.address,
+            "POSTGRES_DSN": postgres.dsn,
+            "TOPIC_PARTITIONS": str(TEST_PARTITIONS),
+            "ALERT_WEBHOOK_ALLOW": "127.0.0.1",
+        }
         with open(directory / "alerts.log", "ab") as log:
-            service = subprocess.Popen([sys.executable, "-m", "dataflows.alert_service"], env=environ,
-                                       stdout=log, stderr=subprocess.STDOUT,
-                                       cwd=Path(__file__).resolve().parents[2])
+            service = subprocess.Popen(
+                [sys.executable, "-m", "dataflows.alert_service"],
+                env=environ,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parents[2],
+            )
         try:
             time.sleep(3)  # the services' start is not what is measured
             started = time.time()
@@ -146,21 +160,30 @@ def run(rate: int, seconds: float, tenants: int, per_tenant: int) -> None:
         per_window[alert.body["window_start"]] += 1
         delays.append(alert.received_at - datetime.fromisoformat(alert.body["window_end"]).timestamp())
     delays.sort()
-    rows = sorted(delay for start, delay in first_row.items()
-                  if datetime.fromisoformat(start).timestamp() >= started)
+    rows = sorted(
+        delay for start, delay in first_row.items() if datetime.fromisoformat(start).timestamp() >= started
+    )
     wrong = sum(alert.signed is False for alert in alerts)
-    print(f"{sent:,} calls at {rate:,}/s for {seconds:.0f} s (sent at {sent / sending:,.0f}/s), "
-          f"{len(keys)} keys of {tenants} tenants; {rules:,} rules told in every window; "
-          f"60 s windows, GRACE_SECONDS {GRACE}")
-    print(f"whole windows: {len(per_window)}, transitions delivered in each: "
-          f"{', '.join(str(count) for _, count in sorted(per_window.items()))} (of {rules:,}); "
-          f"{len(alerts) - len(delays)} other deliveries (partial windows, repeats); {wrong} bad signatures")
+    print(
+        f"{sent:,} calls at {rate:,}/s for {seconds:.0f} s (sent at {sent / sending:,.0f}/s), "
+        f"{len(keys)} keys of {tenants} tenants; {rules:,} rules told in every window; "
+        f"60 s windows, GRACE_SECONDS {GRACE}"
+    )
+    print(
+        f"whole windows: {len(per_window)}, transitions delivered in each: "
+        f"{', '.join(str(count) for _, count in sorted(per_window.items()))} (of {rules:,}); "
+        f"{len(alerts) - len(delays)} other deliveries (partial windows, repeats); {wrong} bad signatures"
+    )
     if delays:
-        print(f"window end → webhook received: median {statistics.median(delays):.2f} s, "
-              f"p99 {percentile(delays, 0.99):.2f} s, max {delays[-1]:.2f} s (target ≤ {TARGET} s)")
+        print(
+            f"window end → webhook received: median {statistics.median(delays):.2f} s, "
+            f"p99 {percentile(delays, 0.99):.2f} s, max {delays[-1]:.2f} s (target ≤ {TARGET} s)"
+        )
     if rows:
-        print(f"reference, window end → first row on llm.metrics: median {statistics.median(rows):.2f} s, "
-              f"p99 {percentile(rows, 0.99):.2f} s")
+        print(
+            f"reference, window end → first row on llm.metrics: median {statistics.median(rows):.2f} s, "
+            f"p99 {percentile(rows, 0.99):.2f} s"
+        )
     print(f"alert service CPU: {cpu.user + cpu.system:.1f} s over {sending + 60 + GRACE + 15:.0f} s")
 
 
