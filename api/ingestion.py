@@ -365,8 +365,11 @@ class Ingestion:
             self._in_flight.value -= 1
         return None
 
-    async def _over_quota(self, counts: Counter[str], metrics: EndpointMetrics) -> Response | None:
-        """None once each tenant's events were taken from its quota; the 429 otherwise."""
+    async def _send_within_quota(
+        self, records: list[Record], counts: Counter[str], metrics: EndpointMetrics
+    ) -> Response | None:
+        """None once each tenant's events (``counts``) were taken from its quota and the broker
+        acknowledged every record, counted as the tenants' usage; the 429 or 503 otherwise."""
         assert self.quotas is not None
         try:
             await self.quotas.admit(counts)
@@ -375,12 +378,11 @@ class Ingestion:
             return error_response(
                 429, "over_quota", str(refusal), headers={"Retry-After": str(refusal.retry_after)}
             )
-        return None
-
-    def _accepted(self, counts: Counter[str]) -> None:
-        assert self.quotas is not None
-        for tenant, count in counts.items():
-            self.quotas.count(tenant, accepted=count)
+        failure = await self._send(records)
+        if failure is None:
+            for tenant, count in counts.items():
+                self.quotas.count(tenant, accepted=count)
+        return failure
 
     def observed(self, endpoint: str, handler: Handler) -> Handler:
         """``handler`` with its answers counted by status and timed."""
@@ -431,15 +433,12 @@ class Ingestion:
             status, detail = refusal
             metrics.rejected[_REFUSAL_REASONS[status]].value += 1
             return error_response(status, "invalid_event" if status == 400 else "forbidden", detail)
-        counts = tenant_counts(principal, [event])
-        over = await self._over_quota(counts, metrics)
-        if over is not None:
-            return over
-        failure = await self._send([to_record(event)])
+        failure = await self._send_within_quota(
+            [to_record(event)], tenant_counts(principal, [event]), metrics
+        )
         if failure is not None:
             return failure
         metrics.accepted.value += 1
-        self._accepted(counts)
         return Response(_ACCEPTED, status_code=202, media_type="application/json")
 
     async def post_events(self, request: Request) -> Response:
@@ -471,18 +470,13 @@ class Ingestion:
                 continue
             records.append(to_record(event))
             events.append(event)
-        # All or nothing: a batch over its quota is refused whole, to be sent again.
-        counts = tenant_counts(principal, events)
-        over = await self._over_quota(counts, metrics)
-        if over is not None:
-            return over
-        # All-or-503: which records of a failed send were stored cannot be known,
-        # so the client resends the batch and duplicates are ignored downstream.
-        failure = await self._send(records)
+        # All or nothing: a batch over its quota is refused whole, to be sent again; and
+        # all-or-503: which records of a failed send were stored cannot be known, so the
+        # client resends the batch and duplicates are ignored downstream.
+        failure = await self._send_within_quota(records, tenant_counts(principal, events), metrics)
         if failure is not None:
             return failure
         metrics.accepted.value += len(records)
-        self._accepted(counts)
         if rejected:
             return _json(207, {"accepted": len(records), "rejected": rejected})
         return _json(202, {"accepted": len(records)})
@@ -536,15 +530,12 @@ class Ingestion:
         records.extend(evaluations)
         # All or nothing, as for a batch: OTLP exporters send the whole export again
         # (after Retry-After for a 429, a status the SDK retries).
-        counts = tenant_counts(principal, events + evaluated)
-        over = await self._over_quota(counts, metrics)
-        if over is not None:
-            return otlp.as_status(over, encoding)
-        failure = await self._send(records)
+        failure = await self._send_within_quota(
+            records, tenant_counts(principal, events + evaluated), metrics
+        )
         if failure is not None:
             return otlp.as_status(failure, encoding)
         metrics.accepted.value += spans
-        self._accepted(counts)
         self._span_evaluations.accepted.value += len(evaluations)
         return otlp.export_response(rejected, encoding)
 
@@ -562,15 +553,10 @@ class Ingestion:
         records, evaluated = _evaluation_records(
             principal, found.evaluations, rejected, metrics.rejected, time.time()
         )
-        counts = tenant_counts(principal, evaluated)
-        over = await self._over_quota(counts, metrics)
-        if over is not None:
-            return otlp.as_status(over, encoding)
-        failure = await self._send(records)
+        failure = await self._send_within_quota(records, tenant_counts(principal, evaluated), metrics)
         if failure is not None:
             return otlp.as_status(failure, encoding)
         metrics.accepted.value += len(records)
-        self._accepted(counts)
         return otlp.logs_export_response(rejected, encoding)
 
     async def health(self, request: Request) -> Response:

@@ -56,8 +56,17 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from prometheus_client import Counter, start_http_server
 
 from dataflows import alert_store
-from dataflows.alerting import RuleState, Transition, figures_by_window, judge, judge_budget, period_of
-from schemas.alerts import SCORE_PREFIX, AlertRule
+from dataflows.alerting import (
+    RuleState,
+    Transition,
+    figures_by_window,
+    judge,
+    judge_budget,
+    period_of,
+    takes_key,
+)
+from schemas.alert_rules import rules_of_tenants
+from schemas.alerts import AlertRule, evaluation_name
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
 from schemas.logs import configure_logging
@@ -140,20 +149,20 @@ class Touched(msgspec.Struct, frozen=True):
     dimension: str | None
 
 
+# The topic that tells when rows of each table (alert_store.source_of) were written.
+_TOPIC_OF_TABLE = {
+    "llm_metrics": METRICS,
+    "llm_dimension_metrics": DIMENSION_METRICS,
+    "llm_evaluation_metrics": EVALUATION_METRICS,
+    "llm_evaluation_dimension_metrics": EVALUATION_DIMENSION_METRICS,
+}
+
+
 def covers(rule: AlertRule, touched: Touched) -> bool:
-    """Whether a rule judges the window of this row: its kind of row, key and filters."""
-    scored = rule.metric.startswith(SCORE_PREFIX)
-    if scored:
-        wanted = EVALUATION_METRICS if rule.dimension is None else EVALUATION_DIMENSION_METRICS
-        if touched.name != rule.metric[len(SCORE_PREFIX) :]:
-            return False
-    else:
-        wanted = METRICS if rule.dimension is None else DIMENSION_METRICS
-    return (
-        touched.topic == wanted
-        and (rule.dimension is None or touched.dimension == rule.dimension)
-        and (rule.route is None or touched.route == rule.route)
-        and (rule.model is None or touched.model == rule.model)
+    """Whether a rule judges the window of this row: its kind of row, key and filters (a
+    dimension's record holds all its values)."""
+    return touched.topic == _TOPIC_OF_TABLE[alert_store.source_of(rule)] and takes_key(
+        rule, touched.route, touched.model, touched.name, touched.dimension
     )
 
 
@@ -177,10 +186,11 @@ def judge_tenant(
         span = rule.span_seconds // window_seconds
         first = min(windows) - (rule.for_windows - 1 + span - 1) * window_seconds
         firsts[table] = min(first, firsts.get(table, first))
+        name = evaluation_name(rule.metric)
         if rule.dimension is not None:
             narrowed.setdefault(table, set()).add(rule.dimension)
-        elif rule.metric.startswith(SCORE_PREFIX):
-            narrowed.setdefault(table, set()).add(rule.metric[len(SCORE_PREFIX) :])
+        elif name is not None:
+            narrowed.setdefault(table, set()).add(name)
     tenant = touched[0][0].tenant_id
     rows = {
         table: alert_store.tenant_rows(conn, table, tenant, first, sorted(narrowed.get(table, ())))
@@ -299,7 +309,7 @@ class AlertService:
         started = time.monotonic()
         judged: list[tuple[AlertRule, RuleState, list[Transition]]] = []
         with conn.transaction():
-            for tenant, rules in alert_store.rules(conn, touched).items():
+            for tenant, rules in rules_of_tenants(conn, list(touched)).items():
                 covered = [
                     (rule, {item.window for item in touched[tenant] if covers(rule, item)}) for rule in rules
                 ]

@@ -7,7 +7,8 @@ across the keys a rule covers: the same rows the query API answers from.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,13 +17,12 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from dataflows.alerting import Figures, RowKey, RuleState, Transition
-from schemas.alert_rules import rules_of_tenants
-from schemas.alerts import SCORE_PREFIX, AlertRule
+from schemas.alerts import AlertRule, evaluation_name
 
 
 def source_of(rule: AlertRule) -> str:
     """The table (or view) a rule's rows are in."""
-    scored = rule.metric.startswith(SCORE_PREFIX)
+    scored = evaluation_name(rule.metric) is not None
     if rule.dimension is not None:
         return "llm_evaluation_dimension_metrics" if scored else "llm_dimension_metrics"
     return "llm_evaluation_metrics" if scored else "llm_metrics"
@@ -54,8 +54,12 @@ def _figures(record: Sequence[Any], scored: bool) -> Figures:
     )
 
 
-def _at(seconds: int) -> datetime:
+def _at(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
+
+
+def _iso(seconds: float) -> str:
+    return _at(seconds).isoformat().replace("+00:00", "Z")
 
 
 def tenant_rows(
@@ -95,7 +99,7 @@ def total_figures(conn: psycopg.Connection[Any], rule: AlertRule, first: int, en
             values.append(value)
     if scored:
         conditions.append("name = %s")
-        values.append(rule.metric[len(SCORE_PREFIX) :])
+        values.append(evaluation_name(rule.metric))
     if rule.dimension is not None:
         conditions += ["dimension = %s", "value IS NOT DISTINCT FROM %s"]
         values += [rule.dimension, rule.value]
@@ -110,10 +114,6 @@ def total_figures(conn: psycopg.Connection[Any], rule: AlertRule, first: int, en
     record = cursor.fetchone()
     assert record is not None
     return _figures(record, scored)
-
-
-def rules(conn: psycopg.Connection[Any], tenants: Iterable[str]) -> dict[str, list[AlertRule]]:
-    return rules_of_tenants(conn, list(tenants))
 
 
 def locked_states(conn: psycopg.Connection[Any], rule_ids: Sequence[str]) -> dict[str, RuleState]:
@@ -133,10 +133,6 @@ def locked_states(conn: psycopg.Connection[Any], rule_ids: Sequence[str]) -> dic
     }
 
 
-def locked_state(conn: psycopg.Connection[Any], rule_id: str) -> RuleState:
-    return locked_states(conn, [rule_id])[rule_id]
-
-
 def _body(rule: AlertRule, transition: Transition, at: str) -> dict[str, Any]:
     """What a transition's deliveries POST (SPEC §10)."""
     return {
@@ -148,8 +144,8 @@ def _body(rule: AlertRule, transition: Transition, at: str) -> dict[str, Any]:
         "metric": rule.metric,
         "value": transition.value,
         "threshold": rule.threshold,
-        "window_start": _at(transition.window_start).isoformat().replace("+00:00", "Z"),
-        "window_end": _at(transition.window_end).isoformat().replace("+00:00", "Z"),
+        "window_start": _iso(transition.window_start),
+        "window_end": _iso(transition.window_end),
         "at": at,
     }
 
@@ -184,7 +180,7 @@ def save(
     )
     known = {record[0] for record in found.fetchall()}
     new = [(rule, transition) for rule, transition in told if transition.id not in known]
-    at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    at = _iso(time.time())
     cursor.executemany(
         "INSERT INTO alert_transitions (id, rule_id, tenant_id, state, window_start, window_end, body, "
         "webhook_url) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 from fastdigest import TDigest, merge_all
 
-from schemas.alerts import SCORE_PREFIX, AlertRule
+from schemas.alerts import AlertRule, evaluation_name
 
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
@@ -83,14 +83,25 @@ class RowKey(NamedTuple):
     value: str | None
 
 
+def takes_key(
+    rule: AlertRule, route: str | None, model: str | None, name: str | None, dimension: str | None
+) -> bool:
+    """Whether rows of this key, evaluation name and dimension may be the rule's: its route,
+    model, evaluation name and dimension, whatever the dimension's value."""
+    wanted = evaluation_name(rule.metric)
+    return (
+        (rule.route is None or route == rule.route)
+        and (rule.model is None or model == rule.model)
+        and (wanted is None or name == wanted)
+        and (rule.dimension is None or dimension == rule.dimension)
+    )
+
+
 def filters_in(rule: AlertRule, key: RowKey) -> bool:
     """Whether a row of the rule's table is one of the rule's: its route, model, evaluation
     name and dimension value."""
-    return (
-        (rule.route is None or key.route == rule.route)
-        and (rule.model is None or key.model == rule.model)
-        and (not rule.metric.startswith(SCORE_PREFIX) or key.name == rule.metric[len(SCORE_PREFIX) :])
-        and (rule.dimension is None or (key.dimension == rule.dimension and key.value == rule.value))
+    return takes_key(rule, key.route, key.model, key.name, key.dimension) and (
+        rule.dimension is None or key.value == rule.value
     )
 
 
@@ -107,7 +118,7 @@ def figures_by_window(rule: AlertRule, rows: Iterable[tuple[RowKey, int, Figures
 def value_of(metric: str, figures: Figures) -> tuple[float | None, int]:
     """The metric of merged figures (None when it has no value, as a rate of no calls),
     and the count ``min_calls`` is held against."""
-    if metric.startswith(SCORE_PREFIX):
+    if evaluation_name(metric) is not None:
         return (figures.score_sum / figures.scores if figures.scores else None), figures.scores
     calls = figures.calls
     if metric in ("calls", "errors", "timeouts", "prompt_tokens", "completion_tokens", "estimated_cost_usd"):

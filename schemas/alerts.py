@@ -136,11 +136,16 @@ class RuleBody(Struct, forbid_unknown_fields=True, kw_only=True):
             raise _error("value", "Expected no control characters, as no stored value has")
 
 
+def evaluation_name(metric: str) -> str | None:
+    """The evaluation whose scores a ``score_avg:<name>`` metric averages; None for the others."""
+    return metric[len(SCORE_PREFIX) :] if metric.startswith(SCORE_PREFIX) else None
+
+
 def check_metric(metric: str) -> None:
     if metric in METRICS:
         return
-    if metric.startswith(SCORE_PREFIX):
-        name = metric[len(SCORE_PREFIX) :]
+    name = evaluation_name(metric)
+    if name is not None:
         if 0 < len(name) <= EVALUATION_NAME_MAX_CHARS and not _CONTROL.search(name):
             return
         raise _error(

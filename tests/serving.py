@@ -1,13 +1,17 @@
-"""An ASGI app under uvicorn in a thread of the test process, on a free port."""
+"""An ASGI app under uvicorn in a thread of the test process, on a free port; and waiting for
+a server started as a process of its own to answer."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
 from deploy.stack import free_port
@@ -32,3 +36,16 @@ def serving(app: Any, what: str = "the server") -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def wait_answering(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    """Until ``GET url`` answers 200; the end of ``log`` if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)

@@ -1196,7 +1196,7 @@ def test_firing_alerts_are_shown_at_the_top_marked_on_their_chart_and_the_rules_
             errors_rule = next(
                 rule for rule in rules_of_tenants(conn, ["acme"])["acme"] if rule.name == "chat errors"
             )
-            alert_store.locked_state(conn, errors_rule.id)  # makes its row, as the service does
+            alert_store.locked_states(conn, [errors_rule.id])  # makes its row, as the service does
             transitions = []
             for kind, ago in told:
                 start = int((now - ago * minute).timestamp())

@@ -39,6 +39,7 @@ from schemas.config import Settings
 from schemas.events import MAX_FUTURE_SECONDS, check_not_future, request_decoder, response_decoder
 from schemas.topics import EVALUATIONS, REQUESTS, RESPONSES, ensure_topics
 from tests.conftest import TEST_PARTITIONS
+from tests.serving import wait_answering
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON = {"Content-Type": "application/json"}
@@ -1287,17 +1288,7 @@ def test_sigterm_answers_every_request_in_flight(broker: Broker, tmp_path: Path)
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, (
-                tmp_path / "uvicorn.log"
-            ).read_text()
-            time.sleep(0.1)
+        wait_answering(f"{url}/health", process, tmp_path / "uvicorn.log")
         assert httpx.post(f"{url}/v1/llm/request", json=a_request("warm"), timeout=10).status_code == 202
 
         async def in_flight() -> list[httpx.Response | BaseException]:

@@ -35,7 +35,7 @@ from schemas.database import ensure_schema
 from schemas.quotas import Limits, LocalBucket, lease_size, retry_after
 from schemas.topics import REQUESTS
 from tests.conftest import TEST_PARTITIONS
-from tests.serving import serving
+from tests.serving import serving, wait_answering
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -276,16 +276,8 @@ def test_two_ingestion_processes_share_one_quota_within_10_percent(
     ]
     accepted = Counter[int]()
     try:
-        for port in ports:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, (tmp_path / f"ingestion-{port}.log").read_text()[-2000:]
-                time.sleep(0.1)
+        for port, process in zip(ports, processes, strict=True):
+            wait_answering(f"http://127.0.0.1:{port}/ready", process, tmp_path / f"ingestion-{port}.log")
         stop = threading.Event()
 
         def hammer(port: int) -> None:
