@@ -187,7 +187,7 @@ class QuotaGate:
             cursor = await asyncio.wait_for(
                 conn.execute(
                     "SELECT granted, short FROM quota_lease(%s, %s, %s, %s, %s)",
-                    (tenant, limits.events_per_second, limits.capacity, need, lease_size(limits, int(need))),
+                    (tenant, limits.events_per_second, limits.capacity, need, lease_size(limits, need)),
                 ),
                 STORE_TIMEOUT_SECONDS,
             )

@@ -35,10 +35,10 @@ class Limits(NamedTuple):
         return float(max(self.burst, 1))
 
 
-def lease_size(limits: Limits, need: int) -> float:
+def lease_size(limits: Limits, need: float) -> float:
     """How many events a process asks for when it needs ``need`` more: a twentieth of a
     second's rate, but what the request needs if that is more."""
-    return max(float(need), limits.events_per_second * LEASE_SECONDS, 1.0)
+    return max(need, limits.events_per_second * LEASE_SECONDS, 1.0)
 
 
 def retry_after(short: float, limits: Limits) -> int:

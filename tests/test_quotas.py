@@ -87,6 +87,8 @@ def test_leases_and_retry_after() -> None:
     assert lease_size(Limits(1000.0, 10), need=1) == 50.0
     assert lease_size(Limits(1000.0, 10), need=80) == 80.0
     assert lease_size(Limits(2.0, 1), need=1) == 1.0
+    # What a process holds may be a fraction: the lease covers the rest whole.
+    assert lease_size(Limits(2.0, 10), need=1.6) == 1.6
     assert retry_after(0.1, Limits(10.0, 1)) == 1
     assert retry_after(25.0, Limits(10.0, 1)) == 3
 
