@@ -56,15 +56,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from fastdigest import TDigest, merge_all
 from psycopg.rows import dict_row
 from starlette.concurrency import run_in_threadpool
 
-from api.params import DIMENSIONS, MetricsQuery
+from api.params import DIMENSIONS, InvalidParameter, MetricsQuery
+from schemas import rollups
 from schemas.metrics import DIMENSION_ROW_FIELDS, ROW_FIELDS, DimensionRow, MetricsRow
 
 PERCENTILES: tuple[tuple[str, float], ...] = (
@@ -83,24 +83,8 @@ CHUNK_WINDOWS = 10_000
 # 15 kB each) and answering take the rest.
 KEEP_RESERVE_SECONDS = 0.6
 
-# The aggregates a roll-up sums, and the averages it weights (column, weight).
-_SUMMED: tuple[str, ...] = (
-    "requests",
-    "errors",
-    "timeouts",
-    "prompt_tokens",
-    "completion_tokens",
-    "cache_read_tokens",
-    "reasoning_tokens",
-    "unpriced_requests",
-)
-_ANSWERED = "(requests - timeouts)"
-_WEIGHTED: tuple[tuple[str, str], ...] = (
-    ("avg_latency_ms", _ANSWERED),
-    ("avg_time_to_first_token_ms", "ttft_count"),
-    ("avg_prompt_tokens", _ANSWERED),
-    ("avg_completion_tokens", _ANSWERED),
-)
+_SUMMED = rollups.SUMMED
+_WEIGHTED = rollups.WEIGHTED
 _PERCENTILE_FIELDS = frozenset(name for name, _ in PERCENTILES)
 # The bucket's own columns: the row without the percentiles, which come from digests.
 _BUCKET_FIELDS: tuple[str, ...] = tuple(name for name in ROW_FIELDS if name not in _PERCENTILE_FIELDS)
@@ -224,15 +208,8 @@ def _in_bucket(query: MetricsQuery, window: str, bucket_start: str) -> str:
     return f"{window}.window_start >= {bucket_start} AND {window}.window_start < {bucket_start} + %(bucket)s"
 
 
-# A part's merged values, as the part query computes them and the cache keeps them.
-PART_FIELDS: tuple[str, ...] = (
-    "window_end",
-    *_SUMMED,
-    *(f"{column}_{kind}" for column, _ in _WEIGHTED for kind in ("total", "weight")),
-    "estimated_cost_usd",
-    "revision",
-)
-_FINGERPRINT: tuple[str, ...] = ("windows", "revisions", "updates")
+_FINGERPRINT = rollups.FINGERPRINT
+PART_FIELDS = rollups.PART_FIELDS
 
 
 def parts_sql(query: MetricsQuery) -> str:
@@ -240,15 +217,29 @@ def parts_sql(query: MetricsQuery) -> str:
 
     Reads only the fingerprint index of ``llm_metrics`` (count, revision and
     ``updated_at`` per key and bucket) and ``llm_metrics_rollups``; one row per
-    part, with the kept values when ``cached``.
+    part, with the kept values when ``cached``. Before the retention horizon
+    (``%(horizon)s``) the kept parts are all there is: they are taken as they are.
     """
     kept = [name for name in DIMENSIONS if name in query.group_by]
-    fingerprints = f"""
+    # Only a bucket the range covers whole matches what was kept for it.
+    complete = (
+        "(%(start)s::timestamptz IS NULL OR {0}bucket_start >= %(start)s)"
+        " AND (%(end)s::timestamptz IS NULL OR {0}bucket_start + %(bucket)s <= %(end)s)"
+    )
+    sealed_filters = "".join(
+        f" AND {name} = %({name})s" for name in DIMENSIONS if getattr(query, name) is not None
+    )
+    prints = f"""
         SELECT route, model, {_bucket_start(query)} AS bucket_start,
             count(*) AS windows, sum(revision) AS revisions,
             sum(updated_at - timestamptz 'epoch') AS updates
-        FROM llm_metrics WHERE {_filters(query)}
-        GROUP BY 1, 2, 3"""
+        FROM llm_metrics WHERE {_filters(query)} AND window_start >= %(horizon)s
+        GROUP BY 1, 2, 3
+        UNION ALL
+        SELECT route, model, bucket_start, windows, revisions, updates
+        FROM llm_metrics_rollups
+        WHERE tenant_id = %(tenant_id)s{sealed_filters} AND bucket_seconds = %(bucket_seconds)s
+          AND bucket_start < %(horizon)s AND {complete.format("")}"""
     # The buckets that survive ``limit``, by rank rather than by joining a list of them
     # back: the planner, with no statistics yet on a freshly written table, answered
     # that join with a nested loop over every part (seconds for 20,000 parts).
@@ -256,62 +247,33 @@ def parts_sql(query: MetricsQuery) -> str:
         SELECT *, dense_rank() OVER (
             ORDER BY bucket_start DESC{"".join(f', {name} COLLATE "C"' for name in kept)}) AS bucket_rank
         FROM prints"""
-    if cacheable(query):
-        # Only a bucket the range covers whole matches what was kept for it.
-        complete = (
-            "(%(start)s::timestamptz IS NULL OR p.bucket_start >= %(start)s)"
-            " AND (%(end)s::timestamptz IS NULL OR p.bucket_start + %(bucket)s <= %(end)s)"
-        )
-        cache_join = f"""
-            LEFT JOIN llm_metrics_rollups AS c
-              ON c.tenant_id = %(tenant_id)s AND c.route = p.route AND c.model = p.model
-             AND c.bucket_seconds = %(bucket_seconds)s AND c.bucket_start = p.bucket_start
-             AND c.windows = p.windows AND c.revisions = p.revisions AND c.updates = p.updates
-             AND {complete}"""
-        cached = "c.bucket_start IS NOT NULL"
-        values = [f"c.{name}" for name in (*PART_FIELDS, "digest")]
-    else:
-        complete, cache_join, cached = "false", "", "false"
-        values = [f"NULL AS {name}" for name in (*PART_FIELDS, "digest")]
+    values = ", ".join(f"c.{name}" for name in (*PART_FIELDS, "digest"))
     return f"""
-        WITH prints AS MATERIALIZED ({fingerprints}), ranked AS MATERIALIZED ({ranked})
+        WITH prints AS MATERIALIZED ({prints}), ranked AS MATERIALIZED ({ranked})
         SELECT p.route, p.model, p.bucket_start, p.windows, p.revisions, p.updates,
-            {complete} AS complete, {cached} AS cached, {", ".join(values)}
+            {complete.format("p.")} AS complete, c.bucket_start IS NOT NULL AS cached, {values}
         FROM ranked AS p
-        {cache_join}
+        LEFT JOIN llm_metrics_rollups AS c
+          ON c.tenant_id = %(tenant_id)s AND c.route = p.route AND c.model = p.model
+         AND c.bucket_seconds = %(bucket_seconds)s AND c.bucket_start = p.bucket_start
+         AND c.windows = p.windows AND c.revisions = p.revisions AND c.updates = p.updates
+         AND {complete.format("p.")}
         WHERE p.bucket_rank <= %(limit)s"""
 
 
-def _merged_columns() -> list[str]:
-    """What merging a part's windows yields: the columns of :data:`PART_FIELDS` and ``blobs``."""
-    return [
-        "max(window_end) AS window_end",
-        *(f"sum({name})::bigint AS {name}" for name in _SUMMED),
-        *(
-            # Windows without a value for the average carry no weight either.
-            f"sum({column} * {weight}) AS {column}_total, "
-            f"(sum({weight}) FILTER (WHERE {column} IS NOT NULL))::bigint AS {column}_weight"
-            for column, weight in _WEIGHTED
-        ),
-        "sum(estimated_cost_usd) AS estimated_cost_usd",
-        "max(revision) AS revision",
-        "array_agg(latency_digest ORDER BY window_start) FILTER (WHERE latency_digest IS NOT NULL) AS blobs",
-    ]
-
-
 def merge_sql(query: MetricsQuery) -> str:
-    """Chosen parts (parallel arrays) merged from their windows; one row per part, by number.
+    """Chosen parts (parallel arrays) merged from their windows; one row per part, by number:
+    for buckets the range cuts, which are not kept.
 
     Lateral, so each part is one range of the primary key rather than a join
     the planner might answer by scanning every window of the tenant.
     """
-    columns = _merged_columns()
     return f"""
         SELECT m.number, merged.*
         FROM unnest(%(routes)s::text[], %(models)s::text[], %(starts)s::timestamptz[])
             WITH ORDINALITY AS m(route, model, bucket_start, number)
         CROSS JOIN LATERAL (
-            SELECT {", ".join(columns)}
+            SELECT {", ".join(rollups.window_columns())}
             FROM llm_metrics AS w
             WHERE {_filters(query, "w")} AND w.route = m.route AND w.model = m.model
               AND {_in_bucket(query, "w", "m.bucket_start")}
@@ -384,32 +346,6 @@ def direct_row(record: dict[str, Any]) -> MetricsRow:
     return DimensionRow(**values) if "dimension" in values else MetricsRow(**values)
 
 
-# Each kept column and its type, for one INSERT of every part as parallel arrays.
-_KEPT_COLUMNS: dict[str, str] = {
-    "tenant_id": "text",
-    "route": "text",
-    "model": "text",
-    "bucket_seconds": "integer",
-    "bucket_start": "timestamptz",
-    "windows": "bigint",
-    "revisions": "bigint",
-    "updates": "interval",
-    "window_end": "timestamptz",
-    **dict.fromkeys(_SUMMED, "bigint"),
-    **{f"{column}_total": "double precision" for column, _ in _WEIGHTED},
-    **{f"{column}_weight": "bigint" for column, _ in _WEIGHTED},
-    "estimated_cost_usd": "double precision",
-    "revision": "integer",
-    "digest": "bytea",
-}
-KEEP_SQL = f"""
-    INSERT INTO llm_metrics_rollups ({", ".join(_KEPT_COLUMNS)})
-    SELECT * FROM unnest({", ".join(f"%({name})s::{kind}[]" for name, kind in _KEPT_COLUMNS.items())})
-    ON CONFLICT (tenant_id, route, model, bucket_seconds, bucket_start) DO UPDATE SET
-        {", ".join(f"{name} = EXCLUDED.{name}" for name in list(_KEPT_COLUMNS)[5:])}, merged_at = now()
-"""
-
-
 @dataclass
 class Part:
     """One key's windows in one bucket: fingerprint, then merged values once known."""
@@ -429,14 +365,10 @@ class Part:
     blob: bytes | None
 
 
-def merge_digests(blobs: Sequence[bytes] | None) -> TDigest | None:
-    """One digest from the serialized digests of several windows; None when there are none."""
-    if not blobs:
-        return None
-    return merge_all([TDigest.from_bytes(blob) for blob in blobs])
+merge_digests = rollups.merge_digests
 
 
-def _part(record: dict[str, Any], keep: bool) -> Part:
+def _part(record: dict[str, Any]) -> Part:
     return Part(
         route=record["route"],
         model=record["model"],
@@ -445,7 +377,7 @@ def _part(record: dict[str, Any], keep: bool) -> Part:
         revisions=record["revisions"],
         updates=record["updates"],
         merged=record["cached"],
-        keep=keep and record["complete"],
+        keep=record["complete"],
         values={name: record[name] for name in PART_FIELDS},
         blob=record["digest"],
     )
@@ -459,19 +391,6 @@ def _merge_parts(parts: Sequence[Part], records: dict[int, dict[str, Any]]) -> N
         part.values = {name: record[name] for name in PART_FIELDS}
         part.blob = None if digest is None else digest.to_bytes()
         part.merged = True
-
-
-def _kept_columns(query: MetricsQuery, parts: Sequence[Part]) -> dict[str, list[Any]]:
-    """:data:`KEEP_SQL`'s parameters: each column's values over ``parts``."""
-    columns: dict[str, list[Any]] = {
-        "tenant_id": [query.tenant_id] * len(parts),
-        "bucket_seconds": [query.bucket_seconds] * len(parts),
-        **{name: [getattr(part, name) for part in parts] for name in ("route", "model", "bucket_start")},
-        **{name: [getattr(part, name) for part in parts] for name in _FINGERPRINT},
-        **{name: [part.values[name] for part in parts] for name in PART_FIELDS},
-        "digest": [part.blob for part in parts],
-    }
-    return {name: columns[name] for name in _KEPT_COLUMNS}
 
 
 def _chunks(parts: Sequence[Part]) -> Iterator[list[Part]]:
@@ -564,62 +483,123 @@ async def _direct_rollup(conn: psycopg.AsyncConnection[Any], query: MetricsQuery
     return await run_in_threadpool(rows)
 
 
+async def _horizon(conn: psycopg.AsyncConnection[Any]) -> datetime | None:
+    cursor = await conn.execute("SELECT windows_before FROM retention_horizon")
+    found = await cursor.fetchone()
+    return None if found is None else found[0]
+
+
+def _check_edges(query: MetricsQuery, horizon: datetime | None) -> None:
+    """:class:`InvalidParameter` when ``from`` or ``to`` cuts a bucket whose windows are deleted:
+    only the whole bucket is kept there."""
+    if horizon is None or query.bucket_seconds is None:
+        return
+    for name, moment in (("from", query.start), ("to", query.end)):
+        if moment is None or rollups.floor_to(moment, query.bucket_seconds) >= horizon:
+            continue
+        if rollups.floor_to(moment, query.bucket_seconds) != moment:
+            raise InvalidParameter(
+                f"{name}: windows before {horizon.isoformat()} are deleted (RETENTION_DAYS) and only"
+                f" their whole {query.bucket_seconds} s buckets are kept: give a {name} on a bucket boundary"
+            )
+
+
+async def _read_parts(conn: psycopg.AsyncConnection[Any], query: MetricsQuery,
+                      params: dict[str, Any], deadline: Deadline) -> list[Part]:
+    """The parts of the answer, each with its kept merge when it matches its windows."""
+    async with conn.transaction():
+        await conn.execute(deadline.statement_timeout())
+        async with conn.cursor(row_factory=dict_row) as cursor:
+            # Binary results: a bytea array in text form is hex that costs more to parse
+            # than the digests cost to merge.
+            await cursor.execute(parts_sql(query), params, binary=True)
+            return [_part(record) for record in await cursor.fetchall()]
+
+
+def _hours_to_keep(query: MetricsQuery, tenant_id: str, parts: Sequence[Part]) -> list[rollups.PartKey]:
+    """The hours whose merging keeps ``parts`` again: each part's own, every hour of a day."""
+    assert query.bucket_seconds is not None
+    hours = query.bucket_seconds // rollups.HOUR_SECONDS
+    return [
+        (tenant_id, part.route, part.model, part.bucket_start + timedelta(hours=hour))
+        for part in parts
+        for hour in range(hours)
+    ]
+
+
+async def _keep_again(conn: psycopg.AsyncConnection[Any], query: MetricsQuery, stale: Sequence[Part],
+                      deadline: Deadline) -> int:
+    """Merge and keep ``stale`` parts (windows written around the dataflow's sink, or before
+    parts were kept) in chunks, each committed, until ``deadline``; how many were kept."""
+    done = 0
+    for number, chunk in enumerate(_chunks(stale)):
+        # The first chunk is merged whenever time is left at all, so a retry always gets
+        # further than the request before it.
+        if deadline.remaining() <= (KEEP_RESERVE_SECONDS if number else 0):
+            break
+        try:
+            async with conn.transaction():
+                await conn.execute(deadline.statement_timeout())
+                await rollups.keep_async(conn, _hours_to_keep(query, query.tenant_id, chunk))
+        except psycopg.errors.QueryCanceled:
+            break
+        done += len(chunk)
+    return done
+
+
+async def _merge_cut(conn: psycopg.AsyncConnection[Any], query: MetricsQuery, params: dict[str, Any],
+                     cut: Sequence[Part], deadline: Deadline) -> None:
+    """Merge the parts of buckets the range cuts, from their windows in the range (not kept)."""
+    try:
+        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cursor:
+            for chunk in _chunks(cut):
+                await cursor.execute(deadline.statement_timeout())
+                await cursor.execute(
+                    merge_sql(query),
+                    params
+                    | {
+                        "routes": [part.route for part in chunk],
+                        "models": [part.model for part in chunk],
+                        "starts": [part.bucket_start for part in chunk],
+                    },
+                    binary=True,
+                )
+                records = {record["number"]: record for record in await cursor.fetchall()}
+                await run_in_threadpool(_merge_parts, chunk, records)
+    except psycopg.errors.QueryCanceled:
+        raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds)) from None
+
+
 async def fetch_rollup(
     conn: psycopg.AsyncConnection[Any], query: MetricsQuery, deadline: Deadline
 ) -> list[MetricsRow]:
-    """The roll-up's rows, merging what is not kept until ``deadline``.
+    """The roll-up's rows: hourly and daily buckets from their kept parts, the others merged
+    from their windows, until ``deadline``.
 
     Raises :class:`DeadlineExceeded` (a statement ran out of time) or
-    :class:`RollupIncomplete` (merging did), ``psycopg.Error`` when Postgres fails.
+    :class:`RollupIncomplete` (keeping parts again did), :class:`InvalidParameter` for a
+    range that cuts a bucket whose windows are deleted, ``psycopg.Error`` when Postgres fails.
     """
     params = parameters(query) | {"bucket_seconds": query.bucket_seconds}
-    keep = cacheable(query)
-    if not keep or query.dimension is not None:
+    if not cacheable(query) or query.dimension is not None:
         return await _direct_rollup(conn, query, params, deadline)
-    parts: list[Part] | None = None
-    missing: list[Part] = []
     try:
-        # One snapshot: fingerprints and windows agree, so a part merged here may
-        # be kept under the fingerprint read here.
-        async with conn.transaction():
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            await conn.execute(deadline.statement_timeout())
-            async with conn.cursor(row_factory=dict_row) as cursor:
-                # Binary results: a bytea array in text form is hex that costs
-                # more to parse than the digests cost to merge.
-                await cursor.execute(parts_sql(query), params, binary=True)
-                parts = [_part(record, keep) for record in await cursor.fetchall()]
-                missing = [part for part in parts if not part.merged]
-                for number, chunk in enumerate(_chunks(missing)):
-                    # The first chunk is merged whenever time is left at all, so a
-                    # retry always gets further than the request before it.
-                    if deadline.remaining() <= (KEEP_RESERVE_SECONDS if number else 0):
-                        break
-                    await cursor.execute(deadline.statement_timeout())
-                    await cursor.execute(
-                        merge_sql(query),
-                        params
-                        | {
-                            "routes": [part.route for part in chunk],
-                            "models": [part.model for part in chunk],
-                            "starts": [part.bucket_start for part in chunk],
-                        },
-                        binary=True,
-                    )
-                    records = {record["number"]: record for record in await cursor.fetchall()}
-                    await run_in_threadpool(_merge_parts, chunk, records)
+        horizon = await _horizon(conn)
+        _check_edges(query, horizon)
+        params["horizon"] = horizon if horizon is not None else datetime.min.replace(tzinfo=UTC)
+        parts = await _read_parts(conn, query, params, deadline)
+        stale = [part for part in parts if part.keep and not part.merged]
+        if stale:
+            done = await _keep_again(conn, query, stale, deadline)
+            if done < len(stale):
+                raise RollupIncomplete(deadline.seconds, done, len(stale))
+            parts = await _read_parts(conn, query, params, deadline)
+            if any(part.keep and not part.merged for part in parts):  # written to meanwhile
+                raise RollupIncomplete(deadline.seconds, done, len(stale))
     except psycopg.errors.QueryCanceled:
-        # A chunk that ran out of time ends merging; what was merged before it is kept below.
-        if parts is None:
-            raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds)) from None
-    fresh = [part for part in missing if part.merged and part.keep]
-    if fresh:
-        await conn.execute(KEEP_SQL, _kept_columns(query, fresh), binary=True)
-    done = sum(part.merged for part in missing)
-    if done < len(missing):
-        if not any(part.keep for part in missing):  # nothing can be kept: a retry would start over
-            raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds))
-        raise RollupIncomplete(deadline.seconds, done, len(missing))
-    assert parts is not None
+        raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds)) from None
+    cut = [part for part in parts if not part.merged]
+    if cut:
+        await _merge_cut(conn, query, params, cut, deadline)
     groups = _group(query, parts)
     return await run_in_threadpool(lambda: [bucket_row(query, group) for group in groups])

@@ -61,9 +61,16 @@ async def usage_of(
     cursor = await conn.execute(
         "WITH events AS (SELECT day, accepted, refused FROM ingestion_usage "
         "  WHERE tenant_id = %(tenant)s AND day >= %(first)s AND day < %(end)s), "
+        # Windows from the retention horizon on; before it, the daily parts kept of them.
+        "horizon AS (SELECT coalesce((SELECT windows_before FROM retention_horizon), '-infinity') AS at), "
         "calls AS (SELECT (window_start AT TIME ZONE 'UTC')::date AS day, sum(requests)::bigint AS calls "
         "  FROM llm_metrics WHERE tenant_id = %(tenant)s "
-        "  AND window_start >= %(from)s AND window_start < %(to)s "
+        "  AND window_start >= greatest(%(from)s, (SELECT at FROM horizon)) AND window_start < %(to)s "
+        "  GROUP BY 1 "
+        "  UNION ALL "
+        "  SELECT (bucket_start AT TIME ZONE 'UTC')::date, sum(requests)::bigint "
+        "  FROM llm_metrics_rollups WHERE tenant_id = %(tenant)s AND bucket_seconds = 86400 "
+        "  AND bucket_start >= %(from)s AND bucket_start < least(%(to)s, (SELECT at FROM horizon)) "
         "  GROUP BY 1) "
         "SELECT day, coalesce(e.accepted, 0), coalesce(e.refused, 0), coalesce(c.calls, 0) "
         "FROM events e FULL JOIN calls c USING (day) ORDER BY day",

@@ -40,6 +40,7 @@ from dataflows.evaluations import EvaluationDimensionEmission, EvaluationEmissio
 from dataflows.observability import DEAD_LETTERS, DIMENSION_ROWS, EVALUATION_ROWS, ROWS_STALE, ROWS_WRITTEN
 from dataflows.stopping import STOPPING
 from dataflows.windows import DimensionEmission, WindowRow
+from schemas import rollups
 from schemas.deadletter import KEY_MAX_BYTES, MESSAGE_MAX_BYTES, DeadLetter, encode_bounded
 from schemas.metrics import (
     FLOAT_STATISTICS,
@@ -372,6 +373,9 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
         """Write the rows; which ones Postgres took. The dimension rows of a window Postgres
         took are taken too: they were never written with a higher revision than the window's row."""
         taken = taken_rows(cursor, UPSERT_SQL, [values_of(item) for item in items])
+        # The hourly and daily parts change with their windows, in the same transaction.
+        rollups.keep(cursor, [(item.row.tenant_id, item.row.route, item.row.model, item.row.window_start)
+                              for item, took in zip(items, taken, strict=True) if took])
         emissions = [emission for item, took in zip(items, taken, strict=True) if took
                      for emission in item.dimensions]
         if emissions:
@@ -386,8 +390,8 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
 
 
 class RowsSink(DynamicSink[WindowRow]):
-    """Upserts rows into ``llm_metrics`` (one transaction per batch), then publishes the
-    ones Postgres took to ``llm.metrics``.
+    """Upserts rows into ``llm_metrics`` and their hourly and daily parts (one transaction
+    per batch, :mod:`schemas.rollups`), then publishes the ones Postgres took to ``llm.metrics``.
 
     Each worker writes its own batches: a window's emissions all come from the one
     worker holding its shard, and the revision guard makes any order safe anyway.

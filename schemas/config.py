@@ -60,6 +60,9 @@ class Settings(Struct, frozen=True, kw_only=True):
     # and how many may come at once.
     ingest_rate: float = 0.0
     ingest_burst: int = 0
+    # Retention (SPEC §11): windows kept this many days, their hourly and daily roll-ups this many.
+    retention_days: int = 30
+    rollup_retention_days: int = 400
 
 
 def _integer(minimum: int, maximum: int | None = None) -> tuple[Callable[[str], int], str]:
@@ -159,6 +162,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "EVALUATION_LATENESS_SECONDS": ("evaluation_lateness_seconds", *_integer(0, 366 * 86400)),
     "INGEST_RATE": ("ingest_rate", _rate, "events a second, a number ≥ 0 (0: no limit)"),
     "INGEST_BURST": ("ingest_burst", *_integer(0)),
+    "RETENTION_DAYS": ("retention_days", *_integer(2, 36500)),
+    "ROLLUP_RETENTION_DAYS": ("rollup_retention_days", *_integer(2, 36500)),
     "ALERT_WEBHOOK_ALLOW": (
         "alert_webhook_allow",
         parse_allow,
@@ -194,6 +199,20 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             f"JOIN_TIMEOUT_SECONDS={str(settings.join_timeout_seconds)!r}, expected "
             f"LATENESS_SECONDS ≥ JOIN_TIMEOUT_SECONDS (a timed-out call is only known once its "
             f"timeout has passed)"
+        )
+    if settings.rollup_retention_days < settings.retention_days:
+        raise ConfigError(
+            f"invalid configuration: ROLLUP_RETENTION_DAYS={str(settings.rollup_retention_days)!r} is "
+            f"below RETENTION_DAYS={str(settings.retention_days)!r}, expected ROLLUP_RETENTION_DAYS ≥ "
+            f"RETENTION_DAYS (roll-ups answer for the windows deleted)"
+        )
+    late = max(settings.lateness_seconds, settings.evaluation_lateness_seconds)
+    if settings.retention_days * 86400 <= late + 86400:
+        # Windows still revised must not be deleted: their parts are sealed.
+        raise ConfigError(
+            f"invalid configuration: RETENTION_DAYS={str(settings.retention_days)!r} keeps windows no longer "
+            f"than they may still change, expected more than a day beyond LATENESS_SECONDS and "
+            f"EVALUATION_LATENESS_SECONDS ({late} s)"
         )
     return settings
 

@@ -15,6 +15,7 @@ SCHEMA_FILES: tuple[str, ...] = (
     "evaluations.sql",
     "alerts.sql",
     "quotas.sql",
+    "retention.sql",
 )
 SCHEMA_SQL: str = "\n".join(files("schemas").joinpath(name).read_text() for name in SCHEMA_FILES)
 

@@ -72,6 +72,8 @@ def test_empty_value_means_default():
         ("READ_AHEAD_SECONDS", "0"),
         ("READ_AHEAD_SECONDS", "inf"),
         ("READ_AHEAD_SECONDS", "nan"),
+        ("RETENTION_DAYS", "1"),
+        ("ROLLUP_RETENTION_DAYS", "ten"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_form(variable, value):
@@ -105,6 +107,18 @@ def test_lateness_shorter_than_the_join_timeout_is_refused(environ, shown):
 def test_lateness_equal_to_the_join_timeout_is_accepted():
     settings = config.load({"LATENESS_SECONDS": "300", "JOIN_TIMEOUT_SECONDS": "300"})
     assert settings.lateness_seconds == settings.join_timeout_seconds == 300
+
+
+def test_retention_is_read_and_checked_against_what_it_must_outlive():
+    settings = config.load({"RETENTION_DAYS": "7", "ROLLUP_RETENTION_DAYS": "90"})
+    assert (settings.retention_days, settings.rollup_retention_days) == (7, 90)
+    assert (config.load({}).retention_days, config.load({}).rollup_retention_days) == (30, 400)
+    with pytest.raises(config.ConfigError, match="ROLLUP_RETENTION_DAYS='20' is below RETENTION_DAYS='30'"):
+        config.load({"ROLLUP_RETENTION_DAYS": "20"})
+    # Windows still revised by late evaluations (a day by default) must not be deleted.
+    with pytest.raises(config.ConfigError, match="RETENTION_DAYS='2' keeps windows no longer"):
+        config.load({"RETENTION_DAYS": "2"})
+    assert config.load({"RETENTION_DAYS": "2", "EVALUATION_LATENESS_SECONDS": "3600"}).retention_days == 2
 
 
 def test_entry_point_refuses_lateness_below_the_timeout_in_one_line():
