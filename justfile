@@ -35,6 +35,10 @@ metrics-api:
 alerts *ARGS:
     {{load_env}}; exec python -m dataflows.alert_service {{ARGS}}
 
+# Retention: windows older than RETENTION_DAYS deleted, their roll-ups kept (--every SECONDS: on a timer)
+retention *ARGS:
+    {{load_env}}; exec python -m schemas.retention {{ARGS}}
+
 # Generated traffic against the ingestion API (see --help)
 traffic *ARGS:
     {{load_env}}; exec python -m deploy.traffic {{ARGS}}

@@ -60,6 +60,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+from fastdigest import TDigest
 from psycopg.rows import dict_row
 from starlette.concurrency import run_in_threadpool
 
@@ -115,6 +116,9 @@ def _fields(query: MetricsQuery) -> tuple[str, ...]:
     return ROW_FIELDS if query.dimension is None else DIMENSION_ROW_FIELDS
 
 
+_HORIZON = "coalesce((SELECT windows_before FROM retention_horizon), '-infinity')"
+
+
 def _filters(query: MetricsQuery, table: str = "") -> str:
     """The WHERE conditions of ``query``, with ``%(name)s`` placeholders."""
     prefix = f"{table}." if table else ""
@@ -127,6 +131,10 @@ def _filters(query: MetricsQuery, table: str = "") -> str:
         conditions.append(f"{prefix}route = %(route)s")
     if query.model is not None:
         conditions.append(f"{prefix}model = %(model)s")
+    if query.dimension is not None and not cacheable(query):
+        # Before the retention horizon a value's windows are replaced by hour rows, which only
+        # hourly and daily roll-ups read.
+        conditions.append(f"{prefix}window_start >= {_HORIZON}")
     if query.start is not None:
         conditions.append(f"{prefix}window_start >= %(start)s")
     if query.end is not None:
@@ -335,6 +343,98 @@ def direct_rollup_sql(query: MetricsQuery) -> str:
             FROM {windows}
         ) AS digests
         {_order(query)}"""
+
+
+def hourly_sql(query: MetricsQuery) -> str:
+    """A dimension's hours (:func:`schemas.rollups.hour_level_columns`), per key and value, oldest
+    first: what its hourly and daily buckets are merged from."""
+    return f"""
+        SELECT h.*, {rollups.HOUR_REVISION_SQL} AS hour_revision
+        FROM (
+            SELECT route, model, value,
+                date_bin(interval '1 hour', window_start, timestamptz 'epoch') AS hour,
+                {", ".join(rollups.hour_level_columns())}
+            FROM llm_dimension_metrics WHERE {_filters(query)}
+            GROUP BY route, model, value, hour
+        ) AS h
+        ORDER BY h.hour"""
+
+
+def bucket_of_hours(
+    query: MetricsQuery, key: tuple[Any, ...], hours: Sequence[dict[str, Any]]
+) -> DimensionRow:
+    """One bucket of a dimension's value from its hours (oldest first): one hour as it is;
+    several with sums summed, averages weighted by the hours' weights and the hours'
+    digests merged, in hour order."""
+    assert query.bucket_seconds is not None
+    start, route, model, value = key
+    values: dict[str, Any] = {
+        "tenant_id": query.tenant_id,
+        "route": route,
+        "model": model,
+        "dimension": query.dimension,
+        "value": value,
+        "window_start": start,
+        "window_end": max(
+            max(hour["window_end"] for hour in hours), start + timedelta(seconds=query.bucket_seconds)
+        ),
+        "estimated_cost_usd": sum(hour["estimated_cost_usd"] for hour in hours),
+        "revision": max(hour["hour_revision"] for hour in hours),
+    }
+    for name in _SUMMED:
+        values[name] = sum(hour[name] for hour in hours)
+    for column, _ in _WEIGHTED:
+        if len(hours) == 1:
+            values[column] = hours[0][column]
+            continue
+        present = [hour for hour in hours if hour[column] is not None]
+        weight = sum(rollups.weight_of(column, hour) for hour in present)
+        total = sum(hour[column] * rollups.weight_of(column, hour) for hour in present)
+        values[column] = total / weight if weight else None
+    blobs = [blob for blob in (rollups.hour_digest(hour["blobs"]) for hour in hours) if blob is not None]
+    digest = None if not blobs else TDigest.from_bytes(blobs[0]) if len(blobs) == 1 else merge_digests(blobs)
+    for name, quantile in PERCENTILES:
+        values[name] = None if digest is None or digest.is_empty() else digest.quantile(quantile)
+    return DimensionRow(**values)
+
+
+def buckets_of_hours(
+    query: MetricsQuery, hours: Sequence[dict[str, Any]], deadline: Deadline
+) -> list[MetricsRow]:
+    """The newest ``limit`` buckets of a dimension's hours, in the documented order."""
+    assert query.bucket_seconds is not None
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for hour in hours:
+        key = (
+            rollups.floor_to(hour["hour"], query.bucket_seconds),
+            hour["route"] if "route" in query.group_by else None,
+            hour["model"] if "model" in query.group_by else None,
+            hour["value"],
+        )
+        groups.setdefault(key, []).append(hour)
+    # Python compares str by code point, as the API's order does; a null value first.
+    ordered = sorted(groups, key=lambda key: (key[1] or "", key[2] or "", key[3] is not None, key[3] or ""))
+    ordered.sort(key=lambda key: key[0], reverse=True)
+    rows: list[MetricsRow] = []
+    for key in ordered[: query.limit]:
+        if deadline.remaining() <= 0:
+            narrow = _NARROW.format(seconds=deadline.seconds)
+            raise DeadlineExceeded(narrow.replace("one route or model", "one route, model or value"))
+        rows.append(bucket_of_hours(query, key, groups[key]))
+    return rows
+
+
+async def _hourly_rollup(conn: psycopg.AsyncConnection[Any], query: MetricsQuery,
+                         params: dict[str, Any], deadline: Deadline) -> list[MetricsRow]:
+    try:
+        async with conn.transaction():
+            await conn.execute(deadline.statement_timeout())
+            async with conn.cursor(row_factory=dict_row) as cursor:
+                await cursor.execute(hourly_sql(query), params, binary=True)
+                hours = await cursor.fetchall()
+    except psycopg.errors.QueryCanceled:
+        raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds)) from None
+    return await run_in_threadpool(buckets_of_hours, query, hours, deadline)
 
 
 def direct_row(record: dict[str, Any]) -> MetricsRow:
@@ -581,11 +681,13 @@ async def fetch_rollup(
     range that cuts a bucket whose windows are deleted, ``psycopg.Error`` when Postgres fails.
     """
     params = parameters(query) | {"bucket_seconds": query.bucket_seconds}
-    if not cacheable(query) or query.dimension is not None:
+    if not cacheable(query):
         return await _direct_rollup(conn, query, params, deadline)
+    horizon = await _horizon(conn)
+    _check_edges(query, horizon)
+    if query.dimension is not None:
+        return await _hourly_rollup(conn, query, params, deadline)
     try:
-        horizon = await _horizon(conn)
-        _check_edges(query, horizon)
         params["horizon"] = horizon if horizon is not None else datetime.min.replace(tzinfo=UTC)
         parts = await _read_parts(conn, query, params, deadline)
         stale = [part for part in parts if part.keep and not part.merged]

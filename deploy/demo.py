@@ -571,6 +571,7 @@ def _run_services(
             logs / "metrics-api.log",
         ),
         Service("alert service", [python, "-m", "dataflows.alert_service"], logs / "alerts.log"),
+        Service("retention", [python, "-m", "schemas.retention", "--every", "3600"], logs / "retention.log"),
     ]
     ingestion_url = f"http://127.0.0.1:{ingestion_port}"
     metrics_url = f"http://127.0.0.1:{metrics_port}"

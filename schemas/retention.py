@@ -15,18 +15,23 @@ One run, :func:`run`, does three things in order, each safe to interrupt:
    short transaction (row locks on what it deletes, nothing else): the query API
    and the sink never wait long. A crash in the middle loses at most one batch's
    transaction; the next run finds the horizon moved and goes on deleting.
+   Dimension and evaluation rows keep no parts: each hour of them before the
+   horizon is replaced by one row of that hour, in a transaction per few hours
+   (:mod:`schemas.dimension_retention`, :mod:`schemas.evaluation_retention`), and
+   those hour rows are deleted after ``ROLLUP_RETENTION_DAYS`` like the parts.
 
 Runs take a session advisory lock: with several hosts running it, one works and
 the others skip the run. ``just retention`` (``python -m schemas.retention``) runs
 it once; with ``--every SECONDS`` it runs on that timer until stopped (``just demo``
 and the Compose file's ``retention`` service run it hourly).
-Only ``llm_metrics`` is retired so far: dimension and evaluation rows are kept whole.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +43,7 @@ import psycopg
 from schemas import rollups
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
+from schemas.dimension_retention import retire_dimensions
 from schemas.logs import configure_logging
 
 logger = logging.getLogger("streamlens.retention")
@@ -57,6 +63,7 @@ class Report:
     horizon: datetime | None = None
     parts_sealed: int = 0
     windows_deleted: int = 0
+    dimension_rows_retired: int = 0
     parts_deleted: int = 0
     batches: int = 0
     skipped: bool = False
@@ -97,6 +104,10 @@ _DELETE_WINDOWS_SQL = """
 _DELETE_PARTS_SQL = """
     DELETE FROM llm_metrics_rollups WHERE ctid = ANY(ARRAY(
         SELECT ctid FROM llm_metrics_rollups WHERE tenant_id = %(tenant)s AND bucket_start < %(before)s
+        LIMIT %(rows)s))"""
+_DELETE_DIMENSION_HOURS_SQL = """
+    DELETE FROM llm_dimension_windows WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM llm_dimension_windows WHERE tenant_id = %(tenant)s AND window_start < %(before)s
         LIMIT %(rows)s))"""
 _PART_TENANTS_SQL = "SELECT DISTINCT tenant_id FROM llm_metrics_rollups WHERE bucket_start < %(before)s"
 
@@ -184,10 +195,14 @@ def run(
             report.windows_deleted = _delete_in_batches(
                 conn, tenants, _DELETE_WINDOWS_SQL, current, report, pause
             )
+            report.dimension_rows_retired = retire_dimensions(conn, current, pause)
             oldest = horizon_for(now, settings.rollup_retention_days)
             part_tenants = [row[0] for row in conn.execute(_PART_TENANTS_SQL, {"before": oldest})]
             report.parts_deleted = _delete_in_batches(
                 conn, part_tenants, _DELETE_PARTS_SQL, oldest, report, pause
+            )
+            report.parts_deleted += _delete_in_batches(
+                conn, part_tenants, _DELETE_DIMENSION_HOURS_SQL, oldest, report, pause
             )
         finally:
             conn.execute(_UNLOCK)
@@ -201,7 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_or_exit()
     configure_logging(settings.log_format)
     ensure_schema(settings.postgres_dsn)
-    while True:
+    # SIGTERM (a supervisor, the demo) and SIGINT end the timer between runs, exit status 0.
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.is_set():
         try:
             report = run(settings.postgres_dsn, settings)
         except psycopg.OperationalError as error:
@@ -213,17 +232,18 @@ def main(argv: list[str] | None = None) -> None:
                 logger.info("another process is running retention; nothing done")
             else:
                 logger.info(
-                    "retention: windows before %s answered from roll-ups; %d parts sealed, %d windows and"
-                    " %d parts deleted in %d batches",
+                    "retention: windows before %s answered from roll-ups; %d parts sealed, %d windows"
+                    " deleted, %d dimension rows retired into hours, %d parts deleted in %d batches",
                     report.horizon,
                     report.parts_sealed,
                     report.windows_deleted,
+                    report.dimension_rows_retired,
                     report.parts_deleted,
                     report.batches,
                 )
         if every is None:
             return
-        time.sleep(every)
+        stop.wait(every)
 
 
 if __name__ == "__main__":

@@ -275,3 +275,52 @@ async def keep_async(conn: psycopg.AsyncConnection[Any], windows: Iterable[PartK
         if gone:
             await conn.execute(FORGET_SQL, selection(gone) | {"bucket_seconds": bucket_seconds})
     return written
+
+
+# Dimension rows (SPEC §8) keep no parts: an hour or a day of one value is merged on each
+# read, from the hour level below. Retention replaces an hour's windows of a value by one
+# row of that hour holding exactly these values (schemas/dimension_retention.py), so an
+# hour reads the same before and after: one row is taken as it is.
+def hour_level_columns(order: str = "window_start") -> list[str]:
+    """One hour of one key's value from its rows (windows, or the one hour row retention left):
+    sums, averages weighted by their windows, the digests to merge (``blobs``). Its
+    ``revision`` is that of the packed rows holding the value: an hour's revision is the
+    highest of all its rows (:data:`HOUR_REVISION_SQL`), which an hour row keeps."""
+    averages = [
+        f"CASE WHEN count(*) = 1 THEN max({column}) ELSE sum({column} * {weight} ORDER BY {order})"
+        f" / NULLIF(sum({weight}) FILTER (WHERE {column} IS NOT NULL), 0) END AS {column}"
+        for column, weight in WEIGHTED
+    ]
+    return [
+        "max(window_end) AS window_end",
+        *(f"sum({name})::bigint AS {name}" for name in SUMMED),
+        "sum(ttft_count)::bigint AS ttft_count",
+        *averages,
+        f"sum(estimated_cost_usd ORDER BY {order}) AS estimated_cost_usd",
+        "max(revision) AS revision",
+        f"array_agg(latency_digest ORDER BY {order}) FILTER (WHERE latency_digest IS NOT NULL) AS blobs",
+    ]
+
+
+# The revision of one key's hour of a dimension (``h``: route, model, hour), over all its rows.
+HOUR_REVISION_SQL = """(
+    SELECT max(p.revision) FROM llm_dimension_windows AS p
+    WHERE p.tenant_id = %(tenant_id)s AND p.dimension = %(dimension)s AND p.route = h.route
+      AND p.model = h.model AND p.window_start >= h.hour AND p.window_start < h.hour + interval '1 hour')"""
+
+
+def hour_digest(blobs: Sequence[bytes] | None) -> bytes | None:
+    """An hour's digest from its rows' digests: one as it is, several merged in order."""
+    if not blobs:
+        return None
+    if len(blobs) == 1:
+        return blobs[0]
+    return merge_all([TDigest.from_bytes(blob) for blob in blobs]).to_bytes()
+
+
+def weight_of(column: str, values: dict[str, Any]) -> int:
+    """The weight of an hour's average ``column``: its answered calls, or those with a time to
+    first token."""
+    if column == "avg_time_to_first_token_ms":
+        return values["ttft_count"]
+    return values["requests"] - values["timeouts"]

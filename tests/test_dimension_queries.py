@@ -228,11 +228,27 @@ def expected_groups(
     return groups
 
 
-def check_merged(row: dict[str, Any], members: Sequence[Window]) -> None:
+def key_revision(row: dict[str, Any], rows: Sequence[Window], seconds: int) -> int:
+    """The highest revision of the windows of ``row``'s keys in its bucket, whatever their value:
+    what hourly and daily buckets of a dimension report (an hour keeps one revision)."""
+    return max(
+        window.revision
+        for window in rows
+        if rfc3339(bucket_start(window.start, seconds)) == row["window_start"]
+        and row["route"] in (None, window.route)
+        and row["model"] in (None, window.model)
+    )
+
+
+def check_merged(
+    row: dict[str, Any], members: Sequence[Window], rows: Sequence[Window] = (), seconds: int | None = None
+) -> None:
     """A roll-up row against the raw calls of its rows, and its percentiles against their
-    digests merged here (few calls: a merged digest holds every one, in any order)."""
+    digests merged here (few calls: a merged digest holds every one, in any order). For an
+    hourly or daily bucket, its revision against all ``rows`` of the dimension."""
     assert row["dimension"] == COUNTRY
-    check_bucket(row, members)
+    hourly = seconds is not None and seconds >= 3600
+    check_bucket(row, members, key_revision(row, rows, seconds) if hourly and seconds else None)
     digests = [TDigest.from_bytes(blob) for w in members if (blob := w.column_values()["latency_digest"])]
     merged = merge_all(digests) if digests else None
     for name, quantile in PERCENTILES:
@@ -249,7 +265,7 @@ def test_buckets_merge_within_each_value(stored: str, client: httpx.Client, data
     rows = get(client, tenant_id="acme", dimension=COUNTRY, bucket=bucket, limit=1000)
     assert [key_of(row) for row in rows] == sorted(groups, key=row_order)
     for row in rows:
-        check_merged(row, groups[key_of(row)])
+        check_merged(row, groups[key_of(row)], data.of("acme", COUNTRY), seconds)
         assert row["window_end"] == rfc3339(
             datetime.fromisoformat(row["window_start"]) + timedelta(seconds=seconds)
         )
@@ -269,7 +285,7 @@ def test_group_by_merges_across_keys_within_each_value(
     for row in rows:
         assert (row["route"] is None) == ("route" not in kept)
         assert (row["model"] is None) == ("model" not in kept)
-        check_merged(row, groups[key_of(row)])
+        check_merged(row, groups[key_of(row)], data.of("acme", COUNTRY), BUCKETS[bucket] if bucket else None)
 
 
 def test_a_roll_up_of_one_value(client: httpx.Client, data: Data):

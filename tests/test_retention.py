@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from fastdigest import TDigest
 from starlette.testclient import TestClient
 
 from api.metrics import create_app
@@ -31,84 +30,14 @@ from deploy.stack import Broker, Postgres
 from schemas import retention
 from schemas.config import Settings
 from schemas.database import ensure_schema
-from schemas.metrics import MetricsRow
 from schemas.topics import ensure_topics
 from tests.conftest import TEST_PARTITIONS, empty_database
 from tests.serving import serving
+from tests.year_data import DAY, DAYS, MINUTE, Minute, made_year, today, window_row
 
 logger = logging.getLogger(__name__)
 
-DAY = timedelta(days=1)
-MINUTE = timedelta(minutes=1)
-DAYS = 365
 SETTINGS = Settings(auth=False)  # RETENTION_DAYS 30, ROLLUP_RETENTION_DAYS 400
-
-
-@dataclass(frozen=True)
-class Minute:
-    """What the test wrote for one window: its raw latencies and totals."""
-
-    start: datetime
-    latencies: tuple[float, ...]
-    errors: int
-    prompt_tokens: int
-    cost: float
-
-
-def today() -> datetime:
-    now = datetime.now(UTC)
-    return now.replace(hour=0, minute=0, second=0, microsecond=0)
-
-
-def made_year(seed: int) -> list[Minute]:
-    """One window a minute for the 365 days before today, 1 to 3 calls each."""
-    rng = random.Random(seed)
-    first = today() - DAYS * DAY
-    made = []
-    for minute in range(DAYS * 1440):
-        latencies = tuple(round(rng.lognormvariate(6, 0.6), 3) for _ in range(rng.randint(1, 3)))
-        made.append(
-            Minute(
-                first + minute * MINUTE,
-                latencies,
-                rng.randint(0, len(latencies)),
-                rng.randint(5, 500) * len(latencies),
-                rng.randint(1, 10**6) / 10**7,
-            )
-        )
-    return made
-
-
-def window_row(minute: Minute) -> WindowRow:
-    calls = len(minute.latencies)
-    return WindowRow(
-        row=MetricsRow(
-            tenant_id="acme",
-            route="/chat",
-            model="gpt-4o",
-            window_start=minute.start,
-            window_end=minute.start + MINUTE,
-            requests=calls,
-            errors=minute.errors,
-            timeouts=0,
-            avg_latency_ms=sum(minute.latencies) / calls,
-            p50_latency_ms=None,
-            p95_latency_ms=None,
-            p99_latency_ms=None,
-            avg_time_to_first_token_ms=None,
-            prompt_tokens=minute.prompt_tokens,
-            completion_tokens=calls,
-            cache_read_tokens=0,
-            reasoning_tokens=0,
-            avg_prompt_tokens=minute.prompt_tokens / calls,
-            avg_completion_tokens=1.0,
-            estimated_cost_usd=minute.cost,
-            unpriced_requests=0,
-            revision=1,
-        ),
-        digest=TDigest.from_values(list(minute.latencies)).to_bytes(),
-        ttft_count=0,
-    )
 
 
 @dataclass
