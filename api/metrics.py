@@ -258,6 +258,9 @@ async def evaluations(request: Request) -> Response:
     observed: QueryMetrics = request.app.state.observed
     try:
         rows = await bounded(_fetch_evaluations(request.app.state.pool, asked), DATABASE_TIMEOUT_SECONDS)
+    except InvalidParameter as error:  # a range cutting a bucket before the retention horizon
+        request.app.state.postgres.back()
+        answer = error_response(400, "invalid_parameter", str(error))
     except (psycopg.Error, psycopg_pool.PoolTimeout, DatabaseTimeout) as error:
         answer = _unavailable(request, error, kind)
     else:

@@ -60,7 +60,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from fastdigest import TDigest
 from psycopg.rows import dict_row
 from starlette.concurrency import run_in_threadpool
 
@@ -392,7 +391,7 @@ def bucket_of_hours(
         total = sum(hour[column] * rollups.weight_of(column, hour) for hour in present)
         values[column] = total / weight if weight else None
     blobs = [blob for blob in (rollups.hour_digest(hour["blobs"]) for hour in hours) if blob is not None]
-    digest = None if not blobs else TDigest.from_bytes(blobs[0]) if len(blobs) == 1 else merge_digests(blobs)
+    digest = rollups.merged_in_order(blobs)
     for name, quantile in PERCENTILES:
         values[name] = None if digest is None or digest.is_empty() else digest.quantile(quantile)
     return DimensionRow(**values)
@@ -583,13 +582,13 @@ async def _direct_rollup(conn: psycopg.AsyncConnection[Any], query: MetricsQuery
     return await run_in_threadpool(rows)
 
 
-async def _horizon(conn: psycopg.AsyncConnection[Any]) -> datetime | None:
+async def retention_horizon(conn: psycopg.AsyncConnection[Any]) -> datetime | None:
     cursor = await conn.execute("SELECT windows_before FROM retention_horizon")
     found = await cursor.fetchone()
     return None if found is None else found[0]
 
 
-def _check_edges(query: MetricsQuery, horizon: datetime | None) -> None:
+def check_edges(query: MetricsQuery, horizon: datetime | None) -> None:
     """:class:`InvalidParameter` when ``from`` or ``to`` cuts a bucket whose windows are deleted:
     only the whole bucket is kept there."""
     if horizon is None or query.bucket_seconds is None:
@@ -683,8 +682,8 @@ async def fetch_rollup(
     params = parameters(query) | {"bucket_seconds": query.bucket_seconds}
     if not cacheable(query):
         return await _direct_rollup(conn, query, params, deadline)
-    horizon = await _horizon(conn)
-    _check_edges(query, horizon)
+    horizon = await retention_horizon(conn)
+    check_edges(query, horizon)
     if query.dimension is not None:
         return await _hourly_rollup(conn, query, params, deadline)
     try:

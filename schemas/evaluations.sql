@@ -18,7 +18,8 @@ CREATE TABLE IF NOT EXISTS llm_evaluation_metrics (
     score_max     double precision,
     score_p50     double precision,
     score_p90     double precision,
-    -- {label: count}: the 20 most frequent, the rest under "(other)".
+    -- {label: count}: the 20 most frequent, the rest under "(other)" (an hour row that
+    -- retention left holds its windows' labels added up, all of them).
     labels        jsonb            NOT NULL,
     -- The scores' t-digest (fastdigest to_bytes), for merging windows later.
     score_digest  bytea,

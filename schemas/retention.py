@@ -44,6 +44,7 @@ from schemas import rollups
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
 from schemas.dimension_retention import retire_dimensions
+from schemas.evaluation_retention import retire_evaluations
 from schemas.logs import configure_logging
 
 logger = logging.getLogger("streamlens.retention")
@@ -64,6 +65,7 @@ class Report:
     parts_sealed: int = 0
     windows_deleted: int = 0
     dimension_rows_retired: int = 0
+    evaluation_rows_retired: int = 0
     parts_deleted: int = 0
     batches: int = 0
     skipped: bool = False
@@ -105,10 +107,14 @@ _DELETE_PARTS_SQL = """
     DELETE FROM llm_metrics_rollups WHERE ctid = ANY(ARRAY(
         SELECT ctid FROM llm_metrics_rollups WHERE tenant_id = %(tenant)s AND bucket_start < %(before)s
         LIMIT %(rows)s))"""
-_DELETE_DIMENSION_HOURS_SQL = """
-    DELETE FROM llm_dimension_windows WHERE ctid = ANY(ARRAY(
-        SELECT ctid FROM llm_dimension_windows WHERE tenant_id = %(tenant)s AND window_start < %(before)s
+# Hour rows of dimensions and evaluations, by the table's window_start.
+_DELETE_HOURS_SQL = tuple(
+    f"""
+    DELETE FROM {table} WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM {table} WHERE tenant_id = %(tenant)s AND window_start < %(before)s
         LIMIT %(rows)s))"""
+    for table in ("llm_dimension_windows", "llm_evaluation_metrics", "llm_evaluation_dimension_windows")
+)
 _PART_TENANTS_SQL = "SELECT DISTINCT tenant_id FROM llm_metrics_rollups WHERE bucket_start < %(before)s"
 
 
@@ -196,14 +202,14 @@ def run(
                 conn, tenants, _DELETE_WINDOWS_SQL, current, report, pause
             )
             report.dimension_rows_retired = retire_dimensions(conn, current, pause)
+            report.evaluation_rows_retired = retire_evaluations(conn, current, pause)
             oldest = horizon_for(now, settings.rollup_retention_days)
             part_tenants = [row[0] for row in conn.execute(_PART_TENANTS_SQL, {"before": oldest})]
             report.parts_deleted = _delete_in_batches(
                 conn, part_tenants, _DELETE_PARTS_SQL, oldest, report, pause
             )
-            report.parts_deleted += _delete_in_batches(
-                conn, part_tenants, _DELETE_DIMENSION_HOURS_SQL, oldest, report, pause
-            )
+            for hours in _DELETE_HOURS_SQL:
+                report.parts_deleted += _delete_in_batches(conn, part_tenants, hours, oldest, report, pause)
         finally:
             conn.execute(_UNLOCK)
     return report
@@ -233,11 +239,13 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 logger.info(
                     "retention: windows before %s answered from roll-ups; %d parts sealed, %d windows"
-                    " deleted, %d dimension rows retired into hours, %d parts deleted in %d batches",
+                    " deleted, %d dimension and %d evaluation rows retired into hours, %d parts and hour"
+                    " rows deleted in %d batches",
                     report.horizon,
                     report.parts_sealed,
                     report.windows_deleted,
                     report.dimension_rows_retired,
+                    report.evaluation_rows_retired,
                     report.parts_deleted,
                     report.batches,
                 )

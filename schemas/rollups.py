@@ -309,13 +309,22 @@ HOUR_REVISION_SQL = """(
       AND p.model = h.model AND p.window_start >= h.hour AND p.window_start < h.hour + interval '1 hour')"""
 
 
-def hour_digest(blobs: Sequence[bytes] | None) -> bytes | None:
-    """An hour's digest from its rows' digests: one as it is, several merged in order."""
+def merged_in_order(blobs: Sequence[bytes] | None) -> TDigest | None:
+    """Serialized digests merged in the order given, a lone one as it is; None without any.
+    What merges the hour level below hourly and daily buckets, and hours into them."""
     if not blobs:
         return None
     if len(blobs) == 1:
+        return TDigest.from_bytes(blobs[0])
+    return merge_all([TDigest.from_bytes(blob) for blob in blobs])
+
+
+def hour_digest(blobs: Sequence[bytes] | None) -> bytes | None:
+    """An hour's digest from its rows' digests: one as it is (its bytes), several merged in order."""
+    if blobs and len(blobs) == 1:
         return blobs[0]
-    return merge_all([TDigest.from_bytes(blob) for blob in blobs]).to_bytes()
+    merged = merged_in_order(blobs)
+    return None if merged is None else merged.to_bytes()
 
 
 def weight_of(column: str, values: dict[str, Any]) -> int:
