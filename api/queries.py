@@ -56,9 +56,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+import msgspec
 import psycopg
 from psycopg.rows import dict_row
 from starlette.concurrency import run_in_threadpool
@@ -224,8 +225,8 @@ def parts_sql(query: MetricsQuery) -> str:
 
     Reads only the fingerprint index of ``llm_metrics`` (count, revision and
     ``updated_at`` per key and bucket) and ``llm_metrics_rollups``; one row per
-    part, with the kept values when ``cached``. Before the retention horizon
-    (``%(horizon)s``) the kept parts are all there is: they are taken as they are.
+    part, with the kept values when ``cached``. Before the retention horizon (read in the
+    same statement) the kept parts are all there is: they are taken as they are.
     """
     kept = [name for name in DIMENSIONS if name in query.group_by]
     # Only a bucket the range covers whole matches what was kept for it.
@@ -240,13 +241,13 @@ def parts_sql(query: MetricsQuery) -> str:
         SELECT route, model, {_bucket_start(query)} AS bucket_start,
             count(*) AS windows, sum(revision) AS revisions,
             sum(updated_at - timestamptz 'epoch') AS updates
-        FROM llm_metrics WHERE {_filters(query)} AND window_start >= %(horizon)s
+        FROM llm_metrics WHERE {_filters(query)} AND window_start >= {_HORIZON}
         GROUP BY 1, 2, 3
         UNION ALL
         SELECT route, model, bucket_start, windows, revisions, updates
         FROM llm_metrics_rollups
         WHERE tenant_id = %(tenant_id)s{sealed_filters} AND bucket_seconds = %(bucket_seconds)s
-          AND bucket_start < %(horizon)s AND {complete.format("")}"""
+          AND bucket_start < {_HORIZON} AND {complete.format("")}"""
     # The buckets that survive ``limit``, by rank rather than by joining a list of them
     # back: the planner, with no statistics yet on a freshly written table, answered
     # that join with a nested loop over every part (seconds for 20,000 parts).
@@ -344,18 +345,27 @@ def direct_rollup_sql(query: MetricsQuery) -> str:
         {_order(query)}"""
 
 
+_HOUR_BIN = "date_bin(interval '1 hour', window_start, timestamptz 'epoch')"
+
+
 def hourly_sql(query: MetricsQuery) -> str:
     """A dimension's hours (:func:`schemas.rollups.hour_level_columns`), per key and value, oldest
     first: what its hourly and daily buckets are merged from."""
+    # The revision of each key's hour, over all its rows whatever their values (an hour row
+    # keeps one for all of them): from the packed rows, without the value's condition.
+    every_value = msgspec.structs.replace(query, by_value=False, value=None)
     return f"""
-        SELECT h.*, {rollups.HOUR_REVISION_SQL} AS hour_revision
+        SELECT h.*, r.hour_revision
         FROM (
-            SELECT route, model, value,
-                date_bin(interval '1 hour', window_start, timestamptz 'epoch') AS hour,
-                {", ".join(rollups.hour_level_columns())}
+            SELECT route, model, value, {_HOUR_BIN} AS hour, {", ".join(rollups.hour_level_columns())}
             FROM llm_dimension_metrics WHERE {_filters(query)}
             GROUP BY route, model, value, hour
         ) AS h
+        JOIN (
+            SELECT route, model, {_HOUR_BIN} AS hour, max(revision) AS hour_revision
+            FROM llm_dimension_windows WHERE {_filters(every_value)}
+            GROUP BY route, model, hour
+        ) AS r USING (route, model, hour)
         ORDER BY h.hour"""
 
 
@@ -411,6 +421,8 @@ def buckets_of_hours(
             hour["value"],
         )
         groups.setdefault(key, []).append(hour)
+    for members in groups.values():  # one order, as for the main rows' parts (see _group)
+        members.sort(key=lambda hour: (hour["hour"], hour["route"], hour["model"]))
     # Python compares str by code point, as the API's order does; a null value first.
     ordered = sorted(groups, key=lambda key: (key[1] or "", key[2] or "", key[3] is not None, key[3] or ""))
     ordered.sort(key=lambda key: key[0], reverse=True)
@@ -548,7 +560,9 @@ def _group(query: MetricsQuery, parts: Sequence[Part]) -> list[list[Part]]:
     """Parts by bucket, in the documented order: newest first, then route and model."""
     kept = [name for name in DIMENSIONS if name in query.group_by]
     groups: dict[tuple[Any, ...], list[Part]] = {}
-    for part in parts:
+    # Each bucket's parts in one order, whatever order the plan read them in: float sums
+    # depend on it, and a bucket must add up to the same bits from windows or sealed parts.
+    for part in sorted(parts, key=lambda part: (part.route, part.model)):
         key = (part.bucket_start, *(getattr(part, name) for name in kept))
         groups.setdefault(key, []).append(part)
     # Python compares str by code point, as the API's order does.
@@ -687,7 +701,6 @@ async def fetch_rollup(
     if query.dimension is not None:
         return await _hourly_rollup(conn, query, params, deadline)
     try:
-        params["horizon"] = horizon if horizon is not None else datetime.min.replace(tzinfo=UTC)
         parts = await _read_parts(conn, query, params, deadline)
         stale = [part for part in parts if part.keep and not part.merged]
         if stale:

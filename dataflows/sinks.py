@@ -372,10 +372,20 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
     def _upsert(cursor: psycopg.Cursor[Any], items: list[WindowRow]) -> list[bool]:
         """Write the rows; which ones Postgres took. The dimension rows of a window Postgres
         took are taken too: they were never written with a higher revision than the window's row."""
-        taken = taken_rows(cursor, UPSERT_SQL, [values_of(item) for item in items])
+        # A window before the retention horizon has its time retired: its hour and day are
+        # sealed and its neighbours deleted. Only events that old reaching a dataflow started
+        # afresh can make one; it is not written (logged, and counted as stale).
+        horizon = rollups.horizon(cursor)
+        retired = [item.row.window_start < horizon for item in items]
+        if any(retired):
+            logger.warning("%d windows before the retention horizon %s not written: their time is retired",
+                           sum(retired), horizon.isoformat())
+        writable = [item for item, old in zip(items, retired, strict=True) if not old]
+        written = iter(taken_rows(cursor, UPSERT_SQL, [values_of(item) for item in writable]))
+        taken = [False if old else next(written) for old in retired]
         # The hourly and daily parts change with their windows, in the same transaction.
         rollups.keep(cursor, [(item.row.tenant_id, item.row.route, item.row.model, item.row.window_start)
-                              for item, took in zip(items, taken, strict=True) if took])
+                              for item, took in zip(items, taken, strict=True) if took], horizon)
         emissions = [emission for item, took in zip(items, taken, strict=True) if took
                      for emission in item.dimensions]
         if emissions:

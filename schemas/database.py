@@ -26,3 +26,17 @@ def ensure_schema(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('streamlens.schema'))")
         conn.execute(SCHEMA_SQL)
+
+
+def tenants_sql(table: str) -> str:
+    """The tenants having rows in ``table``: a loose scan of an index leading with
+    ``tenant_id`` (one probe a tenant), not a scan of the table."""
+    return f"""
+        WITH RECURSIVE tenants AS (
+            (SELECT tenant_id FROM {table} ORDER BY tenant_id LIMIT 1)
+            UNION ALL
+            SELECT (SELECT t.tenant_id FROM {table} AS t WHERE t.tenant_id > s.tenant_id
+                    ORDER BY t.tenant_id LIMIT 1)
+            FROM tenants AS s WHERE s.tenant_id IS NOT NULL
+        )
+        SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL"""

@@ -21,18 +21,32 @@ from fastdigest import TDigest
 from psycopg.rows import dict_row
 
 from schemas import rollups
+from schemas.database import tenants_sql
 from schemas.metrics import FLOAT_STATISTICS, VALUE_STATISTICS
 
 # Key-hours retired per transaction.
 HOURS_PER_BATCH = 20
 
+# The dimensions of a tenant: a loose scan of the primary key (tenant_id, dimension, …).
+_DIMENSIONS_SQL = """
+    WITH RECURSIVE dimensions AS (
+        (SELECT dimension FROM llm_dimension_windows WHERE tenant_id = %(tenant)s ORDER BY dimension LIMIT 1)
+        UNION ALL
+        SELECT (SELECT w.dimension FROM llm_dimension_windows AS w
+                WHERE w.tenant_id = %(tenant)s AND w.dimension > d.dimension ORDER BY w.dimension LIMIT 1)
+        FROM dimensions AS d WHERE d.dimension IS NOT NULL
+    )
+    SELECT dimension FROM dimensions WHERE dimension IS NOT NULL"""
+# The key-hours of one tenant's dimension in [since, before) still holding windows: one range
+# of the primary key.
 _TO_RETIRE = """
     SELECT DISTINCT tenant_id, dimension, route, model,
         date_bin(interval '1 hour', window_start, timestamptz 'epoch') AS hour
     FROM llm_dimension_windows
-    WHERE window_start < %(before)s AND window_end - window_start < interval '1 hour'
-    ORDER BY 1, 2, 3, 4, 5
-    LIMIT %(limit)s"""
+    WHERE tenant_id = %(tenant)s AND dimension = %(dimension)s
+      AND window_start >= %(since)s AND window_start < %(before)s
+      AND window_end - window_start < interval '1 hour'
+    ORDER BY 5, 3, 4"""
 _KEY = (
     "tenant_id = %(tenant_id)s AND dimension = %(dimension)s AND route = %(route)s AND model = %(model)s"
     " AND window_start >= %(hour)s AND window_start < %(hour)s + interval '1 hour'"
@@ -42,6 +56,8 @@ _HOUR_SQL = f"""
     FROM llm_dimension_metrics WHERE {_KEY}
     GROUP BY value"""
 _DELETE_SQL = f"DELETE FROM llm_dimension_windows WHERE {_KEY}"
+# The hour's rows locked first: a write to them waits, and is never deleted unmerged.
+_LOCK_SQL = f"SELECT 1 FROM llm_dimension_windows WHERE {_KEY} FOR UPDATE"
 _ARRAYS: dict[str, str] = {
     "values": "text[]",
     **{name: "double precision[]" if name in FLOAT_STATISTICS else "bigint[]" for name in VALUE_STATISTICS},
@@ -79,18 +95,27 @@ def hour_row(key: dict[str, Any], hours: list[dict[str, Any]]) -> dict[str, Any]
     return {**key, "revision": max(hour["revision"] for hour in hours), **columns}
 
 
-def retire_dimensions(conn: psycopg.Connection[Any], before: datetime, pause: Callable[[], None]) -> int:
-    """Replace every hour of dimension windows before ``before`` by its hour row, a batch of
+def retire_dimensions(
+    conn: psycopg.Connection[Any], since: datetime, before: datetime, pause: Callable[[], None]
+) -> int:
+    """Replace every hour of dimension windows in ``[since, before)`` by its hour row, a batch of
     :data:`HOURS_PER_BATCH` key-hours a transaction; how many windows' rows were replaced."""
     replaced = 0
-    while True:
-        with conn.cursor(row_factory=dict_row) as cursor:
-            batch = cursor.execute(_TO_RETIRE, {"before": before, "limit": HOURS_PER_BATCH}).fetchall()
-        if not batch:
-            return replaced
-        with conn.transaction(), conn.cursor(row_factory=dict_row) as cursor:
-            for key in batch:
-                hours = cursor.execute(_HOUR_SQL, key, binary=True).fetchall()
-                replaced += cursor.execute(_DELETE_SQL, key).rowcount
-                cursor.execute(_INSERT_SQL, hour_row(key, hours))
-        pause()
+    for tenant in [row[0] for row in conn.execute(tenants_sql("llm_dimension_windows"))]:
+        dimensions = [row[0] for row in conn.execute(_DIMENSIONS_SQL, {"tenant": tenant})]
+        for dimension in dimensions:
+            with conn.cursor(row_factory=dict_row) as cursor:
+                hours = cursor.execute(
+                    _TO_RETIRE, {"tenant": tenant, "dimension": dimension, "since": since, "before": before}
+                ).fetchall()
+            for first in range(0, len(hours), HOURS_PER_BATCH):
+                with conn.transaction(), conn.cursor(row_factory=dict_row) as cursor:
+                    for key in hours[first : first + HOURS_PER_BATCH]:
+                        cursor.execute(_LOCK_SQL, key)
+                        rows = cursor.execute(_HOUR_SQL, key, binary=True).fetchall()
+                        if not rows:
+                            continue
+                        replaced += cursor.execute(_DELETE_SQL, key).rowcount
+                        cursor.execute(_INSERT_SQL, hour_row(key, rows))
+                pause()
+    return replaced

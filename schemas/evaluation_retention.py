@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from schemas.database import tenants_sql
 from schemas.rollups import merged_in_order
 
 if TYPE_CHECKING:
@@ -161,26 +162,14 @@ _PACKED = _Table(
 )
 
 
-def _tenants_sql(table: str) -> str:
-    """Tenants with rows: a loose scan of the primary key's first column."""
-    return f"""
-        WITH RECURSIVE tenants AS (
-            (SELECT tenant_id FROM {table} ORDER BY tenant_id LIMIT 1)
-            UNION ALL
-            SELECT (SELECT t.tenant_id FROM {table} AS t WHERE t.tenant_id > s.tenant_id
-                    ORDER BY t.tenant_id LIMIT 1)
-            FROM tenants AS s WHERE s.tenant_id IS NOT NULL
-        )
-        SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL"""
-
-
 def _hours_sql(table: _Table) -> str:
-    """A tenant's hours before ``%(before)s`` holding a row that is no hour row."""
+    """A tenant's hours in ``[%(since)s, %(before)s)`` holding a row that is no hour row."""
     key = ", ".join(table.key)
     return f"""
         SELECT DISTINCT {key}, date_bin('1 hour', window_start, timestamptz 'epoch') AS hour
         FROM {table.name}
-        WHERE tenant_id = %(tenant)s AND window_start < %(before)s AND {_NOT_AN_HOUR}
+        WHERE tenant_id = %(tenant)s AND window_start >= %(since)s AND window_start < %(before)s
+          AND {_NOT_AN_HOUR}
         ORDER BY {", ".join(str(n + 1) for n in range(len(table.key) + 1))}"""
 
 
@@ -308,8 +297,10 @@ def _replace(
     return deleted
 
 
-def retire_evaluations(conn: psycopg.Connection[Any], before: datetime, pause: Callable[[], None]) -> int:
-    """Replace the windows of every hour wholly before ``before``, in ``llm_evaluation_metrics``
+def retire_evaluations(
+    conn: psycopg.Connection[Any], since: datetime, before: datetime, pause: Callable[[], None]
+) -> int:
+    """Replace the windows of every hour in ``[since, before)``, in ``llm_evaluation_metrics``
     and ``llm_evaluation_dimension_windows``, by hour rows (see the module); how many window
     rows were replaced. ``conn`` is in autocommit: each batch of :data:`HOURS_PER_BATCH`
     hours is its own transaction, with ``pause`` called between them. Hours that are one
@@ -318,10 +309,13 @@ def retire_evaluations(conn: psycopg.Connection[Any], before: datetime, pause: C
     before = before - timedelta(seconds=before.timestamp() % HOUR.total_seconds())
     replaced = 0
     for table, columns, merge in ((_MAIN, _MAIN_COLUMNS, _main_row), (_PACKED, _PACKED_COLUMNS, _packed_row)):
-        tenants = [row[0] for row in conn.execute(_tenants_sql(table.name))]
+        tenants = [row[0] for row in conn.execute(tenants_sql(table.name))]
         for tenant in tenants:
             hours: list[_Hour] = [
-                tuple(row) for row in conn.execute(_hours_sql(table), {"tenant": tenant, "before": before})
+                tuple(row)
+                for row in conn.execute(
+                    _hours_sql(table), {"tenant": tenant, "since": since, "before": before}
+                )
             ]
             for first in range(0, len(hours), HOURS_PER_BATCH):
                 replaced += _replace(

@@ -42,7 +42,7 @@ import psycopg
 
 from schemas import rollups
 from schemas.config import Settings, load_or_exit
-from schemas.database import ensure_schema
+from schemas.database import ensure_schema, tenants_sql
 from schemas.dimension_retention import retire_dimensions
 from schemas.evaluation_retention import retire_evaluations
 from schemas.logs import configure_logging
@@ -89,16 +89,14 @@ _STALE_SQL = """
     WHERE bucket_seconds = %(seconds)s AND bucket_start >= %(since)s AND bucket_start < %(until)s
     ORDER BY 1, 2, 3, 4"""
 
-# Tenants with windows before a moment: a loose scan of the (tenant_id, window_start) index.
-_TENANTS_SQL = """
-    WITH RECURSIVE tenants AS (
-        (SELECT tenant_id FROM llm_metrics ORDER BY tenant_id LIMIT 1)
-        UNION ALL
-        SELECT (SELECT m.tenant_id FROM llm_metrics AS m WHERE m.tenant_id > t.tenant_id
-                ORDER BY m.tenant_id LIMIT 1)
-        FROM tenants AS t WHERE t.tenant_id IS NOT NULL
-    )
-    SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL"""
+# Parts whose windows are all gone (deleted by hand): sealed, they would answer for them.
+_ORPHANS_SQL = """
+    DELETE FROM llm_metrics_rollups AS r
+    WHERE r.bucket_start >= %(since)s AND r.bucket_start < %(until)s AND NOT EXISTS (
+        SELECT 1 FROM llm_metrics AS w
+        WHERE w.tenant_id = r.tenant_id AND w.route = r.route AND w.model = r.model
+          AND w.window_start >= r.bucket_start
+          AND w.window_start < r.bucket_start + make_interval(secs => r.bucket_seconds))"""
 _DELETE_WINDOWS_SQL = """
     DELETE FROM llm_metrics WHERE ctid = ANY(ARRAY(
         SELECT ctid FROM llm_metrics WHERE tenant_id = %(tenant)s AND window_start < %(before)s
@@ -108,43 +106,65 @@ _DELETE_PARTS_SQL = """
         SELECT ctid FROM llm_metrics_rollups WHERE tenant_id = %(tenant)s AND bucket_start < %(before)s
         LIMIT %(rows)s))"""
 # Hour rows of dimensions and evaluations, by the table's window_start.
-_DELETE_HOURS_SQL = tuple(
-    f"""
+_DELETE_HOURS_SQL = {
+    table: f"""
     DELETE FROM {table} WHERE ctid = ANY(ARRAY(
         SELECT ctid FROM {table} WHERE tenant_id = %(tenant)s AND window_start < %(before)s
         LIMIT %(rows)s))"""
     for table in ("llm_dimension_windows", "llm_evaluation_metrics", "llm_evaluation_dimension_windows")
-)
-_PART_TENANTS_SQL = "SELECT DISTINCT tenant_id FROM llm_metrics_rollups WHERE bucket_start < %(before)s"
+}
 
 
-def _current_horizon(conn: psycopg.Connection[Any]) -> datetime | None:
-    found = conn.execute("SELECT windows_before FROM retention_horizon").fetchone()
-    return None if found is None else found[0]
+def _current_horizon(conn: psycopg.Connection[Any]) -> tuple[datetime, datetime]:
+    """The horizon, and how far dimension and evaluation rows are retired into hours."""
+    found = conn.execute("SELECT windows_before, retired_before FROM retention_horizon").fetchone()
+    return (rollups.NO_HORIZON, rollups.NO_HORIZON) if found is None else (found[0], found[1])
+
+
+def _stale(conn: psycopg.Connection[Any], since: datetime, until: datetime) -> list[rollups.PartKey]:
+    """The hours to merge again so that every part in ``[since, until)`` matches its windows:
+    a stale hour's own, every hour of a stale day."""
+    stale: list[rollups.PartKey] = []
+    for seconds in rollups.KEPT_BUCKETS:
+        rows = conn.execute(
+            _STALE_SQL,
+            {"bucket": timedelta(seconds=seconds), "seconds": seconds, "since": since, "until": until},
+        ).fetchall()
+        stale += [
+            (tenant, route, model, start + timedelta(hours=hour))
+            for tenant, route, model, start, *_ in rows
+            for hour in range(seconds // rollups.HOUR_SECONDS)
+        ]
+    return stale
 
 
 def seal(conn: psycopg.Connection[Any], since: datetime, until: datetime) -> int:
     """Merge again every hourly and daily part in ``[since, until)`` that differs from its
-    windows; how many parts were merged. Repeats until none differs."""
+    windows, and forget those without windows; how many parts were merged. Repeats until
+    none differs (writers may still be writing there)."""
     sealed = 0
     while True:
-        stale: list[rollups.PartKey] = []
-        for seconds in rollups.KEPT_BUCKETS:
-            rows = conn.execute(
-                _STALE_SQL,
-                {"bucket": timedelta(seconds=seconds), "seconds": seconds, "since": since, "until": until},
-            ).fetchall()
-            hours = seconds // rollups.HOUR_SECONDS
-            stale += [
-                (tenant, route, model, start + timedelta(hours=hour))
-                for tenant, route, model, start, *_ in rows
-                for hour in range(hours)
-            ]
+        with conn.transaction():
+            conn.execute(_ORPHANS_SQL, {"since": since, "until": until})
+        stale = _stale(conn, since, until)
         if not stale:
             return sealed
         for first in range(0, len(stale), SEAL_PARTS):
             with conn.transaction(), conn.cursor() as cursor:
-                sealed += rollups.keep(cursor, stale[first : first + SEAL_PARTS])
+                sealed += rollups.keep(cursor, stale[first : first + SEAL_PARTS], rollups.horizon(cursor))
+
+
+def move_horizon(conn: psycopg.Connection[Any], since: datetime, until: datetime) -> int:
+    """Move the horizon to ``until``, with every part before it checked once more while no
+    writer is writing: the horizon row locked for update waits for those that read it (they
+    lock it for share) and holds off the next. How many parts were merged then."""
+    with conn.transaction(), conn.cursor() as cursor:
+        cursor.execute("SELECT windows_before FROM retention_horizon FOR UPDATE")
+        cursor.execute(_ORPHANS_SQL, {"since": since, "until": until})
+        stale = _stale(conn, since, until)
+        sealed = rollups.keep(cursor, stale, since) if stale else 0
+        cursor.execute("UPDATE retention_horizon SET windows_before = %s, moved_at = now()", (until,))
+    return sealed
 
 
 def _delete_in_batches(
@@ -185,31 +205,27 @@ def run(
             return report
         try:
             target = horizon_for(now, settings.retention_days)
-            current = _current_horizon(conn)
-            if current is None or current < target:
-                since = current if current is not None else datetime.min.replace(tzinfo=UTC)
-                report.parts_sealed = seal(conn, since, target)
-                with conn.transaction():
-                    conn.execute(
-                        "INSERT INTO retention_horizon (windows_before) VALUES (%s) ON CONFLICT (only_row)"
-                        " DO UPDATE SET windows_before = EXCLUDED.windows_before, moved_at = now()",
-                        (target,),
-                    )
+            current, retired = _current_horizon(conn)
+            if current < target:
+                report.parts_sealed = seal(conn, current, target)
+                report.parts_sealed += move_horizon(conn, current, target)
                 current = target
             report.horizon = current
-            tenants = [row[0] for row in conn.execute(_TENANTS_SQL)]
+            tenants = [row[0] for row in conn.execute(tenants_sql("llm_metrics"))]
             report.windows_deleted = _delete_in_batches(
                 conn, tenants, _DELETE_WINDOWS_SQL, current, report, pause
             )
-            report.dimension_rows_retired = retire_dimensions(conn, current, pause)
-            report.evaluation_rows_retired = retire_evaluations(conn, current, pause)
+            if retired < current:
+                report.dimension_rows_retired = retire_dimensions(conn, retired, current, pause)
+                report.evaluation_rows_retired = retire_evaluations(conn, retired, current, pause)
+                with conn.transaction():
+                    conn.execute("UPDATE retention_horizon SET retired_before = %s", (current,))
             oldest = horizon_for(now, settings.rollup_retention_days)
-            part_tenants = [row[0] for row in conn.execute(_PART_TENANTS_SQL, {"before": oldest})]
-            report.parts_deleted = _delete_in_batches(
-                conn, part_tenants, _DELETE_PARTS_SQL, oldest, report, pause
-            )
-            for hours in _DELETE_HOURS_SQL:
-                report.parts_deleted += _delete_in_batches(conn, part_tenants, hours, oldest, report, pause)
+            tenants = [row[0] for row in conn.execute(tenants_sql("llm_metrics_rollups"))]
+            report.parts_deleted = _delete_in_batches(conn, tenants, _DELETE_PARTS_SQL, oldest, report, pause)
+            for table, sql in _DELETE_HOURS_SQL.items():
+                tenants = [row[0] for row in conn.execute(tenants_sql(table))]
+                report.parts_deleted += _delete_in_batches(conn, tenants, sql, oldest, report, pause)
         finally:
             conn.execute(_UNLOCK)
     return report

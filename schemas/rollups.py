@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -128,7 +128,14 @@ _PARTS = """
     unnest(%(tenants)s::text[], %(routes)s::text[], %(models)s::text[], %(starts)s::timestamptz[])
         WITH ORDINALITY AS m(tenant_id, route, model, bucket_start, number)"""
 # Buckets before the horizon are sealed (their windows are deleted, or being deleted).
-_OPEN = "m.bucket_start >= coalesce((SELECT windows_before FROM retention_horizon), '-infinity')"
+_OPEN = "m.bucket_start >= %(horizon)s"
+
+# The horizon, locked for share until the transaction ends: retention moves it only when no
+# writer that read it is still writing (schemas/retention.py), so a part is never merged
+# again after it was sealed.
+HORIZON_SQL = "SELECT windows_before FROM retention_horizon FOR SHARE"
+# Before any window; a day after the smallest date, so no session time zone turns it into year 0.
+NO_HORIZON = datetime(1, 1, 2, tzinfo=UTC)
 
 # Each hour merged from its windows (one range of the primary key each).
 HOURS_SQL = f"""
@@ -240,15 +247,23 @@ def _split(records: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     return present, gone
 
 
-def keep(cursor: psycopg.Cursor[Any], windows: Iterable[PartKey]) -> int:
+def horizon(cursor: psycopg.Cursor[Any]) -> datetime:
+    """The retention horizon, locked for share (:data:`HORIZON_SQL`); :data:`NO_HORIZON` if none.
+    A writer reads it first in its transaction and writes no window before it."""
+    found = cursor.execute(HORIZON_SQL).fetchone()
+    return NO_HORIZON if found is None else found[0]
+
+
+def keep(cursor: psycopg.Cursor[Any], windows: Iterable[PartKey], before: datetime) -> int:
     """Merge again the hours holding ``windows`` (tenant, route, model, window_start) and the
-    days holding those hours, in the caller's transaction; how many parts were written."""
+    days holding those hours, in the caller's transaction, all but those before ``before``
+    (the :func:`horizon` the caller read); how many parts were written."""
     written = 0
     for bucket_seconds, sql, parts in _levels(windows):
         if not parts:
             continue
         with cursor.connection.cursor(row_factory=dict_row) as reader:
-            reader.execute(sql, selection(parts), binary=True)
+            reader.execute(sql, selection(parts) | {"horizon": before}, binary=True)
             present, gone = _split(reader.fetchall())
         if present:
             cursor.execute(KEEP_SQL, kept_columns(bucket_seconds, present), binary=True)
@@ -259,13 +274,16 @@ def keep(cursor: psycopg.Cursor[Any], windows: Iterable[PartKey]) -> int:
 
 
 async def keep_async(conn: psycopg.AsyncConnection[Any], windows: Iterable[PartKey]) -> int:
-    """:func:`keep` on an async connection, in its current transaction."""
+    """:func:`keep` on an async connection, in its current transaction, after reading the
+    horizon as :func:`horizon` does."""
+    found = await (await conn.execute(HORIZON_SQL)).fetchone()
+    before = NO_HORIZON if found is None else found[0]
     written = 0
     for bucket_seconds, sql, parts in _levels(windows):
         if not parts:
             continue
         async with conn.cursor(row_factory=dict_row) as reader:
-            await reader.execute(sql, selection(parts), binary=True)
+            await reader.execute(sql, selection(parts) | {"horizon": before}, binary=True)
             present, gone = _split(await reader.fetchall())
         if present:
             # Merging digests takes milliseconds a part: off the event loop.
@@ -284,8 +302,8 @@ async def keep_async(conn: psycopg.AsyncConnection[Any], windows: Iterable[PartK
 def hour_level_columns(order: str = "window_start") -> list[str]:
     """One hour of one key's value from its rows (windows, or the one hour row retention left):
     sums, averages weighted by their windows, the digests to merge (``blobs``). Its
-    ``revision`` is that of the packed rows holding the value: an hour's revision is the
-    highest of all its rows (:data:`HOUR_REVISION_SQL`), which an hour row keeps."""
+    ``revision`` is that of the packed rows holding the value; the query API reports the
+    highest of all the hour's rows, which an hour row keeps."""
     averages = [
         f"CASE WHEN count(*) = 1 THEN max({column}) ELSE sum({column} * {weight} ORDER BY {order})"
         f" / NULLIF(sum({weight}) FILTER (WHERE {column} IS NOT NULL), 0) END AS {column}"
@@ -300,13 +318,6 @@ def hour_level_columns(order: str = "window_start") -> list[str]:
         "max(revision) AS revision",
         f"array_agg(latency_digest ORDER BY {order}) FILTER (WHERE latency_digest IS NOT NULL) AS blobs",
     ]
-
-
-# The revision of one key's hour of a dimension (``h``: route, model, hour), over all its rows.
-HOUR_REVISION_SQL = """(
-    SELECT max(p.revision) FROM llm_dimension_windows AS p
-    WHERE p.tenant_id = %(tenant_id)s AND p.dimension = %(dimension)s AND p.route = h.route
-      AND p.model = h.model AND p.window_start >= h.hour AND p.window_start < h.hour + interval '1 hour')"""
 
 
 def merged_in_order(blobs: Sequence[bytes] | None) -> TDigest | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from confluent_kafka import KafkaError as ConfluentKafkaError
+from fastdigest import TDigest
 from psycopg.rows import dict_row
 
 from dataflows import clock as clock_module
@@ -277,6 +278,10 @@ def test_window_logic_emits_when_event_time_passes_the_grace() -> None:
 
 # -- Postgres ------------------------------------------------------------------------------
 
+# A real digest: the sink merges each written window's hour and day from them.
+_DIGEST = TDigest.from_values([1.0, 2.0]).to_bytes()
+
+
 def _row(revision: int, requests: int, tenant: str = "acme", minute: int = 0) -> WindowRow:
     start = T0 + timedelta(minutes=minute)
     return WindowRow(row=MetricsRow(
@@ -286,7 +291,7 @@ def _row(revision: int, requests: int, tenant: str = "acme", minute: int = 0) ->
         avg_time_to_first_token_ms=None, prompt_tokens=10, completion_tokens=20,
         cache_read_tokens=0, reasoning_tokens=0, avg_prompt_tokens=10.0,
         avg_completion_tokens=20.0, estimated_cost_usd=0.25, unpriced_requests=0,
-        revision=revision), digest=b"\x01\x02", ttft_count=0)
+        revision=revision), digest=_DIGEST, ttft_count=0)
 
 
 def _stored(dsn: str) -> list[dict]:
@@ -314,7 +319,7 @@ def test_rows_sink_upserts_never_go_back_and_publish_what_postgres_took(
         partition.write_batch([_row(1, 4), _row(2, 5), _row(1, 7, minute=1)])
         rows = _stored(postgres_dsn)
         assert [(r["revision"], r["requests"]) for r in rows] == [(2, 5), (1, 7)]
-        assert bytes(rows[0]["latency_digest"]) == b"\x01\x02"
+        assert bytes(rows[0]["latency_digest"]) == _DIGEST
         assert rows[0]["ttft_count"] == 0 and rows[0]["avg_time_to_first_token_ms"] is None
         assert rows[0]["window_start"] == T0
         # A replayed older emission changes nothing and is not published; the same one

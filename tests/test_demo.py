@@ -225,6 +225,7 @@ def test_demo_counts_every_tenants_calls_with_keys_and_stops_everything(tmp_path
         "processor.log",
         "metrics-api.log",
         "alerts.log",
+        "retention.log",
     }
     assert Broker.running(local / "broker") is None
     assert Postgres.running(local / "postgres") is None

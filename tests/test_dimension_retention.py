@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 from api.metrics import create_app
 from schemas.config import Settings
 from schemas.dimension_retention import retire_dimensions
+from schemas.rollups import NO_HORIZON
 from schemas.tenant_settings import set_dimensions
 from tests import dimension_store as store
 from tests.test_metrics_api import Window, random_calls, rfc3339
@@ -56,7 +57,7 @@ def stored(postgres_dsn: str) -> tuple[str, list[Window]]:
     store.insert_dimension_rows(postgres_dsn, [row.column_values() for row in rows])
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         set_dimensions(conn, "acme", (COUNTRY,), 60)
-        conn.execute("INSERT INTO retention_horizon (windows_before) VALUES (%s)", (HORIZON,))
+        conn.execute("UPDATE retention_horizon SET windows_before = %s", (HORIZON,))
     return postgres_dsn, rows
 
 
@@ -94,7 +95,7 @@ def test_hourly_and_daily_answers_of_a_dimension_are_the_same_after_its_hours_ar
     for row in daily:
         check_bucket(row, groups[(row["window_start"], row["route"], row["value"])])
     with psycopg.connect(dsn, autocommit=True) as conn:
-        replaced = retire_dimensions(conn, HORIZON, lambda: None)
+        replaced = retire_dimensions(conn, NO_HORIZON, HORIZON, lambda: None)
     assert replaced == sum(1 for row in {(w.route, w.start) for w in rows if w.start < HORIZON})
     left = stored_rows(dsn)
     assert all(end - start == timedelta(hours=1) for start, end in left if start < HORIZON)
@@ -103,7 +104,7 @@ def test_hourly_and_daily_answers_of_a_dimension_are_the_same_after_its_hours_ar
     )
     assert answers(dsn) == before
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert retire_dimensions(conn, HORIZON, lambda: None) == 0
+        assert retire_dimensions(conn, NO_HORIZON, HORIZON, lambda: None) == 0
     # Short buckets and plain rows read the windows only: those before the horizon are gone.
     with TestClient(create_app(Settings(postgres_dsn=dsn, auth=False))) as client:
         params = {"tenant_id": "acme", "dimension": COUNTRY, "limit": 1000}
@@ -124,7 +125,8 @@ def test_retiring_killed_at_a_random_moment_then_run_again_changes_no_answer(sto
     code = (
         "import sys, psycopg; from datetime import datetime; import schemas.dimension_retention as r;"
         "r.HOURS_PER_BATCH = 2; conn = psycopg.connect(sys.argv[1], autocommit=True);"
-        "print(r.retire_dimensions(conn, datetime.fromisoformat(sys.argv[2]), lambda: None), flush=True)"
+        "print(r.retire_dimensions(conn, r.rollups.NO_HORIZON, datetime.fromisoformat(sys.argv[2]),"
+        " lambda: None), flush=True)"
     )
     process = subprocess.Popen(
         [sys.executable, "-c", code, dsn, HORIZON.isoformat()],
@@ -141,6 +143,6 @@ def test_retiring_killed_at_a_random_moment_then_run_again_changes_no_answer(sto
         logger.warning("killed")
         assert answers(dsn) == before
     with psycopg.connect(dsn, autocommit=True) as conn:
-        retire_dimensions(conn, HORIZON, lambda: None)
+        retire_dimensions(conn, NO_HORIZON, HORIZON, lambda: None)
     assert all(end - start == timedelta(hours=1) for start, end in stored_rows(dsn) if start < HORIZON)
     assert answers(dsn) == before

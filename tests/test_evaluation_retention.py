@@ -45,6 +45,7 @@ from dataflows.sinks import (
 from schemas.config import Settings
 from schemas.evaluation_retention import Scores, hour_of, hour_of_values, retire_evaluations
 from schemas.events import LLMEvaluation
+from schemas.rollups import NO_HORIZON
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def write_windows(dsn: str, seed: int = 5) -> dict[tuple[Any, ...], Raw]:
     with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
         cursor.executemany(UPSERT_EVALUATIONS_SQL, main)
         cursor.executemany(UPSERT_EVALUATION_DIMENSIONS_SQL, packed)
-        cursor.execute("INSERT INTO retention_horizon (windows_before) VALUES (%s)", (HORIZON,))
+        cursor.execute("UPDATE retention_horizon SET windows_before = %s", (HORIZON,))
     return stored
 
 
@@ -372,9 +373,9 @@ def test_hour_rows_answer_as_their_windows_did(postgres_dsn: str, client: TestCl
     assert windows > 1000
 
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        replaced = retire_evaluations(conn, HORIZON, lambda: None)
+        replaced = retire_evaluations(conn, NO_HORIZON, HORIZON, lambda: None)
         assert replaced == windows
-        assert retire_evaluations(conn, HORIZON, lambda: None) == 0
+        assert retire_evaluations(conn, NO_HORIZON, HORIZON, lambda: None) == 0
         # Only hour rows before the horizon, one per key, name (dimension) and hour with windows.
         hours = {(key[:4], key[4].replace(minute=0)) for key in stored if key[4] < HORIZON}
         for table in TABLES:
@@ -437,12 +438,13 @@ _COMPACT = textwrap.dedent(
     import psycopg
     from datetime import datetime
     from schemas import evaluation_retention
+    from schemas.rollups import NO_HORIZON
 
     evaluation_retention.HOURS_PER_BATCH = 2
     with psycopg.connect(sys.argv[1], autocommit=True, application_name="killed-compaction") as conn:
         print("started", flush=True)
         evaluation_retention.retire_evaluations(
-            conn, datetime.fromisoformat(sys.argv[2]), lambda: time.sleep(0.001))
+            conn, NO_HORIZON, datetime.fromisoformat(sys.argv[2]), lambda: time.sleep(0.001))
     print("done", flush=True)
     """
 )
@@ -472,6 +474,6 @@ def test_compaction_killed_at_any_moment_then_run_again(postgres_dsn: str, clien
     assert answers(client, few=True) == before, f"seed {seed}"
 
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        assert retire_evaluations(conn, HORIZON, lambda: None) == left
+        assert retire_evaluations(conn, NO_HORIZON, HORIZON, lambda: None) == left
     assert _window_rows_before(postgres_dsn) == 0
     assert answers(client, few=True) == before, f"seed {seed}"
