@@ -429,22 +429,36 @@ def buckets_of_hours(
     rows: list[MetricsRow] = []
     for key in ordered[: query.limit]:
         if deadline.remaining() <= 0:
-            narrow = _NARROW.format(seconds=deadline.seconds)
-            raise DeadlineExceeded(narrow.replace("one route or model", "one route, model or value"))
+            raise DeadlineExceeded(_narrow(query, deadline))
         rows.append(bucket_of_hours(query, key, groups[key]))
     return rows
 
 
-async def _hourly_rollup(conn: psycopg.AsyncConnection[Any], query: MetricsQuery,
-                         params: dict[str, Any], deadline: Deadline) -> list[MetricsRow]:
+def _narrow(query: MetricsQuery, deadline: Deadline) -> str:
+    """What to ask for instead when a roll-up does not fit ``deadline``."""
+    narrow = _NARROW.format(seconds=deadline.seconds)
+    if query.dimension is not None:
+        narrow = narrow.replace("one route or model", "one route, model or value")
+    return narrow
+
+
+async def _records(conn: psycopg.AsyncConnection[Any], sql: str, params: dict[str, Any],
+                   deadline: Deadline, narrow: str) -> list[dict[str, Any]]:
+    """``sql``'s records within ``deadline`` (binary: digests parse faster than hex), or
+    :class:`DeadlineExceeded` saying ``narrow``."""
     try:
         async with conn.transaction():
             await conn.execute(deadline.statement_timeout())
             async with conn.cursor(row_factory=dict_row) as cursor:
-                await cursor.execute(hourly_sql(query), params, binary=True)
-                hours = await cursor.fetchall()
+                await cursor.execute(sql, params, binary=True)
+                return await cursor.fetchall()
     except psycopg.errors.QueryCanceled:
-        raise DeadlineExceeded(_NARROW.format(seconds=deadline.seconds)) from None
+        raise DeadlineExceeded(narrow) from None
+
+
+async def _hourly_rollup(conn: psycopg.AsyncConnection[Any], query: MetricsQuery,
+                         params: dict[str, Any], deadline: Deadline) -> list[MetricsRow]:
+    hours = await _records(conn, hourly_sql(query), params, deadline, _narrow(query, deadline))
     return await run_in_threadpool(buckets_of_hours, query, hours, deadline)
 
 
@@ -573,17 +587,8 @@ def _group(query: MetricsQuery, parts: Sequence[Part]) -> list[list[Part]]:
 
 async def _direct_rollup(conn: psycopg.AsyncConnection[Any], query: MetricsQuery,
                          params: dict[str, Any], deadline: Deadline) -> list[MetricsRow]:
-    narrow = _NARROW.format(seconds=deadline.seconds)
-    if query.dimension is not None:
-        narrow = narrow.replace("one route or model", "one route, model or value")
-    try:
-        async with conn.transaction():
-            await conn.execute(deadline.statement_timeout())
-            async with conn.cursor(row_factory=dict_row) as cursor:
-                await cursor.execute(direct_rollup_sql(query), params, binary=True)
-                records = await cursor.fetchall()
-    except psycopg.errors.QueryCanceled:
-        raise DeadlineExceeded(narrow) from None
+    narrow = _narrow(query, deadline)
+    records = await _records(conn, direct_rollup_sql(query), params, deadline, narrow)
 
     def rows() -> list[MetricsRow]:
         out = []

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from itertools import chain
 from typing import Any, TypeVar
 
@@ -348,11 +350,84 @@ class PostgresWriter:
                 self._conn = None
 
 
+# How long the part keeper gathers written windows before merging their hours: a window's
+# revisions and its neighbours come in bursts, and each hour is merged once for all of them.
+KEEP_DELAY_SECONDS = 1.0
+# Hours merged per transaction.
+KEEP_HOURS = 500
+
+
+def _keep(hours: list[rollups.PartKey], cursor: psycopg.Cursor[Any]) -> int:
+    return rollups.keep(cursor, hours, rollups.horizon(cursor))
+
+
+class PartKeeper:
+    """Keeps the hourly and daily parts of the windows the sink wrote (:mod:`schemas.rollups`),
+    on a thread of its own, about :data:`KEEP_DELAY_SECONDS` behind them.
+
+    Parts are derived: one that lags its windows (for that second, or for good after a crash
+    lost what was pending) has another fingerprint than its windows, so the query API never
+    uses it but merges it again, and retention checks every part before sealing it. Merging
+    off the sink's transaction lets the dataflow go on meanwhile, and an hour revised several
+    times within the delay is merged once.
+    """
+
+    def __init__(self, dsn: str, delay: float = KEEP_DELAY_SECONDS) -> None:
+        self._postgres = PostgresWriter(dsn, "postgres (roll-up parts)")
+        self._delay = delay
+        self._pending: set[rollups.PartKey] = set()
+        self._busy = False
+        self._closing = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="part-keeper", daemon=True)
+        self._thread.start()
+
+    def written(self, windows: list[rollups.PartKey]) -> None:
+        """Windows (tenant, route, model, window_start) the sink has committed."""
+        if not windows:
+            return
+        with self._changed:
+            self._pending.update(rollups.hours_of(windows))
+            self._changed.notify_all()
+
+    def flush(self) -> None:
+        """Until every hour written so far is merged."""
+        with self._changed:
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: not self._pending and not self._busy)
+
+    def close(self) -> None:
+        self.flush()
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        self._thread.join()
+        self._postgres.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending or self._closing)
+                if self._closing and not self._pending:
+                    return
+                # Gather for the delay, unless a flush or close asks for it sooner.
+                self._changed.wait(self._delay)
+                hours = sorted(self._pending)
+                self._pending.clear()
+                self._busy = True
+            for first in range(0, len(hours), KEEP_HOURS):
+                self._postgres.in_transaction(partial(_keep, hours[first : first + KEEP_HOURS]))
+            with self._changed:
+                self._busy = False
+                self._changed.notify_all()
+
+
 class _RowsPartition(StatelessSinkPartition[WindowRow]):
     def __init__(self, dsn: str, brokers: str) -> None:
         self._postgres = PostgresWriter(dsn)
         self._metrics = KafkaWriter(brokers, METRICS)
         self._dimensions = KafkaWriter(brokers, DIMENSION_METRICS)
+        self._parts = PartKeeper(dsn)
 
     def write_batch(self, items: list[WindowRow]) -> None:
         if not items:
@@ -363,6 +438,8 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
         ROWS_WRITTEN.inc(written)
         ROWS_STALE.inc(len(latest) - written)
         kept = [item for item, took in zip(latest, taken, strict=True) if took]
+        self._parts.written([(item.row.tenant_id, item.row.route, item.row.model, item.row.window_start)
+                             for item in kept])
         self._metrics.write([metrics_message(item) for item in kept])
         dimensions = [dimension_message(emission) for item in kept for emission in item.dimensions]
         if dimensions:
@@ -383,9 +460,6 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
         writable = [item for item, old in zip(items, retired, strict=True) if not old]
         written = iter(taken_rows(cursor, UPSERT_SQL, [values_of(item) for item in writable]))
         taken = [False if old else next(written) for old in retired]
-        # The hourly and daily parts change with their windows, in the same transaction.
-        rollups.keep(cursor, [(item.row.tenant_id, item.row.route, item.row.model, item.row.window_start)
-                              for item, took in zip(items, taken, strict=True) if took], horizon)
         emissions = [emission for item, took in zip(items, taken, strict=True) if took
                      for emission in item.dimensions]
         if emissions:
@@ -394,14 +468,15 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
         return taken
 
     def close(self) -> None:
+        self._parts.close()
         self._postgres.close()
         self._metrics.close()
         self._dimensions.close()
 
 
 class RowsSink(DynamicSink[WindowRow]):
-    """Upserts rows into ``llm_metrics`` and their hourly and daily parts (one transaction
-    per batch, :mod:`schemas.rollups`), then publishes the ones Postgres took to ``llm.metrics``.
+    """Upserts rows into ``llm_metrics`` (one transaction per batch), then publishes the ones
+    Postgres took to ``llm.metrics``; a :class:`PartKeeper` keeps their hours and days.
 
     Each worker writes its own batches: a window's emissions all come from the one
     worker holding its shard, and the revision guard makes any order safe anyway.

@@ -11,13 +11,14 @@ per key, not half a million windows.
   the windows directly: so a day answers the same whether its windows are still
   stored or already deleted by retention (:mod:`schemas.retention`), to the last bit.
 
-The dataflow's sink calls :func:`keep` in the transaction that writes windows,
-so parts and windows change together. Every part carries the fingerprint of the
-windows it was merged from (count, revision sum, ``updated_at`` sum); the query
-API uses a part only while its windows still have that fingerprint, and keeps
-again the parts of windows written some other way. Parts of buckets older than
-the retention horizon are sealed: never merged again, since their windows are
-(being) deleted.
+The dataflow's sink hands the windows it wrote to a keeper thread
+(:class:`dataflows.sinks.PartKeeper`), which calls :func:`keep` for their hours
+about a second later. Every part carries the fingerprint of the windows it was
+merged from (count, revision sum, ``updated_at`` sum); the query API uses a part
+only while its windows still have that fingerprint, and keeps again the parts of
+windows written some other way (or whose keeping a crash lost). Parts of buckets
+older than the retention horizon are sealed: never merged again, since their
+windows are (being) deleted.
 
 SQL text and merging are defined once here; :func:`keep` (psycopg, sync) and
 :func:`keep_async` only run them.
