@@ -354,16 +354,32 @@ def hourly_sql(query: MetricsQuery) -> str:
     # The revision of each key's hour, over all its rows whatever their values (an hour row
     # keeps one for all of them): from the packed rows, without the value's condition.
     every_value = msgspec.structs.replace(query, by_value=False, value=None)
+    kept = _grouping(query, query.group_by)
+    # Only the time of the buckets that survive ``limit`` (found without reading a digest):
+    # the newest, so everything from the oldest of them on.
+    since = "window_start >= (SELECT min(bucket_start) FROM chosen)"
+    value = ""
+    if query.by_value:  # from the packed rows, unnesting their values only
+        value = " AND v.value " + ("IS NULL" if query.value is None else "= %(value)s")
     return f"""
+        WITH chosen AS MATERIALIZED (
+            SELECT * FROM (
+                SELECT DISTINCT {_bucket_start(query)} AS bucket_start{"".join(f", {name}" for name in kept)}
+                FROM llm_dimension_windows AS w CROSS JOIN LATERAL unnest(w."values") AS v(value)
+                WHERE {_filters(every_value, "w")}{value}
+            ) AS groups
+            ORDER BY bucket_start DESC{_collated(kept)}
+            LIMIT %(limit)s
+        )
         SELECT h.*, r.hour_revision
         FROM (
             SELECT route, model, value, {_HOUR_BIN} AS hour, {", ".join(rollups.hour_level_columns())}
-            FROM llm_dimension_metrics WHERE {_filters(query)}
+            FROM llm_dimension_metrics WHERE {_filters(query)} AND {since}
             GROUP BY route, model, value, hour
         ) AS h
         JOIN (
             SELECT route, model, {_HOUR_BIN} AS hour, max(revision) AS hour_revision
-            FROM llm_dimension_windows WHERE {_filters(every_value)}
+            FROM llm_dimension_windows WHERE {_filters(every_value)} AND {since}
             GROUP BY route, model, hour
         ) AS r USING (route, model, hour)
         ORDER BY h.hour"""
