@@ -458,8 +458,9 @@ def _narrow(query: MetricsQuery, deadline: Deadline) -> str:
     return narrow
 
 
-async def _records(conn: psycopg.AsyncConnection[Any], sql: str, params: dict[str, Any],
-                   deadline: Deadline, narrow: str) -> list[dict[str, Any]]:
+async def _records(
+    conn: psycopg.AsyncConnection[Any], sql: str, params: dict[str, Any], deadline: Deadline, narrow: str
+) -> list[dict[str, Any]]:
     """``sql``'s records within ``deadline`` (binary: digests parse faster than hex), or
     :class:`DeadlineExceeded` saying ``narrow``."""
     try:
@@ -472,8 +473,9 @@ async def _records(conn: psycopg.AsyncConnection[Any], sql: str, params: dict[st
         raise DeadlineExceeded(narrow) from None
 
 
-async def _hourly_rollup(conn: psycopg.AsyncConnection[Any], query: MetricsQuery,
-                         params: dict[str, Any], deadline: Deadline) -> list[MetricsRow]:
+async def _hourly_rollup(
+    conn: psycopg.AsyncConnection[Any], query: MetricsQuery, params: dict[str, Any], deadline: Deadline
+) -> list[MetricsRow]:
     hours = await _records(conn, hourly_sql(query), params, deadline, _narrow(query, deadline))
     return await run_in_threadpool(buckets_of_hours, query, hours, deadline)
 
@@ -601,8 +603,9 @@ def _group(query: MetricsQuery, parts: Sequence[Part]) -> list[list[Part]]:
     return [groups[key] for key in ordered]
 
 
-async def _direct_rollup(conn: psycopg.AsyncConnection[Any], query: MetricsQuery,
-                         params: dict[str, Any], deadline: Deadline) -> list[MetricsRow]:
+async def _direct_rollup(
+    conn: psycopg.AsyncConnection[Any], query: MetricsQuery, params: dict[str, Any], deadline: Deadline
+) -> list[MetricsRow]:
     narrow = _narrow(query, deadline)
     records = await _records(conn, direct_rollup_sql(query), params, deadline, narrow)
 
@@ -638,8 +641,9 @@ def check_edges(query: MetricsQuery, horizon: datetime | None) -> None:
             )
 
 
-async def _read_parts(conn: psycopg.AsyncConnection[Any], query: MetricsQuery,
-                      params: dict[str, Any], deadline: Deadline) -> list[Part]:
+async def _read_parts(
+    conn: psycopg.AsyncConnection[Any], query: MetricsQuery, params: dict[str, Any], deadline: Deadline
+) -> list[Part]:
     """The parts of the answer, each with its kept merge when it matches its windows."""
     async with conn.transaction():
         await conn.execute(deadline.statement_timeout())
@@ -661,8 +665,9 @@ def _hours_to_keep(query: MetricsQuery, tenant_id: str, parts: Sequence[Part]) -
     ]
 
 
-async def _keep_again(conn: psycopg.AsyncConnection[Any], query: MetricsQuery, stale: Sequence[Part],
-                      deadline: Deadline) -> int:
+async def _keep_again(
+    conn: psycopg.AsyncConnection[Any], query: MetricsQuery, stale: Sequence[Part], deadline: Deadline
+) -> int:
     """Merge and keep ``stale`` parts (windows written around the dataflow's sink, or before
     parts were kept) in chunks, each committed, until ``deadline``; how many were kept."""
     done = 0
@@ -681,8 +686,13 @@ async def _keep_again(conn: psycopg.AsyncConnection[Any], query: MetricsQuery, s
     return done
 
 
-async def _merge_cut(conn: psycopg.AsyncConnection[Any], query: MetricsQuery, params: dict[str, Any],
-                     cut: Sequence[Part], deadline: Deadline) -> None:
+async def _merge_cut(
+    conn: psycopg.AsyncConnection[Any],
+    query: MetricsQuery,
+    params: dict[str, Any],
+    cut: Sequence[Part],
+    deadline: Deadline,
+) -> None:
     """Merge the parts of buckets the range cuts, from their windows in the range (not kept)."""
     try:
         async with conn.transaction(), conn.cursor(row_factory=dict_row) as cursor:

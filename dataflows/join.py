@@ -135,9 +135,14 @@ def calls_of(found: Iterable[Call]) -> CallBatch:
 
 def call_at(calls: CallBatch, index: int) -> Call:
     """The call at ``index`` of a batch, as one :class:`Call`."""
-    return Call(request=calls.requests[index], response=calls.responses[index],
-                source=calls.sources[index], cost_usd=calls.costs[index] if calls.costs else None,
-                completed_at=calls.completed[index], replaces_timeout=calls.replaces[index])
+    return Call(
+        request=calls.requests[index],
+        response=calls.responses[index],
+        source=calls.sources[index],
+        cost_usd=calls.costs[index] if calls.costs else None,
+        completed_at=calls.completed[index],
+        replaces_timeout=calls.replaces[index],
+    )
 
 
 def call_to_json(call: Call) -> str:
@@ -152,8 +157,9 @@ class JoinShard:
     :class:`dataflows.clock.Watermark` kept in this state.
     """
 
-    def __init__(self, timeout_seconds: float, dedupe_seconds: float, window_seconds: int,
-                 lateness_seconds: float) -> None:
+    def __init__(
+        self, timeout_seconds: float, dedupe_seconds: float, window_seconds: int, lateness_seconds: float
+    ) -> None:
         self.timeout = float(timeout_seconds)
         self.window = int(window_seconds)
         self.lateness = float(lateness_seconds)
@@ -303,8 +309,9 @@ class JoinShard:
                         assert type(request) is LLMRequest
                         if pairs_inline(rid, request, response, ts, response_ts):
                             del early[rid]
-                            self._count_pair(calls, rid, request, response, run.source(index), ts,
-                                             response_ts)
+                            self._count_pair(
+                                calls, rid, request, response, run.source(index), ts, response_ts
+                            )
                             continue
                         release_early(rid)
                         watermark.settled = settled
@@ -326,16 +333,20 @@ class JoinShard:
                             if pairs_inline(rid, request, response, ts, response_ts):
                                 del pending[rid]
                                 self._unschedule(self.orphan_after(response_ts), rid)
-                                self._count_pair(calls, rid, request, response, run.source(index),
-                                                 ts, response_ts)
+                                self._count_pair(
+                                    calls, rid, request, response, run.source(index), ts, response_ts
+                                )
                                 continue
                         watermark.settled = settled
                         slow(self._on_request(request, run.source(index), ts))
                 continue
             # The ids new to the shard as this run starts, and those of them counted
             # before (an id pending now may be counted already: a timed-out request).
-            unknown = {response.request_id for response in run.events
-                       if response.request_id not in fresh and response.request_id not in pending}
+            unknown = {
+                response.request_id
+                for response in run.events
+                if response.request_id not in fresh and response.request_id not in pending
+            }
             sealed = counted.sealed_among(list(unknown))
             for index, response in enumerate(run.events):
                 ts = times[index]
@@ -364,8 +375,13 @@ class JoinShard:
                             self._count_pair(calls, rid, request, response, run.source(index), request_ts, ts)
                             continue
                         pending[rid] = entry
-                    elif (held is None and rid in unknown and rid not in early and rid not in recent
-                          and rid not in sealed):
+                    elif (
+                        held is None
+                        and rid in unknown
+                        and rid not in early
+                        and rid not in recent
+                        and rid not in sealed
+                    ):
                         early[rid] = (response, ts, run, index)  # new, and not counted before
                         continue
                     elif rid in early:
@@ -380,18 +396,30 @@ class JoinShard:
         self._offset = now - settled
         return letters
 
-    def _pairs_inline(self, rid: str, request: LLMRequest, response: LLMResponse, request_ts: float,
-                      response_ts: float) -> bool:
+    def _pairs_inline(
+        self, rid: str, request: LLMRequest, response: LLMResponse, request_ts: float, response_ts: float
+    ) -> bool:
         """The request and response of ``rid``, nothing else waiting under it, pair at
         once: the response is of the request's tenant (or of none), within the timeout,
         and no other tenant's response came for the id (what :meth:`_settle_responses`
         and :meth:`_pair` then decide, the slow way)."""
         tenant = response.tenant_id
-        return ((tenant is None or tenant == request.tenant_id)
-                and response_ts - request_ts <= self.timeout and rid not in self._mismatched)
+        return (
+            (tenant is None or tenant == request.tenant_id)
+            and response_ts - request_ts <= self.timeout
+            and rid not in self._mismatched
+        )
 
-    def _count_pair(self, calls: CallBatch, rid: str, request: LLMRequest, response: LLMResponse,
-                    source: SourceRef, request_ts: float, response_ts: float) -> None:
+    def _count_pair(
+        self,
+        calls: CallBatch,
+        rid: str,
+        request: LLMRequest,
+        response: LLMResponse,
+        source: SourceRef,
+        request_ts: float,
+        response_ts: float,
+    ) -> None:
         """Count a request and its response that pair (what :meth:`_pair` does for a
         pair with nothing else pending under its id), into ``calls``."""
         response = self._clamped(request, response)
@@ -443,8 +471,9 @@ class JoinShard:
         self._schedule(self.orphan_after(ts), rid)
         return []
 
-    def _pair(self, rid: str, entry: Pending, source: SourceRef,
-              out: list[Call | DeadLetter]) -> list[Call | DeadLetter]:
+    def _pair(
+        self, rid: str, entry: Pending, source: SourceRef, out: list[Call | DeadLetter]
+    ) -> list[Call | DeadLetter]:
         """Both sides of ``rid`` are known (``source`` completed it): the call, or the
         response dead-lettered for being too far from its request."""
         request, response = entry.request, entry.response
@@ -514,8 +543,16 @@ class JoinShard:
         del self._pending[rid]
         return [self._call(request, response, source, request_ts, ts, replaces_timeout=True)]
 
-    def _call(self, request: LLMRequest, response: LLMResponse, source: SourceRef, request_ts: float,
-              response_ts: float, *, replaces_timeout: bool = False) -> Call:
+    def _call(
+        self,
+        request: LLMRequest,
+        response: LLMResponse,
+        source: SourceRef,
+        request_ts: float,
+        response_ts: float,
+        *,
+        replaces_timeout: bool = False,
+    ) -> Call:
         """The answered call of a request and its response (cache reads clamped)."""
         return Call(
             request=request,
@@ -562,8 +599,9 @@ class JoinShard:
                 self.duplicates += 1
         return entry.response is not None
 
-    def _mismatch(self, response: LLMResponse, source: SourceRef, tenant_id: str,
-                  counted_until: float | None = None) -> list[Call | DeadLetter]:
+    def _mismatch(
+        self, response: LLMResponse, source: SourceRef, tenant_id: str, counted_until: float | None = None
+    ) -> list[Call | DeadLetter]:
         """A response of another tenant than the request's (``tenant_id``): its
         dead letter, or nothing for a repeat of one already dead-lettered.
         ``counted_until``: the request is counted and remembered until then."""
@@ -734,8 +772,9 @@ class JoinShard:
 
     def __len__(self) -> int:
         """request_ids held: waiting for their other side, or remembered as counted."""
-        both = sum(1 for entry in self._pending.values()
-                   if not isinstance(entry, bytes) and entry.request_done)
+        both = sum(
+            1 for entry in self._pending.values() if not isinstance(entry, bytes) and entry.request_done
+        )
         return len(self._pending) + len(self._counted) - both
 
     def in_flight(self) -> int:

@@ -74,26 +74,58 @@ def build(settings: Settings) -> Dataflow:
     prices_file = settings.prices_file
     flow = Dataflow("streamlens_metrics")
 
-    batches = op.input("read", flow, sources.BatchingKafkaSource(
-        brokers, [REQUESTS, RESPONSES, EVALUATIONS], starting_offset=sources.STARTING_OFFSET,
-        batch_size=sources.BATCH_SIZE, read_ahead=read_ahead(settings)))
+    batches = op.input(
+        "read",
+        flow,
+        sources.BatchingKafkaSource(
+            brokers,
+            [REQUESTS, RESPONSES, EVALUATIONS],
+            starting_offset=sources.STARTING_OFFSET,
+            batch_size=sources.BATCH_SIZE,
+            read_ahead=read_ahead(settings),
+        ),
+    )
     decoded = op.flat_map_batch("route", batches, functools.partial(sources.route_polls, shards=shards))
     # (join shard, events) pairs go on; evaluations apart; everything else is a dead letter.
     events = op.branch("valid", decoded, _is_event_group)
     evaluations = op.branch("evaluations", events.falses, _is_evaluation_group)
 
-    joined = op.stateful_batch("join", events.trues, ops.join_builder(
-        settings.join_timeout_seconds, settings.dedupe_seconds, settings.window_seconds,
-        settings.lateness_seconds, PostgresSegments(settings.postgres_dsn), shards))
-    routed = op.flat_map_batch("price", joined, ops.route_to_windows(
-        lambda calls: price_book(prices_file).price_calls(calls), shards))
+    joined = op.stateful_batch(
+        "join",
+        events.trues,
+        ops.join_builder(
+            settings.join_timeout_seconds,
+            settings.dedupe_seconds,
+            settings.window_seconds,
+            settings.lateness_seconds,
+            PostgresSegments(settings.postgres_dsn),
+            shards,
+        ),
+    )
+    routed = op.flat_map_batch(
+        "price",
+        joined,
+        ops.route_to_windows(lambda calls: price_book(prices_file).price_calls(calls), shards),
+    )
     calls = op.branch("answered", routed, _is_call_group)
 
-    windowed = op.stateful_batch("windows", calls.trues, ops.window_builder(
-        settings.window_seconds, settings.grace_seconds, settings.lateness_seconds,
-        functools.partial(dimension_settings.plan_for, settings.postgres_dsn, settings.dimensions,
-                          settings.window_seconds),
-        settings.dimension_values, counted=True))
+    windowed = op.stateful_batch(
+        "windows",
+        calls.trues,
+        ops.window_builder(
+            settings.window_seconds,
+            settings.grace_seconds,
+            settings.lateness_seconds,
+            functools.partial(
+                dimension_settings.plan_for,
+                settings.postgres_dsn,
+                settings.dimensions,
+                settings.window_seconds,
+            ),
+            settings.dimension_values,
+            counted=True,
+        ),
+    )
     window_values = op.key_rm("window_values", windowed)
     rows_or_late = op.branch("on_time", window_values, _is_row)
     rows = rows_or_late.trues
@@ -103,28 +135,64 @@ def build(settings: Settings) -> Dataflow:
     # id, as the join), then fold into rows by their call's key and window.
     counted_calls = op.flat_map_batch("route_counted", counted.trues, ops.route_counted(shards))
     evaluation_runs = op.map("evaluation_runs", evaluations.trues, _runs_of)
-    directory = op.stateful_batch("evaluation_join", op.merge(
-        "directory_input", counted_calls, evaluation_runs), ops.directory_builder(
-        settings.window_seconds, settings.grace_seconds, settings.lateness_seconds,
-        settings.evaluation_lateness_seconds, PostgresSegments(settings.postgres_dsn), shards))
-    matched = op.branch("matched", op.flat_map_batch(
-        "route_matched", directory, ops.route_matched(shards)), _is_matched_group)
-    evaluation_outputs = op.key_rm("evaluation_outputs", op.stateful_batch(
-        "evaluation_windows", matched.trues, ops.evaluation_window_builder(
-            settings.window_seconds, settings.grace_seconds, settings.lateness_seconds,
-            settings.evaluation_lateness_seconds, settings.dimension_values)))
+    directory = op.stateful_batch(
+        "evaluation_join",
+        op.merge("directory_input", counted_calls, evaluation_runs),
+        ops.directory_builder(
+            settings.window_seconds,
+            settings.grace_seconds,
+            settings.lateness_seconds,
+            settings.evaluation_lateness_seconds,
+            PostgresSegments(settings.postgres_dsn),
+            shards,
+        ),
+    )
+    matched = op.branch(
+        "matched", op.flat_map_batch("route_matched", directory, ops.route_matched(shards)), _is_matched_group
+    )
+    evaluation_outputs = op.key_rm(
+        "evaluation_outputs",
+        op.stateful_batch(
+            "evaluation_windows",
+            matched.trues,
+            ops.evaluation_window_builder(
+                settings.window_seconds,
+                settings.grace_seconds,
+                settings.lateness_seconds,
+                settings.evaluation_lateness_seconds,
+                settings.dimension_values,
+            ),
+        ),
+    )
     evaluation_rows = op.branch("evaluation_rows", evaluation_outputs, _is_evaluation_row)
-    op.output("evaluation_metrics", evaluation_rows.trues,
-              sinks.EvaluationRowsSink(settings.postgres_dsn, settings.kafka_brokers))
+    op.output(
+        "evaluation_metrics",
+        evaluation_rows.trues,
+        sinks.EvaluationRowsSink(settings.postgres_dsn, settings.kafka_brokers),
+    )
 
     # Postgres first, then llm.metrics with exactly the emissions Postgres took.
     op.output("rows", rows, sinks.RowsSink(settings.postgres_dsn, settings.kafka_brokers))
 
     # What a branch did not take is a dead letter; Bytewax types only the taken side.
-    letters = op.merge("dead_letters", *(cast("Stream[DeadLetter]", stream) for stream in (
-        evaluations.falses, calls.falses, counted.falses, matched.falses, evaluation_rows.falses)))
-    op.output("deadletter", op.map("deadletter_records", letters, sinks.deadletter_message),
-              sinks.KafkaTopicSink(settings.kafka_brokers, DEADLETTER))
+    letters = op.merge(
+        "dead_letters",
+        *(
+            cast("Stream[DeadLetter]", stream)
+            for stream in (
+                evaluations.falses,
+                calls.falses,
+                counted.falses,
+                matched.falses,
+                evaluation_rows.falses,
+            )
+        ),
+    )
+    op.output(
+        "deadletter",
+        op.map("deadletter_records", letters, sinks.deadletter_message),
+        sinks.KafkaTopicSink(settings.kafka_brokers, DEADLETTER),
+    )
     return flow
 
 
@@ -137,8 +205,7 @@ def read_ahead(settings: Settings) -> float:
 
 
 # Groups are plain (shard, batch) tuples; dead letters are DeadLetter structs.
-def _is_event_group(item: DeadLetter | tuple[str, list[EventRun]]
-                    ) -> TypeGuard[tuple[str, list[EventRun]]]:
+def _is_event_group(item: DeadLetter | tuple[str, list[EventRun]]) -> TypeGuard[tuple[str, list[EventRun]]]:
     return type(item) is tuple
 
 
@@ -158,8 +225,9 @@ def _is_matched_group(item: DeadLetter | ops.MatchedGroup) -> TypeGuard[ops.Matc
     return type(item) is tuple
 
 
-def _is_evaluation_row(item: EvaluationEmission | EvaluationDimensionEmission | DeadLetter
-                       ) -> TypeGuard[EvaluationEmission | EvaluationDimensionEmission]:
+def _is_evaluation_row(
+    item: EvaluationEmission | EvaluationDimensionEmission | DeadLetter,
+) -> TypeGuard[EvaluationEmission | EvaluationDimensionEmission]:
     return type(item) is not DeadLetter
 
 

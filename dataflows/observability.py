@@ -34,23 +34,37 @@ logger = logging.getLogger("streamlens.dataflow")
 
 DEFAULT_PORT = 9464
 
-RECORDS_READ = Counter("streamlens_dataflow_records_read", "Records handed over by the input partitions",
-                       ["topic"])
-DEAD_LETTERS = Counter("streamlens_dataflow_dead_letters", "Dead letters written to llm.deadletter",
-                       ["reason"])
-CALLS = Counter("streamlens_dataflow_calls", "Calls out of the join: answered, timed out (provisionally), "
-                "or answered in place of an earlier timeout", ["outcome"])
-ROWS_WRITTEN = Counter("streamlens_dataflow_rows_written",
-                       "Window emissions Postgres took (and llm.metrics carries)")
-ROWS_STALE = Counter("streamlens_dataflow_rows_stale",
-                     "Window emissions Postgres refused: a higher revision was stored (replays)")
-DIMENSION_ROWS = Counter("streamlens_dataflow_dimension_rows",
-                         "Dimension rows (one per value) of the window emissions Postgres took")
-EVALUATION_ROWS = Counter("streamlens_dataflow_evaluation_rows",
-                          "Evaluation rows (window, key and name) Postgres took")
-SNAPSHOT_SECONDS = Histogram("streamlens_dataflow_snapshot_seconds",
-                             "Time to snapshot one shard of state", ["step"],
-                             buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+RECORDS_READ = Counter(
+    "streamlens_dataflow_records_read", "Records handed over by the input partitions", ["topic"]
+)
+DEAD_LETTERS = Counter(
+    "streamlens_dataflow_dead_letters", "Dead letters written to llm.deadletter", ["reason"]
+)
+CALLS = Counter(
+    "streamlens_dataflow_calls",
+    "Calls out of the join: answered, timed out (provisionally), or answered in place of an earlier timeout",
+    ["outcome"],
+)
+ROWS_WRITTEN = Counter(
+    "streamlens_dataflow_rows_written", "Window emissions Postgres took (and llm.metrics carries)"
+)
+ROWS_STALE = Counter(
+    "streamlens_dataflow_rows_stale",
+    "Window emissions Postgres refused: a higher revision was stored (replays)",
+)
+DIMENSION_ROWS = Counter(
+    "streamlens_dataflow_dimension_rows",
+    "Dimension rows (one per value) of the window emissions Postgres took",
+)
+EVALUATION_ROWS = Counter(
+    "streamlens_dataflow_evaluation_rows", "Evaluation rows (window, key and name) Postgres took"
+)
+SNAPSHOT_SECONDS = Histogram(
+    "streamlens_dataflow_snapshot_seconds",
+    "Time to snapshot one shard of state",
+    ["step"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
 
 # How long the end of a partition may take to read back.
 END_READ_TIMEOUT = 2.0
@@ -66,7 +80,6 @@ class _Board(Collector):
         self.positions: dict[tuple[str, int], int] = {}  # partition -> next offset to hand over
         self.lags: dict[tuple[str, int], int] = {}  # partition -> records not handed over
 
-
     def report_join(self, shard: str, in_flight: int, remembered: int, event_time: float) -> None:
         self.join[shard] = (in_flight, remembered, event_time)
 
@@ -79,32 +92,48 @@ class _Board(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         now = time.time()
         join, windows = list(self.join.values()), list(self.windows.values())
-        yield GaugeMetricFamily("streamlens_dataflow_join_in_flight",
-                                "Requests and responses waiting for their other half",
-                                value=sum(entry[0] for entry in join))
-        yield GaugeMetricFamily("streamlens_dataflow_join_remembered",
-                                "Counted request ids remembered to ignore repeats",
-                                value=sum(entry[1] for entry in join))
-        yield GaugeMetricFamily("streamlens_dataflow_open_windows",
-                                "Windows held (not yet past end + lateness)",
-                                value=sum(entry[0] for entry in windows))
+        yield GaugeMetricFamily(
+            "streamlens_dataflow_join_in_flight",
+            "Requests and responses waiting for their other half",
+            value=sum(entry[0] for entry in join),
+        )
+        yield GaugeMetricFamily(
+            "streamlens_dataflow_join_remembered",
+            "Counted request ids remembered to ignore repeats",
+            value=sum(entry[1] for entry in join),
+        )
+        yield GaugeMetricFamily(
+            "streamlens_dataflow_open_windows",
+            "Windows held (not yet past end + lateness)",
+            value=sum(entry[0] for entry in windows),
+        )
         times = [entry[2] for entry in join] + [entry[1] for entry in windows]
         times = [t for t in times if math.isfinite(t)]
-        yield GaugeMetricFamily("streamlens_dataflow_event_time_lag_seconds",
-                                "Wall clock minus the event time of the shard furthest behind",
-                                value=now - min(times) if times else 0.0)
-        lag = GaugeMetricFamily("streamlens_dataflow_consumer_lag_records",
-                                "Records in the partition not handed over yet (end - next offset)",
-                                labels=["topic", "partition"])
+        yield GaugeMetricFamily(
+            "streamlens_dataflow_event_time_lag_seconds",
+            "Wall clock minus the event time of the shard furthest behind",
+            value=now - min(times) if times else 0.0,
+        )
+        lag = GaugeMetricFamily(
+            "streamlens_dataflow_consumer_lag_records",
+            "Records in the partition not handed over yet (end - next offset)",
+            labels=["topic", "partition"],
+        )
         for (topic, partition), records in sorted(self.lags.items()):
             lag.add_metric([topic, str(partition)], records)
         yield lag
 
     def measure_lags(self, brokers: str) -> None:
         """Every LAG_INTERVAL seconds, each partition's end less its next offset (forever)."""
-        consumer = Consumer({"bootstrap.servers": brokers, "group.id": "streamlens-lag",
-                             "enable.auto.commit": "false", "enable.partition.eof": "false",
-                             "fetch.wait.max.ms": "10"})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": brokers,
+                "group.id": "streamlens-lag",
+                "enable.auto.commit": "false",
+                "enable.partition.eof": "false",
+                "fetch.wait.max.ms": "10",
+            }
+        )
         ends: dict[tuple[str, int], int] = {}
         while True:
             for part in sorted(self.positions):
@@ -115,7 +144,8 @@ class _Board(Collector):
                         # A logical offset (the beginning): nothing handed over yet, so
                         # everything from the partition's first record on is unread.
                         position = consumer.get_watermark_offsets(
-                            TopicPartition(*part), timeout=5, cached=False)[0]
+                            TopicPartition(*part), timeout=5, cached=False
+                        )[0]
                     self.lags[part] = max(0, end - position)
                 except Exception as error:  # a broker away: the last figure stays
                     logger.warning("consumer lag of %s[%s] not measured: %s", *part, error)
@@ -129,8 +159,7 @@ def partition_end(consumer: Consumer, topic: str, partition: int, known: int = 0
     skips what was read last time (the whole last batch a producer wrote, when the
     watermark lags); if nothing is there (the topic was recreated), from the watermark.
     """
-    _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=5,
-                                                cached=False)
+    _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=5, cached=False)
     if high <= 0:
         return 0
     for start in dict.fromkeys((max(high, known) - 1, high - 1)):
@@ -170,5 +199,4 @@ def serve(port: int, brokers: str) -> None:
         logger.error("metrics: cannot serve /metrics on port %d (METRICS_PORT): %s", port, error)
     else:
         logger.info("metrics: serving /metrics on port %d", port)
-    threading.Thread(target=BOARD.measure_lags, args=(brokers,), name="consumer-lag",
-                     daemon=True).start()
+    threading.Thread(target=BOARD.measure_lags, args=(brokers,), name="consumer-lag", daemon=True).start()

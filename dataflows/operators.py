@@ -104,9 +104,9 @@ class JoinLogic(StatefulBatchLogic[list[EventRun], JoinOutput, bytes]):
         return _freeze(self.shard, "join", started)
 
 
-def route_to_windows(price: Callable[[CallBatch], None], shards: Shards = DEFAULT
-                     ) -> Callable[[list[tuple[str, JoinOutput]]],
-                                   list[DeadLetter | tuple[str, CallBatch]]]:
+def route_to_windows(
+    price: Callable[[CallBatch], None], shards: Shards = DEFAULT
+) -> Callable[[list[tuple[str, JoinOutput]]], list[DeadLetter | tuple[str, CallBatch]]]:
     """After the join: price the calls and split them by window shard; dead letters pass.
 
     For :func:`bytewax.operators.flat_map_batch`: the outputs of every join shard at
@@ -153,8 +153,11 @@ def _count_outcomes(calls: CallBatch) -> None:
     """Prometheus counts of the calls by outcome (answered, timed out, timeout replaced)."""
     timed_out = calls.responses.count(None)
     replaced = sum(calls.replaces)
-    for outcome, count in (("answered", len(calls) - timed_out - replaced), ("timed_out", timed_out),
-                           ("replaced_timeout", replaced)):
+    for outcome, count in (
+        ("answered", len(calls) - timed_out - replaced),
+        ("timed_out", timed_out),
+        ("replaced_timeout", replaced),
+    ):
         if count:
             CALLS.labels(outcome).inc(count)
 
@@ -201,9 +204,14 @@ class WindowLogic(StatefulBatchLogic[CallBatch, WindowOutput, bytes]):
         return _freeze(self.shard, "windows")
 
 
-def join_builder(timeout_seconds: float, dedupe_seconds: float, window_seconds: int,
-                 lateness_seconds: float, store: SegmentStore | None = None, shards: Shards = DEFAULT
-                 ) -> Callable[[bytes | None], JoinLogic]:
+def join_builder(
+    timeout_seconds: float,
+    dedupe_seconds: float,
+    window_seconds: int,
+    lateness_seconds: float,
+    store: SegmentStore | None = None,
+    shards: Shards = DEFAULT,
+) -> Callable[[bytes | None], JoinLogic]:
     """A builder for :func:`bytewax.operators.stateful_batch`: a new shard, or the resumed
     one; with ``store``, where their remembered ids' segments are kept, under the name
     of their shard of ``shards``."""
@@ -222,9 +230,14 @@ def join_builder(timeout_seconds: float, dedupe_seconds: float, window_seconds: 
     return build
 
 
-def window_builder(window_seconds: int, grace_seconds: int, lateness_seconds: int,
-                   plan: Callable[[], DimensionPlan] = StaticPlan, value_limit: int = DEFAULT_VALUES,
-                   counted: bool = False) -> Callable[[bytes | None], WindowLogic]:
+def window_builder(
+    window_seconds: int,
+    grace_seconds: int,
+    lateness_seconds: int,
+    plan: Callable[[], DimensionPlan] = StaticPlan,
+    value_limit: int = DEFAULT_VALUES,
+    counted: bool = False,
+) -> Callable[[bytes | None], WindowLogic]:
     """A builder for :func:`bytewax.operators.stateful_batch`: a new shard, or the resumed one,
     deciding the dimensions of the windows it opens with ``plan()`` (called in the worker's
     thread) and keeping ``value_limit`` values a window, key and dimension; with ``counted``,
@@ -273,8 +286,9 @@ def route_counted(shards: Shards = DEFAULT) -> Callable[[list[CountedCalls]], li
     return route
 
 
-def route_matched(shards: Shards = DEFAULT
-                  ) -> Callable[[list[tuple[str, DirectoryOutput]]], list[DeadLetter | MatchedGroup]]:
+def route_matched(
+    shards: Shards = DEFAULT,
+) -> Callable[[list[tuple[str, DirectoryOutput]]], list[DeadLetter | MatchedGroup]]:
     """For :func:`bytewax.operators.flat_map_batch`: the directory's matched evaluations by
     window shard of their call's key; dead letters pass."""
 
@@ -331,16 +345,22 @@ class DirectoryLogic(StatefulBatchLogic[DirectoryInput, DirectoryOutput, bytes])
         return _freeze(self.shard, "evaluation_join", started)
 
 
-def directory_builder(window_seconds: int, grace_seconds: int, lateness_seconds: int,
-                      evaluation_lateness_seconds: int, store: SegmentStore | None = None,
-                      shards: Shards = DEFAULT) -> Callable[[bytes | None], DirectoryLogic]:
+def directory_builder(
+    window_seconds: int,
+    grace_seconds: int,
+    lateness_seconds: int,
+    evaluation_lateness_seconds: int,
+    store: SegmentStore | None = None,
+    shards: Shards = DEFAULT,
+) -> Callable[[bytes | None], DirectoryLogic]:
     """A builder for the call directory's :func:`bytewax.operators.stateful_batch`; with
     ``store``, where its sealed calls are kept."""
 
     def build(resume: bytes | None) -> DirectoryLogic:
         if resume is None:
-            shard = EvaluationJoin(window_seconds, grace_seconds, lateness_seconds,
-                                   evaluation_lateness_seconds)
+            shard = EvaluationJoin(
+                window_seconds, grace_seconds, lateness_seconds, evaluation_lateness_seconds
+            )
         else:
             shard = pickle.loads(resume)
             shard.evaluation_lateness = evaluation_lateness_seconds
@@ -382,16 +402,23 @@ class EvaluationWindowLogic(StatefulBatchLogic[list[Matched | Moved], Evaluation
         return _freeze(self.shard, "evaluation_windows")
 
 
-def evaluation_window_builder(window_seconds: int, grace_seconds: int, lateness_seconds: int,
-                              evaluation_lateness_seconds: int, value_limit: int = DEFAULT_VALUES
-                              ) -> Callable[[bytes | None], EvaluationWindowLogic]:
+def evaluation_window_builder(
+    window_seconds: int,
+    grace_seconds: int,
+    lateness_seconds: int,
+    evaluation_lateness_seconds: int,
+    value_limit: int = DEFAULT_VALUES,
+) -> Callable[[bytes | None], EvaluationWindowLogic]:
     """A builder for the evaluation windows' :func:`bytewax.operators.stateful_batch`, keeping
     ``value_limit`` values a window, key, name and dimension."""
 
     def build(resume: bytes | None) -> EvaluationWindowLogic:
         if resume is None:
-            return EvaluationWindowLogic(EvaluationWindows(
-                window_seconds, grace_seconds, lateness_seconds, evaluation_lateness_seconds, value_limit))
+            return EvaluationWindowLogic(
+                EvaluationWindows(
+                    window_seconds, grace_seconds, lateness_seconds, evaluation_lateness_seconds, value_limit
+                )
+            )
         shard = pickle.loads(resume)
         shard.value_limit = value_limit
         return EvaluationWindowLogic(shard)

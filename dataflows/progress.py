@@ -50,8 +50,12 @@ class _Partition:
 class ReadProgress:
     """Where each partition of this process stands in event time, and how far it may read."""
 
-    def __init__(self, read_ahead: float, idle_after: float = IDLE_AFTER,
-                 backlog_idle_after: float = BACKLOG_IDLE_AFTER) -> None:
+    def __init__(
+        self,
+        read_ahead: float,
+        idle_after: float = IDLE_AFTER,
+        backlog_idle_after: float = BACKLOG_IDLE_AFTER,
+    ) -> None:
         self.read_ahead = read_ahead
         self.idle_after = idle_after
         self.backlog_idle_after = backlog_idle_after
@@ -82,6 +86,5 @@ class ReadProgress:
         """
         with self._lock:
             others = [state for key, state in self._parts.items() if key != part]
-        behind = min((state.frontier for state in others if state.idle_from > now),
-                     default=math.inf)
+        behind = min((state.frontier for state in others if state.idle_from > now), default=math.inf)
         return behind + self.read_ahead

@@ -70,8 +70,14 @@ def stored_offsets(directory: Path) -> dict[tuple[str, int], int]:
 
 def missing_records(brokers: str, offsets: dict[tuple[str, int], int]) -> list[tuple[str, int, int]]:
     """(topic, partition, offset) of each stored offset whose previous record the broker lacks."""
-    consumer = Consumer({"bootstrap.servers": brokers, "group.id": "streamlens-recovery-check",
-                         "enable.auto.commit": "false", "enable.partition.eof": "false"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": brokers,
+            "group.id": "streamlens-recovery-check",
+            "enable.auto.commit": "false",
+            "enable.partition.eof": "false",
+        }
+    )
     missing = []
     try:
         for (topic, partition), offset in sorted(offsets.items()):
@@ -117,14 +123,18 @@ def mismatch(directory: Path, brokers: str, topics: Iterable[str]) -> str | None
     if path.exists():
         recorded = json.loads(path.read_text())
         if recorded.get("cluster_id") != current["cluster_id"]:
-            return (f"it was made on broker cluster {recorded.get('cluster_id')!r}, but {brokers} is "
-                    f"cluster {current['cluster_id']!r}")
+            return (
+                f"it was made on broker cluster {recorded.get('cluster_id')!r}, but {brokers} is "
+                f"cluster {current['cluster_id']!r}"
+            )
         then: dict[str, str] = recorded.get("topic_ids") or {}
         now = current["topic_ids"]
         changed = sorted(name for name in then if name in now and then[name] != now[name])
         if changed:
-            return (f"the topics {', '.join(changed)} on {brokers} are not the ones it was made on "
-                    f"(topic ids {then} then, {now} now): they were deleted and created again")
+            return (
+                f"the topics {', '.join(changed)} on {brokers} are not the ones it was made on "
+                f"(topic ids {then} then, {now} now): they were deleted and created again"
+            )
         if set(now) - set(then):
             # An input the state did not read before (llm.evaluations, for state made before
             # evaluations): it holds no offset of it, so it reads it from the beginning.
@@ -133,7 +143,9 @@ def mismatch(directory: Path, brokers: str, topics: Iterable[str]) -> str | None
     missing = missing_records(brokers, stored_offsets(directory))
     if missing:
         topic, partition, offset = missing[0]
-        return (f"it resumes {topic}[{partition}] at offset {offset}, but {brokers} holds no record "
-                f"at offset {offset - 1} there ({len(missing)} partition(s) like this)")
+        return (
+            f"it resumes {topic}[{partition}] at offset {offset}, but {brokers} holds no record "
+            f"at offset {offset - 1} there ({len(missing)} partition(s) like this)"
+        )
     record_identity(directory, current)
     return None

@@ -299,8 +299,9 @@ class Remembered:
 
     def _adopt(self, segment: Segment) -> Segment:
         """A segment read back, its tenant indexes made this shard's."""
-        mapping = np.fromiter((self._tenant_number(tenant) for tenant in segment.tenants), np.uint32,
-                              len(segment.tenants))
+        mapping = np.fromiter(
+            (self._tenant_number(tenant) for tenant in segment.tenants), np.uint32, len(segment.tenants)
+        )
         return Segment(segment.digests, segment.expiry, mapping[segment.tenant], self._tenants)
 
     def __getstate__(self) -> dict[str, object]:
@@ -340,17 +341,22 @@ class Remembered:
         """Every id held in the arrays as digest → (expiry, tenant): for comparing states."""
         out: dict[int, tuple[float, str]] = {}
         for part in (self._large, self._small):
-            for digest, expiry, tenant in zip(part.digests.tolist(), part.expiry.tolist(),
-                                              part.tenant.tolist(), strict=True):
+            for digest, expiry, tenant in zip(
+                part.digests.tolist(), part.expiry.tolist(), part.tenant.tolist(), strict=True
+            ):
                 out[digest] = (expiry, self._tenants[tenant])
         return out
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Remembered):
             return NotImplemented
-        return ((self._key, self._recent, self._next_seal, self._low, self._high)
-                == (other._key, other._recent, other._next_seal, other._low, other._high)
-                and self.answers() == other.answers())
+        return (self._key, self._recent, self._next_seal, self._low, self._high) == (
+            other._key,
+            other._recent,
+            other._next_seal,
+            other._low,
+            other._high,
+        ) and self.answers() == other.answers()
 
 
 _Views = tuple[memoryview, memoryview, memoryview]
@@ -381,8 +387,12 @@ def merge_sorted(first: Segment, second: Segment) -> Segment:
     # Stable sort of two sorted runs: timsort merges them in linear time. (Placing the
     # second's ids by binary search instead was slower: 1.2 s against 0.8 s for 12.5 M.)
     order = np.argsort(digests, kind="stable")
-    return Segment(digests[order], np.concatenate([first.expiry, second.expiry])[order],
-                   np.concatenate([first.tenant, second.tenant])[order], first.tenants)
+    return Segment(
+        digests[order],
+        np.concatenate([first.expiry, second.expiry])[order],
+        np.concatenate([first.tenant, second.tenant])[order],
+        first.tenants,
+    )
 
 
 def _drop_expired(part: Segment, watermark: float) -> Segment:
@@ -399,7 +409,4 @@ def _drop_expired(part: Segment, watermark: float) -> Segment:
 def _local(segment: Segment, tenants: list[str]) -> Segment:
     """The segment with its own list of the tenants it names, for the store."""
     used, local = np.unique(segment.tenant, return_inverse=True)
-    return Segment(segment.digests, segment.expiry, local.astype(np.uint32),
-                   [tenants[int(n)] for n in used])
-
-
+    return Segment(segment.digests, segment.expiry, local.astype(np.uint32), [tenants[int(n)] for n in used])

@@ -65,17 +65,34 @@ def shard_count(directory: Path, made: bool, setting: int | None, workers: int) 
         recovery.record_shards(directory, setting or default_count(workers))
     count = recovery.recorded_shards(directory)
     if setting is not None and setting != count:
-        logger.warning("recovery: STATE_SHARDS=%d ignored: the state in %s is split into %d shards "
-                       "and keeps that count until --reset", setting, directory, count)
+        logger.warning(
+            "recovery: STATE_SHARDS=%d ignored: the state in %s is split into %d shards "
+            "and keeps that count until --reset",
+            setting,
+            directory,
+            count,
+        )
     return count
 
 
-def commands(recovery_dir: Path, processes: int, workers: int, snapshot_interval: int,
-             backup_interval: int) -> list[list[str]]:
+def commands(
+    recovery_dir: Path, processes: int, workers: int, snapshot_interval: int, backup_interval: int
+) -> list[list[str]]:
     """The ``bytewax.run`` command line of each process."""
-    base = [sys.executable, "-m", "bytewax.run", FLOW,
-            "-r", str(recovery_dir), "-s", str(snapshot_interval), "-b", str(backup_interval),
-            "-w", str(workers)]
+    base = [
+        sys.executable,
+        "-m",
+        "bytewax.run",
+        FLOW,
+        "-r",
+        str(recovery_dir),
+        "-s",
+        str(snapshot_interval),
+        "-b",
+        str(backup_interval),
+        "-w",
+        str(workers),
+    ]
     if processes == 1:
         return [base]
     addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
@@ -94,10 +111,14 @@ def supervise(argvs: list[list[str]], metrics_port: int, shards: int) -> int:
     Process ``i`` serves its Prometheus metrics on ``metrics_port + i``; every process
     splits its state into ``shards``.
     """
-    children = [subprocess.Popen(argv, preexec_fn=_die_with_parent,
-                                 env={**os.environ, "METRICS_PORT": str(metrics_port + index),
-                                      "STATE_SHARDS": str(shards)})
-                for index, argv in enumerate(argvs)]
+    children = [
+        subprocess.Popen(
+            argv,
+            preexec_fn=_die_with_parent,
+            env={**os.environ, "METRICS_PORT": str(metrics_port + index), "STATE_SHARDS": str(shards)},
+        )
+        for index, argv in enumerate(argvs)
+    ]
     stopping: list[int] = []
 
     def stop(signum: int, _frame: object) -> None:
@@ -128,21 +149,38 @@ def supervise(argvs: list[list[str]], metrics_port: int, shards: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataflows.run",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recovery-dir", type=Path, required=True,
-                        help="where snapshots and Kafka offsets are kept (created when missing)")
-    parser.add_argument("--processes", type=int,
-                        default=int(os.environ.get("PROCESSES", "1")),
-                        help="Bytewax processes on this machine (default: $PROCESSES or 1)")
+    parser = argparse.ArgumentParser(prog="python -m dataflows.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--recovery-dir",
+        type=Path,
+        required=True,
+        help="where snapshots and Kafka offsets are kept (created when missing)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=int(os.environ.get("PROCESSES", "1")),
+        help="Bytewax processes on this machine (default: $PROCESSES or 1)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker threads per process")
-    parser.add_argument("--snapshot-interval", type=int, default=10,
-                        help="seconds between snapshots; a restart replays at most this much")
-    parser.add_argument("--backup-interval", type=int, default=0,
-                        help="seconds to keep older snapshots (for backups of the directory)")
-    parser.add_argument("--reset", action="store_true",
-                        help="wipe the recovery directory first and read the topics from the "
-                             "beginning (a start refuses recovery state of another broker)")
+    parser.add_argument(
+        "--snapshot-interval",
+        type=int,
+        default=10,
+        help="seconds between snapshots; a restart replays at most this much",
+    )
+    parser.add_argument(
+        "--backup-interval",
+        type=int,
+        default=0,
+        help="seconds to keep older snapshots (for backups of the directory)",
+    )
+    parser.add_argument(
+        "--reset",
+        action="store_true",
+        help="wipe the recovery directory first and read the topics from the "
+        "beginning (a start refuses recovery state of another broker)",
+    )
     args = parser.parse_args(argv)
     if args.processes < 1 or args.workers < 1 or args.snapshot_interval < 1:
         parser.error("--processes, --workers and --snapshot-interval must be at least 1")
@@ -160,14 +198,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         why = recovery.mismatch(recovery_dir, settings.kafka_brokers, INPUTS)
         if why is not None:
-            logger.error("recovery: refusing to resume from %s: %s. Start with --reset to drop it "
-                         "and read the topics from the beginning.", recovery_dir, why)
+            logger.error(
+                "recovery: refusing to resume from %s: %s. Start with --reset to drop it "
+                "and read the topics from the beginning.",
+                recovery_dir,
+                why,
+            )
             return 2
         logger.info("recovery: resuming from %s", recovery_dir)
     shards = shard_count(recovery_dir, made, settings.state_shards, workers)
-    return supervise(commands(recovery_dir, args.processes, args.workers,
-                              args.snapshot_interval, args.backup_interval), settings.metrics_port,
-                     shards)
+    return supervise(
+        commands(recovery_dir, args.processes, args.workers, args.snapshot_interval, args.backup_interval),
+        settings.metrics_port,
+        shards,
+    )
 
 
 if __name__ == "__main__":

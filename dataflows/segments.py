@@ -82,19 +82,32 @@ class PostgresSegments:
         if number == 0:
             # A shard starting afresh: whatever a crashed start left is no one's.
             statements.append(("DELETE FROM join_segments WHERE shard = %s", (shard,)))
-        statements.append((SAVE_SQL, (
-            shard, number, segment.until(), segment.digests.astype("<i8").tobytes(),
-            segment.expiry.astype("<f8").tobytes(), segment.tenant.astype("<u4").tobytes(),
-            segment.tenants,
-        )))
+        statements.append(
+            (
+                SAVE_SQL,
+                (
+                    shard,
+                    number,
+                    segment.until(),
+                    segment.digests.astype("<i8").tobytes(),
+                    segment.expiry.astype("<f8").tobytes(),
+                    segment.tenant.astype("<u4").tobytes(),
+                    segment.tenants,
+                ),
+            )
+        )
         return self._write(statements)
 
     def forget(self, shard: str, below: int, from_: int | None = None) -> bool:
         # A failed delete is left for a later call: it deletes everything below its bound too.
-        return self._write([(
-            "DELETE FROM join_segments WHERE shard = %s AND (number < %s OR number >= %s)",
-            (shard, below, from_ if from_ is not None else 2**63 - 1),
-        )])
+        return self._write(
+            [
+                (
+                    "DELETE FROM join_segments WHERE shard = %s AND (number < %s OR number >= %s)",
+                    (shard, below, from_ if from_ is not None else 2**63 - 1),
+                )
+            ]
+        )
 
     def load(self, shard: str, low: int, high: int) -> list[Segment]:
         while True:
@@ -114,8 +127,11 @@ class PostgresSegments:
                 f"another database (or was copied without it); start afresh with --reset"
             )
         return [
-            Segment(np.frombuffer(digests, "<i8").astype(np.int64),
-                    np.frombuffer(expiry, "<f8").astype(np.float64),
-                    np.frombuffer(tenant, "<u4").astype(np.uint32), list(tenants))
+            Segment(
+                np.frombuffer(digests, "<i8").astype(np.int64),
+                np.frombuffer(expiry, "<f8").astype(np.float64),
+                np.frombuffer(tenant, "<u4").astype(np.uint32),
+                list(tenants),
+            )
             for _, digests, expiry, tenant, tenants in rows
         ]

@@ -100,16 +100,29 @@ def _quoted(column: str) -> str:
 # dimension (schemas/dimensions.sql), replaced whole under the same revision rule as
 # the window's row, in the same transaction.
 PACKED_COLUMNS: tuple[str, ...] = (
-    "tenant_id", "route", "model", "window_start", "window_end", "revision", "dimension", "values",
-    *VALUE_STATISTICS, "ttft_count", "latency_digest")
+    "tenant_id",
+    "route",
+    "model",
+    "window_start",
+    "window_end",
+    "revision",
+    "dimension",
+    "values",
+    *VALUE_STATISTICS,
+    "ttft_count",
+    "latency_digest",
+)
 PACKED_KEY = ("tenant_id", "dimension", "window_start", "route", "model")
 _FIRST_ARRAY = PACKED_COLUMNS.index("values")
 UPSERT_DIMENSIONS_SQL = (
     f"INSERT INTO llm_dimension_windows ({', '.join(map(_quoted, PACKED_COLUMNS))}, updated_at) "
     f"VALUES ({', '.join(['%s'] * _FIRST_ARRAY + ['%b'] * (len(PACKED_COLUMNS) - _FIRST_ARRAY))}, now()) "
     f"ON CONFLICT ({', '.join(PACKED_KEY)}) DO UPDATE SET "
-    + ", ".join(f"{_quoted(c)} = EXCLUDED.{_quoted(c)}" for c in (*PACKED_COLUMNS, "updated_at")
-                if c not in PACKED_KEY)
+    + ", ".join(
+        f"{_quoted(c)} = EXCLUDED.{_quoted(c)}"
+        for c in (*PACKED_COLUMNS, "updated_at")
+        if c not in PACKED_KEY
+    )
     + " WHERE llm_dimension_windows.revision <= EXCLUDED.revision"
 )
 
@@ -165,8 +178,10 @@ class Outage:
         and the next start replays it from the last snapshot.
         """
         if STOPPING.is_set():
-            logger.warning("stopping while %s is unavailable: the unwritten outputs are "
-                           "written after the next start", self.what)
+            logger.warning(
+                "stopping while %s is unavailable: the unwritten outputs are written after the next start",
+                self.what,
+            )
             logging.shutdown()
             os._exit(0)
         if self.since is None:
@@ -177,8 +192,9 @@ class Outage:
 
     def succeeded(self) -> None:
         if self.since is not None:
-            logger.warning("%s back after %.1f s (%d retries)", self.what,
-                           time.monotonic() - self.since, self.attempts)
+            logger.warning(
+                "%s back after %.1f s (%d retries)", self.what, time.monotonic() - self.since, self.attempts
+            )
         self.since = None
         self.attempts = 0
 
@@ -236,15 +252,28 @@ def packed_values_of(emissions: list[DimensionEmission]) -> list[tuple[Any, ...]
 
     arrays = [
         map(_TextArray, binary_arrays.text_arrays(column("values"), counts)),
-        *(map(_Float8Array, binary_arrays.float8_arrays(column(name), counts)) if name in FLOAT_STATISTICS
-          else map(_Int8Array, binary_arrays.int8_arrays(column(name), counts)) for name in VALUE_STATISTICS),
-        map(_Int8Array, binary_arrays.int8_arrays(
-            list(chain.from_iterable(emission.ttft_count for emission in emissions)), counts)),
-        map(_ByteaArray, binary_arrays.bytea_arrays(
-            list(chain.from_iterable(emission.latency_digest for emission in emissions)), counts)),
+        *(
+            map(_Float8Array, binary_arrays.float8_arrays(column(name), counts))
+            if name in FLOAT_STATISTICS
+            else map(_Int8Array, binary_arrays.int8_arrays(column(name), counts))
+            for name in VALUE_STATISTICS
+        ),
+        map(
+            _Int8Array,
+            binary_arrays.int8_arrays(
+                list(chain.from_iterable(emission.ttft_count for emission in emissions)), counts
+            ),
+        ),
+        map(
+            _ByteaArray,
+            binary_arrays.bytea_arrays(
+                list(chain.from_iterable(emission.latency_digest for emission in emissions)), counts
+            ),
+        ),
     ]
-    keys = ([getattr(emission.rows, name) for name in PACKED_COLUMNS[:_FIRST_ARRAY]]
-            for emission in emissions)
+    keys = (
+        [getattr(emission.rows, name) for name in PACKED_COLUMNS[:_FIRST_ARRAY]] for emission in emissions
+    )
     return [(*key, *values) for key, values in zip(keys, zip(*arrays, strict=True), strict=True)]
 
 
@@ -288,9 +317,12 @@ class KafkaWriter:
             self._outage.failed(errors[0].str())
             pending = failed
 
-    def _produce(self, message: KafkaSinkMessage[bytes | None, bytes],
-                 failed: list[KafkaSinkMessage[bytes | None, bytes]],
-                 errors: list[KafkaError]) -> None:
+    def _produce(
+        self,
+        message: KafkaSinkMessage[bytes | None, bytes],
+        failed: list[KafkaSinkMessage[bytes | None, bytes]],
+        errors: list[KafkaError],
+    ) -> None:
         def delivered(error: KafkaError | None, _record: Message) -> None:
             if error is not None:
                 failed.append(message)
@@ -438,8 +470,9 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
         ROWS_WRITTEN.inc(written)
         ROWS_STALE.inc(len(latest) - written)
         kept = [item for item, took in zip(latest, taken, strict=True) if took]
-        self._parts.written([(item.row.tenant_id, item.row.route, item.row.model, item.row.window_start)
-                             for item in kept])
+        self._parts.written(
+            [(item.row.tenant_id, item.row.route, item.row.model, item.row.window_start) for item in kept]
+        )
         self._metrics.write([metrics_message(item) for item in kept])
         dimensions = [dimension_message(emission) for item in kept for emission in item.dimensions]
         if dimensions:
@@ -455,13 +488,17 @@ class _RowsPartition(StatelessSinkPartition[WindowRow]):
         horizon = rollups.horizon(cursor)
         retired = [item.row.window_start < horizon for item in items]
         if any(retired):
-            logger.warning("%d windows before the retention horizon %s not written: their time is retired",
-                           sum(retired), horizon.isoformat())
+            logger.warning(
+                "%d windows before the retention horizon %s not written: their time is retired",
+                sum(retired),
+                horizon.isoformat(),
+            )
         writable = [item for item, old in zip(items, retired, strict=True) if not old]
         written = iter(taken_rows(cursor, UPSERT_SQL, [values_of(item) for item in writable]))
         taken = [False if old else next(written) for old in retired]
-        emissions = [emission for item, took in zip(items, taken, strict=True) if took
-                     for emission in item.dimensions]
+        emissions = [
+            emission for item, took in zip(items, taken, strict=True) if took for emission in item.dimensions
+        ]
         if emissions:
             cursor.executemany(UPSERT_DIMENSIONS_SQL, packed_values_of(emissions))
             DIMENSION_ROWS.inc(sum(len(emission.rows.values) for emission in emissions))
@@ -559,16 +596,32 @@ def deadletter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, byt
 
 # Evaluation rows (SPEC §9), under the same revision rule: the count of evaluations.
 EVALUATION_COLUMNS: tuple[str, ...] = (
-    "tenant_id", "route", "model", "window_start", "window_end", "name", "evaluations", "scores",
-    "score_sum", "score_avg", "score_min", "score_max", "score_p50", "score_p90", "labels",
-    "score_digest", "revision")
+    "tenant_id",
+    "route",
+    "model",
+    "window_start",
+    "window_end",
+    "name",
+    "evaluations",
+    "scores",
+    "score_sum",
+    "score_avg",
+    "score_min",
+    "score_max",
+    "score_p50",
+    "score_p90",
+    "labels",
+    "score_digest",
+    "revision",
+)
 _EVALUATION_KEY = ("tenant_id", "route", "model", "window_start", "name")
 UPSERT_EVALUATIONS_SQL = (
     f"INSERT INTO llm_evaluation_metrics ({', '.join(EVALUATION_COLUMNS)}, updated_at) "
     f"VALUES ({', '.join(['%s'] * len(EVALUATION_COLUMNS))}, now()) "
     f"ON CONFLICT ({', '.join(_EVALUATION_KEY)}) DO UPDATE SET "
-    + ", ".join(f"{column} = EXCLUDED.{column}" for column in EVALUATION_COLUMNS
-                if column not in _EVALUATION_KEY)
+    + ", ".join(
+        f"{column} = EXCLUDED.{column}" for column in EVALUATION_COLUMNS if column not in _EVALUATION_KEY
+    )
     + ", updated_at = EXCLUDED.updated_at "
     "WHERE llm_evaluation_metrics.revision <= EXCLUDED.revision RETURNING 1"
 )
@@ -576,9 +629,25 @@ UPSERT_EVALUATIONS_SQL = (
 
 def evaluation_values(item: EvaluationEmission) -> tuple[Any, ...]:
     row = item.row
-    return (row.tenant_id, row.route, row.model, row.window_start, row.window_end, row.name,
-            row.evaluations, row.scores, item.score_sum, row.score_avg, row.score_min, row.score_max,
-            row.score_p50, row.score_p90, Jsonb(row.labels), item.digest, row.revision)
+    return (
+        row.tenant_id,
+        row.route,
+        row.model,
+        row.window_start,
+        row.window_end,
+        row.name,
+        row.evaluations,
+        row.scores,
+        item.score_sum,
+        row.score_avg,
+        row.score_min,
+        row.score_max,
+        row.score_p50,
+        row.score_p90,
+        Jsonb(row.labels),
+        item.digest,
+        row.revision,
+    )
 
 
 def latest_evaluations(items: list[EvaluationEmission]) -> list[EvaluationEmission]:
@@ -589,22 +658,51 @@ def latest_evaluations(items: list[EvaluationEmission]) -> list[EvaluationEmissi
 # Evaluation rows per dimension value, packed (schemas/evaluations.sql), each dimension's
 # rows judged by their own revision.
 EVALUATION_DIMENSION_COLUMNS: tuple[str, ...] = (
-    "tenant_id", "route", "model", "window_start", "window_end", "name", "dimension", "revision",
-    "values", "evaluations", "scores", "score_sum", "score_avg", "score_min", "score_max", "score_p50",
-    "score_p90", "labels", "score_digest")
+    "tenant_id",
+    "route",
+    "model",
+    "window_start",
+    "window_end",
+    "name",
+    "dimension",
+    "revision",
+    "values",
+    "evaluations",
+    "scores",
+    "score_sum",
+    "score_avg",
+    "score_min",
+    "score_max",
+    "score_p50",
+    "score_p90",
+    "labels",
+    "score_digest",
+)
 _EVALUATION_DIMENSION_KEY = ("tenant_id", "dimension", "window_start", "route", "model", "name")
 _EVALUATION_DIMENSION_TYPES = {
-    "values": "text[]", "evaluations": "bigint[]", "scores": "bigint[]", "labels": "jsonb",
-    "score_digest": "bytea[]", **{column: "double precision[]" for column in (
-        "score_sum", "score_avg", "score_min", "score_max", "score_p50", "score_p90")}}
+    "values": "text[]",
+    "evaluations": "bigint[]",
+    "scores": "bigint[]",
+    "labels": "jsonb",
+    "score_digest": "bytea[]",
+    **{
+        column: "double precision[]"
+        for column in ("score_sum", "score_avg", "score_min", "score_max", "score_p50", "score_p90")
+    },
+}
 UPSERT_EVALUATION_DIMENSIONS_SQL = (
     "INSERT INTO llm_evaluation_dimension_windows "
     f"({', '.join(_quoted(column) for column in EVALUATION_DIMENSION_COLUMNS)}, updated_at) VALUES ("
-    + ", ".join(f"%s::{_EVALUATION_DIMENSION_TYPES[column]}" if column in _EVALUATION_DIMENSION_TYPES
-                else "%s" for column in EVALUATION_DIMENSION_COLUMNS)
+    + ", ".join(
+        f"%s::{_EVALUATION_DIMENSION_TYPES[column]}" if column in _EVALUATION_DIMENSION_TYPES else "%s"
+        for column in EVALUATION_DIMENSION_COLUMNS
+    )
     + f", now()) ON CONFLICT ({', '.join(_EVALUATION_DIMENSION_KEY)}) DO UPDATE SET "
-    + ", ".join(f"{_quoted(column)} = EXCLUDED.{_quoted(column)}" for column in EVALUATION_DIMENSION_COLUMNS
-                if column not in _EVALUATION_DIMENSION_KEY)
+    + ", ".join(
+        f"{_quoted(column)} = EXCLUDED.{_quoted(column)}"
+        for column in EVALUATION_DIMENSION_COLUMNS
+        if column not in _EVALUATION_DIMENSION_KEY
+    )
     + ", updated_at = EXCLUDED.updated_at "
     "WHERE llm_evaluation_dimension_windows.revision <= EXCLUDED.revision RETURNING 1"
 )
@@ -612,28 +710,53 @@ UPSERT_EVALUATION_DIMENSIONS_SQL = (
 
 def evaluation_dimension_values(item: EvaluationDimensionEmission) -> tuple[Any, ...]:
     rows, first = item.rows, item.row
-    return (first.tenant_id, first.route, first.model, first.window_start, first.window_end, first.name,
-            first.dimension, first.revision, [row.value for row in rows], [row.evaluations for row in rows],
-            [row.scores for row in rows], item.score_sums, [row.score_avg for row in rows],
-            [row.score_min for row in rows], [row.score_max for row in rows], [row.score_p50 for row in rows],
-            [row.score_p90 for row in rows], Jsonb([row.labels for row in rows]), item.digests)
+    return (
+        first.tenant_id,
+        first.route,
+        first.model,
+        first.window_start,
+        first.window_end,
+        first.name,
+        first.dimension,
+        first.revision,
+        [row.value for row in rows],
+        [row.evaluations for row in rows],
+        [row.scores for row in rows],
+        item.score_sums,
+        [row.score_avg for row in rows],
+        [row.score_min for row in rows],
+        [row.score_max for row in rows],
+        [row.score_p50 for row in rows],
+        [row.score_p90 for row in rows],
+        Jsonb([row.labels for row in rows]),
+        item.digests,
+    )
 
 
 def evaluation_dimension_message(item: EvaluationDimensionEmission) -> KafkaSinkMessage[bytes | None, bytes]:
     """The ``llm.evaluation-dimension-metrics`` record of one dimension's rows."""
     first = item.row
     record = EvaluationDimensionRows(
-        tenant_id=first.tenant_id, route=first.route or "", model=first.model or "",
-        window_start=first.window_start, window_end=first.window_end, name=first.name,
-        dimension=first.dimension, revision=first.revision, rows=item.rows)
+        tenant_id=first.tenant_id,
+        route=first.route or "",
+        model=first.model or "",
+        window_start=first.window_start,
+        window_end=first.window_end,
+        name=first.name,
+        dimension=first.dimension,
+        revision=first.revision,
+        rows=item.rows,
+    )
     return KafkaSinkMessage(key=record.kafka_key(), value=row_encoder.encode(record))
 
 
-def latest_evaluation_dimensions(items: list[EvaluationDimensionEmission]
-                                 ) -> list[EvaluationDimensionEmission]:
+def latest_evaluation_dimensions(
+    items: list[EvaluationDimensionEmission],
+) -> list[EvaluationDimensionEmission]:
     """One emission per window, key, name and dimension: the highest revision."""
-    return _latest(items, lambda row: (row.tenant_id, row.route, row.model, row.window_start, row.name,
-                                       row.dimension))
+    return _latest(
+        items, lambda row: (row.tenant_id, row.route, row.model, row.window_start, row.name, row.dimension)
+    )
 
 
 class _EvaluationRowsPartition(StatelessSinkPartition[EvaluationEmission | EvaluationDimensionEmission]):
@@ -647,22 +770,31 @@ class _EvaluationRowsPartition(StatelessSinkPartition[EvaluationEmission | Evalu
             return
         latest = latest_evaluations([item for item in items if type(item) is EvaluationEmission])
         per_value = latest_evaluation_dimensions(
-            [item for item in items if type(item) is EvaluationDimensionEmission])
+            [item for item in items if type(item) is EvaluationDimensionEmission]
+        )
         params = [evaluation_values(item) for item in latest]
         value_params = [evaluation_dimension_values(item) for item in per_value]
 
         def upsert(cursor: psycopg.Cursor[Any]) -> tuple[list[bool], list[bool]]:
-            return (taken_rows(cursor, UPSERT_EVALUATIONS_SQL, params),
-                    taken_rows(cursor, UPSERT_EVALUATION_DIMENSIONS_SQL, value_params))
+            return (
+                taken_rows(cursor, UPSERT_EVALUATIONS_SQL, params),
+                taken_rows(cursor, UPSERT_EVALUATION_DIMENSIONS_SQL, value_params),
+            )
 
         taken, values_taken = self._postgres.in_transaction(upsert)
         EVALUATION_ROWS.inc(sum(taken))
-        self._topic.write([
-            KafkaSinkMessage(key=item.row.kafka_key(), value=row_encoder.encode(item.row))
-            for item, took in zip(latest, taken, strict=True) if took
-        ])
-        dimension_messages = [evaluation_dimension_message(item)
-                              for item, took in zip(per_value, values_taken, strict=True) if took]
+        self._topic.write(
+            [
+                KafkaSinkMessage(key=item.row.kafka_key(), value=row_encoder.encode(item.row))
+                for item, took in zip(latest, taken, strict=True)
+                if took
+            ]
+        )
+        dimension_messages = [
+            evaluation_dimension_message(item)
+            for item, took in zip(per_value, values_taken, strict=True)
+            if took
+        ]
         if dimension_messages:
             self._dimensions.write(dimension_messages)
 

@@ -22,8 +22,9 @@ STOPPING = threading.Event()
 
 def _stop(signum: int, _frame: FrameType | None) -> None:
     if not STOPPING.is_set():
-        logger.warning("%s: stopping after the current batch, with a final snapshot",
-                       signal.Signals(signum).name)
+        logger.warning(
+            "%s: stopping after the current batch, with a final snapshot", signal.Signals(signum).name
+        )
     STOPPING.set()
 
 

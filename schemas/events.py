@@ -78,10 +78,7 @@ class LLMRequest(Struct, tag="request", tag_field="type", kw_only=True):
         _check_identifier("request_id", self.request_id)
         _check_identifier("tenant_id", self.tenant_id)
         self.timestamp = _utc(self.timestamp)
-        if (
-            self.metadata is not None
-            and len(msgspec.json.encode(self.metadata)) > METADATA_MAX_BYTES
-        ):
+        if self.metadata is not None and len(msgspec.json.encode(self.metadata)) > METADATA_MAX_BYTES:
             raise _field_error("metadata", f"Expected at most {METADATA_MAX_BYTES} bytes encoded")
 
 
@@ -107,9 +104,7 @@ class LLMResponse(Struct, tag="response", tag_field="type", kw_only=True):
             _check_identifier("tenant_id", self.tenant_id)
         self.timestamp = _utc(self.timestamp)
         if self.reasoning_tokens > self.completion_tokens:
-            raise _field_error(
-                "reasoning_tokens", "Expected `int` <= completion_tokens (a subset of them)"
-            )
+            raise _field_error("reasoning_tokens", "Expected `int` <= completion_tokens (a subset of them)")
 
     @property
     def failed(self) -> bool:

@@ -20,8 +20,9 @@ _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 
 
 def _time(record: logging.LogRecord) -> str:
-    return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    return (
+        datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
 
 
 class TextFormatter(logging.Formatter):
@@ -34,8 +35,12 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {"time": _time(record), "level": record.levelname,
-                                    "logger": record.name, "message": record.getMessage()}
+        entry: dict[str, object] = {
+            "time": _time(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         entry.update((key, value) for key, value in record.__dict__.items() if key not in _STANDARD)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

@@ -51,7 +51,12 @@ from deploy.stack import free_port
 from tests.conftest import TEST_PARTITIONS
 
 REQUESTS, RESPONSES, METRICS, DIMENSION_METRICS, DEADLETTER = (
-    "llm.requests", "llm.responses", "llm.metrics", "llm.dimension-metrics", "llm.deadletter")
+    "llm.requests",
+    "llm.responses",
+    "llm.metrics",
+    "llm.dimension-metrics",
+    "llm.deadletter",
+)
 
 WINDOW_SECONDS = 5
 GRACE_SECONDS = 15
@@ -152,17 +157,25 @@ def generate(calls: int = 2000, seed: int = 7) -> DataSet:
                 return rid
 
     def request(rid: str, key: tuple[str, str, str], ts: float) -> dict[str, Any]:
-        return {"type": "request", "request_id": rid, "tenant_id": key[0], "route": key[1],
-                "model": key[2], "timestamp": timestamp(ts),
-                "prompt_tokens": rng.randrange(0, 3000), "metadata": {"seed": seed}}
+        return {
+            "type": "request",
+            "request_id": rid,
+            "tenant_id": key[0],
+            "route": key[1],
+            "model": key[2],
+            "timestamp": timestamp(ts),
+            "prompt_tokens": rng.randrange(0, 3000),
+            "metadata": {"seed": seed},
+        }
 
     def response(rid: str, req: dict[str, Any], ts: float) -> dict[str, Any]:
         completion = rng.randrange(0, 800)
         body: dict[str, Any] = {
-            "type": "response", "request_id": rid, "timestamp": timestamp(ts),
+            "type": "response",
+            "request_id": rid,
+            "timestamp": timestamp(ts),
             "completion_tokens": completion,
-            "cache_read_tokens": rng.randrange(0, req["prompt_tokens"] + 1)
-            if rng.random() < 0.4 else 0,
+            "cache_read_tokens": rng.randrange(0, req["prompt_tokens"] + 1) if rng.random() < 0.4 else 0,
             "reasoning_tokens": rng.randrange(0, completion + 1) if rng.random() < 0.3 else 0,
         }
         if rng.random() < 0.8:
@@ -175,19 +188,18 @@ def generate(calls: int = 2000, seed: int = 7) -> DataSet:
             body["error"] = ""  # an empty error is not a failure
         return body
 
-    def answered(key: tuple[str, str, str], ts: float, late: bool, rid: str | None = None
-                 ) -> tuple[Event, Event, Counted]:
+    def answered(
+        key: tuple[str, str, str], ts: float, late: bool, rid: str | None = None
+    ) -> tuple[Event, Event, Counted]:
         rid = rid or next(ids)
         req = request(rid, key, ts)
         resp = response(rid, req, ts + rng.uniform(0.01, 1.0))
-        return (Event(REQUESTS, req), Event(RESPONSES, resp),
-                Counted(key, ts, resp, req, late))
+        return (Event(REQUESTS, req), Event(RESPONSES, resp), Counted(key, ts, resp, req, late))
 
     # Phase 1: request times in [BASE+0.5, BASE+9.5]: windows [0, 5) and [5, 10).
     answered_pairs: list[tuple[Event, Event]] = []
     for _ in range(calls):
-        req, resp, counted = answered(rng.choice(NORMAL_KEYS), BASE + rng.uniform(0.5, 9.5),
-                                      late=False)
+        req, resp, counted = answered(rng.choice(NORMAL_KEYS), BASE + rng.uniform(0.5, 9.5), late=False)
         data.phase1 += [req, resp]
         data.counted.append(counted)
         answered_pairs.append((req, resp))
@@ -203,19 +215,35 @@ def generate(calls: int = 2000, seed: int = 7) -> DataSet:
         data.counted.append(Counted(key, ts, None, req, late=True))
     for _ in range(max(1, calls // 100)):  # responses whose request never comes
         rid = next(ids)
-        data.phase1.append(Event(RESPONSES, {
-            "type": "response", "request_id": rid, "timestamp": timestamp(
-                BASE + rng.uniform(1, 9)), "latency_ms": 12.5}))
+        data.phase1.append(
+            Event(
+                RESPONSES,
+                {
+                    "type": "response",
+                    "request_id": rid,
+                    "timestamp": timestamp(BASE + rng.uniform(1, 9)),
+                    "latency_ms": 12.5,
+                },
+            )
+        )
         data.orphan_ids.add(rid)
     for req, resp in rng.sample(answered_pairs, max(1, calls // 20)):  # duplicates, both sides
         data.phase1.append(Event(req.topic, dict(req.record or {})))
         data.phase1.append(Event(resp.topic, dict(resp.record or {})))
     invalid = [
         Event(REQUESTS, None, b"{not json"),
-        Event(REQUESTS, None, json.dumps({"request_id": "no-tenant", "route": "/r", "model": "m",
-                                          "timestamp": timestamp(BASE + 1)}).encode()),
-        Event(RESPONSES, None, json.dumps({"request_id": "naive-ts",
-                                           "timestamp": "2025-06-01T00:00:03"}).encode()),
+        Event(
+            REQUESTS,
+            None,
+            json.dumps(
+                {"request_id": "no-tenant", "route": "/r", "model": "m", "timestamp": timestamp(BASE + 1)}
+            ).encode(),
+        ),
+        Event(
+            RESPONSES,
+            None,
+            json.dumps({"request_id": "naive-ts", "timestamp": "2025-06-01T00:00:03"}).encode(),
+        ),
         Event(RESPONSES, None, b"\xff\xfe\x00 not utf-8"),
     ]
     data.phase1 += invalid
@@ -231,13 +259,13 @@ def generate(calls: int = 2000, seed: int = 7) -> DataSet:
     data.counted.append(tick)
 
     for _ in range(max(2, calls // 60)):
-        req, resp, counted = answered(rng.choice(NORMAL_KEYS), BASE + rng.uniform(3.0, 9.5),
-                                      late=True, rid=free_id())
+        req, resp, counted = answered(
+            rng.choice(NORMAL_KEYS), BASE + rng.uniform(3.0, 9.5), late=True, rid=free_id()
+        )
         data.phase2 += [req, resp]
         data.counted.append(counted)
     for req, resp in rng.sample(answered_pairs, max(1, calls // 50)):  # repeats after counting
-        data.phase2 += [Event(req.topic, dict(req.record or {})),
-                        Event(resp.topic, dict(resp.record or {}))]
+        data.phase2 += [Event(req.topic, dict(req.record or {})), Event(resp.topic, dict(resp.record or {}))]
     rng.shuffle(data.phase2)
 
     # Phase 3: a call for the lonely key's window [5, 10), after its shard saw the tick.
@@ -249,6 +277,7 @@ def generate(calls: int = 2000, seed: int = 7) -> DataSet:
 
 
 # -- the expected outcome -------------------------------------------------------------------
+
 
 @dataclass
 class ExpectedRow:
@@ -270,14 +299,16 @@ class ExpectedRow:
     window_seconds: int = WINDOW_SECONDS
 
 
-def expected_rows(data: DataSet, window_seconds: int = WINDOW_SECONDS
-                  ) -> dict[tuple[str, str, str, float], ExpectedRow]:
+def expected_rows(
+    data: DataSet, window_seconds: int = WINDOW_SECONDS
+) -> dict[tuple[str, str, str, float], ExpectedRow]:
     """Every final row, computed from the calls the test generated."""
     return expected_rows_of(data.counted, window_seconds)
 
 
-def expected_rows_of(counted: Iterable[Counted], window_seconds: int = WINDOW_SECONDS
-                     ) -> dict[tuple[str, str, str, float], ExpectedRow]:
+def expected_rows_of(
+    counted: Iterable[Counted], window_seconds: int = WINDOW_SECONDS
+) -> dict[tuple[str, str, str, float], ExpectedRow]:
     """Every final row of these calls."""
     groups: dict[tuple[str, str, str, float], list[Counted]] = defaultdict(list)
     for call in counted:
@@ -295,32 +326,48 @@ def expected_rows_of(counted: Iterable[Counted], window_seconds: int = WINDOW_SE
                 latencies.append(resp["latency_ms"])
             else:
                 # From the timestamps as sent (whole microseconds), not the test's own floats.
-                latencies.append(max(0.0, (datetime.fromisoformat(resp["timestamp"]).timestamp()
-                                           - datetime.fromisoformat(c.request["timestamp"]).timestamp())
-                                          * 1000))
+                latencies.append(
+                    max(
+                        0.0,
+                        (
+                            datetime.fromisoformat(resp["timestamp"]).timestamp()
+                            - datetime.fromisoformat(c.request["timestamp"]).timestamp()
+                        )
+                        * 1000,
+                    )
+                )
             price = PRICES.get(model)
             if price is None:
                 unpriced += 1
             else:
                 prompt, cached = c.request["prompt_tokens"], resp["cache_read_tokens"]
-                cost += ((prompt - cached) * price["input_per_mtok"]
-                         + cached * price["cache_read_per_mtok"]
-                         + resp["completion_tokens"] * price["output_per_mtok"]) / 1e6
+                cost += (
+                    (prompt - cached) * price["input_per_mtok"]
+                    + cached * price["cache_read_per_mtok"]
+                    + resp["completion_tokens"] * price["output_per_mtok"]
+                ) / 1e6
         rows[(tenant, route, model, start)] = ExpectedRow(
-            key=(tenant, route, model), window_start=start,
+            key=(tenant, route, model),
+            window_start=start,
             requests=len(calls),
             errors=sum(1 for c in calls if c.response is None or c.response.get("error")),
             timeouts=sum(1 for c in calls if c.response is None),
             latencies=sorted(latencies),
-            ttfts=[c.response["time_to_first_token_ms"] for c in answered
-                   if c.response and "time_to_first_token_ms" in c.response],
+            ttfts=[
+                c.response["time_to_first_token_ms"]
+                for c in answered
+                if c.response and "time_to_first_token_ms" in c.response
+            ],
             prompt_tokens=sum(c.request["prompt_tokens"] for c in answered),
             completion_tokens=sum((c.response or {})["completion_tokens"] for c in answered),
             cache_read_tokens=sum((c.response or {})["cache_read_tokens"] for c in answered),
             reasoning_tokens=sum((c.response or {})["reasoning_tokens"] for c in answered),
-            answered=len(answered), cost=cost, unpriced=unpriced,
+            answered=len(answered),
+            cost=cost,
+            unpriced=unpriced,
             # The row's content version: one per timed-out call, two per answered call.
-            revision=len(calls) + len(answered), window_seconds=window_seconds,
+            revision=len(calls) + len(answered),
+            window_seconds=window_seconds,
         )
     return rows
 
@@ -351,9 +398,12 @@ def dimension_value(name: str, call: Counted) -> str | None:
     return re.sub(r"[\x00-\x1f\x7f]", "\ufffd", found[:128])
 
 
-def expected_dimension_rows(counted: Iterable[Counted], names: Callable[[str, float], tuple[str, ...]],
-                            limit: int, window_seconds: int = WINDOW_SECONDS
-                            ) -> dict[DimensionKey, ExpectedRow]:
+def expected_dimension_rows(
+    counted: Iterable[Counted],
+    names: Callable[[str, float], tuple[str, ...]],
+    limit: int,
+    window_seconds: int = WINDOW_SECONDS,
+) -> dict[DimensionKey, ExpectedRow]:
     """Every final dimension row of these calls: per window, key and dimension (``names`` of
     the tenant at the window's start), the ``limit`` values with most calls (ties by value,
     none first) and the rest as "(other)", each with the window's revision."""
@@ -368,8 +418,9 @@ def expected_dimension_rows(counted: Iterable[Counted], names: Callable[[str, fl
             by_value: dict[str | None, list[Counted]] = defaultdict(list)
             for call in calls:
                 by_value[dimension_value(name, call)].append(call)
-            ranked = sorted((v for v in by_value if v != OTHER),
-                            key=lambda v: (-len(by_value[v]), v is not None, v or ""))
+            ranked = sorted(
+                (v for v in by_value if v != OTHER), key=lambda v: (-len(by_value[v]), v is not None, v or "")
+            )
             kept = {value: by_value[value] for value in ranked[:limit]}
             rest = [call for value in ranked[limit:] for call in by_value[value]] + by_value.get(OTHER, [])
             if rest:
@@ -384,8 +435,10 @@ def expected_dimension_rows(counted: Iterable[Counted], names: Callable[[str, fl
 def postgres_dimension_rows(dsn: str) -> dict[DimensionKey, dict[str, Any]]:
     with psycopg.connect(dsn, row_factory=dict_row) as conn:
         rows = conn.execute("SELECT * FROM llm_dimension_metrics").fetchall()
-    return {(r["tenant_id"], r["route"], r["model"], r["window_start"].timestamp(), r["dimension"],
-             r["value"]): r for r in rows}
+    return {
+        (r["tenant_id"], r["route"], r["model"], r["window_start"].timestamp(), r["dimension"], r["value"]): r
+        for r in rows
+    }
 
 
 def dimension_records(brokers: str) -> dict[bytes, list[dict[str, Any]]]:
@@ -394,12 +447,18 @@ def dimension_records(brokers: str) -> dict[bytes, list[dict[str, Any]]]:
     by_key: dict[bytes, list[tuple[tuple[int, int], dict[str, Any]]]] = defaultdict(list)
     for key, value, partition, offset in read_topic(brokers, DIMENSION_METRICS):
         record = json.loads(value)
-        assert key == (f"{record['tenant_id']}|{record['route']}|{record['model']}|"
-                       f"{datetime.fromisoformat(record['window_start']).isoformat()}|"
-                       f"{record['dimension']}").encode()
+        assert (
+            key
+            == (
+                f"{record['tenant_id']}|{record['route']}|{record['model']}|"
+                f"{datetime.fromisoformat(record['window_start']).isoformat()}|"
+                f"{record['dimension']}"
+            ).encode()
+        )
         by_key[key].append(((partition, offset), record))
-    return {key: [record for _, record in sorted(records, key=lambda r: r[0])]
-            for key, records in by_key.items()}
+    return {
+        key: [record for _, record in sorted(records, key=lambda r: r[0])] for key, records in by_key.items()
+    }
 
 
 def latest_dimension_metrics(brokers: str) -> dict[DimensionKey, dict[str, Any]]:
@@ -417,11 +476,13 @@ def latest_dimension_metrics(brokers: str) -> dict[DimensionKey, dict[str, Any]]
     return rows
 
 
-def check_dimension_rows(actual: dict[DimensionKey, dict[str, Any]],
-                         expected: dict[DimensionKey, ExpectedRow]) -> None:
+def check_dimension_rows(
+    actual: dict[DimensionKey, dict[str, Any]], expected: dict[DimensionKey, ExpectedRow]
+) -> None:
     assert set(actual) == set(expected), (
         f"missing {sorted(set(expected) - set(actual), key=str)[:5]}, "
-        f"unexpected {sorted(set(actual) - set(expected), key=str)[:5]}")
+        f"unexpected {sorted(set(actual) - set(expected), key=str)[:5]}"
+    )
     for key, row in expected.items():
         check_row(actual[key], row)
 
@@ -442,7 +503,8 @@ def _close(actual: float | None, expected: float | None, what: str, rel: float =
         assert actual is None, f"{what}: expected null, got {actual}"
         return
     assert actual is not None and math.isclose(actual, expected, rel_tol=rel, abs_tol=1e-9), (
-        f"{what}: expected {expected}, got {actual}")
+        f"{what}: expected {expected}, got {actual}"
+    )
 
 
 # Up to this many latencies a window's percentiles are nearest-rank exact (a digest
@@ -460,10 +522,19 @@ def _percentile_bounds(values: list[float], q: float) -> tuple[float, float]:
 def check_row(actual: dict[str, Any], expected: ExpectedRow) -> None:
     """One row (Postgres columns or llm.metrics JSON fields) against its expectation."""
     where = f"{expected.key} @ {timestamp(expected.window_start)}"
-    for name in ("requests", "errors", "timeouts", "prompt_tokens", "completion_tokens",
-                 "cache_read_tokens", "reasoning_tokens", "revision"):
+    for name in (
+        "requests",
+        "errors",
+        "timeouts",
+        "prompt_tokens",
+        "completion_tokens",
+        "cache_read_tokens",
+        "reasoning_tokens",
+        "revision",
+    ):
         assert actual[name] == getattr(expected, name), (
-            f"{where}: {name} expected {getattr(expected, name)}, got {actual[name]}")
+            f"{where}: {name} expected {getattr(expected, name)}, got {actual[name]}"
+        )
     assert actual["unpriced_requests"] == expected.unpriced, where
     start = actual["window_start"]
     if isinstance(start, str):
@@ -476,45 +547,68 @@ def check_row(actual: dict[str, Any], expected: ExpectedRow) -> None:
     _close(actual["estimated_cost_usd"], expected.cost, f"{where} cost", rel=1e-6)
     lat = expected.latencies
     if not lat:
-        for name in ("avg_latency_ms", "p50_latency_ms", "p95_latency_ms", "p99_latency_ms",
-                     "avg_prompt_tokens", "avg_completion_tokens"):
+        for name in (
+            "avg_latency_ms",
+            "p50_latency_ms",
+            "p95_latency_ms",
+            "p99_latency_ms",
+            "avg_prompt_tokens",
+            "avg_completion_tokens",
+        ):
             assert actual[name] is None, f"{where}: {name} should be null"
     else:
         _close(actual["avg_latency_ms"], sum(lat) / len(lat), f"{where} avg latency", rel=1e-6)
-        for q, name in ((0.5, "p50_latency_ms"), (0.95, "p95_latency_ms"),
-                        (0.99, "p99_latency_ms")):
+        for q, name in ((0.5, "p50_latency_ms"), (0.95, "p95_latency_ms"), (0.99, "p99_latency_ms")):
             low, high = _percentile_bounds(lat, q)
             if len(lat) > FEW_CALLS:
                 # Contract §3: with many calls, within 1 % of the exact value.
                 low, high = low * 0.99, high * 1.01
             assert low - 1e-6 <= actual[name] <= high + 1e-6, (
-                f"{where}: {name} {actual[name]} outside [{low}, {high}]")
-        _close(actual["avg_prompt_tokens"], expected.prompt_tokens / expected.answered,
-               f"{where} avg prompt", rel=1e-9)
-        _close(actual["avg_completion_tokens"], expected.completion_tokens / expected.answered,
-               f"{where} avg completion", rel=1e-9)
+                f"{where}: {name} {actual[name]} outside [{low}, {high}]"
+            )
+        _close(
+            actual["avg_prompt_tokens"],
+            expected.prompt_tokens / expected.answered,
+            f"{where} avg prompt",
+            rel=1e-9,
+        )
+        _close(
+            actual["avg_completion_tokens"],
+            expected.completion_tokens / expected.answered,
+            f"{where} avg completion",
+            rel=1e-9,
+        )
     ttft = expected.ttfts
-    _close(actual["avg_time_to_first_token_ms"], sum(ttft) / len(ttft) if ttft else None,
-           f"{where} avg ttft", rel=1e-6)
+    _close(
+        actual["avg_time_to_first_token_ms"],
+        sum(ttft) / len(ttft) if ttft else None,
+        f"{where} avg ttft",
+        rel=1e-6,
+    )
     if "ttft_count" in actual:
         assert actual["ttft_count"] == len(ttft), where
         assert actual["latency_digest"], f"{where}: digest missing"
 
 
-def check_rows(actual: dict[tuple[str, str, str, float], dict[str, Any]],
-               expected: dict[tuple[str, str, str, float], ExpectedRow]) -> None:
+def check_rows(
+    actual: dict[tuple[str, str, str, float], dict[str, Any]],
+    expected: dict[tuple[str, str, str, float], ExpectedRow],
+) -> None:
     assert set(actual) == set(expected), (
         f"missing {sorted(set(expected) - set(actual))[:5]}, "
-        f"unexpected {sorted(set(actual) - set(expected))[:5]}")
+        f"unexpected {sorted(set(actual) - set(expected))[:5]}"
+    )
     for key, row in expected.items():
         check_row(actual[key], row)
 
 
 # -- Kafka and Postgres plumbing ---------------------------------------------------------
 
+
 def produce(brokers: str, events: Iterable[Event]) -> None:
-    producer = Producer({"bootstrap.servers": brokers, "enable.idempotence": True,
-                         "acks": "all", "linger.ms": 5})
+    producer = Producer(
+        {"bootstrap.servers": brokers, "enable.idempotence": True, "acks": "all", "linger.ms": 5}
+    )
     for event in events:
         producer.produce(event.topic, event.value(), key=event.key())
         producer.poll(0)
@@ -535,14 +629,14 @@ def produce_markers(brokers: str) -> str:
 
 def read_topic(brokers: str, topic: str) -> list[tuple[bytes | None, bytes, int, int]]:
     """Every record of ``topic`` now: (key, value, partition, offset)."""
-    consumer = Consumer({"bootstrap.servers": brokers, "group.id": "streamlens-tests",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {"bootstrap.servers": brokers, "group.id": "streamlens-tests", "enable.auto.commit": False}
+    )
     try:
         metadata = consumer.list_topics(topic, timeout=10).topics[topic]
         parts = []
         for partition in metadata.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition),
-                                                       timeout=10)
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
             if high > low:
                 parts.append((partition, low, high))
         consumer.assign([TopicPartition(topic, p, low) for p, low, _ in parts])
@@ -553,8 +647,7 @@ def read_topic(brokers: str, topic: str) -> list[tuple[bytes | None, bytes, int,
             for message in consumer.consume(1000, 0.2):
                 if message.error():
                     continue
-                out.append((message.key(), message.value(), message.partition(),
-                            message.offset()))
+                out.append((message.key(), message.value(), message.partition(), message.offset()))
                 if message.offset() + 1 >= remaining.get(message.partition(), 0):
                     remaining.pop(message.partition(), None)
         assert not remaining, f"could not read {topic} to its end"
@@ -572,10 +665,19 @@ def latest_metrics(brokers: str) -> dict[tuple[str, str, str, float], dict[str, 
     latest: dict[tuple[str, str, str, float], dict[str, Any]] = {}
     for key, value, _, _ in read_topic(brokers, METRICS):
         row = json.loads(value)
-        window = (row["tenant_id"], row["route"], row["model"],
-                  datetime.fromisoformat(row["window_start"]).timestamp())
-        assert key == (f"{row['tenant_id']}|{row['route']}|{row['model']}|"
-                       f"{datetime.fromisoformat(row['window_start']).isoformat()}").encode()
+        window = (
+            row["tenant_id"],
+            row["route"],
+            row["model"],
+            datetime.fromisoformat(row["window_start"]).timestamp(),
+        )
+        assert (
+            key
+            == (
+                f"{row['tenant_id']}|{row['route']}|{row['model']}|"
+                f"{datetime.fromisoformat(row['window_start']).isoformat()}"
+            ).encode()
+        )
         if window not in latest or latest[window]["revision"] <= row["revision"]:
             latest[window] = row
     return latest
@@ -584,12 +686,16 @@ def latest_metrics(brokers: str) -> dict[tuple[str, str, str, float], dict[str, 
 def postgres_rows(dsn: str) -> dict[tuple[str, str, str, float], dict[str, Any]]:
     with psycopg.connect(dsn, row_factory=dict_row) as conn:
         rows = conn.execute("SELECT * FROM llm_metrics").fetchall()
-    return {(r["tenant_id"], r["route"], r["model"], r["window_start"].timestamp()): r
-            for r in rows}
+    return {(r["tenant_id"], r["route"], r["model"], r["window_start"].timestamp()): r for r in rows}
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str,
-             alive: Callable[[], None] | None = None, log: Callable[[], str] | None = None) -> None:
+def wait_for(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    alive: Callable[[], None] | None = None,
+    log: Callable[[], str] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if alive is not None:
@@ -603,6 +709,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str,
 
 # -- running the dataflow ----------------------------------------------------------------
 
+
 @dataclass
 class Processor:
     """``python -m dataflows.run`` as a subprocess, in its own process group."""
@@ -615,26 +722,48 @@ class Processor:
     processes: int = 1
     process: subprocess.Popen | None = None
     # The time settings of this module's data set; {} runs with the defaults a user gets.
-    settings: dict[str, str] = field(default_factory=lambda: {
-        "WINDOW_SECONDS": str(WINDOW_SECONDS), "GRACE_SECONDS": str(GRACE_SECONDS),
-        "LATENESS_SECONDS": str(LATENESS_SECONDS),
-        "JOIN_TIMEOUT_SECONDS": str(JOIN_TIMEOUT_SECONDS), "STATE_SHARDS": str(SHARDS.count)})
+    settings: dict[str, str] = field(
+        default_factory=lambda: {
+            "WINDOW_SECONDS": str(WINDOW_SECONDS),
+            "GRACE_SECONDS": str(GRACE_SECONDS),
+            "LATENESS_SECONDS": str(LATENESS_SECONDS),
+            "JOIN_TIMEOUT_SECONDS": str(JOIN_TIMEOUT_SECONDS),
+            "STATE_SHARDS": str(SHARDS.count),
+        }
+    )
 
     metrics_port: int = field(default_factory=free_port)
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "KAFKA_BROKERS": self.brokers, "POSTGRES_DSN": self.dsn,
-                "METRICS_PORT": str(self.metrics_port), **self.settings,
-                "TOPIC_PARTITIONS": str(TEST_PARTITIONS), "PRICES_FILE": str(self.prices_file)}
+        return {
+            **os.environ,
+            "KAFKA_BROKERS": self.brokers,
+            "POSTGRES_DSN": self.dsn,
+            "METRICS_PORT": str(self.metrics_port),
+            **self.settings,
+            "TOPIC_PARTITIONS": str(TEST_PARTITIONS),
+            "PRICES_FILE": str(self.prices_file),
+        }
 
     def start(self) -> Processor:
         out = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
         # The runner's defaults (snapshot interval and all), as `just processor` runs it.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dataflows.run", "--recovery-dir", str(self.recovery_dir),
-             "--processes", str(self.processes)],
-            env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=Path(__file__).resolve().parent.parent)
+            [
+                sys.executable,
+                "-m",
+                "dataflows.run",
+                "--recovery-dir",
+                str(self.recovery_dir),
+                "--processes",
+                str(self.processes),
+            ],
+            env=self.env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
         return self
 
     def log_tail(self) -> str:
@@ -642,7 +771,8 @@ class Processor:
 
     def check_alive(self) -> None:
         assert self.process is not None and self.process.poll() is None, (
-            f"the dataflow exited:\n{self.log_tail()}")
+            f"the dataflow exited:\n{self.log_tail()}"
+        )
 
     def kill(self) -> None:
         """kill -9 the runner and every process it started."""
@@ -696,11 +826,11 @@ class Scenario:
 
         def seen() -> bool:
             letters = dead_letters(self.brokers)
-            return len({(d["source_topic"], d["partition"]) for d in letters
-                        if d["payload"] == tag}) == wanted
+            return (
+                len({(d["source_topic"], d["partition"]) for d in letters if d["payload"] == tag}) == wanted
+            )
 
-        wait_for(seen, 60, "the marker records", self.processor.check_alive,
-                 self.processor.log_tail)
+        wait_for(seen, 60, "the marker records", self.processor.check_alive, self.processor.log_tail)
         time.sleep(0.5)  # what the markers' batch carried is through the stateful steps too
 
     def run(self) -> None:
@@ -709,36 +839,52 @@ class Scenario:
         self.barrier()
         self.on_step("phase1-read")
         first = first_rows(data)
-        wait_for(lambda: len(first & postgres_rows(self.dsn).keys()) > 0, 60,
-                 "the first rows", self.processor.check_alive,
-                 self.processor.log_tail)
+        wait_for(
+            lambda: len(first & postgres_rows(self.dsn).keys()) > 0,
+            60,
+            "the first rows",
+            self.processor.check_alive,
+            self.processor.log_tail,
+        )
         self.on_step("some-rows")
-        wait_for(lambda: first <= postgres_rows(self.dsn).keys(), 90,
-                 "every first row", self.processor.check_alive,
-                 self.processor.log_tail)
+        wait_for(
+            lambda: first <= postgres_rows(self.dsn).keys(),
+            90,
+            "every first row",
+            self.processor.check_alive,
+            self.processor.log_tail,
+        )
         # The snapshot that records these emissions must be durable before a late call.
         time.sleep(2.5)
         produce(self.brokers, data.phase2)
         self.barrier()
         self.on_step("phase2-read")
         produce(self.brokers, data.phase3)
-        wait_for(lambda: any(d["reason"] == "too_late" for d in dead_letters(self.brokers)),
-                 60, "the too-late call", self.processor.check_alive,
-                 self.processor.log_tail)
+        wait_for(
+            lambda: any(d["reason"] == "too_late" for d in dead_letters(self.brokers)),
+            60,
+            "the too-late call",
+            self.processor.check_alive,
+            self.processor.log_tail,
+        )
         self.on_step("too-late-seen")
         expected = expected_rows(data)
-        wait_for(lambda: self._done(expected), 120, "the final rows",
-                 self.processor.check_alive,
-                 self.processor.log_tail)
+        wait_for(
+            lambda: self._done(expected),
+            120,
+            "the final rows",
+            self.processor.check_alive,
+            self.processor.log_tail,
+        )
 
     def _done(self, expected: dict[tuple[str, str, str, float], ExpectedRow]) -> bool:
         rows = postgres_rows(self.dsn)
-        if any(key not in rows or rows[key]["revision"] < row.revision
-               for key, row in expected.items()):
+        if any(key not in rows or rows[key]["revision"] < row.revision for key, row in expected.items()):
             return False
         letters = Counter(d["reason"] for d in dead_letters(self.brokers))
-        done = (letters["orphan_response"] >= len(self.data.orphan_ids)
-                and letters["too_late"] >= len(self.data.too_late_ids))
+        done = letters["orphan_response"] >= len(self.data.orphan_ids) and letters["too_late"] >= len(
+            self.data.too_late_ids
+        )
         if done:
             self.on_step("final")
         return done
@@ -748,8 +894,7 @@ class Scenario:
         self.barrier()
 
 
-def check_dead_letters(data: DataSet, letters: list[dict[str, Any]], markers: list[str],
-                       exact: bool) -> None:
+def check_dead_letters(data: DataSet, letters: list[dict[str, Any]], markers: list[str], exact: bool) -> None:
     """Dead letters by reason: ``exact`` counts, or (after replays) distinct records."""
     by_reason: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for letter in letters:
@@ -758,8 +903,7 @@ def check_dead_letters(data: DataSet, letters: list[dict[str, Any]], markers: li
     assert {d["reason"] for d in letters} <= {"invalid", "orphan_response", "too_late"}
 
     def distinct(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return list({(d["source_topic"], d["partition"], d["offset"]): d
-                     for d in items}.values())
+        return list({(d["source_topic"], d["partition"], d["offset"]): d for d in items}.values())
 
     if not exact:
         invalid = distinct(invalid)

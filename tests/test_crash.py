@@ -58,8 +58,7 @@ def _metadata(rng: random.Random) -> dict[str, Any]:
     return metadata
 
 
-def _calls(rng: random.Random, now: float, calls: int
-           ) -> tuple[list[dict[str, Any]], list[h.Counted]]:
+def _calls(rng: random.Random, now: float, calls: int) -> tuple[list[dict[str, Any]], list[h.Counted]]:
     """Events of ``calls`` calls over five minutes ending a minute ago, shuffled, with repeats.
 
     Requests left without a response are stamped in the first half-minute, so their
@@ -75,21 +74,30 @@ def _calls(rng: random.Random, now: float, calls: int
         key = rng.choice(KEYS)
         unanswered = n % 50 == 0
         ts = now - 360 + (rng.uniform(0, 30) if unanswered else rng.uniform(0, 300))
-        request = {"type": "request", "request_id": rid, "tenant_id": key[0], "route": key[1],
-                   "model": key[2], "timestamp": h.timestamp(ts),
-                   "prompt_tokens": rng.randrange(0, 4000), "metadata": _metadata(extras),
-                   "user_id_hash": f"user-{extras.randrange(400):03d}"}
+        request = {
+            "type": "request",
+            "request_id": rid,
+            "tenant_id": key[0],
+            "route": key[1],
+            "model": key[2],
+            "timestamp": h.timestamp(ts),
+            "prompt_tokens": rng.randrange(0, 4000),
+            "metadata": _metadata(extras),
+            "user_id_hash": f"user-{extras.randrange(400):03d}",
+        }
         events.append(request)
         if unanswered:
             counted.append(h.Counted(key, ts, None, request, late=False))
             continue
         completion = rng.randrange(0, 900)
         response: dict[str, Any] = {
-            "type": "response", "request_id": rid,
+            "type": "response",
+            "request_id": rid,
             "timestamp": h.timestamp(ts + rng.uniform(0.05, 4.0)),
             "completion_tokens": completion,
             "cache_read_tokens": rng.randrange(0, request["prompt_tokens"] + 1),
-            "reasoning_tokens": rng.randrange(0, completion + 1)}
+            "reasoning_tokens": rng.randrange(0, completion + 1),
+        }
         if rng.random() < 0.7:
             response["latency_ms"] = round(rng.uniform(20, 5000), 3)
         if rng.random() < 0.5:
@@ -133,8 +141,13 @@ def _evaluations(rng: random.Random, counted: list[h.Counted], now: float) -> Ev
             if rng.random() >= share:
                 continue
             at = min(call.request_ts + rng.uniform(0, 200), now - 1)
-            evaluation: dict[str, Any] = {"type": "evaluation", "request_id": rid, "tenant_id": call.key[0],
-                                          "name": name, "timestamp": h.timestamp(at)}
+            evaluation: dict[str, Any] = {
+                "type": "evaluation",
+                "request_id": rid,
+                "tenant_id": call.key[0],
+                "name": name,
+                "timestamp": h.timestamp(at),
+            }
             if name == "judge":
                 evaluation["score"] = round(rng.uniform(0, 1), 3)
                 evaluation["evaluator"] = "llm-judge"
@@ -147,30 +160,50 @@ def _evaluations(rng: random.Random, counted: list[h.Counted], now: float) -> Ev
             else:
                 out.rows.setdefault((*call.key, start, name), []).append(evaluation)
         if rng.random() < 0.01:
-            out.events.append({"type": "evaluation", "request_id": rid, "tenant_id": "umbrella",
-                               "name": "judge", "score": 1.0, "timestamp": h.timestamp(call.request_ts + 1)})
+            out.events.append(
+                {
+                    "type": "evaluation",
+                    "request_id": rid,
+                    "tenant_id": "umbrella",
+                    "name": "judge",
+                    "score": 1.0,
+                    "timestamp": h.timestamp(call.request_ts + 1),
+                }
+            )
             out.letters["invalid"] += 1
     for n in range(5):
-        out.events.append({"type": "evaluation", "request_id": f"never-{n}-{rng.getrandbits(32):08x}",
-                           "tenant_id": "acme", "name": "judge", "score": 0.5,
-                           "timestamp": h.timestamp(now - 3000)})
+        out.events.append(
+            {
+                "type": "evaluation",
+                "request_id": f"never-{n}-{rng.getrandbits(32):08x}",
+                "tenant_id": "acme",
+                "name": "judge",
+                "score": 0.5,
+                "timestamp": h.timestamp(now - 3000),
+            }
+        )
         out.letters["orphan_evaluation"] += 1
     return out
 
 
-def check_evaluation_rows(actual: dict[tuple[Any, ...], dict[str, Any]],
-                          expected: dict[tuple[Any, ...], list[dict[str, Any]]],
-                          revisions: dict[tuple[Any, ...], int] | None = None) -> None:
+def check_evaluation_rows(
+    actual: dict[tuple[Any, ...], dict[str, Any]],
+    expected: dict[tuple[Any, ...], list[dict[str, Any]]],
+    revisions: dict[tuple[Any, ...], int] | None = None,
+) -> None:
     """Rows (Postgres columns or llm.evaluation-metrics fields) against the evaluations
     each must hold (and the revision each must have, when known: by default their count)."""
-    assert set(actual) == set(expected), (set(actual) ^ set(expected))
+    assert set(actual) == set(expected), set(actual) ^ set(expected)
     for key, evaluations in expected.items():
         row = actual[key]
         scores = sorted(e["score"] for e in evaluations if "score" in e)
         labels = Counter(e["label"] for e in evaluations if "label" in e)
         revision = len(evaluations) if revisions is None else revisions.get(key, row["revision"])
         assert (row["evaluations"], row["scores"], row["revision"]) == (
-            len(evaluations), len(scores), revision), key
+            len(evaluations),
+            len(scores),
+            revision,
+        ), key
         assert row["labels"] == dict(labels), key
         if not scores:
             assert row["score_avg"] is None and row["score_p50"] is None, key
@@ -213,9 +246,9 @@ def latest_evaluation_metrics(brokers: str) -> dict[tuple[str, str, str, float, 
 ValueRows = dict[tuple[Any, ...], list[dict[str, Any]]]
 
 
-def expected_evaluation_values(judged: Evaluations, counted: list[h.Counted],
-                               names: Callable[[str, float], tuple[str, ...]], limit: int
-                               ) -> tuple[ValueRows, dict[tuple[Any, ...], int]]:
+def expected_evaluation_values(
+    judged: Evaluations, counted: list[h.Counted], names: Callable[[str, float], tuple[str, ...]], limit: int
+) -> tuple[ValueRows, dict[tuple[Any, ...], int]]:
     """The evaluation rows per dimension value (SPEC §8, §9): per row and dimension of its
     tenant at the window's start, the evaluations of each value's calls (a call's value as
     its rows have it), the ``limit`` most evaluated apart and the rest under "(other)"; and
@@ -230,8 +263,10 @@ def expected_evaluation_values(judged: Evaluations, counted: list[h.Counted],
             for evaluation in evaluations:
                 value = h.dimension_value(dimension, calls[evaluation["request_id"]])
                 by_value.setdefault(value, []).append(evaluation)
-            ranked = sorted((v for v in by_value if v != h.OTHER),
-                            key=lambda v: (-len(by_value[v]), v is not None, v or ""))
+            ranked = sorted(
+                (v for v in by_value if v != h.OTHER),
+                key=lambda v: (-len(by_value[v]), v is not None, v or ""),
+            )
             kept = {value: by_value[value] for value in ranked[:limit]}
             rest = [e for value in ranked[limit:] for e in by_value[value]] + by_value.get(h.OTHER, [])
             if rest:
@@ -262,8 +297,13 @@ def latest_evaluation_values(brokers: str) -> dict[tuple[Any, ...], dict[str, An
     for key, value, _, _ in sorted(records, key=lambda r: (r[2], r[3])):
         record = json.loads(value)
         start = datetime.fromisoformat(record["window_start"]).isoformat()
-        assert key == (f"{record['tenant_id']}|{record['route']}|{record['model']}|{start}|{record['name']}|"
-                       f"{record['dimension']}").encode()
+        assert (
+            key
+            == (
+                f"{record['tenant_id']}|{record['route']}|{record['model']}|{start}|{record['name']}|"
+                f"{record['dimension']}"
+            ).encode()
+        )
         assert key not in latest or latest[key]["revision"] <= record["revision"], key
         latest[key] = record
     return {_evaluation_value_key(row): row for record in latest.values() for row in record["rows"]}
@@ -272,8 +312,11 @@ def latest_evaluation_values(brokers: str) -> dict[tuple[Any, ...], dict[str, An
 def evaluation_letters(brokers: str) -> Counter[str]:
     """Dead letters of ``llm.evaluations`` records by reason, each record once (a replay after
     a crash may write one again)."""
-    seen = {(letter["partition"], letter["offset"]): letter["reason"] for letter in h.dead_letters(brokers)
-            if letter["source_topic"] == EVALUATIONS}
+    seen = {
+        (letter["partition"], letter["offset"]): letter["reason"]
+        for letter in h.dead_letters(brokers)
+        if letter["source_topic"] == EVALUATIONS
+    }
     return Counter(seen.values())
 
 
@@ -291,8 +334,12 @@ def _published_in_order(brokers: str) -> dict[tuple[str, str, str, float], list[
     by_key: dict[tuple[str, str, str, float], list[tuple[int, int, int]]] = {}
     for _key, value, partition, offset in h.read_topic(brokers, h.METRICS):
         row = json.loads(value)
-        window = (row["tenant_id"], row["route"], row["model"],
-                  datetime.fromisoformat(row["window_start"]).timestamp())
+        window = (
+            row["tenant_id"],
+            row["route"],
+            row["model"],
+            datetime.fromisoformat(row["window_start"]).timestamp(),
+        )
         by_key.setdefault(window, []).append((partition, offset, row["revision"]))
     return {key: [revision for _, _, revision in sorted(items)] for key, items in by_key.items()}
 
@@ -325,16 +372,28 @@ class Dimensions:
 
     def store(self, dsn: str, boundary: float) -> None:
         with psycopg.connect(dsn) as conn:
-            conn.execute("INSERT INTO tenant_dimensions (tenant_id, effective_from, dimensions) "
-                         "VALUES (%s, to_timestamp(%s), %s)", (self.tenant, boundary, list(self.own)))
+            conn.execute(
+                "INSERT INTO tenant_dimensions (tenant_id, effective_from, dimensions) "
+                "VALUES (%s, to_timestamp(%s), %s)",
+                (self.tenant, boundary, list(self.own)),
+            )
 
     def names(self, boundary: float) -> Callable[[str, float], tuple[str, ...]]:
         return lambda tenant, start: self.own if tenant == self.tenant and start >= boundary else self.default
 
 
-def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seconds: float,
-        seed: int, dimensions: Dimensions | None = None, evaluations: bool = False,
-        join_timeout: int | None = None) -> CrashRun:
+def run(
+    work: Path,
+    brokers: str,
+    dsn: str,
+    calls: int,
+    kills: int,
+    posting_seconds: float,
+    seed: int,
+    dimensions: Dimensions | None = None,
+    evaluations: bool = False,
+    join_timeout: int | None = None,
+) -> CrashRun:
     """Post ``calls`` shuffled calls over ``posting_seconds`` while ``kills`` kill -9s land at
     moments drawn from ``seed``; wait for the rows and check every one of them (with
     ``dimensions``, their rows too; with ``evaluations``, evaluations of the calls, shuffled
@@ -365,24 +424,35 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
         dimensions.store(dsn, boundary)
     values_wanted = None
     if dimensions is not None and judged is not None:
-        values_wanted = expected_evaluation_values(judged, counted, dimensions.names(boundary),
-                                                   dimensions.values)
-    batches = [events[i:i + BATCH] for i in range(0, len(events), BATCH)]
+        values_wanted = expected_evaluation_values(
+            judged, counted, dimensions.names(boundary), dimensions.values
+        )
+    batches = [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
     # Moments while batches are still to come: the last one is due at this.
     last_due = posting_seconds * (len(batches) - 1) / len(batches)
     kill_at = sorted(rng.uniform(1.0, last_due) for _ in range(kills))
-    done = CrashRun(seed, len(counted), len(events), [round(t, 2) for t in kill_at], 0.0, 0.0, 0,
-                    len(expected))
-    print(f"crash run: seed {seed}, {len(counted)} calls, {len(events)} events, "
-          f"kill -9 at {done.kills} s into the posting", flush=True)
+    done = CrashRun(
+        seed, len(counted), len(events), [round(t, 2) for t in kill_at], 0.0, 0.0, 0, len(expected)
+    )
+    print(
+        f"crash run: seed {seed}, {len(counted)} calls, {len(events)} events, "
+        f"kill -9 at {done.kills} s into the posting",
+        flush=True,
+    )
 
     settings = {} if dimensions is None else dimensions.settings()
     if join_timeout is not None:
         settings["JOIN_TIMEOUT_SECONDS"] = str(join_timeout)
     if judged is not None:
         settings["EVALUATION_LATENESS_SECONDS"] = str(EVALUATION_LATENESS_SECONDS)
-    processor = h.Processor(brokers, dsn, work / "recovery", h.write_prices(work / "prices.json"),
-                            work / "dataflow.log", settings=settings)
+    processor = h.Processor(
+        brokers,
+        dsn,
+        work / "recovery",
+        h.write_prices(work / "prices.json"),
+        work / "dataflow.log",
+        settings=settings,
+    )
     with ServerThread(brokers) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         processor.start()
         try:
@@ -392,8 +462,11 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
                 due = started + posting_seconds * number / len(batches)
                 while time.monotonic() < due or (kill_at and time.monotonic() - started >= kill_at[0]):
                     if kill_at and time.monotonic() - started >= kill_at[0]:
-                        print(f"kill -9 at {time.monotonic() - started:.2f} s "
-                              f"(batch {number} of {len(batches)})", flush=True)
+                        print(
+                            f"kill -9 at {time.monotonic() - started:.2f} s "
+                            f"(batch {number} of {len(batches)})",
+                            flush=True,
+                        )
                         kill_at.pop(0)
                         processor.kill()
                         processor.start()
@@ -405,20 +478,24 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
 
             def final() -> bool:
                 rows = h.postgres_rows(dsn)
-                if not all(key in rows and rows[key]["revision"] >= row.revision
-                           for key, row in expected.items()):
+                if not all(
+                    key in rows and rows[key]["revision"] >= row.revision for key, row in expected.items()
+                ):
                     return False
                 if judged is None:
                     return True
                 scored = postgres_evaluation_rows(dsn)
-                if not all(key in scored and scored[key]["revision"] >= len(wanted)
-                           for key, wanted in judged.rows.items()):
+                if not all(
+                    key in scored and scored[key]["revision"] >= len(wanted)
+                    for key, wanted in judged.rows.items()
+                ):
                     return False
                 if values_wanted is not None:
                     # A timed-out call answered late moves its evaluations after the last one.
                     values = postgres_evaluation_values(dsn)
                     if {key: row["evaluations"] for key, row in values.items()} != {
-                            key: len(members) for key, members in values_wanted[0].items()}:
+                        key: len(members) for key, members in values_wanted[0].items()
+                    }:
                         return False
                 return evaluation_letters(brokers) == judged.letters
 
@@ -444,15 +521,19 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
         assert revisions == sorted(revisions), f"{key}: revisions went down: {revisions}"
     done.emissions = sum(len(revisions) for revisions in published.values())
     if dimensions is not None:
-        wanted = h.expected_dimension_rows(counted, dimensions.names(boundary), dimensions.values,
-                                           WINDOW_SECONDS)
+        wanted = h.expected_dimension_rows(
+            counted, dimensions.names(boundary), dimensions.values, WINDOW_SECONDS
+        )
         assert any(key[5] == h.OTHER for key in wanted) and any(key[5] is None for key in wanted)
         h.check_dimension_rows(h.postgres_dimension_rows(dsn), wanted)
         h.check_dimension_rows(h.latest_dimension_metrics(brokers), wanted)
         # Revisions moved values into "(other)" on the way: rows of their own that are gone
         # from Postgres and from the topic's latest records (checked above).
-        dropped = [key for key, records in h.dimension_records(brokers).items()
-                   if set(map(str, records[0]["values"])) - set(map(str, records[-1]["values"]))]
+        dropped = [
+            key
+            for key, records in h.dimension_records(brokers).items()
+            if set(map(str, records[0]["values"])) - set(map(str, records[-1]["values"]))
+        ]
         assert dropped, "no value was merged into (other) by a revision: the data set missed that path"
     if judged is not None:
         assert all(judged.letters[reason] for reason in ("too_late", "invalid", "orphan_evaluation"))
@@ -467,8 +548,9 @@ def run(work: Path, brokers: str, dsn: str, calls: int, kills: int, posting_seco
     return done
 
 
-def test_kill_9_with_dimensions_gives_exact_dimension_rows(tmp_path: Path, broker: Broker,
-                                                          postgres_dsn: str) -> None:
+def test_kill_9_with_dimensions_gives_exact_dimension_rows(
+    tmp_path: Path, broker: Broker, postgres_dsn: str
+) -> None:
     """Three dimensions for every tenant (one of them from the responses, one with hundreds of
     values), one tenant switching to others at a recorded boundary, few values a window so
     that most windows merge some into "(other)": every dimension row, in Postgres and on
@@ -477,14 +559,26 @@ def test_kill_9_with_dimensions_gives_exact_dimension_rows(tmp_path: Path, broke
     that their answers replace, moving the calls (and their evaluations) to their
     ``finish_reason``."""
     seed = int(os.environ.get("STREAMLENS_CRASH_SEED", str(random.randrange(2**32))))
-    dimensions = Dimensions(default=("metadata.country", "finish_reason", "user"), values=8,
-                            tenant="globex", own=("metadata.experiment", "metadata.beta",
-                                                  "metadata.shard", "metadata.country"))
-    run(tmp_path, broker.address, postgres_dsn, CALLS // 2, KILLS, POSTING_SECONDS / 2, seed, dimensions,
-        evaluations=True, join_timeout=20)
+    dimensions = Dimensions(
+        default=("metadata.country", "finish_reason", "user"),
+        values=8,
+        tenant="globex",
+        own=("metadata.experiment", "metadata.beta", "metadata.shard", "metadata.country"),
+    )
+    run(
+        tmp_path,
+        broker.address,
+        postgres_dsn,
+        CALLS // 2,
+        KILLS,
+        POSTING_SECONDS / 2,
+        seed,
+        dimensions,
+        evaluations=True,
+        join_timeout=20,
+    )
 
 
-def test_kill_9_at_random_moments_gives_exact_rows(tmp_path: Path, broker: Broker,
-                                                   postgres_dsn: str) -> None:
+def test_kill_9_at_random_moments_gives_exact_rows(tmp_path: Path, broker: Broker, postgres_dsn: str) -> None:
     seed = int(os.environ.get("STREAMLENS_CRASH_SEED", str(random.randrange(2**32))))
     run(tmp_path, broker.address, postgres_dsn, CALLS, KILLS, POSTING_SECONDS, seed)

@@ -34,8 +34,9 @@ T0 = datetime(2025, 6, 1, tzinfo=UTC)
 NOW = datetime(2025, 6, 1, 0, 5, tzinfo=UTC).timestamp()  # the wall clock when records are read
 
 
-def read(topic: str, records: list[tuple[int, bytes | None]], partition: int = 0
-         ) -> list[DeadLetter | tuple[str, list[EventRun]]]:
+def read(
+    topic: str, records: list[tuple[int, bytes | None]], partition: int = 0
+) -> list[DeadLetter | tuple[str, list[EventRun]]]:
     """What the source hands on for one poll of a partition: decoded where it is read,
     then grouped by join shard (``route_polls``)."""
     offsets = [offset for offset, _ in records]
@@ -43,8 +44,9 @@ def read(topic: str, records: list[tuple[int, bytes | None]], partition: int = 0
     return sources.route_polls([sources.poll_of(topic, partition, offsets, items, times)])
 
 
-def decode_one(topic: str, value: bytes | None, partition: int = 2, offset: int = 41
-               ) -> tuple[LLMRequest | LLMResponse, SourceRef] | DeadLetter:
+def decode_one(
+    topic: str, value: bytes | None, partition: int = 2, offset: int = 41
+) -> tuple[LLMRequest | LLMResponse, SourceRef] | DeadLetter:
     """The one outcome of a record: decoded where it is read, then routed."""
     [out] = read(topic, [(offset, value)], partition)
     if isinstance(out, DeadLetter):
@@ -56,11 +58,18 @@ def decode_one(topic: str, value: bytes | None, partition: int = 2, offset: int 
     return event, run.source(0)
 
 
-REQUEST = {"request_id": "r-1", "tenant_id": "acme", "route": "/chat", "model": "m",
-           "timestamp": "2025-06-01T02:00:00+02:00", "prompt_tokens": 5}
+REQUEST = {
+    "request_id": "r-1",
+    "tenant_id": "acme",
+    "route": "/chat",
+    "model": "m",
+    "timestamp": "2025-06-01T02:00:00+02:00",
+    "prompt_tokens": 5,
+}
 
 
 # -- decoding -----------------------------------------------------------------------------
+
 
 def test_decode_keeps_the_coordinates_and_accepts_the_type_field() -> None:
     decoded = decode_one("llm.requests", json.dumps({"type": "request", **REQUEST}).encode())
@@ -76,18 +85,24 @@ def test_a_response_on_the_requests_topic_is_invalid() -> None:
     assert letter.reason == "invalid" and "$.type" in letter.error
 
 
-@pytest.mark.parametrize(("value", "field"), [
-    (b"{oops", "JSON"),
-    (json.dumps({**REQUEST, "timestamp": "2025-06-01T00:00:00"}).encode(), "$.timestamp"),
-    (json.dumps({k: v for k, v in REQUEST.items() if k != "tenant_id"}).encode(), "tenant_id"),
-    (json.dumps({**REQUEST, "prompt_tokens": -1}).encode(), "$.prompt_tokens"),
-])
-def test_invalid_records_become_dead_letters_naming_the_problem(value: bytes, field: str
-                                                                ) -> None:
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        (b"{oops", "JSON"),
+        (json.dumps({**REQUEST, "timestamp": "2025-06-01T00:00:00"}).encode(), "$.timestamp"),
+        (json.dumps({k: v for k, v in REQUEST.items() if k != "tenant_id"}).encode(), "tenant_id"),
+        (json.dumps({**REQUEST, "prompt_tokens": -1}).encode(), "$.prompt_tokens"),
+    ],
+)
+def test_invalid_records_become_dead_letters_naming_the_problem(value: bytes, field: str) -> None:
     letter = decode_one("llm.requests", value, partition=1, offset=7)
     assert isinstance(letter, DeadLetter)
     assert (letter.reason, letter.source_topic, letter.partition, letter.offset) == (
-        "invalid", "llm.requests", 1, 7)
+        "invalid",
+        "llm.requests",
+        1,
+        7,
+    )
     assert field in letter.error
     assert letter.payload == value.decode()
 
@@ -107,8 +122,9 @@ def test_an_empty_record_is_invalid() -> None:
 
 
 def test_broker_errors_are_dead_lettered() -> None:
-    letter = sources.broker_error("llm.requests", 2, 41, b"{}",
-                                  ConfluentKafkaError(ConfluentKafkaError._TRANSPORT))
+    letter = sources.broker_error(
+        "llm.requests", 2, 41, b"{}", ConfluentKafkaError(ConfluentKafkaError._TRANSPORT)
+    )
     assert letter.reason == "invalid" and "kafka consumer error" in letter.error
     assert (letter.source_topic, letter.partition, letter.offset) == ("llm.requests", 2, 41)
 
@@ -116,11 +132,13 @@ def test_broker_errors_are_dead_lettered() -> None:
 def test_a_batch_is_grouped_by_join_shard_keeping_order() -> None:
     ids = [f"r-{n}" for n in range(200)]
     records: list[tuple[int, bytes | None]] = [
-        (offset, json.dumps({**REQUEST, "request_id": rid}).encode()) for offset, rid in enumerate(ids)]
+        (offset, json.dumps({**REQUEST, "request_id": rid}).encode()) for offset, rid in enumerate(ids)
+    ]
     records.insert(5, (999, b"junk"))
     responses: list[tuple[int, bytes | None]] = [
         (offset, json.dumps({"request_id": rid, "timestamp": "2025-06-01T00:00:01Z"}).encode())
-        for offset, rid in enumerate(ids[:50])]
+        for offset, rid in enumerate(ids[:50])
+    ]
     polls = []
     for topic, partition, batch in (("llm.requests", 0, records), ("llm.responses", 1, responses)):
         offsets = [offset for offset, _ in batch]
@@ -163,7 +181,11 @@ def test_an_invalid_record_among_valid_ones_is_dead_lettered_where_it_is_read() 
     [(shard, [run])] = [item for item in out if not isinstance(item, DeadLetter)]
     assert shard == shards.DEFAULT.join_key("r-1") and run.offsets == [7, 9]
     assert (letter.reason, letter.source_topic, letter.partition, letter.offset) == (
-        "invalid", "llm.requests", 3, 8)
+        "invalid",
+        "llm.requests",
+        3,
+        8,
+    )
     assert "$.timestamp" in letter.error and letter.payload == value.decode()
 
 
@@ -174,11 +196,13 @@ def test_an_unknown_topic_makes_every_record_a_dead_letter() -> None:
 
 # -- shard keys and the stateful logics -----------------------------------------------------
 
+
 def test_shard_keys_are_stable_strings() -> None:
     # crc32 is the same in every process (str hash() is not).
     assert shards.DEFAULT.join_key("r-1") == str(zlib.crc32(b"r-1") % shards.DEFAULT.count)
     assert shards.DEFAULT.window_key(("t", "r", "m")) == str(
-        zlib.crc32(b"t\x00r\x00m") % shards.DEFAULT.count)
+        zlib.crc32(b"t\x00r\x00m") % shards.DEFAULT.count
+    )
 
 
 class Clock:
@@ -193,8 +217,9 @@ class Clock:
 WALL = T0.timestamp() + 3600.0
 
 
-def _notify_until_output(logic: operators.JoinLogic | operators.WindowLogic, clock: Clock
-                         ) -> tuple[list, list[float]]:
+def _notify_until_output(
+    logic: operators.JoinLogic | operators.WindowLogic, clock: Clock
+) -> tuple[list, list[float]]:
     """Wake the logic whenever it asks until it emits something; its outputs and the waits."""
     waits = []
     for _ in range(100):
@@ -210,11 +235,12 @@ def _notify_until_output(logic: operators.JoinLogic | operators.WindowLogic, clo
 
 def _events(request_id: str, at: datetime, latency: float = 1.0) -> list[EventRun]:
     """The request and the response of one call, as the join step receives them."""
-    request = LLMRequest(request_id=request_id, tenant_id="t", route="/r", model="m",
-                         timestamp=at)
+    request = LLMRequest(request_id=request_id, tenant_id="t", route="/r", model="m", timestamp=at)
     response = LLMResponse(request_id=request_id, timestamp=at + timedelta(seconds=latency))
-    return [EventRun("llm.requests", 0, LLMRequest, [1], [request], [at.timestamp()]),
-            EventRun("llm.responses", 0, LLMResponse, [1], [response], [at.timestamp() + latency])]
+    return [
+        EventRun("llm.requests", 0, LLMRequest, [1], [request], [at.timestamp()]),
+        EventRun("llm.responses", 0, LLMResponse, [1], [response], [at.timestamp() + latency]),
+    ]
 
 
 def _counted(out: object) -> list[tuple[str, LLMResponse | None]]:
@@ -223,15 +249,18 @@ def _counted(out: object) -> list[tuple[str, LLMResponse | None]]:
     found = []
     for calls, letters in out:
         assert isinstance(calls, CallBatch) and letters == []
-        found += [(request.request_id, response)
-                  for request, response in zip(calls.requests, calls.responses, strict=True)]
+        found += [
+            (request.request_id, response)
+            for request, response in zip(calls.requests, calls.responses, strict=True)
+        ]
     return found
 
 
 def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
     clock = Clock(WALL)
-    build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60, window_seconds=10,
-                                   lateness_seconds=60)
+    build = operators.join_builder(
+        timeout_seconds=30, dedupe_seconds=60, window_seconds=10, lateness_seconds=60
+    )
     logic = build(None)
     logic.clock = clock
     out, retain = logic.on_batch([_events("a", T0), _events("b", T0)[:1]])
@@ -247,8 +276,9 @@ def test_join_logic_pairs_in_a_batch_and_expires_on_notify() -> None:
 
 def test_join_logic_snapshot_is_a_frozen_copy_that_resumes() -> None:
     clock = Clock(WALL)
-    build = operators.join_builder(timeout_seconds=30, dedupe_seconds=60, window_seconds=10,
-                                   lateness_seconds=60)
+    build = operators.join_builder(
+        timeout_seconds=30, dedupe_seconds=60, window_seconds=10, lateness_seconds=60
+    )
     logic = build(None)
     logic.clock = clock
     logic.on_batch([_events("a", T0)[:1]])
@@ -266,8 +296,7 @@ def test_window_logic_emits_when_event_time_passes_the_grace() -> None:
     logic.clock = clock
     request = LLMRequest(request_id="a", tenant_id="t", route="/r", model="m", timestamp=T0)
     response = LLMResponse(request_id="a", timestamp=T0 + timedelta(seconds=1), latency_ms=5.0)
-    call = Call(request=request, response=response, source=SourceRef("llm.responses", 0, 3),
-                cost_usd=0.5)
+    call = Call(request=request, response=response, source=SourceRef("llm.responses", 0, 3), cost_usd=0.5)
     out, _ = logic.on_batch([calls_of([call])])
     assert out == []
     rows, _ = _notify_until_output(logic, clock)
@@ -284,20 +313,39 @@ _DIGEST = TDigest.from_values([1.0, 2.0]).to_bytes()
 
 def _row(revision: int, requests: int, tenant: str = "acme", minute: int = 0) -> WindowRow:
     start = T0 + timedelta(minutes=minute)
-    return WindowRow(row=MetricsRow(
-        tenant_id=tenant, route="/chat", model="m", window_start=start,
-        window_end=start + timedelta(minutes=1), requests=requests, errors=0, timeouts=0,
-        avg_latency_ms=1.5, p50_latency_ms=1.0, p95_latency_ms=2.0, p99_latency_ms=2.0,
-        avg_time_to_first_token_ms=None, prompt_tokens=10, completion_tokens=20,
-        cache_read_tokens=0, reasoning_tokens=0, avg_prompt_tokens=10.0,
-        avg_completion_tokens=20.0, estimated_cost_usd=0.25, unpriced_requests=0,
-        revision=revision), digest=_DIGEST, ttft_count=0)
+    return WindowRow(
+        row=MetricsRow(
+            tenant_id=tenant,
+            route="/chat",
+            model="m",
+            window_start=start,
+            window_end=start + timedelta(minutes=1),
+            requests=requests,
+            errors=0,
+            timeouts=0,
+            avg_latency_ms=1.5,
+            p50_latency_ms=1.0,
+            p95_latency_ms=2.0,
+            p99_latency_ms=2.0,
+            avg_time_to_first_token_ms=None,
+            prompt_tokens=10,
+            completion_tokens=20,
+            cache_read_tokens=0,
+            reasoning_tokens=0,
+            avg_prompt_tokens=10.0,
+            avg_completion_tokens=20.0,
+            estimated_cost_usd=0.25,
+            unpriced_requests=0,
+            revision=revision,
+        ),
+        digest=_DIGEST,
+        ttft_count=0,
+    )
 
 
 def _stored(dsn: str) -> list[dict]:
     with psycopg.connect(dsn, row_factory=dict_row) as conn:
-        return conn.execute(
-            "SELECT * FROM llm_metrics ORDER BY tenant_id, window_start").fetchall()
+        return conn.execute("SELECT * FROM llm_metrics ORDER BY tenant_id, window_start").fetchall()
 
 
 def test_latest_per_window_keeps_the_highest_revision() -> None:
@@ -312,7 +360,8 @@ def _published(broker: Broker) -> list[tuple[int, int]]:
 
 
 def test_rows_sink_upserts_never_go_back_and_publish_what_postgres_took(
-        postgres_dsn: str, broker: Broker) -> None:
+    postgres_dsn: str, broker: Broker
+) -> None:
     partition = sinks.RowsSink(postgres_dsn, broker.address).build("rows", 0, 1)
     try:
         # Two emissions of one window in one batch, and another window.
@@ -326,8 +375,7 @@ def test_rows_sink_upserts_never_go_back_and_publish_what_postgres_took(
         # again is taken (equal revisions hold equal content) and published again.
         partition.write_batch([_row(1, 4)])
         partition.write_batch([_row(2, 5)])
-        assert [(r["revision"], r["requests"]) for r in _stored(postgres_dsn)] == [
-            (2, 5), (1, 7)]
+        assert [(r["revision"], r["requests"]) for r in _stored(postgres_dsn)] == [(2, 5), (1, 7)]
         partition.write_batch([_row(3, 6)])
         assert _stored(postgres_dsn)[0]["requests"] == 6
     finally:
@@ -338,8 +386,7 @@ def test_rows_sink_upserts_never_go_back_and_publish_what_postgres_took(
     assert first_window == sorted(first_window), "a key's revision went down on llm.metrics"
 
 
-def test_rows_sink_reconnects_after_a_dropped_connection(postgres_dsn: str,
-                                                         broker: Broker) -> None:
+def test_rows_sink_reconnects_after_a_dropped_connection(postgres_dsn: str, broker: Broker) -> None:
     partition = sinks.RowsSink(postgres_dsn, broker.address).build("rows", 0, 1)
     try:
         partition.write_batch([_row(1, 4)])
@@ -356,29 +403,39 @@ def test_rows_sink_reconnects_after_a_dropped_connection(postgres_dsn: str,
 
 # -- Kafka records -----------------------------------------------------------------------
 
+
 def test_metrics_record_is_keyed_by_window() -> None:
     record = sinks.metrics_message(_row(2, 5))
     assert record.key == b"acme|/chat|m|2025-06-01T00:00:00+00:00"
     assert row_decoder.decode(record.value) == _row(2, 5).row
 
 
-@pytest.mark.parametrize(("payload", "key"), [
-    ('{"request_id": "r-9", "timestamp": "x"}', b"r-9"),
-    ('{"request": {"request_id": "r-8"}, "response": null}', b"r-8"),
-    ("{not json", None),
-    ("[1, 2]", None),
-    (None, None),
-])
-def test_dead_letter_record_is_keyed_by_request_id_when_known(payload: str | None,
-                                                              key: bytes | None) -> None:
-    letter = DeadLetter(reason="orphan_response", source_topic="llm.responses", partition=0,
-                        offset=3, error="no request", payload=payload)
+@pytest.mark.parametrize(
+    ("payload", "key"),
+    [
+        ('{"request_id": "r-9", "timestamp": "x"}', b"r-9"),
+        ('{"request": {"request_id": "r-8"}, "response": null}', b"r-8"),
+        ("{not json", None),
+        ("[1, 2]", None),
+        (None, None),
+    ],
+)
+def test_dead_letter_record_is_keyed_by_request_id_when_known(payload: str | None, key: bytes | None) -> None:
+    letter = DeadLetter(
+        reason="orphan_response",
+        source_topic="llm.responses",
+        partition=0,
+        offset=3,
+        error="no request",
+        payload=payload,
+    )
     record = sinks.deadletter_message(letter)
     assert record.key == key
     assert deadletter_decoder.decode(record.value) == letter
 
 
 # -- the runner ------------------------------------------------------------------------------
+
 
 def test_recovery_directory_is_initialised_once_and_reset_on_demand(tmp_path: Path) -> None:
     directory = tmp_path / "recovery"
@@ -393,8 +450,9 @@ def test_recovery_directory_is_initialised_once_and_reset_on_demand(tmp_path: Pa
     assert sorted(p.name for p in directory.glob("part-*.sqlite3")) == ["part-0.sqlite3"]
 
 
-def test_state_made_before_an_input_topic_existed_resumes_and_records_it(tmp_path: Path,
-                                                                       broker: Broker) -> None:
+def test_state_made_before_an_input_topic_existed_resumes_and_records_it(
+    tmp_path: Path, broker: Broker
+) -> None:
     """State made when the dataflow read two topics resumes when it reads three: it holds no
     offset of the third and reads it from the beginning; a recorded topic made again is
     still refused."""
@@ -412,7 +470,8 @@ def test_state_made_before_an_input_topic_existed_resumes_and_records_it(tmp_pat
 
 
 def test_the_state_keeps_the_shard_count_its_recovery_directory_was_made_with(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     fresh = tmp_path / "fresh"
     assert run.prepare_recovery(fresh, 3)
     assert run.shard_count(fresh, True, None, 3) == 96  # 32 per worker, several workers
@@ -449,12 +508,22 @@ def test_commands_for_several_processes_share_the_addresses(tmp_path: Path) -> N
 
 def test_calls_are_priced_and_grouped_by_window_shard() -> None:
     def call(tenant: str, n: int) -> Call:
-        return Call(request=LLMRequest(request_id=f"{tenant}-{n}", tenant_id=tenant,
-                                       route="/r", model="m", timestamp=T0),
-                    response=None, source=SourceRef("llm.requests", 0, n))
+        return Call(
+            request=LLMRequest(
+                request_id=f"{tenant}-{n}", tenant_id=tenant, route="/r", model="m", timestamp=T0
+            ),
+            response=None,
+            source=SourceRef("llm.requests", 0, n),
+        )
 
-    letter = DeadLetter(reason="orphan_response", source_topic="llm.responses", partition=0,
-                        offset=1, error="none", payload=None)
+    letter = DeadLetter(
+        reason="orphan_response",
+        source_topic="llm.responses",
+        partition=0,
+        offset=1,
+        error="none",
+        payload=None,
+    )
     priced: list[str] = []
 
     def price(batch: CallBatch) -> None:
@@ -479,19 +548,44 @@ def test_calls_are_priced_and_grouped_by_window_shard() -> None:
 
 def test_calls_pickle_to_equal_calls() -> None:
     # Calls cross between processes (join shard to window shard) as msgpack.
-    assert Call(request=LLMRequest(request_id="r", tenant_id="t", route="/", model="m", timestamp=T0),
-                response=None, source=SourceRef("t", 0, 0)).__reduce__()[0].__name__ == "_call_from_msgpack"
-    request = LLMRequest(request_id="r-1", tenant_id="acme", route="/chat", model="m",
-                         timestamp=T0 + timedelta(microseconds=7), prompt_tokens=5,
-                         provider="openai", metadata={"a": 1, "b": None, "c": "x"})
-    response = LLMResponse(request_id="r-1", timestamp=T0 + timedelta(seconds=1.5),
-                           tenant_id="acme", latency_ms=1500.25, completion_tokens=3,
-                           time_to_first_token_ms=0.5, error="boom")
+    assert (
+        Call(
+            request=LLMRequest(request_id="r", tenant_id="t", route="/", model="m", timestamp=T0),
+            response=None,
+            source=SourceRef("t", 0, 0),
+        )
+        .__reduce__()[0]
+        .__name__
+        == "_call_from_msgpack"
+    )
+    request = LLMRequest(
+        request_id="r-1",
+        tenant_id="acme",
+        route="/chat",
+        model="m",
+        timestamp=T0 + timedelta(microseconds=7),
+        prompt_tokens=5,
+        provider="openai",
+        metadata={"a": 1, "b": None, "c": "x"},
+    )
+    response = LLMResponse(
+        request_id="r-1",
+        timestamp=T0 + timedelta(seconds=1.5),
+        tenant_id="acme",
+        latency_ms=1500.25,
+        completion_tokens=3,
+        time_to_first_token_ms=0.5,
+        error="boom",
+    )
     calls = [
-        Call(request=request, response=response, source=SourceRef("llm.responses", 2, 9),
-             cost_usd=0.125, completed_at=T0.timestamp() + 1.5),
-        Call(request=request, response=None, source=SourceRef("llm.requests", 0, 3),
-             cost_usd=None),
+        Call(
+            request=request,
+            response=response,
+            source=SourceRef("llm.responses", 2, 9),
+            cost_usd=0.125,
+            completed_at=T0.timestamp() + 1.5,
+        ),
+        Call(request=request, response=None, source=SourceRef("llm.requests", 0, 3), cost_usd=None),
     ]
     restored = pickle.loads(pickle.dumps(calls, protocol=pickle.HIGHEST_PROTOCOL))
     assert restored == calls
@@ -508,13 +602,20 @@ def test_a_stalled_worker_does_not_make_open_windows_too_late() -> None:
     logic = operators.window_builder(10, 2, 60)(None)
     logic.clock = clock
     request = LLMRequest(request_id="a", tenant_id="t", route="/r", model="m", timestamp=T0)
-    answered = Call(request=request, source=SourceRef("llm.responses", 0, 3), cost_usd=0.5,
-                    response=LLMResponse(request_id="a", timestamp=T0 + timedelta(seconds=1),
-                                         latency_ms=5.0))
-    lost = Call(request=LLMRequest(request_id="b", tenant_id="t", route="/r", model="m",
-                                   timestamp=T0 + timedelta(seconds=2)),
-                response=None, source=SourceRef("llm.requests", 0, 4),
-                completed_at=T0.timestamp() + 2 + 30)
+    answered = Call(
+        request=request,
+        source=SourceRef("llm.responses", 0, 3),
+        cost_usd=0.5,
+        response=LLMResponse(request_id="a", timestamp=T0 + timedelta(seconds=1), latency_ms=5.0),
+    )
+    lost = Call(
+        request=LLMRequest(
+            request_id="b", tenant_id="t", route="/r", model="m", timestamp=T0 + timedelta(seconds=2)
+        ),
+        response=None,
+        source=SourceRef("llm.requests", 0, 4),
+        completed_at=T0.timestamp() + 2 + 30,
+    )
     assert logic.on_batch([calls_of([answered])])[0] == []
     clock.now += 700
     out, _ = logic.on_batch([calls_of([lost])])

@@ -19,13 +19,19 @@ pytestmark = pytest.mark.slow
 
 
 def _processor(tmp_path: Path, broker: Broker, dsn: str, processes: int = 1) -> h.Processor:
-    return h.Processor(broker.address, dsn, tmp_path / "recovery",
-                       h.write_prices(tmp_path / "prices.json"), tmp_path / "dataflow.log",
-                       processes=processes)
+    return h.Processor(
+        broker.address,
+        dsn,
+        tmp_path / "recovery",
+        h.write_prices(tmp_path / "prices.json"),
+        tmp_path / "dataflow.log",
+        processes=processes,
+    )
 
 
-def _run(tmp_path: Path, broker: Broker, dsn: str, processes: int = 1,
-         on_step=None) -> tuple[h.DataSet, h.Scenario]:
+def _run(
+    tmp_path: Path, broker: Broker, dsn: str, processes: int = 1, on_step=None
+) -> tuple[h.DataSet, h.Scenario]:
     data = h.generate()
     processor = _processor(tmp_path, broker, dsn, processes).start()
     scenario = h.Scenario(data, processor, broker.address, dsn)
@@ -38,17 +44,16 @@ def _run(tmp_path: Path, broker: Broker, dsn: str, processes: int = 1,
     return data, scenario
 
 
-def _check_outputs(data: h.DataSet, scenario: h.Scenario, broker: Broker, dsn: str,
-                   exact_dead_letters: bool) -> None:
+def _check_outputs(
+    data: h.DataSet, scenario: h.Scenario, broker: Broker, dsn: str, exact_dead_letters: bool
+) -> None:
     expected = h.expected_rows(data)
     h.check_rows(h.postgres_rows(dsn), expected)
     h.check_rows(h.latest_metrics(broker.address), expected)
-    h.check_dead_letters(data, h.dead_letters(broker.address), scenario.markers,
-                         exact=exact_dead_letters)
+    h.check_dead_letters(data, h.dead_letters(broker.address), scenario.markers, exact=exact_dead_letters)
 
 
-def test_end_to_end_rows_and_dead_letters(tmp_path: Path, broker: Broker,
-                                          postgres_dsn: str) -> None:
+def test_end_to_end_rows_and_dead_letters(tmp_path: Path, broker: Broker, postgres_dsn: str) -> None:
     data, scenario = _run(tmp_path, broker, postgres_dsn)
     _check_outputs(data, scenario, broker, postgres_dsn, exact_dead_letters=True)
     # Each emission is one llm.metrics record: first rows, then one per later update.
@@ -56,14 +61,14 @@ def test_end_to_end_rows_and_dead_letters(tmp_path: Path, broker: Broker,
     assert len(records) >= len(h.expected_rows(data))
 
 
-def test_two_processes_give_the_same_rows(tmp_path: Path, broker: Broker,
-                                          postgres_dsn: str) -> None:
+def test_two_processes_give_the_same_rows(tmp_path: Path, broker: Broker, postgres_dsn: str) -> None:
     data, scenario = _run(tmp_path, broker, postgres_dsn, processes=2)
     _check_outputs(data, scenario, broker, postgres_dsn, exact_dead_letters=True)
 
 
-def test_sigterm_stops_the_runner_and_its_processes(tmp_path: Path, broker: Broker,
-                                                    postgres_dsn: str) -> None:
+def test_sigterm_stops_the_runner_and_its_processes(
+    tmp_path: Path, broker: Broker, postgres_dsn: str
+) -> None:
     processor = _processor(tmp_path, broker, postgres_dsn, processes=2).start()
     try:
         # Running for real: invalid records come back as dead letters.

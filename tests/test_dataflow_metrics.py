@@ -30,8 +30,11 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of the endpoint, by (name, sorted labels)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
         text = answer.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -46,9 +49,14 @@ def test_dataflow_metrics_follow_the_run(tmp_path: Path, broker: Broker) -> None
     rng = random.Random(14)
     postgres = Postgres(tmp_path / "postgres").start()
     ensure_schema(postgres.dsn)
-    processor = h.Processor(broker.address, postgres.dsn, tmp_path / "recovery",
-                            h.write_prices(tmp_path / "prices.json"), tmp_path / "dataflow.log",
-                            settings=SETTINGS).start()
+    processor = h.Processor(
+        broker.address,
+        postgres.dsn,
+        tmp_path / "recovery",
+        h.write_prices(tmp_path / "prices.json"),
+        tmp_path / "dataflow.log",
+        settings=SETTINGS,
+    ).start()
     port = processor.metrics_port
     try:
         events, counted = _calls(rng, "acme", h.BASE, 300)
@@ -58,9 +66,11 @@ def test_dataflow_metrics_follow_the_run(tmp_path: Path, broker: Broker) -> None
 
         def counted_up() -> bool:
             samples = scrape(port)
-            return (value(samples, "streamlens_dataflow_calls_total", outcome="answered") == 300
-                    and value(samples, "streamlens_dataflow_dead_letters_total", reason="invalid") == 2
-                    and lag(samples) == 0)
+            return (
+                value(samples, "streamlens_dataflow_calls_total", outcome="answered") == 300
+                and value(samples, "streamlens_dataflow_dead_letters_total", reason="invalid") == 2
+                and lag(samples) == 0
+            )
 
         h.wait_for(counted_up, 30, "the counters", processor.check_alive)
         samples = scrape(port)
@@ -80,14 +90,22 @@ def test_dataflow_metrics_follow_the_run(tmp_path: Path, broker: Broker) -> None
         more, more_counted = _calls(rng, "acme", h.BASE + 5, 50)
         h.produce(broker.address, more)
         waiting = re.compile(r"postgres( \(tenant settings\))? unavailable")
-        h.wait_for(lambda: waiting.search(processor.log.read_text()) is not None, 60,
-                   "the worker waiting for Postgres", processor.check_alive)
+        h.wait_for(
+            lambda: waiting.search(processor.log.read_text()) is not None,
+            60,
+            "the worker waiting for Postgres",
+            processor.check_alive,
+        )
         unread = _calls(rng, "acme", h.BASE + 10, 400)
         h.produce(broker.address, unread[0])
         # At least what was produced since: the worker may have stopped before reading
         # all of ``more`` (a window of it could not open without Postgres).
-        h.wait_for(lambda: lag(scrape(port)) >= len(unread[0]), 30, "the lag of what is unread",
-                   processor.check_alive)
+        h.wait_for(
+            lambda: lag(scrape(port)) >= len(unread[0]),
+            30,
+            "the lag of what is unread",
+            processor.check_alive,
+        )
         postgres.start(postgres.port)
         _run_until(processor, postgres.dsn, h.expected_rows_of(counted + more_counted + unread[1]))
         h.wait_for(lambda: lag(scrape(port)) == 0, 30, "the lag back to 0", processor.check_alive)
@@ -97,8 +115,7 @@ def test_dataflow_metrics_follow_the_run(tmp_path: Path, broker: Broker) -> None
         postgres.stop()
 
 
-def test_a_partitions_end_is_found_past_the_watermark_and_read_on_from_the_last_one(
-        broker: Broker) -> None:
+def test_a_partitions_end_is_found_past_the_watermark_and_read_on_from_the_last_one(broker: Broker) -> None:
     """The broker's high watermark stops after the first record of the last batch: the
     end is read past it, from the end found last time when there is one, and from the
     watermark again when that one is gone (the topic was recreated)."""
@@ -106,8 +123,9 @@ def test_a_partitions_end_is_found_past_the_watermark_and_read_on_from_the_last_
     for n in range(5_000):
         producer.produce(REQUESTS, value=b"x", key=str(n).encode(), partition=1)
     assert producer.flush(30) == 0
-    consumer = Consumer({"bootstrap.servers": broker.address, "group.id": "end-test",
-                         "enable.auto.commit": "false"})
+    consumer = Consumer(
+        {"bootstrap.servers": broker.address, "group.id": "end-test", "enable.auto.commit": "false"}
+    )
     try:
         assert partition_end(consumer, REQUESTS, 1) == 5_000
         for n in range(7):

@@ -555,8 +555,10 @@ def test_a_snapshot_of_an_older_release_with_positional_tuples_still_restores() 
     assert isinstance(entries, list)
     assert any(not isinstance(kept, bytes) and kept.strays for _, kept in entries)
     # What releases before PendingSnapshot wrote: the rid, then the fields in order.
-    state["_pending"] = [item if isinstance(item[1], bytes) else (item[0], *msgspec.structs.astuple(item[1]))
-                         for item in entries]
+    state["_pending"] = [
+        item if isinstance(item[1], bytes) else (item[0], *msgspec.structs.astuple(item[1]))
+        for item in entries
+    ]
     legacy = pickle.loads(pickle.dumps(state))
     restored = JoinShard.__new__(JoinShard)
     restored.__setstate__(legacy)
@@ -924,8 +926,10 @@ def test_a_snapshot_keeps_timestamps_exact_to_the_microsecond_at_the_ends_of_tim
         join.on_event(event, SourceRef(REQUESTS, 0, 0), NOW)
     restored = pickle.loads(pickle.dumps(join))
     assert vars(restored)["_pending"] == vars(join)["_pending"]
-    for rid, when in (("first", datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=UTC)),
-                      ("last", datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC))):
+    for rid, when in (
+        ("first", datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=UTC)),
+        ("last", datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+    ):
         entry = restored._entry(rid)
         assert entry is not None and entry.request is not None
         assert entry.request.timestamp == when
@@ -937,22 +941,44 @@ def test_a_waiting_request_comes_back_whole_from_its_packed_form() -> None:
     form it waits in; one that msgpack cannot hold (a 65-bit integer) waits unpacked."""
     join = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     sent = [
-        LLMRequest(request_id="full", tenant_id="acme", route="/chat", model="gpt-4o",
-                   timestamp=datetime(2026, 1, 1, 0, 0, 1, 123457, tzinfo=UTC), prompt_tokens=77,
-                   provider="openai", user_id_hash="u1",
-                   metadata={"a": "x", "b": 1, "c": 0.5, "d": True, "e": None}),
-        LLMRequest(request_id="bare", tenant_id="acme", route="/", model="m",
-                   timestamp=datetime(2026, 1, 1, 0, 0, 2, tzinfo=UTC)),
-        LLMRequest(request_id="huge", tenant_id="acme", route="/", model="m",
-                   timestamp=datetime(2026, 1, 1, 0, 0, 3, tzinfo=UTC), metadata={"n": 2**64}),
+        LLMRequest(
+            request_id="full",
+            tenant_id="acme",
+            route="/chat",
+            model="gpt-4o",
+            timestamp=datetime(2026, 1, 1, 0, 0, 1, 123457, tzinfo=UTC),
+            prompt_tokens=77,
+            provider="openai",
+            user_id_hash="u1",
+            metadata={"a": "x", "b": 1, "c": 0.5, "d": True, "e": None},
+        ),
+        LLMRequest(
+            request_id="bare",
+            tenant_id="acme",
+            route="/",
+            model="m",
+            timestamp=datetime(2026, 1, 1, 0, 0, 2, tzinfo=UTC),
+        ),
+        LLMRequest(
+            request_id="huge",
+            tenant_id="acme",
+            route="/",
+            model="m",
+            timestamp=datetime(2026, 1, 1, 0, 0, 3, tzinfo=UTC),
+            metadata={"n": 2**64},
+        ),
     ]
     for offset, request in enumerate(sent):
         join.on_event(request, SourceRef(REQUESTS, 2, 10**12 + offset), NOW)
     assert [type(join._pending[r.request_id]) for r in sent] == [bytes, bytes, Pending]
     restored = pickle.loads(pickle.dumps(join))
     for offset, request in enumerate(sent):
-        response = LLMResponse(request_id=request.request_id, tenant_id="acme",
-                               timestamp=request.timestamp + timedelta(seconds=1), latency_ms=1000)
+        response = LLMResponse(
+            request_id=request.request_id,
+            tenant_id="acme",
+            timestamp=request.timestamp + timedelta(seconds=1),
+            latency_ms=1000,
+        )
         (call,) = restored.on_event(response, SourceRef(RESPONSES, 1, offset), NOW)
         assert isinstance(call, Call)
         assert call.request == request
@@ -960,8 +986,13 @@ def test_a_waiting_request_comes_back_whole_from_its_packed_form() -> None:
         assert call.completed_at == response.timestamp.timestamp()
     timed_out = JoinShard(TIMEOUT, DEDUPE, WINDOW, LATENESS)
     timed_out.on_event(sent[0], SourceRef(REQUESTS, 2, 10**12), NOW)
-    later = LLMRequest(request_id="clock", tenant_id="acme", route="/", model="m",
-                       timestamp=sent[0].timestamp + timedelta(seconds=TIMEOUT + 1))
+    later = LLMRequest(
+        request_id="clock",
+        tenant_id="acme",
+        route="/",
+        model="m",
+        timestamp=sent[0].timestamp + timedelta(seconds=TIMEOUT + 1),
+    )
     timed_out.on_event(later, SourceRef(REQUESTS, 0, 0), NOW)
     (timeout,) = [c for c in timed_out.on_time(NOW) if isinstance(c, Call)]
     assert timeout.request == sent[0] and timeout.response is None

@@ -33,9 +33,14 @@ def test_postgres_and_broker_outages_are_waited_out(tmp_path: Path, broker: Brok
     postgres = Postgres(tmp_path / "postgres").start()
     dsn = postgres.dsn
     ensure_schema(dsn)
-    processor = h.Processor(broker.address, dsn, tmp_path / "recovery",
-                            h.write_prices(tmp_path / "prices.json"), tmp_path / "dataflow.log",
-                            settings=SETTINGS).start()
+    processor = h.Processor(
+        broker.address,
+        dsn,
+        tmp_path / "recovery",
+        h.write_prices(tmp_path / "prices.json"),
+        tmp_path / "dataflow.log",
+        settings=SETTINGS,
+    ).start()
     counted: list[h.Counted] = []
     try:
         events, calls = _calls(rng, "before", h.BASE, 100)

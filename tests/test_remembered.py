@@ -72,7 +72,11 @@ def test_a_snapshot_gives_the_same_answers() -> None:
     restored = pickle.loads(pickle.dumps(ids))
     assert restored == ids
     assert [restored.get(f"id-{n}", 1500.0) for n in (0, 499, 500, 999)] == [
-        None, None, (1500.0, "globex"), (1999.0, "acme")]
+        None,
+        None,
+        (1500.0, "globex"),
+        (1999.0, "acme"),
+    ]
     assert restored.get("late", 4000.0) == (5000.0, "acme")
 
 
@@ -97,10 +101,18 @@ def test_merging_two_segments_is_a_stable_sort_of_both() -> None:
     rng = np.random.default_rng(7)
     for size_a, size_b in ((0, 5), (5, 0), (1, 1), (1000, 37), (37, 1000), (5000, 5000)):
         # Few distinct digests: many equal ones, within and across the two.
-        a = Segment(np.sort(rng.integers(-50, 50, size_a)).astype(np.int64), rng.random(size_a),
-                    rng.integers(0, 3, size_a).astype(np.uint32), ["x", "y", "z"])
-        b = Segment(np.sort(rng.integers(-50, 50, size_b)).astype(np.int64), rng.random(size_b),
-                    rng.integers(0, 3, size_b).astype(np.uint32), ["x", "y", "z"])
+        a = Segment(
+            np.sort(rng.integers(-50, 50, size_a)).astype(np.int64),
+            rng.random(size_a),
+            rng.integers(0, 3, size_a).astype(np.uint32),
+            ["x", "y", "z"],
+        )
+        b = Segment(
+            np.sort(rng.integers(-50, 50, size_b)).astype(np.int64),
+            rng.random(size_b),
+            rng.integers(0, 3, size_b).astype(np.uint32),
+            ["x", "y", "z"],
+        )
         merged = merge_sorted(a, b)
         digests = np.concatenate([a.digests, b.digests])
         order = np.argsort(digests, kind="stable")

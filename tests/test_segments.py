@@ -42,7 +42,7 @@ def test_a_snapshot_names_its_segments_and_a_resume_reads_them_back(postgres_dsn
     sizes: list[int] = []
     watermark = 0.0
     for epoch in range(12):
-        for rid in ids[epoch * 500:(epoch + 1) * 500]:
+        for rid in ids[epoch * 500 : (epoch + 1) * 500]:
             value = (watermark + rng.uniform(500, 5_000), rng.choice(TENANTS))
             remembered.add(rid, *value)
             expected[rid] = value
@@ -92,7 +92,10 @@ def test_segments_written_after_the_snapshot_a_resume_starts_from_are_forgotten(
     again: Remembered = pickle.loads(pickle.dumps(resumed))
     again.attach(PostgresSegments(postgres_dsn), DEFAULT.join_key)
     assert [again.get(rid, 30.0) for rid in (ids[0], ids[150], ids[250])] == [
-        (1_000.0, "acme"), (1_000.0, "globex"), None]
+        (1_000.0, "acme"),
+        (1_000.0, "globex"),
+        None,
+    ]
 
 
 def test_a_segment_is_deleted_some_snapshots_after_its_ids_expired(postgres_dsn: str) -> None:
@@ -100,7 +103,7 @@ def test_a_segment_is_deleted_some_snapshots_after_its_ids_expired(postgres_dsn:
     remembered = Remembered()
     remembered.attach(PostgresSegments(postgres_dsn), DEFAULT.join_key)
     for number in range(4):
-        for rid in ids[number * 10:(number + 1) * 10]:
+        for rid in ids[number * 10 : (number + 1) * 10]:
             remembered.add(rid, 100.0 * (number + 1), "acme")
         remembered.seal(0.0, snapshot=True)
     assert _rows(postgres_dsn) == [0, 1, 2, 3] and remembered.segments() == 4

@@ -55,7 +55,9 @@ def in_step(requests: list[bytes], responses: list[bytes]) -> list[tuple[range, 
 
 
 def plain_loop(
-    requests_payloads: list[bytes], responses_payloads: list[bytes], settings: Settings | None = None,
+    requests_payloads: list[bytes],
+    responses_payloads: list[bytes],
+    settings: Settings | None = None,
     passed: dict[int, float] | None = None,
 ) -> tuple[int, float]:
     """Count every call in the payloads; return (calls counted, seconds taken).
@@ -85,7 +87,9 @@ def _dataflow_gc() -> Iterator[None]:
 
 
 def _plain_loop(
-    requests_payloads: list[bytes], responses_payloads: list[bytes], settings: Settings | None,
+    requests_payloads: list[bytes],
+    responses_payloads: list[bytes],
+    settings: Settings | None,
     passed: dict[int, float] | None,
 ) -> tuple[int, float]:
     marks = sorted(passed) if passed is not None else []
@@ -170,8 +174,9 @@ class _LeanWindow:
 POLLS_PER_STEP = 6
 
 
-def batch_loop(requests_payloads: list[bytes], responses_payloads: list[bytes]
-               ) -> tuple[int, float, dict[str, float]]:
+def batch_loop(
+    requests_payloads: list[bytes], responses_payloads: list[bytes]
+) -> tuple[int, float, dict[str, float]]:
     """The dataflow's batch operators, called as Bytewax calls them, without Bytewax or
     Kafka: both topics read in step (:func:`in_step`), :data:`POLLS_PER_STEP` polls an
     activation, each decoded (``decode_values``), routed by join shard, joined
@@ -182,13 +187,19 @@ def batch_loop(requests_payloads: list[bytes], responses_payloads: list[bytes]
         return _batch_loop(requests_payloads, responses_payloads)
 
 
-def _batch_loop(requests_payloads: list[bytes], responses_payloads: list[bytes]
-                ) -> tuple[int, float, dict[str, float]]:
+def _batch_loop(
+    requests_payloads: list[bytes], responses_payloads: list[bytes]
+) -> tuple[int, float, dict[str, float]]:
     settings = Settings()
-    build_join = operators.join_builder(settings.join_timeout_seconds, settings.dedupe_seconds,
-                                        settings.window_seconds, settings.lateness_seconds)
-    build_windows = operators.window_builder(settings.window_seconds, settings.grace_seconds,
-                                             settings.lateness_seconds)
+    build_join = operators.join_builder(
+        settings.join_timeout_seconds,
+        settings.dedupe_seconds,
+        settings.window_seconds,
+        settings.lateness_seconds,
+    )
+    build_windows = operators.window_builder(
+        settings.window_seconds, settings.grace_seconds, settings.lateness_seconds
+    )
     joins: dict[str, operators.JoinLogic] = {}
     windows: dict[str, operators.WindowLogic] = {}
     route = operators.route_to_windows(PriceBook().price_calls)
@@ -227,12 +238,15 @@ def _batch_loop(requests_payloads: list[bytes], responses_payloads: list[bytes]
 
     started = time.perf_counter()
     for request_offsets, response_offsets in in_step(requests_payloads, responses_payloads):
-        for topic, payloads, offsets in ((REQUESTS, requests_payloads, request_offsets),
-                                         (RESPONSES, responses_payloads, response_offsets)):
+        for topic, payloads, offsets in (
+            (REQUESTS, requests_payloads, request_offsets),
+            (RESPONSES, responses_payloads, response_offsets),
+        ):
             decoding = time.perf_counter()
             offset_list = list(offsets)
-            items, times = sources.decode_values(topic, 0, offset_list,
-                                                 [payloads[offset] for offset in offset_list], now)
+            items, times = sources.decode_values(
+                topic, 0, offset_list, [payloads[offset] for offset in offset_list], now
+            )
             polls.append(sources.poll_of(topic, 0, offset_list, items, times))
             stages["decode"] += time.perf_counter() - decoding
         if len(polls) >= POLLS_PER_STEP:
@@ -362,9 +376,15 @@ def _held_since(before: tracemalloc.Snapshot) -> int:
     interned names: interning the same names again can rebuild that process-wide
     table (a megabyte or two at once), which is not the join's to count."""
     after = tracemalloc.take_snapshot()
-    return sum(stat.size_diff for stat in after.compare_to(before, "traceback")
-               if not any(frame.filename.endswith("join.py") and "intern" in (
-                   linecache.getline(frame.filename, frame.lineno)) for frame in stat.traceback))
+    return sum(
+        stat.size_diff
+        for stat in after.compare_to(before, "traceback")
+        if not any(
+            frame.filename.endswith("join.py")
+            and "intern" in (linecache.getline(frame.filename, frame.lineno))
+            for frame in stat.traceback
+        )
+    )
 
 
 def bytes_per_remembered_id(sample: int = 20_000) -> float:

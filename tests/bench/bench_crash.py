@@ -30,13 +30,19 @@ def main() -> None:
     seed = random.randrange(2**32)
     crashed = _once(KILLS, seed)
     baseline = _once(0, seed)
-    print(f"{crashed.calls:,} calls, {crashed.events:,} events posted over "
-          f"{crashed.posting_seconds:.1f} s; seed {seed}")
-    print(f"kill -9 x{KILLS} at {crashed.kills} s: every row exact, revisions never down; "
-          f"exact {crashed.settle_seconds:.1f} s after the last event, "
-          f"{crashed.emissions:,} llm.metrics records for {crashed.windows} windows")
-    print(f"baseline, no kill (same run): exact {baseline.settle_seconds:.1f} s after the last "
-          f"event, {baseline.emissions:,} llm.metrics records")
+    print(
+        f"{crashed.calls:,} calls, {crashed.events:,} events posted over "
+        f"{crashed.posting_seconds:.1f} s; seed {seed}"
+    )
+    print(
+        f"kill -9 x{KILLS} at {crashed.kills} s: every row exact, revisions never down; "
+        f"exact {crashed.settle_seconds:.1f} s after the last event, "
+        f"{crashed.emissions:,} llm.metrics records for {crashed.windows} windows"
+    )
+    print(
+        f"baseline, no kill (same run): exact {baseline.settle_seconds:.1f} s after the last "
+        f"event, {baseline.emissions:,} llm.metrics records"
+    )
 
 
 if __name__ == "__main__":

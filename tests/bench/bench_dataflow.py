@@ -119,8 +119,7 @@ def fill_backlog(brokers: str, requests: list[bytes], responses: list[bytes]) ->
     started = time.perf_counter()
     _fill(brokers, REQUESTS, requests)
     _fill(brokers, RESPONSES, responses)
-    print(f"  produced {len(requests) + len(responses):,} records in "
-          f"{time.perf_counter() - started:.1f}s")
+    print(f"  produced {len(requests) + len(responses):,} records in {time.perf_counter() - started:.1f}s")
 
 
 def _fill(brokers: str, topic: str, payloads: list[bytes]) -> None:
@@ -377,7 +376,8 @@ def _dimension_figures(dsn: str, seconds: float, calls: int) -> None:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
             "SELECT count(*), pg_total_relation_size('llm_dimension_windows'), "
-            "(SELECT count(*) FROM llm_metrics) FROM llm_dimension_metrics").fetchone()
+            "(SELECT count(*) FROM llm_metrics) FROM llm_dimension_metrics"
+        ).fetchone()
     assert row is not None
     rows, size, main_rows = row
     event_seconds = calls / CALLS_PER_SECOND
@@ -442,7 +442,12 @@ def main(argv: list[str] | None = None) -> None:
             if recovery.exists():
                 shutil.rmtree(recovery)
             run = run_dataflow(
-                broker.address, postgres.dsn, len(windows), closers_window, args.processes, work,
+                broker.address,
+                postgres.dsn,
+                len(windows),
+                closers_window,
+                args.processes,
+                work,
                 settings=settings,
             )
             rate = rates[label] = args.calls / run.seconds

@@ -39,8 +39,9 @@ SETTINGS = {"WINDOW_SECONDS": str(WINDOW), "GRACE_SECONDS": str(GRACE)}
 
 def send_calls(brokers: str, rate: int, seconds: float, keys: list[tuple[str, str, str]] = KEYS) -> int:
     """Calls of ``keys`` at ``rate`` a second for ``seconds``, stamped with the wall clock."""
-    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 5, "acks": "all",
-                         "enable.idempotence": True})
+    producer = Producer(
+        {"bootstrap.servers": brokers, "linger.ms": 5, "acks": "all", "enable.idempotence": True}
+    )
     rng = random.Random(5)
     started = time.monotonic()
     sent = 0
@@ -50,10 +51,19 @@ def send_calls(brokers: str, rate: int, seconds: float, keys: list[tuple[str, st
             now = time.time()
             key = rng.choice(keys)
             rid = uuid.uuid4().hex
-            request = {"request_id": rid, "tenant_id": key[0], "route": key[1], "model": key[2],
-                       "timestamp": h.timestamp(now), "prompt_tokens": 100}
-            response = {"request_id": rid, "timestamp": h.timestamp(now + rng.uniform(0.05, 0.5)),
-                        "completion_tokens": 20}
+            request = {
+                "request_id": rid,
+                "tenant_id": key[0],
+                "route": key[1],
+                "model": key[2],
+                "timestamp": h.timestamp(now),
+                "prompt_tokens": 100,
+            }
+            response = {
+                "request_id": rid,
+                "timestamp": h.timestamp(now + rng.uniform(0.05, 0.5)),
+                "completion_tokens": 20,
+            }
             producer.produce(h.REQUESTS, json.dumps(request).encode(), rid.encode())
             producer.produce(h.RESPONSES, json.dumps(response).encode(), rid.encode())
             sent += 1
@@ -74,9 +84,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(rate: int, seconds: float) -> None:
     with local_stack("streamlens-bench-freshness-") as (directory, broker, postgres):
-        processor = h.Processor(broker.address, postgres.dsn, directory / "recovery",
-                                h.write_prices(directory / "prices.json"),
-                                directory / "dataflow.log", settings=SETTINGS).start()
+        processor = h.Processor(
+            broker.address,
+            postgres.dsn,
+            directory / "recovery",
+            h.write_prices(directory / "prices.json"),
+            directory / "dataflow.log",
+            settings=SETTINGS,
+        ).start()
         try:
             time.sleep(3)  # the processor's start is not what is measured
             started = time.time()
@@ -94,20 +109,28 @@ def run(rate: int, seconds: float) -> None:
             if key not in first or stamp - end < first[key]:
                 first[key] = stamp - end
     # Whole windows only: those that started after the traffic did.
-    delays = sorted(delay for (_, _, _, start), delay in first.items()
-                    if datetime.fromisoformat(start).timestamp() >= started)
+    delays = sorted(
+        delay
+        for (_, _, _, start), delay in first.items()
+        if datetime.fromisoformat(start).timestamp() >= started
+    )
     p99 = delays[min(len(delays) - 1, int(0.99 * len(delays)))]
-    print(f"{sent:,} calls at {rate:,}/s for {seconds:.0f} s (sent at {sent / sending:,.0f}/s), "
-          f"{len(KEYS)} keys, {WINDOW} s windows, GRACE_SECONDS {GRACE}: {len(delays)} windows")
-    print(f"window end → first row in Postgres: median {statistics.median(delays):.2f} s, "
-          f"p99 {p99:.2f} s, max {delays[-1]:.2f} s (target ≤ {GRACE + 2} s)")
+    print(
+        f"{sent:,} calls at {rate:,}/s for {seconds:.0f} s (sent at {sent / sending:,.0f}/s), "
+        f"{len(KEYS)} keys, {WINDOW} s windows, GRACE_SECONDS {GRACE}: {len(delays)} windows"
+    )
+    print(
+        f"window end → first row in Postgres: median {statistics.median(delays):.2f} s, "
+        f"p99 {p99:.2f} s, max {delays[-1]:.2f} s (target ≤ {GRACE + 2} s)"
+    )
     print(f"baseline: the grace period itself, {GRACE:.2f} s")
 
 
 def records_with_time(brokers: str) -> list[tuple[bytes | None, bytes, int, int, float]]:
     """Every llm.metrics record with its Kafka timestamp in Unix seconds."""
-    consumer = Consumer({"bootstrap.servers": brokers, "group.id": "bench-freshness",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {"bootstrap.servers": brokers, "group.id": "bench-freshness", "enable.auto.commit": False}
+    )
     try:
         partitions = consumer.list_topics(h.METRICS, timeout=10).topics[h.METRICS].partitions
         consumer.assign([TopicPartition(h.METRICS, p, 0) for p in partitions])
@@ -118,8 +141,15 @@ def records_with_time(brokers: str) -> list[tuple[bytes | None, bytes, int, int,
                 if message.error():
                     continue
                 quiet_since = time.monotonic()
-                out.append((message.key(), message.value(), message.partition(), message.offset(),
-                            message.timestamp()[1] / 1000))
+                out.append(
+                    (
+                        message.key(),
+                        message.value(),
+                        message.partition(),
+                        message.offset(),
+                        message.timestamp()[1] / 1000,
+                    )
+                )
         return out
     finally:
         consumer.close()

@@ -356,9 +356,7 @@ def main() -> None:
                 with psycopg.connect(postgres.dsn, autocommit=True) as conn:
                     set_quota(conn, "bench", quota)
             port = free_port()
-            server, startup = _start_server(
-                broker.address, postgres.dsn, auth, port, workdir / "server.log"
-            )
+            server, startup = _start_server(broker.address, postgres.dsn, auth, port, workdir / "server.log")
             print(f"{label}: ready {startup:.2f} s after launch", flush=True)
             try:
                 results[label] = _phases(
@@ -375,7 +373,9 @@ def main() -> None:
                 server.terminate()
                 server.wait(30)
         (_, single_off, batch_off), (_, single_on, batch_on), (_, single_quota, batch_quota) = (
-            results["auth off"], results["auth on"], results["quota on"]
+            results["auth off"],
+            results["auth on"],
+            results["quota on"],
         )
         single_ratio = single_on.requests_per_second / single_off.requests_per_second
         batch_ratio = batch_on.requests_per_second / batch_off.requests_per_second

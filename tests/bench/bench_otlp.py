@@ -104,8 +104,10 @@ def export_body(spans: int = EXPORT_SPANS) -> bytes:
             ResourceSpans(
                 resource=Resource(attributes=resource),
                 scope_spans=[
-                    ScopeSpans(scope=InstrumentationScope(name="opentelemetry.instrumentation.openai_v2"),
-                               spans=built)
+                    ScopeSpans(
+                        scope=InstrumentationScope(name="opentelemetry.instrumentation.openai_v2"),
+                        spans=built,
+                    )
                 ],
             )
         ]
@@ -185,7 +187,6 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         server, _ = _start_server(broker.address, postgres.dsn, True, port, workdir / "server.log")
         try:
-
             process = psutil.Process(server.pid)
 
             def measured(load: Callable[[], Figures]) -> Figures:
@@ -202,18 +203,20 @@ def main() -> None:
 
             def batches(duration: int) -> Figures:
                 if use_wrk:
-                    return measured(lambda: _wrk_body(
-                        url, "/v1/llm/events", _batch_body(), duration, BATCH_CONCURRENCY, workdir, key
-                    ))
-                return measured(lambda: _asyncio_body(
-                    port, "/v1/llm/events", _batch_body(), duration, BATCH_CONCURRENCY, key
-                ))
+                    return measured(
+                        lambda: _wrk_body(
+                            url, "/v1/llm/events", _batch_body(), duration, BATCH_CONCURRENCY, workdir, key
+                        )
+                    )
+                return measured(
+                    lambda: _asyncio_body(
+                        port, "/v1/llm/events", _batch_body(), duration, BATCH_CONCURRENCY, key
+                    )
+                )
 
             exports(2)  # warm-up: connections, producer id, the key's cache entry
             baseline = batches(seconds)
-            _report(
-                f"baseline: batches of {BATCH_EVENTS} (c={BATCH_CONCURRENCY})", baseline, BATCH_EVENTS
-            )
+            _report(f"baseline: batches of {BATCH_EVENTS} (c={BATCH_CONCURRENCY})", baseline, BATCH_EVENTS)
             figures = exports(seconds)
             _report(f"OTLP exports of {EXPORT_SPANS} spans (c={CONCURRENCY})", figures, 2 * EXPORT_SPANS)
             spans_per_second = figures.requests_per_second * EXPORT_SPANS

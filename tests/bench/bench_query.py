@@ -55,6 +55,7 @@ YEAR_START = datetime(2025, 6, 1, tzinfo=UTC)
 YEAR_MINUTES = 365 * 1440
 CONCURRENT = 8
 
+
 def _fill_sql(key_and_window: str, source: str) -> str:
     """An INSERT of whole rows: ``key_and_window`` gives the key and window columns,
     the rest come from the bench_digests row ``d`` that ``source`` joins in."""
@@ -75,23 +76,29 @@ SELECT{key_and_window}
 """
 
 
-FILL_SQL = _fill_sql("""
+FILL_SQL = _fill_sql(
+    """
     'tenant-' || t, '/route-' || r, 'model-' || m,
-    %(day)s + make_interval(mins => minute), %(day)s + make_interval(mins => minute + 1),""", """\
+    %(day)s + make_interval(mins => minute), %(day)s + make_interval(mins => minute + 1),""",
+    """\
 FROM generate_series(1, %(tenants)s) AS t,
      generate_series(1, %(routes)s) AS r,
      generate_series(1, %(models)s) AS m,
      generate_series(0, %(minutes)s - 1) AS minute,
      LATERAL (SELECT * FROM bench_digests
               WHERE id = (t * 7919 + r * 104729 + m * 1299709 + minute * 31)
-                         %% %(distinct)s) AS d""")
+                         %% %(distinct)s) AS d""",
+)
 
 # A year of one key's windows, digests drawn from the same blobs.
-YEAR_FILL_SQL = _fill_sql("""
+YEAR_FILL_SQL = _fill_sql(
+    """
     %(tenant)s, '/route-1', 'model-1',
-    %(start)s + make_interval(mins => minute), %(start)s + make_interval(mins => minute + 1),""", """\
+    %(start)s + make_interval(mins => minute), %(start)s + make_interval(mins => minute + 1),""",
+    """\
 FROM generate_series(0, %(minutes)s - 1) AS minute,
-     LATERAL (SELECT * FROM bench_digests WHERE id = (minute * 31) %% %(distinct)s) AS d""")
+     LATERAL (SELECT * FROM bench_digests WHERE id = (minute * 31) %% %(distinct)s) AS d""",
+)
 
 
 def _digests(rnd: random.Random) -> list[tuple[int, int, float, float, float, float, bytes]]:

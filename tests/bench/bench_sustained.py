@@ -155,8 +155,13 @@ def snapshot_costs(
     keeping their segments in Postgres at ``dsn`` as the dataflow does, and snapshot every
     shard once per ``epoch_calls`` requests: (seconds, of which writing segments, bytes,
     remembered ids) per epoch."""
-    build = join_builder(settings.join_timeout_seconds, settings.dedupe_seconds,
-                         settings.window_seconds, settings.lateness_seconds, PostgresSegments(dsn))
+    build = join_builder(
+        settings.join_timeout_seconds,
+        settings.dedupe_seconds,
+        settings.window_seconds,
+        settings.lateness_seconds,
+        PostgresSegments(dsn),
+    )
     logics = [build(None) for _ in range(SHARDS.count)]
     costs: list[tuple[float, float, int, int]] = []
     next_epoch = epoch_calls
@@ -180,8 +185,14 @@ def snapshot_costs(
                 logic.shard.seal()  # what snapshot() does first: seal, writing the segments
             sealed = time.perf_counter()
             size = sum(len(logic.snapshot()) for logic in logics)
-            costs.append((time.perf_counter() - started, sealed - started, size,
-                          sum(logic.shard.remembered() for logic in logics)))
+            costs.append(
+                (
+                    time.perf_counter() - started,
+                    sealed - started,
+                    size,
+                    sum(logic.shard.remembered() for logic in logics),
+                )
+            )
     return costs
 
 
@@ -259,8 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     passed = dict.fromkeys(quarters.offsets, 0.0)
     calls, seconds = plain_loop(requests, responses, settings, passed)
     baseline = calls / seconds
-    loop_rates = [quarters.calls[index] / max(passed[high] - passed[low], 1e-9)
-                  for index, (low, high) in enumerate(itertools.pairwise(quarters.offsets))]
+    loop_rates = [
+        quarters.calls[index] / max(passed[high] - passed[low], 1e-9)
+        for index, (low, high) in enumerate(itertools.pairwise(quarters.offsets))
+    ]
     ratio = f"{loop_rates[3] / loop_rates[0]:.2f}" if loop_rates[0] else "none (empty first quarter)"
     print(
         f"  plain loop (one process, no Bytewax): {calls:,} calls in {seconds:.2f}s = "
@@ -328,8 +341,10 @@ def main(argv: list[str] | None = None) -> None:
             )
 
     if not costs:
-        print(f"  snapshot of the {SHARDS.count} join shards: the data set is shorter than one epoch "
-              f"({epoch_calls:,} calls)")
+        print(
+            f"  snapshot of the {SHARDS.count} join shards: the data set is shorter than one epoch "
+            f"({epoch_calls:,} calls)"
+        )
         return
     times = [seconds for seconds, _, _, _ in costs]
     writes = [seconds for _, seconds, _, _ in costs]
