@@ -12,14 +12,16 @@ percentiles from the merged digests, never from averaging percentiles.
 The work is bounded. The parts of the buckets that survive ``limit`` are found
 from the windows' fingerprints alone (count, revision sum and ``updated_at``
 sum per part, read from a covering index, not the wide rows). For ``1h`` and
-``1d`` buckets the range covers whole, a part kept in ``llm_metrics_rollups``
-is used only while its fingerprint still matches (see
-``schemas/llm_metrics.sql``), so a kept part is never stale. The other parts
-are merged from their windows in chunks, and kept, until a :class:`Deadline`
-passes: the request then stops with :class:`RollupIncomplete` and what it
-merged stays kept, so a retry goes on from there. Everything a request reads
-comes from one snapshot, so a part is kept under the fingerprint it was
-merged from.
+``1d`` buckets the range covers whole, the parts are those the dataflow keeps
+in ``llm_metrics_rollups`` as it writes the windows (:mod:`schemas.rollups`: an
+hour from its windows, a day from its hours), each used only while its
+fingerprint still matches, so a kept part is never stale. Parts that do not
+match (windows written around the dataflow, or kept a second ago) are merged
+again in chunks, and kept, until a :class:`Deadline` passes: the request then
+stops with :class:`RollupIncomplete` and what it merged stays kept, so a retry
+goes on from there. Before the retention horizon (:mod:`schemas.retention`)
+the sealed parts are all there is, and are taken as they are. Buckets the
+range cuts are merged from their windows in the range, not kept.
 
 What a merged row reports:
 
@@ -44,11 +46,11 @@ Dimensions (SPEC §8): with ``dimension`` the rows come from
 ``llm_dimension_metrics`` (a view of the packed rows), one per window, key and value, each with
 ``dimension`` and ``value``; ordered as the main rows, then by value (null
 first). A roll-up merges them the same way within each value: the value is
-always part of the grouping. Dimension roll-ups always take the direct path
-(:func:`direct_rollup_sql`), their parts never kept: a tenant has a few
-dimensions of a few values each, and even a year of daily buckets of five
-values (30 days of minutes stored) merges well within the deadline, which
-bounds them as it bounds every roll-up.
+always part of the grouping. Their parts are never kept: buckets under an hour
+are merged straight from the windows (:func:`direct_rollup_sql`); ``1h`` and
+``1d`` buckets from each key's hours of the value (:func:`hourly_sql`, one row
+as it is), which is what retention leaves of an hour, so they answer the same
+before and after it.
 """
 
 from __future__ import annotations
