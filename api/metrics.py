@@ -184,7 +184,8 @@ async def _fetch(
         await asyncio.wait_for(rollup_slots.acquire(), max(0.0, deadline.remaining()))
     except TimeoutError:
         raise DeadlineExceeded(
-            f"other roll-ups kept the database busy for {QUERY_SECONDS:g} s; retry"
+            f"waited {QUERY_SECONDS:g} s for other roll-ups to finish (the database is slow or not"
+            " answering); retry"
         ) from None
     try:
         async with pool.connection(timeout=max(0.0, deadline.remaining())) as conn:

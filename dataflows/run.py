@@ -135,9 +135,9 @@ def supervise(argvs: list[list[str]], metrics_port: int, shards: int) -> int:
         time.sleep(0.2)
     for child in children:
         if child.poll() is None:
-            # Bytewax stops cleanly on SIGINT (KeyboardInterrupt); a snapshot then
-            # resumes it later, so no work is lost either way.
-            child.send_signal(signal.SIGINT)
+            # The signal the runner was sent (SIGINT when one ended): each process stops
+            # cleanly on either (dataflows.stopping) and logs which one it was sent.
+            child.send_signal(stopping[0] if stopping else signal.SIGINT)
     deadline = time.monotonic() + STOP_TIMEOUT
     for child in children:
         try:

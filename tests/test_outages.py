@@ -89,4 +89,4 @@ def test_postgres_and_broker_outages_are_waited_out(tmp_path: Path, broker: Brok
     assert log.count("postgres unavailable") == 1, log[-3000:]
     assert log.count("postgres back after") == 1, log[-3000:]
     assert "Traceback" not in log and "panicked" not in log, log[-3000:]
-    assert "stopping after the current batch" in log
+    assert "SIGTERM: stopping after the current batch" in log  # the signal it was sent, told
