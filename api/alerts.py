@@ -1,4 +1,4 @@
-"""Alert rules on the query API (SPEC §10), with a ``manage`` key of the rule's tenant.
+"""Alert rules on the query API (docs/alerts.md), with a ``manage`` key of the rule's tenant.
 
 - ``POST /v1/alerts/rules``: a rule (:class:`schemas.alerts.RuleBody`) → ``201`` and the
   stored rule; ``400`` naming the field that is wrong, ``403`` for another tenant's.

@@ -1,4 +1,4 @@
-"""API keys on both APIs (contract §5): which tenant is calling, and for what.
+"""API keys on both APIs (docs/api.md): which tenant is calling, and for what.
 
 A key is ``sl_<key id>_<secret>``: the key id (8 lowercase letters and digits) is
 not secret and names the key in listings and revocation; the secret is 256
@@ -51,7 +51,7 @@ logger = logging.getLogger("streamlens.auth")
 
 Scope = Literal["ingest", "read", "manage"]
 SCOPES: tuple[Scope, ...] = ("ingest", "read", "manage")
-# The scopes a key of each scope satisfies. A manage key reads too (contract §5);
+# The scopes a key of each scope satisfies. A manage key reads too (docs/api.md);
 # sending events stays with ingest keys, the ones applications carry around.
 GRANTS: dict[Scope, frozenset[Scope]] = {
     "ingest": frozenset({"ingest"}),

@@ -1,10 +1,10 @@
-"""``GET /v1/evaluations`` (SPEC §9, §4): a tenant's evaluation rows, as stored or rolled up.
+"""``GET /v1/evaluations`` (docs/evaluations.md): a tenant's evaluation rows, as stored or rolled up.
 
 The parameters are those of ``/v1/metrics`` (:func:`api.params.parse_query`) plus
 ``name``, one evaluation name. Rows come newest first, then by route, model and name.
 
 With ``dimension`` (and ``value``: one value, empty for the calls without one) the
-rows are those per value of one of the tenant's dimensions (SPEC §8), from the view
+rows are those per value of one of the tenant's dimensions (docs/dimensions.md), from the view
 ``llm_evaluation_dimension_metrics``, each with ``dimension`` and ``value``, ordered
 as the main rows, then by value (null first).
 
@@ -14,7 +14,7 @@ scores each window holds (from their exact sums), minimum and maximum, the
 percentiles from the merged score digests, and the label counts added up, the 20 most
 frequent kept by name and the rest under ``"(other)"``.
 
-Retention (SPEC §11): before the horizon (``retention_horizon``) an hour's windows are
+Retention (docs/retention.md): before the horizon (``retention_horizon``) an hour's windows are
 replaced by one hour row (:mod:`schemas.evaluation_retention`). So ``1h`` and ``1d``
 buckets are merged in two levels: each hour of each route, model, name (and value)
 first, by :func:`schemas.evaluation_retention.hour_of` (the same merging that makes

@@ -1,4 +1,4 @@
-"""The ingestion API (contract §2): ``uvicorn api.ingestion:app``.
+"""The ingestion API (docs/api.md): ``uvicorn api.ingestion:app``.
 
 Each event is decoded with the shared schemas, so a value that reaches Kafka is
 valid and normalised (timestamps in UTC, unknown fields dropped). A timestamp
@@ -9,7 +9,7 @@ more than two minutes ahead of the server's clock is refused
 ``request_id``).
 
 ``POST /v1/llm/evaluation`` (and ``"type": "evaluation"`` in a batch) takes scores and
-labels about calls (SPEC §9), stored on ``llm.evaluations`` keyed by the call's
+labels about calls (docs/evaluations.md), stored on ``llm.evaluations`` keyed by the call's
 ``request_id``, so that they share its partition.
 
 ``POST /v1/traces`` takes OTLP/HTTP trace exports: each GenAI span becomes a

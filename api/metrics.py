@@ -511,7 +511,7 @@ def _evaluations_path(metrics: dict[str, Any]) -> dict[str, Any]:
             "name": "name",
             "in": "query",
             "required": False,
-            "description": "One evaluation name (SPEC §9): its rows only.",
+            "description": "One evaluation name (docs/evaluations.md): its rows only.",
             "schema": {"type": "string", "minLength": 1, "maxLength": EVALUATION_NAME_MAX_CHARS},
         }
     )

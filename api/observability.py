@@ -1,7 +1,7 @@
 """What the two APIs tell an operator: their Prometheus metrics (``GET /metrics``) and outage log lines.
 
 Every metric of the ingestion API and of the query API is defined here, once
-(the README lists them). ``/metrics`` is open like ``/health``, so no label
+(docs/operations.md lists them). ``/metrics`` is open like ``/health``, so no label
 carries a tenant, a route or a model: neither their names nor how many there
 are can be read from it. Each app has a registry of its own, so several apps in
 one process do not mix their figures.

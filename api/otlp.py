@@ -1,4 +1,4 @@
-"""OpenTelemetry in (contract §2, §9): OTLP/HTTP exports, GenAI spans become calls and
+"""OpenTelemetry in (docs/api.md, docs/evaluations.md): OTLP/HTTP exports, GenAI spans become calls and
 ``gen_ai.evaluation.result`` events become evaluations.
 
 Pure functions for ``POST /v1/traces`` and ``POST /v1/logs`` of :mod:`api.ingestion`:
@@ -115,7 +115,7 @@ MODEL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "em
 # of their own, so counting these too would count those calls twice.
 STEP_OPERATIONS = frozenset({"create_agent", "invoke_agent", "invoke_workflow", "execute_tool"})
 
-# -- the request's metadata (README, "Attributes as metadata") --
+# -- the request's metadata (docs/otlp.md, "Attributes as metadata") --
 # The attributes an event field is read from: in metadata they would only repeat
 # the field. ``gen_ai.operation.name`` decides whether a span is a call but fills
 # no field, and the resource's ``service.name`` is only the fallback route: both

@@ -59,7 +59,7 @@ class MetricsQuery(Struct, frozen=True, kw_only=True):
     bucket_seconds: int | None = None
     # The dimensions kept; those left out are merged across and reported as null.
     group_by: tuple[str, ...] = DIMENSIONS
-    # A dimension (SPEC §8): its rows, one per value, instead of the main rows.
+    # A dimension (docs/dimensions.md): its rows, one per value, instead of the main rows.
     dimension: str | None = None
     # Whether to keep one value only: ``value``, or the calls without one when None.
     by_value: bool = False

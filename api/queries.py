@@ -42,7 +42,7 @@ What a merged row reports:
 Windows are selected by ``from <= window_start < to`` before they are bucketed,
 so a range not aligned to the bucket size yields partial buckets at its edges.
 
-Dimensions (SPEC §8): with ``dimension`` the rows come from
+Dimensions (docs/dimensions.md): with ``dimension`` the rows come from
 ``llm_dimension_metrics`` (a view of the packed rows), one per window, key and value, each with
 ``dimension`` and ``value``; ordered as the main rows, then by value (null
 first). A roll-up merges them the same way within each value: the value is

@@ -1,4 +1,4 @@
-"""Ingestion quotas and usage (SPEC §11): the gate each ingestion process keeps, and
+"""Ingestion quotas and usage (docs/quotas.md): the gate each ingestion process keeps, and
 ``python -m api.quotas`` (``just quota TENANT RATE BURST``).
 
 Each tenant's limits (:mod:`schemas.quotas`) are read from ``tenant_quotas`` every
@@ -257,7 +257,8 @@ def set_quota(conn: psycopg.Connection[Any], tenant: str, limits: Limits | None)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="just quota", description="Set a tenant's ingestion quota (SPEC §11); without RATE, show it."
+        prog="just quota",
+        description="Set a tenant's ingestion quota (docs/quotas.md); without RATE, show it.",
     )
     parser.add_argument("tenant", metavar="TENANT")
     parser.add_argument("rate", metavar="RATE", nargs="?", type=float, help="events a second; 0: no limit")

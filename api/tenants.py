@@ -1,4 +1,4 @@
-"""Tenants' settings (contract §8) on the query API, and from a shell.
+"""Tenants' settings (docs/dimensions.md) on the query API, and from a shell.
 
 ``GET /v1/tenants/{tenant_id}/dimensions`` takes a ``read`` or ``manage`` key of
 the tenant; ``PUT`` the same path, with ``{"dimensions": [...]}``, a ``manage``

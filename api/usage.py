@@ -1,4 +1,4 @@
-"""``GET /v1/usage?tenant_id=…&from=…&to=…`` (SPEC §11): what a bill is made from.
+"""``GET /v1/usage?tenant_id=…&from=…&to=…`` (docs/quotas.md): what a bill is made from.
 
 Per UTC day from ``from`` up to (not including) ``to`` (``YYYY-MM-DD``; the last 30
 days by default, at most 366): the events the ingestion API accepted and those it

@@ -1,4 +1,4 @@
-"""The alert service (SPEC §10): ``python -m dataflows.alert_service`` (``just alerts``).
+"""The alert service (docs/alerts.md): ``python -m dataflows.alert_service`` (``just alerts``).
 
 ::
 

@@ -134,7 +134,7 @@ def locked_states(conn: psycopg.Connection[Any], rule_ids: Sequence[str]) -> dic
 
 
 def _body(rule: AlertRule, transition: Transition, at: str) -> dict[str, Any]:
-    """What a transition's deliveries POST (SPEC §10)."""
+    """What a transition's deliveries POST (docs/alerts.md)."""
     return {
         "id": transition.id,
         "rule_id": rule.id,

@@ -1,4 +1,4 @@
-"""When an alert rule fires and resolves (SPEC §10, docs/alerts.md): the rules, on figures.
+"""When an alert rule fires and resolves (docs/alerts.md, docs/alerts.md): the rules, on figures.
 
 A rule is judged window by window (``WINDOW_SECONDS``). A window's **value** is the
 rule's metric over the windows of its span ending with it — ``span_seconds`` —

@@ -1,4 +1,4 @@
-"""Dimensions in the windows (SPEC §8, docs/counting.md §12): which apply, and each call's value.
+"""Dimensions in the windows (docs/dimensions.md, docs/counting.md §12): which apply, and each call's value.
 
 Which dimensions a window of a tenant has is decided when the window opens, from
 the tenant's settings: each change applies from the window boundary recorded

@@ -1,4 +1,4 @@
-"""Evaluations (SPEC §9): scores and labels joined to the calls they are about, per window.
+"""Evaluations (docs/evaluations.md): scores and labels joined to the calls they are about, per window.
 
 Two states, each driven by the Bytewax wiring in :mod:`dataflows.operators`:
 

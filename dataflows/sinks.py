@@ -594,7 +594,7 @@ def deadletter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, byt
     return KafkaSinkMessage(key=key, value=encode_bounded(letter))
 
 
-# Evaluation rows (SPEC §9), under the same revision rule: the count of evaluations.
+# Evaluation rows (docs/evaluations.md), under the same revision rule: the count of evaluations.
 EVALUATION_COLUMNS: tuple[str, ...] = (
     "tenant_id",
     "route",

@@ -69,7 +69,7 @@ MODELS: tuple[Model, ...] = (
 )
 
 
-# Evaluations (SPEC §9) of answered calls: an LLM judge's score soon after the call, and
+# Evaluations (docs/evaluations.md) of answered calls: an LLM judge's score soon after the call, and
 # a user's pass/fail later, some of them a minute after (at most the run's
 # ``evaluation_delay``). Each model has a quality of its own around which the judge scores.
 JUDGED_SHARE = 0.5

@@ -1,4 +1,4 @@
-"""Alert rules and budgets (SPEC §10): what a tenant asks to be told, checked field by field.
+"""Alert rules and budgets (docs/alerts.md): what a tenant asks to be told, checked field by field.
 
 A rule watches one metric of a tenant's rows — optionally of one route, one model,
 one value of one of its dimensions — either over ``span_seconds`` of windows merged

@@ -1,4 +1,4 @@
--- Alert rules and budgets (SPEC §10), one row per rule: its fields as the API took them
+-- Alert rules and budgets (docs/alerts.md), one row per rule: its fields as the API took them
 -- (without the secret) and the webhook secret apart, which signs deliveries and is never
 -- returned. Written by the query API; read by it and by the alert service. Idempotent.
 CREATE TABLE IF NOT EXISTS alert_rules (

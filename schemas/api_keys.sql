@@ -1,4 +1,4 @@
--- StreamLens API keys (contract §5). Applied at start-up by every service, by
+-- StreamLens API keys (docs/api.md). Applied at start-up by every service, by
 -- `python -m api.keys` and by the Compose file's Postgres init; idempotent.
 --
 -- A key is `sl_<key_id>_<secret>`. Only its SHA-256 is stored: the secret has 256

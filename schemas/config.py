@@ -1,4 +1,4 @@
-"""The environment every StreamLens service reads (contract §6), with its defaults.
+"""The environment every StreamLens service reads (README.md), with its defaults.
 
 A bad value stops start-up with one line that names the variable and the form
 it expects; :func:`load_or_exit` is what entry points call.
@@ -48,19 +48,19 @@ class Settings(Struct, frozen=True, kw_only=True):
     # Shards of the dataflow's state (join and windows); None: 8 per worker (dataflows.shards).
     # Fixed for the life of a recovery directory, which records it.
     state_shards: int | None = None
-    # Dimensions (SPEC §8) of tenants without a setting of their own, and how many
+    # Dimensions (docs/dimensions.md) of tenants without a setting of their own, and how many
     # values a window keeps per key and dimension before merging the rest into "(other)".
     dimensions: tuple[str, ...] = ()
     dimension_values: int = DEFAULT_VALUES
-    # How long after a call's window ended an evaluation of the call still counts (SPEC §9).
+    # How long after a call's window ended an evaluation of the call still counts (docs/evaluations.md).
     evaluation_lateness_seconds: int = 86400
-    # Non-public hosts and networks alert webhooks may reach all the same (SPEC §10).
+    # Non-public hosts and networks alert webhooks may reach all the same (docs/alerts.md).
     alert_webhook_allow: AllowList = NOTHING_ALLOWED
-    # Ingestion quotas of tenants without their own (SPEC §11): events a second (0: none)
+    # Ingestion quotas of tenants without their own (docs/quotas.md): events a second (0: none)
     # and how many may come at once.
     ingest_rate: float = 0.0
     ingest_burst: int = 0
-    # Retention (SPEC §11): windows kept this many days, their hourly and daily roll-ups this many.
+    # Retention (docs/retention.md): windows kept this many days, their hourly and daily roll-ups this many.
     retention_days: int = 30
     rollup_retention_days: int = 400
 

@@ -1,4 +1,4 @@
-"""Retention of dimension rows (SPEC §8, §11): each hour of a key's dimension before the
+"""Retention of dimension rows (docs/retention.md): each hour of a key's dimension before the
 horizon becomes one packed row of that hour.
 
 A retired hour holds, for every value, exactly what the query API computes for that hour

@@ -1,4 +1,4 @@
-"""Dimensions (SPEC §8): what a tenant may slice its calls by, and how a value is written.
+"""Dimensions (docs/dimensions.md): what a tenant may slice its calls by, and how a value is written.
 
 A dimension is named ``metadata.<key>`` (a key of the request's ``metadata``;
 the key may itself hold dots, as OTLP attribute names do), ``provider``,

@@ -1,4 +1,4 @@
--- Dimensions (SPEC §8): each tenant's settings, when they apply, and the rows per
+-- Dimensions (docs/dimensions.md): each tenant's settings, when they apply, and the rows per
 -- dimension value. Applied at start-up by every service and by the Compose file's
 -- Postgres init; every statement is idempotent.
 
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS dimension_horizons (
     decided_through  timestamptz NOT NULL
 );
 
--- The rows per dimension value (SPEC §8), kept packed: one row per window, key and
+-- The rows per dimension value (docs/dimensions.md), kept packed: one row per window, key and
 -- dimension, holding its values' columns as arrays (index i of every array is one
 -- value), and read one row per value through the view llm_dimension_metrics. A
 -- window emits up to 4 × 51 values: a row each would cost Postgres (and the

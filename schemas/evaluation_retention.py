@@ -1,4 +1,4 @@
-"""Retention of evaluation rows (SPEC §9, §11): windows before the horizon become hour rows.
+"""Retention of evaluation rows (docs/retention.md): windows before the horizon become hour rows.
 
 Hourly and daily roll-ups of ``/v1/evaluations`` must answer the same, to the last
 bit, before and after the windows of retired time are deleted. Evaluation rows

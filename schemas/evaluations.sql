@@ -1,4 +1,4 @@
--- Evaluation rows (SPEC §9): per window, key and evaluation name, the scores and
+-- Evaluation rows (docs/evaluations.md): per window, key and evaluation name, the scores and
 -- labels of the evaluations counted toward the window's calls. Written by the
 -- dataflow only, judged by revision (the number of evaluations counted), as
 -- llm_metrics is; every statement is idempotent.
@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS llm_evaluation_metrics (
 CREATE INDEX IF NOT EXISTS llm_evaluation_metrics_tenant_window
     ON llm_evaluation_metrics (tenant_id, window_start DESC);
 
--- The evaluation rows per dimension value (SPEC §8, §9), packed as llm_dimension_windows
+-- The evaluation rows per dimension value (docs/dimensions.md, docs/evaluations.md), packed as llm_dimension_windows
 -- is: one row per window, key, name and dimension, each value's columns at the same
 -- index of the arrays ("values": NULL for calls without a value, '(other)' for the
 -- values merged beyond the DIMENSION_VALUES most evaluated), replaced whole by a later

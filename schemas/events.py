@@ -1,5 +1,5 @@
 """The events applications send: a request when an LLM call starts, a response when it ends,
-and an evaluation (a score or a label about a call) whenever one is made (SPEC §9).
+and an evaluation (a score or a label about a call) whenever one is made (docs/evaluations.md).
 
 Every rule of the contract is enforced while decoding, so a value of these types
 is valid by construction. Decoding errors are :class:`msgspec.ValidationError`
@@ -112,7 +112,7 @@ class LLMResponse(Struct, tag="response", tag_field="type", kw_only=True):
         return bool(self.error)
 
 
-# An evaluation's limits (SPEC §9).
+# An evaluation's limits (docs/evaluations.md).
 EVALUATION_NAME_MAX_CHARS = 64
 LABEL_MAX_CHARS = 64
 EVALUATOR_MAX_CHARS = 128

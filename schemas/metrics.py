@@ -46,7 +46,7 @@ class MetricsRow(Struct, kw_only=True):
 
 
 class DimensionRow(MetricsRow, kw_only=True):
-    """One value of one dimension (SPEC §8) in one window of one key: every field of the
+    """One value of one dimension (docs/dimensions.md) in one window of one key: every field of the
     main row, over the calls with that value. ``value`` is None for calls without one,
     ``"(other)"`` for the values merged beyond the window's most frequent."""
 
@@ -131,7 +131,7 @@ def _label_rank(item: tuple[str, int]) -> tuple[int, str]:
 
 
 class EvaluationRow(Struct, kw_only=True):
-    """The evaluations (SPEC §9) of one ``name`` counted toward the calls of one window of one
+    """The evaluations (docs/evaluations.md) of one ``name`` counted toward the calls of one window of one
     ``(tenant_id, route, model)``. ``labels`` holds the 20 most frequent labels, the rest
     under ``"(other)"``; ``revision`` is how many evaluations the row holds.
 
@@ -162,7 +162,7 @@ class EvaluationRow(Struct, kw_only=True):
 
 
 class EvaluationDimensionRow(EvaluationRow, kw_only=True):
-    """An evaluation row of the calls of one value of one of the window's dimensions (SPEC §8,
+    """An evaluation row of the calls of one value of one of the window's dimensions (docs/dimensions.md,
     §9): ``value`` null for calls without one, ``"(other)"`` for the values merged beyond
     the ``DIMENSION_VALUES`` most evaluated. ``revision`` is that of the dimension's rows."""
 

@@ -1,4 +1,4 @@
-"""Ingestion quotas (SPEC §11): how many events a tenant may send, as a token bucket.
+"""Ingestion quotas (docs/quotas.md): how many events a tenant may send, as a token bucket.
 
 A tenant's bucket holds at most ``burst`` events (at least one) and fills at
 ``events_per_second``; each accepted event takes one. A rate of 0 means no limit.

@@ -1,4 +1,4 @@
--- Ingestion quotas and usage (SPEC §11, schemas/quotas.py). Idempotent.
+-- Ingestion quotas and usage (docs/quotas.md, schemas/quotas.py). Idempotent.
 
 -- A tenant's own limits (`just quota TENANT RATE BURST`); tenants without a row have
 -- INGEST_RATE / INGEST_BURST. A rate of 0 is no limit.

@@ -1,4 +1,4 @@
-"""Retention (SPEC §11): windows older than ``RETENTION_DAYS`` deleted, their roll-ups kept.
+"""Retention (docs/retention.md): windows older than ``RETENTION_DAYS`` deleted, their roll-ups kept.
 
 One run, :func:`run`, does three things in order, each safe to interrupt:
 

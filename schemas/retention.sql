@@ -1,4 +1,4 @@
--- Retention (SPEC §11). Windows of llm_metrics older than `windows_before` are
+-- Retention (docs/retention.md). Windows of llm_metrics older than `windows_before` are
 -- answered from their kept hourly and daily parts only, and deleted in small
 -- batches. The horizon is moved first, in its own transaction, and only after
 -- every part before it matches its windows: a crash in the middle of deleting

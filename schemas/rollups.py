@@ -296,7 +296,7 @@ async def keep_async(conn: psycopg.AsyncConnection[Any], windows: Iterable[PartK
     return written
 
 
-# Dimension rows (SPEC §8) keep no parts: an hour or a day of one value is merged on each
+# Dimension rows (docs/dimensions.md) keep no parts: an hour or a day of one value is merged on each
 # read, from the hour level below. Retention replaces an hour's windows of a value by one
 # row of that hour holding exactly these values (schemas/dimension_retention.py), so an
 # hour reads the same before and after: one row is taken as it is.

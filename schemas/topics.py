@@ -20,14 +20,14 @@ REQUESTS = "llm.requests"
 RESPONSES = "llm.responses"
 METRICS = "llm.metrics"
 DEADLETTER = "llm.deadletter"
-# Rows per dimension value (SPEC §8), apart from llm.metrics so that its readers keep
+# Rows per dimension value (docs/dimensions.md), apart from llm.metrics so that its readers keep
 # one row per window and key.
 DIMENSION_METRICS = "llm.dimension-metrics"
-# Scores and labels about calls (SPEC §9), keyed by the call's request_id.
+# Scores and labels about calls (docs/evaluations.md), keyed by the call's request_id.
 EVALUATIONS = "llm.evaluations"
-# Their rows per window, key and evaluation name (SPEC §9).
+# Their rows per window, key and evaluation name (docs/evaluations.md).
 EVALUATION_METRICS = "llm.evaluation-metrics"
-# And per dimension value (SPEC §8): one record per window, key, name and dimension.
+# And per dimension value (docs/dimensions.md): one record per window, key, name and dimension.
 EVALUATION_DIMENSION_METRICS = "llm.evaluation-dimension-metrics"
 ALL_TOPICS: tuple[str, ...] = (
     REQUESTS,

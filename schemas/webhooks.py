@@ -1,4 +1,4 @@
-"""Where alerts may be delivered (SPEC §10): webhook URLs guarded against request forgery.
+"""Where alerts may be delivered (docs/alerts.md): webhook URLs guarded against request forgery.
 
 A rule's ``webhook_url`` is a server-side request waiting to happen: pointed at
 ``http://169.254.169.254/`` (a cloud's metadata service), at ``localhost`` or at a

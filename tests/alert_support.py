@@ -1,4 +1,4 @@
-"""What the alert tests share: the transitions SPEC §10 predicts, read plainly from a list
+"""What the alert tests share: the transitions docs/alerts.md predicts, read plainly from a list
 of breaching windows, and a webhook receiver that records every delivery."""
 
 from __future__ import annotations

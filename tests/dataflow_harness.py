@@ -372,14 +372,14 @@ def expected_rows_of(
     return rows
 
 
-# -- dimensions (SPEC §8), computed here from the calls the test made ---------------------
+# -- dimensions (docs/dimensions.md), computed here from the calls the test made ---------------------
 
 DimensionKey = tuple[str, str, str, float, str, str | None]
 OTHER = "(other)"
 
 
 def dimension_value(name: str, call: Counted) -> str | None:
-    """A call's value for dimension ``name``, as SPEC §8 writes it."""
+    """A call's value for dimension ``name``, as docs/dimensions.md writes it."""
     if name.startswith("metadata."):
         found = (call.request.get("metadata") or {}).get(name.removeprefix("metadata."))
     elif name == "provider":
@@ -508,7 +508,7 @@ def _close(actual: float | None, expected: float | None, what: str, rel: float =
 
 
 # Up to this many latencies a window's percentiles are nearest-rank exact (a digest
-# holds each as its own centroid); beyond, contract §3 allows 1 % of error.
+# holds each as its own centroid); beyond, docs/counting.md allows 1 % of error.
 FEW_CALLS = 500
 
 

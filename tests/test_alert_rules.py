@@ -1,4 +1,4 @@
-"""Alert rules through the query API (SPEC §10): a ``manage`` key of the rule's tenant, every
+"""Alert rules through the query API (docs/alerts.md): a ``manage`` key of the rule's tenant, every
 field checked, secrets never answered, webhooks to non-public addresses refused; a real
 Postgres and the API under uvicorn."""
 

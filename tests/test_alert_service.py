@@ -1,4 +1,4 @@
-"""The alert service end to end (SPEC §10): rows written through the dataflow's own sink
+"""The alert service end to end (docs/alerts.md): rows written through the dataflow's own sink
 (Postgres first, then ``llm.metrics``) on a real broker and Postgres, rules made through
 the query API with a manage key, deliveries to a real HTTP receiver in the test.
 

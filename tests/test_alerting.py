@@ -1,6 +1,6 @@
 """The alert rules on figures (dataflows/alerting.py): when a rule fires, resolves and reminds.
 
-Expected transitions come from a plain reading of SPEC §10 (tests/alert_support.py) or are
+Expected transitions come from a plain reading of docs/alerts.md (tests/alert_support.py) or are
 worked out by hand in the test.
 """
 

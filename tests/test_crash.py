@@ -249,7 +249,7 @@ ValueRows = dict[tuple[Any, ...], list[dict[str, Any]]]
 def expected_evaluation_values(
     judged: Evaluations, counted: list[h.Counted], names: Callable[[str, float], tuple[str, ...]], limit: int
 ) -> tuple[ValueRows, dict[tuple[Any, ...], int]]:
-    """The evaluation rows per dimension value (SPEC §8, §9): per row and dimension of its
+    """The evaluation rows per dimension value (docs/evaluations.md): per row and dimension of its
     tenant at the window's start, the evaluations of each value's calls (a call's value as
     its rows have it), the ``limit`` most evaluated apart and the rest under "(other)"; and
     the revisions known in advance (a dimension read from the requests: the row's count;

@@ -1,4 +1,4 @@
-"""Dimensions (SPEC §8): names, values, which values keep rows, and which setting a window gets.
+"""Dimensions (docs/dimensions.md): names, values, which values keep rows, and which setting a window gets.
 
 The dataflow's own rows are checked end to end, with kill -9, in ``test_crash.py``;
 the differential test (``test_batch_engine.py``) holds the batch folding to the

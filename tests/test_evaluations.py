@@ -1,4 +1,4 @@
-"""Evaluations joined to their calls and folded per window (SPEC §9): the rules, directly.
+"""Evaluations joined to their calls and folded per window (docs/evaluations.md): the rules, directly.
 
 The call directory (:class:`EvaluationJoin`) and the evaluation windows
 (:class:`EvaluationWindows`) are driven here without Kafka or Bytewax, in shuffled

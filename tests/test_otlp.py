@@ -6,7 +6,7 @@ real HTTP against a real broker and real API keys in a real Postgres, with the r
 OpenTelemetry SDK exporter, hand-built OTLP JSON, the ``openai`` client instrumented by
 ``opentelemetry-instrumentation-openai-v2`` against a fake OpenAI-compatible server, and
 the dataflow through to rows. Expected events and rows are computed here from the spans
-sent, following the mapping table of the README; the metadata of spans with many or
+sent, following the mapping table of docs/otlp.md; the metadata of spans with many or
 unusual attributes is written out by hand.
 """
 
@@ -154,7 +154,7 @@ def is_call(spec: SpanSpec) -> bool:
     return operation == "chat" or (operation is None and "gen_ai.system" in spec.attributes)
 
 
-# The attributes the README's table reads an event field from: not repeated in metadata.
+# The attributes docs/otlp.md's table reads an event field from: not repeated in metadata.
 FIELD_SOURCES = {
     "gen_ai.system", "gen_ai.provider.name", "gen_ai.request.model", "gen_ai.response.model",
     "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.usage.prompt_tokens",
@@ -166,7 +166,7 @@ FIELD_SOURCES = {
 
 
 def expected_metadata(resource: dict[str, Any], attributes: dict[str, Any]) -> dict[str, Any] | None:
-    """The README's metadata rule for plain attributes (few, short, with ordinary names):
+    """docs/otlp.md's metadata rule for plain attributes (few, short, with ordinary names):
     the scalars that are no field's source, the span's over the resource's."""
 
     def scalars(pairs: dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +179,7 @@ def expected_metadata(resource: dict[str, Any], attributes: dict[str, Any]) -> d
 def expected_call(
     spec: SpanSpec, tenant: str, service: str, resource: dict[str, Any] | None = None
 ) -> tuple[LLMRequest, LLMResponse]:
-    """The README's mapping table, applied by hand; ``resource``: the resource's attributes
+    """docs/otlp.md's mapping table, applied by hand; ``resource``: the resource's attributes
     when they are more than ``service.name``."""
     a = spec.attributes
     request_id = f"{spec.trace_id:032x}{spec.span_id:016x}"
@@ -686,7 +686,7 @@ def request_id_of(trace_id: int, span_id: int) -> str:
 def expected_evaluation(
     request_id: str, tenant: str, attributes: dict[str, Any], unix_nano: int
 ) -> LLMEvaluation:
-    """The README's evaluation mapping, applied by hand."""
+    """docs/otlp.md's evaluation mapping, applied by hand."""
     score = attributes.get("gen_ai.evaluation.score.value")
     return LLMEvaluation(
         request_id=request_id,
@@ -854,7 +854,7 @@ def log_specs(test_number: int, start: datetime) -> list[RecordSpec]:
 
 
 def expected_log_evaluations(specs: list[RecordSpec], tenant: str) -> list[LLMEvaluation]:
-    """The README's mapping of log records, applied by hand."""
+    """docs/otlp.md's mapping of log records, applied by hand."""
     found = []
     for spec in specs:
         attributes = spec.attributes
@@ -1549,7 +1549,7 @@ def instrumented_openai(
 ) -> Iterator[tuple[Any, InMemorySpanExporter]]:
     """An ``openai`` client instrumented by opentelemetry-instrumentation-openai-v2, its spans
     exported to StreamLens with the SDK's OTLP exporter and kept in memory too; baggage
-    entries become span attributes, as the README shows for ``streamlens.route``."""
+    entries become span attributes, as docs/otlp.md shows for ``streamlens.route``."""
     import openai
     from opentelemetry.instrumentation.openai_v2 import OpenAIInstrumentor
     from opentelemetry.processor.baggage import ALLOW_ALL_BAGGAGE_KEYS, BaggageSpanProcessor

@@ -1,4 +1,4 @@
-"""Ingestion quotas and usage (SPEC §11): the bucket's rules, the shared bucket in a real
+"""Ingestion quotas and usage (docs/quotas.md): the bucket's rules, the shared bucket in a real
 Postgres, 429s from the real ingestion API (single, batch, OTLP) with nothing of a
 refused request on the broker, a change applied without a restart, two ingestion
 processes sharing one quota, ingestion going on with the store stopped, and usage

@@ -22,7 +22,7 @@ from schemas.deadletter import DeadLetter, deadletter_decoder, encode_bounded
 from schemas.events import LLMRequest, LLMResponse
 
 REQUESTS, RESPONSES = "llm.requests", "llm.responses"
-# The ingestion API's bound, as the README states it: two minutes ahead of the clock.
+# The ingestion API's bound, as docs/api.md states it: two minutes ahead of the clock.
 TWO_MINUTES = 120
 # librdkafka's default message.max.bytes, and the framing it adds to key + value
 # (measured against librdkafka: a 999,964-byte value is the largest it sends).

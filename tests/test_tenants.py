@@ -1,5 +1,5 @@
-"""Tenants' dimension settings (SPEC §8) through the query API and the CLI, the
-``manage`` scope (SPEC §5), and the migration of ``api_keys`` to it; real Postgres."""
+"""Tenants' dimension settings (docs/dimensions.md) through the query API and the CLI, the
+``manage`` scope (docs/api.md), and the migration of ``api_keys`` to it; real Postgres."""
 
 from __future__ import annotations
 

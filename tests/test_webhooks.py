@@ -1,4 +1,4 @@
-"""Where alert webhooks may go (SPEC §10): the address rules and the allow list, directly."""
+"""Where alert webhooks may go (docs/alerts.md): the address rules and the allow list, directly."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The built-in dashboard of the query API: ``GET /dashboard`` and its static files.
 
-The page and its assets are open (contract §5); everything it shows comes through
+The page and its assets are open (docs/api.md); everything it shows comes through
 ``/v1/metrics`` with the ``read`` key the user enters, sent as
 ``Authorization: Bearer``. ``GET /dashboard/tenant`` tells the page which tenant
 a key reads. The chart library is uPlot's browser build from the npm package

@@ -1,4 +1,4 @@
-"""Query API latency for a dimension's rows (SPEC §8): 30 days of 1-minute windows of one
+"""Query API latency for a dimension's rows (docs/dimensions.md): 30 days of 1-minute windows of one
 key, a dimension of 5 values (one of them no value, one "(other)"): 216,000 value rows
 in 43,200 packed rows (``llm_dimension_windows``), read through the view
 ``llm_dimension_metrics``.
