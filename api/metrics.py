@@ -34,7 +34,7 @@ from api.auth import authenticate, forbidden_tenant, open_key_store
 from api.dashboard import routes as dashboard_routes
 from api.errors import error_response, http_error, server_error
 from api.evaluations import EvaluationQuery, EvaluationsPage, fetch_evaluations, parse_evaluation_query
-from api.observability import Outage, QueryMetrics, metrics_route
+from api.observability import OutageLog, QueryMetrics, metrics_route
 from api.params import (
     BUCKETS,
     DEFAULT_LIMIT,
@@ -620,7 +620,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.observed = observed
-    app.state.postgres = Outage(logger, "postgres")
+    app.state.postgres = OutageLog(logger, "postgres")
     return app
 
 

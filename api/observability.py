@@ -301,8 +301,9 @@ def metrics_route(families: _Families) -> Route:
     return Route("/metrics", scrape, methods=["GET"])
 
 
-class Outage:
-    """One log line when a dependency is lost and one when it is back, however often it is seen.
+class OutageLog:
+    """One log line when a dependency is lost and one when it is back, however often it is seen;
+    the APIs answer 503 meanwhile (the dataflow waits instead: ``dataflows.sinks.OutageBackoff``).
 
     Noticed from several threads (a delivery thread, the event loop), hence the lock.
     """

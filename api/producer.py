@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from api.observability import SECONDS_BUCKETS, Buckets, Outage
+from api.observability import SECONDS_BUCKETS, Buckets, OutageLog
 
 logger = logging.getLogger("streamlens.ingestion")
 
@@ -140,7 +140,7 @@ class EventProducer:
         self.brokers = brokers
         self.timeout = timeout
         self.ack_latency = ack_latency or Buckets(SECONDS_BUCKETS)
-        self.outage = Outage(logger, f"broker {brokers}")
+        self.outage = OutageLog(logger, f"broker {brokers}")
         self._config = {**producer_config(brokers), **(overrides or {})}
         # Whether the current producer has its producer id (see _new_producer).
         self.initialised = False

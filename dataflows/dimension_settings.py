@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import psycopg
 
 from dataflows.dimensions import names_at
-from dataflows.sinks import Outage
+from dataflows.sinks import OutageBackoff
 from schemas.tenant_settings import History, decide, record_default
 
 
@@ -38,7 +38,7 @@ class PostgresPlan:
         self._histories: dict[str, History] = {}
         self._default: History | None = None  # DIMENSIONS as recorded; None until recorded
         self._conn: psycopg.Connection | None = None
-        self._outage = Outage("postgres (tenant settings)")
+        self._outage = OutageBackoff("postgres (tenant settings)")
 
     def prepare(self, through: Mapping[str, float]) -> None:
         known = self._decided

@@ -21,7 +21,7 @@ import numpy as np
 import psycopg
 
 from dataflows.remembered import Segment
-from dataflows.sinks import Outage
+from dataflows.sinks import OutageBackoff
 
 SAVE_SQL = (
     "INSERT INTO join_segments (shard, number, until, digests, expiry, tenant, tenants)"
@@ -47,8 +47,8 @@ class PostgresSegments:
         self.dsn = dsn
         self._local = threading.local()
         # Writes are not waited for (see above); reads on resume are.
-        self._writes = Outage("postgres (join segments)", sleep=lambda _: None)
-        self._reads = Outage("postgres (join segments)")
+        self._writes = OutageBackoff("postgres (join segments)", sleep=lambda _: None)
+        self._reads = OutageBackoff("postgres (join segments)")
 
     def _connection(self) -> psycopg.Connection:
         conn: psycopg.Connection | None = getattr(self._local, "conn", None)

@@ -162,8 +162,10 @@ FIRST_PAUSE = 0.2
 MAX_PAUSE = 5.0
 
 
-class Outage:
-    """Retries one kind of write until it succeeds, logging once per outage, not per attempt."""
+class OutageBackoff:
+    """Waits out an outage of one kind of write: a log line when it starts and one when it ends
+    (not one per attempt), and a pause before each retry, growing to :data:`MAX_PAUSE`. The
+    APIs, which answer 503 rather than wait, only log theirs (``api.observability.OutageLog``)."""
 
     def __init__(self, what: str, sleep: Callable[[float], None] = time.sleep) -> None:
         self.what = what
@@ -294,7 +296,7 @@ class KafkaWriter:
         self._config = {"bootstrap.servers": brokers, **PRODUCER_CONFIG}
         self._producer = Producer(self._config)
         self._topic = topic
-        self._outage = Outage(f"kafka topic {topic}")
+        self._outage = OutageBackoff(f"kafka topic {topic}")
 
     def write(self, messages: list[KafkaSinkMessage[bytes | None, bytes]]) -> None:
         pending = messages
@@ -354,7 +356,7 @@ class PostgresWriter:
     def __init__(self, dsn: str, what: str = "postgres") -> None:
         self._dsn = dsn
         self._conn: psycopg.Connection | None = None
-        self._outage = Outage(what)
+        self._outage = OutageBackoff(what)
 
     def in_transaction(self, work: Callable[[psycopg.Cursor[Any]], _Done]) -> _Done:
         """``work(cursor)`` in one transaction, run again after a lost connection until it
