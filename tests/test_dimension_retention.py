@@ -120,8 +120,9 @@ def test_hourly_and_daily_answers_of_a_dimension_are_the_same_after_its_hours_ar
 def test_retiring_killed_at_a_random_moment_then_run_again_changes_no_answer(stored, tmp_path):
     dsn, _ = stored
     before = answers(dsn)
-    delay = random.Random().uniform(0.3, 1.5)
-    logger.warning("killing the dimension retirement after %.2f s", delay)
+    seed = random.randrange(2**32)
+    delay = random.Random(seed).uniform(0.3, 1.5)
+    logger.warning("killing the dimension retirement after %.2f s (seed %d)", delay, seed)
     code = (
         "import sys, psycopg; from datetime import datetime; import schemas.dimension_retention as r;"
         "r.HOURS_PER_BATCH = 2; conn = psycopg.connect(sys.argv[1], autocommit=True);"

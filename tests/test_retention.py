@@ -172,8 +172,9 @@ def test_retention_killed_mid_batch_then_run_again_leaves_every_hourly_and_daily
     assert {f"{day['day']}T00:00:00Z": day["calls_counted"] for day in before["usage"]["days"]} == calls
     # A run killed at a moment the test does not choose: while sealing, moving the horizon
     # or deleting (it deletes 335 days of windows, 2,000 a transaction).
-    delay = random.Random().uniform(0.2, 4.0)
-    logger.warning("killing the retention run after %.2f s", delay)
+    seed = random.randrange(2**32)
+    delay = random.Random(seed).uniform(0.2, 4.0)
+    logger.warning("killing the retention run after %.2f s (seed %d)", delay, seed)
     log = tmp_path / "retention.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
