@@ -41,6 +41,7 @@ from fastdigest import TDigest
 
 from api.params import PARAMETERS, InvalidParameter, MetricsQuery, parse_query
 from api.queries import Deadline, check_edges, merge_digests, retention_horizon
+from schemas import rollups
 from schemas.evaluation_retention import HOUR, Scores, hour_of
 from schemas.events import EVALUATION_NAME_MAX_CHARS
 from schemas.metrics import EvaluationDimensionRow, EvaluationRow, top_labels
@@ -93,7 +94,7 @@ def parse_evaluation_query(params: Mapping[str, Sequence[str]]) -> EvaluationQue
 
 _COLUMN_NAMES = tuple(_COLUMNS.split(", "))
 # Rows of time whose windows may be deleted are read by hourly and daily roll-ups only.
-_FROM_HORIZON = "window_start >= coalesce((SELECT windows_before FROM retention_horizon), '-infinity')"
+_FROM_HORIZON = f"window_start >= {rollups.HORIZON_VALUE_SQL}"
 
 
 def _where(

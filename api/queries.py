@@ -70,11 +70,7 @@ from api.params import DIMENSIONS, InvalidParameter, MetricsQuery
 from schemas import rollups
 from schemas.metrics import DIMENSION_ROW_FIELDS, ROW_FIELDS, DimensionRow, MetricsRow
 
-PERCENTILES: tuple[tuple[str, float], ...] = (
-    ("p50_latency_ms", 0.50),
-    ("p95_latency_ms", 0.95),
-    ("p99_latency_ms", 0.99),
-)
+PERCENTILES = rollups.PERCENTILES
 
 # Buckets at least this long keep their parts' merged digests; shorter ones merge
 # at most 15 windows per part and are cheap enough to merge on every read.
@@ -118,7 +114,7 @@ def _fields(query: MetricsQuery) -> tuple[str, ...]:
     return ROW_FIELDS if query.dimension is None else DIMENSION_ROW_FIELDS
 
 
-_HORIZON = "coalesce((SELECT windows_before FROM retention_horizon), '-infinity')"
+_HORIZON = rollups.HORIZON_VALUE_SQL
 
 
 def _filters(query: MetricsQuery, table: str = "") -> str:

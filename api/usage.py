@@ -21,6 +21,7 @@ from starlette.routing import Route
 from api.auth import authenticate
 from api.errors import error_response
 from api.tenants import in_database, tenant_param
+from schemas.rollups import HORIZON_VALUE_SQL
 
 DEFAULT_DAYS = 30
 MAX_DAYS = 366
@@ -62,7 +63,7 @@ async def usage_of(
         "WITH events AS (SELECT day, accepted, refused FROM ingestion_usage "
         "  WHERE tenant_id = %(tenant)s AND day >= %(first)s AND day < %(end)s), "
         # Windows from the retention horizon on; before it, the daily parts kept of them.
-        "horizon AS (SELECT coalesce((SELECT windows_before FROM retention_horizon), '-infinity') AS at), "
+        f"horizon AS (SELECT {HORIZON_VALUE_SQL} AS at), "
         "calls AS (SELECT (window_start AT TIME ZONE 'UTC')::date AS day, sum(requests)::bigint AS calls "
         "  FROM llm_metrics WHERE tenant_id = %(tenant)s "
         "  AND window_start >= greatest(%(from)s, (SELECT at FROM horizon)) AND window_start < %(to)s "

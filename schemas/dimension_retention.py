@@ -64,13 +64,13 @@ _ARRAYS: dict[str, str] = {
     "ttft_count": "bigint[]",
     "latency_digest": "bytea[]",
 }
+# Each percentile column's quantile, read from an hour's merged digest.
+_QUANTILES: dict[str, float] = dict(rollups.PERCENTILES)
 _INSERT_SQL = f"""
     INSERT INTO llm_dimension_windows (tenant_id, route, model, window_start, window_end, dimension,
         revision, {", ".join(f'"{name}"' for name in _ARRAYS)})
     VALUES (%(tenant_id)s, %(route)s, %(model)s, %(hour)s, %(hour)s + interval '1 hour', %(dimension)s,
         %(revision)s, {", ".join(f"%({name})s::{kind}" for name, kind in _ARRAYS.items())})"""
-
-_PERCENTILES = (("p50_latency_ms", 0.5), ("p95_latency_ms", 0.95), ("p99_latency_ms", 0.99))
 
 
 def hour_row(key: dict[str, Any], hours: list[dict[str, Any]]) -> dict[str, Any]:
@@ -83,8 +83,8 @@ def hour_row(key: dict[str, Any], hours: list[dict[str, Any]]) -> dict[str, Any]
         merged = None if digest is None else TDigest.from_bytes(digest)
         columns["values"].append(hour["value"])
         for name in VALUE_STATISTICS:
-            if name in dict(_PERCENTILES):
-                quantile = dict(_PERCENTILES)[name]
+            if name in _QUANTILES:
+                quantile = _QUANTILES[name]
                 columns[name].append(
                     None if merged is None or merged.is_empty() else merged.quantile(quantile)
                 )

@@ -41,7 +41,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from schemas.database import tenants_sql
-from schemas.rollups import merged_in_order
+from schemas.rollups import floor_to, merged_in_order
 
 if TYPE_CHECKING:
     import psycopg
@@ -306,7 +306,7 @@ def retire_evaluations(
     hours is its own transaction, with ``pause`` called between them. Hours that are one
     hour row already are left alone, so a second run replaces nothing."""
     # Only whole hours: an hour straddling ``before`` keeps its windows.
-    before = before - timedelta(seconds=before.timestamp() % HOUR.total_seconds())
+    before = floor_to(before, int(HOUR.total_seconds()))
     replaced = 0
     for table, columns, merge in ((_MAIN, _MAIN_COLUMNS, _main_row), (_PACKED, _PACKED_COLUMNS, _packed_row)):
         tenants = [row[0] for row in conn.execute(tenants_sql(table.name))]

@@ -135,6 +135,16 @@ _OPEN = "m.bucket_start >= %(horizon)s"
 # writer that read it is still writing (schemas/retention.py), so a part is never merged
 # again after it was sealed.
 HORIZON_SQL = "SELECT windows_before FROM retention_horizon FOR SHARE"
+# The horizon inside a statement (the same snapshot as the rest of it): where reads of
+# windows as they are start, and before which only hours and days are kept.
+HORIZON_VALUE_SQL = "coalesce((SELECT windows_before FROM retention_horizon), '-infinity')"
+
+# The latency percentiles a row reports, each from its (merged) digest.
+PERCENTILES: tuple[tuple[str, float], ...] = (
+    ("p50_latency_ms", 0.50),
+    ("p95_latency_ms", 0.95),
+    ("p99_latency_ms", 0.99),
+)
 # Before any window; a day after the smallest date, so no session time zone turns it into year 0.
 NO_HORIZON = datetime(1, 1, 2, tzinfo=UTC)
 
