@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import psycopg
+from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.auth import Principal, authenticate, forbidden_tenant
-from api.body import BodyError, MiB, check_content_type, read_body
-from api.errors import error_response
-from api.tenants import in_database, tenant_param
+from api.auth import Principal, forbidden_tenant, principal_of, requires
+from api.body import MiB, check_content_type, read_body
+from api.errors import ApiError
+from api.openapi import SECURITY, Spec
+from api.tenants import TenantParameters, in_database, tenant_param
 from schemas.alert_rules import (
     MAX_RULES_PER_TENANT,
     TooManyRules,
@@ -68,98 +70,77 @@ def _json(value: object, status: int = 200) -> Response:
     return Response(_encoder.encode(value), status_code=status, media_type="application/json")
 
 
-async def _body(request: Request) -> bytes | Response:
-    try:
-        check_content_type(request)
-        return await read_body(request, BODY_LIMIT)
-    except BodyError as error:
-        return error_response(error.status, error.code, error.detail, error.headers)
+async def _body(request: Request) -> bytes:
+    check_content_type(request)
+    return await read_body(request, BODY_LIMIT)
 
 
-def _invalid(error: Exception) -> Response:
-    return error_response(400, "invalid_body", str(error))
+def _invalid(error: Exception) -> ApiError:
+    return ApiError(400, "invalid_body", str(error))
 
 
-async def _checked(request: Request, rule: RuleBody) -> Response | None:
-    """The 400 for what depends on the deployment (resolving the webhook's host takes a
-    thread: the resolver blocks)."""
+async def _check(request: Request, rule: RuleBody) -> None:
+    """The 400, raised, for what depends on the deployment (resolving the webhook's host takes
+    a thread: the resolver blocks)."""
     settings = request.app.state.settings
     try:
         await asyncio.to_thread(check_rule, rule, settings.window_seconds, settings.alert_webhook_allow)
     except InvalidRule as error:
-        return _invalid(error)
-    return None
+        raise _invalid(error) from None
 
 
-def _not_found(rule_id: str) -> Response:
-    return error_response(404, "not_found", f"no alert rule {rule_id!r} of this tenant")
+def _not_found(rule_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no alert rule {rule_id!r} of this tenant")
 
 
+@requires("manage")
 async def create(request: Request) -> Response:
-    principal = await authenticate(request, "manage")
-    if isinstance(principal, Response):
-        return principal
+    principal = principal_of(request)
     body = await _body(request)
-    if isinstance(body, Response):
-        return body
     try:
         rule = decode_body(body)
     except InvalidRule as error:
-        return _invalid(error)
+        raise _invalid(error) from None
     except msgspec.DecodeError as error:
-        return error_response(400, "invalid_json", f"the body is not valid JSON: {error}")
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error}") from None
     refusal = forbidden_tenant(principal, rule.tenant_id)
     if refusal is not None:
-        return error_response(403, "forbidden", refusal)
-    checked = await _checked(request, rule)
-    if checked is not None:
-        return checked
+        raise ApiError(403, "forbidden", refusal)
+    await _check(request, rule)
 
-    async def store(conn: psycopg.AsyncConnection[Any]) -> AlertRule | Response:
+    async def store(conn: psycopg.AsyncConnection[Any]) -> AlertRule:
         try:
             return await create_rule(conn, rule)
         except TooManyRules:
-            return error_response(
+            raise ApiError(
                 409, "too_many_rules", f"tenant {rule.tenant_id!r} keeps {MAX_RULES_PER_TENANT} rules already"
-            )
+            ) from None
 
     stored = await in_database(request, store)
-    if isinstance(stored, Response):
-        return stored
     logger.info("tenant %r: alert rule %s (%r) created", stored.tenant_id, stored.id, stored.name)
     return _json(stored, 201)
 
 
+@requires("manage")
 async def listed(request: Request) -> Response:
-    principal = await authenticate(request, "manage")
-    if isinstance(principal, Response):
-        return principal
+    principal = principal_of(request)
     tenant_id = tenant_param(request, principal, ("tenant_id",))
-    if isinstance(tenant_id, Response):
-        return tenant_id
     found = await in_database(request, lambda conn: list_rules(conn, tenant_id))
-    if isinstance(found, Response):
-        return found
     return _json(RulesPage(rules=found, count=len(found)))
 
 
+@requires("read")
 async def alerts(request: Request) -> Response:
     """``GET /v1/alerts``: each rule's state and its latest transitions with their delivery."""
-    principal = await authenticate(request, "read")
-    if isinstance(principal, Response):
-        return principal
+    principal = principal_of(request)
     tenant_id = tenant_param(request, principal, ("tenant_id", "recent"))
-    if isinstance(tenant_id, Response):
-        return tenant_id
     text = request.query_params.get("recent", str(RECENT_DEFAULT))
     if not text.isdigit() or not 1 <= int(text) <= RECENT_MAX:
-        return error_response(
+        raise ApiError(
             400, "invalid_parameter", f"recent: expected a whole number from 1 to {RECENT_MAX}, got {text!r}"
         )
     recent = int(text)
     found = await in_database(request, lambda conn: alerts_of_tenant(conn, tenant_id, recent))
-    if isinstance(found, Response):
-        return found
     firing = sum(rule.state == "firing" for rule in found)
     return _json(AlertsPage(tenant_id=tenant_id, firing=firing, rules=found))
 
@@ -173,55 +154,44 @@ async def _own_rule(
     return found
 
 
+@requires("manage")
 async def read(request: Request) -> Response:
-    principal = await authenticate(request, "manage")
-    if isinstance(principal, Response):
-        return principal
+    principal = principal_of(request)
     found = await in_database(request, lambda conn: _own_rule(request, principal, conn))
-    if isinstance(found, Response):
-        return found
-    return _not_found(request.path_params["rule_id"]) if found is None else _json(found[0])
+    if found is None:
+        raise _not_found(request.path_params["rule_id"])
+    return _json(found[0])
 
 
+@requires("manage")
 async def patch(request: Request) -> Response:
-    principal = await authenticate(request, "manage")
-    if isinstance(principal, Response):
-        return principal
+    principal = principal_of(request)
     rule_id = request.path_params["rule_id"]
     body = await _body(request)
-    if isinstance(body, Response):
-        return body
     try:
         changes = msgspec.json.decode(body)
     except msgspec.DecodeError as error:
-        return error_response(400, "invalid_json", f"the body is not valid JSON: {error}")
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error}") from None
     if not isinstance(changes, dict):
-        return error_response(400, "invalid_body", "Expected an object of the fields to change - at `$`")
+        raise ApiError(400, "invalid_body", "Expected an object of the fields to change - at `$`")
     found = await in_database(request, lambda conn: _own_rule(request, principal, conn))
-    if isinstance(found, Response):
-        return found
     if found is None:
-        return _not_found(rule_id)
+        raise _not_found(rule_id)
     try:
         rule = merged(body_of(*found), changes)
     except InvalidRule as error:
-        return _invalid(error)
-    checked = await _checked(request, rule)
-    if checked is not None:
-        return checked
+        raise _invalid(error) from None
+    await _check(request, rule)
     stored = await in_database(request, lambda conn: update_rule(conn, rule_id, rule))
-    if isinstance(stored, Response):
-        return stored
     if stored is None:
-        return _not_found(rule_id)
+        raise _not_found(rule_id)
     logger.info("tenant %r: alert rule %s updated", stored.tenant_id, stored.id)
     return _json(stored)
 
 
+@requires("manage")
 async def delete(request: Request) -> Response:
-    principal = await authenticate(request, "manage")
-    if isinstance(principal, Response):
-        return principal
+    principal = principal_of(request)
     rule_id = request.path_params["rule_id"]
 
     async def remove(conn: psycopg.AsyncConnection[Any]) -> bool:
@@ -229,10 +199,8 @@ async def delete(request: Request) -> Response:
         return found is not None and await delete_rule(conn, rule_id)
 
     deleted = await in_database(request, remove)
-    if isinstance(deleted, Response):
-        return deleted
     if not deleted:
-        return _not_found(rule_id)
+        raise _not_found(rule_id)
     logger.info("alert rule %s deleted", rule_id)
     return Response(status_code=204)
 
@@ -247,99 +215,97 @@ ROUTES = [
 ]
 
 
-def openapi(error: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """These endpoints in the query API's OpenAPI document, and the schemas they refer to
-    (from :class:`RuleBody` and :class:`AlertRule`); ``error`` is its error response."""
-    _, components = msgspec.json.schema_components(
-        [RuleBody, AlertRule, RulesPage, AlertsPage], ref_template="#/components/schemas/{name}"
-    )
+class AlertsParameters(TenantParameters, kw_only=True):
+    """The query string of ``GET /v1/alerts``, as the OpenAPI document shows it."""
 
-    def ref(name: str) -> dict[str, Any]:
-        return {"$ref": f"#/components/schemas/{name}"}
+    recent: Annotated[
+        int,
+        Meta(
+            ge=1, le=RECENT_MAX, description=f"Transitions per rule, newest first (default {RECENT_DEFAULT})."
+        ),
+    ] = RECENT_DEFAULT
 
-    def answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
-        return {"description": description, "content": {"application/json": {"schema": schema}}}
 
-    body = {"required": True, "content": {"application/json": {"schema": ref("RuleBody")}}}
-    rule_id = {"name": "rule_id", "in": "path", "required": True, "schema": {"type": "string"}}
+class _RulePath(msgspec.Struct):
+    rule_id: Annotated[str, Meta(description="The rule's `id`.")]
+
+
+def openapi(spec: Spec) -> dict[str, Any]:
+    """These endpoints in the query API's OpenAPI document (:mod:`api.openapi`)."""
+    rule_id = spec.parameters(_RulePath, "path")
     refused = {
-        "400": error | {"description": "A field breaks a rule; `detail` names it."},
-        "401": error | {"description": "No valid API key (`Authorization: Bearer`)."},
-        "403": error | {"description": "The key is not a `manage` key of the rule's tenant."},
-        "503": error | {"description": "Postgres did not answer in time."},
+        "400": spec.error("A field breaks a rule; `detail` names it."),
+        "401": spec.error("No valid API key (`Authorization: Bearer`)."),
+        "403": spec.error("The key is not a `manage` key of the rule's tenant."),
+        "503": spec.error("Postgres did not answer in time."),
     }
-    missing = {"404": error | {"description": "No such rule of this tenant."}}
-    security = [{"apiKey": []}]
-    tenant = {
-        "name": "tenant_id",
-        "in": "query",
-        "required": False,
-        "description": "The key's tenant unless given.",
-        "schema": {"type": "string"},
+    missing = {"404": spec.error("No such rule of this tenant.")}
+    sent = {
+        "413": spec.error(f"The body is over {BODY_LIMIT // MiB} MiB."),
+        "415": spec.error("The body is not JSON."),
     }
-    paths = {
+    return {
         "/v1/alerts": {
             "get": {
                 "summary": "Each alert rule's state and its latest transitions with their delivery status",
-                "security": security,
-                "parameters": [
-                    tenant,
-                    {
-                        "name": "recent",
-                        "in": "query",
-                        "required": False,
-                        "description": f"Transitions per rule, newest first (default {RECENT_DEFAULT}).",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": RECENT_MAX},
-                    },
-                ],
+                "security": SECURITY,
+                "parameters": spec.parameters(AlertsParameters),
                 "responses": {
-                    "200": answer("The rules' states and transitions.", ref("AlertsPage")),
+                    "200": spec.answer("The rules' states and transitions.", spec.schema(AlertsPage)),
                     **refused,
-                    "403": error | {"description": "The key is not a key of this tenant."},
+                    "403": spec.error("The key is not a key of this tenant."),
                 },
             },
         },
         "/v1/alerts/rules": {
             "post": {
                 "summary": "Create an alert rule or budget",
-                "security": security,
-                "requestBody": body,
+                "security": SECURITY,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": spec.schema(RuleBody)}},
+                },
                 "responses": {
-                    "201": answer("The stored rule (its secret never shown).", ref("AlertRule")),
-                    "409": error | {"description": f"The tenant keeps {MAX_RULES_PER_TENANT} rules already."},
+                    "201": spec.answer("The stored rule (its secret never shown).", spec.schema(AlertRule)),
+                    "409": spec.error(f"The tenant keeps {MAX_RULES_PER_TENANT} rules already."),
                     **refused,
+                    **sent,
                 },
             },
             "get": {
                 "summary": "The tenant's alert rules, oldest first",
-                "security": security,
-                "parameters": [tenant],
-                "responses": {"200": answer("The rules.", ref("RulesPage")), **refused},
+                "security": SECURITY,
+                "parameters": spec.parameters(TenantParameters),
+                "responses": {"200": spec.answer("The rules.", spec.schema(RulesPage)), **refused},
             },
         },
         "/v1/alerts/rules/{rule_id}": {
             "get": {
                 "summary": "One alert rule",
-                "security": security,
-                "parameters": [rule_id],
-                "responses": {"200": answer("The rule.", ref("AlertRule")), **refused, **missing},
+                "security": SECURITY,
+                "parameters": rule_id,
+                "responses": {"200": spec.answer("The rule.", spec.schema(AlertRule)), **refused, **missing},
             },
             "patch": {
                 "summary": "Change some fields of an alert rule (checked with the rest)",
-                "security": security,
-                "parameters": [rule_id],
+                "security": SECURITY,
+                "parameters": rule_id,
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": {"type": "object"}}},
                 },
-                "responses": {"200": answer("The changed rule.", ref("AlertRule")), **refused, **missing},
+                "responses": {
+                    "200": spec.answer("The changed rule.", spec.schema(AlertRule)),
+                    **refused,
+                    **missing,
+                    **sent,
+                },
             },
             "delete": {
                 "summary": "Delete an alert rule",
-                "security": security,
-                "parameters": [rule_id],
+                "security": SECURITY,
+                "parameters": rule_id,
                 "responses": {"204": {"description": "Deleted."}, **refused, **missing},
             },
         },
     }
-    return paths, components

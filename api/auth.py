@@ -4,14 +4,17 @@ A key is ``sl_<key id>_<secret>``: the key id (8 lowercase letters and digits) i
 not secret and names the key in listings and revocation; the secret is 256
 random bits. Postgres keeps only the key's SHA-256 (``schemas/api_keys.sql``).
 
-How an app uses this module:
+How an app uses this module, as Starlette's authentication does:
 
 - in its lifespan, ``async with open_key_store(settings) as keys:`` and
   ``app.state.key_store = keys`` (``AUTH=off`` gives a store that lets every call
   through, with no Postgres);
-- first thing in every endpoint but ``/health`` and ``/ready``,
-  ``principal = await authenticate(request, "ingest")`` (or ``"read"``, ``"manage"``) and return
-  it if it is a :class:`~starlette.responses.Response` (401, 403 or 503);
+- :data:`AUTHENTICATION` in its middleware: once per request, :class:`KeyBackend` reads
+  the ``Authorization`` header and sets ``request.user`` (a :class:`KeyHolder`, or a
+  :class:`Refused` caller that remembers why) and ``request.auth.scopes``;
+- each endpoint declares the scope it needs with ``@requires("ingest")`` (or ``"read"``,
+  ``"manage"``), which raises the 401, 403 or 503 as an :class:`~api.errors.ApiError`
+  before the endpoint runs; inside it, :func:`principal_of` is the caller;
 - per event, :func:`check_event` (403 for a single event, that index rejected in
   a batch); per query, :func:`forbidden_tenant` on the ``tenant_id`` parameter.
 
@@ -31,18 +34,21 @@ import re
 import secrets
 import string
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from functools import partial
-from typing import Literal
+from functools import partial, wraps
+from typing import Any, Literal, TypeVar, cast
 
 import psycopg
 from msgspec import Struct
 from psycopg_pool import AsyncConnectionPool
-from starlette.requests import Request
+from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from api.errors import error_response
+from api.errors import ApiError
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.events import IngestEvent, LLMEvaluation, LLMRequest
@@ -260,53 +266,132 @@ async def open_key_store(
         await own.close()
 
 
-def _unauthorized(detail: str, *, key_given: bool) -> Response:
+def _unauthorized(detail: str, *, key_given: bool) -> ApiError:
     challenge = f'{_REALM}, error="invalid_token"' if key_given else _REALM
-    return error_response(401, "unauthorized", detail, headers={"WWW-Authenticate": challenge})
+    return ApiError(401, "unauthorized", detail, headers={"WWW-Authenticate": challenge})
 
 
-async def authenticate(request: Request, scope: Scope) -> Principal | Response:
-    """The caller's principal, or the response to send instead.
-
-    401 without a valid key, 403 for a key whose scope does not grant ``scope``
-    (:data:`GRANTS`), 503 when the key database cannot be read. The store is
-    ``request.app.state.key_store``.
-    """
-    store: KeyStore = request.app.state.key_store
-    if not store.enabled:
-        return UNRESTRICTED
-    header = request.headers.get("authorization")
+async def _principal(store: KeyStore, header: str | None) -> Principal:
+    """The principal of the ``Authorization`` header's key, or the :class:`ApiError`
+    saying why there is none: 401 without a valid key, 503 when the key database
+    cannot be read."""
     if header is None:
-        return _unauthorized(
+        raise _unauthorized(
             "missing Authorization header: expected `Authorization: Bearer <key>`",
             key_given=False,
         )
     auth_scheme, _, credentials = header.partition(" ")
     if auth_scheme.lower() != "bearer":
-        return _unauthorized(
+        raise _unauthorized(
             "Authorization header: expected the Bearer scheme, `Authorization: Bearer <key>`",
             key_given=False,
         )
     # RFC 7235 allows one or more spaces after the scheme.
     key = credentials.lstrip(" ")
     if not key:
-        return _unauthorized("Authorization header: Bearer without a key", key_given=False)
+        raise _unauthorized("Authorization header: Bearer without a key", key_given=False)
     try:
         principal = await store.lookup(key)
     except KeyStoreUnavailable as error:
-        return error_response(
+        raise ApiError(
             503, "unavailable", f"cannot check the API key: {error}", headers={"Retry-After": "1"}
-        )
+        ) from None
     if principal is None:
-        return _unauthorized("API key is malformed, unknown or revoked", key_given=True)
-    if principal.scope is None or scope not in GRANTS.get(principal.scope, frozenset()):
-        return error_response(
+        raise _unauthorized("API key is malformed, unknown or revoked", key_given=True)
+    return principal
+
+
+class KeyHolder(BaseUser):
+    """A caller whose key was found: ``principal`` is the tenant and scope it speaks for."""
+
+    def __init__(self, principal: Principal) -> None:
+        self.principal = principal
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def display_name(self) -> str:
+        return self.principal.tenant_id or ""
+
+
+class Refused(BaseUser):
+    """A caller without a usable key; ``reason`` is the answer an endpoint that needs one gives."""
+
+    def __init__(self, reason: ApiError) -> None:
+        self.reason = reason
+
+
+_ALL_SCOPES = AuthCredentials(list(SCOPES))
+_NO_SCOPES = AuthCredentials([])
+# The credentials of each scope a key can have: the scopes it grants.
+_CREDENTIALS = {scope: AuthCredentials(sorted(granted)) for scope, granted in GRANTS.items()}
+
+
+class KeyBackend(AuthenticationBackend):
+    """Starlette's authentication backend for API keys, using ``app.state.key_store``.
+
+    It never fails a request itself: an endpoint that needs no key (``/health``, ``/ready``,
+    ``/metrics``) answers whatever the header holds, and one that needs a key refuses in
+    :func:`requires` with the reason kept in :class:`Refused`.
+    """
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser]:
+        store: KeyStore = conn.app.state.key_store
+        if not store.enabled:
+            return _ALL_SCOPES, KeyHolder(UNRESTRICTED)
+        try:
+            principal = await _principal(store, conn.headers.get("authorization"))
+        except ApiError as reason:
+            return _NO_SCOPES, Refused(reason)
+        granted = _CREDENTIALS.get(principal.scope) if principal.scope is not None else None
+        return granted or _NO_SCOPES, KeyHolder(principal)
+
+
+# What both apps put in their middleware to know the caller of every request.
+AUTHENTICATION = Middleware(AuthenticationMiddleware, backend=KeyBackend())
+
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
+
+
+def check_scope(request: HTTPConnection, scope: Scope) -> Principal:
+    """The caller's principal when its key grants ``scope`` (:data:`GRANTS`); otherwise the
+    401 or 503 kept by :class:`KeyBackend`, or a 403 naming both scopes."""
+    user = request.user
+    if isinstance(user, Refused):
+        raise user.reason
+    assert isinstance(user, KeyHolder), "the app lacks the AUTHENTICATION middleware"
+    if scope not in request.auth.scopes:
+        raise ApiError(
             403,
             "forbidden",
-            f"this key has scope {principal.scope!r}; this endpoint needs {scope!r}",
+            f"this key has scope {user.principal.scope!r}; this endpoint needs {scope!r}",
             headers={"WWW-Authenticate": f'{_REALM}, error="insufficient_scope", scope="{scope}"'},
         )
-    return principal
+    return user.principal
+
+
+def requires(scope: Scope) -> Callable[[Endpoint], Endpoint]:
+    """Declares that an endpoint (a function or a method taking the request last) needs a
+    key granting ``scope``; without one it answers as :func:`check_scope` says."""
+
+    def declare(endpoint: Endpoint) -> Endpoint:
+        @wraps(endpoint)
+        async def checked(*args: Any) -> Response:
+            check_scope(args[-1], scope)
+            return await endpoint(*args)
+
+        return cast(Endpoint, checked)
+
+    return declare
+
+
+def principal_of(request: HTTPConnection) -> Principal:
+    """Who the request speaks for, in an endpoint declared with :func:`requires`."""
+    user = request.user
+    assert isinstance(user, KeyHolder), "the endpoint is not declared with requires()"
+    return user.principal
 
 
 def forbidden_tenant(principal: Principal, tenant_id: str) -> str | None:

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 from starlette.requests import ClientDisconnect, Request
 
+from api.errors import ApiError
+
 MiB = 1024 * 1024
 
 
-class BodyError(Exception):
+class BodyError(ApiError):
     """The body cannot be taken; ``status`` and ``code`` are what the API answers."""
 
     def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-
-    @property
-    def headers(self) -> dict[str, str]:
         # Unread body bytes of a refused request would still be received and
         # thrown away; closing the connection ends that.
-        return {"Connection": "close"} if self.status == 413 else {}
+        super().__init__(status, code, detail, {"Connection": "close"} if status == 413 else None)
 
 
 def check_content_type(request: Request) -> None:

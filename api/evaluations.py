@@ -30,25 +30,39 @@ buckets and stored rows read only windows from the horizon on (the others are go
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import psycopg
 from fastdigest import TDigest
+from msgspec import UNSET, Meta, UnsetType
 
-from api.params import PARAMETERS, InvalidParameter, MetricsQuery, parse_query
+from api.params import PARAMETERS, InvalidParameter, MetricsParameters, MetricsQuery, check_text, parse_query
 from api.queries import Deadline, check_edges, merge_digests, retention_horizon
 from schemas import rollups
 from schemas.evaluation_retention import HOUR, Scores, hour_of
-from schemas.events import EVALUATION_NAME_MAX_CHARS
+from schemas.events import EvaluationName
 from schemas.metrics import EvaluationDimensionRow, EvaluationRow, top_labels
 from schemas.rollups import merged_in_order
 
-EVALUATION_PARAMETERS = (*PARAMETERS, "name")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+class EvaluationParameters(MetricsParameters, kw_only=True):
+    """The query string of ``GET /v1/evaluations`` as the OpenAPI document shows it: that of
+    ``/v1/metrics``, then ``name`` (checked by :func:`parse_evaluation_query`)."""
+
+    name: (
+        Annotated[
+            EvaluationName, Meta(description="One evaluation name (docs/evaluations.md): its rows only.")
+        ]
+        | UnsetType
+    ) = UNSET
+
+
+EVALUATION_PARAMETERS: tuple[str, ...] = tuple(
+    field.encode_name for field in msgspec.structs.fields(EvaluationParameters)
+)
 
 _COLUMNS = (
     "tenant_id, route, model, window_start, window_end, name, evaluations, scores, score_sum, "
@@ -82,13 +96,7 @@ def parse_evaluation_query(params: Mapping[str, Sequence[str]]) -> EvaluationQue
     if names:
         if len(names) > 1:
             raise InvalidParameter(f"name: given {len(names)} times, expected once")
-        name = names[0]
-        if not name:
-            raise InvalidParameter("name: must not be empty")
-        if len(name) > EVALUATION_NAME_MAX_CHARS:
-            raise InvalidParameter(f"name: longer than {EVALUATION_NAME_MAX_CHARS} characters, as no name is")
-        if _CONTROL.search(name):
-            raise InvalidParameter("name: contains a control character, as no name does")
+        name = check_text("name", names[0], EvaluationName, "name")
     return EvaluationQuery(query, name)
 
 

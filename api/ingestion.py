@@ -18,8 +18,9 @@ request and a response event (:mod:`api.otlp`), judged and sent like the others.
 ``POST /v1/logs`` (OTLP/HTTP log exports) — become evaluations.
 
 Every endpoint but ``/health``, ``/ready`` and ``/metrics`` takes an ``ingest``
-API key (:mod:`api.auth`); an event of another tenant than the key's is refused
-(403, or that index in a batch), and responses are stamped with the key's tenant.
+API key (:mod:`api.auth`, declared with ``@requires("ingest")``); an event of another
+tenant than the key's is refused (403, or that index in a batch), and responses are
+stamped with the key's tenant.
 
 ``/ready`` answers 200 once the broker has the event topics and has given the
 producer its producer id; start-up waits for that (a few seconds at most), so
@@ -34,21 +35,21 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import NamedTuple, TypeVar
 
 import msgspec
 from confluent_kafka import KafkaException
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from api import otlp
-from api.auth import Principal, authenticate, check_event, open_key_store
+from api.auth import AUTHENTICATION, Principal, check_event, open_key_store, principal_of, requires
 from api.body import BodyError, MiB, check_content_type, read_body
-from api.errors import error_response, http_error, server_error
+from api.errors import EXCEPTION_HANDLERS, ApiError, api_error
 from api.observability import (
     INGESTION_ENDPOINTS,
     REJECTION_REASONS,
@@ -56,6 +57,7 @@ from api.observability import (
     Count,
     EndpointMetrics,
     IngestionMetrics,
+    ObservedEndpoints,
     metrics_route,
 )
 from api.producer import BrokerUnavailable, EventProducer
@@ -95,7 +97,6 @@ _ACCEPTED = b'{"status":"accepted"}'
 Record = tuple[str, bytes, bytes]
 T = TypeVar("T")
 Export = TypeVar("Export")
-Handler = Callable[[Request], Awaitable[Response]]
 # What a refusal's status says about the event (see _refuse), as the metrics' reason.
 _REFUSAL_REASONS = {400: "future_timestamp", 403: "other_tenant"}
 
@@ -129,26 +130,23 @@ async def _decode_body(
     invalid_code: str,
     sizes: Buckets,
     invalid: Count | None = None,
-) -> T | Response:
-    """The body decoded, or the 415/413/400 answer saying what is wrong with it.
+) -> T:
+    """The body decoded, or the 415/413/400 :class:`ApiError` saying what is wrong with it.
 
     ``invalid`` counts bodies read and found invalid: for a single event, that is the event.
     """
-    try:
-        check_content_type(request)
-        body = await read_body(request, limit)
-    except BodyError as error:
-        return error_response(error.status, error.code, error.detail, error.headers)
+    check_content_type(request)
+    body = await read_body(request, limit)
     sizes.observe(len(body))
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as error:
-        answer = error_response(400, invalid_code, str(error))
+        problem = ApiError(400, invalid_code, str(error))
     except (msgspec.DecodeError, UnicodeDecodeError) as error:
-        answer = error_response(400, "invalid_json", _malformed(error))
+        problem = ApiError(400, "invalid_json", _malformed(error))
     if invalid is not None:
         invalid.value += 1
-    return answer
+    raise problem
 
 
 async def _read_export(
@@ -224,10 +222,21 @@ def tenant_counts(principal: Principal, events: Sequence[IngestEvent]) -> Counte
     return Counter(event.tenant_id for event in events if event.tenant_id is not None)
 
 
-def _unavailable(detail: str) -> Response:
-    return error_response(
-        503, "broker_unavailable", detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
-    )
+def _unavailable(detail: str) -> ApiError:
+    return ApiError(503, "broker_unavailable", detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+# The OTLP/HTTP endpoints, which answer errors as a ``google.rpc.Status``.
+OTLP_PATHS = frozenset({"/v1/traces", "/v1/logs"})
+
+
+async def ingestion_error(request: Request, exc: Exception) -> Response:
+    """An :class:`ApiError` as its JSON body, or on the OTLP endpoints as a
+    ``google.rpc.Status`` in the request's encoding."""
+    if request.url.path in OTLP_PATHS:
+        assert isinstance(exc, ApiError)
+        return otlp.as_status(exc, otlp.answer_encoding(request.headers.get("content-type")))
+    return await api_error(request, exc)
 
 
 class Ingestion:
@@ -350,74 +359,59 @@ class Ingestion:
                     logger.warning("could not create the topics: %s", error)
             await asyncio.sleep(RECOVERY_INTERVAL_SECONDS)
 
-    async def _send(self, records: list[Record]) -> Response | None:
-        """None once the broker acknowledged every record; the 503 otherwise."""
+    async def _send(self, records: list[Record]) -> None:
+        """Returns once the broker acknowledged every record; raises the 503 otherwise."""
         assert self.producer is not None
         if not records:
-            return None
+            return
         self._in_flight.value += 1
         try:
             await self.producer.send(records)
         except BrokerUnavailable as error:
             self.recover_soon()
-            return _unavailable(f"{error.detail}; the events may not be stored, send them again")
+            raise _unavailable(f"{error.detail}; the events may not be stored, send them again") from None
         finally:
             self._in_flight.value -= 1
-        return None
 
     async def _send_within_quota(
         self, records: list[Record], counts: Counter[str], metrics: EndpointMetrics
-    ) -> Response | None:
-        """None once each tenant's events (``counts``) were taken from its quota and the broker
-        acknowledged every record, counted as the tenants' usage; the 429 or 503 otherwise."""
+    ) -> None:
+        """Returns once each tenant's events (``counts``) were taken from its quota and the
+        broker acknowledged every record, counted as the tenants' usage; raises the 429 or 503
+        otherwise."""
         assert self.quotas is not None
         try:
             await self.quotas.admit(counts)
         except OverQuota as refusal:
             metrics.rejected["over_quota"].value += sum(counts.values())
-            return error_response(
+            raise ApiError(
                 429, "over_quota", str(refusal), headers={"Retry-After": str(refusal.retry_after)}
-            )
-        failure = await self._send(records)
-        if failure is None:
-            for tenant, count in counts.items():
-                self.quotas.count(tenant, accepted=count)
-        return failure
+            ) from None
+        await self._send(records)
+        for tenant, count in counts.items():
+            self.quotas.count(tenant, accepted=count)
 
-    def observed(self, endpoint: str, handler: Handler) -> Handler:
-        """``handler`` with its answers counted by status and timed."""
-        metrics = self._endpoints[endpoint]
-        clock = time.perf_counter
-
-        async def observed(request: Request) -> Response:
-            started = clock()
-            try:
-                response = await handler(request)
-            except Exception:
-                metrics.answered(500, clock() - started)
-                raise
-            metrics.answered(response.status_code, clock() - started)
-            return response
-
-        return observed
+    def endpoint_metrics(self, endpoint: str) -> EndpointMetrics:
+        """The metrics of ``endpoint`` (one of ``INGESTION_ENDPOINTS``)."""
+        return self._endpoints[endpoint]
 
     # -- endpoints ---------------------------------------------------------------
 
+    @requires("ingest")
     async def post_request(self, request: Request) -> Response:
         return await self._post_one(request, request_decoder, self._endpoints["request"])
 
+    @requires("ingest")
     async def post_response(self, request: Request) -> Response:
         return await self._post_one(request, response_decoder, self._endpoints["response"])
 
+    @requires("ingest")
     async def post_evaluation(self, request: Request) -> Response:
         return await self._post_one(request, evaluation_decoder, self._endpoints["evaluation"])
 
     async def _post_one(
         self, request: Request, decoder: msgspec.json.Decoder, metrics: EndpointMetrics
     ) -> Response:
-        principal = await authenticate(request, "ingest")
-        if isinstance(principal, Response):
-            return principal
         event = await _decode_body(
             request,
             EVENT_BODY_LIMIT,
@@ -426,31 +420,23 @@ class Ingestion:
             metrics.body_bytes,
             metrics.rejected["invalid"],
         )
-        if isinstance(event, Response):
-            return event
+        principal = principal_of(request)
         refusal = _refuse(principal, event, time.time())
         if refusal is not None:
             status, detail = refusal
             metrics.rejected[_REFUSAL_REASONS[status]].value += 1
-            return error_response(status, "invalid_event" if status == 400 else "forbidden", detail)
-        failure = await self._send_within_quota(
-            [to_record(event)], tenant_counts(principal, [event]), metrics
-        )
-        if failure is not None:
-            return failure
+            raise ApiError(status, "invalid_event" if status == 400 else "forbidden", detail)
+        await self._send_within_quota([to_record(event)], tenant_counts(principal, [event]), metrics)
         metrics.accepted.value += 1
         return Response(_ACCEPTED, status_code=202, media_type="application/json")
 
+    @requires("ingest")
     async def post_events(self, request: Request) -> Response:
         metrics = self._endpoints["events"]
-        principal = await authenticate(request, "ingest")
-        if isinstance(principal, Response):
-            return principal
         batch = await _decode_body(
             request, BATCH_BODY_LIMIT, batch_decoder, "invalid_batch", metrics.body_bytes
         )
-        if isinstance(batch, Response):
-            return batch
+        principal = principal_of(request)
         records: list[Record] = []
         events: list[IngestEvent] = []
         rejected: list[dict[str, object]] = []
@@ -473,9 +459,7 @@ class Ingestion:
         # All or nothing: a batch over its quota is refused whole, to be sent again; and
         # all-or-503: which records of a failed send were stored cannot be known, so the
         # client resends the batch and duplicates are ignored downstream.
-        failure = await self._send_within_quota(records, tenant_counts(principal, events), metrics)
-        if failure is not None:
-            return failure
+        await self._send_within_quota(records, tenant_counts(principal, events), metrics)
         metrics.accepted.value += len(records)
         if rejected:
             return _json(207, {"accepted": len(records), "rejected": rejected})
@@ -483,30 +467,20 @@ class Ingestion:
 
     async def _otlp_export(
         self, request: Request, metrics: EndpointMetrics, decode: Callable[[bytes, otlp.Encoding], Export]
-    ) -> tuple[Principal, otlp.Encoding, Export] | Response:
-        """The key, the encoding and the export of an OTLP/HTTP request, or the
-        ``google.rpc.Status`` answer saying why not."""
-        encoding = otlp.answer_encoding(request.headers.get("content-type"))
-        principal = await authenticate(request, "ingest")
-        if isinstance(principal, Response):
-            return otlp.as_status(principal, encoding)
-        try:
-            encoding = otlp.request_encoding(request.headers.get("content-type"))
-            export = await _read_export(request, encoding, metrics.body_bytes, decode)
-        except BodyError as error:
-            failure = error_response(error.status, error.code, error.detail, error.headers)
-            return otlp.as_status(failure, encoding)
-        return principal, encoding, export
+    ) -> tuple[otlp.Encoding, Export]:
+        """The encoding and the export of an OTLP/HTTP request, or the :class:`ApiError`
+        saying why not (answered as a ``google.rpc.Status`` by :func:`ingestion_error`)."""
+        encoding = otlp.request_encoding(request.headers.get("content-type"))
+        return encoding, await _read_export(request, encoding, metrics.body_bytes, decode)
 
+    @requires("ingest")
     async def post_traces(self, request: Request) -> Response:
         """OTLP/HTTP: 200 with an ``ExportTraceServiceResponse`` (``partial_success`` naming
         the first rejected span or evaluation event), errors as a ``google.rpc.Status``, in
         the request's encoding."""
         metrics = self._endpoints["traces"]
-        read = await self._otlp_export(request, metrics, otlp.decode_export)
-        if isinstance(read, Response):
-            return read
-        principal, encoding, export = read
+        encoding, export = await self._otlp_export(request, metrics, otlp.decode_export)
+        principal = principal_of(request)
         mapped = otlp.calls_from_export(export, principal.tenant_id)
         rejected = mapped.rejected
         metrics.rejected["invalid"].value += len(rejected) - mapped.rejected_evaluations
@@ -530,32 +504,25 @@ class Ingestion:
         records.extend(evaluations)
         # All or nothing, as for a batch: OTLP exporters send the whole export again
         # (after Retry-After for a 429, a status the SDK retries).
-        failure = await self._send_within_quota(
-            records, tenant_counts(principal, events + evaluated), metrics
-        )
-        if failure is not None:
-            return otlp.as_status(failure, encoding)
+        await self._send_within_quota(records, tenant_counts(principal, events + evaluated), metrics)
         metrics.accepted.value += spans
         self._span_evaluations.accepted.value += len(evaluations)
         return otlp.export_response(rejected, encoding)
 
+    @requires("ingest")
     async def post_logs(self, request: Request) -> Response:
         """OTLP/HTTP log exports, answered as :meth:`post_traces` answers: each
         ``gen_ai.evaluation.result`` log record is an evaluation, other records are ignored."""
         metrics = self._endpoints["logs"]
-        read = await self._otlp_export(request, metrics, otlp.decode_logs_export)
-        if isinstance(read, Response):
-            return read
-        principal, encoding, export = read
+        encoding, export = await self._otlp_export(request, metrics, otlp.decode_logs_export)
+        principal = principal_of(request)
         found = otlp.evaluations_from_logs(export, principal.tenant_id)
         rejected = found.rejected
         metrics.rejected["invalid"].value += len(rejected)
         records, evaluated = _evaluation_records(
             principal, found.evaluations, rejected, metrics.rejected, time.time()
         )
-        failure = await self._send_within_quota(records, tenant_counts(principal, evaluated), metrics)
-        if failure is not None:
-            return otlp.as_status(failure, encoding)
+        await self._send_within_quota(records, tenant_counts(principal, evaluated), metrics)
         metrics.accepted.value += len(records)
         return otlp.logs_export_response(rejected, encoding)
 
@@ -576,13 +543,13 @@ class Ingestion:
         assert self.producer is not None
         topics = await self.producer.reachable()
         if topics is None:
-            answer = _unavailable(f"the broker at {self.producer.brokers} does not answer")
+            answer = _unavailable(f"the broker at {self.producer.brokers} does not answer").response()
         elif not topics >= EVENT_TOPICS:
             self.recover_soon()
             missing = ", ".join(sorted(EVENT_TOPICS - topics))
-            answer = _unavailable(f"the broker has no topic {missing} (being created)")
+            answer = _unavailable(f"the broker has no topic {missing} (being created)").response()
         elif not self.producer.initialised:
-            answer = _unavailable("the producer has no producer id from the broker yet")
+            answer = _unavailable("the producer has no producer id from the broker yet").response()
         else:
             answer = _json(200, {"status": "ready"})
         self._ready_answer = answer
@@ -593,21 +560,26 @@ class Ingestion:
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ingestion app; ``settings`` None reads the environment when the app starts."""
     ingestion = Ingestion(settings)
-    observed = ingestion.observed
+    # Each observed endpoint: its path, its name in the metrics' labels, its handler.
+    endpoints = [
+        ("/v1/llm/request", "request", ingestion.post_request),
+        ("/v1/llm/response", "response", ingestion.post_response),
+        ("/v1/llm/evaluation", "evaluation", ingestion.post_evaluation),
+        ("/v1/llm/events", "events", ingestion.post_events),
+        ("/v1/traces", "traces", ingestion.post_traces),
+        ("/v1/logs", "logs", ingestion.post_logs),
+    ]
     routes = [
-        Route("/v1/llm/request", observed("request", ingestion.post_request), methods=["POST"]),
-        Route("/v1/llm/response", observed("response", ingestion.post_response), methods=["POST"]),
-        Route("/v1/llm/evaluation", observed("evaluation", ingestion.post_evaluation), methods=["POST"]),
-        Route("/v1/llm/events", observed("events", ingestion.post_events), methods=["POST"]),
-        Route("/v1/traces", observed("traces", ingestion.post_traces), methods=["POST"]),
-        Route("/v1/logs", observed("logs", ingestion.post_logs), methods=["POST"]),
+        *(Route(path, handler, methods=["POST"]) for path, _, handler in endpoints),
         Route("/health", ingestion.health, methods=["GET"]),
         Route("/ready", ingestion.ready, methods=["GET"]),
         metrics_route(ingestion.metrics),
     ]
+    observed = {path: ingestion.endpoint_metrics(name) for path, name, _ in endpoints}
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        middleware=[Middleware(ObservedEndpoints, endpoints=observed), AUTHENTICATION],
+        exception_handlers={**EXCEPTION_HANDLERS, ApiError: ingestion_error},
         lifespan=ingestion.lifespan,
     )
     app.state.ingestion = ingestion

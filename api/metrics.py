@@ -24,32 +24,27 @@ import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from api import alerts, tenants, usage
-from api.auth import authenticate, forbidden_tenant, open_key_store
+from api.auth import AUTHENTICATION, forbidden_tenant, open_key_store, principal_of, requires
 from api.dashboard import routes as dashboard_routes
-from api.errors import error_response, http_error, server_error
-from api.evaluations import EvaluationQuery, EvaluationsPage, fetch_evaluations, parse_evaluation_query
-from api.observability import OutageLog, QueryMetrics, metrics_route
-from api.params import (
-    BUCKETS,
-    DEFAULT_LIMIT,
-    DIMENSIONS,
-    MAX_LIMIT,
-    InvalidParameter,
-    MetricsQuery,
-    multi_dict,
-    parse_query,
+from api.errors import EXCEPTION_HANDLERS, ApiError
+from api.evaluations import (
+    EvaluationParameters,
+    EvaluationQuery,
+    EvaluationsPage,
+    fetch_evaluations,
+    parse_evaluation_query,
 )
+from api.observability import OutageLog, QueryMetrics, metrics_route
+from api.openapi import SECURITY, Spec
+from api.params import InvalidParameter, MetricsParameters, MetricsQuery, multi_dict, parse_query
 from api.queries import Deadline, DeadlineExceeded, fetch_rollup, parameters, window_row, windows_sql
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
-from schemas.dimensions import VALUE_MAX_CHARS
-from schemas.events import EVALUATION_NAME_MAX_CHARS
 from schemas.logs import configure_logging
 from schemas.metrics import DimensionRow, EvaluationDimensionRow, EvaluationRow, MetricsRow
 from schemas.tenant_settings import changes_async
@@ -99,12 +94,12 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(_encoder.encode(body), status_code=status, media_type="application/json")
 
 
-def _unavailable(request: Request, error: Exception, kind: str) -> Response:
+def unavailable(request: Request, error: Exception, kind: str) -> ApiError:
     """The 503 for a failed use of Postgres by ``kind`` of request, counted and logged once an outage."""
     request.app.state.observed.database_errors.labels(kind).value += 1
     first_line = (str(error).strip().splitlines() or [""])[0]
     request.app.state.postgres.lost(f"{type(error).__name__}: {first_line}")
-    return error_response(
+    return ApiError(
         503,
         "unavailable",
         "the metrics database did not answer; retry later",
@@ -194,18 +189,16 @@ async def _fetch(
         rollup_slots.release()
 
 
+@requires("read")
 async def metrics(request: Request) -> Response:
     started = time.perf_counter()
-    principal = await authenticate(request, "read")
-    if isinstance(principal, Response):
-        return principal
     try:
         query = parse_query(multi_dict(request.query_params.multi_items()))
     except InvalidParameter as error:
-        return error_response(400, "invalid_parameter", str(error))
-    refusal = forbidden_tenant(principal, query.tenant_id)
+        raise ApiError(400, "invalid_parameter", str(error)) from None
+    refusal = forbidden_tenant(principal_of(request), query.tenant_id)
     if refusal is not None:
-        return error_response(403, "forbidden", refusal)
+        raise ApiError(403, "forbidden", refusal)
     kind = "rollup" if query.is_rollup else "windows"
     observed: QueryMetrics = request.app.state.observed
     try:
@@ -220,19 +213,20 @@ async def metrics(request: Request) -> Response:
         )
     except InvalidParameter as error:  # a dimension the tenant does not have
         request.app.state.postgres.back()
-        answer = error_response(400, "invalid_parameter", str(error))
+        failure = ApiError(400, "invalid_parameter", str(error))
     except DeadlineExceeded as error:
-        answer = error_response(
+        failure = ApiError(
             503, "deadline_exceeded", str(error), headers={"Retry-After": RETRY_ROLLUP_SECONDS}
         )
     except (psycopg.Error, psycopg_pool.PoolTimeout, DatabaseTimeout) as error:
-        answer = _unavailable(request, error, kind)
+        failure = unavailable(request, error, kind)
     else:
         request.app.state.postgres.back()
         observed.rows_returned.labels(kind).value += len(rows)
-        answer = _json(MetricsPage(metrics=rows, count=len(rows)))
+        observed.request_seconds.labels(kind).observe(time.perf_counter() - started)
+        return _json(MetricsPage(metrics=rows, count=len(rows)))
     observed.request_seconds.labels(kind).observe(time.perf_counter() - started)
-    return answer
+    raise failure
 
 
 async def _fetch_evaluations(
@@ -243,33 +237,32 @@ async def _fetch_evaluations(
         return await fetch_evaluations(conn, asked, deadline)
 
 
+@requires("read")
 async def evaluations(request: Request) -> Response:
     started = time.perf_counter()
-    principal = await authenticate(request, "read")
-    if isinstance(principal, Response):
-        return principal
     try:
         asked = parse_evaluation_query(multi_dict(request.query_params.multi_items()))
     except InvalidParameter as error:
-        return error_response(400, "invalid_parameter", str(error))
-    refusal = forbidden_tenant(principal, asked.query.tenant_id)
+        raise ApiError(400, "invalid_parameter", str(error)) from None
+    refusal = forbidden_tenant(principal_of(request), asked.query.tenant_id)
     if refusal is not None:
-        return error_response(403, "forbidden", refusal)
+        raise ApiError(403, "forbidden", refusal)
     kind = "evaluations"
     observed: QueryMetrics = request.app.state.observed
     try:
         rows = await bounded(_fetch_evaluations(request.app.state.pool, asked), DATABASE_TIMEOUT_SECONDS)
     except InvalidParameter as error:  # a range cutting a bucket before the retention horizon
         request.app.state.postgres.back()
-        answer = error_response(400, "invalid_parameter", str(error))
+        failure = ApiError(400, "invalid_parameter", str(error))
     except (psycopg.Error, psycopg_pool.PoolTimeout, DatabaseTimeout) as error:
-        answer = _unavailable(request, error, kind)
+        failure = unavailable(request, error, kind)
     else:
         request.app.state.postgres.back()
         observed.rows_returned.labels(kind).value += len(rows)
-        answer = _json(EvaluationsPage(evaluations=rows, count=len(rows)))
+        observed.request_seconds.labels(kind).observe(time.perf_counter() - started)
+        return _json(EvaluationsPage(evaluations=rows, count=len(rows)))
     observed.request_seconds.labels(kind).observe(time.perf_counter() - started)
-    return answer
+    raise failure
 
 
 async def health(request: Request) -> Response:
@@ -300,7 +293,7 @@ async def _ping(pool: psycopg_pool.AsyncConnectionPool) -> None:
 async def ready(request: Request) -> Response:
     pool: psycopg_pool.AsyncConnectionPool = request.app.state.pool
     if not request.app.state.schema_ready.is_set():
-        return error_response(
+        raise ApiError(
             503,
             "unavailable",
             "the metrics table is not prepared yet; retry later",
@@ -309,252 +302,102 @@ async def ready(request: Request) -> Response:
     try:
         await bounded(_ping(pool), READY_TIMEOUT_SECONDS)
     except (psycopg.Error, psycopg_pool.PoolTimeout, DatabaseTimeout) as error:
-        return _unavailable(request, error, "ready")
+        raise unavailable(request, error, "ready") from None
     request.app.state.postgres.back()
     return _json({"status": "ready"})
 
 
 def openapi_document() -> dict[str, Any]:
-    """The API's OpenAPI 3.1 description; the row schemas come from :class:`MetricsRow` and
-    :class:`DimensionRow`."""
-    _, components = msgspec.json.schema_components(
-        [MetricsRow, DimensionRow, EvaluationRow, EvaluationDimensionRow],
-        ref_template="#/components/schemas/{name}",
-    )
-    row_ref = {"$ref": "#/components/schemas/MetricsRow"}
-    dimension_row_ref = {"$ref": "#/components/schemas/DimensionRow"}
-    timestamp = {"type": "string", "format": "date-time"}
-
-    def parameter(
-        name: str, description: str, schema: dict[str, Any], required: bool = False
-    ) -> dict[str, Any]:
-        return {
-            "name": name,
-            "in": "query",
-            "required": required,
-            "description": description,
-            "schema": schema,
-        }
-
-    error = {
-        "description": '{"error": code, "detail": what and where}',
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    """The API's OpenAPI 3.1 description, made from the types it checks and answers with
+    (:mod:`api.openapi`): the parameters from :class:`MetricsParameters` and
+    :class:`EvaluationParameters`, the rows from :class:`MetricsRow` and the others."""
+    spec = Spec()
+    unauthorized = spec.error("No valid API key (`Authorization: Bearer`).")
+    refused = {
+        "400": spec.error(
+            "A parameter is malformed, missing or unknown, or `dimension` is not one of the "
+            "tenant's; `detail` starts with its name."
+        ),
+        "401": unauthorized,
+        "403": spec.error("The key is not a `read` key, or not of this tenant."),
+        "503": spec.error(
+            "`unavailable`: Postgres did not answer in time. `deadline_exceeded`: the roll-up needs "
+            "more work than one request may do; what it merged is kept, so a retry goes on from there."
+        ),
     }
-    document: dict[str, Any] = {
-        "openapi": "3.1.0",
-        "info": {"title": "StreamLens query API", "version": "1"},
-        "paths": {
-            "/v1/metrics": {
-                "get": {
-                    "summary": "Per-window LLM call metrics of one tenant, or their roll-ups",
-                    "security": [{"apiKey": []}],
-                    "parameters": [
-                        parameter(
-                            "tenant_id",
-                            "The tenant whose metrics to read.",
-                            {"type": "string", "minLength": 1, "maxLength": 128},
-                            True,
-                        ),
-                        parameter(
-                            "route",
-                            "Only this route (exact match).",
-                            {"type": "string", "minLength": 1, "maxLength": 255},
-                        ),
-                        parameter(
-                            "model",
-                            "Only this model (exact match).",
-                            {"type": "string", "minLength": 1, "maxLength": 255},
-                        ),
-                        parameter(
-                            "from",
-                            "Windows starting at or after this time (RFC 3339 with an offset; inclusive).",
-                            timestamp,
-                        ),
-                        parameter(
-                            "to",
-                            "Windows starting before this time (RFC 3339 with an "
-                            "offset; exclusive). Must be after `from`.",
-                            timestamp,
-                        ),
-                        parameter(
-                            "limit",
-                            "Most rows (or buckets) to return; newest first.",
-                            {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
-                        ),
-                        parameter(
-                            "bucket",
-                            "Merge windows into epoch-aligned buckets of this "
-                            "size: sums summed, averages weighted, percentiles from the "
-                            "merged t-digests, revision the highest of the windows.",
-                            {"type": "string", "enum": list(BUCKETS)},
-                        ),
-                        parameter(
-                            "group_by",
-                            "Comma-separated subset of route,model to keep "
-                            "(default both); dimensions left out are merged across and "
-                            "reported as null. Empty: one row per bucket for the tenant.",
-                            {"type": "string", "default": ",".join(DIMENSIONS)},
-                        ),
-                        parameter(
-                            "dimension",
-                            "One of the tenant's dimensions (`metadata.<key>`, `provider`, "
-                            "`finish_reason`, `user`; its own setting, past ones included, or the "
-                            "`DIMENSIONS` default): its rows instead of the main rows, one per window, "
-                            "key and value, each with `dimension` and `value` (`DimensionRow`). "
-                            "`bucket` and `group_by` merge them within each value.",
-                            {"type": "string", "minLength": 1},
-                        ),
-                        parameter(
-                            "value",
-                            "With `dimension`: only the rows of this value (`(other)`: the values "
-                            "merged beyond each window's most frequent). Empty (`value=`): the calls "
-                            "without a value, whose rows have value null.",
-                            {"type": "string", "maxLength": VALUE_MAX_CHARS},
-                        ),
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "Rows newest first, then by route and model; with "
-                            "`dimension`, then by value (null first). Route, model and value "
-                            "in code-point order.",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "required": ["metrics", "count"],
-                                        "properties": {
-                                            "metrics": {
-                                                "type": "array",
-                                                "items": {"anyOf": [row_ref, dimension_row_ref]},
-                                            },
-                                            "count": {"type": "integer"},
-                                        },
-                                    }
-                                }
-                            },
-                        },
-                        "400": error
-                        | {
-                            "description": "A parameter is malformed, missing or "
-                            "unknown, or `dimension` is not one of the tenant's; `detail` starts "
-                            "with its name."
-                        },
-                        "401": error | {"description": "No valid API key (`Authorization: Bearer`)."},
-                        "403": error | {"description": "The key is not a `read` key, or not of this tenant."},
-                        "503": error
-                        | {
-                            "description": "`unavailable`: Postgres did not answer in time. "
-                            "`deadline_exceeded`: the roll-up needs more work than one request "
-                            "may do; what it merged is kept, so a retry goes on from there."
-                        },
-                    },
-                }
-            },
-            **tenants.openapi_paths(error),
-            "/health": {
-                "get": {"summary": "The process is alive", "responses": {"200": {"description": "alive"}}}
-            },
-            "/ready": {
-                "get": {
-                    "summary": "Postgres answers",
-                    "responses": {"200": {"description": "ready"}, "503": error},
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "This API's own metrics, in the Prometheus text format",
-                    "responses": {"200": {"description": "Prometheus text exposition"}},
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "security": [{"apiKey": []}],
-                    "responses": {
-                        "200": {"description": "OpenAPI 3.1"},
-                        "401": error | {"description": "No valid API key (`Authorization: Bearer`)."},
-                        "403": error | {"description": "The key is not a `read` key."},
-                    },
-                }
-            },
-        },
-        "components": {
-            "securitySchemes": {
-                "apiKey": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "A `read` key of the tenant: `just create-key TENANT --scope read`.",
-                }
-            },
-            "schemas": components
-            | {
-                "Error": {
-                    "type": "object",
-                    "required": ["error", "detail"],
-                    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
-                }
-            },
-        },
-    }
-    document["paths"]["/v1/evaluations"] = _evaluations_path(document["paths"]["/v1/metrics"]["get"])
-    for paths, schemas in (alerts.openapi(error), usage.openapi(error)):
-        document["paths"] |= paths
-        document["components"]["schemas"] |= schemas
-    return document
-
-
-def _evaluations_path(metrics: dict[str, Any]) -> dict[str, Any]:
-    """``/v1/evaluations``: the parameters of ``/v1/metrics``, plus ``name``."""
-    parameters = list(metrics["parameters"])
-    parameters.append(
-        {
-            "name": "name",
-            "in": "query",
-            "required": False,
-            "description": "One evaluation name (docs/evaluations.md): its rows only.",
-            "schema": {"type": "string", "minLength": 1, "maxLength": EVALUATION_NAME_MAX_CHARS},
-        }
-    )
-    page = {
-        "type": "object",
-        "required": ["evaluations", "count"],
-        "properties": {
-            "evaluations": {
-                "type": "array",
-                "items": {
-                    "oneOf": [
-                        {"$ref": "#/components/schemas/EvaluationRow"},
-                        {"$ref": "#/components/schemas/EvaluationDimensionRow"},
-                    ]
+    paths = {
+        "/v1/metrics": {
+            "get": {
+                "summary": "Per-window LLM call metrics of one tenant, or their roll-ups",
+                "security": SECURITY,
+                "parameters": spec.parameters(MetricsParameters),
+                "responses": {
+                    "200": spec.answer(
+                        "Rows newest first, then by route and model; with `dimension`, then by value "
+                        "(null first). Route, model and value in code-point order.",
+                        spec.page(MetricsPage, [MetricsRow, DimensionRow]),
+                    ),
+                    **refused,
                 },
-            },
-            "count": {"type": "integer"},
+            }
         },
+        **tenants.openapi(spec),
+        "/health": {
+            "get": {"summary": "The process is alive", "responses": {"200": {"description": "alive"}}}
+        },
+        "/ready": {
+            "get": {
+                "summary": "Postgres answers",
+                "responses": {
+                    "200": {"description": "ready"},
+                    "503": spec.error("Postgres does not answer, or the schema is not prepared yet."),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "This API's own metrics, in the Prometheus text format",
+                "responses": {"200": {"description": "Prometheus text exposition"}},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": SECURITY,
+                "responses": {
+                    "200": {"description": "OpenAPI 3.1"},
+                    "401": unauthorized,
+                    "403": spec.error("The key is not a `read` key."),
+                },
+            }
+        },
+        "/v1/evaluations": {
+            "get": {
+                "summary": "Evaluation rows (scores and labels per window, key and name), or their roll-ups",
+                "security": SECURITY,
+                "parameters": spec.parameters(EvaluationParameters),
+                "responses": {
+                    "200": spec.answer(
+                        "Rows newest first, then by route, model, name (and value, null first); "
+                        "with `dimension`, one per value (`EvaluationDimensionRow`)",
+                        spec.page(EvaluationsPage, [EvaluationRow, EvaluationDimensionRow]),
+                    ),
+                    **refused,
+                },
+            }
+        },
+        **alerts.openapi(spec),
+        **usage.openapi(spec),
     }
-    responses = dict(metrics["responses"])
-    responses["200"] = {
-        "description": "Rows newest first, then by route, model, name (and value, null first); "
-        "with `dimension`, one per value (`EvaluationDimensionRow`)",
-        "content": {"application/json": {"schema": page}},
-    }
-    return {
-        "get": {
-            "summary": "Evaluation rows (scores and labels per window, key and name), or their roll-ups",
-            "security": metrics["security"],
-            "parameters": parameters,
-            "responses": responses,
-        }
-    }
+    return spec.document("StreamLens query API", paths)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     """The app; with no ``settings`` they are read from the environment at start-up."""
     document = _encoder.encode(openapi_document())
 
+    @requires("read")
     async def openapi(request: Request) -> Response:
-        principal = await authenticate(request, "read")
-        if isinstance(principal, Response):
-            return principal
         return Response(document, media_type="application/json")
 
     observed = QueryMetrics()
@@ -616,7 +459,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             metrics_route(observed),
             *dashboard_routes(),
         ],
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        middleware=[AUTHENTICATION],
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.observed = observed

@@ -43,6 +43,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from starlette.responses import Response
 
 from api.body import BodyError, MiB
+from api.errors import ApiError
 from schemas.dimensions import VALUE_MAX_CHARS
 from schemas.events import (
     METADATA_MAX_BYTES,
@@ -882,25 +883,17 @@ _STATUS_CODES = {
     415: code_pb2.INVALID_ARGUMENT,
     503: code_pb2.UNAVAILABLE,
 }
-_error_decoder = msgspec.json.Decoder(dict[str, str])
 
 
-def as_status(error: Response, encoding: Encoding) -> Response:
-    """An error answer of :mod:`api.errors` as OTLP wants it: a ``google.rpc.Status``
-    in the request's encoding, same HTTP status and headers."""
-    shape = _error_decoder.decode(bytes(error.body))
+def as_status(error: ApiError, encoding: Encoding) -> Response:
+    """An error of :mod:`api.errors` as OTLP wants it: a ``google.rpc.Status`` in the
+    request's encoding, with the HTTP status and headers the JSON answer would have."""
     status = status_pb2.Status(
-        code=_STATUS_CODES.get(error.status_code, code_pb2.UNKNOWN),
-        message=f"{shape.get('error', 'error')}: {shape.get('detail', '')}",
+        code=_STATUS_CODES.get(error.status, code_pb2.UNKNOWN), message=f"{error.code}: {error.detail}"
     )
-    headers = {
-        name: value
-        for name, value in error.headers.items()
-        if name.lower() not in ("content-length", "content-type")
-    }
     return Response(
         _encoded(status, encoding),
-        status_code=error.status_code,
-        headers=headers,
+        status_code=error.status,
+        headers=dict(error.headers),
         media_type=_media_type(encoding),
     )

@@ -2,6 +2,10 @@
 
 Every rejection is an :class:`InvalidParameter` whose message starts with the
 parameter's name, so a 400 tells the caller exactly what to fix.
+
+:class:`MetricsParameters` declares the parameters for the OpenAPI document
+(:mod:`api.openapi`); their limits are the ``Meta`` of the types of :mod:`schemas` it
+names, which :func:`check_text` reads, so the document and the checks cannot differ.
 """
 
 from __future__ import annotations
@@ -9,37 +13,99 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
-from schemas.dimensions import VALUE_MAX_CHARS, InvalidDimension, check_name
+from schemas.dimensions import DimensionName, InvalidDimension, StoredValue, check_name
+from schemas.events import Identifier, StoredName, Timestamp
 
 DEFAULT_LIMIT = 60
 MAX_LIMIT = 1000
+Limit = Annotated[int, Meta(ge=1, le=MAX_LIMIT)]
 
 BUCKETS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "1d": 86400}
 DIMENSIONS: tuple[str, ...] = ("route", "model")
 
-PARAMETERS: tuple[str, ...] = (
-    "tenant_id",
-    "route",
-    "model",
-    "from",
-    "to",
-    "limit",
-    "bucket",
-    "group_by",
-    "dimension",
-    "value",
-)
 
-_Timestamp = Annotated[datetime, Meta(tz=True)]
+class MetricsParameters(Struct, kw_only=True, rename={"start": "from", "end": "to"}):
+    """The query string of ``GET /v1/metrics`` as the OpenAPI document shows it, in order: each
+    field's type has the limits :func:`parse_query` checks and the parameter's description.
+    Never decoded: :func:`parse_query` answers what is wrong, naming the parameter."""
+
+    tenant_id: Annotated[Identifier, Meta(description="The tenant whose metrics to read.")]
+    route: Annotated[StoredName, Meta(description="Only this route (exact match).")] | UnsetType = UNSET
+    model: Annotated[StoredName, Meta(description="Only this model (exact match).")] | UnsetType = UNSET
+    start: (
+        Annotated[
+            Timestamp,
+            Meta(description="Windows starting at or after this time (RFC 3339 with an offset; inclusive)."),
+        ]
+        | UnsetType
+    ) = UNSET
+    end: (
+        Annotated[
+            Timestamp,
+            Meta(
+                description="Windows starting before this time (RFC 3339 with an "
+                "offset; exclusive). Must be after `from`."
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    limit: Annotated[Limit, Meta(description="Most rows (or buckets) to return; newest first.")] = (
+        DEFAULT_LIMIT
+    )
+    bucket: (
+        Annotated[
+            str,
+            Meta(
+                description="Merge windows into epoch-aligned buckets of this "
+                "size: sums summed, averages weighted, percentiles from the "
+                "merged t-digests, revision the highest of the windows.",
+                extra_json_schema={"enum": list(BUCKETS)},
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    group_by: Annotated[
+        str,
+        Meta(
+            description="Comma-separated subset of route,model to keep "
+            "(default both); dimensions left out are merged across and "
+            "reported as null. Empty: one row per bucket for the tenant."
+        ),
+    ] = ",".join(DIMENSIONS)
+    dimension: (
+        Annotated[
+            DimensionName,
+            Meta(
+                description="One of the tenant's dimensions (`metadata.<key>`, `provider`, "
+                "`finish_reason`, `user`; its own setting, past ones included, or the "
+                "`DIMENSIONS` default): its rows instead of the main rows, one per window, "
+                "key and value, each with `dimension` and `value` (`DimensionRow`). "
+                "`bucket` and `group_by` merge them within each value."
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    value: (
+        Annotated[
+            StoredValue,
+            Meta(
+                description="With `dimension`: only the rows of this value (`(other)`: the values "
+                "merged beyond each window's most frequent). Empty (`value=`): the calls "
+                "without a value, whose rows have value null."
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+
+
+PARAMETERS: tuple[str, ...] = tuple(field.encode_name for field in msgspec.structs.fields(MetricsParameters))
+
 _DIGITS = re.compile(r"[0-9]+")
-# Tenant ids never hold control characters (as in events); no stored text holds NUL.
-_TENANT_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
-_NAME_FORBIDDEN = re.compile(r"\x00")
 # A '+' in a query string decodes to a space; the offset then reads " hh:mm".
 _SPACE_OFFSET = re.compile(r".*[0-9] [0-9]{2}:[0-9]{2}$")
 
@@ -80,25 +146,40 @@ def _single(params: Mapping[str, Sequence[str]], name: str) -> str | None:
     return values[0]
 
 
-def _name(
-    params: Mapping[str, Sequence[str]], name: str, max_length: int, forbidden: re.Pattern[str]
-) -> str | None:
+def _constraint(kind: Any, name: str) -> Any:
+    """The constraint ``name`` (``max_length``, ``pattern``, ``le``, ...) of ``kind``, an
+    ``Annotated`` type whose ``Meta`` may be nested (the outermost wins); None if it has none."""
+    found = [getattr(meta, name) for meta in getattr(kind, "__metadata__", ()) if isinstance(meta, Meta)]
+    return next((value for value in reversed(found) if value is not None), None)
+
+
+def check_text(name: str, text: str, kind: Any, unlike: str = "") -> str:
+    """``text`` when ``kind`` (an ``Annotated`` ``str`` of :mod:`schemas`) allows it, else an
+    :class:`InvalidParameter` naming ``name``; ``unlike`` says what no such text is (``"name"``:
+    ", as no name is"). The patterns of those types refuse control characters (all, or NUL)."""
+    min_length = _constraint(kind, "min_length") or 0
+    max_length = _constraint(kind, "max_length")
+    pattern = _constraint(kind, "pattern")
+    is_not, does_not = (f", as no {unlike} is", f", as no {unlike} does") if unlike else ("", "")
+    if len(text) < min_length:
+        short = "must not be empty" if min_length == 1 else f"shorter than {min_length} characters"
+        raise InvalidParameter(f"{name}: {short}")
+    if max_length is not None and len(text) > max_length:
+        raise InvalidParameter(f"{name}: longer than {max_length} characters{is_not}")
+    if pattern is not None and not re.search(pattern, text):
+        raise InvalidParameter(f"{name}: contains a control character{does_not}")
+    return text
+
+
+def _name(params: Mapping[str, Sequence[str]], name: str, kind: Any) -> str | None:
     value = _single(params, name)
-    if value is None:
-        return None
-    if not value:
-        raise InvalidParameter(f"{name}: must not be empty")
-    if len(value) > max_length:
-        raise InvalidParameter(f"{name}: longer than {max_length} characters")
-    if forbidden.search(value):
-        raise InvalidParameter(f"{name}: contains a control character")
-    return value
+    return None if value is None else check_text(name, value, kind)
 
 
 def parse_timestamp(name: str, text: str) -> datetime:
     """RFC 3339 with an offset (``Z`` or ``±hh:mm``), as every StreamLens timestamp."""
     try:
-        return msgspec.convert(text, _Timestamp)
+        return msgspec.convert(text, Timestamp)
     except msgspec.ValidationError as error:
         hint = ""
         if _SPACE_OFFSET.fullmatch(text):
@@ -113,8 +194,9 @@ def parse_timestamp(name: str, text: str) -> datetime:
 def _limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_LIMIT
-    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= MAX_LIMIT:
-        raise InvalidParameter(f"limit: {text!r} is not a whole number from 1 to {MAX_LIMIT}")
+    least, most = _constraint(Limit, "ge"), _constraint(Limit, "le")
+    if not _DIGITS.fullmatch(text) or not least <= int(text) <= most:
+        raise InvalidParameter(f"limit: {text!r} is not a whole number from {least} to {most}")
     return int(text)
 
 
@@ -157,12 +239,8 @@ def _value(text: str, dimension: str | None) -> str | None:
     # Empty: the calls without a value, the rows whose value is null.
     if not text:
         return None
-    if len(text) > VALUE_MAX_CHARS:
-        raise InvalidParameter(f"value: longer than {VALUE_MAX_CHARS} characters, as no stored value is")
     # Stored values hold U+FFFD where calls had control characters, so these match nothing.
-    if _TENANT_FORBIDDEN.search(text):
-        raise InvalidParameter("value: contains a control character, as no stored value does")
-    return text
+    return check_text("value", text, StoredValue, "stored value")
 
 
 def parse_query(params: Mapping[str, Sequence[str]]) -> MetricsQuery:
@@ -179,7 +257,7 @@ def parse_query(params: Mapping[str, Sequence[str]]) -> MetricsQuery:
             + (f" (also {', '.join(unknown[1:])})" if unknown[1:] else "")
             + f"; expected {', '.join(PARAMETERS)}"
         )
-    tenant_id = _name(params, "tenant_id", 128, _TENANT_FORBIDDEN)
+    tenant_id = _name(params, "tenant_id", Identifier)
     if tenant_id is None:
         raise InvalidParameter("tenant_id: required")
     start_text = _single(params, "from")
@@ -193,8 +271,8 @@ def parse_query(params: Mapping[str, Sequence[str]]) -> MetricsQuery:
     value = None if value_text is None else _value(value_text, dimension)
     return MetricsQuery(
         tenant_id=tenant_id,
-        route=_name(params, "route", 255, _NAME_FORBIDDEN),
-        model=_name(params, "model", 255, _NAME_FORBIDDEN),
+        route=_name(params, "route", StoredName),
+        model=_name(params, "model", StoredName),
         start=start,
         end=end,
         limit=_limit(_single(params, "limit")),

@@ -20,23 +20,24 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import psycopg
 import psycopg_pool
-from msgspec import Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.auth import Principal, Scope, authenticate, forbidden_tenant
-from api.body import BodyError, MiB, check_content_type, read_body
-from api.errors import error_response
+from api.auth import Principal, forbidden_tenant, principal_of, requires
+from api.body import MiB, check_content_type, read_body
+from api.errors import ApiError
+from api.openapi import SECURITY, Spec
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
-from schemas.dimensions import DimensionSetting, InvalidDimension, check_names
-from schemas.events import Identifier
+from schemas.dimensions import DimensionNames, DimensionSetting, InvalidDimension, check_names
+from schemas.events import Identifier, Timestamp
 from schemas.tenant_settings import (
     Change,
     DefaultSetting,
@@ -64,18 +65,18 @@ _setting_decoder = msgspec.json.Decoder(DimensionSetting)
 
 
 class ChangeAnswer(Struct):
-    dimensions: list[str]
-    effective_from: datetime
-    requested_at: datetime
+    dimensions: DimensionNames
+    effective_from: Timestamp
+    requested_at: Timestamp
 
 
 class DimensionsAnswer(Struct):
     """What both endpoints answer."""
 
     tenant_id: str
-    dimensions: list[str]
+    dimensions: DimensionNames
     # None with the DIMENSIONS default that has applied from the beginning.
-    effective_from: datetime | None
+    effective_from: Timestamp | None
     source: Literal["tenant", "default"]
     changes: list[ChangeAnswer]
 
@@ -97,65 +98,58 @@ def valid_tenant(tenant_id: str) -> bool:
     return True
 
 
-def tenant_param(request: Request, principal: Principal, parameters: tuple[str, ...]) -> str | Response:
-    """The ``tenant_id`` asked for (the key's unless given), or the 400 or 403 to answer;
+def tenant_param(request: Request, principal: Principal, parameters: tuple[str, ...]) -> str:
+    """The ``tenant_id`` asked for (the key's unless given), or the 400 or 403 raised;
     ``parameters`` are the query parameters the endpoint takes."""
     unknown = sorted(set(request.query_params) - set(parameters))
     if unknown:
-        return error_response(
+        raise ApiError(
             400, "invalid_parameter", f"{unknown[0]}: unknown parameter; expected {', '.join(parameters)}"
         )
     for name in parameters:
         given = request.query_params.getlist(name)
         if len(given) > 1:
-            return error_response(
-                400, "invalid_parameter", f"{name}: given {len(given)} times, expected once"
-            )
+            raise ApiError(400, "invalid_parameter", f"{name}: given {len(given)} times, expected once")
     tenant_id = request.query_params.get("tenant_id", principal.tenant_id)
     if tenant_id is None:
-        return error_response(400, "invalid_parameter", "tenant_id: required (the key names no tenant)")
-    return _refusal(principal, tenant_id) or tenant_id
+        raise ApiError(400, "invalid_parameter", "tenant_id: required (the key names no tenant)")
+    check_tenant(principal, tenant_id)
+    return tenant_id
 
 
-def _refusal(principal: Principal, tenant_id: str) -> Response | None:
-    """The 400 or 403 for a path's ``tenant_id`` this key may not use, or ``None``."""
+def check_tenant(principal: Principal, tenant_id: str) -> None:
+    """The 400 or 403, raised, for a ``tenant_id`` this key may not use."""
     if not valid_tenant(tenant_id):
-        return error_response(400, "invalid_parameter", INVALID_TENANT)
+        raise ApiError(400, "invalid_parameter", INVALID_TENANT)
     refusal = forbidden_tenant(principal, tenant_id)
     if refusal is not None:
-        return error_response(403, "forbidden", refusal)
-    return None
+        raise ApiError(403, "forbidden", refusal)
 
 
-async def _setting(request: Request) -> tuple[str, ...] | Response:
+async def _setting(request: Request) -> tuple[str, ...]:
     """The names in the body, checked, or the 400, 413 or 415 saying what is wrong."""
-    try:
-        check_content_type(request)
-        body = await read_body(request, BODY_LIMIT)
-    except BodyError as error:
-        return error_response(error.status, error.code, error.detail, error.headers)
+    check_content_type(request)
+    body = await read_body(request, BODY_LIMIT)
     try:
         setting = _setting_decoder.decode(body)
     except msgspec.ValidationError as error:
-        return error_response(400, "invalid_body", str(error))
+        raise ApiError(400, "invalid_body", str(error)) from None
     except msgspec.DecodeError as error:
-        return error_response(400, "invalid_json", f"the body is not valid JSON: {error}")
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error}") from None
     except UnicodeDecodeError as error:
         # msgspec checks UTF-8 only in the strings it keeps, and then raises this.
-        return error_response(
+        raise ApiError(
             400, "invalid_json", f"the body is not valid JSON: a string is not UTF-8 (byte {error.start})"
-        )
+        ) from None
     try:
         return check_names(setting.dimensions)
     except InvalidDimension as error:
-        return error_response(400, "invalid_body", f"{error} - at `$.dimensions`")
+        raise ApiError(400, "invalid_body", f"{error} - at `$.dimensions`") from None
 
 
-async def in_database(
-    request: Request, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]
-) -> _T | Response:
+async def in_database(request: Request, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]) -> _T:
     """``work``'s result on one of the app's connections, bounded as ``/v1/metrics`` is;
-    the 503 when Postgres does not answer in time."""
+    the 503 raised when Postgres does not answer in time."""
     # api.metrics mounts these routes, so it imports this module first; its helpers
     # are taken once a request needs them.
     from api import metrics
@@ -168,7 +162,7 @@ async def in_database(
     try:
         result = await metrics.bounded(run(), metrics.DATABASE_TIMEOUT_SECONDS)
     except (psycopg.Error, psycopg_pool.PoolTimeout, metrics.DatabaseTimeout) as error:
-        return metrics._unavailable(request, error, DATABASE_KIND)
+        raise metrics.unavailable(request, error, DATABASE_KIND) from None
     request.app.state.postgres.back()
     return result
 
@@ -184,37 +178,28 @@ def _answer(tenant_id: str, read: tuple[list[Change], DefaultSetting | None], re
     return Response(_encoder.encode(answer), media_type="application/json")
 
 
-async def _tenant(request: Request, scope: Scope) -> str | Response:
-    """The path's tenant when the key may act on it with ``scope``; else the 400, 401, 403 or 503."""
-    principal = await authenticate(request, scope)
-    if isinstance(principal, Response):
-        return principal
+def _tenant(request: Request) -> str:
+    """The path's tenant when the key may act on it; else the 400 or 403 raised."""
     tenant_id: str = request.path_params["tenant_id"]
-    refusal = _refusal(principal, tenant_id)
-    return tenant_id if refusal is None else refusal
+    check_tenant(principal_of(request), tenant_id)
+    return tenant_id
 
 
+@requires("read")
 async def get_dimensions(request: Request) -> Response:
-    tenant_id = await _tenant(request, "read")
-    if isinstance(tenant_id, Response):
-        return tenant_id
+    tenant_id = _tenant(request)
 
     async def read(conn: psycopg.AsyncConnection[Any]) -> tuple[list[Change], DefaultSetting | None]:
         return await changes_async(conn, tenant_id), await latest_default_async(conn)
 
     found = await in_database(request, read)
-    if isinstance(found, Response):
-        return found
     return _answer(tenant_id, found, request)
 
 
+@requires("manage")
 async def put_dimensions(request: Request) -> Response:
-    tenant_id = await _tenant(request, "manage")
-    if isinstance(tenant_id, Response):
-        return tenant_id
+    tenant_id = _tenant(request)
     names = await _setting(request)
-    if isinstance(names, Response):
-        return names
     window_seconds: int = request.app.state.settings.window_seconds
 
     async def store(conn: psycopg.AsyncConnection[Any]) -> tuple[list[Change], DefaultSetting | None]:
@@ -228,8 +213,6 @@ async def put_dimensions(request: Request) -> Response:
         return await changes_async(conn, tenant_id), await latest_default_async(conn)
 
     found = await in_database(request, store)
-    if isinstance(found, Response):
-        return found
     return _answer(tenant_id, found, request)
 
 
@@ -240,69 +223,39 @@ ROUTES = [
 ]
 
 
-def openapi_paths(error: dict[str, Any]) -> dict[str, Any]:
-    """These endpoints in the query API's OpenAPI document; ``error`` is its error response."""
-    names = {
-        "type": "array",
-        "maxItems": 4,
-        "uniqueItems": True,
-        "items": {
-            "type": "string",
-            "description": "`metadata.<key>`, `provider`, `finish_reason` or `user`",
-        },
-    }
-    timestamp = {"type": "string", "format": "date-time"}
-    answer = {
-        "description": "The tenant's setting: the latest change (or, when it has none, the "
+class TenantParameters(Struct, kw_only=True):
+    """The query parameter of the endpoints that read :func:`tenant_param`, as the OpenAPI
+    document shows it; an endpoint's parameters Struct adds its own to it."""
+
+    tenant_id: Annotated[Identifier, Meta(description="The key's tenant unless given.")] | UnsetType = UNSET
+
+
+class _TenantPath(Struct):
+    tenant_id: Annotated[Identifier, Meta(description="The tenant (the key's own).")]
+
+
+def openapi(spec: Spec) -> dict[str, Any]:
+    """These endpoints in the query API's OpenAPI document (:mod:`api.openapi`)."""
+    answer = spec.answer(
+        "The tenant's setting: the latest change (or, when it has none, the "
         "`DIMENSIONS` default the dataflow recorded, with `effective_from` its window boundary, "
         "null for the first value recorded) and every change, oldest first.",
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["tenant_id", "dimensions", "effective_from", "source", "changes"],
-                    "properties": {
-                        "tenant_id": {"type": "string"},
-                        "dimensions": names,
-                        "effective_from": {"type": ["string", "null"], "format": "date-time"},
-                        "source": {"type": "string", "enum": ["tenant", "default"]},
-                        "changes": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["dimensions", "effective_from", "requested_at"],
-                                "properties": {
-                                    "dimensions": names,
-                                    "effective_from": timestamp,
-                                    "requested_at": timestamp,
-                                },
-                            },
-                        },
-                    },
-                }
-            }
-        },
-    }
-    tenant = {
-        "name": "tenant_id",
-        "in": "path",
-        "required": True,
-        "description": "The tenant (the key's own).",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
-    }
-    unavailable = error | {"description": "Postgres did not answer in time."}
-    unauthorized = error | {"description": "No valid API key (`Authorization: Bearer`)."}
+        spec.schema(DimensionsAnswer),
+    )
+    tenant = spec.parameters(_TenantPath, "path")
+    unavailable = spec.error("Postgres did not answer in time.")
+    unauthorized = spec.error("No valid API key (`Authorization: Bearer`).")
     return {
         "/v1/tenants/{tenant_id}/dimensions": {
             "get": {
                 "summary": "The tenant's dimensions and their changes",
-                "security": [{"apiKey": []}],
-                "parameters": [tenant],
+                "security": SECURITY,
+                "parameters": tenant,
                 "responses": {
                     "200": answer,
-                    "400": error | {"description": "`tenant_id` is malformed."},
+                    "400": spec.error("`tenant_id` is malformed."),
                     "401": unauthorized,
-                    "403": error | {"description": "The key is not a `read` or `manage` key of this tenant."},
+                    "403": spec.error("The key is not a `read` or `manage` key of this tenant."),
                     "503": unavailable,
                 },
             },
@@ -311,29 +264,19 @@ def openapi_paths(error: dict[str, Any]) -> dict[str, Any]:
                 "description": "The change applies from a window boundary no later than "
                 "`WINDOW_SECONDS` after it is made, recorded so that every replay uses it. "
                 "A change before that boundary replaces the previous one. `[]`: no dimensions.",
-                "security": [{"apiKey": []}],
-                "parameters": [tenant],
+                "security": SECURITY,
+                "parameters": tenant,
                 "requestBody": {
                     "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["dimensions"],
-                                "additionalProperties": False,
-                                "properties": {"dimensions": names},
-                            }
-                        }
-                    },
+                    "content": {"application/json": {"schema": spec.written_out(DimensionSetting)}},
                 },
                 "responses": {
                     "200": answer,
-                    "400": error
-                    | {"description": "The body or `tenant_id` breaks a rule; `detail` names it."},
+                    "400": spec.error("The body or `tenant_id` breaks a rule; `detail` names it."),
                     "401": unauthorized,
-                    "403": error | {"description": "The key is not a `manage` key of this tenant."},
-                    "413": error | {"description": "The body is over 1 MiB."},
-                    "415": error | {"description": "The body is not JSON."},
+                    "403": spec.error("The key is not a `manage` key of this tenant."),
+                    "413": spec.error(f"The body is over {BODY_LIMIT // MiB} MiB."),
+                    "415": spec.error("The body is not JSON."),
                     "503": unavailable,
                 },
             },

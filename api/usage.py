@@ -10,22 +10,45 @@ tenant's windows that started that day. A ``read`` key of the tenant.
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import psycopg
+from msgspec import UNSET, Meta, UnsetType
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from api.auth import authenticate
-from api.errors import error_response
-from api.tenants import in_database, tenant_param
+from api.auth import principal_of, requires
+from api.errors import ApiError
+from api.openapi import SECURITY, Spec
+from api.tenants import TenantParameters, in_database, tenant_param
 from schemas.rollups import HORIZON_VALUE_SQL
 
 DEFAULT_DAYS = 30
 MAX_DAYS = 366
-PARAMETERS = ("tenant_id", "from", "to")
+
+
+class UsageParameters(TenantParameters, kw_only=True, rename={"first": "from", "end": "to"}):
+    """The query string, as the OpenAPI document shows it."""
+
+    first: (
+        Annotated[date, Meta(description=f"The first day (default: {DEFAULT_DAYS} days before `to`).")]
+        | UnsetType
+    ) = UNSET
+    end: (
+        Annotated[
+            date,
+            Meta(
+                description="The day after the last (default: tomorrow, UTC); "
+                f"at most {MAX_DAYS} days after `from`."
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+
+
+PARAMETERS: tuple[str, ...] = tuple(field.encode_name for field in msgspec.structs.fields(UsageParameters))
 
 
 class UsageDay(msgspec.Struct):
@@ -43,16 +66,16 @@ class UsagePage(msgspec.Struct):
 _encoder = msgspec.json.Encoder()
 
 
-def _day(request: Request, name: str, default: date) -> date | Response:
+def _day(request: Request, name: str, default: date) -> date:
     text = request.query_params.get(name)
     if text is None:
         return default
     try:
         return date.fromisoformat(text)
     except ValueError:
-        return error_response(
+        raise ApiError(
             400, "invalid_parameter", f"{name}: expected a UTC day as YYYY-MM-DD, got {text!r}"
-        )
+        ) from None
 
 
 async def usage_of(
@@ -86,27 +109,18 @@ async def usage_of(
     return [UsageDay(*record) for record in await cursor.fetchall()]
 
 
+@requires("read")
 async def usage(request: Request) -> Response:
-    principal = await authenticate(request, "read")
-    if isinstance(principal, Response):
-        return principal
+    principal = principal_of(request)
     tenant_id = tenant_param(request, principal, PARAMETERS)
-    if isinstance(tenant_id, Response):
-        return tenant_id
     today = datetime.now(UTC).date()
     end = _day(request, "to", today + timedelta(days=1))
-    if isinstance(end, Response):
-        return end
     first = _day(request, "from", end - timedelta(days=DEFAULT_DAYS))
-    if isinstance(first, Response):
-        return first
     if not first < end:
-        return error_response(400, "invalid_parameter", f"from: {first} is not before to ({end})")
+        raise ApiError(400, "invalid_parameter", f"from: {first} is not before to ({end})")
     if (end - first).days > MAX_DAYS:
-        return error_response(400, "invalid_parameter", f"to: at most {MAX_DAYS} days after from")
+        raise ApiError(400, "invalid_parameter", f"to: at most {MAX_DAYS} days after from")
     found = await in_database(request, lambda conn: usage_of(conn, tenant_id, first, end))
-    if isinstance(found, Response):
-        return found
     return Response(
         _encoder.encode(UsagePage(tenant_id=tenant_id, days=found)), media_type="application/json"
     )
@@ -115,48 +129,23 @@ async def usage(request: Request) -> Response:
 ROUTES = [Route("/v1/usage", usage, methods=["GET"])]
 
 
-def openapi(error: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """This endpoint in the query API's OpenAPI document, and the schemas it refers to."""
-    _, components = msgspec.json.schema_components([UsagePage], ref_template="#/components/schemas/{name}")
-
-    def day(name: str, meaning: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "in": "query",
-            "required": False,
-            "description": meaning,
-            "schema": {"type": "string", "format": "date"},
-        }
-
-    paths = {
+def openapi(spec: Spec) -> dict[str, Any]:
+    """This endpoint in the query API's OpenAPI document (:mod:`api.openapi`)."""
+    return {
         "/v1/usage": {
             "get": {
                 "summary": "Events accepted and refused by quota, and calls counted, per UTC day",
-                "security": [{"apiKey": []}],
-                "parameters": [
-                    {
-                        "name": "tenant_id",
-                        "in": "query",
-                        "required": False,
-                        "description": "The key's tenant unless given.",
-                        "schema": {"type": "string"},
-                    },
-                    day("from", f"The first day (default: {DEFAULT_DAYS} days before `to`)."),
-                    day("to", "The day after the last (default: tomorrow, UTC)."),
-                ],
+                "security": SECURITY,
+                "parameters": spec.parameters(UsageParameters),
                 "responses": {
-                    "200": {
-                        "description": "The days with events or calls, oldest first.",
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/UsagePage"}}
-                        },
-                    },
-                    "400": error | {"description": "A parameter is wrong; `detail` names it."},
-                    "401": error | {"description": "No valid API key."},
-                    "403": error | {"description": "The key is not one of this tenant's."},
-                    "503": error | {"description": "Postgres did not answer in time."},
+                    "200": spec.answer(
+                        "The days with events or calls, oldest first.", spec.schema(UsagePage)
+                    ),
+                    "400": spec.error("A parameter is wrong; `detail` names it."),
+                    "401": spec.error("No valid API key."),
+                    "403": spec.error("The key is not one of this tenant's."),
+                    "503": spec.error("Postgres did not answer in time."),
                 },
             }
         }
     }
-    return paths, components

@@ -66,7 +66,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Op = Literal[">", ">=", "<", "<="]
 Period = Literal["day", "month"]
-RuleName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+\Z")]
+# A rule's name has the limits of an identifier.
+RuleName = Identifier
 MetricName = Annotated[str, Meta(min_length=1, max_length=len(SCORE_PREFIX) + EVALUATION_NAME_MAX_CHARS)]
 SpanSeconds = Annotated[int, Meta(ge=SPAN_MIN_SECONDS, le=SPAN_MAX_SECONDS)]
 ForWindows = Annotated[int, Meta(ge=1, le=MAX_FOR_WINDOWS)]

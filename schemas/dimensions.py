@@ -23,7 +23,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-from schemas.events import IDENTIFIER_PATTERN, MetadataValue
+from schemas.events import IDENTIFIER_MAX_CHARS, NO_CONTROL_PATTERN, MetadataValue
 
 MAX_DIMENSIONS = 4
 VALUE_MAX_CHARS = 128
@@ -33,19 +33,32 @@ DEFAULT_VALUES = 50
 
 METADATA_PREFIX = "metadata."
 FIXED: tuple[str, ...] = ("provider", "finish_reason", "user")
-# A metadata key named in a dimension: what an Identifier allows (1-128 characters,
-# no control characters), since it becomes part of row keys and Kafka keys.
-_KEY = re.compile(IDENTIFIER_PATTERN)
+# A metadata key named in a dimension: what an Identifier allows (1-IDENTIFIER_MAX_CHARS
+# characters, no control characters), since it becomes part of row keys and Kafka keys.
+_KEY = re.compile(NO_CONTROL_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REPLACEMENT = "\ufffd"
 
-DimensionName = Annotated[str, Meta(min_length=1, max_length=len(METADATA_PREFIX) + 128)]
+DimensionName = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=len(METADATA_PREFIX) + IDENTIFIER_MAX_CHARS,
+        description="`metadata.<key>`, `provider`, `finish_reason` or `user`",
+    ),
+]
+# A tenant's dimensions; no name twice (:func:`check_names`).
+DimensionNames = Annotated[
+    list[DimensionName], Meta(max_length=MAX_DIMENSIONS, extra_json_schema={"uniqueItems": True})
+]
+# A value as rows hold it (:func:`value_text`): what the query API may be asked for.
+StoredValue = Annotated[str, Meta(max_length=VALUE_MAX_CHARS, pattern=NO_CONTROL_PATTERN)]
 
 
 class DimensionSetting(Struct, forbid_unknown_fields=True):
     """The body of ``PUT /v1/tenants/{tenant_id}/dimensions``, and what ``GET`` returns in it."""
 
-    dimensions: Annotated[list[DimensionName], Meta(max_length=MAX_DIMENSIONS)]
+    dimensions: DimensionNames
 
 
 class InvalidDimension(ValueError):
@@ -60,9 +73,10 @@ def check_name(name: str) -> str:
         key = name[len(METADATA_PREFIX) :]
         if not key:
             raise InvalidDimension(f"{name!r}: a metadata dimension names a key, as in 'metadata.country'")
-        if len(key) > 128 or not _KEY.match(key):
+        if len(key) > IDENTIFIER_MAX_CHARS or not _KEY.match(key):
             raise InvalidDimension(
-                f"{name[:160]!r}: a metadata key is 1-128 characters without control characters"
+                f"{name[:160]!r}: a metadata key is 1-{IDENTIFIER_MAX_CHARS} characters"
+                " without control characters"
             )
         return name
     raise InvalidDimension(

@@ -16,15 +16,27 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+# Patterns that mean the same in Python (msgspec, the query API's checks) and in ECMAScript
+# (JSON Schema's ``pattern``, in the query API's OpenAPI document): ``(?![\s\S])`` is the end
+# of the text in both, where Python's ``$`` also matches before a final newline and
+# ECMAScript has no ``\Z``. ``^`` and ``(?![\s\S])`` bound the whole text: msgspec and
+# JSON Schema search for a pattern anywhere in it.
+NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f]*(?![\s\S])"
+# What Postgres text cannot hold, so no stored route, model or value does.
+NO_NUL_PATTERN = r"^[^\x00]*(?![\s\S])"
+
 # Identifiers end up in Kafka keys, Postgres keys and log lines: control
 # characters would corrupt all three.
-IDENTIFIER_PATTERN = r"^[^\x00-\x1f\x7f]+\Z"
-Identifier = Annotated[str, Meta(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN)]
+IDENTIFIER_MAX_CHARS = 128
+NAME_MAX_CHARS = 255
 # The events check the pattern in ``__post_init__`` instead (:func:`_check_identifier`):
 # msgspec runs a Python regex search per field, two thirds of an event's decoding time.
-_IdentifierText = Annotated[str, Meta(min_length=1, max_length=128)]
+_IdentifierText = Annotated[str, Meta(min_length=1, max_length=IDENTIFIER_MAX_CHARS)]
+Identifier = Annotated[_IdentifierText, Meta(pattern=NO_CONTROL_PATTERN)]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-Name = Annotated[str, Meta(min_length=1, max_length=255)]
+Name = Annotated[str, Meta(min_length=1, max_length=NAME_MAX_CHARS)]
+# A route or model as the query API is asked for one: as rows hold it, so without NUL.
+StoredName = Annotated[Name, Meta(pattern=NO_NUL_PATTERN)]
 Timestamp = Annotated[datetime, Meta(tz=True)]
 # A billion tokens is far beyond any context window, and keeps window sums far
 # from overflowing Postgres bigint.
@@ -46,7 +58,7 @@ def _field_error(field: str, message: str) -> ValueError:
 def _check_identifier(field: str, value: str) -> None:
     # Printable ASCII (nearly every identifier) has no control character: no regex needed.
     if not (value.isascii() and value.isprintable()) and _CONTROL.search(value):
-        raise _field_error(field, f"Expected `str` matching regex {IDENTIFIER_PATTERN!r}")
+        raise _field_error(field, f"Expected `str` matching regex {NO_CONTROL_PATTERN!r}")
 
 
 def _utc(timestamp: datetime) -> datetime:
@@ -117,6 +129,10 @@ EVALUATION_NAME_MAX_CHARS = 64
 LABEL_MAX_CHARS = 64
 EVALUATOR_MAX_CHARS = 128
 EXPLANATION_MAX_BYTES = 4 * 1024
+# As for identifiers, events check the pattern in ``__post_init__``.
+_EvaluationNameText = Annotated[str, Meta(min_length=1, max_length=EVALUATION_NAME_MAX_CHARS)]
+# An evaluation name as the query API is asked for one: none holds a control character.
+EvaluationName = Annotated[_EvaluationNameText, Meta(pattern=NO_CONTROL_PATTERN)]
 
 
 class LLMEvaluation(Struct, tag="evaluation", tag_field="type", kw_only=True):
@@ -125,7 +141,7 @@ class LLMEvaluation(Struct, tag="evaluation", tag_field="type", kw_only=True):
 
     request_id: _IdentifierText
     tenant_id: _IdentifierText
-    name: Annotated[str, Meta(min_length=1, max_length=EVALUATION_NAME_MAX_CHARS)]
+    name: _EvaluationNameText
     timestamp: Timestamp
     score: float | None = None
     label: Annotated[str, Meta(min_length=1, max_length=LABEL_MAX_CHARS)] | None = None

@@ -17,7 +17,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from api.auth import authenticate
+from api.auth import principal_of, requires
 
 STATIC = Path(__file__).parent / "static"
 
@@ -44,10 +44,9 @@ async def page(request: Request) -> Response:
     return FileResponse(STATIC / "index.html", headers=_SECURITY_HEADERS)
 
 
+@requires("read")
 async def key_tenant(request: Request) -> Response:
-    principal = await authenticate(request, "read")
-    if isinstance(principal, Response):
-        return principal
+    principal = principal_of(request)
     body = msgspec.json.encode(KeyTenant(tenant_id=principal.tenant_id))
     return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
