@@ -3,26 +3,24 @@
 Both come from the same :mod:`deploy.stack` code as ``just up``. The Postgres
 server is shared by the session and each test gets a fresh database; the broker
 starts in milliseconds, so each test that needs one gets its own, empty, with
-the topics created.
+the topics created. What tests share besides fixtures is in :mod:`tests.support`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import psutil
-import psycopg
 import pytest
+from starlette.testclient import TestClient
 
-from deploy.stack import Broker, Postgres
+from api.metrics import create_app
+from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.topics import ensure_topics
-
-TEST_PARTITIONS = 3
+from tests.support.stacks import TEST_PARTITIONS, Broker, Postgres, empty_database, signal_postgres
 
 
 @pytest.fixture(scope="session")
@@ -30,19 +28,6 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
     server = Postgres(tmp_path_factory.mktemp("postgres")).start()
     yield server
     server.stop()
-
-
-_database_numbers = itertools.count()
-
-
-def empty_database(server: Postgres) -> str:
-    """A new database on ``server``, without any table."""
-    name = f"test_{next(_database_numbers)}"
-    admin = server.dsn.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return server.dsn.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture
@@ -71,9 +56,18 @@ def own_postgres(tmp_path: Path) -> Iterator[Postgres]:
     server.stop()
 
 
-def signal_postgres(server: Postgres, signum: signal.Signals) -> None:
-    """The postmaster and every backend: SIGSTOP freezes the whole server, queries included."""
-    main = psutil.Process(server.pid)
-    for process in [main, *main.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.send_signal(signum)
+@pytest.fixture
+def client_for() -> Iterator[Any]:
+    """Start the app against a database; stopped after the test."""
+    clients: list[TestClient] = []
+
+    def start(dsn: str) -> TestClient:
+        # Keys and tenants are tested through this app in test_auth.py.
+        client = TestClient(create_app(Settings(postgres_dsn=dsn, auth=False)))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)

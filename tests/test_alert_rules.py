@@ -15,7 +15,7 @@ from api.keys import create_key
 from api.metrics import create_app
 from schemas.config import Settings
 from schemas.webhooks import parse_allow
-from tests.serving import serving
+from tests.support.servers import serving
 
 PATH = "/v1/alerts/rules"
 PUBLIC_HOOK = "https://93.184.215.14/hooks/streamlens"  # an address: no resolver needed

@@ -3,7 +3,7 @@
 the query API with a manage key, deliveries to a real HTTP receiver in the test.
 
 What should fire and resolve is worked out here from the rows the test writes, with the
-plain reading of the rules in tests/alert_support.py.
+plain reading of the rules in tests/support/expected.py.
 """
 
 from __future__ import annotations
@@ -40,15 +40,16 @@ from dataflows.alerting import RuleState, Transition, transition_id
 from dataflows.evaluations import EvaluationEmission
 from dataflows.sinks import EvaluationRowsSink, RowsSink
 from dataflows.windows import DimensionEmission, WindowRow
-from deploy.stack import Broker, Postgres, free_port
 from schemas.alert_rules import rules_of_tenants
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.metrics import VALUE_STATISTICS, DimensionRows, EvaluationRow, MetricsRow
 from schemas.webhooks import parse_allow
-from tests.alert_support import Delivery, Receiver, expected_transitions
-from tests.conftest import TEST_PARTITIONS
-from tests.serving import serving
+from tests.support.alerts import Delivery, Receiver
+from tests.support.expected import expected_transitions
+from tests.support.ports import free_port
+from tests.support.servers import serving
+from tests.support.stacks import TEST_PARTITIONS, Broker, Postgres
 
 W = 60
 SECRET = "the-tests-secret-0123456789abcdef"

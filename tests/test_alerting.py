@@ -1,6 +1,6 @@
 """The alert rules on figures (dataflows/alerting.py): when a rule fires, resolves and reminds.
 
-Expected transitions come from a plain reading of docs/alerts.md (tests/alert_support.py) or are
+Expected transitions come from a plain reading of docs/alerts.md (tests/support/expected.py) or are
 worked out by hand in the test.
 """
 
@@ -24,7 +24,7 @@ from dataflows.alerting import (
     value_of,
 )
 from schemas.alerts import AlertRule
-from tests.alert_support import expected_transitions
+from tests.support.expected import expected_transitions
 
 W = 60
 CREATED = datetime(2026, 3, 1, 12, 0, 30, tzinfo=UTC)

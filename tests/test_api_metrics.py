@@ -23,15 +23,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api import ingestion, metrics
 from api.keys import create_key
-from deploy.stack import Broker, free_port
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.topics import REQUESTS, RESPONSES
-from tests.conftest import TEST_PARTITIONS
-from tests.serving import serving
-from tests.test_ingestion import read_topic
-from tests.test_metrics_api import T0, Window, insert_windows, random_calls
-from tests.test_otlp import PROTOBUF, genai_specs, is_call, proto_export, recent, with_ids
+from tests.support.metric_windows import T0, Window, insert_windows, random_calls
+from tests.support.ports import free_port
+from tests.support.servers import serving
+from tests.support.spans import PROTOBUF, genai_specs, is_call, proto_export, recent, with_ids
+from tests.support.stacks import TEST_PARTITIONS, Broker
+from tests.support.topics import read_topic
 
 TENANT = "tenant-metrics-qx7"
 OTHER_TENANT = "tenant-metrics-zr2"

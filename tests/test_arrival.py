@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from deploy.stack import Broker
-from tests import dataflow_harness as h
+from tests.support import dataflow as h
+from tests.support.stacks import Broker
 
 pytestmark = pytest.mark.slow
 

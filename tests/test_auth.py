@@ -1,7 +1,8 @@
 """Authentication and tenant isolation, through a small Starlette app against real Postgres.
 
-The app below uses :mod:`api.auth` the way the ingestion and query APIs do:
-the key store on ``app.state``, :func:`authenticate` first in each endpoint,
+The app of tests/support/auth_app.py uses :mod:`api.auth` the way the ingestion and query APIs do:
+the key store on ``app.state``, :data:`AUTHENTICATION` in its middleware, each endpoint
+declared with :func:`requires`, errors raised as :class:`ApiError`,
 :func:`check_event` per event and :func:`forbidden_tenant` per query. It records
 what it accepted so the tests can see what would have reached Kafka.
 """
@@ -10,123 +11,38 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
-import msgspec
 import psycopg
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from api import ingestion, metrics
 from api.auth import (
-    CACHE_SECONDS,
     TENANT_NOT_ALLOWED,
     KeyStore,
-    authenticate,
-    check_event,
-    forbidden_tenant,
     generate_key,
     open_key_store,
 )
-from api.errors import error_response
 from api.keys import create_key, revoke_key
-from deploy.stack import Broker, free_port
 from schemas.config import Settings
-from schemas.events import batch_decoder, event_decoder, request_decoder, response_decoder
 from schemas.topics import REQUESTS, RESPONSES
-from tests.test_ingestion import read_topic
-from tests.test_metrics_api import T0, RawCall, Window, insert_windows
+from tests.support.auth_app import make_app, request_event
+from tests.support.metric_windows import T0, RawCall, Window, insert_windows
+from tests.support.ports import free_port
+from tests.support.stacks import Broker
+from tests.support.topics import read_topic
 
-REQUEST = {"route": "/chat", "model": "gpt-4o", "timestamp": "2026-01-01T00:00:00Z"}
 RESPONSE = {"timestamp": "2026-01-01T00:00:01Z", "completion_tokens": 3}
 REALM = 'Bearer realm="streamlens"'
 
 
-def make_app(settings: Settings, cache_seconds: float = CACHE_SECONDS) -> Starlette:
-    accepted: list[tuple[str, str | None]] = []
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_key_store(settings, cache_seconds=cache_seconds) as keys:
-            app.state.key_store = keys
-            yield
-
-    async def one_event(request: Request) -> Response:
-        principal = await authenticate(request, "ingest")
-        if isinstance(principal, Response):
-            return principal
-        decoder = request_decoder if request.url.path.endswith("request") else response_decoder
-        try:
-            event = decoder.decode(await request.body())
-        except msgspec.ValidationError as error:
-            return error_response(400, "invalid_event", str(error))
-        problem = check_event(principal, event)
-        if problem is not None:
-            return error_response(403, "forbidden", problem)
-        accepted.append((event.request_id, event.tenant_id))
-        return JSONResponse({"status": "accepted"}, status_code=202)
-
-    async def batch(request: Request) -> Response:
-        principal = await authenticate(request, "ingest")
-        if isinstance(principal, Response):
-            return principal
-        rejected = []
-        count = 0
-        for index, raw in enumerate(batch_decoder.decode(await request.body()).events):
-            event = event_decoder.decode(raw)
-            problem = check_event(principal, event)
-            if problem is not None:
-                rejected.append({"index": index, "error": problem})
-                continue
-            accepted.append((event.request_id, event.tenant_id))
-            count += 1
-        if rejected:
-            return JSONResponse({"accepted": count, "rejected": rejected}, status_code=207)
-        return JSONResponse({"accepted": count}, status_code=202)
-
-    async def metrics(request: Request) -> Response:
-        principal = await authenticate(request, "read")
-        if isinstance(principal, Response):
-            return principal
-        tenant_id = request.query_params.get("tenant_id")
-        if not tenant_id:
-            return error_response(400, "invalid_parameter", "tenant_id: required")
-        problem = forbidden_tenant(principal, tenant_id)
-        if problem is not None:
-            return error_response(403, "forbidden", problem)
-        return JSONResponse({"metrics": [], "count": 0, "tenant_id": tenant_id})
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    app = Starlette(
-        routes=[
-            Route("/v1/llm/request", one_event, methods=["POST"]),
-            Route("/v1/llm/response", one_event, methods=["POST"]),
-            Route("/v1/llm/events", batch, methods=["POST"]),
-            Route("/v1/metrics", metrics),
-            Route("/health", health),
-        ],
-        lifespan=lifespan,
-    )
-    app.state.accepted = accepted
-    return app
-
-
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def request_event(tenant: str, request_id: str = "r1") -> dict[str, Any]:
-    return {"request_id": request_id, "tenant_id": tenant, **REQUEST}
 
 
 def response_event(request_id: str = "r1", tenant: str | None = None) -> dict[str, Any]:

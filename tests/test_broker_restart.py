@@ -21,19 +21,12 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from schemas.topics import REQUESTS, RESPONSES, ensure_topics
-from tests import dataflow_harness as h
-from tests.conftest import TEST_PARTITIONS
+from tests.support import dataflow as h
+from tests.support.stacks import TEST_PARTITIONS
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-# The harness's windows, closed 1 s of event time after their end.
-SETTINGS = {
-    "WINDOW_SECONDS": str(h.WINDOW_SECONDS),
-    "GRACE_SECONDS": "1",
-    "JOIN_TIMEOUT_SECONDS": str(h.JOIN_TIMEOUT_SECONDS),
-    "LATENESS_SECONDS": str(h.LATENESS_SECONDS),
-}
 
 
 def _stack(action: str, local: Path, dsn: str) -> str:
@@ -56,53 +49,19 @@ def _brokers(local: Path) -> str:
     return values["KAFKA_BROKERS"]
 
 
-def _calls(
-    rng: random.Random, tenant: str, start: float, count: int
-) -> tuple[list[h.Event], list[h.Counted]]:
-    events, counted = [], []
-    for n in range(count):
-        rid = f"{tenant}-{n}-{rng.getrandbits(32):08x}"
-        ts = start + rng.uniform(0.5, 4.5)
-        request = {
-            "request_id": rid,
-            "tenant_id": tenant,
-            "route": "/chat",
-            "model": "test-model-a",
-            "timestamp": h.timestamp(ts),
-            "prompt_tokens": rng.randrange(1, 1000),
-        }
-        response = {
-            "request_id": rid,
-            "timestamp": h.timestamp(ts + 0.5),
-            "completion_tokens": rng.randrange(1, 300),
-            "cache_read_tokens": 0,
-            "reasoning_tokens": 0,
-            "latency_ms": round(rng.uniform(10, 900), 3),
-        }
-        events += [h.Event(h.REQUESTS, request), h.Event(h.RESPONSES, response)]
-        counted.append(h.Counted((tenant, "/chat", "test-model-a"), ts, response, request, late=False))
-    return events, counted
-
-
-def _run_until(processor: h.Processor, dsn: str, expected: dict) -> None:
-    def final() -> bool:
-        rows = h.postgres_rows(dsn)
-        return all(key in rows and rows[key]["revision"] >= row.revision for key, row in expected.items())
-
-    h.wait_for(final, 90, "the rows", processor.check_alive)
-
-
 def _count_calls(
     log: Path, local: Path, dsn: str, prices: Path, calls: tuple[list[h.Event], list[h.Counted]]
 ) -> tuple[dict, str]:
     """A processor with `just processor`'s recovery directory, run until ``calls`` are rows:
     their expected rows, and what it logged."""
     events, counted = calls
-    processor = h.Processor(_brokers(local), dsn, local / "recovery", prices, log, settings=SETTINGS).start()
+    processor = h.Processor(
+        _brokers(local), dsn, local / "recovery", prices, log, settings=h.SHORT_GRACE_SETTINGS
+    ).start()
     h.produce(processor.brokers, events)
     expected = h.expected_rows_of(counted)
     try:
-        _run_until(processor, dsn, expected)
+        h.wait_for_rows(processor, dsn, expected)
     finally:
         processor.stop()
     return expected, log.read_text()
@@ -125,7 +84,7 @@ def test_a_restarted_local_broker_gets_fresh_recovery_and_old_state_is_refused(
     _stack("up", local, postgres_dsn)
     try:
         old_expected, said = _count_calls(
-            tmp_path / "first.log", local, postgres_dsn, prices, _calls(rng, "before", h.BASE, 200)
+            tmp_path / "first.log", local, postgres_dsn, prices, h.answered_calls(rng, "before", h.BASE, 200)
         )
         assert "recovery: new state" in said
         kept = tmp_path / "old-recovery"
@@ -135,7 +94,11 @@ def test_a_restarted_local_broker_gets_fresh_recovery_and_old_state_is_refused(
         said = _stack("up", local, postgres_dsn)
         assert "dropped the processor's recovery state" in said
         new_expected, said = _count_calls(
-            tmp_path / "second.log", local, postgres_dsn, prices, _calls(rng, "after", h.BASE + 60, 150)
+            tmp_path / "second.log",
+            local,
+            postgres_dsn,
+            prices,
+            h.answered_calls(rng, "after", h.BASE + 60, 150),
         )
         assert "recovery: new state" in said
         made_here = tmp_path / "second-recovery"

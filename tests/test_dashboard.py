@@ -50,9 +50,9 @@ from dataflows.windows import WindowRow
 from schemas.alert_rules import rules_of_tenants
 from schemas.config import Settings
 from schemas.metrics import MetricsRow
-from tests import dimension_store as store
-from tests.serving import serving
-from tests.test_metrics_api import Window, insert_windows, random_calls, rfc3339
+from tests.support import dimension_store as store
+from tests.support.metric_windows import Window, insert_windows, random_calls, rfc3339
+from tests.support.servers import serving
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 INSTALL_HINT = (

@@ -17,11 +17,10 @@ from confluent_kafka import Consumer, Producer
 from prometheus_client.parser import text_string_to_metric_families
 
 from dataflows.observability import partition_end
-from deploy.stack import Broker, Postgres
 from schemas.database import ensure_schema
 from schemas.topics import REQUESTS
-from tests import dataflow_harness as h
-from tests.test_broker_restart import SETTINGS, _calls, _run_until
+from tests.support import dataflow as h
+from tests.support.stacks import Broker, Postgres
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +54,14 @@ def test_dataflow_metrics_follow_the_run(tmp_path: Path, broker: Broker) -> None
         tmp_path / "recovery",
         h.write_prices(tmp_path / "prices.json"),
         tmp_path / "dataflow.log",
-        settings=SETTINGS,
+        settings=h.SHORT_GRACE_SETTINGS,
     ).start()
     port = processor.metrics_port
     try:
-        events, counted = _calls(rng, "acme", h.BASE, 300)
+        events, counted = h.answered_calls(rng, "acme", h.BASE, 300)
         invalid = [h.Event(h.REQUESTS, None, b"{not json"), h.Event(h.RESPONSES, None, b"\xff")]
         h.produce(broker.address, events + invalid)
-        _run_until(processor, postgres.dsn, h.expected_rows_of(counted))
+        h.wait_for_rows(processor, postgres.dsn, h.expected_rows_of(counted))
 
         def counted_up() -> bool:
             samples = scrape(port)
@@ -87,7 +86,7 @@ def test_dataflow_metrics_follow_the_run(tmp_path: Path, broker: Broker) -> None
         # Postgres away and a row due: the worker waits for it (in its sink, or to read the
         # tenants' dimensions before a new window opens), reading nothing.
         postgres.stop()
-        more, more_counted = _calls(rng, "acme", h.BASE + 5, 50)
+        more, more_counted = h.answered_calls(rng, "acme", h.BASE + 5, 50)
         h.produce(broker.address, more)
         waiting = re.compile(r"postgres( \(tenant settings\))? unavailable")
         h.wait_for(
@@ -96,7 +95,7 @@ def test_dataflow_metrics_follow_the_run(tmp_path: Path, broker: Broker) -> None
             "the worker waiting for Postgres",
             processor.check_alive,
         )
-        unread = _calls(rng, "acme", h.BASE + 10, 400)
+        unread = h.answered_calls(rng, "acme", h.BASE + 10, 400)
         h.produce(broker.address, unread[0])
         # At least what was produced since: the worker may have stopped before reading
         # all of ``more`` (a window of it could not open without Postgres).
@@ -107,7 +106,7 @@ def test_dataflow_metrics_follow_the_run(tmp_path: Path, broker: Broker) -> None
             processor.check_alive,
         )
         postgres.start(postgres.port)
-        _run_until(processor, postgres.dsn, h.expected_rows_of(counted + more_counted + unread[1]))
+        h.wait_for_rows(processor, postgres.dsn, h.expected_rows_of(counted + more_counted + unread[1]))
         h.wait_for(lambda: lag(scrape(port)) == 0, 30, "the lag back to 0", processor.check_alive)
         assert value(scrape(port), "streamlens_dataflow_calls_total", outcome="answered") == 750
     finally:

@@ -27,7 +27,6 @@ from api.auth import hash_key
 from api.ingestion import create_app
 from api.keys import create_key
 from deploy import traffic
-from deploy.stack import Broker, Postgres
 from deploy.traffic import (
     COUNTRIES,
     EXPERIMENTS,
@@ -40,9 +39,9 @@ from deploy.traffic import (
 from schemas.config import Settings
 from schemas.events import check_cache_read, request_decoder, response_decoder
 from schemas.topics import REQUESTS, RESPONSES
-from tests.conftest import TEST_PARTITIONS
-from tests.serving import serving
-from tests.test_ingestion import read_topic
+from tests.support.servers import serving
+from tests.support.stacks import TEST_PARTITIONS, Broker, Postgres
+from tests.support.topics import read_topic
 
 TENANTS = ("acme", "globex", "initech")
 DEMO_TIMEOUT = 150.0

@@ -20,16 +20,16 @@ from fastdigest import TDigest, merge_all
 import api.metrics
 from api.metrics import create_app
 from api.params import BUCKETS
-from deploy.stack import Postgres
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.metrics import DIMENSION_ROW_FIELDS, ROW_FIELDS
 from schemas.tenant_settings import set_dimensions
-from tests import dimension_store as store
-from tests.conftest import signal_postgres
-from tests.serving import serving
-from tests.test_metrics_api import MINUTE, T0, RawCall, Window, insert_windows, random_calls, rfc3339
-from tests.test_rollups import bucket_start, cached_parts, check_bucket, slow_merging
+from tests.support import dimension_store as store
+from tests.support.expected import bucket_start, check_bucket
+from tests.support.metric_windows import MINUTE, T0, RawCall, Window, insert_windows, random_calls, rfc3339
+from tests.support.rollup_cache import cached_parts, slow_merging
+from tests.support.servers import serving
+from tests.support.stacks import Postgres, signal_postgres
 
 # A Postgres of a test's own, to freeze.
 

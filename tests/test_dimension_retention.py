@@ -22,9 +22,9 @@ from schemas.config import Settings
 from schemas.dimension_retention import retire_dimensions
 from schemas.rollups import NO_HORIZON
 from schemas.tenant_settings import set_dimensions
-from tests import dimension_store as store
-from tests.test_metrics_api import Window, random_calls, rfc3339
-from tests.test_rollups import bucket_start, check_bucket
+from tests.support import dimension_store as store
+from tests.support.expected import bucket_start, check_bucket
+from tests.support.metric_windows import Window, random_calls, rfc3339
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from psycopg.rows import dict_row
 
 from dataflows.sinks import RowsSink
 from dataflows.windows import DimensionEmission, WindowRow
-from deploy.stack import Broker
 from schemas.metrics import VALUE_STATISTICS, DimensionRows, MetricsRow
-from tests import dataflow_harness as h
+from tests.support import dataflow as h
+from tests.support.stacks import Broker
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 KEY = {"tenant_id": "acme", "route": "/chat", "model": "gpt-4o"}

@@ -30,8 +30,8 @@ import yaml
 from fastdigest import TDigest
 from psycopg.types.json import Jsonb
 
-from tests import dimension_store as store
-from tests.test_metrics_api import Window, insert_windows, random_calls
+from tests.support import dimension_store as store
+from tests.support.metric_windows import Window, insert_windows, random_calls
 
 GRAFANA = Path(__file__).parent.parent / "deploy" / "grafana"
 DASHBOARD = json.loads((GRAFANA / "dashboards" / "streamlens.json").read_text())

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -25,21 +24,19 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import uvicorn
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api.auth import TENANT_NOT_ALLOWED
-from api.ingestion import create_app
 from api.keys import create_key
-from deploy.stack import Broker, free_port
 from schemas.config import Settings
 from schemas.events import MAX_FUTURE_SECONDS, check_not_future, request_decoder, response_decoder
 from schemas.topics import EVALUATIONS, REQUESTS, RESPONSES, ensure_topics
-from tests.conftest import TEST_PARTITIONS
-from tests.serving import wait_answering
+from tests.support.ports import free_port
+from tests.support.servers import ServerThread, wait_answering
+from tests.support.stacks import TEST_PARTITIONS, Broker
+from tests.support.topics import read_topic
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON = {"Content-Type": "application/json"}
@@ -48,61 +45,6 @@ FUTURE_LIMIT = 120
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-class ServerThread:
-    """The app under uvicorn in a thread of this process, on a free port."""
-
-    def __init__(self, brokers: str, settings: Settings | None = None) -> None:
-        # Keys and tenants are tested through this app in test_auth.py.
-        settings = settings or Settings(kafka_brokers=brokers, topic_partitions=TEST_PARTITIONS, auth=False)
-        app = create_app(settings)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive(), "the server failed to start"
-            assert time.monotonic() < deadline, "the server did not start in 30 s"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
-def read_topic(
-    brokers: str, topic: str, expected: int, *, quiet: float = 0.5, timeout: float = 15.0
-) -> list[tuple[str, dict[str, Any]]]:
-    """Every record on ``topic`` as (key, JSON value): until ``expected`` are in and then
-    ``quiet`` seconds pass without another, so that extra records are seen too."""
-    consumer = Consumer(
-        {"bootstrap.servers": brokers, "group.id": "test-readback", "enable.auto.commit": False}
-    )
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-    records: list[tuple[str, dict[str, Any]]] = []
-    deadline = time.monotonic() + timeout
-    last = time.monotonic()
-    try:
-        while time.monotonic() < deadline:
-            batch = consumer.consume(1000, 0.1)
-            for message in batch:
-                assert message.error() is None, message.error()
-                records.append((message.key().decode(), json.loads(message.value())))
-            if batch:
-                last = time.monotonic()
-            elif len(records) >= expected and time.monotonic() - last >= quiet:
-                break
-    finally:
-        consumer.close()
-    return records
 
 
 def instant(timestamp: str) -> datetime:

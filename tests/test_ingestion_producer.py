@@ -13,8 +13,8 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from api.producer import BrokerUnavailable, EventProducer
-from deploy.stack import Broker
 from schemas.topics import REQUESTS, RESPONSES
+from tests.support.stacks import Broker
 
 T = TypeVar("T")
 

@@ -6,151 +6,28 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from statistics import fmean
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 import pytest
-from fastdigest import TDigest
 from starlette.testclient import TestClient
 
 import api.metrics
-from api.metrics import create_app
 from api.params import PARAMETERS
-from deploy.stack import Postgres, free_port
-from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.metrics import ROW_FIELDS
-from tests.conftest import signal_postgres
-
-T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
-MINUTE = timedelta(minutes=1)
-
-
-@dataclass
-class RawCall:
-    """One call as the dataflow would see it; ``latency_ms`` None is a timeout."""
-
-    latency_ms: float | None
-    error: bool = False
-    ttft_ms: float | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cache_read_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_usd: float | None = 0.0
-
-
-@dataclass
-class Window:
-    tenant_id: str
-    route: str
-    model: str
-    start: datetime
-    calls: list[RawCall]
-    revision: int = 1
-    seconds: int = 60
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def answered(self) -> list[RawCall]:
-        return [call for call in self.calls if call.latency_ms is not None]
-
-    def column_values(self) -> dict[str, Any]:
-        """The stored row, computed from the raw calls the way the contract defines it."""
-        answered = self.answered
-        latencies = [call.latency_ms for call in answered]
-        ttfts = [call.ttft_ms for call in answered if call.ttft_ms is not None]
-        digest = TDigest.from_values(latencies) if latencies else None
-        priced = [call.cost_usd for call in answered if call.cost_usd is not None]
-        values = {
-            "tenant_id": self.tenant_id,
-            "route": self.route,
-            "model": self.model,
-            "window_start": self.start,
-            "window_end": self.start + timedelta(seconds=self.seconds),
-            "requests": len(self.calls),
-            "errors": sum(call.error or call.latency_ms is None for call in self.calls),
-            "timeouts": len(self.calls) - len(answered),
-            "avg_latency_ms": fmean(latencies) if latencies else None,
-            "p50_latency_ms": digest.quantile(0.5) if digest else None,
-            "p95_latency_ms": digest.quantile(0.95) if digest else None,
-            "p99_latency_ms": digest.quantile(0.99) if digest else None,
-            "avg_time_to_first_token_ms": fmean(ttfts) if ttfts else None,
-            "ttft_count": len(ttfts),
-            "prompt_tokens": sum(call.prompt_tokens for call in answered),
-            "completion_tokens": sum(call.completion_tokens for call in answered),
-            "cache_read_tokens": sum(call.cache_read_tokens for call in answered),
-            "reasoning_tokens": sum(call.reasoning_tokens for call in answered),
-            "avg_prompt_tokens": (fmean(call.prompt_tokens for call in answered) if answered else None),
-            "avg_completion_tokens": (
-                fmean(call.completion_tokens for call in answered) if answered else None
-            ),
-            "estimated_cost_usd": sum(priced),
-            "unpriced_requests": len(answered) - len(priced),
-            "latency_digest": digest.to_bytes() if digest else None,
-            "revision": self.revision,
-        }
-        values.update(self.extra)
-        return values
-
-
-def random_calls(
-    rnd: random.Random, count: int, median_ms: float = 500.0, timeout_share: float = 0.05
-) -> list[RawCall]:
-    calls = []
-    for _ in range(count):
-        if rnd.random() < timeout_share:
-            calls.append(RawCall(latency_ms=None, error=True))
-            continue
-        prompt = rnd.randint(10, 2000)
-        completion = rnd.randint(0, 800)
-        calls.append(
-            RawCall(
-                latency_ms=rnd.lognormvariate(0, 0.7) * median_ms,
-                error=rnd.random() < 0.05,
-                ttft_ms=rnd.uniform(20, 200) if rnd.random() < 0.4 else None,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                cache_read_tokens=rnd.randint(0, prompt),
-                reasoning_tokens=rnd.randint(0, completion),
-                cost_usd=None if rnd.random() < 0.1 else rnd.uniform(0.0001, 0.01),
-            )
-        )
-    return calls
-
-
-def insert_windows(dsn: str, windows: Sequence[Window]) -> None:
-    rows = [window.column_values() for window in windows]
-    columns = list(rows[0])
-    statement = f"INSERT INTO llm_metrics ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})"
-    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
-        cursor.executemany(statement, [[row[name] for name in columns] for row in rows])
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
-
-
-@pytest.fixture
-def client_for() -> Iterator[Any]:
-    """Start the app against a database; stopped after the test."""
-    clients: list[TestClient] = []
-
-    def start(dsn: str) -> TestClient:
-        # Keys and tenants are tested through this app in test_auth.py.
-        client = TestClient(create_app(Settings(postgres_dsn=dsn, auth=False)))
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield start
-    for client in clients:
-        client.__exit__(None, None, None)
-
+from tests.support.metric_windows import (
+    MINUTE,
+    T0,
+    Window,
+    get,
+    insert_windows,
+    random_calls,
+    rfc3339,
+)
+from tests.support.ports import free_port
+from tests.support.stacks import Postgres, signal_postgres
 
 # Two tenants; tenant "acme" has 2 routes x 2 models x 5 minutes, "globex" 1 key x 2 minutes.
 ROUTES = ("/chat", "/search")
@@ -191,14 +68,6 @@ def expected_keys(windows: Sequence[Window], tenant: str, **match: str) -> list[
 
 def keys(body: dict[str, Any]) -> list[tuple]:
     return [(row["window_start"], row["route"], row["model"]) for row in body["metrics"]]
-
-
-def get(client: TestClient, **params: Any) -> dict[str, Any]:
-    response = client.get("/v1/metrics", params=params)
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert body["count"] == len(body["metrics"])
-    return body
 
 
 def test_rows_newest_first_then_route_and_model(client: TestClient, windows: list[Window]):

@@ -7,7 +7,7 @@ which each namespace reaches over a veth link of its own. Each process is
 started as a user would start it on its host: ``python -m bytewax.run
 dataflows.metrics:flow -i I -a "A:PORT;B:PORT" -r DIR``, where DIR holds the one
 recovery partition of ``python -m bytewax.recovery … 2`` that belongs to it. The
-whole data set of ``tests.dataflow_harness`` then gives exactly its expected rows.
+whole data set of ``tests.support.dataflow`` then gives exactly its expected rows.
 
 Needs root (to create namespaces) and ``ip`` from iproute2.
 """
@@ -26,11 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy.stack import Broker, Postgres
 from schemas.database import ensure_schema
 from schemas.topics import ensure_topics
-from tests import dataflow_harness as h
-from tests.conftest import TEST_PARTITIONS
+from tests.support import dataflow as h
+from tests.support.stacks import TEST_PARTITIONS, Broker, Postgres
 
 pytestmark = pytest.mark.slow
 

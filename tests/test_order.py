@@ -18,7 +18,7 @@ from dataflows.operators import route_to_windows
 from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
 from schemas.events import LLMRequest, LLMResponse
-from tests.test_windows import assert_row, expected_row
+from tests.support.expected import assert_row, expected_row
 
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z, a window boundary
 NOW = 1_900_000_000.0  # wall clock, independent of event time

@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
@@ -66,7 +66,6 @@ from api import otlp
 from api.body import BodyError
 from api.ingestion import create_app
 from api.keys import create_key
-from deploy.stack import Broker, Postgres
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.events import (
@@ -79,79 +78,29 @@ from schemas.events import (
     response_decoder,
 )
 from schemas.topics import EVALUATIONS, REQUESTS, RESPONSES, ensure_topics
-from tests import dataflow_harness as h
-from tests.conftest import TEST_PARTITIONS
-from tests.serving import serving
-from tests.test_ingestion import read_topic
+from tests.support import dataflow as h
+from tests.support.servers import serving
+from tests.support.spans import (
+    EPOCH,
+    PROTOBUF,
+    SpanSpec,
+    any_value,
+    genai_specs,
+    is_call,
+    proto_attributes,
+    proto_export,
+    proto_span,
+    recent,
+    serials,
+    with_ids,
+)
+from tests.support.stacks import TEST_PARTITIONS, Broker, Postgres
+from tests.support.topics import read_topic
 
-PROTOBUF = {"Content-Type": "application/x-protobuf"}
 JSON = {"Content-Type": "application/json"}
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 # -- spans as a test describes them ------------------------------------------------
-
-
-@dataclass
-class SpanSpec:
-    """One span to send: times and attributes chosen by the test."""
-
-    name: str
-    start: datetime  # whole microseconds; the span starts 789 ns after it
-    duration_ns: int
-    attributes: dict[str, Any]
-    error: str | None = None  # status ERROR with this description
-    trace_id: int = 0
-    span_id: int = 0
-
-    @property
-    def start_ns(self) -> int:
-        return (self.start - EPOCH) // timedelta(microseconds=1) * 1000 + 789
-
-    @property
-    def end_ns(self) -> int:
-        return self.start_ns + self.duration_ns
-
-
-def genai_specs(start: datetime, route: str | None = None) -> list[SpanSpec]:
-    """A mix: answered calls, a failed one, a cached and a reasoning one, and spans to ignore."""
-    chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai"}
-    if route is not None:
-        chat["streamlens.route"] = route
-    at = [start + timedelta(milliseconds=250 * n) for n in range(8)]
-    return [
-        SpanSpec("chat gpt-4o", at[0], 812_345_678, {
-            **chat, "gen_ai.request.model": "gpt-4o", "gen_ai.response.model": "gpt-4o-2024-08-06",
-            "gen_ai.usage.input_tokens": 1200, "gen_ai.usage.output_tokens": 96,
-            "gen_ai.usage.cache_read.input_tokens": 1024,
-            "gen_ai.response.finish_reasons": ("stop",),
-        }),
-        SpanSpec("chat o3", at[1], 2_500_000_001, {
-            **chat, "gen_ai.request.model": "o3", "gen_ai.usage.input_tokens": 50,
-            "gen_ai.usage.output_tokens": 700, "gen_ai.usage.reasoning.output_tokens": 640,
-            "gen_ai.response.time_to_first_chunk": 0.4125,
-            "gen_ai.response.finish_reasons": ("length", "stop"),
-        }),
-        SpanSpec("chat gpt-4o", at[2], 30_000_000, {
-            **chat, "gen_ai.request.model": "gpt-4o", "error.type": "RateLimitError",
-        }, error="429 Too Many Requests"),
-        SpanSpec("chat claude", at[3], 1_000_000_000, {
-            "gen_ai.system": "anthropic", "gen_ai.request.model": "claude-sonnet-4",
-            "gen_ai.usage.prompt_tokens": 300, "gen_ai.usage.completion_tokens": 20,
-        }, error="overloaded"),
-        # Not model calls: accepted and ignored.
-        SpanSpec("GET /search", at[4], 5_000_000, {"http.request.method": "GET"}),
-        SpanSpec("invoke_agent planner", at[5], 9_000_000_000, {
-            "gen_ai.operation.name": "invoke_agent", "gen_ai.request.model": "gpt-4o",
-            "gen_ai.usage.input_tokens": 5000,
-        }),
-        SpanSpec("execute_tool search", at[6], 1_000_000, {"gen_ai.operation.name": "execute_tool"}),
-    ]  # fmt: skip
-
-
-def is_call(spec: SpanSpec) -> bool:
-    operation = spec.attributes.get("gen_ai.operation.name")
-    return operation == "chat" or (operation is None and "gen_ai.system" in spec.attributes)
 
 
 # The attributes docs/otlp.md's table reads an event field from: not repeated in metadata.
@@ -216,54 +165,6 @@ def expected_call(
 # -- building OTLP by hand ----------------------------------------------------------
 
 
-def any_value(value: Any) -> AnyValue:
-    if value is None:
-        return AnyValue()
-    if isinstance(value, bytes):
-        return AnyValue(bytes_value=value)
-    if isinstance(value, dict):
-        return AnyValue(kvlist_value=KeyValueList(values=proto_attributes(value)))
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    if isinstance(value, tuple | list):
-        return AnyValue(array_value=ArrayValue(values=[any_value(v) for v in value]))
-    return AnyValue(string_value=value)
-
-
-def proto_attributes(attributes: dict[str, Any]) -> list[KeyValue]:
-    return [KeyValue(key=k, value=any_value(v)) for k, v in attributes.items()]
-
-
-def proto_span(spec: SpanSpec) -> Span:
-    span = Span(
-        trace_id=spec.trace_id.to_bytes(16, "big"),
-        span_id=spec.span_id.to_bytes(8, "big"),
-        name=spec.name,
-        kind=Span.SPAN_KIND_CLIENT,
-        start_time_unix_nano=spec.start_ns,
-        end_time_unix_nano=spec.end_ns,
-        attributes=proto_attributes(spec.attributes),
-    )
-    if spec.error is not None:
-        span.status.code = Status.STATUS_CODE_ERROR
-        span.status.message = spec.error
-    return span
-
-
-def proto_export(
-    specs: list[SpanSpec], service: str, resource: dict[str, Any] | None = None
-) -> ExportTraceServiceRequest:
-    """One resource (``service.name`` and ``resource``) with ``specs`` as its spans."""
-    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(
-        resource={"attributes": proto_attributes({"service.name": service, **(resource or {})})},
-        scope_spans=[ScopeSpans(spans=[proto_span(spec) for spec in specs])],
-    )])  # fmt: skip
-
-
 def json_value(value: Any) -> dict[str, Any]:
     """OTLP JSON: 64-bit integers as strings, bytes in base64, NaN and infinities as strings."""
     if value is None:
@@ -312,22 +213,6 @@ def json_export(
         "resource": {"attributes": json_attributes({"service.name": service, **(resource or {})})},
         "scopeSpans": [{"scope": {"name": "hand-built"}, "spans": spans}],
     }]}  # fmt: skip
-
-
-_ids = iter(range(1, 10**9))
-
-
-def with_ids(specs: list[SpanSpec], test_number: int) -> list[SpanSpec]:
-    """Ids of this test's own, so tests sharing a broker tell their records apart."""
-    for spec in specs:
-        spec.trace_id = (test_number << 64) | next(_ids)
-        spec.span_id = 0xABC0_0000_0000_0000 | next(_ids)
-    return specs
-
-
-def recent() -> datetime:
-    """A start time a little in the past, in whole microseconds."""
-    return (datetime.now(UTC) - timedelta(seconds=30)).replace(microsecond=123_456)
 
 
 # -- the mapping, unit-tested ---------------------------------------------------------
@@ -838,16 +723,16 @@ def json_logs(specs: list[RecordSpec], resource: dict[str, Any] | None = None) -
 def log_specs(test_number: int, start: datetime) -> list[RecordSpec]:
     """An evaluation in a span, two outside any (one in the older form), a record that is no evaluation."""
     made, observed = at_ns(start), at_ns(start + timedelta(seconds=1))
-    ids = {"trace_id": (test_number << 64) | next(_ids), "span_id": 0xEEE0_0000_0000_0000 | next(_ids)}
+    ids = {"trace_id": (test_number << 64) | next(serials), "span_id": 0xEEE0_0000_0000_0000 | next(serials)}
     return [
         RecordSpec(EVALUATION_ATTRIBUTES, time_ns=made, observed_ns=observed, **ids),
         RecordSpec({
             "gen_ai.evaluation.name": "user_feedback", "gen_ai.evaluation.score.label": "thumbs_up",
-            "gen_ai.response.id": f"chatcmpl-{test_number}-{next(_ids)}", "streamlens.tenant_id": "acme",
+            "gen_ai.response.id": f"chatcmpl-{test_number}-{next(serials)}", "streamlens.tenant_id": "acme",
         }, observed_ns=observed),
         RecordSpec({
             **EVALUATION_ATTRIBUTES, "event.name": EVALUATION,
-            "gen_ai.response.id": f"chatcmpl-{test_number}-{next(_ids)}",
+            "gen_ai.response.id": f"chatcmpl-{test_number}-{next(serials)}",
         }, event_name="", time_ns=made),
         RecordSpec({"http.route": "/judge"}, event_name="", time_ns=made, body="judged 3 answers"),
     ]  # fmt: skip
@@ -1417,7 +1302,7 @@ def test_the_sdk_logs_exporter_sends_evaluation_events_that_become_evaluations(s
     provider.add_log_record_processor(SimpleLogRecordProcessor(exporter))
     logger = provider.get_logger("streamlens-tests")
     tracer = TracerProvider().get_tracer("streamlens-tests")
-    response_id = f"chatcmpl-sdk-{next(_ids)}"
+    response_id = f"chatcmpl-sdk-{next(serials)}"
     judged = at_ns(recent())
     feedback = {
         "gen_ai.evaluation.name": "user_feedback", "gen_ai.evaluation.score.label": "thumbs_up",

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.stack import Broker, Postgres
 from schemas.database import ensure_schema
-from tests import dataflow_harness as h
-from tests.test_broker_restart import SETTINGS, _calls, _run_until
+from tests.support import dataflow as h
+from tests.support.stacks import Broker, Postgres
 
 pytestmark = pytest.mark.slow
 
@@ -39,19 +38,19 @@ def test_postgres_and_broker_outages_are_waited_out(tmp_path: Path, broker: Brok
         tmp_path / "recovery",
         h.write_prices(tmp_path / "prices.json"),
         tmp_path / "dataflow.log",
-        settings=SETTINGS,
+        settings=h.SHORT_GRACE_SETTINGS,
     ).start()
     counted: list[h.Counted] = []
     try:
-        events, calls = _calls(rng, "before", h.BASE, 100)
+        events, calls = h.answered_calls(rng, "before", h.BASE, 100)
         counted += calls
         h.produce(broker.address, events)
-        _run_until(processor, dsn, h.expected_rows_of(counted))
+        h.wait_for_rows(processor, dsn, h.expected_rows_of(counted))
 
         # Postgres away: calls keep arriving, for windows already written and new ones.
         postgres.stop()
-        events, calls = _calls(rng, "during-pg", h.BASE, 100)
-        more, more_calls = _calls(rng, "during-pg", h.BASE + 5, 100)
+        events, calls = h.answered_calls(rng, "during-pg", h.BASE, 100)
+        more, more_calls = h.answered_calls(rng, "during-pg", h.BASE + 5, 100)
         counted += calls + more_calls
         h.produce(broker.address, events + more)
         deadline = time.monotonic() + OUTAGE_SECONDS
@@ -59,10 +58,10 @@ def test_postgres_and_broker_outages_are_waited_out(tmp_path: Path, broker: Brok
             processor.check_alive()
             time.sleep(0.5)
         postgres.start(postgres.port)
-        _run_until(processor, dsn, h.expected_rows_of(counted))
+        h.wait_for_rows(processor, dsn, h.expected_rows_of(counted))
 
         # The broker frozen: nothing is read, written or acknowledged meanwhile.
-        events, calls = _calls(rng, "during-kafka", h.BASE + 10, 100)
+        events, calls = h.answered_calls(rng, "during-kafka", h.BASE + 10, 100)
         counted += calls
         h.produce(broker.address, events)
         os.kill(broker.pid, signal.SIGSTOP)
@@ -74,7 +73,7 @@ def test_postgres_and_broker_outages_are_waited_out(tmp_path: Path, broker: Brok
         finally:
             os.kill(broker.pid, signal.SIGCONT)
         expected = h.expected_rows_of(counted)
-        _run_until(processor, dsn, expected)
+        h.wait_for_rows(processor, dsn, expected)
         h.check_rows(h.postgres_rows(dsn), expected)
         h.check_rows(h.latest_metrics(broker.address), expected)
         assert h.dead_letters(broker.address) == []

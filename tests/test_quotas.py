@@ -29,13 +29,13 @@ from api.ingestion import create_app
 from api.keys import create_key
 from api.metrics import create_app as create_query_app
 from api.quotas import LIMITS_REFRESH_SECONDS, set_quota
-from deploy.stack import Broker, Postgres, free_port
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.quotas import Limits, LocalBucket, lease_size, retry_after
 from schemas.topics import REQUESTS
-from tests.conftest import TEST_PARTITIONS
-from tests.serving import serving, wait_answering
+from tests.support.ports import free_port
+from tests.support.servers import serving, wait_answering
+from tests.support.stacks import TEST_PARTITIONS, Broker, Postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,14 +26,13 @@ from starlette.testclient import TestClient
 from api.metrics import create_app
 from dataflows.sinks import RowsSink
 from dataflows.windows import WindowRow
-from deploy.stack import Broker, Postgres
 from schemas import retention
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.topics import ensure_topics
-from tests.conftest import TEST_PARTITIONS, empty_database
-from tests.serving import serving
-from tests.year_data import DAY, DAYS, MINUTE, Minute, made_year, today, window_row
+from tests.support.servers import serving
+from tests.support.stacks import TEST_PARTITIONS, Broker, Postgres, empty_database
+from tests.support.year_data import DAY, DAYS, MINUTE, Minute, made_year, today, window_row
 
 logger = logging.getLogger(__name__)
 

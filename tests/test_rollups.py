@@ -8,7 +8,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from statistics import fmean
 from typing import Any
 
 import psycopg
@@ -19,11 +18,9 @@ from starlette.testclient import TestClient
 import api.metrics
 import api.queries
 from api.params import BUCKETS
-from api.queries import Deadline
 from dataflows.sinks import COLUMNS, UPSERT_SQL
-from schemas import rollups
-from tests import test_metrics_api
-from tests.test_metrics_api import (
+from tests.support.expected import bucket_start, check_bucket, nearest_rank_neighbours
+from tests.support.metric_windows import (
     MINUTE,
     T0,
     RawCall,
@@ -33,30 +30,16 @@ from tests.test_metrics_api import (
     random_calls,
     rfc3339,
 )
-
-# The app-starting fixture, shared with the query API tests.
-client_for = test_metrics_api.client_for
+from tests.support.rollup_cache import cached_parts, slow_merging
 
 ROUTES = ("/chat", "/search")
 MODELS = ("gpt-4o", "claude-sonnet-4-5")
 Key = Callable[[Window], tuple]
 
 
-def nearest_rank(values: Sequence[float], q: float) -> tuple[float, float]:
-    """The values around the exact nearest-rank percentile: a merged digest lands between."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q * len(ordered)))  # 1-based
-    return ordered[max(rank - 2, 0)], ordered[min(rank, len(ordered) - 1)]
-
-
 def exact_percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[max(1, math.ceil(q * len(ordered))) - 1]
-
-
-def bucket_start(moment: datetime, seconds: int) -> datetime:
-    epoch = int(moment.timestamp())
-    return datetime.fromtimestamp(epoch - epoch % seconds, moment.tzinfo)
 
 
 def expected_buckets(
@@ -71,47 +54,6 @@ def expected_buckets(
         )
         groups[key].append(window)
     return groups
-
-
-def check_bucket(row: dict[str, Any], windows: Sequence[Window], revision: int | None = None) -> None:
-    """Every field of a merged row against the raw calls of its windows (and ``revision``, when
-    the row's revision is not their highest)."""
-    calls = [call for window in windows for call in window.calls]
-    answered = [call for call in calls if call.latency_ms is not None]
-    latencies = [call.latency_ms for call in answered]
-    ttfts = [call.ttft_ms for call in answered if call.ttft_ms is not None]
-    assert row["requests"] == len(calls)
-    assert row["timeouts"] == len(calls) - len(answered)
-    assert row["errors"] == sum(call.error or call.latency_ms is None for call in calls)
-    for name in ("prompt_tokens", "completion_tokens", "cache_read_tokens", "reasoning_tokens"):
-        assert row[name] == sum(getattr(call, name) for call in answered), name
-    priced = [call.cost_usd for call in answered if call.cost_usd is not None]
-    assert row["estimated_cost_usd"] == pytest.approx(sum(priced), rel=1e-9)
-    assert row["unpriced_requests"] == len(answered) - len(priced)
-    assert row["revision"] == (max(window.revision for window in windows) if revision is None else revision)
-    if not answered:
-        for name in (
-            "avg_latency_ms",
-            "p50_latency_ms",
-            "p95_latency_ms",
-            "p99_latency_ms",
-            "avg_prompt_tokens",
-            "avg_completion_tokens",
-        ):
-            assert row[name] is None, name
-        return
-    assert row["avg_latency_ms"] == pytest.approx(fmean(latencies), rel=1e-9)
-    assert row["avg_prompt_tokens"] == pytest.approx(fmean(call.prompt_tokens for call in answered), rel=1e-9)
-    assert row["avg_completion_tokens"] == pytest.approx(
-        fmean(call.completion_tokens for call in answered), rel=1e-9
-    )
-    if ttfts:
-        assert row["avg_time_to_first_token_ms"] == pytest.approx(fmean(ttfts), rel=1e-9)
-    else:
-        assert row["avg_time_to_first_token_ms"] is None
-    for name, q in (("p50_latency_ms", 0.5), ("p95_latency_ms", 0.95), ("p99_latency_ms", 0.99)):
-        low, high = nearest_rank(latencies, q)
-        assert low <= row[name] <= high, (name, low, row[name], high)
 
 
 @pytest.fixture
@@ -230,7 +172,7 @@ def test_percentiles_come_from_merged_digests_not_averaged(postgres_dsn: str, cl
     row = get(client_for(postgres_dsn), tenant_id="acme", bucket="5m")["metrics"][0]
     latencies = [c.latency_ms for c in fast + slow]
     for name, q in (("p50_latency_ms", 0.5), ("p95_latency_ms", 0.95)):
-        low, high = nearest_rank(latencies, q)
+        low, high = nearest_rank_neighbours(latencies, q)
         assert low <= row[name] <= high
     assert row["p50_latency_ms"] < 11.0
     assert row["p95_latency_ms"] > 1000.0
@@ -255,17 +197,6 @@ def test_many_calls_merge_within_one_percent(postgres_dsn: str, client_for: Any)
     assert row["requests"] == 12_000
     for name, q in (("p50_latency_ms", 0.5), ("p95_latency_ms", 0.95), ("p99_latency_ms", 0.99)):
         assert row[name] == pytest.approx(exact_percentile(latencies, q), rel=0.01), name
-
-
-def cached_parts(dsn: str) -> dict[tuple, int]:
-    """What llm_metrics_rollups holds: (route, model, bucket_seconds, start) -> windows."""
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT route, model, bucket_seconds, bucket_start, windows FROM llm_metrics_rollups"
-        ).fetchall()
-    return {
-        (route, model, seconds, rfc3339(start)): windows for route, model, seconds, start, windows in rows
-    }
 
 
 def poison_cache(dsn: str) -> None:
@@ -397,44 +328,6 @@ def test_short_buckets_are_not_kept(client: TestClient, postgres_dsn: str):
         get(client, tenant_id="acme", bucket=bucket, limit=1000)
     get(client, tenant_id="acme", group_by="model", limit=1000)
     assert cached_parts(postgres_dsn) == {}
-
-
-def slow_merging(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every chunk of keeping or merging (and every bucket merged straight from its windows) takes
-    one second of a clock only merging moves, and a request's deadline is 1.5 s of that
-    clock: each request merges one chunk."""
-    now = [0.0]
-    merge = api.queries._merge_parts
-
-    def merge_taking_a_second(*args: Any) -> None:
-        merge(*args)
-        now[0] += 1.0
-
-    monkeypatch.setattr(api.queries, "_merge_parts", merge_taking_a_second)
-    keep = rollups.keep_async
-
-    async def keep_taking_a_second(*args: Any) -> int:
-        kept = await keep(*args)
-        now[0] += 1.0
-        return kept
-
-    monkeypatch.setattr(rollups, "keep_async", keep_taking_a_second)
-    direct = api.queries.direct_row
-
-    def direct_taking_a_second(*args: Any) -> Any:
-        now[0] += 1.0
-        return direct(*args)
-
-    monkeypatch.setattr(api.queries, "direct_row", direct_taking_a_second)
-    by_hours = api.queries.bucket_of_hours
-
-    def hours_taking_a_second(*args: Any) -> Any:
-        now[0] += 1.0
-        return by_hours(*args)
-
-    monkeypatch.setattr(api.queries, "bucket_of_hours", hours_taking_a_second)
-    monkeypatch.setattr(api.metrics, "Deadline", lambda seconds: Deadline(1.5, clock=lambda: now[0]))
-    monkeypatch.setattr(api.queries, "CHUNK_WINDOWS", 1)  # one part per chunk
 
 
 def test_a_rollup_out_of_time_keeps_what_it_merged_and_a_retry_goes_on(

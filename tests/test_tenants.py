@@ -23,14 +23,13 @@ from starlette.testclient import TestClient
 from api.auth import TENANT_NOT_ALLOWED, generate_key
 from api.keys import create_key
 from api.metrics import create_app
-from deploy.stack import Postgres
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.tenant_settings import changes, decide, record_default
-from tests.conftest import empty_database, signal_postgres
-from tests.serving import serving
-from tests.test_auth import make_app, request_event
-from tests.test_metrics_api import T0, RawCall, Window, insert_windows
+from tests.support.auth_app import make_app, request_event
+from tests.support.metric_windows import T0, RawCall, Window, insert_windows
+from tests.support.servers import serving
+from tests.support.stacks import Postgres, empty_database, signal_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 60

@@ -21,6 +21,7 @@ from schemas.deadletter import DeadLetter
 from schemas.dimensions import MAX_DIMENSIONS
 from schemas.events import LLMRequest, LLMResponse
 from schemas.metrics import MetricsRow
+from tests.support.expected import assert_between_neighbours, assert_row, expected_row, nearest_rank
 
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z, a window boundary
 NOW = 1_900_000_000.0
@@ -125,80 +126,6 @@ def advance(windows: WindowShard, event_seconds: float, now: float = NOW) -> lis
     clock.completed_at = T0 + event_seconds
     assert windows.on_call(clock, now) == []
     return [row for row in windows.on_time(now) if row.row.tenant_id != "clock"]
-
-
-def nearest_rank(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def expected_row(calls: list[Call], start: int) -> MetricsRow:
-    """The row, worked out from the calls with plain Python (percentiles aside).
-
-    ``calls`` are the window's calls in their final state (a timeout replaced by
-    its answered call is only the answered call); the revision is one per
-    timed-out call and two per answered call."""
-    tenant_id, route, model = (calls[0].request.tenant_id, calls[0].request.route, calls[0].request.model)
-    done = [call for call in calls if call.response is not None]
-    responses = [call.response for call in calls if call.response is not None]
-
-    def latency(call: Call) -> float:
-        assert call.response is not None
-        if call.response.latency_ms is not None:
-            return call.response.latency_ms
-        gap = (call.response.timestamp - call.request.timestamp).total_seconds() * 1000
-        return max(0.0, gap)
-
-    ttfts = [r.time_to_first_token_ms for r in responses if r.time_to_first_token_ms is not None]
-    latencies = [latency(call) for call in done]
-    return MetricsRow(
-        tenant_id=tenant_id,
-        route=route,
-        model=model,
-        window_start=datetime.fromtimestamp(start, UTC),
-        window_end=datetime.fromtimestamp(start + WINDOW, UTC),
-        requests=len(calls),
-        errors=sum(1 for c in calls if c.response is None or c.response.error),
-        timeouts=sum(1 for c in calls if c.response is None),
-        avg_latency_ms=sum(latencies) / len(latencies) if latencies else None,
-        p50_latency_ms=nearest_rank(latencies, 0.5) if latencies else None,
-        p95_latency_ms=nearest_rank(latencies, 0.95) if latencies else None,
-        p99_latency_ms=nearest_rank(latencies, 0.99) if latencies else None,
-        avg_time_to_first_token_ms=sum(ttfts) / len(ttfts) if ttfts else None,
-        prompt_tokens=sum(c.request.prompt_tokens for c in done),
-        completion_tokens=sum(r.completion_tokens for r in responses),
-        cache_read_tokens=sum(r.cache_read_tokens for r in responses),
-        reasoning_tokens=sum(r.reasoning_tokens for r in responses),
-        avg_prompt_tokens=sum(c.request.prompt_tokens for c in done) / len(done) if done else None,
-        avg_completion_tokens=sum(r.completion_tokens for r in responses) / len(done) if done else None,
-        estimated_cost_usd=sum(c.cost_usd or 0.0 for c in done),
-        unpriced_requests=sum(1 for c in done if c.cost_usd is None),
-        revision=len(calls) + len(done),
-    )
-
-
-def assert_row(actual: MetricsRow, expected: MetricsRow, calls: list[Call]) -> None:
-    """Equal field by field; averages and cost to float precision, percentiles
-    between the nearest-rank neighbours of the calls' latencies."""
-    latencies = [
-        c.response.latency_ms
-        if c.response.latency_ms is not None
-        else max(0.0, (c.response.timestamp - c.request.timestamp).total_seconds() * 1000)
-        for c in calls
-        if c.response is not None
-    ]
-    for field in MetricsRow.__struct_fields__:
-        got, want = getattr(actual, field), getattr(expected, field)
-        if field.startswith("p") and field.endswith("_latency_ms"):
-            assert (got is None) == (want is None), field
-            if got is not None:
-                q = {"p50": 0.5, "p95": 0.95, "p99": 0.99}[field[:3]]
-                assert_between_neighbours(got, latencies, q)
-            continue
-        if isinstance(want, float):
-            assert got == want or math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9), field
-        else:
-            assert got == want, field
 
 
 # -- windows and emission ------------------------------------------------------
@@ -549,20 +476,6 @@ def percentile(fields: dict[str, Any], field: Percentile) -> float:
     value = fields[field]
     assert isinstance(value, float), field
     return value
-
-
-def assert_between_neighbours(reported: float, values: list[float], q: float) -> None:
-    ordered = sorted(values)
-    n = len(ordered)
-    # The interpolated position among the ordered values, and the values around it.
-    position = q * (n - 1)
-    low, high = ordered[math.floor(position)], ordered[math.ceil(position)]
-    # Interpolating inside a centroid of equal values may land one ulp outside them.
-    ulps = 4 * math.ulp(high)
-    assert low - ulps <= reported <= high + ulps, (q, reported, low, high)
-    # Hence also within one rank of the nearest-rank value.
-    rank = max(0, math.ceil(q * n) - 1)
-    assert ordered[max(0, rank - 1)] - ulps <= reported <= ordered[min(n - 1, rank + 1)] + ulps
 
 
 @settings(max_examples=200, deadline=None)

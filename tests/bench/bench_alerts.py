@@ -36,10 +36,10 @@ import psycopg
 from deploy.receiver import Alert, WebhookReceiver
 from schemas.alert_rules import create_rule
 from schemas.alerts import RuleBody
-from tests import dataflow_harness as h
 from tests.bench.bench_freshness import records_with_time, send_calls
 from tests.bench.stack import local_stack
-from tests.conftest import TEST_PARTITIONS
+from tests.support import dataflow as h
+from tests.support.stacks import TEST_PARTITIONS
 
 RATE = 10_000
 SECONDS = 200.0

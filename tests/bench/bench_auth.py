@@ -1,4 +1,5 @@
-"""What authentication adds to a request: :func:`api.auth.authenticate` per call.
+"""What authentication adds to a request: :class:`api.auth.KeyBackend` and the scope check
+of :func:`api.auth.requires`, per call.
 
 The cached path (a key seen in the last few seconds) is what nearly every
 request takes; it is timed against ``AUTH=off`` in the same run, and compared
@@ -9,6 +10,7 @@ Postgres answers the first lookup and the uncached ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -17,11 +19,12 @@ import psycopg
 from starlette.applications import Starlette
 from starlette.requests import Request
 
-from api.auth import KeyStore, Scope, authenticate, generate_key, open_key_store
+from api.auth import KeyBackend, KeyStore, Scope, check_scope, generate_key, open_key_store
+from api.errors import ApiError
 from api.keys import create_key
-from deploy.stack import Postgres
 from schemas.config import Settings
 from schemas.database import ensure_schema
+from tests.support.stacks import Postgres
 
 CALLS = 200_000
 UNCACHED_CALLS = 2_000
@@ -46,12 +49,16 @@ def make_request(app: Starlette, key: str | None) -> Request:
 
 
 async def per_call(app: Starlette, keys: list[str | None], scope: Scope, calls: int) -> float:
-    """Seconds per :func:`authenticate` call, cycling over ``keys``."""
+    """Seconds per request for what the middleware and ``requires`` do, cycling over ``keys``."""
+    backend = KeyBackend()
     requests = [make_request(app, key) for key in keys]
     count = len(requests)
     started = time.perf_counter()
     for index in range(calls):
-        await authenticate(requests[index % count], scope)
+        request = requests[index % count]
+        request.scope["auth"], request.scope["user"] = await backend.authenticate(request)
+        with contextlib.suppress(ApiError):
+            check_scope(request, scope)
     return (time.perf_counter() - started) / calls
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import time
 
-from tests import dataflow_harness as h
 from tests.bench.stack import local_stack
+from tests.support import dataflow as h
 
 CALLS = 40_000
 SPAN = 1200.0

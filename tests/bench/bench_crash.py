@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 
 from tests.bench.stack import local_stack
-from tests.test_crash import CrashRun, run
+from tests.support.crash import CrashRun, run
 
 CALLS = 50_000
 KILLS = 6

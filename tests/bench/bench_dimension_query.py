@@ -23,11 +23,11 @@ import psycopg
 from fastdigest import TDigest
 
 from api.metrics import create_app
-from deploy.stack import Postgres
 from schemas.config import Settings
 from schemas.database import ensure_schema
-from tests import dimension_store
-from tests.serving import serving
+from tests.support import dimension_store
+from tests.support.servers import serving
+from tests.support.stacks import Postgres
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 DAYS = 30

@@ -27,8 +27,8 @@ from datetime import datetime
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from tests import dataflow_harness as h
 from tests.bench.stack import local_stack
+from tests.support import dataflow as h
 
 RATES = "1000,20000"  # calls per second, run in turn
 SECONDS = 60

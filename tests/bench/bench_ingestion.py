@@ -38,9 +38,9 @@ import psycopg
 
 from api.keys import create_key
 from api.quotas import set_quota
-from deploy.stack import free_port
 from schemas.quotas import Limits
 from tests.bench.stack import local_stack
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CONCURRENCY = 64

@@ -33,7 +33,6 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 
 from api import otlp
 from api.keys import create_key
-from deploy.stack import free_port
 from schemas.events import batch_decoder, event_decoder
 from tests.bench.bench_ingestion import (
     BATCH_CONCURRENCY,
@@ -48,6 +47,7 @@ from tests.bench.bench_ingestion import (
     _wrk_body,
 )
 from tests.bench.stack import local_stack
+from tests.support.ports import free_port
 
 EXPORT_SPANS = 1000
 CONCURRENCY = 8

@@ -37,8 +37,9 @@ import httpx
 import psycopg
 from fastdigest import TDigest, merge_all
 
-from deploy.stack import Postgres, free_port
 from schemas.database import ensure_schema
+from tests.support.ports import free_port
+from tests.support.stacks import Postgres
 
 TENANTS = 100
 ROUTES = 5

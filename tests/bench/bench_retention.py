@@ -31,13 +31,13 @@ import psycopg
 
 from dataflows.sinks import RowsSink
 from dataflows.windows import WindowRow
-from deploy.stack import free_port
 from schemas import rollups
 from schemas.database import ensure_schema
 from tests.bench import bench_query
 from tests.bench.stack import local_stack
-from tests.conftest import empty_database
-from tests.year_data import DAY, DAYS, made_year, today, window_row
+from tests.support.ports import free_port
+from tests.support.stacks import empty_database
+from tests.support.year_data import DAY, DAYS, made_year, today, window_row
 
 KEYS_DAY = today() - DAY
 MIX_SECONDS = 20.0

@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from deploy.stack import Broker, Postgres
 from schemas.database import ensure_schema
 from schemas.topics import ensure_topics
-from tests.conftest import TEST_PARTITIONS
+from tests.support.stacks import TEST_PARTITIONS, Broker, Postgres
 
 
 @contextmanager

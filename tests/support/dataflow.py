@@ -47,8 +47,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from psycopg.rows import dict_row
 
 from dataflows.shards import Shards
-from deploy.stack import free_port
-from tests.conftest import TEST_PARTITIONS
+from tests.support.ports import free_port
+from tests.support.stacks import TEST_PARTITIONS
 
 REQUESTS, RESPONSES, METRICS, DIMENSION_METRICS, DEADLETTER = (
     "llm.requests",
@@ -762,7 +762,7 @@ class Processor:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=Path(__file__).resolve().parents[2],
         )
         return self
 
@@ -922,3 +922,54 @@ def check_dead_letters(data: DataSet, letters: list[dict[str, Any]], markers: li
     late = {json.loads(d["payload"])["request"]["request_id"] for d in by_reason["too_late"]}
     assert late == data.too_late_ids
     assert len(by_reason["too_late"]) == len(data.too_late_ids)
+
+
+# -- a few answered calls, for tests that run the processor their own way ------------
+
+# The harness's windows, closed 1 s of event time after their end.
+SHORT_GRACE_SETTINGS = {
+    "WINDOW_SECONDS": str(WINDOW_SECONDS),
+    "GRACE_SECONDS": "1",
+    "JOIN_TIMEOUT_SECONDS": str(JOIN_TIMEOUT_SECONDS),
+    "LATENESS_SECONDS": str(LATENESS_SECONDS),
+}
+
+
+def answered_calls(
+    rng: random.Random, tenant: str, start: float, count: int
+) -> tuple[list[Event], list[Counted]]:
+    """``count`` answered calls of ``tenant`` (route /chat, test-model-a) in the window from
+    ``start``: their events, and the calls as counted."""
+    events, counted = [], []
+    for n in range(count):
+        rid = f"{tenant}-{n}-{rng.getrandbits(32):08x}"
+        ts = start + rng.uniform(0.5, 4.5)
+        request = {
+            "request_id": rid,
+            "tenant_id": tenant,
+            "route": "/chat",
+            "model": "test-model-a",
+            "timestamp": timestamp(ts),
+            "prompt_tokens": rng.randrange(1, 1000),
+        }
+        response = {
+            "request_id": rid,
+            "timestamp": timestamp(ts + 0.5),
+            "completion_tokens": rng.randrange(1, 300),
+            "cache_read_tokens": 0,
+            "reasoning_tokens": 0,
+            "latency_ms": round(rng.uniform(10, 900), 3),
+        }
+        events += [Event(REQUESTS, request), Event(RESPONSES, response)]
+        counted.append(Counted((tenant, "/chat", "test-model-a"), ts, response, request, late=False))
+    return events, counted
+
+
+def wait_for_rows(processor: Processor, dsn: str, expected: dict) -> None:
+    """Until Postgres holds every ``expected`` row at its revision or later (90 s at most)."""
+
+    def final() -> bool:
+        rows = postgres_rows(dsn)
+        return all(key in rows and rows[key]["revision"] >= row.revision for key, row in expected.items())
+
+    wait_for(final, 90, "the rows", processor.check_alive)

@@ -1,5 +1,5 @@
-"""What the alert tests share: the transitions docs/alerts.md predicts, read plainly from a list
-of breaching windows, and a webhook receiver that records every delivery."""
+"""A webhook receiver for the alert tests: it records every delivery, and answers 503 while it is
+down or to first attempts chosen by the test."""
 
 from __future__ import annotations
 
@@ -13,22 +13,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-
-
-def expected_transitions(breaching: list[bool], for_windows: int) -> list[tuple[str, int]]:
-    """(state, window index) of every transition: walk the windows in order, fire at the
-    ``for_windows``-th consecutive breach, resolve at the first window that does not breach."""
-    out: list[tuple[str, int]] = []
-    firing, streak = False, 0
-    for index, breach in enumerate(breaching):
-        streak = streak + 1 if breach else 0
-        if not firing and streak >= for_windows:
-            out.append(("firing", index))
-            firing = True
-        elif firing and not breach:
-            out.append(("resolved", index))
-            firing = False
-    return out
 
 
 class Delivery(NamedTuple):
