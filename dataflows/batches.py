@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -74,14 +74,27 @@ def payload_text(value: bytes | None) -> tuple[str | None, bool]:
 
 
 def invalid(
-    topic: str | None, partition: int | None, offset: int | None, value: bytes | None, error: str
+    topic: str | None,
+    partition: int | None,
+    offset: int | None,
+    value: bytes | None,
+    error: str,
+    key: bytes | None = None,
 ) -> DeadLetter:
-    """The dead letter of a record that could not be read or decoded."""
+    """The dead letter of a record that could not be read or decoded; ``key`` is the record's
+    Kafka key, the dead letter's own when its payload names no request id (as base64 of a
+    value that is not UTF-8 cannot)."""
     payload, encoded = payload_text(value)
     if encoded:
         error = f"{error} (payload is not UTF-8; it is shown base64-encoded)"
     return DeadLetter(
-        reason="invalid", source_topic=topic, partition=partition, offset=offset, error=error, payload=payload
+        reason="invalid",
+        source_topic=topic,
+        partition=partition,
+        offset=offset,
+        error=error,
+        payload=payload,
+        source_key=key,
     )
 
 
@@ -205,9 +218,13 @@ def decode_run(
     offsets: list[int],
     values: list[bytes | None],
     now: float,
+    keys: Callable[[int], bytes | None] | None = None,
 ) -> tuple[list[Event | DeadLetter], list[float]]:
     """A poll's records (offsets ascending) → each one's event or dead letter, and the event
     time each stands for: its timestamp, or -inf for a dead letter (which holds nobody back).
+
+    ``keys(i)`` is the Kafka key of the record of ``values[i]``, which its dead letter
+    carries (:func:`invalid`): asked for dead letters only, so valid records cost nothing.
     """
     valid = [value for value in values if value is not None]
     decoded: list[Event | DeadLetter] | None = None
@@ -219,11 +236,14 @@ def decode_run(
             if max(times, default=-math.inf) <= latest:
                 return list(many), times
     decoded = []
-    for offset, value in zip(offsets, values, strict=True):
+    for index, (offset, value) in enumerate(zip(offsets, values, strict=True)):
         if value is None:
-            decoded.append(invalid(topic, partition, offset, None, "empty record (no value)"))
+            item: Event | DeadLetter = invalid(topic, partition, offset, None, "empty record (no value)")
         else:
-            decoded.append(decode_one(kind, topic, partition, offset, value, now))
+            item = decode_one(kind, topic, partition, offset, value, now)
+        if keys is not None and type(item) is DeadLetter:
+            item.source_key = keys(index)
+        decoded.append(item)
     times = [
         item.timestamp.timestamp() if not isinstance(item, DeadLetter) else -math.inf for item in decoded
     ]

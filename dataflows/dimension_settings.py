@@ -5,7 +5,9 @@ runs with. Before a tenant's window later than any decided so far opens, it rais
 the tenant's horizon and reads its changes in one transaction
 (:func:`schemas.tenant_settings.decide`): at most one round trip per tenant and
 window start, per worker. Postgres away is waited out, as the sinks wait: the
-windows cannot open without knowing their dimensions.
+windows cannot open without knowing their dimensions. The connection has the
+processor's timeouts (:mod:`dataflows.connections`): a server that does not
+answer is away too.
 
 ``DIMENSIONS`` is recorded before the first window opens
 (:func:`schemas.tenant_settings.record_default`), and tenants without a setting
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Mapping
 
 import psycopg
 
+from dataflows import connections
 from dataflows.dimensions import names_at
 from dataflows.sinks import OutageBackoff
 from schemas.tenant_settings import History, decide, record_default
@@ -39,6 +43,7 @@ class PostgresPlan:
         self._default: History | None = None  # DIMENSIONS as recorded; None until recorded
         self._conn: psycopg.Connection | None = None
         self._outage = OutageBackoff("postgres (tenant settings)")
+        self._patience = connections.Patience()
 
     def prepare(self, through: Mapping[str, float]) -> None:
         known = self._decided
@@ -46,9 +51,10 @@ class PostgresPlan:
         if not needed:
             return
         while True:
+            started = time.monotonic()
             try:
                 if self._conn is None or self._conn.closed:
-                    self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+                    self._conn = connections.connect(self.dsn, self._patience.factor)
                 if self._default is None:
                     record_default(self._conn, self.default, self.window_seconds)
                 decided = decide(self._conn, needed)
@@ -57,8 +63,10 @@ class PostgresPlan:
                 if self._conn is not None:
                     self._conn.close()
                     self._conn = None
-                self._outage.failed(error)
+                self._patience.failed(error)
+                self._outage.failed(error, started)
         self._outage.succeeded()
+        self._patience.succeeded()
         self._default = decided.default
         for tenant, start in needed.items():
             self._decided[tenant] = start

@@ -8,20 +8,25 @@ same database as the metrics, which every process of a dataflow reaches, on
 whatever host a shard resumes.
 
 A failed write is not retried here: the ids stay in the shard's recent ids,
-which the next snapshot then holds, and the next seal writes them. A failed
-read on resume is retried until Postgres is back, since the shard cannot go on
-without its ids.
+which the next snapshot then holds, and the next seal writes them. After a write
+that failed slowly (a timeout: the server does not answer), the thread's writes
+fail at once for :data:`WRITE_PAUSE_SECONDS`, so that such a server costs a
+snapshot one timeout, not one a shard. A failed read on resume is retried until
+Postgres is back, since the shard cannot go on without its ids. Connections have
+the processor's timeouts (:mod:`dataflows.connections`).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import psycopg
 
+from dataflows import connections
 from dataflows.remembered import Segment
-from dataflows.sinks import OutageBackoff
+from dataflows.sinks import MAX_PAUSE, OutageBackoff
 
 SAVE_SQL = (
     "INSERT INTO join_segments (shard, number, until, digests, expiry, tenant, tenants)"
@@ -33,6 +38,12 @@ LOAD_SQL = (
     "SELECT number, digests, expiry, tenant, tenants FROM join_segments"
     " WHERE shard = %s AND number >= %s AND number < %s ORDER BY number"
 )
+
+
+# A write failing after this long timed out (a refused connection fails in milliseconds):
+# the thread's writes then fail at once for as long as a retry pauses at most.
+SLOW_FAILURE_SECONDS = 1.0
+WRITE_PAUSE_SECONDS = MAX_PAUSE
 
 
 class MissingSegments(RuntimeError):
@@ -50,10 +61,16 @@ class PostgresSegments:
         self._writes = OutageBackoff("postgres (join segments)", sleep=lambda _: None)
         self._reads = OutageBackoff("postgres (join segments)")
 
+    def _patience(self) -> connections.Patience:
+        patience: connections.Patience | None = getattr(self._local, "patience", None)
+        if patience is None:
+            patience = self._local.patience = connections.Patience()
+        return patience
+
     def _connection(self) -> psycopg.Connection:
         conn: psycopg.Connection | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
-            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+            conn = connections.connect(self.dsn, self._patience().factor)
             self._local.conn = conn
         return conn
 
@@ -64,7 +81,11 @@ class PostgresSegments:
             conn.close()
 
     def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> bool:
-        """Run ``statements`` in one transaction; False (reported, not retried) on failure."""
+        """Run ``statements`` in one transaction; False (reported, not retried) on failure,
+        and at once within WRITE_PAUSE_SECONDS of a write of the thread that timed out."""
+        started = time.monotonic()
+        if started < getattr(self._local, "write_again_at", 0.0):
+            return False
         try:
             conn = self._connection()
             with conn.transaction():
@@ -72,8 +93,13 @@ class PostgresSegments:
                     conn.execute(sql, params)
         except psycopg.Error as error:
             self._drop_connection()
-            self._writes.failed(error)
+            self._patience().failed(error)
+            now = time.monotonic()
+            if now - started >= SLOW_FAILURE_SECONDS:
+                self._local.write_again_at = now + WRITE_PAUSE_SECONDS
+            self._writes.failed(error, started)
             return False
+        self._patience().succeeded()
         self._writes.succeeded()
         return True
 
@@ -111,12 +137,15 @@ class PostgresSegments:
 
     def load(self, shard: str, low: int, high: int) -> list[Segment]:
         while True:
+            started = time.monotonic()
             try:
                 rows = self._connection().execute(LOAD_SQL, (shard, low, high)).fetchall()
                 break
             except psycopg.Error as error:
                 self._drop_connection()
-                self._reads.failed(error)
+                self._patience().failed(error)
+                self._reads.failed(error, started)
+        self._patience().succeeded()
         self._reads.succeeded()
         numbers = [row[0] for row in rows]
         if numbers != list(range(low, high)):

@@ -37,7 +37,7 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 from psycopg.types.json import Jsonb
 
-from dataflows import binary_arrays
+from dataflows import binary_arrays, connections
 from dataflows.evaluations import EvaluationDimensionEmission, EvaluationEmission
 from dataflows.observability import DEAD_LETTERS, DIMENSION_ROWS, EVALUATION_ROWS, ROWS_STALE, ROWS_WRITTEN
 from dataflows.stopping import STOPPING
@@ -173,8 +173,10 @@ class OutageBackoff:
         self.since: float | None = None
         self.attempts = 0
 
-    def failed(self, error: object) -> None:
+    def failed(self, error: object, started: float | None = None) -> None:
         """An attempt failed: log it if it starts an outage, then wait before the next.
+        ``started`` (``time.monotonic()``) is when the attempt began, if it failed late (a
+        timeout): the outage is counted from then.
 
         Asked to stop meanwhile, the process ends at once: the batch is not written,
         and the next start replays it from the last snapshot.
@@ -187,7 +189,7 @@ class OutageBackoff:
             logging.shutdown()
             os._exit(0)
         if self.since is None:
-            self.since = time.monotonic()
+            self.since = time.monotonic() if started is None else started
             logger.warning("%s unavailable, retrying until it is back: %s", self.what, error)
         self.attempts += 1
         self.sleep(min(MAX_PAUSE, FIRST_PAUSE * 2 ** min(self.attempts - 1, 8)))
@@ -351,30 +353,35 @@ _Done = TypeVar("_Done")
 
 class PostgresWriter:
     """One connection for a sink's writes, each a transaction retried through outages
-    (waited out, however long, as the module says)."""
+    (waited out, however long, as the module says). The connection has timeouts
+    (:mod:`dataflows.connections`): a server that stops answering is an outage too."""
 
     def __init__(self, dsn: str, what: str = "postgres") -> None:
         self._dsn = dsn
         self._conn: psycopg.Connection | None = None
         self._outage = OutageBackoff(what)
+        self._patience = connections.Patience()
 
     def in_transaction(self, work: Callable[[psycopg.Cursor[Any]], _Done]) -> _Done:
-        """``work(cursor)`` in one transaction, run again after a lost connection until it
-        commits; what it returned."""
+        """``work(cursor)`` in one transaction, run again after a lost connection or a timeout
+        until it commits; what it returned."""
         while True:
+            started = time.monotonic()
             try:
                 if self._conn is None or self._conn.closed:
                     # Text array elements go in binary: as UTF-8, whatever the database's encoding.
-                    self._conn = psycopg.connect(
-                        self._dsn, autocommit=True, connect_timeout=5, client_encoding="UTF8"
-                    )
+                    self._conn = connections.connect(self._dsn, self._patience.factor, client_encoding="UTF8")
                 with self._conn.transaction(), self._conn.cursor() as cursor:
                     done = work(cursor)
                 self._outage.succeeded()
+                self._patience.succeeded()
                 return done
             except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+                # A statement that timed out is rolled back with its transaction; the
+                # connection goes too, and the next attempt makes a new one.
                 self.close()
-                self._outage.failed(error)
+                self._patience.failed(error)
+                self._outage.failed(error, started)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -583,13 +590,18 @@ def deadletter_message(letter: DeadLetter) -> KafkaSinkMessage[bytes | None, byt
     """An ``llm.deadletter`` record, keyed by request id when known, that always fits the
     producer's message limit (:func:`schemas.deadletter.encode_bounded`).
 
-    A key longer than any request id can be is left out (the payload still shows it),
-    and so is one that cannot be read: the payload of an invalid record is anything.
+    The key is the request id the payload names or, when it names none that fits (the
+    payload of an invalid record is anything: base64 of bytes that are not UTF-8, JSON
+    without an id or nested too deep), the Kafka key of the record read
+    (``letter.source_key``). A key longer than any request id can be is left out (the
+    payload still shows it).
     """
     try:
         key = deadletter_key(letter)
     except RecursionError:  # JSON nested deeper than msgspec follows
         key = None
+    if key is None or len(key) > KEY_MAX_BYTES:
+        key = letter.source_key
     if key is not None and len(key) > KEY_MAX_BYTES:
         key = None
     DEAD_LETTERS.labels(letter.reason).inc()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
 import numpy as np
@@ -76,7 +77,12 @@ _KINDS: dict[str, type[Event]] = {REQUESTS: LLMRequest, RESPONSES: LLMResponse, 
 
 
 def broker_error(
-    topic: str, partition: int, offset: int | None, value: bytes | None, error: object
+    topic: str,
+    partition: int,
+    offset: int | None,
+    value: bytes | None,
+    error: object,
+    key: bytes | None = None,
 ) -> DeadLetter:
     """A consumer error the broker reported instead of a record.
 
@@ -86,7 +92,7 @@ def broker_error(
     transport errors.
     """
     logger.error("kafka consumer error on %s[%s]@%s: %s", topic, partition, offset, error)
-    return invalid(topic, partition, offset, value, f"kafka consumer error: {error}")
+    return invalid(topic, partition, offset, value, f"kafka consumer error: {error}", key)
 
 
 class Poll(NamedTuple):
@@ -168,18 +174,20 @@ class _BatchPartition(StatefulSourcePartition[Poll, int]):
         topic, partition = self._topic, self._partition
         offsets = [message.offset() for message in messages]
         if all(message.error() is None for message in messages):
+            values = [message.value() for message in messages]
             return _Held.of(
-                offsets,
-                *decode_values(topic, partition, offsets, [message.value() for message in messages], now),
+                offsets, *decode_values(topic, partition, offsets, values, now, keys_of(messages))
             )
         items: list[Event | DeadLetter] = []
         times: list[float] = []
         for message, offset in zip(messages, offsets, strict=True):
             error = message.error()
             if error is None:
-                decoded, stamps = decode_values(topic, partition, [offset], [message.value()], now)
+                decoded, stamps = decode_values(
+                    topic, partition, [offset], [message.value()], now, keys_of([message])
+                )
             else:
-                decoded = [broker_error(topic, partition, offset, message.value(), error)]
+                decoded = [broker_error(topic, partition, offset, message.value(), error, message.key())]
                 stamps = [-math.inf]
             items += decoded
             times += stamps
@@ -207,6 +215,11 @@ def _within(stamps: NDArray[np.float64], first: int, limit: float) -> int:
     """The end of the run of records from ``first`` on stamped at most ``limit``."""
     over = np.flatnonzero(stamps[first:] > limit)
     return first + int(over[0]) if len(over) else len(stamps)
+
+
+def keys_of(messages: list[Message]) -> Callable[[int], bytes | None]:
+    """The Kafka key of ``messages[i]``, read only when asked (for a dead letter)."""
+    return lambda index: cast("bytes | None", messages[index].key())
 
 
 def appended_at(message: Message) -> float:
@@ -257,20 +270,26 @@ class BatchingKafkaSource(FixedPartitionedSource[Poll, int]):
 
 
 def decode_values(
-    topic: str, partition: int, offsets: list[int], values: list[bytes | None], now: float
+    topic: str,
+    partition: int,
+    offsets: list[int],
+    values: list[bytes | None],
+    now: float,
+    keys: Callable[[int], bytes | None] | None = None,
 ) -> tuple[list[Event | DeadLetter], list[float]]:
     """A poll's records of ``llm.requests`` or ``llm.responses`` → each one's event or
     ``invalid`` dead letter, and the event time each stands for
-    (:func:`dataflows.batches.decode_run`); ``now`` is the wall clock."""
+    (:func:`dataflows.batches.decode_run`); ``now`` is the wall clock, ``keys(i)`` the Kafka
+    key of the record of ``values[i]``, asked for dead letters only."""
     kind = _KINDS.get(topic)
     if kind is None:
         error = f"record from unexpected topic {topic!r}"
         letters = [
-            invalid(topic, partition, offset, value, error)
-            for offset, value in zip(offsets, values, strict=True)
+            invalid(topic, partition, offset, value, error, None if keys is None else keys(index))
+            for index, (offset, value) in enumerate(zip(offsets, values, strict=True))
         ]
         return cast("list[Event | DeadLetter]", letters), [-math.inf] * len(values)
-    return decode_run(topic, partition, kind, offsets, values, now)
+    return decode_run(topic, partition, kind, offsets, values, now, keys)
 
 
 def poll_of(

@@ -10,7 +10,7 @@ from msgspec import Struct
 Reason = Literal["invalid", "orphan_response", "orphan_evaluation", "too_late"]
 
 
-class DeadLetter(Struct, kw_only=True):
+class DeadLetter(Struct, kw_only=True, omit_defaults=True):
     reason: Reason
     source_topic: str | None
     partition: int | None
@@ -18,6 +18,11 @@ class DeadLetter(Struct, kw_only=True):
     error: str
     # The original record, decoded as text where it is UTF-8, so a reader can replay it.
     payload: str | None
+    # The Kafka key of the record read from an input topic (its request id, as the ingestion
+    # API writes it), for a record that could not be read: the dead letter's own key when the
+    # payload names no request id, e.g. base64 of a value that is not UTF-8
+    # (dataflows.sinks.deadletter_message). Never in the value: encode_bounded leaves it out.
+    source_key: bytes | None = None
 
 
 deadletter_encoder = msgspec.json.Encoder()
@@ -56,6 +61,8 @@ def encode_bounded(letter: DeadLetter, max_bytes: int = DEADLETTER_MAX_BYTES) ->
     """
     if max_bytes < MIN_DEADLETTER_BYTES:
         raise ValueError(f"max_bytes must be at least {MIN_DEADLETTER_BYTES}, not {max_bytes}")
+    if letter.source_key is not None:
+        letter = msgspec.structs.replace(letter, source_key=None)  # the record's key, not its value
     encoded = deadletter_encoder.encode(letter)
     if len(encoded) <= max_bytes:
         return encoded

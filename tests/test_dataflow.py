@@ -22,11 +22,11 @@ from dataflows import operators, recovery, run, shards, sinks, sources
 from dataflows.batches import CallBatch, EventRun
 from dataflows.join import Call, SourceRef, calls_of
 from dataflows.windows import WindowRow
-from deploy.stack import Broker
 from schemas.deadletter import DeadLetter, deadletter_decoder
 from schemas.events import LLMRequest, LLMResponse
 from schemas.metrics import MetricsRow, row_decoder
-from tests import dataflow_harness as h
+from tests.support import dataflow as h
+from tests.support.stacks import Broker
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 
@@ -622,3 +622,63 @@ def test_a_stalled_worker_does_not_make_open_windows_too_late() -> None:
     assert not [item for item in out if isinstance(item, DeadLetter)]
     [row] = [item for item in out if isinstance(item, WindowRow)]
     assert (row.row.requests, row.row.timeouts) == (2, 1)
+
+
+# -- the Kafka key of a dead letter of an unreadable record ------------------------------
+
+
+def test_the_kafka_key_of_a_record_is_read_for_its_dead_letter_only() -> None:
+    valid = json.dumps({"type": "request", **REQUEST}).encode()
+    values: list[bytes | None] = [valid, b"caf\xe9 is not UTF-8", valid.replace(b"r-1", b"r-2"), None]
+    keys = [b"r-1", b"k-not-utf8", b"r-2", b"k-no-value"]
+    asked: list[int] = []
+
+    def key_of(index: int) -> bytes | None:
+        asked.append(index)
+        return keys[index]
+
+    items, _ = sources.decode_values("llm.requests", 0, [10, 11, 12, 13], values, NOW, key_of)
+    assert asked == [1, 3]  # the valid records' keys are never read
+    letters = [item for item in items if isinstance(item, DeadLetter)]
+    assert [(letter.offset, letter.source_key) for letter in letters] == [(11, keys[1]), (13, keys[3])]
+    records = [sinks.deadletter_message(letter) for letter in letters]
+    assert [record.key for record in records] == [keys[1], keys[3]]
+    # The key is the record's, not part of the dead letter's value.
+    for record, letter in zip(records, letters, strict=True):
+        assert b"source_key" not in record.value
+        assert deadletter_decoder.decode(record.value) == DeadLetter(
+            reason=letter.reason,
+            source_topic=letter.source_topic,
+            partition=letter.partition,
+            offset=letter.offset,
+            error=letter.error,
+            payload=letter.payload,
+        )
+    [base64_letter] = [letter for letter in letters if letter.offset == 11]
+    assert base64.b64decode(base64_letter.payload or "") == values[1]
+
+
+@pytest.mark.parametrize(
+    ("payload", "source_key", "key"),
+    [
+        ('{"request_id": "r-9"}', b"other", b"r-9"),  # the request id the payload names first
+        ("{not json", b"k-1", b"k-1"),
+        ('{"request_id":' * 50_000, b"k-2", b"k-2"),
+        (json.dumps({"request_id": "x" * 600}), b"k-3", b"k-3"),
+        ("bm90IFVURi04", b"k" * 600, None),  # longer than any request id: left out
+        (None, None, None),
+    ],
+)
+def test_a_dead_letter_without_a_request_id_in_its_payload_takes_its_records_key(
+    payload: str | None, source_key: bytes | None, key: bytes | None
+) -> None:
+    letter = DeadLetter(
+        reason="invalid",
+        source_topic="llm.requests",
+        partition=0,
+        offset=3,
+        error="unreadable",
+        payload=payload,
+        source_key=source_key,
+    )
+    assert sinks.deadletter_message(letter).key == key

@@ -13,9 +13,8 @@ from confluent_kafka import KafkaError, Message, Producer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deploy.stack import Broker
-from tests import dataflow_harness as h
-from tests.conftest import TEST_PARTITIONS
+from tests.support import dataflow as h
+from tests.support.stacks import TEST_PARTITIONS, Broker
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +29,13 @@ CALLS = 60
 class Poison:
     what: str
     topic: str
-    value: bytes
+    value: bytes | None
     partition: int = 0
     offset: int = -1
     truncated: bool = False  # its dead letter cannot hold it whole
+    key: bytes | None = None  # the record's Kafka key
+    # Its dead letter's Kafka key: the request id the payload names, else the record's key.
+    letter_key: bytes | None = None
 
 
 def request(rid: str, key: tuple[str, str, str], ts: float) -> dict:
@@ -89,15 +91,43 @@ def poison_records() -> list[Poison]:
     big = request("big-route", h.NORMAL_KEYS[0], h.BASE + 1)
     big["route"] = "/" + "r" * 2_000_000
     bad_id = json.dumps(request("bad-PLACE-id", h.NORMAL_KEYS[0], h.BASE + 1)).encode()
+    latin = request("latin-1", h.NORMAL_KEYS[0], h.BASE + 1)
+    latin["route"] = "/café"
     records = [
-        Poison("2 MB value", h.REQUESTS, json.dumps(big).encode(), truncated=True),
+        Poison("2 MB value", h.REQUESTS, json.dumps(big).encode(), truncated=True, letter_key=b"big-route"),
         Poison("200 KB of \\x01", h.REQUESTS, b"\x01" * 200_000, truncated=True),
-        Poison("invalid UTF-8 in request_id", h.REQUESTS, bad_id.replace(b"PLACE", b"\xc3\x28")),
         Poison(
-            "year-9999 request", h.REQUESTS, far_future(request("future-req", h.NORMAL_KEYS[1], h.BASE + 1))
+            "invalid UTF-8 in request_id",
+            h.REQUESTS,
+            bad_id.replace(b"PLACE", b"\xc3\x28"),
+            key=b"bad-\xc3\x28-id",
+            letter_key=b"bad-\xc3\x28-id",
         ),
-        Poison("year-9999 response", h.RESPONSES, far_future(response("future-resp", h.BASE, 1))),
+        Poison(
+            "year-9999 request",
+            h.REQUESTS,
+            far_future(request("future-req", h.NORMAL_KEYS[1], h.BASE + 1)),
+            letter_key=b"future-req",
+        ),
+        Poison(
+            "year-9999 response",
+            h.RESPONSES,
+            far_future(response("future-resp", h.BASE, 1)),
+            letter_key=b"future-resp",
+        ),
         Poison("JSON nested too deep", h.RESPONSES, b'{"request_id":' * 50_000),
+        # Not UTF-8, so the payload is base64 and names no request id: the record's key does.
+        Poison(
+            "Latin-1 request",
+            h.REQUESTS,
+            json.dumps(latin, ensure_ascii=False).encode("latin-1"),
+            key=b"latin-1",
+            letter_key=b"latin-1",
+        ),
+        Poison("binary response", h.RESPONSES, bytes(range(128, 256)) * 8, key=b"rsp-7", letter_key=b"rsp-7"),
+        Poison("no value", h.RESPONSES, None, key=b"rsp-8", letter_key=b"rsp-8"),
+        # A key longer than any request id is left out: the dead letter must fit the limit.
+        Poison("not UTF-8, 600-byte key", h.REQUESTS, b"\xff" * 10, key=b"k" * 600),
     ]
     records += [
         Poison(f"hypothesis #{n}", (h.REQUESTS, h.RESPONSES)[n % 2], value)
@@ -119,7 +149,9 @@ def produce_poison(brokers: str, records: list[Poison]) -> None:
             assert offset is not None  # a delivered record has one
             poison.offset = offset
 
-        producer.produce(poison.topic, poison.value, partition=poison.partition, on_delivery=noted)
+        producer.produce(
+            poison.topic, poison.value, poison.key, partition=poison.partition, on_delivery=noted
+        )
     assert producer.flush(30) == 0
     assert all(poison.offset >= 0 for poison in records)
 
@@ -196,6 +228,7 @@ def test_poison_records_are_dead_lettered_and_the_calls_around_them_are_exact(
         for at, poison_record in where.items():
             [(key, value)] = letters[at]
             assert len(key or b"") + len(value) + FRAMING <= PRODUCER_LIMIT, poison_record.what
+            assert key == poison_record.letter_key, poison_record.what
             letter = json.loads(value)
             assert letter["reason"] == "invalid", (poison_record.what, letter["error"])
             assert ("payload truncated" in letter["error"]) == poison_record.truncated, (
@@ -203,6 +236,7 @@ def test_poison_records_are_dead_lettered_and_the_calls_around_them_are_exact(
                 letter["error"],
             )
             if poison_record.truncated:
+                assert poison_record.value is not None
                 assert poison_record.value.decode().startswith(letter["payload"])
         futures = [
             json.loads(value)
