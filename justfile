@@ -29,7 +29,7 @@ processor *ARGS:
 
 # Query API on :8081 (HTTP_PORT overrides)
 metrics-api:
-    {{load_env}}; exec uvicorn api.metrics:app --host 0.0.0.0 --port "${HTTP_PORT:-8081}" --no-access-log
+    {{load_env}}; exec uvicorn api.query:app --host 0.0.0.0 --port "${HTTP_PORT:-8081}" --no-access-log
 
 # The alert service: judges rules as rows are written, delivers webhooks (--metrics-port N for Prometheus)
 alerts *ARGS:

@@ -1,1 +1,1 @@
-"""The HTTP side: :mod:`api.ingestion` (events in) and :mod:`api.metrics` (rows out)."""
+"""The HTTP side: :mod:`api.ingestion` (events in) and :mod:`api.query` (rows out)."""

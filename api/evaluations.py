@@ -44,8 +44,8 @@ from api.queries import Deadline, check_edges, merge_digests, retention_horizon
 from schemas import rollups
 from schemas.evaluation_retention import HOUR, Scores, hour_of
 from schemas.events import EvaluationName
-from schemas.metrics import EvaluationDimensionRow, EvaluationRow, top_labels
 from schemas.rollups import merged_in_order
+from schemas.rows import EvaluationDimensionRow, EvaluationRow, top_labels
 
 
 class EvaluationParameters(MetricsParameters, kw_only=True):

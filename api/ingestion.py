@@ -55,8 +55,8 @@ from api.observability import (
     REJECTION_REASONS,
     Buckets,
     Count,
-    EndpointMetrics,
-    IngestionMetrics,
+    EndpointObservations,
+    IngestionObservations,
     ObservedEndpoints,
     metrics_route,
 )
@@ -251,8 +251,8 @@ class Ingestion:
         self._ready_answer: Response | None = None
         self._ready_check: asyncio.Task[Response] | None = None
         self._recovery: asyncio.Task[None] | None = None
-        self.metrics = IngestionMetrics()
-        self._endpoints = {name: EndpointMetrics(self.metrics, name) for name in INGESTION_ENDPOINTS}
+        self.metrics = IngestionObservations()
+        self._endpoints = {name: EndpointObservations(self.metrics, name) for name in INGESTION_ENDPOINTS}
         # The traces endpoint counts spans; the evaluations of their events are events.
         self._span_evaluations = _Counts(
             self.metrics.events_accepted.labels("traces"),
@@ -374,7 +374,7 @@ class Ingestion:
             self._in_flight.value -= 1
 
     async def _send_within_quota(
-        self, records: list[Record], counts: Counter[str], metrics: EndpointMetrics
+        self, records: list[Record], counts: Counter[str], metrics: EndpointObservations
     ) -> None:
         """Returns once each tenant's events (``counts``) were taken from its quota and the
         broker acknowledged every record, counted as the tenants' usage; raises the 429 or 503
@@ -391,7 +391,7 @@ class Ingestion:
         for tenant, count in counts.items():
             self.quotas.count(tenant, accepted=count)
 
-    def endpoint_metrics(self, endpoint: str) -> EndpointMetrics:
+    def endpoint_observations(self, endpoint: str) -> EndpointObservations:
         """The metrics of ``endpoint`` (one of ``INGESTION_ENDPOINTS``)."""
         return self._endpoints[endpoint]
 
@@ -410,7 +410,7 @@ class Ingestion:
         return await self._post_one(request, evaluation_decoder, self._endpoints["evaluation"])
 
     async def _post_one(
-        self, request: Request, decoder: msgspec.json.Decoder, metrics: EndpointMetrics
+        self, request: Request, decoder: msgspec.json.Decoder, metrics: EndpointObservations
     ) -> Response:
         event = await _decode_body(
             request,
@@ -466,7 +466,10 @@ class Ingestion:
         return _json(202, {"accepted": len(records)})
 
     async def _otlp_export(
-        self, request: Request, metrics: EndpointMetrics, decode: Callable[[bytes, otlp.Encoding], Export]
+        self,
+        request: Request,
+        metrics: EndpointObservations,
+        decode: Callable[[bytes, otlp.Encoding], Export],
     ) -> tuple[otlp.Encoding, Export]:
         """The encoding and the export of an OTLP/HTTP request, or the :class:`ApiError`
         saying why not (answered as a ``google.rpc.Status`` by :func:`ingestion_error`)."""
@@ -575,7 +578,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/ready", ingestion.ready, methods=["GET"]),
         metrics_route(ingestion.metrics),
     ]
-    observed = {path: ingestion.endpoint_metrics(name) for path, name, _ in endpoints}
+    observed = {path: ingestion.endpoint_observations(name) for path, name, _ in endpoints}
     app = Starlette(
         routes=routes,
         middleware=[Middleware(ObservedEndpoints, endpoints=observed), AUTHENTICATION],

@@ -180,7 +180,7 @@ class _Families:
                 yield value.collect()
 
 
-class IngestionMetrics(_Families):
+class IngestionObservations(_Families):
     def __init__(self) -> None:
         self.events_accepted = Counter(
             "streamlens_ingestion_events_accepted",
@@ -231,13 +231,13 @@ class IngestionMetrics(_Families):
         super().__init__()
 
 
-class EndpointMetrics:
+class EndpointObservations:
     """One ingestion endpoint's metrics, looked up once rather than per request.
 
     For ``traces`` the accepted and refused things are spans, for the others events.
     """
 
-    def __init__(self, metrics: IngestionMetrics, endpoint: str) -> None:
+    def __init__(self, metrics: IngestionObservations, endpoint: str) -> None:
         self.request_seconds = metrics.request_seconds.labels(endpoint)
         self.body_bytes = metrics.body_bytes.labels(endpoint)
         if endpoint == "traces":
@@ -268,7 +268,7 @@ class ObservedEndpoints:
     answers it.
     """
 
-    def __init__(self, app: ASGIApp, endpoints: Mapping[str, EndpointMetrics]) -> None:
+    def __init__(self, app: ASGIApp, endpoints: Mapping[str, EndpointObservations]) -> None:
         self.app = app
         self.endpoints = endpoints
 
@@ -292,7 +292,7 @@ class ObservedEndpoints:
             metrics.answered(status, time.perf_counter() - started)
 
 
-class QueryMetrics(_Families):
+class QueryObservations(_Families):
     def __init__(self) -> None:
         self.request_seconds = Histogram(
             "streamlens_query_request_seconds",

@@ -6,7 +6,7 @@ makes of the answers' Structs, and writes the pieces of operations from types: t
 parameters of a parameters Struct (each field one parameter, its type an alias of
 :mod:`schemas` holding the limits that the parsers read too, and the parameter's
 description), answers, and the one error body. Each router describes its own paths with
-it (``openapi(spec)`` next to its ``ROUTES``); :func:`api.metrics.openapi_document` puts
+it (``openapi(spec)`` next to its ``ROUTES``); :func:`api.query.openapi_document` puts
 them together.
 """
 

@@ -1,7 +1,7 @@
 """The SQL behind ``GET /v1/metrics`` and the merging of windows into roll-up buckets.
 
 Values only ever travel as query parameters; the statement text is assembled
-from the fixed column names of :data:`schemas.metrics.ROW_FIELDS`.
+from the fixed column names of :data:`schemas.rows.ROW_FIELDS`.
 
 A roll-up is made of *parts*: one key's windows in one bucket. Postgres sums
 each part's windows (averages as total and weight, so they can be weighted
@@ -68,7 +68,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.params import DIMENSIONS, InvalidParameter, MetricsQuery
 from schemas import rollups
-from schemas.metrics import DIMENSION_ROW_FIELDS, ROW_FIELDS, DimensionRow, MetricsRow
+from schemas.rows import DIMENSION_ROW_FIELDS, ROW_FIELDS, DimensionRow, MetricsRow
 
 PERCENTILES = rollups.PERCENTILES
 

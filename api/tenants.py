@@ -150,19 +150,19 @@ async def _setting(request: Request) -> tuple[str, ...]:
 async def in_database(request: Request, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]) -> _T:
     """``work``'s result on one of the app's connections, bounded as ``/v1/metrics`` is;
     the 503 raised when Postgres does not answer in time."""
-    # api.metrics mounts these routes, so it imports this module first; its helpers
+    # api.query mounts these routes, so it imports this module first; its helpers
     # are taken once a request needs them.
-    from api import metrics
+    from api import query as query_api
 
     async def run() -> _T:
         pool: psycopg_pool.AsyncConnectionPool = request.app.state.pool
-        async with pool.connection(timeout=metrics.QUERY_SECONDS) as conn:
+        async with pool.connection(timeout=query_api.QUERY_SECONDS) as conn:
             return await work(conn)
 
     try:
-        result = await metrics.bounded(run(), metrics.DATABASE_TIMEOUT_SECONDS)
-    except (psycopg.Error, psycopg_pool.PoolTimeout, metrics.DatabaseTimeout) as error:
-        raise metrics.unavailable(request, error, DATABASE_KIND) from None
+        result = await query_api.bounded(run(), query_api.DATABASE_TIMEOUT_SECONDS)
+    except (psycopg.Error, psycopg_pool.PoolTimeout, query_api.DatabaseTimeout) as error:
+        raise query_api.unavailable(request, error, DATABASE_KIND) from None
     request.app.state.postgres.back()
     return result
 

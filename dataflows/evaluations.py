@@ -63,7 +63,7 @@ from dataflows.shards import WindowKey
 from schemas.deadletter import DeadLetter, Reason
 from schemas.dimensions import DEFAULT_VALUES, OTHER
 from schemas.events import LLMEvaluation, encoder
-from schemas.metrics import EvaluationDimensionRow, EvaluationRow, top_labels
+from schemas.rows import EvaluationDimensionRow, EvaluationRow, top_labels
 
 # A key as the directory holds it (Remembered's "tenant"): its parts joined by a
 # character no identifier may hold.

@@ -44,7 +44,7 @@ from dataflows.stopping import STOPPING
 from dataflows.windows import DimensionEmission, WindowRow
 from schemas import rollups
 from schemas.deadletter import KEY_MAX_BYTES, MESSAGE_MAX_BYTES, DeadLetter, encode_bounded
-from schemas.metrics import (
+from schemas.rows import (
     FLOAT_STATISTICS,
     ROW_FIELDS,
     VALUE_STATISTICS,

@@ -57,7 +57,7 @@ from dataflows.shards import WindowKey
 from schemas.deadletter import DeadLetter, Reason
 from schemas.dimensions import DEFAULT_VALUES, MAX_DIMENSIONS, OTHER
 from schemas.events import LLMRequest, LLMResponse
-from schemas.metrics import VALUE_STATISTICS, DimensionRows, MetricsRow
+from schemas.rows import VALUE_STATISTICS, DimensionRows, MetricsRow
 
 
 class DimensionEmission(Struct, kw_only=True):

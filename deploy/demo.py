@@ -561,7 +561,7 @@ def _run_services(
                 python,
                 "-m",
                 "uvicorn",
-                "api.metrics:app",
+                "api.query:app",
                 "--host",
                 "127.0.0.1",
                 "--port",

@@ -22,7 +22,7 @@ from psycopg.rows import dict_row
 
 from schemas import rollups
 from schemas.database import tenants_sql
-from schemas.metrics import FLOAT_STATISTICS, VALUE_STATISTICS
+from schemas.rows import FLOAT_STATISTICS, VALUE_STATISTICS
 
 # Key-hours retired per transaction.
 HOURS_PER_BATCH = 20

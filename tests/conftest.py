@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from api.metrics import create_app
+from api.query import create_app
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.topics import ensure_topics

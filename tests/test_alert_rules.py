@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from api.keys import create_key
-from api.metrics import create_app
+from api.query import create_app
 from schemas.config import Settings
 from schemas.webhooks import parse_allow
 from tests.support.servers import serving

@@ -33,7 +33,7 @@ from fastdigest import TDigest
 from prometheus_client import REGISTRY
 
 from api.keys import create_key
-from api.metrics import create_app
+from api.query import create_app
 from dataflows import alert_store
 from dataflows.alert_service import serve
 from dataflows.alerting import RuleState, Transition, transition_id
@@ -43,7 +43,7 @@ from dataflows.windows import DimensionEmission, WindowRow
 from schemas.alert_rules import rules_of_tenants
 from schemas.config import Settings
 from schemas.database import ensure_schema
-from schemas.metrics import VALUE_STATISTICS, DimensionRows, EvaluationRow, MetricsRow
+from schemas.rows import VALUE_STATISTICS, DimensionRows, EvaluationRow, MetricsRow
 from schemas.webhooks import parse_allow
 from tests.support.alerts import Delivery, Receiver
 from tests.support.expected import expected_transitions

@@ -21,7 +21,8 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api import ingestion, metrics
+from api import ingestion
+from api import query as query_api
 from api.keys import create_key
 from schemas.config import Settings
 from schemas.database import ensure_schema
@@ -351,10 +352,13 @@ def test_query_api_counts_queries_rows_and_database_errors(
     )
     buckets = len({start.replace(minute=0) for start in starts})
     settings = Settings(postgres_dsn=postgres_dsn, log_format="json")
-    with serving(metrics.create_app(settings), "the query API") as url, httpx.Client(base_url=url) as client:
+    with (
+        serving(query_api.create_app(settings), "the query API") as url,
+        httpx.Client(base_url=url) as client,
+    ):
         # LOG_FORMAT=json: the start line is one JSON object (uvicorn's own lines are not ours).
         logged = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
-        assert [(entry["level"], entry["logger"]) for entry in logged] == [("INFO", "streamlens.metrics")]
+        assert [(entry["level"], entry["logger"]) for entry in logged] == [("INFO", "streamlens.query")]
         host_port_db = postgres_dsn.split("@", 1)[1]
         assert (
             logged[0]["message"]
@@ -409,8 +413,8 @@ def test_query_api_counts_queries_rows_and_database_errors(
 
 def test_the_query_apis_start_line_shows_where_postgres_is_but_no_password() -> None:
     assert (
-        metrics._where("postgresql://reader:s3cret@db.internal:5433/streamlens")
+        query_api._where("postgresql://reader:s3cret@db.internal:5433/streamlens")
         == "db.internal:5433/streamlens"
     )
-    assert metrics._where("host=10.0.0.7 dbname=x password=s3cret") == "10.0.0.7:5432/x"
-    assert metrics._where("postgresql://[broken") == "(an unreadable POSTGRES_DSN)"
+    assert query_api._where("host=10.0.0.7 dbname=x password=s3cret") == "10.0.0.7:5432/x"
+    assert query_api._where("postgresql://[broken") == "(an unreadable POSTGRES_DSN)"

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from api import ingestion, metrics
+from api import ingestion
+from api import query as query_api
 from api.auth import (
     TENANT_NOT_ALLOWED,
     KeyStore,
@@ -507,7 +508,7 @@ def test_query_api_reads_only_the_keys_tenant(postgres_dsn: str, keys: Keys) -> 
             Window("globex", "/chat", "gpt-4o", T0, [RawCall(latency_ms=200.0)] * 5),
         ],
     )
-    with TestClient(metrics.create_app(Settings(postgres_dsn=postgres_dsn))) as client:
+    with TestClient(query_api.create_app(Settings(postgres_dsn=postgres_dsn))) as client:
         assert client.get("/health").status_code == 200
         assert client.get("/ready").status_code == 200
         # Only /health and /ready go without a key; the API's description too needs one.

@@ -41,15 +41,15 @@ from selenium.webdriver.support.wait import WebDriverWait
 from api.auth import Scope
 from api.dashboard import STATIC
 from api.keys import create_key
-from api.metrics import create_app
 from api.params import BUCKETS
+from api.query import create_app
 from dataflows import alert_store
 from dataflows.alerting import RuleState, Transition, transition_id
 from dataflows.sinks import UPSERT_EVALUATIONS_SQL, UPSERT_SQL, values_of
 from dataflows.windows import WindowRow
 from schemas.alert_rules import rules_of_tenants
 from schemas.config import Settings
-from schemas.metrics import MetricsRow
+from schemas.rows import MetricsRow
 from tests.support import dimension_store as store
 from tests.support.metric_windows import Window, insert_windows, random_calls, rfc3339
 from tests.support.servers import serving

@@ -24,7 +24,7 @@ from dataflows.join import Call, SourceRef, calls_of
 from dataflows.windows import WindowRow
 from schemas.deadletter import DeadLetter, deadletter_decoder
 from schemas.events import LLMRequest, LLMResponse
-from schemas.metrics import MetricsRow, row_decoder
+from schemas.rows import MetricsRow, row_decoder
 from tests.support import dataflow as h
 from tests.support.stacks import Broker
 

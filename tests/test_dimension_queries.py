@@ -17,12 +17,12 @@ import psycopg
 import pytest
 from fastdigest import TDigest, merge_all
 
-import api.metrics
-from api.metrics import create_app
+import api.query
 from api.params import BUCKETS
+from api.query import create_app
 from schemas.config import Settings
 from schemas.database import ensure_schema
-from schemas.metrics import DIMENSION_ROW_FIELDS, ROW_FIELDS
+from schemas.rows import DIMENSION_ROW_FIELDS, ROW_FIELDS
 from schemas.tenant_settings import set_dimensions
 from tests.support import dimension_store as store
 from tests.support.expected import bucket_start, check_bucket
@@ -499,7 +499,7 @@ def test_openapi_describes_the_parameters_and_the_dimension_row(client: httpx.Cl
 
 
 def test_the_lookup_is_bounded_by_the_requests_deadline(stored: str, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(api.metrics, "QUERY_SECONDS", 0.3)
+    monkeypatch.setattr(api.query, "QUERY_SECONDS", 0.3)
     with start_app(stored) as url, httpx.Client(base_url=url) as client, psycopg.connect(stored) as blocker:
         blocker.execute("LOCK TABLE tenant_dimensions IN ACCESS EXCLUSIVE MODE")
         status, _, seconds = timed(client, f"tenant_id=acme&dimension={COUNTRY}")

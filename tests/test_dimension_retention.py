@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from starlette.testclient import TestClient
 
-from api.metrics import create_app
+from api.query import create_app
 from schemas.config import Settings
 from schemas.dimension_retention import retire_dimensions
 from schemas.rollups import NO_HORIZON

@@ -13,7 +13,7 @@ from psycopg.rows import dict_row
 
 from dataflows.sinks import RowsSink
 from dataflows.windows import DimensionEmission, WindowRow
-from schemas.metrics import VALUE_STATISTICS, DimensionRows, MetricsRow
+from schemas.rows import VALUE_STATISTICS, DimensionRows, MetricsRow
 from tests.support import dataflow as h
 from tests.support.stacks import Broker
 

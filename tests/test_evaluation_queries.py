@@ -20,7 +20,7 @@ from fastdigest import TDigest
 from psycopg.types.json import Jsonb
 from starlette.testclient import TestClient
 
-from api.metrics import create_app
+from api.query import create_app
 from dataflows.evaluations import EvaluationStats, ValueStats, dimension_emission
 from dataflows.sinks import (
     UPSERT_EVALUATION_DIMENSIONS_SQL,

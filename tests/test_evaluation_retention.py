@@ -32,9 +32,9 @@ from fastdigest import TDigest, merge_all
 from starlette.testclient import TestClient
 
 from api.evaluations import fetch_evaluations, parse_evaluation_query
-from api.metrics import create_app
 from api.params import InvalidParameter
 from api.queries import Deadline
+from api.query import create_app
 from dataflows.evaluations import EvaluationStats, ValueStats, dimension_emission, emission
 from dataflows.sinks import (
     UPSERT_EVALUATION_DIMENSIONS_SQL,

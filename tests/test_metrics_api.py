@@ -13,10 +13,10 @@ import psycopg
 import pytest
 from starlette.testclient import TestClient
 
-import api.metrics
+import api.query
 from api.params import PARAMETERS
 from schemas.database import ensure_schema
-from schemas.metrics import ROW_FIELDS
+from schemas.rows import ROW_FIELDS
 from tests.support.metric_windows import (
     MINUTE,
     T0,
@@ -235,11 +235,11 @@ def test_database_errors_answer_503_json(client: TestClient, postgres_dsn: str):
 def test_ready_is_503_when_postgres_does_not_answer(
     client_for: Any, monkeypatch: pytest.MonkeyPatch, postgres_dsn: str
 ):
-    monkeypatch.setattr(api.metrics, "READY_TIMEOUT_SECONDS", 0.5)
-    monkeypatch.setattr(api.metrics, "QUERY_SECONDS", 0.5)
+    monkeypatch.setattr(api.query, "READY_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(api.query, "QUERY_SECONDS", 0.5)
     client = client_for(postgres_dsn)
     # Point the running app at a port nobody listens on.
-    dead = api.metrics.psycopg_pool.AsyncConnectionPool(
+    dead = api.query.psycopg_pool.AsyncConnectionPool(
         f"postgresql://postgres@127.0.0.1:{free_port()}/streamlens",
         open=False,
         min_size=0,
@@ -282,9 +282,9 @@ def test_sessions_have_a_statement_timeout_and_utc(client: TestClient):
 def test_starts_before_its_database_exists_and_becomes_ready(
     postgres_server: Any, client_for: Any, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(api.metrics, "SCHEMA_RETRY_SECONDS", 0.2)
-    monkeypatch.setattr(api.metrics, "READY_TIMEOUT_SECONDS", 0.5)
-    monkeypatch.setattr(api.metrics, "QUERY_SECONDS", 0.5)
+    monkeypatch.setattr(api.query, "SCHEMA_RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(api.query, "READY_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(api.query, "QUERY_SECONDS", 0.5)
     name = f"late_{free_port()}"
     dsn = postgres_server.dsn.rsplit("/", 1)[0] + f"/{name}"
     client = client_for(dsn)

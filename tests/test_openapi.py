@@ -18,8 +18,8 @@ import pytest
 
 from api import usage
 from api.evaluations import EVALUATION_PARAMETERS, parse_evaluation_query
-from api.metrics import openapi_document
 from api.params import PARAMETERS, InvalidParameter, parse_query
+from api.query import openapi_document
 from api.tenants import valid_tenant
 
 DOCUMENT = openapi_document()

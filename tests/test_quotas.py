@@ -27,7 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from api.ingestion import create_app
 from api.keys import create_key
-from api.metrics import create_app as create_query_app
+from api.query import create_app as create_query_app
 from api.quotas import LIMITS_REFRESH_SECONDS, set_quota
 from schemas.config import Settings
 from schemas.database import ensure_schema

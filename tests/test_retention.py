@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from starlette.testclient import TestClient
 
-from api.metrics import create_app
+from api.query import create_app
 from dataflows.sinks import RowsSink
 from dataflows.windows import WindowRow
 from schemas import retention

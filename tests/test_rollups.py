@@ -15,8 +15,8 @@ import pytest
 from fastdigest import TDigest
 from starlette.testclient import TestClient
 
-import api.metrics
 import api.queries
+import api.query
 from api.params import BUCKETS
 from dataflows.sinks import COLUMNS, UPSERT_SQL
 from tests.support.expected import bucket_start, check_bucket, nearest_rank_neighbours
@@ -355,7 +355,7 @@ def test_a_rollup_out_of_time_keeps_what_it_merged_and_a_retry_goes_on(
 def test_a_rollup_whose_statement_cannot_finish_answers_within_its_deadline(
     client: TestClient, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(api.metrics, "QUERY_SECONDS", 0.5)
+    monkeypatch.setattr(api.query, "QUERY_SECONDS", 0.5)
     # Another session holds the table: the roll-up's statement waits until its timeout.
     with psycopg.connect(postgres_dsn) as blocker:
         blocker.execute("LOCK TABLE llm_metrics IN ACCESS EXCLUSIVE MODE")
@@ -382,9 +382,9 @@ def test_a_short_bucket_roll_up_out_of_time_asks_for_less_rather_than_a_retry(
 def test_roll_ups_beyond_the_slots_wait_their_turn_within_the_deadline(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(api.metrics, "QUERY_SECONDS", 0.3)
+    monkeypatch.setattr(api.query, "QUERY_SECONDS", 0.3)
     slots = client.app.state.rollup_slots
-    for _ in range(api.metrics.ROLLUPS_AT_ONCE):  # as if that many roll-ups were running
+    for _ in range(api.query.ROLLUPS_AT_ONCE):  # as if that many roll-ups were running
         client.portal.call(slots.acquire)
     try:
         started = time.monotonic()
@@ -396,7 +396,7 @@ def test_roll_ups_beyond_the_slots_wait_their_turn_within_the_deadline(
         # Reading windows as they are does not wait for a slot.
         assert get(client, tenant_id="acme", limit=5)["count"] == 5
     finally:
-        for _ in range(api.metrics.ROLLUPS_AT_ONCE):
+        for _ in range(api.query.ROLLUPS_AT_ONCE):
             slots.release()
     monkeypatch.undo()  # the usual deadline again
     assert get(client, tenant_id="acme", bucket="1h")["count"] > 0

@@ -21,7 +21,7 @@ from schemas.events import (
     request_decoder,
     response_decoder,
 )
-from schemas.metrics import MetricsRow, row_decoder, row_encoder
+from schemas.rows import MetricsRow, row_decoder, row_encoder
 
 REQUEST = {
     "request_id": "req-1",

@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 
 from api.auth import TENANT_NOT_ALLOWED, generate_key
 from api.keys import create_key
-from api.metrics import create_app
+from api.query import create_app
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from schemas.tenant_settings import changes, decide, record_default

@@ -20,7 +20,7 @@ from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
 from schemas.dimensions import MAX_DIMENSIONS
 from schemas.events import LLMRequest, LLMResponse
-from schemas.metrics import MetricsRow
+from schemas.rows import MetricsRow
 from tests.support.expected import assert_between_neighbours, assert_row, expected_row, nearest_rank
 
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z, a window boundary

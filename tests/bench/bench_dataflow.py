@@ -47,7 +47,7 @@ from confluent_kafka import Producer
 from dataflows import sinks
 from dataflows.sources import PREFETCH_CONFIG
 from dataflows.windows import WindowRow
-from schemas.metrics import FLOAT_STATISTICS, MetricsRow
+from schemas.rows import FLOAT_STATISTICS, MetricsRow
 from schemas.topics import REQUESTS, RESPONSES
 from tests.bench.bench_baseline import batch_loop, lean_loop, plain_loop
 from tests.bench.dataset import CALLS_PER_SECOND, DIMENSIONS, generate

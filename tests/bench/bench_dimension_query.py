@@ -3,7 +3,7 @@ key, a dimension of 5 values (one of them no value, one "(other)"): 216,000 valu
 in 43,200 packed rows (``llm_dimension_windows``), read through the view
 ``llm_dimension_metrics``.
 
-Figures, through ``api.metrics`` served in this process, 5 requests each: a year-long
+Figures, through ``api.query`` served in this process, 5 requests each: a year-long
 ``bucket=1d`` roll-up (the default ``limit``, and ``limit=1000``), the same for one
 value, ``bucket=1h`` (``limit=1000``) and the plain rows (``limit=1000``). Every
 request must answer within ~2 s (else ``503 deadline_exceeded``).
@@ -22,7 +22,7 @@ import httpx
 import psycopg
 from fastdigest import TDigest
 
-from api.metrics import create_app
+from api.query import create_app
 from schemas.config import Settings
 from schemas.database import ensure_schema
 from tests.support import dimension_store

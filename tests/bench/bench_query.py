@@ -6,7 +6,7 @@ loaded with COPY; Postgres then expands them into the rows itself
 (INSERT ... SELECT over generate_series), which fills the table far faster
 than shipping 1.4 million rows from Python.
 
-Figures, through a uvicorn process of ``api.metrics:app`` on the same machine:
+Figures, through a uvicorn process of ``api.query:app`` on the same machine:
 - ``limit=60`` for one key (the plain query): target p99 <= 100 ms;
 - a 1-day ``bucket=1h`` roll-up for one tenant, per route and model
   (240 buckets, ``limit=1000``) and tenant-wide (``group_by=``, 24 buckets),
@@ -167,7 +167,7 @@ def _serve(dsn: str, port: int, log: Path) -> subprocess.Popen:
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "api.metrics:app",
+                "api.query:app",
                 "--port",
                 str(port),
                 "--no-access-log",

@@ -13,7 +13,7 @@ import psycopg
 
 from dataflows.sinks import UPSERT_DIMENSIONS_SQL, packed_values_of
 from dataflows.windows import DimensionEmission
-from schemas.metrics import FLOAT_STATISTICS, VALUE_STATISTICS, DimensionRows
+from schemas.rows import FLOAT_STATISTICS, VALUE_STATISTICS, DimensionRows
 from tests.support.metric_windows import RawCall, Window
 
 WINDOW = ("tenant_id", "route", "model", "window_start", "window_end", "dimension")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from dataflows.join import Call
-from schemas.metrics import MetricsRow
+from schemas.rows import MetricsRow
 from tests.support.metric_windows import Window
 
 # -- alerts ----------------------------------------------------------------------

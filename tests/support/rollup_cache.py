@@ -8,8 +8,8 @@ from typing import Any
 import psycopg
 import pytest
 
-import api.metrics
 import api.queries
+import api.query
 from api.queries import Deadline
 from schemas import rollups
 from tests.support.metric_windows import rfc3339
@@ -60,5 +60,5 @@ def slow_merging(monkeypatch: pytest.MonkeyPatch) -> None:
         return by_hours(*args)
 
     monkeypatch.setattr(api.queries, "bucket_of_hours", hours_taking_a_second)
-    monkeypatch.setattr(api.metrics, "Deadline", lambda seconds: Deadline(1.5, clock=lambda: now[0]))
+    monkeypatch.setattr(api.query, "Deadline", lambda seconds: Deadline(1.5, clock=lambda: now[0]))
     monkeypatch.setattr(api.queries, "CHUNK_WINDOWS", 1)  # one part per chunk

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from fastdigest import TDigest
 
 from dataflows.windows import WindowRow
-from schemas.metrics import MetricsRow
+from schemas.rows import MetricsRow
 
 DAY = timedelta(days=1)
 MINUTE = timedelta(minutes=1)

@@ -1,4 +1,4 @@
-"""The query API (``api.metrics:app``, port 8081): per-window metrics out of Postgres.
+"""The query API (``api.query:app``, port 8081): per-window metrics out of Postgres.
 
 ``GET /v1/metrics`` reads stored windows or rolls them up (see :mod:`api.queries`);
 ``GET /health`` answers while the process runs, ``GET /ready`` while Postgres
@@ -39,17 +39,17 @@ from api.evaluations import (
     fetch_evaluations,
     parse_evaluation_query,
 )
-from api.observability import OutageLog, QueryMetrics, metrics_route
+from api.observability import OutageLog, QueryObservations, metrics_route
 from api.openapi import SECURITY, Spec
 from api.params import InvalidParameter, MetricsParameters, MetricsQuery, multi_dict, parse_query
 from api.queries import Deadline, DeadlineExceeded, fetch_rollup, parameters, window_row, windows_sql
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
 from schemas.logs import configure_logging
-from schemas.metrics import DimensionRow, EvaluationDimensionRow, EvaluationRow, MetricsRow
+from schemas.rows import DimensionRow, EvaluationDimensionRow, EvaluationRow, MetricsRow
 from schemas.tenant_settings import changes_async
 
-logger = logging.getLogger("streamlens.metrics")
+logger = logging.getLogger("streamlens.query")
 
 # The work of one /v1/metrics request: waiting for a connection, its statements
 # and merging digests. What does not fit gets 503 deadline_exceeded.
@@ -200,7 +200,7 @@ async def metrics(request: Request) -> Response:
     if refusal is not None:
         raise ApiError(403, "forbidden", refusal)
     kind = "rollup" if query.is_rollup else "windows"
-    observed: QueryMetrics = request.app.state.observed
+    observed: QueryObservations = request.app.state.observed
     try:
         rows = await bounded(
             _fetch(
@@ -248,7 +248,7 @@ async def evaluations(request: Request) -> Response:
     if refusal is not None:
         raise ApiError(403, "forbidden", refusal)
     kind = "evaluations"
-    observed: QueryMetrics = request.app.state.observed
+    observed: QueryObservations = request.app.state.observed
     try:
         rows = await bounded(_fetch_evaluations(request.app.state.pool, asked), DATABASE_TIMEOUT_SECONDS)
     except InvalidParameter as error:  # a range cutting a bucket before the retention horizon
@@ -400,7 +400,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def openapi(request: Request) -> Response:
         return Response(document, media_type="application/json")
 
-    observed = QueryMetrics()
+    observed = QueryObservations()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
