@@ -31,7 +31,7 @@ from msgspec import Struct
 from api.auth import KEY_ID_ALPHABET, KEY_ID_LENGTH, SCOPES, NewKey, Scope, generate_key, key_prefix
 from schemas.config import load_or_exit
 from schemas.database import ensure_schema
-from schemas.events import Identifier
+from schemas.events import IDENTIFIER_RULE, Identifier
 
 MIN_PREFIX_ID_CHARS = 4
 _KEY_ID_CHARS = frozenset(KEY_ID_ALPHABET)
@@ -54,9 +54,7 @@ def create_key(conn: psycopg.Connection, tenant_id: str, scope: Scope) -> NewKey
     try:
         msgspec.convert(tenant_id, Identifier)
     except msgspec.ValidationError:
-        raise KeyCommandError(
-            f"invalid tenant {tenant_id!r}: expected 1-128 characters, no control characters"
-        ) from None
+        raise KeyCommandError(f"invalid tenant {tenant_id!r}: expected {IDENTIFIER_RULE}") from None
     if scope not in SCOPES:
         raise KeyCommandError(f"invalid scope {scope!r}: expected one of {', '.join(SCOPES)}")
     while True:

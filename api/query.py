@@ -72,6 +72,7 @@ ROLLUPS_AT_ONCE = 2
 DEFAULT_PORT = 8081
 
 _T = TypeVar("_T")
+_Row = TypeVar("_Row", MetricsRow, EvaluationRow)
 
 _encoder = msgspec.json.Encoder()
 
@@ -200,18 +201,22 @@ async def metrics(request: Request) -> Response:
     if refusal is not None:
         raise ApiError(403, "forbidden", refusal)
     kind = "rollup" if query.is_rollup else "windows"
+    fetching = _fetch(
+        request.app.state.pool, request.app.state.rollup_slots, query, request.app.state.settings.dimensions
+    )
+    rows = await _rows(request, kind, started, fetching)
+    return _json(MetricsPage(metrics=rows, count=len(rows)))
+
+
+async def _rows(request: Request, kind: str, started: float, fetching: Awaitable[list[_Row]]) -> list[_Row]:
+    """The rows ``fetching`` reads, within :data:`DATABASE_TIMEOUT_SECONDS`, counted and timed
+    as ``kind`` of request; or the :class:`ApiError` saying why not: 400 for a parameter only
+    the database could judge (a dimension the tenant lacks, a range cutting a bucket before the
+    retention horizon), 503 for a deadline or a database that did not answer."""
     observed: QueryObservations = request.app.state.observed
     try:
-        rows = await bounded(
-            _fetch(
-                request.app.state.pool,
-                request.app.state.rollup_slots,
-                query,
-                request.app.state.settings.dimensions,
-            ),
-            DATABASE_TIMEOUT_SECONDS,
-        )
-    except InvalidParameter as error:  # a dimension the tenant does not have
+        rows = await bounded(fetching, DATABASE_TIMEOUT_SECONDS)
+    except InvalidParameter as error:
         request.app.state.postgres.back()
         failure = ApiError(400, "invalid_parameter", str(error))
     except DeadlineExceeded as error:
@@ -223,9 +228,9 @@ async def metrics(request: Request) -> Response:
     else:
         request.app.state.postgres.back()
         observed.rows_returned.labels(kind).value += len(rows)
+        return rows
+    finally:
         observed.request_seconds.labels(kind).observe(time.perf_counter() - started)
-        return _json(MetricsPage(metrics=rows, count=len(rows)))
-    observed.request_seconds.labels(kind).observe(time.perf_counter() - started)
     raise failure
 
 
@@ -247,22 +252,8 @@ async def evaluations(request: Request) -> Response:
     refusal = forbidden_tenant(principal_of(request), asked.query.tenant_id)
     if refusal is not None:
         raise ApiError(403, "forbidden", refusal)
-    kind = "evaluations"
-    observed: QueryObservations = request.app.state.observed
-    try:
-        rows = await bounded(_fetch_evaluations(request.app.state.pool, asked), DATABASE_TIMEOUT_SECONDS)
-    except InvalidParameter as error:  # a range cutting a bucket before the retention horizon
-        request.app.state.postgres.back()
-        failure = ApiError(400, "invalid_parameter", str(error))
-    except (psycopg.Error, psycopg_pool.PoolTimeout, DatabaseTimeout) as error:
-        failure = unavailable(request, error, kind)
-    else:
-        request.app.state.postgres.back()
-        observed.rows_returned.labels(kind).value += len(rows)
-        observed.request_seconds.labels(kind).observe(time.perf_counter() - started)
-        return _json(EvaluationsPage(evaluations=rows, count=len(rows)))
-    observed.request_seconds.labels(kind).observe(time.perf_counter() - started)
-    raise failure
+    rows = await _rows(request, "evaluations", started, _fetch_evaluations(request.app.state.pool, asked))
+    return _json(EvaluationsPage(evaluations=rows, count=len(rows)))
 
 
 async def health(request: Request) -> Response:

@@ -37,7 +37,7 @@ from api.openapi import SECURITY, Spec
 from schemas.config import Settings, load_or_exit
 from schemas.database import ensure_schema
 from schemas.dimensions import DimensionNames, DimensionSetting, InvalidDimension, check_names
-from schemas.events import Identifier, Timestamp
+from schemas.events import IDENTIFIER_RULE, Identifier, Timestamp
 from schemas.tenant_settings import (
     Change,
     DefaultSetting,
@@ -56,7 +56,7 @@ BODY_LIMIT = MiB
 # How the query API's Prometheus metrics label the database errors of these endpoints.
 DATABASE_KIND = "tenants"
 CONNECT_TIMEOUT_SECONDS = 5
-INVALID_TENANT = "tenant_id: expected 1-128 characters without control characters"
+INVALID_TENANT = f"tenant_id: expected {IDENTIFIER_RULE}"
 
 _T = TypeVar("_T")
 
@@ -329,7 +329,7 @@ def _fail(message: str, status: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not valid_tenant(args.tenant):
-        return _fail(f"invalid tenant {args.tenant!r}: expected 1-128 characters, no control characters", 2)
+        return _fail(f"invalid tenant {args.tenant!r}: expected {IDENTIFIER_RULE}", 2)
     if args.none and args.names:
         return _fail("--none sets no dimensions: give it without names", 2)
     try:

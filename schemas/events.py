@@ -29,6 +29,8 @@ NO_NUL_PATTERN = r"^[^\x00]*(?![\s\S])"
 # characters would corrupt all three.
 IDENTIFIER_MAX_CHARS = 128
 NAME_MAX_CHARS = 255
+# What an identifier must be, as error messages say it.
+IDENTIFIER_RULE = f"1-{IDENTIFIER_MAX_CHARS} characters without control characters"
 # The events check the pattern in ``__post_init__`` instead (:func:`_check_identifier`):
 # msgspec runs a Python regex search per field, two thirds of an event's decoding time.
 _IdentifierText = Annotated[str, Meta(min_length=1, max_length=IDENTIFIER_MAX_CHARS)]
