@@ -103,6 +103,13 @@ class NewKey(Struct, frozen=True):
     key_hash: bytes
 
 
+class _NotCached:
+    """The store has no fresh answer for a key."""
+
+
+NOT_CACHED = _NotCached()
+
+
 class KeyStoreUnavailable(Exception):
     """The key table could not be read, so the key can be neither accepted nor refused."""
 
@@ -156,6 +163,14 @@ class KeyStore:
     @property
     def enabled(self) -> bool:
         return self.pool is not None
+
+    def cached(self, key: str) -> Principal | _NotCached | None:
+        """What the store answered for ``key`` within ``cache_seconds``: its principal, ``None``
+        for a refusal, or :data:`NOT_CACHED`."""
+        entry = self._cache.get(hash_key(key))
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        return NOT_CACHED
 
     async def lookup(self, key: str) -> Principal | None:
         """The principal of a valid, unrevoked key; ``None`` for any other string.
@@ -271,10 +286,9 @@ def _unauthorized(detail: str, *, key_given: bool) -> ApiError:
     return ApiError(401, "unauthorized", detail, headers={"WWW-Authenticate": challenge})
 
 
-async def _principal(store: KeyStore, header: str | None) -> Principal:
-    """The principal of the ``Authorization`` header's key, or the :class:`ApiError`
-    saying why there is none: 401 without a valid key, 503 when the key database
-    cannot be read."""
+def _key(header: str | None) -> str:
+    """The key in an ``Authorization`` header, or the 401 :class:`ApiError` saying why there
+    is none."""
     if header is None:
         raise _unauthorized(
             "missing Authorization header: expected `Authorization: Bearer <key>`",
@@ -290,12 +304,10 @@ async def _principal(store: KeyStore, header: str | None) -> Principal:
     key = credentials.lstrip(" ")
     if not key:
         raise _unauthorized("Authorization header: Bearer without a key", key_given=False)
-    try:
-        principal = await store.lookup(key)
-    except KeyStoreUnavailable as error:
-        raise ApiError(
-            503, "unavailable", f"cannot check the API key: {error}", headers={"Retry-After": "1"}
-        ) from None
+    return key
+
+
+def _found(principal: Principal | None) -> Principal:
     if principal is None:
         raise _unauthorized("API key is malformed, unknown or revoked", key_given=True)
     return principal
@@ -323,18 +335,34 @@ class Refused(BaseUser):
         self.reason = reason
 
 
+class Unchecked(BaseUser):
+    """A caller whose key the store has not answered for lately: looked up only when an
+    endpoint needs a key (:func:`authorize`), so that ``/health`` and the like never wait for
+    the key database."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
 _ALL_SCOPES = AuthCredentials(list(SCOPES))
 _NO_SCOPES = AuthCredentials([])
 # The credentials of each scope a key can have: the scopes it grants.
 _CREDENTIALS = {scope: AuthCredentials(sorted(granted)) for scope, granted in GRANTS.items()}
 
 
+def _credentials(principal: Principal) -> AuthCredentials:
+    granted = _CREDENTIALS.get(principal.scope) if principal.scope is not None else None
+    return granted or _NO_SCOPES
+
+
 class KeyBackend(AuthenticationBackend):
     """Starlette's authentication backend for API keys, using ``app.state.key_store``.
 
-    It never fails a request itself: an endpoint that needs no key (``/health``, ``/ready``,
-    ``/metrics``) answers whatever the header holds, and one that needs a key refuses in
-    :func:`requires` with the reason kept in :class:`Refused`.
+    It never fails a request itself, and never waits: a key the store answered for within
+    ``CACHE_SECONDS`` becomes a :class:`KeyHolder` or a :class:`Refused` caller at once, any
+    other an :class:`Unchecked` one, looked up by the first endpoint that needs a key. An
+    endpoint that needs none (``/health``, ``/ready``, ``/metrics``) answers whatever the header
+    holds; one that needs one refuses in :func:`requires` with the reason kept.
     """
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser]:
@@ -342,11 +370,14 @@ class KeyBackend(AuthenticationBackend):
         if not store.enabled:
             return _ALL_SCOPES, KeyHolder(UNRESTRICTED)
         try:
-            principal = await _principal(store, conn.headers.get("authorization"))
+            key = _key(conn.headers.get("authorization"))
+            cached = store.cached(key)
+            if isinstance(cached, _NotCached):
+                return _NO_SCOPES, Unchecked(key)
+            principal = _found(cached)
         except ApiError as reason:
             return _NO_SCOPES, Refused(reason)
-        granted = _CREDENTIALS.get(principal.scope) if principal.scope is not None else None
-        return granted or _NO_SCOPES, KeyHolder(principal)
+        return _credentials(principal), KeyHolder(principal)
 
 
 # What both apps put in their middleware to know the caller of every request.
@@ -355,9 +386,26 @@ AUTHENTICATION = Middleware(AuthenticationMiddleware, backend=KeyBackend())
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 
 
+async def authorize(request: HTTPConnection, scope: Scope) -> Principal:
+    """The caller's principal when its key grants ``scope`` (:data:`GRANTS`), looking the key
+    up first if :class:`KeyBackend` left it :class:`Unchecked`; otherwise the 401 or 503 of
+    the lookup, or a 403 naming both scopes."""
+    user = request.user
+    if isinstance(user, Unchecked):
+        store: KeyStore = request.app.state.key_store
+        try:
+            principal = await store.lookup(user.key)
+        except KeyStoreUnavailable as error:
+            raise ApiError(
+                503, "unavailable", f"cannot check the API key: {error}", headers={"Retry-After": "1"}
+            ) from None
+        request.scope["auth"], request.scope["user"] = _credentials(_found(principal)), KeyHolder(principal)
+    return check_scope(request, scope)
+
+
 def check_scope(request: HTTPConnection, scope: Scope) -> Principal:
-    """The caller's principal when its key grants ``scope`` (:data:`GRANTS`); otherwise the
-    401 or 503 kept by :class:`KeyBackend`, or a 403 naming both scopes."""
+    """The caller's principal when its (checked) key grants ``scope``; otherwise the 401 or 503
+    kept by :class:`KeyBackend`, or a 403 naming both scopes."""
     user = request.user
     if isinstance(user, Refused):
         raise user.reason
@@ -374,12 +422,12 @@ def check_scope(request: HTTPConnection, scope: Scope) -> Principal:
 
 def requires(scope: Scope) -> Callable[[Endpoint], Endpoint]:
     """Declares that an endpoint (a function or a method taking the request last) needs a
-    key granting ``scope``; without one it answers as :func:`check_scope` says."""
+    key granting ``scope``; without one it answers as :func:`authorize` says."""
 
     def declare(endpoint: Endpoint) -> Endpoint:
         @wraps(endpoint)
         async def checked(*args: Any) -> Response:
-            check_scope(args[-1], scope)
+            await authorize(args[-1], scope)
             return await endpoint(*args)
 
         return cast(Endpoint, checked)

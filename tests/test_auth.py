@@ -540,3 +540,27 @@ def test_query_api_reads_only_the_keys_tenant(postgres_dsn: str, keys: Keys) -> 
         assert [(row["tenant_id"], row["requests"]) for row in own.json()["metrics"]] == [("acme", 3)]
         theirs = client.get("/v1/metrics", params={"tenant_id": "globex"}, headers=bearer(keys.globex_read))
         assert [(row["tenant_id"], row["requests"]) for row in theirs.json()["metrics"]] == [("globex", 5)]
+
+
+def test_a_key_is_looked_up_only_by_an_endpoint_that_needs_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the key database unreachable, ``/health`` answers a request carrying a key the store
+    never saw without asking for it; ``/v1/metrics`` asks, and answers 503."""
+    app = make_app(Settings(postgres_dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"))
+    key = generate_key().key
+    with TestClient(app) as client:
+        store: KeyStore = app.state.key_store
+        asked: list[str] = []
+        lookup = store.lookup
+
+        async def counted(given: str) -> Any:
+            asked.append(given)
+            return await lookup(given)
+
+        monkeypatch.setattr(store, "lookup", counted)
+        health = client.get("/health", headers=bearer(key))
+        assert health.status_code == 200
+        assert asked == []
+        query = client.get("/v1/metrics", params={"tenant_id": "acme"}, headers=bearer(key))
+        assert query.status_code == 503, query.text
+        assert query.json()["error"] == "unavailable"
+        assert asked == [key]

@@ -1,5 +1,5 @@
-"""What authentication adds to a request: :class:`api.auth.KeyBackend` and the scope check
-of :func:`api.auth.requires`, per call.
+"""What authentication adds to a request: :class:`api.auth.KeyBackend` and the lookup and
+scope check of :func:`api.auth.requires` (:func:`api.auth.authorize`), per call.
 
 The cached path (a key seen in the last few seconds) is what nearly every
 request takes; it is timed against ``AUTH=off`` in the same run, and compared
@@ -19,7 +19,7 @@ import psycopg
 from starlette.applications import Starlette
 from starlette.requests import Request
 
-from api.auth import KeyBackend, KeyStore, Scope, check_scope, generate_key, open_key_store
+from api.auth import KeyBackend, KeyStore, Scope, authorize, generate_key, open_key_store
 from api.errors import ApiError
 from api.keys import create_key
 from schemas.config import Settings
@@ -58,7 +58,7 @@ async def per_call(app: Starlette, keys: list[str | None], scope: Scope, calls: 
         request = requests[index % count]
         request.scope["auth"], request.scope["user"] = await backend.authenticate(request)
         with contextlib.suppress(ApiError):
-            check_scope(request, scope)
+            await authorize(request, scope)
     return (time.perf_counter() - started) / calls
 
 
