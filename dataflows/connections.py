@@ -23,7 +23,8 @@ Either timeout fails the transaction like a lost connection: the writer drops th
 commit, as with a server that stops then: every write is idempotent), logs the outage once
 when it starts and once when it ends, and retries. So a write that merely takes longer than
 the timeouts cannot be retried for ever, each timeout doubles the next attempt's timeouts
-(:class:`Patience`), up to :data:`MAX_PATIENCE` times, back to 1 after a success.
+(:class:`Patience`), up to :data:`MAX_PATIENCE` times, back to 1 after a success (the
+connection made with them then dropped for one with the usual timeouts).
 DSN parameters of the same names win over these (and libpq's ``PGCONNECT_TIMEOUT`` and
 ``PGOPTIONS``, which a parameter given would otherwise replace).
 """
@@ -90,8 +91,12 @@ class Patience:
         if is_timeout(error):
             self.factor = min(MAX_PATIENCE, 2 * self.factor)
 
-    def succeeded(self) -> None:
+    def succeeded(self) -> bool:
+        """Back to 1; whether the factor was raised, so that the connection made with the
+        raised timeouts is to be dropped for one with the usual ones."""
+        raised = self.factor > 1
         self.factor = 1
+        return raised
 
 
 def connect(dsn: str, patience: int = 1, **kwargs: Any) -> GuardedConnection:

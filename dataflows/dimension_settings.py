@@ -66,7 +66,9 @@ class PostgresPlan:
                 self._patience.failed(error)
                 self._outage.failed(error, started)
         self._outage.succeeded()
-        self._patience.succeeded()
+        if self._patience.succeeded() and self._conn is not None:
+            self._conn.close()
+            self._conn = None
         self._default = decided.default
         for tenant, start in needed.items():
             self._decided[tenant] = start

@@ -99,7 +99,8 @@ class PostgresSegments:
                 self._local.write_again_at = now + WRITE_PAUSE_SECONDS
             self._writes.failed(error, started)
             return False
-        self._patience().succeeded()
+        if self._patience().succeeded():
+            self._drop_connection()
         self._writes.succeeded()
         return True
 
@@ -145,7 +146,8 @@ class PostgresSegments:
                 self._drop_connection()
                 self._patience().failed(error)
                 self._reads.failed(error, started)
-        self._patience().succeeded()
+        if self._patience().succeeded():
+            self._drop_connection()
         self._reads.succeeded()
         numbers = [row[0] for row in rows]
         if numbers != list(range(low, high)):

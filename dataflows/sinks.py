@@ -374,7 +374,8 @@ class PostgresWriter:
                 with self._conn.transaction(), self._conn.cursor() as cursor:
                     done = work(cursor)
                 self._outage.succeeded()
-                self._patience.succeeded()
+                if self._patience.succeeded():
+                    self.close()
                 return done
             except (psycopg.OperationalError, psycopg.InterfaceError) as error:
                 # A statement that timed out is rolled back with its transaction; the

@@ -20,10 +20,18 @@ SCHEMA_FILES: tuple[str, ...] = (
 SCHEMA_SQL: str = "\n".join(files("schemas").joinpath(name).read_text() for name in SCHEMA_FILES)
 
 
+# libpq's connect timeout (whole seconds) for the schema's connection.
+CONNECT_TIMEOUT_SECONDS = 10
+
+
 def ensure_schema(dsn: str) -> None:
     """Create tables and indexes that are missing. Safe to run from several services at once."""
-    # CREATE ... IF NOT EXISTS still races on the catalog; a lock serialises starters.
-    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+    # CREATE ... IF NOT EXISTS still races on the catalog; a lock serialises starters. A server
+    # that accepts TCP but never answers (frozen) fails the connection as a stopped one does.
+    with (
+        psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS) as conn,
+        conn.transaction(),
+    ):
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('streamlens.schema'))")
         conn.execute(SCHEMA_SQL)
 
