@@ -12,8 +12,10 @@ In the same run: the plain single-process loop over the same payloads
 (``bench_baseline.plain_loop``), the one-core ceiling; the lean per-event loop
 (``bench_baseline.lean_loop``: decode, dict join, per-window sums, price and
 t-digest, nothing else), the fixed reference the dataflow must beat (``dataflow /
-lean loop`` ≥ 1.0); and the two ways of writing a batch to Postgres (one
-``INSERT … SELECT FROM unnest(…)`` statement versus ``executemany`` in a pipeline).
+lean loop`` ≥ 1.0); the time one process takes only to read the topics as the
+dataflow does, which no dataflow over them can spend less on; and the two ways of
+writing a batch to Postgres (one ``INSERT … SELECT FROM unnest(…)`` statement versus
+``executemany`` in a pipeline).
 
 The dataflow runs twice on the same backlog: without dimensions, and with three
 (``DIMENSIONS``: 10, 100 and 10,000 distinct values, see ``tests.bench.dataset``),
@@ -163,6 +165,56 @@ for consumer in consumers:
 time.sleep(2)  # what the fetcher threads queue meanwhile is the measurement
 print(psutil.Process().memory_info().rss - before)
 """
+
+
+_CONSUME_PROBE = """
+import json, sys, time
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+brokers, topics, partitions, total = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
+extra = json.loads(sys.argv[5])
+consumers = []
+for topic in topics:
+    for partition in range(partitions):
+        consumer = Consumer({"group.id": "consume-probe", "enable.auto.commit": "false",
+                             "bootstrap.servers": brokers, **extra})
+        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+        consumers.append(consumer)
+read = 0
+started, cpu = time.perf_counter(), time.thread_time()
+while read < total:
+    for consumer in consumers:
+        for message in consumer.consume(5000, 0.05):
+            if message.error() is None:
+                message.value()
+                read += 1
+print(read, time.perf_counter() - started, time.thread_time() - cpu)
+"""
+
+
+def consume_seconds(brokers: str, records: int) -> tuple[float, float]:
+    """Seconds, wall-clock and of the reading thread's CPU, one process takes only to read
+    ``records`` off both event topics, one consumer a partition and the dataflow's prefetch, as
+    its source reads them (``consume`` of up to 5,000, each record's value taken). The thread's
+    CPU is what no dataflow over these topics can spend less of in its one Python thread
+    (librdkafka fetches and decompresses on threads of its own); the wall clock also waits for
+    fetches, which a dataflow overlaps with its work."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CONSUME_PROBE,
+            brokers,
+            f"{REQUESTS},{RESPONSES}",
+            str(PARTITIONS),
+            str(records),
+            json.dumps(PREFETCH_CONFIG),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    _, wall, cpu = done.stdout.split()
+    return float(wall), float(cpu)
 
 
 def prefetch_rss(brokers: str, extra: dict[str, str]) -> int:
@@ -423,6 +475,17 @@ def main(argv: list[str] | None = None) -> None:
         with psycopg.connect(postgres.dsn, autocommit=True) as conn:
             conn.execute("TRUNCATE llm_metrics")
         fill_backlog(broker.address, requests + closing_requests, responses + closing_responses)
+        records = len(requests) + len(closing_requests) + len(responses) + len(closing_responses)
+        wall, consumed = consume_seconds(broker.address, records)
+        per_call = consumed / args.calls
+        with_lean = 1 / (per_call + 1 / lean)
+        print(
+            f"  reading the topics alone (one process, consumers as the dataflow's): {records:,} records, "
+            f"{wall:.2f}s wall-clock, {consumed:.2f} CPU-s of the reading thread = {per_call * 1e6:.2f} µs "
+            f"a call, a ceiling of {1 / per_call:,.0f} calls/s; with the lean loop's own work "
+            f"({1e6 / lean:.2f} µs a call): {with_lean:,.0f} calls/s = {with_lean / lean:.2f} of the lean"
+            " loop"
+        )
         for what, extra in (("librdkafka's defaults", {}), ("dataflows.sources", PREFETCH_CONFIG)):
             print(
                 f"  {2 * PARTITIONS} consumers 2 s after their first poll, prefetch as "
