@@ -146,39 +146,43 @@ def _fill(brokers: str, topic: str, payloads: list[bytes]) -> None:
         raise RuntimeError(f"records left unsent to {topic}")
 
 
-_PREFETCH_PROBE = """
+# Both probes' first lines: one consumer a partition of each topic, from the beginning, as the
+# dataflow's source reads them (argv: brokers, topics, partitions, extra configuration as JSON).
+_CONSUMERS = """
 import json, sys, time
-import psutil
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 brokers, topics, partitions = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
 extra = json.loads(sys.argv[4])
+def open_consumers():
+    consumers = []
+    for topic in topics:
+        for partition in range(partitions):
+            consumer = Consumer({"group.id": "probe", "enable.auto.commit": "false",
+                                 "bootstrap.servers": brokers, **extra})
+            consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+            consumers.append(consumer)
+    return consumers
+"""
+
+_PREFETCH_PROBE = (
+    _CONSUMERS
+    + """
+import psutil
 before = psutil.Process().memory_info().rss
-consumers = []
-for topic in topics:
-    for partition in range(partitions):
-        consumer = Consumer({"group.id": "prefetch-probe", "enable.auto.commit": "false",
-                             "bootstrap.servers": brokers, **extra})
-        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
-        consumers.append(consumer)
+consumers = open_consumers()
 for consumer in consumers:
     consumer.consume(1, 10)
 time.sleep(2)  # what the fetcher threads queue meanwhile is the measurement
 print(psutil.Process().memory_info().rss - before)
 """
+)
 
 
-_CONSUME_PROBE = """
-import json, sys, time
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-brokers, topics, partitions, total = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
-extra = json.loads(sys.argv[5])
-consumers = []
-for topic in topics:
-    for partition in range(partitions):
-        consumer = Consumer({"group.id": "consume-probe", "enable.auto.commit": "false",
-                             "bootstrap.servers": brokers, **extra})
-        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
-        consumers.append(consumer)
+_CONSUME_PROBE = (
+    _CONSUMERS
+    + """
+total = int(sys.argv[5])
+consumers = open_consumers()
 read = 0
 started, cpu = time.perf_counter(), time.thread_time()
 while read < total:
@@ -189,6 +193,7 @@ while read < total:
                 read += 1
 print(read, time.perf_counter() - started, time.thread_time() - cpu)
 """
+)
 
 
 def consume_seconds(brokers: str, records: int) -> tuple[float, float]:
@@ -206,8 +211,8 @@ def consume_seconds(brokers: str, records: int) -> tuple[float, float]:
             brokers,
             f"{REQUESTS},{RESPONSES}",
             str(PARTITIONS),
-            str(records),
             json.dumps(PREFETCH_CONFIG),
+            str(records),
         ],
         capture_output=True,
         text=True,
