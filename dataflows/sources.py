@@ -65,17 +65,12 @@ BATCH_SIZE = 5000
 # each. With 2 MiB queued and 1 MiB per fetch response they held 70 MiB, ~13,000
 # records each: a response still carries at least one whole producer batch, which
 # overshoots the bound, and leaves two polls of BATCH_SIZE at hand while the next
-# fetch is under way. Once the queue is full, librdkafka postpones the partition's next
-# fetch by fetch.queue.backoff.ms, 1,000 ms by default: with a queue this small that second
-# bounded the read itself (bench_dataflow: one process took 10.2 s only to read the
-# backlog's 995,000 records, 1.5 s with 10 ms, the same 68 MiB held).
+# fetch is under way.
 PREFETCH_KIB = 2048
 FETCH_MAX_BYTES = 1 << 20
-FETCH_QUEUE_BACKOFF_MS = 10
 PREFETCH_CONFIG = {
     "queued.max.messages.kbytes": str(PREFETCH_KIB),
     "fetch.max.bytes": str(FETCH_MAX_BYTES),
-    "fetch.queue.backoff.ms": str(FETCH_QUEUE_BACKOFF_MS),
 }
 
 _KINDS: dict[str, type[Event]] = {REQUESTS: LLMRequest, RESPONSES: LLMResponse, EVALUATIONS: LLMEvaluation}
