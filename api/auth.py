@@ -10,8 +10,9 @@ How an app uses this module, as Starlette's authentication does:
   ``app.state.key_store = keys`` (``AUTH=off`` gives a store that lets every call
   through, with no Postgres);
 - :data:`AUTHENTICATION` in its middleware: once per request, :class:`KeyBackend` reads
-  the ``Authorization`` header and sets ``request.user`` (a :class:`KeyHolder`, or a
-  :class:`Refused` caller that remembers why) and ``request.auth.scopes``;
+  the ``Authorization`` header and sets ``request.user`` (a :class:`KeyHolder`, a
+  :class:`Refused` caller that remembers why, or an :class:`Unchecked` one whose key the
+  store has not answered for lately) and ``request.auth.scopes``;
 - each endpoint declares the scope it needs with ``@requires("ingest")`` (or ``"read"``,
   ``"manage"``), which raises the 401, 403 or 503 as an :class:`~api.errors.ApiError`
   before the endpoint runs; inside it, :func:`principal_of` is the caller;
@@ -167,7 +168,10 @@ class KeyStore:
     def cached(self, key: str) -> Principal | _NotCached | None:
         """What the store answered for ``key`` within ``cache_seconds``: its principal, ``None``
         for a refusal, or :data:`NOT_CACHED`."""
-        entry = self._cache.get(hash_key(key))
+        return self._fresh(hash_key(key))
+
+    def _fresh(self, digest: bytes) -> Principal | _NotCached | None:
+        entry = self._cache.get(digest)
         if entry is not None and entry[0] > time.monotonic():
             return entry[1]
         return NOT_CACHED
@@ -178,9 +182,9 @@ class KeyStore:
         Raises :class:`KeyStoreUnavailable` when Postgres cannot answer in time.
         """
         digest = hash_key(key)
-        entry = self._cache.get(digest)
-        if entry is not None and entry[0] > time.monotonic():
-            return entry[1]
+        cached = self._fresh(digest)
+        if not isinstance(cached, _NotCached):
+            return cached
         prefix = key_prefix(key)
         if prefix is None:
             return None
@@ -394,12 +398,12 @@ async def authorize(request: HTTPConnection, scope: Scope) -> Principal:
     if isinstance(user, Unchecked):
         store: KeyStore = request.app.state.key_store
         try:
-            principal = await store.lookup(user.key)
+            principal = _found(await store.lookup(user.key))
         except KeyStoreUnavailable as error:
             raise ApiError(
                 503, "unavailable", f"cannot check the API key: {error}", headers={"Retry-After": "1"}
             ) from None
-        request.scope["auth"], request.scope["user"] = _credentials(_found(principal)), KeyHolder(principal)
+        request.scope["auth"], request.scope["user"] = _credentials(principal), KeyHolder(principal)
     return check_scope(request, scope)
 
 
