@@ -40,6 +40,7 @@ import hashlib
 import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from operator import itemgetter
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -62,6 +63,9 @@ KEEP_SNAPSHOTS = 3
 # as long as when last rebuilt, and this long at least: a call directory's "tenants"
 # are keys with their dimension values, and values such as users keep coming.
 COMPACT_TENANTS_AT = 4_096
+
+
+_first, _second = itemgetter(0), itemgetter(1)
 
 
 class Segment(NamedTuple):
@@ -204,14 +208,13 @@ class Remembered:
         be written the recent ids stay as they are, and are snapshotted.
         """
         self._next_seal = watermark + SEAL_SECONDS
-        recent = [(rid, value) for rid, value in self._recent.items() if value[0] >= watermark]
-        if recent:
-            segment = self._segment(recent)
+        segment = self._segment(self._recent, watermark)
+        if len(segment.digests):
             if self._store is not None:
                 if self._name is None:
                     # The join shard every id of this state is routed to: the segments' name.
                     assert self._shard_of is not None
-                    self._name = self._shard_of(recent[0][0])
+                    self._name = self._shard_of(next(iter(self._recent)))
                 if not self._store.save(self._name, self._high, _local(segment, self._tenants)):
                     return  # kept as recent ids, in the snapshot, until a seal can write them
                 self._untils.append(segment.until())
@@ -262,13 +265,31 @@ class Remembered:
             self._tenants.append(tenant)
         return found
 
-    def _segment(self, recent: list[tuple[str, tuple[float, str]]]) -> Segment:
-        number = self._tenant_number
-        tenants = np.fromiter((number(tenant) for _, (_, tenant) in recent), np.uint32, len(recent))
-        digests = self._digests(rid for rid, _ in recent)
-        expiry = np.fromiter((value[0] for _, value in recent), np.float64, len(recent))
+    def _segment(self, recent: dict[str, tuple[float, str]], watermark: float) -> Segment:
+        """The ``recent`` ids not expired at ``watermark``, sealed (sorted by digest).
+
+        Columns first, with C-level ``map``s: at every snapshot this runs for each id
+        counted since the last one, twice a call (the join and the call directory), and
+        a Python step per id here was a tenth of the processor's time in a sustained run.
+        """
+        rids = list(recent)
+        values = list(recent.values())
+        expiry = np.fromiter(map(_first, values), np.float64, len(values))
+        tenants = list(map(_second, values))
+        live = expiry >= watermark
+        if not live.all():
+            kept = np.flatnonzero(live).tolist()
+            rids = [rids[i] for i in kept]
+            tenants = [tenants[i] for i in kept]
+            expiry = expiry[live]
+        # Each distinct tenant numbered once, in the order first seen (as one by one).
+        numbers = dict.fromkeys(tenants, 0)
+        for tenant in numbers:
+            numbers[tenant] = self._tenant_number(tenant)
+        tenant = np.fromiter(map(numbers.__getitem__, tenants), np.uint32, len(tenants))
+        digests = self._digests(rids)
         order = np.argsort(digests, kind="stable")
-        return Segment(digests[order], expiry[order], tenants[order], self._tenants)
+        return Segment(digests[order], expiry[order], tenant[order], self._tenants)
 
     # -- the store ----------------------------------------------------------------
 
