@@ -247,14 +247,20 @@ class EvaluationJoin:
             self._offset = now - self.watermark.settled
         out: list[Matched | Moved | DeadLetter] = []
         waiting = self._waiting
+        # One text per key and dimension values, not one per call: the calls of a window
+        # share it, and its hash is computed once when the calls are sealed.
+        texts: dict[tuple[WindowKey, str], str] = {}
         for rid, key, start, dimensions in zip(
             counted.request_ids, counted.keys, counted.starts, counted.dimensions, strict=True
         ):
+            text = texts.get((key, dimensions))
+            if text is None:
+                text = texts[key, dimensions] = key_text(key) + dimensions
             if dimensions and dimensions[1] == ANSWERED:
-                self._answered.add(rid, start + keep, key_text(key) + dimensions)
+                self._answered.add(rid, start + keep, text)
                 out.append(Moved(key, start, rid, dimensions))
                 continue
-            calls.add(rid, start + keep, key_text(key) + dimensions)
+            calls.add(rid, start + keep, text)
             held = waiting.pop(rid, None)
             if held is not None:
                 for _, evaluation, source in held:
