@@ -58,8 +58,8 @@ def _field_error(field: str, message: str) -> ValueError:
 
 
 def _check_identifier(field: str, value: str) -> None:
-    # Printable ASCII (nearly every identifier) has no control character: no regex needed.
-    if not (value.isascii() and value.isprintable()) and _CONTROL.search(value):
+    # A printable text (nearly every identifier) has no control character: no regex needed.
+    if not value.isprintable() and _CONTROL.search(value):
         raise _field_error(field, f"Expected `str` matching regex {NO_CONTROL_PATTERN!r}")
 
 
@@ -89,8 +89,11 @@ class LLMRequest(Struct, tag="request", tag_field="type", kw_only=True):
     metadata: Metadata | None = None
 
     def __post_init__(self) -> None:
-        _check_identifier("request_id", self.request_id)
-        _check_identifier("tenant_id", self.tenant_id)
+        # Both printable (the usual case), neither holds a control character: checked
+        # one by one only otherwise, for the error naming the field.
+        if not (self.request_id.isprintable() and self.tenant_id.isprintable()):
+            _check_identifier("request_id", self.request_id)
+            _check_identifier("tenant_id", self.tenant_id)
         self.timestamp = _utc(self.timestamp)
         if self.metadata is not None and len(msgspec.json.encode(self.metadata)) > METADATA_MAX_BYTES:
             raise _field_error("metadata", f"Expected at most {METADATA_MAX_BYTES} bytes encoded")
@@ -113,8 +116,9 @@ class LLMResponse(Struct, tag="response", tag_field="type", kw_only=True):
     error: str | None = None
 
     def __post_init__(self) -> None:
-        _check_identifier("request_id", self.request_id)
-        if self.tenant_id is not None:
+        if not self.request_id.isprintable():
+            _check_identifier("request_id", self.request_id)
+        if self.tenant_id is not None and not self.tenant_id.isprintable():
             _check_identifier("tenant_id", self.tenant_id)
         self.timestamp = _utc(self.timestamp)
         if self.reasoning_tokens > self.completion_tokens:
