@@ -395,6 +395,14 @@ class PostgresWriter:
 # How long the part keeper gathers written windows before merging their hours: a window's
 # revisions and its neighbours come in bursts, and each hour is merged once for all of them.
 KEEP_DELAY_SECONDS = 1.0
+# ... and at least this many times as long as its last round of merging took. Merging an
+# hour reads and merges all its windows so far, so while a backlog is read (an hour's
+# windows written within seconds) merging every second would merge each hour again and
+# again, ever larger, on the dataflow's interpreter: this bounds the keeper to a tenth of
+# the time, and parts lag their windows meanwhile, as they may (the query API merges those).
+KEEP_PAUSE_FACTOR = 9.0
+# A round that waited out an outage says nothing of merging: the pause stays within this.
+KEEP_PAUSE_MAX_SECONDS = 30.0
 # Hours merged per transaction.
 KEEP_HOURS = 500
 
@@ -420,6 +428,7 @@ class PartKeeper:
         self._pending: set[rollups.PartKey] = set()
         self._busy = False
         self._closing = False
+        self._flushing = 0  # callers of flush() waiting: no gathering while there are any
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="part-keeper", daemon=True)
         self._thread.start()
@@ -435,8 +444,10 @@ class PartKeeper:
     def flush(self) -> None:
         """Until every hour written so far is merged."""
         with self._changed:
+            self._flushing += 1
             self._changed.notify_all()
             self._changed.wait_for(lambda: not self._pending and not self._busy)
+            self._flushing -= 1
 
     def close(self) -> None:
         self.flush()
@@ -446,19 +457,29 @@ class PartKeeper:
         self._thread.join()
         self._postgres.close()
 
+    def _gathered(self, until: float) -> bool:
+        return bool(self._flushing or self._closing or time.monotonic() >= until)
+
     def _run(self) -> None:
+        spent = 0.0  # the last round of merging, in seconds
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._pending or self._closing)
                 if self._closing and not self._pending:
                     return
-                # Gather for the delay, unless a flush or close asks for it sooner.
-                self._changed.wait(self._delay)
+                # Gather for the delay (windows written meanwhile wake this up, and join
+                # the round), unless a flush or close asks for it sooner.
+                until = time.monotonic() + max(
+                    self._delay, min(KEEP_PAUSE_FACTOR * spent, KEEP_PAUSE_MAX_SECONDS)
+                )
+                self._changed.wait_for(partial(self._gathered, until), max(0.0, until - time.monotonic()))
                 hours = sorted(self._pending)
                 self._pending.clear()
                 self._busy = True
+            started = time.monotonic()
             for first in range(0, len(hours), KEEP_HOURS):
                 self._postgres.in_transaction(partial(_keep, hours[first : first + KEEP_HOURS]))
+            spent = time.monotonic() - started
             with self._changed:
                 self._busy = False
                 self._changed.notify_all()
