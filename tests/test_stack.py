@@ -15,6 +15,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 
 from deploy.stack import Broker
 from schemas import topics
+from tests.support import dataflow as h
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,6 +139,36 @@ def test_broker_round_trip(broker: Broker):
             received[message.key()] = message.value()
     consumer.close()
     assert received == sent
+
+
+def test_reading_a_topic_back_gets_the_whole_of_its_last_batches(broker: Broker):
+    """``read_topic``, which the dataflow tests read every output with, reads each partition to
+    its end: also when the partition's last record batch holds many records, for which this
+    broker's high watermark (ListOffsets) stands short of the end."""
+    producer = Producer({"bootstrap.servers": broker.address, "linger.ms": 50, "acks": "all"})
+    sent: dict[tuple[int, bytes], bytes] = {}
+    # Partition 0 in batches of 1, 1, 5 and 20 records, partition 1 in one of 1,500 (more than
+    # one consume() call returns), partition 2 empty.
+    for partition, sizes in ((0, (1, 1, 5, 20)), (1, (1500,))):
+        for size in sizes:
+            for _ in range(size):
+                key = f"key-{partition}-{len(sent)}".encode()
+                sent[partition, key] = f"value-{len(sent)}".encode()
+                producer.produce(topics.DEADLETTER, key=key, value=sent[partition, key], partition=partition)
+            assert producer.flush(15) == 0
+    consumer = Consumer({"bootstrap.servers": broker.address, "group.id": "test"})
+    highs = [
+        consumer.get_watermark_offsets(TopicPartition(topics.DEADLETTER, p), timeout=10)[1] for p in (0, 1)
+    ]
+    consumer.close()
+    print(f"high watermarks {highs} for {[27, 1500]} records")
+
+    records = h.read_topic(broker.address, topics.DEADLETTER)
+
+    assert sorted((partition, offset) for _, _, partition, offset in records) == sorted(
+        [(0, offset) for offset in range(27)] + [(1, offset) for offset in range(1500)]
+    )
+    assert {(partition, key): value for key, value, partition, _ in records} == sent
 
 
 def test_postgres_round_trip(postgres_dsn: str):

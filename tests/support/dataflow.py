@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from psycopg.rows import dict_row
 
 from dataflows.shards import Shards
@@ -628,28 +628,34 @@ def produce_markers(brokers: str) -> str:
 
 
 def read_topic(brokers: str, topic: str) -> list[tuple[bytes | None, bytes, int, int]]:
-    """Every record of ``topic`` now: (key, value, partition, offset)."""
+    """Every record of ``topic`` now: (key, value, partition, offset).
+
+    Each partition is read up to the end its fetches report (librdkafka's partition EOF),
+    not up to the high watermark ListOffsets answers: the test broker answers that with
+    the base offset of the partition's last record batch + 1, short of its end whenever
+    that batch holds several records (a sink writes many at once), which left the tail
+    of a topic unread or read depending on how the consumer's batches fell."""
     consumer = Consumer(
-        {"bootstrap.servers": brokers, "group.id": "streamlens-tests", "enable.auto.commit": False}
+        {
+            "bootstrap.servers": brokers,
+            "group.id": "streamlens-tests",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
     )
     try:
-        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
-        parts = []
-        for partition in metadata.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-            if high > low:
-                parts.append((partition, low, high))
-        consumer.assign([TopicPartition(topic, p, low) for p, low, _ in parts])
-        remaining = {p: high for p, _, high in parts}
+        partitions = list(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for partition in partitions])
+        remaining = set(partitions)
         out = []
         deadline = time.monotonic() + 20
         while remaining and time.monotonic() < deadline:
             for message in consumer.consume(1000, 0.2):
-                if message.error():
-                    continue
-                out.append((message.key(), message.value(), message.partition(), message.offset()))
-                if message.offset() + 1 >= remaining.get(message.partition(), 0):
-                    remaining.pop(message.partition(), None)
+                error = message.error()
+                if error is None:
+                    out.append((message.key(), message.value(), message.partition(), message.offset()))
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    remaining.discard(message.partition())
         assert not remaining, f"could not read {topic} to its end"
         return out
     finally:
