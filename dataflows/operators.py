@@ -37,7 +37,7 @@ from dataflows.evaluations import (
 from dataflows.join import Call, JoinShard, call_into
 from dataflows.observability import BOARD, CALLS, SNAPSHOT_SECONDS
 from dataflows.remembered import SegmentStore
-from dataflows.shards import DEFAULT, Shards, WindowKey
+from dataflows.shards import DEFAULT, Shards, WindowKey, window_key_of
 from dataflows.windows import WindowRow, WindowShard
 from schemas.deadletter import DeadLetter
 from schemas.dimensions import DEFAULT_VALUES
@@ -130,8 +130,7 @@ def route_to_windows(
         if len(shard_of) > 100_000:
             shard_of.clear()  # keys come from clients: never let this grow without bound
         by_shard: dict[str, list[int]] = {}
-        for index, request in enumerate(calls.requests):
-            key = (request.tenant_id, request.route, request.model)
+        for index, key in enumerate(map(window_key_of, calls.requests)):
             shard = shard_of.get(key)
             if shard is None:
                 shard = shard_of[key] = shards.window_key(key)

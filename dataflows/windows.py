@@ -53,7 +53,7 @@ from dataflows.clock import Watermark
 from dataflows.dimensions import DimensionPlan, StaticPlan, Value, from_response, ranked, reader
 from dataflows.evaluations import ANSWERED, COUNTED, TIMED_OUT, CountedCalls, dimension_text
 from dataflows.join import WAKEUP_MARGIN, Call, call_at, call_to_json
-from dataflows.shards import WindowKey
+from dataflows.shards import WindowKey, window_key_of
 from schemas.deadletter import DeadLetter, Reason
 from schemas.dimensions import DEFAULT_VALUES, MAX_DIMENSIONS, OTHER
 from schemas.events import LLMRequest, LLMResponse
@@ -182,7 +182,7 @@ class WindowShard:
         if start + window + self.lateness < event_time:
             return [self._too_late(call, start, event_time)]
         self.plan.prepare({request.tenant_id: start})
-        key = (request.tenant_id, request.route, request.model)
+        key = window_key_of(request)
         state = self._taking(start, key, 1)
         state.add(call)
         if self.counted is not None:
@@ -262,14 +262,10 @@ class WindowShard:
         indexes = counted.tolist()
         requests = calls.requests
         groups: dict[tuple[int, WindowKey], int] = {}
+        # Python ints read once, and keys built by attrgetter: this runs for every call.
+        start_of = starts.astype(np.int64).tolist()
         numbers = np.fromiter(
-            (
-                groups.setdefault(
-                    (int(starts[i]), (requests[i].tenant_id, requests[i].route, requests[i].model)),
-                    len(groups),
-                )
-                for i in indexes
-            ),
+            (groups.setdefault((start_of[i], window_key_of(requests[i])), len(groups)) for i in indexes),
             np.int64,
             len(indexes),
         )
