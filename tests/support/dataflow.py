@@ -641,6 +641,7 @@ def read_topic(brokers: str, topic: str) -> list[tuple[bytes | None, bytes, int,
             "group.id": "streamlens-tests",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
+            "fetch.wait.max.ms": 10,
         }
     )
     try:
@@ -650,7 +651,8 @@ def read_topic(brokers: str, topic: str) -> list[tuple[bytes | None, bytes, int,
         out = []
         deadline = time.monotonic() + 20
         while remaining and time.monotonic() < deadline:
-            for message in consumer.consume(1000, 0.2):
+            # consume() waits out its timeout unless 1,000 come: short, as the end is awaited.
+            for message in consumer.consume(1000, 0.02):
                 error = message.error()
                 if error is None:
                     out.append((message.key(), message.value(), message.partition(), message.offset()))
