@@ -89,11 +89,8 @@ class LLMRequest(Struct, tag="request", tag_field="type", kw_only=True):
     metadata: Metadata | None = None
 
     def __post_init__(self) -> None:
-        # Both printable (the usual case), neither holds a control character: checked
-        # one by one only otherwise, for the error naming the field.
-        if not (self.request_id.isprintable() and self.tenant_id.isprintable()):
-            _check_identifier("request_id", self.request_id)
-            _check_identifier("tenant_id", self.tenant_id)
+        _check_identifier("request_id", self.request_id)
+        _check_identifier("tenant_id", self.tenant_id)
         self.timestamp = _utc(self.timestamp)
         if self.metadata is not None and len(msgspec.json.encode(self.metadata)) > METADATA_MAX_BYTES:
             raise _field_error("metadata", f"Expected at most {METADATA_MAX_BYTES} bytes encoded")
@@ -116,9 +113,8 @@ class LLMResponse(Struct, tag="response", tag_field="type", kw_only=True):
     error: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.request_id.isprintable():
-            _check_identifier("request_id", self.request_id)
-        if self.tenant_id is not None and not self.tenant_id.isprintable():
+        _check_identifier("request_id", self.request_id)
+        if self.tenant_id is not None:
             _check_identifier("tenant_id", self.tenant_id)
         self.timestamp = _utc(self.timestamp)
         if self.reasoning_tokens > self.completion_tokens:
