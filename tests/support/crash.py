@@ -204,10 +204,7 @@ def check_evaluation_rows(
 
 
 def _evaluation_key(row: dict[str, Any]) -> tuple[str, str, str, float, str]:
-    start = row["window_start"]
-    if isinstance(start, str):
-        start = datetime.fromisoformat(start)
-    return row["tenant_id"], row["route"], row["model"], start.timestamp(), row["name"]
+    return (*h.window_of(row), row["name"])
 
 
 def postgres_evaluation_rows(dsn: str) -> dict[tuple[str, str, str, float, str], dict[str, Any]]:
@@ -320,13 +317,7 @@ def _published_in_order(brokers: str) -> dict[tuple[str, str, str, float], list[
     by_key: dict[tuple[str, str, str, float], list[tuple[int, int, int]]] = {}
     for _key, value, partition, offset in h.read_topic(brokers, h.METRICS):
         row = json.loads(value)
-        window = (
-            row["tenant_id"],
-            row["route"],
-            row["model"],
-            datetime.fromisoformat(row["window_start"]).timestamp(),
-        )
-        by_key.setdefault(window, []).append((partition, offset, row["revision"]))
+        by_key.setdefault(h.window_of(row), []).append((partition, offset, row["revision"]))
     return {key: [revision for _, _, revision in sorted(items)] for key, items in by_key.items()}
 
 

@@ -435,10 +435,7 @@ def expected_dimension_rows(
 def postgres_dimension_rows(dsn: str) -> dict[DimensionKey, dict[str, Any]]:
     with psycopg.connect(dsn, row_factory=dict_row) as conn:
         rows = conn.execute("SELECT * FROM llm_dimension_metrics").fetchall()
-    return {
-        (r["tenant_id"], r["route"], r["model"], r["window_start"].timestamp(), r["dimension"], r["value"]): r
-        for r in rows
-    }
+    return {(*window_of(r), r["dimension"], r["value"]): r for r in rows}
 
 
 def dimension_records(brokers: str) -> dict[bytes, list[dict[str, Any]]]:
@@ -668,17 +665,21 @@ def dead_letters(brokers: str) -> list[dict[str, Any]]:
     return [json.loads(value) for _, value, _, _ in read_topic(brokers, DEADLETTER)]
 
 
+def window_of(row: dict[str, Any]) -> tuple[str, str, str, float]:
+    """A row's window, (tenant_id, route, model, window start in Unix seconds), from Postgres
+    columns or from a topic's JSON fields (the start then an ISO text)."""
+    start = row["window_start"]
+    if isinstance(start, str):
+        start = datetime.fromisoformat(start)
+    return row["tenant_id"], row["route"], row["model"], start.timestamp()
+
+
 def latest_metrics(brokers: str) -> dict[tuple[str, str, str, float], dict[str, Any]]:
     """The highest revision of each window in ``llm.metrics``, keyed by window."""
     latest: dict[tuple[str, str, str, float], dict[str, Any]] = {}
     for key, value, _, _ in read_topic(brokers, METRICS):
         row = json.loads(value)
-        window = (
-            row["tenant_id"],
-            row["route"],
-            row["model"],
-            datetime.fromisoformat(row["window_start"]).timestamp(),
-        )
+        window = window_of(row)
         assert (
             key
             == (
@@ -694,7 +695,7 @@ def latest_metrics(brokers: str) -> dict[tuple[str, str, str, float], dict[str, 
 def postgres_rows(dsn: str) -> dict[tuple[str, str, str, float], dict[str, Any]]:
     with psycopg.connect(dsn, row_factory=dict_row) as conn:
         rows = conn.execute("SELECT * FROM llm_metrics").fetchall()
-    return {(r["tenant_id"], r["route"], r["model"], r["window_start"].timestamp()): r for r in rows}
+    return {window_of(r): r for r in rows}
 
 
 def wait_for(
