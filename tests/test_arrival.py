@@ -129,12 +129,10 @@ def test_any_order_and_a_backlog_give_the_same_exact_rows(
     # Interleaved tenant by tenant, so each tenant's events keep their own order.
     for side in (0, 1):
         h.produce(broker.address, _interleave([s[side] for s in backlog]))
-    processor = h.Processor(
+    processor = h.Processor.in_directory(
         broker.address,
         postgres_dsn,
-        tmp_path / "recovery",
-        h.write_prices(tmp_path / "prices.json"),
-        tmp_path / "dataflow.log",
+        tmp_path,
         settings=SETTINGS,
     ).start()
     try:

@@ -19,12 +19,10 @@ pytestmark = pytest.mark.slow
 
 
 def _processor(tmp_path: Path, broker: Broker, dsn: str, processes: int = 1) -> h.Processor:
-    return h.Processor(
+    return h.Processor.in_directory(
         broker.address,
         dsn,
-        tmp_path / "recovery",
-        h.write_prices(tmp_path / "prices.json"),
-        tmp_path / "dataflow.log",
+        tmp_path,
         processes=processes,
     )
 

@@ -48,12 +48,10 @@ def test_dataflow_metrics_follow_the_run(tmp_path: Path, broker: Broker) -> None
     rng = random.Random(14)
     postgres = Postgres(tmp_path / "postgres").start()
     ensure_schema(postgres.dsn)
-    processor = h.Processor(
+    processor = h.Processor.in_directory(
         broker.address,
         postgres.dsn,
-        tmp_path / "recovery",
-        h.write_prices(tmp_path / "prices.json"),
-        tmp_path / "dataflow.log",
+        tmp_path,
         settings=h.SHORT_GRACE_SETTINGS,
     ).start()
     port = processor.metrics_port

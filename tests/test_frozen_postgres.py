@@ -34,12 +34,10 @@ def test_a_frozen_postgres_is_noticed_logged_and_waited_out(
     rng = random.Random(11)
     dsn = own_postgres.dsn
     ensure_schema(dsn)
-    processor = h.Processor(
+    processor = h.Processor.in_directory(
         broker.address,
         dsn,
-        tmp_path / "recovery",
-        h.write_prices(tmp_path / "prices.json"),
-        tmp_path / "dataflow.log",
+        tmp_path,
         settings=h.SHORT_GRACE_SETTINGS,
     ).start()
 

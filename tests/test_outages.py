@@ -32,12 +32,10 @@ def test_postgres_and_broker_outages_are_waited_out(tmp_path: Path, broker: Brok
     postgres = Postgres(tmp_path / "postgres").start()
     dsn = postgres.dsn
     ensure_schema(dsn)
-    processor = h.Processor(
+    processor = h.Processor.in_directory(
         broker.address,
         dsn,
-        tmp_path / "recovery",
-        h.write_prices(tmp_path / "prices.json"),
-        tmp_path / "dataflow.log",
+        tmp_path,
         settings=h.SHORT_GRACE_SETTINGS,
     ).start()
     counted: list[h.Counted] = []

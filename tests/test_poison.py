@@ -181,12 +181,10 @@ def test_poison_records_are_dead_lettered_and_the_calls_around_them_are_exact(
     future = {h.SHARDS.join_key("future-req"), h.SHARDS.join_key("future-resp")}
     requests, responses, counted = valid_calls(future)
     data = h.DataSet(counted=counted)
-    processor = h.Processor(
+    processor = h.Processor.in_directory(
         broker.address,
         postgres_dsn,
-        tmp_path / "recovery",
-        h.write_prices(tmp_path / "prices.json"),
-        tmp_path / "dataflow.log",
+        tmp_path,
     )
     scenario = h.Scenario(data, processor, broker.address, postgres_dsn)
     processor.start()

@@ -422,12 +422,10 @@ def run(
         settings["JOIN_TIMEOUT_SECONDS"] = str(join_timeout)
     if judged is not None:
         settings["EVALUATION_LATENESS_SECONDS"] = str(EVALUATION_LATENESS_SECONDS)
-    processor = h.Processor(
+    processor = h.Processor.in_directory(
         brokers,
         dsn,
-        work / "recovery",
-        h.write_prices(work / "prices.json"),
-        work / "dataflow.log",
+        work,
         settings=settings,
     )
     with ServerThread(brokers) as server, httpx.Client(base_url=server.url, timeout=30) as client:

@@ -754,6 +754,19 @@ class Processor:
             "PRICES_FILE": str(self.prices_file),
         }
 
+    @classmethod
+    def in_directory(cls, brokers: str, dsn: str, work: Path, **options: Any) -> Processor:
+        """A processor keeping everything under ``work``: its recovery store, the test prices
+        (:func:`write_prices`) and its log."""
+        return cls(
+            brokers,
+            dsn,
+            work / "recovery",
+            write_prices(work / "prices.json"),
+            work / "dataflow.log",
+            **options,
+        )
+
     def start(self) -> Processor:
         out = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
         # The runner's defaults (snapshot interval and all), as `just processor` runs it.
