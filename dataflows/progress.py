@@ -13,9 +13,13 @@ arriving) and holds nobody back. How long "a while" is depends on what it last
 delivered: records appended to Kafka just now mean it was reading live traffic,
 so an empty poll means it caught up (``IDLE_AFTER``); records appended long ago
 (a backlog), or none yet since the start, mean an empty poll is more likely a
-fetch still on its way, so it must stay empty for ``BACKLOG_IDLE_AFTER``. A
-timestamp further ahead of the wall clock than the ingestion API allows is not
-progress (such a record is an invalid dead letter).
+fetch still on its way, so it must stay empty for ``BACKLOG_IDLE_AFTER`` — unless
+the consumer says it has reached the end of the partition (:meth:`ReadProgress.reached_end`):
+then nothing is on its way, and it is idle at once. That is what an empty
+partition says on its first fetch (an empty ``llm.evaluations``, say), which
+would otherwise hold every other partition back for ``BACKLOG_IDLE_AFTER`` at
+each start. A timestamp further ahead of the wall clock than the ingestion API
+allows is not progress (such a record is an invalid dead letter).
 
 This aligns the partitions one process reads; with several processes each
 aligns its own.
@@ -37,7 +41,7 @@ BACKLOG_AGE = 2.0
 
 
 class _Partition:
-    __slots__ = ("frontier", "idle_from")
+    __slots__ = ("frontier", "idle_from", "live")
 
     def __init__(self, now: float, backlog_idle_after: float) -> None:
         # The timestamp of the next record it would hand over when it holds one,
@@ -45,6 +49,8 @@ class _Partition:
         self.frontier = -math.inf
         # From when on it counts as idle unless it delivers records again.
         self.idle_from = now + backlog_idle_after
+        # Whether its last records were appended just now (live traffic).
+        self.live = False
 
 
 class ReadProgress:
@@ -70,8 +76,17 @@ class ReadProgress:
         """A poll of ``part`` returned records, the last appended to Kafka at wall-clock
         ``appended``, or nothing (None)."""
         if appended is not None:
-            backlog = now - appended > BACKLOG_AGE
-            self._parts[part].idle_from = now + (self.backlog_idle_after if backlog else self.idle_after)
+            state = self._parts[part]
+            state.live = now - appended <= BACKLOG_AGE
+            state.idle_from = now + (self.idle_after if state.live else self.backlog_idle_after)
+
+    def reached_end(self, part: Part, now: float) -> None:
+        """``part``'s consumer reached the end of the partition, and ``part`` has handed over
+        every record it read: unless it was reading live traffic (whose next records may be
+        appended any moment, and keep ``IDLE_AFTER``), no fetch is on its way and it is idle now."""
+        state = self._parts[part]
+        if not state.live:
+            state.idle_from = min(state.idle_from, now)
 
     def stands_at(self, part: Part, frontier: float) -> None:
         """``part`` holds a record stamped ``frontier`` next, or handed over up to it."""

@@ -32,7 +32,14 @@ from typing import Any, NamedTuple, cast
 import numpy as np
 from bytewax.connectors.kafka import KafkaSource
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    Message,
+    TopicPartition,
+)
 from numpy.typing import NDArray
 
 from dataflows.batches import Event, EventRun, decode_run, invalid
@@ -133,6 +140,9 @@ class _BatchPartition(StatefulSourcePartition[Poll, int]):
         self._held = _Held.of([], [], [])
         self._next = 0
         self._newest = -math.inf
+        # The consumer said it reached the end of the partition after records not all
+        # handed over yet: the partition is idle once they are (dataflows.progress).
+        self._at_end = False
         BOARD.report_position(topic, partition, self._offset)
 
     def next_batch(self) -> list[Poll]:
@@ -142,11 +152,20 @@ class _BatchPartition(StatefulSourcePartition[Poll, int]):
         progress, part = self._progress, self._part
         held = self._held
         if self._next >= len(held.offsets):
+            if self._at_end:
+                progress.reached_end(part, now)  # and all it read is handed over
+                self._at_end = False
             messages = self._consumer.consume(self._batch_size, 0.001)
+            clean = all(message.error() is None for message in messages)
+            if not clean:
+                messages, self._at_end = ends_removed(messages)
             progress.polled(part, appended_at(messages[-1]) if messages else None, now)
             if not messages:
+                if self._at_end:
+                    progress.reached_end(part, now)
+                    self._at_end = False
                 return []
-            self._held = held = self._decode(messages, now)
+            self._held = held = self._decode(messages, now, clean)
             self._next = 0
         # Hand over, in offset order, what is not too far ahead of the other partitions.
         limit = progress.limit(part, now)
@@ -173,12 +192,12 @@ class _BatchPartition(StatefulSourcePartition[Poll, int]):
         BOARD.report_position(self._topic, self._partition, self._offset)
         return [poll_of(self._topic, self._partition, offsets, items, times[first:last])]
 
-    def _decode(self, messages: list[Message], now: float) -> _Held:
+    def _decode(self, messages: list[Message], now: float, clean: bool) -> _Held:
         """A poll's messages, decoded (:func:`decode_values`); a broker error dead-letters its
-        own message only."""
+        own message only. ``clean``: none of them is an error."""
         topic, partition = self._topic, self._partition
         offsets = [message.offset() for message in messages]
-        if all(message.error() is None for message in messages):
+        if clean:
             values = [message.value() for message in messages]
             return _Held.of(
                 offsets, *decode_values(topic, partition, offsets, values, now, keys_of(messages))
@@ -222,6 +241,18 @@ def _within(stamps: NDArray[np.float64], first: int, limit: float) -> int:
     return first + int(over[0]) if len(over) else len(stamps)
 
 
+def ends_removed(messages: list[Message]) -> tuple[list[Message], bool]:
+    """The consumer's messages without its end-of-partition events (``enable.partition.eof``),
+    and whether there was one: an event, not a record, and no error either."""
+    kept = [message for message in messages if not _is_end(message)]
+    return kept, len(kept) < len(messages)
+
+
+def _is_end(message: Message) -> bool:
+    error = message.error()
+    return error is not None and error.code() == KafkaError._PARTITION_EOF
+
+
 def keys_of(messages: list[Message]) -> Callable[[int], bytes | None]:
     """The Kafka key of ``messages[i]``, read only when asked (for a dead letter)."""
     return lambda index: cast("bytes | None", messages[index].key())
@@ -237,15 +268,18 @@ class BatchingKafkaSource(FixedPartitionedSource[Poll, int]):
     """Bytewax's :class:`KafkaSource` (its partitions, its arguments) handing over each
     poll of a partition as one :class:`Poll`, its partitions reading in step
     (:mod:`dataflows.progress`): none more than ``read_ahead`` seconds of event time
-    past the slowest one still busy.
+    past the slowest one still busy (``progress``, when given, keeps them in step
+    instead of a board of its own).
 
     Not a subclass of :class:`KafkaSource`: its items are batches, not Bytewax's
     messages. It keeps one to list the partitions and hold the arguments."""
 
-    def __init__(self, *args: Any, read_ahead: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, read_ahead: float, progress: ReadProgress | None = None, **kwargs: Any
+    ) -> None:
         self._kafka = KafkaSource(*args, **kwargs)
         # One per process: the flow, and so this source, is built once per process.
-        self._progress = ReadProgress(read_ahead)
+        self._progress = progress or ReadProgress(read_ahead)
 
     def list_parts(self) -> list[str]:
         return self._kafka.list_parts()
@@ -259,7 +293,8 @@ class BatchingKafkaSource(FixedPartitionedSource[Poll, int]):
             "group.id": "streamlens-dataflow-unused",  # required by librdkafka, never joined
             "enable.auto.commit": "false",
             "bootstrap.servers": ",".join(kafka._brokers),
-            "enable.partition.eof": "false",
+            # Reaching the end tells the in-step reading that nothing is on its way.
+            "enable.partition.eof": "true",
             **PREFETCH_CONFIG,
         }
         config.update(kafka._add_config)

@@ -63,3 +63,39 @@ def test_the_partition_holding_the_earliest_record_can_always_go_on() -> None:
     board.stands_at(B, 900.0)  # B's next record
     assert board.limit(A, NOW) >= 500.0
     assert board.limit(B, NOW) < 900.0
+
+
+def test_a_partition_that_reached_its_end_without_records_holds_nobody_back_at_once() -> None:
+    # B's first fetch found B empty: nothing is on its way, no need to wait out the backlog's time.
+    board = progress(A, B)
+    board.polled(A, OLD, NOW)
+    board.stands_at(A, 100.0)
+    board.polled(B, None, NOW + 0.1)
+    assert board.limit(A, NOW + 0.1) == -math.inf
+    board.reached_end(B, NOW + 0.1)
+    assert board.limit(A, NOW + 0.1) == math.inf
+    # Records appended to B later make it busy again, where it stands.
+    board.polled(B, OLD, NOW + 0.5)
+    board.stands_at(B, 50.0)
+    assert board.limit(A, NOW + 0.5) == 52.0
+
+
+def test_the_end_of_a_backlog_makes_a_partition_idle_at_once() -> None:
+    board = progress(A, B)
+    for part, at in ((A, 100.0), (B, 10.0)):
+        board.polled(part, OLD, NOW)
+        board.stands_at(part, at)
+    assert board.limit(A, NOW + 0.2) == 12.0
+    board.reached_end(B, NOW + 0.2)
+    assert board.limit(A, NOW + 0.2) == math.inf
+
+
+def test_a_partition_reading_live_traffic_keeps_its_short_wait_at_its_end() -> None:
+    # Live records may be appended any moment: the end says nothing is on its way only for now.
+    board = progress(A, B)
+    for part, at in ((A, 100.0), (B, 10.0)):
+        board.polled(part, LIVE, NOW)
+        board.stands_at(part, at)
+    board.reached_end(B, NOW + 0.1)
+    assert board.limit(A, NOW + 0.1) == 12.0
+    assert board.limit(A, NOW + 0.6) == math.inf

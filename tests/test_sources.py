@@ -13,13 +13,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, Producer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataflows import sinks, sources
+from dataflows.progress import ReadProgress
+from deploy.stack import Broker
 from schemas.deadletter import DeadLetter, deadletter_decoder, encode_bounded
 from schemas.events import LLMRequest, LLMResponse
+from schemas.topics import EVALUATIONS
+from tests.support.stacks import TEST_PARTITIONS
 
 REQUESTS, RESPONSES = "llm.requests", "llm.responses"
 # The ingestion API's bound, as docs/api.md states it: two minutes ahead of the clock.
@@ -351,3 +355,43 @@ def test_a_dead_letter_whose_payload_names_a_huge_or_deep_request_id_still_sends
         payload=json.dumps(response("r-9")),
     )
     assert check_sendable(named)[0] == b"r-9"
+
+
+def test_empty_partitions_hold_the_others_back_only_until_their_end_is_read(broker: Broker) -> None:
+    """Reading in step (dataflows.progress): a partition the consumer has not read yet holds the
+    others back, here for an hour; the end of an empty partition, which the consumer reports on
+    its first fetch, releases them. The end is not a record: nothing of it is dead-lettered."""
+    producer = Producer({"bootstrap.servers": broker.address, "acks": "all"})
+    now = time.time()
+    sent = [json.dumps(request(f"r-{number}", now - 60 + number)).encode() for number in range(20)]
+    for value in sent:
+        producer.produce(REQUESTS, value, partition=0)
+    assert producer.flush(15) == 0
+    source = sources.BatchingKafkaSource(
+        [broker.address],
+        [REQUESTS, EVALUATIONS],
+        starting_offset=OFFSET_BEGINNING,
+        batch_size=sources.BATCH_SIZE,
+        read_ahead=1.0,
+        progress=ReadProgress(read_ahead=1.0, backlog_idle_after=3600.0),
+    )
+    parts = {name: source.build_part("read", name, None) for name in source.list_parts()}
+    assert len(parts) == 2 * TEST_PARTITIONS
+    polls: dict[str, list[sources.Poll]] = {name: [] for name in parts}
+    deadline = time.monotonic() + 60
+    while sum(len(poll.run) for poll in polls[f"0-{REQUESTS}"]) < len(sent):
+        assert time.monotonic() < deadline, (
+            "the records were held back although every other partition is empty"
+        )
+        for name, part in parts.items():
+            polls[name] += part.next_batch()
+    for part in parts.values():
+        part.close()
+
+    assert [letter for found in polls.values() for poll in found for letter in poll.letters] == []
+    assert [event.request_id for poll in polls[f"0-{REQUESTS}"] for event in poll.run.events] == [
+        f"r-{number}" for number in range(20)
+    ]
+    assert all(
+        not poll.run.events for name, found in polls.items() if name != f"0-{REQUESTS}" for poll in found
+    )
