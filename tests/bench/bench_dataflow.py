@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -49,6 +50,7 @@ from confluent_kafka import Producer
 from dataflows import sinks
 from dataflows.sources import PREFETCH_CONFIG
 from dataflows.windows import WindowRow
+from schemas.network import free_port
 from schemas.rows import FLOAT_STATISTICS, MetricsRow
 from schemas.topics import REQUESTS, RESPONSES
 from tests.bench.bench_baseline import batch_loop, lean_loop, plain_loop
@@ -242,6 +244,21 @@ def prefetch_rss(brokers: str, extra: dict[str, str]) -> int:
     return int(done.stdout.split()[-1])
 
 
+def records_read(port: int) -> float:
+    """Records the dataflow process serving Prometheus metrics on ``port`` has read so far
+    (0 while it does not answer yet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=0.5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("streamlens_dataflow_records_read_total{")
+    )
+
+
 def _first_rows(dsn: str, before: datetime) -> int:
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT count(*) FROM llm_metrics WHERE window_start < %s", (before,)).fetchone()
@@ -266,6 +283,14 @@ class DataflowRun:
     seconds: float  # from start until every window had its first row
     # (seconds since start, RSS bytes, CPU seconds used so far) at every sample
     samples: list[tuple[float, int, float]]
+    # Seconds from start until the first process had read its first records (None: never
+    # seen), polled every 0.2 s from its Prometheus metrics: what start-up took.
+    first_read: float | None = None
+
+    @property
+    def after_start_up(self) -> float:
+        """Seconds from the first records read until done."""
+        return self.seconds - (self.first_read or 0.0)
 
     @property
     def cpu_seconds(self) -> float:
@@ -308,11 +333,13 @@ def run_dataflow(
     from ``before`` on, are not counted), or until ``done()`` when given, sampling its
     processes' RSS and CPU every 0.2 s; ``on_sample`` is called with the seconds since
     start at each sample. ``settings`` are extra environment variables (``DEDUPE_SECONDS`` …)."""
+    metrics_port = free_port()
     env = {
         **os.environ,
         "KAFKA_BROKERS": brokers,
         "POSTGRES_DSN": dsn,
         "TOPIC_PARTITIONS": str(PARTITIONS),
+        "METRICS_PORT": str(metrics_port),
         **(settings or {}),
     }
     log = open(work / "dataflow.log", "wb")  # noqa: SIM115 - the child keeps it
@@ -337,6 +364,7 @@ def run_dataflow(
     watched = psutil.Process(child.pid)
     samples: list[tuple[float, int, float]] = []
     cpu: dict[int, float] = {}
+    first_read: float | None = None
     try:
         while True:
             rss = _usage(watched, cpu)
@@ -345,14 +373,26 @@ def run_dataflow(
                 raise RuntimeError((work / "dataflow.log").read_text()[-3000:])
             if on_sample is not None:
                 on_sample(time.perf_counter() - started)
+            if first_read is None and records_read(metrics_port) > 0:
+                first_read = time.perf_counter() - started
             if done() if done is not None else _first_rows(dsn, before) >= windows:
-                return DataflowRun(time.perf_counter() - started, samples)
+                return DataflowRun(time.perf_counter() - started, samples, first_read)
             if time.perf_counter() - started > timeout:
                 raise RuntimeError(f"not done after {timeout:.0f}s")
             time.sleep(0.2)
     finally:
         child.terminate()
         child.wait(30)
+
+
+def _after_start_up(run: DataflowRun, calls: int) -> str:
+    """The run's start-up and its rate after it, as a phrase."""
+    if run.first_read is None:
+        return "its first read not seen"
+    return (
+        f"start-up (until its first records read) {run.first_read:.1f}s, then "
+        f"{calls / run.after_start_up:,.0f} calls/s"
+    )
 
 
 def _sink_rows(count: int) -> list[WindowRow]:
@@ -522,7 +562,8 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"  dataflow ({args.processes} process(es), 1 worker each, {label}): every window's "
                 f"first row after {run.seconds:.1f}s (start-up included) = {rate:,.0f} calls/s, "
-                f"{rate / args.processes:,.0f} per process; peak RSS {run.peak_rss / 2**20:,.0f} MiB, "
+                f"{rate / args.processes:,.0f} per process; {_after_start_up(run, args.calls)}; "
+                f"peak RSS {run.peak_rss / 2**20:,.0f} MiB, "
                 f"{run.rss_at(BACKLOG_PROBE_SECONDS) / 2**20:,.0f} MiB {BACKLOG_PROBE_SECONDS:.0f} s "
                 f"after start; {run.cpu_seconds:.1f} CPU-s = "
                 f"{args.calls / run.cpu_seconds:,.0f} calls per CPU-second"
