@@ -138,7 +138,7 @@ def test_any_order_and_a_backlog_give_the_same_exact_rows(
     try:
         backlog_expected = h.expected_rows_of(expected_counted, WINDOW)
         _wait_final(postgres_dsn, backlog_expected, processor)
-        backlog_emissions = len(h.read_topic(broker.address, h.METRICS))
+        backlog_emissions = len(h.records_on(broker.address, h.METRICS))
         live = _interleave([s[2] for s in streams("-live")])
         for first in range(0, len(live), 60):
             h.produce(broker.address, live[first : first + 60])
@@ -162,7 +162,7 @@ def test_any_order_and_a_backlog_give_the_same_exact_rows(
     assert len(others) == 5 and all(other == first for other in others)
     # Nothing was dead-lettered: no call was too late, no response an orphan.
     assert h.dead_letters(broker.address) == []
-    live_emissions = len(h.read_topic(broker.address, h.METRICS)) - backlog_emissions
+    live_emissions = len(h.records_on(broker.address, h.METRICS)) - backlog_emissions
     windows = len(backlog_expected)
     print(
         f"backlog: {backlog_emissions} emissions for {windows} windows; "

@@ -355,7 +355,7 @@ def test_latest_per_window_keeps_the_highest_revision() -> None:
 
 def _published(broker: Broker) -> list[tuple[int, int]]:
     """(revision, requests) of every llm.metrics record, in the order they were written."""
-    records = sorted(h.read_topic(broker.address, h.METRICS), key=lambda r: (r[2], r[3]))
+    records = sorted(h.records_on(broker.address, h.METRICS), key=lambda r: (r[2], r[3]))
     return [(row.revision, row.requests) for row in (row_decoder.decode(r[1]) for r in records)]
 
 

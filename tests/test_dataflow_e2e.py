@@ -55,7 +55,7 @@ def test_end_to_end_rows_and_dead_letters(tmp_path: Path, broker: Broker, postgr
     data, scenario = _run(tmp_path, broker, postgres_dsn)
     _check_outputs(data, scenario, broker, postgres_dsn, exact_dead_letters=True)
     # Each emission is one llm.metrics record: first rows, then one per later update.
-    records = h.read_topic(broker.address, h.METRICS)
+    records = h.records_on(broker.address, h.METRICS)
     assert len(records) >= len(h.expected_rows(data))
 
 

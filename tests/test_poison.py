@@ -194,7 +194,7 @@ def test_poison_records_are_dead_lettered_and_the_calls_around_them_are_exact(
 
         def letters_of_poison() -> dict[tuple[str, int, int], list[tuple[bytes | None, bytes]]]:
             found: dict[tuple[str, int, int], list[tuple[bytes | None, bytes]]] = {}
-            for key, value, _, _ in h.read_topic(broker.address, h.DEADLETTER):
+            for key, value, _, _ in h.records_on(broker.address, h.DEADLETTER):
                 letter = json.loads(value)
                 at = (letter["source_topic"], letter["partition"], letter["offset"])
                 if at in where:

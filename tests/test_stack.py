@@ -142,7 +142,7 @@ def test_broker_round_trip(broker: Broker):
 
 
 def test_reading_a_topic_back_gets_the_whole_of_its_last_batches(broker: Broker):
-    """``read_topic``, which the dataflow tests read every output with, reads each partition to
+    """``records_on``, which the dataflow tests read every output with, reads each partition to
     its end: also when the partition's last record batch holds many records, for which this
     broker's high watermark (ListOffsets) stands short of the end."""
     producer = Producer({"bootstrap.servers": broker.address, "linger.ms": 50, "acks": "all"})
@@ -163,7 +163,7 @@ def test_reading_a_topic_back_gets_the_whole_of_its_last_batches(broker: Broker)
     consumer.close()
     print(f"high watermarks {highs} for {[27, 1500]} records")
 
-    records = h.read_topic(broker.address, topics.DEADLETTER)
+    records = h.records_on(broker.address, topics.DEADLETTER)
 
     assert sorted((partition, offset) for _, _, partition, offset in records) == sorted(
         [(0, offset) for offset in range(27)] + [(1, offset) for offset in range(1500)]

@@ -91,7 +91,7 @@ def _once(read_ahead: str | None) -> tuple[int, int, int, float]:
         finally:
             processor.stop()
         h.check_rows(h.postgres_rows(postgres.dsn), expected)
-        records = [json.loads(value) for _, value, _, _ in h.read_topic(broker.address, h.METRICS)]
+        records = [json.loads(value) for _, value, _, _ in h.records_on(broker.address, h.METRICS)]
         return len(records), sum(r["timeouts"] for r in records), len(expected), elapsed
 
 

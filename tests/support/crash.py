@@ -216,7 +216,7 @@ def postgres_evaluation_rows(dsn: str) -> dict[tuple[str, str, str, float, str],
 def latest_evaluation_metrics(brokers: str) -> dict[tuple[str, str, str, float, str], dict[str, Any]]:
     """The highest revision of each row on ``llm.evaluation-metrics``; revisions never go down."""
     latest: dict[tuple[str, str, str, float, str], dict[str, Any]] = {}
-    for key, value, _, _ in sorted(h.read_topic(brokers, EVALUATION_METRICS), key=lambda r: (r[2], r[3])):
+    for key, value, _, _ in sorted(h.records_on(brokers, EVALUATION_METRICS), key=lambda r: (r[2], r[3])):
         row = json.loads(value)
         found = _evaluation_key(row)
         start = datetime.fromisoformat(row["window_start"]).isoformat()
@@ -276,7 +276,7 @@ def latest_evaluation_values(brokers: str) -> dict[tuple[Any, ...], dict[str, An
     """The rows of the highest revision of each window, key, name and dimension on
     ``llm.evaluation-dimension-metrics``, written in order."""
     latest: dict[bytes, dict[str, Any]] = {}
-    records = h.read_topic(brokers, EVALUATION_DIMENSION_METRICS)
+    records = h.records_on(brokers, EVALUATION_DIMENSION_METRICS)
     for key, value, _, _ in sorted(records, key=lambda r: (r[2], r[3])):
         record = json.loads(value)
         start = datetime.fromisoformat(record["window_start"]).isoformat()
@@ -315,7 +315,7 @@ def _post(client: httpx.Client, batch: list[dict[str, Any]]) -> None:
 def _published_in_order(brokers: str) -> dict[tuple[str, str, str, float], list[int]]:
     """Every llm.metrics revision of each window, in the order they were written."""
     by_key: dict[tuple[str, str, str, float], list[tuple[int, int, int]]] = {}
-    for _key, value, partition, offset in h.read_topic(brokers, h.METRICS):
+    for _key, value, partition, offset in h.records_on(brokers, h.METRICS):
         row = json.loads(value)
         by_key.setdefault(h.window_of(row), []).append((partition, offset, row["revision"]))
     return {key: [revision for _, _, revision in sorted(items)] for key, items in by_key.items()}

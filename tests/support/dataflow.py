@@ -43,12 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Producer
 from psycopg.rows import dict_row
 
 from dataflows.shards import Shards
 from tests.support.ports import free_port
 from tests.support.stacks import TEST_PARTITIONS
+from tests.support.topics import records_on
 
 REQUESTS, RESPONSES, METRICS, DIMENSION_METRICS, DEADLETTER = (
     "llm.requests",
@@ -442,7 +443,7 @@ def dimension_records(brokers: str) -> dict[bytes, list[dict[str, Any]]]:
     """``llm.dimension-metrics`` by key (window, key and dimension), each key's records in
     the order they were written (one worker writes a window's records, to one partition)."""
     by_key: dict[bytes, list[tuple[tuple[int, int], dict[str, Any]]]] = defaultdict(list)
-    for key, value, partition, offset in read_topic(brokers, DIMENSION_METRICS):
+    for key, value, partition, offset in records_on(brokers, DIMENSION_METRICS):
         record = json.loads(value)
         assert (
             key
@@ -624,45 +625,8 @@ def produce_markers(brokers: str) -> str:
     return tag
 
 
-def read_topic(brokers: str, topic: str) -> list[tuple[bytes | None, bytes, int, int]]:
-    """Every record of ``topic`` now: (key, value, partition, offset).
-
-    Each partition is read up to the end its fetches report (librdkafka's partition EOF),
-    not up to the high watermark ListOffsets answers: the test broker answers that with
-    the base offset of the partition's last record batch + 1, short of its end whenever
-    that batch holds several records (a sink writes many at once), which left the tail
-    of a topic unread or read depending on how the consumer's batches fell."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": brokers,
-            "group.id": "streamlens-tests",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "fetch.wait.max.ms": 10,
-        }
-    )
-    try:
-        partitions = list(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for partition in partitions])
-        remaining = set(partitions)
-        out = []
-        deadline = time.monotonic() + 20
-        while remaining and time.monotonic() < deadline:
-            # consume() waits out its timeout unless 1,000 come: short, as the end is awaited.
-            for message in consumer.consume(1000, 0.02):
-                error = message.error()
-                if error is None:
-                    out.append((message.key(), message.value(), message.partition(), message.offset()))
-                elif error.code() == KafkaError._PARTITION_EOF:
-                    remaining.discard(message.partition())
-        assert not remaining, f"could not read {topic} to its end"
-        return out
-    finally:
-        consumer.close()
-
-
 def dead_letters(brokers: str) -> list[dict[str, Any]]:
-    return [json.loads(value) for _, value, _, _ in read_topic(brokers, DEADLETTER)]
+    return [json.loads(value) for _, value, _, _ in records_on(brokers, DEADLETTER)]
 
 
 def window_of(row: dict[str, Any]) -> tuple[str, str, str, float]:
@@ -677,7 +641,7 @@ def window_of(row: dict[str, Any]) -> tuple[str, str, str, float]:
 def latest_metrics(brokers: str) -> dict[tuple[str, str, str, float], dict[str, Any]]:
     """The highest revision of each window in ``llm.metrics``, keyed by window."""
     latest: dict[tuple[str, str, str, float], dict[str, Any]] = {}
-    for key, value, _, _ in read_topic(brokers, METRICS):
+    for key, value, _, _ in records_on(brokers, METRICS):
         row = json.loads(value)
         window = window_of(row)
         assert (
