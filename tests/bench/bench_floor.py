@@ -1,21 +1,24 @@
 """The runtime's floor: what any engine inside this Bytewax dataflow pays before its own work.
 
 On the backlog of ``bench_dataflow`` (500,000 calls over 1,000 keys, both topics
-pre-filled), three Bytewax flows run in turn, each with recovery and the runner's
+pre-filled), three Bytewax flows run in turn, then the dataflow, each with recovery and the runner's
 snapshot interval, and are timed from start until every record has gone through:
 
 - ``read``: the dataflow's source (``BatchingKafkaSource``: read, decode once,
   partitions in step) and its routing by join shard (``route_polls``), then a
   stateful step per shard that only counts events. No engine can be faster than
   this inside this runtime with these schemas.
-- ``lean``: the same, then the lean per-event loop's work per shard
+- ``lean``: the same, then the lean per-event loop's work in one state
   (``bench_baseline.lean_loop``: dict join, per-window sums, price, t-digest)
   instead of the count. Its state is not snapshotted (a count stands in): it is the
   lean loop moved into the runtime, no more.
+- ``columnar``: the same work by columns (:class:`ColumnarLogic`): a batch's pairs
+  found with C-level ``map`` over ``dict.pop``, its calls folded with numpy. The
+  windows are those of ``lean`` (checked in ``tests/test_floor.py``).
 - the dataflow itself (``python -m dataflows.run``), until every window has its
   first row in Postgres, as ``bench_dataflow`` times it.
 
-Beside them, in the same run, the lean loop alone in memory (the issue's reference).
+Beside them, in the same run, the lean loop alone in memory, the fixed reference.
 ``python -m tests.bench.bench_floor [--calls N]``
 """
 
@@ -28,15 +31,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from itertools import repeat
+from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple, TypeGuard
 
 import bytewax.operators as op
+import numpy as np
 import psutil
 import psycopg
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
 from bytewax.recovery import init_db_dir
+from numpy.typing import NDArray
 
 from dataflows import sources
 from dataflows.batches import EventRun
@@ -62,7 +69,7 @@ from tests.bench.stack import local_stack
 
 CALLS = 500_000
 # The flows below read their work from these (set by main for the child process).
-KIND_VARIABLE = "FLOOR_KIND"  # read | lean
+KIND_VARIABLE = "FLOOR_KIND"  # read | lean | columnar
 RECORDS_VARIABLE = "FLOOR_RECORDS"  # records to go through before the flow says it is done
 DONE_VARIABLE = "FLOOR_DONE"  # a file written when they have
 
@@ -174,6 +181,166 @@ class LeanLogic(CountLogic):
             window.cost_usd += cost(rates, prompt, cached, completion)
 
 
+_ID = attrgetter("request_id")
+_KEY = attrgetter("tenant_id", "route", "model")
+_PAIR = attrgetter("provider", "model")
+_PROMPT = attrgetter("prompt_tokens")
+_ANSWER = attrgetter(
+    "error",
+    "latency_ms",
+    "time_to_first_token_ms",
+    "completion_tokens",
+    "cache_read_tokens",
+    "reasoning_tokens",
+)
+
+
+class ColumnarLogic(LeanLogic):
+    """The lean loop's work done by columns: a batch's requests and responses paired with
+    C-level dict operations (``map`` over ``dict.pop``), its calls folded into their
+    windows with numpy (group sums by ``bincount``, one t-digest ``batch_update`` a window
+    and batch). Same windows as :class:`LeanLogic`; no more exactness than it."""
+
+    def __init__(self, resume: int | None) -> None:
+        super().__init__(resume)
+        self.codes: dict[tuple[str, str, str], int] = {}
+        self.keys: list[tuple[str, str, str]] = []
+        self.pair_rates: dict[tuple[str | None, str], Rates | None] = {}
+
+    def on_batch(self, values: list[list[EventRun]]) -> tuple[Iterable[None], bool]:
+        requests: list = []
+        request_times: list[float] = []
+        responses: list = []
+        response_times: list[float] = []
+        for runs in values:
+            for run in runs:
+                if run.kind is LLMRequest:
+                    requests += run.events
+                    request_times += run.times
+                else:
+                    responses += run.events
+                    response_times += run.times
+        waiting, early = self.requests_waiting, self.responses_waiting
+        paired_requests: list = []
+        paired_responses: list = []
+        request_ids = list(map(_ID, requests))
+        if early:
+            found = list(map(early.pop, request_ids, repeat(None)))
+            alone = [index for index, answer in enumerate(found) if answer is None]
+            for index, answer in enumerate(found):
+                if answer is not None:
+                    paired_requests.append((requests[index], request_times[index]))
+                    paired_responses.append(answer)
+            waiting.update((request_ids[index], (requests[index], request_times[index])) for index in alone)
+        else:
+            waiting.update(zip(request_ids, zip(requests, request_times, strict=True), strict=True))
+        response_ids = list(map(_ID, responses))
+        found = list(map(waiting.pop, response_ids, repeat(None)))
+        for index, held in enumerate(found):
+            if held is None:
+                early[response_ids[index]] = (responses[index], response_times[index])
+            else:
+                paired_requests.append(held)
+                paired_responses.append((responses[index], response_times[index]))
+        if paired_requests:
+            self._fold(paired_requests, paired_responses)
+        return CountLogic.on_batch(self, values)
+
+    def _fold(self, paired_requests: list, paired_responses: list) -> None:
+        count = len(paired_requests)
+        requests = [request for request, _ in paired_requests]
+        responses = [response for response, _ in paired_responses]
+        request_time = np.fromiter((at for _, at in paired_requests), np.float64, count)
+        response_time = np.fromiter((at for _, at in paired_responses), np.float64, count)
+        keys = list(map(_KEY, requests))
+        codes = self.codes
+        for key in set(keys).difference(codes):
+            codes[key] = len(self.keys)
+            self.keys.append(key)
+        code = np.fromiter(map(codes.__getitem__, keys), np.int64, count)
+        start = (request_time // self.width).astype(np.int64)
+        groups, first, inverse = np.unique(code * (1 << 32) + start, return_index=True, return_inverse=True)
+        answers = list(map(_ANSWER, responses))
+        columns = (list(column) for column in zip(*answers, strict=True))
+        error, latency, ttft, completion, cached, reasoning = columns
+        latency_ms = np.array(latency, dtype=np.float64)
+        unknown = np.isnan(latency_ms)
+        if unknown.any():
+            latency_ms[unknown] = np.maximum(0.0, (response_time - request_time)[unknown] * 1000.0)
+        ttft_ms = np.array(ttft, dtype=np.float64)
+        has_ttft = ~np.isnan(ttft_ms)
+        prompt = np.fromiter(map(_PROMPT, requests), np.float64, count)
+        completion_tokens = np.array(completion, dtype=np.float64)
+        cached_tokens = np.array(cached, dtype=np.float64)
+        cost_usd, unpriced = self._costs(requests, prompt, cached_tokens, completion_tokens)
+        sums = {
+            name: np.bincount(inverse, weights=column, minlength=len(groups))
+            for name, column in (
+                ("errors", np.fromiter(map(bool, error), np.float64, count)),
+                ("latency_ms", latency_ms),
+                ("ttft_ms", np.where(has_ttft, ttft_ms, 0.0)),
+                ("ttft_count", has_ttft.astype(np.float64)),
+                ("prompt_tokens", prompt),
+                ("completion_tokens", completion_tokens),
+                ("cache_read_tokens", cached_tokens),
+                ("reasoning_tokens", np.array(reasoning, dtype=np.float64)),
+                ("cost_usd", cost_usd),
+                ("unpriced", unpriced),
+            )
+        }
+        calls = np.bincount(inverse, minlength=len(groups))
+        order = np.argsort(inverse, kind="stable")
+        latencies = np.split(latency_ms[order], np.cumsum(calls)[:-1])
+        windows, width = self.windows, self.width
+        for group, index in enumerate(first.tolist()):
+            key = (*keys[index], int(start[index]) * width)
+            window = windows.get(key)
+            if window is None:
+                window = windows[key] = _LeanWindow()
+            window.requests += int(calls[group])
+            window.errors += int(sums["errors"][group])
+            window.latency_ms += float(sums["latency_ms"][group])
+            window.ttft_ms += float(sums["ttft_ms"][group])
+            window.ttft_count += int(sums["ttft_count"][group])
+            window.prompt_tokens += int(sums["prompt_tokens"][group])
+            window.completion_tokens += int(sums["completion_tokens"][group])
+            window.cache_read_tokens += int(sums["cache_read_tokens"][group])
+            window.reasoning_tokens += int(sums["reasoning_tokens"][group])
+            window.cost_usd += float(sums["cost_usd"][group])
+            window.unpriced += int(sums["unpriced"][group])
+            window.digest.batch_update(latencies[group])
+
+    def _costs(
+        self, requests: list, prompt: NDArray, cached: NDArray, completion: NDArray
+    ) -> tuple[NDArray, NDArray]:
+        """Each call's cost (0 where unpriced) and whether it is unpriced, by (provider, model)."""
+        pairs = list(map(_PAIR, requests))
+        cost_usd = np.zeros(len(requests))
+        unpriced = np.zeros(len(requests))
+        by_pair: dict[tuple[str | None, str], list[int]] = {}
+        for index, pair in enumerate(pairs):
+            by_pair.setdefault(pair, []).append(index)
+        for pair, indexes in by_pair.items():
+            if pair not in self.pair_rates:
+                request = requests[indexes[0]]
+                self.pair_rates[pair] = self.book.rates(request.provider, request.model, request.timestamp)
+            rates = self.pair_rates[pair]
+            at = np.array(indexes)
+            if rates is None:
+                unpriced[at] = 1.0
+            elif any(type(rate) is not float for rate in rates):
+                cost_usd[at] = [
+                    cost(rates, int(prompt[i]), int(cached[i]), int(completion[i])) for i in indexes
+                ]
+            else:
+                input_rate, cache_rate, output_rate = rates
+                clamped = np.minimum(cached[at], prompt[at])
+                cost_usd[at] = (
+                    (prompt[at] - clamped) * input_rate + clamped * cache_rate + completion[at] * output_rate
+                )
+        return cost_usd, unpriced
+
+
 def _is_event_group(item: object) -> TypeGuard[tuple[str, list[EventRun]]]:
     return type(item) is tuple
 
@@ -194,10 +361,11 @@ def build(brokers: str, kind: str) -> Dataflow:
     )
     routed = op.flat_map_batch("route", batches, sources.route_polls)
     events = op.branch("valid", routed, _is_event_group)
-    if kind == "lean":
+    if kind in ("lean", "columnar"):
         # One state for the process, as the lean loop keeps: its windows are not split by
         # request id, as the join shards would split them.
-        op.stateful_batch("work", op.map("one_state", events.trues, _one_state), LeanLogic)
+        logic = LeanLogic if kind == "lean" else ColumnarLogic
+        op.stateful_batch("work", op.map("one_state", events.trues, _one_state), logic)
     else:
         op.stateful_batch("work", events.trues, CountLogic)
     op.inspect("letters", events.falses, _no_letters)
@@ -298,7 +466,8 @@ def main(argv: list[str] | None = None) -> None:
         records = len(requests) + len(closing_requests) + len(responses) + len(closing_responses)
         for kind, what in (
             ("read", "read, decode and route only (a count per shard)"),
-            ("lean", "read, decode, route, then the lean loop's work per shard"),
+            ("lean", "read, decode, route, then the lean loop's work in one state"),
+            ("columnar", "read, decode, route, then the lean loop's work by columns"),
         ):
             floor = run_floor(broker.address, kind, records, work)
             rate = args.calls / floor.seconds
