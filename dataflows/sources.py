@@ -23,6 +23,7 @@ before the join's event time can see it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -37,6 +38,7 @@ from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
+    KafkaException,
     Message,
     TopicPartition,
 )
@@ -79,10 +81,16 @@ FETCH_MAX_BYTES = 1 << 20
 # default): with so small a queue, reading bench_dataflow's backlog alone then took
 # 10.2-10.6 s of wall clock, 1.5 s with 10 ms, holding the same memory.
 FETCH_QUEUE_BACKOFF_MS = 10
+# How long the broker holds a fetch that finds nothing new (500 ms by default). An empty
+# partition reports its end (dataflows.progress: idle at once) when its first fetch
+# comes back, so at every start it held the others back this long; at idle each
+# partition's consumer asks this often, 10 small requests a second.
+FETCH_WAIT_MAX_MS = 100
 PREFETCH_CONFIG = {
     "queued.max.messages.kbytes": str(PREFETCH_KIB),
     "fetch.max.bytes": str(FETCH_MAX_BYTES),
     "fetch.queue.backoff.ms": str(FETCH_QUEUE_BACKOFF_MS),
+    "fetch.wait.max.ms": str(FETCH_WAIT_MAX_MS),
 }
 
 _KINDS: dict[str, type[Event]] = {REQUESTS: LLMRequest, RESPONSES: LLMResponse, EVALUATIONS: LLMEvaluation}
@@ -127,6 +135,8 @@ class _BatchPartition(StatefulSourcePartition[Poll, int]):
     ) -> None:
         self._offset = starting_offset if resume_state is None else resume_state
         self._consumer = Consumer(config)
+        if self._offset < 0:
+            learn_leader(self._consumer, topic)
         # assign(), not subscribe(): recovery, not a consumer group, owns the offsets.
         self._consumer.assign([TopicPartition(topic, partition, self._offset)])
         self._topic = topic
@@ -239,6 +249,21 @@ def _within(stamps: NDArray[np.float64], first: int, limit: float) -> int:
     """The end of the run of records from ``first`` on stamped at most ``limit``."""
     over = np.flatnonzero(stamps[first:] > limit)
     return first + int(over[0]) if len(over) else len(stamps)
+
+
+# How long a fresh start waits for a topic's metadata before assigning its partitions.
+LEADER_TIMEOUT = 1.0
+
+
+def learn_leader(consumer: Consumer, topic: str) -> None:
+    """Fetch ``topic``'s metadata before a partition of it is assigned at a logical offset
+    (the beginning, on a fresh start): librdkafka looks such an offset up once it knows the
+    partition's leader, and when the assignment comes first it retries the lookup only
+    after 500 ms, which was a third of the dataflow's start-up. Metadata not had within
+    :data:`LEADER_TIMEOUT` is left to librdkafka, as without this; a resumed partition
+    starts at an offset of its own, with no lookup."""
+    with contextlib.suppress(KafkaException):
+        consumer.list_topics(topic, timeout=LEADER_TIMEOUT)
 
 
 def ends_removed(messages: list[Message]) -> tuple[list[Message], bool]:
