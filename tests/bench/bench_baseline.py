@@ -17,7 +17,7 @@ import gc
 import linecache
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from fastdigest import TDigest
@@ -137,7 +137,7 @@ def _plain_loop(
     return calls, seconds
 
 
-class _LeanWindow:
+class LeanWindow:
     """What :func:`lean_loop` sums for one (tenant_id, route, model, window_start)."""
 
     __slots__ = (
@@ -272,28 +272,25 @@ def lean_loop(requests_payloads: list[bytes], responses_payloads: list[bytes]) -
         return _lean_loop(requests_payloads, responses_payloads)
 
 
-def _lean_loop(requests_payloads: list[bytes], responses_payloads: list[bytes]) -> tuple[int, float]:
-    width = Settings().window_seconds
+def lean_fold(
+    windows: dict[tuple[str, str, str, int], LeanWindow], width: int
+) -> tuple[Callable[[LLMRequest], LeanWindow], Callable[[LLMRequest, LLMResponse], None]]:
+    """The lean loop's fold into ``windows`` of ``width`` seconds: ``window_of(request)``, and
+    ``answered(request, response)``, which adds an answered call to its window's sums, prices
+    it at its (provider, model)'s rates (looked up once per pair with :meth:`PriceBook.rates`)
+    and adds its latency to the window's t-digest."""
     book = PriceBook()
     prices: dict[tuple[str | None, str], Rates | None] = {}
-    windows: dict[tuple[str, str, str, int], _LeanWindow] = {}
-    requests_waiting: dict[str, LLMRequest] = {}
-    responses_waiting: dict[str, LLMResponse] = {}
-    decode_request = request_decoder.decode
-    decode_response = response_decoder.decode
-    calls = 0
 
-    def window_of(request: LLMRequest) -> _LeanWindow:
+    def window_of(request: LLMRequest) -> LeanWindow:
         start = int(request.timestamp.timestamp() // width) * width
         key = (request.tenant_id, request.route, request.model, start)
         window = windows.get(key)
         if window is None:
-            window = windows[key] = _LeanWindow()
+            window = windows[key] = LeanWindow()
         return window
 
     def answered(request: LLMRequest, response: LLMResponse) -> None:
-        nonlocal calls
-        calls += 1
         window = window_of(request)
         window.requests += 1
         if response.error:
@@ -324,6 +321,17 @@ def _lean_loop(requests_payloads: list[bytes], responses_payloads: list[bytes]) 
         else:
             window.cost_usd += cost(rates, prompt, cached, completion)
 
+    return window_of, answered
+
+
+def _lean_loop(requests_payloads: list[bytes], responses_payloads: list[bytes]) -> tuple[int, float]:
+    windows: dict[tuple[str, str, str, int], LeanWindow] = {}
+    window_of, answered = lean_fold(windows, Settings().window_seconds)
+    requests_waiting: dict[str, LLMRequest] = {}
+    responses_waiting: dict[str, LLMResponse] = {}
+    decode_request = request_decoder.decode
+    decode_response = response_decoder.decode
+
     started = time.perf_counter()
     for requests, responses in in_step(requests_payloads, responses_payloads):
         for offset in requests:
@@ -341,13 +349,13 @@ def _lean_loop(requests_payloads: list[bytes], responses_payloads: list[bytes]) 
             else:
                 answered(waiting, response)
     for request in requests_waiting.values():
-        calls += 1
         window = window_of(request)
         window.requests += 1
         window.errors += 1
     seconds = time.perf_counter() - started
     assert windows, "the loop folded no calls"
-    return calls, seconds
+    # Every answered call and every timeout is one request of its window.
+    return sum(window.requests for window in windows.values()), seconds
 
 
 def bytes_per_inflight_request(sample: int = 20_000) -> float:

@@ -53,7 +53,7 @@ from schemas.config import Settings
 from schemas.deadletter import DeadLetter
 from schemas.events import LLMRequest, LLMResponse
 from schemas.topics import EVALUATIONS, REQUESTS, RESPONSES
-from tests.bench.bench_baseline import _LeanWindow, lean_loop
+from tests.bench.bench_baseline import LeanWindow, lean_fold, lean_loop
 from tests.bench.bench_dataflow import (
     KEYS,
     PARTITIONS,
@@ -110,20 +110,19 @@ class CountLogic(StatefulBatchLogic[list[EventRun], None, int]):
 
 
 class LeanLogic(CountLogic):
-    """The lean loop's work (``bench_baseline._lean_loop``) on its shard's events."""
+    """The lean loop's work (``bench_baseline.lean_fold``) on the events of its state."""
 
     def __init__(self, resume: int | None) -> None:
         super().__init__(resume)
         self.width = Settings().window_seconds
-        self.book = PriceBook()
-        self.prices: dict[tuple[str | None, str], Rates | None] = {}
-        self.windows: dict[tuple[str, str, str, int], _LeanWindow] = {}
+        self.windows: dict[tuple[str, str, str, int], LeanWindow] = {}
+        self.window_of, self.answered = lean_fold(self.windows, self.width)
         self.requests_waiting: dict[str, LLMRequest] = {}
         self.responses_waiting: dict[str, LLMResponse] = {}
 
     def on_batch(self, values: list[list[EventRun]]) -> tuple[Iterable[None], bool]:
         requests_waiting, responses_waiting = self.requests_waiting, self.responses_waiting
-        answered = self._answered
+        answered = self.answered
         for runs in values:
             for run in runs:
                 if run.kind is LLMRequest:
@@ -143,42 +142,6 @@ class LeanLogic(CountLogic):
                         else:
                             answered(waiting, response)
         return super().on_batch(values)
-
-    def _answered(self, request: LLMRequest, response: LLMResponse) -> None:
-        # bench_baseline._lean_loop's answered(), as it is there.
-        start = int(request.timestamp.timestamp() // self.width) * self.width
-        key = (request.tenant_id, request.route, request.model, start)
-        window = self.windows.get(key)
-        if window is None:
-            window = self.windows[key] = _LeanWindow()
-        window.requests += 1
-        if response.error:
-            window.errors += 1
-        latency = response.latency_ms
-        if latency is None:
-            latency = max(0.0, (response.timestamp.timestamp() - request.timestamp.timestamp()) * 1000.0)
-        window.latency_ms += latency
-        window.digest.update(latency)
-        ttft = response.time_to_first_token_ms
-        if ttft is not None:
-            window.ttft_ms += ttft
-            window.ttft_count += 1
-        prompt = request.prompt_tokens
-        cached = response.cache_read_tokens
-        completion = response.completion_tokens
-        window.prompt_tokens += prompt
-        window.completion_tokens += completion
-        window.cache_read_tokens += cached
-        window.reasoning_tokens += response.reasoning_tokens
-        pair = (request.provider, request.model)
-        if pair in self.prices:
-            rates = self.prices[pair]
-        else:
-            rates = self.prices[pair] = self.book.rates(request.provider, request.model, request.timestamp)
-        if rates is None:
-            window.unpriced += 1
-        else:
-            window.cost_usd += cost(rates, prompt, cached, completion)
 
 
 _ID = attrgetter("request_id")
@@ -203,6 +166,7 @@ class ColumnarLogic(LeanLogic):
 
     def __init__(self, resume: int | None) -> None:
         super().__init__(resume)
+        self.book = PriceBook()
         self.codes: dict[tuple[str, str, str], int] = {}
         self.keys: list[tuple[str, str, str]] = []
         self.pair_rates: dict[tuple[str | None, str], Rates | None] = {}
@@ -296,7 +260,7 @@ class ColumnarLogic(LeanLogic):
             key = (*keys[index], int(start[index]) * width)
             window = windows.get(key)
             if window is None:
-                window = windows[key] = _LeanWindow()
+                window = windows[key] = LeanWindow()
             window.requests += int(calls[group])
             window.errors += int(sums["errors"][group])
             window.latency_ms += float(sums["latency_ms"][group])
