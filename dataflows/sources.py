@@ -168,7 +168,10 @@ class _BatchPartition(StatefulSourcePartition[Poll, int]):
             messages = self._consumer.consume(self._batch_size, 0.001)
             clean = all(message.error() is None for message in messages)
             if not clean:
+                # End reports are not records: without them a poll is usually clean again,
+                # and decodes in one call (a live poll ends with one nearly every time).
                 messages, self._at_end = ends_removed(messages)
+                clean = all(message.error() is None for message in messages)
             progress.polled(part, appended_at(messages[-1]) if messages else None, now)
             if not messages:
                 if self._at_end:
