@@ -15,7 +15,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 
 from deploy.stack import Broker
 from schemas import topics
-from tests.support import dataflow as h
+from tests.support.topics import records_on
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,7 +163,7 @@ def test_reading_a_topic_back_gets_the_whole_of_its_last_batches(broker: Broker)
     consumer.close()
     print(f"high watermarks {highs} for {[27, 1500]} records")
 
-    records = h.records_on(broker.address, topics.DEADLETTER)
+    records = records_on(broker.address, topics.DEADLETTER)
 
     assert sorted((partition, offset) for _, _, partition, offset in records) == sorted(
         [(0, offset) for offset in range(27)] + [(1, offset) for offset in range(1500)]

@@ -116,7 +116,7 @@ class LeanLogic(CountLogic):
         super().__init__(resume)
         self.width = Settings().window_seconds
         self.windows: dict[tuple[str, str, str, int], LeanWindow] = {}
-        self.window_of, self.answered = lean_fold(self.windows, self.width)
+        _, self.answered = lean_fold(self.windows, self.width)
         self.requests_waiting: dict[str, LLMRequest] = {}
         self.responses_waiting: dict[str, LLMResponse] = {}
 
@@ -168,7 +168,6 @@ class ColumnarLogic(LeanLogic):
         super().__init__(resume)
         self.book = PriceBook()
         self.codes: dict[tuple[str, str, str], int] = {}
-        self.keys: list[tuple[str, str, str]] = []
         self.pair_rates: dict[tuple[str | None, str], Rates | None] = {}
 
     def on_batch(self, values: list[list[EventRun]]) -> tuple[Iterable[None], bool]:
@@ -219,8 +218,7 @@ class ColumnarLogic(LeanLogic):
         keys = list(map(_KEY, requests))
         codes = self.codes
         for key in set(keys).difference(codes):
-            codes[key] = len(self.keys)
-            self.keys.append(key)
+            codes[key] = len(codes)
         code = np.fromiter(map(codes.__getitem__, keys), np.int64, count)
         start = (request_time // self.width).astype(np.int64)
         groups, first, inverse = np.unique(code * (1 << 32) + start, return_index=True, return_inverse=True)
